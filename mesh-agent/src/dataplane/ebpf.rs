@@ -1,0 +1,304 @@
+//! The eBPF dataplane: loads mesh-ebpf's programs (embedded at build time),
+//! attaches them to links and reads their maps, through aya.
+//!
+//! Attaching resolves interface names in the calling thread's network
+//! namespace, so callers enter the namespace first (see
+//! [`crate::runtime::netns::NetNs::run`]).
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use aya::{
+    maps::PerCpuArray,
+    programs::{
+        links::LinkOrder,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    Ebpf,
+};
+use mesh_common::counters::{self, Counter, Hook, ProtoClass};
+
+/// The compiled mesh-ebpf object (see build.rs: the build fails without it).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+
+/// The XDP packet-counting program.
+pub const XDP_COUNT: &str = "xdp_count";
+/// The TC packet-counting program.
+pub const TC_COUNT: &str = "tc_count";
+
+/// Errors of the eBPF dataplane.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// The embedded object could not be parsed or its maps created.
+    #[error("cannot load the mesh-ebpf object: {0}")]
+    Object(#[from] Box<aya::EbpfError>),
+    /// The kernel (usually the verifier) refused a program.
+    #[error("the kernel refused eBPF program `{name}`: {source}")]
+    Load { name: String, source: Box<ProgramError> },
+    /// The object holds a program of a kind the agent does not know how to load.
+    #[error("eBPF program `{0}` is of a kind the agent does not load")]
+    UnsupportedKind(String),
+    /// A program the agent needs is not in the object.
+    #[error("eBPF program `{0}` is not in the mesh-ebpf object (rebuild with `cargo xtask build-ebpf`)")]
+    MissingProgram(String),
+    /// A program is in the object but is not of the expected kind.
+    #[error("eBPF program `{name}` is not a {expected} program")]
+    WrongKind { name: String, expected: &'static str },
+    /// Attaching or detaching failed.
+    #[error("cannot {action} eBPF program `{name}` on `{interface}`: {source}")]
+    Attach {
+        action: &'static str,
+        name: String,
+        interface: String,
+        source: Box<ProgramError>,
+    },
+    /// Adding the clsact qdisc failed.
+    #[error("cannot add the clsact qdisc to `{interface}`: {source}")]
+    Clsact {
+        interface: String,
+        source: Box<tc::TcError>,
+    },
+    /// A map is missing or could not be read.
+    #[error("cannot read eBPF map `{name}`: {reason}")]
+    Map { name: &'static str, reason: String },
+}
+
+/// How an XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    /// Generic (skb) mode: works on every device, after skb allocation.
+    Generic,
+    /// Native (driver) mode: the driver runs the program, before skb allocation.
+    Native,
+}
+
+impl XdpAttachMode {
+    fn aya(self) -> XdpMode {
+        match self {
+            XdpAttachMode::Generic => XdpMode::Skb,
+            XdpAttachMode::Native => XdpMode::Driver,
+        }
+    }
+}
+
+/// Which TC kernel interface attaches a classifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcApi {
+    /// tcx links (kernel >= 6.6): no qdisc, detached when the agent lets go.
+    Tcx,
+    /// A cls_bpf filter under the clsact qdisc (every kernel mesh supports).
+    Clsact,
+}
+
+/// The direction a TC program sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcDirection {
+    Ingress,
+    Egress,
+}
+
+/// An attached XDP program, to hand back to [`EbpfDataplane::detach_xdp`].
+#[derive(Debug)]
+pub struct XdpAttachment {
+    interface: String,
+    link: aya::programs::xdp::XdpLinkId,
+}
+
+/// An attached TC program, to hand back to [`EbpfDataplane::detach_tc`].
+#[derive(Debug)]
+pub struct TcAttachment {
+    interface: String,
+    link: SchedClassifierLinkId,
+}
+
+/// Packet counters summed over CPUs, per hook and protocol class.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketCounters([Counter; counters::ENTRIES as usize]);
+
+impl PacketCounters {
+    /// The counter for `class` packets seen at `hook`.
+    pub fn get(&self, hook: Hook, class: ProtoClass) -> Counter {
+        self.0[counters::index(hook, class) as usize]
+    }
+
+    /// Every packet seen at `hook`, whatever its class.
+    pub fn total(&self, hook: Hook) -> Counter {
+        ProtoClass::ALL.iter().fold(Counter::default(), |sum, class| {
+            sum.saturating_add(self.get(hook, *class))
+        })
+    }
+}
+
+/// mesh-ebpf's programs, loaded into the kernel.
+pub struct EbpfDataplane {
+    ebpf: Ebpf,
+}
+
+impl EbpfDataplane {
+    /// Parses the embedded object and loads every program in it, so the
+    /// verifier sees each one now rather than at first attach.
+    pub fn load() -> Result<Self, EbpfError> {
+        let mut ebpf = Ebpf::load(OBJECT).map_err(Box::new)?;
+        for (name, program) in ebpf.programs_mut() {
+            let loaded = match program {
+                Program::Xdp(p) => p.load(),
+                Program::SchedClassifier(p) => p.load(),
+                _ => return Err(EbpfError::UnsupportedKind(name.to_owned())),
+            };
+            loaded.map_err(|source| EbpfError::Load {
+                name: name.to_owned(),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Names of every program in the object.
+    pub fn program_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+        names.sort();
+        names
+    }
+
+    /// The file descriptor of a loaded program (for BPF_PROG_TEST_RUN).
+    pub fn program_fd(&self, name: &str) -> Result<BorrowedFd<'_>, EbpfError> {
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| EbpfError::MissingProgram(name.to_owned()))?;
+        let fd = program.fd().map_err(|source| EbpfError::Load {
+            name: name.to_owned(),
+            source: Box::new(source),
+        })?;
+        Ok(fd.as_fd())
+    }
+
+    /// Attaches the XDP program `name` to `interface`
+    /// (`ip link set dev IF xdpgeneric|xdpdrv obj ...`).
+    pub fn attach_xdp(&mut self, name: &str, interface: &str, mode: XdpAttachMode) -> Result<XdpAttachment, EbpfError> {
+        let link = self
+            .xdp(name)?
+            .attach(interface, mode.aya())
+            .map_err(|source| attach_error("attach", name, interface, source))?;
+        Ok(XdpAttachment {
+            interface: interface.to_owned(),
+            link,
+        })
+    }
+
+    /// Detaches an XDP program attached by [`Self::attach_xdp`].
+    pub fn detach_xdp(&mut self, name: &str, attachment: XdpAttachment) -> Result<(), EbpfError> {
+        self.xdp(name)?
+            .detach(attachment.link)
+            .map_err(|source| attach_error("detach", name, &attachment.interface, source))
+    }
+
+    /// Attaches the TC program `name` to `interface` in `direction`
+    /// (`tc filter add dev IF ingress|egress bpf da obj ...`, after
+    /// `tc qdisc add dev IF clsact` when `api` is [`TcApi::Clsact`]).
+    pub fn attach_tc(
+        &mut self,
+        name: &str,
+        interface: &str,
+        direction: TcDirection,
+        api: TcApi,
+    ) -> Result<TcAttachment, EbpfError> {
+        let attach_type = match direction {
+            TcDirection::Ingress => TcAttachType::Ingress,
+            TcDirection::Egress => TcAttachType::Egress,
+        };
+        let options = match api {
+            TcApi::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            TcApi::Clsact => {
+                add_clsact(interface)?;
+                TcAttachOptions::Netlink(NlOptions::default())
+            }
+        };
+        let link = self
+            .classifier(name)?
+            .attach_with_options(interface, attach_type, options)
+            .map_err(|source| attach_error("attach", name, interface, source))?;
+        Ok(TcAttachment {
+            interface: interface.to_owned(),
+            link,
+        })
+    }
+
+    /// Detaches a TC program attached by [`Self::attach_tc`].
+    pub fn detach_tc(&mut self, name: &str, attachment: TcAttachment) -> Result<(), EbpfError> {
+        self.classifier(name)?
+            .detach(attachment.link)
+            .map_err(|source| attach_error("detach", name, &attachment.interface, source))
+    }
+
+    /// The packet counters, summed over every CPU.
+    pub fn counters(&self) -> Result<PacketCounters, EbpfError> {
+        let map_error = |reason: String| EbpfError::Map {
+            name: counters::MAP_NAME,
+            reason,
+        };
+        let map = self
+            .ebpf
+            .map(counters::MAP_NAME)
+            .ok_or_else(|| map_error("not in the object".into()))?;
+        let array = PerCpuArray::<_, Counter>::try_from(map).map_err(|e| map_error(e.to_string()))?;
+        let mut out = PacketCounters::default();
+        for (i, slot) in out.0.iter_mut().enumerate() {
+            let index = u32::try_from(i).expect("reason: ENTRIES is a u32");
+            let per_cpu = array.get(&index, 0).map_err(|e| map_error(e.to_string()))?;
+            *slot = per_cpu.iter().fold(Counter::default(), |sum, c| sum.saturating_add(*c));
+        }
+        Ok(out)
+    }
+
+    fn xdp(&mut self, name: &str) -> Result<&mut Xdp, EbpfError> {
+        match self.ebpf.program_mut(name) {
+            Some(Program::Xdp(p)) => Ok(p),
+            Some(_) => Err(EbpfError::WrongKind {
+                name: name.to_owned(),
+                expected: "XDP",
+            }),
+            None => Err(EbpfError::MissingProgram(name.to_owned())),
+        }
+    }
+
+    fn classifier(&mut self, name: &str) -> Result<&mut SchedClassifier, EbpfError> {
+        match self.ebpf.program_mut(name) {
+            Some(Program::SchedClassifier(p)) => Ok(p),
+            Some(_) => Err(EbpfError::WrongKind {
+                name: name.to_owned(),
+                expected: "TC classifier",
+            }),
+            None => Err(EbpfError::MissingProgram(name.to_owned())),
+        }
+    }
+}
+
+/// The TC API this kernel prefers: tcx from 6.6 on, clsact before.
+pub fn preferred_tc_api() -> TcApi {
+    match aya::util::KernelVersion::current() {
+        Ok(v) if v >= aya::util::KernelVersion::new(6, 6, 0) => TcApi::Tcx,
+        _ => TcApi::Clsact,
+    }
+}
+
+/// `tc qdisc add dev IF clsact`, accepting one that is already there.
+fn add_clsact(interface: &str) -> Result<(), EbpfError> {
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) => Ok(()),
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(source) => Err(EbpfError::Clsact {
+            interface: interface.to_owned(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+fn attach_error(action: &'static str, name: &str, interface: &str, source: ProgramError) -> EbpfError {
+    EbpfError::Attach {
+        action,
+        name: name.to_owned(),
+        interface: interface.to_owned(),
+        source: Box::new(source),
+    }
+}

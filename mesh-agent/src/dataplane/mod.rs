@@ -1,0 +1,6 @@
+//! The node's dataplane: desired state turned into kernel objects.
+//!
+//! One module per kernel mechanism; nothing here shells out to `ip`/`tc`.
+
+pub mod ebpf;
+pub mod netlink;

@@ -1,0 +1,3 @@
+//! Task runtime: the namespaces tasks run in.
+
+pub mod netns;

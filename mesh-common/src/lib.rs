@@ -1,0 +1,8 @@
+//! Types shared between the eBPF programs (`mesh-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]` plain data so both sides agree on the
+//! byte layout of map keys and values. The `user` feature adds the
+//! `aya::Pod` impls the agent needs to read and write maps.
+#![no_std]
+
+pub mod counters;

@@ -1,0 +1,67 @@
+//! mesh's eBPF programs. Entry points are thin wrappers around `try_*`
+//! functions; packet parsing lives in [`parse`].
+//!
+//! Programs (their names are the section names the agent looks up):
+//! - `xdp_count`: XDP, counts packets per protocol class and passes them on.
+//! - `tc_count`: TC clsact classifier, the same counting, for links where XDP
+//!   does not fit (egress, or a driver without XDP).
+//!
+//! On the host target the crate builds to a stub `main` that says how to
+//! build it for real, so `cargo clippy --workspace` still checks it.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK},
+    macros::{classifier, map, xdp},
+    maps::PerCpuArray,
+    programs::{TcContext, XdpContext},
+};
+use mesh_common::counters::{self, Counter, Hook, ProtoClass};
+
+#[map(name = "PACKET_COUNTERS")]
+static PACKET_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(counters::ENTRIES, 0);
+
+#[xdp]
+pub fn xdp_count(ctx: XdpContext) -> u32 {
+    let class = parse::classify(ctx.data(), ctx.data_end());
+    count(Hook::Xdp, class, (ctx.data_end() - ctx.data()) as u64);
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn tc_count(ctx: TcContext) -> i32 {
+    let class = parse::classify(ctx.data(), ctx.data_end());
+    count(Hook::Tc, class, u64::from(ctx.len()));
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn count(hook: Hook, class: ProtoClass, bytes: u64) {
+    if let Some(counter) = PACKET_COUNTERS.get_ptr_mut(counters::index(hook, class)) {
+        // SAFETY: the pointer comes from a per-CPU array lookup, so it is valid
+        // and only this CPU writes it while this program runs.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes;
+        }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("mesh-ebpf runs in the kernel: build it with `cargo xtask build-ebpf`");
+    std::process::exit(1);
+}

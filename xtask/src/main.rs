@@ -1,0 +1,49 @@
+//! `cargo xtask`: the project's own automation.
+//!
+//! - `setup`: install what the project needs on a fresh Debian machine (idempotent).
+//! - `build-ebpf`: build mesh-ebpf for bpfel-unknown-none with the nightly toolchain.
+//! - `test`: setup, then every test lane (unit, kernel, VM).
+//! - `demo`: setup, build, then a 3-host mesh in network namespaces.
+
+mod ebpf;
+mod setup;
+mod test;
+mod vm;
+mod workspace;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "mesh's build, test and demo automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the toolchain pieces and packages the project needs (idempotent).
+    Setup,
+    /// Build the eBPF programs (mesh-ebpf) where the agent build picks them up.
+    BuildEbpf,
+    /// Run setup, then every test lane: unit, kernel (root), VM (virtme-ng).
+    Test(test::Args),
+    /// Run setup, build, then bring up a 3-host topology in network namespaces.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => ebpf::build().map(|_| ()),
+        Command::Test(args) => test::run(&args),
+        Command::Demo => demo(),
+    }
+}
+
+fn demo() -> Result<()> {
+    setup::run()?;
+    ebpf::build()?;
+    workspace::cargo(&["run", "--release", "-p", "mesh-tests", "--bin", "mesh-demo"])
+}
