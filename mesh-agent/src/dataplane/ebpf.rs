@@ -97,6 +97,13 @@ pub enum TcDirection {
     Egress,
 }
 
+/// The kinds of program mesh-ebpf holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramKind {
+    Xdp,
+    TcClassifier,
+}
+
 /// An attached XDP program, to hand back to [`EbpfDataplane::detach_xdp`].
 #[derive(Debug)]
 pub struct XdpAttachment {
@@ -158,6 +165,16 @@ impl EbpfDataplane {
         let mut names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
         names.sort();
         names
+    }
+
+    /// The kind of program `name` is.
+    pub fn program_kind(&self, name: &str) -> Result<ProgramKind, EbpfError> {
+        match self.ebpf.program(name) {
+            Some(Program::Xdp(_)) => Ok(ProgramKind::Xdp),
+            Some(Program::SchedClassifier(_)) => Ok(ProgramKind::TcClassifier),
+            Some(_) => Err(EbpfError::UnsupportedKind(name.to_owned())),
+            None => Err(EbpfError::MissingProgram(name.to_owned())),
+        }
     }
 
     /// The file descriptor of a loaded program (for BPF_PROG_TEST_RUN).
