@@ -2,10 +2,12 @@
 //!
 //! - [`dataplane`]: kernel access, one module per mechanism (netlink, eBPF).
 //! - [`runtime`]: network namespaces for tasks.
+//! - [`preflight`]: what the node's kernel offers the dataplane.
 //!
 //! The binaries `mesh-agent` and `meshctl` are thin wrappers over this library.
 
 pub mod dataplane;
+pub mod preflight;
 pub mod runtime;
 
 /// The agent's version, as `meshctl version` and `mesh-agent --version` print it.

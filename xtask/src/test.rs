@@ -1,9 +1,153 @@
-//! `cargo xtask test`: setup, then every lane. (Being written.)
-use anyhow::Result;
+//! `cargo xtask test`: setup, then every lane in order:
+//!
+//! 1. lint: `cargo fmt --check`, clippy with warnings denied;
+//! 2. unit: `cargo test` without root or kernel (everything but the
+//!    integration tests of mesh-tests);
+//! 3. kernel: mesh-tests' integration tests, as root, on the host kernel;
+//! 4. vm: the `#[ignore]`d `vm_*` tests inside Debian's kernel under virtme-ng.
+//!
+//! Then it checks that no test namespace was left behind.
+
+use std::{fs, path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{ebpf, setup, vm, workspace};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lane {
+    Lint,
+    Unit,
+    Kernel,
+    Vm,
+}
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Run only these lanes (repeatable); default: all, in order.
+    #[arg(long = "lane", value_enum)]
+    lanes: Vec<Lane>,
+}
 
-pub fn run(_args: &Args) -> Result<()> {
+pub fn run(args: &Args) -> Result<()> {
+    let lanes = if args.lanes.is_empty() {
+        vec![Lane::Lint, Lane::Unit, Lane::Kernel, Lane::Vm]
+    } else {
+        args.lanes.clone()
+    };
+    if lanes.iter().any(|l| matches!(l, Lane::Kernel | Lane::Vm)) {
+        setup::require_root("the kernel and VM lanes (network namespaces, eBPF, a VM)")?;
+    }
+    setup::run()?;
+    ebpf::build()?;
+    for lane in &lanes {
+        eprintln!("\n==== lane: {lane:?}");
+        match lane {
+            Lane::Lint => lint()?,
+            Lane::Unit => unit()?,
+            Lane::Kernel => kernel()?,
+            Lane::Vm => vm_lane()?,
+        }
+    }
+    no_namespaces_left()?;
+    eprintln!("\nall lanes passed: {lanes:?}");
     Ok(())
+}
+
+fn lint() -> Result<()> {
+    workspace::cargo(&["fmt", "--all", "--", "--check"]).context("code is not formatted: run `cargo fmt --all`")?;
+    workspace::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+}
+
+fn unit() -> Result<()> {
+    workspace::cargo(&["test", "--workspace", "--exclude", "mesh-tests"])?;
+    workspace::cargo(&["test", "-p", "mesh-tests", "--lib", "--bins"])
+}
+
+fn kernel() -> Result<()> {
+    workspace::cargo(&["test", "-p", "mesh-tests", "--test", "*"])
+}
+
+fn vm_lane() -> Result<()> {
+    let binaries = vm_test_binaries()?;
+    if binaries.is_empty() {
+        bail!("no vm_* test found under tests/tests: the VM lane would run nothing");
+    }
+    vm::run_tests(&binaries)
+}
+
+/// Builds every `tests/tests/vm_*.rs` and returns the test executables.
+fn vm_test_binaries() -> Result<Vec<PathBuf>> {
+    let mut names: Vec<String> = fs::read_dir(workspace::root().join("tests/tests"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| n.starts_with("vm_") && n.ends_with(".rs"))
+        .map(|n| n.trim_end_matches(".rs").to_owned())
+        .collect();
+    names.sort();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["test", "-p", "mesh-tests", "--no-run", "--message-format=json"]).current_dir(workspace::root());
+    for name in &names {
+        cmd.args(["--test", name]);
+    }
+    eprintln!("+ {}", workspace::display(&cmd));
+    let output = cmd.output().context("cannot run cargo to build the VM tests")?;
+    if !output.status.success() {
+        bail!("building the VM tests failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
+        .filter_map(executable_of)
+        .filter(|path| names.iter().any(|n| is_test_binary_of(path, n)))
+        .collect())
+}
+
+/// The `"executable":"..."` field of a cargo JSON message, if not null.
+fn executable_of(line: &str) -> Option<PathBuf> {
+    let rest = line.split("\"executable\":\"").nth(1)?;
+    Some(PathBuf::from(rest.split('"').next()?))
+}
+
+/// Whether `path` is the test executable cargo builds for test target `name`
+/// (`target/debug/deps/NAME-HASH`).
+fn is_test_binary_of(path: &std::path::Path, name: &str) -> bool {
+    path.file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.rsplit_once('-'))
+        .is_some_and(|(stem, _)| stem == name)
+}
+
+/// `ip netns list` must hold no test namespace once the lanes are done.
+fn no_namespaces_left() -> Result<()> {
+    let left: Vec<String> = match fs::read_dir("/run/netns") {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("meshtest-"))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    if !left.is_empty() {
+        bail!("tests left network namespaces behind: {}", left.join(", "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_executable_in_a_cargo_message() {
+        let line = r#"{"reason":"compiler-artifact","target":{"name":"vm_x"},"executable":"/t/debug/deps/vm_x-0a1b","fresh":true}"#;
+        assert_eq!(executable_of(line), Some(PathBuf::from("/t/debug/deps/vm_x-0a1b")));
+        assert_eq!(executable_of(r#"{"reason":"compiler-artifact","executable":null}"#), None);
+    }
+
+    #[test]
+    fn matches_test_binaries_by_target_name() {
+        assert!(is_test_binary_of(std::path::Path::new("/t/deps/vm_kernel_features-0a1b"), "vm_kernel_features"));
+        assert!(!is_test_binary_of(std::path::Path::new("/t/deps/vm_kernel-0a1b"), "vm_kernel_features"));
+    }
 }
