@@ -24,6 +24,17 @@ fn send_udp(cluster: &Cluster, count: usize) {
     }
 }
 
+/// The programs of one kind in the object; fails the test if there is none.
+fn programs_of(dataplane: &EbpfDataplane, kind: ProgramKind) -> Vec<String> {
+    let names: Vec<String> = dataplane
+        .program_names()
+        .into_iter()
+        .filter(|n| dataplane.program_kind(n).ok() == Some(kind))
+        .collect();
+    assert!(!names.is_empty(), "mesh-ebpf has no {kind:?} program");
+    names
+}
+
 #[test]
 fn every_program_passes_the_verifier() {
     require_root();
@@ -43,12 +54,7 @@ fn xdp_programs_attach_in_generic_and_native_mode_and_count_traffic() {
     require_root();
     let cluster = Cluster::new(2).expect("build a 2-host cluster");
     let mut dataplane = EbpfDataplane::load().expect("load mesh-ebpf");
-    let xdp: Vec<String> = dataplane
-        .program_names()
-        .into_iter()
-        .filter(|n| dataplane.program_kind(n).ok() == Some(ProgramKind::Xdp))
-        .collect();
-    assert!(!xdp.is_empty(), "mesh-ebpf has no XDP program");
+    let xdp = programs_of(&dataplane, ProgramKind::Xdp);
     for name in &xdp {
         for mode in [XdpAttachMode::Generic, XdpAttachMode::Native] {
             let before = dataplane
@@ -82,12 +88,7 @@ fn tc_programs_attach_through_tcx_and_clsact_and_count_traffic() {
     require_root();
     let cluster = Cluster::new(2).expect("build a 2-host cluster");
     let mut dataplane = EbpfDataplane::load().expect("load mesh-ebpf");
-    let classifiers: Vec<String> = dataplane
-        .program_names()
-        .into_iter()
-        .filter(|n| dataplane.program_kind(n).ok() == Some(ProgramKind::TcClassifier))
-        .collect();
-    assert!(!classifiers.is_empty(), "mesh-ebpf has no TC program");
+    let classifiers = programs_of(&dataplane, ProgramKind::TcClassifier);
     for name in &classifiers {
         for api in [TcApi::Tcx, TcApi::Clsact] {
             let before = dataplane

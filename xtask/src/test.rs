@@ -86,14 +86,18 @@ fn vm_test_binaries() -> Result<Vec<PathBuf>> {
         .collect();
     names.sort();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["test", "-p", "mesh-tests", "--no-run", "--message-format=json"]).current_dir(workspace::root());
+    cmd.args(["test", "-p", "mesh-tests", "--no-run", "--message-format=json"])
+        .current_dir(workspace::root());
     for name in &names {
         cmd.args(["--test", name]);
     }
     eprintln!("+ {}", workspace::display(&cmd));
     let output = cmd.output().context("cannot run cargo to build the VM tests")?;
     if !output.status.success() {
-        bail!("building the VM tests failed:\n{}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "building the VM tests failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -142,12 +146,21 @@ mod tests {
     fn finds_the_executable_in_a_cargo_message() {
         let line = r#"{"reason":"compiler-artifact","target":{"name":"vm_x"},"executable":"/t/debug/deps/vm_x-0a1b","fresh":true}"#;
         assert_eq!(executable_of(line), Some(PathBuf::from("/t/debug/deps/vm_x-0a1b")));
-        assert_eq!(executable_of(r#"{"reason":"compiler-artifact","executable":null}"#), None);
+        assert_eq!(
+            executable_of(r#"{"reason":"compiler-artifact","executable":null}"#),
+            None
+        );
     }
 
     #[test]
     fn matches_test_binaries_by_target_name() {
-        assert!(is_test_binary_of(std::path::Path::new("/t/deps/vm_kernel_features-0a1b"), "vm_kernel_features"));
-        assert!(!is_test_binary_of(std::path::Path::new("/t/deps/vm_kernel-0a1b"), "vm_kernel_features"));
+        assert!(is_test_binary_of(
+            std::path::Path::new("/t/deps/vm_kernel_features-0a1b"),
+            "vm_kernel_features"
+        ));
+        assert!(!is_test_binary_of(
+            std::path::Path::new("/t/deps/vm_kernel-0a1b"),
+            "vm_kernel_features"
+        ));
     }
 }

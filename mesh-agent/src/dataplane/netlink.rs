@@ -9,7 +9,7 @@ use std::{future::Future, net::IpAddr, os::fd::AsRawFd, os::fd::BorrowedFd};
 
 use futures::TryStreamExt;
 use rtnetlink::{
-    packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
+    packet_route::link::{InfoData, InfoVeth, LinkMessage},
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
 };
 
@@ -96,22 +96,20 @@ impl Netlink {
 
     /// `ip link set NAME up`
     pub async fn set_up(&self, name: &str) -> Result<(), NetlinkError> {
-        let index = self.link_index(name).await?;
-        self.set_link(
-            LinkUnspec::new_with_index(index).up().build(),
-            format!("ip link set {name} up"),
-        )
-        .await
+        self.set_admin_state(name, true).await
     }
 
     /// `ip link set NAME down`
     pub async fn set_down(&self, name: &str) -> Result<(), NetlinkError> {
+        self.set_admin_state(name, false).await
+    }
+
+    async fn set_admin_state(&self, name: &str, up: bool) -> Result<(), NetlinkError> {
         let index = self.link_index(name).await?;
-        self.set_link(
-            LinkUnspec::new_with_index(index).down().build(),
-            format!("ip link set {name} down"),
-        )
-        .await
+        let link = LinkUnspec::new_with_index(index);
+        let (message, state) = if up { (link.up(), "up") } else { (link.down(), "down") };
+        self.set_link(message.build(), format!("ip link set {name} {state}"))
+            .await
     }
 
     /// `ip link set NAME master BRIDGE`
@@ -145,26 +143,6 @@ impl Netlink {
             .map_err(|e| request(format!("ip link del {name}"), e))
     }
 
-    /// The link's operational MTU and whether it is administratively up.
-    pub async fn link_state(&self, name: &str) -> Result<LinkState, NetlinkError> {
-        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
-        let link: LinkMessage = links
-            .try_next()
-            .await
-            .map_err(|e| request(format!("ip link show {name}"), e))?
-            .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))?;
-        let mtu = link.attributes.iter().find_map(|a| match a {
-            LinkAttribute::Mtu(m) => Some(*m),
-            _ => None,
-        });
-        let up = link.header.flags.contains(rtnetlink::packet_route::link::LinkFlags::Up);
-        Ok(LinkState {
-            index: link.header.index,
-            mtu,
-            up,
-        })
-    }
-
     async fn add_link(&self, message: LinkMessage, command: String) -> Result<(), NetlinkError> {
         self.handle
             .link()
@@ -182,14 +160,6 @@ impl Netlink {
             .await
             .map_err(|e| request(command, e))
     }
-}
-
-/// What [`Netlink::link_state`] reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinkState {
-    pub index: u32,
-    pub mtu: Option<u32>,
-    pub up: bool,
 }
 
 fn request(command: String, source: rtnetlink::Error) -> NetlinkError {
