@@ -30,7 +30,11 @@ enum Command {
     /// Run setup, then every test lane: unit, kernel (root), VM (virtme-ng).
     Test(test::Args),
     /// Run setup, build, then bring up a 3-host topology in network namespaces.
-    Demo,
+    Demo {
+        /// Keep the hosts up until Ctrl-C, to explore them with `ip netns exec`.
+        #[arg(long)]
+        hold: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -38,12 +42,17 @@ fn main() -> Result<()> {
         Command::Setup => setup::run(),
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Test(args) => test::run(&args),
-        Command::Demo => demo(),
+        Command::Demo { hold } => demo(hold),
     }
 }
 
-fn demo() -> Result<()> {
+fn demo(hold: bool) -> Result<()> {
+    setup::require_root("the demo (network namespaces, eBPF)")?;
     setup::run()?;
     ebpf::build()?;
-    workspace::cargo(&["run", "--release", "-p", "mesh-tests", "--bin", "mesh-demo"])
+    let mut args = vec!["run", "--quiet", "--release", "-p", "mesh-tests", "--bin", "mesh-demo"];
+    if hold {
+        args.extend(["--", "--hold"]);
+    }
+    workspace::cargo(&args)
 }

@@ -23,6 +23,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "benchmarks: HTTP load"),
     ("kmod", "VM lane: modprobe"),
     ("qemu-system-x86", "VM lane: the emulator virtme-ng drives"),
+    ("busybox-static", "VM lane: virtme-ng builds its initramfs with it"),
     (
         "linux-image-amd64",
         "VM lane: Debian's kernel with IPVS, WireGuard, ESP modules",
