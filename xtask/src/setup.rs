@@ -110,20 +110,46 @@ fn apt_packages(installed: &mut Vec<String>) -> Result<()> {
 
 fn pip_packages(installed: &mut Vec<String>) -> Result<()> {
     for (dist, command) in PIP_PACKAGES {
-        if which(command).is_some() {
+        if python_command(command).is_some() {
             continue;
         }
-        workspace::run(Command::new("python3").args(["-m", "pip", "install", "--quiet", dist]))
-            .with_context(|| format!("cannot install {dist} from PyPI (is PyPI reachable?)"))?;
-        if which(command).is_none() {
+        let pip = |extra: &[&str]| {
+            let mut cmd = Command::new("python3");
+            cmd.args(["-m", "pip", "install", "--quiet"]).args(extra).arg(dist);
+            eprintln!("+ {}", workspace::display(&cmd));
+            cmd.output()
+                .with_context(|| format!("cannot run pip to install {dist}"))
+        };
+        let mut out = pip(&[])?;
+        // Debian's own python3 refuses pip installs (PEP 668) unless told;
+        // virtme-ng has no Debian package, so tell it.
+        if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("externally-managed") {
+            out = pip(&["--break-system-packages"])?;
+        }
+        if !out.status.success() {
             bail!(
-                "{dist} installed but `{command}` is not on PATH ({})",
-                std::env::var("PATH").unwrap_or_default()
+                "cannot install {dist} from PyPI (is PyPI reachable?):\n{}",
+                String::from_utf8_lossy(&out.stderr).trim()
             );
+        }
+        if python_command(command).is_none() {
+            bail!("{dist} installed but `{command}` is found neither on PATH nor in Python's scripts directory");
         }
         installed.push((*dist).into());
     }
     Ok(())
+}
+
+/// A command installed by pip: on PATH, or in the scripts directory of the
+/// `python3` on PATH (pyenv and --user installs are not always on PATH).
+pub fn python_command(command: &str) -> Option<std::path::PathBuf> {
+    which(command).or_else(|| {
+        let scripts =
+            stdout(Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]))
+                .ok()?;
+        let path = std::path::Path::new(scripts.trim()).join(command);
+        path.is_file().then_some(path)
+    })
 }
 
 fn dpkg_installed(package: &str) -> bool {

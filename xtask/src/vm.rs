@@ -78,6 +78,8 @@ pub fn run_tests(binaries: &[PathBuf]) -> Result<()> {
         .iter()
         .map(|b| fs::canonicalize(b).with_context(|| format!("VM test binary {} not found", b.display())))
         .collect::<Result<Vec<_>>>()?;
+    let vng =
+        crate::setup::python_command("vng").context("virtme-ng's `vng` is not installed: run `cargo xtask setup`")?;
     let image = kernel_image()?;
     let release = release_of(&image)?;
     let run = RunDir::create()?;
@@ -85,7 +87,7 @@ pub fn run_tests(binaries: &[PathBuf]) -> Result<()> {
     fs::write(run.script(), script(&tag, &root(), &binaries))
         .with_context(|| format!("cannot write {}", run.script().display()))?;
 
-    let mut cmd = vng_command(&image, &run);
+    let mut cmd = vng_command(&vng, &image, &run);
     eprintln!("+ {}", display(&cmd));
     let started = Instant::now();
     let mut child = cmd.spawn().with_context(|| {
@@ -133,9 +135,9 @@ pub fn run_tests(binaries: &[PathBuf]) -> Result<()> {
 /// these machines), root in the guest, the generated script, and a QEMU
 /// pidfile so a timeout can kill the emulator itself (vng runs it as a
 /// grandchild).
-fn vng_command(image: &Path, run: &RunDir) -> Command {
+fn vng_command(vng: &Path, image: &Path, run: &RunDir) -> Command {
     let cpus = thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_CPUS);
-    let mut cmd = Command::new("vng");
+    let mut cmd = Command::new(vng);
     cmd.arg("--run")
         .arg(image)
         .args(["--disable-kvm", "--memory", MEMORY, "--cpus", &cpus.to_string()])
