@@ -35,6 +35,15 @@ fn programs_of(dataplane: &EbpfDataplane, kind: ProgramKind) -> Vec<String> {
     names
 }
 
+/// UDP packets the programs counted so far at `hook`.
+fn udp_packets(dataplane: &EbpfDataplane, hook: Hook) -> u64 {
+    dataplane
+        .counters()
+        .expect("read counters")
+        .get(hook, ProtoClass::Udp)
+        .packets
+}
+
 #[test]
 fn every_program_passes_the_verifier() {
     require_root();
@@ -57,23 +66,17 @@ fn xdp_programs_attach_in_generic_and_native_mode_and_count_traffic() {
     let xdp = programs_of(&dataplane, ProgramKind::Xdp);
     for name in &xdp {
         for mode in [XdpAttachMode::Generic, XdpAttachMode::Native] {
-            let before = dataplane
-                .counters()
-                .expect("read counters")
-                .get(Hook::Xdp, ProtoClass::Udp);
+            let before = udp_packets(&dataplane, Hook::Xdp);
             let attachment = cluster
                 .host(1)
                 .run(|| dataplane.attach_xdp(name, HOST_LINK, mode))
                 .unwrap_or_else(|e| panic!("attach {name} in {mode:?} mode: {e}"));
             send_udp(&cluster, 5);
-            let after = dataplane
-                .counters()
-                .expect("read counters")
-                .get(Hook::Xdp, ProtoClass::Udp);
+            let after = udp_packets(&dataplane, Hook::Xdp);
             assert!(
-                after.packets >= before.packets + 5,
+                after >= before + 5,
                 "{name} in {mode:?} mode counted {} UDP packets for 5 received",
-                after.packets - before.packets
+                after - before
             );
             cluster
                 .host(1)
@@ -91,10 +94,7 @@ fn tc_programs_attach_through_tcx_and_clsact_and_count_traffic() {
     let classifiers = programs_of(&dataplane, ProgramKind::TcClassifier);
     for name in &classifiers {
         for api in [TcApi::Tcx, TcApi::Clsact] {
-            let before = dataplane
-                .counters()
-                .expect("read counters")
-                .get(Hook::Tc, ProtoClass::Udp);
+            let before = udp_packets(&dataplane, Hook::Tc);
             let attachments = cluster.host(1).run(|| {
                 [TcDirection::Ingress, TcDirection::Egress]
                     .map(|direction| dataplane.attach_tc(name, HOST_LINK, direction, api))
@@ -104,14 +104,11 @@ fn tc_programs_attach_through_tcx_and_clsact_and_count_traffic() {
                 .map(|a| a.unwrap_or_else(|e| panic!("attach {name} through {api:?}: {e}")))
                 .collect();
             send_udp(&cluster, 5);
-            let after = dataplane
-                .counters()
-                .expect("read counters")
-                .get(Hook::Tc, ProtoClass::Udp);
+            let after = udp_packets(&dataplane, Hook::Tc);
             assert!(
-                after.packets >= before.packets + 5,
+                after >= before + 5,
                 "{name} through {api:?} counted {} UDP packets for 5 received",
-                after.packets - before.packets
+                after - before
             );
             for attachment in attachments {
                 cluster

@@ -122,7 +122,8 @@ fn is_test_binary_of(path: &std::path::Path, name: &str) -> bool {
         .is_some_and(|(stem, _)| stem == name)
 }
 
-/// `ip netns list` must hold no test namespace once the lanes are done.
+/// `ip netns list` must hold no test namespace once the lanes are done
+/// (`meshtest-` is mesh-tests' `cluster::PREFIX`; xtask does not link mesh-tests).
 fn no_namespaces_left() -> Result<()> {
     let left: Vec<String> = match fs::read_dir("/run/netns") {
         Ok(entries) => entries
