@@ -6,6 +6,7 @@
 //!
 //! The binaries `mesh-agent` and `meshctl` are thin wrappers over this library.
 
+pub mod control;
 pub mod dataplane;
 pub mod preflight;
 pub mod runtime;

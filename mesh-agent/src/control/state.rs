@@ -1,0 +1,484 @@
+//! The cluster state that Raft replicates, and the commands that change it.
+//!
+//! [`ClusterState::apply`] is the state machine: a pure function of the state
+//! and one committed command. A command is either applied whole or refused
+//! with a reason and leaves the state as it was, so every manager that applies
+//! the same log ends up with the same state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// A node's identity: its Raft id, and (printed in base 36) its node ID.
+pub type NodeId = u64;
+
+/// What a node does in the cluster.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Runs tasks; never votes.
+    Worker,
+    /// Holds the Raft store and serves the cluster API.
+    Manager,
+}
+
+/// Whether the scheduler may place tasks on a node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Availability {
+    /// Takes new tasks.
+    Active,
+    /// Keeps its tasks, takes no new ones.
+    Pause,
+    /// Its tasks move elsewhere.
+    Drain,
+}
+
+/// A node's liveness as the dispatcher sees it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NodeStatus {
+    /// Joined but not yet heard from.
+    Unknown,
+    /// Heartbeating.
+    Ready,
+    /// Missed its heartbeats for the configured period.
+    Down,
+}
+
+/// One node, as stored in Raft.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// Raft id and node ID.
+    pub id: NodeId,
+    /// The host's name, as it reported it at join.
+    pub hostname: String,
+    /// The role the operator wants it to have.
+    pub role: Role,
+    /// Whether it takes tasks.
+    pub availability: Availability,
+    /// Operator labels (`node update --label-add`).
+    pub labels: BTreeMap<String, String>,
+    /// Where managers and peers reach its cluster port (host:port).
+    pub addr: String,
+    /// Address used for overlay (data path) traffic.
+    pub data_path_addr: String,
+    /// Liveness.
+    pub status: NodeStatus,
+    /// Why it is in that status (empty when Ready).
+    pub status_message: String,
+    /// The agent version it last reported.
+    pub agent_version: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds of the last change to this record.
+    pub updated_at: u64,
+}
+
+/// Cluster-wide settings chosen at `swarm init`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSpec {
+    /// Random cluster ID (base 36).
+    pub id: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Pools overlay subnets are carved from (`--default-addr-pool`).
+    pub default_addr_pool: Vec<String>,
+    /// Prefix length of each carved subnet (`--default-addr-pool-mask-length`).
+    pub default_addr_pool_mask_len: u8,
+    /// Whether managers start locked (`--autolock`).
+    pub autolock: bool,
+    /// How often nodes heartbeat, in milliseconds.
+    pub heartbeat_period_ms: u64,
+    /// Missed heartbeat periods after which a node is marked Down.
+    pub heartbeat_misses_down: u32,
+    /// Lifetime of issued node certificates, in seconds.
+    pub cert_expiry_secs: u64,
+}
+
+/// The cluster's certificate authority. The key is secret; it lives only in
+/// the encrypted store.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct CaState {
+    /// Current root certificate (PEM).
+    pub root_cert_pem: String,
+    /// Current root key (PEM, PKCS#8).
+    pub root_key_pem: String,
+    /// Roots still trusted while a rotation settles (PEM).
+    pub previous_roots_pem: Vec<String>,
+}
+
+impl std::fmt::Debug for CaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaState")
+            .field("root_key_pem", &"<redacted>")
+            .field("previous_roots", &self.previous_roots_pem.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The two join tokens (secret).
+#[derive(Serialize, Deserialize, Clone, Default, PartialEq, Eq)]
+pub struct JoinTokens {
+    /// Joins as a worker.
+    pub worker: String,
+    /// Joins as a manager.
+    pub manager: String,
+}
+
+impl std::fmt::Debug for JoinTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinTokens(<redacted>)")
+    }
+}
+
+/// A change to a node's spec; `None` leaves that field alone.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeUpdate {
+    /// New desired role (promote/demote).
+    pub role: Option<Role>,
+    /// New availability.
+    pub availability: Option<Availability>,
+    /// Labels to set.
+    pub label_add: BTreeMap<String, String>,
+    /// Labels to remove.
+    pub label_rm: Vec<String>,
+}
+
+/// A committed change to the cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `swarm init`: the whole initial state in one entry.
+    Init {
+        /// Settings.
+        cluster: ClusterSpec,
+        /// The new root CA.
+        ca: CaState,
+        /// Both join tokens.
+        tokens: JoinTokens,
+        /// The unlock key text when autolocked.
+        unlock_key: Option<String>,
+        /// The first manager.
+        first: Node,
+    },
+    /// A node joined.
+    AddNode(Node),
+    /// `node update`, `node promote`, `node demote`.
+    UpdateNode {
+        /// Which node.
+        id: NodeId,
+        /// What changes.
+        update: NodeUpdate,
+        /// Unix seconds.
+        at: u64,
+    },
+    /// The dispatcher saw a node come or go, or a node reported new facts.
+    SetNodeStatus {
+        /// Which node.
+        id: NodeId,
+        /// New status.
+        status: NodeStatus,
+        /// Why.
+        message: String,
+        /// Agent version it reports.
+        agent_version: String,
+        /// Unix seconds.
+        at: u64,
+    },
+    /// `node rm` or `swarm leave`: the node is gone and its certificate revoked.
+    RemoveNode {
+        /// Which node.
+        id: NodeId,
+    },
+    /// `swarm join-token --rotate`.
+    RotateToken {
+        /// Which token.
+        role: Role,
+        /// The new token.
+        token: String,
+    },
+    /// `swarm update --autolock` or `swarm unlock-key --rotate`.
+    SetUnlockKey {
+        /// The unlock key text, or `None` to turn autolock off.
+        unlock_key: Option<String>,
+    },
+    /// `swarm ca --rotate`: a new root; the old one stays trusted for a while.
+    RotateCa {
+        /// The new CA (its `previous_roots_pem` holds the old root).
+        ca: CaState,
+        /// Tokens carry the CA digest, so they change with it.
+        tokens: JoinTokens,
+    },
+}
+
+/// What applying a command did.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum CommandResponse {
+    /// Applied.
+    Applied,
+    /// Refused, state unchanged; the reason is for the operator.
+    Refused(String),
+}
+
+/// Everything Raft replicates.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    /// Set by `Init`; `None` before.
+    pub cluster: Option<ClusterSpec>,
+    /// The root CA.
+    pub ca: Option<CaState>,
+    /// Join tokens.
+    pub tokens: JoinTokens,
+    /// The unlock key text when autolocked.
+    pub unlock_key: Option<String>,
+    /// Nodes by id.
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// Ids of removed nodes: their certificates are no longer honoured.
+    pub removed: BTreeSet<NodeId>,
+}
+
+impl ClusterState {
+    /// Applies one committed command.
+    pub fn apply(&mut self, command: &Command) -> CommandResponse {
+        match self.try_apply(command) {
+            Ok(()) => CommandResponse::Applied,
+            Err(reason) => CommandResponse::Refused(reason),
+        }
+    }
+
+    fn try_apply(&mut self, command: &Command) -> Result<(), String> {
+        if !matches!(command, Command::Init { .. }) && self.cluster.is_none() {
+            return Err("the cluster is not initialised".into());
+        }
+        match command {
+            Command::Init {
+                cluster,
+                ca,
+                tokens,
+                unlock_key,
+                first,
+            } => {
+                if self.cluster.is_some() {
+                    return Err("the cluster is already initialised".into());
+                }
+                self.cluster = Some(cluster.clone());
+                self.ca = Some(ca.clone());
+                self.tokens = tokens.clone();
+                self.unlock_key = unlock_key.clone();
+                self.nodes.insert(first.id, first.clone());
+            }
+            Command::AddNode(node) => {
+                if self.removed.contains(&node.id) {
+                    return Err(format!(
+                        "node {} was removed and cannot rejoin with the same ID",
+                        node_id_text(node.id)
+                    ));
+                }
+                if self.nodes.contains_key(&node.id) {
+                    return Err(format!("node {} is already a member", node_id_text(node.id)));
+                }
+                self.nodes.insert(node.id, node.clone());
+            }
+            Command::UpdateNode { id, update, at } => {
+                let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
+                if let Some(role) = update.role {
+                    node.role = role;
+                }
+                if let Some(availability) = update.availability {
+                    node.availability = availability;
+                }
+                for key in &update.label_rm {
+                    node.labels.remove(key);
+                }
+                node.labels
+                    .extend(update.label_add.iter().map(|(k, v)| (k.clone(), v.clone())));
+                node.updated_at = *at;
+            }
+            Command::SetNodeStatus {
+                id,
+                status,
+                message,
+                agent_version,
+                at,
+            } => {
+                let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
+                node.status = *status;
+                node.status_message = message.clone();
+                if !agent_version.is_empty() {
+                    node.agent_version = agent_version.clone();
+                }
+                node.updated_at = *at;
+            }
+            Command::RemoveNode { id } => {
+                self.nodes.remove(id).ok_or_else(|| no_such_node(*id))?;
+                self.removed.insert(*id);
+            }
+            Command::RotateToken { role, token } => match role {
+                Role::Worker => self.tokens.worker = token.clone(),
+                Role::Manager => self.tokens.manager = token.clone(),
+            },
+            Command::SetUnlockKey { unlock_key } => {
+                let cluster = self.cluster.as_mut().expect("reason: checked above");
+                cluster.autolock = unlock_key.is_some();
+                self.unlock_key = unlock_key.clone();
+            }
+            Command::RotateCa { ca, tokens } => {
+                self.ca = Some(ca.clone());
+                self.tokens = tokens.clone();
+            }
+        }
+        Ok(())
+    }
+
+    /// Ids of the nodes whose desired role is manager.
+    pub fn managers(&self) -> BTreeSet<NodeId> {
+        self.nodes
+            .values()
+            .filter(|n| n.role == Role::Manager)
+            .map(|n| n.id)
+            .collect()
+    }
+}
+
+fn no_such_node(id: NodeId) -> String {
+    format!("node {} not found", node_id_text(id))
+}
+
+/// Node IDs are printed in base 36, 13 characters, like Swarm's short IDs.
+pub fn node_id_text(id: NodeId) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = [b'0'; 13];
+    let mut v = id;
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(v % 36) as usize];
+        v /= 36;
+    }
+    String::from_utf8(out.to_vec()).expect("reason: ASCII digits")
+}
+
+/// Parses a full 13-character node ID printed by [`node_id_text`].
+pub fn parse_node_id(text: &str) -> Option<NodeId> {
+    if text.len() != 13 {
+        return None;
+    }
+    u64::from_str_radix(text, 36).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn node(id: NodeId, role: Role) -> Node {
+        Node {
+            id,
+            hostname: format!("h{id}"),
+            role,
+            availability: Availability::Active,
+            labels: BTreeMap::new(),
+            addr: format!("192.0.2.{id}:2377"),
+            data_path_addr: format!("192.0.2.{id}"),
+            status: NodeStatus::Unknown,
+            status_message: String::new(),
+            agent_version: "0.1.0".into(),
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    fn initialised() -> ClusterState {
+        let mut s = ClusterState::default();
+        let cmd = Command::Init {
+            cluster: ClusterSpec {
+                id: "c1".into(),
+                created_at: 1,
+                default_addr_pool: vec!["10.0.0.0/8".into()],
+                default_addr_pool_mask_len: 24,
+                autolock: false,
+                heartbeat_period_ms: 1000,
+                heartbeat_misses_down: 3,
+                cert_expiry_secs: 90 * 86400,
+            },
+            ca: CaState {
+                root_cert_pem: "C".into(),
+                root_key_pem: "K".into(),
+                previous_roots_pem: vec![],
+            },
+            tokens: JoinTokens {
+                worker: "w".into(),
+                manager: "m".into(),
+            },
+            unlock_key: None,
+            first: node(1, Role::Manager),
+        };
+        assert_eq!(s.apply(&cmd), CommandResponse::Applied);
+        assert!(matches!(s.apply(&cmd), CommandResponse::Refused(_)));
+        s
+    }
+
+    #[test]
+    fn commands_before_init_are_refused() {
+        let mut s = ClusterState::default();
+        assert!(matches!(
+            s.apply(&Command::AddNode(node(2, Role::Worker))),
+            CommandResponse::Refused(_)
+        ));
+        assert_eq!(s, ClusterState::default());
+    }
+
+    #[test]
+    fn node_lifecycle() {
+        let mut s = initialised();
+        assert_eq!(
+            s.apply(&Command::AddNode(node(2, Role::Worker))),
+            CommandResponse::Applied
+        );
+        assert!(matches!(
+            s.apply(&Command::AddNode(node(2, Role::Worker))),
+            CommandResponse::Refused(_)
+        ));
+        let update = NodeUpdate {
+            role: Some(Role::Manager),
+            availability: Some(Availability::Drain),
+            label_add: [("zone".to_string(), "a".to_string())].into(),
+            label_rm: vec![],
+        };
+        assert_eq!(
+            s.apply(&Command::UpdateNode { id: 2, update, at: 5 }),
+            CommandResponse::Applied
+        );
+        let n = &s.nodes[&2];
+        assert_eq!(
+            (n.role, n.availability, n.labels["zone"].as_str(), n.updated_at),
+            (Role::Manager, Availability::Drain, "a", 5)
+        );
+        assert_eq!(s.managers(), [1, 2].into());
+        assert_eq!(s.apply(&Command::RemoveNode { id: 2 }), CommandResponse::Applied);
+        assert!(s.removed.contains(&2));
+        // A removed node cannot come back under its old identity.
+        assert!(matches!(
+            s.apply(&Command::AddNode(node(2, Role::Worker))),
+            CommandResponse::Refused(_)
+        ));
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(&Command::RemoveNode { id: 9 }),
+            CommandResponse::Refused(_)
+        ));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn node_ids_print_and_parse() {
+        for id in [0, 1, 35, 36, u64::MAX, 0x1234_5678_9abc_def0] {
+            let text = node_id_text(id);
+            assert_eq!(text.len(), 13);
+            assert_eq!(parse_node_id(&text), Some(id));
+        }
+        assert_eq!(parse_node_id("xyz"), None);
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let s = initialised();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("root_key_pem: \"K\""));
+        assert!(dbg.contains("JoinTokens(<redacted>)"));
+    }
+}
