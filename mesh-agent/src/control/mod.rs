@@ -4,6 +4,10 @@
 //! - [`state`]: the replicated cluster state and the commands that change it (pure).
 //! - [`seal`]: data key / key-encryption key / unlock key (encryption at rest).
 
+pub mod api;
+pub mod keystore;
+pub mod local;
 pub mod raft_types;
+pub mod rules;
 pub mod seal;
 pub mod state;

@@ -1,0 +1,410 @@
+//! The messages of the control plane: what `meshctl` asks its local agent
+//! (over the Unix socket) and what nodes ask each other (over mutual TLS).
+//!
+//! Plain data only; the handlers live in `manager` and `node`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    raft_types::TypeConfig,
+    state::{Availability, Node, NodeId, NodeUpdate, Role},
+};
+
+/// What went wrong, in a form scripts can branch on (`meshctl` maps it to
+/// its exit code) plus a message for the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The class of failure.
+    pub kind: ErrorKind,
+    /// What was wrong and what to do about it.
+    pub message: String,
+}
+
+/// Classes of API failure.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The input was malformed (exit code 2).
+    InvalidArgument,
+    /// The named object does not exist (exit code 3).
+    NotFound,
+    /// The request is valid but the cluster's state forbids it (exit code 4).
+    FailedPrecondition,
+    /// The caller may not do this (exit code 5).
+    PermissionDenied,
+    /// This node is autolocked and must be unlocked first (exit code 6).
+    Locked,
+    /// No leader or manager could be reached; retrying may help (exit code 7).
+    Unavailable,
+    /// A bug or a local I/O failure (exit code 1).
+    Internal,
+}
+
+impl ApiError {
+    /// Builds an error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Malformed input.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// Unknown object.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    /// Forbidden by the cluster's state.
+    pub fn precondition(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::FailedPrecondition, message)
+    }
+
+    /// Not allowed for this caller.
+    pub fn denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PermissionDenied, message)
+    }
+
+    /// Cannot reach what is needed.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+
+    /// Local failure.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+
+    /// The exit code `meshctl` uses for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self.kind {
+            ErrorKind::Internal => 1,
+            ErrorKind::InvalidArgument => 2,
+            ErrorKind::NotFound => 3,
+            ErrorKind::FailedPrecondition => 4,
+            ErrorKind::PermissionDenied => 5,
+            ErrorKind::Locked => 6,
+            ErrorKind::Unavailable => 7,
+        }
+    }
+}
+
+/// Result of an API call.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// `meshctl swarm init` options.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InitRequest {
+    /// Address other nodes use to reach this one (IP or IP:PORT).
+    pub advertise_addr: Option<String>,
+    /// Where the cluster port listens (ADDR:PORT).
+    pub listen_addr: String,
+    /// Address for overlay traffic; defaults to the advertise address' IP.
+    pub data_path_addr: Option<String>,
+    /// Pools for overlay subnets.
+    pub default_addr_pool: Vec<String>,
+    /// Prefix length carved from the pools.
+    pub default_addr_pool_mask_len: u8,
+    /// Lock managers' keys with an unlock key.
+    pub autolock: bool,
+    /// Node certificate lifetime in seconds.
+    pub cert_expiry_secs: u64,
+    /// Heartbeat period in milliseconds.
+    pub heartbeat_period_ms: u64,
+}
+
+/// `meshctl swarm join` options.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct JoinRequest {
+    /// The join token.
+    pub token: String,
+    /// A manager's address (HOST:PORT).
+    pub remote_addr: String,
+    /// Address others use to reach this node.
+    pub advertise_addr: Option<String>,
+    /// Where this node's cluster port listens.
+    pub listen_addr: String,
+    /// Address for overlay traffic.
+    pub data_path_addr: Option<String>,
+}
+
+/// What the local agent says about itself (`meshctl info` / `swarm` state).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SwarmInfo {
+    /// inactive | locked | active
+    pub state: String,
+    /// This node's ID, when part of a swarm.
+    pub node_id: Option<NodeId>,
+    /// The cluster's ID.
+    pub cluster_id: Option<String>,
+    /// The role its certificate carries.
+    pub role: Option<Role>,
+    /// Managers it knows (id, address).
+    pub managers: Vec<(NodeId, String)>,
+    /// The current Raft leader, if this node is a manager and knows it.
+    pub leader: Option<NodeId>,
+    /// Agent version.
+    pub agent_version: String,
+}
+
+/// A node as `node ls` / `node inspect` show it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    /// The stored record.
+    pub node: Node,
+    /// Leader | Reachable | Unreachable, for managers.
+    pub manager_status: Option<String>,
+}
+
+/// Requests that need the cluster store; served by the leader (a follower
+/// forwards them).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum ClusterRequest {
+    /// `node ls`.
+    NodeList,
+    /// `node inspect`, `node promote` etc. resolve names through this.
+    NodeInspect {
+        /// ID, unique ID prefix or hostname.
+        node: String,
+    },
+    /// `node update`, `node promote`, `node demote`.
+    NodeUpdate {
+        /// ID, unique ID prefix or hostname.
+        node: String,
+        /// What changes.
+        update: NodeUpdate,
+    },
+    /// `node rm`.
+    NodeRemove {
+        /// ID, unique ID prefix or hostname.
+        node: String,
+        /// Remove even if it is still up.
+        force: bool,
+    },
+    /// `swarm join-token`.
+    JoinToken {
+        /// Which token.
+        role: Role,
+        /// Replace it first.
+        rotate: bool,
+    },
+    /// `swarm unlock-key`.
+    UnlockKey {
+        /// Replace it first.
+        rotate: bool,
+    },
+    /// `swarm update --autolock`.
+    SetAutolock {
+        /// On or off.
+        enabled: bool,
+    },
+    /// `swarm ca --rotate`.
+    CaRotate,
+}
+
+/// Replies to [`ClusterRequest`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum ClusterResponse {
+    /// Nodes.
+    Nodes(Vec<NodeView>),
+    /// One node.
+    Node(NodeView),
+    /// Done, nothing to show.
+    Done,
+    /// A token or key text.
+    Secret(String),
+    /// `swarm ca --rotate`: the new CA's digest.
+    CaDigest(String),
+}
+
+/// `meshctl` -> local agent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum LocalRequest {
+    /// `swarm init`.
+    Init(InitRequest),
+    /// `swarm join`.
+    Join(JoinRequest),
+    /// `swarm leave`.
+    Leave {
+        /// Leave even as a manager.
+        force: bool,
+    },
+    /// `swarm unlock`.
+    Unlock {
+        /// The unlock key text.
+        key: String,
+    },
+    /// State of this node.
+    Info,
+    /// Anything that needs the cluster store.
+    Cluster(ClusterRequest),
+}
+
+/// local agent -> `meshctl`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum LocalResponse {
+    /// `swarm init` done.
+    Initialized {
+        /// The new node's ID.
+        node_id: NodeId,
+        /// The command a worker runs to join.
+        worker_join_command: String,
+        /// The unlock key, when autolocked.
+        unlock_key: Option<String>,
+    },
+    /// `swarm join` done.
+    Joined {
+        /// This node's ID.
+        node_id: NodeId,
+        /// Role it joined as.
+        role: Role,
+    },
+    /// Done, nothing to show.
+    Done,
+    /// Node state.
+    Info(SwarmInfo),
+    /// Reply of a cluster request.
+    Cluster(ClusterResponse),
+}
+
+/// What a joining node sends with its token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct JoinCall {
+    /// The join token text.
+    pub token: String,
+    /// PEM CSR for the node's key.
+    pub csr_pem: String,
+    /// Its hostname.
+    pub hostname: String,
+    /// Its advertise address, if it chose one; else the manager uses the
+    /// address the call came from and `listen_port`.
+    pub advertise_addr: Option<String>,
+    /// Port of its cluster listener.
+    pub listen_port: u16,
+    /// Its data path address, if chosen.
+    pub data_path_addr: Option<String>,
+    /// Its agent version.
+    pub agent_version: String,
+}
+
+/// The manager's answer to a join.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct JoinReply {
+    /// The ID assigned to the node.
+    pub node_id: NodeId,
+    /// The role from the token.
+    pub role: Role,
+    /// The cluster's ID.
+    pub cluster_id: String,
+    /// The signed node certificate (PEM).
+    pub cert_pem: String,
+    /// Trusted roots (PEM), current first.
+    pub ca_pems: Vec<String>,
+    /// Managers to talk to.
+    pub managers: Vec<(NodeId, String)>,
+    /// Heartbeat period in milliseconds.
+    pub heartbeat_period_ms: u64,
+}
+
+/// A node's periodic check-in with the managers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Its agent version.
+    pub agent_version: String,
+    /// Whether a Raft store is running on it (managers wait for this before
+    /// adding a promoted node as a voter).
+    pub raft_ready: bool,
+    /// Unix seconds of its certificate's expiry.
+    pub cert_not_after: u64,
+    /// Unix seconds of its certificate's start.
+    pub cert_not_before: u64,
+    /// Role in its certificate.
+    pub cert_role: Role,
+    /// Digest (hex) of the CA that signed its certificate.
+    pub cert_ca_digest: String,
+}
+
+/// The managers' reply to a heartbeat.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    /// Send the next heartbeat within this many milliseconds.
+    pub period_ms: u64,
+    /// Current managers (id, address).
+    pub managers: Vec<(NodeId, String)>,
+    /// The current leader.
+    pub leader: Option<NodeId>,
+    /// The role the node should have.
+    pub desired_role: Role,
+    /// The node should renew its certificate (expiry near, role or CA changed).
+    pub renew_certificate: bool,
+    /// Trusted roots (PEM), current first.
+    pub ca_pems: Vec<String>,
+    /// The unlock key when the cluster is autolocked (sent only to managers).
+    pub unlock_key: Option<String>,
+    /// Other node's labels, availability etc. come with later issues.
+    pub availability: Availability,
+}
+
+/// Node -> node over mutual TLS.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum PeerRequest {
+    /// Raft replication (manager callers only).
+    AppendEntries(openraft::raft::AppendEntriesRequest<TypeConfig>),
+    /// Raft election (manager callers only).
+    Vote(openraft::raft::VoteRequest<NodeId>),
+    /// Raft snapshot chunk (manager callers only).
+    InstallSnapshot(openraft::raft::InstallSnapshotRequest<TypeConfig>),
+    /// Join with a token (callers without a certificate allowed).
+    Join(JoinCall),
+    /// Check-in (any member).
+    Heartbeat(Heartbeat),
+    /// New certificate for the caller's key (any member).
+    RenewCertificate {
+        /// PEM CSR.
+        csr_pem: String,
+    },
+    /// A cluster request forwarded by a manager to the leader (managers only).
+    Cluster(ClusterRequest),
+    /// Forwarded proposal of a command (managers only; used by followers).
+    Propose(super::state::Command),
+}
+
+/// Replies to [`PeerRequest`].
+#[derive(Serialize, Deserialize, Debug)]
+pub enum PeerResponse {
+    /// Raft append reply.
+    AppendEntries(Result<openraft::raft::AppendEntriesResponse<NodeId>, String>),
+    /// Raft vote reply.
+    Vote(Result<openraft::raft::VoteResponse<NodeId>, String>),
+    /// Raft snapshot reply.
+    InstallSnapshot(Result<openraft::raft::InstallSnapshotResponse<NodeId>, String>),
+    /// Join accepted or refused.
+    Join(ApiResult<JoinReply>),
+    /// Heartbeat reply.
+    Heartbeat(ApiResult<HeartbeatReply>),
+    /// New certificate (PEM) and roots.
+    Certificate(ApiResult<(String, Vec<String>)>),
+    /// Cluster reply.
+    Cluster(ApiResult<ClusterResponse>),
+    /// Proposal outcome.
+    Proposed(ApiResult<()>),
+    /// Refused before dispatch (e.g. a worker calling a manager API).
+    Refused(ApiError),
+}
+
+/// Labels given on the command line as `k=v`.
+pub fn parse_labels(items: &[String]) -> ApiResult<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(ApiError::invalid(format!("invalid label {item:?}: expected KEY=VALUE"))),
+        })
+        .collect()
+}

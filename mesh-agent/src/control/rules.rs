@@ -1,0 +1,393 @@
+//! Decisions the API makes before it proposes anything, as pure functions:
+//! naming nodes, quorum safety of promote/demote/remove, and validation of
+//! addresses and address pools given to `swarm init`/`join`.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
+
+use super::{
+    api::{ApiError, ApiResult},
+    state::{node_id_text, ClusterState, NodeId, NodeStatus, Role},
+};
+
+/// The cluster port, as Swarm's 2377.
+pub const DEFAULT_PORT: u16 = 2377;
+
+/// Finds a node by full ID, hostname or unique ID prefix (in that order).
+pub fn resolve_node(state: &ClusterState, text: &str) -> ApiResult<NodeId> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(ApiError::invalid("a node ID or hostname is required"));
+    }
+    if let Some(node) = state.nodes.values().find(|n| node_id_text(n.id) == text) {
+        return Ok(node.id);
+    }
+    let by_name: Vec<NodeId> = state
+        .nodes
+        .values()
+        .filter(|n| n.hostname == text)
+        .map(|n| n.id)
+        .collect();
+    match by_name.as_slice() {
+        [one] => return Ok(*one),
+        [] => {}
+        many => {
+            return Err(ApiError::invalid(format!(
+                "hostname {text:?} is shared by nodes {}; use the node ID",
+                ids(many)
+            )))
+        }
+    }
+    let by_prefix: Vec<NodeId> = state
+        .nodes
+        .values()
+        .filter(|n| node_id_text(n.id).starts_with(text))
+        .map(|n| n.id)
+        .collect();
+    match by_prefix.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(ApiError::not_found(format!(
+            "node {text} not found (`meshctl node ls` lists the nodes)"
+        ))),
+        many => Err(ApiError::invalid(format!(
+            "node ID prefix {text:?} matches nodes {}; give more characters",
+            ids(many)
+        ))),
+    }
+}
+
+fn ids(list: &[NodeId]) -> String {
+    list.iter().map(|id| node_id_text(*id)).collect::<Vec<_>>().join(", ")
+}
+
+/// Whether taking `target` out of the Raft voters (demote or leave) keeps the
+/// cluster able to commit. `voters` is the current Raft voter set and
+/// `reachable` the voters the leader hears from.
+pub fn check_voter_removal(
+    voters: &BTreeSet<NodeId>,
+    reachable: &BTreeSet<NodeId>,
+    target: NodeId,
+    what: &str,
+) -> ApiResult<()> {
+    if !voters.contains(&target) {
+        return Ok(());
+    }
+    let remaining: BTreeSet<NodeId> = voters.iter().copied().filter(|id| *id != target).collect();
+    if remaining.is_empty() {
+        return Err(ApiError::precondition(format!(
+            "cannot {what} node {}: it is the last manager, and the cluster would have no store left; promote another node first (`meshctl node promote NODE`)",
+            node_id_text(target)
+        )));
+    }
+    let quorum = remaining.len() / 2 + 1;
+    let up = remaining.intersection(reachable).count();
+    if up < quorum {
+        return Err(ApiError::precondition(format!(
+            "cannot {what} node {}: only {up} of the {} remaining managers are reachable, fewer than the {quorum} a quorum needs; bring managers back first",
+            node_id_text(target),
+            remaining.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `node rm` may remove `target`.
+pub fn check_node_removal(
+    state: &ClusterState,
+    voters: &BTreeSet<NodeId>,
+    target: NodeId,
+    force: bool,
+) -> ApiResult<()> {
+    let node = state
+        .nodes
+        .get(&target)
+        .ok_or_else(|| ApiError::not_found(format!("node {} not found", node_id_text(target))))?;
+    if node.role == Role::Manager || voters.contains(&target) {
+        return Err(ApiError::precondition(format!(
+            "node {} is a manager and a member of the Raft store: demote it first (`meshctl node demote {}`), then remove it",
+            node_id_text(target),
+            node.hostname
+        )));
+    }
+    if node.status != NodeStatus::Down && !force {
+        return Err(ApiError::precondition(format!(
+            "node {} ({}) is not down: stop it or run `meshctl swarm leave` on it first, or remove it anyway with --force",
+            node_id_text(target),
+            node.hostname
+        )));
+    }
+    Ok(())
+}
+
+/// The address to listen on: `ADDR:PORT`, or `ADDR` with the default port.
+pub fn parse_listen_addr(text: &str) -> ApiResult<SocketAddr> {
+    parse_socket_addr(text, DEFAULT_PORT).map_err(|_| {
+        ApiError::invalid(format!(
+            "invalid listen address {text:?}: expected ADDR:PORT, e.g. 0.0.0.0:2377"
+        ))
+    })
+}
+
+/// The advertise address: `IP[:PORT]`, the port defaulting to `port`.
+/// A wildcard address cannot be advertised.
+pub fn parse_advertise_addr(text: &str, port: u16) -> ApiResult<SocketAddr> {
+    let addr = parse_socket_addr(text, port).map_err(|_| {
+        ApiError::invalid(format!(
+            "invalid advertise address {text:?}: expected IP[:PORT], e.g. 192.0.2.10 or 192.0.2.10:2377 (interface names are not supported)"
+        ))
+    })?;
+    if addr.ip().is_unspecified() {
+        return Err(ApiError::invalid(format!(
+            "advertise address {text:?} is a wildcard; give the IP other nodes reach this one on"
+        )));
+    }
+    Ok(addr)
+}
+
+/// A manager address given to `swarm join`: `HOST:PORT` (port defaulting to 2377).
+pub fn parse_remote_addr(text: &str) -> ApiResult<String> {
+    let text = text.trim();
+    let bad = || {
+        ApiError::invalid(format!(
+            "invalid manager address {text:?}: expected HOST:PORT, e.g. 192.0.2.1:2377"
+        ))
+    };
+    if text.is_empty() || text.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    if let Ok(addr) = parse_socket_addr(text, DEFAULT_PORT) {
+        return Ok(addr.to_string());
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => Ok(text.to_string()),
+        None => Ok(format!("{text}:{DEFAULT_PORT}")),
+        _ => Err(bad()),
+    }
+}
+
+fn parse_socket_addr(text: &str, default_port: u16) -> Result<SocketAddr, ()> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return if addr.port() == 0 { Err(()) } else { Ok(addr) };
+    }
+    let ip: IpAddr = text
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| ())?;
+    Ok(SocketAddr::new(ip, default_port))
+}
+
+/// An IPv4 network in CIDR form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    /// Network address (host bits zero).
+    pub addr: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+/// Parses `A.B.C.D/N` with host bits zero.
+pub fn parse_ipv4_cidr(text: &str) -> ApiResult<Ipv4Net> {
+    let bad = |why: &str| ApiError::invalid(format!("invalid CIDR {text:?}: {why}"));
+    let (addr, prefix) = text
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| bad("expected A.B.C.D/N, e.g. 10.0.0.0/8"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| bad("the address part is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| bad("the prefix length must be 0..=32"))?;
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    if u32::from(addr) & !mask != 0 {
+        return Err(bad(&format!(
+            "host bits are set; did you mean {}/{prefix}?",
+            Ipv4Addr::from(u32::from(addr) & mask)
+        )));
+    }
+    Ok(Ipv4Net { addr, prefix })
+}
+
+/// Validates `--default-addr-pool` and `--default-addr-pool-mask-length`.
+pub fn check_address_pools(pools: &[String], mask_len: u8) -> ApiResult<()> {
+    if !(8..=29).contains(&mask_len) {
+        return Err(ApiError::invalid(format!(
+            "--default-addr-pool-mask-length {mask_len} is out of range: use 8 to 29 (24 gives 254 addresses per network)"
+        )));
+    }
+    let mut nets = Vec::new();
+    for pool in pools {
+        let net = parse_ipv4_cidr(pool)?;
+        if net.prefix > mask_len {
+            return Err(ApiError::invalid(format!(
+                "pool {pool} is smaller than one /{mask_len} network; use a larger pool or a longer mask length"
+            )));
+        }
+        for other in &nets {
+            if overlaps(&net, other) {
+                return Err(ApiError::invalid(format!(
+                    "pools {pool} and {}/{} overlap",
+                    other.addr, other.prefix
+                )));
+            }
+        }
+        nets.push(net);
+    }
+    Ok(())
+}
+
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    let p = a.prefix.min(b.prefix);
+    let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+    u32::from(a.addr) & mask == u32::from(b.addr) & mask
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::state::{Availability, Node};
+
+    fn state(nodes: &[(NodeId, &str, Role, NodeStatus)]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for (id, host, role, status) in nodes {
+            s.nodes.insert(
+                *id,
+                Node {
+                    id: *id,
+                    hostname: host.to_string(),
+                    role: *role,
+                    availability: Availability::Active,
+                    labels: Default::default(),
+                    addr: String::new(),
+                    data_path_addr: String::new(),
+                    status: *status,
+                    status_message: String::new(),
+                    agent_version: String::new(),
+                    created_at: 0,
+                    updated_at: 0,
+                },
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn resolve_by_id_hostname_and_prefix() {
+        let a = 36u64.pow(12) + 1; // starts with '1'
+        let b = 36u64.pow(12) * 2 + 2; // starts with '2'
+        let b2 = 36u64.pow(12) * 2 + 3;
+        let s = state(&[
+            (a, "alpha", Role::Manager, NodeStatus::Ready),
+            (b, "beta", Role::Worker, NodeStatus::Ready),
+            (b2, "beta", Role::Worker, NodeStatus::Ready),
+        ]);
+        assert_eq!(resolve_node(&s, &node_id_text(a)).unwrap(), a);
+        assert_eq!(resolve_node(&s, "alpha").unwrap(), a);
+        assert_eq!(resolve_node(&s, "1").unwrap(), a);
+        assert!(resolve_node(&s, "beta")
+            .unwrap_err()
+            .message
+            .contains("use the node ID"));
+        assert!(resolve_node(&s, "2")
+            .unwrap_err()
+            .message
+            .contains("give more characters"));
+        assert_eq!(
+            resolve_node(&s, "zzz").unwrap_err().kind,
+            crate::control::api::ErrorKind::NotFound
+        );
+        assert_eq!(
+            resolve_node(&s, " ").unwrap_err().kind,
+            crate::control::api::ErrorKind::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn voter_removal_keeps_quorum() {
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        // All up: any one may go.
+        assert!(check_voter_removal(&voters, &voters, 3, "demote").is_ok());
+        // 2 down of 3: removing the third leaves 1 of 2 up, below quorum 2.
+        assert!(check_voter_removal(&voters, &[1].into(), 2, "demote")
+            .unwrap_err()
+            .message
+            .contains("quorum"));
+        // Removing a down manager when the other two are up is fine.
+        assert!(check_voter_removal(&voters, &[1, 2].into(), 3, "demote").is_ok());
+        // The last manager never goes.
+        assert!(check_voter_removal(&[1].into(), &[1].into(), 1, "demote")
+            .unwrap_err()
+            .message
+            .contains("last manager"));
+        // Not a voter: nothing to check.
+        assert!(check_voter_removal(&voters, &voters, 9, "demote").is_ok());
+    }
+
+    #[test]
+    fn node_removal_rules() {
+        let s = state(&[
+            (1, "m", Role::Manager, NodeStatus::Ready),
+            (2, "w", Role::Worker, NodeStatus::Ready),
+            (3, "d", Role::Worker, NodeStatus::Down),
+        ]);
+        let voters = [1].into();
+        assert!(check_node_removal(&s, &voters, 1, true)
+            .unwrap_err()
+            .message
+            .contains("demote it first"));
+        assert!(check_node_removal(&s, &voters, 2, false)
+            .unwrap_err()
+            .message
+            .contains("--force"));
+        assert!(check_node_removal(&s, &voters, 2, true).is_ok());
+        assert!(check_node_removal(&s, &voters, 3, false).is_ok());
+        assert!(check_node_removal(&s, &voters, 7, false).is_err());
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_listen_addr("0.0.0.0:2377").unwrap().port(), 2377);
+        assert_eq!(parse_listen_addr("10.1.2.3").unwrap().to_string(), "10.1.2.3:2377");
+        assert!(parse_listen_addr("eth0").is_err());
+        assert!(parse_listen_addr("1.2.3.4:0").is_err());
+        assert_eq!(
+            parse_advertise_addr("192.0.2.1", 4000).unwrap().to_string(),
+            "192.0.2.1:4000"
+        );
+        assert!(parse_advertise_addr("0.0.0.0", 2377)
+            .unwrap_err()
+            .message
+            .contains("wildcard"));
+        assert!(parse_advertise_addr("300.1.1.1", 2377).is_err());
+        assert_eq!(parse_remote_addr("192.0.2.1").unwrap(), "192.0.2.1:2377");
+        assert_eq!(parse_remote_addr("mgr.example:2377").unwrap(), "mgr.example:2377");
+        assert!(parse_remote_addr("mgr:notaport").is_err());
+        assert!(parse_remote_addr("").is_err());
+    }
+
+    #[test]
+    fn pools() {
+        assert!(check_address_pools(&["10.0.0.0/8".into()], 24).is_ok());
+        assert!(check_address_pools(&["10.0.0.1/8".into()], 24)
+            .unwrap_err()
+            .message
+            .contains("did you mean 10.0.0.0/8"));
+        assert!(check_address_pools(&["10.0.0.0/33".into()], 24).is_err());
+        assert!(check_address_pools(&["banana".into()], 24).is_err());
+        assert!(check_address_pools(&["10.0.0.0/8".into()], 30).is_err());
+        assert!(check_address_pools(&["10.0.0.0/26".into()], 24)
+            .unwrap_err()
+            .message
+            .contains("smaller"));
+        assert!(check_address_pools(&["10.0.0.0/8".into(), "10.5.0.0/16".into()], 24)
+            .unwrap_err()
+            .message
+            .contains("overlap"));
+    }
+}
