@@ -1,11 +1,14 @@
 //! mesh-agent: the per-node agent of the mesh.
 //!
+//! - [`control`]: the swarm: Raft store, PKI, join, node management.
+//! - [`cli`]: `meshctl`.
 //! - [`dataplane`]: kernel access, one module per mechanism (netlink, eBPF).
 //! - [`runtime`]: network namespaces for tasks.
 //! - [`preflight`]: what the node's kernel offers the dataplane.
 //!
 //! The binaries `mesh-agent` and `meshctl` are thin wrappers over this library.
 
+pub mod cli;
 pub mod control;
 pub mod dataplane;
 pub mod preflight;

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod packet;
 pub mod process;
+pub mod swarm;
 pub mod test_run;
 
 pub use cluster::{Cluster, Host};

@@ -4,6 +4,7 @@
 //! - `build-ebpf`: build mesh-ebpf for bpfel-unknown-none with the nightly toolchain.
 //! - `test`: setup, then every test lane (unit, kernel, VM).
 //! - `demo`: setup, build, then a 3-host mesh in network namespaces.
+//! - `bench`: setup, release build, then the benchmarks (ratios in one run).
 
 mod ebpf;
 mod setup;
@@ -35,6 +36,14 @@ enum Command {
         #[arg(long)]
         hold: bool,
     },
+    /// Run the benchmarks: `control` (Raft failover, store writes).
+    Bench {
+        /// Which benchmark; all when omitted.
+        which: Option<String>,
+        /// Passed to the benchmark binary (e.g. --trials 20).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -43,6 +52,7 @@ fn main() -> Result<()> {
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Test(args) => test::run(&args),
         Command::Demo { hold } => demo(hold),
+        Command::Bench { which, rest } => bench(which.as_deref(), &rest),
     }
 }
 
@@ -54,5 +64,28 @@ fn demo(hold: bool) -> Result<()> {
     if hold {
         args.extend(["--", "--hold"]);
     }
+    workspace::cargo(&args)
+}
+
+fn bench(which: Option<&str>, rest: &[String]) -> Result<()> {
+    setup::require_root("the benchmarks (network namespaces)")?;
+    match which {
+        None | Some("control") => {}
+        Some(other) => anyhow::bail!("unknown benchmark {other:?}: the benchmarks are: control"),
+    }
+    setup::run()?;
+    ebpf::build()?;
+    workspace::cargo(&["build", "--release", "-p", "mesh-agent", "--bins"])?;
+    let mut args = vec![
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "mesh-tests",
+        "--bin",
+        "mesh-bench",
+        "--",
+    ];
+    args.extend(rest.iter().map(String::as_str));
     workspace::cargo(&args)
 }

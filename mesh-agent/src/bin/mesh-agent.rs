@@ -1,8 +1,19 @@
-//! `mesh-agent`: the per-node daemon. The control plane (init, join, the
-//! Raft store) comes with its own issue; today the binary checks a node.
+//! `mesh-agent`: the per-node daemon. `mesh-agent run` serves the local API
+//! socket and, once the node is in a swarm, its cluster port; `mesh-agent
+//! check` reports what the kernel offers the dataplane.
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use mesh_agent::preflight::{self, Severity};
+use mesh_agent::{
+    cli::table::parse_duration,
+    control::{
+        local,
+        manager::RaftTiming,
+        node::{Agent, AgentOptions},
+    },
+    preflight::{self, Severity},
+};
 
 #[derive(Parser)]
 #[command(name = "mesh-agent", version = mesh_agent::VERSION, about = "mesh's per-node agent")]
@@ -15,10 +26,97 @@ struct Cli {
 enum Command {
     /// Check what this node's kernel offers mesh's dataplane (needs root).
     Check,
+    /// Run the agent (needs root).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where the node keeps its state (keys, certificates, the Raft store).
+    #[arg(long, default_value = "/var/lib/mesh")]
+    data_dir: PathBuf,
+    /// The local API socket (root-only).
+    #[arg(long, default_value = local::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// The name this node reports (default: the host name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Raft leader heartbeat interval.
+    #[arg(long, default_value = "100ms")]
+    raft_heartbeat: String,
+    /// Raft election timeout (randomised between this and twice this).
+    #[arg(long, default_value = "500ms")]
+    raft_election_timeout: String,
+    /// Log entries between Raft snapshots.
+    #[arg(long, default_value_t = 1000)]
+    raft_snapshot_interval: u64,
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    let ms = |flag: &str, v: &str| {
+        parse_duration(v)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|e| format!("--{flag}: {e}"))
+    };
+    let timing = RaftTiming {
+        heartbeat_ms: ms("raft-heartbeat", &args.raft_heartbeat)?,
+        election_timeout_ms: ms("raft-election-timeout", &args.raft_election_timeout)?,
+        snapshot_interval: args.raft_snapshot_interval.max(10),
+    };
+    if timing.election_timeout_ms < 3 * timing.heartbeat_ms {
+        return Err("--raft-election-timeout must be at least 3 times --raft-heartbeat".into());
+    }
+    let hostname = match args.hostname {
+        Some(h) => h,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+    };
+    let opts = AgentOptions {
+        data_dir: args.data_dir,
+        hostname,
+        timing,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = local::bind(&args.socket).map_err(|e| format!("{}: {e}", args.socket.display()))?;
+        let agent = Agent::start(opts).await.map_err(|e| e.message)?;
+        log::info!(
+            "mesh-agent {} listening on {}",
+            mesh_agent::VERSION,
+            args.socket.display()
+        );
+        let served = agent.clone();
+        tokio::spawn(local::serve(listener, move |req| {
+            let agent = served.clone();
+            async move { agent.handle(req).await }
+        }));
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        log::info!("shutting down");
+        let _ = std::fs::remove_file(&args.socket);
+        Ok(())
+    })
 }
 
 fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,openraft=warn")).init();
     match Cli::parse().command {
+        Command::Run(args) => match run(args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Check => {
             let findings = preflight::assess(&preflight::gather());
             for f in &findings {

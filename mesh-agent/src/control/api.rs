@@ -371,19 +371,40 @@ pub enum PeerRequest {
     },
     /// A cluster request forwarded by a manager to the leader (managers only).
     Cluster(ClusterRequest),
-    /// Forwarded proposal of a command (managers only; used by followers).
-    Propose(super::state::Command),
+    /// A request a manager received and passes on to the leader, with the
+    /// identity it verified of the original caller (managers only).
+    Forwarded {
+        /// Who really asked.
+        origin: Origin,
+        /// What they asked.
+        request: Box<PeerRequest>,
+    },
+}
+
+/// The verified caller of a request, carried along when a follower forwards
+/// it to the leader.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// Node ID and role from the caller's certificate, if it presented one.
+    pub identity: Option<(NodeId, Role)>,
+    /// The caller's IP address as the first manager saw it.
+    pub ip: std::net::IpAddr,
 }
 
 /// Replies to [`PeerRequest`].
 #[derive(Serialize, Deserialize, Debug)]
 pub enum PeerResponse {
     /// Raft append reply.
-    AppendEntries(Result<openraft::raft::AppendEntriesResponse<NodeId>, String>),
+    AppendEntries(Result<openraft::raft::AppendEntriesResponse<NodeId>, openraft::error::RaftError<NodeId>>),
     /// Raft vote reply.
-    Vote(Result<openraft::raft::VoteResponse<NodeId>, String>),
+    Vote(Result<openraft::raft::VoteResponse<NodeId>, openraft::error::RaftError<NodeId>>),
     /// Raft snapshot reply.
-    InstallSnapshot(Result<openraft::raft::InstallSnapshotResponse<NodeId>, String>),
+    InstallSnapshot(
+        Result<
+            openraft::raft::InstallSnapshotResponse<NodeId>,
+            openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
+        >,
+    ),
     /// Join accepted or refused.
     Join(ApiResult<JoinReply>),
     /// Heartbeat reply.
@@ -392,8 +413,6 @@ pub enum PeerResponse {
     Certificate(ApiResult<(String, Vec<String>)>),
     /// Cluster reply.
     Cluster(ApiResult<ClusterResponse>),
-    /// Proposal outcome.
-    Proposed(ApiResult<()>),
     /// Refused before dispatch (e.g. a worker calling a manager API).
     Refused(ApiError),
 }

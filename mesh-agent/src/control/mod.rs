@@ -2,12 +2,28 @@
 //! rest, the PKI, node-to-node RPC over mutual TLS, and node management.
 //!
 //! - [`state`]: the replicated cluster state and the commands that change it (pure).
-//! - [`seal`]: data key / key-encryption key / unlock key (encryption at rest).
+//! - [`rules`]: naming, quorum and address checks the API makes before proposing (pure).
+//! - [`dispatcher`]: node liveness from heartbeats (pure).
+//! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files.
+//! - [`store`]: the Raft log and state machine on redb, every value sealed.
+//! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs.
+//! - [`rpc`]: framed request/response over mutual TLS; [`network`]: peers and Raft's network.
+//! - [`manager`]: Raft and the leader's duties; [`node`]: the agent's swarm lifecycle.
+//! - [`api`], [`local`]: the messages, and the local socket `meshctl` talks to.
 
 pub mod api;
+pub mod dispatcher;
 pub mod keystore;
 pub mod local;
+pub mod manager;
+pub mod network;
+pub mod node;
+pub mod pki;
 pub mod raft_types;
+pub mod rpc;
 pub mod rules;
 pub mod seal;
 pub mod state;
+pub mod store;
+pub mod tls;
+pub mod token;

@@ -132,6 +132,23 @@ impl Netlink {
             .map_err(|e| request(format!("ip addr add {address}/{prefix} dev {name}"), e))
     }
 
+    /// The global-scope addresses of this namespace (`ip addr show scope global`).
+    pub async fn global_addresses(&self) -> Result<Vec<IpAddr>, NetlinkError> {
+        use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
+        let mut out = Vec::new();
+        let mut dump = self.handle.address().get().execute();
+        while let Some(msg) = dump.try_next().await.map_err(|e| request("ip addr show".into(), e))? {
+            if msg.header.scope != AddressScope::Universe {
+                continue;
+            }
+            out.extend(msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            }));
+        }
+        Ok(out)
+    }
+
     /// `ip link del NAME`
     pub async fn delete_link(&self, name: &str) -> Result<(), NetlinkError> {
         let index = self.link_index(name).await?;

@@ -1,0 +1,664 @@
+//! `meshctl`: the operator's CLI, shaped like `docker swarm|node`. Every
+//! command is one request to the local agent over its Unix socket; the agent
+//! forwards what needs the leader.
+//!
+//! Exit codes: 0 success, 1 internal, 2 invalid input, 3 not found,
+//! 4 refused by the cluster's state, 5 permission denied, 6 node locked,
+//! 7 unavailable (no agent, no leader).
+
+pub mod table;
+
+use std::{io::BufRead, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::control::{
+    api::{
+        parse_labels, ApiError, ApiResult, ClusterRequest, ClusterResponse, InitRequest, JoinRequest, LocalRequest,
+        LocalResponse, NodeView, SwarmInfo,
+    },
+    local,
+    state::{node_id_text, Availability, NodeStatus, NodeUpdate, Role},
+};
+
+/// meshctl's command line.
+#[derive(Parser, Debug)]
+#[command(name = "meshctl", version = crate::VERSION, about = "Drive a mesh cluster")]
+pub struct Cli {
+    /// The agent's socket (default /run/mesh/mesh.sock, or $MESH_SOCKET).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show the client and agent versions.
+    Version,
+    /// Show this node's swarm state.
+    Info {
+        /// json or table.
+        #[arg(long, default_value = "table")]
+        format: Format,
+    },
+    /// Manage the swarm.
+    #[command(subcommand)]
+    Swarm(SwarmCommand),
+    /// Manage nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RoleArg {
+    Worker,
+    Manager,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Worker => Role::Worker,
+            RoleArg::Manager => Role::Manager,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AvailabilityArg {
+    Active,
+    Pause,
+    Drain,
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// Address advertised to other nodes (IP[:PORT]).
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// Listen address (ADDR:PORT).
+    #[arg(long, default_value = "0.0.0.0:2377")]
+    listen_addr: String,
+    /// Address for data path (overlay) traffic.
+    #[arg(long)]
+    data_path_addr: Option<String>,
+    /// Address pool(s) for overlay networks (CIDR, repeatable).
+    #[arg(long = "default-addr-pool", default_value = "10.0.0.0/8")]
+    default_addr_pool: Vec<String>,
+    /// Subnet size carved from the pools.
+    #[arg(long, default_value_t = 24)]
+    default_addr_pool_mask_length: u8,
+    /// Require an unlock key to start a stopped manager.
+    #[arg(long)]
+    autolock: bool,
+    /// Validity period of node certificates.
+    #[arg(long, default_value = "2160h")]
+    cert_expiry: String,
+    /// How often nodes heartbeat; a node silent for 3 periods is Down.
+    #[arg(long, default_value = "1s")]
+    dispatcher_heartbeat: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum SwarmCommand {
+    /// Create a swarm with this node as its first manager.
+    Init(InitArgs),
+    /// Join a swarm as a worker or manager.
+    Join {
+        /// The join token.
+        #[arg(long)]
+        token: String,
+        /// Address advertised to other nodes (IP[:PORT]).
+        #[arg(long)]
+        advertise_addr: Option<String>,
+        /// Listen address (ADDR:PORT).
+        #[arg(long, default_value = "0.0.0.0:2377")]
+        listen_addr: String,
+        /// Address for data path traffic.
+        #[arg(long)]
+        data_path_addr: Option<String>,
+        /// A manager's address (HOST:PORT).
+        remote: String,
+    },
+    /// Print or rotate a join token.
+    JoinToken {
+        /// Rotate the token first.
+        #[arg(long)]
+        rotate: bool,
+        /// Only print the token.
+        #[arg(short, long)]
+        quiet: bool,
+        /// worker or manager.
+        role: RoleArg,
+    },
+    /// Leave the swarm.
+    Leave {
+        /// Leave even as a manager.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Unlock a locked manager (reads the key from standard input).
+    Unlock,
+    /// Print or rotate the unlock key.
+    UnlockKey {
+        /// Rotate the key first.
+        #[arg(long)]
+        rotate: bool,
+        /// Only print the key.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Change swarm settings.
+    Update {
+        /// Turn autolock on or off.
+        #[arg(long)]
+        autolock: Option<bool>,
+    },
+    /// Manage the root CA.
+    Ca {
+        /// Replace the root CA; nodes renew their certificates.
+        #[arg(long)]
+        rotate: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// List nodes.
+    Ls {
+        /// Only print IDs.
+        #[arg(short, long)]
+        quiet: bool,
+        /// json or table.
+        #[arg(long, default_value = "table")]
+        format: Format,
+    },
+    /// Show nodes in detail (JSON unless --pretty).
+    Inspect {
+        /// Human-readable text.
+        #[arg(long)]
+        pretty: bool,
+        /// Node IDs, ID prefixes, hostnames, or `self`.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Promote nodes to managers.
+    Promote {
+        /// Nodes.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Demote managers to workers.
+    Demote {
+        /// Nodes.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Update a node.
+    Update {
+        /// active, pause or drain.
+        #[arg(long)]
+        availability: Option<AvailabilityArg>,
+        /// Add or change a label (KEY=VALUE, repeatable).
+        #[arg(long = "label-add")]
+        label_add: Vec<String>,
+        /// Remove a label (repeatable).
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+        /// The node.
+        node: String,
+    },
+    /// Remove nodes from the swarm.
+    Rm {
+        /// Remove even if the node is up.
+        #[arg(short, long)]
+        force: bool,
+        /// Nodes.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+}
+
+/// Runs meshctl; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("Error: cannot start: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("Error: {}", e.message);
+            e.exit_code()
+        }
+    }
+}
+
+struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    async fn call(&self, request: LocalRequest) -> ApiResult<LocalResponse> {
+        local::call(&self.socket, &request).await
+    }
+
+    async fn cluster(&self, request: ClusterRequest) -> ApiResult<ClusterResponse> {
+        match self.call(LocalRequest::Cluster(request)).await? {
+            LocalResponse::Cluster(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn info(&self) -> ApiResult<SwarmInfo> {
+        match self.call(LocalRequest::Info).await? {
+            LocalResponse::Info(i) => Ok(i),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Resolves `self` to this node's ID.
+    async fn node_name(&self, name: &str) -> ApiResult<String> {
+        if name == "self" {
+            let info = self.info().await?;
+            return info
+                .node_id
+                .map(node_id_text)
+                .ok_or_else(|| ApiError::precondition("this node is not part of a swarm"));
+        }
+        Ok(name.to_string())
+    }
+
+    async fn node(&self, name: &str) -> ApiResult<NodeView> {
+        let node = self.node_name(name).await?;
+        match self.cluster(ClusterRequest::NodeInspect { node }).await? {
+            ClusterResponse::Node(v) => Ok(v),
+            other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+}
+
+fn unexpected(other: LocalResponse) -> ApiError {
+    ApiError::internal(format!("unexpected reply from the agent: {other:?}"))
+}
+
+fn duration_ms(flag: &str, text: &str) -> ApiResult<u64> {
+    table::parse_duration(text)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|e| ApiError::invalid(format!("--{flag}: {e}")))
+}
+
+async fn run(cli: Cli) -> ApiResult<()> {
+    let client = Client {
+        socket: local::socket_path(cli.socket),
+    };
+    match cli.command {
+        Command::Version => {
+            println!("Client: meshctl {}", crate::VERSION);
+            match client.info().await {
+                Ok(info) => println!("Agent:  mesh-agent {}", info.agent_version),
+                Err(e) => println!("Agent:  unreachable ({})", e.message),
+            }
+            Ok(())
+        }
+        Command::Info { format } => {
+            let info = client.info().await?;
+            if format == Format::Json {
+                println!("{}", json(&info)?);
+            } else {
+                println!("Swarm: {}", info.state);
+                if let Some(id) = info.node_id {
+                    println!(" NodeID: {}", node_id_text(id));
+                }
+                if let Some(c) = &info.cluster_id {
+                    println!(" ClusterID: {c}");
+                }
+                if let Some(r) = info.role {
+                    println!(" Is Manager: {}", r == Role::Manager);
+                }
+                if let Some(l) = info.leader {
+                    println!(" Leader: {}", node_id_text(l));
+                }
+                println!(" Managers: {}", info.managers.len());
+                for (id, addr) in &info.managers {
+                    println!("  {} {addr}", node_id_text(*id));
+                }
+            }
+            Ok(())
+        }
+        Command::Swarm(cmd) => swarm(&client, cmd).await,
+        Command::Node(cmd) => node(&client, cmd).await,
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> ApiResult<String> {
+    serde_json::to_string_pretty(value).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
+    match cmd {
+        SwarmCommand::Init(args) => {
+            let request = InitRequest {
+                advertise_addr: args.advertise_addr,
+                listen_addr: args.listen_addr,
+                data_path_addr: args.data_path_addr,
+                default_addr_pool: args.default_addr_pool,
+                default_addr_pool_mask_len: args.default_addr_pool_mask_length,
+                autolock: args.autolock,
+                cert_expiry_secs: duration_ms("cert-expiry", &args.cert_expiry)? / 1000,
+                heartbeat_period_ms: duration_ms("dispatcher-heartbeat", &args.dispatcher_heartbeat)?,
+            };
+            match client.call(LocalRequest::Init(request)).await? {
+                LocalResponse::Initialized {
+                    node_id,
+                    worker_join_command,
+                    unlock_key,
+                } => {
+                    println!(
+                        "Swarm initialized: current node ({}) is now a manager.\n",
+                        node_id_text(node_id)
+                    );
+                    println!(
+                        "To add a worker to this swarm, run the following command:\n\n    {worker_join_command}\n"
+                    );
+                    println!("To add a manager to this swarm, run 'meshctl swarm join-token manager' and follow the instructions.");
+                    if let Some(key) = unlock_key {
+                        println!("\nTo unlock a swarm manager after it restarts, run the `meshctl swarm unlock`");
+                        println!("command and provide the following key:\n\n    {key}\n");
+                        println!("Remember to store this key in a password manager, since without it you");
+                        println!("will not be able to restart the manager.");
+                    }
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        SwarmCommand::Join {
+            token,
+            advertise_addr,
+            listen_addr,
+            data_path_addr,
+            remote,
+        } => {
+            let request = JoinRequest {
+                token,
+                remote_addr: remote,
+                advertise_addr,
+                listen_addr,
+                data_path_addr,
+            };
+            match client.call(LocalRequest::Join(request)).await? {
+                LocalResponse::Joined { role, .. } => {
+                    println!("This node joined a swarm as a {}.", role_text(role));
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        SwarmCommand::JoinToken { rotate, quiet, role } => {
+            let role: Role = role.into();
+            let token = match client.cluster(ClusterRequest::JoinToken { role, rotate }).await? {
+                ClusterResponse::Secret(t) => t,
+                other => return Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+            };
+            if quiet {
+                println!("{token}");
+                return Ok(());
+            }
+            if rotate {
+                println!("Successfully rotated {} join token.\n", role_text(role));
+            }
+            let info = client.info().await?;
+            let addr = info
+                .managers
+                .iter()
+                .find(|(id, _)| Some(*id) == info.node_id)
+                .map(|(_, a)| a.clone())
+                .unwrap_or_default();
+            println!("To add a {} to this swarm, run the following command:\n\n    meshctl swarm join --token {token} {addr}\n", role_text(role));
+            Ok(())
+        }
+        SwarmCommand::Leave { force } => {
+            client.call(LocalRequest::Leave { force }).await?;
+            println!("Node left the swarm.");
+            Ok(())
+        }
+        SwarmCommand::Unlock => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprint!("Enter unlock key: ");
+            }
+            let mut key = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut key)
+                .map_err(|e| ApiError::invalid(format!("reading the unlock key from standard input: {e}")))?;
+            client.call(LocalRequest::Unlock { key }).await?;
+            Ok(())
+        }
+        SwarmCommand::UnlockKey { rotate, quiet } => {
+            let key = match client.cluster(ClusterRequest::UnlockKey { rotate }).await? {
+                ClusterResponse::Secret(k) => k,
+                other => return Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+            };
+            if quiet {
+                println!("{key}");
+            } else {
+                if rotate {
+                    println!("Successfully rotated manager unlock key.\n");
+                }
+                println!("To unlock a swarm manager after it restarts, run the `meshctl swarm unlock`\ncommand and provide the following key:\n\n    {key}\n");
+            }
+            Ok(())
+        }
+        SwarmCommand::Update { autolock } => {
+            let Some(enabled) = autolock else {
+                return Err(ApiError::invalid("nothing to update: give --autolock=true|false"));
+            };
+            match client.cluster(ClusterRequest::SetAutolock { enabled }).await? {
+                ClusterResponse::Secret(key) => {
+                    println!("Swarm updated.\nTo unlock a swarm manager after it restarts, run the `meshctl swarm unlock`\ncommand and provide the following key:\n\n    {key}\n");
+                }
+                _ => println!("Swarm updated."),
+            }
+            Ok(())
+        }
+        SwarmCommand::Ca { rotate } => {
+            if !rotate {
+                return Err(ApiError::invalid("give --rotate to replace the root CA"));
+            }
+            match client.cluster(ClusterRequest::CaRotate).await? {
+                ClusterResponse::CaDigest(d) => {
+                    println!("Root CA rotated; new CA digest sha256:{d}. Nodes renew their certificates at their next heartbeat; the join tokens changed with it.");
+                    Ok(())
+                }
+                other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+            }
+        }
+    }
+}
+
+fn role_text(role: Role) -> &'static str {
+    match role {
+        Role::Worker => "worker",
+        Role::Manager => "manager",
+    }
+}
+
+fn status_text(s: NodeStatus) -> &'static str {
+    match s {
+        NodeStatus::Unknown => "Unknown",
+        NodeStatus::Ready => "Ready",
+        NodeStatus::Down => "Down",
+    }
+}
+
+fn availability_text(a: Availability) -> &'static str {
+    match a {
+        Availability::Active => "Active",
+        Availability::Pause => "Pause",
+        Availability::Drain => "Drain",
+    }
+}
+
+/// The `node ls` table; `self_id` gets a `*`.
+pub fn node_table(nodes: &[NodeView], self_id: Option<u64>) -> String {
+    let mut sorted: Vec<&NodeView> = nodes.iter().collect();
+    sorted.sort_by(|a, b| a.node.hostname.cmp(&b.node.hostname).then(a.node.id.cmp(&b.node.id)));
+    let rows: Vec<Vec<String>> = sorted
+        .iter()
+        .map(|v| {
+            let star = if Some(v.node.id) == self_id { " *" } else { "" };
+            vec![
+                format!("{}{star}", node_id_text(v.node.id)),
+                v.node.hostname.clone(),
+                status_text(v.node.status).to_string(),
+                availability_text(v.node.availability).to_string(),
+                v.manager_status.clone().unwrap_or_default(),
+                v.node.agent_version.clone(),
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            "ID",
+            "HOSTNAME",
+            "STATUS",
+            "AVAILABILITY",
+            "MANAGER STATUS",
+            "AGENT VERSION",
+        ],
+        &rows,
+    )
+}
+
+async fn node(client: &Client, cmd: NodeCommand) -> ApiResult<()> {
+    match cmd {
+        NodeCommand::Ls { quiet, format } => {
+            let ClusterResponse::Nodes(nodes) = client.cluster(ClusterRequest::NodeList).await? else {
+                return Err(ApiError::internal("unexpected reply to node ls"));
+            };
+            if quiet {
+                for n in &nodes {
+                    println!("{}", node_id_text(n.node.id));
+                }
+            } else if format == Format::Json {
+                println!("{}", json(&nodes)?);
+            } else {
+                let self_id = client.info().await.ok().and_then(|i| i.node_id);
+                print!("{}", node_table(&nodes, self_id));
+            }
+            Ok(())
+        }
+        NodeCommand::Inspect { pretty, nodes } => {
+            let mut views = Vec::new();
+            for n in &nodes {
+                views.push(client.node(n).await?);
+            }
+            if pretty {
+                for v in &views {
+                    let n = &v.node;
+                    println!("ID:\t\t\t{}", node_id_text(n.id));
+                    println!("Hostname:\t\t{}", n.hostname);
+                    println!("Role:\t\t\t{}", role_text(n.role));
+                    println!(
+                        "Status:\n State:\t\t\t{}\n Availability:\t\t{}\n Address:\t\t{}",
+                        status_text(n.status),
+                        availability_text(n.availability),
+                        n.addr
+                    );
+                    if let Some(m) = &v.manager_status {
+                        println!("Manager Status:\n Raft Status:\t\t{m}");
+                    }
+                    if !n.labels.is_empty() {
+                        println!("Labels:");
+                        for (k, val) in &n.labels {
+                            println!(" - {k} = {val}");
+                        }
+                    }
+                    println!("Agent Version:\t\t{}", n.agent_version);
+                }
+            } else {
+                println!("{}", json(&views)?);
+            }
+            Ok(())
+        }
+        NodeCommand::Promote { nodes } | NodeCommand::Demote { nodes } if nodes.is_empty() => {
+            Err(ApiError::invalid("name at least one node"))
+        }
+        NodeCommand::Promote { nodes } => set_role(client, &nodes, Role::Manager).await,
+        NodeCommand::Demote { nodes } => set_role(client, &nodes, Role::Worker).await,
+        NodeCommand::Update {
+            availability,
+            label_add,
+            label_rm,
+            node,
+        } => {
+            let update = NodeUpdate {
+                role: None,
+                availability: availability.map(|a| match a {
+                    AvailabilityArg::Active => Availability::Active,
+                    AvailabilityArg::Pause => Availability::Pause,
+                    AvailabilityArg::Drain => Availability::Drain,
+                }),
+                label_add: parse_labels(&label_add)?,
+                label_rm,
+            };
+            if update == NodeUpdate::default() {
+                return Err(ApiError::invalid(
+                    "nothing to update: give --availability, --label-add or --label-rm",
+                ));
+            }
+            let name = client.node_name(&node).await?;
+            client
+                .cluster(ClusterRequest::NodeUpdate { node: name, update })
+                .await?;
+            println!("{node}");
+            Ok(())
+        }
+        NodeCommand::Rm { force, nodes } => {
+            for n in &nodes {
+                let name = client.node_name(n).await?;
+                client.cluster(ClusterRequest::NodeRemove { node: name, force }).await?;
+                println!("{n}");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn set_role(client: &Client, nodes: &[String], role: Role) -> ApiResult<()> {
+    for n in nodes {
+        let view = client.node(n).await?;
+        let id = node_id_text(view.node.id);
+        if view.node.role == role {
+            println!("Node {id} is already a {}.", role_text(role));
+            continue;
+        }
+        let update = NodeUpdate {
+            role: Some(role),
+            ..Default::default()
+        };
+        client
+            .cluster(ClusterRequest::NodeUpdate {
+                node: id.clone(),
+                update,
+            })
+            .await?;
+        match role {
+            Role::Manager => println!("Node {id} promoted to a manager in the swarm."),
+            Role::Worker => println!("Manager {id} demoted in the swarm."),
+        }
+    }
+    Ok(())
+}

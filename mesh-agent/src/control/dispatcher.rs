@@ -1,0 +1,113 @@
+//! Node liveness as the leader's dispatcher sees it.
+//!
+//! Heartbeats are not written to Raft (that would make every heartbeat a
+//! replicated write); the leader keeps the time it last heard from each node
+//! in memory and proposes only *changes* of status. A new leader starts by
+//! giving every node a full grace period, so a leader change alone never
+//! marks nodes Down.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use super::state::{ClusterState, NodeId, NodeStatus};
+
+/// When the leader last heard from each node.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    last_seen: HashMap<NodeId, Instant>,
+}
+
+impl Liveness {
+    /// A node heartbeated at `now`.
+    pub fn seen(&mut self, id: NodeId, now: Instant) {
+        self.last_seen.insert(id, now);
+    }
+
+    /// Starts over: every node counts as seen at `now` (on gaining leadership).
+    pub fn reset(&mut self, ids: impl IntoIterator<Item = NodeId>, now: Instant) {
+        self.last_seen = ids.into_iter().map(|id| (id, now)).collect();
+    }
+
+    /// Whether `id` was heard from within `timeout` of `now`.
+    pub fn is_alive(&self, id: NodeId, now: Instant, timeout: Duration) -> bool {
+        self.last_seen
+            .get(&id)
+            .is_some_and(|seen| now.saturating_duration_since(*seen) <= timeout)
+    }
+
+    /// Nodes recorded as Ready (or Unknown) that have been silent for longer
+    /// than `timeout`: they should be marked Down.
+    pub fn overdue(&self, state: &ClusterState, now: Instant, timeout: Duration) -> Vec<NodeId> {
+        state
+            .nodes
+            .values()
+            .filter(|n| n.status != NodeStatus::Down)
+            .filter(|n| !self.is_alive(n.id, now, timeout))
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Forgets a removed node.
+    pub fn forget(&mut self, id: NodeId) {
+        self.last_seen.remove(&id);
+    }
+}
+
+/// How long a node may stay silent before it is Down.
+pub fn down_after(state: &ClusterState) -> Duration {
+    let (period, misses) = state
+        .cluster
+        .as_ref()
+        .map(|c| (c.heartbeat_period_ms, c.heartbeat_misses_down))
+        .unwrap_or((1000, 3));
+    Duration::from_millis(period.saturating_mul(u64::from(misses.max(1))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::state::{Availability, Node, Role};
+
+    fn with_nodes(statuses: &[(NodeId, NodeStatus)]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for (id, status) in statuses {
+            s.nodes.insert(
+                *id,
+                Node {
+                    id: *id,
+                    hostname: String::new(),
+                    role: Role::Worker,
+                    availability: Availability::Active,
+                    labels: Default::default(),
+                    addr: String::new(),
+                    data_path_addr: String::new(),
+                    status: *status,
+                    status_message: String::new(),
+                    agent_version: String::new(),
+                    created_at: 0,
+                    updated_at: 0,
+                },
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn silent_nodes_become_overdue_once() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(3);
+        let s = with_nodes(&[(1, NodeStatus::Ready), (2, NodeStatus::Ready), (3, NodeStatus::Down)]);
+        let mut l = Liveness::default();
+        l.reset([1, 2, 3], t0);
+        assert!(l.overdue(&s, t0 + Duration::from_secs(2), timeout).is_empty());
+        l.seen(1, t0 + Duration::from_secs(2));
+        // Node 2 went quiet; node 3 is already Down and is not proposed again.
+        assert_eq!(l.overdue(&s, t0 + Duration::from_secs(4), timeout), vec![2]);
+        assert!(l.is_alive(1, t0 + Duration::from_secs(4), timeout));
+        // A node never heard from by this leader is overdue once the grace is over.
+        let s2 = with_nodes(&[(9, NodeStatus::Unknown)]);
+        assert_eq!(l.overdue(&s2, t0, timeout), vec![9]);
+    }
+}

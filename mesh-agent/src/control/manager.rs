@@ -1,0 +1,678 @@
+//! A manager: its Raft instance over the encrypted store, and the duties of
+//! the leader (admitting nodes, issuing certificates, tracking liveness,
+//! keeping Raft membership in line with the roles the operator asked for,
+//! and serving the cluster API).
+//!
+//! Requests reach this module already authenticated and, when this manager
+//! is not the leader, are forwarded by `node` before they get here.
+
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
+use rand::Rng;
+
+use super::{
+    api::{
+        ApiError, ApiResult, ClusterRequest, ClusterResponse, Heartbeat, HeartbeatReply, JoinCall, JoinReply, NodeView,
+    },
+    dispatcher::{down_after, Liveness},
+    network::{Peers, RaftNet},
+    pki::{self, NodeIdentity, RootCa},
+    raft_types::TypeConfig,
+    rules,
+    seal::{DataKey, UnlockKey},
+    state::{
+        node_id_text, Availability, CaState, ClusterState, Command, CommandResponse, JoinTokens, Node, NodeId,
+        NodeStatus, Role,
+    },
+    store::{self, StateMachineStore},
+    token::JoinToken,
+};
+
+/// Raft timing, configurable per agent.
+#[derive(Debug, Clone, Copy)]
+pub struct RaftTiming {
+    /// Leader heartbeat interval (ms).
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomised election timeout (ms); the upper bound is twice this.
+    pub election_timeout_ms: u64,
+    /// Log entries between snapshots.
+    pub snapshot_interval: u64,
+}
+
+impl Default for RaftTiming {
+    /// Fast failover on a LAN: a follower starts an election after 0.5-1 s
+    /// without hearing from the leader (Swarm's defaults take about 10 s).
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat_ms: 100,
+            election_timeout_ms: 500,
+            snapshot_interval: 1000,
+        }
+    }
+}
+
+/// One manager's Raft and leader state.
+pub struct Manager {
+    /// This node.
+    pub id: NodeId,
+    /// The Raft instance.
+    pub raft: Raft<TypeConfig>,
+    sm: StateMachineStore,
+    liveness: Mutex<Liveness>,
+    raft_ready: Mutex<BTreeSet<NodeId>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Manager {
+    /// Opens (or creates) the store under `<data_dir>/raft` and starts Raft.
+    pub async fn start(
+        id: NodeId,
+        data_dir: &Path,
+        dek: DataKey,
+        peers: Arc<Peers>,
+        timing: RaftTiming,
+    ) -> Result<Arc<Self>, String> {
+        let dir = data_dir.join("raft");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (log, sm) = store::open(&dir.join("raft.redb"), dek).map_err(|e| e.to_string())?;
+        let config = openraft::Config {
+            cluster_name: "mesh".into(),
+            heartbeat_interval: timing.heartbeat_ms,
+            election_timeout_min: timing.election_timeout_ms,
+            election_timeout_max: timing.election_timeout_ms * 2,
+            install_snapshot_timeout: 5_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(timing.snapshot_interval),
+            max_in_snapshot_log_to_keep: timing.snapshot_interval / 2,
+            snapshot_max_chunk_size: 1 << 20,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| format!("invalid Raft timing: {e}"))?;
+        let raft = Raft::new(id, Arc::new(config), RaftNet { peers }, log, sm.clone())
+            .await
+            .map_err(|e| format!("starting Raft: {e}"))?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let manager = Arc::new(Manager {
+            id,
+            raft,
+            sm,
+            liveness: Mutex::new(Liveness::default()),
+            raft_ready: Mutex::new(BTreeSet::new()),
+            stop,
+        });
+        tokio::spawn(manager.clone().leader_loop(stop_rx));
+        Ok(manager)
+    }
+
+    /// Makes this node a single-voter cluster and commits `init`.
+    pub async fn bootstrap(&self, addr: &str, init: Command) -> ApiResult<()> {
+        let members = [(self.id, BasicNode::new(addr))]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>();
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| ApiError::internal(format!("initialising Raft: {e}")))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.raft.current_leader().await != Some(self.id) {
+            if Instant::now() > deadline {
+                return Err(ApiError::internal(
+                    "this node did not become the leader of its own new cluster",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.propose(init).await
+    }
+
+    /// Stops Raft and the leader loop.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.raft.shutdown().await {
+            log::warn!("raft shutdown: {e}");
+        }
+    }
+
+    /// The replicated state as applied here.
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.sm.state()
+    }
+
+    /// The current leader, as this manager knows it.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Whether this manager leads.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// The leader's address, from the Raft membership.
+    pub fn leader_addr(&self) -> Option<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+    }
+
+    /// The Raft voters.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Proposes a command and waits until it is committed and applied here.
+    pub async fn propose(&self, command: Command) -> ApiResult<()> {
+        match self.raft.client_write(command).await {
+            Ok(resp) => match resp.data {
+                CommandResponse::Applied => Ok(()),
+                CommandResponse::Refused(reason) => Err(ApiError::precondition(reason)),
+            },
+            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => Err(
+                ApiError::unavailable("this manager lost the leadership while handling the request; retry"),
+            ),
+            Err(e) => Err(ApiError::unavailable(format!("the write was not committed: {e}"))),
+        }
+    }
+
+    fn reachable(&self, state: &ClusterState) -> BTreeSet<NodeId> {
+        let now = Instant::now();
+        let timeout = down_after(state);
+        let liveness = self.liveness.lock().expect("reason: never poisoned");
+        self.voters()
+            .into_iter()
+            .filter(|id| *id == self.id || liveness.is_alive(*id, now, timeout))
+            .collect()
+    }
+
+    fn view(
+        &self,
+        state: &ClusterState,
+        node: &Node,
+        voters: &BTreeSet<NodeId>,
+        reachable: &BTreeSet<NodeId>,
+    ) -> NodeView {
+        let manager_status = if voters.contains(&node.id) {
+            Some(if Some(node.id) == self.leader() {
+                "Leader"
+            } else if reachable.contains(&node.id) {
+                "Reachable"
+            } else {
+                "Unreachable"
+            })
+        } else if node.role == Role::Manager {
+            Some("Joining")
+        } else {
+            None
+        };
+        let _ = state;
+        NodeView {
+            node: node.clone(),
+            manager_status: manager_status.map(str::to_string),
+        }
+    }
+
+    /// Serves a cluster API request (leader only).
+    pub async fn handle_cluster(&self, request: ClusterRequest) -> ApiResult<ClusterResponse> {
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| ApiError::unavailable(format!("this manager cannot confirm it leads a quorum: {e}")))?;
+        let state = self.state();
+        let voters = self.voters();
+        match request {
+            ClusterRequest::NodeList => {
+                let reachable = self.reachable(&state);
+                let nodes = state
+                    .nodes
+                    .values()
+                    .map(|n| self.view(&state, n, &voters, &reachable))
+                    .collect();
+                Ok(ClusterResponse::Nodes(nodes))
+            }
+            ClusterRequest::NodeInspect { node } => {
+                let id = rules::resolve_node(&state, &node)?;
+                let reachable = self.reachable(&state);
+                Ok(ClusterResponse::Node(self.view(
+                    &state,
+                    &state.nodes[&id],
+                    &voters,
+                    &reachable,
+                )))
+            }
+            ClusterRequest::NodeUpdate { node, update } => {
+                let id = rules::resolve_node(&state, &node)?;
+                if update.role == Some(Role::Worker) && state.nodes[&id].role == Role::Manager {
+                    let managers_left = state.managers().len() - 1;
+                    if managers_left == 0 {
+                        return Err(ApiError::precondition(format!(
+                            "cannot demote node {}: it is the last manager; promote another node first (`meshctl node promote NODE`)",
+                            node_id_text(id)
+                        )));
+                    }
+                    rules::check_voter_removal(&voters, &self.reachable(&state), id, "demote")?;
+                }
+                for key in update.label_add.keys().chain(update.label_rm.iter()) {
+                    if key.is_empty() || key.contains(char::is_whitespace) {
+                        return Err(ApiError::invalid(format!("invalid label key {key:?}")));
+                    }
+                }
+                self.propose(Command::UpdateNode {
+                    id,
+                    update,
+                    at: unix_now(),
+                })
+                .await?;
+                Ok(ClusterResponse::Done)
+            }
+            ClusterRequest::NodeRemove { node, force } => {
+                let id = rules::resolve_node(&state, &node)?;
+                rules::check_node_removal(&state, &voters, id, force)?;
+                self.propose(Command::RemoveNode { id }).await?;
+                self.liveness.lock().expect("reason: never poisoned").forget(id);
+                Ok(ClusterResponse::Done)
+            }
+            ClusterRequest::JoinToken { role, rotate } => {
+                if rotate {
+                    let token = JoinToken::generate(current_ca(&state)?.digest()).to_text();
+                    self.propose(Command::RotateToken { role, token }).await?;
+                }
+                let state = self.state();
+                Ok(ClusterResponse::Secret(match role {
+                    Role::Worker => state.tokens.worker.clone(),
+                    Role::Manager => state.tokens.manager.clone(),
+                }))
+            }
+            ClusterRequest::UnlockKey { rotate } => {
+                if state.unlock_key.is_none() {
+                    return Err(ApiError::precondition(
+                        "autolock is not enabled on this swarm; turn it on with `meshctl swarm update --autolock=true`",
+                    ));
+                }
+                if rotate {
+                    let key = UnlockKey::generate().to_text();
+                    self.propose(Command::SetUnlockKey { unlock_key: Some(key) }).await?;
+                }
+                Ok(ClusterResponse::Secret(
+                    self.state().unlock_key.clone().unwrap_or_default(),
+                ))
+            }
+            ClusterRequest::SetAutolock { enabled } => {
+                if enabled == state.unlock_key.is_some() {
+                    return Ok(match &state.unlock_key {
+                        Some(k) => ClusterResponse::Secret(k.clone()),
+                        None => ClusterResponse::Done,
+                    });
+                }
+                let key = enabled.then(|| UnlockKey::generate().to_text());
+                self.propose(Command::SetUnlockKey {
+                    unlock_key: key.clone(),
+                })
+                .await?;
+                Ok(key.map(ClusterResponse::Secret).unwrap_or(ClusterResponse::Done))
+            }
+            ClusterRequest::CaRotate => {
+                let cluster_id = cluster_id(&state)?;
+                let old = state
+                    .ca
+                    .clone()
+                    .ok_or_else(|| ApiError::internal("the store has no CA"))?;
+                let new = RootCa::generate(&cluster_id).map_err(|e| ApiError::internal(e.to_string()))?;
+                let digest = new.digest();
+                let ca = CaState {
+                    root_cert_pem: new.cert_pem().to_string(),
+                    root_key_pem: new.key_pem().to_string(),
+                    // Keep trusting the old root until every node has renewed.
+                    previous_roots_pem: vec![old.root_cert_pem],
+                };
+                let tokens = JoinTokens {
+                    worker: JoinToken::generate(digest).to_text(),
+                    manager: JoinToken::generate(digest).to_text(),
+                };
+                self.propose(Command::RotateCa { ca, tokens }).await?;
+                Ok(ClusterResponse::CaDigest(hex::encode(digest)))
+            }
+        }
+    }
+
+    /// Admits a node that presented a join token (leader only).
+    pub async fn handle_join(&self, call: JoinCall, caller_ip: std::net::IpAddr) -> ApiResult<JoinReply> {
+        let state = self.state();
+        let presented = JoinToken::parse(&call.token).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let ca = current_ca(&state)?;
+        if presented.ca_digest() != ca.digest() {
+            return Err(ApiError::denied(
+                "the join token belongs to another swarm (its CA digest is not this swarm's); get a token with `meshctl swarm join-token worker` on a manager of the swarm you want to join",
+            ));
+        }
+        let role = if presented.secret_matches(&state.tokens.manager) {
+            Role::Manager
+        } else if presented.secret_matches(&state.tokens.worker) {
+            Role::Worker
+        } else {
+            return Err(ApiError::denied(
+                "invalid join token: it is not this swarm's current worker or manager token (was it rotated? `meshctl swarm join-token worker` on a manager prints the current one)",
+            ));
+        };
+        if call.hostname.is_empty() || call.hostname.len() > 253 {
+            return Err(ApiError::invalid("the joining node sent an empty or overlong hostname"));
+        }
+        let advertise = match &call.advertise_addr {
+            Some(a) => rules::parse_advertise_addr(a, call.listen_port)?,
+            None => std::net::SocketAddr::new(caller_ip, call.listen_port),
+        };
+        let data_path_addr = match &call.data_path_addr {
+            Some(a) => a
+                .parse::<std::net::IpAddr>()
+                .map_err(|_| ApiError::invalid(format!("invalid data path address {a:?}")))?
+                .to_string(),
+            None => advertise.ip().to_string(),
+        };
+        let cluster = state
+            .cluster
+            .clone()
+            .ok_or_else(|| ApiError::internal("the cluster is not initialised"))?;
+        let id = loop {
+            let id: NodeId = rand::thread_rng().gen();
+            if !state.nodes.contains_key(&id) && !state.removed.contains(&id) && id != 0 {
+                break id;
+            }
+        };
+        let cert_pem = issue(&ca, &call.csr_pem, id, role, &cluster.id, cluster.cert_expiry_secs)?;
+        let now = unix_now();
+        let node = Node {
+            id,
+            hostname: call.hostname.clone(),
+            role,
+            availability: Availability::Active,
+            labels: Default::default(),
+            addr: advertise.to_string(),
+            data_path_addr,
+            status: NodeStatus::Unknown,
+            status_message: String::new(),
+            agent_version: call.agent_version.clone(),
+            created_at: now,
+            updated_at: now,
+        };
+        self.liveness
+            .lock()
+            .expect("reason: never poisoned")
+            .seen(id, Instant::now());
+        self.propose(Command::AddNode(node)).await?;
+        let state = self.state();
+        Ok(JoinReply {
+            node_id: id,
+            role,
+            cluster_id: cluster.id,
+            cert_pem,
+            ca_pems: roots(&state),
+            managers: managers(&state),
+            heartbeat_period_ms: cluster.heartbeat_period_ms,
+        })
+    }
+
+    /// The role a node's certificate should carry now: a demoted node keeps
+    /// its manager certificate until it has left the Raft voters.
+    fn issued_role(&self, state: &ClusterState, id: NodeId) -> Role {
+        let wanted = state.nodes.get(&id).map(|n| n.role);
+        if wanted == Some(Role::Manager) || self.voters().contains(&id) {
+            Role::Manager
+        } else {
+            Role::Worker
+        }
+    }
+
+    /// A node's check-in (leader only).
+    pub async fn handle_heartbeat(&self, id: NodeId, hb: Heartbeat) -> ApiResult<HeartbeatReply> {
+        let state = self.state();
+        let Some(node) = state.nodes.get(&id).cloned() else {
+            return Err(if state.removed.contains(&id) {
+                ApiError::denied(format!(
+                    "node {} was removed from the swarm; run `meshctl swarm leave` on it and join again with a token",
+                    node_id_text(id)
+                ))
+            } else {
+                ApiError::not_found(format!("node {} is not a member of this swarm", node_id_text(id)))
+            });
+        };
+        self.liveness
+            .lock()
+            .expect("reason: never poisoned")
+            .seen(id, Instant::now());
+        {
+            let mut ready = self.raft_ready.lock().expect("reason: never poisoned");
+            if hb.raft_ready {
+                ready.insert(id);
+            } else {
+                ready.remove(&id);
+            }
+        }
+        if node.status != NodeStatus::Ready || node.agent_version != hb.agent_version {
+            self.propose(Command::SetNodeStatus {
+                id,
+                status: NodeStatus::Ready,
+                message: String::new(),
+                agent_version: hb.agent_version.clone(),
+                at: unix_now(),
+            })
+            .await?;
+        }
+        let cluster = state
+            .cluster
+            .clone()
+            .ok_or_else(|| ApiError::internal("the cluster is not initialised"))?;
+        let ca = current_ca(&state)?;
+        let renew = pki::needs_renewal(secs(hb.cert_not_before), secs(hb.cert_not_after), SystemTime::now())
+            || hb.cert_role != self.issued_role(&state, id)
+            || hb.cert_ca_digest != hex::encode(ca.digest());
+        Ok(HeartbeatReply {
+            period_ms: cluster.heartbeat_period_ms,
+            managers: managers(&state),
+            leader: self.leader(),
+            desired_role: node.role,
+            renew_certificate: renew,
+            ca_pems: roots(&state),
+            unlock_key: if node.role == Role::Manager {
+                state.unlock_key.clone()
+            } else {
+                None
+            },
+            availability: node.availability,
+        })
+    }
+
+    /// A fresh certificate for a member's new key (leader only).
+    pub async fn handle_renew(&self, id: NodeId, csr_pem: &str) -> ApiResult<(String, Vec<String>)> {
+        let state = self.state();
+        if !state.nodes.contains_key(&id) {
+            return Err(ApiError::denied(format!(
+                "node {} is not a member of this swarm",
+                node_id_text(id)
+            )));
+        }
+        let cluster = state
+            .cluster
+            .clone()
+            .ok_or_else(|| ApiError::internal("the cluster is not initialised"))?;
+        let ca = current_ca(&state)?;
+        let role = self.issued_role(&state, id);
+        let cert = issue(&ca, csr_pem, id, role, &cluster.id, cluster.cert_expiry_secs)?;
+        Ok((cert, roots(&state)))
+    }
+
+    /// Leader duties, every 200 ms: mark silent nodes Down, and bring Raft
+    /// membership in line with node roles, one change at a time.
+    async fn leader_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut was_leader = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed() => return,
+            }
+            let leader = self.is_leader();
+            let state = self.state();
+            if leader && !was_leader {
+                self.liveness
+                    .lock()
+                    .expect("reason: never poisoned")
+                    .reset(state.nodes.keys().copied(), Instant::now());
+            }
+            was_leader = leader;
+            if !leader || state.cluster.is_none() {
+                continue;
+            }
+            let overdue = self.liveness.lock().expect("reason: never poisoned").overdue(
+                &state,
+                Instant::now(),
+                down_after(&state),
+            );
+            for id in overdue {
+                if id == self.id {
+                    continue;
+                }
+                let cmd = Command::SetNodeStatus {
+                    id,
+                    status: NodeStatus::Down,
+                    message: "heartbeat failure".into(),
+                    agent_version: String::new(),
+                    at: unix_now(),
+                };
+                if let Err(e) = self.propose(cmd).await {
+                    log::warn!("marking node {} down: {e}", node_id_text(id));
+                }
+            }
+            if let Err(e) = self.reconcile_membership(&state).await {
+                log::warn!("raft membership: {e}");
+            }
+        }
+    }
+
+    async fn reconcile_membership(&self, state: &ClusterState) -> Result<(), String> {
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let ready = self.raft_ready.lock().expect("reason: never poisoned").clone();
+        for node in state.nodes.values().filter(|n| n.role == Role::Manager) {
+            if voters.contains(&node.id) || !ready.contains(&node.id) {
+                continue;
+            }
+            log::info!(
+                "adding manager {} ({}) to the Raft voters",
+                node_id_text(node.id),
+                node.addr
+            );
+            if !learners.contains(&node.id) {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    self.raft.add_learner(node.id, BasicNode::new(&node.addr), true),
+                )
+                .await
+                .map_err(|_| format!("{} did not catch up within 10 s", node_id_text(node.id)))?
+                .map_err(|e| e.to_string())?;
+            }
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds([node.id].into()), false)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        for id in voters.iter().chain(learners.iter()) {
+            let wanted = state.nodes.get(id).map(|n| n.role);
+            if wanted == Some(Role::Manager) {
+                continue;
+            }
+            log::info!("removing {} from the Raft members", node_id_text(*id));
+            let change = if voters.contains(id) {
+                ChangeMembers::RemoveVoters([*id].into())
+            } else {
+                ChangeMembers::RemoveNodes([*id].into())
+            };
+            self.raft
+                .change_membership(change, false)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.raft_ready.lock().expect("reason: never poisoned").remove(id);
+            return Ok(());
+        }
+        Ok(())
+    }
+}
+
+fn secs(unix: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(unix)
+}
+
+fn cluster_id(state: &ClusterState) -> ApiResult<String> {
+    state
+        .cluster
+        .as_ref()
+        .map(|c| c.id.clone())
+        .ok_or_else(|| ApiError::internal("the cluster is not initialised"))
+}
+
+fn current_ca(state: &ClusterState) -> ApiResult<RootCa> {
+    let ca = state
+        .ca
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("the store has no CA"))?;
+    RootCa::from_pem(&ca.root_cert_pem, &ca.root_key_pem)
+        .map_err(|e| ApiError::internal(format!("the stored CA is unusable: {e}")))
+}
+
+/// Trusted roots, current first.
+pub fn roots(state: &ClusterState) -> Vec<String> {
+    state
+        .ca
+        .iter()
+        .flat_map(|ca| std::iter::once(ca.root_cert_pem.clone()).chain(ca.previous_roots_pem.iter().cloned()))
+        .collect()
+}
+
+/// Managers as (id, address).
+pub fn managers(state: &ClusterState) -> Vec<(NodeId, String)> {
+    state
+        .nodes
+        .values()
+        .filter(|n| n.role == Role::Manager)
+        .map(|n| (n.id, n.addr.clone()))
+        .collect()
+}
+
+fn issue(ca: &RootCa, csr_pem: &str, id: NodeId, role: Role, cluster_id: &str, expiry_secs: u64) -> ApiResult<String> {
+    let now = SystemTime::now();
+    let identity = NodeIdentity {
+        node_id: id,
+        role,
+        cluster_id: cluster_id.to_string(),
+    };
+    ca.issue(
+        csr_pem,
+        &identity,
+        now - Duration::from_secs(300),
+        now + Duration::from_secs(expiry_secs),
+    )
+    .map_err(|e| ApiError::invalid(format!("cannot issue a certificate: {e}")))
+}

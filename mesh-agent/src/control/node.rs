@@ -1,0 +1,989 @@
+//! The agent's place in a swarm: init, join, restart, lock/unlock, leave,
+//! its session with the managers (heartbeats, certificate renewal, role
+//! changes) and the routing of requests to the leader.
+//!
+//! On disk under the data directory (0700):
+//! - `node.json`: node ID, cluster ID, addresses, known managers (no secrets);
+//! - `certs/node.pem`, `certs/ca.pem`: public certificates;
+//! - `certs/node.key.sealed`: the node's private key, sealed with the DEK;
+//! - `keys/`: the DEK wrapped by the KEK (see [`super::keystore`]);
+//! - `raft/raft.redb`: the encrypted Raft store (managers only).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock, Weak},
+    time::{Duration, SystemTime},
+};
+
+use rand::Rng;
+use rustls::{pki_types::CertificateDer, ServerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{
+    api::{
+        ApiError, ApiResult, ClusterRequest, ErrorKind, Heartbeat, HeartbeatReply, InitRequest, JoinCall, JoinRequest,
+        LocalRequest, LocalResponse, Origin, PeerRequest, PeerResponse, SwarmInfo,
+    },
+    keystore::{write_private, KeyStore, KeyStoreError, Loaded},
+    manager::{unix_now, Manager, RaftTiming},
+    network::{Peers, MANAGER_NAME},
+    pki::{self, NodeIdentity, NodeKey, RootCa},
+    rpc::{self, Handler, Peer, RpcClient, RpcError},
+    rules,
+    seal::{DataKey, UnlockKey},
+    state::{Availability, CaState, ClusterSpec, Command, JoinTokens, Node, NodeId, NodeStatus, Role},
+    tls,
+    token::JoinToken,
+};
+
+/// How the agent runs, from its command line.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Where the node keeps its state.
+    pub data_dir: PathBuf,
+    /// The name the node reports.
+    pub hostname: String,
+    /// Raft timing (managers).
+    pub timing: RaftTiming,
+}
+
+/// The non-secret facts a node keeps in `node.json`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node.
+    pub node_id: NodeId,
+    /// Its swarm.
+    pub cluster_id: String,
+    /// Where its cluster port listens.
+    pub listen_addr: String,
+    /// Managers it knows (id, address), refreshed by heartbeats.
+    pub managers: Vec<(NodeId, String)>,
+}
+
+/// The node's certificate, key and trusted roots.
+#[derive(Clone)]
+struct Credentials {
+    cert_pem: String,
+    key_pem: String,
+    roots: Vec<String>,
+    role: Role,
+    not_before: u64,
+    not_after: u64,
+}
+
+impl Credentials {
+    fn new(cert_pem: String, key_pem: String, roots: Vec<String>) -> ApiResult<Self> {
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| ApiError::internal(format!("the node certificate is not PEM: {e}")))?;
+        let (identity, _) =
+            pki::identity_from_cert(&der).map_err(|e| ApiError::internal(format!("the node certificate: {e}")))?;
+        let (not_before, not_after) = validity(&der)?;
+        Ok(Credentials {
+            cert_pem,
+            key_pem,
+            roots,
+            role: identity.role,
+            not_before,
+            not_after,
+        })
+    }
+
+    fn chain_pem(&self) -> String {
+        format!(
+            "{}{}",
+            self.cert_pem,
+            self.roots.first().map(String::as_str).unwrap_or("")
+        )
+    }
+
+    fn server_config(&self) -> ApiResult<Arc<ServerConfig>> {
+        tls::server_config(&self.roots, &self.chain_pem(), &self.key_pem).map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    fn client_config(&self) -> ApiResult<Arc<rustls::ClientConfig>> {
+        tls::client_config(&self.roots, Some((&self.cert_pem, &self.key_pem)))
+            .map_err(|e| ApiError::internal(e.to_string()))
+    }
+}
+
+use rustls::pki_types::pem::PemObject;
+
+fn validity(der: &CertificateDer<'_>) -> ApiResult<(u64, u64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| ApiError::internal(format!("the node certificate does not parse: {e}")))?;
+    let v = cert.validity();
+    Ok((
+        v.not_before.timestamp().max(0) as u64,
+        v.not_after.timestamp().max(0) as u64,
+    ))
+}
+
+/// Files of a node's data directory.
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn config(&self) -> PathBuf {
+        self.dir.join("node.json")
+    }
+
+    fn read_config(&self) -> ApiResult<Option<NodeConfig>> {
+        match std::fs::read(self.config()) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| ApiError::internal(format!("{} is corrupt: {e}", self.config().display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ApiError::internal(format!("{}: {e}", self.config().display()))),
+        }
+    }
+
+    fn write_config(&self, config: &NodeConfig) -> ApiResult<()> {
+        let bytes = serde_json::to_vec_pretty(config).map_err(|e| ApiError::internal(e.to_string()))?;
+        write_private(&self.config(), &bytes).map_err(internal)
+    }
+
+    fn write_credentials(&self, creds: &Credentials, dek: &DataKey) -> ApiResult<()> {
+        let certs = self.dir.join("certs");
+        std::fs::create_dir_all(&certs).map_err(|e| ApiError::internal(format!("{}: {e}", certs.display())))?;
+        write_private(
+            &certs.join("node.key.sealed"),
+            &dek.seal(b"node-key", creds.key_pem.as_bytes()),
+        )
+        .map_err(internal)?;
+        write_private(&certs.join("node.pem"), creds.cert_pem.as_bytes()).map_err(internal)?;
+        write_private(&certs.join("ca.pem"), creds.roots.concat().as_bytes()).map_err(internal)
+    }
+
+    fn read_credentials(&self, dek: &DataKey) -> ApiResult<Credentials> {
+        let certs = self.dir.join("certs");
+        let read = |name: &str| {
+            std::fs::read(certs.join(name))
+                .map_err(|e| ApiError::internal(format!("{}: {e}", certs.join(name).display())))
+        };
+        let key = dek
+            .open(b"node-key", &read("node.key.sealed")?)
+            .map_err(|e| ApiError::internal(format!("the node key cannot be opened: {e}")))?;
+        let key_pem = String::from_utf8(key).map_err(|_| ApiError::internal("the node key is not PEM"))?;
+        let cert_pem = String::from_utf8(read("node.pem")?).map_err(|_| ApiError::internal("node.pem is not PEM"))?;
+        let roots =
+            split_pem(&String::from_utf8(read("ca.pem")?).map_err(|_| ApiError::internal("ca.pem is not PEM"))?);
+        Credentials::new(cert_pem, key_pem, roots)
+    }
+
+    /// Removes everything the swarm left in the data directory.
+    fn wipe(&self) {
+        for sub in ["raft", "certs", "keys"] {
+            let _ = std::fs::remove_dir_all(self.dir.join(sub));
+        }
+        let _ = std::fs::remove_file(self.config());
+    }
+}
+
+fn split_pem(text: &str) -> Vec<String> {
+    text.split_inclusive("-----END CERTIFICATE-----\n")
+        .filter(|s| s.contains("BEGIN"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn internal(e: KeyStoreError) -> ApiError {
+    ApiError::internal(e.to_string())
+}
+
+enum Phase {
+    Inactive,
+    Locked(NodeConfig),
+    Active(Arc<Member>),
+}
+
+/// The agent: one per node.
+pub struct Agent {
+    opts: AgentOptions,
+    phase: tokio::sync::Mutex<Phase>,
+}
+
+impl Agent {
+    /// Starts the agent: rejoins the swarm if the data directory says it is
+    /// in one (staying locked if autolocked), else waits for init or join.
+    pub async fn start(opts: AgentOptions) -> ApiResult<Arc<Agent>> {
+        std::fs::create_dir_all(&opts.data_dir)
+            .map_err(|e| ApiError::internal(format!("{}: {e}", opts.data_dir.display())))?;
+        restrict(&opts.data_dir)?;
+        let files = Files {
+            dir: opts.data_dir.clone(),
+        };
+        let phase = match files.read_config()? {
+            None => Phase::Inactive,
+            Some(config) => match KeyStore::new(&opts.data_dir).load().map_err(internal)? {
+                Loaded::Locked => {
+                    log::warn!("this manager is autolocked: unlock it with `meshctl swarm unlock`");
+                    Phase::Locked(config)
+                }
+                Loaded::Unlocked(dek) => {
+                    let creds = files.read_credentials(&dek)?;
+                    Phase::Active(Member::start(&opts, config, creds, dek).await?)
+                }
+            },
+        };
+        Ok(Arc::new(Agent {
+            opts,
+            phase: tokio::sync::Mutex::new(phase),
+        }))
+    }
+
+    /// Serves one request from `meshctl`.
+    pub async fn handle(&self, request: LocalRequest) -> ApiResult<LocalResponse> {
+        match request {
+            LocalRequest::Init(req) => self.init(req).await,
+            LocalRequest::Join(req) => self.join(req).await,
+            LocalRequest::Leave { force } => self.leave(force).await,
+            LocalRequest::Unlock { key } => self.unlock(&key).await,
+            LocalRequest::Info => Ok(LocalResponse::Info(self.info().await)),
+            LocalRequest::Cluster(req) => {
+                let member = self.member().await?;
+                Ok(LocalResponse::Cluster(member.cluster_request(req).await?))
+            }
+        }
+    }
+
+    async fn member(&self) -> ApiResult<Arc<Member>> {
+        match &*self.phase.lock().await {
+            Phase::Active(m) => Ok(m.clone()),
+            Phase::Locked(_) => Err(locked()),
+            Phase::Inactive => Err(ApiError::precondition(
+                "this node is not part of a swarm: run `meshctl swarm init` or `meshctl swarm join`",
+            )),
+        }
+    }
+
+    async fn info(&self) -> SwarmInfo {
+        let mut info = SwarmInfo {
+            state: "inactive".into(),
+            node_id: None,
+            cluster_id: None,
+            role: None,
+            managers: vec![],
+            leader: None,
+            agent_version: crate::VERSION.into(),
+        };
+        match &*self.phase.lock().await {
+            Phase::Inactive => {}
+            Phase::Locked(config) => {
+                info.state = "locked".into();
+                info.node_id = Some(config.node_id);
+                info.cluster_id = Some(config.cluster_id.clone());
+                info.managers = config.managers.clone();
+            }
+            Phase::Active(m) => {
+                info.state = "active".into();
+                info.node_id = Some(m.id);
+                let config = m.config.lock().expect("reason: never poisoned").clone();
+                info.cluster_id = Some(config.cluster_id);
+                info.managers = config.managers;
+                info.role = Some(m.creds.read().expect("reason: never poisoned").role);
+                info.leader = m.manager().and_then(|mgr| mgr.leader());
+            }
+        }
+        info
+    }
+
+    async fn ensure_inactive(&self) -> ApiResult<tokio::sync::MutexGuard<'_, Phase>> {
+        let phase = self.phase.lock().await;
+        match &*phase {
+            Phase::Inactive => Ok(phase),
+            Phase::Locked(_) => Err(locked()),
+            Phase::Active(_) => Err(ApiError::precondition(
+                "this node is already part of a swarm; run `meshctl swarm leave` first",
+            )),
+        }
+    }
+
+    async fn init(&self, req: InitRequest) -> ApiResult<LocalResponse> {
+        let mut phase = self.ensure_inactive().await?;
+        let listen = rules::parse_listen_addr(&req.listen_addr)?;
+        let advertise = match &req.advertise_addr {
+            Some(a) => rules::parse_advertise_addr(a, listen.port())?,
+            None if !listen.ip().is_unspecified() => listen,
+            None => SocketAddr::new(detect_address().await?, listen.port()),
+        };
+        let data_path_addr = match &req.data_path_addr {
+            Some(a) => a
+                .parse::<IpAddr>()
+                .map_err(|_| ApiError::invalid(format!("invalid --data-path-addr {a:?}: expected an IP address")))?,
+            None => advertise.ip(),
+        };
+        rules::check_address_pools(&req.default_addr_pool, req.default_addr_pool_mask_len)?;
+        if req.cert_expiry_secs < 60 {
+            return Err(ApiError::invalid("--cert-expiry must be at least 1m"));
+        }
+        if req.heartbeat_period_ms < 100 {
+            return Err(ApiError::invalid("--dispatcher-heartbeat must be at least 100ms"));
+        }
+        let files = Files {
+            dir: self.opts.data_dir.clone(),
+        };
+        match self.do_init(&req, listen, advertise, data_path_addr, &files).await {
+            Ok((member, response)) => {
+                *phase = Phase::Active(member);
+                Ok(response)
+            }
+            Err(e) => {
+                files.wipe();
+                Err(e)
+            }
+        }
+    }
+
+    async fn do_init(
+        &self,
+        req: &InitRequest,
+        listen: SocketAddr,
+        advertise: SocketAddr,
+        data_path_addr: IpAddr,
+        files: &Files,
+    ) -> ApiResult<(Arc<Member>, LocalResponse)> {
+        let id = random_id();
+        let cluster_id = random_cluster_id();
+        let ca = RootCa::generate(&cluster_id).map_err(|e| ApiError::internal(e.to_string()))?;
+        let key = NodeKey::generate().map_err(|e| ApiError::internal(e.to_string()))?;
+        let now = SystemTime::now();
+        let identity = NodeIdentity {
+            node_id: id,
+            role: Role::Manager,
+            cluster_id: cluster_id.clone(),
+        };
+        let csr = key.csr_pem().map_err(|e| ApiError::internal(e.to_string()))?;
+        let cert = ca
+            .issue(
+                &csr,
+                &identity,
+                now - Duration::from_secs(300),
+                now + Duration::from_secs(req.cert_expiry_secs),
+            )
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let tokens = JoinTokens {
+            worker: JoinToken::generate(ca.digest()).to_text(),
+            manager: JoinToken::generate(ca.digest()).to_text(),
+        };
+        let unlock = req.autolock.then(UnlockKey::generate);
+        let dek = KeyStore::new(&self.opts.data_dir)
+            .create(unlock.as_ref())
+            .map_err(internal)?;
+        let creds = Credentials::new(cert, key.key_pem().to_string(), vec![ca.cert_pem().to_string()])?;
+        files.write_credentials(&creds, &dek)?;
+        let config = NodeConfig {
+            node_id: id,
+            cluster_id: cluster_id.clone(),
+            listen_addr: listen.to_string(),
+            managers: vec![(id, advertise.to_string())],
+        };
+        files.write_config(&config)?;
+        let member = Member::start(&self.opts, config, creds, dek).await?;
+        let unix = unix_now();
+        let init = Command::Init {
+            cluster: ClusterSpec {
+                id: cluster_id,
+                created_at: unix,
+                default_addr_pool: req.default_addr_pool.clone(),
+                default_addr_pool_mask_len: req.default_addr_pool_mask_len,
+                autolock: req.autolock,
+                heartbeat_period_ms: req.heartbeat_period_ms,
+                heartbeat_misses_down: 3,
+                cert_expiry_secs: req.cert_expiry_secs,
+            },
+            ca: CaState {
+                root_cert_pem: ca.cert_pem().to_string(),
+                root_key_pem: ca.key_pem().to_string(),
+                previous_roots_pem: vec![],
+            },
+            tokens: tokens.clone(),
+            unlock_key: unlock.as_ref().map(UnlockKey::to_text),
+            first: Node {
+                id,
+                hostname: self.opts.hostname.clone(),
+                role: Role::Manager,
+                availability: Availability::Active,
+                labels: Default::default(),
+                addr: advertise.to_string(),
+                data_path_addr: data_path_addr.to_string(),
+                status: NodeStatus::Ready,
+                status_message: String::new(),
+                agent_version: crate::VERSION.into(),
+                created_at: unix,
+                updated_at: unix,
+            },
+        };
+        let manager = member
+            .manager()
+            .ok_or_else(|| ApiError::internal("the manager did not start"))?;
+        if let Err(e) = manager.bootstrap(&advertise.to_string(), init).await {
+            member.stop().await;
+            return Err(e);
+        }
+        let response = LocalResponse::Initialized {
+            node_id: id,
+            worker_join_command: format!("meshctl swarm join --token {} {advertise}", tokens.worker),
+            unlock_key: unlock.as_ref().map(UnlockKey::to_text),
+        };
+        Ok((member, response))
+    }
+
+    async fn join(&self, req: JoinRequest) -> ApiResult<LocalResponse> {
+        let mut phase = self.ensure_inactive().await?;
+        let token = JoinToken::parse(&req.token).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let remote = rules::parse_remote_addr(&req.remote_addr)?;
+        let listen = rules::parse_listen_addr(&req.listen_addr)?;
+        let advertise = match &req.advertise_addr {
+            Some(a) => Some(rules::parse_advertise_addr(a, listen.port())?),
+            None if !listen.ip().is_unspecified() => Some(listen),
+            None => None,
+        };
+        if let Some(a) = &req.data_path_addr {
+            a.parse::<IpAddr>()
+                .map_err(|_| ApiError::invalid(format!("invalid --data-path-addr {a:?}: expected an IP address")))?;
+        }
+        let key = NodeKey::generate().map_err(|e| ApiError::internal(e.to_string()))?;
+        let call = JoinCall {
+            token: req.token.clone(),
+            csr_pem: key.csr_pem().map_err(|e| ApiError::internal(e.to_string()))?,
+            hostname: self.opts.hostname.clone(),
+            advertise_addr: advertise.map(|a| a.to_string()),
+            listen_port: listen.port(),
+            data_path_addr: req.data_path_addr.clone(),
+            agent_version: crate::VERSION.into(),
+        };
+        // Pinned to the CA digest in the token: the token's secret is only
+        // ever sent to a manager of the swarm the token names.
+        let client: RpcClient<PeerRequest, PeerResponse> = RpcClient::new(
+            remote.clone(),
+            tls::pinned_client_config(token.ca_digest()),
+            MANAGER_NAME.try_into().expect("reason: valid DNS name"),
+        );
+        let reply = match client.call(PeerRequest::Join(call), Duration::from_secs(20)).await {
+            Ok(PeerResponse::Join(r)) => r?,
+            Ok(PeerResponse::Refused(e)) => return Err(e),
+            Ok(other) => return Err(ApiError::internal(format!("unexpected reply to join: {other:?}"))),
+            Err(RpcError::Tls(msg)) => {
+                return Err(ApiError::denied(format!(
+                    "the manager at {remote} could not be verified against the token ({msg}): the token belongs to another swarm or was altered"
+                )))
+            }
+            Err(e) => return Err(ApiError::unavailable(format!("cannot reach the manager at {remote}: {e}"))),
+        };
+        let files = Files {
+            dir: self.opts.data_dir.clone(),
+        };
+        let result = async {
+            let dek = KeyStore::new(&self.opts.data_dir).create(None).map_err(internal)?;
+            let creds = Credentials::new(reply.cert_pem.clone(), key.key_pem().to_string(), reply.ca_pems.clone())?;
+            files.write_credentials(&creds, &dek)?;
+            let config = NodeConfig {
+                node_id: reply.node_id,
+                cluster_id: reply.cluster_id.clone(),
+                listen_addr: listen.to_string(),
+                managers: reply.managers.clone(),
+            };
+            files.write_config(&config)?;
+            Member::start(&self.opts, config, creds, dek).await
+        }
+        .await;
+        match result {
+            Ok(member) => {
+                *phase = Phase::Active(member);
+                Ok(LocalResponse::Joined {
+                    node_id: reply.node_id,
+                    role: reply.role,
+                })
+            }
+            Err(e) => {
+                files.wipe();
+                Err(e)
+            }
+        }
+    }
+
+    async fn leave(&self, force: bool) -> ApiResult<LocalResponse> {
+        let mut phase = self.phase.lock().await;
+        let member = match &*phase {
+            Phase::Inactive => return Err(ApiError::precondition("this node is not part of a swarm")),
+            Phase::Locked(_) if !force => return Err(locked()),
+            Phase::Locked(_) => None,
+            Phase::Active(m) => Some(m.clone()),
+        };
+        if let Some(m) = &member {
+            if m.manager().is_some() && !force {
+                return Err(ApiError::precondition(
+                    "this node is a manager: leaving takes a member out of the Raft store and may cost the swarm its quorum; demote it first (`meshctl node demote NODE` on another manager), or use --force",
+                ));
+            }
+            m.stop().await;
+        }
+        Files {
+            dir: self.opts.data_dir.clone(),
+        }
+        .wipe();
+        *phase = Phase::Inactive;
+        Ok(LocalResponse::Done)
+    }
+
+    async fn unlock(&self, text: &str) -> ApiResult<LocalResponse> {
+        let mut phase = self.phase.lock().await;
+        let Phase::Locked(config) = &*phase else {
+            return Err(ApiError::precondition("this node is not locked"));
+        };
+        let key = UnlockKey::parse(text).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let dek = KeyStore::new(&self.opts.data_dir).unlock(&key).map_err(|e| match e {
+            KeyStoreError::WrongUnlockKey => ApiError::denied(e.to_string()),
+            other => internal(other),
+        })?;
+        let files = Files {
+            dir: self.opts.data_dir.clone(),
+        };
+        let creds = files.read_credentials(&dek)?;
+        let member = Member::start(&self.opts, config.clone(), creds, dek).await?;
+        *phase = Phase::Active(member);
+        Ok(LocalResponse::Done)
+    }
+}
+
+fn locked() -> ApiError {
+    ApiError::new(
+        ErrorKind::Locked,
+        "this node is locked (autolock): unlock it with `meshctl swarm unlock` and the unlock key",
+    )
+}
+
+fn restrict(dir: &Path) -> ApiResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| ApiError::internal(format!("{}: {e}", dir.display())))
+}
+
+fn random_id() -> NodeId {
+    rand::thread_rng().gen_range(1..u64::MAX)
+}
+
+fn random_cluster_id() -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::thread_rng();
+    (0..25).map(|_| DIGITS[rng.gen_range(0..36)] as char).collect()
+}
+
+/// The one global address of this host, when `--advertise-addr` is not given.
+async fn detect_address() -> ApiResult<IpAddr> {
+    let found = tokio::task::spawn_blocking(|| {
+        crate::dataplane::netlink::Netlink::run(|nl| async move { nl.global_addresses().await })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::internal(format!("listing addresses: {e}")))?;
+    let v4: Vec<IpAddr> = found.iter().copied().filter(IpAddr::is_ipv4).collect();
+    match v4.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(ApiError::invalid(
+            "this host has no global IPv4 address to advertise; use --advertise-addr",
+        )),
+        many => Err(ApiError::invalid(format!(
+            "this host has several addresses ({}); choose one with --advertise-addr",
+            many.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// A node that is part of a swarm.
+pub struct Member {
+    id: NodeId,
+    opts: AgentOptions,
+    config: Mutex<NodeConfig>,
+    creds: RwLock<Credentials>,
+    dek: DataKey,
+    peers: Arc<Peers>,
+    server_tls: watch::Sender<Arc<ServerConfig>>,
+    manager: RwLock<Option<Arc<Manager>>>,
+    leader_hint: Mutex<Option<String>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Member {
+    async fn start(
+        opts: &AgentOptions,
+        config: NodeConfig,
+        creds: Credentials,
+        dek: DataKey,
+    ) -> ApiResult<Arc<Member>> {
+        let listen: SocketAddr = rules::parse_listen_addr(&config.listen_addr)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| ApiError::precondition(format!("cannot listen on {listen}: {e}")))?;
+        let (server_tls, server_rx) = watch::channel(creds.server_config()?);
+        let peers = Peers::new(creds.client_config()?);
+        let (stop, stop_rx) = watch::channel(false);
+        let role = creds.role;
+        let member = Arc::new(Member {
+            id: config.node_id,
+            opts: opts.clone(),
+            config: Mutex::new(config),
+            creds: RwLock::new(creds),
+            dek,
+            peers,
+            server_tls,
+            manager: RwLock::new(None),
+            leader_hint: Mutex::new(None),
+            stop,
+        });
+        if role == Role::Manager {
+            member.start_manager().await?;
+        }
+        let handler = Arc::new(PeerHandler {
+            member: Arc::downgrade(&member),
+        });
+        tokio::spawn(rpc::serve(listener, server_rx, handler, stop_rx.clone()));
+        tokio::spawn(member.clone().session(stop_rx));
+        Ok(member)
+    }
+
+    async fn start_manager(&self) -> ApiResult<()> {
+        let manager = Manager::start(
+            self.id,
+            &self.opts.data_dir,
+            self.dek.clone(),
+            self.peers.clone(),
+            self.opts.timing,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+        *self.manager.write().expect("reason: never poisoned") = Some(manager);
+        Ok(())
+    }
+
+    async fn stop_manager(&self) {
+        let manager = self.manager.write().expect("reason: never poisoned").take();
+        if let Some(m) = manager {
+            m.shutdown().await;
+            let _ = std::fs::remove_dir_all(self.opts.data_dir.join("raft"));
+        }
+    }
+
+    fn manager(&self) -> Option<Arc<Manager>> {
+        self.manager.read().expect("reason: never poisoned").clone()
+    }
+
+    async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let manager = self.manager.write().expect("reason: never poisoned").take();
+        if let Some(m) = manager {
+            m.shutdown().await;
+        }
+    }
+
+    fn files(&self) -> Files {
+        Files {
+            dir: self.opts.data_dir.clone(),
+        }
+    }
+
+    fn self_origin(&self) -> Origin {
+        Origin {
+            identity: Some((self.id, self.creds.read().expect("reason: never poisoned").role)),
+            ip: IpAddr::from([127, 0, 0, 1]),
+        }
+    }
+
+    async fn cluster_request(&self, request: ClusterRequest) -> ApiResult<super::api::ClusterResponse> {
+        if self.manager().is_none() {
+            return Err(ApiError::precondition(
+                "this node is not a swarm manager: worker nodes cannot view or change cluster state; run this on a manager, or promote this node (`meshctl node promote`)",
+            ));
+        }
+        match self
+            .route(self.self_origin(), PeerRequest::Cluster(request), false)
+            .await
+        {
+            PeerResponse::Cluster(r) => r,
+            PeerResponse::Refused(e) => Err(e),
+            other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Serves a request here if this manager leads, else forwards it once to the leader.
+    async fn route(&self, origin: Origin, request: PeerRequest, forwarded: bool) -> PeerResponse {
+        let Some(manager) = self.manager() else {
+            return PeerResponse::Refused(ApiError::unavailable("this node is not a manager"));
+        };
+        if manager.is_leader() {
+            return serve_as_leader(&manager, origin, request).await;
+        }
+        if forwarded {
+            return PeerResponse::Refused(ApiError::unavailable("this manager is no longer the leader; retry"));
+        }
+        let Some(addr) = manager.leader_addr() else {
+            return PeerResponse::Refused(ApiError::unavailable(
+                "no leader is elected: the swarm may have lost its quorum of managers; retry, or bring managers back",
+            ));
+        };
+        let forward = PeerRequest::Forwarded {
+            origin,
+            request: Box::new(request),
+        };
+        match self.peers.call(&addr, forward, Duration::from_secs(30)).await {
+            Ok(r) => r,
+            Err(e) => PeerResponse::Refused(ApiError::unavailable(format!(
+                "forwarding to the leader at {addr}: {e}"
+            ))),
+        }
+    }
+
+    /// Heartbeats to the managers; applies what they answer.
+    async fn session(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut period = Duration::from_millis(1000);
+        let mut warned = false;
+        loop {
+            match self.heartbeat_once().await {
+                Ok(reply) => {
+                    warned = false;
+                    period = Duration::from_millis(reply.period_ms.max(100));
+                    if let Err(e) = self.apply_heartbeat(reply).await {
+                        log::warn!("applying the managers' answer: {e}");
+                    }
+                }
+                Err(e) if !warned => {
+                    log::warn!("heartbeat: {e}");
+                    warned = true;
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn heartbeat_once(&self) -> ApiResult<HeartbeatReply> {
+        let hb = {
+            let creds = self.creds.read().expect("reason: never poisoned");
+            let ca_digest = creds
+                .roots
+                .first()
+                .and_then(|pem| CertificateDer::from_pem_slice(pem.as_bytes()).ok())
+                .map(|der| hex::encode(pki::cert_digest(&der)))
+                .unwrap_or_default();
+            Heartbeat {
+                agent_version: crate::VERSION.into(),
+                raft_ready: self.manager().is_some(),
+                cert_not_after: creds.not_after,
+                cert_not_before: creds.not_before,
+                cert_role: creds.role,
+                cert_ca_digest: ca_digest,
+            }
+        };
+        let mut targets: Vec<String> = self
+            .leader_hint
+            .lock()
+            .expect("reason: never poisoned")
+            .iter()
+            .cloned()
+            .collect();
+        targets.extend(
+            self.config
+                .lock()
+                .expect("reason: never poisoned")
+                .managers
+                .iter()
+                .map(|(_, a)| a.clone()),
+        );
+        targets.dedup();
+        let mut last = ApiError::unavailable("no manager is known");
+        for addr in targets {
+            match self
+                .peers
+                .call(&addr, PeerRequest::Heartbeat(hb.clone()), Duration::from_secs(3))
+                .await
+            {
+                Ok(PeerResponse::Heartbeat(Ok(reply))) => {
+                    *self.leader_hint.lock().expect("reason: never poisoned") = Some(addr);
+                    return Ok(reply);
+                }
+                Ok(PeerResponse::Heartbeat(Err(e)) | PeerResponse::Refused(e)) => last = e,
+                Ok(other) => last = ApiError::internal(format!("unexpected reply {other:?}")),
+                Err(e) => last = ApiError::unavailable(format!("{addr}: {e}")),
+            }
+        }
+        *self.leader_hint.lock().expect("reason: never poisoned") = None;
+        Err(last)
+    }
+
+    async fn apply_heartbeat(&self, reply: HeartbeatReply) -> ApiResult<()> {
+        {
+            let mut config = self.config.lock().expect("reason: never poisoned");
+            if config.managers != reply.managers && !reply.managers.is_empty() {
+                config.managers = reply.managers.clone();
+                self.files().write_config(&config)?;
+            }
+        }
+        if reply.renew_certificate {
+            self.renew_certificate().await?;
+        }
+        let role = self.creds.read().expect("reason: never poisoned").role;
+        match (role, self.manager().is_some()) {
+            (Role::Manager, false) => {
+                log::info!("promoted: starting the Raft store");
+                self.start_manager().await?;
+            }
+            (Role::Worker, true) => {
+                log::info!("demoted: stopping the Raft store and removing it");
+                self.stop_manager().await;
+            }
+            _ => {}
+        }
+        if self.manager().is_some() {
+            let keys = KeyStore::new(&self.opts.data_dir);
+            match reply.unlock_key.as_deref().map(UnlockKey::parse) {
+                Some(Ok(key)) if keys.unlock(&key).is_err() => {
+                    keys.wrap_with(&self.dek, Some(&key)).map_err(internal)?;
+                    log::info!("autolock: the data key is now wrapped by the swarm's unlock key");
+                }
+                None if keys.is_autolocked() => {
+                    keys.wrap_with(&self.dek, None).map_err(internal)?;
+                    log::info!("autolock turned off for this manager");
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn renew_certificate(&self) -> ApiResult<()> {
+        let key = NodeKey::generate().map_err(|e| ApiError::internal(e.to_string()))?;
+        let csr = key.csr_pem().map_err(|e| ApiError::internal(e.to_string()))?;
+        let addr = self
+            .leader_hint
+            .lock()
+            .expect("reason: never poisoned")
+            .clone()
+            .ok_or_else(|| ApiError::unavailable("no manager reachable"))?;
+        let (cert, roots) = match self
+            .peers
+            .call(
+                &addr,
+                PeerRequest::RenewCertificate { csr_pem: csr },
+                Duration::from_secs(10),
+            )
+            .await
+        {
+            Ok(PeerResponse::Certificate(r)) => r?,
+            Ok(PeerResponse::Refused(e)) => return Err(e),
+            Ok(other) => return Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+        };
+        let creds = Credentials::new(cert, key.key_pem().to_string(), roots)?;
+        self.files().write_credentials(&creds, &self.dek)?;
+        let server = creds.server_config()?;
+        let client = creds.client_config()?;
+        log::info!(
+            "certificate renewed: role {:?}, valid until {}",
+            creds.role,
+            creds.not_after
+        );
+        *self.creds.write().expect("reason: never poisoned") = creds;
+        self.peers.set_tls(client);
+        let _ = self.server_tls.send(server);
+        Ok(())
+    }
+}
+
+async fn serve_as_leader(manager: &Manager, origin: Origin, request: PeerRequest) -> PeerResponse {
+    let caller = origin.identity;
+    match request {
+        PeerRequest::Join(call) => PeerResponse::Join(manager.handle_join(call, origin.ip).await),
+        PeerRequest::Heartbeat(hb) => match caller {
+            Some((id, _)) => PeerResponse::Heartbeat(manager.handle_heartbeat(id, hb).await),
+            None => PeerResponse::Refused(no_certificate()),
+        },
+        PeerRequest::RenewCertificate { csr_pem } => match caller {
+            Some((id, _)) => PeerResponse::Certificate(manager.handle_renew(id, &csr_pem).await),
+            None => PeerResponse::Refused(no_certificate()),
+        },
+        PeerRequest::Cluster(req) => match caller {
+            Some((_, Role::Manager)) => PeerResponse::Cluster(manager.handle_cluster(req).await),
+            _ => PeerResponse::Refused(manager_only()),
+        },
+        other => PeerResponse::Refused(ApiError::invalid(format!("{} cannot be forwarded", kind(&other)))),
+    }
+}
+
+fn kind(request: &PeerRequest) -> &'static str {
+    match request {
+        PeerRequest::AppendEntries(_) => "AppendEntries",
+        PeerRequest::Vote(_) => "Vote",
+        PeerRequest::InstallSnapshot(_) => "InstallSnapshot",
+        PeerRequest::Join(_) => "Join",
+        PeerRequest::Heartbeat(_) => "Heartbeat",
+        PeerRequest::RenewCertificate { .. } => "RenewCertificate",
+        PeerRequest::Cluster(_) => "Cluster",
+        PeerRequest::Forwarded { .. } => "Forwarded",
+    }
+}
+
+fn no_certificate() -> ApiError {
+    ApiError::denied("this call needs a node certificate of this swarm")
+}
+
+fn manager_only() -> ApiError {
+    ApiError::denied("this call is reserved to managers; the caller's certificate is not a manager's")
+}
+
+/// Serves node-to-node requests for a [`Member`].
+struct PeerHandler {
+    member: Weak<Member>,
+}
+
+impl Handler for PeerHandler {
+    type Request = PeerRequest;
+    type Response = PeerResponse;
+
+    async fn handle(&self, peer: Peer, request: PeerRequest) -> PeerResponse {
+        let Some(member) = self.member.upgrade() else {
+            return PeerResponse::Refused(ApiError::unavailable("this node is leaving the swarm"));
+        };
+        let cluster_id = member.config.lock().expect("reason: never poisoned").cluster_id.clone();
+        let identity = tls::peer_identity(&peer.certs).filter(|i| i.cluster_id == cluster_id);
+        if !peer.certs.is_empty() && identity.is_none() {
+            return PeerResponse::Refused(ApiError::denied("the caller's certificate is not of this swarm"));
+        }
+        let is_manager = identity.as_ref().is_some_and(|i| i.role == Role::Manager);
+        let origin = Origin {
+            identity: identity.as_ref().map(|i| (i.node_id, i.role)),
+            ip: peer.addr.ip(),
+        };
+        match request {
+            PeerRequest::AppendEntries(_) | PeerRequest::Vote(_) | PeerRequest::InstallSnapshot(_) if !is_manager => {
+                PeerResponse::Refused(manager_only())
+            }
+            PeerRequest::AppendEntries(rpc) => match member.manager() {
+                Some(m) => PeerResponse::AppendEntries(m.raft.append_entries(rpc).await),
+                None => PeerResponse::Refused(ApiError::unavailable("this node runs no Raft store")),
+            },
+            PeerRequest::Vote(rpc) => match member.manager() {
+                Some(m) => PeerResponse::Vote(m.raft.vote(rpc).await),
+                None => PeerResponse::Refused(ApiError::unavailable("this node runs no Raft store")),
+            },
+            PeerRequest::InstallSnapshot(rpc) => match member.manager() {
+                Some(m) => PeerResponse::InstallSnapshot(m.raft.install_snapshot(rpc).await),
+                None => PeerResponse::Refused(ApiError::unavailable("this node runs no Raft store")),
+            },
+            PeerRequest::Forwarded { origin, request } if is_manager => member.route(origin, *request, true).await,
+            PeerRequest::Forwarded { .. } | PeerRequest::Cluster(_) if !is_manager => {
+                PeerResponse::Refused(manager_only())
+            }
+            PeerRequest::Heartbeat(_) | PeerRequest::RenewCertificate { .. } if identity.is_none() => {
+                PeerResponse::Refused(no_certificate())
+            }
+            request => member.route(origin, request, false).await,
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! A swarm of real `mesh-agent` processes, one per host namespace, driven
+//! with the real `meshctl` exactly as an operator would.
+//!
+//! Each agent keeps its data directory and socket under a directory of the
+//! test's own (removed on drop) and logs to a file there; failures print the
+//! agents' logs.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{cluster::Cluster, process::Process};
+
+/// The Raft and heartbeat timing tests use: fast, so scenarios converge quickly.
+pub const AGENT_FLAGS: &[&str] = &["--raft-heartbeat", "100ms", "--raft-election-timeout", "500ms"];
+
+/// A built binary of the workspace (`cargo xtask test` builds them first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("reason: the test knows its own path");
+    // target/debug/deps/test-hash -> target/debug/name
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("reason: tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p mesh-agent --bins` (cargo xtask test does this)",
+        path.display()
+    );
+    path
+}
+
+/// One agent's files and process.
+pub struct Agent {
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its local API socket.
+    pub socket: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
+    process: Option<Process>,
+}
+
+/// Agents on the hosts of a [`Cluster`].
+pub struct Swarm {
+    /// The hosts.
+    pub cluster: Cluster,
+    /// One agent per host.
+    pub agents: Vec<Agent>,
+    dir: PathBuf,
+}
+
+impl Swarm {
+    /// `n` hosts, each running an agent that is not yet in a swarm.
+    pub fn new(n: usize) -> Swarm {
+        let cluster = Cluster::new(n).expect("build the hosts");
+        let dir = std::env::temp_dir().join(format!("meshswarm-{}-{}", std::process::id(), unique()));
+        let _ = fs::remove_dir_all(&dir);
+        let agents = (0..n)
+            .map(|i| {
+                let base = dir.join(format!("h{i}"));
+                fs::create_dir_all(&base).expect("create the agent's directory");
+                Agent {
+                    data_dir: base.join("data"),
+                    socket: base.join("mesh.sock"),
+                    log: base.join("agent.log"),
+                    process: None,
+                }
+            })
+            .collect();
+        let mut swarm = Swarm { cluster, agents, dir };
+        for i in 0..n {
+            swarm.start(i);
+        }
+        swarm
+    }
+
+    /// Starts host `i`'s agent and waits for its socket.
+    pub fn start(&mut self, i: usize) {
+        let agent = &self.agents[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&agent.log)
+            .expect("open the agent log");
+        let mut cmd = Command::new(binary("mesh-agent"));
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&agent.data_dir)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .arg("--hostname")
+            .arg(format!("h{i}"))
+            .args(AGENT_FLAGS)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup the log"))
+            .stderr(log);
+        let _ = fs::remove_file(&agent.socket);
+        let process = self.cluster.host(i).spawn(cmd).expect("start mesh-agent");
+        self.agents[i].process = Some(process);
+        let socket = self.agents[i].socket.clone();
+        self.wait(&format!("agent {i} socket"), Duration::from_secs(20), || {
+            socket.exists()
+        });
+    }
+
+    /// SIGKILLs host `i`'s agent.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(p) = self.agents[i].process.take() {
+            let _ = p.kill();
+        }
+    }
+
+    /// Runs `meshctl ARGS` against host `i`'s agent.
+    pub fn meshctl(&self, i: usize, args: &[&str]) -> Output {
+        let mut cmd = Command::new(binary("meshctl"));
+        cmd.arg("--socket").arg(&self.agents[i].socket).args(args);
+        self.cluster
+            .host(i)
+            .output(cmd, Duration::from_secs(60))
+            .expect("run meshctl")
+    }
+
+    /// Runs `meshctl ARGS < file-with(input)`, as an operator pipes a key in.
+    pub fn meshctl_stdin(&self, i: usize, args: &[&str], input: &str) -> Output {
+        let file = self.dir.join(format!("stdin-{}", unique()));
+        fs::write(&file, input).expect("write the input file");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("f=$1; shift; exec \"$@\" < \"$f\"")
+            .arg("sh")
+            .arg(&file)
+            .arg(binary("meshctl"))
+            .arg("--socket")
+            .arg(&self.agents[i].socket)
+            .args(args);
+        let out = self
+            .cluster
+            .host(i)
+            .output(cmd, Duration::from_secs(60))
+            .expect("run meshctl");
+        let _ = fs::remove_file(&file);
+        out
+    }
+
+    /// Runs meshctl and returns its standard output; panics with the
+    /// agents' logs if it fails.
+    pub fn ok(&self, i: usize, args: &[&str]) -> String {
+        let out = self.meshctl(i, args);
+        if !out.status.success() {
+            self.dump_logs();
+            panic!(
+                "meshctl {} on h{i} failed ({}):\n{}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs meshctl expecting failure; returns (exit code, stderr).
+    pub fn fails(&self, i: usize, args: &[&str]) -> (i32, String) {
+        let out = self.meshctl(i, args);
+        assert!(
+            !out.status.success(),
+            "meshctl {} on h{i} should have failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Polls `done` every 100 ms until it holds, or panics after `timeout`
+    /// with the agents' logs. Bounded: it never waits longer than `timeout`.
+    pub fn wait(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Prints every agent's log (for failures).
+    pub fn dump_logs(&self) {
+        for (i, a) in self.agents.iter().enumerate() {
+            let text = fs::read_to_string(&a.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("----- h{i} agent log (last 60 lines) -----");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    /// `swarm init` on host 0, advertising its underlay address.
+    pub fn init(&self, extra: &[&str]) -> String {
+        let addr = self.cluster.host(0).address().to_string();
+        let mut args = vec![
+            "swarm",
+            "init",
+            "--advertise-addr",
+            &addr,
+            "--dispatcher-heartbeat",
+            "500ms",
+        ];
+        args.extend_from_slice(extra);
+        self.ok(0, &args)
+    }
+
+    /// `swarm join` of host `i` through host `via` with the token for `role`.
+    pub fn join(&self, i: usize, via: usize, role: &str) {
+        let token = self.ok(via, &["swarm", "join-token", "-q", role]);
+        let remote = format!("{}:2377", self.cluster.host(via).address());
+        let addr = self.cluster.host(i).address().to_string();
+        self.ok(
+            i,
+            &[
+                "swarm",
+                "join",
+                "--token",
+                token.trim(),
+                "--advertise-addr",
+                &addr,
+                &remote,
+            ],
+        );
+    }
+
+    /// `node ls` rows on host `i` as (hostname, status, availability, manager status).
+    pub fn nodes(&self, i: usize) -> Vec<(String, String, String, String)> {
+        let out = self.meshctl(i, &["node", "ls"]);
+        if !out.status.success() {
+            return vec![];
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = text.lines();
+        let Some(header) = lines.next() else { return vec![] };
+        let col = |name: &str| header.find(name).expect("column present");
+        let (h, s, a, m, v) = (
+            col("HOSTNAME"),
+            col("STATUS"),
+            col("AVAILABILITY"),
+            col("MANAGER STATUS"),
+            col("AGENT VERSION"),
+        );
+        let cell =
+            |line: &str, from: usize, to: usize| line.get(from..to.min(line.len())).unwrap_or("").trim().to_string();
+        lines
+            .map(|l| (cell(l, h, s), cell(l, s, a), cell(l, a, m), cell(l, m, v)))
+            .collect()
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        for i in 0..self.agents.len() {
+            self.kill(i);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
