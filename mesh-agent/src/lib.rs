@@ -1,7 +1,7 @@
 //! mesh-agent: the per-node agent of the mesh.
 //!
 //! - [`control`]: the swarm: Raft store, PKI, join, node management.
-//! - [`cli`]: `meshctl`.
+//! - [`cli`]: the `meshctl` commands.
 //! - [`dataplane`]: kernel access, one module per mechanism (netlink, eBPF).
 //! - [`runtime`]: network namespaces for tasks.
 //! - [`preflight`]: what the node's kernel offers the dataplane.

@@ -402,7 +402,7 @@ impl Agent {
             },
             tokens: tokens.clone(),
             unlock_key: unlock.as_ref().map(UnlockKey::to_text),
-            first: Node {
+            first: Box::new(Node {
                 id,
                 hostname: self.opts.hostname.clone(),
                 role: Role::Manager,
@@ -415,7 +415,7 @@ impl Agent {
                 agent_version: crate::VERSION.into(),
                 created_at: unix,
                 updated_at: unix,
-            },
+            }),
         };
         let manager = member
             .manager()
@@ -605,6 +605,8 @@ pub struct Member {
     server_tls: watch::Sender<Arc<ServerConfig>>,
     manager: RwLock<Option<Arc<Manager>>>,
     leader_hint: Mutex<Option<String>>,
+    /// The leader the managers last named in a heartbeat reply.
+    reported_leader: Mutex<Option<NodeId>>,
     stop: watch::Sender<bool>,
 }
 
@@ -633,6 +635,7 @@ impl Member {
             server_tls,
             manager: RwLock::new(None),
             leader_hint: Mutex::new(None),
+            reported_leader: Mutex::new(None),
             stop,
         });
         if role == Role::Manager {
@@ -720,7 +723,18 @@ impl Member {
         if forwarded {
             return PeerResponse::Refused(ApiError::unavailable("this manager is no longer the leader; retry"));
         }
-        let Some(addr) = manager.leader_addr() else {
+        // A manager still joining the Raft voters does not know the leader
+        // from Raft yet; the heartbeat replies name it.
+        let reported = || {
+            let leader = (*self.reported_leader.lock().expect("reason: never poisoned"))?;
+            let config = self.config.lock().expect("reason: never poisoned");
+            config
+                .managers
+                .iter()
+                .find(|(id, _)| *id == leader && *id != self.id)
+                .map(|(_, a)| a.clone())
+        };
+        let Some(addr) = manager.leader_addr().or_else(reported) else {
             return PeerResponse::Refused(ApiError::unavailable(
                 "no leader is elected: the swarm may have lost its quorum of managers; retry, or bring managers back",
             ));
@@ -818,6 +832,7 @@ impl Member {
     }
 
     async fn apply_heartbeat(&self, reply: HeartbeatReply) -> ApiResult<()> {
+        *self.reported_leader.lock().expect("reason: never poisoned") = reply.leader;
         {
             let mut config = self.config.lock().expect("reason: never poisoned");
             if config.managers != reply.managers && !reply.managers.is_empty() {

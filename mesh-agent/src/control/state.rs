@@ -156,7 +156,7 @@ pub enum Command {
         /// The unlock key text when autolocked.
         unlock_key: Option<String>,
         /// The first manager.
-        first: Node,
+        first: Box<Node>,
     },
     /// A node joined.
     AddNode(Node),
@@ -262,7 +262,7 @@ impl ClusterState {
                 self.ca = Some(ca.clone());
                 self.tokens = tokens.clone();
                 self.unlock_key = unlock_key.clone();
-                self.nodes.insert(first.id, first.clone());
+                self.nodes.insert(first.id, (**first).clone());
             }
             Command::AddNode(node) => {
                 if self.removed.contains(&node.id) {
@@ -405,7 +405,7 @@ mod tests {
                 manager: "m".into(),
             },
             unlock_key: None,
-            first: node(1, Role::Manager),
+            first: Box::new(node(1, Role::Manager)),
         };
         assert_eq!(s.apply(&cmd), CommandResponse::Applied);
         assert!(matches!(s.apply(&cmd), CommandResponse::Refused(_)));

@@ -483,7 +483,7 @@ mod tests {
                 manager: "MESHTKN-1-markermanager".into(),
             },
             unlock_key: Some("MESHKEY-1-markerunlock".into()),
-            first: crate::control::state::Node {
+            first: Box::new(crate::control::state::Node {
                 id: 1,
                 hostname: "markerhost".into(),
                 role: crate::control::state::Role::Manager,
@@ -496,7 +496,7 @@ mod tests {
                 agent_version: "0".into(),
                 created_at: 1,
                 updated_at: 1,
-            },
+            }),
         }
     }
 

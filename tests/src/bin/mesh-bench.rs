@@ -38,8 +38,8 @@ fn main() {
     converge(&swarm);
 
     println!("== store writes: {writes} proposals, {concurrency} concurrent clients, through a follower");
-    let leader = leader(&swarm);
-    let follower = (0..3).find(|i| *i != leader).expect("two followers");
+    let first_leader = leader(&swarm);
+    let follower = (0..3).find(|i| *i != first_leader).expect("two followers");
     let socket = swarm.agents[follower].socket.clone();
     let (rate, lat) = write_load(socket, writes, concurrency);
     println!(
@@ -110,7 +110,7 @@ fn leader(swarm: &Swarm) -> usize {
     name.trim_start_matches('h').parse().expect("hosts are named hN")
 }
 
-fn write_once(socket: &PathBuf, key: &str) -> Result<(), String> {
+fn write_once(socket: &std::path::Path, key: &str) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -118,7 +118,7 @@ fn write_once(socket: &PathBuf, key: &str) -> Result<(), String> {
     rt.block_on(write(socket, key))
 }
 
-async fn write(socket: &PathBuf, key: &str) -> Result<(), String> {
+async fn write(socket: &std::path::Path, key: &str) -> Result<(), String> {
     let update = NodeUpdate {
         label_add: [(key.to_string(), "1".to_string())].into(),
         ..Default::default()
