@@ -197,6 +197,15 @@ impl Swarm {
     pub fn dump_logs(&self) {
         for (i, a) in self.agents.iter().enumerate() {
             let text = fs::read_to_string(&a.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            for (n, line) in lines.iter().enumerate() {
+                if line.contains("panicked at") {
+                    eprintln!(
+                        "!!!!! h{i} agent PANIC: {line}\n!!!!! {}",
+                        lines.get(n + 1).unwrap_or(&"")
+                    );
+                }
+            }
             let tail: Vec<&str> = text.lines().rev().take(60).collect();
             eprintln!("----- h{i} agent log (last 60 lines) -----");
             for line in tail.iter().rev() {

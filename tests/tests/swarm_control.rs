@@ -270,3 +270,249 @@ fn bad_tokens_and_bad_input_are_refused_and_change_nothing() {
     assert_eq!(ls.len(), 1);
     assert_eq!(ls[0].3, "Leader");
 }
+
+#[test]
+fn promote_demote_leave_and_remove_change_membership() {
+    require_root();
+    let swarm = Swarm::new(4);
+    swarm.init(&[]);
+    swarm.join(1, 0, "manager");
+    swarm.join(2, 0, "worker");
+    swarm.join(3, 0, "worker");
+    swarm.wait("2 managers, 4 nodes", CONVERGE, || managers_agree(&swarm, &[0, 1], 4));
+
+    // Promote a worker: it gets a manager certificate, starts a store and joins the voters.
+    assert!(swarm
+        .ok(0, &["node", "promote", "h2"])
+        .contains("promoted to a manager"));
+    swarm.wait("h2 a voting manager", CONVERGE, || {
+        managers_agree(&swarm, &[0, 1, 2], 4)
+    });
+    // Demote the other one back: it leaves the voters and drops its store.
+    assert!(swarm.ok(2, &["node", "demote", "h1"]).contains("demoted"));
+    swarm.wait("h1 a worker again", CONVERGE, || {
+        managers_agree(&swarm, &[0, 2], 4) && !swarm.agents[1].data_dir.join("raft").exists()
+    });
+    let (code, err) = swarm.fails(1, &["node", "ls"]);
+    assert_eq!(code, 4, "{err}");
+
+    // A worker leaves: the managers see it Down; then it can be removed.
+    assert!(swarm.ok(3, &["swarm", "leave"]).contains("left the swarm"));
+    assert!(swarm.ok(3, &["info"]).contains("Swarm: inactive"));
+    swarm.wait("h3 down", CONVERGE, || {
+        swarm.nodes(0).iter().any(|n| n.0 == "h3" && n.1 == "Down")
+    });
+    swarm.ok(0, &["node", "rm", "h3"]);
+    assert_eq!(swarm.nodes(0).len(), 3);
+    // A manager cannot be removed before it is demoted; a live worker needs --force.
+    assert!(swarm.fails(0, &["node", "rm", "h2"]).1.contains("demote it first"));
+    assert!(swarm.fails(0, &["node", "rm", "h1"]).1.contains("--force"));
+    // A manager leaving without --force is refused.
+    assert!(swarm.fails(2, &["swarm", "leave"]).1.contains("demote it first"));
+}
+
+#[test]
+fn ca_rotation_renews_every_certificate_and_replaces_the_tokens() {
+    require_root();
+    let swarm = Swarm::new(3);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.wait("2 nodes ready", CONVERGE, || {
+        swarm.nodes(0).iter().filter(|n| n.1 == "Ready").count() == 2
+    });
+    let old_token = swarm.ok(0, &["swarm", "join-token", "-q", "worker"]).trim().to_string();
+    let first_root = |i: usize| {
+        let text = std::fs::read_to_string(swarm.agents[i].data_dir.join("certs/ca.pem")).unwrap_or_default();
+        text.split("-----END CERTIFICATE-----")
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let old_root = first_root(0);
+    let out = swarm.ok(0, &["swarm", "ca", "--rotate"]);
+    assert!(out.contains("Root CA rotated"), "{out}");
+    let new_token = swarm.ok(0, &["swarm", "join-token", "-q", "worker"]).trim().to_string();
+    assert_ne!(old_token, new_token);
+    swarm.wait("both nodes renewed under the new root", CONVERGE, || {
+        let root = first_root(0);
+        !root.is_empty() && root != old_root && first_root(1) == root && swarm.nodes(0).iter().all(|n| n.1 == "Ready")
+    });
+    // The old token names the old CA: refused.
+    let remote = format!("{}:2377", swarm.cluster.host(0).address());
+    let h2 = swarm.cluster.host(2).address().to_string();
+    let out = swarm.meshctl(
+        2,
+        &["swarm", "join", "--token", &old_token, "--advertise-addr", &h2, &remote],
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    swarm.ok(
+        2,
+        &["swarm", "join", "--token", &new_token, "--advertise-addr", &h2, &remote],
+    );
+    swarm.wait("3 nodes ready", CONVERGE, || {
+        swarm.nodes(0).iter().filter(|n| n.1 == "Ready").count() == 3
+    });
+}
+
+mod wire {
+    //! Calls made on the cluster port directly, with chosen certificates,
+    //! from inside a host namespace.
+
+    use std::{path::Path, time::Duration};
+
+    use mesh_agent::control::{
+        api::{ClusterRequest, ErrorKind, PeerRequest, PeerResponse},
+        keystore::{KeyStore, Loaded},
+        network::MANAGER_NAME,
+        node::NodeConfig,
+        pki::{NodeIdentity, NodeKey, RootCa},
+        rpc::RpcClient,
+        state::Role,
+        tls,
+    };
+
+    /// A node's certificate, key (opened with its data key) and roots.
+    pub struct Identity {
+        pub cert: String,
+        pub key: String,
+        pub roots: Vec<String>,
+        pub cluster_id: String,
+    }
+
+    pub fn identity(data_dir: &Path) -> Identity {
+        let Loaded::Unlocked(dek) = KeyStore::new(data_dir).load().expect("keys") else {
+            panic!("locked")
+        };
+        let key = dek
+            .open(
+                b"node-key",
+                &std::fs::read(data_dir.join("certs/node.key.sealed")).unwrap(),
+            )
+            .unwrap();
+        let ca = std::fs::read_to_string(data_dir.join("certs/ca.pem")).unwrap();
+        let config: NodeConfig = serde_json::from_slice(&std::fs::read(data_dir.join("node.json")).unwrap()).unwrap();
+        Identity {
+            cert: std::fs::read_to_string(data_dir.join("certs/node.pem")).unwrap(),
+            key: String::from_utf8(key).unwrap(),
+            roots: vec![ca],
+            cluster_id: config.cluster_id,
+        }
+    }
+
+    /// A certificate for a made-up manager, signed by a CA of our own.
+    pub fn forged(cluster_id: &str) -> (String, String) {
+        let ca = RootCa::generate(cluster_id).unwrap();
+        let key = NodeKey::generate().unwrap();
+        let now = std::time::SystemTime::now();
+        let identity = NodeIdentity {
+            node_id: 12345,
+            role: Role::Manager,
+            cluster_id: cluster_id.into(),
+        };
+        let cert = ca
+            .issue(&key.csr_pem().unwrap(), &identity, now, now + Duration::from_secs(3600))
+            .unwrap();
+        (cert, key.key_pem().to_string())
+    }
+
+    /// One call to `addr` presenting `client` (or nothing), verifying the
+    /// server against `roots` as a manager.
+    pub fn call(
+        addr: &str,
+        roots: &[String],
+        client: Option<(&str, &str)>,
+        request: PeerRequest,
+    ) -> Result<PeerResponse, String> {
+        let config = tls::client_config(roots, client).map_err(|e| e.to_string())?;
+        let rpc: RpcClient<PeerRequest, PeerResponse> =
+            RpcClient::new(addr.to_string(), config, MANAGER_NAME.try_into().unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(rpc.call(request, Duration::from_secs(10)))
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn refused_with(response: Result<PeerResponse, String>, kind: ErrorKind, text: &str) {
+        match response {
+            Ok(PeerResponse::Refused(e)) | Ok(PeerResponse::Heartbeat(Err(e))) | Ok(PeerResponse::Cluster(Err(e))) => {
+                assert_eq!(e.kind, kind, "{e:?}");
+                assert!(e.message.contains(text), "{:?} lacks {text:?}", e.message);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    pub fn node_list() -> PeerRequest {
+        PeerRequest::Cluster(ClusterRequest::NodeList)
+    }
+}
+
+#[test]
+fn the_cluster_port_authorizes_every_call_by_its_certificate() {
+    use mesh_agent::control::api::{ErrorKind, Heartbeat, PeerRequest, PeerResponse};
+    require_root();
+    let swarm = Swarm::new(3);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.join(2, 0, "worker");
+    swarm.wait("3 nodes ready", CONVERGE, || {
+        swarm.nodes(0).iter().filter(|n| n.1 == "Ready").count() == 3
+    });
+    let manager = format!("{}:2377", swarm.cluster.host(0).address());
+    let worker = wire::identity(&swarm.agents[1].data_dir);
+    let removed = wire::identity(&swarm.agents[2].data_dir);
+    let heartbeat = || {
+        PeerRequest::Heartbeat(Heartbeat {
+            agent_version: "test".into(),
+            raft_ready: false,
+            cert_not_after: u64::MAX,
+            cert_not_before: 0,
+            cert_role: mesh_agent::control::state::Role::Worker,
+            cert_ca_digest: String::new(),
+        })
+    };
+
+    swarm.cluster.host(1).run(|| {
+        // A worker certificate may heartbeat, but not use manager APIs or Raft.
+        let as_worker = Some((worker.cert.as_str(), worker.key.as_str()));
+        let beat = wire::call(&manager, &worker.roots, as_worker, heartbeat());
+        if beat.is_err() {
+            swarm.dump_logs();
+        }
+        assert!(matches!(beat, Ok(PeerResponse::Heartbeat(Ok(_)))), "{beat:?}");
+        wire::refused_with(
+            wire::call(&manager, &worker.roots, as_worker, wire::node_list()),
+            ErrorKind::PermissionDenied,
+            "reserved to managers",
+        );
+        let vote = PeerRequest::Vote(openraft::raft::VoteRequest::new(openraft::Vote::new(99, 12345), None));
+        wire::refused_with(
+            wire::call(&manager, &worker.roots, as_worker, vote),
+            ErrorKind::PermissionDenied,
+            "reserved to managers",
+        );
+        // No certificate at all: only a join is possible.
+        wire::refused_with(
+            wire::call(&manager, &worker.roots, None, heartbeat()),
+            ErrorKind::PermissionDenied,
+            "needs a node certificate",
+        );
+        // A manager certificate from a CA of our own is refused by the TLS layer.
+        let (cert, key) = wire::forged(&worker.cluster_id);
+        let forged = wire::call(&manager, &worker.roots, Some((&cert, &key)), wire::node_list());
+        assert!(forged.is_err(), "a forged certificate was accepted: {forged:?}");
+    });
+
+    // A removed node's certificate is revoked.
+    swarm.ok(0, &["node", "rm", "--force", "h2"]);
+    swarm.cluster.host(2).run(|| {
+        let as_removed = Some((removed.cert.as_str(), removed.key.as_str()));
+        wire::refused_with(
+            wire::call(&manager, &removed.roots, as_removed, heartbeat()),
+            ErrorKind::PermissionDenied,
+            "was removed",
+        );
+    });
+}

@@ -377,6 +377,11 @@ impl Manager {
                 "invalid join token: it is not this swarm's current worker or manager token (was it rotated? `meshctl swarm join-token worker` on a manager prints the current one)",
             ));
         };
+        if call.agent_version.len() > 64 {
+            return Err(ApiError::invalid(
+                "the joining node reported an agent version longer than 64 bytes",
+            ));
+        }
         if call.hostname.is_empty() || call.hostname.len() > 253 {
             return Err(ApiError::invalid("the joining node sent an empty or overlong hostname"));
         }
@@ -447,6 +452,9 @@ impl Manager {
 
     /// A node's check-in (leader only).
     pub async fn handle_heartbeat(&self, id: NodeId, hb: Heartbeat) -> ApiResult<HeartbeatReply> {
+        if hb.agent_version.len() > 64 {
+            return Err(ApiError::invalid("the reported agent version is longer than 64 bytes"));
+        }
         let state = self.state();
         let Some(node) = state.nodes.get(&id).cloned() else {
             return Err(if state.removed.contains(&id) {
@@ -621,8 +629,9 @@ impl Manager {
     }
 }
 
+/// A time a node reported, clamped so no value from the wire can overflow.
 fn secs(unix: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(unix)
+    UNIX_EPOCH + Duration::from_secs(unix.min(1 << 40))
 }
 
 fn cluster_id(state: &ClusterState) -> ApiResult<String> {

@@ -263,8 +263,10 @@ pub fn identity_from_cert(der: &[u8]) -> Result<(NodeIdentity, SystemTime), PkiE
 /// renewed at `now`: once two thirds of its lifetime have passed.
 pub fn needs_renewal(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> bool {
     let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-    let renew_at = not_before + lifetime * 2 / 3;
-    now >= renew_at
+    match not_before.checked_add(lifetime / 3 * 2) {
+        Some(renew_at) => now >= renew_at,
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -385,5 +387,7 @@ mod tests {
         assert!(!needs_renewal(t0, t1, t0 + Duration::from_secs(599)));
         assert!(needs_renewal(t0, t1, t0 + Duration::from_secs(600)));
         assert!(needs_renewal(t0, t1, t1 + Duration::from_secs(1)));
+        // A start after the end (a bogus report) means renew now.
+        assert!(needs_renewal(t1, t0, t1));
     }
 }
