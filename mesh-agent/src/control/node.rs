@@ -644,7 +644,7 @@ impl Member {
         let handler = Arc::new(PeerHandler {
             member: Arc::downgrade(&member),
         });
-        tokio::spawn(rpc::serve(listener, server_rx, handler, stop_rx.clone()));
+        tokio::spawn(rpc::serve(listener, server_rx.into(), handler, stop_rx.clone()));
         tokio::spawn(member.clone().session(stop_rx));
         Ok(member)
     }
