@@ -173,3 +173,173 @@ pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Option<NodeIdentity> {
         .and_then(|leaf| identity_from_cert(leaf).ok())
         .map(|(identity, _)| identity)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+    use crate::control::{
+        pki::{NodeKey, RootCa},
+        state::Role,
+    };
+
+    struct Node {
+        cert: String,
+        key: String,
+    }
+
+    fn node(ca: &RootCa, id: u64, role: Role, valid: std::ops::Range<SystemTime>) -> Node {
+        let key = NodeKey::generate().unwrap();
+        let identity = NodeIdentity {
+            node_id: id,
+            role,
+            cluster_id: "c".into(),
+        };
+        let cert = ca
+            .issue(&key.csr_pem().unwrap(), &identity, valid.start, valid.end)
+            .unwrap();
+        Node {
+            cert: format!("{cert}{}", ca.cert_pem()),
+            key: key.key_pem().to_string(),
+        }
+    }
+
+    fn now_valid() -> std::ops::Range<SystemTime> {
+        let now = SystemTime::now();
+        now - Duration::from_secs(60)..now + Duration::from_secs(3600)
+    }
+
+    /// One handshake and one byte each way; returns the identity the server
+    /// saw, or the first error of either side.
+    async fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+        name: &str,
+    ) -> Result<Option<NodeIdentity>, String> {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        let server = async move {
+            let mut s = TlsAcceptor::from(server).accept(a).await.map_err(|e| e.to_string())?;
+            let seen = s.get_ref().1.peer_certificates().and_then(|c| peer_identity(c));
+            let mut byte = [0u8; 1];
+            s.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+            s.write_all(b"y").await.map_err(|e| e.to_string())?;
+            s.flush().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(seen)
+        };
+        let client = async move {
+            let mut c = TlsConnector::from(client)
+                .connect(name, b)
+                .await
+                .map_err(|e| e.to_string())?;
+            c.write_all(b"x").await.map_err(|e| e.to_string())?;
+            c.flush().await.map_err(|e| e.to_string())?;
+            let mut byte = [0u8; 1];
+            c.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        };
+        let (s, c) = tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(server, client) })
+            .await
+            .map_err(|_| "timed out".to_string())?;
+        c?;
+        s
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_between_members_carries_the_client_identity() {
+        let ca = RootCa::generate("c").unwrap();
+        let roots = vec![ca.cert_pem().to_string()];
+        let manager = node(&ca, 1, Role::Manager, now_valid());
+        let worker = node(&ca, 2, Role::Worker, now_valid());
+        let server = server_config(&roots, &manager.cert, &manager.key).unwrap();
+        let client = client_config(&roots, Some((&worker.cert, &worker.key))).unwrap();
+        let seen = handshake(server.clone(), client, MANAGER_DNS_NAME).await.unwrap();
+        assert_eq!(
+            seen,
+            Some(NodeIdentity {
+                node_id: 2,
+                role: Role::Worker,
+                cluster_id: "c".into()
+            })
+        );
+        // Without a client certificate the handshake works, and no identity is seen.
+        let anonymous = client_config(&roots, None).unwrap();
+        assert_eq!(handshake(server, anonymous, MANAGER_DNS_NAME).await.unwrap(), None);
+    }
+
+    const MANAGER_DNS_NAME: &str = "mesh-manager";
+
+    #[tokio::test]
+    async fn a_worker_cannot_pose_as_a_manager() {
+        let ca = RootCa::generate("c").unwrap();
+        let roots = vec![ca.cert_pem().to_string()];
+        let worker = node(&ca, 2, Role::Worker, now_valid());
+        let server = server_config(&roots, &worker.cert, &worker.key).unwrap();
+        let err = handshake(server, client_config(&roots, None).unwrap(), MANAGER_DNS_NAME)
+            .await
+            .unwrap_err();
+        assert!(err.contains("certificate"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn expired_and_foreign_certificates_are_refused() {
+        let ca = RootCa::generate("c").unwrap();
+        let roots = vec![ca.cert_pem().to_string()];
+        let manager = node(&ca, 1, Role::Manager, now_valid());
+        let server = server_config(&roots, &manager.cert, &manager.key).unwrap();
+        let now = SystemTime::now();
+        let expired = node(
+            &ca,
+            3,
+            Role::Worker,
+            now - Duration::from_secs(7200)..now - Duration::from_secs(3600),
+        );
+        let err = handshake(
+            server.clone(),
+            client_config(&roots, Some((&expired.cert, &expired.key))).unwrap(),
+            MANAGER_DNS_NAME,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_lowercase().contains("expired") || err.contains("alert"), "{err}");
+        let other = RootCa::generate("c").unwrap();
+        let foreign = node(&other, 4, Role::Manager, now_valid());
+        assert!(handshake(
+            server.clone(),
+            client_config(&roots, Some((&foreign.cert, &foreign.key))).unwrap(),
+            MANAGER_DNS_NAME
+        )
+        .await
+        .is_err());
+        // And a client that trusts another CA refuses the server.
+        let wrong_roots = vec![other.cert_pem().to_string()];
+        assert!(
+            handshake(server, client_config(&wrong_roots, None).unwrap(), MANAGER_DNS_NAME)
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn joining_pins_the_ca_digest() {
+        let ca = RootCa::generate("c").unwrap();
+        let roots = vec![ca.cert_pem().to_string()];
+        let manager = node(&ca, 1, Role::Manager, now_valid());
+        let server = server_config(&roots, &manager.cert, &manager.key).unwrap();
+        assert!(
+            handshake(server.clone(), pinned_client_config(ca.digest()), MANAGER_DNS_NAME)
+                .await
+                .is_ok()
+        );
+        let mut wrong = ca.digest();
+        wrong[0] ^= 1;
+        let err = handshake(server, pinned_client_config(wrong), MANAGER_DNS_NAME)
+            .await
+            .unwrap_err();
+        assert!(err.contains(DIGEST_MISMATCH), "{err}");
+    }
+}
