@@ -20,11 +20,11 @@ pub const AGENT_FLAGS: &[&str] = &["--raft-heartbeat", "100ms", "--raft-election
 /// A built binary of the workspace (`cargo xtask test` builds them first).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("reason: the test knows its own path");
-    // target/debug/deps/test-hash -> target/debug/name
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("reason: tests run from target/<profile>/deps");
+    // Tests run from target/<profile>/deps, binaries from target/<profile>.
+    let mut dir = exe.parent().expect("reason: an executable lives in a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("reason: deps sits in the profile directory");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
