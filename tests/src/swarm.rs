@@ -7,14 +7,15 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::{cluster::Cluster, process::Process};
 
-/// The Raft and heartbeat timing tests use: fast, so scenarios converge quickly.
+/// The Raft timing tests use: twice the defaults, so many agents sharing two
+/// cores with debug builds do not see spurious elections.
 pub const AGENT_FLAGS: &[&str] = &["--raft-heartbeat", "100ms", "--raft-election-timeout", "500ms"];
 
 /// A built binary of the workspace (`cargo xtask test` builds them first).
@@ -52,11 +53,17 @@ pub struct Swarm {
     /// One agent per host.
     pub agents: Vec<Agent>,
     dir: PathBuf,
+    flags: &'static [&'static str],
 }
 
 impl Swarm {
     /// `n` hosts, each running an agent that is not yet in a swarm.
     pub fn new(n: usize) -> Swarm {
+        Swarm::with_flags(n, AGENT_FLAGS)
+    }
+
+    /// As [`Swarm::new`], with these `mesh-agent run` flags (none: the defaults).
+    pub fn with_flags(n: usize, flags: &'static [&'static str]) -> Swarm {
         let cluster = Cluster::new(n).expect("build the hosts");
         let dir = std::env::temp_dir().join(format!("meshswarm-{}-{}", std::process::id(), unique()));
         let _ = fs::remove_dir_all(&dir);
@@ -72,7 +79,12 @@ impl Swarm {
                 }
             })
             .collect();
-        let mut swarm = Swarm { cluster, agents, dir };
+        let mut swarm = Swarm {
+            cluster,
+            agents,
+            dir,
+            flags,
+        };
         for i in 0..n {
             swarm.start(i);
         }
@@ -95,7 +107,7 @@ impl Swarm {
             .arg(&agent.socket)
             .arg("--hostname")
             .arg(format!("h{i}"))
-            .args(AGENT_FLAGS)
+            .args(self.flags)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup the log"))

@@ -42,10 +42,10 @@ struct RunArgs {
     #[arg(long)]
     hostname: Option<String>,
     /// Raft leader heartbeat interval.
-    #[arg(long, default_value = "100ms")]
+    #[arg(long, default_value = "50ms")]
     raft_heartbeat: String,
     /// Raft election timeout (randomised between this and twice this).
-    #[arg(long, default_value = "500ms")]
+    #[arg(long, default_value = "150ms")]
     raft_election_timeout: String,
     /// Log entries between Raft snapshots.
     #[arg(long, default_value_t = 1000)]
