@@ -68,7 +68,7 @@ pub fn down_after(state: &ClusterState) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::state::{Availability, Node, Role};
+    use crate::control::state::{tests::node, Node, Role};
 
     fn with_nodes(statuses: &[(NodeId, NodeStatus)]) -> ClusterState {
         let mut s = ClusterState::default();
@@ -76,18 +76,8 @@ mod tests {
             s.nodes.insert(
                 *id,
                 Node {
-                    id: *id,
-                    hostname: String::new(),
-                    role: Role::Worker,
-                    availability: Availability::Active,
-                    labels: Default::default(),
-                    addr: String::new(),
-                    data_path_addr: String::new(),
                     status: *status,
-                    status_message: String::new(),
-                    agent_version: String::new(),
-                    created_at: 0,
-                    updated_at: 0,
+                    ..node(*id, Role::Worker)
                 },
             );
         }

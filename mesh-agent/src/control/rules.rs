@@ -251,28 +251,17 @@ fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::state::{Availability, Node};
+    use crate::control::state::{tests::node as test_node, Node};
 
     fn state(nodes: &[(NodeId, &str, Role, NodeStatus)]) -> ClusterState {
         let mut s = ClusterState::default();
         for (id, host, role, status) in nodes {
-            s.nodes.insert(
-                *id,
-                Node {
-                    id: *id,
-                    hostname: host.to_string(),
-                    role: *role,
-                    availability: Availability::Active,
-                    labels: Default::default(),
-                    addr: String::new(),
-                    data_path_addr: String::new(),
-                    status: *status,
-                    status_message: String::new(),
-                    agent_version: String::new(),
-                    created_at: 0,
-                    updated_at: 0,
-                },
-            );
+            let node = Node {
+                hostname: host.to_string(),
+                status: *status,
+                ..test_node(*id, *role)
+            };
+            s.nodes.insert(*id, node);
         }
         s
     }

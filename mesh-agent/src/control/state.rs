@@ -362,9 +362,10 @@ pub fn parse_node_id(text: &str) -> Option<NodeId> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A node record for tests: hostname `h<id>`, status Unknown.
     pub(crate) fn node(id: NodeId, role: Role) -> Node {
         Node {
             id,
