@@ -260,6 +260,23 @@ impl Swarm {
         );
     }
 
+    /// Host `i`'s own view of its swarm (`meshctl info --format json`).
+    pub fn info(&self, i: usize) -> Option<mesh_agent::control::api::SwarmInfo> {
+        let out = self.meshctl(i, &["info", "--format", "json"]);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The index host `i` has applied to its local copy of the store.
+    pub fn applied(&self, i: usize) -> Option<u64> {
+        self.info(i)?.raft?.last_applied
+    }
+
+    /// Whether managers `ms` have all applied the same index, at least `min`.
+    pub fn stores_agree(&self, ms: &[usize], min: u64) -> bool {
+        let applied: Vec<Option<u64>> = ms.iter().map(|m| self.applied(*m)).collect();
+        applied.iter().all(|a| a.is_some_and(|a| a >= min)) && applied.windows(2).all(|w| w[0] == w[1])
+    }
+
     /// `node ls` rows on host `i` as (hostname, status, availability, manager status).
     pub fn nodes(&self, i: usize) -> Vec<(String, String, String, String)> {
         let out = self.meshctl(i, &["node", "ls"]);

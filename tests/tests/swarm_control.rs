@@ -118,9 +118,10 @@ fn leader_loss_keeps_every_acknowledged_write_and_the_old_leader_catches_up() {
         after_kill > 0,
         "no write committed after the leader died; last error: {last_error}"
     );
+    let committed = swarm.applied(1).expect("h1 reports its store");
     swarm.start(0);
-    swarm.wait("old leader back and caught up", CONVERGE, || {
-        managers_agree(&swarm, &[0, 1, 2], 3) && {
+    swarm.wait("old leader back, its own store caught up", CONVERGE, || {
+        managers_agree(&swarm, &[0, 1, 2], 3) && swarm.stores_agree(&[0, 1, 2], committed) && {
             let inspect = swarm.meshctl(0, &["node", "inspect", "h1"]);
             let text = String::from_utf8_lossy(&inspect.stdout).into_owned();
             acknowledged.iter().all(|k| text.contains(&format!("\"{k}\"")))
@@ -146,11 +147,19 @@ fn a_partitioned_manager_cannot_commit_and_converges_after_healing() {
         String::from_utf8_lossy(&minority.stderr)
     );
     swarm.ok(0, &["node", "update", "--label-add", "majority=1", "h2"]);
+    let committed = swarm.applied(0).expect("h0 reports its store");
     swarm.cluster.heal(2).expect("heal h2");
-    swarm.wait("h2 sees the majority's write", CONVERGE, || {
-        let text = String::from_utf8_lossy(&swarm.meshctl(2, &["node", "inspect", "h2"]).stdout).into_owned();
-        text.contains("\"majority\"") && !text.contains("\"minority\"")
+    swarm.wait("h2's own store caught up", CONVERGE, || {
+        swarm.stores_agree(&[0, 1, 2], committed)
     });
+    let inspect = swarm.meshctl(2, &["node", "inspect", "h2"]);
+    let text = String::from_utf8_lossy(&inspect.stdout).into_owned();
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    assert!(text.contains("\"majority\""), "{text}");
+    assert!(
+        !text.contains("\"minority\""),
+        "a write refused to the minority was applied later:\n{text}"
+    );
 }
 
 #[test]
@@ -515,4 +524,43 @@ fn the_cluster_port_authorizes_every_call_by_its_certificate() {
             "was removed",
         );
     });
+}
+
+#[test]
+fn a_new_manager_catches_up_from_a_snapshot_after_compaction() {
+    require_root();
+    // Snapshot every 20 entries, keeping 10: the early log is purged.
+    const FLAGS: &[&str] = &[
+        "--raft-heartbeat",
+        "100ms",
+        "--raft-election-timeout",
+        "500ms",
+        "--raft-snapshot-interval",
+        "20",
+    ];
+    let swarm = Swarm::with_flags(2, FLAGS);
+    swarm.init(&[]);
+    for n in 0..60 {
+        swarm.ok(0, &["node", "update", "--label-add", &format!("s{n}=1"), "h0"]);
+    }
+    let leader = swarm.info(0).and_then(|i| i.raft).expect("h0 reports its store");
+    assert!(
+        leader.purged_index.is_some_and(|p| p >= 20),
+        "the log was compacted: {leader:?}"
+    );
+    swarm.join(1, 0, "manager");
+    let committed = swarm.applied(0).unwrap();
+    swarm.wait("h1 a voter with the whole state", CONVERGE, || {
+        managers_agree(&swarm, &[0, 1], 2) && swarm.stores_agree(&[0, 1], committed)
+    });
+    let follower = swarm.info(1).and_then(|i| i.raft).unwrap();
+    assert!(
+        follower.snapshot_index.is_some_and(|s| s >= 20),
+        "h1 installed a snapshot: {follower:?}"
+    );
+    // Its state is whole: with the leader gone, the survivor cannot commit
+    // alone, but reads of its own store are not what the CLI offers; so kill
+    // h0 last and check h1 held every label before that.
+    let text = swarm.ok(1, &["node", "inspect", "h0"]);
+    assert!((0..60).all(|n| text.contains(&format!("\"s{n}\""))));
 }

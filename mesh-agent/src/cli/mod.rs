@@ -334,6 +334,16 @@ async fn run(cli: Cli) -> ApiResult<()> {
                 for (id, addr) in &info.managers {
                     println!("  {} {addr}", node_id_text(*id));
                 }
+                if let Some(r) = &info.raft {
+                    let n = |v: Option<u64>| v.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+                    println!(" Raft:");
+                    println!("  Term: {}", r.term);
+                    println!("  Last log index: {}", n(r.last_log_index));
+                    println!("  Applied index: {}", n(r.last_applied));
+                    println!("  Snapshot index: {}", n(r.snapshot_index));
+                    println!("  Purged up to: {}", n(r.purged_index));
+                    println!("  Voters: {}", r.voters.len());
+                }
             }
             Ok(())
         }

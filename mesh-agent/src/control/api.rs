@@ -149,8 +149,27 @@ pub struct SwarmInfo {
     pub managers: Vec<(NodeId, String)>,
     /// The current Raft leader, if this node is a manager and knows it.
     pub leader: Option<NodeId>,
+    /// This manager's Raft store, as it stands here.
+    pub raft: Option<RaftInfo>,
     /// Agent version.
     pub agent_version: String,
+}
+
+/// One manager's view of its Raft store (`meshctl info`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RaftInfo {
+    /// Current term.
+    pub term: u64,
+    /// Index of the last entry in the local log.
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry applied to the local state.
+    pub last_applied: Option<u64>,
+    /// Index the local snapshot covers.
+    pub snapshot_index: Option<u64>,
+    /// Entries up to this index were purged from the log (compaction).
+    pub purged_index: Option<u64>,
+    /// The voters.
+    pub voters: Vec<NodeId>,
 }
 
 /// A node as `node ls` / `node inspect` show it.

@@ -173,6 +173,19 @@ impl Manager {
             .map(|n| n.addr.clone())
     }
 
+    /// This manager's Raft status.
+    pub fn raft_info(&self) -> super::api::RaftInfo {
+        let m = self.raft.metrics().borrow().clone();
+        super::api::RaftInfo {
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            last_applied: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            voters: m.membership_config.membership().voter_ids().collect(),
+        }
+    }
+
     /// The Raft voters.
     pub fn voters(&self) -> BTreeSet<NodeId> {
         self.raft

@@ -38,6 +38,11 @@ use super::{
     token::JoinToken,
 };
 
+/// How long a manager waits for the leader to answer a forwarded request.
+/// Cluster requests commit in milliseconds; past this the leader is gone or
+/// cut off, and the caller hears "unavailable" while a new one is elected.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How the agent runs, from its command line.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -268,6 +273,7 @@ impl Agent {
             role: None,
             managers: vec![],
             leader: None,
+            raft: None,
             agent_version: crate::VERSION.into(),
         };
         match &*self.phase.lock().await {
@@ -286,6 +292,7 @@ impl Agent {
                 info.managers = config.managers;
                 info.role = Some(m.creds.read().expect("reason: never poisoned").role);
                 info.leader = m.manager().and_then(|mgr| mgr.leader());
+                info.raft = m.manager().map(|mgr| mgr.raft_info());
             }
         }
         info
@@ -743,7 +750,7 @@ impl Member {
             origin,
             request: Box::new(request),
         };
-        match self.peers.call(&addr, forward, Duration::from_secs(30)).await {
+        match self.peers.call(&addr, forward, FORWARD_TIMEOUT).await {
             Ok(r) => r,
             Err(e) => PeerResponse::Refused(ApiError::unavailable(format!(
                 "forwarding to the leader at {addr}: {e}"

@@ -565,6 +565,8 @@ struct Connection<Resp> {
     /// Encoded frames for the writer.
     frames: mpsc::Sender<Vec<u8>>,
     calls: Arc<Calls<Resp>>,
+    /// Wakes the connection task to reset the connection.
+    abort: Arc<tokio::sync::Notify>,
 }
 
 type Reply<Resp> = oneshot::Sender<Result<Resp, RpcError>>;
@@ -706,14 +708,40 @@ where
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_frame(id, &request, self.shared.options.max_frame)?;
         drop(request);
-        match tokio::time::timeout(timeout, self.send_and_wait(id, frame)).await {
+        let used = Mutex::new(None);
+        match tokio::time::timeout(timeout, self.send_and_wait(id, frame, &used)).await {
             Ok(result) => result,
-            Err(_) => Err(RpcError::Timeout),
+            Err(_) => {
+                // The request may still sit in a send buffer (a partitioned
+                // peer, say). Reset the connection so it is never delivered
+                // after the caller was told it failed.
+                let connection = used.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(connection) = connection {
+                    self.abort(&connection);
+                }
+                Err(RpcError::Timeout)
+            }
         }
     }
 
-    async fn send_and_wait(&self, id: u64, frame: Vec<u8>) -> Result<Resp, RpcError> {
+    /// Resets `connection` (abortive close: unsent bytes are dropped) and
+    /// forgets it, so the next call reconnects.
+    fn abort(&self, connection: &Arc<Connection<Resp>>) {
+        connection.abort.notify_one();
+        let mut state = self.shared.state();
+        if state.connection.as_ref().is_some_and(|c| Arc::ptr_eq(c, connection)) {
+            state.connection = None;
+        }
+    }
+
+    async fn send_and_wait(
+        &self,
+        id: u64,
+        frame: Vec<u8>,
+        used: &Mutex<Option<Arc<Connection<Resp>>>>,
+    ) -> Result<Resp, RpcError> {
         let connection = self.connection().await?;
+        *used.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&connection));
         let reply = connection.calls.register(id)?;
         let _guard = CallGuard {
             calls: &connection.calls,
@@ -787,6 +815,11 @@ where
         if let Err(error) = tcp.set_nodelay(true) {
             log::debug!("RPC client: cannot set TCP_NODELAY for {addr}: {error}");
         }
+        // Closing resets the connection and drops what was not sent yet, so
+        // an abandoned request is never delivered late.
+        if let Err(error) = tcp.set_zero_linger() {
+            log::debug!("RPC client: cannot set SO_LINGER 0 for {addr}: {error}");
+        }
         let name = shared.server_name.to_str();
         let handshake = TlsConnector::from(tls).connect(shared.server_name.clone(), tcp);
         let stream = match tokio::time::timeout(options.handshake_timeout, handshake).await {
@@ -808,14 +841,16 @@ where
         let calls = Arc::new(Calls {
             state: Mutex::new(CallsState::Open(HashMap::new())),
         });
+        let abort = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(run_client_connection(
             stream,
             queue,
             Arc::clone(&calls),
             addr.clone(),
             options.max_frame,
+            Arc::clone(&abort),
         ));
-        Ok(Connection { frames, calls })
+        Ok(Connection { frames, calls, abort })
     }
 }
 
@@ -828,17 +863,24 @@ async fn run_client_connection<Resp: DeserializeOwned, S: AsyncRead + AsyncWrite
     calls: Arc<Calls<Resp>>,
     addr: String,
     max_frame: usize,
+    abort: Arc<tokio::sync::Notify>,
 ) {
     let (mut reader, mut writer) = tokio::io::split(stream);
     enum End {
         Read(Result<(), RpcError>),
         Write(io::Result<()>),
+        Aborted,
     }
     let end = tokio::select! {
         read = read_responses(&mut reader, &calls, max_frame) => End::Read(read),
         write = write_frames(&mut writer, &mut queue) => End::Write(write),
+        () = abort.notified() => End::Aborted,
     };
     let error = match end {
+        End::Aborted => {
+            log::debug!("RPC client: reset the connection to {addr} after a call timed out");
+            RpcError::Closed
+        }
         End::Read(Ok(())) => {
             log::debug!("RPC client: {addr} closed the connection");
             RpcError::Closed
@@ -1244,11 +1286,16 @@ mod tests {
                 client.call(Request::Echo("x".into()), CALL).await.unwrap(),
                 Response::Echo("x".into())
             );
-            // The late response arrives on the same connection and is dropped.
+            // The timed-out call's connection was reset (so nothing it queued
+            // can arrive late) and the client carried on over a new one.
             tokio::time::sleep(Duration::from_millis(400)).await;
             let fast = client.call(Request::Sleep { millis: 0, value: 2 }, CALL).await;
             assert_eq!(fast.unwrap(), Response::Value(2));
-            assert_eq!(server.handler.peers.lock().unwrap().len(), 1, "still one connection");
+            assert_eq!(
+                server.handler.peers.lock().unwrap().len(),
+                2,
+                "a fresh connection after the timeout"
+            );
             server.stop().await;
         })
         .await;
