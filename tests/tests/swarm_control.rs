@@ -564,3 +564,125 @@ fn a_new_manager_catches_up_from_a_snapshot_after_compaction() {
     let text = swarm.ok(1, &["node", "inspect", "h0"]);
     assert!((0..60).all(|n| text.contains(&format!("\"s{n}\""))));
 }
+
+#[test]
+fn an_operator_manages_the_swarm_remotely_with_its_own_certificate() {
+    require_root();
+    let swarm = Swarm::new(3);
+    swarm.init(&[]);
+    swarm.join(1, 0, "manager");
+    swarm.wait("2 managers", CONVERGE, || managers_agree(&swarm, &[0, 1], 2));
+    let dir = swarm.agents[2].data_dir.parent().unwrap().join("operator");
+    let dir_text = dir.display().to_string();
+    let out = swarm.ok(0, &["swarm", "operator-cert", "--name", "alice", "--out", &dir_text]);
+    assert!(out.contains("written to"), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(dir.join("key.pem")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // From h2, which is in no swarm: the leader and a follower both answer.
+    for via in [0, 1] {
+        let host = format!("{}:2377", swarm.cluster.host(via).address());
+        let ls = swarm.ok(2, &["--host", &host, "--tls-dir", &dir_text, "node", "ls"]);
+        assert_eq!(ls.lines().count(), 3, "{ls}");
+        swarm.ok(
+            2,
+            &[
+                "--host",
+                &host,
+                "--tls-dir",
+                &dir_text,
+                "node",
+                "update",
+                "--label-add",
+                &format!("via{via}=1"),
+                "h1",
+            ],
+        );
+    }
+    let inspect = swarm.ok(0, &["node", "inspect", "h1"]);
+    assert!(
+        inspect.contains("\"via0\"") && inspect.contains("\"via1\""),
+        "{inspect}"
+    );
+    let host0 = format!("{}:2377", swarm.cluster.host(0).address());
+    let token = swarm.ok(
+        2,
+        &[
+            "--host",
+            &host0,
+            "--tls-dir",
+            &dir_text,
+            "swarm",
+            "join-token",
+            "worker",
+        ],
+    );
+    assert!(token.contains("MESHTKN-1-") && token.contains(&host0), "{token}");
+    // Commands that act on the local node are refused remotely, with the reason.
+    let (code, err) = swarm.fails(2, &["--host", &host0, "--tls-dir", &dir_text, "swarm", "leave"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("without --host"), "{err}");
+    // Without the files: a clear error.
+    let (code, err) = swarm.fails(2, &["--host", &host0, "--tls-dir", "/nonexistent", "node", "ls"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("operator-cert"), "{err}");
+    // An operator certificate cannot act as a manager in Raft.
+    swarm.cluster.host(2).run(|| {
+        let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+        let (cert, key, ca) = (read("cert.pem"), read("key.pem"), read("ca.pem"));
+        let vote = mesh_agent::control::api::PeerRequest::Vote(openraft::raft::VoteRequest::new(
+            openraft::Vote::new(99, 12345),
+            None,
+        ));
+        wire::refused_with(
+            wire::call(&host0, &[ca], Some((&cert, &key)), vote),
+            mesh_agent::control::api::ErrorKind::PermissionDenied,
+            "reserved to managers",
+        );
+    });
+}
+
+#[test]
+fn a_node_whose_certificate_expired_while_away_is_refused_until_it_rejoins() {
+    require_root();
+    let mut swarm = Swarm::new(2);
+    swarm.init(&["--cert-expiry", "1m"]);
+    swarm.join(1, 0, "worker");
+    swarm.wait("2 nodes ready", CONVERGE, || {
+        swarm.nodes(0).iter().filter(|n| n.1 == "Ready").count() == 2
+    });
+    // Alive, it renews well before expiry (two thirds of the lifetime).
+    let cert = |i: usize| std::fs::read(swarm.agents[i].data_dir.join("certs/node.pem")).unwrap_or_default();
+    let first = cert(1);
+    swarm.wait("h1 renewed its certificate", Duration::from_secs(70), || {
+        cert(1) != first
+    });
+    // Away for longer than the lifetime: the certificate lapses.
+    swarm.kill(1);
+    let expires = std::time::Instant::now() + Duration::from_secs(62);
+    swarm.wait("h1 down", CONVERGE, || {
+        swarm.nodes(0).iter().any(|n| n.0 == "h1" && n.1 == "Down")
+    });
+    std::thread::sleep(expires.saturating_duration_since(std::time::Instant::now()));
+    swarm.start(1);
+    let log = swarm.agents[1].log.clone();
+    swarm.wait("h1 explains its expired certificate", CONVERGE, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("certificate expired")
+    });
+    assert!(
+        swarm.nodes(0).iter().any(|n| n.0 == "h1" && n.1 == "Down"),
+        "an expired certificate was honoured"
+    );
+    // The way back: leave, remove, join again.
+    swarm.ok(1, &["swarm", "leave"]);
+    swarm.ok(0, &["node", "rm", "h1"]);
+    swarm.join(1, 0, "worker");
+    swarm.wait("h1 back", CONVERGE, || {
+        swarm.nodes(0).iter().filter(|n| n.1 == "Ready").count() == 2
+    });
+}

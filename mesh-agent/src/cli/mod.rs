@@ -8,7 +8,7 @@
 
 pub mod table;
 
-use std::{io::BufRead, path::PathBuf};
+use std::{io::BufRead, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -17,8 +17,14 @@ use crate::control::{
         parse_labels, ApiError, ApiResult, ClusterRequest, ClusterResponse, InitRequest, JoinRequest, LocalRequest,
         LocalResponse, NodeView, SwarmInfo,
     },
+    api::{PeerRequest, PeerResponse},
     local,
+    network::MANAGER_NAME,
+    pki::NodeKey,
+    rpc::RpcClient,
+    rules,
     state::{node_id_text, Availability, NodeStatus, NodeUpdate, Role},
+    tls,
 };
 
 /// meshctl's command line.
@@ -28,6 +34,13 @@ pub struct Cli {
     /// The agent's socket (default /run/mesh/mesh.sock, or $MESH_SOCKET).
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
+    /// Talk to a remote manager (HOST:PORT) over mutual TLS instead of the
+    /// local agent; needs an operator certificate (`swarm operator-cert`).
+    #[arg(long, global = true, env = "MESH_HOST")]
+    host: Option<String>,
+    /// Where the operator certificate for --host lives (key.pem, cert.pem, ca.pem).
+    #[arg(long, global = true, env = "MESH_TLS_DIR", default_value = "~/.mesh/tls")]
+    tls_dir: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -167,6 +180,18 @@ enum SwarmCommand {
         #[arg(long)]
         rotate: bool,
     },
+    /// Issue an operator certificate for `meshctl --host` (the key never leaves this machine).
+    OperatorCert {
+        /// Who it is for.
+        #[arg(long)]
+        name: String,
+        /// Directory to write key.pem (0600), cert.pem and ca.pem into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity.
+        #[arg(long, default_value = "720h")]
+        expiry: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -245,13 +270,74 @@ pub fn main() -> i32 {
     }
 }
 
+/// Where requests go: the local agent's socket, or a remote manager.
+enum Transport {
+    Local(PathBuf),
+    Remote {
+        addr: String,
+        rpc: RpcClient<PeerRequest, PeerResponse>,
+    },
+}
+
 struct Client {
-    socket: PathBuf,
+    transport: Transport,
 }
 
 impl Client {
+    fn new(socket: Option<PathBuf>, host: Option<String>, tls_dir: &str) -> ApiResult<Client> {
+        let Some(host) = host else {
+            return Ok(Client {
+                transport: Transport::Local(local::socket_path(socket)),
+            });
+        };
+        let addr = rules::parse_remote_addr(&host)?;
+        let dir = expand_home(tls_dir);
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| {
+                ApiError::invalid(format!(
+                    "--host needs an operator certificate: {}: {e} (issue one with `meshctl swarm operator-cert --name NAME --out {}` on a manager)",
+                    dir.join(name).display(),
+                    dir.display()
+                ))
+            })
+        };
+        let (key, cert, ca) = (read("key.pem")?, read("cert.pem")?, read("ca.pem")?);
+        let roots = vec![ca];
+        let config = tls::client_config(&roots, Some((&cert, &key)))
+            .map_err(|e| ApiError::invalid(format!("{}: {e}", dir.display())))?;
+        let name = MANAGER_NAME.try_into().expect("reason: a valid DNS name");
+        Ok(Client {
+            transport: Transport::Remote {
+                rpc: RpcClient::new(addr.clone(), config, name),
+                addr,
+            },
+        })
+    }
+
     async fn call(&self, request: LocalRequest) -> ApiResult<LocalResponse> {
-        local::call(&self.socket, &request).await
+        match &self.transport {
+            Transport::Local(socket) => local::call(socket, &request).await,
+            Transport::Remote { addr, rpc } => {
+                let LocalRequest::Cluster(cluster) = request else {
+                    return Err(ApiError::invalid(
+                        "this command acts on the node it runs on: run it there, without --host",
+                    ));
+                };
+                match rpc.call(PeerRequest::Cluster(cluster), Duration::from_secs(30)).await {
+                    Ok(PeerResponse::Cluster(r)) => r.map(LocalResponse::Cluster),
+                    Ok(PeerResponse::Refused(e)) => Err(e),
+                    Ok(other) => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+                    Err(e) => Err(ApiError::unavailable(format!("{addr}: {e}"))),
+                }
+            }
+        }
+    }
+
+    fn remote_addr(&self) -> Option<&str> {
+        match &self.transport {
+            Transport::Remote { addr, .. } => Some(addr),
+            Transport::Local(_) => None,
+        }
     }
 
     async fn cluster(&self, request: ClusterRequest) -> ApiResult<ClusterResponse> {
@@ -289,6 +375,30 @@ impl Client {
     }
 }
 
+fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}
+
+/// Writes the operator's key, certificate and roots, the key readable by its owner only.
+fn write_operator_files(dir: &std::path::Path, key: &str, cert: &str, roots: &[String]) -> ApiResult<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| ApiError::invalid(format!("{}: {e}", dir.display())))?;
+    let write = |name: &str, text: &str| {
+        crate::control::keystore::write_private(&dir.join(name), text.as_bytes())
+            .map_err(|e| ApiError::internal(e.to_string()))
+    };
+    write("key.pem", key)?;
+    write("cert.pem", cert)?;
+    write("ca.pem", &roots.concat())
+}
+
 fn unexpected(other: LocalResponse) -> ApiError {
     ApiError::internal(format!("unexpected reply from the agent: {other:?}"))
 }
@@ -300,9 +410,7 @@ fn duration_ms(flag: &str, text: &str) -> ApiResult<u64> {
 }
 
 async fn run(cli: Cli) -> ApiResult<()> {
-    let client = Client {
-        socket: local::socket_path(cli.socket),
-    };
+    let client = Client::new(cli.socket, cli.host, &cli.tls_dir)?;
     match cli.command {
         Command::Version => {
             println!("Client: meshctl {}", crate::VERSION);
@@ -429,13 +537,17 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
             if rotate {
                 println!("Successfully rotated {} join token.\n", role_text(role));
             }
-            let info = client.info().await?;
-            let addr = info
-                .managers
-                .iter()
-                .find(|(id, _)| Some(*id) == info.node_id)
-                .map(|(_, a)| a.clone())
-                .unwrap_or_default();
+            let addr = match client.remote_addr() {
+                Some(addr) => addr.to_string(),
+                None => {
+                    let info = client.info().await?;
+                    info.managers
+                        .iter()
+                        .find(|(id, _)| Some(*id) == info.node_id)
+                        .map(|(_, a)| a.clone())
+                        .unwrap_or_default()
+                }
+            };
             println!("To add a {} to this swarm, run the following command:\n\n    meshctl swarm join --token {token} {addr}\n", role_text(role));
             Ok(())
         }
@@ -482,6 +594,30 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
                 _ => println!("Swarm updated."),
             }
             Ok(())
+        }
+        SwarmCommand::OperatorCert { name, out, expiry } => {
+            let validity_secs = duration_ms("expiry", &expiry)? / 1000;
+            let key = NodeKey::generate().map_err(|e| ApiError::internal(e.to_string()))?;
+            let csr_pem = key.csr_pem().map_err(|e| ApiError::internal(e.to_string()))?;
+            match client
+                .cluster(ClusterRequest::IssueOperatorCert {
+                    name: name.clone(),
+                    csr_pem,
+                    validity_secs,
+                })
+                .await?
+            {
+                ClusterResponse::Certificate { cert_pem, ca_pems } => {
+                    write_operator_files(&out, &key.key_pem(), &cert_pem, &ca_pems)?;
+                    println!("Operator certificate for {name} written to {}.", out.display());
+                    println!(
+                        "Use it with: meshctl --host MANAGER:2377 --tls-dir {} node ls",
+                        out.display()
+                    );
+                    Ok(())
+                }
+                other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+            }
         }
         SwarmCommand::Ca { rotate } => {
             if !rotate {
@@ -565,7 +701,10 @@ async fn node(client: &Client, cmd: NodeCommand) -> ApiResult<()> {
             } else if format == Format::Json {
                 println!("{}", json(&nodes)?);
             } else {
-                let self_id = client.info().await.ok().and_then(|i| i.node_id);
+                let self_id = match client.remote_addr() {
+                    Some(_) => None,
+                    None => client.info().await.ok().and_then(|i| i.node_id),
+                };
                 print!("{}", node_table(&nodes, self_id));
             }
             Ok(())

@@ -225,6 +225,15 @@ pub enum ClusterRequest {
     },
     /// `swarm ca --rotate`.
     CaRotate,
+    /// `swarm operator-cert`: a client certificate for `meshctl --host`.
+    IssueOperatorCert {
+        /// Who it is for (the certificate's CN).
+        name: String,
+        /// PEM CSR of a key the operator keeps.
+        csr_pem: String,
+        /// Lifetime in seconds.
+        validity_secs: u64,
+    },
 }
 
 /// Replies to [`ClusterRequest`].
@@ -240,6 +249,13 @@ pub enum ClusterResponse {
     Secret(String),
     /// `swarm ca --rotate`: the new CA's digest.
     CaDigest(String),
+    /// An issued certificate (PEM) and the roots to trust (PEM).
+    Certificate {
+        /// The certificate.
+        cert_pem: String,
+        /// The swarm's roots.
+        ca_pems: Vec<String>,
+    },
 }
 
 /// `meshctl` -> local agent.
@@ -406,6 +422,9 @@ pub enum PeerRequest {
 pub struct Origin {
     /// Node ID and role from the caller's certificate, if it presented one.
     pub identity: Option<(NodeId, Role)>,
+    /// The operator name, when the caller presented an operator certificate.
+    #[serde(default)]
+    pub operator: Option<String>,
     /// The caller's IP address as the first manager saw it.
     pub ip: std::net::IpAddr,
 }

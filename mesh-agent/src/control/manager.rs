@@ -347,6 +347,36 @@ impl Manager {
                 .await?;
                 Ok(key.map(ClusterResponse::Secret).unwrap_or(ClusterResponse::Done))
             }
+            ClusterRequest::IssueOperatorCert {
+                name,
+                csr_pem,
+                validity_secs,
+            } => {
+                if !pki::valid_operator_name(&name) {
+                    return Err(ApiError::invalid(format!(
+                        "invalid operator name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-'"
+                    )));
+                }
+                if !(60..=366 * 86400).contains(&validity_secs) {
+                    return Err(ApiError::invalid("--expiry must be between 1m and 366d"));
+                }
+                let cluster_id = cluster_id(&state)?;
+                let now = SystemTime::now();
+                let cert_pem = current_ca(&state)?
+                    .issue_operator(
+                        &csr_pem,
+                        &name,
+                        &cluster_id,
+                        now - pki::backdate(Duration::from_secs(validity_secs)),
+                        now + Duration::from_secs(validity_secs),
+                    )
+                    .map_err(|e| ApiError::invalid(format!("cannot issue the certificate: {e}")))?;
+                log::info!("issued an operator certificate for {name:?}, valid {validity_secs} s");
+                Ok(ClusterResponse::Certificate {
+                    cert_pem,
+                    ca_pems: roots(&state),
+                })
+            }
             ClusterRequest::CaRotate => {
                 let cluster_id = cluster_id(&state)?;
                 let old = state
@@ -693,7 +723,7 @@ fn issue(ca: &RootCa, csr_pem: &str, id: NodeId, role: Role, cluster_id: &str, e
     ca.issue(
         csr_pem,
         &identity,
-        now - Duration::from_secs(300),
+        now - pki::backdate(Duration::from_secs(expiry_secs)),
         now + Duration::from_secs(expiry_secs),
     )
     .map_err(|e| ApiError::invalid(format!("cannot issue a certificate: {e}")))

@@ -368,7 +368,7 @@ impl Agent {
             .issue(
                 &csr,
                 &identity,
-                now - Duration::from_secs(300),
+                now - pki::backdate(Duration::from_secs(req.cert_expiry_secs)),
                 now + Duration::from_secs(req.cert_expiry_secs),
             )
             .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -699,6 +699,7 @@ impl Member {
     fn self_origin(&self) -> Origin {
         Origin {
             identity: Some((self.id, self.creds.read().expect("reason: never poisoned").role)),
+            operator: None,
             ip: IpAddr::from([127, 0, 0, 1]),
         }
     }
@@ -772,7 +773,15 @@ impl Member {
                     }
                 }
                 Err(e) if !warned => {
-                    log::warn!("heartbeat: {e}");
+                    let not_after = self.creds.read().expect("reason: never poisoned").not_after;
+                    if not_after < unix_now() {
+                        log::error!(
+                            "heartbeat: {e}; this node's certificate expired (unix time {not_after}) while it was away: \
+                             run `meshctl swarm leave` here, `meshctl node rm` on a manager, and join again with a token"
+                        );
+                    } else {
+                        log::warn!("heartbeat: {e}");
+                    }
                     warned = true;
                 }
                 Err(_) => {}
@@ -930,8 +939,8 @@ async fn serve_as_leader(manager: &Manager, origin: Origin, request: PeerRequest
             Some((id, _)) => PeerResponse::Certificate(manager.handle_renew(id, &csr_pem).await),
             None => PeerResponse::Refused(no_certificate()),
         },
-        PeerRequest::Cluster(req) => match caller {
-            Some((_, Role::Manager)) => PeerResponse::Cluster(manager.handle_cluster(req).await),
+        PeerRequest::Cluster(req) => match (caller, &origin.operator) {
+            (Some((_, Role::Manager)), _) | (None, Some(_)) => PeerResponse::Cluster(manager.handle_cluster(req).await),
             _ => PeerResponse::Refused(manager_only()),
         },
         other => PeerResponse::Refused(ApiError::invalid(format!("{} cannot be forwarded", kind(&other)))),
@@ -974,12 +983,16 @@ impl Handler for PeerHandler {
         };
         let cluster_id = member.config.lock().expect("reason: never poisoned").cluster_id.clone();
         let identity = tls::peer_identity(&peer.certs).filter(|i| i.cluster_id == cluster_id);
-        if !peer.certs.is_empty() && identity.is_none() {
+        let operator = tls::peer_operator(&peer.certs)
+            .filter(|(_, c)| *c == cluster_id)
+            .map(|(name, _)| name);
+        if !peer.certs.is_empty() && identity.is_none() && operator.is_none() {
             return PeerResponse::Refused(ApiError::denied("the caller's certificate is not of this swarm"));
         }
         let is_manager = identity.as_ref().is_some_and(|i| i.role == Role::Manager);
         let origin = Origin {
             identity: identity.as_ref().map(|i| (i.node_id, i.role)),
+            operator: operator.clone(),
             ip: peer.addr.ip(),
         };
         match request {
@@ -999,6 +1012,7 @@ impl Handler for PeerHandler {
                 None => PeerResponse::Refused(ApiError::unavailable("this node runs no Raft store")),
             },
             PeerRequest::Forwarded { origin, request } if is_manager => member.route(origin, *request, true).await,
+            PeerRequest::Cluster(_) if operator.is_some() => member.route(origin, request, false).await,
             PeerRequest::Forwarded { .. } | PeerRequest::Cluster(_) if !is_manager => {
                 PeerResponse::Refused(manager_only())
             }

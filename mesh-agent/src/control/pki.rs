@@ -25,6 +25,8 @@ pub const MANAGER_DNS: &str = "mesh-manager";
 /// DNS name in every worker certificate.
 pub const WORKER_DNS: &str = "mesh-worker";
 const MANAGER_OU: &str = "mesh-manager";
+/// OU of operator (client-only) certificates for `meshctl --host`.
+const OPERATOR_OU: &str = "mesh-operator";
 const WORKER_OU: &str = "mesh-worker";
 /// Root CA lifetime (as Swarm: 20 years).
 const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 86400);
@@ -192,6 +194,55 @@ impl RootCa {
     }
 }
 
+impl RootCa {
+    /// Signs an operator certificate for `meshctl --host`: CN = `name`,
+    /// OU = `mesh-operator`, client authentication only, so it can call the
+    /// cluster API but can never serve as or pose as a node.
+    pub fn issue_operator(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        cluster_id: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<String, PkiError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| parse_err("the CSR", e))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationalUnitName, OPERATOR_OU);
+        dn.push(DnType::OrganizationName, cluster_id);
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        csr.params = params;
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        Ok(csr.signed_by(&issuer)?.pem())
+    }
+}
+
+/// The operator name and cluster ID in an operator certificate, if it is one.
+pub fn operator_from_cert(der: &[u8]) -> Option<(String, String)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let ou = subject.iter_organizational_unit().next()?.as_str().ok()?;
+    if ou != OPERATOR_OU {
+        return None;
+    }
+    let cn = subject.iter_common_name().next()?.as_str().ok()?.to_string();
+    let o = subject.iter_organization().next()?.as_str().ok()?.to_string();
+    Some((cn, o))
+}
+
+/// Operator names: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn valid_operator_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
 /// A node's private key.
 pub struct NodeKey {
     key: KeyPair,
@@ -257,6 +308,13 @@ pub fn identity_from_cert(der: &[u8]) -> Result<(NodeIdentity, SystemTime), PkiE
         },
         not_after,
     ))
+}
+
+/// How far back a certificate's validity starts, to absorb clock skew
+/// between nodes: 5 minutes, but at most a tenth of the lifetime, so short
+/// lifetimes do not look two-thirds spent when issued.
+pub fn backdate(lifetime: Duration) -> Duration {
+    Duration::from_secs(300).min(lifetime / 10)
 }
 
 /// Whether a certificate valid from `not_before` to `not_after` should be
@@ -378,6 +436,32 @@ mod tests {
             "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
             lines.join("\n")
         )
+    }
+
+    #[test]
+    fn operator_certificates_are_not_node_certificates() {
+        let ca = RootCa::generate("c").unwrap();
+        let key = NodeKey::generate().unwrap();
+        let now = SystemTime::now();
+        let pem = ca
+            .issue_operator(
+                &key.csr_pem().unwrap(),
+                "alice",
+                "c",
+                now,
+                now + Duration::from_secs(60),
+            )
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(operator_from_cert(&der), Some(("alice".into(), "c".into())));
+        assert!(identity_from_cert(&der).is_err(), "an operator is no node");
+        let node = issue(&ca, 1, Role::Manager, "c", &key);
+        assert_eq!(
+            operator_from_cert(&CertificateDer::from_pem_slice(node.as_bytes()).unwrap()),
+            None
+        );
+        assert!(valid_operator_name("ops-team.alice_1"));
+        assert!(!valid_operator_name("") && !valid_operator_name("a b") && !valid_operator_name(&"x".repeat(65)));
     }
 
     #[test]

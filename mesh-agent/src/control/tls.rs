@@ -166,6 +166,12 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
+/// The operator (name, cluster ID) in the leaf of a presented chain, if it is
+/// an operator certificate.
+pub fn peer_operator(certs: &[CertificateDer<'_>]) -> Option<(String, String)> {
+    certs.first().and_then(|leaf| super::pki::operator_from_cert(leaf))
+}
+
 /// The identity in the leaf of a presented chain, if it is a node certificate.
 pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Option<NodeIdentity> {
     certs
