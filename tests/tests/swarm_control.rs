@@ -83,11 +83,14 @@ fn three_managers_and_two_workers_form_a_swarm_from_the_cli() {
 #[test]
 fn leader_loss_keeps_every_acknowledged_write_and_the_old_leader_catches_up() {
     require_root();
-    let mut swarm = Swarm::new(3);
+    let mut swarm = Swarm::new(4);
     swarm.init(&[]);
     swarm.join(1, 0, "manager");
     swarm.join(2, 0, "manager");
-    swarm.wait("3 managers", CONVERGE, || managers_agree(&swarm, &[0, 1, 2], 3));
+    swarm.join(3, 0, "worker");
+    swarm.wait("3 managers and a worker", CONVERGE, || {
+        managers_agree(&swarm, &[0, 1, 2], 4)
+    });
 
     // Writes through a follower; the leader dies after the 10th. Bounded in
     // count (200) and time (30 s).
@@ -118,10 +121,21 @@ fn leader_loss_keeps_every_acknowledged_write_and_the_old_leader_catches_up() {
         after_kill > 0,
         "no write committed after the leader died; last error: {last_error}"
     );
+    // The worker follows the new leader by itself: it stays Ready while the
+    // old leader turns Down.
+    swarm.wait("the old leader marked down, the worker still ready", CONVERGE, || {
+        let rows = swarm.nodes(1);
+        rows.iter().any(|n| n.0 == "h0" && n.1 == "Down") && rows.iter().any(|n| n.0 == "h3" && n.1 == "Ready")
+    });
+    std::thread::sleep(Duration::from_secs(3)); // several Down periods: h3 keeps heartbeating
+    assert!(
+        swarm.nodes(1).iter().any(|n| n.0 == "h3" && n.1 == "Ready"),
+        "the worker lost the swarm"
+    );
     let committed = swarm.applied(1).expect("h1 reports its store");
     swarm.start(0);
     swarm.wait("old leader back, its own store caught up", CONVERGE, || {
-        managers_agree(&swarm, &[0, 1, 2], 3) && swarm.stores_agree(&[0, 1, 2], committed) && {
+        managers_agree(&swarm, &[0, 1, 2], 4) && swarm.stores_agree(&[0, 1, 2], committed) && {
             let inspect = swarm.meshctl(0, &["node", "inspect", "h1"]);
             let text = String::from_utf8_lossy(&inspect.stdout).into_owned();
             acknowledged.iter().all(|k| text.contains(&format!("\"{k}\"")))
