@@ -93,6 +93,11 @@ impl Swarm {
 
     /// Starts host `i`'s agent and waits for its socket.
     pub fn start(&mut self, i: usize) {
+        self.start_with(i, &[]);
+    }
+
+    /// Starts host `i`'s agent with `extra` flags and waits for its socket.
+    pub fn start_with(&mut self, i: usize, extra: &[&str]) {
         let agent = &self.agents[i];
         let log = fs::OpenOptions::new()
             .create(true)
@@ -108,6 +113,7 @@ impl Swarm {
             .arg("--hostname")
             .arg(format!("h{i}"))
             .args(self.flags)
+            .args(extra)
             .env("RUST_LOG", "info,openraft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup the log"))

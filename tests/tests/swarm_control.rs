@@ -700,3 +700,60 @@ fn a_node_whose_certificate_expired_while_away_is_refused_until_it_rejoins() {
         swarm.nodes(0).iter().filter(|n| n.1 == "Ready").count() == 2
     });
 }
+
+#[test]
+fn force_new_cluster_recovers_a_swarm_that_lost_its_quorum_for_good() {
+    require_root();
+    let mut swarm = Swarm::new(3);
+    swarm.init(&[]);
+    swarm.join(1, 0, "manager");
+    swarm.join(2, 0, "manager");
+    swarm.wait("3 managers", CONVERGE, || managers_agree(&swarm, &[0, 1, 2], 3));
+    swarm.ok(0, &["node", "update", "--label-add", "before=1", "h0"]);
+    // Two of three managers gone: no quorum, no writes.
+    swarm.kill(1);
+    swarm.kill(2);
+    let stuck = swarm.meshctl(0, &["node", "update", "--label-add", "stuck=1", "h0"]);
+    assert_eq!(
+        stuck.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&stuck.stderr)
+    );
+    // Recover on h0 from its own data.
+    swarm.kill(0);
+    swarm.start_with(0, &["--force-new-cluster"]);
+    swarm.wait("h0 leads alone", CONVERGE, || {
+        let rows = swarm.nodes(0);
+        rows.len() == 3
+            && rows.iter().filter(|n| !n.3.is_empty()).count() == 1
+            && rows.iter().any(|n| n.0 == "h0" && n.3 == "Leader")
+    });
+    swarm.ok(0, &["node", "update", "--label-add", "after=1", "h0"]);
+    let inspect = swarm.ok(0, &["node", "inspect", "h0"]);
+    assert!(
+        inspect.contains("\"before\"") && inspect.contains("\"after\""),
+        "state kept: {inspect}"
+    );
+    assert!(swarm.agents[0]
+        .data_dir
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("raft.before-force-")));
+    // An old manager coming back with its old store cannot disturb the new
+    // one: it is a worker now, drops its store, and can be promoted again.
+    swarm.start(1);
+    swarm.wait("h1 back as a worker without a store", CONVERGE, || {
+        swarm
+            .nodes(0)
+            .iter()
+            .any(|n| n.0 == "h1" && n.1 == "Ready" && n.3.is_empty())
+            && !swarm.agents[1].data_dir.join("raft").exists()
+    });
+    swarm.ok(0, &["node", "promote", "h1"]);
+    swarm.wait("h1 a voter again", CONVERGE, || {
+        swarm.nodes(0).iter().any(|n| n.0 == "h1" && n.3 == "Reachable")
+    });
+    swarm.ok(1, &["node", "update", "--label-add", "again=1", "h0"]);
+}

@@ -50,6 +50,11 @@ struct RunArgs {
     /// Log entries between Raft snapshots.
     #[arg(long, default_value_t = 1000)]
     raft_snapshot_interval: u64,
+    /// Disaster recovery, when a quorum of managers is lost for good: make
+    /// this manager the only one, keeping the swarm's state; the others are
+    /// demoted. Start once with it, then without.
+    #[arg(long)]
+    force_new_cluster: bool,
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
@@ -76,6 +81,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         data_dir: args.data_dir,
         hostname,
         timing,
+        force_new_cluster: args.force_new_cluster,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -186,6 +186,19 @@ impl Manager {
         }
     }
 
+    /// Whether Raft messages from `caller` are accepted: a store that knows
+    /// its membership only hears its members; a new one, waiting to be
+    /// added, hears any manager.
+    pub fn admits_raft_peer(&self, caller: Option<NodeId>) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let mut members = membership.nodes().map(|(id, _)| *id).peekable();
+        if members.peek().is_none() {
+            return true;
+        }
+        caller.is_some_and(|c| membership.nodes().any(|(id, _)| *id == c))
+    }
+
     /// The Raft voters.
     pub fn voters(&self) -> BTreeSet<NodeId> {
         self.raft

@@ -52,6 +52,9 @@ pub struct AgentOptions {
     pub hostname: String,
     /// Raft timing (managers).
     pub timing: RaftTiming,
+    /// Rebuild a single-manager Raft store from this manager's data (after
+    /// losing quorum for good); see `mesh-agent run --force-new-cluster`.
+    pub force_new_cluster: bool,
 }
 
 /// The non-secret facts a node keeps in `node.json`.
@@ -646,7 +649,11 @@ impl Member {
             stop,
         });
         if role == Role::Manager {
-            member.start_manager().await?;
+            if member.opts.force_new_cluster {
+                member.force_new_cluster().await?;
+            } else {
+                member.start_manager().await?;
+            }
         }
         let handler = Arc::new(PeerHandler {
             member: Arc::downgrade(&member),
@@ -667,6 +674,39 @@ impl Member {
         .await
         .map_err(ApiError::internal)?;
         *self.manager.write().expect("reason: never poisoned") = Some(manager);
+        Ok(())
+    }
+
+    /// Replaces this manager's store with a new single-voter one holding the
+    /// latest state of the old (other managers demoted). The old store is
+    /// kept beside it.
+    async fn force_new_cluster(&self) -> ApiResult<()> {
+        let dir = self.opts.data_dir.join("raft");
+        let path = dir.join("raft.redb");
+        if !path.exists() {
+            return Err(ApiError::precondition(
+                "--force-new-cluster: this node has no Raft store to recover from",
+            ));
+        }
+        let old = super::store::recover(&path, self.dek.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
+        let addr =
+            old.nodes.get(&self.id).map(|n| n.addr.clone()).ok_or_else(|| {
+                ApiError::precondition("--force-new-cluster: this node is not a member in its own store")
+            })?;
+        let state = old.forced_to_single_manager(self.id, unix_now());
+        let kept = self.opts.data_dir.join(format!("raft.before-force-{}", unix_now()));
+        std::fs::rename(&dir, &kept).map_err(|e| ApiError::internal(format!("{}: {e}", dir.display())))?;
+        self.start_manager().await?;
+        let manager = self
+            .manager()
+            .ok_or_else(|| ApiError::internal("the manager did not start"))?;
+        manager
+            .bootstrap(&addr, Command::Restore { state: Box::new(state) })
+            .await?;
+        log::warn!(
+            "forced a new cluster: this node is now the only manager; the other managers were demoted (promote them again once they are back); the old store is kept in {}",
+            kept.display()
+        );
         Ok(())
     }
 
@@ -998,6 +1038,16 @@ impl Handler for PeerHandler {
         match request {
             PeerRequest::AppendEntries(_) | PeerRequest::Vote(_) | PeerRequest::InstallSnapshot(_) if !is_manager => {
                 PeerResponse::Refused(manager_only())
+            }
+            PeerRequest::AppendEntries(_) | PeerRequest::Vote(_) | PeerRequest::InstallSnapshot(_)
+                if !member
+                    .manager()
+                    .is_some_and(|m| m.admits_raft_peer(origin.identity.map(|i| i.0))) =>
+            {
+                // A manager left out of this store's membership (demoted,
+                // removed, or from before --force-new-cluster) must not
+                // disturb it with its old terms.
+                PeerResponse::Refused(ApiError::denied("the caller is not a member of this Raft store"))
             }
             PeerRequest::AppendEntries(rpc) => match member.manager() {
                 Some(m) => PeerResponse::AppendEntries(m.raft.append_entries(rpc).await),

@@ -199,6 +199,12 @@ pub enum Command {
         /// The unlock key text, or `None` to turn autolock off.
         unlock_key: Option<String>,
     },
+    /// `mesh-agent run --force-new-cluster`: the first entry of a new store,
+    /// carrying the state recovered from the old one.
+    Restore {
+        /// The recovered state (other managers already demoted).
+        state: Box<ClusterState>,
+    },
     /// `swarm ca --rotate`: a new root; the old one stays trusted for a while.
     RotateCa {
         /// The new CA (its `previous_roots_pem` holds the old root).
@@ -244,7 +250,7 @@ impl ClusterState {
     }
 
     fn try_apply(&mut self, command: &Command) -> Result<(), String> {
-        if !matches!(command, Command::Init { .. }) && self.cluster.is_none() {
+        if !matches!(command, Command::Init { .. } | Command::Restore { .. }) && self.cluster.is_none() {
             return Err("the cluster is not initialised".into());
         }
         match command {
@@ -263,6 +269,15 @@ impl ClusterState {
                 self.tokens = tokens.clone();
                 self.unlock_key = unlock_key.clone();
                 self.nodes.insert(first.id, (**first).clone());
+            }
+            Command::Restore { state } => {
+                if self.cluster.is_some() {
+                    return Err("a store can only be restored into while empty".into());
+                }
+                if state.cluster.is_none() {
+                    return Err("the recovered state holds no cluster".into());
+                }
+                *self = (**state).clone();
             }
             Command::AddNode(node) => {
                 if self.removed.contains(&node.id) {
@@ -325,6 +340,24 @@ impl ClusterState {
             }
         }
         Ok(())
+    }
+
+    /// The state for a new single-manager store: every other manager becomes
+    /// a worker, marked Down until it checks in (it then drops its old store
+    /// and can be promoted again).
+    pub fn forced_to_single_manager(&self, keep: NodeId, at: u64) -> ClusterState {
+        let mut state = self.clone();
+        for node in state
+            .nodes
+            .values_mut()
+            .filter(|n| n.id != keep && n.role == Role::Manager)
+        {
+            node.role = Role::Worker;
+            node.status = NodeStatus::Down;
+            node.status_message = "demoted by --force-new-cluster".into();
+            node.updated_at = at;
+        }
+        state
     }
 
     /// Ids of the nodes whose desired role is manager.
@@ -463,6 +496,33 @@ pub(crate) mod tests {
             CommandResponse::Refused(_)
         ));
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn forcing_a_new_cluster_keeps_everything_but_the_other_managers() {
+        let mut s = initialised();
+        s.apply(&Command::AddNode(node(2, Role::Manager)));
+        s.apply(&Command::AddNode(node(3, Role::Worker)));
+        let forced = s.forced_to_single_manager(1, 9);
+        assert_eq!(forced.managers(), [1].into());
+        assert_eq!(forced.nodes[&2].status, NodeStatus::Down);
+        assert_eq!(forced.nodes[&3], s.nodes[&3]);
+        assert_eq!(forced.tokens, s.tokens);
+        let mut fresh = ClusterState::default();
+        assert_eq!(
+            fresh.apply(&Command::Restore {
+                state: Box::new(forced.clone())
+            }),
+            CommandResponse::Applied
+        );
+        assert_eq!(fresh, forced);
+        // Only into an empty store.
+        assert!(matches!(
+            fresh.apply(&Command::Restore {
+                state: Box::new(forced)
+            }),
+            CommandResponse::Refused(_)
+        ));
     }
 
     #[test]

@@ -158,6 +158,24 @@ pub fn open(path: &Path, dek: DataKey) -> Result<(LogStore, StateMachineStore), 
     Ok((LogStore { shared }, sm))
 }
 
+/// The latest state in a store, for `--force-new-cluster`: the stored
+/// snapshot with every committed log entry after it applied.
+pub fn recover(path: &Path, dek: DataKey) -> Result<ClusterState, StoreError> {
+    let (log, sm) = open(path, dek)?;
+    let mut data = sm.data.lock().expect("reason: never poisoned").clone();
+    let committed: Option<Option<LogId<NodeId>>> = log.shared.get_meta("committed")?;
+    let Some(committed) = committed.flatten() else {
+        return Ok((*data.state).clone());
+    };
+    let from = data.last_applied.map(|l| l.index + 1).unwrap_or(0);
+    for entry in log.shared.entries(from..=committed.index)? {
+        if let EntryPayload::Normal(command) = &entry.payload {
+            Arc::make_mut(&mut data.state).apply(command);
+        }
+    }
+    Ok((*data.state).clone())
+}
+
 /// The Raft log half.
 #[derive(Clone)]
 pub struct LogStore {
@@ -538,7 +556,19 @@ mod tests {
             assert_eq!(applied.map(|l| l.index), Some(1));
             assert_eq!(sm.state().cluster.as_ref().unwrap().id, "cluster-marker");
             assert!(sm.get_current_snapshot().await.unwrap().is_some());
+            // Committed but after the snapshot: recover() applies it too.
+            let later = vec![entry(
+                1,
+                2,
+                Command::RotateToken {
+                    role: crate::control::state::Role::Worker,
+                    token: "T2".into(),
+                },
+            )];
+            append(&mut log, later.clone()).await;
+            log.save_committed(Some(later[0].log_id)).await.unwrap();
         }
+        assert_eq!(recover(&path, dek.clone()).unwrap().tokens.worker, "T2");
         let raw = std::fs::read(&path).unwrap();
         for marker in [
             "MARKERKEY",
