@@ -382,7 +382,7 @@ pub struct HeartbeatReply {
     pub ca_pems: Vec<String>,
     /// The unlock key when the cluster is autolocked (sent only to managers).
     pub unlock_key: Option<String>,
-    /// Other node's labels, availability etc. come with later issues.
+    /// The node's availability, as the operator set it.
     pub availability: Availability,
 }
 

@@ -34,6 +34,10 @@ use super::{
     token::JoinToken,
 };
 
+/// How long a write may wait for its commit before the caller hears
+/// "unavailable".
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Raft timing, configurable per agent.
 #[derive(Debug, Clone, Copy)]
 pub struct RaftTiming {
@@ -212,7 +216,23 @@ impl Manager {
 
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn propose(&self, command: Command) -> ApiResult<()> {
-        match self.raft.client_write(command).await {
+        // Fail fast when this leader has not heard from a quorum lately: the
+        // write would only wait for managers that are gone.
+        let (quorum_ack, lease) = {
+            let m = self.raft.metrics().borrow().clone();
+            (m.millis_since_quorum_ack, self.raft.config().election_timeout_max)
+        };
+        if self.is_leader() && quorum_ack.is_some_and(|ms| ms > 2 * lease) {
+            return Err(ApiError::unavailable(
+                "this leader has not heard from a quorum of managers: the swarm has lost its quorum; bring managers back (or, if they are gone for good, see `mesh-agent run --force-new-cluster`)",
+            ));
+        }
+        let written = tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(command)).await.map_err(|_| {
+            ApiError::unavailable(format!(
+                "the write was not committed within {PROPOSE_TIMEOUT:?}: a quorum of managers may be unreachable (it may still commit if they return)"
+            ))
+        })?;
+        match written {
             Ok(resp) => match resp.data {
                 CommandResponse::Applied => Ok(()),
                 CommandResponse::Refused(reason) => Err(ApiError::precondition(reason)),
@@ -234,13 +254,7 @@ impl Manager {
             .collect()
     }
 
-    fn view(
-        &self,
-        state: &ClusterState,
-        node: &Node,
-        voters: &BTreeSet<NodeId>,
-        reachable: &BTreeSet<NodeId>,
-    ) -> NodeView {
+    fn view(&self, node: &Node, voters: &BTreeSet<NodeId>, reachable: &BTreeSet<NodeId>) -> NodeView {
         let manager_status = if voters.contains(&node.id) {
             Some(if Some(node.id) == self.leader() {
                 "Leader"
@@ -254,7 +268,6 @@ impl Manager {
         } else {
             None
         };
-        let _ = state;
         NodeView {
             node: node.clone(),
             manager_status: manager_status.map(str::to_string),
@@ -263,10 +276,21 @@ impl Manager {
 
     /// Serves a cluster API request (leader only).
     pub async fn handle_cluster(&self, request: ClusterRequest) -> ApiResult<ClusterResponse> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| ApiError::unavailable(format!("this manager cannot confirm it leads a quorum: {e}")))?;
+        // Reads must not come from a leader that was deposed without knowing
+        // it; writes need no such check, their commit proves the leadership.
+        let read_only = matches!(
+            request,
+            ClusterRequest::NodeList
+                | ClusterRequest::NodeInspect { .. }
+                | ClusterRequest::JoinToken { rotate: false, .. }
+                | ClusterRequest::UnlockKey { rotate: false }
+        );
+        if read_only {
+            self.raft
+                .ensure_linearizable()
+                .await
+                .map_err(|e| ApiError::unavailable(format!("this manager cannot confirm it leads a quorum: {e}")))?;
+        }
         let state = self.state();
         let voters = self.voters();
         match request {
@@ -275,19 +299,14 @@ impl Manager {
                 let nodes = state
                     .nodes
                     .values()
-                    .map(|n| self.view(&state, n, &voters, &reachable))
+                    .map(|n| self.view(n, &voters, &reachable))
                     .collect();
                 Ok(ClusterResponse::Nodes(nodes))
             }
             ClusterRequest::NodeInspect { node } => {
                 let id = rules::resolve_node(&state, &node)?;
                 let reachable = self.reachable(&state);
-                Ok(ClusterResponse::Node(self.view(
-                    &state,
-                    &state.nodes[&id],
-                    &voters,
-                    &reachable,
-                )))
+                Ok(ClusterResponse::Node(self.view(&state.nodes[&id], &voters, &reachable)))
             }
             ClusterRequest::NodeUpdate { node, update } => {
                 let id = rules::resolve_node(&state, &node)?;

@@ -866,7 +866,8 @@ impl Member {
                 .iter()
                 .map(|(_, a)| a.clone()),
         );
-        targets.dedup();
+        let mut seen = std::collections::HashSet::new();
+        targets.retain(|t| seen.insert(t.clone()));
         let mut last = ApiError::unavailable("no manager is known");
         for addr in targets {
             match self
