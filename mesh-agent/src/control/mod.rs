@@ -4,6 +4,7 @@
 //! - [`state`]: the replicated cluster state and the commands that change it (pure).
 //! - [`rules`]: naming, quorum and address checks the API makes before proposing (pure).
 //! - [`dispatcher`]: node liveness from heartbeats (pure).
+//! - [`scheduler`]: task placement and reconciliation (pure; not wired to services yet).
 //! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files.
 //! - [`store`]: the Raft log and state machine on redb, every value sealed.
 //! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs.
@@ -22,6 +23,7 @@ pub mod pki;
 pub mod raft_types;
 pub mod rpc;
 pub mod rules;
+pub mod scheduler;
 pub mod seal;
 pub mod state;
 pub mod store;
