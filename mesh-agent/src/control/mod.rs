@@ -5,6 +5,7 @@
 //! - [`rules`]: naming, quorum and address checks the API makes before proposing (pure).
 //! - [`dispatcher`]: node liveness from heartbeats (pure).
 //! - [`scheduler`]: task placement and reconciliation (pure; not wired to services yet).
+//! - [`service`]: service specs, their flag parsers, the task life cycle (pure).
 //! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files.
 //! - [`store`]: the Raft log and state machine on redb, every value sealed.
 //! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs.
@@ -25,6 +26,7 @@ pub mod rpc;
 pub mod rules;
 pub mod scheduler;
 pub mod seal;
+pub mod service;
 pub mod state;
 pub mod store;
 pub mod tls;

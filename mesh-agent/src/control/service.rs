@@ -1,0 +1,358 @@
+//! Services and tasks as data (issue 4): the spec an operator writes, the
+//! parsers for its flags, and the task lifecycle. Pure: no I/O, no Raft.
+//!
+//! Task states follow Swarm's: new -> pending -> assigned -> preparing ->
+//! starting -> running -> complete | failed | shutdown, with rejected
+//! (could not start) and orphaned (its node vanished) as terminal states.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::scheduler::Constraint;
+
+/// Transport of a published port.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// How a published port is exposed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PublishMode {
+    /// On every node, load-balanced to any task (the routing mesh).
+    Ingress,
+    /// Only on nodes running a task, straight to the local task.
+    Host,
+}
+
+/// `--publish`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortPublish {
+    /// The port clients connect to.
+    pub published: u16,
+    /// The port the task listens on.
+    pub target: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Ingress or host.
+    pub mode: PublishMode,
+}
+
+impl PortPublish {
+    /// Parses `P:T[/udp]` or `published=P,target=T[,protocol=tcp|udp][,mode=ingress|host]`.
+    pub fn parse(text: &str) -> Result<PortPublish, String> {
+        let text = text.trim();
+        let port = |what: &str, v: &str| {
+            v.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                format!("invalid publish spec {text:?}: {what} port {v:?} is not a port number (1-65535)")
+            })
+        };
+        if text.contains('=') {
+            let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
+            for part in text.split(',') {
+                let (k, v) = part
+                    .split_once('=')
+                    .ok_or_else(|| format!("invalid publish spec {text:?}: {part:?} is not KEY=VALUE"))?;
+                if fields.insert(k.trim(), v.trim()).is_some() {
+                    return Err(format!("invalid publish spec {text:?}: {k} is given twice"));
+                }
+            }
+            let mut spec = PortPublish {
+                published: 0,
+                target: 0,
+                protocol: Protocol::Tcp,
+                mode: PublishMode::Ingress,
+            };
+            for (k, v) in fields {
+                match k {
+                    "published" => spec.published = port("published", v)?,
+                    "target" => spec.target = port("target", v)?,
+                    "protocol" => spec.protocol = protocol(text, v)?,
+                    "mode" => {
+                        spec.mode = match v {
+                            "ingress" => PublishMode::Ingress,
+                            "host" => PublishMode::Host,
+                            _ => return Err(format!("invalid publish spec {text:?}: mode is ingress or host")),
+                        }
+                    }
+                    other => {
+                        return Err(format!(
+                            "invalid publish spec {text:?}: unknown field {other:?} (use published, target, protocol, mode)"
+                        ))
+                    }
+                }
+            }
+            if spec.target == 0 {
+                return Err(format!("invalid publish spec {text:?}: target=PORT is required"));
+            }
+            if spec.published == 0 {
+                return Err(format!("invalid publish spec {text:?}: published=PORT is required"));
+            }
+            return Ok(spec);
+        }
+        let (ports, proto) = match text.split_once('/') {
+            Some((p, proto)) => (p, protocol(text, proto)?),
+            None => (text, Protocol::Tcp),
+        };
+        let (published, target) = ports
+            .split_once(':')
+            .ok_or_else(|| format!("invalid publish spec {text:?}: expected PUBLISHED:TARGET[/udp], e.g. 8080:80"))?;
+        Ok(PortPublish {
+            published: port("published", published)?,
+            target: port("target", target)?,
+            protocol: proto,
+            mode: PublishMode::Ingress,
+        })
+    }
+}
+
+fn protocol(text: &str, v: &str) -> Result<Protocol, String> {
+    match v {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        _ => Err(format!("invalid publish spec {text:?}: protocol is tcp or udp")),
+    }
+}
+
+/// Parses `--env K=V` (a bare `K` is refused: there is no client environment to copy).
+pub fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut env = BTreeMap::new();
+    for item in items {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("invalid --env {item:?}: expected KEY=VALUE"))?;
+        if k.is_empty() || k.contains(char::is_whitespace) || k.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+            return Err(format!("invalid --env {item:?}: {k:?} is not a variable name"));
+        }
+        env.insert(k.to_string(), v.to_string());
+    }
+    Ok(env)
+}
+
+/// Service names: as Docker's, 1-63 of `[a-zA-Z0-9_.-]`, starting with a letter or digit
+/// (they become DNS names later).
+pub fn check_service_name(name: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&name.len())
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid service name {name:?}: use 1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        ))
+    }
+}
+
+/// `--placement-pref spread=node.labels.K` -> `K`.
+pub fn parse_placement_pref(text: &str) -> Result<String, String> {
+    text.trim()
+        .strip_prefix("spread=node.labels.")
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| format!("invalid placement preference {text:?}: expected spread=node.labels.KEY"))
+}
+
+/// Checks constraints as `--constraint` gives them.
+pub fn parse_constraints(items: &[String]) -> Result<Vec<Constraint>, String> {
+    items.iter().map(|c| Constraint::parse(c)).collect()
+}
+
+/// Checks that no two publish specs claim the same port and protocol.
+pub fn check_publish_conflicts(ports: &[PortPublish]) -> Result<(), String> {
+    let mut seen = BTreeMap::new();
+    for p in ports {
+        if let Some(other) = seen.insert((p.published, p.protocol), p) {
+            return Err(format!(
+                "port {}/{} is published twice (targets {} and {})",
+                p.published,
+                if p.protocol == Protocol::Tcp { "tcp" } else { "udp" },
+                other.target,
+                p.target
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where a task is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TaskState {
+    /// Created by the orchestrator.
+    New,
+    /// Waiting for a node.
+    Pending,
+    /// Given to a node.
+    Assigned,
+    /// The node prepares its namespace and networks.
+    Preparing,
+    /// The process is being started.
+    Starting,
+    /// The process runs (and is healthy, if checked).
+    Running,
+    /// The process exited with status 0.
+    Complete,
+    /// The process exited non-zero, or failed its health check.
+    Failed,
+    /// Stopped on purpose.
+    Shutdown,
+    /// The node could not start it.
+    Rejected,
+    /// Its node left the swarm.
+    Orphaned,
+}
+
+impl TaskState {
+    /// Whether the task can no longer change.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Complete | Self::Failed | Self::Shutdown | Self::Rejected | Self::Orphaned
+        )
+    }
+
+    /// Whether `self -> next` is a legal move: forward through the life
+    /// cycle, or to a terminal state from any live one; never out of a
+    /// terminal state, never backwards.
+    pub fn may_become(self, next: TaskState) -> bool {
+        if self.is_terminal() {
+            return false;
+        }
+        if next.is_terminal() {
+            // Complete needs a process that ran.
+            return next != Self::Complete || self >= Self::Starting;
+        }
+        next > self
+    }
+
+    /// Lowercase, as `service ps` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Pending => "pending",
+            Self::Assigned => "assigned",
+            Self::Preparing => "preparing",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Complete => "complete",
+            Self::Failed => "failed",
+            Self::Shutdown => "shutdown",
+            Self::Rejected => "rejected",
+            Self::Orphaned => "orphaned",
+        }
+    }
+}
+
+/// `--restart-condition`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestartCondition {
+    /// Never restart.
+    None,
+    /// Restart after a failure (non-zero exit, failed health check).
+    OnFailure,
+    /// Restart whenever the task ends.
+    Any,
+}
+
+/// Whether a task that ended in `state` should be replaced, given the
+/// policy and how many times its slot was restarted already.
+pub fn should_restart(condition: RestartCondition, state: TaskState, restarts: u32, max_attempts: u32) -> bool {
+    let wanted = match condition {
+        RestartCondition::None => false,
+        RestartCondition::OnFailure => matches!(state, TaskState::Failed | TaskState::Rejected),
+        RestartCondition::Any => state.is_terminal() && state != TaskState::Shutdown,
+    };
+    wanted && (max_attempts == 0 || restarts < max_attempts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs_short_and_long() {
+        let p = PortPublish::parse("8080:80").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol, p.mode),
+            (8080, 80, Protocol::Tcp, PublishMode::Ingress)
+        );
+        assert_eq!(PortPublish::parse("53:5353/udp").unwrap().protocol, Protocol::Udp);
+        let long = PortPublish::parse("published=8080,target=80,protocol=udp,mode=host").unwrap();
+        assert_eq!(
+            (long.published, long.target, long.protocol, long.mode),
+            (8080, 80, Protocol::Udp, PublishMode::Host)
+        );
+        for (bad, why) in [
+            ("8080", "PUBLISHED:TARGET"),
+            ("8080:0", "not a port"),
+            ("70000:80", "not a port"),
+            ("80:80/sctp", "tcp or udp"),
+            ("published=80", "target=PORT is required"),
+            ("target=80", "published=PORT is required"),
+            ("published=80,target=80,mode=mesh", "ingress or host"),
+            ("published=80,target=80,colour=red", "unknown field"),
+            ("published=80,published=81,target=80", "twice"),
+            ("published=80,target", "not KEY=VALUE"),
+        ] {
+            let err = PortPublish::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let a = PortPublish::parse("8080:80").unwrap();
+        let b = PortPublish::parse("8080:81").unwrap();
+        let c = PortPublish::parse("8080:81/udp").unwrap();
+        assert!(check_publish_conflicts(&[a, c]).is_ok());
+        assert!(check_publish_conflicts(&[a, b])
+            .unwrap_err()
+            .contains("published twice"));
+    }
+
+    #[test]
+    fn names_env_and_preferences() {
+        assert!(check_service_name("web").is_ok());
+        assert!(check_service_name("web_1.v2-x").is_ok());
+        for bad in ["", "-web", "web app", "wéb", &"a".repeat(64)] {
+            assert!(check_service_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_env(&["A=1".into(), "B=x=y".into()]).unwrap()["B"], "x=y");
+        assert!(parse_env(&["A".into()]).is_err());
+        assert!(parse_env(&["1A=2".into()]).is_err());
+        assert_eq!(parse_placement_pref("spread=node.labels.zone").unwrap(), "zone");
+        assert!(parse_placement_pref("spread=zone").is_err());
+        assert!(parse_constraints(&["node.labels.a==b".into(), "nope".into()]).is_err());
+    }
+
+    #[test]
+    fn task_states_move_forward_only() {
+        use TaskState::*;
+        assert!(New.may_become(Pending) && Pending.may_become(Assigned) && Starting.may_become(Running));
+        assert!(Assigned.may_become(Rejected) && Running.may_become(Failed) && Pending.may_become(Shutdown));
+        assert!(Running.may_become(Complete) && !Assigned.may_become(Complete));
+        assert!(!Running.may_become(Assigned), "never backwards");
+        assert!(
+            !Failed.may_become(Running) && !Shutdown.may_become(Shutdown),
+            "terminal is final"
+        );
+        assert_eq!(Running.name(), "running");
+    }
+
+    #[test]
+    fn restart_policies() {
+        use RestartCondition as R;
+        assert!(should_restart(R::Any, TaskState::Complete, 0, 0));
+        assert!(
+            !should_restart(R::Any, TaskState::Shutdown, 0, 0),
+            "a task stopped on purpose stays stopped"
+        );
+        assert!(should_restart(R::OnFailure, TaskState::Failed, 2, 3));
+        assert!(
+            !should_restart(R::OnFailure, TaskState::Failed, 3, 3),
+            "attempts exhausted"
+        );
+        assert!(!should_restart(R::OnFailure, TaskState::Complete, 0, 0));
+        assert!(!should_restart(R::None, TaskState::Failed, 0, 0));
+    }
+}
