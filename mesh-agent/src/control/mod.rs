@@ -20,6 +20,7 @@ pub mod local;
 pub mod manager;
 pub mod network;
 pub mod node;
+pub mod orchestrator;
 pub mod pki;
 pub mod raft_types;
 pub mod rpc;

@@ -356,3 +356,133 @@ mod tests {
         assert!(!should_restart(R::None, TaskState::Failed, 0, 0));
     }
 }
+
+/// Replicated or global.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceMode {
+    /// This many tasks, spread over the eligible nodes.
+    Replicated {
+        /// Desired tasks.
+        replicas: u32,
+    },
+    /// One task on every eligible node.
+    Global,
+}
+
+/// `--restart-*`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// When to restart.
+    pub condition: RestartCondition,
+    /// Wait before restarting, in milliseconds.
+    pub delay_ms: u64,
+    /// Give up after this many restarts of a slot (0: never give up).
+    pub max_attempts: u32,
+}
+
+impl Default for RestartPolicy {
+    /// Docker's defaults: restart on any exit, after 5 s, forever.
+    fn default() -> Self {
+        RestartPolicy {
+            condition: RestartCondition::Any,
+            delay_ms: 5000,
+            max_attempts: 0,
+        }
+    }
+}
+
+/// What the operator asked for (`service create` / `service update`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+    /// Replicated or global.
+    pub mode: ServiceMode,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub workdir: Option<String>,
+    /// User to run as.
+    pub user: Option<String>,
+    /// Overlay networks by name.
+    pub networks: Vec<String>,
+    /// Published ports.
+    pub publish: Vec<PortPublish>,
+    /// `--constraint`, as given (validated on create).
+    pub constraints: Vec<String>,
+    /// `--placement-pref` label keys.
+    pub spread_over: Vec<String>,
+    /// `--replicas-max-per-node` (0: no limit).
+    pub max_per_node: u32,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+}
+
+impl ServiceSpec {
+    /// Checks everything that can be checked without the cluster.
+    pub fn validate(&self) -> Result<(), String> {
+        check_service_name(&self.name)?;
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err("a service needs a command: meshctl service create --name NAME -- COMMAND [ARGS...]".into());
+        }
+        parse_constraints(&self.constraints)?;
+        check_publish_conflicts(&self.publish)?;
+        if let ServiceMode::Replicated { replicas } = self.mode {
+            if replicas > 10_000 {
+                return Err(format!("--replicas {replicas} is more than 10000"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A service as stored.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// ID.
+    pub id: u64,
+    /// The spec.
+    pub spec: ServiceSpec,
+    /// Bumped on every update.
+    pub version: u64,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub updated_at: u64,
+}
+
+/// Whether a task should run.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DesiredState {
+    /// Keep it running.
+    Running,
+    /// Stop it.
+    Shutdown,
+}
+
+/// One task as stored.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// ID.
+    pub id: u64,
+    /// Its service.
+    pub service: u64,
+    /// Replica slot (1..), 0 for global tasks.
+    pub slot: u32,
+    /// Where it runs, once assigned.
+    pub node: Option<u64>,
+    /// What the orchestrator wants.
+    pub desired: DesiredState,
+    /// Where it is.
+    pub state: TaskState,
+    /// Why (errors for `service ps`).
+    pub message: String,
+    /// The service version it runs.
+    pub service_version: u64,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds of the last state change.
+    pub updated_at: u64,
+}

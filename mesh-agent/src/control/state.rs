@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::service::{DesiredState, Service, ServiceSpec, Task, TaskState};
+
 /// A node's identity: its Raft id, and (printed in base 36) its node ID.
 pub type NodeId = u64;
 
@@ -205,6 +207,44 @@ pub enum Command {
         /// The recovered state (other managers already demoted).
         state: Box<ClusterState>,
     },
+    /// `service create`.
+    CreateService(Box<Service>),
+    /// `service update` / `service scale`: a new spec, version bumped.
+    UpdateService {
+        /// Which service.
+        id: u64,
+        /// The new spec.
+        spec: Box<ServiceSpec>,
+        /// Unix seconds.
+        at: u64,
+    },
+    /// `service rm`: the service goes, its tasks are told to shut down.
+    RemoveService {
+        /// Which service.
+        id: u64,
+        /// Unix seconds.
+        at: u64,
+    },
+    /// The orchestrator's decisions for one service: new tasks, tasks to stop.
+    ApplyPlan {
+        /// New tasks.
+        create: Vec<Task>,
+        /// Tasks to shut down, with why.
+        shutdown: Vec<(u64, String)>,
+        /// Unix seconds.
+        at: u64,
+    },
+    /// A node reports a task's progress.
+    SetTaskState {
+        /// Which task.
+        id: u64,
+        /// Its new state.
+        state: TaskState,
+        /// Why (errors).
+        message: String,
+        /// Unix seconds.
+        at: u64,
+    },
     /// `swarm ca --rotate`: a new root; the old one stays trusted for a while.
     RotateCa {
         /// The new CA (its `previous_roots_pem` holds the old root).
@@ -238,6 +278,12 @@ pub struct ClusterState {
     pub nodes: BTreeMap<NodeId, Node>,
     /// Ids of removed nodes: their certificates are no longer honoured.
     pub removed: BTreeSet<NodeId>,
+    /// Services by ID.
+    #[serde(default)]
+    pub services: BTreeMap<u64, Service>,
+    /// Tasks by ID (current and recent history).
+    #[serde(default)]
+    pub tasks: BTreeMap<u64, Task>,
 }
 
 impl ClusterState {
@@ -338,6 +384,66 @@ impl ClusterState {
                 self.ca = Some(ca.clone());
                 self.tokens = tokens.clone();
             }
+            Command::CreateService(service) => {
+                if self.services.contains_key(&service.id) {
+                    return Err(format!("service ID {} is taken", service.id));
+                }
+                if self.services.values().any(|s| s.spec.name == service.spec.name) {
+                    return Err(format!("a service named {:?} already exists", service.spec.name));
+                }
+                self.services.insert(service.id, (**service).clone());
+            }
+            Command::UpdateService { id, spec, at } => {
+                let service = self
+                    .services
+                    .get_mut(id)
+                    .ok_or_else(|| format!("service {id} not found"))?;
+                service.spec = (**spec).clone();
+                service.version += 1;
+                service.updated_at = *at;
+            }
+            Command::RemoveService { id, at } => {
+                self.services
+                    .remove(id)
+                    .ok_or_else(|| format!("service {id} not found"))?;
+                for task in self
+                    .tasks
+                    .values_mut()
+                    .filter(|t| t.service == *id && t.desired == DesiredState::Running)
+                {
+                    task.desired = DesiredState::Shutdown;
+                    task.updated_at = *at;
+                }
+            }
+            Command::ApplyPlan { create, shutdown, at } => {
+                if let Some(t) = create.iter().find(|t| self.tasks.contains_key(&t.id)) {
+                    return Err(format!("task ID {} is taken", t.id));
+                }
+                for (id, reason) in shutdown {
+                    if let Some(task) = self.tasks.get_mut(id) {
+                        task.desired = DesiredState::Shutdown;
+                        task.message = reason.clone();
+                        task.updated_at = *at;
+                    }
+                }
+                self.tasks.extend(create.iter().map(|t| (t.id, t.clone())));
+            }
+            Command::SetTaskState { id, state, message, at } => {
+                let task = self.tasks.get_mut(id).ok_or_else(|| format!("task {id} not found"))?;
+                if task.state == *state {
+                    return Ok(());
+                }
+                if !task.state.may_become(*state) {
+                    return Err(format!(
+                        "task {id} cannot go from {} to {}",
+                        task.state.name(),
+                        state.name()
+                    ));
+                }
+                task.state = *state;
+                task.message = message.clone();
+                task.updated_at = *at;
+            }
         }
         Ok(())
     }
@@ -416,7 +522,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn initialised() -> ClusterState {
+    /// An initialised cluster whose only node is manager 1.
+    pub(crate) fn initialised() -> ClusterState {
         let mut s = ClusterState::default();
         let cmd = Command::Init {
             cluster: ClusterSpec {
