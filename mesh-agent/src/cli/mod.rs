@@ -6,6 +6,7 @@
 //! 4 refused by the cluster's state, 5 permission denied, 6 node locked,
 //! 7 unavailable (no agent, no leader).
 
+pub mod service;
 pub mod table;
 
 use std::{io::BufRead, path::PathBuf, time::Duration};
@@ -61,10 +62,13 @@ enum Command {
     /// Manage nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Manage services.
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum Format {
+pub enum Format {
     Table,
     Json,
 }
@@ -279,7 +283,7 @@ enum Transport {
     },
 }
 
-struct Client {
+pub struct Client {
     transport: Transport,
 }
 
@@ -340,7 +344,7 @@ impl Client {
         }
     }
 
-    async fn cluster(&self, request: ClusterRequest) -> ApiResult<ClusterResponse> {
+    pub(crate) async fn cluster(&self, request: ClusterRequest) -> ApiResult<ClusterResponse> {
         match self.call(LocalRequest::Cluster(request)).await? {
             LocalResponse::Cluster(r) => Ok(r),
             other => Err(unexpected(other)),
@@ -403,7 +407,7 @@ fn unexpected(other: LocalResponse) -> ApiError {
     ApiError::internal(format!("unexpected reply from the agent: {other:?}"))
 }
 
-fn duration_ms(flag: &str, text: &str) -> ApiResult<u64> {
+pub(crate) fn duration_ms(flag: &str, text: &str) -> ApiResult<u64> {
     table::parse_duration(text)
         .map(|d| d.as_millis() as u64)
         .map_err(|e| ApiError::invalid(format!("--{flag}: {e}")))
@@ -457,10 +461,11 @@ async fn run(cli: Cli) -> ApiResult<()> {
         }
         Command::Swarm(cmd) => swarm(&client, cmd).await,
         Command::Node(cmd) => node(&client, cmd).await,
+        Command::Service(cmd) => service::run(&client, cmd).await,
     }
 }
 
-fn json<T: serde::Serialize>(value: &T) -> ApiResult<String> {
+pub(crate) fn json<T: serde::Serialize>(value: &T) -> ApiResult<String> {
     serde_json::to_string_pretty(value).map_err(|e| ApiError::internal(e.to_string()))
 }
 

@@ -181,6 +181,28 @@ pub struct NodeView {
     pub manager_status: Option<String>,
 }
 
+/// A service as `service ls` / `inspect` show it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ServiceView {
+    /// The stored service.
+    pub service: crate::control::service::Service,
+    /// Tasks running now.
+    pub running: u32,
+    /// Tasks wanted.
+    pub desired: u32,
+}
+
+/// A task as `service ps` shows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TaskView {
+    /// The stored task.
+    pub task: crate::control::service::Task,
+    /// Its service's name.
+    pub service_name: String,
+    /// Its node's hostname.
+    pub node_hostname: Option<String>,
+}
+
 /// Requests that need the cluster store; served by the leader (a follower
 /// forwards them).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -225,6 +247,35 @@ pub enum ClusterRequest {
     },
     /// `swarm ca --rotate`.
     CaRotate,
+    /// `service create`.
+    ServiceCreate {
+        /// The spec.
+        spec: Box<crate::control::service::ServiceSpec>,
+    },
+    /// `service ls`.
+    ServiceList,
+    /// `service inspect`.
+    ServiceInspect {
+        /// Name, ID or unique ID prefix.
+        service: String,
+    },
+    /// `service rm`.
+    ServiceRemove {
+        /// Name, ID or unique ID prefix.
+        service: String,
+    },
+    /// `service scale S=N`.
+    ServiceScale {
+        /// Name, ID or unique ID prefix.
+        service: String,
+        /// New replica count.
+        replicas: u32,
+    },
+    /// `service ps`.
+    TaskList {
+        /// Name, ID or unique ID prefix.
+        service: String,
+    },
     /// `swarm operator-cert`: a client certificate for `meshctl --host`.
     IssueOperatorCert {
         /// Who it is for (the certificate's CN).
@@ -249,6 +300,15 @@ pub enum ClusterResponse {
     Secret(String),
     /// `swarm ca --rotate`: the new CA's digest.
     CaDigest(String),
+    /// Services with their running/desired counts.
+    Services(Vec<ServiceView>),
+    /// A service was created.
+    ServiceCreated {
+        /// Its ID.
+        id: u64,
+    },
+    /// Tasks of a service.
+    Tasks(Vec<TaskView>),
     /// An issued certificate (PEM) and the roots to trust (PEM).
     Certificate {
         /// The certificate.

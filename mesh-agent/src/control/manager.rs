@@ -19,13 +19,16 @@ use rand::Rng;
 use super::{
     api::{
         ApiError, ApiResult, ClusterRequest, ClusterResponse, Heartbeat, HeartbeatReply, JoinCall, JoinReply, NodeView,
+        ServiceView, TaskView,
     },
     dispatcher::{down_after, Liveness},
     network::{Peers, RaftNet},
+    orchestrator,
     pki::{self, NodeIdentity, RootCa},
     raft_types::TypeConfig,
     rules,
     seal::{DataKey, UnlockKey},
+    service::{DesiredState, Service, ServiceMode, Task, TaskState},
     state::{
         node_id_text, Availability, CaState, ClusterState, Command, CommandResponse, JoinTokens, Node, NodeId,
         NodeStatus, Role,
@@ -409,6 +412,95 @@ impl Manager {
                     ca_pems: roots(&state),
                 })
             }
+            ClusterRequest::ServiceCreate { spec } => {
+                spec.validate().map_err(ApiError::invalid)?;
+                if let Some(net) = spec.networks.first() {
+                    return Err(ApiError::not_found(format!(
+                        "network {net} not found (overlay networks come with `meshctl network create`; `meshctl network ls` lists them)"
+                    )));
+                }
+                for p in &spec.publish {
+                    let taken = state.services.values().find(|s| {
+                        s.spec
+                            .publish
+                            .iter()
+                            .any(|q| q.published == p.published && q.protocol == p.protocol)
+                    });
+                    if let Some(other) = taken {
+                        return Err(ApiError::precondition(format!(
+                            "port {} is already published by service {}",
+                            p.published, other.spec.name
+                        )));
+                    }
+                }
+                let id = loop {
+                    let id: u64 = rand::thread_rng().gen();
+                    if id != 0 && !state.services.contains_key(&id) {
+                        break id;
+                    }
+                };
+                let now = unix_now();
+                let service = Service {
+                    id,
+                    spec: *spec,
+                    version: 1,
+                    created_at: now,
+                    updated_at: now,
+                };
+                self.propose(Command::CreateService(Box::new(service))).await?;
+                Ok(ClusterResponse::ServiceCreated { id })
+            }
+            ClusterRequest::ServiceList => Ok(ClusterResponse::Services(
+                state.services.values().map(|s| service_view(&state, s)).collect(),
+            )),
+            ClusterRequest::ServiceInspect { service } => {
+                let id = rules::resolve_service(&state, &service)?;
+                Ok(ClusterResponse::Services(vec![service_view(
+                    &state,
+                    &state.services[&id],
+                )]))
+            }
+            ClusterRequest::ServiceRemove { service } => {
+                let id = rules::resolve_service(&state, &service)?;
+                self.propose(Command::RemoveService { id, at: unix_now() }).await?;
+                Ok(ClusterResponse::Done)
+            }
+            ClusterRequest::ServiceScale { service, replicas } => {
+                let id = rules::resolve_service(&state, &service)?;
+                let mut spec = state.services[&id].spec.clone();
+                match &mut spec.mode {
+                    ServiceMode::Replicated { replicas: r } => *r = replicas,
+                    ServiceMode::Global => {
+                        return Err(ApiError::precondition(format!(
+                            "service {} is global: it runs one task per node and cannot be scaled",
+                            spec.name
+                        )))
+                    }
+                }
+                spec.validate().map_err(ApiError::invalid)?;
+                self.propose(Command::UpdateService {
+                    id,
+                    spec: Box::new(spec),
+                    at: unix_now(),
+                })
+                .await?;
+                Ok(ClusterResponse::Done)
+            }
+            ClusterRequest::TaskList { service } => {
+                let id = rules::resolve_service(&state, &service)?;
+                let name = state.services[&id].spec.name.clone();
+                let tasks = state
+                    .tasks
+                    .values()
+                    .filter(|t| t.service == id)
+                    .map(|t| TaskView {
+                        task: t.clone(),
+                        service_name: name.clone(),
+                        node_hostname: t.node.and_then(|n| state.nodes.get(&n)).map(|n| n.hostname.clone()),
+                    })
+                    .collect();
+                Ok(ClusterResponse::Tasks(tasks))
+            }
             ClusterRequest::CaRotate => {
                 let cluster_id = cluster_id(&state)?;
                 let old = state
@@ -650,6 +742,11 @@ impl Manager {
             if let Err(e) = self.reconcile_membership(&state).await {
                 log::warn!("raft membership: {e}");
             }
+            if let Some(plan) = orchestrator::plan(&self.state(), unix_now(), &mut || rand::random()) {
+                if let Err(e) = self.propose(plan).await {
+                    log::warn!("orchestrator: {e}");
+                }
+            }
         }
     }
 
@@ -724,6 +821,25 @@ fn current_ca(state: &ClusterState) -> ApiResult<RootCa> {
         .ok_or_else(|| ApiError::internal("the store has no CA"))?;
     RootCa::from_pem(&ca.root_cert_pem, &ca.root_key_pem)
         .map_err(|e| ApiError::internal(format!("the stored CA is unusable: {e}")))
+}
+
+fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
+    let live = |t: &&Task| t.service == service.id && t.desired == DesiredState::Running;
+    let running = state
+        .tasks
+        .values()
+        .filter(live)
+        .filter(|t| t.state == TaskState::Running)
+        .count() as u32;
+    let desired = match service.spec.mode {
+        ServiceMode::Replicated { replicas } => replicas,
+        ServiceMode::Global => state.tasks.values().filter(live).count() as u32,
+    };
+    ServiceView {
+        service: service.clone(),
+        running,
+        desired,
+    }
 }
 
 /// Trusted roots, current first.

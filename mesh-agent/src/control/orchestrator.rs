@@ -182,13 +182,40 @@ fn new_task(
     }
 }
 
+/// Fixtures shared with other modules' tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use crate::control::service::{RestartPolicy, Service, ServiceMode, ServiceSpec};
+
+    /// A replicated service of 1 running `sleep 1000`.
+    pub(crate) fn service(id: u64) -> Service {
+        Service {
+            id,
+            spec: ServiceSpec {
+                name: format!("s{id}"),
+                command: vec!["sleep".into(), "1000".into()],
+                mode: ServiceMode::Replicated { replicas: 1 },
+                env: Default::default(),
+                workdir: None,
+                user: None,
+                networks: vec![],
+                publish: vec![],
+                constraints: vec![],
+                spread_over: vec![],
+                max_per_node: 0,
+                restart: RestartPolicy::default(),
+            },
+            version: 1,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{
-        service::{RestartPolicy, ServiceSpec},
-        state::{tests::node, Availability, Role},
-    };
+    use crate::control::state::{tests::node, Availability, Role};
 
     fn cluster(nodes: usize) -> ClusterState {
         let mut s = crate::control::state::tests::initialised();
@@ -206,26 +233,9 @@ mod tests {
     }
 
     fn service(id: u64, mode: ServiceMode) -> Service {
-        Service {
-            id,
-            spec: ServiceSpec {
-                name: format!("s{id}"),
-                command: vec!["sleep".into(), "1000".into()],
-                mode,
-                env: Default::default(),
-                workdir: None,
-                user: None,
-                networks: vec![],
-                publish: vec![],
-                constraints: vec![],
-                spread_over: vec![],
-                max_per_node: 0,
-                restart: RestartPolicy::default(),
-            },
-            version: 1,
-            created_at: 0,
-            updated_at: 0,
-        }
+        let mut s = super::tests_support::service(id);
+        s.spec.mode = mode;
+        s
     }
 
     fn run(state: &mut ClusterState, now: u64) -> bool {

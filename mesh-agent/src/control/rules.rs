@@ -62,6 +62,34 @@ fn ids(list: &[NodeId]) -> String {
     list.iter().map(|id| node_id_text(*id)).collect::<Vec<_>>().join(", ")
 }
 
+/// Finds a service by name, full ID or unique ID prefix.
+pub fn resolve_service(state: &ClusterState, text: &str) -> ApiResult<u64> {
+    let text = text.trim();
+    if let Some(s) = state
+        .services
+        .values()
+        .find(|s| s.spec.name == text || node_id_text(s.id) == text)
+    {
+        return Ok(s.id);
+    }
+    let by_prefix: Vec<u64> = state
+        .services
+        .values()
+        .filter(|s| !text.is_empty() && node_id_text(s.id).starts_with(text))
+        .map(|s| s.id)
+        .collect();
+    match by_prefix.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(ApiError::not_found(format!(
+            "service {text} not found (`meshctl service ls` lists the services)"
+        ))),
+        many => Err(ApiError::invalid(format!(
+            "service ID prefix {text:?} matches {}; give more characters",
+            ids(many)
+        ))),
+    }
+}
+
 /// Whether taking `target` out of the Raft voters (demote or leave) keeps the
 /// cluster able to commit. `voters` is the current Raft voter set and
 /// `reachable` the voters the leader hears from.

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::service::{DesiredState, Service, ServiceSpec, Task, TaskState};
 
+/// Finished tasks kept per service slot, for `service ps`.
+pub const TASK_HISTORY: usize = 5;
+
 /// A node's identity: its Raft id, and (printed in base 36) its node ID.
 pub type NodeId = u64;
 
@@ -427,6 +430,7 @@ impl ClusterState {
                     }
                 }
                 self.tasks.extend(create.iter().map(|t| (t.id, t.clone())));
+                self.prune_task_history(TASK_HISTORY);
             }
             Command::SetTaskState { id, state, message, at } => {
                 let task = self.tasks.get_mut(id).ok_or_else(|| format!("task {id} not found"))?;
@@ -464,6 +468,28 @@ impl ClusterState {
             node.updated_at = at;
         }
         state
+    }
+
+    /// Forgets finished tasks (told to shut down, and either ended or never
+    /// placed) beyond the newest `keep` per service slot; all of them for
+    /// services that are gone.
+    fn prune_task_history(&mut self, keep: usize) {
+        let mut finished: BTreeMap<(u64, u32), Vec<(u64, u64)>> = BTreeMap::new();
+        for t in self.tasks.values() {
+            if t.desired == DesiredState::Shutdown && (t.state.is_terminal() || t.node.is_none()) {
+                finished
+                    .entry((t.service, t.slot))
+                    .or_default()
+                    .push((t.updated_at, t.id));
+            }
+        }
+        for ((service, _), mut history) in finished {
+            let keep = if self.services.contains_key(&service) { keep } else { 0 };
+            history.sort_unstable_by(|a, b| b.cmp(a));
+            for (_, id) in history.into_iter().skip(keep) {
+                self.tasks.remove(&id);
+            }
+        }
     }
 
     /// Ids of the nodes whose desired role is manager.
@@ -630,6 +656,43 @@ pub(crate) mod tests {
             }),
             CommandResponse::Refused(_)
         ));
+    }
+
+    #[test]
+    fn task_history_is_bounded() {
+        use crate::control::service::{Task, TaskState};
+        let mut s = initialised();
+        let task = |id: u64, at: u64| Task {
+            id,
+            service: 7,
+            slot: 1,
+            node: None,
+            desired: DesiredState::Shutdown,
+            state: TaskState::Pending,
+            message: String::new(),
+            service_version: 1,
+            created_at: at,
+            updated_at: at,
+        };
+        let create: Vec<Task> = (1..=20).map(|i| task(i, i)).collect();
+        s.apply(&Command::ApplyPlan {
+            create,
+            shutdown: vec![],
+            at: 20,
+        });
+        assert!(s.tasks.is_empty(), "a gone service keeps no history");
+        s.services
+            .insert(7, crate::control::orchestrator::tests_support::service(7));
+        let create: Vec<Task> = (21..=40).map(|i| task(i, i)).collect();
+        s.apply(&Command::ApplyPlan {
+            create,
+            shutdown: vec![],
+            at: 40,
+        });
+        assert_eq!(
+            s.tasks.keys().copied().collect::<Vec<_>>(),
+            (36..=40).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -1,0 +1,345 @@
+//! `meshctl service ...`: create, ls, ps, inspect, scale, rm.
+//!
+//! Tasks are scheduled and assigned to nodes; the task runtime that starts
+//! them on the nodes comes next, so `create` returns once the service is
+//! stored (as `--detach` does).
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::{duration_ms, json, table, Client, Format};
+use crate::control::{
+    api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, ServiceView, TaskView},
+    service::{
+        parse_env, parse_placement_pref, PortPublish, Protocol, PublishMode, RestartCondition, RestartPolicy,
+        ServiceMode, ServiceSpec,
+    },
+    state::node_id_text,
+};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    Replicated,
+    Global,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RestartArg {
+    None,
+    OnFailure,
+    Any,
+}
+
+/// `service create` flags.
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Service name.
+    #[arg(long)]
+    name: String,
+    /// Number of tasks (replicated mode).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// replicated or global.
+    #[arg(long, value_enum, default_value = "replicated")]
+    mode: ModeArg,
+    /// At most this many tasks per node (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    replicas_max_per_node: u32,
+    /// Placement constraint, e.g. node.labels.zone==a (repeatable).
+    #[arg(long)]
+    constraint: Vec<String>,
+    /// Spread over a label's values: spread=node.labels.KEY (repeatable).
+    #[arg(long)]
+    placement_pref: Vec<String>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long)]
+    env: Vec<String>,
+    /// Working directory of the command.
+    #[arg(long)]
+    workdir: Option<String>,
+    /// User to run the command as.
+    #[arg(long)]
+    user: Option<String>,
+    /// Network to attach (repeatable).
+    #[arg(long)]
+    network: Vec<String>,
+    /// Publish a port: P:T[/udp] or published=P,target=T,protocol=tcp|udp,mode=ingress|host.
+    #[arg(long)]
+    publish: Vec<String>,
+    /// When to restart a task.
+    #[arg(long, value_enum, default_value = "any")]
+    restart_condition: RestartArg,
+    /// Wait before a restart.
+    #[arg(long, default_value = "5s")]
+    restart_delay: String,
+    /// Restarts per slot before giving up (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    restart_max_attempts: u32,
+    /// Return once the service is stored (the only behaviour until tasks run).
+    #[arg(short, long)]
+    detach: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// `meshctl service`.
+#[derive(Subcommand, Debug)]
+pub enum ServiceCommand {
+    /// Create a service.
+    Create(Box<CreateArgs>),
+    /// List services.
+    Ls {
+        /// Only print IDs.
+        #[arg(short, long)]
+        quiet: bool,
+        /// json or table.
+        #[arg(long, default_value = "table")]
+        format: Format,
+    },
+    /// List a service's tasks.
+    Ps {
+        /// Only print task IDs.
+        #[arg(short, long)]
+        quiet: bool,
+        /// json or table.
+        #[arg(long, default_value = "table")]
+        format: Format,
+        /// Name or ID.
+        service: String,
+    },
+    /// Show services in detail (JSON).
+    Inspect {
+        /// Names or IDs.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Set replica counts: SERVICE=N ...
+    Scale {
+        /// SERVICE=N pairs.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Remove services.
+    Rm {
+        /// Names or IDs.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+}
+
+fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
+    let mode = match (args.mode, args.replicas) {
+        (ModeArg::Global, Some(_)) => return Err(ApiError::invalid("--replicas cannot be used with --mode global")),
+        (ModeArg::Global, None) => ServiceMode::Global,
+        (ModeArg::Replicated, r) => ServiceMode::Replicated {
+            replicas: r.unwrap_or(1),
+        },
+    };
+    let publish = args
+        .publish
+        .iter()
+        .map(|p| PortPublish::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::invalid)?;
+    let spread_over = args
+        .placement_pref
+        .iter()
+        .map(|p| parse_placement_pref(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::invalid)?;
+    let spec = ServiceSpec {
+        name: args.name,
+        command: args.command,
+        mode,
+        env: parse_env(&args.env).map_err(ApiError::invalid)?,
+        workdir: args.workdir,
+        user: args.user,
+        networks: args.network,
+        publish,
+        constraints: args.constraint,
+        spread_over,
+        max_per_node: args.replicas_max_per_node,
+        restart: RestartPolicy {
+            condition: match args.restart_condition {
+                RestartArg::None => RestartCondition::None,
+                RestartArg::OnFailure => RestartCondition::OnFailure,
+                RestartArg::Any => RestartCondition::Any,
+            },
+            delay_ms: duration_ms("restart-delay", &args.restart_delay)?,
+            max_attempts: args.restart_max_attempts,
+        },
+    };
+    spec.validate().map_err(ApiError::invalid)?;
+    Ok(spec)
+}
+
+fn ports_text(ports: &[PortPublish]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            let proto = if p.protocol == Protocol::Tcp { "tcp" } else { "udp" };
+            let mode = if p.mode == PublishMode::Host { " (host)" } else { "" };
+            format!("*:{}->{}/{proto}{mode}", p.published, p.target)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn services(client_reply: ClusterResponse) -> ApiResult<Vec<ServiceView>> {
+    match client_reply {
+        ClusterResponse::Services(s) => Ok(s),
+        other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Runs a `service` subcommand.
+pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
+    match cmd {
+        ServiceCommand::Create(args) => {
+            let spec = spec_of(*args)?;
+            match client
+                .cluster(ClusterRequest::ServiceCreate { spec: Box::new(spec) })
+                .await?
+            {
+                ClusterResponse::ServiceCreated { id } => {
+                    println!("{}", node_id_text(id));
+                    Ok(())
+                }
+                other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+            }
+        }
+        ServiceCommand::Ls { quiet, format } => {
+            let list = services(client.cluster(ClusterRequest::ServiceList).await?)?;
+            if quiet {
+                list.iter().for_each(|s| println!("{}", node_id_text(s.service.id)));
+            } else if format == Format::Json {
+                println!("{}", json(&list)?);
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|v| {
+                        let s = &v.service;
+                        vec![
+                            node_id_text(s.id),
+                            s.spec.name.clone(),
+                            match s.spec.mode {
+                                ServiceMode::Replicated { .. } => "replicated".into(),
+                                ServiceMode::Global => "global".into(),
+                            },
+                            format!("{}/{}", v.running, v.desired),
+                            s.spec.command.join(" "),
+                            ports_text(&s.spec.publish),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table::render(&["ID", "NAME", "MODE", "REPLICAS", "COMMAND", "PORTS"], &rows)
+                );
+            }
+            Ok(())
+        }
+        ServiceCommand::Ps { quiet, format, service } => {
+            let tasks = match client.cluster(ClusterRequest::TaskList { service }).await? {
+                ClusterResponse::Tasks(t) => t,
+                other => return Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+            };
+            if quiet {
+                tasks.iter().for_each(|t| println!("{}", node_id_text(t.task.id)));
+            } else if format == Format::Json {
+                println!("{}", json(&tasks)?);
+            } else {
+                print!("{}", task_table(&tasks, crate::control::manager::unix_now()));
+            }
+            Ok(())
+        }
+        ServiceCommand::Inspect { services: names } => {
+            let mut out = Vec::new();
+            for name in names {
+                out.extend(services(
+                    client.cluster(ClusterRequest::ServiceInspect { service: name }).await?,
+                )?);
+            }
+            println!("{}", json(&out)?);
+            Ok(())
+        }
+        ServiceCommand::Scale { pairs } => {
+            for pair in &pairs {
+                let (service, n) = pair
+                    .split_once('=')
+                    .and_then(|(s, n)| n.parse::<u32>().ok().map(|n| (s.to_string(), n)))
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!("invalid scale {pair:?}: expected SERVICE=REPLICAS, e.g. web=3"))
+                    })?;
+                client
+                    .cluster(ClusterRequest::ServiceScale { service, replicas: n })
+                    .await?;
+                println!("{} scaled to {n}", pair.split('=').next().unwrap_or_default());
+            }
+            Ok(())
+        }
+        ServiceCommand::Rm { services: names } => {
+            for name in names {
+                client
+                    .cluster(ClusterRequest::ServiceRemove { service: name.clone() })
+                    .await?;
+                println!("{name}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The `service ps` table, newest first per slot.
+pub fn task_table(tasks: &[TaskView], now: u64) -> String {
+    let mut sorted: Vec<&TaskView> = tasks.iter().collect();
+    sorted.sort_by(|a, b| {
+        a.task
+            .slot
+            .cmp(&b.task.slot)
+            .then(b.task.created_at.cmp(&a.task.created_at))
+    });
+    let rows: Vec<Vec<String>> = sorted
+        .iter()
+        .map(|v| {
+            let t = &v.task;
+            let name = if t.slot == 0 {
+                v.service_name.clone()
+            } else {
+                format!("{}.{}", v.service_name, t.slot)
+            };
+            let desired = match t.desired {
+                crate::control::service::DesiredState::Running => "Running",
+                crate::control::service::DesiredState::Shutdown => "Shutdown",
+            };
+            let age = now.saturating_sub(t.updated_at);
+            vec![
+                node_id_text(t.id),
+                name,
+                v.node_hostname.clone().unwrap_or_default(),
+                desired.to_string(),
+                format!("{} {} ago", capitalised(t.state.name()), age_text(age)),
+                t.message.clone(),
+            ]
+        })
+        .collect();
+    table::render(
+        &["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"],
+        &rows,
+    )
+}
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+fn age_text(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs} seconds"),
+        60..=3599 => format!("{} minutes", secs / 60),
+        _ => format!("{} hours", secs / 3600),
+    }
+}
