@@ -166,7 +166,7 @@ impl RootCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<String, PkiError> {
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| parse_err("the CSR", e))?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| parse_err("the CSR", e))?;
         let id = node_id_text(identity.node_id);
         let (ou, dns) = match identity.role {
             Role::Manager => (MANAGER_OU, MANAGER_DNS),
@@ -186,11 +186,7 @@ impl RootCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = not_before.into();
         params.not_after = not_after.into();
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
-        csr.params = params;
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-        Ok(csr.signed_by(&issuer)?.pem())
+        self.sign(csr, params)
     }
 }
 
@@ -206,7 +202,7 @@ impl RootCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<String, PkiError> {
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| parse_err("the CSR", e))?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| parse_err("the CSR", e))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
@@ -217,6 +213,18 @@ impl RootCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = not_before.into();
         params.not_after = not_after.into();
+        self.sign(csr, params)
+    }
+}
+
+impl RootCa {
+    /// Signs the CSR's key with `params` (the CSR's own subject and
+    /// extensions are dropped), with a random serial.
+    fn sign(
+        &self,
+        mut csr: CertificateSigningRequestParams,
+        mut params: CertificateParams,
+    ) -> Result<String, PkiError> {
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         csr.params = params;
