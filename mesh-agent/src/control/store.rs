@@ -241,18 +241,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let write = |e| io(ErrorSubject::Logs, ErrorVerb::Write, e);
-        let txn = self.shared.db.begin_write().map_err(db_err).map_err(write)?;
-        {
-            let mut table = txn.open_table(LOG).map_err(db_err).map_err(write)?;
-            for entry in entries {
-                let index = entry.log_id.index;
-                let sealed = self.shared.seal(&format!("log/{index}"), &entry).map_err(write)?;
-                table.insert(index, sealed.as_slice()).map_err(db_err).map_err(write)?;
-            }
-        }
-        // Durable (redb commits with fsync) before openraft hears it is.
-        txn.commit().map_err(db_err).map_err(write)?;
+        self.write_entries(entries)
+            .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         callback.log_io_completed(Ok(()));
         Ok(())
     }
@@ -269,6 +259,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 impl LogStore {
+    /// Writes entries in one transaction; returns once it is durable (redb
+    /// commits with fsync), so `append` may tell openraft they are flushed.
+    fn write_entries(&self, entries: impl IntoIterator<Item = Entry<TypeConfig>>) -> Result<(), StoreError> {
+        let txn = self.shared.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(LOG).map_err(db_err)?;
+            for entry in entries {
+                let index = entry.log_id.index;
+                let sealed = self.shared.seal(&format!("log/{index}"), &entry)?;
+                table.insert(index, sealed.as_slice()).map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
     /// Deletes a range of entries and, for a purge, records the purged id in
     /// the same transaction.
     fn delete<R: RangeBounds<u64>>(&self, range: R, purged: Option<LogId<NodeId>>) -> Result<(), StoreError> {
@@ -518,18 +523,10 @@ mod tests {
         }
     }
 
+    /// `LogFlushed` cannot be built outside openraft 0.9, so tests append
+    /// through the function `append` itself uses.
     async fn append(log: &mut LogStore, entries: Vec<Entry<TypeConfig>>) {
-        // LogFlushed cannot be built outside openraft; write through the same
-        // code path append uses.
-        let txn = log.shared.db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(LOG).unwrap();
-            for e in &entries {
-                let sealed = log.shared.seal(&format!("log/{}", e.log_id.index), e).unwrap();
-                table.insert(e.log_id.index, sealed.as_slice()).unwrap();
-            }
-        }
-        txn.commit().unwrap();
+        log.write_entries(entries).unwrap();
     }
 
     #[tokio::test]
@@ -539,10 +536,15 @@ mod tests {
         let dek = DataKey::generate();
         {
             let (mut log, mut sm) = open(&path, dek.clone()).unwrap();
-            let entries = vec![entry(1, 1, init_command())];
+            // A real log starts at index 0 (openraft checks that on start-up).
+            let blank = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), 0),
+                payload: EntryPayload::Blank,
+            };
+            let entries = vec![blank, entry(1, 1, init_command())];
             append(&mut log, entries.clone()).await;
             log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
-            log.save_committed(Some(entries[0].log_id)).await.unwrap();
+            log.save_committed(Some(entries[1].log_id)).await.unwrap();
             sm.apply(entries).await.unwrap();
             sm.build_snapshot().await.unwrap();
             assert_eq!(*sm.subscribe().borrow(), 1);
@@ -569,6 +571,16 @@ mod tests {
             log.save_committed(Some(later[0].log_id)).await.unwrap();
         }
         assert_eq!(recover(&path, dek.clone()).unwrap().tokens.worker, "T2");
+        // openraft's own start-up path re-applies it from the log too.
+        {
+            let (mut log, mut sm) = open(&path, dek.clone()).unwrap();
+            openraft::StorageHelper::new(&mut log, &mut sm)
+                .get_initial_state()
+                .await
+                .unwrap();
+            assert_eq!(sm.state().tokens.worker, "T2");
+            assert_eq!(*sm.subscribe().borrow(), 2);
+        }
         let raw = std::fs::read(&path).unwrap();
         for marker in [
             "MARKERKEY",
@@ -609,6 +621,141 @@ mod tests {
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(6));
         assert_eq!(state.last_log_id.map(|l| l.index), Some(10));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_value_moved_to_another_row_does_not_open() {
+        let dir = temp("moved");
+        let path = dir.join("raft.redb");
+        let (mut log, _) = open(&path, DataKey::generate()).unwrap();
+        append(&mut log, vec![entry(1, 1, Command::RemoveNode { id: 1 })]).await;
+        let txn = log.shared.db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(LOG).unwrap();
+            let sealed = table.get(1).unwrap().unwrap().value().to_vec();
+            table.insert(2, sealed.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        assert_eq!(log.try_get_log_entries(1..2).await.unwrap().len(), 1);
+        let err = log.try_get_log_entries(2..3).await.unwrap_err();
+        assert!(err.to_string().contains("wrong data key"), "{err}");
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A single voter never sends RPCs; the network only has to exist.
+    struct NoNetwork;
+
+    fn unreachable<E: std::error::Error>() -> openraft::error::RPCError<NodeId, BasicNode, E> {
+        openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(&AnyError::error("single node")))
+    }
+
+    impl openraft::RaftNetworkFactory<TypeConfig> for NoNetwork {
+        type Network = NoNetwork;
+
+        async fn new_client(&mut self, _: NodeId, _: &BasicNode) -> NoNetwork {
+            NoNetwork
+        }
+    }
+
+    impl openraft::RaftNetwork<TypeConfig> for NoNetwork {
+        async fn append_entries(
+            &mut self,
+            _: openraft::raft::AppendEntriesRequest<TypeConfig>,
+            _: openraft::network::RPCOption,
+        ) -> Result<
+            openraft::raft::AppendEntriesResponse<NodeId>,
+            openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
+        > {
+            Err(unreachable())
+        }
+
+        async fn install_snapshot(
+            &mut self,
+            _: openraft::raft::InstallSnapshotRequest<TypeConfig>,
+            _: openraft::network::RPCOption,
+        ) -> Result<
+            openraft::raft::InstallSnapshotResponse<NodeId>,
+            openraft::error::RPCError<
+                NodeId,
+                BasicNode,
+                openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
+            >,
+        > {
+            Err(unreachable())
+        }
+
+        async fn vote(
+            &mut self,
+            _: openraft::raft::VoteRequest<NodeId>,
+            _: openraft::network::RPCOption,
+        ) -> Result<
+            openraft::raft::VoteResponse<NodeId>,
+            openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
+        > {
+            Err(unreachable())
+        }
+    }
+
+    async fn start_raft(path: &Path, dek: DataKey) -> (openraft::Raft<TypeConfig>, StateMachineStore) {
+        let config = openraft::Config {
+            heartbeat_interval: 50,
+            election_timeout_min: 150,
+            election_timeout_max: 300,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let (log, sm) = open(path, dek).unwrap();
+        let raft = openraft::Raft::new(1, Arc::new(config), NoNetwork, log, sm.clone())
+            .await
+            .unwrap();
+        (raft, sm)
+    }
+
+    /// The whole path through a real `Raft`: appends flushed through the
+    /// callback, `committed` saved, a snapshot built; after a restart the
+    /// entries committed after the snapshot are re-applied from the log.
+    #[tokio::test]
+    async fn a_restarted_raft_reapplies_what_was_committed_after_the_snapshot() {
+        let dir = temp("raft");
+        let path = dir.join("raft.redb");
+        let dek = DataKey::generate();
+        let worker = |token: &str| Command::RotateToken {
+            role: crate::control::state::Role::Worker,
+            token: token.into(),
+        };
+        let (snapshot_index, last_index) = {
+            let (raft, sm) = start_raft(&path, dek.clone()).await;
+            let members = [(1, BasicNode::new("127.0.0.1:1"))]
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>();
+            raft.initialize(members).await.unwrap();
+            raft.client_write(init_command()).await.unwrap();
+            raft.client_write(worker("T1")).await.unwrap();
+            raft.trigger().snapshot().await.unwrap();
+            let metrics = raft
+                .wait(Some(std::time::Duration::from_secs(10)))
+                .metrics(|m| m.snapshot.is_some(), "snapshot built")
+                .await
+                .unwrap();
+            let snapshot_index = metrics.snapshot.unwrap().index;
+            let last = raft.client_write(worker("T2")).await.unwrap().log_id.index;
+            assert!(last > snapshot_index);
+            assert_eq!(*sm.subscribe().borrow(), last);
+            raft.shutdown().await.unwrap();
+            (snapshot_index, last)
+        };
+        let (raft, sm) = start_raft(&path, dek).await;
+        // Raft::new has already re-applied the log after the snapshot.
+        assert_eq!(sm.state().tokens.worker, "T2");
+        assert_eq!(sm.state().cluster.as_ref().unwrap().id, "cluster-marker");
+        assert!(*sm.subscribe().borrow() >= last_index);
+        let snapshot = sm.clone().get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(snapshot_index));
+        raft.shutdown().await.unwrap();
+        drop((raft, sm));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
