@@ -283,6 +283,11 @@ impl Swarm {
         applied.iter().all(|a| a.is_some_and(|a| a >= min)) && applied.windows(2).all(|w| w[0] == w[1])
     }
 
+    /// How many nodes host `i`'s `node ls` shows as Ready.
+    pub fn ready(&self, i: usize) -> usize {
+        self.nodes(i).iter().filter(|n| n.1 == "Ready").count()
+    }
+
     /// `node ls` rows on host `i` as (hostname, status, availability, manager status).
     pub fn nodes(&self, i: usize) -> Vec<(String, String, String, String)> {
         let out = self.meshctl(i, &["node", "ls"]);

@@ -26,9 +26,7 @@ fn services_spread_scale_follow_drains_and_go_away() {
     swarm.init(&[]);
     swarm.join(1, 0, "worker");
     swarm.join(2, 0, "worker");
-    swarm.wait("3 nodes ready", CONVERGE, || {
-        swarm.nodes(0).iter().filter(|n| n.1 == "Ready").count() == 3
-    });
+    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
 
     let id = swarm.ok(
         0,

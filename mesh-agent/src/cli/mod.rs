@@ -95,8 +95,9 @@ enum AvailabilityArg {
     Drain,
 }
 
+/// Where a node listens and how others reach it (`swarm init` and `join`).
 #[derive(Args, Debug)]
-struct InitArgs {
+struct AddressArgs {
     /// Address advertised to other nodes (IP[:PORT]).
     #[arg(long)]
     advertise_addr: Option<String>,
@@ -106,6 +107,12 @@ struct InitArgs {
     /// Address for data path (overlay) traffic.
     #[arg(long)]
     data_path_addr: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    #[command(flatten)]
+    addresses: AddressArgs,
     /// Address pool(s) for overlay networks (CIDR, repeatable).
     #[arg(long = "default-addr-pool", default_value = "10.0.0.0/8")]
     default_addr_pool: Vec<String>,
@@ -132,15 +139,8 @@ enum SwarmCommand {
         /// The join token.
         #[arg(long)]
         token: String,
-        /// Address advertised to other nodes (IP[:PORT]).
-        #[arg(long)]
-        advertise_addr: Option<String>,
-        /// Listen address (ADDR:PORT).
-        #[arg(long, default_value = "0.0.0.0:2377")]
-        listen_addr: String,
-        /// Address for data path traffic.
-        #[arg(long)]
-        data_path_addr: Option<String>,
+        #[command(flatten)]
+        addresses: AddressArgs,
         /// A manager's address (HOST:PORT).
         remote: String,
     },
@@ -473,9 +473,9 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
     match cmd {
         SwarmCommand::Init(args) => {
             let request = InitRequest {
-                advertise_addr: args.advertise_addr,
-                listen_addr: args.listen_addr,
-                data_path_addr: args.data_path_addr,
+                advertise_addr: args.addresses.advertise_addr,
+                listen_addr: args.addresses.listen_addr,
+                data_path_addr: args.addresses.data_path_addr,
                 default_addr_pool: args.default_addr_pool,
                 default_addr_pool_mask_len: args.default_addr_pool_mask_length,
                 autolock: args.autolock,
@@ -509,17 +509,15 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
         }
         SwarmCommand::Join {
             token,
-            advertise_addr,
-            listen_addr,
-            data_path_addr,
+            addresses,
             remote,
         } => {
             let request = JoinRequest {
                 token,
                 remote_addr: remote,
-                advertise_addr,
-                listen_addr,
-                data_path_addr,
+                advertise_addr: addresses.advertise_addr,
+                listen_addr: addresses.listen_addr,
+                data_path_addr: addresses.data_path_addr,
             };
             match client.call(LocalRequest::Join(request)).await? {
                 LocalResponse::Joined { role, .. } => {

@@ -113,30 +113,14 @@ pub fn plan(state: &ClusterState, now: u64, new_id: &mut dyn FnMut() -> u64) -> 
             let placed: Vec<u32> = decided.create.iter().map(|c| c.0).collect();
             let holding: Vec<u32> = assigned.iter().map(|t| t.slot).collect();
             for slot in (1..=replicas).filter(|s| !placed.contains(s) && !holding.contains(s)) {
-                match pending.get(&slot) {
-                    Some(t) if t.message == unplaced.reason => {}
-                    Some(t) => {
-                        shutdown.push((t.id, "reason changed".into()));
-                        create.push(new_task(
-                            service,
-                            slot,
-                            None,
-                            TaskState::Pending,
-                            unplaced.reason.clone(),
-                            now,
-                            new_id,
-                        ));
+                if let Some(t) = pending.get(&slot) {
+                    if t.message == unplaced.reason {
+                        continue;
                     }
-                    None => create.push(new_task(
-                        service,
-                        slot,
-                        None,
-                        TaskState::Pending,
-                        unplaced.reason.clone(),
-                        now,
-                        new_id,
-                    )),
+                    shutdown.push((t.id, "reason changed".into()));
                 }
+                let reason = unplaced.reason.clone();
+                create.push(new_task(service, slot, None, TaskState::Pending, reason, now, new_id));
             }
         }
         // Pending tasks of slots that no longer exist (scaled down).
