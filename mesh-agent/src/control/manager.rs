@@ -52,18 +52,6 @@ pub struct RaftTiming {
     pub snapshot_interval: u64,
 }
 
-impl Default for RaftTiming {
-    /// Fast failover on a LAN: a follower starts an election after 0.5-1 s
-    /// without hearing from the leader (Swarm's defaults take about 10 s).
-    fn default() -> Self {
-        RaftTiming {
-            heartbeat_ms: 100,
-            election_timeout_ms: 500,
-            snapshot_interval: 1000,
-        }
-    }
-}
-
 /// One manager's Raft and leader state.
 pub struct Manager {
     /// This node.
