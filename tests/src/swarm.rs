@@ -7,7 +7,7 @@
 
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -64,6 +64,7 @@ impl Swarm {
 
     /// As [`Swarm::new`], with these `mesh-agent run` flags (none: the defaults).
     pub fn with_flags(n: usize, flags: &'static [&'static str]) -> Swarm {
+        remove_stale_swarms();
         let cluster = Cluster::new(n).expect("build the hosts");
         let dir = std::env::temp_dir().join(format!("meshswarm-{}-{}", std::process::id(), unique()));
         let _ = fs::remove_dir_all(&dir);
@@ -318,7 +319,38 @@ impl Drop for Swarm {
         for i in 0..self.agents.len() {
             self.kill(i);
         }
-        let _ = fs::remove_dir_all(&self.dir);
+        remove_swarm_dir(&self.dir);
+    }
+}
+
+/// Stops the tasks the agents under `dir` left running (tasks outlive
+/// their agent by design), unmounts their namespaces, and removes `dir`.
+fn remove_swarm_dir(dir: &Path) {
+    if let Ok(hosts) = fs::read_dir(dir) {
+        for host in hosts.filter_map(Result::ok) {
+            mesh_agent::runtime::supervisor::reap_leftovers(&host.path().join("data").join("tasks"));
+        }
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Swarm directories of test processes that died without cleaning up.
+fn remove_stale_swarms() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("meshswarm-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            remove_swarm_dir(&entry.path());
+        }
     }
 }
 

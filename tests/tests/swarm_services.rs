@@ -1,11 +1,50 @@
-//! Kernel lane: services scheduled over a real swarm (issue 4, in progress:
-//! tasks are placed and assigned; the runtime that starts them comes next).
+//! Kernel lane: services over a real swarm (issue 4): tasks are placed,
+//! started in their own namespaces on their nodes, supervised, and removed
+//! without a trace.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, fs, time::Duration};
 
 use mesh_tests::{require_root, swarm::Swarm};
 
 const CONVERGE: Duration = Duration::from_secs(30);
+
+/// A `sleep` whose argument is unique to this test run, so the test can
+/// find its processes (and prove they are gone) among everything else.
+fn marked_sleep() -> String {
+    format!("100000.{}{:03}", std::process::id(), rand_suffix())
+}
+
+fn rand_suffix() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// PIDs of processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmdline).contains(marker) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// Tasks of `service` in `state` (as `service ps --format json` says).
+fn tasks_in(swarm: &Swarm, service: &str, state: &str) -> usize {
+    let out = swarm.meshctl(0, &["service", "ps", "--format", "json", service]);
+    let tasks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    tasks
+        .iter()
+        .filter(|t| t["task"]["desired"] == "Running" && t["task"]["state"] == state)
+        .count()
+}
 
 /// Live (desired Running) tasks per node hostname, from `service ps`.
 fn placement(swarm: &Swarm, service: &str) -> BTreeMap<String, usize> {
@@ -28,30 +67,46 @@ fn services_spread_scale_follow_drains_and_go_away() {
     swarm.join(2, 0, "worker");
     swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
 
+    let marker = marked_sleep();
     let id = swarm.ok(
         0,
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "web",
             "--replicas",
             "6",
             "--",
             "sleep",
-            "1000",
+            &marker,
         ],
     );
     assert_eq!(id.trim().len(), 13, "prints the service ID: {id}");
     let even: BTreeMap<String, usize> = [("h0".into(), 2), ("h1".into(), 2), ("h2".into(), 2)].into();
     swarm.wait("6 tasks spread 2/2/2", CONVERGE, || placement(&swarm, "web") == even);
+    swarm.wait("6 tasks running", CONVERGE, || tasks_in(&swarm, "web", "Running") == 6);
+    assert_eq!(processes_with(&marker).len(), 6, "one process per task");
     let ls = swarm.ok(0, &["service", "ls"]);
     assert!(
-        ls.contains("web") && ls.contains("replicated") && ls.contains("/6") && ls.contains("sleep 1000"),
+        ls.contains("web") && ls.contains("replicated") && ls.contains("6/6") && ls.contains("sleep"),
         "{ls}"
     );
     let ps = swarm.ok(0, &["service", "ps", "web"]);
-    assert!(ps.contains("web.1") && ps.contains("Assigned"), "{ps}");
+    assert!(ps.contains("web.1") && ps.contains("Running"), "{ps}");
+
+    // A task whose process is killed is restarted (default policy: any,
+    // after 5 s) and its failure shows in `service ps`.
+    let victim = processes_with(&marker)[0];
+    // SAFETY: kill has no memory preconditions; the PID is a task's.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    swarm.wait("the kill recorded", CONVERGE, || {
+        swarm.ok(0, &["service", "ps", "web"]).contains("killed by signal 9")
+    });
+    swarm.wait("the killed task replaced", CONVERGE, || {
+        tasks_in(&swarm, "web", "Running") == 6 && processes_with(&marker).len() == 6
+    });
 
     swarm.ok(0, &["service", "scale", "web=1"]);
     swarm.wait("one task left", CONVERGE, || {
@@ -68,7 +123,7 @@ fn services_spread_scale_follow_drains_and_go_away() {
     let global = swarm.ok(
         0,
         &[
-            "service", "create", "--name", "agent", "--mode", "global", "--", "sleep", "1000",
+            "service", "create", "--name", "agent", "--mode", "global", "--", "sleep", &marker,
         ],
     );
     assert!(!global.trim().is_empty());
@@ -78,6 +133,37 @@ fn services_spread_scale_follow_drains_and_go_away() {
 
     swarm.ok(0, &["service", "rm", "web", "agent"]);
     assert!(swarm.ok(0, &["service", "ls", "-q"]).trim().is_empty());
+    swarm.wait("every task process gone", CONVERGE, || {
+        processes_with(&marker).is_empty()
+    });
+    swarm.wait("no task namespace, veth or address left", CONVERGE, || {
+        (0..3).all(|i| leftovers(&swarm, i).is_empty())
+    });
+}
+
+/// What tasks left on host `i`: task directories (with their namespace
+/// mounts) and host-side veths.
+fn leftovers(swarm: &Swarm, i: usize) -> Vec<String> {
+    let mut left: Vec<String> = fs::read_dir(swarm.agents[i].data_dir.join("tasks"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| format!("task dir {}", e.file_name().to_string_lossy()))
+        .collect();
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["-o", "link", "show"]);
+    let links = swarm
+        .cluster
+        .host(i)
+        .output(cmd, Duration::from_secs(10))
+        .expect("ip link");
+    left.extend(
+        String::from_utf8_lossy(&links.stdout)
+            .lines()
+            .filter(|l| l.contains(": mv"))
+            .map(|l| format!("veth {l}")),
+    );
+    left
 }
 
 #[test]

@@ -58,6 +58,10 @@ struct RunArgs {
     /// demoted. Start once with it, then without.
     #[arg(long)]
     force_new_cluster: bool,
+    /// The node-local pool tasks get their address on the node's bridge
+    /// (mesh_gwbridge) from.
+    #[arg(long, default_value = mesh_agent::runtime::network::DEFAULT_POOL)]
+    local_pool: String,
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
@@ -85,6 +89,8 @@ fn run(args: RunArgs) -> Result<(), String> {
         hostname,
         timing,
         force_new_cluster: args.force_new_cluster,
+        local_pool: mesh_agent::runtime::network::Subnet::parse(&args.local_pool)
+            .map_err(|e| format!("--local-pool: {e}"))?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

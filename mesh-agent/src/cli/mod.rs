@@ -128,6 +128,9 @@ struct InitArgs {
     /// How often nodes heartbeat; a node silent for 3 periods is Down.
     #[arg(long, default_value = "1s")]
     dispatcher_heartbeat: String,
+    /// Ended tasks kept per service slot (for `service ps`).
+    #[arg(long, default_value_t = 5)]
+    task_history_limit: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -481,6 +484,7 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
                 autolock: args.autolock,
                 cert_expiry_secs: duration_ms("cert-expiry", &args.cert_expiry)? / 1000,
                 heartbeat_period_ms: duration_ms("dispatcher-heartbeat", &args.dispatcher_heartbeat)?,
+                task_history_limit: args.task_history_limit,
             };
             match client.call(LocalRequest::Init(request)).await? {
                 LocalResponse::Initialized {

@@ -8,10 +8,10 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use super::{duration_ms, json, table, Client, Format};
 use crate::control::{
-    api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, ServiceView, TaskView},
+    api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, LocalRequest, LocalResponse, ServiceView, TaskView},
     service::{
-        parse_env, parse_placement_pref, PortPublish, Protocol, PublishMode, RestartCondition, RestartPolicy,
-        ServiceMode, ServiceSpec,
+        parse_env, parse_placement_pref, HealthCheck, PortPublish, Protocol, PublishMode, RestartCondition,
+        RestartPolicy, ServiceMode, ServiceSpec,
     },
     state::node_id_text,
 };
@@ -74,7 +74,25 @@ pub struct CreateArgs {
     /// Restarts per slot before giving up (0: unlimited).
     #[arg(long, default_value_t = 0)]
     restart_max_attempts: u32,
-    /// Return once the service is stored (the only behaviour until tasks run).
+    /// Command run inside the task to check its health (`sh -c CMD`; exit 0 is healthy).
+    #[arg(long)]
+    health_cmd: Option<String>,
+    /// Time between health checks.
+    #[arg(long, default_value = "30s")]
+    health_interval: String,
+    /// A health check running longer than this fails.
+    #[arg(long, default_value = "30s")]
+    health_timeout: String,
+    /// Consecutive failures that make a task unhealthy (it is then replaced).
+    #[arg(long, default_value_t = 3)]
+    health_retries: u32,
+    /// Failures in this window after start do not count.
+    #[arg(long, default_value = "0s")]
+    health_start_period: String,
+    /// SIGTERM first, SIGKILL after this long.
+    #[arg(long, default_value = "10s")]
+    stop_grace_period: String,
+    /// Return once the service is stored instead of showing progress until it converges.
     #[arg(short, long)]
     detach: bool,
     /// The command and its arguments, after `--`.
@@ -104,6 +122,17 @@ pub enum ServiceCommand {
         /// json or table.
         #[arg(long, default_value = "table")]
         format: Format,
+        /// Name or ID.
+        service: String,
+    },
+    /// Show a service's task logs (stdout and stderr, kept on each task's node).
+    Logs {
+        /// Keep following new output (until interrupted).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of each task ("all" for everything).
+        #[arg(short = 'n', long, default_value = "all")]
+        tail: String,
         /// Name or ID.
         service: String,
     },
@@ -168,6 +197,17 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
             delay_ms: duration_ms("restart-delay", &args.restart_delay)?,
             max_attempts: args.restart_max_attempts,
         },
+        health: match args.health_cmd {
+            None => None,
+            Some(command) => Some(HealthCheck {
+                command,
+                interval_ms: duration_ms("health-interval", &args.health_interval)?,
+                timeout_ms: duration_ms("health-timeout", &args.health_timeout)?,
+                retries: args.health_retries,
+                start_period_ms: duration_ms("health-start-period", &args.health_start_period)?,
+            }),
+        },
+        stop_grace_ms: duration_ms("stop-grace-period", &args.stop_grace_period)?,
     };
     spec.validate().map_err(ApiError::invalid)?;
     Ok(spec)
@@ -252,6 +292,43 @@ pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
                 print!("{}", task_table(&tasks, crate::control::manager::unix_now()));
             }
             Ok(())
+        }
+        ServiceCommand::Logs { follow, tail, service } => {
+            let tail =
+                match tail.as_str() {
+                    "all" => None,
+                    n => Some(n.parse::<usize>().map_err(|_| {
+                        ApiError::invalid(format!("--tail {n:?}: expected a number of lines or \"all\""))
+                    })?),
+                };
+            let mut cursors: Vec<(u64, u64)> = Vec::new();
+            loop {
+                let request = LocalRequest::ServiceLogs {
+                    service: service.clone(),
+                    cursors: cursors.clone(),
+                    tail,
+                };
+                let LocalResponse::Logs(chunks) = client.call(request).await? else {
+                    return Err(ApiError::internal("unexpected reply to a log request"));
+                };
+                let mut out = String::new();
+                for (label, chunk) in &chunks {
+                    for line in chunk.text.lines() {
+                        out.push_str(&format!("{label}    | {line}\n"));
+                    }
+                    match cursors.iter_mut().find(|(t, _)| *t == chunk.task) {
+                        Some(c) => c.1 = chunk.next,
+                        None => cursors.push((chunk.task, chunk.next)),
+                    }
+                }
+                print!("{out}");
+                if !follow {
+                    return Ok(());
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
         }
         ServiceCommand::Inspect { services: names } => {
             let mut out = Vec::new();

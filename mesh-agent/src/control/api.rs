@@ -117,6 +117,8 @@ pub struct InitRequest {
     pub cert_expiry_secs: u64,
     /// Heartbeat period in milliseconds.
     pub heartbeat_period_ms: u64,
+    /// Ended tasks kept per service slot.
+    pub task_history_limit: u32,
 }
 
 /// `meshctl swarm join` options.
@@ -339,6 +341,15 @@ pub enum LocalRequest {
     Info,
     /// Anything that needs the cluster store.
     Cluster(ClusterRequest),
+    /// `service logs`: the service's task logs, read from their nodes.
+    ServiceLogs {
+        /// Name, ID or unique ID prefix.
+        service: String,
+        /// Where to read on from, per task (empty at first).
+        cursors: Vec<(u64, u64)>,
+        /// Lines per task at first (`None`: all).
+        tail: Option<usize>,
+    },
 }
 
 /// local agent -> `meshctl`.
@@ -366,6 +377,8 @@ pub enum LocalResponse {
     Info(SwarmInfo),
     /// Reply of a cluster request.
     Cluster(ClusterResponse),
+    /// `service logs`: log text per task, labelled `NAME.SLOT.ID@HOST`.
+    Logs(Vec<(String, LogChunk)>),
 }
 
 /// What a joining node sends with its token.
@@ -466,6 +479,18 @@ pub enum PeerRequest {
     },
     /// A cluster request forwarded by a manager to the leader (managers only).
     Cluster(ClusterRequest),
+    /// The caller's tasks (any member): answered at once when they differ
+    /// from the digest the caller has, else when they change or after a
+    /// few seconds (a long poll).
+    Assignments {
+        /// Digest of the assignments the caller has ("" at first).
+        known: String,
+    },
+    /// The caller reports on its tasks (any member).
+    ReportTasks(Vec<crate::control::service::TaskReport>),
+    /// Log text of tasks running on the called node (managers only, for
+    /// `service logs`).
+    ReadLogs(LogQuery),
     /// A request a manager received and passes on to the leader, with the
     /// identity it verified of the original caller (managers only).
     Forwarded {
@@ -511,8 +536,60 @@ pub enum PeerResponse {
     Certificate(ApiResult<(String, Vec<String>)>),
     /// Cluster reply.
     Cluster(ApiResult<ClusterResponse>),
+    /// The caller's tasks.
+    Assignments(ApiResult<Assignments>),
+    /// Reports stored.
+    Reported(ApiResult<()>),
+    /// Log text, per task.
+    Logs(ApiResult<Vec<LogChunk>>),
     /// Refused before dispatch (e.g. a worker calling a manager API).
     Refused(ApiError),
+}
+
+/// What a node is told about its tasks.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Assignments {
+    /// Identifies this set (the long poll's "what I have").
+    pub digest: String,
+    /// Its tasks that are not ended, with what to do about them.
+    pub tasks: Vec<crate::control::service::Assignment>,
+    /// Its ended tasks the store still lists (their logs are kept).
+    pub retained: Vec<u64>,
+}
+
+/// Which log text to read.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LogQuery {
+    /// Tasks, each with the byte offset to read from (`None`: start with
+    /// the last `tail` lines).
+    pub tasks: Vec<(u64, Option<u64>)>,
+    /// Lines per task when starting (`None`: all).
+    pub tail: Option<usize>,
+}
+
+/// Log text of one task.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LogChunk {
+    /// The task.
+    pub task: u64,
+    /// Whole lines.
+    pub text: String,
+    /// Offset to read on from.
+    pub next: u64,
+}
+
+impl PeerResponse {
+    /// The error of a reply that another manager might answer better: a
+    /// refusal, a failed heartbeat, or an unavailable leader.
+    pub fn retry_elsewhere(&self) -> Option<ApiError> {
+        match self {
+            PeerResponse::Refused(e) | PeerResponse::Heartbeat(Err(e)) => Some(e.clone()),
+            PeerResponse::Assignments(Err(e)) | PeerResponse::Reported(Err(e)) if e.kind == ErrorKind::Unavailable => {
+                Some(e.clone())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Labels given on the command line as `k=v`.

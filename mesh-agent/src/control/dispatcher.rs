@@ -1,4 +1,5 @@
-//! Node liveness as the leader's dispatcher sees it.
+//! The leader's dispatcher: node liveness from heartbeats, and what each
+//! node is told to run.
 //!
 //! Heartbeats are not written to Raft (that would make every heartbeat a
 //! replicated write); the leader keeps the time it last heard from each node
@@ -11,7 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::state::{ClusterState, NodeId, NodeStatus};
+use sha2::{Digest, Sha256};
+
+use super::{
+    api::Assignments,
+    service::{Assignment, TaskSpec},
+    state::{node_id_text, ClusterState, NodeId, NodeStatus},
+};
 
 /// When the leader last heard from each node.
 #[derive(Debug, Default)]
@@ -65,6 +72,50 @@ pub fn down_after(state: &ClusterState) -> Duration {
     Duration::from_millis(period.saturating_mul(u64::from(misses.max(1))))
 }
 
+/// What node `node` is told about its tasks: every task placed on it that
+/// has not ended, with the spec to run, and the ended ones still listed.
+pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
+    let mut tasks = Vec::new();
+    let mut retained = Vec::new();
+    for task in state.tasks.values().filter(|t| t.node == Some(node)) {
+        if task.state.is_terminal() {
+            retained.push(task.id);
+            continue;
+        }
+        let spec = state
+            .services
+            .get(&task.service)
+            .map(|s| TaskSpec {
+                name: if task.slot == 0 {
+                    format!("{}.{}", s.spec.name, node_id_text(node))
+                } else {
+                    format!("{}.{}", s.spec.name, task.slot)
+                },
+                command: s.spec.command.clone(),
+                env: s.spec.env.clone(),
+                workdir: s.spec.workdir.clone(),
+                user: s.spec.user.clone(),
+                health: s.spec.health.clone(),
+                stop_grace_ms: s.spec.stop_grace_ms,
+            })
+            .unwrap_or_default();
+        tasks.push(Assignment {
+            task: task.id,
+            service: task.service,
+            desired: task.desired,
+            state: task.state,
+            spec,
+        });
+    }
+    let encoded = rmp_serde::to_vec(&(&tasks, &retained)).unwrap_or_default();
+    let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
+    Assignments {
+        digest,
+        tasks,
+        retained,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +150,43 @@ mod tests {
         // A node never heard from by this leader is overdue once the grace is over.
         let s2 = with_nodes(&[(9, NodeStatus::Unknown)]);
         assert_eq!(l.overdue(&s2, t0, timeout), vec![9]);
+    }
+
+    #[test]
+    fn assignments_list_live_tasks_and_change_digest_with_them() {
+        use crate::control::{
+            service::{DesiredState, Task, TaskState},
+            state::tests::initialised,
+        };
+        let mut s = initialised();
+        s.services
+            .insert(7, crate::control::orchestrator::tests_support::service(7));
+        let task = |id: u64, node: NodeId, state: TaskState| Task {
+            id,
+            service: 7,
+            slot: 1,
+            node: Some(node),
+            desired: DesiredState::Running,
+            state,
+            message: String::new(),
+            service_version: 1,
+            created_at: 0,
+            updated_at: 0,
+            restarts: 0,
+            ended_at_ms: 0,
+        };
+        s.tasks.insert(1, task(1, 5, TaskState::Assigned));
+        s.tasks.insert(2, task(2, 5, TaskState::Failed));
+        s.tasks.insert(3, task(3, 6, TaskState::Assigned));
+        let a = assignments(&s, 5);
+        assert_eq!(a.tasks.iter().map(|t| t.task).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(a.tasks[0].spec.name, "s7.1");
+        assert_eq!(a.tasks[0].spec.command, vec!["sleep", "1000"]);
+        assert_eq!(a.retained, vec![2]);
+        assert_eq!(assignments(&s, 5).digest, a.digest, "stable");
+        s.tasks.get_mut(&3).unwrap().state = TaskState::Running;
+        assert_eq!(assignments(&s, 5).digest, a.digest, "other nodes' tasks do not matter");
+        s.tasks.get_mut(&1).unwrap().desired = DesiredState::Shutdown;
+        assert_ne!(assignments(&s, 5).digest, a.digest);
     }
 }

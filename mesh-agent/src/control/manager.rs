@@ -18,17 +18,17 @@ use rand::Rng;
 
 use super::{
     api::{
-        ApiError, ApiResult, ClusterRequest, ClusterResponse, Heartbeat, HeartbeatReply, JoinCall, JoinReply, NodeView,
-        ServiceView, TaskView,
+        ApiError, ApiResult, Assignments, ClusterRequest, ClusterResponse, Heartbeat, HeartbeatReply, JoinCall,
+        JoinReply, NodeView, ServiceView, TaskView,
     },
-    dispatcher::{down_after, Liveness},
+    dispatcher::{self, down_after, Liveness},
     network::{Peers, RaftNet},
     orchestrator,
     pki::{self, NodeIdentity, RootCa},
     raft_types::TypeConfig,
     rules,
     seal::{DataKey, UnlockKey},
-    service::{DesiredState, Service, ServiceMode, Task, TaskState},
+    service::{DesiredState, Service, ServiceMode, Task, TaskReport, TaskState},
     state::{
         node_id_text, Availability, CaState, ClusterState, Command, CommandResponse, JoinTokens, Node, NodeId,
         NodeStatus, Role,
@@ -62,6 +62,21 @@ pub struct Manager {
     liveness: Mutex<Liveness>,
     raft_ready: Mutex<BTreeSet<NodeId>>,
     stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// How long an assignments long poll waits for a change (below the
+/// forwarding timeout, so a poll through a follower never times out).
+pub const ASSIGNMENTS_WAIT: Duration = Duration::from_secs(5);
+
+/// Task reports accepted in one call.
+const MAX_REPORTS: usize = 10_000;
+
+/// Unix milliseconds now.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Unix seconds now.
@@ -606,6 +621,49 @@ impl Manager {
     }
 
     /// A node's check-in (leader only).
+    /// The long poll behind a node's assignments: answers when they differ
+    /// from `known`, or after [`ASSIGNMENTS_WAIT`].
+    pub async fn handle_assignments(&self, id: NodeId, known: &str) -> ApiResult<Assignments> {
+        let mut applied = self.sm.subscribe();
+        let deadline = tokio::time::Instant::now() + ASSIGNMENTS_WAIT;
+        loop {
+            let state = self.state();
+            if !state.nodes.contains_key(&id) {
+                return Err(ApiError::not_found(format!(
+                    "node {} is not a member of this swarm",
+                    node_id_text(id)
+                )));
+            }
+            let current = dispatcher::assignments(&state, id);
+            if current.digest != known || !self.is_leader() {
+                return Ok(current);
+            }
+            match tokio::time::timeout_at(deadline, applied.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return Ok(current),
+            }
+        }
+    }
+
+    /// Stores a node's reports on its tasks.
+    pub async fn handle_report(&self, id: NodeId, reports: Vec<TaskReport>) -> ApiResult<()> {
+        if reports.len() > MAX_REPORTS {
+            return Err(ApiError::invalid(format!(
+                "{} task reports in one call; at most {MAX_REPORTS}",
+                reports.len()
+            )));
+        }
+        if reports.iter().any(|r| r.message.len() > 4096) {
+            return Err(ApiError::invalid("a task report's message is longer than 4096 bytes"));
+        }
+        self.propose(Command::ReportTasks {
+            node: id,
+            reports,
+            at_ms: unix_now_ms(),
+        })
+        .await
+    }
+
     pub async fn handle_heartbeat(&self, id: NodeId, hb: Heartbeat) -> ApiResult<HeartbeatReply> {
         if hb.agent_version.len() > 64 {
             return Err(ApiError::invalid("the reported agent version is longer than 64 bytes"));
@@ -730,7 +788,7 @@ impl Manager {
             if let Err(e) = self.reconcile_membership(&state).await {
                 log::warn!("raft membership: {e}");
             }
-            if let Some(plan) = orchestrator::plan(&self.state(), unix_now(), &mut || rand::random()) {
+            if let Some(plan) = orchestrator::plan(&self.state(), unix_now_ms(), &mut || rand::random()) {
                 if let Err(e) = self.propose(plan).await {
                     log::warn!("orchestrator: {e}");
                 }

@@ -10,6 +10,7 @@
 //! - `raft/raft.redb`: the encrypted Raft store (managers only).
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock, Weak},
@@ -19,24 +20,34 @@ use std::{
 use rand::Rng;
 use rustls::{pki_types::CertificateDer, ServerConfig};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::{
     api::{
-        ApiError, ApiResult, ClusterRequest, ErrorKind, Heartbeat, HeartbeatReply, InitRequest, JoinCall, JoinRequest,
-        LocalRequest, LocalResponse, Origin, PeerRequest, PeerResponse, SwarmInfo,
+        ApiError, ApiResult, ClusterRequest, ClusterResponse, ErrorKind, Heartbeat, HeartbeatReply, InitRequest,
+        JoinCall, JoinRequest, LocalRequest, LocalResponse, LogChunk, LogQuery, Origin, PeerRequest, PeerResponse,
+        SwarmInfo,
     },
     keystore::{write_private, KeyStore, KeyStoreError, Loaded},
-    manager::{unix_now, Manager, RaftTiming},
+    manager::{unix_now, Manager, RaftTiming, ASSIGNMENTS_WAIT},
     network::{Peers, MANAGER_NAME},
     pki::{self, NodeIdentity, NodeKey, RootCa},
     rpc::{self, Handler, Peer, RpcClient, RpcError},
     rules,
     seal::{DataKey, UnlockKey},
-    state::{Availability, CaState, ClusterSpec, Command, JoinTokens, Node, NodeId, NodeStatus, Role},
+    service::TaskReport,
+    state::{node_id_text, Availability, CaState, ClusterSpec, Command, JoinTokens, Node, NodeId, NodeStatus, Role},
     tls,
     token::JoinToken,
 };
+use crate::runtime::{
+    logs,
+    network::{LocalNetwork, Subnet},
+    supervisor::Supervisor,
+};
+
+/// How long leaving the swarm waits for the node's tasks to stop.
+const TASK_STOP_LIMIT: Duration = Duration::from_secs(60);
 
 /// How long a manager waits for the leader to answer a forwarded request.
 /// Cluster requests commit in milliseconds; past this the leader is gone or
@@ -55,6 +66,8 @@ pub struct AgentOptions {
     /// Rebuild a single-manager Raft store from this manager's data (after
     /// losing quorum for good); see `mesh-agent run --force-new-cluster`.
     pub force_new_cluster: bool,
+    /// The node-local pool tasks get their bridge address from.
+    pub local_pool: Subnet,
 }
 
 /// The non-secret facts a node keeps in `node.json`.
@@ -255,6 +268,12 @@ impl Agent {
                 let member = self.member().await?;
                 Ok(LocalResponse::Cluster(member.cluster_request(req).await?))
             }
+            LocalRequest::ServiceLogs { service, cursors, tail } => {
+                let member = self.member().await?;
+                Ok(LocalResponse::Logs(
+                    member.service_logs(&service, &cursors, tail).await?,
+                ))
+            }
         }
     }
 
@@ -404,6 +423,7 @@ impl Agent {
                 heartbeat_period_ms: req.heartbeat_period_ms,
                 heartbeat_misses_down: 3,
                 cert_expiry_secs: req.cert_expiry_secs,
+                task_history_limit: req.task_history_limit,
             },
             ca: CaState {
                 root_cert_pem: ca.cert_pem().to_string(),
@@ -617,6 +637,8 @@ pub struct Member {
     leader_hint: Mutex<Option<String>>,
     /// The leader the managers last named in a heartbeat reply.
     reported_leader: Mutex<Option<NodeId>>,
+    /// Runs this node's tasks.
+    tasks: Arc<Supervisor>,
     stop: watch::Sender<bool>,
 }
 
@@ -635,6 +657,10 @@ impl Member {
         let peers = Peers::new(creds.client_config()?);
         let (stop, stop_rx) = watch::channel(false);
         let role = creds.role;
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        let network = Arc::new(LocalNetwork::new(opts.local_pool));
+        let tasks = Supervisor::new(opts.data_dir.join("tasks"), network, reports)
+            .map_err(|e| ApiError::internal(format!("preparing the task directory: {e}")))?;
         let member = Arc::new(Member {
             id: config.node_id,
             opts: opts.clone(),
@@ -646,6 +672,7 @@ impl Member {
             manager: RwLock::new(None),
             leader_hint: Mutex::new(None),
             reported_leader: Mutex::new(None),
+            tasks,
             stop,
         });
         if role == Role::Manager {
@@ -659,6 +686,8 @@ impl Member {
             member: Arc::downgrade(&member),
         });
         tokio::spawn(rpc::serve(listener, server_rx.into(), handler, stop_rx.clone()));
+        tokio::spawn(member.clone().assignments_loop(stop_rx.clone()));
+        tokio::spawn(member.clone().report_loop(reports_rx, stop_rx.clone()));
         tokio::spawn(member.clone().session(stop_rx));
         Ok(member)
     }
@@ -723,6 +752,7 @@ impl Member {
     }
 
     async fn stop(&self) {
+        self.tasks.stop_all(TASK_STOP_LIMIT).await;
         let _ = self.stop.send(true);
         let manager = self.manager.write().expect("reason: never poisoned").take();
         if let Some(m) = manager {
@@ -851,6 +881,24 @@ impl Member {
                 cert_ca_digest: ca_digest,
             }
         };
+        match self
+            .call_managers(|| PeerRequest::Heartbeat(hb.clone()), Duration::from_secs(3), true)
+            .await?
+        {
+            PeerResponse::Heartbeat(reply) => reply,
+            other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Calls the managers: the one that last answered first, then the
+    /// others. A manager's transport failure or refusal moves on to the
+    /// next; `hint` records the one that answered (heartbeats keep it).
+    async fn call_managers(
+        &self,
+        request: impl Fn() -> PeerRequest,
+        timeout: Duration,
+        hint: bool,
+    ) -> ApiResult<PeerResponse> {
         let mut targets: Vec<String> = self
             .leader_hint
             .lock()
@@ -870,22 +918,188 @@ impl Member {
         targets.retain(|t| seen.insert(t.clone()));
         let mut last = ApiError::unavailable("no manager is known");
         for addr in targets {
-            match self
-                .peers
-                .call(&addr, PeerRequest::Heartbeat(hb.clone()), Duration::from_secs(3))
-                .await
-            {
-                Ok(PeerResponse::Heartbeat(Ok(reply))) => {
-                    *self.leader_hint.lock().expect("reason: never poisoned") = Some(addr);
+            match self.peers.call(&addr, request(), timeout).await {
+                Ok(reply) if reply.retry_elsewhere().is_some() => {
+                    last = reply.retry_elsewhere().unwrap_or(last);
+                }
+                Ok(reply) => {
+                    if hint {
+                        *self.leader_hint.lock().expect("reason: never poisoned") = Some(addr);
+                    }
                     return Ok(reply);
                 }
-                Ok(PeerResponse::Heartbeat(Err(e)) | PeerResponse::Refused(e)) => last = e,
-                Ok(other) => last = ApiError::internal(format!("unexpected reply {other:?}")),
                 Err(e) => last = ApiError::unavailable(format!("{addr}: {e}")),
             }
         }
-        *self.leader_hint.lock().expect("reason: never poisoned") = None;
+        if hint {
+            *self.leader_hint.lock().expect("reason: never poisoned") = None;
+        }
         Err(last)
+    }
+
+    /// Follows this node's assignments (a long poll) and applies them.
+    async fn assignments_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut known = String::new();
+        let mut warned = false;
+        loop {
+            let request = || PeerRequest::Assignments { known: known.clone() };
+            let call = self.call_managers(request, ASSIGNMENTS_WAIT + Duration::from_secs(5), false);
+            let reply = tokio::select! {
+                r = call => r,
+                _ = stop.changed() => return,
+            };
+            match reply {
+                Ok(PeerResponse::Assignments(Ok(a))) => {
+                    warned = false;
+                    known = a.digest.clone();
+                    self.tasks.apply(&a.tasks, &a.retained);
+                    continue;
+                }
+                Ok(other) if !warned => log::warn!("assignments: unexpected reply {other:?}"),
+                Err(e) if !warned => log::warn!("assignments: {e}"),
+                _ => {}
+            }
+            warned = true;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Sends task reports to the managers in order, batching what queued
+    /// up meanwhile and retrying until they are stored.
+    async fn report_loop(
+        self: Arc<Self>,
+        mut reports: mpsc::UnboundedReceiver<TaskReport>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut pending: Vec<TaskReport> = Vec::new();
+        loop {
+            if pending.is_empty() {
+                tokio::select! {
+                    r = reports.recv() => match r {
+                        Some(r) => pending.push(r),
+                        None => return,
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+            while let Ok(r) = reports.try_recv() {
+                pending.push(r);
+            }
+            let batch = || PeerRequest::ReportTasks(pending.clone());
+            match self.call_managers(batch, Duration::from_secs(10), false).await {
+                Ok(PeerResponse::Reported(Ok(()))) => {
+                    pending.clear();
+                    continue;
+                }
+                Ok(PeerResponse::Reported(Err(e))) if e.kind == ErrorKind::InvalidArgument => {
+                    log::error!("the managers refused {} task reports: {e}", pending.len());
+                    pending.clear();
+                    continue;
+                }
+                Ok(other) => log::warn!("reporting tasks: unexpected reply {other:?}"),
+                Err(e) => log::warn!("reporting tasks: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Reads log text of tasks kept on this node.
+    fn read_logs(&self, query: &LogQuery) -> ApiResult<Vec<LogChunk>> {
+        if query.tasks.len() > 1000 {
+            return Err(ApiError::invalid("at most 1000 tasks per log query"));
+        }
+        query
+            .tasks
+            .iter()
+            .map(|(task, from)| {
+                let chunk = logs::read(&self.tasks.log_path(*task), *from, query.tail)
+                    .map_err(|e| ApiError::internal(format!("reading task {}'s log: {e}", node_id_text(*task))))?;
+                Ok(LogChunk {
+                    task: *task,
+                    text: chunk.text,
+                    next: chunk.next,
+                })
+            })
+            .collect()
+    }
+
+    /// `service logs`: finds the service's tasks and reads each one's log
+    /// from its node, all nodes at once.
+    async fn service_logs(
+        &self,
+        service: &str,
+        cursors: &[(u64, u64)],
+        tail: Option<usize>,
+    ) -> ApiResult<Vec<(String, LogChunk)>> {
+        let ClusterResponse::Tasks(tasks) = self
+            .cluster_request(ClusterRequest::TaskList {
+                service: service.to_string(),
+            })
+            .await?
+        else {
+            return Err(ApiError::internal("unexpected reply to a task list"));
+        };
+        let ClusterResponse::Nodes(nodes) = self.cluster_request(ClusterRequest::NodeList).await? else {
+            return Err(ApiError::internal("unexpected reply to a node list"));
+        };
+        let addr_of: BTreeMap<NodeId, String> = nodes.iter().map(|n| (n.node.id, n.node.addr.clone())).collect();
+        let cursor: BTreeMap<u64, u64> = cursors.iter().copied().collect();
+        let mut by_node: BTreeMap<NodeId, Vec<(u64, Option<u64>)>> = BTreeMap::new();
+        let mut labels: BTreeMap<u64, String> = BTreeMap::new();
+        for t in &tasks {
+            let Some(node) = t.task.node else { continue };
+            by_node
+                .entry(node)
+                .or_default()
+                .push((t.task.id, cursor.get(&t.task.id).copied()));
+            labels.insert(
+                t.task.id,
+                format!(
+                    "{}.{}.{}@{}",
+                    t.service_name,
+                    if t.task.slot == 0 {
+                        node_id_text(node)
+                    } else {
+                        t.task.slot.to_string()
+                    },
+                    node_id_text(t.task.id),
+                    t.node_hostname.as_deref().unwrap_or("?")
+                ),
+            );
+        }
+        let calls = by_node.into_iter().filter_map(|(node, tasks)| {
+            let addr = addr_of.get(&node)?.clone();
+            let query = PeerRequest::ReadLogs(LogQuery { tasks, tail });
+            Some(async move {
+                (
+                    addr.clone(),
+                    self.peers.call(&addr, query, Duration::from_secs(10)).await,
+                )
+            })
+        });
+        let mut out = Vec::new();
+        for (addr, reply) in futures::future::join_all(calls).await {
+            match reply {
+                Ok(PeerResponse::Logs(Ok(chunks))) => {
+                    for c in chunks {
+                        let label = labels.get(&c.task).cloned().unwrap_or_default();
+                        out.push((label, c));
+                    }
+                }
+                Ok(PeerResponse::Logs(Err(e)) | PeerResponse::Refused(e)) => {
+                    log::warn!("logs from {addr}: {e}");
+                }
+                Ok(other) => log::warn!("logs from {addr}: unexpected reply {other:?}"),
+                Err(e) => log::warn!("logs from {addr}: {e}"),
+            }
+        }
+        Ok(out)
     }
 
     async fn apply_heartbeat(&self, reply: HeartbeatReply) -> ApiResult<()> {
@@ -976,6 +1190,14 @@ async fn serve_as_leader(manager: &Manager, origin: Origin, request: PeerRequest
             Some((id, _)) => PeerResponse::Heartbeat(manager.handle_heartbeat(id, hb).await),
             None => PeerResponse::Refused(no_certificate()),
         },
+        PeerRequest::Assignments { known } => match caller {
+            Some((id, _)) => PeerResponse::Assignments(manager.handle_assignments(id, &known).await),
+            None => PeerResponse::Refused(no_certificate()),
+        },
+        PeerRequest::ReportTasks(reports) => match caller {
+            Some((id, _)) => PeerResponse::Reported(manager.handle_report(id, reports).await),
+            None => PeerResponse::Refused(no_certificate()),
+        },
         PeerRequest::RenewCertificate { csr_pem } => match caller {
             Some((id, _)) => PeerResponse::Certificate(manager.handle_renew(id, &csr_pem).await),
             None => PeerResponse::Refused(no_certificate()),
@@ -998,6 +1220,9 @@ fn kind(request: &PeerRequest) -> &'static str {
         PeerRequest::RenewCertificate { .. } => "RenewCertificate",
         PeerRequest::Cluster(_) => "Cluster",
         PeerRequest::Forwarded { .. } => "Forwarded",
+        PeerRequest::Assignments { .. } => "Assignments",
+        PeerRequest::ReportTasks(_) => "ReportTasks",
+        PeerRequest::ReadLogs(_) => "ReadLogs",
     }
 }
 
@@ -1067,9 +1292,17 @@ impl Handler for PeerHandler {
             PeerRequest::Forwarded { .. } | PeerRequest::Cluster(_) if !is_manager => {
                 PeerResponse::Refused(manager_only())
             }
-            PeerRequest::Heartbeat(_) | PeerRequest::RenewCertificate { .. } if identity.is_none() => {
+            PeerRequest::Heartbeat(_)
+            | PeerRequest::RenewCertificate { .. }
+            | PeerRequest::Assignments { .. }
+            | PeerRequest::ReportTasks(_)
+                if identity.is_none() =>
+            {
                 PeerResponse::Refused(no_certificate())
             }
+            // Served here, by the node that keeps the logs.
+            PeerRequest::ReadLogs(query) if is_manager => PeerResponse::Logs(member.read_logs(&query)),
+            PeerRequest::ReadLogs(_) => PeerResponse::Refused(manager_only()),
             request => member.route(origin, request, false).await,
         }
     }

@@ -5,11 +5,11 @@
 //! proposes the command it returns. A pass that has nothing to change
 //! returns `None`, so a converged cluster writes nothing to Raft.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     scheduler::{self, Grace, Placement, SchedNode, SchedTask},
-    service::{DesiredState, Service, ServiceMode, Task, TaskState},
+    service::{should_restart, DesiredState, Service, ServiceMode, Task, TaskState},
     state::{ClusterState, Command, NodeId, NodeStatus},
 };
 
@@ -21,8 +21,80 @@ fn live(task: &Task) -> bool {
     task.desired == DesiredState::Running && !task.state.is_terminal()
 }
 
+/// Where a task's replacement goes: its replica slot, or for global
+/// services (slot 0) its node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Place {
+    Slot(u32),
+    Node(NodeId),
+}
+
+fn place_of(task: &Task) -> Option<Place> {
+    match (task.slot, task.node) {
+        (0, Some(node)) => Some(Place::Node(node)),
+        (0, None) => None,
+        (slot, _) => Some(Place::Slot(slot)),
+    }
+}
+
+/// The restart policy's verdict for one service's places whose last task
+/// ended on its own (exited, failed, rejected).
+#[derive(Debug, Default, PartialEq)]
+struct Restarts {
+    /// Places kept empty: the delay has not passed, or the policy says no more.
+    resting: BTreeSet<Place>,
+    /// Places refilled now, with the attempt number their new task carries.
+    attempts: BTreeMap<Place, u32>,
+    /// Ended tasks to mark desired Shutdown (replaced, or their place is gone).
+    retire: Vec<u64>,
+}
+
+fn restarts(service: &Service, tasks: &[&Task], now_ms: u64) -> Restarts {
+    let policy = service.spec.restart;
+    let occupied: BTreeSet<Place> = tasks.iter().filter(|t| live(t)).filter_map(|t| place_of(t)).collect();
+    let mut latest: BTreeMap<Place, &Task> = BTreeMap::new();
+    let mut out = Restarts::default();
+    for t in tasks
+        .iter()
+        .filter(|t| t.desired == DesiredState::Running && t.state.is_terminal())
+    {
+        let Some(place) = place_of(t) else { continue };
+        let out_of_range = match (place, service.spec.mode) {
+            (Place::Slot(slot), ServiceMode::Replicated { replicas }) => slot > replicas,
+            (Place::Slot(_), ServiceMode::Global) | (Place::Node(_), ServiceMode::Replicated { .. }) => true,
+            (Place::Node(_), ServiceMode::Global) => false,
+        };
+        if occupied.contains(&place) || out_of_range {
+            out.retire.push(t.id);
+            continue;
+        }
+        match latest.get(&place) {
+            Some(l) if (l.ended_at_ms, l.id) >= (t.ended_at_ms, t.id) => out.retire.push(t.id),
+            Some(l) => {
+                out.retire.push(l.id);
+                latest.insert(place, t);
+            }
+            None => {
+                latest.insert(place, t);
+            }
+        }
+    }
+    for (place, t) in latest {
+        if !should_restart(policy.condition, t.state, t.restarts, policy.max_attempts)
+            || now_ms < t.ended_at_ms.saturating_add(policy.delay_ms)
+        {
+            out.resting.insert(place);
+        } else {
+            out.attempts.insert(place, t.restarts + 1);
+            out.retire.push(t.id);
+        }
+    }
+    out
+}
+
 /// Decides new and retired tasks for every service.
-pub fn plan(state: &ClusterState, now: u64, new_id: &mut dyn FnMut() -> u64) -> Option<Command> {
+pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) -> Option<Command> {
+    let now = now_ms / 1000;
     let nodes: Vec<SchedNode> = state
         .nodes
         .values()
@@ -63,11 +135,10 @@ pub fn plan(state: &ClusterState, now: u64, new_id: &mut dyn FnMut() -> u64) -> 
             spread_over: service.spec.spread_over.clone(),
             max_per_node: service.spec.max_per_node,
         };
-        let mine: Vec<&Task> = state
-            .tasks
-            .values()
-            .filter(|t| t.service == service.id && live(t))
-            .collect();
+        let all: Vec<&Task> = state.tasks.values().filter(|t| t.service == service.id).collect();
+        let restarts = restarts(service, &all, now_ms);
+        shutdown.extend(restarts.retire.iter().map(|id| (*id, "replaced".to_string())));
+        let mine: Vec<&Task> = all.iter().copied().filter(|t| live(t)).collect();
         let assigned: Vec<SchedTask> = mine
             .iter()
             .filter_map(|t| {
@@ -78,19 +149,38 @@ pub fn plan(state: &ClusterState, now: u64, new_id: &mut dyn FnMut() -> u64) -> 
                 })
             })
             .collect();
+        let resting_slots: BTreeSet<u32> = restarts
+            .resting
+            .iter()
+            .filter_map(|p| match p {
+                Place::Slot(s) => Some(*s),
+                Place::Node(_) => None,
+            })
+            .collect();
+        let resting_nodes: BTreeSet<NodeId> = restarts
+            .resting
+            .iter()
+            .filter_map(|p| match p {
+                Place::Node(n) => Some(*n),
+                Place::Slot(_) => None,
+            })
+            .collect();
         let pending: BTreeMap<u32, &Task> = mine.iter().filter(|t| t.node.is_none()).map(|t| (t.slot, *t)).collect();
         let decided = match service.spec.mode {
             ServiceMode::Replicated { replicas } => scheduler::reconcile_replicated(
                 replicas,
                 &placement,
                 &assigned,
+                &resting_slots,
                 &nodes,
                 &total,
                 &down_since,
                 now,
                 grace,
             ),
-            ServiceMode::Global => scheduler::reconcile_global(&placement, &assigned, &nodes, &down_since, now, grace),
+            ServiceMode::Global => {
+                scheduler::reconcile_global(&placement, &assigned, &resting_nodes, &nodes, &down_since, now, grace)
+            }
         };
         shutdown.extend(decided.shutdown);
         for (slot, node) in &decided.create {
@@ -98,7 +188,7 @@ pub fn plan(state: &ClusterState, now: u64, new_id: &mut dyn FnMut() -> u64) -> 
                 shutdown.push((waiting.id, "placed on a node".into()));
             }
             *total.entry(*node).or_default() += 1;
-            create.push(new_task(
+            let mut task = new_task(
                 service,
                 *slot,
                 Some(*node),
@@ -106,13 +196,22 @@ pub fn plan(state: &ClusterState, now: u64, new_id: &mut dyn FnMut() -> u64) -> 
                 String::new(),
                 now,
                 new_id,
-            ));
+            );
+            let place = if *slot == 0 {
+                Place::Node(*node)
+            } else {
+                Place::Slot(*slot)
+            };
+            task.restarts = restarts.attempts.get(&place).copied().unwrap_or(0);
+            create.push(task);
         }
         // Slots still without a node: one Pending task each, saying why.
         if let (ServiceMode::Replicated { replicas }, Some(unplaced)) = (service.spec.mode, &decided.unplaced) {
             let placed: Vec<u32> = decided.create.iter().map(|c| c.0).collect();
             let holding: Vec<u32> = assigned.iter().map(|t| t.slot).collect();
-            for slot in (1..=replicas).filter(|s| !placed.contains(s) && !holding.contains(s)) {
+            for slot in
+                (1..=replicas).filter(|s| !placed.contains(s) && !holding.contains(s) && !resting_slots.contains(s))
+            {
                 if let Some(t) = pending.get(&slot) {
                     if t.message == unplaced.reason {
                         continue;
@@ -163,6 +262,8 @@ fn new_task(
         service_version: service.version,
         created_at: now,
         updated_at: now,
+        restarts: 0,
+        ended_at_ms: 0,
     }
 }
 
@@ -188,6 +289,8 @@ pub(crate) mod tests_support {
                 spread_over: vec![],
                 max_per_node: 0,
                 restart: RestartPolicy::default(),
+                health: None,
+                stop_grace_ms: crate::control::service::DEFAULT_STOP_GRACE_MS,
             },
             version: 1,
             created_at: 0,
@@ -228,7 +331,7 @@ mod tests {
             next += 1;
             next
         };
-        match plan(state, now, &mut ids) {
+        match plan(state, now * 1000, &mut ids) {
             Some(cmd) => {
                 assert_eq!(state.apply(&cmd), crate::control::state::CommandResponse::Applied);
                 true
@@ -294,6 +397,71 @@ mod tests {
         s.apply(&Command::RemoveService { id: 1, at: 200 });
         assert!(s.tasks.values().all(|t| t.desired == DesiredState::Shutdown));
         assert!(!run(&mut s, 201));
+    }
+
+    fn end(state: &mut ClusterState, id: u64, how: TaskState, at_ms: u64) {
+        let node = state.tasks[&id].node.unwrap();
+        for step in [TaskState::Running, how] {
+            let report = crate::control::service::TaskReport {
+                task: id,
+                state: step,
+                message: "exit status 1".into(),
+            };
+            state.apply(&Command::ReportTasks {
+                node,
+                reports: vec![report],
+                at_ms,
+            });
+        }
+    }
+
+    #[test]
+    fn restart_policy_waits_its_delay_counts_attempts_and_gives_up() {
+        let mut s = cluster(2);
+        let mut svc = service(1, ServiceMode::Replicated { replicas: 1 });
+        svc.spec.restart = crate::control::service::RestartPolicy {
+            condition: crate::control::service::RestartCondition::OnFailure,
+            delay_ms: 3000,
+            max_attempts: 2,
+        };
+        s.services.insert(1, svc);
+        run(&mut s, 10);
+        for attempt in 1..=2u32 {
+            let first = *s.tasks.values().find(|t| live(t)).map(|t| &t.id).unwrap();
+            let ended = 20_000 * u64::from(attempt);
+            end(&mut s, first, TaskState::Failed, ended);
+            assert!(!run(&mut s, ended / 1000 + 2), "the delay has not passed");
+            assert!(run(&mut s, ended / 1000 + 3));
+            let next = s.tasks.values().find(|t| live(t)).unwrap();
+            assert_eq!(next.restarts, attempt);
+            assert_eq!(
+                s.tasks[&first].desired,
+                DesiredState::Shutdown,
+                "the failed task is retired"
+            );
+            assert_eq!(s.tasks[&first].message, "exit status 1", "and keeps its error");
+        }
+        let last = *s.tasks.values().find(|t| live(t)).map(|t| &t.id).unwrap();
+        end(&mut s, last, TaskState::Failed, 100_000);
+        assert!(!run(&mut s, 200), "max attempts reached: the slot stays empty");
+        assert_eq!(s.tasks.values().filter(|t| live(t)).count(), 0);
+    }
+
+    #[test]
+    fn on_failure_leaves_completed_tasks_alone_and_any_restarts_them() {
+        use crate::control::service::RestartCondition;
+        let mut s = cluster(1);
+        let mut svc = service(1, ServiceMode::Global);
+        svc.spec.restart.condition = RestartCondition::OnFailure;
+        svc.spec.restart.delay_ms = 0;
+        s.services.insert(1, svc);
+        run(&mut s, 1);
+        let id = *s.tasks.keys().next().unwrap();
+        end(&mut s, id, TaskState::Complete, 2000);
+        assert!(!run(&mut s, 3), "a task that completed is not restarted on-failure");
+        s.services.get_mut(&1).unwrap().spec.restart.condition = RestartCondition::Any;
+        assert!(run(&mut s, 4));
+        assert_eq!(s.tasks.values().filter(|t| live(t)).count(), 1);
     }
 
     #[test]

@@ -257,10 +257,14 @@ fn node_is_lost(node: Option<&SchedNode>, down_since: &BTreeMap<NodeId, u64>, no
 /// `tasks` are the service's tasks whose desired state is running;
 /// `down_since` holds when each Down node went down (unix seconds).
 #[allow(clippy::too_many_arguments, reason = "plain inputs of one pure decision")]
+///
+/// `resting` slots are left empty on purpose (the restart policy waits or
+/// gave up), so they are neither filled nor counted missing.
 pub fn reconcile_replicated(
     replicas: u32,
     placement: &Placement,
     tasks: &[SchedTask],
+    resting: &BTreeSet<u32>,
     nodes: &[SchedNode],
     total_counts: &BTreeMap<NodeId, u32>,
     down_since: &BTreeMap<NodeId, u64>,
@@ -296,7 +300,9 @@ pub fn reconcile_replicated(
     for task in kept.values() {
         *service_counts.entry(task.node).or_default() += 1;
     }
-    let missing: Vec<u32> = (1..=replicas).filter(|slot| !kept.contains_key(slot)).collect();
+    let missing: Vec<u32> = (1..=replicas)
+        .filter(|slot| !kept.contains_key(slot) && !resting.contains(slot))
+        .collect();
     let (chosen, unplaced) = place(placement, nodes, &service_counts, total_counts, missing.len());
     plan.create = missing.into_iter().zip(chosen).collect();
     plan.unplaced = unplaced;
@@ -304,9 +310,12 @@ pub fn reconcile_replicated(
 }
 
 /// Reconciles a global service: one task on every eligible node.
+///
+/// `resting` nodes get no new task now (the restart policy waits or gave up).
 pub fn reconcile_global(
     placement: &Placement,
     tasks: &[SchedTask],
+    resting: &BTreeSet<NodeId>,
     nodes: &[SchedNode],
     down_since: &BTreeMap<NodeId, u64>,
     now: u64,
@@ -330,7 +339,7 @@ pub fn reconcile_global(
     }
     plan.create = nodes
         .iter()
-        .filter(|n| placement.admits(n) && !covered.contains(&n.id))
+        .filter(|n| placement.admits(n) && !covered.contains(&n.id) && !resting.contains(&n.id))
         .map(|n| (0, n.id))
         .collect();
     plan
@@ -474,6 +483,7 @@ mod tests {
             6,
             &Placement::default(),
             &tasks,
+            &BTreeSet::new(),
             &nodes,
             &BTreeMap::new(),
             &BTreeMap::new(),
@@ -486,6 +496,7 @@ mod tests {
             1,
             &Placement::default(),
             &tasks,
+            &BTreeSet::new(),
             &nodes,
             &BTreeMap::new(),
             &BTreeMap::new(),
@@ -500,6 +511,7 @@ mod tests {
             6,
             &Placement::default(),
             &tasks,
+            &BTreeSet::new(),
             &nodes,
             &BTreeMap::new(),
             &BTreeMap::new(),
@@ -517,6 +529,7 @@ mod tests {
             6,
             &Placement::default(),
             &tasks,
+            &BTreeSet::new(),
             &nodes,
             &BTreeMap::new(),
             &down,
@@ -528,6 +541,7 @@ mod tests {
             6,
             &Placement::default(),
             &tasks,
+            &BTreeSet::new(),
             &nodes,
             &BTreeMap::new(),
             &down,
@@ -549,12 +563,28 @@ mod tests {
             slot: 0,
             node: 1,
         }];
-        let plan = reconcile_global(&Placement::default(), &tasks, &nodes, &BTreeMap::new(), 0, grace);
+        let plan = reconcile_global(
+            &Placement::default(),
+            &tasks,
+            &BTreeSet::new(),
+            &nodes,
+            &BTreeMap::new(),
+            0,
+            grace,
+        );
         assert_eq!(plan.create, vec![(0, 2)]);
         // A node joins later: it gets one too; a paused node keeps its task but gets no new one.
         nodes.push(node(3, &[]));
         nodes[0].availability = Availability::Pause;
-        let plan = reconcile_global(&Placement::default(), &tasks, &nodes, &BTreeMap::new(), 0, grace);
+        let plan = reconcile_global(
+            &Placement::default(),
+            &tasks,
+            &BTreeSet::new(),
+            &nodes,
+            &BTreeMap::new(),
+            0,
+            grace,
+        );
         assert_eq!(plan.create, vec![(0, 2), (0, 3)]);
         assert!(plan.shutdown.is_empty());
     }

@@ -418,6 +418,35 @@ pub struct ServiceSpec {
     pub max_per_node: u32,
     /// Restart policy.
     pub restart: RestartPolicy,
+    /// `--health-*`: a command whose failures replace the task.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    /// `--stop-grace-period`: SIGTERM, then SIGKILL after this many milliseconds.
+    #[serde(default = "default_stop_grace_ms")]
+    pub stop_grace_ms: u64,
+}
+
+/// Docker's default stop grace period (10 s).
+pub const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
+
+fn default_stop_grace_ms() -> u64 {
+    DEFAULT_STOP_GRACE_MS
+}
+
+/// `--health-cmd` and its timing (Docker's defaults: every 30 s, 30 s
+/// timeout, 3 retries, no start period).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Run with `/bin/sh -c` inside the task's namespaces; exit 0 is healthy.
+    pub command: String,
+    /// Between checks, in milliseconds.
+    pub interval_ms: u64,
+    /// A check running longer fails, in milliseconds.
+    pub timeout_ms: u64,
+    /// Consecutive failures that make the task unhealthy.
+    pub retries: u32,
+    /// Failures in this first window do not count, in milliseconds.
+    pub start_period_ms: u64,
 }
 
 impl ServiceSpec {
@@ -432,6 +461,14 @@ impl ServiceSpec {
         if let ServiceMode::Replicated { replicas } = self.mode {
             if replicas > 10_000 {
                 return Err(format!("--replicas {replicas} is more than 10000"));
+            }
+        }
+        if let Some(h) = &self.health {
+            if h.command.trim().is_empty() {
+                return Err("--health-cmd is empty".into());
+            }
+            if h.interval_ms == 0 || h.timeout_ms == 0 || h.retries == 0 {
+                return Err("--health-interval, --health-timeout and --health-retries must be greater than 0".into());
             }
         }
         Ok(())
@@ -485,4 +522,55 @@ pub struct Task {
     pub created_at: u64,
     /// Unix seconds of the last state change.
     pub updated_at: u64,
+    /// Restarts of its slot before this task (restart policy's attempts).
+    #[serde(default)]
+    pub restarts: u32,
+    /// Unix milliseconds when it reached a terminal state (0: not yet).
+    #[serde(default)]
+    pub ended_at_ms: u64,
+}
+
+/// A node's report on one of its tasks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TaskReport {
+    /// Which task.
+    pub task: u64,
+    /// Where it is now.
+    pub state: TaskState,
+    /// Why (errors for `service ps`).
+    pub message: String,
+}
+
+/// What a node needs to run one task: the service's spec, cut to the task.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TaskSpec {
+    /// `SERVICE.SLOT` (or `SERVICE.NODE` for global tasks), for logs.
+    pub name: String,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub workdir: Option<String>,
+    /// User to run as.
+    pub user: Option<String>,
+    /// Health check.
+    pub health: Option<HealthCheck>,
+    /// SIGTERM, then SIGKILL after this many milliseconds.
+    pub stop_grace_ms: u64,
+}
+
+/// One task a node is told about: run it, or stop it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    /// The task's ID.
+    pub task: u64,
+    /// Its service's ID.
+    pub service: u64,
+    /// Running or Shutdown.
+    pub desired: DesiredState,
+    /// Its state as the managers know it.
+    pub state: TaskState,
+    /// What to run.
+    pub spec: TaskSpec,
 }

@@ -9,10 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::service::{DesiredState, Service, ServiceSpec, Task, TaskState};
+use super::service::{DesiredState, Service, ServiceSpec, Task, TaskReport, TaskState};
 
 /// Finished tasks kept per service slot, for `service ps`.
-pub const TASK_HISTORY: usize = 5;
+pub const TASK_HISTORY: u32 = 5;
 
 /// A node's identity: its Raft id, and (printed in base 36) its node ID.
 pub type NodeId = u64;
@@ -96,6 +96,13 @@ pub struct ClusterSpec {
     pub heartbeat_misses_down: u32,
     /// Lifetime of issued node certificates, in seconds.
     pub cert_expiry_secs: u64,
+    /// Ended tasks kept per service slot (`--task-history-limit`, as Swarm's).
+    #[serde(default = "default_task_history")]
+    pub task_history_limit: u32,
+}
+
+fn default_task_history() -> u32 {
+    TASK_HISTORY
 }
 
 /// The cluster's certificate authority. The key is secret; it lives only in
@@ -247,6 +254,17 @@ pub enum Command {
         message: String,
         /// Unix seconds.
         at: u64,
+    },
+    /// A node reports on its tasks. Reports on tasks that are gone, not
+    /// the node's, or not a legal move are skipped: a late report must not
+    /// fail the others.
+    ReportTasks {
+        /// The reporting node.
+        node: NodeId,
+        /// What it reports.
+        reports: Vec<TaskReport>,
+        /// Unix milliseconds.
+        at_ms: u64,
     },
     /// `swarm ca --rotate`: a new root; the old one stays trusted for a while.
     RotateCa {
@@ -425,12 +443,32 @@ impl ClusterState {
                 for (id, reason) in shutdown {
                     if let Some(task) = self.tasks.get_mut(id) {
                         task.desired = DesiredState::Shutdown;
-                        task.message = reason.clone();
-                        task.updated_at = *at;
+                        // An ended task keeps the message saying how it ended.
+                        if !task.state.is_terminal() {
+                            task.message = reason.clone();
+                            task.updated_at = *at;
+                        }
                     }
                 }
                 self.tasks.extend(create.iter().map(|t| (t.id, t.clone())));
-                self.prune_task_history(TASK_HISTORY);
+                self.prune_task_history();
+            }
+            Command::ReportTasks { node, reports, at_ms } => {
+                for r in reports {
+                    let Some(task) = self.tasks.get_mut(&r.task) else {
+                        continue;
+                    };
+                    if task.node != Some(*node) || task.state == r.state || !task.state.may_become(r.state) {
+                        continue;
+                    }
+                    task.state = r.state;
+                    task.message = r.message.clone();
+                    task.updated_at = at_ms / 1000;
+                    if r.state.is_terminal() {
+                        task.ended_at_ms = *at_ms;
+                    }
+                }
+                self.prune_task_history();
             }
             Command::SetTaskState { id, state, message, at } => {
                 let task = self.tasks.get_mut(id).ok_or_else(|| format!("task {id} not found"))?;
@@ -473,17 +511,21 @@ impl ClusterState {
     /// Forgets finished tasks (told to shut down, and either ended or never
     /// placed) beyond the newest `keep` per service slot; all of them for
     /// services that are gone.
-    fn prune_task_history(&mut self, keep: usize) {
-        let mut finished: BTreeMap<(u64, u32), Vec<(u64, u64)>> = BTreeMap::new();
+    fn prune_task_history(&mut self) {
+        let keep = self.cluster.as_ref().map_or(TASK_HISTORY, |c| c.task_history_limit) as usize;
+        // Global tasks share slot 0: their history is per node.
+        type Place = (u64, u32, Option<NodeId>);
+        let mut finished: BTreeMap<Place, Vec<(u64, u64)>> = BTreeMap::new();
         for t in self.tasks.values() {
             if t.desired == DesiredState::Shutdown && (t.state.is_terminal() || t.node.is_none()) {
+                let node = if t.slot == 0 { t.node } else { None };
                 finished
-                    .entry((t.service, t.slot))
+                    .entry((t.service, t.slot, node))
                     .or_default()
                     .push((t.updated_at, t.id));
             }
         }
-        for ((service, _), mut history) in finished {
+        for ((service, _, _), mut history) in finished {
             let keep = if self.services.contains_key(&service) { keep } else { 0 };
             history.sort_unstable_by(|a, b| b.cmp(a));
             for (_, id) in history.into_iter().skip(keep) {
@@ -561,6 +603,7 @@ pub(crate) mod tests {
                 heartbeat_period_ms: 1000,
                 heartbeat_misses_down: 3,
                 cert_expiry_secs: 90 * 86400,
+                task_history_limit: 5,
             },
             ca: CaState {
                 root_cert_pem: "C".into(),
@@ -673,6 +716,8 @@ pub(crate) mod tests {
             service_version: 1,
             created_at: at,
             updated_at: at,
+            restarts: 0,
+            ended_at_ms: 0,
         };
         let create: Vec<Task> = (1..=20).map(|i| task(i, i)).collect();
         s.apply(&Command::ApplyPlan {

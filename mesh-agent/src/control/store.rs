@@ -495,6 +495,7 @@ mod tests {
                 heartbeat_period_ms: 1000,
                 heartbeat_misses_down: 3,
                 cert_expiry_secs: 3600,
+                task_history_limit: 5,
             },
             ca: CaState {
                 root_cert_pem: "CERT".into(),

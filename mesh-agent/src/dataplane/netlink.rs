@@ -149,6 +149,40 @@ impl Netlink {
         Ok(out)
     }
 
+    /// `ip route add default via GATEWAY`
+    pub async fn add_default_route(&self, gateway: std::net::Ipv4Addr) -> Result<(), NetlinkError> {
+        let message = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .gateway(gateway)
+            .build();
+        self.handle
+            .route()
+            .add(message)
+            .execute()
+            .await
+            .map_err(|e| request(format!("ip route add default via {gateway}"), e))
+    }
+
+    /// Whether `address` is on link `name` (`ip addr show dev NAME`).
+    pub async fn has_address(&self, name: &str, address: IpAddr) -> Result<bool, NetlinkError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let index = self.link_index(name).await?;
+        let mut dump = self.handle.address().get().set_link_index_filter(index).execute();
+        while let Some(msg) = dump
+            .try_next()
+            .await
+            .map_err(|e| request(format!("ip addr show dev {name}"), e))?
+        {
+            if msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == address))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// `ip link del NAME`
     pub async fn delete_link(&self, name: &str) -> Result<(), NetlinkError> {
         let index = self.link_index(name).await?;

@@ -1,3 +1,18 @@
-//! Task runtime: the namespaces tasks run in.
+//! Task runtime: the namespaces tasks run in, the processes, and the
+//! node's side of service scheduling.
+//!
+//! - [`netns`]: named network namespaces (bind mounts).
+//! - [`process`]: forking a task into its namespaces; signals (the kernel layer).
+//! - [`network`]: the node-local bridge network tasks attach to.
+//! - [`plan`]: assignments vs what runs here (pure).
+//! - [`health`]: health verdicts from check results (pure).
+//! - [`logs`]: reading task logs.
+//! - [`supervisor`]: runs, watches, stops and reports this node's tasks.
 
+pub mod health;
+pub mod logs;
 pub mod netns;
+pub mod network;
+pub mod plan;
+pub mod process;
+pub mod supervisor;

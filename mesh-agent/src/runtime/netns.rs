@@ -52,6 +52,19 @@ impl NetNs {
     /// Creates a new, empty namespace (`ip netns add NAME`).
     pub fn create(name: &str) -> Result<NetNs, NetnsError> {
         let path = path_of(name)?;
+        fs::create_dir_all(NETNS_DIR).map_err(|source| NetnsError::Sys {
+            op: "create /run/netns",
+            name: name.to_owned(),
+            source,
+        })?;
+        NetNs::create_at(&path, name)
+    }
+
+    /// Creates a new, empty namespace kept alive by a bind mount at `path`
+    /// (tasks' namespaces live in the agent's data directory, out of
+    /// `ip netns list`); `name` is for messages.
+    pub fn create_at(path: &Path, name: &str) -> Result<NetNs, NetnsError> {
+        let path = path.to_path_buf();
         let sys = |op| {
             move |source| NetnsError::Sys {
                 op,
@@ -59,7 +72,6 @@ impl NetNs {
                 source,
             }
         };
-        fs::create_dir_all(NETNS_DIR).map_err(sys("create /run/netns"))?;
         // The mount point: created exclusively so two creators cannot share it.
         OpenOptions::new()
             .write(true)
@@ -88,13 +100,17 @@ impl NetNs {
                 source,
             });
         }
-        NetNs::open(name)
+        NetNs::open_at(&path, name)
     }
 
     /// Opens an existing namespace.
     pub fn open(name: &str) -> Result<NetNs, NetnsError> {
-        let path = path_of(name)?;
-        let file = File::open(&path).map_err(|e| match e.kind() {
+        NetNs::open_at(&path_of(name)?, name)
+    }
+
+    /// Opens the namespace bind-mounted (or a process's, `/proc/PID/ns/net`) at `path`.
+    pub fn open_at(path: &Path, name: &str) -> Result<NetNs, NetnsError> {
+        let file = File::open(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => NetnsError::NotFound(name.to_owned()),
             _ => NetnsError::Sys {
                 op: "open",
@@ -111,11 +127,15 @@ impl NetNs {
     /// Removes a namespace's name (`ip netns delete NAME`); the kernel frees
     /// it, with every link inside, once no process or fd holds it any more.
     pub fn delete(name: &str) -> Result<(), NetnsError> {
-        let path = path_of(name)?;
+        NetNs::delete_at(&path_of(name)?, name)
+    }
+
+    /// Unmounts and removes the bind mount at `path` (see [`NetNs::create_at`]).
+    pub fn delete_at(path: &Path, name: &str) -> Result<(), NetnsError> {
         if !path.exists() {
             return Err(NetnsError::NotFound(name.to_owned()));
         }
-        let c_path = c_path(&path);
+        let c_path = c_path(path);
         // SAFETY: c_path is a valid NUL-terminated path for the call's duration.
         match check(unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) }) {
             Ok(()) => {}
@@ -129,7 +149,7 @@ impl NetNs {
                 })
             }
         }
-        fs::remove_file(&path).map_err(|source| NetnsError::Sys {
+        fs::remove_file(path).map_err(|source| NetnsError::Sys {
             op: "remove",
             name: name.to_owned(),
             source,

@@ -1,0 +1,281 @@
+//! The node-local bridge network every task is attached to (Swarm's
+//! docker_gwbridge): a bridge `mesh_gwbridge` in the node's namespace with
+//! the pool's first address as gateway, and per task a veth pair whose
+//! inside end is the task's `eth0` with an address from the pool and a
+//! default route through the bridge.
+//!
+//! Attach and detach are the path overlay networks extend (issue 5): one
+//! attachment per network, named and addressed by the same steps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    sync::Mutex,
+};
+
+use super::netns::NetNs;
+use crate::dataplane::netlink::{Netlink, NetlinkError};
+
+/// The bridge's name.
+pub const BRIDGE: &str = "mesh_gwbridge";
+
+/// The default node-local pool (Docker's docker_gwbridge default).
+pub const DEFAULT_POOL: &str = "172.18.0.0/16";
+
+/// Errors of attaching tasks.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// No address left.
+    #[error("the node-local pool {0} has no free address left")]
+    Exhausted(String),
+    /// A netlink request failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// The task's namespace could not be entered.
+    #[error(transparent)]
+    Netns(#[from] super::netns::NetnsError),
+    /// The blocking worker died.
+    #[error("network worker: {0}")]
+    Worker(String),
+}
+
+/// An IPv4 subnet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    /// Network address.
+    pub base: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// Parses `A.B.C.D/N` (N from 8 to 30, host bits zero).
+    pub fn parse(text: &str) -> Result<Subnet, String> {
+        let (addr, prefix) = text
+            .split_once('/')
+            .ok_or_else(|| format!("invalid subnet {text:?}: expected A.B.C.D/N"))?;
+        let base: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("invalid subnet {text:?}: {addr:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| format!("invalid subnet {text:?}: the prefix length must be 8 to 30"))?;
+        let subnet = Subnet { base, prefix };
+        if u32::from(base) & !subnet.mask() != 0 {
+            return Err(format!("invalid subnet {text:?}: host bits are set"));
+        }
+        Ok(subnet)
+    }
+
+    fn mask(self) -> u32 {
+        u32::MAX << (32 - self.prefix)
+    }
+
+    /// The first host address (the gateway).
+    pub fn gateway(self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + 1)
+    }
+
+    fn broadcast(self) -> u32 {
+        u32::from(self.base) | !self.mask()
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+/// Addresses handed out from a subnet: the lowest free after the gateway.
+#[derive(Clone, Debug)]
+pub struct Ipam {
+    subnet: Subnet,
+    used: BTreeSet<u32>,
+}
+
+impl Ipam {
+    /// An empty allocator over `subnet`.
+    pub fn new(subnet: Subnet) -> Ipam {
+        Ipam {
+            subnet,
+            used: BTreeSet::new(),
+        }
+    }
+
+    /// Takes the lowest free host address.
+    pub fn allocate(&mut self) -> Option<Ipv4Addr> {
+        let first = u32::from(self.subnet.gateway()) + 1;
+        let free = (first..self.subnet.broadcast()).find(|a| !self.used.contains(a))?;
+        self.used.insert(free);
+        Some(Ipv4Addr::from(free))
+    }
+
+    /// Gives an address back.
+    pub fn release(&mut self, address: Ipv4Addr) {
+        self.used.remove(&u32::from(address));
+    }
+}
+
+/// A task's place on a network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// The host-side veth.
+    pub host_link: String,
+    /// The task's address.
+    pub address: Ipv4Addr,
+}
+
+/// The host end of a task's veth: `mv` + 12 hex digits of the task ID
+/// (interface names hold at most 15 bytes).
+pub fn host_link_name(task: u64) -> String {
+    format!("mv{:012x}", task & 0xffff_ffff_ffff)
+}
+
+/// The node-local network: its bridge and the tasks attached to it.
+pub struct LocalNetwork {
+    subnet: Subnet,
+    state: Mutex<(Ipam, BTreeMap<u64, Attachment>)>,
+}
+
+impl LocalNetwork {
+    /// A network over `subnet`; nothing is created before the first attach.
+    pub fn new(subnet: Subnet) -> LocalNetwork {
+        LocalNetwork {
+            subnet,
+            state: Mutex::new((Ipam::new(subnet), BTreeMap::new())),
+        }
+    }
+
+    /// Gives task `task` (whose namespace is bind-mounted at `netns`) an
+    /// `eth0` on the bridge with an address and a default route.
+    pub async fn attach(&self, task: u64, netns: &Path) -> Result<Attachment, NetworkError> {
+        let address = {
+            let mut state = self.state.lock().expect("reason: never poisoned");
+            state
+                .0
+                .allocate()
+                .ok_or_else(|| NetworkError::Exhausted(self.subnet.to_string()))?
+        };
+        let attachment = Attachment {
+            host_link: host_link_name(task),
+            address,
+        };
+        let (subnet, netns, a) = (self.subnet, netns.to_path_buf(), attachment.clone());
+        let done = tokio::task::spawn_blocking(move || wire(subnet, &netns, &a))
+            .await
+            .map_err(|e| NetworkError::Worker(e.to_string()))
+            .and_then(|r| r);
+        let mut state = self.state.lock().expect("reason: never poisoned");
+        match done {
+            Ok(()) => {
+                state.1.insert(task, attachment.clone());
+                Ok(attachment)
+            }
+            Err(e) => {
+                state.0.release(address);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes task `task`'s veth and frees its address.
+    pub async fn detach(&self, task: u64) {
+        let attachment = {
+            let mut state = self.state.lock().expect("reason: never poisoned");
+            let Some(a) = state.1.remove(&task) else { return };
+            state.0.release(a.address);
+            a
+        };
+        let name = attachment.host_link.clone();
+        let deleted = tokio::task::spawn_blocking(move || {
+            Netlink::run(|nl| async move {
+                match nl.delete_link(&name).await {
+                    // Gone with its namespace already.
+                    Err(NetlinkError::NoSuchLink(_)) => Ok(()),
+                    other => other,
+                }
+            })
+        })
+        .await;
+        if let Ok(Err(e)) = deleted {
+            log::warn!("detaching task {task}: {e}");
+        }
+    }
+}
+
+/// The kernel side of an attach (blocking: runs its own netlink runtimes).
+fn wire(subnet: Subnet, netns: &Path, a: &Attachment) -> Result<(), NetworkError> {
+    let ns = NetNs::open_at(netns, "task")?;
+    let gateway = subnet.gateway();
+    Netlink::run(|nl| async move {
+        ensure_bridge(&nl, subnet).await?;
+        let _ = nl.delete_link(&a.host_link).await;
+        nl.add_veth(&a.host_link, "eth0", Some(ns.fd())).await?;
+        nl.set_controller(&a.host_link, BRIDGE).await?;
+        nl.set_up(&a.host_link).await
+    })?;
+    let ns = NetNs::open_at(netns, "task")?;
+    let address = a.address;
+    ns.run(move || {
+        Netlink::run(|nl| async move {
+            nl.set_up("lo").await?;
+            nl.add_address("eth0", IpAddr::V4(address), subnet.prefix).await?;
+            nl.set_up("eth0").await?;
+            nl.add_default_route(gateway).await
+        })
+    })??;
+    Ok(())
+}
+
+/// Creates the bridge with the gateway address, once; enables forwarding
+/// so tasks reach beyond the node.
+async fn ensure_bridge(nl: &Netlink, subnet: Subnet) -> Result<(), NetlinkError> {
+    match nl.link_index(BRIDGE).await {
+        Ok(_) => {}
+        Err(NetlinkError::NoSuchLink(_)) => nl.add_bridge(BRIDGE).await?,
+        Err(e) => return Err(e),
+    }
+    let gateway = IpAddr::V4(subnet.gateway());
+    if !nl.has_address(BRIDGE, gateway).await? {
+        nl.add_address(BRIDGE, gateway, subnet.prefix).await?;
+    }
+    nl.set_up(BRIDGE).await?;
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
+        log::warn!("enabling IPv4 forwarding: {e}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets_parse_and_refuse_nonsense() {
+        let s = Subnet::parse("172.18.0.0/16").unwrap();
+        assert_eq!(s.gateway(), Ipv4Addr::new(172, 18, 0, 1));
+        for (bad, why) in [
+            ("172.18.0.0", "A.B.C.D/N"),
+            ("172.18.0.1/16", "host bits"),
+            ("172.18.0.0/31", "8 to 30"),
+            ("nope/16", "not an IPv4"),
+        ] {
+            assert!(Subnet::parse(bad).unwrap_err().contains(why), "{bad}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_handed_out_lowest_first_and_reused() {
+        let mut ipam = Ipam::new(Subnet::parse("10.0.0.0/30").unwrap());
+        assert_eq!(ipam.allocate(), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(ipam.allocate(), None, "a /30 has one task address after the gateway");
+        ipam.release(Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(ipam.allocate(), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(host_link_name(0xabc), "mv000000000abc");
+        assert!(host_link_name(u64::MAX).len() <= 15);
+    }
+}

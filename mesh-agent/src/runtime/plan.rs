@@ -1,0 +1,162 @@
+//! What a node does about its assignments: a pure diff between what the
+//! managers assign and what runs here.
+
+use std::collections::BTreeSet;
+
+use crate::control::service::{Assignment, DesiredState, TaskReport, TaskState};
+
+/// One step of a node's reconciliation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Prepare and start this task.
+    Start(Assignment),
+    /// Stop this running task (SIGTERM, then SIGKILL after its grace period).
+    Stop(u64),
+    /// Tell the managers about a task this node does not run.
+    Report(TaskReport),
+    /// Delete what is left of a task that is no longer the node's (its
+    /// directory and logs).
+    Forget(u64),
+}
+
+/// What the node has.
+#[derive(Clone, Debug, Default)]
+pub struct Local {
+    /// Tasks whose process this agent started and still watches.
+    pub running: BTreeSet<u64>,
+    /// Tasks this agent already reported as ended (their reports may not
+    /// have reached the store yet).
+    pub ended: BTreeSet<u64>,
+    /// Task directories on disk.
+    pub dirs: BTreeSet<u64>,
+}
+
+/// Diffs the managers' view of this node's tasks against the node's own.
+/// `retained` are ended tasks the store still lists (their logs stay).
+pub fn reconcile(assigned: &[Assignment], retained: &[u64], local: &Local) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let mut known: BTreeSet<u64> = retained.iter().copied().collect();
+    for a in assigned {
+        known.insert(a.task);
+        let here = local.running.contains(&a.task);
+        let ended = local.ended.contains(&a.task);
+        match (a.desired, here, ended) {
+            (DesiredState::Shutdown, true, _) => actions.push(Action::Stop(a.task)),
+            (DesiredState::Running, true, _) | (_, false, true) => {}
+            (DesiredState::Running, false, false) if a.state <= TaskState::Assigned => {
+                actions.push(Action::Start(a.clone()))
+            }
+            (DesiredState::Running, false, false) => actions.push(Action::Report(TaskReport {
+                task: a.task,
+                state: TaskState::Failed,
+                message: "the task's process is gone (its agent restarted)".into(),
+            })),
+            (DesiredState::Shutdown, false, false) => actions.push(Action::Report(TaskReport {
+                task: a.task,
+                state: TaskState::Shutdown,
+                message: if a.state <= TaskState::Assigned {
+                    "stopped before it started".into()
+                } else {
+                    "the task's process is gone (its agent restarted)".into()
+                },
+            })),
+        }
+    }
+    // Running here but no longer assigned at all (its service was removed
+    // and its record pruned, or the node was removed).
+    actions.extend(
+        local
+            .running
+            .iter()
+            .filter(|id| !known.contains(id))
+            .map(|id| Action::Stop(*id)),
+    );
+    actions.extend(
+        local
+            .dirs
+            .iter()
+            .filter(|id| !known.contains(id) && !local.running.contains(id))
+            .map(|id| Action::Forget(*id)),
+    );
+    actions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::service::TaskSpec;
+
+    fn assigned(task: u64, desired: DesiredState, state: TaskState) -> Assignment {
+        Assignment {
+            task,
+            service: 1,
+            desired,
+            state,
+            spec: TaskSpec::default(),
+        }
+    }
+
+    #[test]
+    fn starts_new_tasks_and_stops_unwanted_ones() {
+        let local = Local {
+            running: [2, 3, 9].into(),
+            ..Local::default()
+        };
+        let actions = reconcile(
+            &[
+                assigned(1, DesiredState::Running, TaskState::Assigned),
+                assigned(2, DesiredState::Running, TaskState::Running),
+                assigned(3, DesiredState::Shutdown, TaskState::Running),
+            ],
+            &[],
+            &local,
+        );
+        assert_eq!(actions.len(), 3, "{actions:?}");
+        assert!(matches!(&actions[0], Action::Start(a) if a.task == 1));
+        assert_eq!(actions[1], Action::Stop(3));
+        assert_eq!(actions[2], Action::Stop(9), "no longer assigned at all");
+    }
+
+    #[test]
+    fn reports_tasks_it_cannot_have() {
+        let actions = reconcile(
+            &[
+                assigned(1, DesiredState::Running, TaskState::Running),
+                assigned(2, DesiredState::Shutdown, TaskState::Assigned),
+                assigned(3, DesiredState::Running, TaskState::Running),
+            ],
+            &[],
+            &Local {
+                ended: [3].into(),
+                ..Local::default()
+            },
+        );
+        assert_eq!(
+            actions,
+            vec![
+                Action::Report(TaskReport {
+                    task: 1,
+                    state: TaskState::Failed,
+                    message: "the task's process is gone (its agent restarted)".into()
+                }),
+                Action::Report(TaskReport {
+                    task: 2,
+                    state: TaskState::Shutdown,
+                    message: "stopped before it started".into()
+                }),
+            ],
+            "task 3 ended here and its report is on its way"
+        );
+    }
+
+    #[test]
+    fn forgets_directories_of_tasks_the_store_dropped() {
+        let local = Local {
+            dirs: [1, 2, 3].into(),
+            running: [3].into(),
+            ..Local::default()
+        };
+        let actions = reconcile(&[], &[2], &local);
+        assert_eq!(actions, vec![Action::Stop(3), Action::Forget(1)]);
+    }
+}

@@ -1,0 +1,437 @@
+//! The node's task runner: applies the managers' assignments (the pure
+//! [`plan::reconcile`]), starts each task in its namespaces, watches it,
+//! checks its health, stops it with its grace period, and reports every
+//! state change on a channel the agent forwards to the managers.
+//!
+//! Each task has a directory `<data-dir>/tasks/<task-id>/` holding its
+//! network namespace (`netns`, a bind mount), its log (`log`: stdout and
+//! stderr) and its process (`pid`: "PID START-TIME"). Tasks run in their
+//! own session and outlive an agent restart; the restarted agent does not
+//! adopt them yet: it kills what the old one left ([`reap_leftovers`]) and
+//! the managers restart them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, OpenOptions},
+    io,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, watch};
+
+use super::{
+    health::{Health, HealthTracker},
+    netns::NetNs,
+    network::{Attachment, LocalNetwork},
+    plan::{self, Action, Local},
+    process::{self, Launch, User},
+};
+use crate::control::{
+    service::{Assignment, TaskReport, TaskSpec, TaskState},
+    state::node_id_text,
+};
+
+/// A health check's output kept for the task's error message.
+const HEALTH_OUTPUT_MAX: usize = 200;
+
+/// Runs this node's tasks.
+pub struct Supervisor {
+    dir: PathBuf,
+    network: Arc<LocalNetwork>,
+    reports: mpsc::UnboundedSender<TaskReport>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Tasks started here and not yet ended, with their stop switch.
+    running: BTreeMap<u64, watch::Sender<bool>>,
+    /// Tasks that ended here, until the store stops listing them as live.
+    ended: BTreeSet<u64>,
+}
+
+/// The directory name of a task.
+pub fn task_dir_name(id: u64) -> String {
+    node_id_text(id)
+}
+
+fn parse_task_dir_name(name: &str) -> Option<u64> {
+    crate::control::state::parse_node_id(name)
+}
+
+impl Supervisor {
+    /// A runner keeping tasks under `dir`; first clears what a previous
+    /// agent left there.
+    pub fn new(
+        dir: PathBuf,
+        network: Arc<LocalNetwork>,
+        reports: mpsc::UnboundedSender<TaskReport>,
+    ) -> io::Result<Arc<Supervisor>> {
+        fs::create_dir_all(&dir)?;
+        reap_leftovers(&dir);
+        Ok(Arc::new(Supervisor {
+            dir,
+            network,
+            reports,
+            inner: Mutex::new(Inner::default()),
+        }))
+    }
+
+    /// Where task `id`'s log is.
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.join(task_dir_name(id)).join("log")
+    }
+
+    /// Tasks running here now.
+    pub fn running(&self) -> BTreeSet<u64> {
+        self.lock().running.keys().copied().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("reason: never poisoned")
+    }
+
+    fn report(&self, task: u64, state: TaskState, message: impl Into<String>) {
+        let _ = self.reports.send(TaskReport {
+            task,
+            state,
+            message: message.into(),
+        });
+    }
+
+    /// Brings this node in line with its assignments.
+    pub fn apply(self: &Arc<Self>, assigned: &[Assignment], retained: &[u64]) {
+        let dirs = task_dirs(&self.dir);
+        let mut inner = self.lock();
+        // Once the store lists an ended task as ended (or not at all), its
+        // report arrived; stop remembering it.
+        let live: BTreeSet<u64> = assigned.iter().map(|a| a.task).collect();
+        inner.ended.retain(|id| live.contains(id));
+        let local = Local {
+            running: inner.running.keys().copied().collect(),
+            ended: inner.ended.clone(),
+            dirs,
+        };
+        for action in plan::reconcile(assigned, retained, &local) {
+            match action {
+                Action::Start(a) => {
+                    let (stop, stop_rx) = watch::channel(false);
+                    inner.running.insert(a.task, stop);
+                    tokio::spawn(self.clone().run(a, stop_rx));
+                }
+                Action::Stop(id) => {
+                    if let Some(stop) = inner.running.get(&id) {
+                        let _ = stop.send(true);
+                    }
+                }
+                Action::Report(r) => {
+                    inner.ended.insert(r.task);
+                    let _ = self.reports.send(r);
+                }
+                Action::Forget(id) => {
+                    let dir = self.dir.join(task_dir_name(id));
+                    remove_namespace(&dir);
+                    if let Err(e) = fs::remove_dir_all(&dir) {
+                        log::warn!("removing {}: {e}", dir.display());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops every task (the node leaves the swarm) and waits for them to
+    /// end, up to `limit`.
+    pub async fn stop_all(&self, limit: Duration) {
+        for stop in self.lock().running.values() {
+            let _ = stop.send(true);
+        }
+        let deadline = Instant::now() + limit;
+        while !self.lock().running.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One task's life on this node.
+    async fn run(self: Arc<Self>, a: Assignment, mut stop: watch::Receiver<bool>) {
+        let id = a.task;
+        let dir = self.dir.join(task_dir_name(id));
+        self.report(id, TaskState::Preparing, "");
+        let (state, message) = match self.prepare(&a, &dir).await {
+            Err(message) => (TaskState::Rejected, message),
+            Ok(_) if *stop.borrow() => (TaskState::Shutdown, "stopped before it started".to_string()),
+            Ok(prepared) => self.supervise(&a, &dir, prepared, &mut stop).await,
+        };
+        self.network.detach(id).await;
+        remove_namespace(&dir);
+        let _ = fs::remove_file(dir.join("pid"));
+        log::info!(
+            "task {} ({}) {}: {message}",
+            task_dir_name(id),
+            a.spec.name,
+            state.name()
+        );
+        let mut inner = self.lock();
+        inner.running.remove(&id);
+        inner.ended.insert(id);
+        self.report(id, state, message);
+    }
+
+    /// Creates the task's namespace, network and log, and starts it.
+    async fn prepare(&self, a: &Assignment, dir: &Path) -> Result<Prepared, String> {
+        let spec = &a.spec;
+        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let user = match &spec.user {
+            Some(u) => {
+                let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+                let group = fs::read_to_string("/etc/group").unwrap_or_default();
+                Some(process::resolve_user(u, &passwd, &group)?)
+            }
+            None => None,
+        };
+        let ns_path = dir.join("netns");
+        remove_namespace(dir);
+        let netns = NetNs::create_at(&ns_path, &format!("task {}", task_dir_name(a.task)))
+            .map_err(|e| format!("creating the task's network namespace: {e}"))?;
+        let attachment = self
+            .network
+            .attach(a.task, &ns_path)
+            .await
+            .map_err(|e| format!("attaching the task to the node's bridge network: {e}"))?;
+        self.report(a.task, TaskState::Starting, "");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(dir.join("log"))
+            .map_err(|e| format!("opening the task's log: {e}"))?;
+        let hostname = task_dir_name(a.task);
+        let home = user.as_ref().map_or("/root", |u| u.home.as_str());
+        let env = process::environment(&spec.env, &hostname, &spec.name, home);
+        let child = process::spawn(&Launch {
+            command: &spec.command,
+            env: &env,
+            workdir: spec.workdir.as_deref(),
+            user: user.as_ref(),
+            hostname: &hostname,
+            netns: netns.fd(),
+            log: &log,
+        })
+        .map_err(|e| spawn_error(spec, &e))?;
+        let pid = child.id().ok_or("the task exited before it could be watched")?;
+        let start = process::start_time(pid).unwrap_or(0);
+        if let Err(e) = fs::write(dir.join("pid"), format!("{pid} {start}\n")) {
+            log::warn!("recording task {}'s PID: {e}", task_dir_name(a.task));
+        }
+        Ok(Prepared {
+            child,
+            pid,
+            env,
+            user,
+            attachment,
+        })
+    }
+
+    /// Watches a started task until it ends or is stopped; returns its
+    /// final state and why.
+    async fn supervise(
+        &self,
+        a: &Assignment,
+        dir: &Path,
+        mut p: Prepared,
+        stop: &mut watch::Receiver<bool>,
+    ) -> (TaskState, String) {
+        let id = a.task;
+        log::info!(
+            "task {} ({}) started: pid {}, address {}",
+            task_dir_name(id),
+            a.spec.name,
+            p.pid,
+            p.attachment.address
+        );
+        let (health_tx, mut health_rx) = mpsc::channel(4);
+        let checker = match &a.spec.health {
+            Some(check) => Some(tokio::spawn(health_loop(
+                p.pid,
+                check.clone(),
+                p.env.clone(),
+                p.user.clone(),
+                health_tx,
+            ))),
+            None => {
+                self.report(id, TaskState::Running, "");
+                None
+            }
+        };
+        let mut healthy = false;
+        let outcome = loop {
+            tokio::select! {
+                status = p.child.wait() => {
+                    break match status {
+                        Ok(status) => match process::describe_exit(status) {
+                            (true, _) => (TaskState::Complete, "finished".to_string()),
+                            (false, why) => (TaskState::Failed, why),
+                        },
+                        Err(e) => (TaskState::Failed, format!("waiting for the task: {e}")),
+                    };
+                }
+                _ = stop.changed() => {
+                    graceful_stop(&mut p, Duration::from_millis(a.spec.stop_grace_ms)).await;
+                    break (TaskState::Shutdown, "shut down".to_string());
+                }
+                Some((verdict, output)) = health_rx.recv() => match verdict {
+                    Health::Healthy if !healthy => {
+                        healthy = true;
+                        self.report(id, TaskState::Running, "");
+                    }
+                    Health::Unhealthy => {
+                        let _ = process::signal_group(p.pid, libc::SIGKILL);
+                        let _ = p.child.wait().await;
+                        break (TaskState::Failed, format!("task: unhealthy: {output}"));
+                    }
+                    _ => {}
+                }
+            }
+        };
+        if let Some(c) = checker {
+            c.abort();
+        }
+        // Anything the task left in its process group goes with it.
+        let _ = process::signal_group(p.pid, libc::SIGKILL);
+        let _ = dir;
+        outcome
+    }
+}
+
+/// What [`Supervisor::prepare`] hands to [`Supervisor::supervise`].
+struct Prepared {
+    child: tokio::process::Child,
+    pid: u32,
+    env: BTreeMap<String, String>,
+    user: Option<User>,
+    attachment: Attachment,
+}
+
+fn spawn_error(spec: &TaskSpec, e: &io::Error) -> String {
+    let program = spec.command.first().map(String::as_str).unwrap_or("");
+    match e.kind() {
+        io::ErrorKind::NotFound => {
+            format!("starting {program:?}: executable file not found (in $PATH or at that path)")
+        }
+        io::ErrorKind::PermissionDenied => format!("starting {program:?}: permission denied"),
+        _ => format!("starting {program:?}: {e}"),
+    }
+}
+
+/// SIGTERM to the task's group, SIGKILL after the grace period.
+async fn graceful_stop(p: &mut Prepared, grace: Duration) {
+    let _ = process::signal_group(p.pid, libc::SIGTERM);
+    if tokio::time::timeout(grace, p.child.wait()).await.is_err() {
+        let _ = process::signal_group(p.pid, libc::SIGKILL);
+        let _ = p.child.wait().await;
+    }
+}
+
+/// Runs the health check every interval and sends each verdict (with the
+/// check's output) until the receiver is gone.
+async fn health_loop(
+    pid: u32,
+    check: crate::control::service::HealthCheck,
+    env: BTreeMap<String, String>,
+    user: Option<User>,
+    verdicts: mpsc::Sender<(Health, String)>,
+) {
+    let started = Instant::now();
+    let mut tracker = HealthTracker::default();
+    loop {
+        tokio::time::sleep(Duration::from_millis(check.interval_ms)).await;
+        let (passed, output) = run_check(pid, &check, &env, user.as_ref()).await;
+        let since = started.elapsed().as_millis() as u64;
+        let verdict = tracker.record(passed, since, &check);
+        if verdicts.send((verdict, output)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn run_check(
+    pid: u32,
+    check: &crate::control::service::HealthCheck,
+    env: &BTreeMap<String, String>,
+    user: Option<&User>,
+) -> (bool, String) {
+    let child = match process::spawn_in_task(pid, &check.command, env, user) {
+        Ok(c) => c,
+        Err(e) => return (false, format!("running the health check: {e}")),
+    };
+    match tokio::time::timeout(Duration::from_millis(check.timeout_ms), child.wait_with_output()).await {
+        Err(_) => (false, format!("health check timed out after {} ms", check.timeout_ms)),
+        Ok(Err(e)) => (false, format!("health check: {e}")),
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            let mut text = text.trim().replace('\n', " ");
+            if text.len() > HEALTH_OUTPUT_MAX {
+                let mut cut = HEALTH_OUTPUT_MAX;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+            }
+            let (passed, why) = process::describe_exit(out.status);
+            let detail = if passed {
+                text
+            } else {
+                format!("health check failed ({}): {text}", why.trim_start_matches("task: "))
+            };
+            (passed, detail)
+        }
+    }
+}
+
+/// Task IDs with a directory under `dir`.
+fn task_dirs(dir: &Path) -> BTreeSet<u64> {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| parse_task_dir_name(&e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn remove_namespace(task_dir: &Path) {
+    let path = task_dir.join("netns");
+    if path.exists() {
+        if let Err(e) = NetNs::delete_at(&path, "task") {
+            log::warn!("removing {}: {e}", path.display());
+        }
+    }
+}
+
+/// Kills the tasks a previous agent left running under `dir` (checking the
+/// recorded start time, so a reused PID is never hit) and removes their
+/// namespaces. Their logs stay until the store forgets the tasks.
+pub fn reap_leftovers(dir: &Path) {
+    for id in task_dirs(dir) {
+        let task_dir = dir.join(task_dir_name(id));
+        if let Ok(text) = fs::read_to_string(task_dir.join("pid")) {
+            let mut fields = text.split_whitespace().map(str::parse::<u64>);
+            if let (Some(Ok(pid)), Some(Ok(start))) = (fields.next(), fields.next()) {
+                let pid = pid as u32;
+                if process::start_time(pid) == Some(start) {
+                    log::info!(
+                        "stopping task {} left by a previous agent (pid {pid})",
+                        task_dir_name(id)
+                    );
+                    let _ = process::signal_group(pid, libc::SIGKILL);
+                }
+            }
+            let _ = fs::remove_file(task_dir.join("pid"));
+        }
+        remove_namespace(&task_dir);
+    }
+}
