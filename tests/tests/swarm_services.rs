@@ -225,3 +225,119 @@ fn bad_service_input_is_refused_and_changes_nothing() {
     assert_eq!(swarm.fails(0, &["service", "ps", "nosuch"]).0, 3);
     assert_eq!(swarm.fails(0, &["service", "scale", "web"]).0, 2);
 }
+
+#[test]
+fn tasks_log_fail_clearly_get_replaced_when_unhealthy_and_move_off_lost_nodes() {
+    require_root();
+    let mut swarm = Swarm::new(3);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.join(2, 0, "worker");
+    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    let marker = marked_sleep();
+
+    // Logs: each task's output, labelled with its task and node; the task
+    // has its own hostname (UTS namespace) and only its own links.
+    let script = format!(
+        "echo hello from $MESH_TASK_NAME on $(hostname); ls /sys/class/net | tr '\\n' ' '; echo; exec sleep {marker}"
+    );
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "talk",
+            "--replicas",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    swarm.wait("2 talkers running", CONVERGE, || {
+        tasks_in(&swarm, "talk", "Running") == 2
+    });
+    swarm.wait("their logs", CONVERGE, || {
+        let logs = swarm.ok(0, &["service", "logs", "talk"]);
+        logs.contains("| hello from talk.1 on ") && logs.contains("| hello from talk.2 on ")
+    });
+    let logs = swarm.ok(0, &["service", "logs", "--tail", "1", "talk"]);
+    assert_eq!(logs.lines().count(), 2, "one line per task: {logs}");
+    for line in logs.lines() {
+        assert!(line.starts_with("talk."), "labelled NAME.SLOT.ID@NODE: {line}");
+        let links = line.split("| ").nth(1).unwrap_or_default();
+        // (ifb0/ifb1 appear in every new namespace where the ifb module is loaded.)
+        let mut links: Vec<&str> = links.split_whitespace().filter(|l| !l.starts_with("ifb")).collect();
+        links.sort();
+        assert_eq!(links, ["eth0", "lo"], "a task sees only its own links: {line}");
+    }
+
+    // A command that does not exist: the task is rejected with a clear
+    // error, the rest of the cluster carries on.
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "broken",
+            "--restart-max-attempts",
+            "1",
+            "--restart-delay",
+            "1s",
+            "--",
+            "/nonexistent/mesh-binary",
+        ],
+    );
+    swarm.wait("the missing command reported", CONVERGE, || {
+        let ps = swarm.ok(0, &["service", "ps", "broken"]);
+        ps.matches("Rejected").count() == 2 && ps.contains("executable file not found")
+    });
+    assert_eq!(tasks_in(&swarm, "talk", "Running"), 2, "other services are untouched");
+
+    // A task that never gets healthy is failed and (restart-condition none)
+    // not restarted.
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "sick",
+            "--restart-condition",
+            "none",
+            "--health-cmd",
+            "echo probing; exit 3",
+            "--health-interval",
+            "200ms",
+            "--health-retries",
+            "2",
+            "--",
+            "sleep",
+            &marker,
+        ],
+    );
+    swarm.wait("the unhealthy task failed", CONVERGE, || {
+        let ps = swarm.ok(0, &["service", "ps", "sick"]);
+        ps.contains("Failed") && ps.contains("unhealthy") && ps.contains("probing")
+    });
+
+    // A node whose agent dies loses its tasks to the others after the
+    // grace period.
+    swarm.ok(0, &["service", "rm", "sick", "broken"]);
+    swarm.ok(0, &["service", "scale", "talk=3"]);
+    swarm.wait("talk on all 3 nodes", CONVERGE, || placement(&swarm, "talk").len() == 3);
+    swarm.kill(2);
+    swarm.wait("h2's task moved to h0 and h1", Duration::from_secs(60), || {
+        let p = placement(&swarm, "talk");
+        p.get("h2").is_none() && p.values().sum::<usize>() == 3
+    });
+    swarm.wait("3 talkers running", CONVERGE, || {
+        tasks_in(&swarm, "talk", "Running") == 3
+    });
+}

@@ -22,7 +22,7 @@ use super::{
     api::{PeerRequest, PeerResponse},
     raft_types::TypeConfig,
     rpc::{RpcClient, RpcError},
-    state::NodeId,
+    state::{node_id_text, NodeId},
 };
 
 /// A client for one peer.
@@ -67,6 +67,30 @@ impl Peers {
                 )
             })
             .clone()
+    }
+
+    /// One call to node `id` (any role) at `addr`: the server must present
+    /// that node's own certificate (`<id>.mesh-node`).
+    pub async fn call_node(
+        &self,
+        id: NodeId,
+        addr: &str,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, RpcError> {
+        let name = format!("{}.mesh-node", node_id_text(id));
+        let client = {
+            let mut clients = self.clients.lock().expect("reason: never poisoned");
+            clients
+                .entry(format!("{name}@{addr}"))
+                .or_insert_with(|| {
+                    let tls = self.tls.lock().expect("reason: never poisoned").clone();
+                    let server = ServerName::try_from(name.clone()).expect("reason: node IDs make valid DNS names");
+                    RpcClient::new(addr.to_string(), tls, server)
+                })
+                .clone()
+        };
+        client.call(request, timeout).await
     }
 
     /// One call to the manager at `addr`.

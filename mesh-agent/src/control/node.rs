@@ -1077,10 +1077,8 @@ impl Member {
             let addr = addr_of.get(&node)?.clone();
             let query = PeerRequest::ReadLogs(LogQuery { tasks, tail });
             Some(async move {
-                (
-                    addr.clone(),
-                    self.peers.call(&addr, query, Duration::from_secs(10)).await,
-                )
+                let reply = self.peers.call_node(node, &addr, query, Duration::from_secs(10)).await;
+                (addr, reply)
             })
         });
         let mut out = Vec::new();
