@@ -341,3 +341,118 @@ fn tasks_log_fail_clearly_get_replaced_when_unhealthy_and_move_off_lost_nodes() 
         tasks_in(&swarm, "talk", "Running") == 3
     });
 }
+
+/// `(service_version, state)` of a service's live tasks.
+fn versions(swarm: &Swarm, service: &str) -> Vec<(u64, String)> {
+    let out = swarm.meshctl(0, &["service", "ps", "--format", "json", service]);
+    let tasks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut v: Vec<(u64, String)> = tasks
+        .iter()
+        .filter(|t| t["task"]["desired"] == "Running")
+        .map(|t| {
+            (
+                t["task"]["service_version"].as_u64().unwrap_or(0),
+                t["task"]["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn update_state(swarm: &Swarm, service: &str) -> String {
+    let out = swarm.ok(0, &["service", "inspect", service]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    v[0]["service"]["update_status"]["state"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn rolling_updates_pause_or_roll_back_when_new_tasks_are_unhealthy() {
+    require_root();
+    let swarm = Swarm::new(2);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.wait("2 nodes ready", CONVERGE, || swarm.ready(0) == 2);
+    let marker = marked_sleep();
+    // Healthy while VERSION=good; the update breaks it.
+    let out = swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "--env",
+            "VERSION=good",
+            "--health-cmd",
+            "test \"$VERSION\" = good",
+            "--health-interval",
+            "200ms",
+            "--health-retries",
+            "2",
+            "--restart-delay",
+            "1s",
+            "--",
+            "sleep",
+            &marker,
+        ],
+    );
+    assert!(
+        out.contains("verify: service converged"),
+        "create waits for its tasks: {out}"
+    );
+    let v1: Vec<(u64, String)> = vec![(1, "Running".into()); 3];
+    assert_eq!(versions(&swarm, "web"), v1);
+
+    // Without --detach, the update shows progress and fails once it pauses;
+    // the tasks not yet replaced keep running the old version.
+    let (code, err) = swarm.fails(0, &["service", "update", "web", "--env-add", "VERSION=bad"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("update paused") && err.contains("unhealthy"), "{err}");
+    assert_eq!(update_state(&swarm, "web"), "Paused");
+    let old_running = versions(&swarm, "web")
+        .iter()
+        .filter(|(v, s)| *v == 1 && s == "Running")
+        .count();
+    assert_eq!(old_running, 2, "parallelism 1: one task replaced, two still serve");
+
+    let out = swarm.ok(0, &["service", "rollback", "web"]);
+    assert!(out.contains("converged"), "{out}");
+    assert_eq!(update_state(&swarm, "web"), "RolledBack");
+    assert!(versions(&swarm, "web").iter().all(|(v, s)| *v == 3 && s == "Running"));
+
+    // With --update-failure-action rollback the swarm goes back by itself.
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "update",
+            "--detach",
+            "--update-failure-action",
+            "rollback",
+            "--update-parallelism",
+            "2",
+            "--env-add",
+            "VERSION=worse",
+            "web",
+        ],
+    );
+    swarm.wait("rolled back by itself", CONVERGE, || {
+        update_state(&swarm, "web") == "RolledBack"
+            && versions(&swarm, "web").iter().filter(|(_, s)| s == "Running").count() == 3
+    });
+    let inspect = swarm.ok(0, &["service", "inspect", "web"]);
+    assert!(
+        inspect.contains("\"VERSION\": \"good\""),
+        "the good spec is back: {inspect}"
+    );
+    swarm.ok(0, &["service", "rm", "web"]);
+    swarm.wait("every task process gone", CONVERGE, || {
+        processes_with(&marker).is_empty()
+    });
+}

@@ -10,8 +10,8 @@ use super::{duration_ms, json, table, Client, Format};
 use crate::control::{
     api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, LocalRequest, LocalResponse, ServiceView, TaskView},
     service::{
-        parse_env, parse_placement_pref, HealthCheck, PortPublish, Protocol, PublishMode, RestartCondition,
-        RestartPolicy, ServiceMode, ServiceSpec,
+        parse_env, parse_placement_pref, FailureAction, HealthCheck, PortPublish, Protocol, PublishMode,
+        RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, ServiceUpdate, UpdateConfig, UpdateOrder,
     },
     state::node_id_text,
 };
@@ -27,6 +27,200 @@ enum RestartArg {
     None,
     OnFailure,
     Any,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FailureArg {
+    Pause,
+    Continue,
+    Rollback,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OrderArg {
+    StopFirst,
+    StartFirst,
+}
+
+/// `--update-*`, shared by `create` and `update` (unset: the default, or
+/// unchanged on update).
+#[derive(Args, Debug)]
+pub struct UpdateConfigArgs {
+    /// Tasks replaced at once during an update (0: all at once) [default: 1].
+    #[arg(long)]
+    update_parallelism: Option<u32>,
+    /// Wait between batches of an update [default: 0s].
+    #[arg(long)]
+    update_delay: Option<String>,
+    /// What a failed task does to an update [default: pause].
+    #[arg(long, value_enum)]
+    update_failure_action: Option<FailureArg>,
+    /// stop-first (old task stops, then its replacement starts) or start-first [default: stop-first].
+    #[arg(long, value_enum)]
+    update_order: Option<OrderArg>,
+}
+
+impl UpdateConfigArgs {
+    /// `base` with the given flags applied.
+    fn apply(&self, base: UpdateConfig) -> ApiResult<UpdateConfig> {
+        Ok(UpdateConfig {
+            parallelism: self.update_parallelism.unwrap_or(base.parallelism),
+            delay_ms: match &self.update_delay {
+                Some(d) => duration_ms("update-delay", d)?,
+                None => base.delay_ms,
+            },
+            failure_action: match self.update_failure_action {
+                Some(FailureArg::Pause) => FailureAction::Pause,
+                Some(FailureArg::Continue) => FailureAction::Continue,
+                Some(FailureArg::Rollback) => FailureAction::Rollback,
+                None => base.failure_action,
+            },
+            order: match self.update_order {
+                Some(OrderArg::StopFirst) => UpdateOrder::StopFirst,
+                Some(OrderArg::StartFirst) => UpdateOrder::StartFirst,
+                None => base.order,
+            },
+        })
+    }
+}
+
+/// `service update` flags.
+#[derive(Args, Debug)]
+pub struct UpdateArgs {
+    /// Number of tasks.
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// Add or change an environment variable KEY=VALUE (repeatable).
+    #[arg(long)]
+    env_add: Vec<String>,
+    /// Remove an environment variable (repeatable).
+    #[arg(long)]
+    env_rm: Vec<String>,
+    /// Publish a port (as --publish on create; repeatable).
+    #[arg(long)]
+    publish_add: Vec<String>,
+    /// Stop publishing PUBLISHED[/udp] (repeatable).
+    #[arg(long)]
+    publish_rm: Vec<String>,
+    /// Attach a network (repeatable).
+    #[arg(long)]
+    network_add: Vec<String>,
+    /// Detach a network (repeatable).
+    #[arg(long)]
+    network_rm: Vec<String>,
+    /// Add a placement constraint (repeatable).
+    #[arg(long)]
+    constraint_add: Vec<String>,
+    /// Remove a placement constraint (repeatable).
+    #[arg(long)]
+    constraint_rm: Vec<String>,
+    /// New health check command.
+    #[arg(long)]
+    health_cmd: Option<String>,
+    /// Time between health checks.
+    #[arg(long, default_value = "30s")]
+    health_interval: String,
+    /// A health check running longer than this fails.
+    #[arg(long, default_value = "30s")]
+    health_timeout: String,
+    /// Consecutive failures that make a task unhealthy.
+    #[arg(long, default_value_t = 3)]
+    health_retries: u32,
+    /// Failures in this window after start do not count.
+    #[arg(long, default_value = "0s")]
+    health_start_period: String,
+    /// Remove the health check.
+    #[arg(long, conflicts_with = "health_cmd")]
+    no_healthcheck: bool,
+    /// SIGTERM first, SIGKILL after this long.
+    #[arg(long)]
+    stop_grace_period: Option<String>,
+    #[command(flatten)]
+    update: UpdateConfigArgs,
+    /// Replace every task even if nothing else changed.
+    #[arg(long)]
+    force: bool,
+    /// Return at once instead of showing progress until the update converges.
+    #[arg(short, long)]
+    detach: bool,
+    /// Name or ID.
+    service: String,
+    /// New command and arguments, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn health_of(
+    cmd: Option<String>,
+    interval: &str,
+    timeout: &str,
+    retries: u32,
+    start_period: &str,
+) -> ApiResult<Option<HealthCheck>> {
+    let Some(command) = cmd else { return Ok(None) };
+    Ok(Some(HealthCheck {
+        command,
+        interval_ms: duration_ms("health-interval", interval)?,
+        timeout_ms: duration_ms("health-timeout", timeout)?,
+        retries,
+        start_period_ms: duration_ms("health-start-period", start_period)?,
+    }))
+}
+
+fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
+    let health = if args.no_healthcheck {
+        Some(None)
+    } else if args.health_cmd.is_some() {
+        Some(health_of(
+            args.health_cmd,
+            &args.health_interval,
+            &args.health_timeout,
+            args.health_retries,
+            &args.health_start_period,
+        )?)
+    } else {
+        None
+    };
+    let update = ServiceUpdate {
+        command: (!args.command.is_empty()).then_some(args.command),
+        replicas: args.replicas,
+        env_add: args.env_add,
+        env_rm: args.env_rm,
+        publish_add: args.publish_add,
+        publish_rm: args.publish_rm,
+        network_add: args.network_add,
+        network_rm: args.network_rm,
+        constraint_add: args.constraint_add,
+        constraint_rm: args.constraint_rm,
+        health,
+        restart: None,
+        stop_grace_ms: args
+            .stop_grace_period
+            .as_deref()
+            .map(|g| duration_ms("stop-grace-period", g))
+            .transpose()?,
+        update_parallelism: args.update.update_parallelism,
+        update_delay_ms: args
+            .update
+            .update_delay
+            .as_deref()
+            .map(|d| duration_ms("update-delay", d))
+            .transpose()?,
+        update_failure_action: args
+            .update
+            .update_failure_action
+            .map(|_| args.update.apply(UpdateConfig::default()))
+            .transpose()?
+            .map(|c| c.failure_action),
+        update_order: args
+            .update
+            .update_order
+            .map(|_| args.update.apply(UpdateConfig::default()))
+            .transpose()?
+            .map(|c| c.order),
+        force: args.force,
+    };
+    Ok((args.service, update, args.detach))
 }
 
 /// `service create` flags.
@@ -92,6 +286,8 @@ pub struct CreateArgs {
     /// SIGTERM first, SIGKILL after this long.
     #[arg(long, default_value = "10s")]
     stop_grace_period: String,
+    #[command(flatten)]
+    update: UpdateConfigArgs,
     /// Return once the service is stored instead of showing progress until it converges.
     #[arg(short, long)]
     detach: bool,
@@ -148,6 +344,16 @@ pub enum ServiceCommand {
         #[arg(required = true)]
         pairs: Vec<String>,
     },
+    /// Change a service; changed tasks roll over as --update-* says.
+    Update(Box<UpdateArgs>),
+    /// Go back to the service's previous spec (rolled out as an update).
+    Rollback {
+        /// Return at once instead of showing progress.
+        #[arg(short, long)]
+        detach: bool,
+        /// Name or ID.
+        service: String,
+    },
     /// Remove services.
     Rm {
         /// Names or IDs.
@@ -197,20 +403,85 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
             delay_ms: duration_ms("restart-delay", &args.restart_delay)?,
             max_attempts: args.restart_max_attempts,
         },
-        health: match args.health_cmd {
-            None => None,
-            Some(command) => Some(HealthCheck {
-                command,
-                interval_ms: duration_ms("health-interval", &args.health_interval)?,
-                timeout_ms: duration_ms("health-timeout", &args.health_timeout)?,
-                retries: args.health_retries,
-                start_period_ms: duration_ms("health-start-period", &args.health_start_period)?,
-            }),
-        },
+        health: health_of(
+            args.health_cmd,
+            &args.health_interval,
+            &args.health_timeout,
+            args.health_retries,
+            &args.health_start_period,
+        )?,
         stop_grace_ms: duration_ms("stop-grace-period", &args.stop_grace_period)?,
+        update: args.update.apply(UpdateConfig::default())?,
     };
     spec.validate().map_err(ApiError::invalid)?;
     Ok(spec)
+}
+
+/// Shows progress until the service's tasks all run (and its update, if
+/// any, completed), as `docker service create/update` does without
+/// `--detach`; fails if the update pauses.
+async fn wait_converged(client: &Client, service: &str) -> ApiResult<()> {
+    use crate::control::service::UpdateState;
+    let mut last = String::new();
+    let mut errors_seen = std::collections::BTreeSet::new();
+    loop {
+        let view = services(
+            client
+                .cluster(ClusterRequest::ServiceInspect {
+                    service: service.to_string(),
+                })
+                .await?,
+        )?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::not_found(format!("service {service} is gone")))?;
+        let status = view.service.update_status.as_ref();
+        let line = match status.map(|s| s.state) {
+            Some(UpdateState::Updating) => format!("updating: {} out of {} tasks running", view.running, view.desired),
+            Some(UpdateState::RollingBack) => {
+                format!("rolling back: {} out of {} tasks running", view.running, view.desired)
+            }
+            _ => format!(
+                "overall progress: {} out of {} tasks running",
+                view.running, view.desired
+            ),
+        };
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        if let ClusterResponse::Tasks(tasks) = client
+            .cluster(ClusterRequest::TaskList {
+                service: service.to_string(),
+            })
+            .await?
+        {
+            for t in tasks.iter().filter(|t| {
+                matches!(
+                    t.task.state,
+                    crate::control::service::TaskState::Failed | crate::control::service::TaskState::Rejected
+                )
+            }) {
+                if errors_seen.insert(t.task.id) {
+                    println!("task {}: {}", node_id_text(t.task.id), t.task.message);
+                }
+            }
+        }
+        match status.map(|s| (s.state, s.message.clone())) {
+            Some((UpdateState::Paused | UpdateState::RollbackPaused, message)) => {
+                return Err(ApiError::precondition(format!(
+                    "{message}; fix the spec with `meshctl service update`, or go back with `meshctl service rollback {service}`"
+                )));
+            }
+            Some((UpdateState::Updating | UpdateState::RollingBack, _)) => {}
+            _ if view.running == view.desired => {
+                println!("verify: service converged");
+                return Ok(());
+            }
+            _ => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 fn ports_text(ports: &[PortPublish]) -> String {
@@ -236,6 +507,7 @@ fn services(client_reply: ClusterResponse) -> ApiResult<Vec<ServiceView>> {
 pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
     match cmd {
         ServiceCommand::Create(args) => {
+            let detach = args.detach;
             let spec = spec_of(*args)?;
             match client
                 .cluster(ClusterRequest::ServiceCreate { spec: Box::new(spec) })
@@ -243,10 +515,39 @@ pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
             {
                 ClusterResponse::ServiceCreated { id } => {
                     println!("{}", node_id_text(id));
-                    Ok(())
+                    if detach {
+                        return Ok(());
+                    }
+                    wait_converged(client, &node_id_text(id)).await
                 }
                 other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
             }
+        }
+        ServiceCommand::Update(args) => {
+            let (service, update, detach) = update_of(*args)?;
+            client
+                .cluster(ClusterRequest::ServiceUpdate {
+                    service: service.clone(),
+                    update: Box::new(update),
+                })
+                .await?;
+            println!("{service}");
+            if detach {
+                return Ok(());
+            }
+            wait_converged(client, &service).await
+        }
+        ServiceCommand::Rollback { detach, service } => {
+            client
+                .cluster(ClusterRequest::ServiceRollback {
+                    service: service.clone(),
+                })
+                .await?;
+            println!("{service}");
+            if detach {
+                return Ok(());
+            }
+            wait_converged(client, &service).await
         }
         ServiceCommand::Ls { quiet, format } => {
             let list = services(client.cluster(ClusterRequest::ServiceList).await?)?;

@@ -261,6 +261,18 @@ pub enum ClusterRequest {
         /// Name, ID or unique ID prefix.
         service: String,
     },
+    /// `service update`.
+    ServiceUpdate {
+        /// Name, ID or unique ID prefix.
+        service: String,
+        /// What changes.
+        update: Box<crate::control::service::ServiceUpdate>,
+    },
+    /// `service rollback`.
+    ServiceRollback {
+        /// Name, ID or unique ID prefix.
+        service: String,
+    },
     /// `service rm`.
     ServiceRemove {
         /// Name, ID or unique ID prefix.

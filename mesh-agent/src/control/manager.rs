@@ -417,25 +417,7 @@ impl Manager {
             }
             ClusterRequest::ServiceCreate { spec } => {
                 spec.validate().map_err(ApiError::invalid)?;
-                if let Some(net) = spec.networks.first() {
-                    return Err(ApiError::not_found(format!(
-                        "network {net} not found (overlay networks come with `meshctl network create`; `meshctl network ls` lists them)"
-                    )));
-                }
-                for p in &spec.publish {
-                    let taken = state.services.values().find(|s| {
-                        s.spec
-                            .publish
-                            .iter()
-                            .any(|q| q.published == p.published && q.protocol == p.protocol)
-                    });
-                    if let Some(other) = taken {
-                        return Err(ApiError::precondition(format!(
-                            "port {} is already published by service {}",
-                            p.published, other.spec.name
-                        )));
-                    }
-                }
+                rules::check_service_in_cluster(&state, &spec, None)?;
                 let id = loop {
                     let id: u64 = rand::thread_rng().gen();
                     if id != 0 && !state.services.contains_key(&id) {
@@ -449,6 +431,8 @@ impl Manager {
                     version: 1,
                     created_at: now,
                     updated_at: now,
+                    previous_spec: None,
+                    update_status: None,
                 };
                 self.propose(Command::CreateService(Box::new(service))).await?;
                 Ok(ClusterResponse::ServiceCreated { id })
@@ -462,6 +446,34 @@ impl Manager {
                     &state,
                     &state.services[&id],
                 )]))
+            }
+            ClusterRequest::ServiceUpdate { service, update } => {
+                let id = rules::resolve_service(&state, &service)?;
+                let current = &state.services[&id];
+                let spec = crate::control::service::apply_update(&current.spec, &update).map_err(ApiError::invalid)?;
+                rules::check_service_in_cluster(&state, &spec, Some(id))?;
+                self.propose(Command::UpdateService {
+                    id,
+                    spec: Box::new(spec),
+                    force: update.force,
+                    at: unix_now(),
+                })
+                .await?;
+                Ok(ClusterResponse::Done)
+            }
+            ClusterRequest::ServiceRollback { service } => {
+                let id = rules::resolve_service(&state, &service)?;
+                if state.services[&id].previous_spec.is_none() {
+                    return Err(ApiError::precondition(format!(
+                        "service {service} has no previous spec: it was never updated"
+                    )));
+                }
+                self.propose(Command::RollbackService {
+                    id,
+                    at_ms: unix_now_ms(),
+                })
+                .await?;
+                Ok(ClusterResponse::Done)
             }
             ClusterRequest::ServiceRemove { service } => {
                 let id = rules::resolve_service(&state, &service)?;
@@ -484,6 +496,7 @@ impl Manager {
                 self.propose(Command::UpdateService {
                     id,
                     spec: Box::new(spec),
+                    force: false,
                     at: unix_now(),
                 })
                 .await?;

@@ -6,6 +6,7 @@
 //! - [`dispatcher`]: node liveness from heartbeats (pure).
 //! - [`scheduler`]: task placement and reconciliation (pure; not wired to services yet).
 //! - [`service`]: service specs, their flag parsers, the task life cycle (pure).
+//! - [`orchestrator`], [`updater`]: restarts, rolling updates and the scheduler's input (pure).
 //! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files.
 //! - [`store`]: the Raft log and state machine on redb, every value sealed.
 //! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs.
@@ -32,3 +33,4 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod updater;

@@ -11,6 +11,7 @@ use super::{
     scheduler::{self, Grace, Placement, SchedNode, SchedTask},
     service::{should_restart, DesiredState, Service, ServiceMode, Task, TaskState},
     state::{ClusterState, Command, NodeId, NodeStatus},
+    updater,
 };
 
 /// How long a Down node keeps its tasks before they are replaced elsewhere.
@@ -24,12 +25,15 @@ fn live(task: &Task) -> bool {
 /// Where a task's replacement goes: its replica slot, or for global
 /// services (slot 0) its node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Place {
+pub enum Place {
+    /// A replica slot.
     Slot(u32),
+    /// A global service's node.
     Node(NodeId),
 }
 
-fn place_of(task: &Task) -> Option<Place> {
+/// The place `task` fills (`None`: a global task not placed yet).
+pub fn place_of(task: &Task) -> Option<Place> {
     match (task.slot, task.node) {
         (0, Some(node)) => Some(Place::Node(node)),
         (0, None) => None,
@@ -122,8 +126,11 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
     let grace = Grace {
         down_for_longer_than: DOWN_GRACE_SECS,
     };
+    let node_ready = |id: NodeId| state.nodes.get(&id).is_some_and(|n| n.status == NodeStatus::Ready);
     let mut create = Vec::new();
     let mut shutdown = Vec::new();
+    let mut updates = Vec::new();
+    let mut rollbacks = Vec::new();
     for service in state.services.values() {
         let placement = Placement {
             constraints: service
@@ -136,9 +143,30 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
             max_per_node: service.spec.max_per_node,
         };
         let all: Vec<&Task> = state.tasks.values().filter(|t| t.service == service.id).collect();
+        let update = updater::step(service, &all, &node_ready, now_ms);
+        if update.rollback {
+            rollbacks.push(service.id);
+            continue;
+        }
+        if let Some(status) = update.status {
+            updates.push((service.id, status));
+        }
         let restarts = restarts(service, &all, now_ms);
         shutdown.extend(restarts.retire.iter().map(|id| (*id, "replaced".to_string())));
-        let mine: Vec<&Task> = all.iter().copied().filter(|t| live(t)).collect();
+        // Tasks the update stops or hides are not the scheduler's to count.
+        let leaving: BTreeSet<u64> = update
+            .shutdown
+            .iter()
+            .map(|s| s.0)
+            .chain(update.hidden.iter().copied())
+            .collect();
+        shutdown.extend(update.shutdown);
+        let mine: Vec<&Task> = all
+            .iter()
+            .copied()
+            .filter(|t| live(t) && !leaving.contains(&t.id))
+            .collect();
+        let resting: BTreeSet<Place> = restarts.resting.union(&update.resting).copied().collect();
         let assigned: Vec<SchedTask> = mine
             .iter()
             .filter_map(|t| {
@@ -149,16 +177,14 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
                 })
             })
             .collect();
-        let resting_slots: BTreeSet<u32> = restarts
-            .resting
+        let resting_slots: BTreeSet<u32> = resting
             .iter()
             .filter_map(|p| match p {
                 Place::Slot(s) => Some(*s),
                 Place::Node(_) => None,
             })
             .collect();
-        let resting_nodes: BTreeSet<NodeId> = restarts
-            .resting
+        let resting_nodes: BTreeSet<NodeId> = resting
             .iter()
             .filter_map(|p| match p {
                 Place::Node(n) => Some(*n),
@@ -232,12 +258,14 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
             );
         }
     }
-    if create.is_empty() && shutdown.is_empty() {
+    if create.is_empty() && shutdown.is_empty() && updates.is_empty() && rollbacks.is_empty() {
         return None;
     }
     Some(Command::ApplyPlan {
         create,
         shutdown,
+        updates,
+        rollbacks,
         at: now,
     })
 }
@@ -291,10 +319,13 @@ pub(crate) mod tests_support {
                 restart: RestartPolicy::default(),
                 health: None,
                 stop_grace_ms: crate::control::service::DEFAULT_STOP_GRACE_MS,
+                update: Default::default(),
             },
             version: 1,
             created_at: 0,
             updated_at: 0,
+            previous_spec: None,
+            update_status: None,
         }
     }
 }

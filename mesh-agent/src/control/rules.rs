@@ -62,6 +62,35 @@ fn ids(list: &[NodeId]) -> String {
     list.iter().map(|id| node_id_text(*id)).collect::<Vec<_>>().join(", ")
 }
 
+/// Checks a service spec against the cluster: its networks exist and its
+/// published ports are free (`except`: the service being updated).
+pub fn check_service_in_cluster(
+    state: &ClusterState,
+    spec: &crate::control::service::ServiceSpec,
+    except: Option<u64>,
+) -> ApiResult<()> {
+    if let Some(net) = spec.networks.first() {
+        return Err(ApiError::not_found(format!(
+            "network {net} not found (overlay networks come with `meshctl network create`; `meshctl network ls` lists them)"
+        )));
+    }
+    for p in &spec.publish {
+        let taken = state.services.values().filter(|s| Some(s.id) != except).find(|s| {
+            s.spec
+                .publish
+                .iter()
+                .any(|q| q.published == p.published && q.protocol == p.protocol)
+        });
+        if let Some(other) = taken {
+            return Err(ApiError::precondition(format!(
+                "port {} is already published by service {}",
+                p.published, other.spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Finds a service by name, full ID or unique ID prefix.
 pub fn resolve_service(state: &ClusterState, text: &str) -> ApiResult<u64> {
     let text = text.trim();

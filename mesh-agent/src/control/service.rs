@@ -424,6 +424,245 @@ pub struct ServiceSpec {
     /// `--stop-grace-period`: SIGTERM, then SIGKILL after this many milliseconds.
     #[serde(default = "default_stop_grace_ms")]
     pub stop_grace_ms: u64,
+    /// `--update-*`: how a changed spec rolls over the tasks.
+    #[serde(default)]
+    pub update: UpdateConfig,
+}
+
+/// `--update-failure-action`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailureAction {
+    /// Stop the update where it is (Docker's default).
+    #[default]
+    Pause,
+    /// Carry on.
+    Continue,
+    /// Go back to the previous spec.
+    Rollback,
+}
+
+/// `--update-order`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpdateOrder {
+    /// Stop the old task, then start its replacement (Docker's default).
+    #[default]
+    StopFirst,
+    /// Start the replacement, stop the old task once it runs.
+    StartFirst,
+}
+
+/// How a rolling update proceeds.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpdateConfig {
+    /// Tasks replaced at once (0: all at once).
+    pub parallelism: u32,
+    /// Wait between batches, in milliseconds.
+    pub delay_ms: u64,
+    /// What a failed new task does to the update.
+    pub failure_action: FailureAction,
+    /// Stop-first or start-first.
+    pub order: UpdateOrder,
+}
+
+impl Default for UpdateConfig {
+    /// Docker's defaults: one at a time, no delay, pause on failure, stop first.
+    fn default() -> Self {
+        UpdateConfig {
+            parallelism: 1,
+            delay_ms: 0,
+            failure_action: FailureAction::Pause,
+            order: UpdateOrder::StopFirst,
+        }
+    }
+}
+
+/// Where a rolling update is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateState {
+    /// Replacing tasks with the new spec.
+    Updating,
+    /// Stopped after a failure; `service update` or `rollback` goes on.
+    Paused,
+    /// Every task runs the new spec.
+    Completed,
+    /// Replacing tasks with the previous spec.
+    RollingBack,
+    /// A rollback stopped after a failure.
+    RollbackPaused,
+    /// Every task runs the previous spec again.
+    RolledBack,
+}
+
+/// A service's update progress (`service inspect` shows it).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct UpdateStatus {
+    /// Where it is.
+    pub state: UpdateState,
+    /// Why (failures).
+    pub message: String,
+    /// Unix milliseconds when it began; failures before do not count.
+    pub started_at_ms: u64,
+    /// Batches started so far.
+    pub batches: u32,
+    /// Unix milliseconds when the last batch finished (0: not yet).
+    pub batch_done_at_ms: u64,
+}
+
+impl UpdateStatus {
+    /// A fresh update (or rollback) starting at `now_ms`.
+    pub fn start(state: UpdateState, now_ms: u64) -> UpdateStatus {
+        UpdateStatus {
+            state,
+            message: String::new(),
+            started_at_ms: now_ms,
+            batches: 0,
+            batch_done_at_ms: 0,
+        }
+    }
+
+    /// Whether tasks are being replaced.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, UpdateState::Updating | UpdateState::RollingBack)
+    }
+}
+
+/// `service update`: what changes (unset fields stay).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceUpdate {
+    /// New command and arguments.
+    pub command: Option<Vec<String>>,
+    /// `--replicas`.
+    pub replicas: Option<u32>,
+    /// `--env-add K=V`.
+    pub env_add: Vec<String>,
+    /// `--env-rm K`.
+    pub env_rm: Vec<String>,
+    /// `--publish-add`.
+    pub publish_add: Vec<String>,
+    /// `--publish-rm PUBLISHED[/udp]`.
+    pub publish_rm: Vec<String>,
+    /// `--network-add`.
+    pub network_add: Vec<String>,
+    /// `--network-rm`.
+    pub network_rm: Vec<String>,
+    /// `--constraint-add`.
+    pub constraint_add: Vec<String>,
+    /// `--constraint-rm`.
+    pub constraint_rm: Vec<String>,
+    /// `--health-cmd` etc. (`Some(None)`: `--no-healthcheck`).
+    pub health: Option<Option<HealthCheck>>,
+    /// `--restart-*`.
+    pub restart: Option<RestartPolicy>,
+    /// `--stop-grace-period`.
+    pub stop_grace_ms: Option<u64>,
+    /// `--update-parallelism`.
+    pub update_parallelism: Option<u32>,
+    /// `--update-delay`.
+    pub update_delay_ms: Option<u64>,
+    /// `--update-failure-action`.
+    pub update_failure_action: Option<FailureAction>,
+    /// `--update-order`.
+    pub update_order: Option<UpdateOrder>,
+    /// `--force`: replace every task even if nothing else changed.
+    pub force: bool,
+}
+
+/// Applies `update` to `spec`: the new spec, checked, or what is wrong.
+pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<ServiceSpec, String> {
+    let mut next = spec.clone();
+    if let Some(command) = &update.command {
+        next.command = command.clone();
+    }
+    if let Some(replicas) = update.replicas {
+        match &mut next.mode {
+            ServiceMode::Replicated { replicas: r } => *r = replicas,
+            ServiceMode::Global => {
+                return Err(format!(
+                    "service {} is global: it runs one task per node and has no --replicas",
+                    spec.name
+                ))
+            }
+        }
+    }
+    for k in &update.env_rm {
+        next.env.remove(k);
+    }
+    next.env.extend(parse_env(&update.env_add)?);
+    for rm in &update.publish_rm {
+        let (port, proto) = match rm.split_once('/') {
+            Some((p, proto)) => (p, protocol(rm, proto)?),
+            None => (rm.as_str(), Protocol::Tcp),
+        };
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("invalid --publish-rm {rm:?}: expected PUBLISHED[/udp]"))?;
+        let before = next.publish.len();
+        next.publish.retain(|p| !(p.published == port && p.protocol == proto));
+        if next.publish.len() == before {
+            return Err(format!("--publish-rm {rm}: the service does not publish that port"));
+        }
+    }
+    for add in &update.publish_add {
+        next.publish.push(PortPublish::parse(add)?);
+    }
+    for rm in &update.network_rm {
+        if !next.networks.contains(rm) {
+            return Err(format!(
+                "--network-rm {rm}: the service is not attached to that network"
+            ));
+        }
+        next.networks.retain(|n| n != rm);
+    }
+    for add in &update.network_add {
+        if !next.networks.contains(add) {
+            next.networks.push(add.clone());
+        }
+    }
+    for rm in &update.constraint_rm {
+        next.constraints.retain(|c| c != rm);
+    }
+    next.constraints.extend(update.constraint_add.iter().cloned());
+    if let Some(health) = &update.health {
+        next.health = health.clone();
+    }
+    if let Some(restart) = update.restart {
+        next.restart = restart;
+    }
+    if let Some(grace) = update.stop_grace_ms {
+        next.stop_grace_ms = grace;
+    }
+    if let Some(p) = update.update_parallelism {
+        next.update.parallelism = p;
+    }
+    if let Some(d) = update.update_delay_ms {
+        next.update.delay_ms = d;
+    }
+    if let Some(a) = update.update_failure_action {
+        next.update.failure_action = a;
+    }
+    if let Some(o) = update.update_order {
+        next.update.order = o;
+    }
+    next.validate()?;
+    Ok(next)
+}
+
+impl ServiceSpec {
+    /// Whether tasks made from `self` differ from tasks made from `other`
+    /// (replica count, update settings and published ports do not change
+    /// a task, so changing them replaces none).
+    pub fn task_template_differs(&self, other: &ServiceSpec) -> bool {
+        let template = |s: &ServiceSpec| {
+            let mut t = s.clone();
+            if let ServiceMode::Replicated { replicas } = &mut t.mode {
+                *replicas = 0;
+            }
+            t.update = UpdateConfig::default();
+            t.publish.clear();
+            t
+        };
+        template(self) != template(other)
+    }
 }
 
 /// Docker's default stop grace period (10 s).
@@ -488,6 +727,12 @@ pub struct Service {
     pub created_at: u64,
     /// Unix seconds.
     pub updated_at: u64,
+    /// The spec before the last update (what `service rollback` returns to).
+    #[serde(default)]
+    pub previous_spec: Option<ServiceSpec>,
+    /// The last rolling update's progress.
+    #[serde(default)]
+    pub update_status: Option<UpdateStatus>,
 }
 
 /// Whether a task should run.

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::service::{DesiredState, Service, ServiceSpec, Task, TaskReport, TaskState};
+use super::service::{DesiredState, Service, ServiceSpec, Task, TaskReport, TaskState, UpdateState, UpdateStatus};
 
 /// Finished tasks kept per service slot, for `service ps`.
 pub const TASK_HISTORY: u32 = 5;
@@ -225,8 +225,18 @@ pub enum Command {
         id: u64,
         /// The new spec.
         spec: Box<ServiceSpec>,
+        /// Replace every task even if the task template is unchanged.
+        #[serde(default)]
+        force: bool,
         /// Unix seconds.
         at: u64,
+    },
+    /// `service rollback`: back to the previous spec, rolled out as an update.
+    RollbackService {
+        /// Which service.
+        id: u64,
+        /// Unix milliseconds.
+        at_ms: u64,
     },
     /// `service rm`: the service goes, its tasks are told to shut down.
     RemoveService {
@@ -241,6 +251,12 @@ pub enum Command {
         create: Vec<Task>,
         /// Tasks to shut down, with why.
         shutdown: Vec<(u64, String)>,
+        /// Rolling updates' new progress, per service.
+        #[serde(default)]
+        updates: Vec<(u64, UpdateStatus)>,
+        /// Services whose failed update rolls back (failure action rollback).
+        #[serde(default)]
+        rollbacks: Vec<u64>,
         /// Unix seconds.
         at: u64,
     },
@@ -414,15 +430,21 @@ impl ClusterState {
                 }
                 self.services.insert(service.id, (**service).clone());
             }
-            Command::UpdateService { id, spec, at } => {
+            Command::UpdateService { id, spec, force, at } => {
                 let service = self
                     .services
                     .get_mut(id)
                     .ok_or_else(|| format!("service {id} not found"))?;
+                // Only a new task template (or --force) rolls the tasks.
+                if *force || service.spec.task_template_differs(spec) {
+                    service.previous_spec = Some(service.spec.clone());
+                    service.version += 1;
+                    service.update_status = Some(UpdateStatus::start(UpdateState::Updating, at * 1000));
+                }
                 service.spec = (**spec).clone();
-                service.version += 1;
                 service.updated_at = *at;
             }
+            Command::RollbackService { id, at_ms } => self.roll_back(*id, *at_ms)?,
             Command::RemoveService { id, at } => {
                 self.services
                     .remove(id)
@@ -436,7 +458,21 @@ impl ClusterState {
                     task.updated_at = *at;
                 }
             }
-            Command::ApplyPlan { create, shutdown, at } => {
+            Command::ApplyPlan {
+                create,
+                shutdown,
+                updates,
+                rollbacks,
+                at,
+            } => {
+                for (id, status) in updates {
+                    if let Some(service) = self.services.get_mut(id) {
+                        service.update_status = Some(status.clone());
+                    }
+                }
+                for id in rollbacks {
+                    self.roll_back(*id, at * 1000)?;
+                }
                 if let Some(t) = create.iter().find(|t| self.tasks.contains_key(&t.id)) {
                     return Err(format!("task ID {} is taken", t.id));
                 }
@@ -487,6 +523,23 @@ impl ClusterState {
                 task.updated_at = *at;
             }
         }
+        Ok(())
+    }
+
+    /// Swaps a service back to its previous spec and rolls that out.
+    fn roll_back(&mut self, id: u64, at_ms: u64) -> Result<(), String> {
+        let service = self
+            .services
+            .get_mut(&id)
+            .ok_or_else(|| format!("service {id} not found"))?;
+        let previous = service
+            .previous_spec
+            .take()
+            .ok_or_else(|| format!("service {} has no previous spec to roll back to", service.spec.name))?;
+        service.previous_spec = Some(std::mem::replace(&mut service.spec, previous));
+        service.version += 1;
+        service.updated_at = at_ms / 1000;
+        service.update_status = Some(UpdateStatus::start(UpdateState::RollingBack, at_ms));
         Ok(())
     }
 
@@ -723,6 +776,8 @@ pub(crate) mod tests {
         s.apply(&Command::ApplyPlan {
             create,
             shutdown: vec![],
+            updates: vec![],
+            rollbacks: vec![],
             at: 20,
         });
         assert!(s.tasks.is_empty(), "a gone service keeps no history");
@@ -732,6 +787,8 @@ pub(crate) mod tests {
         s.apply(&Command::ApplyPlan {
             create,
             shutdown: vec![],
+            updates: vec![],
+            rollbacks: vec![],
             at: 40,
         });
         assert_eq!(
