@@ -36,7 +36,8 @@ enum Command {
         #[arg(long)]
         hold: bool,
     },
-    /// Run the benchmarks: `control` (Raft failover, store writes).
+    /// Run the benchmarks: `control` (Raft failover, store writes), `services`
+    /// (create -> running, scheduler).
     Bench {
         /// Which benchmark; all when omitted.
         which: Option<String>,
@@ -69,23 +70,19 @@ fn demo(hold: bool) -> Result<()> {
 
 fn bench(which: Option<&str>, rest: &[String]) -> Result<()> {
     setup::require_root("the benchmarks (network namespaces)")?;
-    match which {
-        None | Some("control") => {}
-        Some(other) => anyhow::bail!("unknown benchmark {other:?}: the benchmarks are: control"),
-    }
+    let binaries: &[&str] = match which {
+        None => &["mesh-bench", "mesh-bench-services"],
+        Some("control") => &["mesh-bench"],
+        Some("services") => &["mesh-bench-services"],
+        Some(other) => anyhow::bail!("unknown benchmark {other:?}: the benchmarks are: control, services"),
+    };
     setup::run()?;
     ebpf::build()?;
     workspace::cargo(&["build", "--release", "-p", "mesh-agent", "--bins"])?;
-    let mut args = vec![
-        "run",
-        "--quiet",
-        "--release",
-        "-p",
-        "mesh-tests",
-        "--bin",
-        "mesh-bench",
-        "--",
-    ];
-    args.extend(rest.iter().map(String::as_str));
-    workspace::cargo(&args)
+    for binary in binaries {
+        let mut args = vec!["run", "--quiet", "--release", "-p", "mesh-tests", "--bin", binary, "--"];
+        args.extend(rest.iter().map(String::as_str));
+        workspace::cargo(&args)?;
+    }
+    Ok(())
 }

@@ -1,0 +1,247 @@
+//! `cargo xtask bench services`: issue 4's figures (release binaries).
+//!
+//! - create -> running: `meshctl service create --replicas N` on a real
+//!   3-node swarm in network namespaces, until `service ps` shows N tasks
+//!   Running; for N = 10 and 100. The reference, on the same machine in
+//!   the same run, is the bare kernel work the nodes do for those tasks
+//!   (N namespaces, N veths with addresses, N processes) done in one loop
+//!   with the agent's own runtime functions and no cluster around it.
+//! - scheduler: the orchestrator's pure plan() placing 1,000 services of 5
+//!   replicas (5,000 tasks) on 100 simulated nodes; decisions per second.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use mesh_agent::{
+    control::{
+        orchestrator,
+        service::{RestartPolicy, Service, ServiceMode, ServiceSpec, UpdateConfig},
+        state::{self, ClusterState, Node, NodeStatus, Role},
+    },
+    runtime::{
+        netns::NetNs,
+        network::{LocalNetwork, Subnet},
+        process,
+    },
+};
+use mesh_tests::{require_root, swarm::Swarm};
+
+fn main() {
+    require_root();
+    scheduler();
+    let mut swarm = Swarm::with_flags(3, &[]);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.join(2, 0, "worker");
+    swarm.wait("3 nodes ready", Duration::from_secs(30), || swarm.ready(0) == 3);
+    for n in [10usize, 10, 100] {
+        let cluster = create_to_running(&swarm, n);
+        let floor = kernel_floor(n);
+        println!(
+            "== create -> running, {n} replicas on 3 nodes: {:.0} ms; bare kernel work for {n} tasks on one host: {:.0} ms; ratio {:.1}x",
+            cluster.as_secs_f64() * 1e3,
+            floor.as_secs_f64() * 1e3,
+            cluster.as_secs_f64() / floor.as_secs_f64()
+        );
+    }
+    swarm.kill(0);
+}
+
+fn create_to_running(swarm: &Swarm, n: usize) -> Duration {
+    let name = format!("bench{n}-{}", t0_id());
+    let replicas = n.to_string();
+    let t0 = Instant::now();
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            &name,
+            "--replicas",
+            &replicas,
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
+    loop {
+        let out = swarm.meshctl(0, &["service", "ls", "--format", "json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let running = list
+            .iter()
+            .find(|s| s["service"]["spec"]["name"] == name.as_str())
+            .and_then(|s| s["running"].as_u64())
+            .unwrap_or(0);
+        if running as usize == n {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "{name}: {running} of {n} running after 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t0.elapsed();
+    swarm.ok(0, &["service", "rm", &name]);
+    swarm.wait("bench tasks gone", Duration::from_secs(120), || {
+        let out = swarm.meshctl(0, &["service", "ls", "-q"]);
+        String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    });
+    took
+}
+
+/// What the nodes do for `n` tasks, with nothing else: a host namespace,
+/// then per task a namespace, a veth on the bridge with an address and a
+/// route, and a `sleep` process in it.
+fn kernel_floor(n: usize) -> Duration {
+    let host = format!("meshbench-floor-{}", std::process::id());
+    let _ = NetNs::delete(&host);
+    let ns = NetNs::create(&host).expect("a host namespace");
+    let dir = std::env::temp_dir().join(&host);
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let took = ns
+        .run(|| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let network = LocalNetwork::new(Subnet::parse("172.18.0.0/16").expect("a subnet"));
+                let log = std::fs::File::create(dir.join("log")).expect("a log");
+                let env = BTreeMap::new();
+                let command = vec!["sleep".to_string(), "600".to_string()];
+                let t0 = Instant::now();
+                let mut children = Vec::new();
+                for task in 0..n as u64 {
+                    let path = dir.join(format!("ns{task}"));
+                    let task_ns = NetNs::create_at(&path, "floor").expect("a task namespace");
+                    network.attach(task + 1, &path).await.expect("attach");
+                    let child = process::spawn(&process::Launch {
+                        command: &command,
+                        env: &env,
+                        workdir: None,
+                        user: None,
+                        hostname: "floor",
+                        netns: task_ns.fd(),
+                        log: &log,
+                    })
+                    .expect("spawn");
+                    children.push(child);
+                }
+                let took = t0.elapsed();
+                for (task, mut child) in children.into_iter().enumerate() {
+                    let _ = child.kill().await;
+                    network.detach(task as u64 + 1).await;
+                    let _ = NetNs::delete_at(&dir.join(format!("ns{task}")), "floor");
+                }
+                took
+            })
+        })
+        .expect("enter the host namespace");
+    drop(ns);
+    let _ = NetNs::delete(&host);
+    let _ = std::fs::remove_dir_all(&dir);
+    took
+}
+
+/// The pure scheduler on 100 simulated nodes and 1,000 services.
+fn scheduler() {
+    let mut state: ClusterState = ClusterState::default();
+    state.cluster = Some(state::ClusterSpec {
+        id: "bench".into(),
+        created_at: 0,
+        default_addr_pool: vec![],
+        default_addr_pool_mask_len: 24,
+        autolock: false,
+        heartbeat_period_ms: 1000,
+        heartbeat_misses_down: 3,
+        cert_expiry_secs: 3600,
+        task_history_limit: 5,
+    });
+    for id in 1..=100u64 {
+        state.nodes.insert(
+            id,
+            Node {
+                id,
+                hostname: format!("sim{id}"),
+                role: Role::Worker,
+                status: NodeStatus::Ready,
+                availability: state::Availability::Active,
+                labels: [("zone".to_string(), format!("z{}", id % 4))].into(),
+                addr: format!("10.0.{}.{}:2377", id / 250, id % 250),
+                data_path_addr: String::new(),
+                agent_version: String::new(),
+                status_message: String::new(),
+                created_at: 0,
+                updated_at: 0,
+            },
+        );
+    }
+    for id in 1..=1000u64 {
+        state.services.insert(
+            id,
+            Service {
+                id,
+                spec: ServiceSpec {
+                    name: format!("svc{id}"),
+                    command: vec!["sleep".into(), "600".into()],
+                    mode: ServiceMode::Replicated { replicas: 5 },
+                    env: BTreeMap::new(),
+                    workdir: None,
+                    user: None,
+                    networks: vec![],
+                    publish: vec![],
+                    constraints: vec![],
+                    spread_over: if id % 2 == 0 { vec!["zone".into()] } else { vec![] },
+                    max_per_node: 0,
+                    restart: RestartPolicy::default(),
+                    health: None,
+                    stop_grace_ms: 10_000,
+                    update: UpdateConfig::default(),
+                },
+                version: 1,
+                created_at: 0,
+                updated_at: 0,
+                previous_spec: None,
+                update_status: None,
+            },
+        );
+    }
+    let mut next = 0u64;
+    let t0 = Instant::now();
+    let plan = orchestrator::plan(&state, 1_000_000, &mut || {
+        next += 1;
+        next
+    })
+    .expect("a plan");
+    let took = t0.elapsed();
+    let placed = match &plan {
+        state::Command::ApplyPlan { create, .. } => create.len(),
+        _ => 0,
+    };
+    state.apply(&plan);
+    let t1 = Instant::now();
+    let again = orchestrator::plan(&state, 1_000_001, &mut || {
+        next += 1;
+        next
+    });
+    let converged = t1.elapsed();
+    assert!(again.is_none(), "a converged cluster plans nothing");
+    println!(
+        "== scheduler (pure, simulated): 1,000 services x 5 replicas on 100 nodes: {placed} placements in {:.1} ms = {:.0} decisions/s; a converged pass over them takes {:.1} ms",
+        took.as_secs_f64() * 1e3,
+        placed as f64 / took.as_secs_f64(),
+        converged.as_secs_f64() * 1e3
+    );
+}
+
+fn t0_id() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
