@@ -248,6 +248,18 @@ impl Swarm {
         self.ok(0, &args)
     }
 
+    /// `swarm init` on h0, every other host joins as a worker, and all are Ready.
+    pub fn form_with_workers(&self) {
+        self.init(&[]);
+        for i in 1..self.agents.len() {
+            self.join(i, 0, "worker");
+        }
+        let n = self.agents.len();
+        self.wait(&format!("{n} nodes ready"), Duration::from_secs(30), || {
+            self.ready(0) == n
+        });
+    }
+
     /// `swarm join` of host `i` through host `via` with the token for `role`.
     pub fn join(&self, i: usize, via: usize, role: &str) {
         let token = self.ok(via, &["swarm", "join-token", "-q", role]);

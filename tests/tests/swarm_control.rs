@@ -334,9 +334,7 @@ fn promote_demote_leave_and_remove_change_membership() {
 fn ca_rotation_renews_every_certificate_and_replaces_the_tokens() {
     require_root();
     let swarm = Swarm::new(3);
-    swarm.init(&[]);
-    swarm.join(1, 0, "worker");
-    swarm.wait("2 nodes ready", CONVERGE, || swarm.ready(0) == 2);
+    swarm.form_with_workers();
     let old_token = swarm.ok(0, &["swarm", "join-token", "-q", "worker"]).trim().to_string();
     let first_root = |i: usize| {
         let text = std::fs::read_to_string(swarm.agents[i].data_dir.join("certs/ca.pem")).unwrap_or_default();
@@ -469,10 +467,7 @@ fn the_cluster_port_authorizes_every_call_by_its_certificate() {
     use mesh_agent::control::api::{ErrorKind, Heartbeat, PeerRequest, PeerResponse};
     require_root();
     let swarm = Swarm::new(3);
-    swarm.init(&[]);
-    swarm.join(1, 0, "worker");
-    swarm.join(2, 0, "worker");
-    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    swarm.form_with_workers();
     let manager = format!("{}:2377", swarm.cluster.host(0).address());
     let worker = wire::identity(&swarm.agents[1].data_dir);
     let removed = wire::identity(&swarm.agents[2].data_dir);

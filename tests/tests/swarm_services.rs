@@ -36,22 +36,29 @@ fn processes_with(marker: &str) -> Vec<u32> {
     pids
 }
 
-/// Tasks of `service` in `state` (as `service ps --format json` says).
-fn tasks_in(swarm: &Swarm, service: &str, state: &str) -> usize {
+/// The tasks of `service` that should run (desired Running), as
+/// `service ps --format json` lists them.
+fn wanted_tasks(swarm: &Swarm, service: &str) -> Vec<serde_json::Value> {
     let out = swarm.meshctl(0, &["service", "ps", "--format", "json", service]);
     let tasks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
     tasks
+        .into_iter()
+        .filter(|t| t["task"]["desired"] == "Running")
+        .collect()
+}
+
+/// Tasks of `service` in `state`.
+fn tasks_in(swarm: &Swarm, service: &str, state: &str) -> usize {
+    wanted_tasks(swarm, service)
         .iter()
-        .filter(|t| t["task"]["desired"] == "Running" && t["task"]["state"] == state)
+        .filter(|t| t["task"]["state"] == state)
         .count()
 }
 
-/// Live (desired Running) tasks per node hostname, from `service ps`.
+/// Live (desired Running) tasks per node hostname.
 fn placement(swarm: &Swarm, service: &str) -> BTreeMap<String, usize> {
-    let out = swarm.meshctl(0, &["service", "ps", "--format", "json", service]);
-    let tasks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let mut m = BTreeMap::new();
-    for t in tasks.iter().filter(|t| t["task"]["desired"] == "Running") {
+    for t in wanted_tasks(swarm, service) {
         let node = t["node_hostname"].as_str().unwrap_or("-").to_string();
         *m.entry(node).or_default() += 1;
     }
@@ -62,10 +69,7 @@ fn placement(swarm: &Swarm, service: &str) -> BTreeMap<String, usize> {
 fn services_spread_scale_follow_drains_and_go_away() {
     require_root();
     let swarm = Swarm::new(3);
-    swarm.init(&[]);
-    swarm.join(1, 0, "worker");
-    swarm.join(2, 0, "worker");
-    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    swarm.form_with_workers();
 
     let marker = marked_sleep();
     let id = swarm.ok(
@@ -230,10 +234,7 @@ fn bad_service_input_is_refused_and_changes_nothing() {
 fn tasks_log_fail_clearly_get_replaced_when_unhealthy_and_move_off_lost_nodes() {
     require_root();
     let mut swarm = Swarm::new(3);
-    swarm.init(&[]);
-    swarm.join(1, 0, "worker");
-    swarm.join(2, 0, "worker");
-    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    swarm.form_with_workers();
     let marker = marked_sleep();
 
     // Logs: each task's output, labelled with its task and node; the task
@@ -344,11 +345,8 @@ fn tasks_log_fail_clearly_get_replaced_when_unhealthy_and_move_off_lost_nodes() 
 
 /// `(service_version, state)` of a service's live tasks.
 fn versions(swarm: &Swarm, service: &str) -> Vec<(u64, String)> {
-    let out = swarm.meshctl(0, &["service", "ps", "--format", "json", service]);
-    let tasks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let mut v: Vec<(u64, String)> = tasks
+    let mut v: Vec<(u64, String)> = wanted_tasks(swarm, service)
         .iter()
-        .filter(|t| t["task"]["desired"] == "Running")
         .map(|t| {
             (
                 t["task"]["service_version"].as_u64().unwrap_or(0),
@@ -373,9 +371,7 @@ fn update_state(swarm: &Swarm, service: &str) -> String {
 fn rolling_updates_pause_or_roll_back_when_new_tasks_are_unhealthy() {
     require_root();
     let swarm = Swarm::new(2);
-    swarm.init(&[]);
-    swarm.join(1, 0, "worker");
-    swarm.wait("2 nodes ready", CONVERGE, || swarm.ready(0) == 2);
+    swarm.form_with_workers();
     let marker = marked_sleep();
     // Healthy while VERSION=good; the update breaks it.
     let out = swarm.ok(

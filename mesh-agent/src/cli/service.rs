@@ -60,26 +60,41 @@ pub struct UpdateConfigArgs {
     update_order: Option<OrderArg>,
 }
 
+impl From<FailureArg> for FailureAction {
+    fn from(arg: FailureArg) -> Self {
+        match arg {
+            FailureArg::Pause => FailureAction::Pause,
+            FailureArg::Continue => FailureAction::Continue,
+            FailureArg::Rollback => FailureAction::Rollback,
+        }
+    }
+}
+
+impl From<OrderArg> for UpdateOrder {
+    fn from(arg: OrderArg) -> Self {
+        match arg {
+            OrderArg::StopFirst => UpdateOrder::StopFirst,
+            OrderArg::StartFirst => UpdateOrder::StartFirst,
+        }
+    }
+}
+
 impl UpdateConfigArgs {
-    /// `base` with the given flags applied.
-    fn apply(&self, base: UpdateConfig) -> ApiResult<UpdateConfig> {
+    fn delay_ms(&self) -> ApiResult<Option<u64>> {
+        self.update_delay
+            .as_deref()
+            .map(|d| duration_ms("update-delay", d))
+            .transpose()
+    }
+
+    /// The defaults with the given flags applied (`create`).
+    fn config(&self) -> ApiResult<UpdateConfig> {
+        let base = UpdateConfig::default();
         Ok(UpdateConfig {
             parallelism: self.update_parallelism.unwrap_or(base.parallelism),
-            delay_ms: match &self.update_delay {
-                Some(d) => duration_ms("update-delay", d)?,
-                None => base.delay_ms,
-            },
-            failure_action: match self.update_failure_action {
-                Some(FailureArg::Pause) => FailureAction::Pause,
-                Some(FailureArg::Continue) => FailureAction::Continue,
-                Some(FailureArg::Rollback) => FailureAction::Rollback,
-                None => base.failure_action,
-            },
-            order: match self.update_order {
-                Some(OrderArg::StopFirst) => UpdateOrder::StopFirst,
-                Some(OrderArg::StartFirst) => UpdateOrder::StartFirst,
-                None => base.order,
-            },
+            delay_ms: self.delay_ms()?.unwrap_or(base.delay_ms),
+            failure_action: self.update_failure_action.map_or(base.failure_action, Into::into),
+            order: self.update_order.map_or(base.order, Into::into),
         })
     }
 }
@@ -114,21 +129,8 @@ pub struct UpdateArgs {
     /// Remove a placement constraint (repeatable).
     #[arg(long)]
     constraint_rm: Vec<String>,
-    /// New health check command.
-    #[arg(long)]
-    health_cmd: Option<String>,
-    /// Time between health checks.
-    #[arg(long, default_value = "30s")]
-    health_interval: String,
-    /// A health check running longer than this fails.
-    #[arg(long, default_value = "30s")]
-    health_timeout: String,
-    /// Consecutive failures that make a task unhealthy.
-    #[arg(long, default_value_t = 3)]
-    health_retries: u32,
-    /// Failures in this window after start do not count.
-    #[arg(long, default_value = "0s")]
-    health_start_period: String,
+    #[command(flatten)]
+    health: HealthArgs,
     /// Remove the health check.
     #[arg(long, conflicts_with = "health_cmd")]
     no_healthcheck: bool,
@@ -150,36 +152,47 @@ pub struct UpdateArgs {
     command: Vec<String>,
 }
 
-fn health_of(
-    cmd: Option<String>,
-    interval: &str,
-    timeout: &str,
-    retries: u32,
-    start_period: &str,
-) -> ApiResult<Option<HealthCheck>> {
-    let Some(command) = cmd else { return Ok(None) };
-    Ok(Some(HealthCheck {
-        command,
-        interval_ms: duration_ms("health-interval", interval)?,
-        timeout_ms: duration_ms("health-timeout", timeout)?,
-        retries,
-        start_period_ms: duration_ms("health-start-period", start_period)?,
-    }))
+/// `--health-*`, shared by `create` and `update`.
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// Command run inside the task to check its health (`sh -c CMD`; exit 0 is healthy).
+    #[arg(long)]
+    health_cmd: Option<String>,
+    /// Time between health checks.
+    #[arg(long, default_value = "30s")]
+    health_interval: String,
+    /// A health check running longer than this fails.
+    #[arg(long, default_value = "30s")]
+    health_timeout: String,
+    /// Consecutive failures that make a task unhealthy (it is then replaced).
+    #[arg(long, default_value_t = 3)]
+    health_retries: u32,
+    /// Failures in this window after start do not count.
+    #[arg(long, default_value = "0s")]
+    health_start_period: String,
+}
+
+impl HealthArgs {
+    /// The check `--health-cmd` asks for, if any.
+    fn check(self) -> ApiResult<Option<HealthCheck>> {
+        let Some(command) = self.health_cmd else {
+            return Ok(None);
+        };
+        Ok(Some(HealthCheck {
+            command,
+            interval_ms: duration_ms("health-interval", &self.health_interval)?,
+            timeout_ms: duration_ms("health-timeout", &self.health_timeout)?,
+            retries: self.health_retries,
+            start_period_ms: duration_ms("health-start-period", &self.health_start_period)?,
+        }))
+    }
 }
 
 fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
-    let health = if args.no_healthcheck {
-        Some(None)
-    } else if args.health_cmd.is_some() {
-        Some(health_of(
-            args.health_cmd,
-            &args.health_interval,
-            &args.health_timeout,
-            args.health_retries,
-            &args.health_start_period,
-        )?)
-    } else {
-        None
+    let health = match args.health.check()? {
+        _ if args.no_healthcheck => Some(None),
+        Some(check) => Some(Some(check)),
+        None => None,
     };
     let update = ServiceUpdate {
         command: (!args.command.is_empty()).then_some(args.command),
@@ -193,31 +206,15 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         constraint_add: args.constraint_add,
         constraint_rm: args.constraint_rm,
         health,
-        restart: None,
         stop_grace_ms: args
             .stop_grace_period
             .as_deref()
             .map(|g| duration_ms("stop-grace-period", g))
             .transpose()?,
         update_parallelism: args.update.update_parallelism,
-        update_delay_ms: args
-            .update
-            .update_delay
-            .as_deref()
-            .map(|d| duration_ms("update-delay", d))
-            .transpose()?,
-        update_failure_action: args
-            .update
-            .update_failure_action
-            .map(|_| args.update.apply(UpdateConfig::default()))
-            .transpose()?
-            .map(|c| c.failure_action),
-        update_order: args
-            .update
-            .update_order
-            .map(|_| args.update.apply(UpdateConfig::default()))
-            .transpose()?
-            .map(|c| c.order),
+        update_delay_ms: args.update.delay_ms()?,
+        update_failure_action: args.update.update_failure_action.map(Into::into),
+        update_order: args.update.update_order.map(Into::into),
         force: args.force,
     };
     Ok((args.service, update, args.detach))
@@ -268,21 +265,8 @@ pub struct CreateArgs {
     /// Restarts per slot before giving up (0: unlimited).
     #[arg(long, default_value_t = 0)]
     restart_max_attempts: u32,
-    /// Command run inside the task to check its health (`sh -c CMD`; exit 0 is healthy).
-    #[arg(long)]
-    health_cmd: Option<String>,
-    /// Time between health checks.
-    #[arg(long, default_value = "30s")]
-    health_interval: String,
-    /// A health check running longer than this fails.
-    #[arg(long, default_value = "30s")]
-    health_timeout: String,
-    /// Consecutive failures that make a task unhealthy (it is then replaced).
-    #[arg(long, default_value_t = 3)]
-    health_retries: u32,
-    /// Failures in this window after start do not count.
-    #[arg(long, default_value = "0s")]
-    health_start_period: String,
+    #[command(flatten)]
+    health: HealthArgs,
     /// SIGTERM first, SIGKILL after this long.
     #[arg(long, default_value = "10s")]
     stop_grace_period: String,
@@ -403,15 +387,9 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
             delay_ms: duration_ms("restart-delay", &args.restart_delay)?,
             max_attempts: args.restart_max_attempts,
         },
-        health: health_of(
-            args.health_cmd,
-            &args.health_interval,
-            &args.health_timeout,
-            args.health_retries,
-            &args.health_start_period,
-        )?,
+        health: args.health.check()?,
         stop_grace_ms: duration_ms("stop-grace-period", &args.stop_grace_period)?,
-        update: args.update.apply(UpdateConfig::default())?,
+        update: args.update.config()?,
     };
     spec.validate().map_err(ApiError::invalid)?;
     Ok(spec)

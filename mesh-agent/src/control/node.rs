@@ -919,10 +919,11 @@ impl Member {
         let mut last = ApiError::unavailable("no manager is known");
         for addr in targets {
             match self.peers.call(&addr, request(), timeout).await {
-                Ok(reply) if reply.retry_elsewhere().is_some() => {
-                    last = reply.retry_elsewhere().unwrap_or(last);
-                }
                 Ok(reply) => {
+                    if let Some(e) = reply.retry_elsewhere() {
+                        last = e;
+                        continue;
+                    }
                     if hint {
                         *self.leader_hint.lock().expect("reason: never poisoned") = Some(addr);
                     }

@@ -551,8 +551,6 @@ pub struct ServiceUpdate {
     pub constraint_rm: Vec<String>,
     /// `--health-cmd` etc. (`Some(None)`: `--no-healthcheck`).
     pub health: Option<Option<HealthCheck>>,
-    /// `--restart-*`.
-    pub restart: Option<RestartPolicy>,
     /// `--stop-grace-period`.
     pub stop_grace_ms: Option<u64>,
     /// `--update-parallelism`.
@@ -624,9 +622,6 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
     next.constraints.extend(update.constraint_add.iter().cloned());
     if let Some(health) = &update.health {
         next.health = health.clone();
-    }
-    if let Some(restart) = update.restart {
-        next.restart = restart;
     }
     if let Some(grace) = update.stop_grace_ms {
         next.stop_grace_ms = grace;

@@ -85,11 +85,6 @@ impl Supervisor {
         self.dir.join(task_dir_name(id)).join("log")
     }
 
-    /// Tasks running here now.
-    pub fn running(&self) -> BTreeSet<u64> {
-        self.lock().running.keys().copied().collect()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("reason: never poisoned")
     }
@@ -162,7 +157,7 @@ impl Supervisor {
         let (state, message) = match self.prepare(&a, &dir).await {
             Err(message) => (TaskState::Rejected, message),
             Ok(_) if *stop.borrow() => (TaskState::Shutdown, "stopped before it started".to_string()),
-            Ok(prepared) => self.supervise(&a, &dir, prepared, &mut stop).await,
+            Ok(prepared) => self.supervise(&a, prepared, &mut stop).await,
         };
         self.network.detach(id).await;
         remove_namespace(&dir);
@@ -239,7 +234,6 @@ impl Supervisor {
     async fn supervise(
         &self,
         a: &Assignment,
-        dir: &Path,
         mut p: Prepared,
         stop: &mut watch::Receiver<bool>,
     ) -> (TaskState, String) {
@@ -300,7 +294,6 @@ impl Supervisor {
         }
         // Anything the task left in its process group goes with it.
         let _ = process::signal_group(p.pid, libc::SIGKILL);
-        let _ = dir;
         outcome
     }
 }

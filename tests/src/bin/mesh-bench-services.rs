@@ -32,10 +32,7 @@ fn main() {
     require_root();
     scheduler();
     let mut swarm = Swarm::with_flags(3, &[]);
-    swarm.init(&[]);
-    swarm.join(1, 0, "worker");
-    swarm.join(2, 0, "worker");
-    swarm.wait("3 nodes ready", Duration::from_secs(30), || swarm.ready(0) == 3);
+    swarm.form_with_workers();
     for n in [10usize, 10, 100] {
         let cluster = create_to_running(&swarm, n);
         let floor = kernel_floor(n);
