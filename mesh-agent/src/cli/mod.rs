@@ -180,6 +180,9 @@ enum SwarmCommand {
         /// Turn autolock on or off.
         #[arg(long)]
         autolock: Option<bool>,
+        /// Ended tasks kept per service slot (for `service ps`).
+        #[arg(long)]
+        task_history_limit: Option<u32>,
     },
     /// Manage the root CA.
     Ca {
@@ -590,9 +593,21 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
             }
             Ok(())
         }
-        SwarmCommand::Update { autolock } => {
+        SwarmCommand::Update {
+            autolock,
+            task_history_limit,
+        } => {
+            if autolock.is_none() && task_history_limit.is_none() {
+                return Err(ApiError::invalid(
+                    "nothing to update: give --autolock=true|false and/or --task-history-limit N",
+                ));
+            }
+            if let Some(limit) = task_history_limit {
+                client.cluster(ClusterRequest::SetTaskHistoryLimit { limit }).await?;
+            }
             let Some(enabled) = autolock else {
-                return Err(ApiError::invalid("nothing to update: give --autolock=true|false"));
+                println!("Swarm updated.");
+                return Ok(());
             };
             match client.cluster(ClusterRequest::SetAutolock { enabled }).await? {
                 ClusterResponse::Secret(key) => {

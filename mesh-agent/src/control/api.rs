@@ -247,6 +247,11 @@ pub enum ClusterRequest {
         /// On or off.
         enabled: bool,
     },
+    /// `swarm update --task-history-limit`.
+    SetTaskHistoryLimit {
+        /// Ended tasks kept per slot.
+        limit: u32,
+    },
     /// `swarm ca --rotate`.
     CaRotate,
     /// `service create`.

@@ -385,6 +385,11 @@ impl Manager {
                 .await?;
                 Ok(key.map(ClusterResponse::Secret).unwrap_or(ClusterResponse::Done))
             }
+            ClusterRequest::SetTaskHistoryLimit { limit } => {
+                rules::check_task_history_limit(limit)?;
+                self.propose(Command::SetTaskHistoryLimit { limit }).await?;
+                Ok(ClusterResponse::Done)
+            }
             ClusterRequest::IssueOperatorCert {
                 name,
                 csr_pem,

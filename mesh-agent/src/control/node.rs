@@ -352,6 +352,7 @@ impl Agent {
         if req.heartbeat_period_ms < 100 {
             return Err(ApiError::invalid("--dispatcher-heartbeat must be at least 100ms"));
         }
+        rules::check_task_history_limit(req.task_history_limit)?;
         let files = Files {
             dir: self.opts.data_dir.clone(),
         };

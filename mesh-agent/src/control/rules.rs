@@ -437,3 +437,17 @@ mod tests {
             .contains("overlap"));
     }
 }
+
+/// Most ended tasks `--task-history-limit` may keep per slot: history is
+/// for `service ps`, and every kept task lives in the replicated store.
+pub const MAX_TASK_HISTORY: u32 = 100;
+
+/// Checks `--task-history-limit`.
+pub fn check_task_history_limit(limit: u32) -> ApiResult<()> {
+    if limit > MAX_TASK_HISTORY {
+        return Err(ApiError::invalid(format!(
+            "--task-history-limit {limit} is too large: keep at most {MAX_TASK_HISTORY} ended tasks per slot"
+        )));
+    }
+    Ok(())
+}

@@ -289,6 +289,12 @@ pub enum Command {
         /// Tokens carry the CA digest, so they change with it.
         tokens: JoinTokens,
     },
+    /// `swarm update --task-history-limit`; history beyond it goes at the
+    /// next prune.
+    SetTaskHistoryLimit {
+        /// Ended tasks kept per slot.
+        limit: u32,
+    },
 }
 
 /// What applying a command did.
@@ -416,6 +422,10 @@ impl ClusterState {
                 let cluster = self.cluster.as_mut().expect("reason: checked above");
                 cluster.autolock = unlock_key.is_some();
                 self.unlock_key = unlock_key.clone();
+            }
+            Command::SetTaskHistoryLimit { limit } => {
+                self.cluster.as_mut().expect("reason: checked above").task_history_limit = *limit;
+                self.prune_task_history();
             }
             Command::RotateCa { ca, tokens } => {
                 self.ca = Some(ca.clone());
@@ -794,6 +804,12 @@ pub(crate) mod tests {
         assert_eq!(
             s.tasks.keys().copied().collect::<Vec<_>>(),
             (36..=40).collect::<Vec<_>>()
+        );
+        s.apply(&Command::SetTaskHistoryLimit { limit: 2 });
+        assert_eq!(
+            s.tasks.keys().copied().collect::<Vec<_>>(),
+            vec![39, 40],
+            "a lower limit applies at once"
         );
     }
 
