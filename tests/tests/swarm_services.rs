@@ -213,6 +213,20 @@ fn bad_service_input_is_refused_and_changes_nothing() {
         (&["--name", "web", "--", "true"], 4, "already exists"),
         (&["--name", "bad name", "--", "true"], 2, "invalid service name"),
         (&["--name", "e", "--replicas", "-1", "--", "true"], 2, ""),
+        (
+            &[
+                "--name",
+                "f",
+                "--endpoint-mode",
+                "dnsrr",
+                "--publish",
+                "9090:80",
+                "--",
+                "true",
+            ],
+            2,
+            "--endpoint-mode vip",
+        ),
     ];
     for (args, code, text) in cases {
         let mut full = vec!["service", "create"];
@@ -228,6 +242,52 @@ fn bad_service_input_is_refused_and_changes_nothing() {
     );
     assert_eq!(swarm.fails(0, &["service", "ps", "nosuch"]).0, 3);
     assert_eq!(swarm.fails(0, &["service", "scale", "web"]).0, 2);
+    let (code, err) = swarm.fails(0, &["swarm", "update", "--task-history-limit", "1000"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at most 100"), "{err}");
+
+    // Restart policy and endpoint mode are the managers' business: changing
+    // them replaces no task. The pretty inspect shows what changed.
+    let before = versions(&swarm, "web");
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "update",
+            "--restart-condition",
+            "on-failure",
+            "--restart-max-attempts",
+            "3",
+            "--publish-rm",
+            "8080",
+            "--endpoint-mode",
+            "dnsrr",
+            "web",
+        ],
+    );
+    assert_eq!(versions(&swarm, "web"), before, "no task was replaced");
+    let pretty = swarm.ok(0, &["service", "inspect", "--pretty", "web"]);
+    for want in [
+        "Name:",
+        "web",
+        "on-failure",
+        "Max attempts:",
+        "3",
+        "Endpoint Mode:",
+        "dnsrr",
+        "sleep 1000",
+    ] {
+        assert!(pretty.contains(want), "missing {want:?}:\n{pretty}");
+    }
+
+    // History shrinks to the cluster's limit at once and stays there.
+    swarm.ok(0, &["swarm", "update", "--task-history-limit", "1"]);
+    for _ in 0..2 {
+        swarm.ok(0, &["service", "update", "--force", "web"]);
+    }
+    swarm.wait("one running task and one ended one", CONVERGE, || {
+        swarm.ok(0, &["service", "ps", "-q", "web"]).lines().count() == 2
+    });
 }
 
 #[test]

@@ -10,7 +10,7 @@ use super::{duration_ms, json, table, Client, Format};
 use crate::control::{
     api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, LocalRequest, LocalResponse, ServiceView, TaskView},
     service::{
-        parse_env, parse_placement_pref, FailureAction, HealthCheck, PortPublish, Protocol, PublishMode,
+        parse_env, parse_placement_pref, EndpointMode, FailureAction, HealthCheck, PortPublish, Protocol, PublishMode,
         RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, ServiceUpdate, UpdateConfig, UpdateOrder,
     },
     state::node_id_text,
@@ -27,6 +27,64 @@ enum RestartArg {
     None,
     OnFailure,
     Any,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EndpointArg {
+    Vip,
+    Dnsrr,
+}
+
+impl From<EndpointArg> for EndpointMode {
+    fn from(arg: EndpointArg) -> Self {
+        match arg {
+            EndpointArg::Vip => EndpointMode::Vip,
+            EndpointArg::Dnsrr => EndpointMode::Dnsrr,
+        }
+    }
+}
+
+impl From<RestartArg> for RestartCondition {
+    fn from(arg: RestartArg) -> Self {
+        match arg {
+            RestartArg::None => RestartCondition::None,
+            RestartArg::OnFailure => RestartCondition::OnFailure,
+            RestartArg::Any => RestartCondition::Any,
+        }
+    }
+}
+
+/// `--restart-*`, shared by `create` and `update` (unset: the default, or
+/// unchanged on update).
+#[derive(Args, Debug)]
+pub struct RestartArgs {
+    /// When to restart a task [default: any].
+    #[arg(long, value_enum)]
+    restart_condition: Option<RestartArg>,
+    /// Wait before a restart [default: 5s].
+    #[arg(long)]
+    restart_delay: Option<String>,
+    /// Restarts per slot before giving up (0: unlimited) [default: 0].
+    #[arg(long)]
+    restart_max_attempts: Option<u32>,
+}
+
+impl RestartArgs {
+    fn delay_ms(&self) -> ApiResult<Option<u64>> {
+        self.restart_delay
+            .as_deref()
+            .map(|d| duration_ms("restart-delay", d))
+            .transpose()
+    }
+
+    /// `base` with the given flags applied.
+    fn applied_to(&self, base: RestartPolicy) -> ApiResult<RestartPolicy> {
+        Ok(RestartPolicy {
+            condition: self.restart_condition.map_or(base.condition, Into::into),
+            delay_ms: self.delay_ms()?.unwrap_or(base.delay_ms),
+            max_attempts: self.restart_max_attempts.unwrap_or(base.max_attempts),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -142,6 +200,11 @@ pub struct UpdateArgs {
     /// Replace every task even if nothing else changed.
     #[arg(long)]
     force: bool,
+    /// vip or dnsrr (changes no task).
+    #[arg(long, value_enum)]
+    endpoint_mode: Option<EndpointArg>,
+    #[command(flatten)]
+    restart: RestartArgs,
     /// Return at once instead of showing progress until the update converges.
     #[arg(short, long)]
     detach: bool,
@@ -215,6 +278,10 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         update_delay_ms: args.update.delay_ms()?,
         update_failure_action: args.update.update_failure_action.map(Into::into),
         update_order: args.update.update_order.map(Into::into),
+        restart_condition: args.restart.restart_condition.map(Into::into),
+        restart_delay_ms: args.restart.delay_ms()?,
+        restart_max_attempts: args.restart.restart_max_attempts,
+        endpoint_mode: args.endpoint_mode.map(Into::into),
         force: args.force,
     };
     Ok((args.service, update, args.detach))
@@ -256,15 +323,11 @@ pub struct CreateArgs {
     /// Publish a port: P:T[/udp] or published=P,target=T,protocol=tcp|udp,mode=ingress|host.
     #[arg(long)]
     publish: Vec<String>,
-    /// When to restart a task.
-    #[arg(long, value_enum, default_value = "any")]
-    restart_condition: RestartArg,
-    /// Wait before a restart.
-    #[arg(long, default_value = "5s")]
-    restart_delay: String,
-    /// Restarts per slot before giving up (0: unlimited).
-    #[arg(long, default_value_t = 0)]
-    restart_max_attempts: u32,
+    /// vip (a virtual IP per network, load-balanced) or dnsrr (DNS answers with the task addresses).
+    #[arg(long, value_enum, default_value = "vip")]
+    endpoint_mode: EndpointArg,
+    #[command(flatten)]
+    restart: RestartArgs,
     #[command(flatten)]
     health: HealthArgs,
     /// SIGTERM first, SIGKILL after this long.
@@ -316,8 +379,11 @@ pub enum ServiceCommand {
         /// Name or ID.
         service: String,
     },
-    /// Show services in detail (JSON).
+    /// Show services in detail (JSON unless --pretty).
     Inspect {
+        /// Human-readable text instead of JSON.
+        #[arg(long)]
+        pretty: bool,
         /// Names or IDs.
         #[arg(required = true)]
         services: Vec<String>,
@@ -378,15 +444,8 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
         constraints: args.constraint,
         spread_over,
         max_per_node: args.replicas_max_per_node,
-        restart: RestartPolicy {
-            condition: match args.restart_condition {
-                RestartArg::None => RestartCondition::None,
-                RestartArg::OnFailure => RestartCondition::OnFailure,
-                RestartArg::Any => RestartCondition::Any,
-            },
-            delay_ms: duration_ms("restart-delay", &args.restart_delay)?,
-            max_attempts: args.restart_max_attempts,
-        },
+        restart: args.restart.applied_to(RestartPolicy::default())?,
+        endpoint_mode: args.endpoint_mode.into(),
         health: args.health.check()?,
         stop_grace_ms: duration_ms("stop-grace-period", &args.stop_grace_period)?,
         update: args.update.config()?,
@@ -609,14 +668,23 @@ pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         }
-        ServiceCommand::Inspect { services: names } => {
+        ServiceCommand::Inspect {
+            pretty,
+            services: names,
+        } => {
             let mut out = Vec::new();
             for name in names {
                 out.extend(services(
                     client.cluster(ClusterRequest::ServiceInspect { service: name }).await?,
                 )?);
             }
-            println!("{}", json(&out)?);
+            if pretty {
+                let now = crate::control::manager::unix_now_ms();
+                let texts: Vec<String> = out.iter().map(|v| pretty_text(v, now)).collect();
+                print!("{}", texts.join("\n"));
+            } else {
+                println!("{}", json(&out)?);
+            }
             Ok(())
         }
         ServiceCommand::Scale { pairs } => {
@@ -697,5 +765,214 @@ fn age_text(secs: u64) -> String {
         0..=59 => format!("{secs} seconds"),
         60..=3599 => format!("{} minutes", secs / 60),
         _ => format!("{} hours", secs / 3600),
+    }
+}
+
+/// `service inspect --pretty`: the service as docker prints it, one field
+/// a line, sub-fields indented.
+pub fn pretty_text(view: &ServiceView, now_ms: u64) -> String {
+    use crate::control::service::EndpointMode;
+    let s = &view.service;
+    let spec = &s.spec;
+    let mut out = Vec::<(usize, &str, String)>::new();
+    let mut line = |indent: usize, key: &'static str, value: String| out.push((indent, key, value));
+    line(0, "ID", node_id_text(s.id));
+    line(0, "Name", spec.name.clone());
+    match spec.mode {
+        ServiceMode::Replicated { replicas } => {
+            line(0, "Service Mode", "Replicated".into());
+            line(1, "Replicas", replicas.to_string());
+        }
+        ServiceMode::Global => line(0, "Service Mode", "Global".into()),
+    }
+    line(
+        0,
+        "Tasks",
+        format!("{} running of {} desired", view.running, view.desired),
+    );
+    line(0, "Version", s.version.to_string());
+    line(
+        0,
+        "Created",
+        format!("{} ago", age_text((now_ms / 1000).saturating_sub(s.created_at))),
+    );
+    line(
+        0,
+        "Updated",
+        format!("{} ago", age_text((now_ms / 1000).saturating_sub(s.updated_at))),
+    );
+    if let Some(u) = &s.update_status {
+        line(0, "UpdateStatus", String::new());
+        line(1, "State", format!("{:?}", u.state).to_lowercase());
+        line(
+            1,
+            "Started",
+            format!("{} ago", age_text(now_ms.saturating_sub(u.started_at_ms) / 1000)),
+        );
+        if !u.message.is_empty() {
+            line(1, "Message", u.message.clone());
+        }
+    }
+    if !spec.constraints.is_empty() || !spec.spread_over.is_empty() || spec.max_per_node > 0 {
+        line(0, "Placement", String::new());
+        if !spec.constraints.is_empty() {
+            line(1, "Constraints", format!("[{}]", spec.constraints.join(", ")));
+        }
+        for key in &spec.spread_over {
+            line(1, "Preferences", format!("spread=node.labels.{key}"));
+        }
+        if spec.max_per_node > 0 {
+            line(1, "Max Replicas Per Node", spec.max_per_node.to_string());
+        }
+    }
+    let u = &spec.update;
+    line(0, "UpdateConfig", String::new());
+    line(1, "Parallelism", u.parallelism.to_string());
+    line(1, "Delay", duration_text(u.delay_ms));
+    line(1, "On failure", kebab(&format!("{:?}", u.failure_action)));
+    line(1, "Update order", kebab(&format!("{:?}", u.order)));
+    line(0, "RestartPolicy", String::new());
+    line(1, "Condition", kebab(&format!("{:?}", spec.restart.condition)));
+    line(1, "Delay", duration_text(spec.restart.delay_ms));
+    line(1, "Max attempts", spec.restart.max_attempts.to_string());
+    line(0, "TaskSpec", String::new());
+    line(1, "Command", spec.command.join(" "));
+    if !spec.env.is_empty() {
+        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        line(1, "Env", env.join(" "));
+    }
+    if let Some(dir) = &spec.workdir {
+        line(1, "Dir", dir.clone());
+    }
+    if let Some(user) = &spec.user {
+        line(1, "User", user.clone());
+    }
+    line(1, "StopGracePeriod", duration_text(spec.stop_grace_ms));
+    if let Some(h) = &spec.health {
+        line(0, "Healthcheck", String::new());
+        line(1, "Command", h.command.clone());
+        line(1, "Interval", duration_text(h.interval_ms));
+        line(1, "Timeout", duration_text(h.timeout_ms));
+        line(1, "Retries", h.retries.to_string());
+        line(1, "Start Period", duration_text(h.start_period_ms));
+    }
+    if !spec.networks.is_empty() {
+        line(0, "Networks", spec.networks.join(" "));
+    }
+    let mode = match spec.endpoint_mode {
+        EndpointMode::Vip => "vip",
+        EndpointMode::Dnsrr => "dnsrr",
+    };
+    line(0, "Endpoint Mode", mode.into());
+    if !spec.publish.is_empty() {
+        line(0, "Ports", ports_text(&spec.publish));
+    }
+    let width = out.iter().map(|(i, k, _)| i + k.len()).max().unwrap_or(0) + 2;
+    out.iter()
+        .map(|(indent, key, value)| {
+            let label = format!("{}{key}:", " ".repeat(*indent));
+            if value.is_empty() {
+                format!("{label}\n")
+            } else {
+                format!("{label:<width$}{value}\n")
+            }
+        })
+        .collect()
+}
+
+/// `StopFirst` -> `stop-first`.
+fn kebab(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('-');
+        }
+        out.extend(c.to_lowercase());
+    }
+    out
+}
+
+/// Milliseconds as docker prints durations: `500ms`, `1.5s`, `1m30s`.
+fn duration_text(ms: u64) -> String {
+    match ms {
+        0 => "0s".into(),
+        1..=999 => format!("{ms}ms"),
+        _ if ms % 1000 != 0 && ms < 60_000 => {
+            let text = format!("{}.{:03}", ms / 1000, ms % 1000);
+            format!("{}s", text.trim_end_matches('0'))
+        }
+        _ => {
+            let secs = ms / 1000;
+            let parts = [(secs / 3600, "h"), (secs / 60 % 60, "m"), (secs % 60, "s")];
+            parts
+                .iter()
+                .filter(|(n, _)| *n > 0)
+                .map(|(n, unit)| format!("{n}{unit}"))
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_print_as_docker_does() {
+        assert_eq!(duration_text(0), "0s");
+        assert_eq!(duration_text(500), "500ms");
+        assert_eq!(duration_text(1500), "1.5s");
+        assert_eq!(duration_text(5000), "5s");
+        assert_eq!(duration_text(90_000), "1m30s");
+        assert_eq!(duration_text(3_600_000), "1h");
+        assert_eq!(kebab("StopFirst"), "stop-first");
+        assert_eq!(kebab("OnFailure"), "on-failure");
+    }
+
+    #[test]
+    fn pretty_inspect_shows_the_spec() {
+        let mut service = crate::control::orchestrator::tests_support::service(7);
+        service.spec.env.insert("MODE".into(), "prod".into());
+        service.spec.publish = vec![PortPublish::parse("8080:80").unwrap()];
+        service.spec.constraints = vec!["node.labels.zone==a".into()];
+        service.created_at = 100;
+        service.updated_at = 160;
+        let view = ServiceView {
+            service,
+            running: 1,
+            desired: 1,
+        };
+        let text = pretty_text(&view, 220_000);
+        for want in [
+            "Name:",
+            " s7\n",
+            "Service Mode:",
+            " Replicas:",
+            "Tasks:",
+            "1 running of 1 desired",
+            "Created:",
+            "2 minutes ago",
+            " Constraints:",
+            "[node.labels.zone==a]",
+            " On failure:",
+            "pause",
+            " Condition:",
+            "any",
+            " Command:",
+            "sleep 1000",
+            "MODE=prod",
+            "Endpoint Mode:",
+            "vip",
+            "*:8080->80/tcp",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert!(!text.contains("Healthcheck"), "no check, no section:\n{text}");
+        let value_column = |l: &str| {
+            let after = l.find(':').unwrap() + 1;
+            after + l[after..].len() - l[after..].trim_start().len()
+        };
+        let columns: Vec<usize> = text.lines().filter(|l| !l.ends_with(':')).map(value_column).collect();
+        assert!(columns.windows(2).all(|w| w[0] == w[1]), "values align:\n{text}");
     }
 }

@@ -320,6 +320,7 @@ pub(crate) mod tests_support {
                 health: None,
                 stop_grace_ms: crate::control::service::DEFAULT_STOP_GRACE_MS,
                 update: Default::default(),
+                endpoint_mode: Default::default(),
             },
             version: 1,
             created_at: 0,

@@ -355,6 +355,37 @@ mod tests {
         assert!(!should_restart(R::OnFailure, TaskState::Complete, 0, 0));
         assert!(!should_restart(R::None, TaskState::Failed, 0, 0));
     }
+
+    #[test]
+    fn restart_policy_and_endpoint_mode_update_without_replacing_tasks() {
+        let spec = crate::control::orchestrator::tests_support::service(1).spec;
+        let update = ServiceUpdate {
+            restart_condition: Some(RestartCondition::OnFailure),
+            restart_max_attempts: Some(3),
+            endpoint_mode: Some(EndpointMode::Dnsrr),
+            ..ServiceUpdate::default()
+        };
+        let next = apply_update(&spec, &update).unwrap();
+        assert_eq!(next.restart.condition, RestartCondition::OnFailure);
+        assert_eq!(next.restart.max_attempts, 3);
+        assert_eq!(
+            next.restart.delay_ms, spec.restart.delay_ms,
+            "unset flags keep their value"
+        );
+        assert_eq!(next.endpoint_mode, EndpointMode::Dnsrr);
+        assert!(!next.task_template_differs(&spec));
+    }
+
+    #[test]
+    fn dnsrr_cannot_publish_through_the_ingress() {
+        let mut spec = crate::control::orchestrator::tests_support::service(1).spec;
+        spec.endpoint_mode = EndpointMode::Dnsrr;
+        spec.publish = vec![PortPublish::parse("8080:80").unwrap()];
+        let err = spec.validate().unwrap_err();
+        assert!(err.contains("--endpoint-mode vip"), "{err}");
+        spec.publish = vec![PortPublish::parse("published=8080,target=80,mode=host").unwrap()];
+        spec.validate().unwrap();
+    }
 }
 
 /// Replicated or global.
@@ -427,6 +458,19 @@ pub struct ServiceSpec {
     /// `--update-*`: how a changed spec rolls over the tasks.
     #[serde(default)]
     pub update: UpdateConfig,
+    /// `--endpoint-mode`: how the service is reached on its networks.
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+}
+
+/// `--endpoint-mode`, as Swarm's.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EndpointMode {
+    /// One virtual IP per network, load-balanced over the healthy tasks.
+    #[default]
+    Vip,
+    /// No virtual IP: the service name resolves to the task addresses.
+    Dnsrr,
 }
 
 /// `--update-failure-action`.
@@ -561,6 +605,18 @@ pub struct ServiceUpdate {
     pub update_failure_action: Option<FailureAction>,
     /// `--update-order`.
     pub update_order: Option<UpdateOrder>,
+    /// `--restart-condition`.
+    #[serde(default)]
+    pub restart_condition: Option<RestartCondition>,
+    /// `--restart-delay`.
+    #[serde(default)]
+    pub restart_delay_ms: Option<u64>,
+    /// `--restart-max-attempts`.
+    #[serde(default)]
+    pub restart_max_attempts: Option<u32>,
+    /// `--endpoint-mode`.
+    #[serde(default)]
+    pub endpoint_mode: Option<EndpointMode>,
     /// `--force`: replace every task even if nothing else changed.
     pub force: bool,
 }
@@ -638,14 +694,27 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
     if let Some(o) = update.update_order {
         next.update.order = o;
     }
+    if let Some(c) = update.restart_condition {
+        next.restart.condition = c;
+    }
+    if let Some(d) = update.restart_delay_ms {
+        next.restart.delay_ms = d;
+    }
+    if let Some(n) = update.restart_max_attempts {
+        next.restart.max_attempts = n;
+    }
+    if let Some(m) = update.endpoint_mode {
+        next.endpoint_mode = m;
+    }
     next.validate()?;
     Ok(next)
 }
 
 impl ServiceSpec {
     /// Whether tasks made from `self` differ from tasks made from `other`
-    /// (replica count, update settings and published ports do not change
-    /// a task, so changing them replaces none).
+    /// (replica count, update settings, restart policy, published ports and
+    /// endpoint mode are the managers' business and change no running task,
+    /// so changing them replaces none).
     pub fn task_template_differs(&self, other: &ServiceSpec) -> bool {
         let template = |s: &ServiceSpec| {
             let mut t = s.clone();
@@ -653,7 +722,9 @@ impl ServiceSpec {
                 *replicas = 0;
             }
             t.update = UpdateConfig::default();
+            t.restart = RestartPolicy::default();
             t.publish.clear();
+            t.endpoint_mode = EndpointMode::default();
             t
         };
         template(self) != template(other)
@@ -692,6 +763,14 @@ impl ServiceSpec {
         }
         parse_constraints(&self.constraints)?;
         check_publish_conflicts(&self.publish)?;
+        if self.endpoint_mode == EndpointMode::Dnsrr {
+            if let Some(p) = self.publish.iter().find(|p| p.mode == PublishMode::Ingress) {
+                return Err(format!(
+                    "port {} is published in ingress mode, which needs a virtual IP: use --endpoint-mode vip, or publish with mode=host",
+                    p.published
+                ));
+            }
+        }
         if let ServiceMode::Replicated { replicas } = self.mode {
             if replicas > 10_000 {
                 return Err(format!("--replicas {replicas} is more than 10000"));

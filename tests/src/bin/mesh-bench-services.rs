@@ -200,6 +200,7 @@ fn scheduler() {
                     health: None,
                     stop_grace_ms: 10_000,
                     update: UpdateConfig::default(),
+                    endpoint_mode: Default::default(),
                 },
                 version: 1,
                 created_at: 0,
