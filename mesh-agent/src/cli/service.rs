@@ -897,7 +897,7 @@ fn duration_text(ms: u64) -> String {
     match ms {
         0 => "0s".into(),
         1..=999 => format!("{ms}ms"),
-        _ if ms % 1000 != 0 && ms < 60_000 => {
+        _ if !ms.is_multiple_of(1000) && ms < 60_000 => {
             let text = format!("{}.{:03}", ms / 1000, ms % 1000);
             format!("{}s", text.trim_end_matches('0'))
         }

@@ -305,6 +305,20 @@ fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     u32::from(a.addr) & mask == u32::from(b.addr) & mask
 }
 
+/// Most ended tasks `--task-history-limit` may keep per slot: history is
+/// for `service ps`, and every kept task lives in the replicated store.
+pub const MAX_TASK_HISTORY: u32 = 100;
+
+/// Checks `--task-history-limit`.
+pub fn check_task_history_limit(limit: u32) -> ApiResult<()> {
+    if limit > MAX_TASK_HISTORY {
+        return Err(ApiError::invalid(format!(
+            "--task-history-limit {limit} is too large: keep at most {MAX_TASK_HISTORY} ended tasks per slot"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,18 +450,4 @@ mod tests {
             .message
             .contains("overlap"));
     }
-}
-
-/// Most ended tasks `--task-history-limit` may keep per slot: history is
-/// for `service ps`, and every kept task lives in the replicated store.
-pub const MAX_TASK_HISTORY: u32 = 100;
-
-/// Checks `--task-history-limit`.
-pub fn check_task_history_limit(limit: u32) -> ApiResult<()> {
-    if limit > MAX_TASK_HISTORY {
-        return Err(ApiError::invalid(format!(
-            "--task-history-limit {limit} is too large: keep at most {MAX_TASK_HISTORY} ended tasks per slot"
-        )));
-    }
-    Ok(())
 }
