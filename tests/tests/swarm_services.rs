@@ -512,3 +512,85 @@ fn rolling_updates_pause_or_roll_back_when_new_tasks_are_unhealthy() {
         processes_with(&marker).is_empty()
     });
 }
+
+#[test]
+fn tasks_reach_beyond_their_node_masqueraded_and_leaving_removes_the_nat() {
+    use mesh_agent::dataplane::nftables;
+    use std::{
+        io::Read,
+        net::{SocketAddr, TcpListener},
+        time::Instant,
+    };
+    require_root();
+    let swarm = Swarm::new(2);
+    swarm.init(&[]);
+    let (h0, h1) = (swarm.cluster.host(0), swarm.cluster.host(1));
+    // A listener on h1, which is not in the swarm and has no route to the
+    // node-local pool: only a masqueraded connection can be answered.
+    let listener = h1.run(|| TcpListener::bind((h1.address(), 7000)).expect("listen on h1"));
+    listener.set_nonblocking(true).unwrap();
+    let marker = marked_sleep();
+    let script = format!(
+        "echo hello-from-task | busybox nc {} 7000; sleep {marker}",
+        h1.address()
+    );
+    swarm.ok(
+        0,
+        &[
+            "service", "create", "--detach", "--name", "out", "--", "sh", "-c", &script,
+        ],
+    );
+    let deadline = Instant::now() + CONVERGE;
+    let (mut stream, peer): (_, SocketAddr) = loop {
+        match listener.accept() {
+            Ok(accepted) => break accepted,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => {
+                swarm.dump_logs();
+                panic!("the task never connected to h1: {e}");
+            }
+        }
+    };
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = String::new();
+    stream.read_to_string(&mut got).unwrap();
+    assert_eq!(got.trim(), "hello-from-task");
+    assert_eq!(
+        peer.ip(),
+        h0.address(),
+        "the task's address is masqueraded to its node's"
+    );
+    assert!(h0.run(nftables::table_exists).unwrap(), "h0 holds the NAT table");
+
+    swarm.ok(0, &["swarm", "leave", "--force"]);
+    assert!(processes_with(&marker).is_empty(), "leaving stops the tasks");
+    assert!(
+        !h0.run(nftables::table_exists).unwrap(),
+        "leaving removes the NAT table"
+    );
+    let bridge = h0.run(|| std::fs::metadata("/sys/class/net/mesh_gwbridge").is_ok());
+    assert!(!bridge, "leaving removes the node bridge");
+}
+
+#[test]
+fn a_global_service_follows_a_node_that_joins_later() {
+    require_root();
+    let swarm = Swarm::new(3);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.wait("2 nodes ready", CONVERGE, || swarm.ready(0) == 2);
+    let marker = marked_sleep();
+    swarm.ok(
+        0,
+        &[
+            "service", "create", "--mode", "global", "--name", "agent", "--", "sleep", &marker,
+        ],
+    );
+    assert_eq!(placement(&swarm, "agent").len(), 2);
+    swarm.join(2, 0, "worker");
+    swarm.wait("a task on the new node", CONVERGE, || {
+        placement(&swarm, "agent").get("h2") == Some(&1) && tasks_in(&swarm, "agent", "Running") == 3
+    });
+    assert_eq!(processes_with(&marker).len(), 3);
+}

@@ -897,7 +897,17 @@ fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
         .count() as u32;
     let desired = match service.spec.mode {
         ServiceMode::Replicated { replicas } => replicas,
-        ServiceMode::Global => state.tasks.values().filter(live).count() as u32,
+        // One per node that admits it, before the orchestrator has placed
+        // them (so a fresh global service is not "converged" at 0 of 0);
+        // a paused node keeps its task without admitting new ones.
+        ServiceMode::Global => {
+            let placement = super::orchestrator::placement_of(service);
+            let admitting = super::orchestrator::sched_nodes(state)
+                .iter()
+                .filter(|n| placement.admits(n))
+                .count();
+            admitting.max(state.tasks.values().filter(live).count()) as u32
+        }
     };
     ServiceView {
         service: service.clone(),

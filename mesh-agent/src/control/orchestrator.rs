@@ -96,10 +96,9 @@ fn restarts(service: &Service, tasks: &[&Task], now_ms: u64) -> Restarts {
     out
 }
 
-/// Decides new and retired tasks for every service.
-pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) -> Option<Command> {
-    let now = now_ms / 1000;
-    let nodes: Vec<SchedNode> = state
+/// The nodes as the scheduler sees them.
+pub fn sched_nodes(state: &ClusterState) -> Vec<SchedNode> {
+    state
         .nodes
         .values()
         .map(|n| SchedNode {
@@ -110,7 +109,27 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
             availability: n.availability,
             labels: n.labels.clone(),
         })
-        .collect();
+        .collect()
+}
+
+/// A service's placement rules (its constraints were checked on create).
+pub fn placement_of(service: &Service) -> Placement {
+    Placement {
+        constraints: service
+            .spec
+            .constraints
+            .iter()
+            .filter_map(|c| scheduler::Constraint::parse(c).ok())
+            .collect(),
+        spread_over: service.spec.spread_over.clone(),
+        max_per_node: service.spec.max_per_node,
+    }
+}
+
+/// Decides new and retired tasks for every service.
+pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) -> Option<Command> {
+    let now = now_ms / 1000;
+    let nodes = sched_nodes(state);
     let down_since: BTreeMap<NodeId, u64> = state
         .nodes
         .values()
@@ -132,16 +151,7 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
     let mut updates = Vec::new();
     let mut rollbacks = Vec::new();
     for service in state.services.values() {
-        let placement = Placement {
-            constraints: service
-                .spec
-                .constraints
-                .iter()
-                .filter_map(|c| scheduler::Constraint::parse(c).ok())
-                .collect(),
-            spread_over: service.spec.spread_over.clone(),
-            max_per_node: service.spec.max_per_node,
-        };
+        let placement = placement_of(service);
         let all: Vec<&Task> = state.tasks.values().filter(|t| t.service == service.id).collect();
         let update = updater::step(service, &all, &node_ready, now_ms);
         if update.rollback {

@@ -2,7 +2,8 @@
 //! docker_gwbridge): a bridge `mesh_gwbridge` in the node's namespace with
 //! the pool's first address as gateway, and per task a veth pair whose
 //! inside end is the task's `eth0` with an address from the pool and a
-//! default route through the bridge.
+//! default route through the bridge. What tasks send beyond the node is
+//! masqueraded to the node's address (nf_tables, [`nftables`]).
 //!
 //! Attach and detach are the path overlay networks extend (issue 5): one
 //! attachment per network, named and addressed by the same steps.
@@ -11,11 +12,17 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
     path::Path,
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
 };
 
 use super::netns::NetNs;
-use crate::dataplane::netlink::{Netlink, NetlinkError};
+use crate::dataplane::{
+    netlink::{Netlink, NetlinkError},
+    nftables::{self, Masquerade, NftError},
+};
 
 /// The bridge's name.
 pub const BRIDGE: &str = "mesh_gwbridge";
@@ -35,6 +42,9 @@ pub enum NetworkError {
     /// The task's namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] super::netns::NetnsError),
+    /// Outbound NAT could not be set up.
+    #[error("outbound NAT for tasks (nf_tables): {0}; the kernel needs nf_tables with NAT and masquerade (CONFIG_NFT_NAT, CONFIG_NFT_MASQ)")]
+    Nat(#[from] NftError),
     /// The blocking worker died.
     #[error("network worker: {0}")]
     Worker(String),
@@ -139,6 +149,8 @@ pub fn host_link_name(task: u64) -> String {
 pub struct LocalNetwork {
     subnet: Subnet,
     state: Mutex<(Ipam, BTreeMap<u64, Attachment>)>,
+    /// Whether this agent has (re)written the masquerade rule yet.
+    nat_ready: AtomicBool,
 }
 
 impl LocalNetwork {
@@ -147,6 +159,38 @@ impl LocalNetwork {
         LocalNetwork {
             subnet,
             state: Mutex::new((Ipam::new(subnet), BTreeMap::new())),
+            nat_ready: AtomicBool::new(false),
+        }
+    }
+
+    /// The masquerade rule for this network's tasks.
+    fn masquerade(&self) -> Masquerade {
+        Masquerade {
+            source: self.subnet.base,
+            prefix: self.subnet.prefix,
+            exempt_oif: BRIDGE.into(),
+        }
+    }
+
+    /// Removes the bridge and the NAT table (the node leaves the swarm;
+    /// its tasks are stopped already).
+    pub async fn remove(&self) {
+        let removed = tokio::task::spawn_blocking(|| {
+            Netlink::run(|nl| async move {
+                match nl.delete_link(BRIDGE).await {
+                    Err(NetlinkError::NoSuchLink(_)) => Ok(()),
+                    other => other,
+                }
+            })
+            .map_err(NetworkError::from)?;
+            nftables::send_batch(&nftables::remove_batch()).map_err(NetworkError::from)
+        })
+        .await;
+        self.nat_ready.store(false, Ordering::SeqCst);
+        match removed {
+            Ok(Err(e)) => log::warn!("removing the node bridge: {e}"),
+            Err(e) => log::warn!("removing the node bridge: {e}"),
+            Ok(Ok(())) => {}
         }
     }
 
@@ -165,13 +209,20 @@ impl LocalNetwork {
             address,
         };
         let (subnet, netns, a) = (self.subnet, netns.to_path_buf(), attachment.clone());
-        let done = tokio::task::spawn_blocking(move || wire(subnet, &netns, &a))
+        // The first attach of this agent rewrites the rule: an earlier
+        // agent may have left one for another pool.
+        let nat = (!self.nat_ready.load(Ordering::SeqCst)).then(|| self.masquerade());
+        let nat_wanted = nat.is_some();
+        let done = tokio::task::spawn_blocking(move || wire(subnet, &netns, &a, nat.as_ref()))
             .await
             .map_err(|e| NetworkError::Worker(e.to_string()))
             .and_then(|r| r);
         let mut state = self.state.lock().expect("reason: never poisoned");
         match done {
             Ok(()) => {
+                if nat_wanted {
+                    self.nat_ready.store(true, Ordering::SeqCst);
+                }
                 state.1.insert(task, attachment.clone());
                 Ok(attachment)
             }
@@ -208,11 +259,14 @@ impl LocalNetwork {
 }
 
 /// The kernel side of an attach (blocking: runs its own netlink runtimes).
-fn wire(subnet: Subnet, netns: &Path, a: &Attachment) -> Result<(), NetworkError> {
+fn wire(subnet: Subnet, netns: &Path, a: &Attachment, nat: Option<&Masquerade>) -> Result<(), NetworkError> {
     let ns = NetNs::open_at(netns, "task")?;
     let gateway = subnet.gateway();
+    Netlink::run(|nl| async move { ensure_bridge(&nl, subnet).await })?;
+    if let Some(rule) = nat {
+        nftables::send_batch(&nftables::masquerade_batch(rule))?;
+    }
     Netlink::run(|nl| async move {
-        ensure_bridge(&nl, subnet).await?;
         let _ = nl.delete_link(&a.host_link).await;
         nl.add_veth(&a.host_link, "eth0", Some(ns.fd())).await?;
         nl.set_controller(&a.host_link, BRIDGE).await?;

@@ -137,8 +137,8 @@ impl Supervisor {
         }
     }
 
-    /// Stops every task (the node leaves the swarm) and waits for them to
-    /// end, up to `limit`.
+    /// Stops every task (the node leaves the swarm), waits for them to
+    /// end, up to `limit`, then removes the node bridge and its NAT.
     pub async fn stop_all(&self, limit: Duration) {
         for stop in self.lock().running.values() {
             let _ = stop.send(true);
@@ -146,6 +146,9 @@ impl Supervisor {
         let deadline = Instant::now() + limit;
         while !self.lock().running.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.lock().running.is_empty() {
+            self.network.remove().await;
         }
     }
 
