@@ -17,6 +17,25 @@ use super::{
 /// How long a Down node keeps its tasks before they are replaced elsewhere.
 pub const DOWN_GRACE_SECS: u64 = 5;
 
+/// A task whose node has been Down this long (or was removed) is Orphaned:
+/// nobody can say how it ended (swarmkit's 24 h).
+pub const ORPHAN_AFTER_SECS: u64 = 24 * 3600;
+
+/// Unended tasks whose node is gone or Down for longer than
+/// [`ORPHAN_AFTER_SECS`].
+pub fn orphans(state: &ClusterState, now: u64) -> Vec<u64> {
+    let lost = |node: NodeId| match state.nodes.get(&node) {
+        None => true,
+        Some(n) => n.status == NodeStatus::Down && now.saturating_sub(n.updated_at) > ORPHAN_AFTER_SECS,
+    };
+    state
+        .tasks
+        .values()
+        .filter(|t| !t.state.is_terminal() && t.node.is_some_and(lost))
+        .map(|t| t.id)
+        .collect()
+}
+
 /// A task the orchestrator still counts: wanted, and not finished.
 fn live(task: &Task) -> bool {
     task.desired == DesiredState::Running && !task.state.is_terminal()
@@ -268,7 +287,8 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
             );
         }
     }
-    if create.is_empty() && shutdown.is_empty() && updates.is_empty() && rollbacks.is_empty() {
+    let orphaned = orphans(state, now);
+    if create.is_empty() && shutdown.is_empty() && updates.is_empty() && rollbacks.is_empty() && orphaned.is_empty() {
         return None;
     }
     Some(Command::ApplyPlan {
@@ -276,6 +296,7 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
         shutdown,
         updates,
         rollbacks,
+        orphaned,
         at: now,
     })
 }
@@ -436,6 +457,19 @@ mod tests {
         assert!(run(&mut s, 101 + DOWN_GRACE_SECS));
         assert_eq!(running_per_node(&s).get(&3), None);
         assert_eq!(running_per_node(&s).values().sum::<usize>(), 3);
+        // A day later nobody knows how the lost task ended: Orphaned, once.
+        let on_3 = |s: &ClusterState| {
+            s.tasks
+                .values()
+                .filter(|t| t.node == Some(3))
+                .map(|t| t.state)
+                .collect::<Vec<_>>()
+        };
+        assert!(!run(&mut s, 100 + ORPHAN_AFTER_SECS));
+        assert_eq!(on_3(&s), vec![TaskState::Assigned]);
+        assert!(run(&mut s, 101 + ORPHAN_AFTER_SECS));
+        assert_eq!(on_3(&s), vec![TaskState::Orphaned]);
+        assert!(!run(&mut s, 102 + ORPHAN_AFTER_SECS));
         s.apply(&Command::RemoveService { id: 1, at: 200 });
         assert!(s.tasks.values().all(|t| t.desired == DesiredState::Shutdown));
         assert!(!run(&mut s, 201));

@@ -257,6 +257,9 @@ pub enum Command {
         /// Services whose failed update rolls back (failure action rollback).
         #[serde(default)]
         rollbacks: Vec<u64>,
+        /// Tasks whose node is lost for good: they end as Orphaned.
+        #[serde(default)]
+        orphaned: Vec<u64>,
         /// Unix seconds.
         at: u64,
     },
@@ -473,6 +476,7 @@ impl ClusterState {
                 shutdown,
                 updates,
                 rollbacks,
+                orphaned,
                 at,
             } => {
                 for (id, status) in updates {
@@ -494,6 +498,16 @@ impl ClusterState {
                             task.message = reason.clone();
                             task.updated_at = *at;
                         }
+                    }
+                }
+                for id in orphaned {
+                    if let Some(task) = self.tasks.get_mut(id).filter(|t| !t.state.is_terminal()) {
+                        task.state = TaskState::Orphaned;
+                        task.desired = DesiredState::Shutdown;
+                        task.message =
+                            "its node was lost (down for over 24h, or removed); how it ended is unknown".into();
+                        task.updated_at = *at;
+                        task.ended_at_ms = at * 1000;
                     }
                 }
                 self.tasks.extend(create.iter().map(|t| (t.id, t.clone())));
@@ -788,6 +802,7 @@ pub(crate) mod tests {
             shutdown: vec![],
             updates: vec![],
             rollbacks: vec![],
+            orphaned: vec![],
             at: 20,
         });
         assert!(s.tasks.is_empty(), "a gone service keeps no history");
@@ -799,6 +814,7 @@ pub(crate) mod tests {
             shutdown: vec![],
             updates: vec![],
             rollbacks: vec![],
+            orphaned: vec![],
             at: 40,
         });
         assert_eq!(
