@@ -13,6 +13,7 @@ pub mod control;
 pub mod dataplane;
 pub mod preflight;
 pub mod runtime;
+pub mod subnet;
 
 /// The agent's version, as `meshctl version` and `mesh-agent --version` print it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

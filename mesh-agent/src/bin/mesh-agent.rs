@@ -89,7 +89,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         hostname,
         timing,
         force_new_cluster: args.force_new_cluster,
-        local_pool: mesh_agent::runtime::network::Subnet::parse(&args.local_pool)
+        local_pool: mesh_agent::runtime::network::check_local_pool(&args.local_pool)
             .map_err(|e| format!("--local-pool: {e}"))?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

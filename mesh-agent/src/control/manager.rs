@@ -124,6 +124,7 @@ impl Manager {
             raft_ready: Mutex::new(BTreeSet::new()),
             stop,
         });
+        tokio::spawn(manager.clone().membership_loop(stop_rx.clone()));
         tokio::spawn(manager.clone().leader_loop(stop_rx));
         Ok(manager)
     }
@@ -762,8 +763,28 @@ impl Manager {
         Ok((cert, roots(&state)))
     }
 
-    /// Leader duties, every 200 ms: mark silent nodes Down, and bring Raft
-    /// membership in line with node roles, one change at a time.
+    /// Bringing Raft membership in line with node roles, one change at a
+    /// time, on its own loop: a learner catching up can take seconds, and
+    /// tasks must not wait for it (the orchestrator runs in
+    /// [`Self::leader_loop`]).
+    async fn membership_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed() => return,
+            }
+            let state = self.state();
+            if !self.is_leader() || state.cluster.is_none() {
+                continue;
+            }
+            if let Err(e) = self.reconcile_membership(&state).await {
+                log::warn!("raft membership: {e}");
+            }
+        }
+    }
+
+    /// Leader duties, every 200 ms: mark silent nodes Down and run the
+    /// orchestrator.
     async fn leader_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut was_leader = false;
         loop {
@@ -802,9 +823,6 @@ impl Manager {
                 if let Err(e) = self.propose(cmd).await {
                     log::warn!("marking node {} down: {e}", node_id_text(id));
                 }
-            }
-            if let Err(e) = self.reconcile_membership(&state).await {
-                log::warn!("raft membership: {e}");
             }
             if let Some(plan) = orchestrator::plan(&self.state(), unix_now_ms(), &mut || rand::random()) {
                 if let Err(e) = self.propose(plan).await {

@@ -4,8 +4,10 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
+
+use crate::subnet::Subnet;
 
 use super::{
     api::{ApiError, ApiResult},
@@ -237,40 +239,6 @@ fn parse_socket_addr(text: &str, default_port: u16) -> Result<SocketAddr, ()> {
     Ok(SocketAddr::new(ip, default_port))
 }
 
-/// An IPv4 network in CIDR form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Net {
-    /// Network address (host bits zero).
-    pub addr: Ipv4Addr,
-    /// Prefix length.
-    pub prefix: u8,
-}
-
-/// Parses `A.B.C.D/N` with host bits zero.
-pub fn parse_ipv4_cidr(text: &str) -> ApiResult<Ipv4Net> {
-    let bad = |why: &str| ApiError::invalid(format!("invalid CIDR {text:?}: {why}"));
-    let (addr, prefix) = text
-        .trim()
-        .split_once('/')
-        .ok_or_else(|| bad("expected A.B.C.D/N, e.g. 10.0.0.0/8"))?;
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| bad("the address part is not an IPv4 address"))?;
-    let prefix: u8 = prefix
-        .parse()
-        .ok()
-        .filter(|p| *p <= 32)
-        .ok_or_else(|| bad("the prefix length must be 0..=32"))?;
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
-    if u32::from(addr) & !mask != 0 {
-        return Err(bad(&format!(
-            "host bits are set; did you mean {}/{prefix}?",
-            Ipv4Addr::from(u32::from(addr) & mask)
-        )));
-    }
-    Ok(Ipv4Net { addr, prefix })
-}
-
 /// Validates `--default-addr-pool` and `--default-addr-pool-mask-length`.
 pub fn check_address_pools(pools: &[String], mask_len: u8) -> ApiResult<()> {
     if !(8..=29).contains(&mask_len) {
@@ -280,29 +248,20 @@ pub fn check_address_pools(pools: &[String], mask_len: u8) -> ApiResult<()> {
     }
     let mut nets = Vec::new();
     for pool in pools {
-        let net = parse_ipv4_cidr(pool)?;
+        let net = Subnet::parse(pool).map_err(ApiError::invalid)?;
         if net.prefix > mask_len {
             return Err(ApiError::invalid(format!(
                 "pool {pool} is smaller than one /{mask_len} network; use a larger pool or a longer mask length"
             )));
         }
         for other in &nets {
-            if overlaps(&net, other) {
-                return Err(ApiError::invalid(format!(
-                    "pools {pool} and {}/{} overlap",
-                    other.addr, other.prefix
-                )));
+            if net.overlaps(*other) {
+                return Err(ApiError::invalid(format!("pools {pool} and {other} overlap")));
             }
         }
         nets.push(net);
     }
     Ok(())
-}
-
-fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
-    let p = a.prefix.min(b.prefix);
-    let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
-    u32::from(a.addr) & mask == u32::from(b.addr) & mask
 }
 
 /// Most ended tasks `--task-history-limit` may keep per slot: history is

@@ -50,54 +50,18 @@ pub enum NetworkError {
     Worker(String),
 }
 
-/// An IPv4 subnet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Subnet {
-    /// Network address.
-    pub base: Ipv4Addr,
-    /// Prefix length.
-    pub prefix: u8,
-}
+pub use crate::subnet::Subnet;
 
-impl Subnet {
-    /// Parses `A.B.C.D/N` (N from 8 to 30, host bits zero).
-    pub fn parse(text: &str) -> Result<Subnet, String> {
-        let (addr, prefix) = text
-            .split_once('/')
-            .ok_or_else(|| format!("invalid subnet {text:?}: expected A.B.C.D/N"))?;
-        let base: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("invalid subnet {text:?}: {addr:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| (8..=30).contains(p))
-            .ok_or_else(|| format!("invalid subnet {text:?}: the prefix length must be 8 to 30"))?;
-        let subnet = Subnet { base, prefix };
-        if u32::from(base) & !subnet.mask() != 0 {
-            return Err(format!("invalid subnet {text:?}: host bits are set"));
-        }
-        Ok(subnet)
+/// Checks `--local-pool`: a subnet of /8 to /30 (room for the gateway and
+/// at least one task).
+pub fn check_local_pool(text: &str) -> Result<Subnet, String> {
+    let subnet = Subnet::parse(text)?;
+    if !(8..=30).contains(&subnet.prefix) {
+        return Err(format!(
+            "invalid --local-pool {text:?}: the prefix length must be 8 to 30"
+        ));
     }
-
-    fn mask(self) -> u32 {
-        u32::MAX << (32 - self.prefix)
-    }
-
-    /// The first host address (the gateway).
-    pub fn gateway(self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.base) + 1)
-    }
-
-    fn broadcast(self) -> u32 {
-        u32::from(self.base) | !self.mask()
-    }
-}
-
-impl std::fmt::Display for Subnet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.base, self.prefix)
-    }
+    Ok(subnet)
 }
 
 /// Addresses handed out from a subnet: the lowest free after the gateway.
@@ -119,7 +83,7 @@ impl Ipam {
     /// Takes the lowest free host address.
     pub fn allocate(&mut self) -> Option<Ipv4Addr> {
         let first = u32::from(self.subnet.gateway()) + 1;
-        let free = (first..self.subnet.broadcast()).find(|a| !self.used.contains(a))?;
+        let free = (first..u32::from(self.subnet.broadcast())).find(|a| !self.used.contains(a))?;
         self.used.insert(free);
         Some(Ipv4Addr::from(free))
     }
@@ -310,7 +274,7 @@ mod tests {
 
     #[test]
     fn subnets_parse_and_refuse_nonsense() {
-        let s = Subnet::parse("172.18.0.0/16").unwrap();
+        let s = check_local_pool("172.18.0.0/16").unwrap();
         assert_eq!(s.gateway(), Ipv4Addr::new(172, 18, 0, 1));
         for (bad, why) in [
             ("172.18.0.0", "A.B.C.D/N"),
@@ -318,7 +282,7 @@ mod tests {
             ("172.18.0.0/31", "8 to 30"),
             ("nope/16", "not an IPv4"),
         ] {
-            assert!(Subnet::parse(bad).unwrap_err().contains(why), "{bad}");
+            assert!(check_local_pool(bad).unwrap_err().contains(why), "{bad}");
         }
     }
 
