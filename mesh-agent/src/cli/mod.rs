@@ -6,6 +6,7 @@
 //! 4 refused by the cluster's state, 5 permission denied, 6 node locked,
 //! 7 unavailable (no agent, no leader).
 
+pub mod network;
 pub mod service;
 pub mod table;
 
@@ -65,6 +66,9 @@ enum Command {
     /// Manage services.
     #[command(subcommand)]
     Service(service::ServiceCommand),
+    /// Manage overlay networks.
+    #[command(subcommand)]
+    Network(network::NetworkCommand),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -468,6 +472,7 @@ async fn run(cli: Cli) -> ApiResult<()> {
         Command::Swarm(cmd) => swarm(&client, cmd).await,
         Command::Node(cmd) => node(&client, cmd).await,
         Command::Service(cmd) => service::run(&client, cmd).await,
+        Command::Network(cmd) => network::run(&client, cmd).await,
     }
 }
 

@@ -194,6 +194,32 @@ pub struct ServiceView {
     pub desired: u32,
 }
 
+/// An overlay network as `network ls`/`inspect` show it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NetworkView {
+    /// The stored network.
+    pub network: crate::control::overlay::Network,
+    /// Services attached to it.
+    pub services: Vec<String>,
+    /// Nodes with a task on it: hostname and data-path address (the VTEPs).
+    pub peers: Vec<(String, String)>,
+    /// Tasks on it that have not ended.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One task's place on a network.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Task ID (text).
+    pub task: String,
+    /// `SERVICE.SLOT` or `SERVICE.NODE`.
+    pub name: String,
+    /// Its node's hostname.
+    pub node: Option<String>,
+    /// Its address.
+    pub address: std::net::Ipv4Addr,
+}
+
 /// A task as `service ps` shows it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct TaskView {
@@ -254,6 +280,23 @@ pub enum ClusterRequest {
     },
     /// `swarm ca --rotate`.
     CaRotate,
+    /// `network create`.
+    NetworkCreate {
+        /// What the operator asked for.
+        spec: Box<crate::control::overlay::NetworkSpec>,
+    },
+    /// `network ls`.
+    NetworkList,
+    /// `network inspect`.
+    NetworkInspect {
+        /// Name, ID or unique ID prefix.
+        network: String,
+    },
+    /// `network rm`.
+    NetworkRemove {
+        /// Name, ID or unique ID prefix.
+        network: String,
+    },
     /// `service create`.
     ServiceCreate {
         /// The spec.
@@ -328,6 +371,13 @@ pub enum ClusterResponse {
     },
     /// Tasks of a service.
     Tasks(Vec<TaskView>),
+    /// Overlay networks.
+    Networks(Vec<NetworkView>),
+    /// A network was created.
+    NetworkCreated {
+        /// Its ID.
+        id: u64,
+    },
     /// An issued certificate (PEM) and the roots to trust (PEM).
     Certificate {
         /// The certificate.

@@ -174,6 +174,7 @@ mod tests {
             updated_at: 0,
             restarts: 0,
             ended_at_ms: 0,
+            attachments: vec![],
         };
         s.tasks.insert(1, task(1, 5, TaskState::Assigned));
         s.tasks.insert(2, task(2, 5, TaskState::Failed));

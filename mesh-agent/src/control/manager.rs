@@ -18,12 +18,12 @@ use rand::Rng;
 
 use super::{
     api::{
-        ApiError, ApiResult, Assignments, ClusterRequest, ClusterResponse, Heartbeat, HeartbeatReply, JoinCall,
-        JoinReply, NodeView, ServiceView, TaskView,
+        ApiError, ApiResult, Assignments, ClusterRequest, ClusterResponse, Endpoint, Heartbeat, HeartbeatReply,
+        JoinCall, JoinReply, NetworkView, NodeView, ServiceView, TaskView,
     },
     dispatcher::{self, down_after, Liveness},
     network::{Peers, RaftNet},
-    orchestrator,
+    orchestrator, overlay,
     pki::{self, NodeIdentity, RootCa},
     raft_types::TypeConfig,
     rules,
@@ -442,6 +442,56 @@ impl Manager {
                 };
                 self.propose(Command::CreateService(Box::new(service))).await?;
                 Ok(ClusterResponse::ServiceCreated { id })
+            }
+            ClusterRequest::NetworkCreate { spec } => {
+                let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::internal("no cluster"))?;
+                let pools = overlay::Pools {
+                    pools: cluster
+                        .default_addr_pool
+                        .iter()
+                        .map(|p| crate::subnet::Subnet::parse(p))
+                        .collect::<Result<_, _>>()
+                        .map_err(ApiError::internal)?,
+                    mask_len: cluster.default_addr_pool_mask_len,
+                };
+                let id = loop {
+                    let id: u64 = rand::thread_rng().gen();
+                    if id != 0 && !state.networks.contains_key(&id) {
+                        break id;
+                    }
+                };
+                let existing: Vec<&overlay::Network> = state.networks.values().collect();
+                let network = overlay::allocate_network(&spec, &existing, &pools, id, unix_now()).map_err(|e| {
+                    if e.contains("already exists") {
+                        ApiError::precondition(e)
+                    } else {
+                        ApiError::invalid(e)
+                    }
+                })?;
+                self.propose(Command::CreateNetwork(Box::new(network))).await?;
+                Ok(ClusterResponse::NetworkCreated { id })
+            }
+            ClusterRequest::NetworkList => Ok(ClusterResponse::Networks(
+                state.networks.values().map(|n| network_view(&state, n)).collect(),
+            )),
+            ClusterRequest::NetworkInspect { network } => {
+                let id = rules::resolve_network(&state, &network)?;
+                Ok(ClusterResponse::Networks(vec![network_view(
+                    &state,
+                    &state.networks[&id],
+                )]))
+            }
+            ClusterRequest::NetworkRemove { network } => {
+                let id = rules::resolve_network(&state, &network)?;
+                let net = &state.networks[&id];
+                if let Some(user) = state.network_users(net).first() {
+                    return Err(ApiError::precondition(format!(
+                        "network {} is in use by service {user}: remove the service, or detach it with `meshctl service update --network-rm {} {user}`",
+                        net.name, net.name
+                    )));
+                }
+                self.propose(Command::RemoveNetwork { id }).await?;
+                Ok(ClusterResponse::Done)
             }
             ClusterRequest::ServiceList => Ok(ClusterResponse::Services(
                 state.services.values().map(|s| service_view(&state, s)).collect(),
@@ -903,6 +953,42 @@ fn current_ca(state: &ClusterState) -> ApiResult<RootCa> {
         .ok_or_else(|| ApiError::internal("the store has no CA"))?;
     RootCa::from_pem(&ca.root_cert_pem, &ca.root_key_pem)
         .map_err(|e| ApiError::internal(format!("the stored CA is unusable: {e}")))
+}
+
+fn network_view(state: &ClusterState, network: &overlay::Network) -> NetworkView {
+    let mut peers = std::collections::BTreeSet::new();
+    let mut endpoints = Vec::new();
+    for t in state.tasks.values().filter(|t| !t.state.is_terminal()) {
+        let Some(a) = t.attachments.iter().find(|a| a.network == network.id) else {
+            continue;
+        };
+        let node = t.node.and_then(|n| state.nodes.get(&n));
+        if let Some(n) = node {
+            peers.insert((n.hostname.clone(), n.data_path_addr.clone()));
+        }
+        let service = state.services.get(&t.service).map_or("-", |s| s.spec.name.as_str());
+        endpoints.push(Endpoint {
+            task: node_id_text(t.id),
+            name: if t.slot == 0 {
+                format!("{service}.{}", node.map_or("-", |n| n.hostname.as_str()))
+            } else {
+                format!("{service}.{}", t.slot)
+            },
+            node: node.map(|n| n.hostname.clone()),
+            address: a.address,
+        });
+    }
+    NetworkView {
+        network: network.clone(),
+        services: state
+            .services
+            .values()
+            .filter(|s| s.spec.networks.contains(&network.name))
+            .map(|s| s.spec.name.clone())
+            .collect(),
+        peers: peers.into_iter().collect(),
+        endpoints,
+    }
 }
 
 fn service_view(state: &ClusterState, service: &Service) -> ServiceView {

@@ -4,7 +4,8 @@
 //! - [`state`]: the replicated cluster state and the commands that change it (pure).
 //! - [`rules`]: naming, quorum and address checks the API makes before proposing (pure).
 //! - [`dispatcher`]: node liveness from heartbeats (pure).
-//! - [`scheduler`]: task placement and reconciliation (pure; not wired to services yet).
+//! - [`scheduler`]: task placement and reconciliation (pure).
+//! - [`overlay`]: overlay networks and their allocator: subnets, VNIs, task addresses (pure).
 //! - [`service`]: service specs, their flag parsers, the task life cycle (pure).
 //! - [`orchestrator`], [`updater`]: restarts, rolling updates and the scheduler's input (pure).
 //! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files.
@@ -22,6 +23,7 @@ pub mod manager;
 pub mod network;
 pub mod node;
 pub mod orchestrator;
+pub mod overlay;
 pub mod pki;
 pub mod raft_types;
 pub mod rpc;

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
+    overlay::{self, NetworkAttachment},
     scheduler::{self, Grace, Placement, SchedNode, SchedTask},
     service::{should_restart, DesiredState, Service, ServiceMode, Task, TaskState},
     state::{ClusterState, Command, NodeId, NodeStatus},
@@ -169,6 +170,7 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
     let mut shutdown = Vec::new();
     let mut updates = Vec::new();
     let mut rollbacks = Vec::new();
+    let mut addresses = AddressBook::new(state);
     for service in state.services.values() {
         let placement = placement_of(service);
         let all: Vec<&Task> = state.tasks.values().filter(|t| t.service == service.id).collect();
@@ -239,6 +241,16 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
         };
         shutdown.extend(decided.shutdown);
         for (slot, node) in &decided.create {
+            let attachments = match addresses.attach(service) {
+                Ok(a) => a,
+                Err(reason) => {
+                    // Waits Pending, saying why, until an address frees up.
+                    if pending.get(slot).is_none_or(|t| t.message != reason) {
+                        create.push(new_task(service, *slot, None, TaskState::Pending, reason, now, new_id));
+                    }
+                    continue;
+                }
+            };
             if let Some(waiting) = pending.get(slot) {
                 shutdown.push((waiting.id, "placed on a node".into()));
             }
@@ -252,6 +264,7 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
                 now,
                 new_id,
             );
+            task.attachments = attachments;
             let place = if *slot == 0 {
                 Place::Node(*node)
             } else {
@@ -323,6 +336,48 @@ fn new_task(
         updated_at: now,
         restarts: 0,
         ended_at_ms: 0,
+        attachments: vec![],
+    }
+}
+
+/// Addresses on the overlay networks, handed to tasks as they are placed.
+struct AddressBook<'a> {
+    state: &'a ClusterState,
+    used: BTreeMap<u64, BTreeSet<std::net::Ipv4Addr>>,
+}
+
+impl<'a> AddressBook<'a> {
+    fn new(state: &'a ClusterState) -> AddressBook<'a> {
+        AddressBook {
+            state,
+            used: state.addresses_in_use(),
+        }
+    }
+
+    /// One address per network of `service`, or why not (nothing is taken then).
+    fn attach(&mut self, service: &Service) -> Result<Vec<NetworkAttachment>, String> {
+        let mut out: Vec<NetworkAttachment> = Vec::new();
+        for name in &service.spec.networks {
+            let network = self
+                .state
+                .networks
+                .values()
+                .find(|n| &n.name == name)
+                .ok_or_else(|| format!("network {name} not found"))?;
+            let used = self.used.entry(network.id).or_default();
+            let Some(address) = overlay::task_address(network, used) else {
+                for a in &out {
+                    self.used.entry(a.network).or_default().remove(&a.address);
+                }
+                return Err(format!("no free address on network {name} ({})", network.ip_range));
+            };
+            used.insert(address);
+            out.push(NetworkAttachment {
+                network: network.id,
+                address,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -473,6 +528,68 @@ mod tests {
         s.apply(&Command::RemoveService { id: 1, at: 200 });
         assert!(s.tasks.values().all(|t| t.desired == DesiredState::Shutdown));
         assert!(!run(&mut s, 201));
+    }
+
+    #[test]
+    fn tasks_get_one_free_address_per_network_or_wait_pending_for_one() {
+        let mut s = cluster(3);
+        let spec = overlay::NetworkSpec {
+            name: "app".into(),
+            subnet: Some(crate::subnet::Subnet::parse("10.9.0.0/24").unwrap()),
+            ip_range: Some(crate::subnet::Subnet::parse("10.9.0.0/29").unwrap()),
+            ..Default::default()
+        };
+        let pools = overlay::Pools {
+            pools: vec![crate::subnet::Subnet::parse("10.0.0.0/8").unwrap()],
+            mask_len: 24,
+        };
+        let net = overlay::allocate_network(&spec, &[], &pools, 77, 0).unwrap();
+        assert_eq!(
+            s.apply(&Command::CreateNetwork(Box::new(net.clone()))),
+            crate::control::state::CommandResponse::Applied
+        );
+        let mut svc = service(1, ServiceMode::Replicated { replicas: 7 });
+        svc.spec.networks = vec!["app".into()];
+        s.services.insert(1, svc);
+        run(&mut s, 0);
+        let mut addresses: Vec<_> = s
+            .tasks
+            .values()
+            .filter(|t| t.node.is_some())
+            .map(|t| t.attachments[0].address.to_string())
+            .collect();
+        addresses.sort();
+        // The range .0-.7 lies inside the /24, so .7 is a host address too;
+        // .0 is the subnet's own address and .1 its gateway: 6 tasks fit.
+        let want: Vec<String> = (2..=7).map(|i| format!("10.9.0.{i}")).collect();
+        assert_eq!(addresses, want);
+        let waiting: Vec<_> = s.tasks.values().filter(|t| t.node.is_none()).collect();
+        assert_eq!(waiting.len(), 1);
+        assert!(
+            waiting[0].message.contains("no free address on network app"),
+            "{}",
+            waiting[0].message
+        );
+        assert!(!run(&mut s, 1), "the waiting task is not recreated every pass");
+        // The network cannot go while tasks hold addresses on it.
+        assert!(matches!(
+            s.apply(&Command::RemoveNetwork { id: 77 }),
+            crate::control::state::CommandResponse::Refused(_)
+        ));
+        // Nor may two tasks share an address.
+        let mut dup = s.tasks.values().find(|t| t.node.is_some()).unwrap().clone();
+        dup.id = 5;
+        assert!(matches!(
+            s.apply(&Command::ApplyPlan {
+                create: vec![dup],
+                shutdown: vec![],
+                updates: vec![],
+                rollbacks: vec![],
+                orphaned: vec![],
+                at: 2,
+            }),
+            crate::control::state::CommandResponse::Refused(_)
+        ));
     }
 
     fn end(state: &mut ClusterState, id: u64, how: TaskState, at_ms: u64) {

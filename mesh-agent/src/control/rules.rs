@@ -71,9 +71,13 @@ pub fn check_service_in_cluster(
     spec: &crate::control::service::ServiceSpec,
     except: Option<u64>,
 ) -> ApiResult<()> {
-    if let Some(net) = spec.networks.first() {
+    if let Some(net) = spec
+        .networks
+        .iter()
+        .find(|n| !state.networks.values().any(|x| &x.name == *n))
+    {
         return Err(ApiError::not_found(format!(
-            "network {net} not found (overlay networks come with `meshctl network create`; `meshctl network ls` lists them)"
+            "network {net} not found (`meshctl network ls` lists them; `meshctl network create --driver overlay {net}` makes it)"
         )));
     }
     for p in &spec.publish {
@@ -95,27 +99,36 @@ pub fn check_service_in_cluster(
 
 /// Finds a service by name, full ID or unique ID prefix.
 pub fn resolve_service(state: &ClusterState, text: &str) -> ApiResult<u64> {
+    let services = state.services.values().map(|s| (s.id, s.spec.name.as_str()));
+    resolve("service", services, text)
+}
+
+/// Finds an overlay network by name, full ID or unique ID prefix.
+pub fn resolve_network(state: &ClusterState, text: &str) -> ApiResult<u64> {
+    let networks = state.networks.values().map(|n| (n.id, n.name.as_str()));
+    resolve("network", networks, text)
+}
+
+/// Finds one of `items` (ID, name) by name, full ID or unique ID prefix.
+fn resolve<'a>(kind: &str, items: impl Iterator<Item = (u64, &'a str)> + Clone, text: &str) -> ApiResult<u64> {
     let text = text.trim();
-    if let Some(s) = state
-        .services
-        .values()
-        .find(|s| s.spec.name == text || node_id_text(s.id) == text)
+    if let Some((id, _)) = items
+        .clone()
+        .find(|(id, name)| *name == text || node_id_text(*id) == text)
     {
-        return Ok(s.id);
+        return Ok(id);
     }
-    let by_prefix: Vec<u64> = state
-        .services
-        .values()
-        .filter(|s| !text.is_empty() && node_id_text(s.id).starts_with(text))
-        .map(|s| s.id)
+    let by_prefix: Vec<u64> = items
+        .filter(|(id, _)| !text.is_empty() && node_id_text(*id).starts_with(text))
+        .map(|(id, _)| id)
         .collect();
     match by_prefix.as_slice() {
         [one] => Ok(*one),
         [] => Err(ApiError::not_found(format!(
-            "service {text} not found (`meshctl service ls` lists the services)"
+            "{kind} {text} not found (`meshctl {kind} ls` lists them)"
         ))),
         many => Err(ApiError::invalid(format!(
-            "service ID prefix {text:?} matches {}; give more characters",
+            "{kind} ID prefix {text:?} matches {}; give more characters",
             ids(many)
         ))),
     }

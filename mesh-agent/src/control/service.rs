@@ -847,6 +847,9 @@ pub struct Task {
     /// Unix milliseconds when it reached a terminal state (0: not yet).
     #[serde(default)]
     pub ended_at_ms: u64,
+    /// Its address on each of its service's overlay networks.
+    #[serde(default)]
+    pub attachments: Vec<super::overlay::NetworkAttachment>,
 }
 
 /// A node's report on one of its tasks.

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::overlay::Network;
 use super::service::{DesiredState, Service, ServiceSpec, Task, TaskReport, TaskState, UpdateState, UpdateStatus};
 
 /// Finished tasks kept per service slot, for `service ps`.
@@ -298,6 +299,13 @@ pub enum Command {
         /// Ended tasks kept per slot.
         limit: u32,
     },
+    /// `network create`: allocated by the leader, checked again here.
+    CreateNetwork(Box<Network>),
+    /// `network rm`.
+    RemoveNetwork {
+        /// Which network.
+        id: u64,
+    },
 }
 
 /// What applying a command did.
@@ -330,6 +338,9 @@ pub struct ClusterState {
     /// Tasks by ID (current and recent history).
     #[serde(default)]
     pub tasks: BTreeMap<u64, Task>,
+    /// Overlay networks by ID.
+    #[serde(default)]
+    pub networks: BTreeMap<u64, Network>,
 }
 
 impl ClusterState {
@@ -426,6 +437,17 @@ impl ClusterState {
                 cluster.autolock = unlock_key.is_some();
                 self.unlock_key = unlock_key.clone();
             }
+            Command::CreateNetwork(network) => self.create_network(network)?,
+            Command::RemoveNetwork { id } => {
+                let network = self.networks.get(id).ok_or_else(|| format!("network {id} not found"))?;
+                if let Some(user) = self.network_users(network).first() {
+                    return Err(format!(
+                        "network {} is in use by service {user}: remove the service or `meshctl service update --network-rm {} {user}` first",
+                        network.name, network.name
+                    ));
+                }
+                self.networks.remove(id);
+            }
             Command::SetTaskHistoryLimit { limit } => {
                 self.cluster.as_mut().expect("reason: checked above").task_history_limit = *limit;
                 self.prune_task_history();
@@ -490,6 +512,7 @@ impl ClusterState {
                 if let Some(t) = create.iter().find(|t| self.tasks.contains_key(&t.id)) {
                     return Err(format!("task ID {} is taken", t.id));
                 }
+                self.check_addresses(create)?;
                 for (id, reason) in shutdown {
                     if let Some(task) = self.tasks.get_mut(id) {
                         task.desired = DesiredState::Shutdown;
@@ -583,6 +606,83 @@ impl ClusterState {
             node.updated_at = at;
         }
         state
+    }
+
+    fn create_network(&mut self, network: &Network) -> Result<(), String> {
+        for other in self.networks.values() {
+            let clash = if other.id == network.id {
+                "ID"
+            } else if other.name == network.name {
+                "name"
+            } else if other.subnet.overlaps(network.subnet) {
+                "subnet"
+            } else if other.vni == network.vni {
+                "VNI"
+            } else {
+                continue;
+            };
+            return Err(format!(
+                "network {}: its {clash} is taken by network {}",
+                network.name, other.name
+            ));
+        }
+        self.networks.insert(network.id, network.clone());
+        Ok(())
+    }
+
+    /// Services that name `network`, and services of unended tasks that
+    /// still hold an address on it.
+    pub fn network_users(&self, network: &Network) -> Vec<String> {
+        let mut users: BTreeSet<String> = self
+            .services
+            .values()
+            .filter(|s| s.spec.networks.contains(&network.name))
+            .map(|s| s.spec.name.clone())
+            .collect();
+        for t in self.tasks.values().filter(|t| !t.state.is_terminal()) {
+            if t.attachments.iter().any(|a| a.network == network.id) {
+                users.insert(
+                    self.services
+                        .get(&t.service)
+                        .map_or(format!("(removed) task {}", t.id), |s| s.spec.name.clone()),
+                );
+            }
+        }
+        users.into_iter().collect()
+    }
+
+    /// Addresses held on each network by tasks that have not ended.
+    pub fn addresses_in_use(&self) -> BTreeMap<u64, BTreeSet<std::net::Ipv4Addr>> {
+        let mut used: BTreeMap<u64, BTreeSet<std::net::Ipv4Addr>> = BTreeMap::new();
+        for t in self.tasks.values().filter(|t| !t.state.is_terminal()) {
+            for a in &t.attachments {
+                used.entry(a.network).or_default().insert(a.address);
+            }
+        }
+        used
+    }
+
+    /// New tasks' addresses must exist on their networks and be free.
+    fn check_addresses(&self, create: &[Task]) -> Result<(), String> {
+        let mut used = self.addresses_in_use();
+        for t in create {
+            for a in &t.attachments {
+                let network = self
+                    .networks
+                    .get(&a.network)
+                    .ok_or_else(|| format!("task {}: network {} not found", t.id, a.network))?;
+                if !network.subnet.contains(a.address) || a.address == network.gateway {
+                    return Err(format!(
+                        "task {}: {} is not a task address of {}",
+                        t.id, a.address, network.name
+                    ));
+                }
+                if !used.entry(a.network).or_default().insert(a.address) {
+                    return Err(format!("task {}: {} is taken on {}", t.id, a.address, network.name));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Forgets finished tasks (told to shut down, and either ended or never
@@ -795,6 +895,7 @@ pub(crate) mod tests {
             updated_at: at,
             restarts: 0,
             ended_at_ms: 0,
+            attachments: vec![],
         };
         let create: Vec<Task> = (1..=20).map(|i| task(i, i)).collect();
         s.apply(&Command::ApplyPlan {

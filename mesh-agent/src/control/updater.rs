@@ -190,6 +190,7 @@ mod tests {
             updated_at: 0,
             restarts: 0,
             ended_at_ms: 0,
+            attachments: vec![],
         }
     }
 
