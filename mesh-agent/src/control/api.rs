@@ -622,6 +622,10 @@ pub struct Assignments {
     pub tasks: Vec<crate::control::service::Assignment>,
     /// Its ended tasks the store still lists (their logs are kept).
     pub retained: Vec<u64>,
+    /// The endpoints of every network its tasks are on (only those: a
+    /// node's overlay state grows with what it runs, not with the swarm).
+    #[serde(default)]
+    pub networks: Vec<crate::control::overlay::NetworkPeers>,
 }
 
 /// Which log text to read.

@@ -8,7 +8,7 @@
 //! marks nodes Down.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::{Duration, Instant},
 };
 
@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     api::Assignments,
+    overlay::{NetworkPeers, Peer, TaskNetwork},
     service::{Assignment, TaskSpec},
     state::{node_id_text, ClusterState, NodeId, NodeStatus},
 };
@@ -97,6 +98,23 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
                 user: s.spec.user.clone(),
                 health: s.spec.health.clone(),
                 stop_grace_ms: s.spec.stop_grace_ms,
+                networks: task
+                    .attachments
+                    .iter()
+                    .filter_map(|a| {
+                        let n = state.networks.get(&a.network)?;
+                        Some(TaskNetwork {
+                            network: n.id,
+                            name: n.name.clone(),
+                            vni: n.vni,
+                            subnet: n.subnet,
+                            gateway: n.gateway,
+                            address: a.address,
+                            mtu: n.mtu,
+                            encryption: n.encryption,
+                        })
+                    })
+                    .collect(),
             })
             .unwrap_or_default();
         tasks.push(Assignment {
@@ -107,13 +125,46 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
             spec,
         });
     }
-    let encoded = rmp_serde::to_vec(&(&tasks, &retained)).unwrap_or_default();
+    let networks = network_peers(state, &tasks);
+    let encoded = rmp_serde::to_vec(&(&tasks, &retained, &networks)).unwrap_or_default();
     let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
     Assignments {
         digest,
         tasks,
         retained,
+        networks,
     }
+}
+
+/// The endpoints of the networks `tasks` are on: every unended task there
+/// with a node, and that node's data-path address.
+fn network_peers(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkPeers> {
+    let wanted: BTreeSet<u64> = tasks
+        .iter()
+        .flat_map(|t| t.spec.networks.iter().map(|n| n.network))
+        .collect();
+    let mut peers: BTreeMap<u64, BTreeSet<Peer>> = wanted.iter().map(|id| (*id, BTreeSet::new())).collect();
+    for t in state.tasks.values().filter(|t| !t.state.is_terminal()) {
+        let Some(node) = t.node.and_then(|n| state.nodes.get(&n)) else {
+            continue;
+        };
+        for a in t.attachments.iter().filter(|a| wanted.contains(&a.network)) {
+            peers.entry(a.network).or_default().insert(Peer {
+                address: a.address,
+                vtep: node.data_path_addr.clone(),
+            });
+        }
+    }
+    peers
+        .into_iter()
+        .filter_map(|(id, p)| {
+            Some(NetworkPeers {
+                network: id,
+                vni: state.networks.get(&id)?.vni,
+                peers: p.into_iter().collect(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -189,5 +240,90 @@ mod tests {
         assert_eq!(assignments(&s, 5).digest, a.digest, "other nodes' tasks do not matter");
         s.tasks.get_mut(&1).unwrap().desired = DesiredState::Shutdown;
         assert_ne!(assignments(&s, 5).digest, a.digest);
+    }
+
+    #[test]
+    fn nodes_learn_the_peers_of_their_networks_only() {
+        use crate::control::{
+            overlay::{allocate_network, NetworkAttachment, NetworkSpec, Pools},
+            service::{DesiredState, Task, TaskState},
+            state::{tests::initialised, tests::node, Role},
+        };
+        let mut s = initialised();
+        for id in [5, 6, 7] {
+            s.nodes.insert(id, node(id, Role::Worker));
+        }
+        let pools = Pools {
+            pools: vec![crate::subnet::Subnet::parse("10.0.0.0/8").unwrap()],
+            mask_len: 24,
+        };
+        let app = allocate_network(
+            &NetworkSpec {
+                name: "app".into(),
+                ..Default::default()
+            },
+            &[],
+            &pools,
+            1,
+            0,
+        )
+        .unwrap();
+        let db = allocate_network(
+            &NetworkSpec {
+                name: "db".into(),
+                ..Default::default()
+            },
+            &[&app],
+            &pools,
+            2,
+            0,
+        )
+        .unwrap();
+        s.networks.insert(1, app);
+        s.networks.insert(2, db);
+        s.services
+            .insert(7, crate::control::orchestrator::tests_support::service(7));
+        let task = |id: u64, node: NodeId, network: u64, last: u8| Task {
+            id,
+            service: 7,
+            slot: id as u32,
+            node: Some(node),
+            desired: DesiredState::Running,
+            state: TaskState::Running,
+            message: String::new(),
+            service_version: 1,
+            created_at: 0,
+            updated_at: 0,
+            restarts: 0,
+            ended_at_ms: 0,
+            attachments: vec![NetworkAttachment {
+                network,
+                address: std::net::Ipv4Addr::new(10, 0, network as u8 - 1, last),
+            }],
+        };
+        s.tasks.insert(1, task(1, 5, 1, 2));
+        s.tasks.insert(2, task(2, 6, 1, 3));
+        s.tasks.insert(3, task(3, 7, 2, 2));
+        let a = assignments(&s, 5);
+        assert_eq!(a.tasks[0].spec.networks[0].name, "app");
+        assert_eq!(a.tasks[0].spec.networks[0].address.to_string(), "10.0.0.2");
+        assert_eq!(a.networks.len(), 1, "node 5 is not on db");
+        let peers: Vec<(String, String)> = a.networks[0]
+            .peers
+            .iter()
+            .map(|p| (p.address.to_string(), p.vtep.clone()))
+            .collect();
+        assert_eq!(
+            peers,
+            vec![
+                ("10.0.0.2".into(), "192.0.2.5".into()),
+                ("10.0.0.3".into(), "192.0.2.6".into())
+            ]
+        );
+        // A peer that ends elsewhere changes node 5's digest: it must
+        // remove that endpoint.
+        s.tasks.get_mut(&2).unwrap().state = TaskState::Failed;
+        assert_ne!(assignments(&s, 5).digest, a.digest);
+        assert_eq!(assignments(&s, 5).networks[0].peers.len(), 1);
     }
 }

@@ -100,6 +100,48 @@ pub struct NetworkAttachment {
     pub address: Ipv4Addr,
 }
 
+/// What a node needs to attach one task to one network.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TaskNetwork {
+    /// The network's ID.
+    pub network: u64,
+    /// Its name (for errors and DNS).
+    pub name: String,
+    /// Its VXLAN network identifier.
+    pub vni: u32,
+    /// Its subnet.
+    pub subnet: Subnet,
+    /// Its gateway.
+    pub gateway: Ipv4Addr,
+    /// The task's address.
+    pub address: Ipv4Addr,
+    /// Fixed MTU, if set.
+    pub mtu: Option<u32>,
+    /// How traffic between nodes is protected.
+    pub encryption: Encryption,
+}
+
+/// The other end of a network, as a node programs it: a task address and
+/// the data-path address of the node it runs on (its VTEP).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Peer {
+    /// The task's address on the network.
+    pub address: Ipv4Addr,
+    /// Its node's data-path address.
+    pub vtep: String,
+}
+
+/// Every endpoint of one network that a node has tasks on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NetworkPeers {
+    /// The network's ID.
+    pub network: u64,
+    /// Its VNI.
+    pub vni: u32,
+    /// Endpoints on every node, this one included.
+    pub peers: Vec<Peer>,
+}
+
 /// Checks a network name (the rules of service names, which Swarm shares).
 pub fn check_network_name(name: &str) -> Result<(), String> {
     super::service::check_service_name(name).map_err(|_| {

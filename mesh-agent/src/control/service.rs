@@ -880,6 +880,9 @@ pub struct TaskSpec {
     pub health: Option<HealthCheck>,
     /// SIGTERM, then SIGKILL after this many milliseconds.
     pub stop_grace_ms: u64,
+    /// The overlay networks to attach it to, with its address on each.
+    #[serde(default)]
+    pub networks: Vec<super::overlay::TaskNetwork>,
 }
 
 /// One task a node is told about: run it, or stop it.
