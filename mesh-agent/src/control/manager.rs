@@ -483,13 +483,9 @@ impl Manager {
             }
             ClusterRequest::NetworkRemove { network } => {
                 let id = rules::resolve_network(&state, &network)?;
-                let net = &state.networks[&id];
-                if let Some(user) = state.network_users(net).first() {
-                    return Err(ApiError::precondition(format!(
-                        "network {} is in use by service {user}: remove the service, or detach it with `meshctl service update --network-rm {} {user}`",
-                        net.name, net.name
-                    )));
-                }
+                state
+                    .check_network_unused(&state.networks[&id])
+                    .map_err(ApiError::precondition)?;
                 self.propose(Command::RemoveNetwork { id }).await?;
                 Ok(ClusterResponse::Done)
             }

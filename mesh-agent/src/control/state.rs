@@ -440,12 +440,7 @@ impl ClusterState {
             Command::CreateNetwork(network) => self.create_network(network)?,
             Command::RemoveNetwork { id } => {
                 let network = self.networks.get(id).ok_or_else(|| format!("network {id} not found"))?;
-                if let Some(user) = self.network_users(network).first() {
-                    return Err(format!(
-                        "network {} is in use by service {user}: remove the service or `meshctl service update --network-rm {} {user}` first",
-                        network.name, network.name
-                    ));
-                }
+                self.check_network_unused(network)?;
                 self.networks.remove(id);
             }
             Command::SetTaskHistoryLimit { limit } => {
@@ -628,6 +623,17 @@ impl ClusterState {
         }
         self.networks.insert(network.id, network.clone());
         Ok(())
+    }
+
+    /// Refuses while a service or an unended task uses `network`.
+    pub fn check_network_unused(&self, network: &Network) -> Result<(), String> {
+        match self.network_users(network).first() {
+            Some(user) => Err(format!(
+                "network {} is in use by service {user}: remove the service, or detach it with `meshctl service update --network-rm {} {user}`",
+                network.name, network.name
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Services that name `network`, and services of unended tasks that

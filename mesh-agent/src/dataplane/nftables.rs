@@ -157,6 +157,16 @@ impl Batch {
         }
     }
 
+    /// Creates (if missing) or deletes the agent's table.
+    fn table(&mut self, kind: u16, what: &'static str) {
+        let flags = if kind == NFT_MSG_NEWTABLE {
+            NLM_F_REQUEST | NLM_F_CREATE
+        } else {
+            NLM_F_REQUEST
+        };
+        self.message(kind, NFPROTO_IPV4, flags, &table_attrs().0, Some(what));
+    }
+
     fn end(mut self) -> Batch {
         self.message(NFNL_MSG_BATCH_END, libc::AF_UNSPEC as u8, NLM_F_REQUEST, &[], None);
         self
@@ -290,27 +300,9 @@ fn table_attrs() -> Attrs {
 /// result never depends on what an earlier agent left.
 pub fn masquerade_batch(rule: &Masquerade) -> Batch {
     let mut b = Batch::new();
-    b.message(
-        NFT_MSG_NEWTABLE,
-        NFPROTO_IPV4,
-        NLM_F_REQUEST | NLM_F_CREATE,
-        &table_attrs().0,
-        Some("the table"),
-    );
-    b.message(
-        NFT_MSG_DELTABLE,
-        NFPROTO_IPV4,
-        NLM_F_REQUEST,
-        &table_attrs().0,
-        Some("the old table"),
-    );
-    b.message(
-        NFT_MSG_NEWTABLE,
-        NFPROTO_IPV4,
-        NLM_F_REQUEST | NLM_F_CREATE,
-        &table_attrs().0,
-        Some("the table"),
-    );
+    b.table(NFT_MSG_NEWTABLE, "the table");
+    b.table(NFT_MSG_DELTABLE, "the old table");
+    b.table(NFT_MSG_NEWTABLE, "the table");
     let hook = Attrs::default()
         .be32(NFTA_HOOK_HOOKNUM, NF_INET_POST_ROUTING)
         .be32(NFTA_HOOK_PRIORITY, PRIORITY_SRCNAT as u32);
@@ -345,20 +337,8 @@ pub fn masquerade_batch(rule: &Masquerade) -> Batch {
 /// batch, so a missing table is not an error).
 pub fn remove_batch() -> Batch {
     let mut b = Batch::new();
-    b.message(
-        NFT_MSG_NEWTABLE,
-        NFPROTO_IPV4,
-        NLM_F_REQUEST | NLM_F_CREATE,
-        &table_attrs().0,
-        Some("the table"),
-    );
-    b.message(
-        NFT_MSG_DELTABLE,
-        NFPROTO_IPV4,
-        NLM_F_REQUEST,
-        &table_attrs().0,
-        Some("the table"),
-    );
+    b.table(NFT_MSG_NEWTABLE, "the table");
+    b.table(NFT_MSG_DELTABLE, "the table");
     b.end()
 }
 
