@@ -206,27 +206,14 @@ mod tests {
     #[test]
     fn assignments_list_live_tasks_and_change_digest_with_them() {
         use crate::control::{
-            service::{DesiredState, Task, TaskState},
+            orchestrator::tests_support,
+            service::{DesiredState, TaskState},
             state::tests::initialised,
         };
         let mut s = initialised();
         s.services
             .insert(7, crate::control::orchestrator::tests_support::service(7));
-        let task = |id: u64, node: NodeId, state: TaskState| Task {
-            id,
-            service: 7,
-            slot: 1,
-            node: Some(node),
-            desired: DesiredState::Running,
-            state,
-            message: String::new(),
-            service_version: 1,
-            created_at: 0,
-            updated_at: 0,
-            restarts: 0,
-            ended_at_ms: 0,
-            attachments: vec![],
-        };
+        let task = |id: u64, node: NodeId, state: TaskState| tests_support::task(id, 7, 1, Some(node), state);
         s.tasks.insert(1, task(1, 5, TaskState::Assigned));
         s.tasks.insert(2, task(2, 5, TaskState::Failed));
         s.tasks.insert(3, task(3, 6, TaskState::Assigned));
@@ -245,8 +232,9 @@ mod tests {
     #[test]
     fn nodes_learn_the_peers_of_their_networks_only() {
         use crate::control::{
+            orchestrator::tests_support,
             overlay::{allocate_network, NetworkAttachment, NetworkSpec, Pools},
-            service::{DesiredState, Task, TaskState},
+            service::{Task, TaskState},
             state::{tests::initialised, tests::node, Role},
         };
         let mut s = initialised();
@@ -284,22 +272,11 @@ mod tests {
         s.services
             .insert(7, crate::control::orchestrator::tests_support::service(7));
         let task = |id: u64, node: NodeId, network: u64, last: u8| Task {
-            id,
-            service: 7,
-            slot: id as u32,
-            node: Some(node),
-            desired: DesiredState::Running,
-            state: TaskState::Running,
-            message: String::new(),
-            service_version: 1,
-            created_at: 0,
-            updated_at: 0,
-            restarts: 0,
-            ended_at_ms: 0,
             attachments: vec![NetworkAttachment {
                 network,
                 address: std::net::Ipv4Addr::new(10, 0, network as u8 - 1, last),
             }],
+            ..tests_support::task(id, 7, id as u32, Some(node), TaskState::Running)
         };
         s.tasks.insert(1, task(1, 5, 1, 2));
         s.tasks.insert(2, task(2, 6, 1, 3));

@@ -384,35 +384,40 @@ impl<'a> AddressBook<'a> {
 /// Fixtures shared with other modules' tests.
 #[cfg(test)]
 pub(crate) mod tests_support {
-    use crate::control::service::{RestartPolicy, Service, ServiceMode, ServiceSpec};
+    use crate::control::{
+        service::{DesiredState, Service, ServiceSpec, Task, TaskState},
+        state::NodeId,
+    };
 
     /// A replicated service of 1 running `sleep 1000`.
     pub(crate) fn service(id: u64) -> Service {
         Service {
             id,
-            spec: ServiceSpec {
-                name: format!("s{id}"),
-                command: vec!["sleep".into(), "1000".into()],
-                mode: ServiceMode::Replicated { replicas: 1 },
-                env: Default::default(),
-                workdir: None,
-                user: None,
-                networks: vec![],
-                publish: vec![],
-                constraints: vec![],
-                spread_over: vec![],
-                max_per_node: 0,
-                restart: RestartPolicy::default(),
-                health: None,
-                stop_grace_ms: crate::control::service::DEFAULT_STOP_GRACE_MS,
-                update: Default::default(),
-                endpoint_mode: Default::default(),
-            },
+            spec: ServiceSpec::new(format!("s{id}"), vec!["sleep".into(), "1000".into()]),
             version: 1,
             created_at: 0,
             updated_at: 0,
             previous_spec: None,
             update_status: None,
+        }
+    }
+
+    /// A task of version 1 that should run, created at time 0.
+    pub(crate) fn task(id: u64, service: u64, slot: u32, node: Option<NodeId>, state: TaskState) -> Task {
+        Task {
+            id,
+            service,
+            slot,
+            node,
+            desired: DesiredState::Running,
+            state,
+            message: String::new(),
+            service_version: 1,
+            created_at: 0,
+            updated_at: 0,
+            restarts: 0,
+            ended_at_ms: 0,
+            attachments: vec![],
         }
     }
 }

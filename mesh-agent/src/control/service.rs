@@ -755,6 +755,28 @@ pub struct HealthCheck {
 }
 
 impl ServiceSpec {
+    /// One replica of `command` with Docker's defaults for everything else.
+    pub fn new(name: impl Into<String>, command: Vec<String>) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            command,
+            mode: ServiceMode::Replicated { replicas: 1 },
+            env: BTreeMap::new(),
+            workdir: None,
+            user: None,
+            networks: vec![],
+            publish: vec![],
+            constraints: vec![],
+            spread_over: vec![],
+            max_per_node: 0,
+            restart: RestartPolicy::default(),
+            health: None,
+            stop_grace_ms: DEFAULT_STOP_GRACE_MS,
+            update: UpdateConfig::default(),
+            endpoint_mode: EndpointMode::default(),
+        }
+    }
+
     /// Checks everything that can be checked without the cluster.
     pub fn validate(&self) -> Result<(), String> {
         check_service_name(&self.name)?;

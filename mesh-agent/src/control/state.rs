@@ -889,19 +889,10 @@ pub(crate) mod tests {
         use crate::control::service::{Task, TaskState};
         let mut s = initialised();
         let task = |id: u64, at: u64| Task {
-            id,
-            service: 7,
-            slot: 1,
-            node: None,
             desired: DesiredState::Shutdown,
-            state: TaskState::Pending,
-            message: String::new(),
-            service_version: 1,
             created_at: at,
             updated_at: at,
-            restarts: 0,
-            ended_at_ms: 0,
-            attachments: vec![],
+            ..crate::control::orchestrator::tests_support::task(id, 7, 1, None, TaskState::Pending)
         };
         let create: Vec<Task> = (1..=20).map(|i| task(i, i)).collect();
         s.apply(&Command::ApplyPlan {

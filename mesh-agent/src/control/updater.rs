@@ -172,25 +172,14 @@ pub fn step(service: &Service, tasks: &[&Task], node_ready: &dyn Fn(NodeId) -> b
 mod tests {
     use super::*;
     use crate::control::{
-        orchestrator::tests_support::service,
+        orchestrator::tests_support::{self, service},
         service::{UpdateConfig, UpdateStatus},
     };
 
     fn task(id: u64, slot: u32, version: u64, state: TaskState) -> Task {
         Task {
-            id,
-            service: 1,
-            slot,
-            node: Some(1),
-            desired: DesiredState::Running,
-            state,
-            message: String::new(),
             service_version: version,
-            created_at: 0,
-            updated_at: 0,
-            restarts: 0,
-            ended_at_ms: 0,
-            attachments: vec![],
+            ..tests_support::task(id, 1, slot, Some(1), state)
         }
     }
 

@@ -17,7 +17,7 @@ use std::{
 use mesh_agent::{
     control::{
         orchestrator,
-        service::{RestartPolicy, Service, ServiceMode, ServiceSpec, UpdateConfig},
+        service::{Service, ServiceMode, ServiceSpec},
         state::{self, ClusterState, Node, NodeStatus, Role},
     },
     runtime::{
@@ -185,22 +185,9 @@ fn scheduler() {
             Service {
                 id,
                 spec: ServiceSpec {
-                    name: format!("svc{id}"),
-                    command: vec!["sleep".into(), "600".into()],
                     mode: ServiceMode::Replicated { replicas: 5 },
-                    env: BTreeMap::new(),
-                    workdir: None,
-                    user: None,
-                    networks: vec![],
-                    publish: vec![],
-                    constraints: vec![],
                     spread_over: if id % 2 == 0 { vec!["zone".into()] } else { vec![] },
-                    max_per_node: 0,
-                    restart: RestartPolicy::default(),
-                    health: None,
-                    stop_grace_ms: 10_000,
-                    update: UpdateConfig::default(),
-                    endpoint_mode: Default::default(),
+                    ..ServiceSpec::new(format!("svc{id}"), vec!["sleep".into(), "600".into()])
                 },
                 version: 1,
                 created_at: 0,
