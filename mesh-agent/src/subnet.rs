@@ -81,9 +81,10 @@ impl Subnet {
         (first..last).map(Ipv4Addr::from)
     }
 
-    /// The subnets of length `prefix` inside this one, in order.
+    /// The subnets of length `prefix` inside this one, in order (none if
+    /// `prefix` is shorter than this one's or longer than 32).
     pub fn split(self, prefix: u8) -> impl Iterator<Item = Subnet> {
-        let count: u64 = if prefix < self.prefix {
+        let count: u64 = if prefix < self.prefix || prefix > 32 {
             0
         } else {
             1 << (prefix - self.prefix)
@@ -165,6 +166,7 @@ mod tests {
             .collect();
         assert_eq!(parts, vec!["10.0.0.0/24", "10.0.1.0/24"]);
         assert_eq!(big.split(7).count(), 0);
+        assert_eq!(big.split(33).count(), 0);
         let json = serde_json::to_string(&small).unwrap();
         assert_eq!(json, "\"10.2.0.0/16\"");
         assert_eq!(serde_json::from_str::<Subnet>(&json).unwrap(), small);

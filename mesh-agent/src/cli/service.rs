@@ -803,7 +803,7 @@ pub fn pretty_text(view: &ServiceView, now_ms: u64) -> String {
     );
     if let Some(u) = &s.update_status {
         line(0, "UpdateStatus", String::new());
-        line(1, "State", format!("{:?}", u.state).to_lowercase());
+        line(1, "State", kebab(&format!("{:?}", u.state)));
         line(
             1,
             "Started",

@@ -461,13 +461,7 @@ impl Manager {
                     }
                 };
                 let existing: Vec<&overlay::Network> = state.networks.values().collect();
-                let network = overlay::allocate_network(&spec, &existing, &pools, id, unix_now()).map_err(|e| {
-                    if e.contains("already exists") {
-                        ApiError::precondition(e)
-                    } else {
-                        ApiError::invalid(e)
-                    }
-                })?;
+                let network = overlay::allocate_network(&spec, &existing, &pools, id, unix_now())?;
                 self.propose(Command::CreateNetwork(Box::new(network))).await?;
                 Ok(ClusterResponse::NetworkCreated { id })
             }

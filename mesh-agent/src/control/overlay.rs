@@ -10,6 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::api::{ApiError, ApiResult};
 use crate::subnet::Subnet;
 
 /// The first VNI handed out (as Swarm's; lower ones are left to the host).
@@ -160,18 +161,23 @@ pub struct Pools {
 }
 
 /// Turns `spec` into a network with everything allocated, or says what is
-/// wrong. `existing` are the networks already stored.
+/// wrong: a name in use conflicts with the cluster's state, anything else
+/// is bad input. `existing` are the networks already stored.
 pub fn allocate_network(
     spec: &NetworkSpec,
     existing: &[&Network],
     pools: &Pools,
     id: u64,
     now: u64,
-) -> Result<Network, String> {
-    check_network_name(&spec.name)?;
+) -> ApiResult<Network> {
     if existing.iter().any(|n| n.name == spec.name) {
-        return Err(format!("network {} already exists", spec.name));
+        return Err(ApiError::precondition(format!("network {} already exists", spec.name)));
     }
+    allocate(spec, existing, pools, id, now).map_err(ApiError::invalid)
+}
+
+fn allocate(spec: &NetworkSpec, existing: &[&Network], pools: &Pools, id: u64, now: u64) -> Result<Network, String> {
+    check_network_name(&spec.name)?;
     let subnet = match spec.subnet {
         Some(subnet) => {
             if !(8..=29).contains(&subnet.prefix) {
@@ -287,7 +293,9 @@ mod tests {
         );
         let b = allocate_network(&spec("b"), &[&a], &pools, 2, 0).unwrap();
         assert_eq!((b.subnet.to_string(), b.vni), ("10.0.1.0/24".into(), FIRST_VNI + 1));
-        let err = allocate_network(&spec("c"), &[&a, &b], &pools, 3, 0).unwrap_err();
+        let err = allocate_network(&spec("c"), &[&a, &b], &pools, 3, 0)
+            .unwrap_err()
+            .message;
         assert!(err.contains("no free /24") && err.contains("10.0.0.0/23"), "{err}");
         // A given subnet outside the pools is fine; inside a taken one is not.
         let mut own = spec("c");
@@ -296,7 +304,7 @@ mod tests {
         assert_eq!(c.vni, FIRST_VNI + 2);
         own.name = "d".into();
         own.subnet = Some(Subnet::parse("10.0.0.0/16").unwrap());
-        let err = allocate_network(&own, &[&a, &b, &c], &pools, 4, 0).unwrap_err();
+        let err = allocate_network(&own, &[&a, &b, &c], &pools, 4, 0).unwrap_err().message;
         assert!(err.contains("overlaps network a"), "{err}");
         // Removing a network frees its subnet and VNI for the next one.
         let d = allocate_network(&spec("d"), &[&b, &c], &pools, 4, 0).unwrap();
@@ -350,7 +358,7 @@ mod tests {
             ),
         ];
         for (s, why) in cases {
-            let err = allocate_network(&s, &[&a], &pools, 2, 0).unwrap_err();
+            let err = allocate_network(&s, &[&a], &pools, 2, 0).unwrap_err().message;
             assert!(err.contains(why), "{s:?}: {err}");
         }
     }

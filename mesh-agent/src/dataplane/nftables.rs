@@ -121,12 +121,17 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn new() -> Batch {
-        let mut batch = Batch {
+    /// No messages yet (queries are sent like this, without batch markers).
+    fn empty() -> Batch {
+        Batch {
             bytes: Vec::new(),
             acked: Vec::new(),
             next_seq: 1,
-        };
+        }
+    }
+
+    fn new() -> Batch {
+        let mut batch = Batch::empty();
         batch.message(NFNL_MSG_BATCH_BEGIN, libc::AF_UNSPEC as u8, NLM_F_REQUEST, &[], None);
         batch
     }
@@ -376,11 +381,7 @@ pub fn send_batch(batch: &Batch) -> Result<(), NftError> {
 
 /// Whether the agent's table exists in the calling thread's namespace.
 pub fn table_exists() -> Result<bool, NftError> {
-    let mut query = Batch {
-        bytes: Vec::new(),
-        acked: Vec::new(),
-        next_seq: 1,
-    };
+    let mut query = Batch::empty();
     query.message(
         NFT_MSG_GETTABLE,
         NFPROTO_IPV4,
