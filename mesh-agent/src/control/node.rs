@@ -640,6 +640,8 @@ pub struct Member {
     reported_leader: Mutex<Option<NodeId>>,
     /// Runs this node's tasks.
     tasks: Arc<Supervisor>,
+    /// The node bridge the tasks are attached to, and its NAT.
+    network: Arc<LocalNetwork>,
     stop: watch::Sender<bool>,
 }
 
@@ -660,7 +662,7 @@ impl Member {
         let role = creds.role;
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let network = Arc::new(LocalNetwork::new(opts.local_pool));
-        let tasks = Supervisor::new(opts.data_dir.join("tasks"), network, reports)
+        let tasks = Supervisor::new(opts.data_dir.join("tasks"), network.clone(), reports)
             .map_err(|e| ApiError::internal(format!("preparing the task directory: {e}")))?;
         let member = Arc::new(Member {
             id: config.node_id,
@@ -674,6 +676,7 @@ impl Member {
             leader_hint: Mutex::new(None),
             reported_leader: Mutex::new(None),
             tasks,
+            network,
             stop,
         });
         if role == Role::Manager {
@@ -752,8 +755,12 @@ impl Member {
         self.manager.read().expect("reason: never poisoned").clone()
     }
 
+    /// Stops tasks, removes the node bridge and NAT once no task needs
+    /// them, and stops the managers' side.
     async fn stop(&self) {
-        self.tasks.stop_all(TASK_STOP_LIMIT).await;
+        if self.tasks.stop_all(TASK_STOP_LIMIT).await {
+            self.network.remove().await;
+        }
         let _ = self.stop.send(true);
         let manager = self.manager.write().expect("reason: never poisoned").take();
         if let Some(m) = manager {

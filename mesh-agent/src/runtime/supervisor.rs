@@ -137,9 +137,9 @@ impl Supervisor {
         }
     }
 
-    /// Stops every task (the node leaves the swarm), waits for them to
-    /// end, up to `limit`, then removes the node bridge and its NAT.
-    pub async fn stop_all(&self, limit: Duration) {
+    /// Stops every task (the node leaves the swarm) and waits for them to
+    /// end, up to `limit`. Whether they all ended.
+    pub async fn stop_all(&self, limit: Duration) -> bool {
         for stop in self.lock().running.values() {
             let _ = stop.send(true);
         }
@@ -147,9 +147,7 @@ impl Supervisor {
         while !self.lock().running.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if self.lock().running.is_empty() {
-            self.network.remove().await;
-        }
+        self.lock().running.is_empty()
     }
 
     /// One task's life on this node.
