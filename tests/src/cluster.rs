@@ -185,7 +185,7 @@ impl Cluster {
         self.in_underlay(|nl| {
             let fd = ns.fd();
             async move {
-                nl.add_veth(&port, HOST_LINK, Some(fd)).await?;
+                nl.add_veth(&port, HOST_LINK, Some(fd), None, None).await?;
                 nl.set_controller(&port, UNDERLAY_BRIDGE).await?;
                 nl.set_up(&port).await
             }

@@ -30,15 +30,18 @@ fn networks_are_allocated_once_listed_inspected_and_removed_when_unused() {
     swarm.ok(0, &["network", "create", "--driver", "overlay", "app"]);
     swarm.ok(
         1,
+        &["network", "create", "--subnet", "192.168.77.0/24", "--attachable", "db"],
+    );
+    swarm.ok(
+        0,
         &[
             "network",
             "create",
             "--subnet",
-            "192.168.77.0/24",
-            "--attachable",
+            "192.168.78.0/24",
             "--opt",
             "encrypted",
-            "db",
+            "vault",
         ],
     );
     let app = inspect(&swarm, "app");
@@ -47,13 +50,14 @@ fn networks_are_allocated_once_listed_inspected_and_removed_when_unused() {
     assert_eq!(app["network"]["vni"], 4096);
     let db = inspect(&swarm, "db");
     assert_eq!(db["network"]["vni"], 4097);
-    assert_eq!(db["network"]["encryption"], "WireGuard");
+    assert_eq!(db["network"]["encryption"], "None");
+    assert_eq!(inspect(&swarm, "vault")["network"]["encryption"], "WireGuard");
     assert_eq!(db["network"]["attachable"], true);
     let table = swarm.ok(1, &["network", "ls"]);
     for want in ["NETWORK ID", "NAME", "DRIVER", "SCOPE", "app", "db", "overlay", "swarm"] {
         assert!(table.contains(want), "missing {want}:\n{table}");
     }
-    assert_eq!(swarm.ok(0, &["network", "ls", "-q"]).lines().count(), 2);
+    assert_eq!(swarm.ok(0, &["network", "ls", "-q"]).lines().count(), 3);
 
     // A service on both networks: every task has one address on each.
     swarm.ok(
@@ -114,7 +118,7 @@ fn networks_are_allocated_once_listed_inspected_and_removed_when_unused() {
     let (code, err) = swarm.fails(0, &["network", "create", "third"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no free /24"), "{err}");
-    assert_eq!(swarm.ok(0, &["network", "ls", "-q"]).lines().count(), 3);
+    assert_eq!(swarm.ok(0, &["network", "ls", "-q"]).lines().count(), 4);
     let (code, err) = swarm.fails(
         0,
         &["service", "create", "--name", "x", "--network", "nosuch", "--", "true"],

@@ -135,6 +135,9 @@ struct InitArgs {
     /// Ended tasks kept per service slot (for `service ps`).
     #[arg(long, default_value_t = 5)]
     task_history_limit: u32,
+    /// UDP port of the overlays' VXLAN traffic (1024 to 49151).
+    #[arg(long, default_value_t = crate::control::state::DEFAULT_DATA_PATH_PORT)]
+    data_path_port: u16,
 }
 
 #[derive(Subcommand, Debug)]
@@ -493,6 +496,7 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
                 cert_expiry_secs: duration_ms("cert-expiry", &args.cert_expiry)? / 1000,
                 heartbeat_period_ms: duration_ms("dispatcher-heartbeat", &args.dispatcher_heartbeat)?,
                 task_history_limit: args.task_history_limit,
+                data_path_port: args.data_path_port,
             };
             match client.call(LocalRequest::Init(request)).await? {
                 LocalResponse::Initialized {

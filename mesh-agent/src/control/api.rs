@@ -119,6 +119,9 @@ pub struct InitRequest {
     pub heartbeat_period_ms: u64,
     /// Ended tasks kept per service slot.
     pub task_history_limit: u32,
+    /// UDP port of the overlays' VXLAN traffic.
+    #[serde(default = "crate::control::state::default_data_path_port")]
+    pub data_path_port: u16,
 }
 
 /// `meshctl swarm join` options.
@@ -626,6 +629,12 @@ pub struct Assignments {
     /// node's overlay state grows with what it runs, not with the swarm).
     #[serde(default)]
     pub networks: Vec<crate::control::overlay::NetworkPeers>,
+    /// This node's data-path address (its VTEP).
+    #[serde(default)]
+    pub vtep: String,
+    /// The swarm's VXLAN UDP port.
+    #[serde(default = "crate::control::state::default_data_path_port")]
+    pub data_path_port: u16,
 }
 
 /// Which log text to read.

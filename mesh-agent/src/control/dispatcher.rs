@@ -126,13 +126,24 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         });
     }
     let networks = network_peers(state, &tasks);
-    let encoded = rmp_serde::to_vec(&(&tasks, &retained, &networks)).unwrap_or_default();
+    let vtep = state
+        .nodes
+        .get(&node)
+        .map(|n| n.data_path_addr.clone())
+        .unwrap_or_default();
+    let data_path_port = state
+        .cluster
+        .as_ref()
+        .map_or(crate::control::state::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
+    let encoded = rmp_serde::to_vec(&(&tasks, &retained, &networks, &vtep, data_path_port)).unwrap_or_default();
     let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
     Assignments {
         digest,
         tasks,
         retained,
         networks,
+        vtep,
+        data_path_port,
     }
 }
 

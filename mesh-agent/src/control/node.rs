@@ -43,6 +43,7 @@ use super::{
 use crate::runtime::{
     logs,
     network::{LocalNetwork, Subnet},
+    overlay::Overlays,
     supervisor::Supervisor,
 };
 
@@ -353,6 +354,7 @@ impl Agent {
             return Err(ApiError::invalid("--dispatcher-heartbeat must be at least 100ms"));
         }
         rules::check_task_history_limit(req.task_history_limit)?;
+        rules::check_data_path_port(req.data_path_port)?;
         let files = Files {
             dir: self.opts.data_dir.clone(),
         };
@@ -425,6 +427,7 @@ impl Agent {
                 heartbeat_misses_down: 3,
                 cert_expiry_secs: req.cert_expiry_secs,
                 task_history_limit: req.task_history_limit,
+                data_path_port: req.data_path_port,
             },
             ca: CaState {
                 root_cert_pem: ca.cert_pem().to_string(),
@@ -642,6 +645,8 @@ pub struct Member {
     tasks: Arc<Supervisor>,
     /// The node bridge the tasks are attached to, and its NAT.
     network: Arc<LocalNetwork>,
+    /// The overlay networks its tasks are on.
+    overlays: Arc<Overlays>,
     stop: watch::Sender<bool>,
 }
 
@@ -662,7 +667,8 @@ impl Member {
         let role = creds.role;
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let network = Arc::new(LocalNetwork::new(opts.local_pool));
-        let tasks = Supervisor::new(opts.data_dir.join("tasks"), network.clone(), reports)
+        let overlays = Arc::new(Overlays::new());
+        let tasks = Supervisor::new(opts.data_dir.join("tasks"), network.clone(), overlays.clone(), reports)
             .map_err(|e| ApiError::internal(format!("preparing the task directory: {e}")))?;
         let member = Arc::new(Member {
             id: config.node_id,
@@ -677,6 +683,7 @@ impl Member {
             reported_leader: Mutex::new(None),
             tasks,
             network,
+            overlays,
             stop,
         });
         if role == Role::Manager {
@@ -755,11 +762,12 @@ impl Member {
         self.manager.read().expect("reason: never poisoned").clone()
     }
 
-    /// Stops tasks, removes the node bridge and NAT once no task needs
+    /// Stops tasks, removes the node bridge, NAT and overlays once no task needs
     /// them, and stops the managers' side.
     async fn stop(&self) {
         if self.tasks.stop_all(TASK_STOP_LIMIT).await {
             self.network.remove().await;
+            self.overlays.remove_all().await;
         }
         let _ = self.stop.send(true);
         let manager = self.manager.write().expect("reason: never poisoned").take();
@@ -961,8 +969,13 @@ impl Member {
                 Ok(PeerResponse::Assignments(Ok(a))) => {
                     warned = false;
                     known = a.digest.clone();
+                    let overlays = self.overlays.apply(&a).await;
                     self.tasks.apply(&a.tasks, &a.retained);
-                    continue;
+                    if overlays.is_ok() {
+                        continue;
+                    }
+                    // Ask again after the pause, whether or not anything changed.
+                    known.clear();
                 }
                 Ok(other) if !warned => log::warn!("assignments: unexpected reply {other:?}"),
                 Err(e) if !warned => log::warn!("assignments: {e}"),

@@ -291,6 +291,17 @@ pub fn check_task_history_limit(limit: u32) -> ApiResult<()> {
     Ok(())
 }
 
+/// Checks `--data-path-port`: Docker's range, clear of the well-known
+/// ports and the usual ephemeral range.
+pub fn check_data_path_port(port: u16) -> ApiResult<()> {
+    if !(1024..=49151).contains(&port) {
+        return Err(ApiError::invalid(format!(
+            "--data-path-port {port} is out of range: use a port from 1024 to 49151 (default 4789)"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,5 +432,14 @@ mod tests {
             .unwrap_err()
             .message
             .contains("overlap"));
+    }
+
+    #[test]
+    fn data_path_ports_stay_in_dockers_range() {
+        assert!(check_data_path_port(4789).is_ok());
+        assert!(check_data_path_port(1024).is_ok() && check_data_path_port(49151).is_ok());
+        for bad in [80, 1023, 49152] {
+            assert!(check_data_path_port(bad).unwrap_err().message.contains("1024 to 49151"));
+        }
     }
 }

@@ -100,6 +100,17 @@ pub struct ClusterSpec {
     /// Ended tasks kept per service slot (`--task-history-limit`, as Swarm's).
     #[serde(default = "default_task_history")]
     pub task_history_limit: u32,
+    /// The UDP port of the overlays' VXLAN traffic (`--data-path-port`).
+    #[serde(default = "default_data_path_port")]
+    pub data_path_port: u16,
+}
+
+/// VXLAN's IANA port, Swarm's default data-path port.
+pub const DEFAULT_DATA_PATH_PORT: u16 = 4789;
+
+/// Serde's default for stores written before the data-path port existed.
+pub fn default_data_path_port() -> u16 {
+    DEFAULT_DATA_PATH_PORT
 }
 
 fn default_task_history() -> u32 {
@@ -787,6 +798,7 @@ pub(crate) mod tests {
                 heartbeat_misses_down: 3,
                 cert_expiry_secs: 90 * 86400,
                 task_history_limit: 5,
+                data_path_port: DEFAULT_DATA_PATH_PORT,
             },
             ca: CaState {
                 root_cert_pem: "C".into(),

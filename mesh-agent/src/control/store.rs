@@ -496,6 +496,7 @@ mod tests {
                 heartbeat_misses_down: 3,
                 cert_expiry_secs: 3600,
                 task_history_limit: 5,
+                data_path_port: 4789,
             },
             ca: CaState {
                 root_cert_pem: "CERT".into(),

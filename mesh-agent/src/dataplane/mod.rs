@@ -5,3 +5,4 @@
 pub mod ebpf;
 pub mod netlink;
 pub mod nftables;
+pub mod vxlan;

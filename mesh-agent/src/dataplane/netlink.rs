@@ -5,13 +5,51 @@
 //! A [`Netlink`] handle is bound to the namespace its socket was opened in,
 //! so it is opened with [`Netlink::run`] on the thread that entered it.
 
-use std::{future::Future, net::IpAddr, os::fd::AsRawFd, os::fd::BorrowedFd};
+use std::{
+    future::Future,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::{AsRawFd, BorrowedFd},
+};
 
 use futures::TryStreamExt;
 use rtnetlink::{
-    packet_route::link::{InfoData, InfoVeth, LinkMessage},
-    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    packet_route::{
+        link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+        AddressFamily,
+    },
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
 };
+
+/// An Ethernet address.
+pub type Mac = [u8; 6];
+
+/// A link as a dump lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Its name.
+    pub name: String,
+    /// Its index.
+    pub index: u32,
+    /// Its MTU.
+    pub mtu: u32,
+}
+
+/// How a VXLAN device is made (`ip link add NAME type vxlan id VNI local
+/// LOCAL dstport PORT nolearning proxy mtu MTU`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanLink {
+    /// Its name.
+    pub name: String,
+    /// The VXLAN network identifier.
+    pub vni: u32,
+    /// The source address of the encapsulated packets.
+    pub local: Ipv4Addr,
+    /// The UDP port.
+    pub port: u16,
+    /// Its MTU.
+    pub mtu: u32,
+}
 
 /// Errors of netlink requests.
 #[derive(Debug, thiserror::Error)]
@@ -74,24 +112,225 @@ impl Netlink {
             .await
     }
 
-    /// `ip link add NAME type veth peer name PEER [netns NS]`: the peer is
-    /// created straight inside `peer_netns` when given.
+    /// `ip link add NAME [mtu MTU] type veth peer name PEER [address MAC]
+    /// [mtu MTU] [netns NS]`: the peer is created straight inside
+    /// `peer_netns` when given.
     pub async fn add_veth(
         &self,
         name: &str,
         peer: &str,
         peer_netns: Option<BorrowedFd<'_>>,
+        mtu: Option<u32>,
+        peer_mac: Option<Mac>,
     ) -> Result<(), NetlinkError> {
         let mut peer_message = LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_owned());
         if let Some(ns) = peer_netns {
             peer_message = peer_message.setns_by_fd(ns.as_raw_fd());
         }
-        let message = LinkVeth::new(name, peer)
+        if let Some(mac) = peer_mac {
+            peer_message = peer_message.address(mac.to_vec());
+        }
+        let mut builder = LinkVeth::new(name, peer);
+        if let Some(mtu) = mtu {
+            peer_message = peer_message.mtu(mtu);
+            builder = builder.mtu(mtu);
+        }
+        let message = builder
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_message.build())))
             .build();
         let netns = if peer_netns.is_some() { " netns ..." } else { "" };
         self.add_link(message, format!("ip link add {name} type veth peer name {peer}{netns}"))
             .await
+    }
+
+    /// `ip link add NAME type vxlan id VNI local LOCAL dstport PORT
+    /// nolearning proxy mtu MTU`: no learning and no default destination,
+    /// so only the static FDB entries say where a frame goes; `proxy`
+    /// answers ARP from the neighbour entries instead of flooding.
+    pub async fn add_vxlan(&self, link: &VxlanLink) -> Result<(), NetlinkError> {
+        let message = LinkVxlan::new(&link.name, link.vni)
+            .local(link.local)
+            .port(link.port)
+            .learning(false)
+            .proxy(true)
+            .mtu(link.mtu)
+            .build();
+        self.add_link(
+            message,
+            format!(
+                "ip link add {} type vxlan id {} local {} dstport {} nolearning proxy mtu {}",
+                link.name, link.vni, link.local, link.port, link.mtu
+            ),
+        )
+        .await
+    }
+
+    /// `ip link set NAME mtu MTU`
+    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+        let index = self.link_index(name).await?;
+        let message = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.set_link(message, format!("ip link set {name} mtu {mtu}")).await
+    }
+
+    /// Every link of this namespace (`ip link show`).
+    pub async fn links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
+        let mut out = Vec::new();
+        let mut dump = self.handle.link().get().execute();
+        while let Some(msg) = dump.try_next().await.map_err(|e| request("ip link show".into(), e))? {
+            let mut info = LinkInfo {
+                name: String::new(),
+                index: msg.header.index,
+                mtu: 0,
+            };
+            for a in &msg.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => info.name = n.clone(),
+                    LinkAttribute::Mtu(m) => info.mtu = *m,
+                    _ => {}
+                }
+            }
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    /// The static remote entries of VXLAN device `index` (`bridge fdb show
+    /// dev NAME`, those with a `dst`).
+    pub async fn fdb_entries(&self, index: u32) -> Result<Vec<(Mac, IpAddr)>, NetlinkError> {
+        let mut out = Vec::new();
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
+        while let Some(msg) = dump
+            .try_next()
+            .await
+            .map_err(|e| request("bridge fdb show".into(), e))?
+        {
+            if msg.header.ifindex != index {
+                continue;
+            }
+            let (mut mac, mut dst) = (None, None);
+            for a in &msg.attributes {
+                match a {
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::try_from(l.as_slice()).ok(),
+                    NeighbourAttribute::Destination(d) => dst = ip_of(d),
+                    _ => {}
+                }
+            }
+            if let (Some(mac), Some(dst)) = (mac, dst) {
+                out.push((mac, dst));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `bridge fdb replace MAC dev NAME self dst DST permanent`
+    pub async fn set_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .flags(NeighbourFlags::Own)
+            .destination(dst)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                request(
+                    format!(
+                        "bridge fdb replace {} dev #{index} self dst {dst} permanent",
+                        mac_text(mac)
+                    ),
+                    e,
+                )
+            })
+    }
+
+    /// `bridge fdb del MAC dev NAME self dst DST`
+    pub async fn delete_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<(), NetlinkError> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Bridge;
+        message.header.ifindex = index;
+        message.header.flags = NeighbourFlags::Own;
+        message
+            .attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        message
+            .attributes
+            .push(NeighbourAttribute::Destination(address_of(dst)));
+        self.handle.neighbours().del(message).execute().await.map_err(|e| {
+            request(
+                format!("bridge fdb del {} dev #{index} self dst {dst}", mac_text(mac)),
+                e,
+            )
+        })
+    }
+
+    /// The permanent IPv4 neighbour entries of link `index` (`ip neigh show
+    /// dev NAME nud permanent`).
+    pub async fn neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, Mac)>, NetlinkError> {
+        let mut out = Vec::new();
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
+        while let Some(msg) = dump.try_next().await.map_err(|e| request("ip neigh show".into(), e))? {
+            if msg.header.ifindex != index || msg.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let (mut mac, mut ip) = (None, None);
+            for a in &msg.attributes {
+                match a {
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::try_from(l.as_slice()).ok(),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(*v4),
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.push((ip, mac));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `ip neigh replace IP lladdr MAC dev NAME nud permanent`
+    pub async fn set_neighbour(&self, index: u32, ip: Ipv4Addr, mac: Mac) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                request(
+                    format!(
+                        "ip neigh replace {ip} lladdr {} dev #{index} nud permanent",
+                        mac_text(mac)
+                    ),
+                    e,
+                )
+            })
+    }
+
+    /// `ip neigh del IP dev NAME`
+    pub async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.ifindex = index;
+        message
+            .attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        self.handle
+            .neighbours()
+            .del(message)
+            .execute()
+            .await
+            .map_err(|e| request(format!("ip neigh del {ip} dev #{index}"), e))
     }
 
     /// `ip link set NAME up`
@@ -147,6 +386,22 @@ impl Netlink {
             }));
         }
         Ok(out)
+    }
+
+    /// The index of the link holding `address` (`ip addr show to ADDRESS`).
+    pub async fn link_with_address(&self, address: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut dump = self.handle.address().get().execute();
+        while let Some(msg) = dump.try_next().await.map_err(|e| request("ip addr show".into(), e))? {
+            if msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == address))
+            {
+                return Ok(Some(msg.header.index));
+            }
+        }
+        Ok(None)
     }
 
     /// `ip route add default via GATEWAY`
@@ -210,6 +465,33 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| request(command, e))
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`
+pub fn mac_text(mac: Mac) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The IP address of an `NDA_DST`; in a bridge-family (FDB) message the
+/// parser cannot tell the family, so the length does.
+fn ip_of(address: &NeighbourAddress) -> Option<IpAddr> {
+    match address {
+        NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        NeighbourAddress::Other(bytes) => match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn address_of(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
     }
 }
 

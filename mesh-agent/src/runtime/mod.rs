@@ -4,6 +4,7 @@
 //! - [`netns`]: named network namespaces (bind mounts).
 //! - [`process`]: forking a task into its namespaces; signals (the kernel layer).
 //! - [`network`]: the node-local bridge network tasks attach to.
+//! - [`overlay`]: this node's overlay networks (VXLAN) and its tasks' ports on them.
 //! - [`plan`]: assignments vs what runs here (pure).
 //! - [`health`]: health verdicts from check results (pure).
 //! - [`logs`]: reading task logs.
@@ -13,6 +14,7 @@ pub mod health;
 pub mod logs;
 pub mod netns;
 pub mod network;
+pub mod overlay;
 pub mod plan;
 pub mod process;
 pub mod supervisor;

@@ -232,7 +232,7 @@ fn wire(subnet: Subnet, netns: &Path, a: &Attachment, nat: Option<&Masquerade>) 
     }
     Netlink::run(|nl| async move {
         let _ = nl.delete_link(&a.host_link).await;
-        nl.add_veth(&a.host_link, "eth0", Some(ns.fd())).await?;
+        nl.add_veth(&a.host_link, "eth0", Some(ns.fd()), None, None).await?;
         nl.set_controller(&a.host_link, BRIDGE).await?;
         nl.set_up(&a.host_link).await
     })?;

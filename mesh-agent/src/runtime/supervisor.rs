@@ -26,6 +26,7 @@ use super::{
     health::{Health, HealthTracker},
     netns::NetNs,
     network::{Attachment, LocalNetwork},
+    overlay::Overlays,
     plan::{self, Action, Local},
     process::{self, Launch, User},
 };
@@ -41,6 +42,7 @@ const HEALTH_OUTPUT_MAX: usize = 200;
 pub struct Supervisor {
     dir: PathBuf,
     network: Arc<LocalNetwork>,
+    overlays: Arc<Overlays>,
     reports: mpsc::UnboundedSender<TaskReport>,
     inner: Mutex<Inner>,
 }
@@ -68,6 +70,7 @@ impl Supervisor {
     pub fn new(
         dir: PathBuf,
         network: Arc<LocalNetwork>,
+        overlays: Arc<Overlays>,
         reports: mpsc::UnboundedSender<TaskReport>,
     ) -> io::Result<Arc<Supervisor>> {
         fs::create_dir_all(&dir)?;
@@ -75,6 +78,7 @@ impl Supervisor {
         Ok(Arc::new(Supervisor {
             dir,
             network,
+            overlays,
             reports,
             inner: Mutex::new(Inner::default()),
         }))
@@ -160,6 +164,7 @@ impl Supervisor {
             Ok(_) if *stop.borrow() => (TaskState::Shutdown, "stopped before it started".to_string()),
             Ok(prepared) => self.supervise(&a, prepared, &mut stop).await,
         };
+        self.overlays.detach(id).await;
         self.network.detach(id).await;
         remove_namespace(&dir);
         let _ = fs::remove_file(dir.join("pid"));
@@ -196,6 +201,7 @@ impl Supervisor {
             .attach(a.task, &ns_path)
             .await
             .map_err(|e| format!("attaching the task to the node's bridge network: {e}"))?;
+        self.overlays.attach(a.task, &ns_path, &spec.networks).await?;
         self.report(a.task, TaskState::Starting, "");
         let log = OpenOptions::new()
             .create(true)

@@ -159,6 +159,7 @@ fn scheduler() {
         heartbeat_misses_down: 3,
         cert_expiry_secs: 3600,
         task_history_limit: 5,
+        data_path_port: state::DEFAULT_DATA_PATH_PORT,
     });
     for id in 1..=100u64 {
         state.nodes.insert(

@@ -1,0 +1,258 @@
+//! Kernel lane: the overlay dataplane (issue 5). Tasks of one service on
+//! three nodes reach each other over VXLAN by TCP and UDP; two overlays
+//! are isolated; the static FDB and neighbour entries follow tasks and
+//! nodes as they come and go.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use mesh_agent::{
+    dataplane::{
+        netlink::Netlink,
+        vxlan::{self, OverlayState},
+    },
+    runtime::{netns::NetNs, overlay::task_mac},
+};
+use mesh_tests::{
+    require_root,
+    swarm::{binary, Swarm},
+};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+const PORT: u16 = 7000;
+
+/// (task, node, address) of every endpoint on `network`.
+fn endpoints(swarm: &Swarm, network: &str) -> Vec<(String, String, Ipv4Addr)> {
+    let view = inspect(swarm, network);
+    view["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["task"].as_str().unwrap().to_string(),
+                e["node"].as_str().unwrap_or("").to_string(),
+                e["address"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn inspect(swarm: &Swarm, network: &str) -> serde_json::Value {
+    let out = swarm.ok(0, &["network", "inspect", network]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("inspect prints JSON");
+    list.into_iter().next().expect("one network")
+}
+
+fn vni(swarm: &Swarm, network: &str) -> u32 {
+    inspect(swarm, network)["network"]["vni"].as_u64().unwrap() as u32
+}
+
+/// Runs `f` in the network namespace of `task` on host `host`.
+fn in_task<T: Send>(swarm: &Swarm, host: usize, task: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = swarm.agents[host].data_dir.join("tasks").join(task).join("netns");
+    NetNs::open_at(&path, "task")
+        .expect("the task's namespace")
+        .run(f)
+        .expect("enter it")
+}
+
+/// Connects to a task's echo server: the greeting names the task, and a
+/// line comes back as sent.
+fn tcp_echo(address: Ipv4Addr) -> Result<String, String> {
+    let to = SocketAddr::from((address, PORT));
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| format!("{to}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).map_err(|e| e.to_string())?;
+    (&stream).write_all(b"over the overlay\n").map_err(|e| e.to_string())?;
+    let mut back = String::new();
+    reader.read_line(&mut back).map_err(|e| e.to_string())?;
+    if back != "over the overlay\n" {
+        return Err(format!("echoed {back:?}"));
+    }
+    Ok(greeting.trim().to_string())
+}
+
+/// One UDP datagram to a task's echo server; the reply names the task.
+fn udp_echo(address: Ipv4Addr) -> Result<String, String> {
+    let socket = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
+    socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 1500];
+    // UDP may lose the first datagram while ARP resolves; a few tries.
+    for _ in 0..6 {
+        socket
+            .send_to(b"datagram", (address, PORT))
+            .map_err(|e| e.to_string())?;
+        if let Ok(n) = socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            let (name, body) = text.split_once(' ').ok_or(format!("reply {text:?}"))?;
+            assert_eq!(body, "datagram");
+            return Ok(name.to_string());
+        }
+    }
+    Err(format!("no UDP reply from {address}"))
+}
+
+/// The overlay networks in host `host`'s kernel.
+fn overlays_on(swarm: &Swarm, host: usize) -> BTreeMap<u32, OverlayState> {
+    swarm
+        .cluster
+        .host(host)
+        .run(|| Netlink::run(|nl| async move { vxlan::observe(&nl).await }))
+        .expect("read the overlays")
+}
+
+/// The VTEPs host `host` sends network `vni`'s frames to, per remote MAC.
+fn fdb_on(swarm: &Swarm, host: usize, vni: u32) -> BTreeMap<[u8; 6], IpAddr> {
+    overlays_on(swarm, host).remove(&vni).map(|s| s.fdb).unwrap_or_default()
+}
+
+fn running(swarm: &Swarm, service: &str) -> usize {
+    let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
+    let tasks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    tasks
+        .iter()
+        .filter(|t| t["task"]["state"] == "Running" && t["task"]["desired"] == "Running")
+        .count()
+}
+
+#[test]
+fn tasks_on_three_nodes_talk_over_vxlan_isolated_per_network_with_entries_that_follow_them() {
+    require_root();
+    let swarm = Swarm::new(3);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.join(2, 0, "worker");
+    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    let echo = binary("mesh-echo");
+    let echo = echo.to_str().unwrap();
+    let port = PORT.to_string();
+
+    swarm.ok(0, &["network", "create", "app"]);
+    swarm.ok(0, &["network", "create", "other"]);
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--mode",
+            "global",
+            "--name",
+            "echo",
+            "--network",
+            "app",
+            "--",
+            echo,
+            &port,
+        ],
+    );
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "lone",
+            "--network",
+            "other",
+            "--",
+            echo,
+            &port,
+        ],
+    );
+    swarm.wait("echo on 3 nodes, lone on 1", CONVERGE, || {
+        running(&swarm, "echo") == 3 && running(&swarm, "lone") == 1
+    });
+    let app = vni(&swarm, "app");
+    let on_app = endpoints(&swarm, "app");
+    assert_eq!(on_app.len(), 3, "{on_app:?}");
+    let host_of = |node: &str| node.trim_start_matches('h').parse::<usize>().unwrap();
+    let (here_task, _, _) = on_app.iter().find(|(_, n, _)| n == "h0").expect("a task on h0").clone();
+
+    // TCP and UDP from h0's task to the tasks on h1 and h2, through VXLAN.
+    for (task, node, address) in on_app.iter().filter(|(_, n, _)| n != "h0") {
+        let address = *address;
+        let (tcp, udp) = in_task(&swarm, 0, &here_task, move || (tcp_echo(address), udp_echo(address)));
+        assert_eq!(tcp.as_deref(), Ok(task.as_str()), "TCP to {node}'s task at {address}");
+        assert_eq!(udp.as_deref(), Ok(task.as_str()), "UDP to {node}'s task at {address}");
+    }
+
+    // Each node has exactly the other nodes' endpoints, statically.
+    for host in 0..3 {
+        let want: BTreeMap<[u8; 6], IpAddr> = on_app
+            .iter()
+            .filter(|(_, n, _)| host_of(n) != host)
+            .map(|(_, n, a)| (task_mac(*a), IpAddr::V4(swarm.cluster.host(host_of(n)).address())))
+            .collect();
+        let state = overlays_on(&swarm, host)
+            .remove(&app)
+            .expect("the app network on every node");
+        assert_eq!(state.fdb, want, "h{host}'s FDB for app");
+        assert_eq!(state.neighbours.len(), 2, "h{host}'s neighbours for app");
+        assert_eq!(state.mtu, 1450, "the underlay's 1500 minus VXLAN's 50");
+    }
+
+    // The other overlay is a separate segment: no entry for its task on
+    // app, and app's tasks cannot reach it.
+    let on_other = endpoints(&swarm, "other");
+    let (_, lone_node, lone_address) = on_other[0].clone();
+    for host in 0..3 {
+        assert!(
+            !fdb_on(&swarm, host, app).contains_key(&task_mac(lone_address)),
+            "h{host}'s app FDB knows nothing of other"
+        );
+    }
+    let reached = in_task(&swarm, 0, &here_task, move || tcp_echo(lone_address));
+    assert!(reached.is_err(), "app reached {lone_address} on other (on {lone_node})");
+
+    // Draining h2 stops its task: its entries leave h0 and h1, and h2
+    // keeps no overlay it has no task on.
+    let h2 = IpAddr::V4(swarm.cluster.host(2).address());
+    swarm.ok(0, &["node", "update", "--availability", "drain", "h2"]);
+    swarm.wait("h2's endpoint gone from h0 and h1", CONVERGE, || {
+        (0..2).all(|h| !fdb_on(&swarm, h, app).values().any(|v| *v == h2))
+    });
+    swarm.wait("h2 without the app network", CONVERGE, || {
+        !overlays_on(&swarm, 2).contains_key(&app)
+    });
+    let linkless = swarm
+        .cluster
+        .host(2)
+        .run(|| !std::path::Path::new(&format!("/sys/class/net/{}", vxlan::bridge_name(app))).exists());
+    assert!(linkless, "h2's app bridge is removed too");
+
+    // h1 leaves the swarm: its endpoint leaves h0, and h1 keeps nothing.
+    swarm.ok(1, &["swarm", "leave"]);
+    swarm.wait("h1's endpoint gone from h0", CONVERGE, || {
+        fdb_on(&swarm, 0, app).is_empty()
+    });
+    assert!(overlays_on(&swarm, 1).is_empty(), "h1 left no overlay behind");
+
+    // An encrypted network is not served in clear: its task is rejected
+    // with the reason.
+    swarm.ok(0, &["network", "create", "--opt", "encrypted", "sealed"]);
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "secret",
+            "--network",
+            "sealed",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    );
+    swarm.wait("the encrypted network's task refused", CONVERGE, || {
+        swarm.ok(0, &["service", "ps", "secret"]).contains("is encrypted")
+    });
+}
