@@ -29,7 +29,8 @@ pub struct Process {
 }
 
 impl Process {
-    pub(crate) fn spawn_in(ns: &NetNs, mut command: Command) -> Result<Process, ProcessError> {
+    /// Starts `command` inside namespace `ns`; killed when dropped.
+    pub fn spawn_in(ns: &NetNs, mut command: Command) -> Result<Process, ProcessError> {
         let line = display(&command);
         enter_on_exec(&mut command, ns);
         let child = command.spawn().map_err(|source| ProcessError {
@@ -39,7 +40,8 @@ impl Process {
         Ok(Process { child, command: line })
     }
 
-    pub(crate) fn output_in(ns: &NetNs, mut command: Command, timeout: Duration) -> Result<Output, ProcessError> {
+    /// Runs `command` inside `ns` to completion, killing it after `timeout`.
+    pub fn output_in(ns: &NetNs, mut command: Command, timeout: Duration) -> Result<Output, ProcessError> {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -125,7 +125,7 @@ fn running(swarm: &Swarm, service: &str) -> usize {
 #[test]
 fn tasks_on_three_nodes_talk_over_vxlan_isolated_per_network_with_entries_that_follow_them() {
     require_root();
-    let swarm = Swarm::new(3);
+    let mut swarm = Swarm::new(3);
     swarm.init(&[]);
     swarm.join(1, 0, "worker");
     swarm.join(2, 0, "worker");
@@ -210,6 +210,47 @@ fn tasks_on_three_nodes_talk_over_vxlan_isolated_per_network_with_entries_that_f
     }
     let reached = in_task(&swarm, 0, &here_task, move || tcp_echo(lone_address));
     assert!(reached.is_err(), "app reached {lone_address} on other (on {lone_node})");
+
+    // Restarting h1's agent (SIGKILL, as a crash would) interrupts
+    // nothing: a TCP stream from h0's task to h1's task carries on, the
+    // same tasks run, and h1's kernel objects are adopted as they are.
+    let (peer_task, _, peer_address) = on_app.iter().find(|(_, n, _)| n == "h1").cloned().unwrap();
+    let stream = in_task(&swarm, 0, &here_task, move || {
+        TcpStream::connect_timeout(&SocketAddr::from((peer_address, PORT)), Duration::from_secs(2))
+    })
+    .expect("a stream to h1's task");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), peer_task);
+    let h1_before = overlays_on(&swarm, 1);
+    swarm.kill(1);
+    swarm.start(1);
+    swarm.wait("h1's agent back in the swarm", CONVERGE, || {
+        let log = std::fs::read_to_string(&swarm.agents[1].log).unwrap_or_default();
+        log.lines()
+            .any(|l| l.contains(&format!("task {peer_task} ")) && l.contains("adopted"))
+    });
+    for round in 0..3 {
+        let text = format!("still here {round}\n");
+        (&stream)
+            .write_all(text.as_bytes())
+            .expect("the stream survives the restart");
+        line.clear();
+        reader.read_line(&mut line).expect("an echo after the restart");
+        assert_eq!(line, text);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let on_app_after = endpoints(&swarm, "app");
+    assert_eq!(on_app_after, on_app, "the same tasks, not replacements");
+    assert_eq!(running(&swarm, "echo"), 3);
+    assert_eq!(
+        overlays_on(&swarm, 1),
+        h1_before,
+        "h1's overlay entries are as they were"
+    );
+    drop((reader, stream));
 
     // Draining h2 stops its task: its entries leave h0 and h1, and h2
     // keeps no overlay it has no task on.

@@ -37,7 +37,8 @@ enum Command {
         hold: bool,
     },
     /// Run the benchmarks: `control` (Raft failover, store writes), `services`
-    /// (create -> running, scheduler).
+    /// (create -> running, scheduler), `overlay` (VXLAN throughput and
+    /// latency vs the bare underlay).
     Bench {
         /// Which benchmark; all when omitted.
         which: Option<String>,
@@ -71,10 +72,11 @@ fn demo(hold: bool) -> Result<()> {
 fn bench(which: Option<&str>, rest: &[String]) -> Result<()> {
     setup::require_root("the benchmarks (network namespaces)")?;
     let binaries: &[&str] = match which {
-        None => &["mesh-bench", "mesh-bench-services"],
+        None => &["mesh-bench", "mesh-bench-services", "mesh-bench-overlay"],
         Some("control") => &["mesh-bench"],
         Some("services") => &["mesh-bench-services"],
-        Some(other) => anyhow::bail!("unknown benchmark {other:?}: the benchmarks are: control, services"),
+        Some("overlay") => &["mesh-bench-overlay"],
+        Some(other) => anyhow::bail!("unknown benchmark {other:?}: the benchmarks are: control, services, overlay"),
     };
     setup::run()?;
     ebpf::build()?;

@@ -88,6 +88,19 @@ impl Ipam {
         Some(Ipv4Addr::from(free))
     }
 
+    /// Marks an address in use (a task adopted after an agent restart);
+    /// false if it is outside the subnet or taken.
+    pub fn reserve(&mut self, address: Ipv4Addr) -> bool {
+        let a = u32::from(address);
+        if !self.subnet.contains(address)
+            || a <= u32::from(self.subnet.gateway())
+            || a >= u32::from(self.subnet.broadcast())
+        {
+            return false;
+        }
+        self.used.insert(a)
+    }
+
     /// Gives an address back.
     pub fn release(&mut self, address: Ipv4Addr) {
         self.used.remove(&u32::from(address));
@@ -195,6 +208,38 @@ impl LocalNetwork {
                 Err(e)
             }
         }
+    }
+
+    /// Takes over task `task`'s attachment as a previous agent left it
+    /// (namespace at `netns`): its `eth0` address is read from the kernel
+    /// and reserved, and nothing is changed.
+    pub async fn adopt(&self, task: u64, netns: &Path) -> Result<Attachment, NetworkError> {
+        let (netns, subnet) = (netns.to_path_buf(), self.subnet);
+        let addresses = tokio::task::spawn_blocking(move || -> Result<Vec<IpAddr>, NetworkError> {
+            let ns = NetNs::open_at(&netns, "task")?;
+            Ok(ns.run(|| Netlink::run(|nl| async move { nl.global_addresses().await }))??)
+        })
+        .await
+        .map_err(|e| NetworkError::Worker(e.to_string()))??;
+        let address = addresses
+            .into_iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v4) if subnet.contains(v4) => Some(v4),
+                _ => None,
+            })
+            .ok_or_else(|| NetworkError::Worker(format!("the task has no address in {subnet}")))?;
+        let attachment = Attachment {
+            host_link: host_link_name(task),
+            address,
+        };
+        let mut state = self.state.lock().expect("reason: never poisoned");
+        if !state.0.reserve(address) {
+            return Err(NetworkError::Worker(format!(
+                "address {address} is taken by another task"
+            )));
+        }
+        state.1.insert(task, attachment.clone());
+        Ok(attachment)
     }
 
     /// Removes task `task`'s veth and frees its address.

@@ -225,6 +225,15 @@ impl Overlays {
         plugged.map_err(|e| format!("attaching the task to its overlay networks: {e}"))
     }
 
+    /// Takes over the ports a previous agent made for task `task` on its
+    /// `networks` overlays (their names follow from the task and position).
+    pub async fn adopt(&self, task: u64, networks: usize) {
+        if networks > 0 {
+            let links = (1..=networks).map(|i| host_link_name(task, i)).collect();
+            self.inner.lock().await.ports.insert(task, links);
+        }
+    }
+
     /// Removes task `task`'s ports (its namespace may be gone already,
     /// taking them with it).
     pub async fn detach(&self, task: u64) {

@@ -17,6 +17,12 @@ pub enum Action {
     /// Delete what is left of a task that is no longer the node's (its
     /// directory and logs).
     Forget(u64),
+    /// Watch again a task whose process a previous agent started and left
+    /// running (an agent restart interrupts no task).
+    Adopt(Assignment),
+    /// Kill a process a previous agent left for a task that is no longer
+    /// assigned here.
+    Reap(u64),
 }
 
 /// What the node has.
@@ -29,6 +35,9 @@ pub struct Local {
     pub ended: BTreeSet<u64>,
     /// Task directories on disk.
     pub dirs: BTreeSet<u64>,
+    /// Tasks whose process a previous agent left alive (known only until
+    /// the first reconciliation after a restart).
+    pub leftovers: BTreeSet<u64>,
 }
 
 /// Diffs the managers' view of this node's tasks against the node's own.
@@ -38,7 +47,12 @@ pub fn reconcile(assigned: &[Assignment], retained: &[u64], local: &Local) -> Ve
     let mut known: BTreeSet<u64> = retained.iter().copied().collect();
     for a in assigned {
         known.insert(a.task);
-        let here = local.running.contains(&a.task);
+        let mut here = local.running.contains(&a.task);
+        if !here && local.leftovers.contains(&a.task) {
+            // Adopted whatever its desired state; a stop follows if wanted.
+            actions.push(Action::Adopt(a.clone()));
+            here = true;
+        }
         let ended = local.ended.contains(&a.task);
         match (a.desired, here, ended) {
             (DesiredState::Shutdown, true, _) => actions.push(Action::Stop(a.task)),
@@ -62,6 +76,13 @@ pub fn reconcile(assigned: &[Assignment], retained: &[u64], local: &Local) -> Ve
             })),
         }
     }
+    actions.extend(
+        local
+            .leftovers
+            .iter()
+            .filter(|id| !known.contains(id) && !local.running.contains(id))
+            .map(|id| Action::Reap(*id)),
+    );
     // Running here but no longer assigned at all (its service was removed
     // and its record pruned, or the node was removed).
     actions.extend(
@@ -147,6 +168,27 @@ mod tests {
             ],
             "task 3 ended here and its report is on its way"
         );
+    }
+
+    #[test]
+    fn adopts_what_a_previous_agent_left_and_reaps_the_unassigned() {
+        let local = Local {
+            leftovers: [1, 2, 7].into(),
+            dirs: [1, 2, 7].into(),
+            ..Local::default()
+        };
+        let actions = reconcile(
+            &[
+                assigned(1, DesiredState::Running, TaskState::Running),
+                assigned(2, DesiredState::Shutdown, TaskState::Running),
+            ],
+            &[],
+            &local,
+        );
+        assert!(matches!(&actions[0], Action::Adopt(a) if a.task == 1));
+        assert!(matches!(&actions[1], Action::Adopt(a) if a.task == 2));
+        assert_eq!(actions[2], Action::Stop(2), "adopted, then stopped as wanted");
+        assert_eq!(actions[3..], [Action::Reap(7), Action::Forget(7)]);
     }
 
     #[test]

@@ -243,6 +243,45 @@ pub fn signal_group(pid: u32, signal: i32) -> io::Result<()> {
     }
 }
 
+/// A task process this agent did not start (a previous agent did), watched
+/// through a pidfd: it is not our child, so its exit status is unknown.
+pub struct Adopted {
+    pidfd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl Adopted {
+    /// Watches `pid` if it is still the process that started at `start`
+    /// (checked after the pidfd is open, so a reused PID is never taken).
+    pub fn open(pid: u32, start: u64) -> io::Result<Adopted> {
+        use std::os::fd::FromRawFd;
+        let raw = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+        // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        if start_time(pid) != Some(start) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} is no longer the task's"),
+            ));
+        }
+        // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it (open,
+        // the same description) until it is dropped.
+        let pidfd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Adopted { pidfd })
+    }
+
+    /// Returns once the process has exited (a pidfd turns readable then).
+    pub async fn exited(&self) {
+        // An error here means the fd itself broke; treat it as gone.
+        let _ = self.pidfd.readable().await;
+    }
+}
+
 /// The start time of process `pid` in clock ticks since boot (field 22 of
 /// /proc/PID/stat), which tells a process from a later one that reused its
 /// PID.

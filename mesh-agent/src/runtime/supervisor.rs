@@ -6,9 +6,10 @@
 //! Each task has a directory `<data-dir>/tasks/<task-id>/` holding its
 //! network namespace (`netns`, a bind mount), its log (`log`: stdout and
 //! stderr) and its process (`pid`: "PID START-TIME"). Tasks run in their
-//! own session and outlive an agent restart; the restarted agent does not
-//! adopt them yet: it kills what the old one left ([`reap_leftovers`]) and
-//! the managers restart them.
+//! own session and outlive an agent restart: the restarted agent finds
+//! what the old one left ([`find_leftovers`]), adopts those still assigned
+//! (their process, addresses and ports stay as they are, so no connection
+//! is interrupted) and kills the rest.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -53,6 +54,9 @@ struct Inner {
     running: BTreeMap<u64, watch::Sender<bool>>,
     /// Tasks that ended here, until the store stops listing them as live.
     ended: BTreeSet<u64>,
+    /// Live processes a previous agent left: task -> (PID, start time);
+    /// emptied by the first reconciliation.
+    leftovers: BTreeMap<u64, (u32, u64)>,
 }
 
 /// The directory name of a task.
@@ -74,13 +78,16 @@ impl Supervisor {
         reports: mpsc::UnboundedSender<TaskReport>,
     ) -> io::Result<Arc<Supervisor>> {
         fs::create_dir_all(&dir)?;
-        reap_leftovers(&dir);
+        let leftovers = find_leftovers(&dir);
         Ok(Arc::new(Supervisor {
             dir,
             network,
             overlays,
             reports,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                leftovers,
+                ..Inner::default()
+            }),
         }))
     }
 
@@ -113,6 +120,7 @@ impl Supervisor {
             running: inner.running.keys().copied().collect(),
             ended: inner.ended.clone(),
             dirs,
+            leftovers: inner.leftovers.keys().copied().collect(),
         };
         for action in plan::reconcile(assigned, retained, &local) {
             match action {
@@ -137,15 +145,35 @@ impl Supervisor {
                         log::warn!("removing {}: {e}", dir.display());
                     }
                 }
+                Action::Adopt(a) => {
+                    let Some((pid, start)) = inner.leftovers.get(&a.task).copied() else {
+                        continue;
+                    };
+                    let (stop, stop_rx) = watch::channel(false);
+                    inner.running.insert(a.task, stop);
+                    tokio::spawn(self.clone().run_adopted(a, pid, start, stop_rx));
+                }
+                Action::Reap(id) => {
+                    if let Some((pid, start)) = inner.leftovers.get(&id).copied() {
+                        reap(&self.dir.join(task_dir_name(id)), pid, start);
+                    }
+                }
             }
         }
+        inner.leftovers.clear();
     }
 
     /// Stops every task (the node leaves the swarm) and waits for them to
     /// end, up to `limit`. Whether they all ended.
     pub async fn stop_all(&self, limit: Duration) -> bool {
-        for stop in self.lock().running.values() {
-            let _ = stop.send(true);
+        {
+            let mut inner = self.lock();
+            for stop in inner.running.values() {
+                let _ = stop.send(true);
+            }
+            for (id, (pid, start)) in std::mem::take(&mut inner.leftovers) {
+                reap(&self.dir.join(task_dir_name(id)), pid, start);
+            }
         }
         let deadline = Instant::now() + limit;
         while !self.lock().running.is_empty() && Instant::now() < deadline {
@@ -164,9 +192,32 @@ impl Supervisor {
             Ok(_) if *stop.borrow() => (TaskState::Shutdown, "stopped before it started".to_string()),
             Ok(prepared) => self.supervise(&a, prepared, &mut stop).await,
         };
+        self.finish(&a, &dir, state, message).await;
+    }
+
+    /// The life of a task a previous agent started: watched from here on
+    /// with everything it has (process, addresses, ports) left as it is.
+    async fn run_adopted(self: Arc<Self>, a: Assignment, pid: u32, start: u64, mut stop: watch::Receiver<bool>) {
+        let dir = self.dir.join(task_dir_name(a.task));
+        let (state, message) = match self.readopt(&a, &dir, pid, start).await {
+            Err(message) => {
+                let _ = process::signal_group(pid, libc::SIGKILL);
+                (TaskState::Failed, message)
+            }
+            Ok(prepared) => {
+                log::info!("task {} ({}) adopted: pid {pid}", task_dir_name(a.task), a.spec.name);
+                self.supervise(&a, prepared, &mut stop).await
+            }
+        };
+        self.finish(&a, &dir, state, message).await;
+    }
+
+    /// Detaches an ended task, removes its namespace and reports it.
+    async fn finish(&self, a: &Assignment, dir: &Path, state: TaskState, message: String) {
+        let id = a.task;
         self.overlays.detach(id).await;
         self.network.detach(id).await;
-        remove_namespace(&dir);
+        remove_namespace(dir);
         let _ = fs::remove_file(dir.join("pid"));
         log::info!(
             "task {} ({}) {}: {message}",
@@ -223,12 +274,49 @@ impl Supervisor {
         })
         .map_err(|e| spawn_error(spec, &e))?;
         let pid = child.id().ok_or("the task exited before it could be watched")?;
+        let child = TaskProcess::Child(child);
         let start = process::start_time(pid).unwrap_or(0);
         if let Err(e) = fs::write(dir.join("pid"), format!("{pid} {start}\n")) {
             log::warn!("recording task {}'s PID: {e}", task_dir_name(a.task));
         }
         Ok(Prepared {
-            child,
+            process: child,
+            pid,
+            env,
+            user,
+            attachment,
+        })
+    }
+
+    /// What a previous agent left of task `a`: its process, its address on
+    /// the node bridge and its overlay ports, taken over as they are.
+    async fn readopt(&self, a: &Assignment, dir: &Path, pid: u32, start: u64) -> Result<Prepared, String> {
+        let spec = &a.spec;
+        let adopted = process::Adopted::open(pid, start)
+            .map_err(|e| format!("the task's process could not be adopted after an agent restart: {e}"))?;
+        let user = match &spec.user {
+            Some(u) => {
+                let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+                let group = fs::read_to_string("/etc/group").unwrap_or_default();
+                Some(process::resolve_user(u, &passwd, &group)?)
+            }
+            None => None,
+        };
+        let attachment = self
+            .network
+            .adopt(a.task, &dir.join("netns"))
+            .await
+            .map_err(|e| format!("the task's address could not be adopted after an agent restart: {e}"))?;
+        self.overlays.adopt(a.task, spec.networks.len()).await;
+        let hostname = task_dir_name(a.task);
+        let home = user.as_ref().map_or("/root", |u| u.home.as_str());
+        let env = process::environment(&spec.env, &hostname, &spec.name, home);
+        if a.state < TaskState::Running && spec.health.is_none() {
+            // The previous agent may have died before saying so.
+            self.report(a.task, TaskState::Running, "");
+        }
+        Ok(Prepared {
+            process: TaskProcess::Adopted(adopted),
             pid,
             env,
             user,
@@ -269,12 +357,16 @@ impl Supervisor {
         let mut healthy = false;
         let outcome = loop {
             tokio::select! {
-                status = p.child.wait() => {
+                    status = p.process.wait() => {
                     break match status {
-                        Ok(status) => match process::describe_exit(status) {
+                        Ok(Some(status)) => match process::describe_exit(status) {
                             (true, _) => (TaskState::Complete, "finished".to_string()),
                             (false, why) => (TaskState::Failed, why),
                         },
+                        Ok(None) => (
+                            TaskState::Failed,
+                            "task: exited (its exit status is unknown: it was adopted after an agent restart)".to_string(),
+                        ),
                         Err(e) => (TaskState::Failed, format!("waiting for the task: {e}")),
                     };
                 }
@@ -289,7 +381,7 @@ impl Supervisor {
                     }
                     Health::Unhealthy => {
                         let _ = process::signal_group(p.pid, libc::SIGKILL);
-                        let _ = p.child.wait().await;
+                        let _ = p.process.wait().await;
                         break (TaskState::Failed, format!("task: unhealthy: {output}"));
                     }
                     _ => {}
@@ -305,9 +397,28 @@ impl Supervisor {
     }
 }
 
+/// A task's process: started by this agent, or adopted from a previous one.
+enum TaskProcess {
+    Child(tokio::process::Child),
+    Adopted(process::Adopted),
+}
+
+impl TaskProcess {
+    /// Waits for the process to end; its status if it is our child.
+    async fn wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        match self {
+            TaskProcess::Child(c) => c.wait().await.map(Some),
+            TaskProcess::Adopted(a) => {
+                a.exited().await;
+                Ok(None)
+            }
+        }
+    }
+}
+
 /// What [`Supervisor::prepare`] hands to [`Supervisor::supervise`].
 struct Prepared {
-    child: tokio::process::Child,
+    process: TaskProcess,
     pid: u32,
     env: BTreeMap<String, String>,
     user: Option<User>,
@@ -328,9 +439,9 @@ fn spawn_error(spec: &TaskSpec, e: &io::Error) -> String {
 /// SIGTERM to the task's group, SIGKILL after the grace period.
 async fn graceful_stop(p: &mut Prepared, grace: Duration) {
     let _ = process::signal_group(p.pid, libc::SIGTERM);
-    if tokio::time::timeout(grace, p.child.wait()).await.is_err() {
+    if tokio::time::timeout(grace, p.process.wait()).await.is_err() {
         let _ = process::signal_group(p.pid, libc::SIGKILL);
-        let _ = p.child.wait().await;
+        let _ = p.process.wait().await;
     }
 }
 
@@ -412,10 +523,11 @@ fn remove_namespace(task_dir: &Path) {
     }
 }
 
-/// Kills the tasks a previous agent left running under `dir` (checking the
-/// recorded start time, so a reused PID is never hit) and removes their
-/// namespaces. Their logs stay until the store forgets the tasks.
-pub fn reap_leftovers(dir: &Path) {
+/// The live task processes a previous agent left under `dir` (checking
+/// the recorded start time, so a reused PID is never taken for a task).
+/// What is left of dead ones (PID file, namespace) is removed.
+pub fn find_leftovers(dir: &Path) -> BTreeMap<u64, (u32, u64)> {
+    let mut alive = BTreeMap::new();
     for id in task_dirs(dir) {
         let task_dir = dir.join(task_dir_name(id));
         if let Ok(text) = fs::read_to_string(task_dir.join("pid")) {
@@ -423,15 +535,32 @@ pub fn reap_leftovers(dir: &Path) {
             if let (Some(Ok(pid)), Some(Ok(start))) = (fields.next(), fields.next()) {
                 let pid = pid as u32;
                 if process::start_time(pid) == Some(start) {
-                    log::info!(
-                        "stopping task {} left by a previous agent (pid {pid})",
-                        task_dir_name(id)
-                    );
-                    let _ = process::signal_group(pid, libc::SIGKILL);
+                    alive.insert(id, (pid, start));
+                    continue;
                 }
             }
             let _ = fs::remove_file(task_dir.join("pid"));
         }
         remove_namespace(&task_dir);
     }
+    alive
+}
+
+/// Kills every task process left under `dir` and removes their namespaces
+/// (cleaning up after agents that are gone for good).
+pub fn reap_leftovers(dir: &Path) {
+    for (id, (pid, start)) in find_leftovers(dir) {
+        reap(&dir.join(task_dir_name(id)), pid, start);
+    }
+}
+
+/// Kills a leftover task process (if it is still the one recorded) and
+/// removes its namespace.
+fn reap(task_dir: &Path, pid: u32, start: u64) {
+    if process::start_time(pid) == Some(start) {
+        log::info!("stopping a task left by a previous agent (pid {pid}): it is no longer assigned here");
+        let _ = process::signal_group(pid, libc::SIGKILL);
+    }
+    let _ = fs::remove_file(task_dir.join("pid"));
+    remove_namespace(task_dir);
 }
