@@ -134,7 +134,7 @@ fn tasks_on_three_nodes_talk_over_vxlan_isolated_per_network_with_entries_that_f
     let echo = echo.to_str().unwrap();
     let port = PORT.to_string();
 
-    swarm.ok(0, &["network", "create", "app"]);
+    swarm.ok(0, &["network", "create", "--attachable", "app"]);
     swarm.ok(0, &["network", "create", "other"]);
     swarm.ok(
         0,
@@ -210,6 +210,24 @@ fn tasks_on_three_nodes_talk_over_vxlan_isolated_per_network_with_entries_that_f
     }
     let reached = in_task(&swarm, 0, &here_task, move || tcp_echo(lone_address));
     assert!(reached.is_err(), "app reached {lone_address} on other (on {lone_node})");
+
+    // A one-off on an attachable network reaches the service's tasks,
+    // streams its output and leaves nothing behind.
+    let (far_task, _, far_address) = on_app.iter().find(|(_, n, _)| n == "h2").cloned().unwrap();
+    let script = format!("echo from-a-one-off | busybox nc -w 3 {far_address} {PORT}");
+    let out = swarm.ok(0, &["run", "--network", "app", "--", "sh", "-c", &script]);
+    assert!(out.contains(&far_task) && out.contains("from-a-one-off"), "{out}");
+    let (code, err) = swarm.fails(0, &["run", "--network", "app", "--", "false"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("failed"), "{err}");
+    let (code, err) = swarm.fails(0, &["run", "--network", "other", "--", "true"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("not attachable"), "{err}");
+    assert_eq!(
+        swarm.ok(0, &["service", "ls", "-q"]).lines().count(),
+        2,
+        "only echo and lone remain"
+    );
 
     // Restarting h1's agent (SIGKILL, as a crash would) interrupts
     // nothing: a TCP stream from h0's task to h1's task carries on, the

@@ -7,6 +7,7 @@
 //! 7 unavailable (no agent, no leader).
 
 pub mod network;
+pub mod run;
 pub mod service;
 pub mod table;
 
@@ -69,6 +70,8 @@ enum Command {
     /// Manage overlay networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Run a one-off command on this node, attached to attachable overlays.
+    Run(run::RunArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -364,7 +367,7 @@ impl Client {
         }
     }
 
-    async fn info(&self) -> ApiResult<SwarmInfo> {
+    pub(crate) async fn info(&self) -> ApiResult<SwarmInfo> {
         match self.call(LocalRequest::Info).await? {
             LocalResponse::Info(i) => Ok(i),
             other => Err(unexpected(other)),
@@ -476,6 +479,7 @@ async fn run(cli: Cli) -> ApiResult<()> {
         Command::Node(cmd) => node(&client, cmd).await,
         Command::Service(cmd) => service::run(&client, cmd).await,
         Command::Network(cmd) => network::run(&client, cmd).await,
+        Command::Run(args) => run::run(&client, args).await,
     }
 }
 

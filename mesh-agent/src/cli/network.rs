@@ -138,7 +138,7 @@ pub fn spec_of(args: CreateArgs) -> Result<NetworkSpec, String> {
     Ok(spec)
 }
 
-fn networks(reply: ClusterResponse) -> ApiResult<Vec<NetworkView>> {
+pub(crate) fn networks(reply: ClusterResponse) -> ApiResult<Vec<NetworkView>> {
     match reply {
         ClusterResponse::Networks(n) => Ok(n),
         other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
