@@ -80,7 +80,8 @@ fn bench(which: Option<&str>, rest: &[String]) -> Result<()> {
     };
     setup::run()?;
     ebpf::build()?;
-    workspace::cargo(&["build", "--release", "-p", "mesh-agent", "--bins"])?;
+    // The agents, meshctl, and the helpers the benchmarks run as tasks.
+    workspace::cargo(&["build", "--release", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"])?;
     for binary in binaries {
         let mut args = vec!["run", "--quiet", "--release", "-p", "mesh-tests", "--bin", binary, "--"];
         args.extend(rest.iter().map(String::as_str));

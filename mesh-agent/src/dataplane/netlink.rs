@@ -197,36 +197,11 @@ impl Netlink {
     /// The static remote entries of VXLAN device `index` (`bridge fdb show
     /// dev NAME`, those with a `dst`).
     pub async fn fdb_entries(&self, index: u32) -> Result<Vec<(Mac, IpAddr)>, NetlinkError> {
-        let mut out = Vec::new();
-        let mut dump = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute();
-        while let Some(msg) = dump
-            .try_next()
-            .await
-            .map_err(|e| request("bridge fdb show".into(), e))?
-        {
-            if msg.header.ifindex != index {
-                continue;
-            }
-            let (mut mac, mut dst) = (None, None);
-            for a in &msg.attributes {
-                match a {
-                    NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::try_from(l.as_slice()).ok(),
-                    NeighbourAttribute::Destination(d) => dst = ip_of(d),
-                    _ => {}
-                }
-            }
-            if let (Some(mac), Some(dst)) = (mac, dst) {
-                out.push((mac, dst));
-            }
-        }
-        Ok(out)
+        let entries = self
+            .neighbour_dump(AddressFamily::Bridge, index, "bridge fdb show")
+            .await?;
+        Ok(entries.into_iter().map(|(_, mac, dst)| (mac, dst)).collect())
     }
-
     /// `bridge fdb replace MAC dev NAME self dst DST permanent`
     pub async fn set_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<(), NetlinkError> {
         self.handle
@@ -271,27 +246,40 @@ impl Netlink {
     /// The permanent IPv4 neighbour entries of link `index` (`ip neigh show
     /// dev NAME nud permanent`).
     pub async fn neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, Mac)>, NetlinkError> {
+        let entries = self.neighbour_dump(AddressFamily::Inet, index, "ip neigh show").await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(state, mac, ip)| match ip {
+                IpAddr::V4(v4) if state == NeighbourState::Permanent => Some((v4, mac)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Link `index`'s entries of a neighbour dump (ARP or FDB) that have
+    /// both a MAC and an IP address.
+    async fn neighbour_dump(
+        &self,
+        family: AddressFamily,
+        index: u32,
+        command: &str,
+    ) -> Result<Vec<(NeighbourState, Mac, IpAddr)>, NetlinkError> {
         let mut out = Vec::new();
-        let mut dump = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute();
-        while let Some(msg) = dump.try_next().await.map_err(|e| request("ip neigh show".into(), e))? {
-            if msg.header.ifindex != index || msg.header.state != NeighbourState::Permanent {
+        let mut dump = self.handle.neighbours().get().set_address_family(family).execute();
+        while let Some(msg) = dump.try_next().await.map_err(|e| request(command.into(), e))? {
+            if msg.header.ifindex != index {
                 continue;
             }
             let (mut mac, mut ip) = (None, None);
             for a in &msg.attributes {
                 match a {
                     NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::try_from(l.as_slice()).ok(),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(*v4),
+                    NeighbourAttribute::Destination(d) => ip = ip_of(d),
                     _ => {}
                 }
             }
-            if let (Some(ip), Some(mac)) = (ip, mac) {
-                out.push((ip, mac));
+            if let (Some(mac), Some(ip)) = (mac, ip) {
+                out.push((msg.header.state, mac, ip));
             }
         }
         Ok(out)

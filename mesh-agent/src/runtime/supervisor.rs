@@ -235,14 +235,7 @@ impl Supervisor {
     async fn prepare(&self, a: &Assignment, dir: &Path) -> Result<Prepared, String> {
         let spec = &a.spec;
         fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let user = match &spec.user {
-            Some(u) => {
-                let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
-                let group = fs::read_to_string("/etc/group").unwrap_or_default();
-                Some(process::resolve_user(u, &passwd, &group)?)
-            }
-            None => None,
-        };
+        let user = task_user(spec)?;
         let ns_path = dir.join("netns");
         remove_namespace(dir);
         let netns = NetNs::create_at(&ns_path, &format!("task {}", task_dir_name(a.task)))
@@ -294,14 +287,7 @@ impl Supervisor {
         let spec = &a.spec;
         let adopted = process::Adopted::open(pid, start)
             .map_err(|e| format!("the task's process could not be adopted after an agent restart: {e}"))?;
-        let user = match &spec.user {
-            Some(u) => {
-                let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
-                let group = fs::read_to_string("/etc/group").unwrap_or_default();
-                Some(process::resolve_user(u, &passwd, &group)?)
-            }
-            None => None,
-        };
+        let user = task_user(spec)?;
         let attachment = self
             .network
             .adopt(a.task, &dir.join("netns"))
@@ -423,6 +409,14 @@ struct Prepared {
     env: BTreeMap<String, String>,
     user: Option<User>,
     attachment: Attachment,
+}
+
+/// The user `--user` names, from this node's /etc/passwd and /etc/group.
+fn task_user(spec: &TaskSpec) -> Result<Option<User>, String> {
+    let Some(u) = &spec.user else { return Ok(None) };
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = fs::read_to_string("/etc/group").unwrap_or_default();
+    process::resolve_user(u, &passwd, &group).map(Some)
 }
 
 fn spawn_error(spec: &TaskSpec, e: &io::Error) -> String {

@@ -12,7 +12,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -71,10 +71,10 @@ fn main() {
 
     // The bare references: the same servers on h1 itself.
     let mut bare_echo = Command::new(&echo);
-    bare_echo.arg(&port);
+    bare_echo.arg(&port).stdout(Stdio::null());
     let _bare_echo = h1.spawn(bare_echo).expect("echo on h1");
     let mut bare_iperf = Command::new("iperf3");
-    bare_iperf.args(["-s", "-p", "5202"]);
+    bare_iperf.args(["-s", "-p", "5202"]).stdout(Stdio::null());
     let _bare_iperf = h1.spawn(bare_iperf).expect("iperf3 on h1");
     std::thread::sleep(Duration::from_millis(500));
 
