@@ -21,6 +21,10 @@ pub const MAX_VNI: u32 = (1 << 24) - 1;
 /// jumbo frames.
 pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=9216;
 
+/// The most overlays one service can be on (a node names each task's port
+/// by its network's position, one hex digit, in a 15-byte interface name).
+pub const MAX_TASK_NETWORKS: usize = 15;
+
 /// `--opt encrypted[=wireguard|ipsec]`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Encryption {

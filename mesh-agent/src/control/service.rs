@@ -785,6 +785,13 @@ impl ServiceSpec {
         }
         parse_constraints(&self.constraints)?;
         check_publish_conflicts(&self.publish)?;
+        if self.networks.len() > super::overlay::MAX_TASK_NETWORKS {
+            return Err(format!(
+                "the service is on {} networks; at most {} are supported",
+                self.networks.len(),
+                super::overlay::MAX_TASK_NETWORKS
+            ));
+        }
         if self.endpoint_mode == EndpointMode::Dnsrr {
             if let Some(p) = self.publish.iter().find(|p| p.mode == PublishMode::Ingress) {
                 return Err(format!(

@@ -7,7 +7,7 @@
 //! itself (`proxy`).
 //!
 //! [`plan`] is the pure diff from what is in the kernel to what is wanted;
-//! [`observe`] reads the kernel and [`apply`] carries out one change.
+//! [`observe`] reads the kernel and [`apply_all`] carries out the changes.
 
 use std::{
     collections::BTreeMap,
@@ -135,31 +135,56 @@ pub struct Endpoint {
     pub port: u16,
 }
 
-/// Carries out one change.
-pub async fn apply(nl: &Netlink, endpoint: Endpoint, change: &Change) -> Result<(), NetlinkError> {
-    match *change {
-        Change::Create { vni, mtu } => create(nl, endpoint, vni, mtu).await,
-        Change::SetMtu { vni, mtu } => nl.set_mtu(&vxlan_name(vni), mtu).await,
-        Change::SetFdb { vni, mac, vtep } => nl.set_fdb(nl.link_index(&vxlan_name(vni)).await?, mac, vtep).await,
-        Change::DeleteFdb { vni, mac, vtep } => nl.delete_fdb(nl.link_index(&vxlan_name(vni)).await?, mac, vtep).await,
-        Change::SetNeighbour { vni, address, mac } => {
-            nl.set_neighbour(nl.link_index(&vxlan_name(vni)).await?, address, mac)
-                .await
-        }
-        Change::DeleteNeighbour { vni, address } => {
-            nl.delete_neighbour(nl.link_index(&vxlan_name(vni)).await?, address)
-                .await
-        }
-        Change::Remove { vni } => {
-            for name in [vxlan_name(vni), bridge_name(vni)] {
-                match nl.delete_link(&name).await {
-                    Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
-                    Err(e) => return Err(e),
+/// Carries out `changes` in order, looking up each VXLAN device's index
+/// once.
+pub async fn apply_all(nl: &Netlink, endpoint: Endpoint, changes: &[Change]) -> Result<(), NetlinkError> {
+    let mut indexes = BTreeMap::new();
+    for change in changes {
+        log::debug!("overlay: {change:?}");
+        match *change {
+            Change::Create { vni, mtu } => {
+                indexes.remove(&vni);
+                create(nl, endpoint, vni, mtu).await?;
+            }
+            Change::SetMtu { vni, mtu } => nl.set_mtu(&vxlan_name(vni), mtu).await?,
+            Change::SetFdb { vni, mac, vtep } => {
+                nl.set_fdb(device_index(nl, &mut indexes, vni).await?, mac, vtep)
+                    .await?
+            }
+            Change::DeleteFdb { vni, mac, vtep } => {
+                nl.delete_fdb(device_index(nl, &mut indexes, vni).await?, mac, vtep)
+                    .await?
+            }
+            Change::SetNeighbour { vni, address, mac } => {
+                nl.set_neighbour(device_index(nl, &mut indexes, vni).await?, address, mac)
+                    .await?
+            }
+            Change::DeleteNeighbour { vni, address } => {
+                nl.delete_neighbour(device_index(nl, &mut indexes, vni).await?, address)
+                    .await?
+            }
+            Change::Remove { vni } => {
+                indexes.remove(&vni);
+                for name in [vxlan_name(vni), bridge_name(vni)] {
+                    match nl.delete_link(&name).await {
+                        Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
-            Ok(())
         }
     }
+    Ok(())
+}
+
+/// Network `vni`'s VXLAN device index, looked up on first use.
+async fn device_index(nl: &Netlink, indexes: &mut BTreeMap<u32, u32>, vni: u32) -> Result<u32, NetlinkError> {
+    if let Some(&index) = indexes.get(&vni) {
+        return Ok(index);
+    }
+    let index = nl.link_index(&vxlan_name(vni)).await?;
+    indexes.insert(vni, index);
+    Ok(index)
 }
 
 /// Creates network `vni`'s bridge and VXLAN device, replacing a bridge a

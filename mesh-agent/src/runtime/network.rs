@@ -48,6 +48,9 @@ pub enum NetworkError {
     /// The blocking worker died.
     #[error("network worker: {0}")]
     Worker(String),
+    /// A task left by a previous agent has no usable address.
+    #[error("{0}")]
+    Adopt(String),
 }
 
 pub use crate::subnet::Subnet;
@@ -227,14 +230,14 @@ impl LocalNetwork {
                 IpAddr::V4(v4) if subnet.contains(v4) => Some(v4),
                 _ => None,
             })
-            .ok_or_else(|| NetworkError::Worker(format!("the task has no address in {subnet}")))?;
+            .ok_or_else(|| NetworkError::Adopt(format!("the task has no address in {subnet}")))?;
         let attachment = Attachment {
             host_link: host_link_name(task),
             address,
         };
         let mut state = self.state.lock().expect("reason: never poisoned");
         if !state.0.reserve(address) {
-            return Err(NetworkError::Worker(format!(
+            return Err(NetworkError::Adopt(format!(
                 "address {address} is taken by another task"
             )));
         }

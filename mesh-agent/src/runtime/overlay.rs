@@ -35,10 +35,6 @@ const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 /// The smallest overlay MTU (IPv4's minimum datagram every host takes).
 const MIN_MTU: u32 = 576;
 
-/// The most overlays one task can be on (its host-side interface names
-/// carry the network's position as one hex digit).
-pub const MAX_TASK_NETWORKS: usize = 15;
-
 /// A task's MAC on an overlay, derived from its address as Docker does
 /// (02:42 and the four address bytes): unique on the network, and every
 /// node computes it without asking.
@@ -84,14 +80,9 @@ pub fn wanted(assignments: &Assignments, underlay_mtu: u32) -> BTreeMap<u32, Ove
     out
 }
 
-/// Why a task cannot be put on its overlays.
+/// Why a task cannot be put on its overlays (the number of networks is
+/// checked when the service is created or updated).
 pub fn check_task_networks(networks: &[TaskNetwork]) -> Result<(), String> {
-    if networks.len() > MAX_TASK_NETWORKS {
-        return Err(format!(
-            "the task is on {} networks; at most {MAX_TASK_NETWORKS} are supported",
-            networks.len()
-        ));
-    }
     if let Some(n) = networks.iter().find(|n| n.encryption != Encryption::None) {
         return Err(format!(
             "network {} is encrypted, which this agent cannot do yet; the task is not started rather than sent in clear",
@@ -156,7 +147,7 @@ impl Overlays {
             }
         };
         let wanted = wanted(assignments, underlay);
-        sync(&mut inner, endpoint, wanted).await
+        sync(&mut inner, endpoint, move |_| wanted).await
     }
 
     /// Puts task `task` (namespace at `netns`) on each of `networks`:
@@ -185,15 +176,19 @@ impl Overlays {
                 mtu: network_mtu(n.mtu, underlay),
             })
             .collect();
-        // Networks this task is the first to need.
-        let mut wanted = inner.known.clone().unwrap_or_default();
-        for p in &ports {
-            wanted.entry(p.vni).or_insert_with(|| OverlayState {
-                mtu: p.mtu,
-                ..OverlayState::default()
-            });
-        }
-        sync(&mut inner, endpoint, wanted).await?;
+        // Networks this task is the first to need; the others as they are.
+        let needed: Vec<(u32, u32)> = ports.iter().map(|p| (p.vni, p.mtu)).collect();
+        sync(&mut inner, endpoint, move |current| {
+            let mut wanted = current.clone();
+            for (vni, mtu) in needed {
+                wanted.entry(vni).or_insert_with(|| OverlayState {
+                    mtu,
+                    ..OverlayState::default()
+                });
+            }
+            wanted
+        })
+        .await?;
         inner
             .ports
             .insert(task, ports.iter().map(|p| p.host_link.clone()).collect());
@@ -263,32 +258,33 @@ impl Overlays {
             port: 0,
         });
         inner.known = None;
-        if let Err(e) = sync(&mut inner, endpoint, BTreeMap::new()).await {
+        if let Err(e) = sync(&mut inner, endpoint, |_| BTreeMap::new()).await {
             log::warn!("removing the overlay networks: {e}");
         }
         inner.ports.clear();
     }
 }
 
-/// Writes the changes from what the kernel holds to `wanted`.
-async fn sync(inner: &mut Inner, endpoint: Endpoint, wanted: BTreeMap<u32, OverlayState>) -> Result<(), String> {
+/// Writes the changes from what the kernel holds (as last written, or
+/// read afresh) to what `wanted` makes of it.
+async fn sync<W>(inner: &mut Inner, endpoint: Endpoint, wanted: W) -> Result<(), String>
+where
+    W: FnOnce(&BTreeMap<u32, OverlayState>) -> BTreeMap<u32, OverlayState> + Send + 'static,
+{
     let known = inner.known.take();
-    let target = wanted.clone();
     let result = blocking(move |nl| async move {
         let current = match known {
             Some(k) => k,
             None => vxlan::observe(&nl).await?,
         };
-        for change in vxlan::plan(&target, &current) {
-            log::debug!("overlay: {change:?}");
-            vxlan::apply(&nl, endpoint, &change).await?;
-        }
-        Ok(())
+        let target = wanted(&current);
+        vxlan::apply_all(&nl, endpoint, &vxlan::plan(&target, &current)).await?;
+        Ok(target)
     })
     .await;
     match result {
-        Ok(()) => {
-            inner.known = Some(wanted);
+        Ok(target) => {
+            inner.known = Some(target);
             Ok(())
         }
         Err(e) => {
@@ -394,7 +390,7 @@ mod tests {
     fn macs_names_and_mtus() {
         assert_eq!(task_mac([10, 0, 0, 2].into()), [2, 0x42, 10, 0, 0, 2]);
         assert_eq!(host_link_name(0xabc, 1), "m1000000000abc");
-        assert!(host_link_name(u64::MAX, MAX_TASK_NETWORKS).len() <= 15);
+        assert!(host_link_name(u64::MAX, crate::control::overlay::MAX_TASK_NETWORKS).len() <= 15);
         assert_ne!(host_link_name(7, 1), super::super::network::host_link_name(7));
         assert_eq!(network_mtu(None, 1500), 1450);
         assert_eq!(network_mtu(None, 100), MIN_MTU);
@@ -406,7 +402,8 @@ mod tests {
         assert!(check_task_networks(std::slice::from_ref(&n)).is_ok());
         n.encryption = Encryption::WireGuard;
         assert!(check_task_networks(&[n]).unwrap_err().contains("encrypted"));
-        let many: Vec<TaskNetwork> = (0..16).map(|i| on(i, 4096 + i as u32, [10, 0, 0, 2], None)).collect();
-        assert!(check_task_networks(&many).unwrap_err().contains("at most 15"));
+        let mut spec = crate::control::service::ServiceSpec::new("web", vec!["true".into()]);
+        spec.networks = (0..16).map(|i| format!("n{i}")).collect();
+        assert!(spec.validate().unwrap_err().contains("at most 15"));
     }
 }
