@@ -486,6 +486,7 @@ fn the_cluster_port_authorizes_every_call_by_its_certificate() {
             cert_not_before: 0,
             cert_role: mesh_agent::control::state::Role::Worker,
             cert_ca_digest: String::new(),
+            wireguard_key: String::new(),
         })
     };
 

@@ -62,6 +62,11 @@ struct RunArgs {
     /// (mesh_gwbridge) from.
     #[arg(long, default_value = mesh_agent::runtime::network::DEFAULT_POOL)]
     local_pool: String,
+    /// Which WireGuard encrypted overlays use: the kernel's where it has
+    /// it (auto), only the kernel's, or boringtun in the agent on a TUN
+    /// device (userspace).
+    #[arg(long, value_enum, default_value = "auto")]
+    wireguard: mesh_agent::runtime::tunnel::WireguardMode,
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
@@ -91,6 +96,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         force_new_cluster: args.force_new_cluster,
         local_pool: mesh_agent::runtime::network::check_local_pool(&args.local_pool)
             .map_err(|e| format!("--local-pool: {e}"))?,
+        wireguard: args.wireguard,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -208,6 +208,10 @@ pub struct NetworkView {
     pub peers: Vec<(String, String)>,
     /// Tasks on it that have not ended.
     pub endpoints: Vec<Endpoint>,
+    /// For an encrypted network: the epoch of the overlay key its pair
+    /// keys derive from (it rises at each rotation).
+    #[serde(default)]
+    pub key_epoch: Option<u64>,
 }
 
 /// One task's place on a network.
@@ -506,6 +510,9 @@ pub struct Heartbeat {
     pub cert_role: Role,
     /// Digest (hex) of the CA that signed its certificate.
     pub cert_ca_digest: String,
+    /// Its WireGuard public key (base64).
+    #[serde(default)]
+    pub wireguard_key: String,
 }
 
 /// The managers' reply to a heartbeat.
@@ -635,6 +642,9 @@ pub struct Assignments {
     /// The swarm's VXLAN UDP port.
     #[serde(default = "crate::control::state::default_data_path_port")]
     pub data_path_port: u16,
+    /// Its WireGuard tunnel, when it runs tasks on encrypted networks.
+    #[serde(default)]
+    pub tunnel: Option<crate::control::tunnel::TunnelAssignment>,
 }
 
 /// Which log text to read.

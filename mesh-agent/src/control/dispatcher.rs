@@ -19,6 +19,7 @@ use super::{
     overlay::{NetworkPeers, Peer, TaskNetwork},
     service::{Assignment, TaskSpec},
     state::{node_id_text, ClusterState, NodeId, NodeStatus},
+    tunnel::tunnel_assignment,
 };
 
 /// When the leader last heard from each node.
@@ -135,7 +136,9 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         .cluster
         .as_ref()
         .map_or(crate::control::state::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
-    let encoded = rmp_serde::to_vec(&(&tasks, &retained, &networks, &vtep, data_path_port)).unwrap_or_default();
+    let tunnel = tunnel_assignment(state, node, &tasks, &networks);
+    let encoded =
+        rmp_serde::to_vec(&(&tasks, &retained, &networks, &vtep, data_path_port, &tunnel)).unwrap_or_default();
     let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
     Assignments {
         digest,
@@ -144,6 +147,7 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         networks,
         vtep,
         data_path_port,
+        tunnel,
     }
 }
 

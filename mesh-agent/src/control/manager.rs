@@ -648,6 +648,7 @@ impl Manager {
             status: NodeStatus::Unknown,
             status_message: String::new(),
             agent_version: call.agent_version.clone(),
+            wireguard_key: String::new(),
             created_at: now,
             updated_at: now,
         };
@@ -749,6 +750,14 @@ impl Manager {
             } else {
                 ready.remove(&id);
             }
+        }
+        if !hb.wireguard_key.is_empty() && hb.wireguard_key != node.wireguard_key {
+            super::tunnel::parse_public_key(&hb.wireguard_key).map_err(ApiError::invalid)?;
+            self.propose(Command::SetNodeWireguardKey {
+                id,
+                key: hb.wireguard_key.clone(),
+            })
+            .await?;
         }
         if node.status != NodeStatus::Ready || node.agent_version != hb.agent_version {
             self.propose(Command::SetNodeStatus {
@@ -862,6 +871,20 @@ impl Manager {
                 };
                 if let Err(e) = self.propose(cmd).await {
                     log::warn!("marking node {} down: {e}", node_id_text(id));
+                }
+            }
+            let rotation = state
+                .cluster
+                .as_ref()
+                .map_or(super::tunnel::DEFAULT_KEY_ROTATION_SECS, |c| {
+                    c.overlay_key_rotation_secs
+                });
+            if super::tunnel::key_rotation_due(state.overlay_key.as_ref(), unix_now(), rotation) {
+                let key = super::tunnel::OverlayKey::next(state.overlay_key.as_ref(), rand::random(), unix_now());
+                let epoch = key.epoch;
+                match self.propose(Command::RotateOverlayKey(key)).await {
+                    Ok(()) => log::info!("overlay key rotated (epoch {epoch})"),
+                    Err(e) => log::warn!("rotating the overlay key: {e}"),
                 }
             }
             if let Some(plan) = orchestrator::plan(&self.state(), unix_now_ms(), &mut || rand::random()) {
@@ -978,6 +1001,8 @@ fn network_view(state: &ClusterState, network: &overlay::Network) -> NetworkView
             .collect(),
         peers: peers.into_iter().collect(),
         endpoints,
+        key_epoch: (network.encryption != overlay::Encryption::None)
+            .then(|| state.overlay_key.as_ref().map_or(0, |k| k.epoch)),
     }
 }
 

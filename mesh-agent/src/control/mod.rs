@@ -35,4 +35,5 @@ pub mod state;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod tunnel;
 pub mod updater;

@@ -45,6 +45,7 @@ use crate::runtime::{
     network::{LocalNetwork, Subnet},
     overlay::Overlays,
     supervisor::Supervisor,
+    tunnel::{Tunnel, WireguardMode},
 };
 
 /// How long leaving the swarm waits for the node's tasks to stop.
@@ -69,6 +70,8 @@ pub struct AgentOptions {
     pub force_new_cluster: bool,
     /// The node-local pool tasks get their bridge address from.
     pub local_pool: Subnet,
+    /// Which WireGuard the encrypted overlays use.
+    pub wireguard: WireguardMode,
 }
 
 /// The non-secret facts a node keeps in `node.json`.
@@ -194,6 +197,28 @@ impl Files {
         let roots =
             split_pem(&String::from_utf8(read("ca.pem")?).map_err(|_| ApiError::internal("ca.pem is not PEM"))?);
         Credentials::new(cert_pem, key_pem, roots)
+    }
+
+    /// The node's WireGuard private key (sealed with the DEK), made on
+    /// first use.
+    fn wireguard_key(&self, dek: &DataKey) -> ApiResult<[u8; 32]> {
+        let path = self.dir.join("certs").join("wireguard.key.sealed");
+        match std::fs::read(&path) {
+            Ok(sealed) => {
+                let key = zeroize::Zeroizing::new(
+                    dek.open(b"wireguard-key", &sealed)
+                        .map_err(|e| ApiError::internal(format!("the WireGuard key cannot be opened: {e}")))?,
+                );
+                <[u8; 32]>::try_from(key.as_slice())
+                    .map_err(|_| ApiError::internal(format!("{} does not hold a 32-byte key", path.display())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = rand::random();
+                write_private(&path, &dek.seal(b"wireguard-key", &key)).map_err(internal)?;
+                Ok(key)
+            }
+            Err(e) => Err(ApiError::internal(format!("{}: {e}", path.display()))),
+        }
     }
 
     /// Removes everything the swarm left in the data directory.
@@ -428,6 +453,7 @@ impl Agent {
                 cert_expiry_secs: req.cert_expiry_secs,
                 task_history_limit: req.task_history_limit,
                 data_path_port: req.data_path_port,
+                overlay_key_rotation_secs: super::tunnel::DEFAULT_KEY_ROTATION_SECS,
             },
             ca: CaState {
                 root_cert_pem: ca.cert_pem().to_string(),
@@ -447,6 +473,7 @@ impl Agent {
                 status: NodeStatus::Ready,
                 status_message: String::new(),
                 agent_version: crate::VERSION.into(),
+                wireguard_key: String::new(),
                 created_at: unix,
                 updated_at: unix,
             }),
@@ -667,7 +694,11 @@ impl Member {
         let role = creds.role;
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let network = Arc::new(LocalNetwork::new(opts.local_pool));
-        let overlays = Arc::new(Overlays::new());
+        let wireguard_key = Files {
+            dir: opts.data_dir.clone(),
+        }
+        .wireguard_key(&dek)?;
+        let overlays = Arc::new(Overlays::new(Tunnel::new(wireguard_key, opts.wireguard)));
         let tasks = Supervisor::new(opts.data_dir.join("tasks"), network.clone(), overlays.clone(), reports)
             .map_err(|e| ApiError::internal(format!("preparing the task directory: {e}")))?;
         let member = Arc::new(Member {
@@ -895,6 +926,7 @@ impl Member {
                 cert_not_before: creds.not_before,
                 cert_role: creds.role,
                 cert_ca_digest: ca_digest,
+                wireguard_key: super::tunnel::key_text(&self.overlays.public_key()),
             }
         };
         match self

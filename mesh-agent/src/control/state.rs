@@ -72,6 +72,10 @@ pub struct Node {
     pub status_message: String,
     /// The agent version it last reported.
     pub agent_version: String,
+    /// Its WireGuard public key (base64), as it last reported it; empty
+    /// until it does.
+    #[serde(default)]
+    pub wireguard_key: String,
     /// Unix seconds.
     pub created_at: u64,
     /// Unix seconds of the last change to this record.
@@ -103,6 +107,13 @@ pub struct ClusterSpec {
     /// The UDP port of the overlays' VXLAN traffic (`--data-path-port`).
     #[serde(default = "default_data_path_port")]
     pub data_path_port: u16,
+    /// How often the overlay key rotates, in seconds.
+    #[serde(default = "default_key_rotation_secs")]
+    pub overlay_key_rotation_secs: u64,
+}
+
+fn default_key_rotation_secs() -> u64 {
+    super::tunnel::DEFAULT_KEY_ROTATION_SECS
 }
 
 /// VXLAN's IANA port, Swarm's default data-path port.
@@ -184,6 +195,16 @@ pub enum Command {
     },
     /// A node joined.
     AddNode(Node),
+    /// A node reported a new WireGuard public key.
+    SetNodeWireguardKey {
+        /// Which node.
+        id: NodeId,
+        /// Base64.
+        key: String,
+    },
+    /// The leader rotated the overlay key (on schedule or after a node
+    /// was removed). Refused unless it follows the current one.
+    RotateOverlayKey(super::tunnel::OverlayKey),
     /// `node update`, `node promote`, `node demote`.
     UpdateNode {
         /// Which node.
@@ -352,6 +373,9 @@ pub struct ClusterState {
     /// Overlay networks by ID.
     #[serde(default)]
     pub networks: BTreeMap<u64, Network>,
+    /// The key encrypted overlays' preshared keys derive from.
+    #[serde(default)]
+    pub overlay_key: Option<super::tunnel::OverlayKey>,
 }
 
 impl ClusterState {
@@ -438,6 +462,24 @@ impl ClusterState {
             Command::RemoveNode { id } => {
                 self.nodes.remove(id).ok_or_else(|| no_such_node(*id))?;
                 self.removed.insert(*id);
+                // It may hold pair keys of the current overlay key.
+                if let Some(key) = self.overlay_key.as_mut() {
+                    key.stale = true;
+                }
+            }
+            Command::SetNodeWireguardKey { id, key } => {
+                super::tunnel::parse_public_key(key)?;
+                self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?.wireguard_key = key.clone();
+            }
+            Command::RotateOverlayKey(key) => {
+                let expected = self.overlay_key.as_ref().map_or(1, |k| k.epoch + 1);
+                if key.epoch != expected {
+                    return Err(format!(
+                        "overlay key epoch {} does not follow the current one (expected {expected})",
+                        key.epoch
+                    ));
+                }
+                self.overlay_key = Some(key.clone());
             }
             Command::RotateToken { role, token } => match role {
                 Role::Worker => self.tokens.worker = token.clone(),
@@ -779,6 +821,7 @@ pub(crate) mod tests {
             status: NodeStatus::Unknown,
             status_message: String::new(),
             agent_version: "0.1.0".into(),
+            wireguard_key: String::new(),
             created_at: 1,
             updated_at: 1,
         }
@@ -799,6 +842,7 @@ pub(crate) mod tests {
                 cert_expiry_secs: 90 * 86400,
                 task_history_limit: 5,
                 data_path_port: DEFAULT_DATA_PATH_PORT,
+                overlay_key_rotation_secs: crate::control::tunnel::DEFAULT_KEY_ROTATION_SECS,
             },
             ca: CaState {
                 root_cert_pem: "C".into(),

@@ -497,6 +497,7 @@ mod tests {
                 cert_expiry_secs: 3600,
                 task_history_limit: 5,
                 data_path_port: 4789,
+                overlay_key_rotation_secs: 3600,
             },
             ca: CaState {
                 root_cert_pem: "CERT".into(),
@@ -519,6 +520,7 @@ mod tests {
                 status: crate::control::state::NodeStatus::Ready,
                 status_message: String::new(),
                 agent_version: "0".into(),
+                wireguard_key: String::new(),
                 created_at: 1,
                 updated_at: 1,
             }),

@@ -3,6 +3,9 @@
 //! One module per kernel mechanism; nothing here shells out to `ip`/`tc`.
 
 pub mod ebpf;
+pub mod genl;
 pub mod netlink;
 pub mod nftables;
 pub mod vxlan;
+pub mod wgtun;
+pub mod wireguard;

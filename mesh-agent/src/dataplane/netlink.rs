@@ -7,7 +7,7 @@
 
 use std::{
     future::Future,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, BorrowedFd},
 };
 
@@ -33,6 +33,8 @@ pub struct LinkInfo {
     pub index: u32,
     /// Its MTU.
     pub mtu: u32,
+    /// The source address it encapsulates from, for a VXLAN device.
+    pub vxlan_local: Option<IpAddr>,
 }
 
 /// How a VXLAN device is made (`ip link add NAME type vxlan id VNI local
@@ -43,8 +45,9 @@ pub struct VxlanLink {
     pub name: String,
     /// The VXLAN network identifier.
     pub vni: u32,
-    /// The source address of the encapsulated packets.
-    pub local: Ipv4Addr,
+    /// The source address of the encapsulated packets (the data-path
+    /// address, or the node's tunnel address on an encrypted network).
+    pub local: IpAddr,
     /// The UDP port.
     pub port: u16,
     /// Its MTU.
@@ -148,8 +151,11 @@ impl Netlink {
     /// so only the static FDB entries say where a frame goes; `proxy`
     /// answers ARP from the neighbour entries instead of flooding.
     pub async fn add_vxlan(&self, link: &VxlanLink) -> Result<(), NetlinkError> {
-        let message = LinkVxlan::new(&link.name, link.vni)
-            .local(link.local)
+        let builder = match link.local {
+            IpAddr::V4(a) => LinkVxlan::new(&link.name, link.vni).local(a),
+            IpAddr::V6(a) => LinkVxlan::new(&link.name, link.vni).local6(a),
+        };
+        let message = builder
             .port(link.port)
             .learning(false)
             .proxy(true)
@@ -181,11 +187,13 @@ impl Netlink {
                 name: String::new(),
                 index: msg.header.index,
                 mtu: 0,
+                vxlan_local: None,
             };
             for a in &msg.attributes {
                 match a {
                     LinkAttribute::IfName(n) => info.name = n.clone(),
                     LinkAttribute::Mtu(m) => info.mtu = *m,
+                    LinkAttribute::LinkInfo(parts) => info.vxlan_local = vxlan_local(parts),
                     _ => {}
                 }
             }
@@ -359,6 +367,66 @@ impl Netlink {
             .map_err(|e| request(format!("ip addr add {address}/{prefix} dev {name}"), e))
     }
 
+    /// `ip addr add ADDRESS/PREFIX dev NAME nodad`: an address that is
+    /// usable at once (no duplicate detection: it is unique by design).
+    pub async fn add_address_nodad(&self, name: &str, address: IpAddr, prefix: u8) -> Result<(), NetlinkError> {
+        use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+        let index = self.link_index(name).await?;
+        let mut add = self.handle.address().add(index, address, prefix).replace();
+        add.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        add.execute()
+            .await
+            .map_err(|e| request(format!("ip addr replace {address}/{prefix} dev {name} nodad"), e))
+    }
+
+    /// `ip -6 route replace PREFIX/LEN dev NAME`
+    pub async fn replace_route6_dev(&self, prefix: Ipv6Addr, len: u8, name: &str) -> Result<(), NetlinkError> {
+        let index = self.link_index(name).await?;
+        let message = rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(prefix, len)
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| request(format!("ip -6 route replace {prefix}/{len} dev {name}"), e))
+    }
+
+    /// `ip link add NAME type wireguard`
+    pub async fn add_wireguard(&self, name: &str) -> Result<(), NetlinkError> {
+        self.add_link(
+            rtnetlink::LinkWireguard::new(name).build(),
+            format!("ip link add {name} type wireguard"),
+        )
+        .await
+    }
+
+    /// The kind of link `name` (`ip -d link show NAME`), if it has one.
+    pub async fn link_kind(&self, name: &str) -> Result<Option<String>, NetlinkError> {
+        use rtnetlink::packet_route::link::LinkInfo as Part;
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        let link = match links.try_next().await {
+            Ok(Some(link)) => link,
+            Ok(None) => return Err(NetlinkError::NoSuchLink(name.to_owned())),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Err(NetlinkError::NoSuchLink(name.to_owned()))
+            }
+            Err(source) => return Err(request(format!("ip -d link show {name}"), source)),
+        };
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(parts) => parts.iter().find_map(|p| match p {
+                Part::Kind(kind) => Some(kind.to_string()),
+                _ => None,
+            }),
+            _ => None,
+        }))
+    }
+
     /// The global-scope addresses of this namespace (`ip addr show scope global`).
     pub async fn global_addresses(&self) -> Result<Vec<IpAddr>, NetlinkError> {
         use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
@@ -454,6 +522,19 @@ impl Netlink {
             .await
             .map_err(|e| request(command, e))
     }
+}
+
+/// The local address of a VXLAN link's info, if it is one.
+fn vxlan_local(parts: &[rtnetlink::packet_route::link::LinkInfo]) -> Option<IpAddr> {
+    use rtnetlink::packet_route::link::{InfoVxlan, LinkInfo as Part};
+    parts.iter().find_map(|p| match p {
+        Part::Data(InfoData::Vxlan(data)) => data.iter().find_map(|d| match d {
+            InfoVxlan::Local(a) => Some(IpAddr::V4(*a)),
+            InfoVxlan::Local6(a) => Some(IpAddr::V6(*a)),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 /// `aa:bb:cc:dd:ee:ff`

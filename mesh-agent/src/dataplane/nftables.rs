@@ -21,10 +21,21 @@ const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+const NF_INET_LOCAL_IN: u32 = 1;
 const NF_INET_POST_ROUTING: u32 = 4;
 /// NF_IP_PRI_NAT_SRC: where `nft`'s `srcnat` priority puts masquerading.
 const PRIORITY_SRCNAT: i32 = 100;
 const NF_ACCEPT: u32 = 1;
+const NF_DROP: u32 = 0;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFT_REG_VERDICT: u32 = 0;
+const NFT_META_IIFNAME: u32 = 6;
+/// Offset of the destination address in the IPv6 header.
+const IPV6_DADDR_OFFSET: u32 = 24;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
@@ -80,6 +91,10 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 pub const TABLE: &str = "mesh";
 /// Its source-NAT chain.
 pub const NAT_CHAIN: &str = "postrouting";
+/// The table guarding the tunnel addresses (family ip6).
+pub const TUNNEL_TABLE: &str = "mesh-tunnel";
+/// Its input chain.
+pub const TUNNEL_CHAIN: &str = "input";
 
 /// `ip saddr SOURCE oifname != EXEMPT masquerade`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,12 +179,18 @@ impl Batch {
 
     /// Creates (if missing) or deletes the agent's table.
     fn table(&mut self, kind: u16, what: &'static str) {
+        self.named_table(kind, NFPROTO_IPV4, TABLE, what);
+    }
+
+    /// Creates (if missing) or deletes table `name` of `family`.
+    fn named_table(&mut self, kind: u16, family: u8, name: &str, what: &'static str) {
         let flags = if kind == NFT_MSG_NEWTABLE {
             NLM_F_REQUEST | NLM_F_CREATE
         } else {
             NLM_F_REQUEST
         };
-        self.message(kind, NFPROTO_IPV4, flags, &table_attrs().0, Some(what));
+        let attrs = Attrs::default().str(NFTA_TABLE_NAME, name);
+        self.message(kind, family, flags, &attrs.0, Some(what));
     }
 
     fn end(mut self) -> Batch {
@@ -335,6 +356,135 @@ pub fn masquerade_batch(rule: &Masquerade) -> Batch {
         &rule_attrs.0,
         Some("the masquerade rule"),
     );
+    b.end()
+}
+
+/// The tunnel guard: `ip6 daddr PREFIX iifname != DEVICE drop` on input.
+/// Packets for the tunnel addresses are only taken from the tunnel
+/// device, so nobody on the underlay can inject plain VXLAN into an
+/// encrypted network by sending to a tunnel address directly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelGuard {
+    /// The cluster's tunnel prefix.
+    pub prefix: std::net::Ipv6Addr,
+    /// Its length.
+    pub prefix_len: u8,
+    /// The tunnel device.
+    pub device: String,
+}
+
+fn guard_expressions(guard: &TunnelGuard) -> Attrs {
+    let mut iif = [0u8; IFNAMSIZ];
+    let name = guard.device.as_bytes();
+    let n = name.len().min(IFNAMSIZ - 1);
+    iif[..n].copy_from_slice(&name[..n]);
+    let bits = u128::from(guard.prefix_len.min(128));
+    let mask: u128 = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    let network = u128::from(guard.prefix) & mask;
+    let mut list = Vec::new();
+    for expr in [
+        expression(
+            "payload",
+            Some(
+                Attrs::default()
+                    .be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
+                    .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER)
+                    .be32(NFTA_PAYLOAD_OFFSET, IPV6_DADDR_OFFSET)
+                    .be32(NFTA_PAYLOAD_LEN, 16),
+            ),
+        ),
+        expression(
+            "bitwise",
+            Some(
+                Attrs::default()
+                    .be32(NFTA_BITWISE_SREG, NFT_REG_1)
+                    .be32(NFTA_BITWISE_DREG, NFT_REG_1)
+                    .be32(NFTA_BITWISE_LEN, 16)
+                    .data(NFTA_BITWISE_MASK, &mask.to_be_bytes())
+                    .data(NFTA_BITWISE_XOR, &[0; 16]),
+            ),
+        ),
+        expression(
+            "cmp",
+            Some(
+                Attrs::default()
+                    .be32(NFTA_CMP_SREG, NFT_REG_1)
+                    .be32(NFTA_CMP_OP, NFT_CMP_EQ)
+                    .data(NFTA_CMP_DATA, &network.to_be_bytes()),
+            ),
+        ),
+        expression(
+            "meta",
+            Some(
+                Attrs::default()
+                    .be32(NFTA_META_KEY, NFT_META_IIFNAME)
+                    .be32(NFTA_META_DREG, NFT_REG_1),
+            ),
+        ),
+        expression(
+            "cmp",
+            Some(
+                Attrs::default()
+                    .be32(NFTA_CMP_SREG, NFT_REG_1)
+                    .be32(NFTA_CMP_OP, NFT_CMP_NEQ)
+                    .data(NFTA_CMP_DATA, &iif),
+            ),
+        ),
+        expression(
+            "immediate",
+            Some(Attrs::default().be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT).nested(
+                NFTA_IMMEDIATE_DATA,
+                Attrs::default().nested(NFTA_DATA_VERDICT, Attrs::default().be32(NFTA_VERDICT_CODE, NF_DROP)),
+            )),
+        ),
+    ] {
+        list.extend_from_slice(&expr.0);
+    }
+    Attrs(list)
+}
+
+/// Replaces the tunnel guard table with one holding `guard`'s rule, in one
+/// batch.
+pub fn tunnel_guard_batch(guard: &TunnelGuard) -> Batch {
+    let mut b = Batch::new();
+    b.named_table(NFT_MSG_NEWTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the tunnel table");
+    b.named_table(NFT_MSG_DELTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the old tunnel table");
+    b.named_table(NFT_MSG_NEWTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the tunnel table");
+    let hook = Attrs::default()
+        .be32(NFTA_HOOK_HOOKNUM, NF_INET_LOCAL_IN)
+        .be32(NFTA_HOOK_PRIORITY, 0);
+    let chain = Attrs::default()
+        .str(NFTA_CHAIN_TABLE, TUNNEL_TABLE)
+        .str(NFTA_CHAIN_NAME, TUNNEL_CHAIN)
+        .nested(NFTA_CHAIN_HOOK, hook)
+        .be32(NFTA_CHAIN_POLICY, NF_ACCEPT)
+        .str(NFTA_CHAIN_TYPE, "filter");
+    b.message(
+        NFT_MSG_NEWCHAIN,
+        NFPROTO_IPV6,
+        NLM_F_REQUEST | NLM_F_CREATE,
+        &chain.0,
+        Some("the tunnel input chain"),
+    );
+    let rule_attrs = Attrs::default()
+        .str(NFTA_RULE_TABLE, TUNNEL_TABLE)
+        .str(NFTA_RULE_CHAIN, TUNNEL_CHAIN)
+        .raw(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, &guard_expressions(guard).0);
+    b.message(
+        NFT_MSG_NEWRULE,
+        NFPROTO_IPV6,
+        NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND,
+        &rule_attrs.0,
+        Some("the tunnel guard rule"),
+    );
+    b.end()
+}
+
+/// Deletes the tunnel guard table if it exists.
+pub fn remove_tunnel_guard_batch() -> Batch {
+    let mut b = Batch::new();
+    b.named_table(NFT_MSG_NEWTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the tunnel table");
+    b.named_table(NFT_MSG_DELTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the tunnel table");
     b.end()
 }
 
@@ -558,6 +708,24 @@ mod tests {
         assert!(has(&[172, 18, 0, 0]), "the pool");
         assert!(has(b"masq\0"));
         assert!(has(b"nat\0"));
+    }
+
+    #[test]
+    fn a_tunnel_guard_matches_the_prefix_and_the_device() {
+        let batch = tunnel_guard_batch(&TunnelGuard {
+            prefix: "fd12:3456:789a::".parse().unwrap(),
+            prefix_len: 48,
+            device: "mwg0".into(),
+        });
+        let kinds: Vec<u16> = headers(batch.bytes()).iter().map(|h| h.0 & 0xff).collect();
+        assert_eq!(kinds.len(), 7);
+        let bytes = batch.bytes();
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"mwg0\0\0\0\0\0\0\0\0\0\0\0\0"), "the device, padded to IFNAMSIZ");
+        assert!(has(&[0xfd, 0x12, 0x34, 0x56, 0x78, 0x9a, 0, 0]), "the prefix");
+        assert!(has(&[0xff; 6]), "the /48 mask");
+        assert!(has(b"immediate\0"));
+        assert!(has(b"mesh-tunnel\0"));
     }
 
     #[test]

@@ -34,6 +34,10 @@ fn parse_vxlan_name(name: &str) -> Option<u32> {
 /// One overlay network on this node, as wanted or as found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OverlayState {
+    /// Where the VXLAN device encapsulates from: the node's data-path
+    /// address, or its tunnel address for a network that travels inside
+    /// the WireGuard tunnels.
+    pub local: Option<IpAddr>,
     /// The MTU of the VXLAN device (and so of the bridge).
     pub mtu: u32,
     /// Remote task MAC -> the VTEP of its node.
@@ -46,7 +50,10 @@ pub struct OverlayState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// Create the bridge and VXLAN device of a network.
-    Create { vni: u32, mtu: u32 },
+    Create { vni: u32, mtu: u32, local: IpAddr },
+    /// Make a network's VXLAN device again, encapsulating from another
+    /// address (its bridge and the task ports on it stay).
+    Relocate { vni: u32, mtu: u32, local: IpAddr },
     /// Change a network's MTU.
     SetMtu { vni: u32, mtu: u32 },
     /// Point a MAC at a node.
@@ -64,20 +71,36 @@ pub enum Change {
 /// The changes that turn `current` into `wanted`: networks created first,
 /// then per network the stale entries removed before the new ones are
 /// set, and networks no longer wanted removed last. Nothing already right
-/// is touched.
+/// is touched. A wanted network without a local address is left alone.
 pub fn plan(wanted: &BTreeMap<u32, OverlayState>, current: &BTreeMap<u32, OverlayState>) -> Vec<Change> {
     let empty = OverlayState::default();
     let mut changes = Vec::new();
     for (&vni, want) in wanted {
+        let Some(local) = want.local else {
+            continue;
+        };
         let have = match current.get(&vni) {
-            Some(have) => {
+            Some(have) if have.local == want.local => {
                 if have.mtu != want.mtu {
                     changes.push(Change::SetMtu { vni, mtu: want.mtu });
                 }
                 have
             }
+            Some(_) => {
+                // A new device starts with no entries.
+                changes.push(Change::Relocate {
+                    vni,
+                    mtu: want.mtu,
+                    local,
+                });
+                &empty
+            }
             None => {
-                changes.push(Change::Create { vni, mtu: want.mtu });
+                changes.push(Change::Create {
+                    vni,
+                    mtu: want.mtu,
+                    local,
+                });
                 &empty
             }
         };
@@ -117,6 +140,7 @@ pub async fn observe(nl: &Netlink) -> Result<BTreeMap<u32, OverlayState>, Netlin
             continue;
         };
         let state = OverlayState {
+            local: link.vxlan_local,
             mtu: link.mtu,
             fdb: nl.fdb_entries(link.index).await?.into_iter().collect(),
             neighbours: nl.neighbours(link.index).await?.into_iter().collect(),
@@ -126,25 +150,21 @@ pub async fn observe(nl: &Netlink) -> Result<BTreeMap<u32, OverlayState>, Netlin
     Ok(out)
 }
 
-/// Where the VXLAN devices send from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    /// This node's data-path address.
-    pub local: Ipv4Addr,
-    /// The UDP port (4789 unless the swarm chose another).
-    pub port: u16,
-}
-
 /// Carries out `changes` in order, looking up each VXLAN device's index
-/// once.
-pub async fn apply_all(nl: &Netlink, endpoint: Endpoint, changes: &[Change]) -> Result<(), NetlinkError> {
+/// once. `port` is the swarm's VXLAN UDP port (4789 unless it chose
+/// another).
+pub async fn apply_all(nl: &Netlink, port: u16, changes: &[Change]) -> Result<(), NetlinkError> {
     let mut indexes = BTreeMap::new();
     for change in changes {
         log::debug!("overlay: {change:?}");
         match *change {
-            Change::Create { vni, mtu } => {
+            Change::Create { vni, mtu, local } => {
                 indexes.remove(&vni);
-                create(nl, endpoint, vni, mtu).await?;
+                create(nl, local, port, vni, mtu).await?;
+            }
+            Change::Relocate { vni, mtu, local } => {
+                indexes.remove(&vni);
+                add_vxlan(nl, local, port, vni, mtu).await?;
             }
             Change::SetMtu { vni, mtu } => nl.set_mtu(&vxlan_name(vni), mtu).await?,
             Change::SetFdb { vni, mac, vtep } => {
@@ -189,26 +209,34 @@ async fn device_index(nl: &Netlink, indexes: &mut BTreeMap<u32, u32>, vni: u32) 
 
 /// Creates network `vni`'s bridge and VXLAN device, replacing a bridge a
 /// failed earlier attempt may have left.
-async fn create(nl: &Netlink, endpoint: Endpoint, vni: u32, mtu: u32) -> Result<(), NetlinkError> {
-    let (bridge, vxlan) = (bridge_name(vni), vxlan_name(vni));
-    for name in [&vxlan, &bridge] {
-        match nl.delete_link(name).await {
-            Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
-            Err(e) => return Err(e),
-        }
+async fn create(nl: &Netlink, local: IpAddr, port: u16, vni: u32, mtu: u32) -> Result<(), NetlinkError> {
+    let bridge = bridge_name(vni);
+    match nl.delete_link(&bridge).await {
+        Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
+        Err(e) => return Err(e),
     }
     nl.add_bridge(&bridge).await?;
+    add_vxlan(nl, local, port, vni, mtu).await?;
+    nl.set_up(&bridge).await
+}
+
+/// (Re)makes network `vni`'s VXLAN device on its existing bridge.
+async fn add_vxlan(nl: &Netlink, local: IpAddr, port: u16, vni: u32, mtu: u32) -> Result<(), NetlinkError> {
+    let (bridge, vxlan) = (bridge_name(vni), vxlan_name(vni));
+    match nl.delete_link(&vxlan).await {
+        Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
+        Err(e) => return Err(e),
+    }
     nl.add_vxlan(&VxlanLink {
         name: vxlan.clone(),
         vni,
-        local: endpoint.local,
-        port: endpoint.port,
+        local,
+        port,
         mtu,
     })
     .await?;
     nl.set_controller(&vxlan, &bridge).await?;
-    nl.set_up(&vxlan).await?;
-    nl.set_up(&bridge).await
+    nl.set_up(&vxlan).await
 }
 
 /// The MTU of the link that holds `local` (the underlay), if any.
@@ -275,6 +303,7 @@ mod tests {
 
     fn state(mtu: u32, fdb: &[(u8, [u8; 4])], neighbours: &[(u8, u8)]) -> OverlayState {
         OverlayState {
+            local: Some(IpAddr::from([192, 168, 0, 1])),
             mtu,
             fdb: fdb
                 .iter()
@@ -348,7 +377,11 @@ mod tests {
                     address: ip(5),
                     mac: mac(5)
                 },
-                Change::Create { vni: 4098, mtu: 1450 },
+                Change::Create {
+                    vni: 4098,
+                    mtu: 1450,
+                    local: vtep(1)
+                },
                 Change::SetFdb {
                     vni: 4098,
                     mac: mac(7),
@@ -362,6 +395,26 @@ mod tests {
                 Change::Remove { vni: 4097 },
             ]
         );
+    }
+
+    #[test]
+    fn a_network_whose_local_address_changed_gets_a_new_device_and_all_its_entries() {
+        let current: BTreeMap<u32, OverlayState> = [(4096, state(1450, &[(3, [192, 168, 0, 2])], &[(3, 3)]))].into();
+        let mut wanted = current.clone();
+        let tunnel: IpAddr = "fd00::1".parse().unwrap();
+        wanted.get_mut(&4096).unwrap().local = Some(tunnel);
+        let changes = plan(&wanted, &current);
+        assert_eq!(
+            changes[0],
+            Change::Relocate {
+                vni: 4096,
+                mtu: 1450,
+                local: tunnel
+            }
+        );
+        assert_eq!(changes.len(), 3, "the FDB and neighbour entries are written again");
+        wanted.get_mut(&4096).unwrap().local = None;
+        assert!(plan(&wanted, &current).is_empty(), "no local address yet: left alone");
     }
 
     #[test]

@@ -18,3 +18,4 @@ pub mod overlay;
 pub mod plan;
 pub mod process;
 pub mod supervisor;
+pub mod tunnel;

@@ -160,6 +160,7 @@ fn scheduler() {
         cert_expiry_secs: 3600,
         task_history_limit: 5,
         data_path_port: state::DEFAULT_DATA_PATH_PORT,
+        overlay_key_rotation_secs: 43200,
     });
     for id in 1..=100u64 {
         state.nodes.insert(
@@ -174,6 +175,7 @@ fn scheduler() {
                 addr: format!("10.0.{}.{}:2377", id / 250, id % 250),
                 data_path_addr: String::new(),
                 agent_version: String::new(),
+                wireguard_key: String::new(),
                 status_message: String::new(),
                 created_at: 0,
                 updated_at: 0,

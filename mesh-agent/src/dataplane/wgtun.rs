@@ -1,0 +1,340 @@
+//! WireGuard in userspace, for kernels without it: boringtun's protocol
+//! code (no I/O) between a TUN device and a UDP socket, on three threads
+//! of the agent (packets out, packets in, timers).
+//!
+//! The TUN device is made persistent, so the addresses, routes and VXLAN
+//! devices that hang on it outlive an agent restart; the next agent opens
+//! it again and the tunnels re-handshake (one round trip).
+//!
+//! Every peer may only send from its own tunnel address, as the kernel's
+//! allowed IPs enforce; packets from anyone else are dropped.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io::{self, Read, Write},
+    net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use boringtun::{
+    noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult},
+    x25519::{PublicKey, StaticSecret},
+};
+
+use super::wireguard::{Key, PeerChange, TunnelPeer};
+
+// linux/if_tun.h: _IOW('T', 202, int) and _IOW('T', 203, int).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// How often the workers look up from a blocking wait (to stop).
+const WAKE: Duration = Duration::from_millis(200);
+/// How often the WireGuard timers run (handshake retries, keepalives,
+/// session expiry), as boringtun's own device does.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Room for the largest packet plus WireGuard's overhead.
+const BUFFER: usize = 65_536 + 64;
+
+/// A running userspace WireGuard device.
+pub struct UserspaceTunnel {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    tun: File,
+    udp: UdpSocket,
+    private: StaticSecret,
+    public: PublicKey,
+    peers: RwLock<PeerTable>,
+    next_index: AtomicU32,
+    stop: AtomicBool,
+}
+
+#[derive(Default)]
+struct PeerTable {
+    by_key: HashMap<Key, Arc<Peer>>,
+    by_tunnel: HashMap<Ipv6Addr, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+}
+
+struct Peer {
+    config: TunnelPeer,
+    index: u32,
+    tunn: Mutex<Tunn>,
+}
+
+impl UserspaceTunnel {
+    /// Opens (or creates, persistent) TUN device `name`, binds the
+    /// WireGuard socket on `port` and starts the workers, with no peers.
+    pub fn start(name: &str, private: Key, port: u16) -> io::Result<UserspaceTunnel> {
+        let tun = open_tun(name)?;
+        let udp = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port)))
+            .map_err(|e| io::Error::new(e.kind(), format!("binding the WireGuard port udp/{port}: {e}")))?;
+        udp.set_read_timeout(Some(WAKE))?;
+        let private = StaticSecret::from(private);
+        let shared = Arc::new(Shared {
+            tun,
+            udp,
+            public: PublicKey::from(&private),
+            private,
+            peers: RwLock::new(PeerTable::default()),
+            next_index: AtomicU32::new(1),
+            stop: AtomicBool::new(false),
+        });
+        let mut workers = Vec::new();
+        for (name, work) in [
+            ("wg-out", outbound as fn(&Shared)),
+            ("wg-in", inbound),
+            ("wg-timers", timers),
+        ] {
+            let s = shared.clone();
+            workers.push(std::thread::Builder::new().name(name.into()).spawn(move || work(&s))?);
+        }
+        Ok(UserspaceTunnel { shared, workers })
+    }
+
+    /// The peers as configured.
+    pub fn peers(&self) -> BTreeMap<Key, TunnelPeer> {
+        let table = self.shared.peers.read().expect("reason: never poisoned");
+        table.by_key.iter().map(|(k, p)| (*k, p.config.clone())).collect()
+    }
+
+    /// Carries out `changes`. A changed peer gets a fresh session (one
+    /// handshake; boringtun cannot change a preshared key in place).
+    pub fn apply(&self, changes: &[PeerChange]) {
+        let mut table = self.shared.peers.write().expect("reason: never poisoned");
+        for change in changes {
+            let key = match change {
+                PeerChange::Remove { key } | PeerChange::Set { key, .. } => *key,
+            };
+            if let Some(old) = table.by_key.remove(&key) {
+                table.by_index.remove(&old.index);
+                if table
+                    .by_tunnel
+                    .get(&old.config.tunnel)
+                    .is_some_and(|p| Arc::ptr_eq(p, &old))
+                {
+                    table.by_tunnel.remove(&old.config.tunnel);
+                }
+            }
+            if let PeerChange::Set { key, peer } = change {
+                // Session indexes carry the peer's index in their upper 24 bits.
+                let index = self.shared.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+                let tunn = Tunn::new(
+                    self.shared.private.clone(),
+                    PublicKey::from(*key),
+                    Some(peer.psk),
+                    None,
+                    index,
+                    None,
+                );
+                let peer = Arc::new(Peer {
+                    config: peer.clone(),
+                    index,
+                    tunn: Mutex::new(tunn),
+                });
+                table.by_tunnel.insert(peer.config.tunnel, peer.clone());
+                table.by_index.insert(index, peer.clone());
+                table.by_key.insert(*key, peer);
+            }
+        }
+    }
+
+    /// Stops the workers and deletes the TUN device (the node leaves).
+    pub fn remove(self) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST takes an int by value on an open TUN fd.
+        let r = unsafe { libc::ioctl(self.shared.tun.as_raw_fd(), TUNSETPERSIST as _, 0 as libc::c_ulong) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        drop(self);
+        Ok(())
+    }
+}
+
+impl Drop for UserspaceTunnel {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Opens TUN device `name` (IFF_TUN, no packet info), creating it and
+/// making it persistent.
+fn open_tun(name: &str) -> io::Result<File> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad TUN name {name:?}"),
+        ));
+    }
+    // SAFETY: open(2) of a constant path; the fd is owned by the File below.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("opening /dev/net/tun: {e}")));
+    }
+    // SAFETY: fd was just opened and is owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: a zeroed ifreq is valid; name and flags are set below.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes the ifreq, which outlives the call.
+    if unsafe { libc::ioctl(fd, TUNSETIFF as _, &mut ifr as *mut libc::ifreq) } < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("creating TUN device {name}: {e}")));
+    }
+    // SAFETY: TUNSETPERSIST takes an int by value on an open TUN fd.
+    if unsafe { libc::ioctl(fd, TUNSETPERSIST as _, 1 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Waits up to [`WAKE`] for the TUN device to have a packet.
+fn tun_readable(tun: &File) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: tun.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, WAKE.as_millis() as libc::c_int) };
+    n > 0 && pfd.revents & libc::POLLIN != 0
+}
+
+/// TUN -> peers: each packet to a tunnel address goes, encrypted, to the
+/// node that owns it.
+fn outbound(s: &Shared) {
+    let mut packet = vec![0u8; BUFFER];
+    let mut out = vec![0u8; BUFFER];
+    while !s.stop.load(Ordering::Relaxed) {
+        if !tun_readable(&s.tun) {
+            continue;
+        }
+        let n = match (&s.tun).read(&mut packet) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::warn!("reading the WireGuard TUN device: {e}");
+                std::thread::sleep(WAKE);
+                continue;
+            }
+        };
+        let Some(IpAddr::V6(dst)) = Tunn::dst_address(&packet[..n]) else {
+            continue;
+        };
+        let peer = s
+            .peers
+            .read()
+            .expect("reason: never poisoned")
+            .by_tunnel
+            .get(&dst)
+            .cloned();
+        let Some(peer) = peer else {
+            continue;
+        };
+        let mut tunn = peer.tunn.lock().expect("reason: never poisoned");
+        if let TunnResult::WriteToNetwork(p) = tunn.encapsulate(&packet[..n], &mut out) {
+            let _ = s.udp.send_to(p, peer.config.endpoint);
+        }
+    }
+}
+
+/// Peers -> TUN: each datagram is matched to its peer (by session index,
+/// or by the static key inside a handshake), decrypted, and written to the
+/// TUN device if it comes from that peer's tunnel address.
+fn inbound(s: &Shared) {
+    let mut datagram = vec![0u8; BUFFER];
+    let mut out = vec![0u8; BUFFER];
+    while !s.stop.load(Ordering::Relaxed) {
+        let (n, from) = match s.udp.recv_from(&mut datagram) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                log::warn!("reading the WireGuard socket: {e}");
+                std::thread::sleep(WAKE);
+                continue;
+            }
+        };
+        let Some(peer) = s.peer_of(&datagram[..n]) else {
+            continue;
+        };
+        let mut tunn = peer.tunn.lock().expect("reason: never poisoned");
+        let mut result = tunn.decapsulate(Some(from.ip()), &datagram[..n], &mut out);
+        loop {
+            match result {
+                TunnResult::WriteToNetwork(p) => {
+                    let _ = s.udp.send_to(p, peer.config.endpoint);
+                    // Packets queued while the handshake ran go out now.
+                    result = tunn.decapsulate(None, &[], &mut out);
+                }
+                TunnResult::WriteToTunnelV6(p, source) => {
+                    if source == peer.config.tunnel {
+                        let _ = (&s.tun).write(p);
+                    }
+                    break;
+                }
+                TunnResult::WriteToTunnelV4(..) | TunnResult::Done | TunnResult::Err(_) => break,
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn peer_of(&self, datagram: &[u8]) -> Option<Arc<Peer>> {
+        let table = self.peers.read().expect("reason: never poisoned");
+        let index = match Tunn::parse_incoming_packet(datagram).ok()? {
+            Packet::HandshakeInit(p) => {
+                let half = parse_handshake_anon(&self.private, &self.public, &p).ok()?;
+                return table.by_key.get(&half.peer_static_public).cloned();
+            }
+            Packet::HandshakeResponse(p) => p.receiver_idx,
+            Packet::PacketCookieReply(p) => p.receiver_idx,
+            Packet::PacketData(p) => p.receiver_idx,
+        };
+        table.by_index.get(&(index >> 8)).cloned()
+    }
+}
+
+/// Runs every peer's timers: handshake retries and rekeys, keepalives.
+fn timers(s: &Shared) {
+    let mut out = vec![0u8; BUFFER];
+    while !s.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TIMER_TICK);
+        let peers: Vec<Arc<Peer>> = s
+            .peers
+            .read()
+            .expect("reason: never poisoned")
+            .by_key
+            .values()
+            .cloned()
+            .collect();
+        for peer in peers {
+            let mut tunn = peer.tunn.lock().expect("reason: never poisoned");
+            if let TunnResult::WriteToNetwork(p) = tunn.update_timers(&mut out) {
+                let _ = s.udp.send_to(p, peer.config.endpoint);
+            }
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The node's WireGuard tunnels, as plain data ([`TunnelPeer`], [`plan`])
+//! and, where the kernel has WireGuard, configured through its generic
+//! netlink family (`wg set` without the `wg` tool). Where it has not, the
+//! same plan drives the userspace device in [`super::wgtun`].
+//!
+//! Each peer is another node: its public key, where its WireGuard socket
+//! is, the one tunnel address it may send from (its /128), and the
+//! preshared key of the pair.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+};
+
+use netlink_packet_wireguard::{
+    WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute, WireguardCmd,
+    WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
+};
+
+use super::genl::{Genl, GenlError};
+
+/// A WireGuard key (private, public or preshared).
+pub type Key = [u8; 32];
+
+/// The name of the node's WireGuard device.
+pub const DEVICE: &str = "mwg0";
+
+/// One remote node as this node's tunnel wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelPeer {
+    /// Its WireGuard socket (data-path address, WireGuard port).
+    pub endpoint: SocketAddr,
+    /// Its tunnel address: the only source it may send from.
+    pub tunnel: Ipv6Addr,
+    /// The pair's preshared key.
+    pub psk: Key,
+}
+
+/// One change to the device's peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerChange {
+    /// Add the peer, or bring it in line (its sessions are kept: a new
+    /// preshared key or endpoint takes effect at the next handshake).
+    Set { key: Key, peer: TunnelPeer },
+    /// Remove the peer and its sessions.
+    Remove { key: Key },
+}
+
+/// The changes from `current` peers to `wanted` ones, removals first (a
+/// node's tunnel address moving to a new key must be free first).
+pub fn plan(wanted: &BTreeMap<Key, TunnelPeer>, current: &BTreeMap<Key, TunnelPeer>) -> Vec<PeerChange> {
+    let mut changes: Vec<PeerChange> = current
+        .keys()
+        .filter(|k| !wanted.contains_key(*k))
+        .map(|&key| PeerChange::Remove { key })
+        .collect();
+    for (&key, peer) in wanted {
+        if current.get(&key) != Some(peer) {
+            changes.push(PeerChange::Set {
+                key,
+                peer: peer.clone(),
+            });
+        }
+    }
+    changes
+}
+
+/// Whether the kernel can make WireGuard devices (its generic netlink
+/// family is there once the module is loaded or built in).
+pub fn kernel_has_wireguard() -> bool {
+    Genl::open("wireguard").is_ok()
+}
+
+/// What a kernel WireGuard device holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelDevice {
+    /// Its private key, if set.
+    pub private: Option<Key>,
+    /// Its listening port.
+    pub port: u16,
+    /// Its peers.
+    pub peers: BTreeMap<Key, TunnelPeer>,
+}
+
+/// A kernel WireGuard device's private key, port and peers (`wg show`).
+pub fn kernel_observe(device: &str) -> Result<KernelDevice, GenlError> {
+    let mut genl = Genl::open("wireguard")?;
+    let replies = genl.dump(WireguardMessage {
+        cmd: WireguardCmd::GetDevice,
+        attributes: vec![WireguardAttribute::IfName(device.into())],
+    })?;
+    let (mut private, mut port, mut peers) = (None, 0, BTreeMap::new());
+    for attr in replies.into_iter().flat_map(|m| m.attributes) {
+        match attr {
+            WireguardAttribute::PrivateKey(k) => private = Some(k).filter(|k| k != &[0; 32]),
+            WireguardAttribute::ListenPort(p) => port = p,
+            WireguardAttribute::Peers(list) => {
+                for WireguardPeer(attrs) in list {
+                    if let Some((key, peer)) = parse_peer(attrs) {
+                        peers.insert(key, peer);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(KernelDevice { private, port, peers })
+}
+
+fn parse_peer(attrs: Vec<WireguardPeerAttribute>) -> Option<(Key, TunnelPeer)> {
+    let (mut key, mut endpoint, mut tunnel, mut psk) = (None, None, None, [0; 32]);
+    for a in attrs {
+        match a {
+            WireguardPeerAttribute::PublicKey(k) => key = Some(k),
+            WireguardPeerAttribute::PresharedKey(k) => psk = k,
+            WireguardPeerAttribute::Endpoint(e) => endpoint = Some(e),
+            WireguardPeerAttribute::AllowedIps(ips) => {
+                for WireguardAllowedIp(ip) in ips {
+                    let mut address = None;
+                    let mut cidr = 0;
+                    for part in ip {
+                        match part {
+                            WireguardAllowedIpAttr::IpAddr(IpAddr::V6(a)) => address = Some(a),
+                            WireguardAllowedIpAttr::Cidr(c) => cidr = c,
+                            _ => {}
+                        }
+                    }
+                    // Anything but one /128 is not ours, and is replaced.
+                    if cidr == 128 && tunnel.is_none() {
+                        tunnel = address;
+                    } else {
+                        tunnel = Some(Ipv6Addr::UNSPECIFIED);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((
+        key?,
+        TunnelPeer {
+            endpoint: endpoint.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            tunnel: tunnel.unwrap_or(Ipv6Addr::UNSPECIFIED),
+            psk,
+        },
+    ))
+}
+
+/// Sets the device's private key and port, then carries out `changes`
+/// (`wg set DEVICE private-key K listen-port P peer ...`). The private key
+/// and port are only sent when `identity` is given, since a new private
+/// key ends every session.
+pub fn kernel_apply(device: &str, identity: Option<(Key, u16)>, changes: &[PeerChange]) -> Result<(), GenlError> {
+    let mut genl = Genl::open("wireguard")?;
+    if let Some((private, port)) = identity {
+        genl.request(WireguardMessage {
+            cmd: WireguardCmd::SetDevice,
+            attributes: vec![
+                WireguardAttribute::IfName(device.into()),
+                WireguardAttribute::PrivateKey(private),
+                WireguardAttribute::ListenPort(port),
+            ],
+        })?;
+    }
+    // A few peers per message keeps each under the socket's buffer.
+    for chunk in changes.chunks(16) {
+        let peers = chunk.iter().map(peer_message).collect();
+        genl.request(WireguardMessage {
+            cmd: WireguardCmd::SetDevice,
+            attributes: vec![
+                WireguardAttribute::IfName(device.into()),
+                WireguardAttribute::Peers(peers),
+            ],
+        })?;
+    }
+    Ok(())
+}
+
+fn peer_message(change: &PeerChange) -> WireguardPeer {
+    match change {
+        PeerChange::Remove { key } => WireguardPeer(vec![
+            WireguardPeerAttribute::PublicKey(*key),
+            WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
+        ]),
+        PeerChange::Set { key, peer } => WireguardPeer(vec![
+            WireguardPeerAttribute::PublicKey(*key),
+            WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
+            WireguardPeerAttribute::PresharedKey(peer.psk),
+            WireguardPeerAttribute::Endpoint(peer.endpoint),
+            WireguardPeerAttribute::AllowedIps(vec![WireguardAllowedIp(vec![
+                WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv6),
+                WireguardAllowedIpAttr::IpAddr(IpAddr::V6(peer.tunnel)),
+                WireguardAllowedIpAttr::Cidr(128),
+            ])]),
+        ]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8, psk: u8) -> TunnelPeer {
+        TunnelPeer {
+            endpoint: SocketAddr::from(([192, 0, 2, n], 51820)),
+            tunnel: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(n)),
+            psk: [psk; 32],
+        }
+    }
+
+    #[test]
+    fn only_what_differs_is_written_and_removals_come_first() {
+        let current: BTreeMap<Key, TunnelPeer> = [([1; 32], peer(1, 1)), ([2; 32], peer(2, 1))].into();
+        assert!(plan(&current, &current).is_empty());
+        let wanted: BTreeMap<Key, TunnelPeer> = [([1; 32], peer(1, 2)), ([3; 32], peer(2, 2))].into();
+        assert_eq!(
+            plan(&wanted, &current),
+            vec![
+                PeerChange::Remove { key: [2; 32] },
+                PeerChange::Set {
+                    key: [1; 32],
+                    peer: peer(1, 2)
+                },
+                PeerChange::Set {
+                    key: [3; 32],
+                    peer: peer(2, 2)
+                },
+            ],
+            "node 2's new key gets its address only after the old key is gone"
+        );
+    }
+
+    #[test]
+    fn a_peer_message_reads_back_as_the_same_peer() {
+        let change = PeerChange::Set {
+            key: [7; 32],
+            peer: peer(7, 9),
+        };
+        let WireguardPeer(attrs) = peer_message(&change);
+        assert_eq!(parse_peer(attrs), Some(([7; 32], peer(7, 9))));
+    }
+}
