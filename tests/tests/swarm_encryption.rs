@@ -2,6 +2,8 @@
 //! has no WireGuard, the agent runs boringtun on a TUN device; the VM lane
 //! runs the same checks with the kernel's WireGuard.
 //!
+//! `vm_swarm_encryption.rs` includes this file for the scenario.
+//!
 //! A marker string sent between tasks on two nodes shows up in a capture
 //! of the underlay for a plain network and never for an encrypted one; the
 //! encrypted network's entries point into the tunnel; the overlay key
@@ -149,7 +151,7 @@ fn key_epoch(swarm: &Swarm, network: &str) -> u64 {
 }
 
 /// The whole scenario, with `flags` for every agent.
-fn encrypted_overlays_hide_the_payload_and_survive_key_rotation(flags: &'static [&'static str]) {
+pub fn encrypted_overlays_hide_the_payload_and_survive_key_rotation(flags: &'static [&'static str]) {
     let swarm = Swarm::with_flags(3, flags);
     swarm.init(&[]);
     swarm.join(1, 0, "worker");
@@ -244,6 +246,19 @@ fn encrypted_overlays_hide_the_payload_and_survive_key_rotation(flags: &'static 
         assert!(state.fdb.values().all(|v| v.is_ipv6()), "h{host}: into the tunnel");
         assert_eq!(state.mtu, 1370, "1500 minus WireGuard's 60 and VXLAN over IPv6's 70");
         assert!(has_link(&swarm, host, DEVICE), "h{host} has {DEVICE}");
+        if flags.contains(&"kernel") {
+            let device = swarm
+                .cluster
+                .host(host)
+                .run(|| mesh_agent::dataplane::wireguard::kernel_observe(DEVICE))
+                .expect("a kernel WireGuard device");
+            assert_eq!(device.port, 51820);
+            assert_eq!(device.peers.len(), 2, "h{host}: the two other nodes");
+            assert!(
+                device.peers.values().all(|p| p.psk != [0; 32]),
+                "h{host}: with pair keys"
+            );
+        }
     }
 
     // Removing a node rotates the overlay key; a stream between the other
@@ -267,7 +282,7 @@ fn encrypted_overlays_hide_the_payload_and_survive_key_rotation(flags: &'static 
     swarm.wait("the overlay key rotated", CONVERGE, || {
         key_epoch(&swarm, "sealed") > epoch
     });
-    assert!(!has_link(&swarm, 2, DEVICE), "h2 left no tunnel behind");
+    swarm.wait("h2 left no tunnel behind", CONVERGE, || !has_link(&swarm, 2, DEVICE));
     for round in 0..4 {
         let text = format!("after rotation {round}\n");
         (&stream)
@@ -312,7 +327,8 @@ fn encrypted_overlays_hide_the_payload_and_survive_key_rotation(flags: &'static 
 }
 
 #[test]
+#[allow(dead_code, reason = "the VM lane's binary includes this file for the scenario only")]
 fn encrypted_overlays_in_userspace_wireguard() {
     require_root();
-    encrypted_overlays_hide_the_payload_and_survive_key_rotation(&[]);
+    encrypted_overlays_hide_the_payload_and_survive_key_rotation(mesh_tests::swarm::AGENT_FLAGS);
 }

@@ -154,6 +154,9 @@ struct Inner {
     tunnel: Option<Tunnel>,
     /// Its address, while it is up.
     tunnel_address: Option<Ipv6Addr>,
+    /// Everything was removed (the node leaves): a late assignment must
+    /// not make it again.
+    closed: bool,
 }
 
 /// The node's overlay networks.
@@ -176,6 +179,7 @@ impl Overlays {
                 ports: BTreeMap::new(),
                 tunnel: Some(tunnel),
                 tunnel_address: None,
+                closed: false,
             }),
         }
     }
@@ -190,6 +194,9 @@ impl Overlays {
     /// the kernel again).
     pub async fn apply(&self, assignments: &Assignments) -> Result<(), String> {
         let mut inner = self.inner.lock().await;
+        if inner.closed {
+            return Ok(());
+        }
         let Ok(local) = assignments.vtep.parse::<Ipv4Addr>() else {
             // No IPv4 data-path address (an older manager, or IPv6): no
             // overlays are possible, and tasks on one are refused at attach.
@@ -234,6 +241,9 @@ impl Overlays {
         }
         check_task_networks(networks)?;
         let mut inner = self.inner.lock().await;
+        if inner.closed {
+            return Err("this node is leaving the swarm".into());
+        }
         let (Some(vtep), Some(underlay)) = (inner.vtep, inner.underlay_mtu) else {
             return Err("this node has no IPv4 data-path address, so it cannot join overlay networks".into());
         };
@@ -339,6 +349,7 @@ impl Overlays {
     /// leaves the swarm).
     pub async fn remove_all(&self) {
         let mut inner = self.inner.lock().await;
+        inner.closed = true;
         inner.known = None;
         if let Err(e) = sync(&mut inner, |_| BTreeMap::new()).await {
             log::warn!("removing the overlay networks: {e}");

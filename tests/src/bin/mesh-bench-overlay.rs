@@ -8,6 +8,9 @@
 //! - Request/response: 1-byte TCP round trips on one connection
 //!   (netperf's TCP_RR) to an echo server in h1's task over the overlay,
 //!   and to the same server run on h1 itself; p50 and p99 of each.
+//! - The same two over an encrypted overlay (WireGuard: the kernel's where
+//!   it has it, else boringtun in the agent), divided by the plain
+//!   overlay. `--wireguard kernel|userspace` picks one.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -30,11 +33,19 @@ const IPERF_PORT: u16 = 5201;
 
 fn main() {
     require_root();
-    let swarm = Swarm::with_flags(2, &[]);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flags: &'static [&'static str] = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => &[],
+        ["--wireguard", "kernel"] => &["--wireguard", "kernel"],
+        ["--wireguard", "userspace"] => &["--wireguard", "userspace"],
+        _ => panic!("usage: mesh-bench-overlay [--wireguard kernel|userspace]"),
+    };
+    let swarm = Swarm::with_flags(2, flags);
     swarm.init(&[]);
     swarm.join(1, 0, "worker");
     swarm.wait("2 nodes ready", Duration::from_secs(30), || swarm.ready(0) == 2);
     swarm.ok(0, &["network", "create", "bench"]);
+    swarm.ok(0, &["network", "create", "--opt", "encrypted", "sealed"]);
     let echo = binary("mesh-echo");
     let port = ECHO_PORT.to_string();
     for (name, node, command) in [
@@ -50,6 +61,8 @@ fn main() {
             name,
             "--network",
             "bench",
+            "--network",
+            "sealed",
             "--constraint",
             &constraint,
             "--",
@@ -57,11 +70,14 @@ fn main() {
         args.extend(command);
         swarm.ok(0, &args);
     }
-    let endpoints = endpoints(&swarm);
+    let endpoints = endpoints(&swarm, "bench");
+    let sealed = endpoints_on(&swarm, "sealed");
     let task_of = |service: &str| endpoints.iter().find(|e| e.1.starts_with(service)).cloned().unwrap();
+    let sealed_of = |service: &str| sealed.iter().find(|e| e.1.starts_with(service)).unwrap().2;
     let (client_task, _, _) = task_of("client.");
     let (_, _, server_address) = task_of("server.");
     let (_, _, iperf_address) = task_of("iperf.");
+    let (sealed_server, sealed_iperf) = (sealed_of("server."), sealed_of("iperf."));
     let client_ns = NetNs::open_at(
         &swarm.agents[0].data_dir.join("tasks").join(&client_task).join("netns"),
         "client task",
@@ -80,8 +96,15 @@ fn main() {
 
     let bare_rr = h0.run(|| round_trips(h1.address()));
     let overlay_rr = client_ns.run(|| round_trips(server_address)).expect("enter the task");
+    let sealed_rr = client_ns.run(|| round_trips(sealed_server)).expect("enter the task");
     let bare_bps = iperf(h0.netns(), h1.address(), 5202);
     let overlay_bps = iperf(&client_ns, iperf_address, IPERF_PORT);
+    let sealed_bps = iperf(&client_ns, sealed_iperf, IPERF_PORT);
+    let mode = if h0.run(mesh_agent::dataplane::wireguard::kernel_has_wireguard) && !flags.contains(&"userspace") {
+        "kernel WireGuard"
+    } else {
+        "boringtun WireGuard"
+    };
 
     println!(
         "== TCP throughput (iperf3, 1 stream, {IPERF_SECONDS} s): overlay {:.2} Gbit/s; bare underlay {:.2} Gbit/s; ratio {:.2}",
@@ -98,19 +121,40 @@ fn main() {
             o / b
         );
     }
+    println!(
+        "== TCP throughput, encrypted ({mode}): {:.2} Gbit/s; plain overlay {:.2} Gbit/s; ratio {:.2}",
+        sealed_bps / 1e9,
+        overlay_bps / 1e9,
+        sealed_bps / overlay_bps
+    );
+    for (label, q) in [("p50", 0.50), ("p99", 0.99)] {
+        let (e, o) = (quantile(&sealed_rr, q), quantile(&overlay_rr, q));
+        println!(
+            "== TCP request/response {label}, encrypted ({mode}): {:.1} us; plain overlay {:.1} us; ratio {:.2}",
+            e * 1e6,
+            o * 1e6,
+            e / o
+        );
+    }
     for name in ["server", "client", "iperf"] {
         swarm.ok(0, &["service", "rm", name]);
     }
 }
 
-/// (task, name, address) of every endpoint on the bench network.
-fn endpoints(swarm: &Swarm) -> Vec<(String, String, Ipv4Addr)> {
+/// (task, name, address) of every endpoint on `network`, once all three
+/// services run.
+fn endpoints(swarm: &Swarm, network: &str) -> Vec<(String, String, Ipv4Addr)> {
     swarm.wait("3 endpoints running", Duration::from_secs(60), || {
         let out = swarm.meshctl(0, &["service", "ls", "--format", "json"]);
         let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
         list.len() == 3 && list.iter().all(|s| s["running"] == 1)
     });
-    let out = swarm.ok(0, &["network", "inspect", "bench"]);
+    endpoints_on(swarm, network)
+}
+
+/// (task, name, address) of every endpoint on `network`.
+fn endpoints_on(swarm: &Swarm, network: &str) -> Vec<(String, String, Ipv4Addr)> {
+    let out = swarm.ok(0, &["network", "inspect", network]);
     let view: Vec<serde_json::Value> = serde_json::from_str(&out).expect("JSON");
     view[0]["endpoints"]
         .as_array()
