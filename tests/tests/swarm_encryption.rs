@@ -17,15 +17,9 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::{
-    dataplane::{
-        netlink::Netlink,
-        vxlan::{self, OverlayState},
-        wireguard::DEVICE,
-    },
-    runtime::netns::NetNs,
-};
+use mesh_agent::dataplane::wireguard::DEVICE;
 use mesh_tests::{
+    overlay::{endpoints, has_link, in_task, inspect, overlays_on, running},
     require_root,
     swarm::{binary, Swarm},
 };
@@ -33,45 +27,6 @@ use mesh_tests::{
 const CONVERGE: Duration = Duration::from_secs(30);
 const PORT: u16 = 7000;
 const MARKER: &str = "MESH-MARKER-7f3a9c";
-
-fn inspect(swarm: &Swarm, network: &str) -> serde_json::Value {
-    let out = swarm.ok(0, &["network", "inspect", network]);
-    let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("inspect prints JSON");
-    list.into_iter().next().expect("one network")
-}
-
-/// (task, node, address) of every endpoint on `network`.
-fn endpoints(swarm: &Swarm, network: &str) -> Vec<(String, String, Ipv4Addr)> {
-    inspect(swarm, network)["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["task"].as_str().unwrap().to_string(),
-                e["node"].as_str().unwrap_or("").to_string(),
-                e["address"].as_str().unwrap().parse().unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn running(swarm: &Swarm, service: &str) -> usize {
-    let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
-    let tasks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
-    tasks
-        .iter()
-        .filter(|t| t["task"]["state"] == "Running" && t["task"]["desired"] == "Running")
-        .count()
-}
-
-fn in_task<T: Send>(swarm: &Swarm, host: usize, task: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = swarm.agents[host].data_dir.join("tasks").join(task).join("netns");
-    NetNs::open_at(&path, "task")
-        .expect("the task's namespace")
-        .run(f)
-        .expect("enter it")
-}
 
 /// Sends `text` to the echo server at `address` and returns the echo.
 fn echo_line(address: Ipv4Addr, text: &str) -> Result<String, String> {
@@ -87,25 +42,6 @@ fn echo_line(address: Ipv4Addr, text: &str) -> Result<String, String> {
     let mut back = String::new();
     reader.read_line(&mut back).map_err(|e| e.to_string())?;
     Ok(back.trim().to_string())
-}
-
-fn overlays_on(swarm: &Swarm, host: usize) -> std::collections::BTreeMap<u32, OverlayState> {
-    swarm
-        .cluster
-        .host(host)
-        .run(|| Netlink::run(|nl| async move { vxlan::observe(&nl).await }))
-        .expect("read the overlays")
-}
-
-/// Whether host `host` has link `name` (asked over netlink: /sys shows
-/// the namespace it was mounted in, not the thread's).
-fn has_link(swarm: &Swarm, host: usize, name: &str) -> bool {
-    let name = name.to_string();
-    swarm
-        .cluster
-        .host(host)
-        .run(move || Netlink::run(|nl| async move { nl.link_index(&name).await }))
-        .is_ok()
 }
 
 /// A capture of host `host`'s underlay link, written as it goes.

@@ -4,15 +4,9 @@
 
 use std::time::Duration;
 
-use mesh_tests::{require_root, swarm::Swarm};
+use mesh_tests::{overlay::inspect, require_root, swarm::Swarm};
 
 const CONVERGE: Duration = Duration::from_secs(30);
-
-fn inspect(swarm: &Swarm, network: &str) -> serde_json::Value {
-    let out = swarm.ok(0, &["network", "inspect", network]);
-    let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("inspect prints JSON");
-    list.into_iter().next().expect("one network")
-}
 
 #[test]
 fn networks_are_allocated_once_listed_inspected_and_removed_when_unused() {

@@ -10,14 +10,9 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::{
-    dataplane::{
-        netlink::Netlink,
-        vxlan::{self, OverlayState},
-    },
-    runtime::{netns::NetNs, overlay::task_mac},
-};
+use mesh_agent::{dataplane::vxlan, runtime::overlay::task_mac};
 use mesh_tests::{
+    overlay::{endpoints, has_link, in_task, inspect, overlays_on, running},
     require_root,
     swarm::{binary, Swarm},
 };
@@ -25,40 +20,8 @@ use mesh_tests::{
 const CONVERGE: Duration = Duration::from_secs(30);
 const PORT: u16 = 7000;
 
-/// (task, node, address) of every endpoint on `network`.
-fn endpoints(swarm: &Swarm, network: &str) -> Vec<(String, String, Ipv4Addr)> {
-    let view = inspect(swarm, network);
-    view["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["task"].as_str().unwrap().to_string(),
-                e["node"].as_str().unwrap_or("").to_string(),
-                e["address"].as_str().unwrap().parse().unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn inspect(swarm: &Swarm, network: &str) -> serde_json::Value {
-    let out = swarm.ok(0, &["network", "inspect", network]);
-    let list: Vec<serde_json::Value> = serde_json::from_str(&out).expect("inspect prints JSON");
-    list.into_iter().next().expect("one network")
-}
-
 fn vni(swarm: &Swarm, network: &str) -> u32 {
     inspect(swarm, network)["network"]["vni"].as_u64().unwrap() as u32
-}
-
-/// Runs `f` in the network namespace of `task` on host `host`.
-fn in_task<T: Send>(swarm: &Swarm, host: usize, task: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = swarm.agents[host].data_dir.join("tasks").join(task).join("netns");
-    NetNs::open_at(&path, "task")
-        .expect("the task's namespace")
-        .run(f)
-        .expect("enter it")
 }
 
 /// Connects to a task's echo server: the greeting names the task, and a
@@ -99,27 +62,9 @@ fn udp_echo(address: Ipv4Addr) -> Result<String, String> {
     Err(format!("no UDP reply from {address}"))
 }
 
-/// The overlay networks in host `host`'s kernel.
-fn overlays_on(swarm: &Swarm, host: usize) -> BTreeMap<u32, OverlayState> {
-    swarm
-        .cluster
-        .host(host)
-        .run(|| Netlink::run(|nl| async move { vxlan::observe(&nl).await }))
-        .expect("read the overlays")
-}
-
 /// The VTEPs host `host` sends network `vni`'s frames to, per remote MAC.
 fn fdb_on(swarm: &Swarm, host: usize, vni: u32) -> BTreeMap<[u8; 6], IpAddr> {
     overlays_on(swarm, host).remove(&vni).map(|s| s.fdb).unwrap_or_default()
-}
-
-fn running(swarm: &Swarm, service: &str) -> usize {
-    let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
-    let tasks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
-    tasks
-        .iter()
-        .filter(|t| t["task"]["state"] == "Running" && t["task"]["desired"] == "Running")
-        .count()
 }
 
 #[test]
@@ -280,13 +225,10 @@ fn tasks_on_three_nodes_talk_over_vxlan_isolated_per_network_with_entries_that_f
     swarm.wait("h2 without the app network", CONVERGE, || {
         !overlays_on(&swarm, 2).contains_key(&app)
     });
-    let bridge = vxlan::bridge_name(app);
-    let linkless = swarm
-        .cluster
-        .host(2)
-        .run(move || Netlink::run(|nl| async move { nl.link_index(&bridge).await }))
-        .is_err();
-    assert!(linkless, "h2's app bridge is removed too");
+    assert!(
+        !has_link(&swarm, 2, &vxlan::bridge_name(app)),
+        "h2's app bridge is removed too"
+    );
 
     // h1 leaves the swarm: its endpoint leaves h0, and h1 keeps nothing.
     swarm.ok(1, &["swarm", "leave"]);

@@ -177,13 +177,8 @@ impl Batch {
         }
     }
 
-    /// Creates (if missing) or deletes the agent's table.
-    fn table(&mut self, kind: u16, what: &'static str) {
-        self.named_table(kind, NFPROTO_IPV4, TABLE, what);
-    }
-
     /// Creates (if missing) or deletes table `name` of `family`.
-    fn named_table(&mut self, kind: u16, family: u8, name: &str, what: &'static str) {
+    fn table(&mut self, kind: u16, family: u8, name: &str, what: &'static str) {
         let flags = if kind == NFT_MSG_NEWTABLE {
             NLM_F_REQUEST | NLM_F_CREATE
         } else {
@@ -321,42 +316,78 @@ fn table_attrs() -> Attrs {
     Attrs::default().str(NFTA_TABLE_NAME, TABLE)
 }
 
-/// Replaces the agent's table with one holding `rule`: created if
-/// missing, then deleted and created again in the same batch, so the
-/// result never depends on what an earlier agent left.
-pub fn masquerade_batch(rule: &Masquerade) -> Batch {
+/// One table holding one base chain with one rule: the shape of both
+/// tables the agent owns.
+struct OneRuleTable {
+    family: u8,
+    table: &'static str,
+    chain: &'static str,
+    chain_type: &'static str,
+    hook: u32,
+    priority: i32,
+    /// What the chain and the rule are, for error messages.
+    what: (&'static str, &'static str),
+}
+
+/// Replaces `spec`'s table with one holding `expressions` as its only
+/// rule: created if missing, then deleted and created again in the same
+/// batch, so the result never depends on what an earlier agent left.
+fn one_rule_table_batch(spec: &OneRuleTable, expressions: Attrs) -> Batch {
     let mut b = Batch::new();
-    b.table(NFT_MSG_NEWTABLE, "the table");
-    b.table(NFT_MSG_DELTABLE, "the old table");
-    b.table(NFT_MSG_NEWTABLE, "the table");
+    b.table(NFT_MSG_NEWTABLE, spec.family, spec.table, "the table");
+    b.table(NFT_MSG_DELTABLE, spec.family, spec.table, "the old table");
+    b.table(NFT_MSG_NEWTABLE, spec.family, spec.table, "the table");
     let hook = Attrs::default()
-        .be32(NFTA_HOOK_HOOKNUM, NF_INET_POST_ROUTING)
-        .be32(NFTA_HOOK_PRIORITY, PRIORITY_SRCNAT as u32);
+        .be32(NFTA_HOOK_HOOKNUM, spec.hook)
+        .be32(NFTA_HOOK_PRIORITY, spec.priority as u32);
     let chain = Attrs::default()
-        .str(NFTA_CHAIN_TABLE, TABLE)
-        .str(NFTA_CHAIN_NAME, NAT_CHAIN)
+        .str(NFTA_CHAIN_TABLE, spec.table)
+        .str(NFTA_CHAIN_NAME, spec.chain)
         .nested(NFTA_CHAIN_HOOK, hook)
         .be32(NFTA_CHAIN_POLICY, NF_ACCEPT)
-        .str(NFTA_CHAIN_TYPE, "nat");
+        .str(NFTA_CHAIN_TYPE, spec.chain_type);
     b.message(
         NFT_MSG_NEWCHAIN,
-        NFPROTO_IPV4,
+        spec.family,
         NLM_F_REQUEST | NLM_F_CREATE,
         &chain.0,
-        Some("the nat chain"),
+        Some(spec.what.0),
     );
-    let rule_attrs = Attrs::default()
-        .str(NFTA_RULE_TABLE, TABLE)
-        .str(NFTA_RULE_CHAIN, NAT_CHAIN)
-        .raw(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, &masquerade_expressions(rule).0);
+    let rule = Attrs::default()
+        .str(NFTA_RULE_TABLE, spec.table)
+        .str(NFTA_RULE_CHAIN, spec.chain)
+        .raw(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, &expressions.0);
     b.message(
         NFT_MSG_NEWRULE,
-        NFPROTO_IPV4,
+        spec.family,
         NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND,
-        &rule_attrs.0,
-        Some("the masquerade rule"),
+        &rule.0,
+        Some(spec.what.1),
     );
     b.end()
+}
+
+/// Deletes table `name` of `family` if it exists (created first in the
+/// same batch, so a missing table is not an error).
+fn remove_table_batch(family: u8, name: &str) -> Batch {
+    let mut b = Batch::new();
+    b.table(NFT_MSG_NEWTABLE, family, name, "the table");
+    b.table(NFT_MSG_DELTABLE, family, name, "the table");
+    b.end()
+}
+
+/// Replaces the agent's table with one holding the masquerade `rule`.
+pub fn masquerade_batch(rule: &Masquerade) -> Batch {
+    let spec = OneRuleTable {
+        family: NFPROTO_IPV4,
+        table: TABLE,
+        chain: NAT_CHAIN,
+        chain_type: "nat",
+        hook: NF_INET_POST_ROUTING,
+        priority: PRIORITY_SRCNAT,
+        what: ("the nat chain", "the masquerade rule"),
+    };
+    one_rule_table_batch(&spec, masquerade_expressions(rule))
 }
 
 /// The tunnel guard: `ip6 daddr PREFIX iifname != DEVICE drop` on input.
@@ -443,58 +474,28 @@ fn guard_expressions(guard: &TunnelGuard) -> Attrs {
     Attrs(list)
 }
 
-/// Replaces the tunnel guard table with one holding `guard`'s rule, in one
-/// batch.
+/// Replaces the tunnel guard table with one holding `guard`'s rule.
 pub fn tunnel_guard_batch(guard: &TunnelGuard) -> Batch {
-    let mut b = Batch::new();
-    b.named_table(NFT_MSG_NEWTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the tunnel table");
-    b.named_table(NFT_MSG_DELTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the old tunnel table");
-    b.named_table(NFT_MSG_NEWTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the tunnel table");
-    let hook = Attrs::default()
-        .be32(NFTA_HOOK_HOOKNUM, NF_INET_LOCAL_IN)
-        .be32(NFTA_HOOK_PRIORITY, 0);
-    let chain = Attrs::default()
-        .str(NFTA_CHAIN_TABLE, TUNNEL_TABLE)
-        .str(NFTA_CHAIN_NAME, TUNNEL_CHAIN)
-        .nested(NFTA_CHAIN_HOOK, hook)
-        .be32(NFTA_CHAIN_POLICY, NF_ACCEPT)
-        .str(NFTA_CHAIN_TYPE, "filter");
-    b.message(
-        NFT_MSG_NEWCHAIN,
-        NFPROTO_IPV6,
-        NLM_F_REQUEST | NLM_F_CREATE,
-        &chain.0,
-        Some("the tunnel input chain"),
-    );
-    let rule_attrs = Attrs::default()
-        .str(NFTA_RULE_TABLE, TUNNEL_TABLE)
-        .str(NFTA_RULE_CHAIN, TUNNEL_CHAIN)
-        .raw(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, &guard_expressions(guard).0);
-    b.message(
-        NFT_MSG_NEWRULE,
-        NFPROTO_IPV6,
-        NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND,
-        &rule_attrs.0,
-        Some("the tunnel guard rule"),
-    );
-    b.end()
+    let spec = OneRuleTable {
+        family: NFPROTO_IPV6,
+        table: TUNNEL_TABLE,
+        chain: TUNNEL_CHAIN,
+        chain_type: "filter",
+        hook: NF_INET_LOCAL_IN,
+        priority: 0,
+        what: ("the tunnel input chain", "the tunnel guard rule"),
+    };
+    one_rule_table_batch(&spec, guard_expressions(guard))
 }
 
 /// Deletes the tunnel guard table if it exists.
 pub fn remove_tunnel_guard_batch() -> Batch {
-    let mut b = Batch::new();
-    b.named_table(NFT_MSG_NEWTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the tunnel table");
-    b.named_table(NFT_MSG_DELTABLE, NFPROTO_IPV6, TUNNEL_TABLE, "the tunnel table");
-    b.end()
+    remove_table_batch(NFPROTO_IPV6, TUNNEL_TABLE)
 }
 
-/// Deletes the agent's table if it exists (created first in the same
-/// batch, so a missing table is not an error).
+/// Deletes the agent's table if it exists.
 pub fn remove_batch() -> Batch {
-    let mut b = Batch::new();
-    b.table(NFT_MSG_NEWTABLE, "the table");
-    b.table(NFT_MSG_DELTABLE, "the table");
-    b.end()
+    remove_table_batch(NFPROTO_IPV4, TABLE)
 }
 
 /// Sends `batch` in the calling thread's network namespace and waits for

@@ -185,7 +185,9 @@ pub async fn apply_all(nl: &Netlink, port: u16, changes: &[Change]) -> Result<()
             }
             Change::Remove { vni } => {
                 indexes.remove(&vni);
-                for name in [vxlan_name(vni), bridge_name(vni)] {
+                // The VXLAN device goes last: it is what `observe` sees, so
+                // a network it no longer reports has no bridge left either.
+                for name in [bridge_name(vni), vxlan_name(vni)] {
                     match nl.delete_link(&name).await {
                         Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
                         Err(e) => return Err(e),
