@@ -645,6 +645,9 @@ pub struct Assignments {
     /// Its WireGuard tunnel, when it runs tasks on encrypted networks.
     #[serde(default)]
     pub tunnel: Option<crate::control::tunnel::TunnelAssignment>,
+    /// Its IPsec associations, when it runs tasks on IPsec networks.
+    #[serde(default)]
+    pub ipsec: Option<crate::control::ipsec::IpsecAssignment>,
 }
 
 /// Which log text to read.

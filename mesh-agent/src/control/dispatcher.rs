@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     api::Assignments,
+    ipsec::ipsec_assignment,
     overlay::{NetworkPeers, Peer, TaskNetwork},
     service::{Assignment, TaskSpec},
     state::{node_id_text, ClusterState, NodeId, NodeStatus},
@@ -137,8 +138,9 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         .as_ref()
         .map_or(crate::control::state::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
     let tunnel = tunnel_assignment(state, node, &tasks, &networks);
+    let ipsec = ipsec_assignment(state, node, &tasks, &networks, data_path_port);
     let encoded =
-        rmp_serde::to_vec(&(&tasks, &retained, &networks, &vtep, data_path_port, &tunnel)).unwrap_or_default();
+        rmp_serde::to_vec(&(&tasks, &retained, &networks, &vtep, data_path_port, &tunnel, &ipsec)).unwrap_or_default();
     let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
     Assignments {
         digest,
@@ -148,6 +150,7 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         vtep,
         data_path_port,
         tunnel,
+        ipsec,
     }
 }
 

@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod dispatcher;
+pub mod ipsec;
 pub mod keystore;
 pub mod local;
 pub mod manager;

@@ -376,6 +376,10 @@ pub struct ClusterState {
     /// The key encrypted overlays' preshared keys derive from.
     #[serde(default)]
     pub overlay_key: Option<super::tunnel::OverlayKey>,
+    /// The key before it: IPsec keeps accepting it while every node moves
+    /// its outbound traffic to the new one.
+    #[serde(default)]
+    pub previous_overlay_key: Option<super::tunnel::OverlayKey>,
 }
 
 impl ClusterState {
@@ -479,7 +483,7 @@ impl ClusterState {
                         key.epoch
                     ));
                 }
-                self.overlay_key = Some(key.clone());
+                self.previous_overlay_key = self.overlay_key.replace(key.clone());
             }
             Command::RotateToken { role, token } => match role {
                 Role::Worker => self.tokens.worker = token.clone(),

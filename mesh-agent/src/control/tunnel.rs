@@ -87,6 +87,28 @@ impl OverlayKey {
         mac.update(&high.to_be_bytes());
         mac.finalize().into_bytes().into()
     }
+
+    /// The ESP security association nodes `src` -> `dst` send with: its
+    /// SPI (the low bit of the epoch in the top bit, so consecutive keys'
+    /// SPIs differ; never below 256, which the RFC reserves) and its
+    /// AES-GCM key with the 4-byte salt after it.
+    pub fn esp_sa(&self, src: NodeId, dst: NodeId) -> (u32, [u8; 20]) {
+        let derive = |label: &[u8]| -> [u8; 32] {
+            let mut mac =
+                <Hmac<Sha256> as Mac>::new_from_slice(&self.secret).expect("reason: HMAC takes any key length");
+            mac.update(label);
+            mac.update(&self.epoch.to_be_bytes());
+            mac.update(&src.to_be_bytes());
+            mac.update(&dst.to_be_bytes());
+            mac.finalize().into_bytes().into()
+        };
+        let spi_bytes = derive(b"mesh esp spi");
+        let spi = u32::from_be_bytes(spi_bytes[..4].try_into().expect("reason: 4 of 32 bytes"));
+        let spi = (spi & 0x7fff_ffff) | ((self.epoch as u32 & 1) << 31) | 0x100;
+        let mut key = [0u8; 20];
+        key.copy_from_slice(&derive(b"mesh esp key")[..20]);
+        (spi, key)
+    }
 }
 
 /// Whether the leader should propose a new overlay key: none yet, a
@@ -180,6 +202,40 @@ pub struct TunnelAssignment {
     pub peers: Vec<TunnelPeerInfo>,
 }
 
+/// The other nodes with an endpoint on the networks encrypted with
+/// `encryption` that `tasks` are on; `None` if no task is on one.
+pub fn encrypted_peers(
+    state: &ClusterState,
+    node: NodeId,
+    tasks: &[Assignment],
+    networks: &[NetworkPeers],
+    encryption: Encryption,
+) -> Option<BTreeSet<NodeId>> {
+    let encrypted: BTreeSet<u64> = tasks
+        .iter()
+        .flat_map(|t| &t.spec.networks)
+        .filter(|n| n.encryption == encryption)
+        .map(|n| n.network)
+        .collect();
+    if encrypted.is_empty() {
+        return None;
+    }
+    let by_addr: BTreeMap<&str, NodeId> = state
+        .nodes
+        .values()
+        .map(|n| (n.data_path_addr.as_str(), n.id))
+        .collect();
+    Some(
+        networks
+            .iter()
+            .filter(|n| encrypted.contains(&n.network))
+            .flat_map(|n| &n.peers)
+            .filter_map(|p| by_addr.get(p.vtep.as_str()).copied())
+            .filter(|id| *id != node)
+            .collect(),
+    )
+}
+
 /// Node `node`'s tunnel: `None` unless one of `tasks` is on a
 /// WireGuard-encrypted network. Its peers are the other nodes with an
 /// endpoint on those networks that have reported a key.
@@ -190,28 +246,8 @@ pub fn tunnel_assignment(
     networks: &[NetworkPeers],
 ) -> Option<TunnelAssignment> {
     let cluster = state.cluster.as_ref()?;
-    let encrypted: BTreeSet<u64> = tasks
-        .iter()
-        .flat_map(|t| &t.spec.networks)
-        .filter(|n| n.encryption == Encryption::WireGuard)
-        .map(|n| n.network)
-        .collect();
-    if encrypted.is_empty() {
-        return None;
-    }
+    let remote = encrypted_peers(state, node, tasks, networks, Encryption::WireGuard)?;
     let key = state.overlay_key.as_ref();
-    let by_addr: BTreeMap<&str, NodeId> = state
-        .nodes
-        .values()
-        .map(|n| (n.data_path_addr.as_str(), n.id))
-        .collect();
-    let remote: BTreeSet<NodeId> = networks
-        .iter()
-        .filter(|n| encrypted.contains(&n.network))
-        .flat_map(|n| &n.peers)
-        .filter_map(|p| by_addr.get(p.vtep.as_str()).copied())
-        .filter(|id| *id != node)
-        .collect();
     let peers = remote
         .into_iter()
         .filter_map(|id| {

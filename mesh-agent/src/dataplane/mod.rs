@@ -9,3 +9,4 @@ pub mod nftables;
 pub mod vxlan;
 pub mod wgtun;
 pub mod wireguard;
+pub mod xfrm;

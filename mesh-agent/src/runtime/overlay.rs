@@ -489,6 +489,7 @@ mod tests {
             vtep: "192.168.0.1".into(),
             data_path_port: 4789,
             tunnel: None,
+            ipsec: None,
         };
         let w = wanted(&assignments, 9000);
         assert_eq!(w.len(), 2);
