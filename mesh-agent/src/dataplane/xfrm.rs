@@ -447,7 +447,7 @@ fn parse_policy(body: &[u8]) -> Option<Policy> {
     let port = u16::from_be_bytes([body[32], body[33]]);
     let (direction, local) = match body[160] {
         XFRM_POLICY_OUT if body[43] == 32 => (Direction::Out, ipv4_at(&body[16..])),
-        XFRM_POLICY_IN if body[42] == 32 => (Direction::In, ipv4_at(&body[..])),
+        XFRM_POLICY_IN if body[42] == 32 => (Direction::In, ipv4_at(body)),
         _ => return None,
     };
     Some(Policy { direction, local, port })
