@@ -35,6 +35,8 @@ pub struct LinkInfo {
     pub mtu: u32,
     /// The source address it encapsulates from, for a VXLAN device.
     pub vxlan_local: Option<IpAddr>,
+    /// The UDP port it sends to and listens on, for a VXLAN device.
+    pub vxlan_port: Option<u16>,
 }
 
 /// How a VXLAN device is made (`ip link add NAME type vxlan id VNI local
@@ -188,12 +190,16 @@ impl Netlink {
                 index: msg.header.index,
                 mtu: 0,
                 vxlan_local: None,
+                vxlan_port: None,
             };
             for a in &msg.attributes {
                 match a {
                     LinkAttribute::IfName(n) => info.name = n.clone(),
                     LinkAttribute::Mtu(m) => info.mtu = *m,
-                    LinkAttribute::LinkInfo(parts) => info.vxlan_local = vxlan_local(parts),
+                    LinkAttribute::LinkInfo(parts) => {
+                        info.vxlan_local = vxlan_local(parts);
+                        info.vxlan_port = vxlan_port(parts);
+                    }
                     _ => {}
                 }
             }
@@ -531,6 +537,18 @@ fn vxlan_local(parts: &[rtnetlink::packet_route::link::LinkInfo]) -> Option<IpAd
         Part::Data(InfoData::Vxlan(data)) => data.iter().find_map(|d| match d {
             InfoVxlan::Local(a) => Some(IpAddr::V4(*a)),
             InfoVxlan::Local6(a) => Some(IpAddr::V6(*a)),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// The UDP port of a VXLAN link's info, if it is one.
+fn vxlan_port(parts: &[rtnetlink::packet_route::link::LinkInfo]) -> Option<u16> {
+    use rtnetlink::packet_route::link::{InfoVxlan, LinkInfo as Part};
+    parts.iter().find_map(|p| match p {
+        Part::Data(InfoData::Vxlan(data)) => data.iter().find_map(|d| match d {
+            InfoVxlan::Port(port) => Some(*port),
             _ => None,
         }),
         _ => None,

@@ -38,6 +38,9 @@ pub struct OverlayState {
     /// address, or its tunnel address for a network that travels inside
     /// the WireGuard tunnels.
     pub local: Option<IpAddr>,
+    /// The UDP port it sends to and listens on: the swarm's VXLAN port, or
+    /// the IPsec networks' own.
+    pub port: u16,
     /// The MTU of the VXLAN device (and so of the bridge).
     pub mtu: u32,
     /// Remote task MAC -> the VTEP of its node.
@@ -50,10 +53,11 @@ pub struct OverlayState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// Create the bridge and VXLAN device of a network.
-    Create { vni: u32, mtu: u32, local: IpAddr },
+    Create { vni: u32, mtu: u32, local: IpAddr, port: u16 },
     /// Make a network's VXLAN device again, encapsulating from another
-    /// address (its bridge and the task ports on it stay).
-    Relocate { vni: u32, mtu: u32, local: IpAddr },
+    /// address or to another port (its bridge and the task ports on it
+    /// stay).
+    Relocate { vni: u32, mtu: u32, local: IpAddr, port: u16 },
     /// Change a network's MTU.
     SetMtu { vni: u32, mtu: u32 },
     /// Point a MAC at a node.
@@ -80,7 +84,7 @@ pub fn plan(wanted: &BTreeMap<u32, OverlayState>, current: &BTreeMap<u32, Overla
             continue;
         };
         let have = match current.get(&vni) {
-            Some(have) if have.local == want.local => {
+            Some(have) if have.local == want.local && have.port == want.port => {
                 if have.mtu != want.mtu {
                     changes.push(Change::SetMtu { vni, mtu: want.mtu });
                 }
@@ -92,6 +96,7 @@ pub fn plan(wanted: &BTreeMap<u32, OverlayState>, current: &BTreeMap<u32, Overla
                     vni,
                     mtu: want.mtu,
                     local,
+                    port: want.port,
                 });
                 &empty
             }
@@ -100,6 +105,7 @@ pub fn plan(wanted: &BTreeMap<u32, OverlayState>, current: &BTreeMap<u32, Overla
                     vni,
                     mtu: want.mtu,
                     local,
+                    port: want.port,
                 });
                 &empty
             }
@@ -141,6 +147,7 @@ pub async fn observe(nl: &Netlink) -> Result<BTreeMap<u32, OverlayState>, Netlin
         };
         let state = OverlayState {
             local: link.vxlan_local,
+            port: link.vxlan_port.unwrap_or(0),
             mtu: link.mtu,
             fdb: nl.fdb_entries(link.index).await?.into_iter().collect(),
             neighbours: nl.neighbours(link.index).await?.into_iter().collect(),
@@ -151,18 +158,17 @@ pub async fn observe(nl: &Netlink) -> Result<BTreeMap<u32, OverlayState>, Netlin
 }
 
 /// Carries out `changes` in order, looking up each VXLAN device's index
-/// once. `port` is the swarm's VXLAN UDP port (4789 unless it chose
-/// another).
-pub async fn apply_all(nl: &Netlink, port: u16, changes: &[Change]) -> Result<(), NetlinkError> {
+/// once.
+pub async fn apply_all(nl: &Netlink, changes: &[Change]) -> Result<(), NetlinkError> {
     let mut indexes = BTreeMap::new();
     for change in changes {
         log::debug!("overlay: {change:?}");
         match *change {
-            Change::Create { vni, mtu, local } => {
+            Change::Create { vni, mtu, local, port } => {
                 indexes.remove(&vni);
                 create(nl, local, port, vni, mtu).await?;
             }
-            Change::Relocate { vni, mtu, local } => {
+            Change::Relocate { vni, mtu, local, port } => {
                 indexes.remove(&vni);
                 add_vxlan(nl, local, port, vni, mtu).await?;
             }
@@ -306,6 +312,7 @@ mod tests {
     fn state(mtu: u32, fdb: &[(u8, [u8; 4])], neighbours: &[(u8, u8)]) -> OverlayState {
         OverlayState {
             local: Some(IpAddr::from([192, 168, 0, 1])),
+            port: 4789,
             mtu,
             fdb: fdb
                 .iter()
@@ -382,7 +389,8 @@ mod tests {
                 Change::Create {
                     vni: 4098,
                     mtu: 1450,
-                    local: vtep(1)
+                    local: vtep(1),
+                    port: 4789,
                 },
                 Change::SetFdb {
                     vni: 4098,
@@ -411,10 +419,17 @@ mod tests {
             Change::Relocate {
                 vni: 4096,
                 mtu: 1450,
-                local: tunnel
+                local: tunnel,
+                port: 4789,
             }
         );
         assert_eq!(changes.len(), 3, "the FDB and neighbour entries are written again");
+        let mut moved = current.clone();
+        moved.get_mut(&4096).unwrap().port = 4790;
+        assert!(
+            matches!(plan(&moved, &current)[0], Change::Relocate { port: 4790, .. }),
+            "a new port: a new device"
+        );
         wanted.get_mut(&4096).unwrap().local = None;
         assert!(plan(&wanted, &current).is_empty(), "no local address yet: left alone");
     }

@@ -12,6 +12,7 @@
 
 pub mod health;
 pub mod logs;
+pub mod ipsec;
 pub mod netns;
 pub mod network;
 pub mod overlay;

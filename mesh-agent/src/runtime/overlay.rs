@@ -4,9 +4,12 @@
 //! and each task's port on each of its networks ([`Overlays::attach`]).
 //!
 //! A plain network's VXLAN device encapsulates from the node's data-path
-//! address; an encrypted one's from the node's tunnel address, so its
-//! traffic is routed into the WireGuard tunnel ([`super::tunnel`]), which
-//! is set up before such a network and removed after the last one.
+//! address; a WireGuard-encrypted one's from the node's tunnel address, so
+//! its traffic is routed into the WireGuard tunnel ([`super::tunnel`]); an
+//! IPsec one's from the data-path address to the IPsec VXLAN port, which
+//! the kernel wraps in ESP ([`super::ipsec`]). The tunnel and the IPsec
+//! policies are set up before the first network that needs them and
+//! removed after the last.
 //!
 //! On start the first apply reads what the kernel has (an earlier agent's
 //! networks are adopted, stale ones removed); after that the state last
@@ -20,6 +23,7 @@ use std::{
 };
 
 use super::{
+    ipsec::{Ipsec, ESP_OVERHEAD},
     netns::NetNs,
     tunnel::{Tunnel, VXLAN6_OVERHEAD, WIREGUARD_OVERHEAD},
 };
@@ -27,6 +31,7 @@ use crate::{
     control::{
         api::Assignments,
         overlay::{Encryption, TaskNetwork},
+        ipsec::IpsecAssignment,
         tunnel::TunnelAssignment,
     },
     dataplane::{
@@ -55,11 +60,12 @@ pub fn task_mac(address: Ipv4Addr) -> Mac {
 
 /// A network's MTU: the one it was created with, or the underlay's minus
 /// the overhead of how it travels (VXLAN; WireGuard and VXLAN over the
-/// tunnel addresses when encrypted).
+/// tunnel addresses, or ESP and VXLAN, when encrypted).
 pub fn network_mtu(fixed: Option<u32>, encryption: Encryption, underlay: u32) -> u32 {
     let overhead = match encryption {
         Encryption::WireGuard => WIREGUARD_OVERHEAD + VXLAN6_OVERHEAD,
-        Encryption::None | Encryption::Ipsec => VXLAN_OVERHEAD,
+        Encryption::Ipsec => ESP_OVERHEAD + VXLAN_OVERHEAD,
+        Encryption::None => VXLAN_OVERHEAD,
     };
     fixed.unwrap_or_else(|| underlay.saturating_sub(overhead).max(MIN_MTU))
 }
@@ -71,37 +77,60 @@ pub fn host_link_name(task: u64, position: usize) -> String {
     format!("m{position:x}{:012x}", task & 0xffff_ffff_ffff)
 }
 
+/// How this node can carry an encrypted network's traffic right now.
+#[derive(Clone, Copy, Debug, Default)]
+struct Carriers {
+    /// The node's tunnel address, while the WireGuard tunnel is wanted.
+    tunnel: Option<Ipv6Addr>,
+    /// The IPsec VXLAN port, while the IPsec policies are in place.
+    ipsec_port: Option<u16>,
+}
+
 /// Where network traffic of `encryption` is encapsulated from on this
-/// node, if it can be: the data-path address, or the tunnel address.
-fn local_address(encryption: Encryption, vtep: Option<Ipv4Addr>, tunnel: Option<Ipv6Addr>) -> Option<IpAddr> {
+/// node, and to which port, if it can be: the data-path address, or the
+/// tunnel address. `None` for an encrypted network whose carrier is not
+/// up: nothing of it is made, so nothing is sent in clear.
+fn local_address(encryption: Encryption, vtep: Option<Ipv4Addr>, port: u16, carriers: Carriers) -> Option<(IpAddr, u16)> {
     match encryption {
-        Encryption::None => vtep.map(IpAddr::V4),
-        Encryption::WireGuard => tunnel.map(IpAddr::V6),
-        // Not done yet: its tasks are refused, and nothing is made.
-        Encryption::Ipsec => None,
+        Encryption::None => Some((IpAddr::V4(vtep?), port)),
+        Encryption::WireGuard => Some((IpAddr::V6(carriers.tunnel?), port)),
+        Encryption::Ipsec => Some((IpAddr::V4(vtep?), carriers.ipsec_port?)),
     }
 }
 
 /// What the kernel should hold for `assignments`: each network a task here
 /// is on, with an FDB and a neighbour entry for every endpoint on another
-/// node. An encrypted network's entries point at the other nodes' tunnel
-/// addresses; an endpoint whose node has no tunnel peer (no key reported
-/// yet) gets no entry, so nothing of it is ever sent in clear.
-pub fn wanted(assignments: &Assignments, underlay_mtu: u32) -> BTreeMap<u32, OverlayState> {
+/// node. A WireGuard network's entries point at the other nodes' tunnel
+/// addresses, an IPsec network's at their data-path addresses; an endpoint
+/// whose node has no tunnel peer or no associations yet gets no entry, so
+/// nothing of it is ever sent in clear. `ipsec_up`: the IPsec policies
+/// are in place (without them, IPsec networks are not made).
+pub fn wanted(assignments: &Assignments, underlay_mtu: u32, ipsec_up: bool) -> BTreeMap<u32, OverlayState> {
     let vtep = assignments.vtep.parse::<Ipv4Addr>().ok();
     let tunnel = assignments.tunnel.as_ref();
+    let carriers = Carriers {
+        tunnel: tunnel.map(|t| t.address),
+        ipsec_port: assignments.ipsec.as_ref().filter(|_| ipsec_up).map(|i| i.port),
+    };
     let tunnel_of: BTreeMap<IpAddr, Ipv6Addr> = tunnel
         .map(|t| t.peers.iter().map(|p| (p.endpoint.ip(), p.address)).collect())
         .unwrap_or_default();
+    let keyed: BTreeSet<IpAddr> = assignments
+        .ipsec
+        .iter()
+        .flat_map(|i| &i.peers)
+        .filter(|p| !p.epochs.is_empty())
+        .map(|p| IpAddr::V4(p.address))
+        .collect();
     let mut out: BTreeMap<u32, OverlayState> = BTreeMap::new();
-    let mut encrypted = BTreeSet::new();
+    let mut encryption_of = BTreeMap::new();
     for n in assignments.tasks.iter().flat_map(|t| &t.spec.networks) {
         let state = out.entry(n.vni).or_default();
         state.mtu = network_mtu(n.mtu, n.encryption, underlay_mtu);
-        state.local = local_address(n.encryption, vtep, tunnel.map(|t| t.address));
-        if n.encryption != Encryption::None {
-            encrypted.insert(n.vni);
-        }
+        let local = local_address(n.encryption, vtep, assignments.data_path_port, carriers);
+        state.local = local.map(|(a, _)| a);
+        state.port = local.map_or(0, |(_, p)| p);
+        encryption_of.insert(n.vni, n.encryption);
     }
     for network in &assignments.networks {
         let Some(state) = out.get_mut(&network.vni) else {
@@ -111,13 +140,13 @@ pub fn wanted(assignments: &Assignments, underlay_mtu: u32) -> BTreeMap<u32, Ove
             let Ok(node) = peer.vtep.parse::<IpAddr>() else {
                 continue;
             };
-            let dst = if encrypted.contains(&network.vni) {
-                match tunnel_of.get(&node) {
+            let dst = match encryption_of.get(&network.vni) {
+                Some(Encryption::WireGuard) => match tunnel_of.get(&node) {
                     Some(a) => IpAddr::V6(*a),
                     None => continue,
-                }
-            } else {
-                node
+                },
+                Some(Encryption::Ipsec) if !keyed.contains(&node) => continue,
+                _ => node,
             };
             let mac = task_mac(peer.address);
             state.fdb.insert(mac, dst);
@@ -125,18 +154,6 @@ pub fn wanted(assignments: &Assignments, underlay_mtu: u32) -> BTreeMap<u32, Ove
         }
     }
     out
-}
-
-/// Why a task cannot be put on its overlays (the number of networks is
-/// checked when the service is created or updated).
-pub fn check_task_networks(networks: &[TaskNetwork]) -> Result<(), String> {
-    if let Some(n) = networks.iter().find(|n| n.encryption == Encryption::Ipsec) {
-        return Err(format!(
-            "network {} is encrypted with IPsec, which this agent cannot do yet; the task is not started rather than sent in clear (use --opt encrypted=wireguard)",
-            n.name
-        ));
-    }
-    Ok(())
 }
 
 struct Inner {
@@ -154,6 +171,11 @@ struct Inner {
     tunnel: Option<Tunnel>,
     /// Its address, while it is up.
     tunnel_address: Option<Ipv6Addr>,
+    /// The IPsec policies and associations (taken out while a blocking
+    /// thread works on them).
+    ipsec: Option<Ipsec>,
+    /// The IPsec VXLAN port, while the policies are in place.
+    ipsec_port: Option<u16>,
     /// Everything was removed (the node leaves): a late assignment must
     /// not make it again.
     closed: bool,
@@ -179,6 +201,8 @@ impl Overlays {
                 ports: BTreeMap::new(),
                 tunnel: Some(tunnel),
                 tunnel_address: None,
+                ipsec: Some(Ipsec::new()),
+                ipsec_port: None,
                 closed: false,
             }),
         }
@@ -219,14 +243,21 @@ impl Overlays {
                 m
             }
         };
-        // The tunnel is up before the networks that use it, and goes after.
+        // The tunnel and IPsec are up before the networks that use them,
+        // and go after.
         if assignments.tunnel.is_some() {
             apply_tunnel(&mut inner, assignments.tunnel.clone(), underlay).await?;
         }
-        let wanted = wanted(assignments, underlay);
+        if assignments.ipsec.is_some() {
+            apply_ipsec(&mut inner, assignments.ipsec.clone(), local).await?;
+        }
+        let wanted = wanted(assignments, underlay, inner.ipsec_port.is_some());
         sync(&mut inner, move |_| wanted).await?;
         if assignments.tunnel.is_none() {
             apply_tunnel(&mut inner, None, underlay).await?;
+        }
+        if assignments.ipsec.is_none() {
+            apply_ipsec(&mut inner, None, local).await?;
         }
         Ok(())
     }
@@ -239,7 +270,6 @@ impl Overlays {
         if networks.is_empty() {
             return Ok(());
         }
-        check_task_networks(networks)?;
         let mut inner = self.inner.lock().await;
         if inner.closed {
             return Err("this node is leaving the swarm".into());
@@ -247,13 +277,14 @@ impl Overlays {
         let (Some(vtep), Some(underlay)) = (inner.vtep, inner.underlay_mtu) else {
             return Err("this node has no IPv4 data-path address, so it cannot join overlay networks".into());
         };
+        let carriers = Carriers {
+            tunnel: inner.tunnel_address,
+            ipsec_port: inner.ipsec_port,
+        };
         let mut needed = Vec::new();
         for n in networks {
-            let Some(local) = local_address(n.encryption, Some(vtep), inner.tunnel_address) else {
-                return Err(format!(
-                    "network {} is encrypted and this node's WireGuard tunnel is not up",
-                    n.name
-                ));
+            let Some(local) = local_address(n.encryption, Some(vtep), inner.port, carriers) else {
+                return Err(carrier_missing(&mut inner, n).await);
             };
             needed.push((n.vni, network_mtu(n.mtu, n.encryption, underlay), local));
         }
@@ -274,9 +305,10 @@ impl Overlays {
         // Networks this task is the first to need; the others as they are.
         sync(&mut inner, move |current| {
             let mut wanted = current.clone();
-            for (vni, mtu, local) in needed {
+            for (vni, mtu, (local, port)) in needed {
                 wanted.entry(vni).or_insert_with(|| OverlayState {
                     local: Some(local),
+                    port,
                     mtu,
                     ..OverlayState::default()
                 });
@@ -359,7 +391,61 @@ impl Overlays {
         if let Err(e) = apply_tunnel(&mut inner, None, underlay).await {
             log::warn!("removing the WireGuard tunnel: {e}");
         }
+        if let Some(local) = inner.vtep {
+            if let Err(e) = apply_ipsec(&mut inner, None, local).await {
+                log::warn!("removing IPsec: {e}");
+            }
+        }
     }
+}
+
+/// Why task traffic of network `n` cannot be carried here: its carrier
+/// (the WireGuard tunnel, or IPsec) is not up, and why.
+async fn carrier_missing(inner: &mut Inner, n: &TaskNetwork) -> String {
+    match n.encryption {
+        Encryption::Ipsec => {
+            let support = match inner.ipsec.take() {
+                Some(mut ipsec) => {
+                    let (ipsec, support) = tokio::task::spawn_blocking(move || {
+                        let support = ipsec.supported();
+                        (ipsec, support)
+                    })
+                    .await
+                    .unwrap_or_else(|e| (Ipsec::new(), Err(format!("IPsec worker: {e}"))));
+                    inner.ipsec = Some(ipsec);
+                    support
+                }
+                None => Ok(()),
+            };
+            match support {
+                Err(e) => format!(
+                    "network {} is encrypted with IPsec and this node's kernel cannot do it ({e}); the task is not started rather than sent in clear (load xfrm_user and esp4, or use --opt encrypted=wireguard)",
+                    n.name
+                ),
+                Ok(()) => format!("network {} is encrypted with IPsec and this node's IPsec policies are not in place yet", n.name),
+            }
+        }
+        _ => format!("network {} is encrypted and this node's WireGuard tunnel is not up", n.name),
+    }
+}
+
+/// Brings IPsec in line with `want` on a blocking thread.
+async fn apply_ipsec(inner: &mut Inner, want: Option<IpsecAssignment>, local: Ipv4Addr) -> Result<(), String> {
+    let Some(mut ipsec) = inner.ipsec.take() else {
+        return Err("IPsec is busy".into());
+    };
+    let (ipsec, result) = tokio::task::spawn_blocking(move || {
+        let result = ipsec.apply(want.as_ref(), local);
+        (ipsec, result)
+    })
+    .await
+    .map_err(|e| format!("IPsec worker: {e}"))?;
+    inner.ipsec_port = ipsec.port();
+    inner.ipsec = Some(ipsec);
+    if let Err(e) = &result {
+        log::warn!("{e}");
+    }
+    result
 }
 
 /// Brings the tunnel in line with `want` on a blocking thread.
@@ -388,14 +474,13 @@ where
     W: FnOnce(&BTreeMap<u32, OverlayState>) -> BTreeMap<u32, OverlayState> + Send + 'static,
 {
     let known = inner.known.take();
-    let port = inner.port;
     let result = blocking(move |nl| async move {
         let current = match known {
             Some(k) => k,
             None => vxlan::observe(&nl).await?,
         };
         let target = wanted(&current);
-        vxlan::apply_all(&nl, port, &vxlan::plan(&target, &current)).await?;
+        vxlan::apply_all(&nl, &vxlan::plan(&target, &current)).await?;
         Ok(target)
     })
     .await;
@@ -491,7 +576,7 @@ mod tests {
             tunnel: None,
             ipsec: None,
         };
-        let w = wanted(&assignments, 9000);
+        let w = wanted(&assignments, 9000, false);
         assert_eq!(w.len(), 2);
         assert_eq!(w[&4096].mtu, 8950, "the underlay's MTU minus VXLAN's 50");
         assert_eq!(w[&4097].mtu, 1400, "a fixed MTU wins");
@@ -550,7 +635,7 @@ mod tests {
             data_path_port: 4789,
             ..Default::default()
         };
-        let w = wanted(&assignments, 1500);
+        let w = wanted(&assignments, 1500, false);
         assert_eq!(w[&4096].local, None, "no tunnel yet: the network is not made");
         assert!(w[&4096].fdb.is_empty(), "and nothing is sent in clear");
         assignments.tunnel = Some(TunnelAssignment {
@@ -568,7 +653,7 @@ mod tests {
                 psk: PairKey([0; 32]),
             }],
         });
-        let w = wanted(&assignments, 1500);
+        let w = wanted(&assignments, 1500, false);
         let remote: Ipv4Addr = [10, 0, 0, 3].into();
         assert_eq!(w[&4096].local, Some(IpAddr::V6(tunnel_of(1))));
         assert_eq!(w[&4096].mtu, 1370);
@@ -577,13 +662,71 @@ mod tests {
     }
 
     #[test]
-    fn ipsec_networks_and_too_many_networks_are_refused() {
+    fn an_ipsec_network_waits_for_its_policies_and_skips_nodes_without_keys() {
+        use crate::control::ipsec::{EspEpoch, EspKey, EspPeer, EspSa, IpsecAssignment};
         let mut n = on(1, 4096, [10, 0, 0, 2], None);
-        assert!(check_task_networks(std::slice::from_ref(&n)).is_ok());
-        n.encryption = Encryption::WireGuard;
-        assert!(check_task_networks(std::slice::from_ref(&n)).is_ok());
         n.encryption = Encryption::Ipsec;
-        assert!(check_task_networks(&[n]).unwrap_err().contains("IPsec"));
+        let sa = EspSa {
+            spi: 0x100,
+            key: EspKey([0; 20]),
+        };
+        let keyed = |address: [u8; 4], epochs: usize| EspPeer {
+            node: 2,
+            address: address.into(),
+            epochs: (0..epochs)
+                .map(|_| EspEpoch {
+                    epoch: 1,
+                    outbound: sa.clone(),
+                    inbound: sa.clone(),
+                })
+                .collect(),
+        };
+        let assignments = Assignments {
+            tasks: vec![Assignment {
+                task: 1,
+                service: 1,
+                desired: DesiredState::Running,
+                state: TaskState::Running,
+                spec: crate::control::service::TaskSpec {
+                    networks: vec![n],
+                    ..Default::default()
+                },
+            }],
+            networks: vec![NetworkPeers {
+                network: 1,
+                vni: 4096,
+                peers: vec![
+                    peer([10, 0, 0, 2], "192.168.0.1"),
+                    peer([10, 0, 0, 3], "192.168.0.2"),
+                    peer([10, 0, 0, 4], "192.168.0.3"),
+                ],
+            }],
+            vtep: "192.168.0.1".into(),
+            data_path_port: 4789,
+            ipsec: Some(IpsecAssignment {
+                port: 4790,
+                key_epoch: 1,
+                // No overlay key yet for node .3: no associations.
+                peers: vec![keyed([192, 168, 0, 2], 1), keyed([192, 168, 0, 3], 0)],
+            }),
+            ..Default::default()
+        };
+        let w = wanted(&assignments, 1500, false);
+        assert_eq!(w[&4096].local, None, "no policies yet: the network is not made");
+        let w = wanted(&assignments, 1500, true);
+        assert_eq!(w[&4096].local, Some(IpAddr::from([192, 168, 0, 1])));
+        assert_eq!(w[&4096].port, 4790, "its own port, which ESP covers");
+        assert_eq!(w[&4096].mtu, 1413, "VXLAN's 50 and ESP's 37");
+        let remote: Ipv4Addr = [10, 0, 0, 3].into();
+        assert_eq!(
+            w[&4096].fdb,
+            [(task_mac(remote), IpAddr::from([192, 168, 0, 2]))].into(),
+            "a node without associations gets nothing"
+        );
+    }
+
+    #[test]
+    fn at_most_15_networks_per_service() {
         let mut spec = crate::control::service::ServiceSpec::new("web", vec!["true".into()]);
         spec.networks = (0..16).map(|i| format!("n{i}")).collect();
         assert!(spec.validate().unwrap_err().contains("at most 15"));
