@@ -283,14 +283,22 @@ pub fn encrypted_overlays_hide_the_payload_and_survive_key_rotation(flags: &'sta
         let esp_vni = inspect(&swarm, "esp")["network"]["vni"].as_u64().unwrap() as u32;
         for host in 0..3 {
             let state = overlays_on(&swarm, host).remove(&esp_vni).expect("esp on every node");
-            assert_eq!(state.local, Some(IpAddr::V4(host_ip(host))), "h{host}: from its address");
+            assert_eq!(
+                state.local,
+                Some(IpAddr::V4(host_ip(host))),
+                "h{host}: from its address"
+            );
             assert_eq!(state.port, 4790, "h{host}: to the IPsec VXLAN port");
             assert_eq!(state.mtu, 1413, "1500 minus VXLAN's 50 and ESP's 37");
             assert_eq!(state.fdb.len(), 2, "h{host}: the two other nodes' tasks");
             let sas = esp_sas(&swarm, host);
             let outbound = sas.iter().filter(|(src, _, _)| *src == host_ip(host)).count();
             assert_eq!(outbound, 2, "h{host}: one outbound association per peer: {sas:?}");
-            assert_eq!(sas.len() - outbound, 2, "h{host}: one inbound per peer and key: {sas:?}");
+            assert_eq!(
+                sas.len() - outbound,
+                2,
+                "h{host}: one inbound per peer and key: {sas:?}"
+            );
         }
         esp_stream = Some(Stream::open(&swarm, 0, &esp_h0, esp_h1, &esp_task_h1));
     }
@@ -350,7 +358,16 @@ pub fn encrypted_overlays_hide_the_payload_and_survive_key_rotation(flags: &'sta
         swarm.ok(
             0,
             &[
-                "service", "create", "--detach", "--name", "ipsec", "--network", "esp", "--", "sleep", "1000",
+                "service",
+                "create",
+                "--detach",
+                "--name",
+                "ipsec",
+                "--network",
+                "esp",
+                "--",
+                "sleep",
+                "1000",
             ],
         );
         swarm.wait("the IPsec network's task refused", CONVERGE, || {

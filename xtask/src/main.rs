@@ -38,10 +38,14 @@ enum Command {
     },
     /// Run the benchmarks: `control` (Raft failover, store writes), `services`
     /// (create -> running, scheduler), `overlay` (VXLAN throughput and
-    /// latency vs the bare underlay).
+    /// latency vs the bare underlay; encrypted vs plain).
     Bench {
         /// Which benchmark; all when omitted.
         which: Option<String>,
+        /// Run it inside Debian's kernel under virtme-ng (`overlay` only:
+        /// kernel WireGuard and IPsec, which the host kernel lacks).
+        #[arg(long)]
+        vm: bool,
         /// Passed to the benchmark binary (e.g. --trials 20).
         #[arg(last = true)]
         rest: Vec<String>,
@@ -54,7 +58,7 @@ fn main() -> Result<()> {
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Test(args) => test::run(&args),
         Command::Demo { hold } => demo(hold),
-        Command::Bench { which, rest } => bench(which.as_deref(), &rest),
+        Command::Bench { which, vm, rest } => bench(which.as_deref(), vm, &rest),
     }
 }
 
@@ -69,7 +73,7 @@ fn demo(hold: bool) -> Result<()> {
     workspace::cargo(&args)
 }
 
-fn bench(which: Option<&str>, rest: &[String]) -> Result<()> {
+fn bench(which: Option<&str>, vm: bool, rest: &[String]) -> Result<()> {
     setup::require_root("the benchmarks (network namespaces)")?;
     let binaries: &[&str] = match which {
         None => &["mesh-bench", "mesh-bench-services", "mesh-bench-overlay"],
@@ -82,6 +86,19 @@ fn bench(which: Option<&str>, rest: &[String]) -> Result<()> {
     ebpf::build()?;
     // The agents, meshctl, and the helpers the benchmarks run as tasks.
     workspace::cargo(&["build", "--release", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"])?;
+    if vm {
+        if binaries != ["mesh-bench-overlay"] {
+            anyhow::bail!("--vm runs the overlay benchmark only: `cargo xtask bench overlay --vm`");
+        }
+        // The kernel's WireGuard (a fallback to boringtun would not count)
+        // and IPsec; fewer round trips, as the VM emulates its CPUs.
+        let mut args: Vec<String> = ["--wireguard", "kernel", "--round-trips", "2000"]
+            .map(String::from)
+            .to_vec();
+        args.extend(rest.iter().cloned());
+        let binary = workspace::root().join("target/release/mesh-bench-overlay");
+        return vm::run_program(&binary, &args);
+    }
     for binary in binaries {
         let mut args = vec!["run", "--quiet", "--release", "-p", "mesh-tests", "--bin", binary, "--"];
         args.extend(rest.iter().map(String::as_str));

@@ -78,13 +78,79 @@ pub fn run_tests(binaries: &[PathBuf]) -> Result<()> {
         .iter()
         .map(|b| fs::canonicalize(b).with_context(|| format!("VM test binary {} not found", b.display())))
         .collect::<Result<Vec<_>>>()?;
+    let commands: Vec<String> = binaries
+        .iter()
+        .map(|b| format!("{} --ignored --test-threads=1", shell_quote(&b.to_string_lossy())))
+        .collect();
+    let run = boot(&commands)?;
+    let failures = run.report.failures(&run.release, &binaries, run.status);
+    if !failures.is_empty() {
+        if !run.report.finished(binaries.len()) {
+            eprintln!(
+                "---- last lines of the VM's console (vng stderr) ----\n{}----",
+                run.console
+            );
+        }
+        bail!("VM lane failed (Linux {}):\n  {}", run.release, failures.join("\n  "));
+    }
+    eprintln!(
+        "VM lane: {} test(s) in {} binary(ies) passed inside Linux {} (boot {:.1} s, total {:.1} s)",
+        run.report.passed(),
+        binaries.len(),
+        run.release,
+        run.report.boot.unwrap_or_default().as_secs_f64(),
+        run.took.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs `binary ARGS` (a benchmark) inside Debian's kernel, its output
+/// streamed; fails unless the guest ran it and it exited 0.
+pub fn run_program(binary: &Path, args: &[String]) -> Result<()> {
+    let binary = fs::canonicalize(binary).with_context(|| format!("{} not found", binary.display()))?;
+    let command = std::iter::once(binary.to_string_lossy().into_owned())
+        .chain(args.iter().cloned())
+        .map(|w| shell_quote(&w))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let run = boot(&[command])?;
+    match (&run.report.kernel, run.report.exits.first()) {
+        (Some(kernel), Some((0, 0))) if *kernel == run.release => Ok(()),
+        _ => {
+            eprintln!(
+                "---- last lines of the VM's console (vng stderr) ----\n{}----",
+                run.console
+            );
+            bail!(
+                "{} failed in the VM (Linux {}): {:?}",
+                binary.display(),
+                run.release,
+                run.report
+            )
+        }
+    }
+}
+
+/// What one VM run left.
+struct Finished {
+    release: String,
+    status: ExitStatus,
+    report: Report,
+    console: String,
+    took: Duration,
+}
+
+/// Boots Debian's kernel on a script running `commands` (shell words),
+/// streams the guest's output, and waits at most [`TIMEOUT`] (then kills
+/// the VM and fails).
+fn boot(commands: &[String]) -> Result<Finished> {
     let vng =
         crate::setup::python_command("vng").context("virtme-ng's `vng` is not installed: run `cargo xtask setup`")?;
     let image = kernel_image()?;
     let release = release_of(&image)?;
     let run = RunDir::create()?;
     let tag = format!("mesh-vm-lane-{}:", run.nonce);
-    fs::write(run.script(), script(&tag, &root(), &binaries))
+    fs::write(run.script(), script(&tag, &root(), commands))
         .with_context(|| format!("cannot write {}", run.script().display()))?;
 
     let mut cmd = vng_command(&vng, &image, &run);
@@ -107,28 +173,20 @@ pub fn run_tests(binaries: &[PathBuf]) -> Result<()> {
     let Some(status) = wait_bounded(&mut child, TIMEOUT)? else {
         kill_vm(&mut child, &run);
         bail!(
-            "the VM lane timed out after {} min; the guest was killed (rerun the binaries inside `vng --run {}` to see where they hang)",
+            "the VM run timed out after {} min; the guest was killed (rerun the commands inside `vng --run {}` to see where they hang)",
             TIMEOUT.as_secs() / 60,
             image.display()
         );
     };
     let report = guest.join().expect("reason: the guest output reader does not panic")?;
     let console = console.join().expect("reason: the console reader does not panic");
-    let failures = report.failures(&release, &binaries, status);
-    if !failures.is_empty() {
-        if !report.finished(binaries.len()) {
-            eprintln!("---- last lines of the VM's console (vng stderr) ----\n{console}----");
-        }
-        bail!("VM lane failed ({}):\n  {}", image.display(), failures.join("\n  "));
-    }
-    eprintln!(
-        "VM lane: {} test(s) in {} binary(ies) passed inside Linux {release} (boot {:.1} s, total {:.1} s)",
-        report.passed(),
-        binaries.len(),
-        report.boot.unwrap_or_default().as_secs_f64(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(Finished {
+        release,
+        status,
+        report,
+        console,
+        took: started.elapsed(),
+    })
 }
 
 /// The vng invocation: Debian's kernel, software emulation (KVM fails on
@@ -158,9 +216,9 @@ fn vng_command(vng: &Path, image: &Path, run: &RunDir) -> Command {
     cmd
 }
 
-/// The script the guest runs: every binary in turn, each framed by
+/// The script the guest runs: every command in turn, each framed by
 /// sentinels, all output on stdout so libtest's report stays in order.
-fn script(tag: &str, workdir: &Path, binaries: &[PathBuf]) -> String {
+fn script(tag: &str, workdir: &Path, commands: &[String]) -> String {
     let mut s = format!(
         "# Generated by xtask/src/vm.rs; runs inside the VM.\n\
          exec 2>&1\n\
@@ -172,14 +230,13 @@ fn script(tag: &str, workdir: &Path, binaries: &[PathBuf]) -> String {
          status=0\n",
         shell_quote(&workdir.to_string_lossy())
     );
-    for (i, binary) in binaries.iter().enumerate() {
+    for (i, command) in commands.iter().enumerate() {
         s += &format!(
             "echo \"{tag} start {i}\"\n\
-             {} --ignored --test-threads=1\n\
+             {command}\n\
              rc=$?\n\
              echo \"{tag} exit {i} $rc\"\n\
-             [ $rc -eq 0 ] || status=1\n",
-            shell_quote(&binary.to_string_lossy())
+             [ $rc -eq 0 ] || status=1\n"
         );
     }
     s += &format!("echo \"{tag} done\"\nexit $status\n");

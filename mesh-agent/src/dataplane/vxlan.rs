@@ -53,11 +53,21 @@ pub struct OverlayState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// Create the bridge and VXLAN device of a network.
-    Create { vni: u32, mtu: u32, local: IpAddr, port: u16 },
+    Create {
+        vni: u32,
+        mtu: u32,
+        local: IpAddr,
+        port: u16,
+    },
     /// Make a network's VXLAN device again, encapsulating from another
     /// address or to another port (its bridge and the task ports on it
     /// stay).
-    Relocate { vni: u32, mtu: u32, local: IpAddr, port: u16 },
+    Relocate {
+        vni: u32,
+        mtu: u32,
+        local: IpAddr,
+        port: u16,
+    },
     /// Change a network's MTU.
     SetMtu { vni: u32, mtu: u32 },
     /// Point a MAC at a node.

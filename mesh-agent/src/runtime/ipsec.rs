@@ -46,11 +46,7 @@ pub fn wanted(assignment: &IpsecAssignment, local: Ipv4Addr, known_for: impl Fn(
     let mut out = Wanted {
         policies: [Direction::In, Direction::Out]
             .into_iter()
-            .map(|direction| Policy {
-                direction,
-                local,
-                port,
-            })
+            .map(|direction| Policy { direction, local, port })
             .collect(),
         sas: BTreeMap::new(),
     };
@@ -61,7 +57,13 @@ pub fn wanted(assignment: &IpsecAssignment, local: Ipv4Addr, known_for: impl Fn(
                 dst: local,
                 spi: e.inbound.spi,
             };
-            out.sas.insert(id, Sa { port, key: e.inbound.key.0 });
+            out.sas.insert(
+                id,
+                Sa {
+                    port,
+                    key: e.inbound.key.0,
+                },
+            );
         }
         if let Some(e) = outbound(&peer.epochs, &known_for, OUTBOUND_SWITCH_DELAY) {
             let id = SaId {
@@ -69,7 +71,13 @@ pub fn wanted(assignment: &IpsecAssignment, local: Ipv4Addr, known_for: impl Fn(
                 dst: peer.address,
                 spi: e.outbound.spi,
             };
-            out.sas.insert(id, Sa { port, key: e.outbound.key.0 });
+            out.sas.insert(
+                id,
+                Sa {
+                    port,
+                    key: e.outbound.key.0,
+                },
+            );
         }
     }
     out
@@ -127,11 +135,17 @@ impl Ipsec {
             }
         }
         // Epochs no longer given are forgotten.
-        let given: Vec<u64> = want.peers.iter().flat_map(|p| p.epochs.iter().map(|e| e.epoch)).collect();
+        let given: Vec<u64> = want
+            .peers
+            .iter()
+            .flat_map(|p| p.epochs.iter().map(|e| e.epoch))
+            .collect();
         self.first_seen.retain(|epoch, _| given.contains(epoch));
         let first_seen = &self.first_seen;
         let target = wanted(want, local, |epoch| {
-            first_seen.get(&epoch).map_or(Duration::ZERO, |t| now.duration_since(*t))
+            first_seen
+                .get(&epoch)
+                .map_or(Duration::ZERO, |t| now.duration_since(*t))
         });
         self.active = None;
         let mut x = Xfrm::open().map_err(|e| format!("programming IPsec: {e}"))?;
@@ -190,7 +204,11 @@ mod tests {
         let old = |_| Duration::from_secs(6);
         assert_eq!(outbound(&both, young, delay).unwrap().epoch, 1);
         assert_eq!(outbound(&both, old, delay).unwrap().epoch, 2);
-        assert_eq!(outbound(&both[..1], young, delay).unwrap().epoch, 2, "no previous key: the current");
+        assert_eq!(
+            outbound(&both[..1], young, delay).unwrap().epoch,
+            2,
+            "no previous key: the current"
+        );
         assert!(outbound(&[], old, delay).is_none());
     }
 

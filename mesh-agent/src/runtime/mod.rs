@@ -11,8 +11,8 @@
 //! - [`supervisor`]: runs, watches, stops and reports this node's tasks.
 
 pub mod health;
-pub mod logs;
 pub mod ipsec;
+pub mod logs;
 pub mod netns;
 pub mod network;
 pub mod overlay;

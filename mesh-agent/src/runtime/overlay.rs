@@ -30,8 +30,8 @@ use super::{
 use crate::{
     control::{
         api::Assignments,
-        overlay::{Encryption, TaskNetwork},
         ipsec::IpsecAssignment,
+        overlay::{Encryption, TaskNetwork},
         tunnel::TunnelAssignment,
     },
     dataplane::{
@@ -90,7 +90,12 @@ struct Carriers {
 /// node, and to which port, if it can be: the data-path address, or the
 /// tunnel address. `None` for an encrypted network whose carrier is not
 /// up: nothing of it is made, so nothing is sent in clear.
-fn local_address(encryption: Encryption, vtep: Option<Ipv4Addr>, port: u16, carriers: Carriers) -> Option<(IpAddr, u16)> {
+fn local_address(
+    encryption: Encryption,
+    vtep: Option<Ipv4Addr>,
+    port: u16,
+    carriers: Carriers,
+) -> Option<(IpAddr, u16)> {
     match encryption {
         Encryption::None => Some((IpAddr::V4(vtep?), port)),
         Encryption::WireGuard => Some((IpAddr::V6(carriers.tunnel?), port)),
@@ -425,7 +430,10 @@ async fn carrier_missing(inner: &mut Inner, n: &TaskNetwork) -> String {
                 Ok(()) => format!("network {} is encrypted with IPsec and this node's IPsec policies are not in place yet", n.name),
             }
         }
-        _ => format!("network {} is encrypted and this node's WireGuard tunnel is not up", n.name),
+        _ => format!(
+            "network {} is encrypted and this node's WireGuard tunnel is not up",
+            n.name
+        ),
     }
 }
 
@@ -605,13 +613,10 @@ mod tests {
         assert_eq!(network_mtu(None, Encryption::None, 100), MIN_MTU);
     }
 
-    #[test]
-    fn an_encrypted_network_points_at_tunnel_addresses_and_skips_nodes_without_a_peer() {
-        use crate::control::tunnel::{PairKey, TunnelAssignment, TunnelPeerInfo};
-        let mut n = on(1, 4096, [10, 0, 0, 2], None);
-        n.encryption = Encryption::WireGuard;
-        let tunnel_of = |last: u16| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last);
-        let mut assignments = Assignments {
+    /// Node 192.168.0.1 runs one task on network `n` (VNI 4096), which
+    /// has an endpoint on each of .1, .2 and .3.
+    fn on_three_nodes(n: TaskNetwork) -> Assignments {
+        Assignments {
             tasks: vec![Assignment {
                 task: 1,
                 service: 1,
@@ -634,7 +639,16 @@ mod tests {
             vtep: "192.168.0.1".into(),
             data_path_port: 4789,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn an_encrypted_network_points_at_tunnel_addresses_and_skips_nodes_without_a_peer() {
+        use crate::control::tunnel::{PairKey, TunnelAssignment, TunnelPeerInfo};
+        let mut n = on(1, 4096, [10, 0, 0, 2], None);
+        n.encryption = Encryption::WireGuard;
+        let tunnel_of = |last: u16| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last);
+        let mut assignments = on_three_nodes(n);
         let w = wanted(&assignments, 1500, false);
         assert_eq!(w[&4096].local, None, "no tunnel yet: the network is not made");
         assert!(w[&4096].fdb.is_empty(), "and nothing is sent in clear");
@@ -681,36 +695,13 @@ mod tests {
                 })
                 .collect(),
         };
-        let assignments = Assignments {
-            tasks: vec![Assignment {
-                task: 1,
-                service: 1,
-                desired: DesiredState::Running,
-                state: TaskState::Running,
-                spec: crate::control::service::TaskSpec {
-                    networks: vec![n],
-                    ..Default::default()
-                },
-            }],
-            networks: vec![NetworkPeers {
-                network: 1,
-                vni: 4096,
-                peers: vec![
-                    peer([10, 0, 0, 2], "192.168.0.1"),
-                    peer([10, 0, 0, 3], "192.168.0.2"),
-                    peer([10, 0, 0, 4], "192.168.0.3"),
-                ],
-            }],
-            vtep: "192.168.0.1".into(),
-            data_path_port: 4789,
-            ipsec: Some(IpsecAssignment {
-                port: 4790,
-                key_epoch: 1,
-                // No overlay key yet for node .3: no associations.
-                peers: vec![keyed([192, 168, 0, 2], 1), keyed([192, 168, 0, 3], 0)],
-            }),
-            ..Default::default()
-        };
+        let mut assignments = on_three_nodes(n);
+        assignments.ipsec = Some(IpsecAssignment {
+            port: 4790,
+            key_epoch: 1,
+            // No overlay key yet for node .3: no associations.
+            peers: vec![keyed([192, 168, 0, 2], 1), keyed([192, 168, 0, 3], 0)],
+        });
         let w = wanted(&assignments, 1500, false);
         assert_eq!(w[&4096].local, None, "no policies yet: the network is not made");
         let w = wanted(&assignments, 1500, true);

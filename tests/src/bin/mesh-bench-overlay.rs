@@ -11,6 +11,10 @@
 //! - The same two over an encrypted overlay (WireGuard: the kernel's where
 //!   it has it, else boringtun in the agent), divided by the plain
 //!   overlay. `--wireguard kernel|userspace` picks one.
+//! - The same over an IPsec overlay (kernel ESP), where the kernel has
+//!   ESP (`cargo xtask bench overlay --vm` runs it in Debian's kernel).
+//!
+//! `--round-trips N` sets the request/response sample (20,000).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -28,24 +32,39 @@ use mesh_tests::{
 
 const IPERF_SECONDS: &str = "5";
 const ROUND_TRIPS: usize = 20_000;
+const USAGE: &str = "usage: mesh-bench-overlay [--wireguard kernel|userspace] [--round-trips N]";
 const ECHO_PORT: u16 = 7000;
 const IPERF_PORT: u16 = 5201;
 
 fn main() {
     require_root();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let flags: &'static [&'static str] = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        [] => &[],
-        ["--wireguard", "kernel"] => &["--wireguard", "kernel"],
-        ["--wireguard", "userspace"] => &["--wireguard", "userspace"],
-        _ => panic!("usage: mesh-bench-overlay [--wireguard kernel|userspace]"),
-    };
+    let mut flags: &'static [&'static str] = &[];
+    let mut samples = ROUND_TRIPS;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next().as_deref()) {
+            ("--wireguard", Some("kernel")) => flags = &["--wireguard", "kernel"],
+            ("--wireguard", Some("userspace")) => flags = &["--wireguard", "userspace"],
+            ("--round-trips", Some(n)) => samples = n.parse().expect(USAGE),
+            _ => panic!("{USAGE}"),
+        }
+    }
     let swarm = Swarm::with_flags(2, flags);
+    let (h0, h1) = (swarm.cluster.host(0), swarm.cluster.host(1));
+    let esp = h0.run(mesh_agent::dataplane::xfrm::kernel_has_esp);
+    if let Err(why) = &esp {
+        println!(
+            "== IPsec: not measured, this kernel has no ESP ({why}); `cargo xtask bench overlay --vm` measures it"
+        );
+    }
     swarm.init(&[]);
     swarm.join(1, 0, "worker");
     swarm.wait("2 nodes ready", Duration::from_secs(30), || swarm.ready(0) == 2);
     swarm.ok(0, &["network", "create", "bench"]);
     swarm.ok(0, &["network", "create", "--opt", "encrypted", "sealed"]);
+    if esp.is_ok() {
+        swarm.ok(0, &["network", "create", "--opt", "encrypted=ipsec", "esp"]);
+    }
     let echo = binary("mesh-echo");
     let port = ECHO_PORT.to_string();
     for (name, node, command) in [
@@ -65,8 +84,11 @@ fn main() {
             "sealed",
             "--constraint",
             &constraint,
-            "--",
         ];
+        if esp.is_ok() {
+            args.extend(["--network", "esp"]);
+        }
+        args.push("--");
         args.extend(command);
         swarm.ok(0, &args);
     }
@@ -78,12 +100,18 @@ fn main() {
     let (_, _, server_address) = task_of("server.");
     let (_, _, iperf_address) = task_of("iperf.");
     let (sealed_server, sealed_iperf) = (sealed_of("server."), sealed_of("iperf."));
+    let esp_endpoints = if esp.is_ok() {
+        endpoints_on(&swarm, "esp")
+    } else {
+        vec![]
+    };
+    let esp_of = |service: &str| esp_endpoints.iter().find(|e| e.1.starts_with(service)).map(|e| e.2);
+    let (esp_server, esp_iperf) = (esp_of("server."), esp_of("iperf."));
     let client_ns = NetNs::open_at(
         &swarm.agents[0].data_dir.join("tasks").join(&client_task).join("netns"),
         "client task",
     )
     .expect("the client task's namespace");
-    let (h0, h1) = (swarm.cluster.host(0), swarm.cluster.host(1));
 
     // The bare references: the same servers on h1 itself.
     let mut bare_echo = Command::new(&echo);
@@ -94,12 +122,20 @@ fn main() {
     let _bare_iperf = h1.spawn(bare_iperf).expect("iperf3 on h1");
     std::thread::sleep(Duration::from_millis(500));
 
-    let bare_rr = h0.run(|| round_trips(h1.address()));
-    let overlay_rr = client_ns.run(|| round_trips(server_address)).expect("enter the task");
-    let sealed_rr = client_ns.run(|| round_trips(sealed_server)).expect("enter the task");
+    let bare_rr = h0.run(|| round_trips(h1.address(), samples));
+    let overlay_rr = client_ns
+        .run(|| round_trips(server_address, samples))
+        .expect("enter the task");
+    let sealed_rr = client_ns
+        .run(|| round_trips(sealed_server, samples))
+        .expect("enter the task");
     let bare_bps = iperf(h0.netns(), h1.address(), 5202);
     let overlay_bps = iperf(&client_ns, iperf_address, IPERF_PORT);
     let sealed_bps = iperf(&client_ns, sealed_iperf, IPERF_PORT);
+    let esp_figures = esp_server.zip(esp_iperf).map(|(server, iperf_to)| {
+        let rr = client_ns.run(|| round_trips(server, samples)).expect("enter the task");
+        (rr, iperf(&client_ns, iperf_to, IPERF_PORT))
+    });
     let mode = if h0.run(mesh_agent::dataplane::wireguard::kernel_has_wireguard) && !flags.contains(&"userspace") {
         "kernel WireGuard"
     } else {
@@ -115,7 +151,7 @@ fn main() {
     for (label, q) in [("p50", 0.50), ("p99", 0.99)] {
         let (o, b) = (quantile(&overlay_rr, q), quantile(&bare_rr, q));
         println!(
-            "== TCP request/response ({ROUND_TRIPS} round trips) {label}: overlay {:.1} us; bare underlay {:.1} us; ratio {:.2}",
+            "== TCP request/response ({samples} round trips) {label}: overlay {:.1} us; bare underlay {:.1} us; ratio {:.2}",
             o * 1e6,
             b * 1e6,
             o / b
@@ -135,6 +171,23 @@ fn main() {
             o * 1e6,
             e / o
         );
+    }
+    if let Some((esp_rr, esp_bps)) = esp_figures {
+        println!(
+            "== TCP throughput, encrypted (IPsec ESP AES-GCM): {:.2} Gbit/s; plain overlay {:.2} Gbit/s; ratio {:.2}",
+            esp_bps / 1e9,
+            overlay_bps / 1e9,
+            esp_bps / overlay_bps
+        );
+        for (label, q) in [("p50", 0.50), ("p99", 0.99)] {
+            let (e, o) = (quantile(&esp_rr, q), quantile(&overlay_rr, q));
+            println!(
+                "== TCP request/response {label}, encrypted (IPsec ESP AES-GCM): {:.1} us; plain overlay {:.1} us; ratio {:.2}",
+                e * 1e6,
+                o * 1e6,
+                e / o
+            );
+        }
     }
     for name in ["server", "client", "iperf"] {
         swarm.ok(0, &["service", "rm", name]);
@@ -171,7 +224,7 @@ fn endpoints_on(swarm: &Swarm, network: &str) -> Vec<(String, String, Ipv4Addr)>
 }
 
 /// Seconds per 1-byte round trip on one connection to an echo server.
-fn round_trips(to: Ipv4Addr) -> Vec<f64> {
+fn round_trips(to: Ipv4Addr, count: usize) -> Vec<f64> {
     let stream = TcpStream::connect(SocketAddr::from((to, ECHO_PORT))).expect("connect to the echo server");
     stream.set_nodelay(true).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -183,8 +236,8 @@ fn round_trips(to: Ipv4Addr) -> Vec<f64> {
         (&stream).write_all(b"x").unwrap();
         reader.read_exact(&mut byte).unwrap();
     }
-    let mut samples = Vec::with_capacity(ROUND_TRIPS);
-    for _ in 0..ROUND_TRIPS {
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
         let t0 = Instant::now();
         (&stream).write_all(b"x").unwrap();
         reader.read_exact(&mut byte).unwrap();
