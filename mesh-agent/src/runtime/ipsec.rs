@@ -125,8 +125,13 @@ impl Ipsec {
             return self.remove();
         };
         if let Err(e) = self.supported() {
-            self.active = None;
-            return Err(format!("this node's kernel cannot do IPsec: {e}"));
+            // Not an error to retry: nothing changes until the kernel does.
+            // Tasks on IPsec networks are refused with this reason.
+            if self.active.take().is_some() || !self.clean {
+                log::warn!("this node's kernel cannot do IPsec: {e}");
+            }
+            self.clean = true;
+            return Ok(());
         }
         let now = Instant::now();
         for peer in &want.peers {

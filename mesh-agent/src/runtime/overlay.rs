@@ -253,8 +253,11 @@ impl Overlays {
         if assignments.tunnel.is_some() {
             apply_tunnel(&mut inner, assignments.tunnel.clone(), underlay).await?;
         }
+        // IPsec that cannot be set up keeps its networks unmade (their
+        // tasks are refused) but must not hold up the other networks.
+        let mut ipsec_failed = None;
         if assignments.ipsec.is_some() {
-            apply_ipsec(&mut inner, assignments.ipsec.clone(), local).await?;
+            ipsec_failed = apply_ipsec(&mut inner, assignments.ipsec.clone(), local).await.err();
         }
         let wanted = wanted(assignments, underlay, inner.ipsec_port.is_some());
         sync(&mut inner, move |_| wanted).await?;
@@ -264,7 +267,7 @@ impl Overlays {
         if assignments.ipsec.is_none() {
             apply_ipsec(&mut inner, None, local).await?;
         }
-        Ok(())
+        ipsec_failed.map_or(Ok(()), Err)
     }
 
     /// Puts task `task` (namespace at `netns`) on each of `networks`:
