@@ -410,49 +410,49 @@ impl Overlays {
 /// Why task traffic of network `n` cannot be carried here: its carrier
 /// (the WireGuard tunnel, or IPsec) is not up, and why.
 async fn carrier_missing(inner: &mut Inner, n: &TaskNetwork) -> String {
-    match n.encryption {
-        Encryption::Ipsec => {
-            let support = match inner.ipsec.take() {
-                Some(mut ipsec) => {
-                    let (ipsec, support) = tokio::task::spawn_blocking(move || {
-                        let support = ipsec.supported();
-                        (ipsec, support)
-                    })
-                    .await
-                    .unwrap_or_else(|e| (Ipsec::new(), Err(format!("IPsec worker: {e}"))));
-                    inner.ipsec = Some(ipsec);
-                    support
-                }
-                None => Ok(()),
-            };
-            match support {
-                Err(e) => format!(
-                    "network {} is encrypted with IPsec and this node's kernel cannot do it ({e}); the task is not started rather than sent in clear (load xfrm_user and esp4, or use --opt encrypted=wireguard)",
-                    n.name
-                ),
-                Ok(()) => format!("network {} is encrypted with IPsec and this node's IPsec policies are not in place yet", n.name),
-            }
-        }
-        _ => format!(
+    if n.encryption != Encryption::Ipsec {
+        return format!(
             "network {} is encrypted and this node's WireGuard tunnel is not up",
             n.name
-        ),
+        );
     }
+    match on_blocking(&mut inner.ipsec, "IPsec", Ipsec::supported).await {
+        Ok(Err(e)) => format!(
+            "network {} is encrypted with IPsec and this node's kernel cannot do it ({e}); the task is not started rather than sent in clear (load xfrm_user and esp4, or use --opt encrypted=wireguard)",
+            n.name
+        ),
+        _ => format!("network {} is encrypted with IPsec and this node's IPsec policies are not in place yet", n.name),
+    }
+}
+
+/// Runs `work` on the carrier in `slot` on a blocking thread, taking it
+/// out meanwhile and putting it back after.
+async fn on_blocking<T, R>(
+    slot: &mut Option<T>,
+    what: &str,
+    work: impl FnOnce(&mut T) -> R + Send + 'static,
+) -> Result<R, String>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    let Some(mut carrier) = slot.take() else {
+        return Err(format!("{what} is busy"));
+    };
+    let (carrier, result) = tokio::task::spawn_blocking(move || {
+        let result = work(&mut carrier);
+        (carrier, result)
+    })
+    .await
+    .map_err(|e| format!("{what} worker: {e}"))?;
+    *slot = Some(carrier);
+    Ok(result)
 }
 
 /// Brings IPsec in line with `want` on a blocking thread.
 async fn apply_ipsec(inner: &mut Inner, want: Option<IpsecAssignment>, local: Ipv4Addr) -> Result<(), String> {
-    let Some(mut ipsec) = inner.ipsec.take() else {
-        return Err("IPsec is busy".into());
-    };
-    let (ipsec, result) = tokio::task::spawn_blocking(move || {
-        let result = ipsec.apply(want.as_ref(), local);
-        (ipsec, result)
-    })
-    .await
-    .map_err(|e| format!("IPsec worker: {e}"))?;
-    inner.ipsec_port = ipsec.port();
-    inner.ipsec = Some(ipsec);
+    let result = on_blocking(&mut inner.ipsec, "IPsec", move |i| i.apply(want.as_ref(), local)).await?;
+    inner.ipsec_port = inner.ipsec.as_ref().and_then(Ipsec::port);
     if let Err(e) = &result {
         log::warn!("{e}");
     }
@@ -461,17 +461,11 @@ async fn apply_ipsec(inner: &mut Inner, want: Option<IpsecAssignment>, local: Ip
 
 /// Brings the tunnel in line with `want` on a blocking thread.
 async fn apply_tunnel(inner: &mut Inner, want: Option<TunnelAssignment>, underlay: u32) -> Result<(), String> {
-    let Some(mut tunnel) = inner.tunnel.take() else {
-        return Err("the WireGuard tunnel is busy".into());
-    };
-    let (tunnel, result) = tokio::task::spawn_blocking(move || {
-        let result = tunnel.apply(want.as_ref(), underlay);
-        (tunnel, result)
+    let result = on_blocking(&mut inner.tunnel, "the WireGuard tunnel", move |t| {
+        t.apply(want.as_ref(), underlay)
     })
-    .await
-    .map_err(|e| format!("tunnel worker: {e}"))?;
-    inner.tunnel_address = tunnel.address();
-    inner.tunnel = Some(tunnel);
+    .await?;
+    inner.tunnel_address = inner.tunnel.as_ref().and_then(Tunnel::address);
     if let Err(e) = &result {
         log::warn!("{e}");
     }
