@@ -5,12 +5,14 @@
 //! - `xdp_count`: XDP, counts packets per protocol class and passes them on.
 //! - `tc_count`: TC clsact classifier, the same counting, for links where XDP
 //!   does not fit (egress, or a driver without XDP).
+//! - `tc_ingress`, `tc_tunnel`, `tc_reply`: the routing mesh (see [`lb`]).
 //!
 //! On the host target the crate builds to a stub `main` that says how to
 //! build it for real, so `cargo clippy --workspace` still checks it.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod lb;
 mod parse;
 
 use aya_ebpf::{
@@ -36,6 +38,21 @@ pub fn tc_count(ctx: TcContext) -> i32 {
     let class = parse::classify(ctx.data(), ctx.data_end());
     count(Hook::Tc, class, u64::from(ctx.len()));
     TC_ACT_OK
+}
+
+#[classifier]
+pub fn tc_ingress(mut ctx: TcContext) -> i32 {
+    lb::ingress(&mut ctx)
+}
+
+#[classifier]
+pub fn tc_tunnel(mut ctx: TcContext) -> i32 {
+    lb::tunnel(&mut ctx)
+}
+
+#[classifier]
+pub fn tc_reply(mut ctx: TcContext) -> i32 {
+    lb::reply(&mut ctx)
 }
 
 #[inline(always)]

@@ -10,8 +10,9 @@ use super::{duration_ms, json, table, Client, Format};
 use crate::control::{
     api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, LocalRequest, LocalResponse, ServiceView, TaskView},
     service::{
-        parse_env, parse_placement_pref, EndpointMode, FailureAction, HealthCheck, PortPublish, Protocol, PublishMode,
-        RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, ServiceUpdate, UpdateConfig, UpdateOrder,
+        parse_env, parse_placement_pref, EndpointMode, FailureAction, HealthCheck, LbAlgorithm, LbOptions, PortPublish,
+        Protocol, PublishMode, RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, ServiceUpdate, UpdateConfig,
+        UpdateOrder,
     },
     state::node_id_text,
 };
@@ -33,6 +34,70 @@ enum RestartArg {
 enum EndpointArg {
     Vip,
     Dnsrr,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum AlgorithmArg {
+    Maglev,
+    Random,
+    RoundRobin,
+}
+
+impl From<AlgorithmArg> for LbAlgorithm {
+    fn from(arg: AlgorithmArg) -> Self {
+        match arg {
+            AlgorithmArg::Maglev => LbAlgorithm::Maglev,
+            AlgorithmArg::Random => LbAlgorithm::Random,
+            AlgorithmArg::RoundRobin => LbAlgorithm::RoundRobin,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum AffinityArg {
+    None,
+    ClientIp,
+}
+
+/// `--lb-*` flags, shared by create and update (unset: unchanged on update,
+/// the defaults on create).
+#[derive(clap::Args, Debug, Default)]
+struct LbArgs {
+    /// How connections are spread over the tasks: maglev (consistent hashing, the default), random or round-robin.
+    #[arg(long, value_enum)]
+    lb_algorithm: Option<AlgorithmArg>,
+    /// client-ip keeps each client on one task (sticky sessions); none (the default) does not.
+    #[arg(long, value_enum)]
+    lb_affinity: Option<AffinityArg>,
+    /// How long an idle client stays with its task under --lb-affinity client-ip (default 300s).
+    #[arg(long)]
+    lb_affinity_timeout: Option<String>,
+}
+
+impl LbArgs {
+    fn timeout_s(&self) -> ApiResult<Option<u32>> {
+        self.lb_affinity_timeout
+            .as_deref()
+            .map(|t| {
+                let ms = duration_ms("lb-affinity-timeout", t)?;
+                u32::try_from(ms / 1000)
+                    .map_err(|_| ApiError::invalid(format!("--lb-affinity-timeout {t} is too long")))
+            })
+            .transpose()
+    }
+
+    fn applied_to(&self, mut lb: LbOptions) -> ApiResult<LbOptions> {
+        if let Some(a) = self.lb_algorithm {
+            lb.algorithm = a.into();
+        }
+        if let Some(a) = self.lb_affinity {
+            lb.client_affinity = matches!(a, AffinityArg::ClientIp);
+        }
+        if let Some(t) = self.timeout_s()? {
+            lb.affinity_timeout_s = t;
+        }
+        Ok(lb)
+    }
 }
 
 impl From<EndpointArg> for EndpointMode {
@@ -204,6 +269,8 @@ pub struct UpdateArgs {
     #[arg(long, value_enum)]
     endpoint_mode: Option<EndpointArg>,
     #[command(flatten)]
+    lb: LbArgs,
+    #[command(flatten)]
     restart: RestartArgs,
     /// Return at once instead of showing progress until the update converges.
     #[arg(short, long)]
@@ -282,6 +349,9 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         restart_delay_ms: args.restart.delay_ms()?,
         restart_max_attempts: args.restart.restart_max_attempts,
         endpoint_mode: args.endpoint_mode.map(Into::into),
+        lb_algorithm: args.lb.lb_algorithm.map(Into::into),
+        lb_client_affinity: args.lb.lb_affinity.map(|a| matches!(a, AffinityArg::ClientIp)),
+        lb_affinity_timeout_s: args.lb.timeout_s()?,
         force: args.force,
     };
     Ok((args.service, update, args.detach))
@@ -326,6 +396,8 @@ pub struct CreateArgs {
     /// vip (a virtual IP per network, load-balanced) or dnsrr (DNS answers with the task addresses).
     #[arg(long, value_enum, default_value = "vip")]
     endpoint_mode: EndpointArg,
+    #[command(flatten)]
+    lb: LbArgs,
     #[command(flatten)]
     restart: RestartArgs,
     #[command(flatten)]
@@ -446,6 +518,7 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
         max_per_node: args.replicas_max_per_node,
         restart: args.restart.applied_to(RestartPolicy::default())?,
         endpoint_mode: args.endpoint_mode.into(),
+        lb: args.lb.applied_to(LbOptions::default())?,
         health: args.health.check()?,
         stop_grace_ms: duration_ms("stop-grace-period", &args.stop_grace_period)?,
         update: args.update.config()?,
@@ -864,6 +937,20 @@ pub fn pretty_text(view: &ServiceView, now_ms: u64) -> String {
         EndpointMode::Dnsrr => "dnsrr",
     };
     line(0, "Endpoint Mode", mode.into());
+    line(0, "Load Balancing", String::new());
+    line(1, "Algorithm", spec.lb.algorithm.name().into());
+    line(
+        1,
+        "Affinity",
+        if spec.lb.client_affinity {
+            format!(
+                "client-ip ({})",
+                duration_text(u64::from(spec.lb.affinity_timeout_s) * 1000)
+            )
+        } else {
+            "none".into()
+        },
+    );
     if !spec.publish.is_empty() {
         line(0, "Ports", ports_text(&spec.publish));
     }

@@ -648,6 +648,9 @@ pub struct Assignments {
     /// Its IPsec associations, when it runs tasks on IPsec networks.
     #[serde(default)]
     pub ipsec: Option<crate::control::ipsec::IpsecAssignment>,
+    /// The published ports it answers and the tasks behind them.
+    #[serde(default)]
+    pub mesh: Option<crate::control::mesh::MeshAssignment>,
 }
 
 /// Which log text to read.

@@ -139,8 +139,18 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         .map_or(crate::control::state::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
     let tunnel = tunnel_assignment(state, node, &tasks, &networks);
     let ipsec = ipsec_assignment(state, node, &tasks, &networks, data_path_port);
-    let encoded =
-        rmp_serde::to_vec(&(&tasks, &retained, &networks, &vtep, data_path_port, &tunnel, &ipsec)).unwrap_or_default();
+    let mesh = crate::control::mesh::mesh_assignment(state, node);
+    let encoded = rmp_serde::to_vec(&(
+        &tasks,
+        &retained,
+        &networks,
+        &vtep,
+        data_path_port,
+        &tunnel,
+        &ipsec,
+        &mesh,
+    ))
+    .unwrap_or_default();
     let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
     Assignments {
         digest,
@@ -151,6 +161,7 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         data_path_port,
         tunnel,
         ipsec,
+        mesh,
     }
 }
 

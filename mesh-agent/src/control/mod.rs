@@ -21,6 +21,7 @@ pub mod ipsec;
 pub mod keystore;
 pub mod local;
 pub mod manager;
+pub mod mesh;
 pub mod network;
 pub mod node;
 pub mod orchestrator;

@@ -461,6 +461,58 @@ pub struct ServiceSpec {
     /// `--endpoint-mode`: how the service is reached on its networks.
     #[serde(default)]
     pub endpoint_mode: EndpointMode,
+    /// `--lb-*`: how connections are spread over the tasks.
+    #[serde(default)]
+    pub lb: LbOptions,
+}
+
+/// `--lb-algorithm`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LbAlgorithm {
+    /// Maglev consistent hashing: a connection's backend only changes when
+    /// that backend leaves, and a client keeps its backend across nodes.
+    #[default]
+    Maglev,
+    /// A random backend per connection.
+    Random,
+    /// The next backend per connection (per entry node and CPU).
+    RoundRobin,
+}
+
+impl LbAlgorithm {
+    /// As the flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LbAlgorithm::Maglev => "maglev",
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// Default `--lb-affinity-timeout`: as IPVS persistence's default.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 300;
+
+/// How connections are spread over a service's tasks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbOptions {
+    /// `--lb-algorithm`.
+    pub algorithm: LbAlgorithm,
+    /// `--lb-affinity client-ip`: a client's new connections go to the task
+    /// its last one went to, until it has been idle for `affinity_timeout_s`.
+    pub client_affinity: bool,
+    /// `--lb-affinity-timeout`, seconds.
+    pub affinity_timeout_s: u32,
+}
+
+impl Default for LbOptions {
+    fn default() -> Self {
+        LbOptions {
+            algorithm: LbAlgorithm::Maglev,
+            client_affinity: false,
+            affinity_timeout_s: DEFAULT_AFFINITY_TIMEOUT_S,
+        }
+    }
 }
 
 /// `--endpoint-mode`, as Swarm's.
@@ -617,6 +669,15 @@ pub struct ServiceUpdate {
     /// `--endpoint-mode`.
     #[serde(default)]
     pub endpoint_mode: Option<EndpointMode>,
+    /// `--lb-algorithm`.
+    #[serde(default)]
+    pub lb_algorithm: Option<LbAlgorithm>,
+    /// `--lb-affinity` (true: client-ip).
+    #[serde(default)]
+    pub lb_client_affinity: Option<bool>,
+    /// `--lb-affinity-timeout`, seconds.
+    #[serde(default)]
+    pub lb_affinity_timeout_s: Option<u32>,
     /// `--force`: replace every task even if nothing else changed.
     pub force: bool,
 }
@@ -706,6 +767,15 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
     if let Some(m) = update.endpoint_mode {
         next.endpoint_mode = m;
     }
+    if let Some(a) = update.lb_algorithm {
+        next.lb.algorithm = a;
+    }
+    if let Some(a) = update.lb_client_affinity {
+        next.lb.client_affinity = a;
+    }
+    if let Some(t) = update.lb_affinity_timeout_s {
+        next.lb.affinity_timeout_s = t;
+    }
     next.validate()?;
     Ok(next)
 }
@@ -725,6 +795,7 @@ impl ServiceSpec {
             t.restart = RestartPolicy::default();
             t.publish.clear();
             t.endpoint_mode = EndpointMode::default();
+            t.lb = LbOptions::default();
             t
         };
         template(self) != template(other)
@@ -774,6 +845,7 @@ impl ServiceSpec {
             stop_grace_ms: DEFAULT_STOP_GRACE_MS,
             update: UpdateConfig::default(),
             endpoint_mode: EndpointMode::default(),
+            lb: LbOptions::default(),
         }
     }
 
@@ -799,6 +871,12 @@ impl ServiceSpec {
                     p.published
                 ));
             }
+        }
+        if self.lb.client_affinity && !(1..=86_400).contains(&self.lb.affinity_timeout_s) {
+            return Err(format!(
+                "--lb-affinity-timeout {}s is out of range: use 1s to 24h",
+                self.lb.affinity_timeout_s
+            ));
         }
         if let ServiceMode::Replicated { replicas } = self.mode {
             if replicas > 10_000 {

@@ -580,6 +580,7 @@ mod tests {
             data_path_port: 4789,
             tunnel: None,
             ipsec: None,
+            mesh: None,
         };
         let w = wanted(&assignments, 9000, false);
         assert_eq!(w.len(), 2);

@@ -1,0 +1,180 @@
+//! The routing mesh as the cluster decides it (pure): which published ports
+//! a node answers and which tasks stand behind them. Every node answers a
+//! port published in ingress mode; a port published in host mode is only
+//! answered by the nodes running one of its tasks, by those tasks.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    service::{DesiredState, LbOptions, PortPublish, PublishMode, TaskState},
+    state::{ClusterState, NodeId},
+};
+
+/// A task that takes connections: running, wanted running, and (if the
+/// service has a health check) healthy, since a task only reaches Running
+/// after its first passing check and leaves it on its last failing one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MeshBackend {
+    /// The task's ID (the Maglev tables are built over these, so every
+    /// node builds the same table from the same tasks).
+    pub task: u64,
+    /// The data-path address of the node it runs on.
+    pub node_addr: String,
+    /// Whether it runs on the node this assignment is for.
+    pub local: bool,
+}
+
+/// One service's published ports, as one node serves them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MeshService {
+    /// The service's ID.
+    pub service: u64,
+    /// Its name (for logs and metrics).
+    pub name: String,
+    /// Its published ports that this node answers.
+    pub ports: Vec<PortPublish>,
+    /// How connections are spread.
+    pub lb: LbOptions,
+    /// Its tasks that take connections, by task ID.
+    pub backends: Vec<MeshBackend>,
+}
+
+/// What one node's routing mesh holds.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshAssignment {
+    /// Services with ports this node answers, by service ID.
+    pub services: Vec<MeshService>,
+    /// The data-path addresses of the other nodes (tunnelled connections
+    /// are only accepted from them).
+    pub peers: Vec<String>,
+}
+
+/// Node `node`'s routing mesh; `None` when it answers no published port.
+pub fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignment> {
+    let mut services = Vec::new();
+    for service in state.services.values().filter(|s| !s.spec.publish.is_empty()) {
+        let mut backends: Vec<MeshBackend> = state
+            .tasks
+            .values()
+            .filter(|t| t.service == service.id && t.desired == DesiredState::Running && t.state == TaskState::Running)
+            .filter_map(|t| {
+                let on = t.node?;
+                Some(MeshBackend {
+                    task: t.id,
+                    node_addr: state.nodes.get(&on)?.data_path_addr.clone(),
+                    local: on == node,
+                })
+            })
+            .collect();
+        backends.sort();
+        let runs_here = backends.iter().any(|b| b.local);
+        let ports: Vec<PortPublish> = service
+            .spec
+            .publish
+            .iter()
+            .filter(|p| p.mode == PublishMode::Ingress || runs_here)
+            .copied()
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        services.push(MeshService {
+            service: service.id,
+            name: service.spec.name.clone(),
+            ports,
+            lb: service.spec.lb,
+            backends,
+        });
+    }
+    if services.is_empty() {
+        return None;
+    }
+    let mut peers: Vec<String> = state
+        .nodes
+        .values()
+        .filter(|n| n.id != node && !n.data_path_addr.is_empty())
+        .map(|n| n.data_path_addr.clone())
+        .collect();
+    peers.sort();
+    peers.dedup();
+    Some(MeshAssignment { services, peers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{
+        orchestrator::tests_support::service,
+        service::Task,
+        state::{tests::node, Role},
+    };
+
+    fn task(id: u64, service: u64, node: u64, state: TaskState) -> Task {
+        Task {
+            id,
+            service,
+            slot: id as u32,
+            node: Some(node),
+            desired: DesiredState::Running,
+            state,
+            message: String::new(),
+            service_version: 1,
+            created_at: 0,
+            updated_at: 0,
+            restarts: 0,
+            ended_at_ms: 0,
+            attachments: vec![],
+        }
+    }
+
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        for id in 1..=3 {
+            let mut n = node(id, Role::Worker);
+            n.data_path_addr = format!("10.0.0.{id}");
+            s.nodes.insert(id, n);
+        }
+        let mut web = service(7);
+        web.spec.publish = vec![PortPublish::parse("8080:80").unwrap()];
+        s.services.insert(7, web);
+        let mut host = service(8);
+        host.spec.publish = vec![PortPublish::parse("published=9090,target=90,mode=host").unwrap()];
+        s.services.insert(8, host);
+        s.services.insert(9, service(9));
+        s.tasks.insert(70, task(70, 7, 1, TaskState::Running));
+        s.tasks.insert(71, task(71, 7, 2, TaskState::Running));
+        s.tasks.insert(72, task(72, 7, 2, TaskState::Starting));
+        s.tasks.insert(80, task(80, 8, 1, TaskState::Running));
+        s.tasks.insert(90, task(90, 9, 3, TaskState::Running));
+        s
+    }
+
+    #[test]
+    fn ingress_ports_are_everywhere_host_ports_only_where_tasks_run() {
+        let s = cluster();
+        let on3 = mesh_assignment(&s, 3).unwrap();
+        assert_eq!(on3.services.len(), 1, "node 3 runs no task of the host-mode service");
+        let web = &on3.services[0];
+        assert_eq!(web.service, 7);
+        assert_eq!(
+            web.backends.iter().map(|b| (b.task, b.local)).collect::<Vec<_>>(),
+            vec![(70, false), (71, false)],
+            "only running tasks take connections"
+        );
+        assert_eq!(on3.peers, vec!["10.0.0.1", "10.0.0.2"]);
+        let on1 = mesh_assignment(&s, 1).unwrap();
+        assert_eq!(on1.services.len(), 2);
+        assert!(on1.services[0].backends[0].local);
+    }
+
+    #[test]
+    fn a_task_leaving_running_leaves_every_table() {
+        let mut s = cluster();
+        s.tasks.get_mut(&70).unwrap().desired = DesiredState::Shutdown;
+        s.tasks.get_mut(&71).unwrap().state = TaskState::Failed;
+        let web = mesh_assignment(&s, 3).unwrap().services.remove(0);
+        assert!(web.backends.is_empty());
+        s.services.clear();
+        assert_eq!(mesh_assignment(&s, 3), None);
+    }
+}

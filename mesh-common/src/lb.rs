@@ -1,0 +1,224 @@
+//! The load-balancing maps shared by the routing-mesh programs (`tc_ingress`
+//! on the node's underlay link, `tc_reply` on the task bridge) and the agent.
+//!
+//! Addresses and ports are kept exactly as they sit in the packet (network
+//! byte order), so the programs compare and copy them without swapping; the
+//! agent converts with `u32::from_ne_bytes(ip.octets())` and
+//! `u16::to_be().
+//!
+//! How a published port is served (see ARCHITECTURE.md, "The routing mesh"):
+//! the entry node looks the port up in [`SERVICES_MAP`], picks a backend
+//! from the service's [`Table`] (Maglev, random or round-robin), remembers
+//! the choice in [`CONNTRACK_MAP`], and either rewrites the destination to
+//! a local task or sends the frame through the node's routing-mesh tunnel
+//! (a metadata-mode VXLAN device, VNI [`VNI_REQUEST`]) to the backend's
+//! node. That node's tunnel program picks one of its own tasks and records
+//! a [`ReverseNat`], so the task's reply leaves with the published address
+//! as its source and goes back through the tunnel (VNI [`VNI_REPLY`]) to
+//! the entry node, which sends it to the client. The client address is
+//! never rewritten: the task sees who connected.
+
+/// Maglev lookup table size: prime, and about 100 times the backends a
+/// service is expected to have, so each backend's share is within ~1% of
+/// the ideal for up to 10 backends (Maglev paper, section 3.4). 4 KiB per
+/// table.
+pub const TABLE_SIZE: u32 = 1021;
+
+/// Map names in the eBPF object.
+pub const SERVICES_MAP: &str = "LB_SERVICES";
+pub const TABLES_MAP: &str = "LB_TABLES";
+pub const BACKENDS_MAP: &str = "LB_BACKENDS";
+pub const CONNTRACK_MAP: &str = "LB_CONNTRACK";
+pub const REVERSE_NAT_MAP: &str = "LB_REVERSE_NAT";
+pub const AFFINITY_MAP: &str = "LB_AFFINITY";
+pub const CONFIG_MAP: &str = "LB_CONFIG";
+pub const NODES_MAP: &str = "LB_NODES";
+pub const RR_MAP: &str = "LB_ROUND_ROBIN";
+
+/// Tunnel VNIs: a client's packet on its way to a backend's node, and a
+/// task's reply on its way back to the node the client reached.
+pub const VNI_REQUEST: u32 = 1;
+pub const VNI_REPLY: u32 = 2;
+pub const STATS_MAP: &str = "LB_STATS";
+
+/// Capacities.
+/// Service ports (published ports and VIP ports) a node can serve.
+pub const MAX_SERVICES: u32 = 16_384;
+/// Two tables per service port: the whole service, and this node's tasks.
+/// Allocated as used (4 KiB each), not up front.
+pub const MAX_TABLES: u32 = 2 * MAX_SERVICES;
+pub const MAX_BACKENDS: u32 = 131_072;
+/// LRU maps are allocated whole when the agent starts: 64 Ki connections
+/// is about 5 MiB per map.
+pub const MAX_CONNTRACK: u32 = 65_536;
+pub const MAX_AFFINITY: u32 = 16_384;
+/// Other nodes whose tunnelled packets are accepted.
+pub const MAX_NODES: u32 = 16_384;
+
+/// The bit that marks a table ID as "this node's tasks only".
+pub const LOCAL_TABLE: u32 = 1 << 31;
+
+/// IP protocol numbers the programs serve.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A published port (`addr` 0: any of this node's addresses).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// How backends are picked.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Consistent hashing of the connection over the Maglev table.
+    Maglev = 0,
+    /// A random slot of the table.
+    Random = 1,
+    /// The next backend, per CPU.
+    RoundRobin = 2,
+}
+
+/// What a published port leads to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Its table ID (also its stats index); the local table is `id | LOCAL_TABLE`.
+    pub id: u32,
+    /// The port tasks listen on.
+    pub target_port: u16,
+    /// [`Algorithm`] as u8.
+    pub algorithm: u8,
+    /// 1: keep a client on one backend ([`AFFINITY_MAP`]).
+    pub affinity: u8,
+    /// How long a client stays with its backend without traffic, seconds.
+    pub affinity_timeout_s: u32,
+}
+
+/// A service's backends: `count` of them, spread over [`TABLE_SIZE`] slots.
+/// Replaced whole by the agent (a hash-map update swaps the value under
+/// RCU), so the programs never see a half-written table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Table {
+    pub count: u32,
+    /// Backend IDs ([`BACKENDS_MAP`]); every slot is filled when count > 0.
+    pub slots: [u32; TABLE_SIZE as usize],
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            count: 0,
+            slots: [0; TABLE_SIZE as usize],
+        }
+    }
+}
+
+/// One task behind a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// The underlay address of the node it runs on.
+    pub node: u32,
+    /// Its address on this node's task bridge when it runs here, else 0.
+    pub local: u32,
+}
+
+/// A connection, as its packets name it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// Which backend a connection went to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conntrack {
+    pub backend: u32,
+    pub service: u32,
+}
+
+/// How a local task's reply is put back: its source becomes the published
+/// address and port, and it goes to `entry` (the node the client reached;
+/// 0: this node) before the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReverseNat {
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+    pub entry: u32,
+    pub service: u32,
+}
+
+/// A client kept on one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service: u32,
+    pub client: u32,
+}
+
+/// Its backend and when it was last used (`bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub backend: u32,
+    pub pad: u32,
+    pub last_ns: u64,
+}
+
+/// This node, as the programs need it (index 0 of [`CONFIG_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Its underlay address: published ports answer there, tunnels start there.
+    pub addr: u32,
+    /// The underlay link's index (replies to clients leave by it).
+    pub ifindex: u32,
+    /// The routing-mesh tunnel device's index.
+    pub tunnel_ifindex: u32,
+    /// The task bridge's index (packets for local tasks leave by it).
+    pub bridge_ifindex: u32,
+}
+
+/// Per-service-port counters, per CPU, indexed by the service's table ID.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Packets toward tasks (entry and backend node both count).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Connections this node picked a backend for.
+    pub connections: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are #[repr(C)] plain integers with explicit padding fields,
+    // so every byte pattern is a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Table {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Conntrack {}
+    unsafe impl aya::Pod for ReverseNat {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for Affinity {}
+    unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for ServiceStats {}
+}

@@ -1,0 +1,480 @@
+//! The routing mesh: published ports answered on every node, load-balanced
+//! to the service's tasks wherever they run (layout and flow in
+//! `mesh_common::lb`).
+//!
+//! Three TC programs share the maps:
+//! - [`ingress`] on the underlay link: a client's packet for a published port
+//!   goes to a local task, or into the tunnel toward the backend's node;
+//! - [`tunnel`] on the routing-mesh tunnel device: requests from other
+//!   nodes go to a local task; replies to our clients go out the underlay;
+//! - [`reply`] on the task bridge: a task's answer to a routed connection
+//!   gets the published address back and goes where the client came in.
+//!
+//! Only IPv4 without options, TCP and UDP, unfragmented, are served; every
+//! other packet is left to the kernel unchanged.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_get_tunnel_key,
+        bpf_skb_set_tunnel_key,
+    },
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use mesh_common::lb::{
+    Affinity, AffinityKey, Algorithm, Backend, Conntrack, FlowKey, NodeConfig, ReverseNat, ServiceKey, ServiceStats,
+    ServiceValue, Table, LOCAL_TABLE, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_NODES, MAX_SERVICES, MAX_TABLES,
+    PROTO_TCP, PROTO_UDP, TABLE_SIZE, VNI_REPLY, VNI_REQUEST,
+};
+
+#[map(name = "LB_SERVICES")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+#[map(name = "LB_TABLES")]
+static TABLES: HashMap<u32, Table> = HashMap::with_max_entries(MAX_TABLES, BPF_F_NO_PREALLOC);
+#[map(name = "LB_BACKENDS")]
+static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+#[map(name = "LB_CONNTRACK")]
+static CONNTRACK: LruHashMap<FlowKey, Conntrack> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+#[map(name = "LB_REVERSE_NAT")]
+static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+#[map(name = "LB_AFFINITY")]
+static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::with_max_entries(MAX_AFFINITY, 0);
+#[map(name = "LB_CONFIG")]
+static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+#[map(name = "LB_NODES")]
+static NODES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODES, BPF_F_NO_PREALLOC);
+#[map(name = "LB_STATS")]
+static STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[map(name = "LB_ROUND_ROBIN")]
+static ROUND_ROBIN: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IP_CSUM: usize = ETH_HLEN + 10;
+const IP_SRC: usize = ETH_HLEN + 12;
+const IP_DST: usize = ETH_HLEN + 16;
+const L4: usize = ETH_HLEN + 20;
+const TCP_CSUM: usize = L4 + 16;
+const UDP_CSUM: usize = L4 + 6;
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// The headers the programs act on; addresses and ports as on the wire.
+struct Packet {
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    len: u32,
+}
+
+impl Packet {
+    fn flow(&self) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+
+    /// The key the answer to this packet carries once it has left the task.
+    fn reply_flow(&self, task: u32, task_port: u16) -> FlowKey {
+        FlowKey {
+            src: task,
+            dst: self.src,
+            sport: task_port,
+            dport: self.sport,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// Reads the headers of an unfragmented IPv4 TCP/UDP packet without IP
+/// options; `None` for anything else (the kernel handles those).
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Packet> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    if ethertype != ETH_P_IP.to_be() {
+        return None;
+    }
+    let header: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+    if header[0] != 0x45 {
+        return None;
+    }
+    // More-fragments flag or a fragment offset: later fragments carry no ports.
+    if (header[6] & 0x3f) != 0 || header[7] != 0 {
+        return None;
+    }
+    let proto = header[9];
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let ports: [u16; 2] = ctx.load(L4).ok()?;
+    Some(Packet {
+        src: u32::from_ne_bytes([header[12], header[13], header[14], header[15]]),
+        dst: u32::from_ne_bytes([header[16], header[17], header[18], header[19]]),
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        len: ctx.len(),
+    })
+}
+
+#[inline(always)]
+fn config() -> Option<&'static NodeConfig> {
+    CONFIG.get(0)
+}
+
+/// murmur3's finaliser over the connection (or, for affinity, the client).
+#[inline(always)]
+fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+fn flow_hash(flow: &FlowKey) -> u32 {
+    let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
+    mix(mix(flow.src ^ mix(flow.dst)) ^ ports ^ u32::from(flow.proto))
+}
+
+/// A backend from a table, by the service's algorithm.
+#[inline(always)]
+fn pick(service: &ServiceValue, table_id: u32, flow: &FlowKey) -> Option<u32> {
+    // SAFETY: map values are only read here; the agent replaces whole values.
+    let table = unsafe { TABLES.get(&table_id) }?;
+    let count = table.count;
+    if count == 0 || count > TABLE_SIZE {
+        return None;
+    }
+    let slot = if service.algorithm == Algorithm::Random as u8 {
+        // SAFETY: a helper without arguments.
+        (unsafe { bpf_get_prandom_u32() }) % TABLE_SIZE
+    } else if service.algorithm == Algorithm::RoundRobin as u8 {
+        let counter = ROUND_ROBIN.get_ptr_mut(service.id)?;
+        // SAFETY: a per-CPU slot only this CPU touches while the program runs.
+        unsafe {
+            *counter = (*counter).wrapping_add(1);
+            *counter % count
+        }
+    } else if service.affinity != 0 {
+        mix(flow.src) % TABLE_SIZE
+    } else {
+        flow_hash(flow) % TABLE_SIZE
+    };
+    // The compiler turns `% TABLE_SIZE` into multiplications the verifier
+    // cannot bound; reading the slot back through memory keeps this check.
+    // SAFETY: a read of a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) };
+    if slot >= TABLE_SIZE {
+        return None;
+    }
+    table.slots.get(slot as usize).copied()
+}
+
+/// The backend of a connection: the one it already has while that backend
+/// is still in service, else the client's sticky one, else a fresh pick.
+/// A connection whose backend left gets a new one, whose kernel resets it.
+#[inline(always)]
+fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only: bool) -> Option<Backend> {
+    // SAFETY: read-only lookups of plain values.
+    if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
+        if let Some(b) = unsafe { BACKENDS.get(&ct.backend) } {
+            if ct.service == service.id && (!local_only || b.local != 0) {
+                return Some(*b);
+            }
+        }
+    }
+    let now = if service.affinity != 0 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
+    let sticky = AffinityKey {
+        service: table_id,
+        client: flow.src,
+    };
+    let mut chosen = None;
+    if service.affinity != 0 {
+        // SAFETY: read-only lookups of plain values.
+        if let Some(a) = unsafe { AFFINITY.get(&sticky) } {
+            let fresh = now.saturating_sub(a.last_ns) < u64::from(service.affinity_timeout_s) * NS_PER_S;
+            if fresh {
+                if let Some(b) = unsafe { BACKENDS.get(&a.backend) } {
+                    if !local_only || b.local != 0 {
+                        chosen = Some((a.backend, *b));
+                    }
+                }
+            }
+        }
+    }
+    let (id, backend) = match chosen {
+        Some(c) => c,
+        None => {
+            let id = pick(service, table_id, flow)?;
+            // SAFETY: as above.
+            let b = unsafe { BACKENDS.get(&id) }?;
+            if local_only && b.local == 0 {
+                return None;
+            }
+            (id, *b)
+        }
+    };
+    let _ = CONNTRACK.insert(
+        flow,
+        &Conntrack {
+            backend: id,
+            service: service.id,
+        },
+        0,
+    );
+    if service.affinity != 0 {
+        let _ = AFFINITY.insert(
+            &sticky,
+            &Affinity {
+                backend: id,
+                pad: 0,
+                last_ns: now,
+            },
+            0,
+        );
+    }
+    if let Some(stats) = STATS.get_ptr_mut(service.id) {
+        // SAFETY: a per-CPU slot only this CPU touches while the program runs.
+        unsafe { (*stats).connections += 1 };
+    }
+    Some(backend)
+}
+
+#[inline(always)]
+fn count(service: &ServiceValue, packet: &Packet) {
+    if let Some(stats) = STATS.get_ptr_mut(service.id) {
+        // SAFETY: a per-CPU slot only this CPU touches while the program runs.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(packet.len);
+        }
+    }
+}
+
+/// Rewrites one address and port of the packet, fixing the IPv4 and L4
+/// checksums (`address_at` is [`IP_SRC`] or [`IP_DST`]).
+#[inline(always)]
+fn rewrite(ctx: &mut TcContext, packet: &Packet, address_at: usize, old: (u32, u16), new: (u32, u16)) -> Option<()> {
+    let port_at = if address_at == IP_SRC { L4 } else { L4 + 2 };
+    let (csum_at, mangled) = if packet.proto == PROTO_TCP {
+        (TCP_CSUM, 0)
+    } else {
+        (UDP_CSUM, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled;
+    if old.0 != new.0 {
+        ctx.l4_csum_replace(csum_at, u64::from(old.0), u64::from(new.0), pseudo | 4)
+            .ok()?;
+        ctx.l3_csum_replace(IP_CSUM, u64::from(old.0), u64::from(new.0), 4)
+            .ok()?;
+        ctx.store(address_at, &new.0, 0).ok()?;
+    }
+    if old.1 != new.1 {
+        ctx.l4_csum_replace(csum_at, u64::from(old.1), u64::from(new.1), mangled | 2)
+            .ok()?;
+        ctx.store(port_at, &new.1, 0).ok()?;
+    }
+    Some(())
+}
+
+/// Sends the frame through the routing-mesh tunnel to `node`.
+#[inline(always)]
+fn into_tunnel(ctx: &mut TcContext, config: &NodeConfig, node: u32, vni: u32) -> i32 {
+    // SAFETY: an all-zero bpf_tunnel_key is a valid value.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = vni;
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node);
+    key.tunnel_ttl = 64;
+    // SAFETY: the key is a local of the size passed; skb is the program's own.
+    let set = unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0) };
+    if set != 0 {
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: a helper over plain integers.
+    unsafe { bpf_redirect(config.tunnel_ifindex, 0) as i32 }
+}
+
+/// Sends the packet out of `ifindex`, the kernel's FIB and neighbour table
+/// choosing the next hop and its MAC address.
+#[inline(always)]
+fn out_via(ifindex: u32) -> i32 {
+    // SAFETY: a null parameter block asks the kernel to do the route lookup.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// Hands a routed connection's packet to a task on this node, and records
+/// how its replies are put back.
+#[inline(always)]
+fn to_local_task(
+    ctx: &mut TcContext,
+    config: &NodeConfig,
+    packet: &Packet,
+    service: &ServiceValue,
+    task: u32,
+    entry: u32,
+) -> i32 {
+    let reverse = ReverseNat {
+        addr: packet.dst,
+        port: packet.dport,
+        pad: 0,
+        entry,
+        service: service.id,
+    };
+    if REVERSE_NAT
+        .insert(&packet.reply_flow(task, service.target_port), &reverse, 0)
+        .is_err()
+    {
+        return TC_ACT_SHOT as i32;
+    }
+    if rewrite(
+        ctx,
+        packet,
+        IP_DST,
+        (packet.dst, packet.dport),
+        (task, service.target_port),
+    )
+    .is_none()
+    {
+        return TC_ACT_SHOT as i32;
+    }
+    out_via(config.bridge_ifindex)
+}
+
+/// `tc_ingress`: the underlay link's ingress.
+#[inline(always)]
+pub fn ingress(ctx: &mut TcContext) -> i32 {
+    let Some(packet) = parse(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    let Some(config) = config() else {
+        return TC_ACT_OK as i32;
+    };
+    if packet.dst != config.addr {
+        return TC_ACT_OK as i32;
+    }
+    let key = ServiceKey {
+        addr: 0,
+        port: packet.dport,
+        proto: packet.proto,
+        pad: 0,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(service) = (unsafe { SERVICES.get(&key) }) else {
+        return TC_ACT_OK as i32;
+    };
+    let service = *service;
+    let Some(backend) = backend_for(&service, service.id, &packet.flow(), false) else {
+        // No task can take it: refuse rather than let the node answer for a port it does not serve.
+        return TC_ACT_SHOT as i32;
+    };
+    count(&service, &packet);
+    if backend.local != 0 {
+        to_local_task(ctx, config, &packet, &service, backend.local, 0)
+    } else {
+        into_tunnel(ctx, config, backend.node, VNI_REQUEST)
+    }
+}
+
+/// `tc_tunnel`: the routing-mesh tunnel device's ingress.
+#[inline(always)]
+pub fn tunnel(ctx: &mut TcContext) -> i32 {
+    // SAFETY: an all-zero bpf_tunnel_key is a valid value.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: the key is a local of the size passed.
+    let got = unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0) };
+    if got != 0 {
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: the kernel filled the IPv4 member (the device is IPv4).
+    let from = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be();
+    // SAFETY: read-only lookup.
+    if unsafe { NODES.get(&from) }.is_none() {
+        return TC_ACT_SHOT as i32;
+    }
+    let (Some(packet), Some(config)) = (parse(ctx), config()) else {
+        return TC_ACT_SHOT as i32;
+    };
+    if key.tunnel_id == VNI_REPLY {
+        // Our client's answer, already carrying our address: out it goes.
+        if packet.src != config.addr {
+            return TC_ACT_SHOT as i32;
+        }
+        return out_via(config.ifindex);
+    }
+    if key.tunnel_id != VNI_REQUEST {
+        return TC_ACT_SHOT as i32;
+    }
+    let service_key = ServiceKey {
+        addr: 0,
+        port: packet.dport,
+        proto: packet.proto,
+        pad: 0,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
+        return TC_ACT_SHOT as i32;
+    };
+    let service = *service;
+    let Some(backend) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
+        return TC_ACT_SHOT as i32;
+    };
+    count(&service, &packet);
+    to_local_task(ctx, config, &packet, &service, backend.local, from)
+}
+
+/// `tc_reply`: the task bridge's ingress (what tasks send toward the node).
+#[inline(always)]
+pub fn reply(ctx: &mut TcContext) -> i32 {
+    let Some(packet) = parse(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(reverse) = (unsafe { REVERSE_NAT.get(&packet.flow()) }) else {
+        return TC_ACT_OK as i32;
+    };
+    let reverse = *reverse;
+    let Some(config) = config() else {
+        return TC_ACT_OK as i32;
+    };
+    if rewrite(
+        ctx,
+        &packet,
+        IP_SRC,
+        (packet.src, packet.sport),
+        (reverse.addr, reverse.port),
+    )
+    .is_none()
+    {
+        return TC_ACT_SHOT as i32;
+    }
+    if let Some(stats) = STATS.get_ptr_mut(reverse.service) {
+        // SAFETY: a per-CPU slot only this CPU touches while the program runs.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(packet.len);
+        }
+    }
+    if reverse.entry == 0 {
+        out_via(config.ifindex)
+    } else {
+        into_tunnel(ctx, config, reverse.entry, VNI_REPLY)
+    }
+}
