@@ -64,7 +64,7 @@ pub const PROTO_UDP: u8 = 17;
 
 /// A published port (`addr` 0: any of this node's addresses).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     pub addr: u32,
     pub port: u16,
@@ -208,17 +208,26 @@ pub struct ServiceStats {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all are #[repr(C)] plain integers with explicit padding fields,
-    // so every byte pattern is a valid value.
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for Table {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for Conntrack {}
-    unsafe impl aya::Pod for ReverseNat {}
-    unsafe impl aya::Pod for AffinityKey {}
-    unsafe impl aya::Pod for Affinity {}
-    unsafe impl aya::Pod for NodeConfig {}
-    unsafe impl aya::Pod for ServiceStats {}
+
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: #[repr(C)] plain integers with explicit padding fields,
+            // so every byte pattern is a valid value.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        ServiceKey,
+        ServiceValue,
+        Table,
+        Backend,
+        FlowKey,
+        Conntrack,
+        ReverseNat,
+        AffinityKey,
+        Affinity,
+        NodeConfig,
+        ServiceStats
+    );
 }

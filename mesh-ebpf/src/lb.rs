@@ -52,6 +52,11 @@ static STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERV
 #[map(name = "LB_ROUND_ROBIN")]
 static ROUND_ROBIN: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
+#[allow(clippy::unnecessary_cast, reason = "u32 in the bpf target's bindings, i32 in the host's")]
+const OK: i32 = TC_ACT_OK as i32;
+#[allow(clippy::unnecessary_cast, reason = "u32 in the bpf target's bindings, i32 in the host's")]
+const SHOT: i32 = TC_ACT_SHOT as i32;
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IP_CSUM: usize = ETH_HLEN + 10;
@@ -153,7 +158,7 @@ fn flow_hash(flow: &FlowKey) -> u32 {
 #[inline(always)]
 fn pick(service: &ServiceValue, table_id: u32, flow: &FlowKey) -> Option<u32> {
     // SAFETY: map values are only read here; the agent replaces whole values.
-    let table = unsafe { TABLES.get(&table_id) }?;
+    let table = unsafe { TABLES.get(table_id) }?;
     let count = table.count;
     if count == 0 || count > TABLE_SIZE {
         return None;
@@ -190,7 +195,7 @@ fn pick(service: &ServiceValue, table_id: u32, flow: &FlowKey) -> Option<u32> {
 fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only: bool) -> Option<Backend> {
     // SAFETY: read-only lookups of plain values.
     if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
-        if let Some(b) = unsafe { BACKENDS.get(&ct.backend) } {
+        if let Some(b) = unsafe { BACKENDS.get(ct.backend) } {
             if ct.service == service.id && (!local_only || b.local != 0) {
                 return Some(*b);
             }
@@ -209,10 +214,10 @@ fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only
     let mut chosen = None;
     if service.affinity != 0 {
         // SAFETY: read-only lookups of plain values.
-        if let Some(a) = unsafe { AFFINITY.get(&sticky) } {
+        if let Some(a) = unsafe { AFFINITY.get(sticky) } {
             let fresh = now.saturating_sub(a.last_ns) < u64::from(service.affinity_timeout_s) * NS_PER_S;
             if fresh {
-                if let Some(b) = unsafe { BACKENDS.get(&a.backend) } {
+                if let Some(b) = unsafe { BACKENDS.get(a.backend) } {
                     if !local_only || b.local != 0 {
                         chosen = Some((a.backend, *b));
                     }
@@ -225,7 +230,7 @@ fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only
         None => {
             let id = pick(service, table_id, flow)?;
             // SAFETY: as above.
-            let b = unsafe { BACKENDS.get(&id) }?;
+            let b = unsafe { BACKENDS.get(id) }?;
             if local_only && b.local == 0 {
                 return None;
             }
@@ -234,7 +239,7 @@ fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only
     };
     let _ = CONNTRACK.insert(
         flow,
-        &Conntrack {
+        Conntrack {
             backend: id,
             service: service.id,
         },
@@ -242,8 +247,8 @@ fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only
     );
     if service.affinity != 0 {
         let _ = AFFINITY.insert(
-            &sticky,
-            &Affinity {
+            sticky,
+            Affinity {
                 backend: id,
                 pad: 0,
                 last_ns: now,
@@ -306,7 +311,7 @@ fn into_tunnel(ctx: &mut TcContext, config: &NodeConfig, node: u32, vni: u32) ->
     // SAFETY: the key is a local of the size passed; skb is the program's own.
     let set = unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0) };
     if set != 0 {
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     }
     // SAFETY: a helper over plain integers.
     unsafe { bpf_redirect(config.tunnel_ifindex, 0) as i32 }
@@ -339,10 +344,10 @@ fn to_local_task(
         service: service.id,
     };
     if REVERSE_NAT
-        .insert(&packet.reply_flow(task, service.target_port), &reverse, 0)
+        .insert(packet.reply_flow(task, service.target_port), reverse, 0)
         .is_err()
     {
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     }
     if rewrite(
         ctx,
@@ -353,7 +358,7 @@ fn to_local_task(
     )
     .is_none()
     {
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     }
     out_via(config.bridge_ifindex)
 }
@@ -362,13 +367,13 @@ fn to_local_task(
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
     let Some(packet) = parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return OK;
     };
     let Some(config) = config() else {
-        return TC_ACT_OK as i32;
+        return OK;
     };
     if packet.dst != config.addr {
-        return TC_ACT_OK as i32;
+        return OK;
     }
     let key = ServiceKey {
         addr: 0,
@@ -377,13 +382,13 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         pad: 0,
     };
     // SAFETY: read-only lookup of a plain value.
-    let Some(service) = (unsafe { SERVICES.get(&key) }) else {
-        return TC_ACT_OK as i32;
+    let Some(service) = (unsafe { SERVICES.get(key) }) else {
+        return OK;
     };
     let service = *service;
     let Some(backend) = backend_for(&service, service.id, &packet.flow(), false) else {
         // No task can take it: refuse rather than let the node answer for a port it does not serve.
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     };
     count(&service, &packet);
     if backend.local != 0 {
@@ -401,26 +406,26 @@ pub fn tunnel(ctx: &mut TcContext) -> i32 {
     // SAFETY: the key is a local of the size passed.
     let got = unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0) };
     if got != 0 {
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     }
     // SAFETY: the kernel filled the IPv4 member (the device is IPv4).
     let from = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be();
     // SAFETY: read-only lookup.
-    if unsafe { NODES.get(&from) }.is_none() {
-        return TC_ACT_SHOT as i32;
+    if unsafe { NODES.get(from) }.is_none() {
+        return SHOT;
     }
     let (Some(packet), Some(config)) = (parse(ctx), config()) else {
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     };
     if key.tunnel_id == VNI_REPLY {
         // Our client's answer, already carrying our address: out it goes.
         if packet.src != config.addr {
-            return TC_ACT_SHOT as i32;
+            return SHOT;
         }
         return out_via(config.ifindex);
     }
     if key.tunnel_id != VNI_REQUEST {
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     }
     let service_key = ServiceKey {
         addr: 0,
@@ -429,12 +434,12 @@ pub fn tunnel(ctx: &mut TcContext) -> i32 {
         pad: 0,
     };
     // SAFETY: read-only lookup of a plain value.
-    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
-        return TC_ACT_SHOT as i32;
+    let Some(service) = (unsafe { SERVICES.get(service_key) }) else {
+        return SHOT;
     };
     let service = *service;
     let Some(backend) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     };
     count(&service, &packet);
     to_local_task(ctx, config, &packet, &service, backend.local, from)
@@ -444,15 +449,15 @@ pub fn tunnel(ctx: &mut TcContext) -> i32 {
 #[inline(always)]
 pub fn reply(ctx: &mut TcContext) -> i32 {
     let Some(packet) = parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return OK;
     };
     // SAFETY: read-only lookup of a plain value.
-    let Some(reverse) = (unsafe { REVERSE_NAT.get(&packet.flow()) }) else {
-        return TC_ACT_OK as i32;
+    let Some(reverse) = (unsafe { REVERSE_NAT.get(packet.flow()) }) else {
+        return OK;
     };
     let reverse = *reverse;
     let Some(config) = config() else {
-        return TC_ACT_OK as i32;
+        return OK;
     };
     if rewrite(
         ctx,
@@ -463,7 +468,7 @@ pub fn reply(ctx: &mut TcContext) -> i32 {
     )
     .is_none()
     {
-        return TC_ACT_SHOT as i32;
+        return SHOT;
     }
     if let Some(stats) = STATS.get_ptr_mut(reverse.service) {
         // SAFETY: a per-CPU slot only this CPU touches while the program runs.

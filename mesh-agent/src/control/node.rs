@@ -42,6 +42,7 @@ use super::{
 };
 use crate::runtime::{
     logs,
+    mesh::RoutingMesh,
     network::{LocalNetwork, Subnet},
     overlay::Overlays,
     supervisor::Supervisor,
@@ -674,6 +675,8 @@ pub struct Member {
     network: Arc<LocalNetwork>,
     /// The overlay networks its tasks are on.
     overlays: Arc<Overlays>,
+    /// The node's published ports.
+    mesh: Arc<RoutingMesh>,
     stop: watch::Sender<bool>,
 }
 
@@ -699,6 +702,7 @@ impl Member {
         }
         .wireguard_key(&dek)?;
         let overlays = Arc::new(Overlays::new(Tunnel::new(wireguard_key, opts.wireguard)));
+        let mesh = RoutingMesh::new(network.clone());
         let tasks = Supervisor::new(opts.data_dir.join("tasks"), network.clone(), overlays.clone(), reports)
             .map_err(|e| ApiError::internal(format!("preparing the task directory: {e}")))?;
         let member = Arc::new(Member {
@@ -715,6 +719,7 @@ impl Member {
             tasks,
             network,
             overlays,
+            mesh,
             stop,
         });
         if role == Role::Manager {
@@ -796,6 +801,7 @@ impl Member {
     /// Stops tasks, removes the node bridge, NAT and overlays once no task needs
     /// them, and stops the managers' side.
     async fn stop(&self) {
+        self.mesh.remove_all().await;
         if self.tasks.stop_all(TASK_STOP_LIMIT).await {
             self.network.remove().await;
             self.overlays.remove_all().await;
@@ -1003,7 +1009,11 @@ impl Member {
                     known = a.digest.clone();
                     let overlays = self.overlays.apply(&a).await;
                     self.tasks.apply(&a.tasks, &a.retained);
-                    if overlays.is_ok() {
+                    let mesh = self.mesh.apply(&a).await;
+                    if let Err(e) = &mesh {
+                        log::warn!("routing mesh: {e}");
+                    }
+                    if overlays.is_ok() && mesh.is_ok() {
                         continue;
                     }
                     // Ask again after the pause, whether or not anything changed.

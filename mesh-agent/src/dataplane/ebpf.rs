@@ -160,6 +160,11 @@ impl EbpfDataplane {
         Ok(Self { ebpf })
     }
 
+    /// Takes map `name` out of the object, for a typed owner (dataplane/lb.rs).
+    pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
+        self.ebpf.take_map(name)
+    }
+
     /// Names of every program in the object.
     pub fn program_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_owned()).collect();

@@ -4,6 +4,8 @@
 
 pub mod ebpf;
 pub mod genl;
+pub mod lb;
+pub mod maglev;
 pub mod netlink;
 pub mod nftables;
 pub mod vxlan;

@@ -173,6 +173,21 @@ impl Netlink {
         .await
     }
 
+    /// `ip link add NAME type vxlan external dstport PORT`: a metadata-mode
+    /// device whose remote end eBPF sets per packet (bpf_skb_set_tunnel_key).
+    pub async fn add_vxlan_external(&self, name: &str, port: u16) -> Result<(), NetlinkError> {
+        let message = LinkVxlan::new(name, 0)
+            .port(port)
+            .learning(false)
+            .collect_metadata(true)
+            .build();
+        self.add_link(
+            message,
+            format!("ip link add {name} type vxlan external dstport {port}"),
+        )
+        .await
+    }
+
     /// `ip link set NAME mtu MTU`
     pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetlinkError> {
         let index = self.link_index(name).await?;

@@ -13,6 +13,7 @@
 pub mod health;
 pub mod ipsec;
 pub mod logs;
+pub mod mesh;
 pub mod netns;
 pub mod network;
 pub mod overlay;

@@ -131,6 +131,9 @@ pub struct LocalNetwork {
     state: Mutex<(Ipam, BTreeMap<u64, Attachment>)>,
     /// Whether this agent has (re)written the masquerade rule yet.
     nat_ready: AtomicBool,
+    /// Bumped whenever a task is attached or detached (the routing mesh
+    /// follows the local tasks' addresses).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl LocalNetwork {
@@ -140,7 +143,32 @@ impl LocalNetwork {
             subnet,
             state: Mutex::new((Ipam::new(subnet), BTreeMap::new())),
             nat_ready: AtomicBool::new(false),
+            changed: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Each attached task's address on the bridge.
+    pub fn addresses(&self) -> BTreeMap<u64, Ipv4Addr> {
+        let state = self.state.lock().expect("reason: never poisoned");
+        state.1.iter().map(|(task, a)| (*task, a.address)).collect()
+    }
+
+    /// Wakes when a task is attached or detached.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Creates the bridge (and enables forwarding) if it is not there yet.
+    pub async fn ensure_bridge(&self) -> Result<(), NetworkError> {
+        let subnet = self.subnet;
+        tokio::task::spawn_blocking(move || Netlink::run(|nl| async move { ensure_bridge(&nl, subnet).await }))
+            .await
+            .map_err(|e| NetworkError::Worker(e.to_string()))??;
+        Ok(())
     }
 
     /// The masquerade rule for this network's tasks.
@@ -204,6 +232,8 @@ impl LocalNetwork {
                     self.nat_ready.store(true, Ordering::SeqCst);
                 }
                 state.1.insert(task, attachment.clone());
+                drop(state);
+                self.bump();
                 Ok(attachment)
             }
             Err(e) => {
@@ -242,6 +272,8 @@ impl LocalNetwork {
             )));
         }
         state.1.insert(task, attachment.clone());
+        drop(state);
+        self.bump();
         Ok(attachment)
     }
 
@@ -253,6 +285,7 @@ impl LocalNetwork {
             state.0.release(a.address);
             a
         };
+        self.bump();
         let name = attachment.host_link.clone();
         let deleted = tokio::task::spawn_blocking(move || {
             Netlink::run(|nl| async move {

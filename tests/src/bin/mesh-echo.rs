@@ -1,7 +1,12 @@
-//! A TCP and UDP echo server for the overlay tests: `mesh-echo PORT`
-//! answers every TCP connection and every UDP datagram on PORT (all
-//! addresses) with what it received, prefixed by this task's hostname so
-//! a test can tell which task answered.
+//! A TCP and UDP echo server for the overlay and routing-mesh tests:
+//! `mesh-echo PORT` answers every TCP connection and every UDP datagram on
+//! PORT (all addresses) with what it received, prefixed by this task's
+//! hostname so a test can tell which task answered.
+//!
+//! `mesh-echo --http PORT` is a minimal HTTP/1.0 server instead: every
+//! request gets `200 OK` with the body `HOSTNAME CLIENT-ADDRESS`, and an
+//! access-log line `access CLIENT-ADDRESS` goes to standard output (the
+//! task's log), as a web server's would.
 
 use std::{
     io::{Read, Write},
@@ -9,14 +14,23 @@ use std::{
 };
 
 fn main() {
-    let port: u16 = match std::env::args().nth(1).and_then(|p| p.parse().ok()) {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let http = args.first().is_some_and(|a| a == "--http");
+    if http {
+        args.remove(0);
+    }
+    let port: u16 = match args.first().and_then(|p| p.parse().ok()) {
         Some(p) => p,
         None => {
-            eprintln!("usage: mesh-echo PORT");
+            eprintln!("usage: mesh-echo [--http] PORT");
             std::process::exit(2);
         }
     };
     let name = std::env::var("HOSTNAME").unwrap_or_default();
+    if http {
+        serve_http(port, &name);
+        return;
+    }
     let udp = UdpSocket::bind(("0.0.0.0", port)).expect("bind the UDP port");
     let tcp = TcpListener::bind(("0.0.0.0", port)).expect("bind the TCP port");
     println!("mesh-echo {name} listening on {port}");
@@ -54,4 +68,37 @@ fn echo(mut stream: TcpStream, name: &str) {
             }
         }
     }
+}
+
+/// The HTTP mode: one response per connection, then close.
+fn serve_http(port: u16, name: &str) {
+    let tcp = TcpListener::bind(("0.0.0.0", port)).expect("bind the TCP port");
+    println!("mesh-echo {name} serving HTTP on {port}");
+    for stream in tcp.incoming().flatten() {
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let _ = answer_http(stream, &name);
+        });
+    }
+}
+
+fn answer_http(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    let peer = stream.peer_addr()?.ip();
+    // Read the request head (up to the blank line); the body is not used.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    println!("access {peer}");
+    let body = format!("{name} {peer}\n");
+    let response = format!(
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())
 }

@@ -1,0 +1,216 @@
+//! The routing mesh's maps in the kernel (the layout is `mesh_common::lb`):
+//! what they should hold as plain data ([`LbState`]), the changes from one
+//! state to the next in the order that keeps every service whole
+//! ([`plan`], pure), and writing them through aya ([`LbMaps`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use mesh_common::lb::{
+    Backend, NodeConfig, ServiceKey, ServiceStats, ServiceValue, Table, BACKENDS_MAP, CONFIG_MAP, NODES_MAP,
+    SERVICES_MAP, STATS_MAP, TABLES_MAP,
+};
+
+use super::ebpf::{EbpfDataplane, EbpfError};
+
+/// Everything the maps hold for this node (conntrack, affinity and reverse
+/// NAT are the programs' own).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbState {
+    /// Service ports.
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// Tables by ID: the backend count and `TABLE_SIZE` slots.
+    pub tables: BTreeMap<u32, (u32, Vec<u32>)>,
+    /// Backends by ID.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Other nodes' underlay addresses (as on the wire).
+    pub nodes: BTreeSet<u32>,
+}
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Backend(u32, Backend),
+    Table(u32, u32, Vec<u32>),
+    Service(ServiceKey, ServiceValue),
+    Node(u32),
+    RemoveService(ServiceKey),
+    RemoveTable(u32),
+    RemoveBackend(u32),
+    RemoveNode(u32),
+}
+
+/// The writes that take the maps from `from` to `to`: new backends first,
+/// then whole tables (each swapped in one update), then service entries;
+/// removals after, in the reverse order, so a lookup never lands on an ID
+/// that is not there yet or any more.
+pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
+    let mut out = Vec::new();
+    out.extend(to.nodes.difference(&from.nodes).map(|n| Change::Node(*n)));
+    for (id, b) in &to.backends {
+        if from.backends.get(id) != Some(b) {
+            out.push(Change::Backend(*id, *b));
+        }
+    }
+    for (id, t) in &to.tables {
+        if from.tables.get(id) != Some(t) {
+            out.push(Change::Table(*id, t.0, t.1.clone()));
+        }
+    }
+    for (k, v) in &to.services {
+        if from.services.get(k) != Some(v) {
+            out.push(Change::Service(*k, *v));
+        }
+    }
+    out.extend(
+        from.services
+            .keys()
+            .filter(|k| !to.services.contains_key(k))
+            .map(|k| Change::RemoveService(*k)),
+    );
+    out.extend(
+        from.tables
+            .keys()
+            .filter(|k| !to.tables.contains_key(k))
+            .map(|k| Change::RemoveTable(*k)),
+    );
+    out.extend(
+        from.backends
+            .keys()
+            .filter(|k| !to.backends.contains_key(k))
+            .map(|k| Change::RemoveBackend(*k)),
+    );
+    out.extend(from.nodes.difference(&to.nodes).map(|n| Change::RemoveNode(*n)));
+    out
+}
+
+fn map_error(name: &'static str, e: impl std::fmt::Display) -> EbpfError {
+    EbpfError::Map {
+        name,
+        reason: e.to_string(),
+    }
+}
+
+fn take(dataplane: &mut EbpfDataplane, name: &'static str) -> Result<Map, EbpfError> {
+    dataplane
+        .take_map(name)
+        .ok_or_else(|| map_error(name, "not in the mesh-ebpf object"))
+}
+
+/// The maps the agent writes.
+pub struct LbMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    tables: HashMap<MapData, u32, Table>,
+    backends: HashMap<MapData, u32, Backend>,
+    nodes: HashMap<MapData, u32, u32>,
+    config: Array<MapData, NodeConfig>,
+    stats: PerCpuArray<MapData, ServiceStats>,
+}
+
+impl LbMaps {
+    /// Takes the routing mesh's maps out of the loaded object.
+    pub fn take(dataplane: &mut EbpfDataplane) -> Result<LbMaps, EbpfError> {
+        Ok(LbMaps {
+            services: HashMap::try_from(take(dataplane, SERVICES_MAP)?).map_err(|e| map_error(SERVICES_MAP, e))?,
+            tables: HashMap::try_from(take(dataplane, TABLES_MAP)?).map_err(|e| map_error(TABLES_MAP, e))?,
+            backends: HashMap::try_from(take(dataplane, BACKENDS_MAP)?).map_err(|e| map_error(BACKENDS_MAP, e))?,
+            nodes: HashMap::try_from(take(dataplane, NODES_MAP)?).map_err(|e| map_error(NODES_MAP, e))?,
+            config: Array::try_from(take(dataplane, CONFIG_MAP)?).map_err(|e| map_error(CONFIG_MAP, e))?,
+            stats: PerCpuArray::try_from(take(dataplane, STATS_MAP)?).map_err(|e| map_error(STATS_MAP, e))?,
+        })
+    }
+
+    /// Writes this node's addresses and links.
+    pub fn set_config(&mut self, config: NodeConfig) -> Result<(), EbpfError> {
+        self.config.set(0, config, 0).map_err(|e| map_error(CONFIG_MAP, e))
+    }
+
+    /// Applies `changes` in order; stops at the first failure.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<(), EbpfError> {
+        for change in changes {
+            match change {
+                Change::Backend(id, b) => self.backends.insert(id, b, 0).map_err(|e| map_error(BACKENDS_MAP, e))?,
+                Change::Table(id, count, slots) => {
+                    let mut table = Table {
+                        count: *count,
+                        ..Table::default()
+                    };
+                    for (slot, value) in table.slots.iter_mut().zip(slots) {
+                        *slot = *value;
+                    }
+                    self.tables.insert(id, table, 0).map_err(|e| map_error(TABLES_MAP, e))?;
+                }
+                Change::Service(k, v) => self.services.insert(k, v, 0).map_err(|e| map_error(SERVICES_MAP, e))?,
+                Change::Node(n) => self.nodes.insert(n, 1, 0).map_err(|e| map_error(NODES_MAP, e))?,
+                Change::RemoveService(k) => ignore_missing(self.services.remove(k), SERVICES_MAP)?,
+                Change::RemoveTable(id) => ignore_missing(self.tables.remove(id), TABLES_MAP)?,
+                Change::RemoveBackend(id) => ignore_missing(self.backends.remove(id), BACKENDS_MAP)?,
+                Change::RemoveNode(n) => ignore_missing(self.nodes.remove(n), NODES_MAP)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A service port's counters, summed over every CPU.
+    pub fn stats(&self, id: u32) -> Result<ServiceStats, EbpfError> {
+        let per_cpu = self.stats.get(&id, 0).map_err(|e| map_error(STATS_MAP, e))?;
+        Ok(per_cpu.iter().fold(ServiceStats::default(), |mut sum, s| {
+            sum.packets += s.packets;
+            sum.bytes += s.bytes;
+            sum.connections += s.connections;
+            sum
+        }))
+    }
+}
+
+fn ignore_missing(result: Result<(), aya::maps::MapError>, name: &'static str) -> Result<(), EbpfError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(map_error(name, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(backends: &[u32]) -> LbState {
+        let mut s = LbState::default();
+        let key = ServiceKey {
+            addr: 0,
+            port: 8080u16.to_be(),
+            proto: 6,
+            pad: 0,
+        };
+        s.services.insert(
+            key,
+            ServiceValue {
+                id: 1,
+                target_port: 80u16.to_be(),
+                ..Default::default()
+            },
+        );
+        s.tables.insert(1, (backends.len() as u32, backends.to_vec()));
+        for b in backends {
+            s.backends.insert(*b, Backend { node: 1, local: 0 });
+        }
+        s
+    }
+
+    #[test]
+    fn backends_come_before_the_table_and_leave_after_it() {
+        let changes = plan(&state(&[1, 2]), &state(&[2, 3]));
+        assert_eq!(
+            changes,
+            vec![
+                Change::Backend(3, Backend { node: 1, local: 0 }),
+                Change::Table(1, 2, vec![2, 3]),
+                Change::RemoveBackend(1),
+            ]
+        );
+        assert!(plan(&state(&[1]), &state(&[1])).is_empty());
+        let gone = plan(&state(&[1]), &LbState::default());
+        assert!(matches!(gone[0], Change::RemoveService(_)), "{gone:?}");
+        assert_eq!(gone.last(), Some(&Change::RemoveBackend(1)));
+    }
+}

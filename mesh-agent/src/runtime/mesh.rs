@@ -1,0 +1,490 @@
+//! The node's routing mesh: its published ports answered by the eBPF
+//! programs (mesh-ebpf's `lb` module), with the maps kept in step with the
+//! assignments and with the local tasks' addresses.
+//!
+//! Kernel objects, made when the node first answers a published port and
+//! removed when it answers none or leaves:
+//! - `tc_ingress` on the underlay link (the one holding the data-path
+//!   address), `tc_reply` on the task bridge, `tc_tunnel` on
+//!   [`TUNNEL_DEVICE`], a metadata-mode VXLAN device on the routing-mesh
+//!   port ([`tunnel_port`]) that carries connections to the backend's
+//!   node and replies back to the node the client reached.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
+
+use mesh_common::lb::{
+    Algorithm, Backend, NodeConfig, ServiceKey, ServiceValue, LOCAL_TABLE, MAX_SERVICES, TABLE_SIZE,
+};
+
+use super::network::{LocalNetwork, BRIDGE};
+use crate::{
+    control::{
+        api::Assignments,
+        mesh::MeshAssignment,
+        service::{LbAlgorithm, Protocol},
+    },
+    dataplane::{
+        ebpf::{preferred_tc_api, EbpfDataplane, TcAttachment, TcDirection},
+        lb::{plan, LbMaps, LbState},
+        maglev,
+        netlink::{Netlink, NetlinkError},
+    },
+};
+
+/// The routing-mesh tunnel device.
+pub const TUNNEL_DEVICE: &str = "mesh-lb";
+
+/// The routing-mesh tunnel's UDP port: the data-path port + 3 (+1 is the
+/// IPsec overlays', and 4791 = 4789 + 2 is RoCEv2's).
+pub fn tunnel_port(data_path_port: u16) -> u16 {
+    data_path_port.wrapping_add(3)
+}
+
+/// Stable small IDs: service ports get the lowest free one (they index
+/// the per-CPU stats array), backends a fresh one each (so a connection
+/// tracked to a backend that left never lands on another task).
+#[derive(Debug, Default)]
+pub struct Ids {
+    services: BTreeMap<(u64, u16, u8), u32>,
+    backends: BTreeMap<u64, u32>,
+    next_backend: u32,
+}
+
+impl Ids {
+    fn service(&mut self, key: (u64, u16, u8)) -> Option<u32> {
+        if let Some(id) = self.services.get(&key) {
+            return Some(*id);
+        }
+        let used: BTreeSet<u32> = self.services.values().copied().collect();
+        let id = (1..MAX_SERVICES).find(|i| !used.contains(i))?;
+        self.services.insert(key, id);
+        Some(id)
+    }
+
+    fn backend(&mut self, task: u64) -> u32 {
+        let next = &mut self.next_backend;
+        *self.backends.entry(task).or_insert_with(|| {
+            *next = next.wrapping_add(1).max(1);
+            *next
+        })
+    }
+
+    /// Forgets the IDs `state` no longer uses.
+    fn retain(&mut self, services: &BTreeSet<(u64, u16, u8)>, tasks: &BTreeSet<u64>) {
+        self.services.retain(|k, _| services.contains(k));
+        self.backends.retain(|t, _| tasks.contains(t));
+    }
+}
+
+fn wire_addr(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+fn proto(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => mesh_common::lb::PROTO_TCP,
+        Protocol::Udp => mesh_common::lb::PROTO_UDP,
+    }
+}
+
+fn algorithm(a: LbAlgorithm) -> Algorithm {
+    match a {
+        LbAlgorithm::Maglev => Algorithm::Maglev,
+        LbAlgorithm::Random => Algorithm::Random,
+        LbAlgorithm::RoundRobin => Algorithm::RoundRobin,
+    }
+}
+
+/// What the maps should hold (pure but for the ID bookkeeping): for every
+/// published port, its table over all of the service's running tasks and
+/// its table over the ones running here with an address on the bridge.
+/// A task the cluster calls running but that has no address here yet (or
+/// any more) is left out of the local table and, if it is ours, of both.
+pub fn wanted(mesh: &MeshAssignment, local: &BTreeMap<u64, Ipv4Addr>, ids: &mut Ids) -> LbState {
+    let mut state = LbState::default();
+    let mut service_keys = BTreeSet::new();
+    let mut tasks = BTreeSet::new();
+    for n in &mesh.peers {
+        if let Ok(a) = n.parse::<Ipv4Addr>() {
+            state.nodes.insert(wire_addr(a));
+        }
+    }
+    for service in &mesh.services {
+        // (task ID, backend) in task ID order, the order Maglev hashes.
+        let mut all = Vec::new();
+        for b in &service.backends {
+            let Ok(node) = b.node_addr.parse::<Ipv4Addr>() else {
+                continue;
+            };
+            let local_addr = match (b.local, local.get(&b.task)) {
+                (true, Some(a)) => wire_addr(*a),
+                (true, None) => continue,
+                (false, _) => 0,
+            };
+            all.push((
+                b.task,
+                Backend {
+                    node: wire_addr(node),
+                    local: local_addr,
+                },
+            ));
+        }
+        let here: Vec<(u64, Backend)> = all.iter().copied().filter(|(_, b)| b.local != 0).collect();
+        for port in &service.ports {
+            let key = (service.service, port.published, proto(port.protocol));
+            let Some(id) = ids.service(key) else {
+                log::warn!(
+                    "the routing mesh holds {MAX_SERVICES} service ports already; {}:{} is not served",
+                    service.name,
+                    port.published
+                );
+                continue;
+            };
+            service_keys.insert(key);
+            for (set, table_id) in [(&all, id), (&here, id | LOCAL_TABLE)] {
+                let names: Vec<u64> = set.iter().map(|(t, _)| *t).collect();
+                let indices = match service.lb.algorithm {
+                    LbAlgorithm::Maglev => maglev::table(&names, TABLE_SIZE),
+                    _ => maglev::spread(names.len(), TABLE_SIZE),
+                };
+                let mut slots = Vec::with_capacity(indices.len());
+                for i in indices {
+                    let (task, backend) = set[i as usize];
+                    let bid = ids.backend(task);
+                    tasks.insert(task);
+                    state.backends.insert(bid, backend);
+                    slots.push(bid);
+                }
+                state.tables.insert(table_id, (set.len() as u32, slots));
+            }
+            state.services.insert(
+                ServiceKey {
+                    addr: 0,
+                    port: port.published.to_be(),
+                    proto: proto(port.protocol),
+                    pad: 0,
+                },
+                ServiceValue {
+                    id,
+                    target_port: port.target.to_be(),
+                    algorithm: algorithm(service.lb.algorithm) as u8,
+                    affinity: u8::from(service.lb.client_affinity),
+                    affinity_timeout_s: service.lb.affinity_timeout_s,
+                },
+            );
+        }
+    }
+    ids.retain(&service_keys, &tasks);
+    state
+}
+
+/// Errors setting the routing mesh up.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Ebpf(#[from] crate::dataplane::ebpf::EbpfError),
+    #[error(transparent)]
+    Network(#[from] super::network::NetworkError),
+    #[error("the data-path address {0} is on no link of this node")]
+    NoUnderlay(Ipv4Addr),
+    #[error("the data-path address {0:?} is not an IPv4 address (the routing mesh is IPv4 for now)")]
+    NotIpv4(String),
+}
+
+/// The programs, their attachments and the maps while the node serves
+/// published ports.
+struct Active {
+    dataplane: EbpfDataplane,
+    maps: LbMaps,
+    attachments: Vec<(&'static str, TcAttachment)>,
+    applied: LbState,
+    vtep: Ipv4Addr,
+    port: u16,
+}
+
+#[derive(Default)]
+struct Inner {
+    active: Option<Active>,
+    ids: Ids,
+    /// The latest assignment, with its data-path address and port.
+    assignment: Option<(MeshAssignment, String, u16)>,
+}
+
+/// The node's routing mesh.
+pub struct RoutingMesh {
+    network: Arc<LocalNetwork>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl RoutingMesh {
+    /// A mesh over the node's task bridge; nothing is made before the
+    /// first published port. Follows the local tasks' addresses.
+    pub fn new(network: Arc<LocalNetwork>) -> Arc<RoutingMesh> {
+        let mesh = Arc::new(RoutingMesh {
+            network: network.clone(),
+            inner: Arc::default(),
+        });
+        let weak = Arc::downgrade(&mesh);
+        let mut changes = network.subscribe();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(mesh) = weak.upgrade() else { return };
+                if let Err(e) = mesh.sync().await {
+                    log::warn!("routing mesh: {e}");
+                }
+            }
+        });
+        mesh
+    }
+
+    /// Follows new assignments.
+    pub async fn apply(&self, assignments: &Assignments) -> Result<(), MeshError> {
+        {
+            let mut inner = self.inner.lock().expect("reason: never poisoned");
+            inner.assignment = assignments
+                .mesh
+                .clone()
+                .map(|m| (m, assignments.vtep.clone(), assignments.data_path_port));
+        }
+        self.sync().await
+    }
+
+    /// Removes everything (the node leaves the swarm).
+    pub async fn remove_all(&self) {
+        {
+            let mut inner = self.inner.lock().expect("reason: never poisoned");
+            inner.assignment = None;
+        }
+        if let Err(e) = self.sync().await {
+            log::warn!("removing the routing mesh: {e}");
+        }
+    }
+
+    /// Brings the kernel in line with the latest assignment and the local
+    /// tasks' addresses.
+    async fn sync(&self) -> Result<(), MeshError> {
+        let wants_mesh = self.inner.lock().expect("reason: never poisoned").assignment.is_some();
+        if wants_mesh {
+            self.network.ensure_bridge().await?;
+        }
+        let local = self.network.addresses();
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut inner = inner.lock().expect("reason: never poisoned");
+            sync_blocking(&mut inner, &local)
+        })
+        .await
+        .map_err(|e| MeshError::Network(super::network::NetworkError::Worker(e.to_string())))?
+    }
+}
+
+fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>) -> Result<(), MeshError> {
+    let Some((mesh, vtep, data_path_port)) = inner.assignment.clone() else {
+        if let Some(active) = inner.active.take() {
+            teardown(active);
+        }
+        return Ok(());
+    };
+    let vtep: Ipv4Addr = vtep.parse().map_err(|_| MeshError::NotIpv4(vtep.clone()))?;
+    let port = tunnel_port(data_path_port);
+    if inner.active.as_ref().is_some_and(|a| a.vtep != vtep || a.port != port) {
+        if let Some(active) = inner.active.take() {
+            teardown(active);
+        }
+    }
+    if inner.active.is_none() {
+        inner.active = Some(setup(vtep, port)?);
+    }
+    let wanted = wanted(&mesh, local, &mut inner.ids);
+    let active = inner.active.as_mut().expect("reason: set up above");
+    let changes = plan(&active.applied, &wanted);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    match active.maps.apply(&changes) {
+        Ok(()) => {
+            active.applied = wanted;
+            Ok(())
+        }
+        Err(e) => {
+            // What was written is unknown: the next sync rewrites everything.
+            active.applied = LbState::default();
+            Err(e.into())
+        }
+    }
+}
+
+/// Makes the tunnel device, loads the programs and attaches them.
+fn setup(vtep: Ipv4Addr, port: u16) -> Result<Active, MeshError> {
+    let (underlay, underlay_index, tunnel_index, bridge_index) = Netlink::run(|nl| async move {
+        let underlay_index = nl
+            .link_with_address(vtep.into())
+            .await?
+            .ok_or(NetlinkError::NoSuchLink(vtep.to_string()))?;
+        let underlay = nl
+            .links()
+            .await?
+            .into_iter()
+            .find(|l| l.index == underlay_index)
+            .map(|l| l.name)
+            .ok_or(NetlinkError::NoSuchLink(vtep.to_string()))?;
+        // A device a previous agent left may have another port: make it anew.
+        match nl.delete_link(TUNNEL_DEVICE).await {
+            Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
+            Err(e) => return Err(e),
+        }
+        nl.add_vxlan_external(TUNNEL_DEVICE, port).await?;
+        nl.set_up(TUNNEL_DEVICE).await?;
+        let tunnel_index = nl.link_index(TUNNEL_DEVICE).await?;
+        let bridge_index = nl.link_index(BRIDGE).await?;
+        Ok((underlay, underlay_index, tunnel_index, bridge_index))
+    })
+    .map_err(|e| match e {
+        NetlinkError::NoSuchLink(_) => MeshError::NoUnderlay(vtep),
+        other => MeshError::Netlink(other),
+    })?;
+    let mut dataplane = EbpfDataplane::load()?;
+    let mut maps = LbMaps::take(&mut dataplane)?;
+    maps.set_config(NodeConfig {
+        addr: wire_addr(vtep),
+        ifindex: underlay_index,
+        tunnel_ifindex: tunnel_index,
+        bridge_ifindex: bridge_index,
+    })?;
+    let api = preferred_tc_api();
+    let mut attachments = Vec::new();
+    for (program, link) in [
+        (PROGRAM_INGRESS, underlay.as_str()),
+        (PROGRAM_TUNNEL, TUNNEL_DEVICE),
+        (PROGRAM_REPLY, BRIDGE),
+    ] {
+        match dataplane.attach_tc(program, link, TcDirection::Ingress, api) {
+            Ok(a) => attachments.push((program, a)),
+            Err(e) => {
+                for (p, a) in attachments {
+                    let _ = dataplane.detach_tc(p, a);
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    log::info!("routing mesh: serving published ports on {underlay} ({vtep}), tunnel {TUNNEL_DEVICE} on port {port}");
+    Ok(Active {
+        dataplane,
+        maps,
+        attachments,
+        applied: LbState::default(),
+        vtep,
+        port,
+    })
+}
+
+fn teardown(mut active: Active) {
+    for (program, attachment) in active.attachments.drain(..) {
+        if let Err(e) = active.dataplane.detach_tc(program, attachment) {
+            log::warn!("routing mesh: {e}");
+        }
+    }
+    let removed = Netlink::run(|nl| async move {
+        match nl.delete_link(TUNNEL_DEVICE).await {
+            Ok(()) | Err(NetlinkError::NoSuchLink(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    });
+    if let Err(e) = removed {
+        log::warn!("routing mesh: removing {TUNNEL_DEVICE}: {e}");
+    }
+    log::info!("routing mesh: no published port left; programs detached");
+}
+
+/// Program names in the mesh-ebpf object.
+pub const PROGRAM_INGRESS: &str = "tc_ingress";
+pub const PROGRAM_TUNNEL: &str = "tc_tunnel";
+pub const PROGRAM_REPLY: &str = "tc_reply";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{
+        mesh::{MeshBackend, MeshService},
+        service::{LbOptions, PortPublish},
+    };
+
+    fn backend(task: u64, node: &str, local: bool) -> MeshBackend {
+        MeshBackend {
+            task,
+            node_addr: node.into(),
+            local,
+        }
+    }
+
+    fn assignment(backends: Vec<MeshBackend>) -> MeshAssignment {
+        MeshAssignment {
+            services: vec![MeshService {
+                service: 7,
+                name: "web".into(),
+                ports: vec![PortPublish::parse("8080:80").unwrap()],
+                lb: LbOptions::default(),
+                backends,
+            }],
+            peers: vec!["10.0.0.2".into()],
+        }
+    }
+
+    #[test]
+    fn a_published_port_has_a_whole_table_and_a_local_one() {
+        let mut ids = Ids::default();
+        let local = BTreeMap::from([(1, Ipv4Addr::new(172, 18, 0, 2))]);
+        let s = wanted(
+            &assignment(vec![
+                backend(1, "10.0.0.1", true),
+                backend(2, "10.0.0.2", false),
+                // Running by the store, not attached here (yet): left out.
+                backend(3, "10.0.0.1", true),
+            ]),
+            &local,
+            &mut ids,
+        );
+        let (key, service) = s.services.iter().next().unwrap();
+        assert_eq!((u16::from_be(key.port), u16::from_be(service.target_port)), (8080, 80));
+        assert_eq!(s.tables[&service.id].0, 2);
+        assert_eq!(s.tables[&(service.id | LOCAL_TABLE)].0, 1);
+        let slots = &s.tables[&service.id].1;
+        assert_eq!(slots.len(), TABLE_SIZE as usize);
+        let locals: Vec<&Backend> = s.backends.values().filter(|b| b.local != 0).collect();
+        assert_eq!(locals.len(), 1);
+        assert_eq!(locals[0].local, wire_addr(Ipv4Addr::new(172, 18, 0, 2)));
+        assert_eq!(s.nodes.len(), 1);
+    }
+
+    #[test]
+    fn ids_stay_while_used_and_backends_never_come_back() {
+        let mut ids = Ids::default();
+        let one = wanted(
+            &assignment(vec![backend(2, "10.0.0.2", false)]),
+            &BTreeMap::new(),
+            &mut ids,
+        );
+        let again = wanted(
+            &assignment(vec![backend(2, "10.0.0.2", false)]),
+            &BTreeMap::new(),
+            &mut ids,
+        );
+        assert_eq!(one, again, "the same assignment gives the same maps");
+        let other = wanted(
+            &assignment(vec![backend(4, "10.0.0.2", false)]),
+            &BTreeMap::new(),
+            &mut ids,
+        );
+        assert!(other.backends.keys().all(|id| !one.backends.contains_key(id)));
+        let none = wanted(&assignment(vec![]), &BTreeMap::new(), &mut ids);
+        let id = none.services.values().next().unwrap().id;
+        assert_eq!(none.tables[&id].0, 0, "no task: an empty table, so the port is refused");
+    }
+}

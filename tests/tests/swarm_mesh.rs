@@ -1,0 +1,194 @@
+//! Kernel lane: the routing mesh (issue 6). A 3-replica HTTP service
+//! published on 8080 answers on every node's address, every task serves
+//! some of the requests, the tasks see the client's own address, a UDP
+//! port works the same, and the programs and tunnel device go away with
+//! the last published port.
+//!
+//! Hosts 0-2 form the swarm; host 3's agent never joins: it is the client,
+//! outside the cluster, on the same underlay.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use mesh_agent::runtime::mesh::TUNNEL_DEVICE;
+use mesh_tests::{
+    cluster::host_address,
+    overlay::{has_link, running},
+    require_root,
+    swarm::{binary, Swarm},
+};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+const CLIENT: usize = 3;
+const REQUESTS_PER_NODE: usize = 30;
+
+/// One HTTP request to `to`; the body names the task and the address it
+/// saw the connection come from.
+fn http_get(to: SocketAddr) -> Result<(String, String), String> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| format!("{to}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: mesh\r\n\r\n")
+        .map_err(|e| format!("{to}: {e}"))?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| format!("{to}: {e}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or(format!("{to}: no HTTP response: {response:?}"))?;
+    if !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("{to}: {head}"));
+    }
+    let (task, seen) = body.trim().split_once(' ').ok_or(format!("{to}: body {body:?}"))?;
+    Ok((task.to_string(), seen.to_string()))
+}
+
+/// `n` requests to each node's published port, from the client host:
+/// (failures, requests answered per task, client addresses the tasks saw).
+fn spray(swarm: &Swarm, port: u16, n: usize) -> (Vec<String>, BTreeMap<String, usize>, Vec<String>) {
+    swarm.cluster.host(CLIENT).run(move || {
+        let mut failures = Vec::new();
+        let mut per_task = BTreeMap::new();
+        let mut seen = Vec::new();
+        for node in 0..3 {
+            for _ in 0..n {
+                match http_get(SocketAddr::from((host_address(node), port))) {
+                    Ok((task, from)) => {
+                        *per_task.entry(task).or_insert(0) += 1;
+                        if !seen.contains(&from) {
+                            seen.push(from);
+                        }
+                    }
+                    Err(e) => failures.push(e),
+                }
+            }
+        }
+        (failures, per_task, seen)
+    })
+}
+
+fn udp_ask(to: SocketAddr) -> Result<String, String> {
+    let socket = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
+    socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 1500];
+    for _ in 0..6 {
+        socket.send_to(b"datagram", to).map_err(|e| e.to_string())?;
+        if let Ok(n) = socket.recv(&mut buf) {
+            return Ok(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    }
+    Err(format!("no UDP reply from {to}"))
+}
+
+#[test]
+fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_client() {
+    require_root();
+    let swarm = Swarm::new(4);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.join(2, 0, "worker");
+    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    let echo = binary("mesh-echo");
+    let echo = echo.to_str().unwrap();
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "--replicas-max-per-node",
+            "1",
+            "--publish",
+            "8080:80",
+            "--",
+            echo,
+            "--http",
+            "80",
+        ],
+    );
+    swarm.wait("3 web tasks running", CONVERGE, || running(&swarm, "web") == 3);
+    for host in 0..3 {
+        swarm.wait("the routing-mesh tunnel device", CONVERGE, || {
+            has_link(&swarm, host, TUNNEL_DEVICE)
+        });
+    }
+    assert!(!has_link(&swarm, CLIENT, TUNNEL_DEVICE), "the client is no node");
+
+    // Every node answers, whichever task serves; the tasks see the client.
+    let mut settled = false;
+    swarm.wait("every node's 8080 answers", CONVERGE, || {
+        let (failures, _, _) = spray(&swarm, 8080, 3);
+        settled = failures.is_empty();
+        settled
+    });
+    let (failures, per_task, seen) = spray(&swarm, 8080, REQUESTS_PER_NODE);
+    println!(
+        "requests per task over {} requests: {per_task:?}",
+        3 * REQUESTS_PER_NODE
+    );
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_eq!(per_task.len(), 3, "every task serves some requests: {per_task:?}");
+    assert_eq!(
+        seen,
+        vec![host_address(CLIENT).to_string()],
+        "the tasks see the client's own address, not a node's"
+    );
+
+    // UDP through the mesh.
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "dns",
+            "--replicas",
+            "2",
+            "--publish",
+            "5353:7000/udp",
+            "--",
+            echo,
+            "7000",
+        ],
+    );
+    swarm.wait("2 udp tasks running", CONVERGE, || running(&swarm, "dns") == 2);
+    for node in 0..3 {
+        let to = SocketAddr::from((host_address(node), 5353));
+        let mut reply = Err(String::new());
+        swarm.wait("a UDP answer", CONVERGE, || {
+            reply = swarm.cluster.host(CLIENT).run(move || udp_ask(to));
+            reply.is_ok()
+        });
+        let reply = reply.unwrap();
+        assert!(reply.ends_with(" datagram"), "{reply:?}");
+    }
+
+    // Scaling down leaves no failed request once the tables follow.
+    swarm.ok(0, &["service", "scale", "web=1"]);
+    swarm.wait("1 web task running", CONVERGE, || running(&swarm, "web") == 1);
+    swarm.wait("only one task answers", CONVERGE, || {
+        let (failures, per_task, _) = spray(&swarm, 8080, 3);
+        failures.is_empty() && per_task.len() == 1
+    });
+
+    // The last published port gone: nothing left of the mesh.
+    swarm.ok(0, &["service", "rm", "web", "dns"]);
+    for host in 0..3 {
+        swarm.wait("the tunnel device removed", CONVERGE, || {
+            !has_link(&swarm, host, TUNNEL_DEVICE)
+        });
+    }
+    let refused = swarm
+        .cluster
+        .host(CLIENT)
+        .run(|| http_get(SocketAddr::from((host_address(0), 8080))));
+    assert!(refused.is_err(), "8080 must no longer answer: {refused:?}");
+}
