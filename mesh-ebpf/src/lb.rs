@@ -52,9 +52,15 @@ static STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERV
 #[map(name = "LB_ROUND_ROBIN")]
 static ROUND_ROBIN: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
-#[allow(clippy::unnecessary_cast, reason = "u32 in the bpf target's bindings, i32 in the host's")]
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "u32 in the bpf target's bindings, i32 in the host's"
+)]
 const OK: i32 = TC_ACT_OK as i32;
-#[allow(clippy::unnecessary_cast, reason = "u32 in the bpf target's bindings, i32 in the host's")]
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "u32 in the bpf target's bindings, i32 in the host's"
+)]
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
 const ETH_HLEN: usize = 14;

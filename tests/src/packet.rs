@@ -75,12 +75,22 @@ pub fn udp6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), data: &[u8]) -> Vec<u8> 
 
 /// A TCP SYN over IPv4 (no options), checksummed, in an Ethernet frame.
 pub fn tcp4_syn(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), seq: u32) -> Vec<u8> {
+    tcp4(src, dst, seq, TCP_SYN)
+}
+
+/// TCP flags.
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment over IPv4 (no options, no data) with `flags`,
+/// checksummed, in an Ethernet frame.
+pub fn tcp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), seq: u32, flags: u8) -> Vec<u8> {
     let mut header = vec![0u8; 20];
     header[0..2].copy_from_slice(&src.1.to_be_bytes());
     header[2..4].copy_from_slice(&dst.1.to_be_bytes());
     header[4..8].copy_from_slice(&seq.to_be_bytes());
     header[12] = 5 << 4;
-    header[13] = 0x02; // SYN
+    header[13] = flags;
     header[14..16].copy_from_slice(&64240u16.to_be_bytes());
     let segment = l4_with_checksum(header, 16, &pseudo4(src.0, dst.0, IPPROTO_TCP, 20));
     ethernet(ETH_P_IPV4, &ipv4(src.0, dst.0, IPPROTO_TCP, &segment))
