@@ -10,11 +10,8 @@ use mesh_agent::{
         mesh::{MeshAssignment, MeshBackend, MeshService},
         service::{LbOptions, PortPublish},
     },
-    dataplane::{
-        ebpf::EbpfDataplane,
-        lb::{plan, LbMaps, LbState},
-    },
-    runtime::mesh::{wanted, Ids, PROGRAM_INGRESS, PROGRAM_REPLY, PROGRAM_TUNNEL},
+    dataplane::{ebpf::EbpfDataplane, lb::LbMaps},
+    runtime::mesh::{MeshTables, PROGRAM_INGRESS, PROGRAM_REPLY, PROGRAM_TUNNEL},
 };
 use mesh_common::lb::NodeConfig;
 use mesh_tests::{packet, require_root, test_run::test_run};
@@ -37,8 +34,7 @@ fn wire(a: Ipv4Addr) -> u32 {
 struct Node {
     dataplane: EbpfDataplane,
     maps: LbMaps,
-    applied: LbState,
-    ids: Ids,
+    tables: MeshTables,
 }
 
 impl Node {
@@ -56,8 +52,7 @@ impl Node {
         Node {
             dataplane,
             maps,
-            applied: LbState::default(),
-            ids: Ids::default(),
+            tables: MeshTables::default(),
         }
     }
 
@@ -85,9 +80,8 @@ impl Node {
             peers: vec![OTHER.to_string()],
         };
         let local: BTreeMap<u64, Ipv4Addr> = tasks.iter().filter_map(|(t, _, l)| Some((*t, (*l)?))).collect();
-        let next = wanted(&mesh, &local, &mut self.ids);
-        self.maps.apply(&plan(&self.applied, &next)).expect("write the maps");
-        self.applied = next;
+        let changes = self.tables.update(&mesh, &local);
+        self.maps.apply(&changes).expect("write the maps");
     }
 
     fn run(&self, program: &str, input: &[u8]) -> (u32, Vec<u8>) {

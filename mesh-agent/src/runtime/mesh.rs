@@ -24,12 +24,12 @@ use super::network::{LocalNetwork, BRIDGE};
 use crate::{
     control::{
         api::Assignments,
-        mesh::MeshAssignment,
+        mesh::{MeshAssignment, MeshService},
         service::{LbAlgorithm, Protocol},
     },
     dataplane::{
         ebpf::{preferred_tc_api, EbpfDataplane, TcAttachment, TcDirection},
-        lb::{plan, LbMaps, LbState},
+        lb::{plan, Change, LbMaps, LbState},
         maglev,
         netlink::{Netlink, NetlinkError},
     },
@@ -48,8 +48,10 @@ pub fn tunnel_port(data_path_port: u16) -> u16 {
 /// the per-CPU stats array), backends a fresh one each (so a connection
 /// tracked to a backend that left never lands on another task).
 #[derive(Debug, Default)]
-pub struct Ids {
+struct Ids {
     services: BTreeMap<(u64, u16, u8), u32>,
+    free_services: BTreeSet<u32>,
+    next_service: u32,
     backends: BTreeMap<u64, u32>,
     next_backend: u32,
 }
@@ -59,8 +61,14 @@ impl Ids {
         if let Some(id) = self.services.get(&key) {
             return Some(*id);
         }
-        let used: BTreeSet<u32> = self.services.values().copied().collect();
-        let id = (1..MAX_SERVICES).find(|i| !used.contains(i))?;
+        let id = match self.free_services.pop_first() {
+            Some(id) => id,
+            None if self.next_service + 1 < MAX_SERVICES => {
+                self.next_service += 1;
+                self.next_service
+            }
+            None => return None,
+        };
         self.services.insert(key, id);
         Some(id)
     }
@@ -73,10 +81,15 @@ impl Ids {
         })
     }
 
-    /// Forgets the IDs `state` no longer uses.
-    fn retain(&mut self, services: &BTreeSet<(u64, u16, u8)>, tasks: &BTreeSet<u64>) {
-        self.services.retain(|k, _| services.contains(k));
-        self.backends.retain(|t, _| tasks.contains(t));
+    fn release(&mut self, keys: impl Iterator<Item = (u64, u16, u8)>, tasks: impl Iterator<Item = u64>) {
+        for k in keys {
+            if let Some(id) = self.services.remove(&k) {
+                self.free_services.insert(id);
+            }
+        }
+        for t in tasks {
+            self.backends.remove(&t);
+        }
     }
 }
 
@@ -99,87 +112,166 @@ fn algorithm(a: LbAlgorithm) -> Algorithm {
     }
 }
 
-/// What the maps should hold (pure but for the ID bookkeeping): for every
-/// published port, its table over all of the service's running tasks and
-/// its table over the ones running here with an address on the bridge.
-/// A task the cluster calls running but that has no address here yet (or
-/// any more) is left out of the local table and, if it is ours, of both.
-pub fn wanted(mesh: &MeshAssignment, local: &BTreeMap<u64, Ipv4Addr>, ids: &mut Ids) -> LbState {
-    let mut state = LbState::default();
-    let mut service_keys = BTreeSet::new();
-    let mut tasks = BTreeSet::new();
-    for n in &mesh.peers {
-        if let Ok(a) = n.parse::<Ipv4Addr>() {
-            state.nodes.insert(wire_addr(a));
-        }
-    }
-    for service in &mesh.services {
-        // (task ID, backend) in task ID order, the order Maglev hashes.
-        let mut all = Vec::new();
-        for b in &service.backends {
-            let Ok(node) = b.node_addr.parse::<Ipv4Addr>() else {
-                continue;
-            };
-            let local_addr = match (b.local, local.get(&b.task)) {
-                (true, Some(a)) => wire_addr(*a),
-                (true, None) => continue,
-                (false, _) => 0,
-            };
-            all.push((
-                b.task,
-                Backend {
-                    node: wire_addr(node),
-                    local: local_addr,
-                },
-            ));
-        }
-        let here: Vec<(u64, Backend)> = all.iter().copied().filter(|(_, b)| b.local != 0).collect();
-        for port in &service.ports {
-            let key = (service.service, port.published, proto(port.protocol));
-            let Some(id) = ids.service(key) else {
-                log::warn!(
-                    "the routing mesh holds {MAX_SERVICES} service ports already; {}:{} is not served",
-                    service.name,
-                    port.published
-                );
-                continue;
-            };
-            service_keys.insert(key);
-            for (set, table_id) in [(&all, id), (&here, id | LOCAL_TABLE)] {
-                let names: Vec<u64> = set.iter().map(|(t, _)| *t).collect();
-                let indices = match service.lb.algorithm {
-                    LbAlgorithm::Maglev => maglev::table(&names, TABLE_SIZE),
-                    _ => maglev::spread(names.len(), TABLE_SIZE),
-                };
-                let mut slots = Vec::with_capacity(indices.len());
-                for i in indices {
-                    let (task, backend) = set[i as usize];
-                    let bid = ids.backend(task);
-                    tasks.insert(task);
-                    state.backends.insert(bid, backend);
-                    slots.push(bid);
+/// What one service contributes to the maps, and what it was made from.
+#[derive(Debug)]
+struct ServiceEntry {
+    /// The service as assigned, and the local addresses of its local tasks.
+    input: (MeshService, Vec<(u64, Option<Ipv4Addr>)>),
+    state: LbState,
+    keys: BTreeSet<(u64, u16, u8)>,
+    tasks: BTreeSet<u64>,
+}
+
+/// The routing mesh's maps as last planned, per service, so one changed
+/// service costs the same at 10 services as at 10,000: only services
+/// whose tasks, ports or options changed are rebuilt and rewritten.
+#[derive(Debug, Default)]
+pub struct MeshTables {
+    ids: Ids,
+    services: BTreeMap<u64, ServiceEntry>,
+    nodes: BTreeSet<u32>,
+}
+
+impl MeshTables {
+    /// The map writes that take the kernel from the last update to `mesh`
+    /// with these local task addresses (a task the cluster calls running
+    /// but that has no address here yet, or any more, is left out).
+    pub fn update(&mut self, mesh: &MeshAssignment, local: &BTreeMap<u64, Ipv4Addr>) -> Vec<Change> {
+        let nodes: BTreeSet<u32> = mesh
+            .peers
+            .iter()
+            .filter_map(|n| n.parse::<Ipv4Addr>().ok())
+            .map(wire_addr)
+            .collect();
+        let mut changes = plan_nodes(&self.nodes, &nodes, true);
+        let mut seen = BTreeSet::new();
+        for service in &mesh.services {
+            seen.insert(service.service);
+            let locals: Vec<(u64, Option<Ipv4Addr>)> = service
+                .backends
+                .iter()
+                .filter(|b| b.local)
+                .map(|b| (b.task, local.get(&b.task).copied()))
+                .collect();
+            if let Some(entry) = self.services.get(&service.service) {
+                if entry.input.0 == *service && entry.input.1 == locals {
+                    continue;
                 }
-                state.tables.insert(table_id, (set.len() as u32, slots));
             }
-            state.services.insert(
-                ServiceKey {
-                    addr: 0,
-                    port: port.published.to_be(),
-                    proto: proto(port.protocol),
-                    pad: 0,
-                },
-                ServiceValue {
-                    id,
-                    target_port: port.target.to_be(),
-                    algorithm: algorithm(service.lb.algorithm) as u8,
-                    affinity: u8::from(service.lb.client_affinity),
-                    affinity_timeout_s: service.lb.affinity_timeout_s,
+            let old = self.services.remove(&service.service);
+            let (state, keys, tasks) = service_state(service, local, &mut self.ids);
+            let empty = LbState::default();
+            let before = old.as_ref().map_or(&empty, |e| &e.state);
+            changes.extend(plan(before, &state));
+            if let Some(old) = old {
+                self.ids.release(
+                    old.keys.difference(&keys).copied(),
+                    old.tasks.difference(&tasks).copied(),
+                );
+            }
+            self.services.insert(
+                service.service,
+                ServiceEntry {
+                    input: (service.clone(), locals),
+                    state,
+                    keys,
+                    tasks,
                 },
             );
         }
+        let gone: Vec<u64> = self.services.keys().filter(|s| !seen.contains(s)).copied().collect();
+        for id in gone {
+            if let Some(old) = self.services.remove(&id) {
+                changes.extend(plan(&old.state, &LbState::default()));
+                self.ids.release(old.keys.into_iter(), old.tasks.into_iter());
+            }
+        }
+        changes.extend(plan_nodes(&self.nodes, &nodes, false));
+        self.nodes = nodes;
+        changes
     }
-    ids.retain(&service_keys, &tasks);
-    state
+}
+
+/// Node additions (`add`) or removals between two sets.
+fn plan_nodes(from: &BTreeSet<u32>, to: &BTreeSet<u32>, add: bool) -> Vec<Change> {
+    if add {
+        to.difference(from).map(|n| Change::Node(*n)).collect()
+    } else {
+        from.difference(to).map(|n| Change::RemoveNode(*n)).collect()
+    }
+}
+
+/// What one service puts in the maps: per published port, its table over
+/// all of its running tasks and its table over the ones running here.
+fn service_state(
+    service: &MeshService,
+    local: &BTreeMap<u64, Ipv4Addr>,
+    ids: &mut Ids,
+) -> (LbState, BTreeSet<(u64, u16, u8)>, BTreeSet<u64>) {
+    let mut state = LbState::default();
+    let mut keys = BTreeSet::new();
+    let mut tasks = BTreeSet::new();
+    // (task ID, backend) in task ID order, the order Maglev hashes.
+    let mut all = Vec::new();
+    for b in &service.backends {
+        let Ok(node) = b.node_addr.parse::<Ipv4Addr>() else {
+            continue;
+        };
+        let local_addr = match (b.local, local.get(&b.task)) {
+            (true, Some(a)) => wire_addr(*a),
+            (true, None) => continue,
+            (false, _) => 0,
+        };
+        all.push((
+            b.task,
+            Backend {
+                node: wire_addr(node),
+                local: local_addr,
+            },
+        ));
+    }
+    let here: Vec<(u64, Backend)> = all.iter().copied().filter(|(_, b)| b.local != 0).collect();
+    for port in &service.ports {
+        let key = (service.service, port.published, proto(port.protocol));
+        let Some(id) = ids.service(key) else {
+            log::warn!(
+                "the routing mesh holds {MAX_SERVICES} service ports already; {}:{} is not served",
+                service.name,
+                port.published
+            );
+            continue;
+        };
+        keys.insert(key);
+        for (set, table_id) in [(&all, id), (&here, id | LOCAL_TABLE)] {
+            let names: Vec<u64> = set.iter().map(|(t, _)| *t).collect();
+            let indices = match service.lb.algorithm {
+                LbAlgorithm::Maglev => maglev::table(&names, TABLE_SIZE),
+                _ => maglev::spread(names.len(), TABLE_SIZE),
+            };
+            let slots: Vec<u32> = indices.iter().map(|i| ids.backend(set[*i as usize].0)).collect();
+            for (task, backend) in set.iter() {
+                tasks.insert(*task);
+                state.backends.insert(ids.backend(*task), *backend);
+            }
+            state.tables.insert(table_id, (set.len() as u32, slots));
+        }
+        state.services.insert(
+            ServiceKey {
+                addr: 0,
+                port: port.published.to_be(),
+                proto: proto(port.protocol),
+                pad: 0,
+            },
+            ServiceValue {
+                id,
+                target_port: port.target.to_be(),
+                algorithm: algorithm(service.lb.algorithm) as u8,
+                affinity: u8::from(service.lb.client_affinity),
+                affinity_timeout_s: service.lb.affinity_timeout_s,
+            },
+        );
+    }
+    (state, keys, tasks)
 }
 
 /// Errors setting the routing mesh up.
@@ -203,7 +295,6 @@ struct Active {
     dataplane: EbpfDataplane,
     maps: LbMaps,
     attachments: Vec<(&'static str, TcAttachment)>,
-    applied: LbState,
     vtep: Ipv4Addr,
     port: u16,
 }
@@ -211,7 +302,8 @@ struct Active {
 #[derive(Default)]
 struct Inner {
     active: Option<Active>,
-    ids: Ids,
+    /// What the active maps hold, per service.
+    tables: MeshTables,
     /// The latest assignment, with its data-path address and port.
     assignment: Option<(MeshAssignment, String, u16)>,
 }
@@ -289,6 +381,7 @@ fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>) -> Result<(
         if let Some(active) = inner.active.take() {
             teardown(active);
         }
+        inner.tables = MeshTables::default();
         return Ok(());
     };
     let vtep: Ipv4Addr = vtep.parse().map_err(|_| MeshError::NotIpv4(vtep.clone()))?;
@@ -299,25 +392,20 @@ fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>) -> Result<(
         }
     }
     if inner.active.is_none() {
+        inner.tables = MeshTables::default();
         inner.active = Some(setup(vtep, port)?);
     }
-    let wanted = wanted(&mesh, local, &mut inner.ids);
+    let changes = inner.tables.update(&mesh, local);
     let active = inner.active.as_mut().expect("reason: set up above");
-    let changes = plan(&active.applied, &wanted);
-    if changes.is_empty() {
-        return Ok(());
-    }
-    match active.maps.apply(&changes) {
-        Ok(()) => {
-            active.applied = wanted;
-            Ok(())
+    if let Err(e) = active.maps.apply(&changes) {
+        // What the maps hold is unknown now: start again from empty ones.
+        if let Some(active) = inner.active.take() {
+            teardown(active);
         }
-        Err(e) => {
-            // What was written is unknown: the next sync rewrites everything.
-            active.applied = LbState::default();
-            Err(e.into())
-        }
+        inner.tables = MeshTables::default();
+        return Err(e.into());
     }
+    Ok(())
 }
 
 /// Makes the tunnel device, loads the programs and attaches them.
@@ -379,7 +467,6 @@ fn setup(vtep: Ipv4Addr, port: u16) -> Result<Active, MeshError> {
         dataplane,
         maps,
         attachments,
-        applied: LbState::default(),
         vtep,
         port,
     })
@@ -412,7 +499,7 @@ pub const PROGRAM_REPLY: &str = "tc_reply";
 mod tests {
     use super::*;
     use crate::control::{
-        mesh::{MeshBackend, MeshService},
+        mesh::MeshBackend,
         service::{LbOptions, PortPublish},
     };
 
@@ -437,11 +524,44 @@ mod tests {
         }
     }
 
+    /// The maps after applying `changes` to `state`.
+    fn applied(mut state: LbState, changes: &[Change]) -> LbState {
+        for c in changes {
+            match c {
+                Change::Backend(id, b) => {
+                    state.backends.insert(*id, *b);
+                }
+                Change::Table(id, n, slots) => {
+                    state.tables.insert(*id, (*n, slots.clone()));
+                }
+                Change::Service(k, v) => {
+                    state.services.insert(*k, *v);
+                }
+                Change::Node(n) => {
+                    state.nodes.insert(*n);
+                }
+                Change::RemoveService(k) => {
+                    state.services.remove(k);
+                }
+                Change::RemoveTable(id) => {
+                    state.tables.remove(id);
+                }
+                Change::RemoveBackend(id) => {
+                    state.backends.remove(id);
+                }
+                Change::RemoveNode(n) => {
+                    state.nodes.remove(n);
+                }
+            }
+        }
+        state
+    }
+
     #[test]
     fn a_published_port_has_a_whole_table_and_a_local_one() {
-        let mut ids = Ids::default();
+        let mut tables = MeshTables::default();
         let local = BTreeMap::from([(1, Ipv4Addr::new(172, 18, 0, 2))]);
-        let s = wanted(
+        let changes = tables.update(
             &assignment(vec![
                 backend(1, "10.0.0.1", true),
                 backend(2, "10.0.0.2", false),
@@ -449,8 +569,8 @@ mod tests {
                 backend(3, "10.0.0.1", true),
             ]),
             &local,
-            &mut ids,
         );
+        let s = applied(LbState::default(), &changes);
         let (key, service) = s.services.iter().next().unwrap();
         assert_eq!((u16::from_be(key.port), u16::from_be(service.target_port)), (8080, 80));
         assert_eq!(s.tables[&service.id].0, 2);
@@ -464,27 +584,25 @@ mod tests {
     }
 
     #[test]
-    fn ids_stay_while_used_and_backends_never_come_back() {
-        let mut ids = Ids::default();
-        let one = wanted(
-            &assignment(vec![backend(2, "10.0.0.2", false)]),
-            &BTreeMap::new(),
-            &mut ids,
-        );
-        let again = wanted(
-            &assignment(vec![backend(2, "10.0.0.2", false)]),
-            &BTreeMap::new(),
-            &mut ids,
-        );
-        assert_eq!(one, again, "the same assignment gives the same maps");
-        let other = wanted(
-            &assignment(vec![backend(4, "10.0.0.2", false)]),
-            &BTreeMap::new(),
-            &mut ids,
-        );
+    fn only_what_changed_is_written_and_ids_are_not_reused_for_other_tasks() {
+        let mut tables = MeshTables::default();
+        let none = BTreeMap::new();
+        let first = tables.update(&assignment(vec![backend(2, "10.0.0.2", false)]), &none);
+        let one = applied(LbState::default(), &first);
+        assert!(tables
+            .update(&assignment(vec![backend(2, "10.0.0.2", false)]), &none)
+            .is_empty());
+        let next = tables.update(&assignment(vec![backend(4, "10.0.0.2", false)]), &none);
+        let other = applied(one.clone(), &next);
         assert!(other.backends.keys().all(|id| !one.backends.contains_key(id)));
-        let none = wanted(&assignment(vec![]), &BTreeMap::new(), &mut ids);
-        let id = none.services.values().next().unwrap().id;
-        assert_eq!(none.tables[&id].0, 0, "no task: an empty table, so the port is refused");
+        assert_eq!(other.backends.len(), 1, "the old backend was removed");
+        let empty = applied(other, &tables.update(&assignment(vec![]), &none));
+        let id = empty.services.values().next().unwrap().id;
+        assert_eq!(
+            empty.tables[&id].0, 0,
+            "no task: an empty table, so the port is refused"
+        );
+        let gone = applied(empty, &tables.update(&MeshAssignment::default(), &none));
+        assert_eq!(gone, LbState::default());
     }
 }
