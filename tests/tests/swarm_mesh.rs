@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::runtime::mesh::TUNNEL_DEVICE;
+use mesh_agent::runtime::{mesh::TUNNEL_DEVICE, supervisor::task_dir_name};
 use mesh_tests::{
     cluster::host_address,
     overlay::{has_link, running},
@@ -140,6 +140,11 @@ fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_clie
         vec![host_address(CLIENT).to_string()],
         "the tasks see the client's own address, not a node's"
     );
+    let logs = swarm.ok(0, &["service", "logs", "web"]);
+    assert!(
+        logs.contains(&format!("access {}", host_address(CLIENT))),
+        "the access log shows the client: {logs}"
+    );
 
     // UDP through the mesh.
     swarm.ok(
@@ -191,4 +196,199 @@ fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_clie
         .host(CLIENT)
         .run(|| http_get(SocketAddr::from((host_address(0), 8080))));
     assert!(refused.is_err(), "8080 must no longer answer: {refused:?}");
+}
+
+/// PIDs of processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmdline).contains(marker) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// The slot of the task whose hostname is `hostname`.
+fn slot_of(swarm: &Swarm, service: &str, hostname: &str) -> u64 {
+    let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
+    let tasks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    tasks
+        .iter()
+        .find(|t| t["task"]["id"].as_u64().map(task_dir_name).as_deref() == Some(hostname))
+        .and_then(|t| t["task"]["slot"].as_u64())
+        .unwrap_or_else(|| panic!("task {hostname} not in {out}"))
+}
+
+/// One line over an open echo connection, back as sent.
+fn echo_line(stream: &mut TcpStream, line: &str) -> Result<(), String> {
+    stream.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    let mut back = vec![0u8; line.len()];
+    stream.read_exact(&mut back).map_err(|e| e.to_string())?;
+    (back == line.as_bytes())
+        .then_some(())
+        .ok_or(format!("echoed {:?}", String::from_utf8_lossy(&back)))
+}
+
+#[test]
+fn connections_survive_scaling_affinity_sticks_and_a_killed_task_fails_requests_only_until_it_leaves_the_tables() {
+    require_root();
+    let swarm = Swarm::new(4);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.join(2, 0, "worker");
+    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    let echo = binary("mesh-echo");
+    let echo = echo.to_str().unwrap();
+    let marker = format!("mesh-test-kill-{}", std::process::id());
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "--replicas-max-per-node",
+            "1",
+            "--publish",
+            "8080:80",
+            "--",
+            echo,
+            "--http",
+            "80",
+            &marker,
+        ],
+    );
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "stream",
+            "--replicas",
+            "2",
+            "--publish",
+            "7070:7000",
+            "--",
+            echo,
+            "7000",
+        ],
+    );
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "sticky",
+            "--replicas",
+            "3",
+            "--replicas-max-per-node",
+            "1",
+            "--lb-affinity",
+            "client-ip",
+            "--publish",
+            "8181:80",
+            "--",
+            echo,
+            "--http",
+            "80",
+        ],
+    );
+    swarm.wait("every task running", CONVERGE, || {
+        running(&swarm, "web") == 3 && running(&swarm, "stream") == 2 && running(&swarm, "sticky") == 3
+    });
+    swarm.wait("every node's 8080 answers", CONVERGE, || {
+        spray(&swarm, 8080, 2).0.is_empty()
+    });
+
+    // A long-lived connection through node 0 survives scaling up and down.
+    let (mut stream, task) = swarm.cluster.host(CLIENT).run(|| {
+        let to = SocketAddr::from((host_address(0), 7070));
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("connect to 7070");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut greeting = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            stream.read_exact(&mut byte).expect("the greeting");
+            greeting.push(byte[0]);
+        }
+        (stream, String::from_utf8_lossy(&greeting).trim().to_string())
+    });
+    echo_line(&mut stream, "before scaling\n").unwrap();
+    swarm.ok(0, &["service", "scale", "stream=4"]);
+    swarm.wait("4 stream tasks", CONVERGE, || running(&swarm, "stream") == 4);
+    echo_line(&mut stream, "scaled up\n").expect("the connection survives scaling up");
+    let keep = slot_of(&swarm, "stream", &task);
+    let down = format!("stream={keep}");
+    swarm.ok(0, &["service", "scale", &down]);
+    swarm.wait("scaled down", CONVERGE, || running(&swarm, "stream") == keep as usize);
+    echo_line(&mut stream, "scaled down\n").expect("the connection survives scaling down to its own task");
+    drop(stream);
+
+    // Affinity: one client, one task, whichever node it enters by.
+    let (failures, per_task, _) = spray(&swarm, 8181, 10);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(
+        per_task.len(),
+        1,
+        "client-ip affinity keeps the client on one task: {per_task:?}"
+    );
+
+    // A task killed under load: requests fail only until every node's
+    // tables have dropped it, and none after.
+    let load = std::thread::scope(|scope| {
+        let client = swarm.cluster.host(CLIENT);
+        let load = scope.spawn(move || {
+            client.run(|| {
+                let start = std::time::Instant::now();
+                let mut results = Vec::new();
+                // Bounded in count and time.
+                while results.len() < 3000 && start.elapsed() < Duration::from_secs(25) {
+                    let node = results.len() % 3;
+                    let ok = http_get(SocketAddr::from((host_address(node), 8080))).is_ok();
+                    results.push((start.elapsed(), ok));
+                    if start.elapsed() > Duration::from_secs(12) && results.iter().rev().take(200).all(|r| r.1) {
+                        break;
+                    }
+                }
+                (start, results)
+            })
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let victim = processes_with(&marker)[0];
+        // SAFETY: kill has no memory preconditions; the PID is a task's.
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        let killed = std::time::Instant::now();
+        swarm.wait("the kill recorded", CONVERGE, || running(&swarm, "web") < 3);
+        let recorded = killed.elapsed();
+        let (start, results) = load.join().unwrap();
+        (start, killed, recorded, results)
+    });
+    let (start, killed, recorded, results) = load;
+    let kill_at = killed.duration_since(start);
+    let failed: Vec<Duration> = results.iter().filter(|r| !r.1).map(|r| r.0).collect();
+    println!(
+        "{} requests under load, {} failed, at {:?} (task killed at {kill_at:?}, the store knew {recorded:?} later)",
+        results.len(),
+        failed.len(),
+        failed
+    );
+    assert!(
+        failed.iter().all(|t| *t >= kill_at),
+        "no request fails before the kill: {failed:?}"
+    );
+    let last = results.iter().rev().take(200).filter(|r| !r.1).count();
+    assert_eq!(last, 0, "the last 200 requests, after convergence, all succeed");
 }

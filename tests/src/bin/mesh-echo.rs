@@ -7,6 +7,9 @@
 //! request gets `200 OK` with the body `HOSTNAME CLIENT-ADDRESS`, and an
 //! access-log line `access CLIENT-ADDRESS` goes to standard output (the
 //! task's log), as a web server's would.
+//!
+//! Arguments after PORT are ignored: tests use them to find their own
+//! tasks' processes.
 
 use std::{
     io::{Read, Write},
@@ -22,7 +25,7 @@ fn main() {
     let port: u16 = match args.first().and_then(|p| p.parse().ok()) {
         Some(p) => p,
         None => {
-            eprintln!("usage: mesh-echo [--http] PORT");
+            eprintln!("usage: mesh-echo [--http] PORT [LABEL...]");
             std::process::exit(2);
         }
     };
