@@ -109,34 +109,50 @@ impl Packet {
 }
 
 /// Reads the headers of an unfragmented IPv4 TCP/UDP packet without IP
-/// options; `None` for anything else (the kernel handles those).
+/// options; `None` for anything else (the kernel handles those). Reads the
+/// packet in place, pulling the headers into the linear area first if a
+/// driver left them out of it.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype: u16 = ctx.load(12).ok()?;
-    if ethertype != ETH_P_IP.to_be() {
+    const HEADERS: usize = L4 + 4;
+    if ctx.data() + HEADERS > ctx.data_end() {
+        // Too short, or not linear: pull (fails for a truly short packet).
+        ctx.pull_data(HEADERS as u32).ok()?;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + HEADERS > end {
         return None;
     }
-    let header: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
-    if header[0] != 0x45 {
-        return None;
+    // SAFETY: the bounds check above covers every read below; packet data
+    // has no alignment guarantee, hence the unaligned reads.
+    unsafe {
+        let ethertype = ((data + 12) as *const u16).read_unaligned();
+        if ethertype != ETH_P_IP.to_be() {
+            return None;
+        }
+        let header = (data + ETH_HLEN) as *const [u8; 20];
+        let header = header.read_unaligned();
+        if header[0] != 0x45 {
+            return None;
+        }
+        // More-fragments flag or a fragment offset: later fragments carry no ports.
+        if (header[6] & 0x3f) != 0 || header[7] != 0 {
+            return None;
+        }
+        let proto = header[9];
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        let ports = ((data + L4) as *const [u16; 2]).read_unaligned();
+        Some(Packet {
+            src: u32::from_ne_bytes([header[12], header[13], header[14], header[15]]),
+            dst: u32::from_ne_bytes([header[16], header[17], header[18], header[19]]),
+            sport: ports[0],
+            dport: ports[1],
+            proto,
+            len: ctx.len(),
+        })
     }
-    // More-fragments flag or a fragment offset: later fragments carry no ports.
-    if (header[6] & 0x3f) != 0 || header[7] != 0 {
-        return None;
-    }
-    let proto = header[9];
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return None;
-    }
-    let ports: [u16; 2] = ctx.load(L4).ok()?;
-    Some(Packet {
-        src: u32::from_ne_bytes([header[12], header[13], header[14], header[15]]),
-        dst: u32::from_ne_bytes([header[16], header[17], header[18], header[19]]),
-        sport: ports[0],
-        dport: ports[1],
-        proto,
-        len: ctx.len(),
-    })
 }
 
 #[inline(always)]

@@ -7,6 +7,7 @@
 //! and (for a run that crashed) by the next cluster created on the machine.
 
 pub mod cluster;
+pub mod mesh;
 pub mod overlay;
 pub mod packet;
 pub mod process;

@@ -76,6 +76,8 @@ impl Node {
                         local: local.is_some(),
                     })
                     .collect(),
+                runs_here: tasks.iter().any(|(_, _, l)| l.is_some()),
+                digest: 0,
             }],
             peers: vec![OTHER.to_string()],
         };

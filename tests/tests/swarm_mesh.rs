@@ -17,6 +17,7 @@ use std::{
 use mesh_agent::runtime::{mesh::TUNNEL_DEVICE, supervisor::task_dir_name};
 use mesh_tests::{
     cluster::host_address,
+    mesh::http_get,
     overlay::{has_link, running},
     require_root,
     swarm::{binary, Swarm},
@@ -25,26 +26,6 @@ use mesh_tests::{
 const CONVERGE: Duration = Duration::from_secs(30);
 const CLIENT: usize = 3;
 const REQUESTS_PER_NODE: usize = 30;
-
-/// One HTTP request to `to`; the body names the task and the address it
-/// saw the connection come from.
-fn http_get(to: SocketAddr) -> Result<(String, String), String> {
-    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| format!("{to}: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: mesh\r\n\r\n")
-        .map_err(|e| format!("{to}: {e}"))?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|e| format!("{to}: {e}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or(format!("{to}: no HTTP response: {response:?}"))?;
-    if !head.starts_with("HTTP/1.0 200") {
-        return Err(format!("{to}: {head}"));
-    }
-    let (task, seen) = body.trim().split_once(' ').ok_or(format!("{to}: body {body:?}"))?;
-    Ok((task.to_string(), seen.to_string()))
-}
 
 /// `n` requests to each node's published port, from the client host:
 /// (failures, requests answered per task, client addresses the tasks saw).

@@ -38,7 +38,9 @@ enum Command {
     },
     /// Run the benchmarks: `control` (Raft failover, store writes), `services`
     /// (create -> running, scheduler), `overlay` (VXLAN throughput and
-    /// latency vs the bare underlay; encrypted vs plain).
+    /// latency vs the bare underlay; encrypted vs plain), `mesh` (published
+    /// ports vs direct and nftables DNAT, ns/packet, programming cost,
+    /// convergence).
     Bench {
         /// Which benchmark; all when omitted.
         which: Option<String>,
@@ -76,11 +78,19 @@ fn demo(hold: bool) -> Result<()> {
 fn bench(which: Option<&str>, vm: bool, rest: &[String]) -> Result<()> {
     setup::require_root("the benchmarks (network namespaces)")?;
     let binaries: &[&str] = match which {
-        None => &["mesh-bench", "mesh-bench-services", "mesh-bench-overlay"],
+        None => &[
+            "mesh-bench",
+            "mesh-bench-services",
+            "mesh-bench-overlay",
+            "mesh-bench-mesh",
+        ],
         Some("control") => &["mesh-bench"],
         Some("services") => &["mesh-bench-services"],
         Some("overlay") => &["mesh-bench-overlay"],
-        Some(other) => anyhow::bail!("unknown benchmark {other:?}: the benchmarks are: control, services, overlay"),
+        Some("mesh") => &["mesh-bench-mesh"],
+        Some(other) => {
+            anyhow::bail!("unknown benchmark {other:?}: the benchmarks are: control, services, overlay, mesh")
+        }
     };
     setup::run()?;
     ebpf::build()?;

@@ -13,7 +13,7 @@ use super::{
 /// A task that takes connections: running, wanted running, and (if the
 /// service has a health check) healthy, since a task only reaches Running
 /// after its first passing check and leaves it on its last failing one.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MeshBackend {
     /// The task's ID (the Maglev tables are built over these, so every
     /// node builds the same table from the same tasks).
@@ -37,6 +37,29 @@ pub struct MeshService {
     pub lb: LbOptions,
     /// Its tasks that take connections, by task ID.
     pub backends: Vec<MeshBackend>,
+    /// Whether one of them runs on this node.
+    #[serde(default)]
+    pub runs_here: bool,
+    /// A hash of everything above, so a node tells a changed service from
+    /// an unchanged one without comparing them field by field.
+    #[serde(default)]
+    pub digest: u64,
+}
+
+impl MeshService {
+    /// The hash [`MeshService::digest`] holds.
+    pub fn content_digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (self.service, &self.name, &self.ports, &self.backends).hash(&mut h);
+        (
+            self.lb.algorithm as u8,
+            self.lb.client_affinity,
+            self.lb.affinity_timeout_s,
+        )
+            .hash(&mut h);
+        h.finish()
+    }
 }
 
 /// What one node's routing mesh holds.
@@ -78,13 +101,17 @@ pub fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignm
         if ports.is_empty() {
             continue;
         }
-        services.push(MeshService {
+        let mut entry = MeshService {
             service: service.id,
             name: service.spec.name.clone(),
             ports,
             lb: service.spec.lb,
             backends,
-        });
+            runs_here,
+            digest: 0,
+        };
+        entry.digest = entry.content_digest();
+        services.push(entry);
     }
     if services.is_empty() {
         return None;

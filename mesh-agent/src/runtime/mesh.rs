@@ -115,8 +115,9 @@ fn algorithm(a: LbAlgorithm) -> Algorithm {
 /// What one service contributes to the maps, and what it was made from.
 #[derive(Debug)]
 struct ServiceEntry {
-    /// The service as assigned, and the local addresses of its local tasks.
-    input: (MeshService, Vec<(u64, Option<Ipv4Addr>)>),
+    /// The service's digest as assigned, and the local addresses of its
+    /// local tasks.
+    input: (u64, Vec<(u64, Option<Ipv4Addr>)>),
     state: LbState,
     keys: BTreeSet<(u64, u16, u8)>,
     tasks: BTreeSet<u64>,
@@ -144,20 +145,61 @@ impl MeshTables {
             .map(wire_addr)
             .collect();
         let mut changes = plan_nodes(&self.nodes, &nodes, true);
-        let mut seen = BTreeSet::new();
-        for service in &mesh.services {
-            seen.insert(service.service);
-            let locals: Vec<(u64, Option<Ipv4Addr>)> = service
+        // The managers list services by ID; walk them beside ours, so an
+        // unchanged service costs one digest comparison and no lookup.
+        let sorted;
+        let services = if mesh.services.is_sorted_by_key(|s| s.service) {
+            &mesh.services
+        } else {
+            sorted = {
+                let mut v = mesh.services.clone();
+                v.sort_by_key(|s| s.service);
+                v
+            };
+            &sorted
+        };
+        let locals_of = |service: &MeshService| -> Vec<(u64, Option<Ipv4Addr>)> {
+            service
                 .backends
                 .iter()
                 .filter(|b| b.local)
                 .map(|b| (b.task, local.get(&b.task).copied()))
-                .collect();
-            if let Some(entry) = self.services.get(&service.service) {
-                if entry.input.0 == *service && entry.input.1 == locals {
-                    continue;
-                }
+                .collect()
+        };
+        let digest_of = |service: &MeshService| {
+            if service.digest == 0 {
+                service.content_digest()
+            } else {
+                service.digest
             }
+        };
+        let mut changed = Vec::new();
+        let mut gone = Vec::new();
+        let mut ours = self.services.iter().peekable();
+        for (i, service) in services.iter().enumerate() {
+            while let Some((id, _)) = ours.next_if(|(id, _)| **id < service.service) {
+                gone.push(*id);
+            }
+            let same = match ours.next_if(|(id, _)| **id == service.service) {
+                Some((_, entry)) => {
+                    entry.input.0 == digest_of(service)
+                        && if service.runs_here {
+                            entry.input.1 == locals_of(service)
+                        } else {
+                            entry.input.1.is_empty()
+                        }
+                }
+                None => false,
+            };
+            if !same {
+                changed.push(i);
+            }
+        }
+        gone.extend(ours.map(|(id, _)| *id));
+        for i in changed {
+            let service = &services[i];
+            let locals = locals_of(service);
+            let digest = digest_of(service);
             let old = self.services.remove(&service.service);
             let (state, keys, tasks) = service_state(service, local, &mut self.ids);
             let empty = LbState::default();
@@ -172,14 +214,13 @@ impl MeshTables {
             self.services.insert(
                 service.service,
                 ServiceEntry {
-                    input: (service.clone(), locals),
+                    input: (digest, locals),
                     state,
                     keys,
                     tasks,
                 },
             );
         }
-        let gone: Vec<u64> = self.services.keys().filter(|s| !seen.contains(s)).copied().collect();
         for id in gone {
             if let Some(old) = self.services.remove(&id) {
                 changes.extend(plan(&old.state, &LbState::default()));
@@ -518,7 +559,9 @@ mod tests {
                 name: "web".into(),
                 ports: vec![PortPublish::parse("8080:80").unwrap()],
                 lb: LbOptions::default(),
+                runs_here: backends.iter().any(|b| b.local),
                 backends,
+                digest: 0,
             }],
             peers: vec!["10.0.0.2".into()],
         }
