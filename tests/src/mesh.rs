@@ -55,3 +55,42 @@ pub fn backends_on(swarm: &Swarm, host: usize) -> Option<Vec<Backend>> {
         None
     })
 }
+
+/// Asks the DNS responder at 127.0.0.11 (call it inside a task's network
+/// namespace) for `name`'s A records: the addresses, or the rcode.
+pub fn dns_a(name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    let socket = std::net::UdpSocket::bind(("127.0.0.1", 0)).map_err(|e| e.to_string())?;
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut q = vec![0x4d, 0x53, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    socket.send_to(&q, ("127.0.0.11", 53)).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    let n = socket
+        .recv(&mut buf)
+        .map_err(|e| format!("no answer for {name}: {e}"))?;
+    let r = &buf[..n];
+    if r.len() < 12 || r[..2] != q[..2] {
+        return Err(format!("a malformed answer for {name}: {r:?}"));
+    }
+    let rcode = r[3] & 0x0f;
+    if rcode != 0 {
+        return Err(format!("rcode {rcode}"));
+    }
+    let answers = u16::from_be_bytes([r[6], r[7]]) as usize;
+    let mut at = q.len();
+    let mut out = Vec::new();
+    for _ in 0..answers {
+        // A compressed name (2 bytes), type, class, TTL, length, data.
+        let rdlen = u16::from_be_bytes([r[at + 10], r[at + 11]]) as usize;
+        let data = &r[at + 12..at + 12 + rdlen];
+        if rdlen == 4 {
+            out.push(std::net::Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        }
+        at += 12 + rdlen;
+    }
+    Ok(out)
+}

@@ -651,6 +651,9 @@ pub struct Assignments {
     /// The published ports it answers and the tasks behind them.
     #[serde(default)]
     pub mesh: Option<crate::control::mesh::MeshAssignment>,
+    /// The services on the networks its tasks are on (DNS and VIPs).
+    #[serde(default)]
+    pub services: Vec<crate::control::discovery::NetworkServices>,
 }
 
 /// Which log text to read.

@@ -140,6 +140,7 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
     let tunnel = tunnel_assignment(state, node, &tasks, &networks);
     let ipsec = ipsec_assignment(state, node, &tasks, &networks, data_path_port);
     let mesh = crate::control::mesh::mesh_assignment(state, node);
+    let services = crate::control::discovery::discovery(state, &tasks);
     let encoded = rmp_serde::to_vec(&(
         &tasks,
         &retained,
@@ -149,6 +150,7 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         &tunnel,
         &ipsec,
         &mesh,
+        &services,
     ))
     .unwrap_or_default();
     let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
@@ -162,6 +164,7 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         tunnel,
         ipsec,
         mesh,
+        services,
     }
 }
 

@@ -439,6 +439,7 @@ impl Manager {
                     updated_at: now,
                     previous_spec: None,
                     update_status: None,
+                    vips: Vec::new(),
                 };
                 self.propose(Command::CreateService(Box::new(service))).await?;
                 Ok(ClusterResponse::ServiceCreated { id })

@@ -16,6 +16,7 @@
 //! - [`api`], [`local`]: the messages, and the local socket `meshctl` talks to.
 
 pub mod api;
+pub mod discovery;
 pub mod dispatcher;
 pub mod ipsec;
 pub mod keystore;

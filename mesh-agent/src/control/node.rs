@@ -41,6 +41,7 @@ use super::{
     token::JoinToken,
 };
 use crate::runtime::{
+    dns::Dns,
     logs,
     mesh::RoutingMesh,
     network::{LocalNetwork, Subnet},
@@ -677,6 +678,8 @@ pub struct Member {
     overlays: Arc<Overlays>,
     /// The node's published ports.
     mesh: Arc<RoutingMesh>,
+    /// The tasks' DNS responder.
+    dns: Arc<Dns>,
     stop: watch::Sender<bool>,
 }
 
@@ -703,8 +706,15 @@ impl Member {
         .wireguard_key(&dek)?;
         let overlays = Arc::new(Overlays::new(Tunnel::new(wireguard_key, opts.wireguard)));
         let mesh = RoutingMesh::new(network.clone());
-        let tasks = Supervisor::new(opts.data_dir.join("tasks"), network.clone(), overlays.clone(), reports)
-            .map_err(|e| ApiError::internal(format!("preparing the task directory: {e}")))?;
+        let dns = Arc::new(Dns::new());
+        let tasks = Supervisor::new(
+            opts.data_dir.join("tasks"),
+            network.clone(),
+            overlays.clone(),
+            dns.clone(),
+            reports,
+        )
+        .map_err(|e| ApiError::internal(format!("preparing the task directory: {e}")))?;
         let member = Arc::new(Member {
             id: config.node_id,
             opts: opts.clone(),
@@ -720,6 +730,7 @@ impl Member {
             network,
             overlays,
             mesh,
+            dns,
             stop,
         });
         if role == Role::Manager {
@@ -1008,6 +1019,7 @@ impl Member {
                     warned = false;
                     known = a.digest.clone();
                     let overlays = self.overlays.apply(&a).await;
+                    self.dns.apply(&a.services);
                     self.tasks.apply(&a.tasks, &a.retained);
                     let mesh = self.mesh.apply(&a).await;
                     if let Err(e) = &mesh {

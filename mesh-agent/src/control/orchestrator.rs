@@ -399,6 +399,7 @@ pub(crate) mod tests_support {
             updated_at: 0,
             previous_spec: None,
             update_status: None,
+            vips: Vec::new(),
         }
     }
 

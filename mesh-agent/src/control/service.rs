@@ -914,6 +914,9 @@ pub struct Service {
     /// The last rolling update's progress.
     #[serde(default)]
     pub update_status: Option<UpdateStatus>,
+    /// Its virtual IP on each of its networks (endpoint mode vip).
+    #[serde(default)]
+    pub vips: Vec<super::overlay::NetworkAttachment>,
 }
 
 /// Whether a task should run.

@@ -9,8 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::overlay::Network;
-use super::service::{DesiredState, Service, ServiceSpec, Task, TaskReport, TaskState, UpdateState, UpdateStatus};
+use super::overlay::{Network, NetworkAttachment};
+use super::service::{
+    DesiredState, EndpointMode, Service, ServiceSpec, Task, TaskReport, TaskState, UpdateState, UpdateStatus,
+};
 
 /// Finished tasks kept per service slot, for `service ps`.
 pub const TASK_HISTORY: u32 = 5;
@@ -515,7 +517,9 @@ impl ClusterState {
                 if self.services.values().any(|s| s.spec.name == service.spec.name) {
                     return Err(format!("a service named {:?} already exists", service.spec.name));
                 }
-                self.services.insert(service.id, (**service).clone());
+                let mut service = (**service).clone();
+                service.vips = self.virtual_ips(&service)?;
+                self.services.insert(service.id, service);
             }
             Command::UpdateService { id, spec, force, at } => {
                 let service = self
@@ -530,6 +534,11 @@ impl ClusterState {
                 }
                 service.spec = (**spec).clone();
                 service.updated_at = *at;
+                let service = service.clone();
+                let vips = self.virtual_ips(&service)?;
+                if let Some(s) = self.services.get_mut(id) {
+                    s.vips = vips;
+                }
             }
             Command::RollbackService { id, at_ms } => self.roll_back(*id, *at_ms)?,
             Command::RemoveService { id, at } => {
@@ -717,12 +726,51 @@ impl ClusterState {
     /// Addresses held on each network by tasks that have not ended.
     pub fn addresses_in_use(&self) -> BTreeMap<u64, BTreeSet<std::net::Ipv4Addr>> {
         let mut used: BTreeMap<u64, BTreeSet<std::net::Ipv4Addr>> = BTreeMap::new();
+        for s in self.services.values() {
+            for v in &s.vips {
+                used.entry(v.network).or_default().insert(v.address);
+            }
+        }
         for t in self.tasks.values().filter(|t| !t.state.is_terminal()) {
             for a in &t.attachments {
                 used.entry(a.network).or_default().insert(a.address);
             }
         }
         used
+    }
+
+    /// The virtual IPs `service` should have: the ones it has on networks it
+    /// is still on, and a free address on each new one (none in endpoint
+    /// mode dnsrr). Allocated here, in the state machine, so every replica
+    /// picks the same address.
+    fn virtual_ips(&self, service: &Service) -> Result<Vec<NetworkAttachment>, String> {
+        if service.spec.endpoint_mode == EndpointMode::Dnsrr {
+            return Ok(Vec::new());
+        }
+        let mut used = self.addresses_in_use();
+        let mut vips = Vec::new();
+        for name in &service.spec.networks {
+            let Some(network) = self.networks.values().find(|n| &n.name == name) else {
+                continue;
+            };
+            if let Some(kept) = service.vips.iter().find(|v| v.network == network.id) {
+                vips.push(*kept);
+                continue;
+            }
+            let taken = used.entry(network.id).or_default();
+            let address = super::overlay::task_address(network, taken).ok_or_else(|| {
+                format!(
+                    "network {} has no free address for the service's virtual IP ({}): use a larger --subnet or --ip-range, or --endpoint-mode dnsrr",
+                    network.name, network.ip_range
+                )
+            })?;
+            taken.insert(address);
+            vips.push(NetworkAttachment {
+                network: network.id,
+                address,
+            });
+        }
+        Ok(vips)
     }
 
     /// New tasks' addresses must exist on their networks and be free.

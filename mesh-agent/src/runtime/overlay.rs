@@ -581,6 +581,7 @@ mod tests {
             tunnel: None,
             ipsec: None,
             mesh: None,
+            services: vec![],
         };
         let w = wanted(&assignments, 9000, false);
         assert_eq!(w.len(), 2);

@@ -124,6 +124,8 @@ pub struct Launch<'a> {
     pub netns: BorrowedFd<'a>,
     /// Where stdout and stderr go (opened for appending).
     pub log: &'a File,
+    /// Mounted over /etc/resolv.conf in the task's mount namespace.
+    pub resolv_conf: Option<&'a std::path::Path>,
 }
 
 /// Starts a task process. The child is its own session leader, so its PID
@@ -146,17 +148,27 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "hostname holds a NUL"))?;
     let netns = launch.netns.as_raw_fd();
     let user = launch.user.map(|u| (u.uid, u.gid));
+    let resolv_conf = launch
+        .resolv_conf
+        .map(|p| CString::new(p.as_os_str().as_encoded_bytes()))
+        .transpose()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "resolv.conf path holds a NUL"))?;
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls on values prepared before fork.
     unsafe {
-        cmd.pre_exec(move || enter_task_namespaces(netns, &hostname, user));
+        cmd.pre_exec(move || enter_task_namespaces(netns, &hostname, user, resolv_conf.as_deref()));
     }
     tokio::process::Command::from(cmd).spawn()
 }
 
 /// In the forked child: new session, the task's namespaces, then drop to
 /// the task's user (last, since entering namespaces needs root).
-fn enter_task_namespaces(netns: i32, hostname: &CString, user: Option<(u32, u32)>) -> io::Result<()> {
+fn enter_task_namespaces(
+    netns: i32,
+    hostname: &CString,
+    user: Option<(u32, u32)>,
+    resolv_conf: Option<&std::ffi::CStr>,
+) -> io::Result<()> {
     // SAFETY: plain system calls in a single-threaded child; the pointers
     // are valid NUL-terminated strings owned by the closure.
     unsafe {
@@ -174,6 +186,16 @@ fn enter_task_namespaces(netns: i32, hostname: &CString, user: Option<(u32, u32)
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         ))?;
+        // Names resolve through the agent's responder (runtime/dns.rs).
+        if let Some(conf) = resolv_conf {
+            check(libc::mount(
+                conf.as_ptr(),
+                c"/etc/resolv.conf".as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))?;
+        }
         if let Some((uid, gid)) = user {
             check(libc::setgroups(1, &gid))?;
             check(libc::setgid(gid))?;

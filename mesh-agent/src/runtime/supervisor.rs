@@ -24,6 +24,7 @@ use std::{
 use tokio::sync::{mpsc, watch};
 
 use super::{
+    dns::Dns,
     health::{Health, HealthTracker},
     netns::NetNs,
     network::{Attachment, LocalNetwork},
@@ -44,6 +45,7 @@ pub struct Supervisor {
     dir: PathBuf,
     network: Arc<LocalNetwork>,
     overlays: Arc<Overlays>,
+    dns: Arc<Dns>,
     reports: mpsc::UnboundedSender<TaskReport>,
     inner: Mutex<Inner>,
 }
@@ -75,6 +77,7 @@ impl Supervisor {
         dir: PathBuf,
         network: Arc<LocalNetwork>,
         overlays: Arc<Overlays>,
+        dns: Arc<Dns>,
         reports: mpsc::UnboundedSender<TaskReport>,
     ) -> io::Result<Arc<Supervisor>> {
         fs::create_dir_all(&dir)?;
@@ -83,6 +86,7 @@ impl Supervisor {
             dir,
             network,
             overlays,
+            dns,
             reports,
             inner: Mutex::new(Inner {
                 leftovers,
@@ -215,6 +219,7 @@ impl Supervisor {
     /// Detaches an ended task, removes its namespace and reports it.
     async fn finish(&self, a: &Assignment, dir: &Path, state: TaskState, message: String) {
         let id = a.task;
+        self.dns.stop(id);
         self.overlays.detach(id).await;
         self.network.detach(id).await;
         remove_namespace(dir);
@@ -246,6 +251,7 @@ impl Supervisor {
             .await
             .map_err(|e| format!("attaching the task to the node's bridge network: {e}"))?;
         self.overlays.attach(a.task, &ns_path, &spec.networks).await?;
+        let resolv_conf = self.start_dns(a, dir)?;
         self.report(a.task, TaskState::Starting, "");
         let log = OpenOptions::new()
             .create(true)
@@ -264,6 +270,7 @@ impl Supervisor {
             hostname: &hostname,
             netns: netns.fd(),
             log: &log,
+            resolv_conf: resolv_conf.as_deref(),
         })
         .map_err(|e| spawn_error(spec, &e))?;
         let pid = child.id().ok_or("the task exited before it could be watched")?;
@@ -281,6 +288,21 @@ impl Supervisor {
         })
     }
 
+    /// Starts answering DNS in task `a`'s namespace; the resolv.conf to give
+    /// it (none if the host has no /etc/resolv.conf to mount it over).
+    fn start_dns(&self, a: &Assignment, dir: &Path) -> Result<Option<PathBuf>, String> {
+        let networks = a.spec.networks.iter().map(|n| n.network).collect();
+        self.dns
+            .serve(a.task, &dir.join("netns"), networks)
+            .map_err(|e| format!("starting the task's DNS responder: {e}"))?;
+        if !Path::new("/etc/resolv.conf").exists() {
+            return Ok(None);
+        }
+        Dns::resolv_conf(dir)
+            .map(Some)
+            .map_err(|e| format!("writing the task's resolv.conf: {e}"))
+    }
+
     /// What a previous agent left of task `a`: its process, its address on
     /// the node bridge and its overlay ports, taken over as they are.
     async fn readopt(&self, a: &Assignment, dir: &Path, pid: u32, start: u64) -> Result<Prepared, String> {
@@ -294,6 +316,7 @@ impl Supervisor {
             .await
             .map_err(|e| format!("the task's address could not be adopted after an agent restart: {e}"))?;
         self.overlays.adopt(a.task, spec.networks.len()).await;
+        self.start_dns(a, dir)?;
         let hostname = task_dir_name(a.task);
         let home = user.as_ref().map_or("/root", |u| u.home.as_str());
         let env = process::environment(&spec.env, &hostname, &spec.name, home);

@@ -126,6 +126,7 @@ fn kernel_floor(n: usize) -> Duration {
                         hostname: "floor",
                         netns: task_ns.fd(),
                         log: &log,
+                        resolv_conf: None,
                     })
                     .expect("spawn");
                     children.push(child);
@@ -197,6 +198,7 @@ fn scheduler() {
                 updated_at: 0,
                 previous_spec: None,
                 update_status: None,
+                vips: Vec::new(),
             },
         );
     }

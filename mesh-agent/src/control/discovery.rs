@@ -1,0 +1,160 @@
+//! Service discovery as the cluster decides it (pure): for each overlay
+//! network a node's tasks are on, the services on that network with their
+//! virtual IP there and their running tasks' addresses there. A node's DNS
+//! responder answers from this, and its VIP programs load-balance over it;
+//! a node learns only about the networks its own tasks are on.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    service::{Assignment, DesiredState, EndpointMode, LbOptions, TaskState},
+    state::ClusterState,
+};
+
+/// One service as seen from one network.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRecord {
+    /// The service's ID.
+    pub service: u64,
+    /// Its name (what tasks resolve).
+    pub name: String,
+    /// Its virtual IP on this network (none in endpoint mode dnsrr).
+    pub vip: Option<Ipv4Addr>,
+    /// Its running tasks on this network: (task ID, address), by task ID.
+    pub tasks: Vec<(u64, Ipv4Addr)>,
+    /// How connections to the VIP are spread.
+    pub lb: LbOptions,
+}
+
+/// The services on one network.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NetworkServices {
+    /// The network's ID.
+    pub network: u64,
+    /// Its services, by service ID.
+    pub services: Vec<ServiceRecord>,
+}
+
+/// What node `tasks`' networks hold.
+pub fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServices> {
+    let networks: BTreeSet<u64> = tasks
+        .iter()
+        .flat_map(|t| t.spec.networks.iter().map(|n| n.network))
+        .collect();
+    let mut out = Vec::new();
+    for network in networks {
+        let mut services = Vec::new();
+        for service in state.services.values() {
+            let vip = service.vips.iter().find(|v| v.network == network).map(|v| v.address);
+            let mut on: Vec<(u64, Ipv4Addr)> = state
+                .tasks
+                .values()
+                .filter(|t| {
+                    t.service == service.id && t.desired == DesiredState::Running && t.state == TaskState::Running
+                })
+                .filter_map(|t| {
+                    t.attachments
+                        .iter()
+                        .find(|a| a.network == network)
+                        .map(|a| (t.id, a.address))
+                })
+                .collect();
+            let attached = vip.is_some()
+                || (service.spec.endpoint_mode == EndpointMode::Dnsrr
+                    && state
+                        .networks
+                        .get(&network)
+                        .is_some_and(|n| service.spec.networks.contains(&n.name)));
+            if !attached {
+                continue;
+            }
+            on.sort();
+            services.push(ServiceRecord {
+                service: service.id,
+                name: service.spec.name.clone(),
+                vip,
+                tasks: on,
+                lb: service.spec.lb,
+            });
+        }
+        out.push(NetworkServices { network, services });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{
+        orchestrator::tests_support::service,
+        overlay::{NetworkAttachment, TaskNetwork},
+        service::{Task, TaskSpec},
+    };
+
+    fn task(id: u64, service: u64, state: TaskState, address: [u8; 4]) -> Task {
+        Task {
+            id,
+            service,
+            slot: id as u32,
+            node: Some(1),
+            desired: DesiredState::Running,
+            state,
+            message: String::new(),
+            service_version: 1,
+            created_at: 0,
+            updated_at: 0,
+            restarts: 0,
+            ended_at_ms: 0,
+            attachments: vec![NetworkAttachment {
+                network: 5,
+                address: Ipv4Addr::from(address),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_network_lists_its_services_vips_and_running_tasks() {
+        let mut s = ClusterState::default();
+        let mut api = service(1);
+        api.spec.name = "api".into();
+        api.spec.networks = vec!["front".into()];
+        api.vips = vec![NetworkAttachment {
+            network: 5,
+            address: Ipv4Addr::new(10, 0, 0, 2),
+        }];
+        s.services.insert(1, api);
+        let mut other = service(2);
+        other.spec.name = "elsewhere".into();
+        s.services.insert(2, other);
+        s.tasks.insert(10, task(10, 1, TaskState::Running, [10, 0, 0, 3]));
+        s.tasks.insert(11, task(11, 1, TaskState::Starting, [10, 0, 0, 4]));
+        let mine = Assignment {
+            task: 10,
+            service: 1,
+            desired: DesiredState::Running,
+            state: TaskState::Running,
+            spec: TaskSpec {
+                networks: vec![TaskNetwork {
+                    network: 5,
+                    name: "front".into(),
+                    vni: 4096,
+                    subnet: crate::subnet::Subnet::parse("10.0.0.0/24").unwrap(),
+                    gateway: Ipv4Addr::new(10, 0, 0, 1),
+                    address: Ipv4Addr::new(10, 0, 0, 3),
+                    mtu: None,
+                    encryption: Default::default(),
+                }],
+                ..Default::default()
+            },
+        };
+        let d = discovery(&s, &[mine]);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].services.len(), 1, "only services on the network");
+        let api = &d[0].services[0];
+        assert_eq!(api.vip, Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(api.tasks, vec![(10, Ipv4Addr::new(10, 0, 0, 3))], "only running tasks");
+        assert!(discovery(&s, &[]).is_empty());
+    }
+}

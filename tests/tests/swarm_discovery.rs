@@ -1,0 +1,193 @@
+//! Kernel lane: service discovery (issue 6). Every service on an overlay
+//! network gets a virtual IP there; inside each task the agent answers DNS
+//! on 127.0.0.11: `NAME` -> the VIP (or, in endpoint mode dnsrr, the task
+//! addresses), `tasks.NAME` -> the running tasks' addresses, only for
+//! services on the task's own networks, and the records follow the tasks.
+//! The task's own resolver (its /etc/resolv.conf) asks there.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+
+use mesh_agent::runtime::supervisor::task_dir_name;
+use mesh_tests::{
+    mesh::dns_a,
+    overlay::{in_task, running},
+    require_root,
+    swarm::{binary, Swarm},
+};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// (host, task directory) of `service`'s running tasks.
+fn placed(swarm: &Swarm, service: &str) -> Vec<(usize, String)> {
+    let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
+    let tasks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    tasks
+        .iter()
+        .filter(|t| t["task"]["state"] == "Running" && t["task"]["desired"] == "Running")
+        .map(|t| {
+            let node = t["node_hostname"].as_str().unwrap_or_default();
+            // The harness names host i's node "hI".
+            let host: usize = node.trim_start_matches('h').parse().expect("the task's host");
+            (host, task_dir_name(t["task"]["id"].as_u64().unwrap()))
+        })
+        .collect()
+}
+
+fn vip(swarm: &Swarm, service: &str) -> Ipv4Addr {
+    let out = swarm.ok(0, &["service", "inspect", service]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["service"]["vips"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{service} has no VIP: {out}"))
+        .parse()
+        .unwrap()
+}
+
+/// The task addresses of `service` on its (only) network.
+fn task_addresses(swarm: &Swarm, service: &str) -> BTreeSet<Ipv4Addr> {
+    let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
+    let tasks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    tasks
+        .iter()
+        .filter(|t| t["task"]["state"] == "Running" && t["task"]["desired"] == "Running")
+        .filter_map(|t| t["task"]["attachments"][0]["address"].as_str()?.parse().ok())
+        .collect()
+}
+
+fn ask(swarm: &Swarm, (host, task): &(usize, String), name: &str) -> Result<BTreeSet<Ipv4Addr>, String> {
+    let name = name.to_string();
+    in_task(swarm, *host, task, move || dns_a(&name)).map(|v| v.into_iter().collect())
+}
+
+#[test]
+fn tasks_resolve_services_on_their_networks_to_vips_and_task_addresses_that_follow_the_tasks() {
+    require_root();
+    let swarm = Swarm::new(3);
+    swarm.init(&[]);
+    swarm.join(1, 0, "worker");
+    swarm.join(2, 0, "worker");
+    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    swarm.ok(0, &["network", "create", "--driver", "overlay", "front"]);
+    swarm.ok(0, &["network", "create", "--driver", "overlay", "back"]);
+    let echo = binary("mesh-echo");
+    let echo = echo.to_str().unwrap();
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "api",
+            "--replicas",
+            "2",
+            "--network",
+            "front",
+            "--",
+            echo,
+            "7000",
+        ],
+    );
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "db",
+            "--endpoint-mode",
+            "dnsrr",
+            "--replicas",
+            "2",
+            "--network",
+            "front",
+            "--",
+            echo,
+            "7000",
+        ],
+    );
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "hidden",
+            "--network",
+            "back",
+            "--",
+            echo,
+            "7000",
+        ],
+    );
+    // A task whose resolver is the task's own /etc/resolv.conf.
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "lookup",
+            "--network",
+            "front",
+            "--",
+            "sh",
+            "-c",
+            "while true; do getent ahostsv4 api | head -n 1; sleep 1; done",
+        ],
+    );
+    swarm.wait("every task running", CONVERGE, || {
+        running(&swarm, "api") == 2
+            && running(&swarm, "db") == 2
+            && running(&swarm, "hidden") == 1
+            && running(&swarm, "lookup") == 1
+    });
+    let client = placed(&swarm, "lookup").remove(0);
+    let api_vip = vip(&swarm, "api");
+    assert!(
+        swarm.ok(0, &["service", "inspect", "db"]).contains("\"vips\": []"),
+        "a dnsrr service has no VIP"
+    );
+
+    swarm.wait("api resolves to its VIP", CONVERGE, || {
+        ask(&swarm, &client, "api") == Ok(BTreeSet::from([api_vip]))
+    });
+    swarm.wait("tasks.api resolves to its tasks", CONVERGE, || {
+        ask(&swarm, &client, "tasks.api") == Ok(task_addresses(&swarm, "api"))
+    });
+    assert_eq!(
+        ask(&swarm, &client, "TASKS.Api").unwrap().len(),
+        2,
+        "names are case-insensitive"
+    );
+    swarm.wait("db (dnsrr) resolves to its tasks", CONVERGE, || {
+        ask(&swarm, &client, "db") == Ok(task_addresses(&swarm, "db"))
+    });
+    let hidden = ask(&swarm, &client, "hidden");
+    assert!(
+        hidden.is_err(),
+        "a service on another network is not known here: {hidden:?}"
+    );
+
+    // The records follow the tasks.
+    swarm.ok(0, &["service", "scale", "api=3"]);
+    swarm.wait("3 api tasks", CONVERGE, || running(&swarm, "api") == 3);
+    swarm.wait("tasks.api lists 3", CONVERGE, || {
+        ask(&swarm, &client, "tasks.api").map(|s| s.len()) == Ok(3)
+    });
+    assert_eq!(
+        ask(&swarm, &client, "api"),
+        Ok(BTreeSet::from([api_vip])),
+        "the VIP stays"
+    );
+
+    // The task's own resolver asks the responder.
+    swarm.wait("getent in the task resolves api", CONVERGE, || {
+        swarm
+            .ok(0, &["service", "logs", "lookup"])
+            .contains(&api_vip.to_string())
+    });
+}
