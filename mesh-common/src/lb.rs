@@ -34,6 +34,8 @@ pub const AFFINITY_MAP: &str = "LB_AFFINITY";
 pub const CONFIG_MAP: &str = "LB_CONFIG";
 pub const NODES_MAP: &str = "LB_NODES";
 pub const RR_MAP: &str = "LB_ROUND_ROBIN";
+pub const VIPS_MAP: &str = "LB_VIPS";
+pub const SOCK_REV_MAP: &str = "LB_SOCK_REV";
 
 /// Tunnel VNIs: a client's packet on its way to a backend's node, and a
 /// task's reply on its way back to the node the client reached.
@@ -205,6 +207,25 @@ pub struct ServiceStats {
     pub connections: u64,
 }
 
+/// A task socket's real peer after a VIP was rewritten to it (the socket
+/// programs put the VIP back where the task reads its peer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// The VIP a socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRev {
+    pub vip: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -228,6 +249,8 @@ mod pod {
         AffinityKey,
         Affinity,
         NodeConfig,
-        ServiceStats
+        ServiceStats,
+        SockRevKey,
+        SockRev
     );
 }

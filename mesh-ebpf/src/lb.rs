@@ -214,7 +214,7 @@ fn pick(service: &ServiceValue, table_id: u32, flow: &FlowKey) -> Option<u32> {
 /// is still in service, else the client's sticky one, else a fresh pick.
 /// A connection whose backend left gets a new one, whose kernel resets it.
 #[inline(always)]
-fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only: bool) -> Option<Backend> {
+pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only: bool) -> Option<Backend> {
     // SAFETY: read-only lookups of plain values.
     if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
         if let Some(b) = unsafe { BACKENDS.get(ct.backend) } {

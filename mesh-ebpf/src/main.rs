@@ -6,6 +6,8 @@
 //! - `tc_count`: TC clsact classifier, the same counting, for links where XDP
 //!   does not fit (egress, or a driver without XDP).
 //! - `tc_ingress`, `tc_tunnel`, `tc_reply`: the routing mesh (see [`lb`]).
+//! - `sock_connect4`, `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeername4`:
+//!   service VIPs for tasks (see [`sock`]).
 //!
 //! On the host target the crate builds to a stub `main` that says how to
 //! build it for real, so `cargo clippy --workspace` still checks it.
@@ -14,12 +16,13 @@
 
 mod lb;
 mod parse;
+mod sock;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK},
-    macros::{classifier, map, xdp},
+    macros::{cgroup_sock_addr, classifier, map, xdp},
     maps::PerCpuArray,
-    programs::{TcContext, XdpContext},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use mesh_common::counters::{self, Counter, Hook, ProtoClass};
 
@@ -53,6 +56,26 @@ pub fn tc_tunnel(mut ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_reply(mut ctx: TcContext) -> i32 {
     lb::reply(&mut ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::to_vip(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::to_vip(&ctx)
 }
 
 #[inline(always)]

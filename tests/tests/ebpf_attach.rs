@@ -4,7 +4,7 @@
 
 use std::{net::UdpSocket, time::Duration};
 
-use mesh_agent::dataplane::ebpf::{EbpfDataplane, ProgramKind, TcApi, TcDirection, XdpAttachMode};
+use mesh_agent::dataplane::ebpf::{EbpfDataplane, ProgramKind, TcApi, TcDirection, XdpAttachMode, TC_COUNT};
 use mesh_common::counters::{Hook, ProtoClass};
 use mesh_tests::{cluster::HOST_LINK, require_root, Cluster};
 
@@ -103,13 +103,18 @@ fn tc_programs_attach_through_tcx_and_clsact_and_count_traffic() {
                 .into_iter()
                 .map(|a| a.unwrap_or_else(|e| panic!("attach {name} through {api:?}: {e}")))
                 .collect();
-            send_udp(&cluster, 5);
-            let after = udp_packets(&dataplane, Hook::Tc);
-            assert!(
-                after >= before + 5,
-                "{name} through {api:?} counted {} UDP packets for 5 received",
-                after - before
-            );
+            // Every classifier attaches both ways; the counting one counts
+            // (the routing mesh's have their own fixtures and scenarios:
+            // tc_tunnel, on a link that is no tunnel, rightly drops all).
+            if name == TC_COUNT {
+                send_udp(&cluster, 5);
+                let after = udp_packets(&dataplane, Hook::Tc);
+                assert!(
+                    after >= before + 5,
+                    "{name} through {api:?} counted {} UDP packets for 5 received",
+                    after - before
+                );
+            }
             for attachment in attachments {
                 cluster
                     .host(1)

@@ -3,7 +3,8 @@
 //! on 127.0.0.11: `NAME` -> the VIP (or, in endpoint mode dnsrr, the task
 //! addresses), `tasks.NAME` -> the running tasks' addresses, only for
 //! services on the task's own networks, and the records follow the tasks.
-//! The task's own resolver (its /etc/resolv.conf) asks there.
+//! The task's own resolver (its /etc/resolv.conf) asks there, and its
+//! connections to a VIP reach the service's tasks.
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
@@ -190,4 +191,59 @@ fn tasks_resolve_services_on_their_networks_to_vips_and_task_addresses_that_foll
             .ok(0, &["service", "logs", "lookup"])
             .contains(&api_vip.to_string())
     });
+
+    // East-west through the VIP: a task connects to `api` by name; the
+    // connections spread over api's tasks, and the task sees the VIP as
+    // its peer (TCP) and as the sender of the answers (UDP).
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "probe",
+            "--network",
+            "front",
+            "--restart-condition",
+            "none",
+            "--",
+            echo,
+            "--connect",
+            "api",
+            "7000",
+            "30",
+        ],
+    );
+    let mut logs = String::new();
+    swarm.wait("the probe finished", CONVERGE, || {
+        logs = swarm.ok(0, &["service", "logs", "probe"]);
+        logs.lines().filter(|l| l.contains("udp ")).count() == 30
+    });
+    let vip_port = format!("{api_vip}:7000");
+    let tcp: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| l.split_once("tcp ").map(|(_, r)| r))
+        .collect();
+    assert_eq!(tcp.len(), 30, "{logs}");
+    let mut served = BTreeSet::new();
+    for line in &tcp {
+        let (peer, task) = line.split_once(' ').unwrap_or((line, ""));
+        assert_eq!(peer, vip_port, "getpeername shows the VIP: {logs}");
+        served.insert(task.to_string());
+    }
+    println!("connections through the VIP per task: {served:?}");
+    assert!(
+        served.len() >= 2,
+        "connections to the VIP spread over the tasks: {served:?}"
+    );
+    let udp: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| l.split_once("udp ").map(|(_, r)| r))
+        .collect();
+    assert!(
+        udp.iter()
+            .all(|l| l.starts_with(&format!("{vip_port} ")) && l.ends_with(" datagram")),
+        "UDP answers come from the VIP: {logs}"
+    );
 }

@@ -41,6 +41,7 @@ use super::{
     token::JoinToken,
 };
 use crate::runtime::{
+    cgroup::TaskCgroup,
     dns::Dns,
     logs,
     mesh::RoutingMesh,
@@ -705,13 +706,21 @@ impl Member {
         }
         .wireguard_key(&dek)?;
         let overlays = Arc::new(Overlays::new(Tunnel::new(wireguard_key, opts.wireguard)));
-        let mesh = RoutingMesh::new(network.clone());
+        let cgroup = match TaskCgroup::create(&opts.data_dir) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                log::warn!("tasks get no cgroup, so service VIPs will not work in them: {e}");
+                None
+            }
+        };
+        let mesh = RoutingMesh::new(network.clone(), cgroup.as_ref().map(|c| c.dir().to_path_buf()));
         let dns = Arc::new(Dns::new());
         let tasks = Supervisor::new(
             opts.data_dir.join("tasks"),
             network.clone(),
             overlays.clone(),
             dns.clone(),
+            cgroup.as_ref().map(TaskCgroup::procs),
             reports,
         )
         .map_err(|e| ApiError::internal(format!("preparing the task directory: {e}")))?;
@@ -816,6 +825,8 @@ impl Member {
         if self.tasks.stop_all(TASK_STOP_LIMIT).await {
             self.network.remove().await;
             self.overlays.remove_all().await;
+            let data_dir = self.opts.data_dir.clone();
+            let _ = tokio::task::spawn_blocking(move || TaskCgroup::remove_recorded(&data_dir)).await;
         }
         let _ = self.stop.send(true);
         let manager = self.manager.write().expect("reason: never poisoned").take();

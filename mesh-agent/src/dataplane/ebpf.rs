@@ -45,7 +45,7 @@ pub enum EbpfError {
     #[error("eBPF program `{name}` is not a {expected} program")]
     WrongKind { name: String, expected: &'static str },
     /// Attaching or detaching failed.
-    #[error("cannot {action} eBPF program `{name}` on `{interface}`: {source}")]
+    #[error("cannot {action} eBPF program `{name}` on `{interface}`: {}", chain(source.as_ref()))]
     Attach {
         action: &'static str,
         name: String,
@@ -102,6 +102,8 @@ pub enum TcDirection {
 pub enum ProgramKind {
     Xdp,
     TcClassifier,
+    /// cgroup/connect4 and its kin (`sock_*`).
+    CgroupSockAddr,
 }
 
 /// An attached XDP program, to hand back to [`EbpfDataplane::detach_xdp`].
@@ -150,6 +152,7 @@ impl EbpfDataplane {
             let loaded = match program {
                 Program::Xdp(p) => p.load(),
                 Program::SchedClassifier(p) => p.load(),
+                Program::CgroupSockAddr(p) => p.load(),
                 _ => return Err(EbpfError::UnsupportedKind(name.to_owned())),
             };
             loaded.map_err(|source| EbpfError::Load {
@@ -177,6 +180,7 @@ impl EbpfDataplane {
         match self.ebpf.program(name) {
             Some(Program::Xdp(_)) => Ok(ProgramKind::Xdp),
             Some(Program::SchedClassifier(_)) => Ok(ProgramKind::TcClassifier),
+            Some(Program::CgroupSockAddr(_)) => Ok(ProgramKind::CgroupSockAddr),
             Some(_) => Err(EbpfError::UnsupportedKind(name.to_owned())),
             None => Err(EbpfError::MissingProgram(name.to_owned())),
         }
@@ -253,6 +257,34 @@ impl EbpfDataplane {
             .map_err(|source| attach_error("detach", name, &attachment.interface, source))
     }
 
+    /// Attaches the cgroup socket program `name` to the cgroup directory
+    /// `cgroup` (`bpftool cgroup attach CGROUP connect4 ...`); it stays
+    /// attached while the agent runs.
+    pub fn attach_cgroup(&mut self, name: &str, cgroup: &std::path::Path) -> Result<(), EbpfError> {
+        let interface = cgroup.display().to_string();
+        let dir = std::fs::File::open(cgroup).map_err(|e| EbpfError::Attach {
+            action: "attach",
+            name: name.to_owned(),
+            interface: interface.clone(),
+            source: Box::new(ProgramError::IOError(e)),
+        })?;
+        let program: &mut aya::programs::CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| EbpfError::MissingProgram(name.to_owned()))?
+            .try_into()
+            .map_err(|_| EbpfError::WrongKind {
+                name: name.to_owned(),
+                expected: "cgroup socket address",
+            })?;
+        program
+            // A link (kernel >= 5.7) always lets other programs share the
+            // cgroup; the link API refuses the ALLOW_MULTI flag itself.
+            .attach(dir, aya::programs::links::CgroupAttachMode::Single)
+            .map_err(|source| attach_error("attach", name, &interface, source))?;
+        Ok(())
+    }
+
     /// The packet counters, summed over every CPU.
     pub fn counters(&self) -> Result<PacketCounters, EbpfError> {
         let map_error = |reason: String| EbpfError::Map {
@@ -314,6 +346,18 @@ fn add_clsact(interface: &str) -> Result<(), EbpfError> {
             source: Box::new(source),
         }),
     }
+}
+
+/// An error and its causes, as one line (aya's syscall errors keep the
+/// OS error as their cause).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 fn attach_error(action: &'static str, name: &str, interface: &str, source: ProgramError) -> EbpfError {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use mesh_common::lb::{
     Backend, NodeConfig, ServiceKey, ServiceStats, ServiceValue, Table, BACKENDS_MAP, CONFIG_MAP, NODES_MAP,
-    SERVICES_MAP, STATS_MAP, TABLES_MAP,
+    SERVICES_MAP, STATS_MAP, TABLES_MAP, VIPS_MAP,
 };
 
 use super::ebpf::{EbpfDataplane, EbpfError};
@@ -25,6 +25,8 @@ pub struct LbState {
     pub backends: BTreeMap<u32, Backend>,
     /// Other nodes' underlay addresses (as on the wire).
     pub nodes: BTreeSet<u32>,
+    /// Service VIPs (as on the wire) for the tasks' sockets.
+    pub vips: BTreeMap<u32, ServiceValue>,
 }
 
 /// One map write.
@@ -33,8 +35,10 @@ pub enum Change {
     Backend(u32, Backend),
     Table(u32, u32, Vec<u32>),
     Service(ServiceKey, ServiceValue),
+    Vip(u32, ServiceValue),
     Node(u32),
     RemoveService(ServiceKey),
+    RemoveVip(u32),
     RemoveTable(u32),
     RemoveBackend(u32),
     RemoveNode(u32),
@@ -62,6 +66,17 @@ pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
             out.push(Change::Service(*k, *v));
         }
     }
+    for (k, v) in &to.vips {
+        if from.vips.get(k) != Some(v) {
+            out.push(Change::Vip(*k, *v));
+        }
+    }
+    out.extend(
+        from.vips
+            .keys()
+            .filter(|k| !to.vips.contains_key(k))
+            .map(|k| Change::RemoveVip(*k)),
+    );
     out.extend(
         from.services
             .keys()
@@ -100,6 +115,7 @@ fn take(dataplane: &mut EbpfDataplane, name: &'static str) -> Result<Map, EbpfEr
 /// The maps the agent writes.
 pub struct LbMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    vips: HashMap<MapData, u32, ServiceValue>,
     tables: HashMap<MapData, u32, Table>,
     backends: HashMap<MapData, u32, Backend>,
     nodes: HashMap<MapData, u32, u32>,
@@ -112,6 +128,7 @@ impl LbMaps {
     pub fn take(dataplane: &mut EbpfDataplane) -> Result<LbMaps, EbpfError> {
         Ok(LbMaps {
             services: HashMap::try_from(take(dataplane, SERVICES_MAP)?).map_err(|e| map_error(SERVICES_MAP, e))?,
+            vips: HashMap::try_from(take(dataplane, VIPS_MAP)?).map_err(|e| map_error(VIPS_MAP, e))?,
             tables: HashMap::try_from(take(dataplane, TABLES_MAP)?).map_err(|e| map_error(TABLES_MAP, e))?,
             backends: HashMap::try_from(take(dataplane, BACKENDS_MAP)?).map_err(|e| map_error(BACKENDS_MAP, e))?,
             nodes: HashMap::try_from(take(dataplane, NODES_MAP)?).map_err(|e| map_error(NODES_MAP, e))?,
@@ -142,6 +159,8 @@ impl LbMaps {
                 }
                 Change::Service(k, v) => self.services.insert(k, v, 0).map_err(|e| map_error(SERVICES_MAP, e))?,
                 Change::Node(n) => self.nodes.insert(n, 1, 0).map_err(|e| map_error(NODES_MAP, e))?,
+                Change::Vip(k, v) => self.vips.insert(k, v, 0).map_err(|e| map_error(VIPS_MAP, e))?,
+                Change::RemoveVip(k) => ignore_missing(self.vips.remove(k), VIPS_MAP)?,
                 Change::RemoveService(k) => ignore_missing(self.services.remove(k), SERVICES_MAP)?,
                 Change::RemoveTable(id) => ignore_missing(self.tables.remove(id), TABLES_MAP)?,
                 Change::RemoveBackend(id) => ignore_missing(self.backends.remove(id), BACKENDS_MAP)?,

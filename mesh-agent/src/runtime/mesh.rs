@@ -13,6 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
@@ -24,6 +25,7 @@ use super::network::{LocalNetwork, BRIDGE};
 use crate::{
     control::{
         api::Assignments,
+        discovery::{NetworkServices, ServiceRecord},
         mesh::{MeshAssignment, MeshService},
         service::{LbAlgorithm, Protocol},
     },
@@ -49,15 +51,22 @@ pub fn tunnel_port(data_path_port: u16) -> u16 {
 /// tracked to a backend that left never lands on another task).
 #[derive(Debug, Default)]
 struct Ids {
-    services: BTreeMap<(u64, u16, u8), u32>,
+    services: BTreeMap<PortKey, u32>,
     free_services: BTreeSet<u32>,
     next_service: u32,
-    backends: BTreeMap<u64, u32>,
+    backends: BTreeMap<BackendKey, u32>,
     next_backend: u32,
 }
 
+/// A service port: (service, published port, protocol, 0), or a VIP:
+/// (service, 0, 0, network).
+type PortKey = (u64, u16, u8, u64);
+/// A task behind a published port (task, 0) or behind a VIP on a network
+/// (task, network): each has its own address, so its own backend entry.
+type BackendKey = (u64, u64);
+
 impl Ids {
-    fn service(&mut self, key: (u64, u16, u8)) -> Option<u32> {
+    fn service(&mut self, key: PortKey) -> Option<u32> {
         if let Some(id) = self.services.get(&key) {
             return Some(*id);
         }
@@ -73,7 +82,7 @@ impl Ids {
         Some(id)
     }
 
-    fn backend(&mut self, task: u64) -> u32 {
+    fn backend(&mut self, task: BackendKey) -> u32 {
         let next = &mut self.next_backend;
         *self.backends.entry(task).or_insert_with(|| {
             *next = next.wrapping_add(1).max(1);
@@ -81,7 +90,7 @@ impl Ids {
         })
     }
 
-    fn release(&mut self, keys: impl Iterator<Item = (u64, u16, u8)>, tasks: impl Iterator<Item = u64>) {
+    fn release(&mut self, keys: impl Iterator<Item = PortKey>, tasks: impl Iterator<Item = BackendKey>) {
         for k in keys {
             if let Some(id) = self.services.remove(&k) {
                 self.free_services.insert(id);
@@ -119,8 +128,8 @@ struct ServiceEntry {
     /// local tasks.
     input: (u64, Vec<(u64, Option<Ipv4Addr>)>),
     state: LbState,
-    keys: BTreeSet<(u64, u16, u8)>,
-    tasks: BTreeSet<u64>,
+    keys: BTreeSet<PortKey>,
+    tasks: BTreeSet<BackendKey>,
 }
 
 /// The routing mesh's maps as last planned, per service, so one changed
@@ -131,6 +140,8 @@ pub struct MeshTables {
     ids: Ids,
     services: BTreeMap<u64, ServiceEntry>,
     nodes: BTreeSet<u32>,
+    /// Service VIPs by (service, network).
+    vips: BTreeMap<(u64, u64), ServiceEntry>,
 }
 
 impl MeshTables {
@@ -233,6 +244,125 @@ impl MeshTables {
     }
 }
 
+impl MeshTables {
+    /// The map writes that take the VIPs from the last call to `services`
+    /// (the services on this node's tasks' networks). A VIP leads to the
+    /// service's running tasks' addresses on that network, any port.
+    pub fn update_vips(&mut self, services: &[NetworkServices]) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let mut seen = BTreeSet::new();
+        for network in services {
+            for record in network.services.iter() {
+                let Some(vip) = record.vip else { continue };
+                let key = (record.service, network.network);
+                seen.insert(key);
+                let digest = record_digest(record, vip);
+                if self.vips.get(&key).is_some_and(|e| e.input.0 == digest) {
+                    continue;
+                }
+                let old = self.vips.remove(&key);
+                let (state, keys, tasks) = vip_state(record, vip, network.network, &mut self.ids);
+                let empty = LbState::default();
+                changes.extend(plan(old.as_ref().map_or(&empty, |e| &e.state), &state));
+                if let Some(old) = old {
+                    self.ids.release(
+                        old.keys.difference(&keys).copied(),
+                        old.tasks.difference(&tasks).copied(),
+                    );
+                }
+                self.vips.insert(
+                    key,
+                    ServiceEntry {
+                        input: (digest, Vec::new()),
+                        state,
+                        keys,
+                        tasks,
+                    },
+                );
+            }
+        }
+        let gone: Vec<(u64, u64)> = self.vips.keys().filter(|k| !seen.contains(k)).copied().collect();
+        for key in gone {
+            if let Some(old) = self.vips.remove(&key) {
+                changes.extend(plan(&old.state, &LbState::default()));
+                self.ids.release(old.keys.into_iter(), old.tasks.into_iter());
+            }
+        }
+        changes
+    }
+
+    /// Whether any VIP is served (the socket programs are needed).
+    pub fn has_vips(&self) -> bool {
+        !self.vips.is_empty()
+    }
+}
+
+fn record_digest(record: &ServiceRecord, vip: Ipv4Addr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (record.service, vip, &record.tasks).hash(&mut h);
+    (
+        record.lb.algorithm as u8,
+        record.lb.client_affinity,
+        record.lb.affinity_timeout_s,
+    )
+        .hash(&mut h);
+    h.finish()
+}
+
+/// What one VIP puts in the maps: its entry, its table over the tasks'
+/// addresses on the network.
+fn vip_state(
+    record: &ServiceRecord,
+    vip: Ipv4Addr,
+    network: u64,
+    ids: &mut Ids,
+) -> (LbState, BTreeSet<PortKey>, BTreeSet<BackendKey>) {
+    let mut state = LbState::default();
+    let mut keys = BTreeSet::new();
+    let mut tasks = BTreeSet::new();
+    let key = (record.service, 0, 0, network);
+    let Some(id) = ids.service(key) else {
+        log::warn!(
+            "the routing mesh holds {MAX_SERVICES} service ports already; {}'s VIP is not served",
+            record.name
+        );
+        return (state, keys, tasks);
+    };
+    keys.insert(key);
+    let names: Vec<u64> = record.tasks.iter().map(|(t, _)| *t).collect();
+    let indices = match record.lb.algorithm {
+        LbAlgorithm::Maglev => maglev::table(&names, TABLE_SIZE),
+        _ => maglev::spread(names.len(), TABLE_SIZE),
+    };
+    let slots: Vec<u32> = indices
+        .iter()
+        .map(|i| ids.backend((record.tasks[*i as usize].0, network)))
+        .collect();
+    for (task, address) in &record.tasks {
+        tasks.insert((*task, network));
+        state.backends.insert(
+            ids.backend((*task, network)),
+            Backend {
+                node: 0,
+                local: wire_addr(*address),
+            },
+        );
+    }
+    state.tables.insert(id, (record.tasks.len() as u32, slots));
+    state.vips.insert(
+        wire_addr(vip),
+        ServiceValue {
+            id,
+            target_port: 0,
+            algorithm: algorithm(record.lb.algorithm) as u8,
+            affinity: u8::from(record.lb.client_affinity),
+            affinity_timeout_s: record.lb.affinity_timeout_s,
+        },
+    );
+    (state, keys, tasks)
+}
+
 /// Node additions (`add`) or removals between two sets.
 fn plan_nodes(from: &BTreeSet<u32>, to: &BTreeSet<u32>, add: bool) -> Vec<Change> {
     if add {
@@ -248,7 +378,7 @@ fn service_state(
     service: &MeshService,
     local: &BTreeMap<u64, Ipv4Addr>,
     ids: &mut Ids,
-) -> (LbState, BTreeSet<(u64, u16, u8)>, BTreeSet<u64>) {
+) -> (LbState, BTreeSet<PortKey>, BTreeSet<BackendKey>) {
     let mut state = LbState::default();
     let mut keys = BTreeSet::new();
     let mut tasks = BTreeSet::new();
@@ -273,7 +403,7 @@ fn service_state(
     }
     let here: Vec<(u64, Backend)> = all.iter().copied().filter(|(_, b)| b.local != 0).collect();
     for port in &service.ports {
-        let key = (service.service, port.published, proto(port.protocol));
+        let key = (service.service, port.published, proto(port.protocol), 0);
         let Some(id) = ids.service(key) else {
             log::warn!(
                 "the routing mesh holds {MAX_SERVICES} service ports already; {}:{} is not served",
@@ -289,10 +419,10 @@ fn service_state(
                 LbAlgorithm::Maglev => maglev::table(&names, TABLE_SIZE),
                 _ => maglev::spread(names.len(), TABLE_SIZE),
             };
-            let slots: Vec<u32> = indices.iter().map(|i| ids.backend(set[*i as usize].0)).collect();
+            let slots: Vec<u32> = indices.iter().map(|i| ids.backend((set[*i as usize].0, 0))).collect();
             for (task, backend) in set.iter() {
-                tasks.insert(*task);
-                state.backends.insert(ids.backend(*task), *backend);
+                tasks.insert((*task, 0));
+                state.backends.insert(ids.backend((*task, 0)), *backend);
             }
             state.tables.insert(table_id, (set.len() as u32, slots));
         }
@@ -330,11 +460,17 @@ pub enum MeshError {
     NotIpv4(String),
 }
 
-/// The programs, their attachments and the maps while the node serves
-/// published ports.
+/// The programs and maps while the node serves published ports or VIPs.
 struct Active {
     dataplane: EbpfDataplane,
     maps: LbMaps,
+    /// The published-port half: the tunnel device and the TC programs.
+    tc: Option<TcPart>,
+    /// Whether the socket programs are on the tasks' cgroup.
+    sockets: bool,
+}
+
+struct TcPart {
     attachments: Vec<(&'static str, TcAttachment)>,
     vtep: Ipv4Addr,
     port: u16,
@@ -347,20 +483,25 @@ struct Inner {
     tables: MeshTables,
     /// The latest assignment, with its data-path address and port.
     assignment: Option<(MeshAssignment, String, u16)>,
+    /// The services on this node's tasks' networks (their VIPs).
+    services: Vec<NetworkServices>,
 }
 
-/// The node's routing mesh.
+/// The node's routing mesh: published ports, and the VIPs its tasks use.
 pub struct RoutingMesh {
     network: Arc<LocalNetwork>,
+    cgroup: Option<PathBuf>,
     inner: Arc<Mutex<Inner>>,
 }
 
 impl RoutingMesh {
-    /// A mesh over the node's task bridge; nothing is made before the
-    /// first published port. Follows the local tasks' addresses.
-    pub fn new(network: Arc<LocalNetwork>) -> Arc<RoutingMesh> {
+    /// A mesh over the node's task bridge and its tasks' cgroup (without
+    /// one, VIPs are not served); nothing is made before it is needed.
+    /// Follows the local tasks' addresses.
+    pub fn new(network: Arc<LocalNetwork>, cgroup: Option<PathBuf>) -> Arc<RoutingMesh> {
         let mesh = Arc::new(RoutingMesh {
             network: network.clone(),
+            cgroup,
             inner: Arc::default(),
         });
         let weak = Arc::downgrade(&mesh);
@@ -384,6 +525,7 @@ impl RoutingMesh {
                 .mesh
                 .clone()
                 .map(|m| (m, assignments.vtep.clone(), assignments.data_path_port));
+            inner.services = assignments.services.clone();
         }
         self.sync().await
     }
@@ -393,6 +535,7 @@ impl RoutingMesh {
         {
             let mut inner = self.inner.lock().expect("reason: never poisoned");
             inner.assignment = None;
+            inner.services.clear();
         }
         if let Err(e) = self.sync().await {
             log::warn!("removing the routing mesh: {e}");
@@ -402,41 +545,78 @@ impl RoutingMesh {
     /// Brings the kernel in line with the latest assignment and the local
     /// tasks' addresses.
     async fn sync(&self) -> Result<(), MeshError> {
-        let wants_mesh = self.inner.lock().expect("reason: never poisoned").assignment.is_some();
-        if wants_mesh {
+        let wants_tc = self.inner.lock().expect("reason: never poisoned").assignment.is_some();
+        if wants_tc {
             self.network.ensure_bridge().await?;
         }
         let local = self.network.addresses();
         let inner = self.inner.clone();
+        let cgroup = self.cgroup.clone();
         tokio::task::spawn_blocking(move || {
             let mut inner = inner.lock().expect("reason: never poisoned");
-            sync_blocking(&mut inner, &local)
+            sync_blocking(&mut inner, &local, cgroup.as_deref())
         })
         .await
         .map_err(|e| MeshError::Network(super::network::NetworkError::Worker(e.to_string())))?
     }
 }
 
-fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>) -> Result<(), MeshError> {
-    let Some((mesh, vtep, data_path_port)) = inner.assignment.clone() else {
+fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>, cgroup: Option<&Path>) -> Result<(), MeshError> {
+    let published = match &inner.assignment {
+        Some((mesh, vtep, port)) => {
+            let vtep: Ipv4Addr = vtep.parse().map_err(|_| MeshError::NotIpv4(vtep.clone()))?;
+            Some((mesh.clone(), vtep, tunnel_port(*port)))
+        }
+        None => None,
+    };
+    let has_vips = inner
+        .services
+        .iter()
+        .any(|n| n.services.iter().any(|s| s.vip.is_some()));
+    let wants_sockets = has_vips && cgroup.is_some();
+    if published.is_none() && !wants_sockets {
         if let Some(active) = inner.active.take() {
             teardown(active);
         }
         inner.tables = MeshTables::default();
         return Ok(());
-    };
-    let vtep: Ipv4Addr = vtep.parse().map_err(|_| MeshError::NotIpv4(vtep.clone()))?;
-    let port = tunnel_port(data_path_port);
-    if inner.active.as_ref().is_some_and(|a| a.vtep != vtep || a.port != port) {
-        if let Some(active) = inner.active.take() {
-            teardown(active);
-        }
     }
     if inner.active.is_none() {
+        let mut dataplane = EbpfDataplane::load()?;
+        let maps = LbMaps::take(&mut dataplane)?;
         inner.tables = MeshTables::default();
-        inner.active = Some(setup(vtep, port)?);
+        inner.active = Some(Active {
+            dataplane,
+            maps,
+            tc: None,
+            sockets: false,
+        });
     }
-    let changes = inner.tables.update(&mesh, local);
+    let active = inner.active.as_mut().expect("reason: set up above");
+    let moved = match (&active.tc, &published) {
+        (Some(tc), Some((_, vtep, port))) => tc.vtep != *vtep || tc.port != *port,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    if moved {
+        if let Some(tc) = active.tc.take() {
+            teardown_tc(&mut active.dataplane, tc);
+        }
+    }
+    if let (None, Some((_, vtep, port))) = (&active.tc, &published) {
+        active.tc = Some(setup_tc(&mut active.dataplane, &mut active.maps, *vtep, *port)?);
+    }
+    if wants_sockets && !active.sockets {
+        let dir = cgroup.expect("reason: wants_sockets needs one");
+        for program in SOCKET_PROGRAMS {
+            active.dataplane.attach_cgroup(program, dir)?;
+        }
+        active.sockets = true;
+        log::info!("routing mesh: serving service VIPs to the tasks in {}", dir.display());
+    }
+    let mesh = published.map(|(m, _, _)| m).unwrap_or_default();
+    let mut changes = inner.tables.update(&mesh, local);
+    changes.extend(inner.tables.update_vips(&inner.services));
     let active = inner.active.as_mut().expect("reason: set up above");
     if let Err(e) = active.maps.apply(&changes) {
         // What the maps hold is unknown now: start again from empty ones.
@@ -449,8 +629,8 @@ fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>) -> Result<(
     Ok(())
 }
 
-/// Makes the tunnel device, loads the programs and attaches them.
-fn setup(vtep: Ipv4Addr, port: u16) -> Result<Active, MeshError> {
+/// Makes the tunnel device and attaches the TC programs.
+fn setup_tc(dataplane: &mut EbpfDataplane, maps: &mut LbMaps, vtep: Ipv4Addr, port: u16) -> Result<TcPart, MeshError> {
     let (underlay, underlay_index, tunnel_index, bridge_index) = Netlink::run(|nl| async move {
         let underlay_index = nl
             .link_with_address(vtep.into())
@@ -478,8 +658,6 @@ fn setup(vtep: Ipv4Addr, port: u16) -> Result<Active, MeshError> {
         NetlinkError::NoSuchLink(_) => MeshError::NoUnderlay(vtep),
         other => MeshError::Netlink(other),
     })?;
-    let mut dataplane = EbpfDataplane::load()?;
-    let mut maps = LbMaps::take(&mut dataplane)?;
     maps.set_config(NodeConfig {
         addr: wire_addr(vtep),
         ifindex: underlay_index,
@@ -499,37 +677,50 @@ fn setup(vtep: Ipv4Addr, port: u16) -> Result<Active, MeshError> {
                 for (p, a) in attachments {
                     let _ = dataplane.detach_tc(p, a);
                 }
+                let _ = delete_tunnel();
                 return Err(e.into());
             }
         }
     }
     log::info!("routing mesh: serving published ports on {underlay} ({vtep}), tunnel {TUNNEL_DEVICE} on port {port}");
-    Ok(Active {
-        dataplane,
-        maps,
+    Ok(TcPart {
         attachments,
         vtep,
         port,
     })
 }
 
-fn teardown(mut active: Active) {
-    for (program, attachment) in active.attachments.drain(..) {
-        if let Err(e) = active.dataplane.detach_tc(program, attachment) {
-            log::warn!("routing mesh: {e}");
-        }
-    }
-    let removed = Netlink::run(|nl| async move {
+fn delete_tunnel() -> Result<(), NetlinkError> {
+    Netlink::run(|nl| async move {
         match nl.delete_link(TUNNEL_DEVICE).await {
             Ok(()) | Err(NetlinkError::NoSuchLink(_)) => Ok(()),
             Err(e) => Err(e),
         }
-    });
-    if let Err(e) = removed {
+    })
+}
+
+fn teardown_tc(dataplane: &mut EbpfDataplane, mut tc: TcPart) {
+    for (program, attachment) in tc.attachments.drain(..) {
+        if let Err(e) = dataplane.detach_tc(program, attachment) {
+            log::warn!("routing mesh: {e}");
+        }
+    }
+    if let Err(e) = delete_tunnel() {
         log::warn!("routing mesh: removing {TUNNEL_DEVICE}: {e}");
     }
-    log::info!("routing mesh: no published port left; programs detached");
+    log::info!("routing mesh: no published port left; TC programs detached");
 }
+
+/// Detaches everything; the socket programs' links and the maps go with
+/// the dataplane.
+fn teardown(mut active: Active) {
+    if let Some(tc) = active.tc.take() {
+        teardown_tc(&mut active.dataplane, tc);
+    }
+}
+
+/// The socket programs on the tasks' cgroup.
+const SOCKET_PROGRAMS: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
 
 /// Program names in the mesh-ebpf object.
 pub const PROGRAM_INGRESS: &str = "tc_ingress";
@@ -594,6 +785,12 @@ mod tests {
                 }
                 Change::RemoveNode(n) => {
                     state.nodes.remove(n);
+                }
+                Change::Vip(k, v) => {
+                    state.vips.insert(*k, *v);
+                }
+                Change::RemoveVip(k) => {
+                    state.vips.remove(k);
                 }
             }
         }

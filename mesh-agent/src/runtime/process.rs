@@ -126,6 +126,8 @@ pub struct Launch<'a> {
     pub log: &'a File,
     /// Mounted over /etc/resolv.conf in the task's mount namespace.
     pub resolv_conf: Option<&'a std::path::Path>,
+    /// The `cgroup.procs` file of the cgroup the task joins.
+    pub cgroup_procs: Option<&'a std::path::Path>,
 }
 
 /// Starts a task process. The child is its own session leader, so its PID
@@ -153,12 +155,51 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
         .map(|p| CString::new(p.as_os_str().as_encoded_bytes()))
         .transpose()
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "resolv.conf path holds a NUL"))?;
+    let cgroup_procs = launch
+        .cgroup_procs
+        .map(|p| CString::new(p.as_os_str().as_encoded_bytes()))
+        .transpose()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path holds a NUL"))?;
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls on values prepared before fork.
     unsafe {
-        cmd.pre_exec(move || enter_task_namespaces(netns, &hostname, user, resolv_conf.as_deref()));
+        cmd.pre_exec(move || {
+            if let Some(procs) = &cgroup_procs {
+                join_cgroup(procs)?;
+            }
+            enter_task_namespaces(netns, &hostname, user, resolv_conf.as_deref())
+        });
     }
     tokio::process::Command::from(cmd).spawn()
+}
+
+/// In the forked child: writes its own PID to `procs` (no allocation).
+fn join_cgroup(procs: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: getpid cannot fail.
+    let mut pid = unsafe { libc::getpid() } as u32;
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    // SAFETY: a NUL-terminated path and a buffer of the stated length.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let written = libc::write(fd, digits[at..].as_ptr().cast(), digits.len() - at);
+        libc::close(fd);
+        if written < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// In the forked child: new session, the task's namespaces, then drop to

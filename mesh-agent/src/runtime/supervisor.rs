@@ -46,6 +46,8 @@ pub struct Supervisor {
     network: Arc<LocalNetwork>,
     overlays: Arc<Overlays>,
     dns: Arc<Dns>,
+    /// The cgroup tasks join (the VIP socket programs act there).
+    cgroup_procs: Option<PathBuf>,
     reports: mpsc::UnboundedSender<TaskReport>,
     inner: Mutex<Inner>,
 }
@@ -78,6 +80,7 @@ impl Supervisor {
         network: Arc<LocalNetwork>,
         overlays: Arc<Overlays>,
         dns: Arc<Dns>,
+        cgroup_procs: Option<PathBuf>,
         reports: mpsc::UnboundedSender<TaskReport>,
     ) -> io::Result<Arc<Supervisor>> {
         fs::create_dir_all(&dir)?;
@@ -87,6 +90,7 @@ impl Supervisor {
             network,
             overlays,
             dns,
+            cgroup_procs,
             reports,
             inner: Mutex::new(Inner {
                 leftovers,
@@ -271,6 +275,7 @@ impl Supervisor {
             netns: netns.fd(),
             log: &log,
             resolv_conf: resolv_conf.as_deref(),
+            cgroup_procs: self.cgroup_procs.as_deref(),
         })
         .map_err(|e| spawn_error(spec, &e))?;
         let pid = child.id().ok_or("the task exited before it could be watched")?;

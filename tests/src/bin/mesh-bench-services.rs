@@ -127,6 +127,7 @@ fn kernel_floor(n: usize) -> Duration {
                         netns: task_ns.fd(),
                         log: &log,
                         resolv_conf: None,
+                        cgroup_procs: None,
                     })
                     .expect("spawn");
                     children.push(child);

@@ -10,6 +10,12 @@
 //!
 //! Arguments after PORT are ignored: tests use them to find their own
 //! tasks' processes.
+//!
+//! `mesh-echo --connect NAME PORT N` is a client instead: it resolves NAME
+//! (through the task's resolver), opens N TCP connections to it and sends
+//! N UDP datagrams from one unconnected socket, and prints per connection
+//! `tcp PEER GREETING` (the peer as getpeername() reports it) and per
+//! datagram `udp FROM REPLY` (the sender as recvfrom() reports it).
 
 use std::{
     io::{Read, Write},
@@ -18,6 +24,10 @@ use std::{
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--connect") {
+        connect(&args[1..]);
+        return;
+    }
     let http = args.first().is_some_and(|a| a == "--http");
     if http {
         args.remove(0);
@@ -104,4 +114,50 @@ fn answer_http(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
         body.len()
     );
     stream.write_all(response.as_bytes())
+}
+
+/// The client mode (see the module's comment).
+fn connect(args: &[String]) {
+    use std::net::ToSocketAddrs;
+    let (Some(name), Some(port), Some(n)) = (
+        args.first(),
+        args.get(1).and_then(|p| p.parse::<u16>().ok()),
+        args.get(2).and_then(|n| n.parse::<usize>().ok()),
+    ) else {
+        eprintln!("usage: mesh-echo --connect NAME PORT N");
+        std::process::exit(2);
+    };
+    let to = match (name.as_str(), port).to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(to)) => to,
+        other => {
+            println!("cannot resolve {name}: {other:?}");
+            std::process::exit(1);
+        }
+    };
+    println!("resolved {name} {}", to.ip());
+    for _ in 0..n {
+        match TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2)) {
+            Ok(mut stream) => {
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+                let peer = stream.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                let mut greeting = Vec::new();
+                let mut byte = [0u8; 1];
+                while stream.read(&mut byte).map(|r| r == 1).unwrap_or(false) && byte[0] != b'\n' {
+                    greeting.push(byte[0]);
+                }
+                println!("tcp {peer} {}", String::from_utf8_lossy(&greeting));
+            }
+            Err(e) => println!("tcp error {e}"),
+        }
+    }
+    let udp = UdpSocket::bind(("0.0.0.0", 0)).expect("a UDP socket");
+    let _ = udp.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+    let mut buf = [0u8; 1500];
+    for _ in 0..n {
+        let _ = udp.send_to(b"datagram", to);
+        match udp.recv_from(&mut buf) {
+            Ok((len, from)) => println!("udp {from} {}", String::from_utf8_lossy(&buf[..len])),
+            Err(e) => println!("udp error {e}"),
+        }
+    }
 }

@@ -1,0 +1,91 @@
+//! East-west load balancing: a task's connection to a service's virtual IP
+//! is sent to one of the service's tasks when the socket connects (or, for
+//! unconnected UDP, per datagram), so no packet is ever translated and no
+//! address needs answering for ARP. The programs sit on the cgroup holding
+//! the node's tasks; sockets outside it are never touched.
+//!
+//! - `sock_connect4`, `sock_sendmsg4`: VIP -> a task's address ([`LB_VIPS`],
+//!   the shared tables and backends; the connection tracking keeps one
+//!   socket's datagrams on one task);
+//! - `sock_recvmsg4`, `sock_getpeername4`: the task's address -> the VIP, so
+//!   the application sees the peer it asked for.
+
+use aya_ebpf::{
+    helpers::bpf_get_socket_cookie,
+    macros::map,
+    maps::{HashMap, LruHashMap},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use mesh_common::lb::{FlowKey, ServiceValue, SockRev, SockRevKey, MAX_CONNTRACK, MAX_SERVICES};
+
+use crate::lb::backend_for;
+
+#[map(name = "LB_VIPS")]
+static LB_VIPS: HashMap<u32, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+#[map(name = "LB_SOCK_REV")]
+static SOCK_REV: LruHashMap<SockRevKey, SockRev> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// Let the system call go on (the cgroup hooks' verdict).
+const ALLOW: i32 = 1;
+
+/// VIP -> a task's address, for `connect()` and `sendmsg()`.
+#[inline(always)]
+pub fn to_backend(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let vip = sa.user_ip4;
+    // SAFETY: read-only lookup of a plain value.
+    let Some(service) = (unsafe { LB_VIPS.get(vip) }) else {
+        return ALLOW;
+    };
+    let service = *service;
+    // SAFETY: the context is the program's own.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let port = sa.user_port as u16;
+    // One socket, one flow: its datagrams (and a reconnect) stay on one task.
+    let flow = FlowKey {
+        src: cookie as u32,
+        dst: vip,
+        sport: (cookie >> 32) as u16,
+        dport: port,
+        proto: sa.protocol as u8,
+        pad: [0; 3],
+    };
+    let Some(backend) = backend_for(&service, service.id, &flow, false) else {
+        // No task: the VIP stays, and the connection finds nobody there.
+        return ALLOW;
+    };
+    sa.user_ip4 = backend.local;
+    let _ = SOCK_REV.insert(
+        SockRevKey {
+            cookie,
+            addr: backend.local,
+            port,
+            pad: 0,
+        },
+        SockRev { vip },
+        0,
+    );
+    ALLOW
+}
+
+/// The task's address -> the VIP, for `recvmsg()` and `getpeername()`.
+#[inline(always)]
+pub fn to_vip(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the context is the program's own.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevKey {
+        cookie,
+        addr: sa.user_ip4,
+        port: sa.user_port as u16,
+        pad: 0,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    if let Some(rev) = unsafe { SOCK_REV.get(key) } {
+        sa.user_ip4 = rev.vip;
+    }
+    ALLOW
+}
