@@ -77,7 +77,10 @@ fn networks_are_allocated_once_listed_inspected_and_removed_when_unused() {
     assert_eq!(endpoints.len(), 3, "{app}");
     let mut addresses: Vec<&str> = endpoints.iter().map(|e| e["address"].as_str().unwrap()).collect();
     addresses.sort();
-    assert_eq!(addresses, vec!["10.20.0.2", "10.20.0.3", "10.20.0.4"]);
+    // The service's virtual IP takes the first free address, as Swarm's does.
+    assert_eq!(addresses, vec!["10.20.0.3", "10.20.0.4", "10.20.0.5"]);
+    let web: serde_json::Value = serde_json::from_str(&swarm.ok(0, &["service", "inspect", "web"])).unwrap();
+    assert_eq!(web[0]["service"]["vips"][0]["address"], "10.20.0.2", "{web}");
     assert_eq!(app["services"], serde_json::json!(["web"]));
     assert!(!app["peers"].as_array().unwrap().is_empty());
     assert_eq!(inspect(&swarm, "db")["endpoints"].as_array().unwrap().len(), 3);
