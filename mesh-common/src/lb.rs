@@ -37,6 +37,22 @@ pub const RR_MAP: &str = "LB_ROUND_ROBIN";
 pub const VIPS_MAP: &str = "LB_VIPS";
 pub const SOCK_REV_MAP: &str = "LB_SOCK_REV";
 
+/// The maps a restarted agent takes over (pinned on its bpffs).
+pub const PINNED_MAPS: [&str; 12] = [
+    SERVICES_MAP,
+    TABLES_MAP,
+    BACKENDS_MAP,
+    CONNTRACK_MAP,
+    REVERSE_NAT_MAP,
+    AFFINITY_MAP,
+    CONFIG_MAP,
+    STATS_MAP,
+    NODES_MAP,
+    RR_MAP,
+    VIPS_MAP,
+    SOCK_REV_MAP,
+];
+
 /// Tunnel VNIs: a client's packet on its way to a backend's node, and a
 /// task's reply on its way back to the node the client reached.
 pub const VNI_REQUEST: u32 = 1;

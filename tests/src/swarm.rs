@@ -342,6 +342,7 @@ fn remove_swarm_dir(dir: &Path) {
         for host in hosts.filter_map(Result::ok) {
             mesh_agent::runtime::supervisor::reap_leftovers(&host.path().join("data").join("tasks"));
             mesh_agent::runtime::cgroup::TaskCgroup::remove_recorded(&host.path().join("data"));
+            mesh_agent::runtime::bpffs::unmount(&host.path().join("data"));
         }
     }
     let _ = fs::remove_dir_all(dir);

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::runtime::{mesh::TUNNEL_DEVICE, supervisor::task_dir_name};
+use mesh_agent::runtime::{mesh::TUNNEL_DEVICE, netns::NetNs, supervisor::task_dir_name};
 use mesh_tests::{
     cluster::host_address,
     mesh::http_get,
@@ -67,7 +67,7 @@ fn udp_ask(to: SocketAddr) -> Result<String, String> {
 #[test]
 fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_client() {
     require_root();
-    let swarm = Swarm::new(4);
+    let mut swarm = Swarm::new(4);
     swarm.init(&[]);
     swarm.join(1, 0, "worker");
     swarm.join(2, 0, "worker");
@@ -155,6 +155,46 @@ fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_clie
         });
         let reply = reply.unwrap();
         assert!(reply.ends_with(" datagram"), "{reply:?}");
+    }
+
+    // Agents restarted under load (killed, as a crash or an upgrade would
+    // stop them): their pinned programs and maps keep forwarding, and the
+    // new agents take them over. Not one request fails.
+    let client = NetNs::open(swarm.cluster.host(CLIENT).netns().name()).expect("the client's namespace");
+    let load = std::thread::spawn(move || {
+        client
+            .run(|| {
+                let start = std::time::Instant::now();
+                let mut failures = Vec::new();
+                let mut n = 0;
+                // Bounded in count and time.
+                while n < 1500 && start.elapsed() < Duration::from_secs(12) {
+                    if let Err(e) = http_get(SocketAddr::from((host_address(n % 3), 8080))) {
+                        failures.push(e);
+                    }
+                    n += 1;
+                }
+                (n, failures)
+            })
+            .expect("run in the client")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for host in [1, 2] {
+        swarm.kill(host);
+        std::thread::sleep(Duration::from_millis(300));
+        swarm.start(host);
+    }
+    let (n, failures) = load.join().unwrap();
+    println!("{n} requests while two agents restarted, {} failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "failed requests across agent restarts: {failures:?}"
+    );
+    swarm.wait("the restarted nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    for host in [1, 2] {
+        swarm.wait("the restarted agent took the pinned maps over", CONVERGE, || {
+            std::fs::read_to_string(&swarm.agents[host].log).is_ok_and(|l| l.contains("routing mesh: taking over"))
+        });
     }
 
     // Scaling down leaves no failed request once the tables follow.

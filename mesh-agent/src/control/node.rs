@@ -41,6 +41,7 @@ use super::{
     token::JoinToken,
 };
 use crate::runtime::{
+    bpffs,
     cgroup::TaskCgroup,
     dns::Dns,
     logs,
@@ -713,7 +714,14 @@ impl Member {
                 None
             }
         };
-        let mesh = RoutingMesh::new(network.clone(), cgroup.as_ref().map(|c| c.dir().to_path_buf()));
+        let pins = bpffs::pin_dir(&opts.data_dir).unwrap_or_else(|e| {
+            log::error!(
+                "mounting a bpffs at {}: {e}; published ports and VIPs will not be served",
+                opts.data_dir.join("bpf").display()
+            );
+            opts.data_dir.join("bpf")
+        });
+        let mesh = RoutingMesh::new(network.clone(), cgroup.as_ref().map(|c| c.dir().to_path_buf()), pins);
         let dns = Arc::new(Dns::new());
         let tasks = Supervisor::new(
             opts.data_dir.join("tasks"),

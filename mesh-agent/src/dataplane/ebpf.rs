@@ -147,7 +147,21 @@ impl EbpfDataplane {
     /// Parses the embedded object and loads every program in it, so the
     /// verifier sees each one now rather than at first attach.
     pub fn load() -> Result<Self, EbpfError> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(Box::new)?;
+        Self::load_pinned(None, &[])
+    }
+
+    /// As [`EbpfDataplane::load`], with the maps named in `pinned` kept in
+    /// `pin_dir` on a bpffs: an existing pin is reused (so what an earlier
+    /// agent wrote, and the connections it tracked, carry on), a missing
+    /// one is created and pinned.
+    pub fn load_pinned(pin_dir: Option<&std::path::Path>, pinned: &[&'static str]) -> Result<Self, EbpfError> {
+        let mut loader = aya::EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            for name in pinned {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(Box::new)?;
         for (name, program) in ebpf.programs_mut() {
             let loaded = match program {
                 Program::Xdp(p) => p.load(),
@@ -255,6 +269,85 @@ impl EbpfDataplane {
         self.classifier(name)?
             .detach(attachment.link)
             .map_err(|source| attach_error("detach", name, &attachment.interface, source))
+    }
+
+    /// Attaches TC program `name` to `interface`'s ingress so that it
+    /// outlives the agent: through tcx, a link pinned at `pin` (one pinned
+    /// by an earlier agent is taken over and switched to this program in
+    /// one step, so no packet goes unhandled); through clsact, a filter,
+    /// which outlives the agent by itself (an earlier agent's filter of
+    /// the same program is replaced).
+    pub fn attach_tc_pinned(
+        &mut self,
+        name: &str,
+        interface: &str,
+        api: TcApi,
+        pin: &std::path::Path,
+    ) -> Result<(), EbpfError> {
+        let error = |action, source| attach_error(action, name, interface, source);
+        let program = self.classifier(name)?;
+        match api {
+            TcApi::Tcx => {
+                if pin.exists() {
+                    let adopted = aya::programs::links::PinnedLink::from_pin(pin)
+                        .ok()
+                        .map(aya::programs::links::FdLink::from)
+                        .and_then(|l| aya::programs::tc::SchedClassifierLink::try_from(l).ok());
+                    if let Some(link) = adopted {
+                        program.attach_to_link(link).map_err(|e| error("take over", e))?;
+                        return Ok(());
+                    }
+                    let _ = std::fs::remove_file(pin);
+                }
+                let id = program
+                    .attach_with_options(
+                        interface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|e| error("attach", e))?;
+                let link = program.take_link(id).map_err(|e| error("attach", e))?;
+                let fd = aya::programs::links::FdLink::try_from(link).map_err(|e| EbpfError::Map {
+                    name: "tc link",
+                    reason: format!("a tcx link that is no fd link: {e}"),
+                })?;
+                fd.pin(pin).map_err(|e| EbpfError::Map {
+                    name: "tc link",
+                    reason: format!("pinning {}: {e}", pin.display()),
+                })?;
+                Ok(())
+            }
+            TcApi::Clsact => {
+                add_clsact(interface)?;
+                let _ = tc::qdisc_detach_program(interface, TcAttachType::Ingress, name);
+                let id = program
+                    .attach_with_options(
+                        interface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )
+                    .map_err(|e| error("attach", e))?;
+                // Forgotten, not detached: the filter stays when the agent goes.
+                let link = program.take_link(id).map_err(|e| error("attach", e))?;
+                std::mem::forget(link);
+                Ok(())
+            }
+        }
+    }
+
+    /// Detaches what [`EbpfDataplane::attach_tc_pinned`] attached.
+    pub fn detach_tc_pinned(name: &str, interface: &str, api: TcApi, pin: &std::path::Path) {
+        match api {
+            TcApi::Tcx => {
+                if let Ok(link) = aya::programs::links::PinnedLink::from_pin(pin) {
+                    // Unpinned and closed: the kernel detaches the link.
+                    let _ = link.unpin();
+                }
+            }
+            TcApi::Clsact => {
+                let _ = tc::qdisc_detach_program(interface, TcAttachType::Ingress, name);
+            }
+        }
     }
 
     /// Attaches the cgroup socket program `name` to the cgroup directory

@@ -170,6 +170,33 @@ impl LbMaps {
         Ok(())
     }
 
+    /// What the maps hold now (table contents are left out: only their
+    /// IDs matter to whoever takes the maps over).
+    pub fn observe(&self) -> Result<LbState, EbpfError> {
+        let mut state = LbState::default();
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(|e| map_error(SERVICES_MAP, e))?;
+            state.services.insert(k, v);
+        }
+        for entry in self.vips.iter() {
+            let (k, v) = entry.map_err(|e| map_error(VIPS_MAP, e))?;
+            state.vips.insert(k, v);
+        }
+        for key in self.tables.keys() {
+            state
+                .tables
+                .insert(key.map_err(|e| map_error(TABLES_MAP, e))?, (0, Vec::new()));
+        }
+        for entry in self.backends.iter() {
+            let (k, v) = entry.map_err(|e| map_error(BACKENDS_MAP, e))?;
+            state.backends.insert(k, v);
+        }
+        for key in self.nodes.keys() {
+            state.nodes.insert(key.map_err(|e| map_error(NODES_MAP, e))?);
+        }
+        Ok(state)
+    }
+
     /// A service port's counters, summed over every CPU.
     pub fn stats(&self, id: u32) -> Result<ServiceStats, EbpfError> {
         let per_cpu = self.stats.get(&id, 0).map_err(|e| map_error(STATS_MAP, e))?;

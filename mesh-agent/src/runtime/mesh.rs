@@ -21,6 +21,8 @@ use mesh_common::lb::{
     Algorithm, Backend, NodeConfig, ServiceKey, ServiceValue, LOCAL_TABLE, MAX_SERVICES, TABLE_SIZE,
 };
 
+use mesh_common::lb::PINNED_MAPS;
+
 use super::network::{LocalNetwork, BRIDGE};
 use crate::{
     control::{
@@ -30,7 +32,7 @@ use crate::{
         service::{LbAlgorithm, Protocol},
     },
     dataplane::{
-        ebpf::{preferred_tc_api, EbpfDataplane, TcAttachment, TcDirection},
+        ebpf::{preferred_tc_api, EbpfDataplane, TcApi},
         lb::{plan, Change, LbMaps, LbState},
         maglev,
         netlink::{Netlink, NetlinkError},
@@ -56,6 +58,8 @@ struct Ids {
     next_service: u32,
     backends: BTreeMap<BackendKey, u32>,
     next_backend: u32,
+    /// IDs an earlier agent's maps use: never handed out.
+    reserved: BTreeSet<u32>,
 }
 
 /// A service port: (service, published port, protocol, 0), or a VIP:
@@ -70,13 +74,18 @@ impl Ids {
         if let Some(id) = self.services.get(&key) {
             return Some(*id);
         }
-        let id = match self.free_services.pop_first() {
-            Some(id) => id,
-            None if self.next_service + 1 < MAX_SERVICES => {
-                self.next_service += 1;
-                self.next_service
+        let id = loop {
+            let id = match self.free_services.pop_first() {
+                Some(id) => id,
+                None if self.next_service + 1 < MAX_SERVICES => {
+                    self.next_service += 1;
+                    self.next_service
+                }
+                None => return None,
+            };
+            if !self.reserved.contains(&id) {
+                break id;
             }
-            None => return None,
         };
         self.services.insert(key, id);
         Some(id)
@@ -142,6 +151,8 @@ pub struct MeshTables {
     nodes: BTreeSet<u32>,
     /// Service VIPs by (service, network).
     vips: BTreeMap<(u64, u64), ServiceEntry>,
+    /// What an earlier agent's maps held, until the first update replaced it.
+    leftover: Option<LbState>,
 }
 
 impl MeshTables {
@@ -245,6 +256,60 @@ impl MeshTables {
 }
 
 impl MeshTables {
+    /// Tables that take over maps an earlier agent filled (`found`): new
+    /// IDs avoid the ones in use there, so nothing is overwritten but the
+    /// service entries, each switched to its new table in one update, and
+    /// [`MeshTables::leftovers`] then removes what is left of the old.
+    pub fn adopting(found: LbState) -> MeshTables {
+        let mut tables = MeshTables::default();
+        for v in found.services.values().chain(found.vips.values()) {
+            tables.ids.reserved.insert(v.id);
+        }
+        for id in found.tables.keys() {
+            tables.ids.reserved.insert(id & !LOCAL_TABLE);
+        }
+        tables.ids.next_backend = found.backends.keys().max().copied().unwrap_or(0);
+        tables.leftover = Some(found);
+        tables
+    }
+
+    /// The removals of what an adopted earlier state held and the current
+    /// one does not (after the first update; nothing later).
+    pub fn leftovers(&mut self) -> Vec<Change> {
+        let Some(found) = self.leftover.take() else {
+            return Vec::new();
+        };
+        let mut current = LbState {
+            nodes: self.nodes.clone(),
+            ..LbState::default()
+        };
+        for entry in self.services.values().chain(self.vips.values()) {
+            current
+                .services
+                .extend(entry.state.services.iter().map(|(k, v)| (*k, *v)));
+            current.vips.extend(entry.state.vips.iter().map(|(k, v)| (*k, *v)));
+            current
+                .tables
+                .extend(entry.state.tables.keys().map(|k| (*k, (0, Vec::new()))));
+            current
+                .backends
+                .extend(entry.state.backends.iter().map(|(k, v)| (*k, *v)));
+        }
+        plan(&found, &current)
+            .into_iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Change::RemoveService(_)
+                        | Change::RemoveVip(_)
+                        | Change::RemoveTable(_)
+                        | Change::RemoveBackend(_)
+                        | Change::RemoveNode(_)
+                )
+            })
+            .collect()
+    }
+
     /// The map writes that take the VIPs from the last call to `services`
     /// (the services on this node's tasks' networks). A VIP leads to the
     /// service's running tasks' addresses on that network, any port.
@@ -471,7 +536,9 @@ struct Active {
 }
 
 struct TcPart {
-    attachments: Vec<(&'static str, TcAttachment)>,
+    /// (program, link) as attached.
+    attachments: Vec<(&'static str, String)>,
+    api: TcApi,
     vtep: Ipv4Addr,
     port: u16,
 }
@@ -485,23 +552,30 @@ struct Inner {
     assignment: Option<(MeshAssignment, String, u16)>,
     /// The services on this node's tasks' networks (their VIPs).
     services: Vec<NetworkServices>,
+    /// Whether any assignment has come yet: until then, what an earlier
+    /// agent left pinned keeps forwarding untouched.
+    assigned: bool,
 }
 
 /// The node's routing mesh: published ports, and the VIPs its tasks use.
 pub struct RoutingMesh {
     network: Arc<LocalNetwork>,
     cgroup: Option<PathBuf>,
+    /// Where maps and links are pinned (the agent's bpffs).
+    pins: PathBuf,
     inner: Arc<Mutex<Inner>>,
 }
 
 impl RoutingMesh {
     /// A mesh over the node's task bridge and its tasks' cgroup (without
-    /// one, VIPs are not served); nothing is made before it is needed.
-    /// Follows the local tasks' addresses.
-    pub fn new(network: Arc<LocalNetwork>, cgroup: Option<PathBuf>) -> Arc<RoutingMesh> {
+    /// one, VIPs are not served), pinning in `pins` (a bpffs; see
+    /// runtime/bpffs.rs); nothing is made before it is needed. Follows the
+    /// local tasks' addresses.
+    pub fn new(network: Arc<LocalNetwork>, cgroup: Option<PathBuf>, pins: PathBuf) -> Arc<RoutingMesh> {
         let mesh = Arc::new(RoutingMesh {
             network: network.clone(),
             cgroup,
+            pins,
             inner: Arc::default(),
         });
         let weak = Arc::downgrade(&mesh);
@@ -526,6 +600,7 @@ impl RoutingMesh {
                 .clone()
                 .map(|m| (m, assignments.vtep.clone(), assignments.data_path_port));
             inner.services = assignments.services.clone();
+            inner.assigned = true;
         }
         self.sync().await
     }
@@ -536,6 +611,7 @@ impl RoutingMesh {
             let mut inner = self.inner.lock().expect("reason: never poisoned");
             inner.assignment = None;
             inner.services.clear();
+            inner.assigned = true;
         }
         if let Err(e) = self.sync().await {
             log::warn!("removing the routing mesh: {e}");
@@ -552,16 +628,25 @@ impl RoutingMesh {
         let local = self.network.addresses();
         let inner = self.inner.clone();
         let cgroup = self.cgroup.clone();
+        let pins = self.pins.clone();
         tokio::task::spawn_blocking(move || {
             let mut inner = inner.lock().expect("reason: never poisoned");
-            sync_blocking(&mut inner, &local, cgroup.as_deref())
+            sync_blocking(&mut inner, &local, cgroup.as_deref(), &pins)
         })
         .await
         .map_err(|e| MeshError::Network(super::network::NetworkError::Worker(e.to_string())))?
     }
 }
 
-fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>, cgroup: Option<&Path>) -> Result<(), MeshError> {
+fn sync_blocking(
+    inner: &mut Inner,
+    local: &BTreeMap<u64, Ipv4Addr>,
+    cgroup: Option<&Path>,
+    pins: &Path,
+) -> Result<(), MeshError> {
+    if !inner.assigned {
+        return Ok(());
+    }
     let published = match &inner.assignment {
         Some((mesh, vtep, port)) => {
             let vtep: Ipv4Addr = vtep.parse().map_err(|_| MeshError::NotIpv4(vtep.clone()))?;
@@ -576,15 +661,25 @@ fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>, cgroup: Opt
     let wants_sockets = has_vips && cgroup.is_some();
     if published.is_none() && !wants_sockets {
         if let Some(active) = inner.active.take() {
-            teardown(active);
+            teardown(active, pins);
         }
         inner.tables = MeshTables::default();
         return Ok(());
     }
     if inner.active.is_none() {
-        let mut dataplane = EbpfDataplane::load()?;
+        let mut dataplane = EbpfDataplane::load_pinned(Some(pins), &PINNED_MAPS)?;
         let maps = LbMaps::take(&mut dataplane)?;
-        inner.tables = MeshTables::default();
+        let found = maps.observe()?;
+        inner.tables = if found == LbState::default() {
+            MeshTables::default()
+        } else {
+            log::info!(
+                "routing mesh: taking over {} service ports and {} backends an earlier agent left",
+                found.services.len() + found.vips.len(),
+                found.backends.len()
+            );
+            MeshTables::adopting(found)
+        };
         inner.active = Some(Active {
             dataplane,
             maps,
@@ -600,11 +695,11 @@ fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>, cgroup: Opt
     };
     if moved {
         if let Some(tc) = active.tc.take() {
-            teardown_tc(&mut active.dataplane, tc);
+            teardown_tc(tc, pins);
         }
     }
     if let (None, Some((_, vtep, port))) = (&active.tc, &published) {
-        active.tc = Some(setup_tc(&mut active.dataplane, &mut active.maps, *vtep, *port)?);
+        active.tc = Some(setup_tc(&mut active.dataplane, &mut active.maps, *vtep, *port, pins)?);
     }
     if wants_sockets && !active.sockets {
         let dir = cgroup.expect("reason: wants_sockets needs one");
@@ -617,11 +712,12 @@ fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>, cgroup: Opt
     let mesh = published.map(|(m, _, _)| m).unwrap_or_default();
     let mut changes = inner.tables.update(&mesh, local);
     changes.extend(inner.tables.update_vips(&inner.services));
+    changes.extend(inner.tables.leftovers());
     let active = inner.active.as_mut().expect("reason: set up above");
     if let Err(e) = active.maps.apply(&changes) {
         // What the maps hold is unknown now: start again from empty ones.
         if let Some(active) = inner.active.take() {
-            teardown(active);
+            teardown(active, pins);
         }
         inner.tables = MeshTables::default();
         return Err(e.into());
@@ -630,7 +726,13 @@ fn sync_blocking(inner: &mut Inner, local: &BTreeMap<u64, Ipv4Addr>, cgroup: Opt
 }
 
 /// Makes the tunnel device and attaches the TC programs.
-fn setup_tc(dataplane: &mut EbpfDataplane, maps: &mut LbMaps, vtep: Ipv4Addr, port: u16) -> Result<TcPart, MeshError> {
+fn setup_tc(
+    dataplane: &mut EbpfDataplane,
+    maps: &mut LbMaps,
+    vtep: Ipv4Addr,
+    port: u16,
+    pins: &Path,
+) -> Result<TcPart, MeshError> {
     let (underlay, underlay_index, tunnel_index, bridge_index) = Netlink::run(|nl| async move {
         let underlay_index = nl
             .link_with_address(vtep.into())
@@ -643,12 +745,19 @@ fn setup_tc(dataplane: &mut EbpfDataplane, maps: &mut LbMaps, vtep: Ipv4Addr, po
             .find(|l| l.index == underlay_index)
             .map(|l| l.name)
             .ok_or(NetlinkError::NoSuchLink(vtep.to_string()))?;
-        // A device a previous agent left may have another port: make it anew.
-        match nl.delete_link(TUNNEL_DEVICE).await {
-            Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
-            Err(e) => return Err(e),
+        // A device a previous agent left is kept when it has our port (it
+        // carries connections right now), made anew otherwise.
+        let kept = match nl.links().await?.into_iter().find(|l| l.name == TUNNEL_DEVICE) {
+            Some(l) if l.vxlan_port == Some(port) => true,
+            Some(_) => {
+                nl.delete_link(TUNNEL_DEVICE).await?;
+                false
+            }
+            None => false,
+        };
+        if !kept {
+            nl.add_vxlan_external(TUNNEL_DEVICE, port).await?;
         }
-        nl.add_vxlan_external(TUNNEL_DEVICE, port).await?;
         nl.set_up(TUNNEL_DEVICE).await?;
         let tunnel_index = nl.link_index(TUNNEL_DEVICE).await?;
         let bridge_index = nl.link_index(BRIDGE).await?;
@@ -671,11 +780,11 @@ fn setup_tc(dataplane: &mut EbpfDataplane, maps: &mut LbMaps, vtep: Ipv4Addr, po
         (PROGRAM_TUNNEL, TUNNEL_DEVICE),
         (PROGRAM_REPLY, BRIDGE),
     ] {
-        match dataplane.attach_tc(program, link, TcDirection::Ingress, api) {
-            Ok(a) => attachments.push((program, a)),
+        match dataplane.attach_tc_pinned(program, link, api, &link_pin(pins, program)) {
+            Ok(()) => attachments.push((program, link.to_string())),
             Err(e) => {
-                for (p, a) in attachments {
-                    let _ = dataplane.detach_tc(p, a);
+                for (p, l) in attachments {
+                    EbpfDataplane::detach_tc_pinned(p, &l, api, &link_pin(pins, p));
                 }
                 let _ = delete_tunnel();
                 return Err(e.into());
@@ -685,9 +794,15 @@ fn setup_tc(dataplane: &mut EbpfDataplane, maps: &mut LbMaps, vtep: Ipv4Addr, po
     log::info!("routing mesh: serving published ports on {underlay} ({vtep}), tunnel {TUNNEL_DEVICE} on port {port}");
     Ok(TcPart {
         attachments,
+        api,
         vtep,
         port,
     })
+}
+
+/// Where program `program`'s TC link is pinned.
+fn link_pin(pins: &Path, program: &str) -> PathBuf {
+    pins.join(format!("link-{program}"))
 }
 
 fn delete_tunnel() -> Result<(), NetlinkError> {
@@ -699,11 +814,9 @@ fn delete_tunnel() -> Result<(), NetlinkError> {
     })
 }
 
-fn teardown_tc(dataplane: &mut EbpfDataplane, mut tc: TcPart) {
-    for (program, attachment) in tc.attachments.drain(..) {
-        if let Err(e) = dataplane.detach_tc(program, attachment) {
-            log::warn!("routing mesh: {e}");
-        }
+fn teardown_tc(tc: TcPart, pins: &Path) {
+    for (program, link) in &tc.attachments {
+        EbpfDataplane::detach_tc_pinned(program, link, tc.api, &link_pin(pins, program));
     }
     if let Err(e) = delete_tunnel() {
         log::warn!("routing mesh: removing {TUNNEL_DEVICE}: {e}");
@@ -711,11 +824,14 @@ fn teardown_tc(dataplane: &mut EbpfDataplane, mut tc: TcPart) {
     log::info!("routing mesh: no published port left; TC programs detached");
 }
 
-/// Detaches everything; the socket programs' links and the maps go with
-/// the dataplane.
-fn teardown(mut active: Active) {
+/// Detaches everything and unpins the maps; the socket programs' links
+/// and the maps go with the dataplane.
+fn teardown(mut active: Active, pins: &Path) {
     if let Some(tc) = active.tc.take() {
-        teardown_tc(&mut active.dataplane, tc);
+        teardown_tc(tc, pins);
+    }
+    for name in PINNED_MAPS {
+        let _ = std::fs::remove_file(pins.join(name));
     }
 }
 
@@ -844,5 +960,33 @@ mod tests {
         );
         let gone = applied(empty, &tables.update(&MeshAssignment::default(), &none));
         assert_eq!(gone, LbState::default());
+    }
+
+    #[test]
+    fn taking_over_an_earlier_agents_maps_avoids_its_ids_and_then_removes_its_leftovers() {
+        let none = BTreeMap::new();
+        let mut first = MeshTables::default();
+        let mut two = assignment(vec![backend(2, "10.0.0.2", false)]);
+        two.services.push(MeshService {
+            service: 8,
+            ports: vec![PortPublish::parse("9090:90").unwrap()],
+            ..two.services[0].clone()
+        });
+        let earlier = applied(LbState::default(), &first.update(&two, &none));
+        // The new agent: service 8 is gone meanwhile.
+        let mut tables = MeshTables::adopting(earlier.clone());
+        let mut changes = tables.update(&assignment(vec![backend(2, "10.0.0.2", false)]), &none);
+        changes.extend(tables.leftovers());
+        let now = applied(earlier.clone(), &changes);
+        assert_eq!(now.services.len(), 1, "9090 removed, 8080 kept");
+        let old_ids: BTreeSet<u32> = earlier.services.values().map(|v| v.id).collect();
+        let new_id = now.services.values().next().unwrap().id;
+        assert!(!old_ids.contains(&new_id), "a fresh table ID, switched to in one write");
+        assert!(
+            now.backends.keys().all(|b| !earlier.backends.contains_key(b)),
+            "fresh backend IDs"
+        );
+        assert_eq!(now.tables.len(), 2, "the old tables are gone");
+        assert!(tables.leftovers().is_empty(), "only once");
     }
 }

@@ -10,6 +10,7 @@
 //! - [`logs`]: reading task logs.
 //! - [`supervisor`]: runs, watches, stops and reports this node's tasks.
 
+pub mod bpffs;
 pub mod cgroup;
 pub mod dns;
 pub mod health;
