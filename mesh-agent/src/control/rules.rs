@@ -80,7 +80,21 @@ pub fn check_service_in_cluster(
             "network {net} not found (`meshctl network ls` lists them; `meshctl network create --driver overlay {net}` makes it)"
         )));
     }
+    let reserved = swarm_ports(state);
     for p in &spec.publish {
+        if let Some((_, _, what)) = reserved
+            .iter()
+            .find(|(port, proto, _)| *port == p.published && *proto == p.protocol)
+        {
+            return Err(ApiError::invalid(format!(
+                "port {}/{} is the swarm's own ({what}): publish another port",
+                p.published,
+                match p.protocol {
+                    crate::control::service::Protocol::Tcp => "tcp",
+                    crate::control::service::Protocol::Udp => "udp",
+                }
+            )));
+        }
         let taken = state.services.values().filter(|s| Some(s.id) != except).find(|s| {
             s.spec
                 .publish
@@ -95,6 +109,39 @@ pub fn check_service_in_cluster(
         }
     }
     Ok(())
+}
+
+/// The ports the swarm itself uses on every node's addresses, which no
+/// service may publish: the nodes' cluster ports, VXLAN, IPsec's VXLAN,
+/// the routing mesh's tunnel and WireGuard.
+fn swarm_ports(state: &ClusterState) -> Vec<(u16, crate::control::service::Protocol, &'static str)> {
+    use crate::control::service::Protocol::{Tcp, Udp};
+    let data = state
+        .cluster
+        .as_ref()
+        .map_or(crate::control::state::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
+    let mut ports = vec![
+        (data, Udp, "overlay VXLAN"),
+        (
+            crate::control::ipsec::ipsec_vxlan_port(data),
+            Udp,
+            "IPsec overlays' VXLAN",
+        ),
+        (
+            crate::runtime::mesh::tunnel_port(data),
+            Udp,
+            "the routing mesh's tunnel",
+        ),
+        (crate::control::tunnel::WIREGUARD_PORT, Udp, "WireGuard"),
+    ];
+    for n in state.nodes.values() {
+        if let Some(port) = n.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()) {
+            if !ports.iter().any(|(p, proto, _)| *p == port && *proto == Tcp) {
+                ports.push((port, Tcp, "a node's cluster port"));
+            }
+        }
+    }
+    ports
 }
 
 /// Finds a service by name, full ID or unique ID prefix.
