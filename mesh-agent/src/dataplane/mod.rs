@@ -4,6 +4,7 @@
 
 pub mod ebpf;
 pub mod genl;
+pub mod ipvs;
 pub mod lb;
 pub mod maglev;
 pub mod netlink;

@@ -1,0 +1,490 @@
+//! IPVS over its generic netlink family (include/uapi/linux/ip_vs.h), the
+//! Swarm-compatible load-balancing backend: virtual services and their
+//! real servers as plain data, `plan(wanted, found)` (pure), and the
+//! kernel requests, encoded here attribute by attribute (`ipvsadm` is
+//! never run).
+//!
+//! Real servers are reached in masquerade (NAT) mode. A real server that
+//! should go is first given weight 0, so it takes no new connection while
+//! its established ones finish (as libnetwork does), and is deleted once
+//! IPVS counts no established connection on it (or when the caller forces
+//! it; connections in TIME_WAIT and the like do not hold it back).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use netlink_packet_core::{DecodeError, Emitable, ParseableParametrized};
+use netlink_packet_generic::{GenlFamily, GenlHeader};
+
+use super::genl::{Genl, GenlError};
+
+/// The family's name.
+pub const FAMILY: &str = "IPVS";
+const VERSION: u8 = 1;
+
+const CMD_NEW_SERVICE: u8 = 1;
+const CMD_SET_SERVICE: u8 = 2;
+const CMD_DEL_SERVICE: u8 = 3;
+const CMD_GET_SERVICE: u8 = 4;
+const CMD_NEW_DEST: u8 = 5;
+const CMD_SET_DEST: u8 = 6;
+const CMD_DEL_DEST: u8 = 7;
+const CMD_GET_DEST: u8 = 8;
+
+const CMD_ATTR_SERVICE: u16 = 1;
+const CMD_ATTR_DEST: u16 = 2;
+
+const SVC_ATTR_AF: u16 = 1;
+const SVC_ATTR_PROTOCOL: u16 = 2;
+const SVC_ATTR_ADDR: u16 = 3;
+const SVC_ATTR_PORT: u16 = 4;
+const SVC_ATTR_SCHED_NAME: u16 = 6;
+const SVC_ATTR_FLAGS: u16 = 7;
+const SVC_ATTR_TIMEOUT: u16 = 8;
+const SVC_ATTR_NETMASK: u16 = 9;
+
+const DEST_ATTR_ADDR: u16 = 1;
+const DEST_ATTR_PORT: u16 = 2;
+const DEST_ATTR_FWD_METHOD: u16 = 3;
+const DEST_ATTR_WEIGHT: u16 = 4;
+const DEST_ATTR_U_THRESH: u16 = 5;
+const DEST_ATTR_L_THRESH: u16 = 6;
+const DEST_ATTR_ACTIVE_CONNS: u16 = 7;
+const DEST_ATTR_INACT_CONNS: u16 = 8;
+const DEST_ATTR_ADDR_FAMILY: u16 = 11;
+
+/// IP_VS_CONN_F_MASQ.
+const FWD_MASQ: u32 = 0;
+const NLA_F_NESTED: u16 = 1 << 15;
+
+/// A virtual service: address, port and protocol (6 TCP, 17 UDP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceId {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: u8,
+}
+
+/// A real server of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DestId {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// What a real server is in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dest {
+    pub weight: u32,
+    /// Connections IPVS tracks on it (established, and others).
+    pub active: u32,
+    pub inactive: u32,
+}
+
+/// A virtual service and its real servers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// The scheduler (`rr`, `wrr`, `sh`, `mh`, ...).
+    pub scheduler: String,
+    pub dests: BTreeMap<DestId, Dest>,
+}
+
+/// The IPVS state of a node (the agent's services only).
+pub type IpvsState = BTreeMap<ServiceId, Service>;
+
+/// One kernel request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    AddService(ServiceId, String),
+    SetScheduler(ServiceId, String),
+    AddDest(ServiceId, DestId, u32),
+    SetWeight(ServiceId, DestId, u32),
+    DelDest(ServiceId, DestId),
+    DelService(ServiceId),
+}
+
+/// The requests that take `found` toward `wanted`. A real server that is
+/// not wanted drains first (weight 0) and is deleted when it has no
+/// established connection left, or at once with `force` (the node leaves). A service
+/// that is not wanted is deleted once all its real servers are.
+pub fn plan(wanted: &IpvsState, found: &IpvsState, force: bool) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (id, want) in wanted {
+        match found.get(id) {
+            None => out.push(Change::AddService(*id, want.scheduler.clone())),
+            Some(have) if have.scheduler != want.scheduler => {
+                out.push(Change::SetScheduler(*id, want.scheduler.clone()))
+            }
+            Some(_) => {}
+        }
+        let have = found.get(id).map(|s| &s.dests);
+        for (dest, d) in &want.dests {
+            match have.and_then(|h| h.get(dest)) {
+                None => out.push(Change::AddDest(*id, *dest, d.weight)),
+                Some(h) if h.weight != d.weight => out.push(Change::SetWeight(*id, *dest, d.weight)),
+                Some(_) => {}
+            }
+        }
+    }
+    for (id, have) in found {
+        let want = wanted.get(id).map(|s| &s.dests);
+        let mut left = 0;
+        for (dest, d) in &have.dests {
+            if want.is_some_and(|w| w.contains_key(dest)) {
+                left += 1;
+                continue;
+            }
+            if force || (d.weight == 0 && d.active == 0) {
+                out.push(Change::DelDest(*id, *dest));
+            } else {
+                left += 1;
+                if d.weight != 0 {
+                    out.push(Change::SetWeight(*id, *dest, 0));
+                }
+            }
+        }
+        if want.is_none() && left == 0 {
+            out.push(Change::DelService(*id));
+        }
+    }
+    out
+}
+
+/// A raw message of the IPVS family: a command and its attributes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpvsMessage {
+    pub cmd: u8,
+    pub attrs: Vec<u8>,
+}
+
+impl GenlFamily for IpvsMessage {
+    fn family_name() -> &'static str {
+        FAMILY
+    }
+
+    fn version(&self) -> u8 {
+        VERSION
+    }
+
+    fn command(&self) -> u8 {
+        self.cmd
+    }
+}
+
+impl Emitable for IpvsMessage {
+    fn buffer_len(&self) -> usize {
+        self.attrs.len()
+    }
+
+    fn emit(&self, buffer: &mut [u8]) {
+        buffer.copy_from_slice(&self.attrs);
+    }
+}
+
+impl ParseableParametrized<[u8], GenlHeader> for IpvsMessage {
+    fn parse_with_param(buf: &[u8], header: GenlHeader) -> Result<Self, DecodeError> {
+        Ok(IpvsMessage {
+            cmd: header.cmd,
+            attrs: buf.to_vec(),
+        })
+    }
+}
+
+fn put(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let len = 4 + value.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(value);
+    buf.resize(buf.len().next_multiple_of(4), 0);
+}
+
+fn nested(buf: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
+    let mut inner = Vec::new();
+    fill(&mut inner);
+    put(buf, kind | NLA_F_NESTED, &inner);
+}
+
+/// The attributes naming a service.
+fn service_id(buf: &mut Vec<u8>, id: &ServiceId) {
+    let mut address = [0u8; 16]; // union nf_inet_addr
+    address[..4].copy_from_slice(&id.addr.octets());
+    put(buf, SVC_ATTR_AF, &(libc::AF_INET as u16).to_ne_bytes());
+    put(buf, SVC_ATTR_PROTOCOL, &u16::from(id.protocol).to_ne_bytes());
+    put(buf, SVC_ATTR_ADDR, &address);
+    put(buf, SVC_ATTR_PORT, &id.port.to_be_bytes());
+}
+
+fn service_message(cmd: u8, id: &ServiceId, scheduler: Option<&str>) -> IpvsMessage {
+    let mut attrs = Vec::new();
+    nested(&mut attrs, CMD_ATTR_SERVICE, |svc| {
+        service_id(svc, id);
+        if let Some(s) = scheduler {
+            let mut name = s.as_bytes().to_vec();
+            name.push(0);
+            put(svc, SVC_ATTR_SCHED_NAME, &name);
+            put(
+                svc,
+                SVC_ATTR_FLAGS,
+                &[0u32.to_ne_bytes(), u32::MAX.to_ne_bytes()].concat(),
+            );
+            put(svc, SVC_ATTR_TIMEOUT, &0u32.to_ne_bytes());
+            put(svc, SVC_ATTR_NETMASK, &u32::MAX.to_be_bytes());
+        }
+    });
+    IpvsMessage { cmd, attrs }
+}
+
+fn dest_message(cmd: u8, id: &ServiceId, dest: &DestId, weight: Option<u32>) -> IpvsMessage {
+    let mut attrs = Vec::new();
+    nested(&mut attrs, CMD_ATTR_SERVICE, |svc| service_id(svc, id));
+    nested(&mut attrs, CMD_ATTR_DEST, |d| {
+        let mut address = [0u8; 16];
+        address[..4].copy_from_slice(&dest.addr.octets());
+        put(d, DEST_ATTR_ADDR, &address);
+        put(d, DEST_ATTR_PORT, &dest.port.to_be_bytes());
+        put(d, DEST_ATTR_ADDR_FAMILY, &(libc::AF_INET as u16).to_ne_bytes());
+        if let Some(w) = weight {
+            put(d, DEST_ATTR_FWD_METHOD, &FWD_MASQ.to_ne_bytes());
+            put(d, DEST_ATTR_WEIGHT, &w.to_ne_bytes());
+            put(d, DEST_ATTR_U_THRESH, &0u32.to_ne_bytes());
+            put(d, DEST_ATTR_L_THRESH, &0u32.to_ne_bytes());
+        }
+    });
+    IpvsMessage { cmd, attrs }
+}
+
+/// The request a change is (`ipvsadm -A|-E|-D|-a|-e|-d ...`).
+pub fn message(change: &Change) -> IpvsMessage {
+    match change {
+        Change::AddService(id, s) => service_message(CMD_NEW_SERVICE, id, Some(s)),
+        Change::SetScheduler(id, s) => service_message(CMD_SET_SERVICE, id, Some(s)),
+        Change::DelService(id) => service_message(CMD_DEL_SERVICE, id, None),
+        Change::AddDest(id, d, w) => dest_message(CMD_NEW_DEST, id, d, Some(*w)),
+        Change::SetWeight(id, d, w) => dest_message(CMD_SET_DEST, id, d, Some(*w)),
+        Change::DelDest(id, d) => dest_message(CMD_DEL_DEST, id, d, None),
+    }
+}
+
+/// The attribute `kind` in `buf` (nested flag ignored).
+fn attr(mut buf: &[u8], kind: u16) -> Option<&[u8]> {
+    while buf.len() >= 4 {
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let this = u16::from_ne_bytes([buf[2], buf[3]]) & !NLA_F_NESTED;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        if this == kind {
+            return Some(&buf[4..len]);
+        }
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+    }
+    None
+}
+
+fn u32_of(v: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+fn parse_service(svc: &[u8]) -> Option<(ServiceId, String)> {
+    let af = u16::from_ne_bytes(attr(svc, SVC_ATTR_AF)?.get(..2)?.try_into().ok()?);
+    if i32::from(af) != libc::AF_INET {
+        return None;
+    }
+    let addr: [u8; 4] = attr(svc, SVC_ATTR_ADDR)?.get(..4)?.try_into().ok()?;
+    let port = u16::from_be_bytes(attr(svc, SVC_ATTR_PORT)?.get(..2)?.try_into().ok()?);
+    let protocol = u16::from_ne_bytes(attr(svc, SVC_ATTR_PROTOCOL)?.get(..2)?.try_into().ok()?) as u8;
+    let sched = attr(svc, SVC_ATTR_SCHED_NAME)?;
+    let sched = String::from_utf8_lossy(sched.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+    Some((
+        ServiceId {
+            addr: Ipv4Addr::from(addr),
+            port,
+            protocol,
+        },
+        sched,
+    ))
+}
+
+fn parse_dest(d: &[u8]) -> Option<(DestId, Dest)> {
+    let addr: [u8; 4] = attr(d, DEST_ATTR_ADDR)?.get(..4)?.try_into().ok()?;
+    let port = u16::from_be_bytes(attr(d, DEST_ATTR_PORT)?.get(..2)?.try_into().ok()?);
+    Some((
+        DestId {
+            addr: Ipv4Addr::from(addr),
+            port,
+        },
+        Dest {
+            weight: u32_of(attr(d, DEST_ATTR_WEIGHT)?)?,
+            active: attr(d, DEST_ATTR_ACTIVE_CONNS).and_then(u32_of).unwrap_or(0),
+            inactive: attr(d, DEST_ATTR_INACT_CONNS).and_then(u32_of).unwrap_or(0),
+        },
+    ))
+}
+
+/// IPVS in the calling thread's network namespace.
+pub struct Ipvs {
+    genl: Genl,
+}
+
+impl Ipvs {
+    /// Resolves the family (the `ip_vs` module must be loaded; the error
+    /// says so when it is not).
+    pub fn open() -> Result<Ipvs, GenlError> {
+        Ok(Ipvs {
+            genl: Genl::open(FAMILY)?,
+        })
+    }
+
+    /// Every IPv4 virtual service, with its real servers
+    /// (`ipvsadm -Ln --stats`); `owned` picks the agent's own.
+    pub fn observe(&mut self, owned: impl Fn(&ServiceId) -> bool) -> Result<IpvsState, GenlError> {
+        let mut state = IpvsState::new();
+        let services = self.genl.dump(IpvsMessage {
+            cmd: CMD_GET_SERVICE,
+            attrs: Vec::new(),
+        })?;
+        for reply in services {
+            let Some((id, scheduler)) = attr(&reply.attrs, CMD_ATTR_SERVICE).and_then(parse_service) else {
+                continue;
+            };
+            if !owned(&id) {
+                continue;
+            }
+            let mut query = Vec::new();
+            nested(&mut query, CMD_ATTR_SERVICE, |svc| service_id(svc, &id));
+            let dests = self.genl.dump(IpvsMessage {
+                cmd: CMD_GET_DEST,
+                attrs: query,
+            })?;
+            let dests = dests
+                .iter()
+                .filter_map(|r| attr(&r.attrs, CMD_ATTR_DEST).and_then(parse_dest))
+                .collect();
+            state.insert(id, Service { scheduler, dests });
+        }
+        Ok(state)
+    }
+
+    /// Sends `changes` in order; stops at the first refusal.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<(), GenlError> {
+        for change in changes {
+            self.genl.request(message(change))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(port: u16) -> ServiceId {
+        ServiceId {
+            addr: Ipv4Addr::new(192, 0, 2, 1),
+            port,
+            protocol: 6,
+        }
+    }
+
+    fn dest(last: u8) -> DestId {
+        DestId {
+            addr: Ipv4Addr::new(10, 0, 0, last),
+            port: 80,
+        }
+    }
+
+    fn state(dests: &[(u8, Dest)]) -> IpvsState {
+        IpvsState::from([(
+            svc(8080),
+            Service {
+                scheduler: "rr".into(),
+                dests: dests.iter().map(|(d, w)| (dest(*d), *w)).collect(),
+            },
+        )])
+    }
+
+    fn weight(w: u32) -> Dest {
+        Dest {
+            weight: w,
+            ..Dest::default()
+        }
+    }
+
+    #[test]
+    fn a_real_server_drains_at_weight_zero_before_it_is_deleted() {
+        let wanted = state(&[(2, weight(1))]);
+        assert_eq!(
+            plan(&wanted, &IpvsState::new(), false),
+            vec![
+                Change::AddService(svc(8080), "rr".into()),
+                Change::AddDest(svc(8080), dest(2), 1)
+            ]
+        );
+        let busy = Dest {
+            weight: 1,
+            active: 3,
+            inactive: 0,
+        };
+        let found = state(&[(2, weight(1)), (3, busy)]);
+        assert_eq!(
+            plan(&wanted, &found, false),
+            vec![Change::SetWeight(svc(8080), dest(3), 0)]
+        );
+        let draining = state(&[(2, weight(1)), (3, Dest { weight: 0, ..busy })]);
+        assert!(
+            plan(&wanted, &draining, false).is_empty(),
+            "waits while connections remain"
+        );
+        assert_eq!(
+            plan(&wanted, &draining, true),
+            vec![Change::DelDest(svc(8080), dest(3))]
+        );
+        let idle = state(&[
+            (2, weight(1)),
+            (
+                3,
+                Dest {
+                    weight: 0,
+                    active: 0,
+                    inactive: 4,
+                },
+            ),
+        ]);
+        assert_eq!(plan(&wanted, &idle, false), vec![Change::DelDest(svc(8080), dest(3))]);
+    }
+
+    #[test]
+    fn a_service_goes_after_its_last_real_server() {
+        let found = state(&[(2, weight(0))]);
+        assert_eq!(
+            plan(&IpvsState::new(), &found, false),
+            vec![Change::DelDest(svc(8080), dest(2)), Change::DelService(svc(8080))]
+        );
+        let busy = state(&[(
+            2,
+            Dest {
+                weight: 1,
+                active: 1,
+                inactive: 0,
+            },
+        )]);
+        assert_eq!(
+            plan(&IpvsState::new(), &busy, false),
+            vec![Change::SetWeight(svc(8080), dest(2), 0)]
+        );
+    }
+
+    #[test]
+    fn messages_carry_the_service_and_the_real_server() {
+        let m = message(&Change::AddDest(svc(8080), dest(2), 5));
+        assert_eq!(m.cmd, CMD_NEW_DEST);
+        let s = attr(&m.attrs, CMD_ATTR_SERVICE).unwrap();
+        assert_eq!(attr(s, SVC_ATTR_PORT).unwrap(), &8080u16.to_be_bytes());
+        let d = attr(&m.attrs, CMD_ATTR_DEST).unwrap();
+        let (id, parsed) = parse_dest(d).unwrap();
+        assert_eq!((id, parsed.weight), (dest(2), 5));
+        assert_eq!(u32_of(attr(d, DEST_ATTR_FWD_METHOD).unwrap()), Some(FWD_MASQ));
+        let add = message(&Change::AddService(svc(8080), "mh".into()));
+        let (id, sched) = parse_service(attr(&add.attrs, CMD_ATTR_SERVICE).unwrap()).unwrap();
+        assert_eq!((id, sched.as_str()), (svc(8080), "mh"));
+    }
+}
