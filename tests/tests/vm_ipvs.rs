@@ -140,22 +140,17 @@ fn ipvs_masquerades_to_real_servers_and_drains_one_before_removing_it() {
     );
     // None: it had no connection left, so it went at once.
     if let Some(d) = draining {
-        {
-            assert_eq!(d.weight, 0, "drained before it is deleted");
-            // Its connections closed: a next pass deletes it.
-            let mut gone = false;
-            for _ in 0..150 {
-                if !reconcile(&cluster, wanted(vip, &[1]), vip)[&vip]
-                    .dests
-                    .contains_key(&h2)
-                {
-                    gone = true;
-                    break;
-                }
+        assert_eq!(d.weight, 0, "drained before it is deleted");
+        // Its connections closed: a next pass deletes it.
+        let gone = (0..150).any(|_| {
+            let held = reconcile(&cluster, wanted(vip, &[1]), vip);
+            let gone = !held[&vip].dests.contains_key(&h2);
+            if !gone {
                 std::thread::sleep(Duration::from_millis(200));
             }
-            assert!(gone, "the drained real server is deleted once idle");
-        }
+            gone
+        });
+        assert!(gone, "the drained real server is deleted once idle");
     }
 
     // Wanting nothing: after draining, the service goes too.
