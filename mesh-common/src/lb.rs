@@ -10,13 +10,17 @@
 //! the entry node looks the port up in [`SERVICES_MAP`], picks a backend
 //! from the service's [`Table`] (Maglev, random or round-robin), remembers
 //! the choice in [`CONNTRACK_MAP`], and either rewrites the destination to
-//! a local task or sends the frame through the node's routing-mesh tunnel
-//! (a metadata-mode VXLAN device, VNI [`VNI_REQUEST`]) to the backend's
-//! node. That node's tunnel program picks one of its own tasks and records
-//! a [`ReverseNat`], so the task's reply leaves with the published address
-//! as its source and goes back through the tunnel (VNI [`VNI_REPLY`]) to
-//! the entry node, which sends it to the client. The client address is
-//! never rewritten: the task sees who connected.
+//! a local task or sends the packet, unchanged, to the backend's node: as
+//! it is, to that node's MAC address, when the node is on the same link
+//! ([`NODE_ON_LINK`]), else through the node's routing-mesh tunnel (a
+//! metadata-mode VXLAN device, VNI [`VNI_REQUEST`]). Either way the packet
+//! still names the entry node and the published port, so the backend's
+//! node picks one of its own tasks and records a [`ReverseNat`]: the
+//! task's reply leaves with the published address as its source and goes
+//! back the way the request came (to the entry node's MAC, or through the
+//! tunnel with VNI [`VNI_REPLY`]), and the entry node sends it to the
+//! client. The client address is never rewritten: the task sees who
+//! connected.
 
 /// Maglev lookup table size: prime, and about 100 times the backends a
 /// service is expected to have, so each backend's share is within ~1% of
@@ -52,6 +56,12 @@ pub const PINNED_MAPS: [&str; 12] = [
     VIPS_MAP,
     SOCK_REV_MAP,
 ];
+
+/// A [`NODES_MAP`] value bit: the node is on this node's underlay link, so
+/// packets go to it as they are, by its MAC address (no tunnel).
+pub const NODE_ON_LINK: u32 = 1;
+/// Every other node is reached through the tunnel.
+pub const NODE_TUNNEL: u32 = 0;
 
 /// Tunnel VNIs: a client's packet on its way to a backend's node, and a
 /// task's reply on its way back to the node the client reached.
@@ -176,7 +186,8 @@ pub struct Conntrack {
 pub struct ReverseNat {
     pub addr: u32,
     pub port: u16,
-    pub pad: u16,
+    /// 1: the request came straight from `entry` (on-link), 0: through the tunnel.
+    pub direct: u16,
     pub entry: u32,
     pub service: u32,
 }

@@ -16,7 +16,10 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        bpf_redir_neigh, bpf_tunnel_key, BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+        TC_ACT_SHOT,
+    },
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_get_tunnel_key,
         bpf_skb_set_tunnel_key,
@@ -25,6 +28,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
+use mesh_common::lb::NODE_ON_LINK;
 use mesh_common::lb::{
     Affinity, AffinityKey, Algorithm, Backend, Conntrack, FlowKey, NodeConfig, ReverseNat, ServiceKey, ServiceStats,
     ServiceValue, Table, LOCAL_TABLE, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_NODES, MAX_SERVICES, MAX_TABLES,
@@ -64,6 +68,8 @@ const OK: i32 = TC_ACT_OK as i32;
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
 const ETH_HLEN: usize = 14;
+/// `skb->pkt_type` of a frame addressed to this host's MAC.
+const PACKET_HOST: u32 = 0;
 const ETH_P_IP: u16 = 0x0800;
 const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
@@ -339,6 +345,25 @@ fn into_tunnel(ctx: &mut TcContext, config: &NodeConfig, node: u32, vni: u32) ->
     unsafe { bpf_redirect(config.tunnel_ifindex, 0) as i32 }
 }
 
+/// Sends the packet, unchanged, out of the underlay to `node`'s MAC
+/// address (a node on the same link): the neighbour table gives the MAC.
+#[inline(always)]
+fn to_node(config: &NodeConfig, node: u32) -> i32 {
+    let mut params = bpf_redir_neigh {
+        nh_family: 2, // AF_INET
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: node },
+    };
+    // SAFETY: the parameter block is a local of the size passed.
+    unsafe { bpf_redirect_neigh(config.ifindex, &mut params, size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
+}
+
+/// Whether `node` is another node on this node's link.
+#[inline(always)]
+fn on_link(node: u32) -> bool {
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { NODES.get(node) }.is_some_and(|flags| flags & NODE_ON_LINK != 0)
+}
+
 /// Sends the packet out of `ifindex`, the kernel's FIB and neighbour table
 /// choosing the next hop and its MAC address.
 #[inline(always)]
@@ -357,11 +382,12 @@ fn to_local_task(
     service: &ServiceValue,
     task: u32,
     entry: u32,
+    direct: bool,
 ) -> i32 {
     let reverse = ReverseNat {
         addr: packet.dst,
         port: packet.dport,
-        pad: 0,
+        direct: u16::from(direct),
         entry,
         service: service.id,
     };
@@ -385,7 +411,11 @@ fn to_local_task(
     out_via(config.bridge_ifindex)
 }
 
-/// `tc_ingress`: the underlay link's ingress.
+/// `tc_ingress`: the underlay link's ingress. Three kinds of packet are
+/// ours: a client's for a published port on this node; one another node
+/// on this link passed on unchanged for a task here (it still names that
+/// node and the published port); and a task's reply coming back from such
+/// a node, already carrying our address, for our client.
 #[inline(always)]
 pub fn ingress(ctx: &mut TcContext) -> i32 {
     let Some(packet) = parse(ctx) else {
@@ -395,7 +425,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         return OK;
     };
     if packet.dst != config.addr {
-        return OK;
+        return from_peer(ctx, config, &packet);
     }
     let key = ServiceKey {
         addr: 0,
@@ -414,10 +444,60 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     };
     count(&service, &packet);
     if backend.local != 0 {
-        to_local_task(ctx, config, &packet, &service, backend.local, 0)
+        to_local_task(ctx, config, &packet, &service, backend.local, 0, false)
+    } else if on_link(backend.node) {
+        to_node(config, backend.node)
     } else {
         into_tunnel(ctx, config, backend.node, VNI_REQUEST)
     }
+}
+
+/// A packet on the underlay not addressed to this node: a request another
+/// node on the link passed on, or a reply coming back to be sent on.
+#[inline(always)]
+fn from_peer(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet) -> i32 {
+    // Only frames sent to this node's MAC: a bridge floods frames for
+    // others, and those are theirs to serve.
+    // SAFETY: the program's own __sk_buff.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return OK;
+    }
+    if packet.src == config.addr {
+        // A task's reply through another node, for our client: only for a
+        // connection this node tracks (nothing else may borrow our address).
+        let ours = FlowKey {
+            src: packet.dst,
+            dst: packet.src,
+            sport: packet.dport,
+            dport: packet.sport,
+            proto: packet.proto,
+            pad: [0; 3],
+        };
+        // SAFETY: read-only lookup of a plain value.
+        if unsafe { CONNTRACK.get(ours) }.is_none() {
+            return OK;
+        }
+        return out_via(config.ifindex);
+    }
+    if !on_link(packet.dst) {
+        return OK;
+    }
+    let key = ServiceKey {
+        addr: 0,
+        port: packet.dport,
+        proto: packet.proto,
+        pad: 0,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    let Some(service) = (unsafe { SERVICES.get(key) }) else {
+        return OK;
+    };
+    let service = *service;
+    let Some(backend) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
+        return SHOT;
+    };
+    count(&service, packet);
+    to_local_task(ctx, config, packet, &service, backend.local, packet.dst, true)
 }
 
 /// `tc_tunnel`: the routing-mesh tunnel device's ingress.
@@ -464,7 +544,7 @@ pub fn tunnel(ctx: &mut TcContext) -> i32 {
         return SHOT;
     };
     count(&service, &packet);
-    to_local_task(ctx, config, &packet, &service, backend.local, from)
+    to_local_task(ctx, config, &packet, &service, backend.local, from, false)
 }
 
 /// `tc_reply`: the task bridge's ingress (what tasks send toward the node).
@@ -501,6 +581,8 @@ pub fn reply(ctx: &mut TcContext) -> i32 {
     }
     if reverse.entry == 0 {
         out_via(config.ifindex)
+    } else if reverse.direct != 0 {
+        to_node(config, reverse.entry)
     } else {
         into_tunnel(ctx, config, reverse.entry, VNI_REPLY)
     }

@@ -57,8 +57,14 @@ impl Node {
     }
 
     /// Writes the maps for `web` (8080 -> 80/tcp, 5353 -> 53/udp) with
-    /// these tasks: (task ID, its node, its local address if here).
+    /// these tasks: (task ID, its node, its local address if here); the
+    /// other node is reached through the tunnel.
     fn serve(&mut self, tasks: &[(u64, Ipv4Addr, Option<Ipv4Addr>)]) {
+        self.serve_with(tasks, false);
+    }
+
+    /// As [`Node::serve`], the other node being on this node's link or not.
+    fn serve_with(&mut self, tasks: &[(u64, Ipv4Addr, Option<Ipv4Addr>)], on_link: bool) {
         let mesh = MeshAssignment {
             services: vec![MeshService {
                 service: 1,
@@ -82,7 +88,7 @@ impl Node {
             peers: vec![OTHER.to_string()],
         };
         let local: BTreeMap<u64, Ipv4Addr> = tasks.iter().filter_map(|(t, _, l)| Some((*t, (*l)?))).collect();
-        let changes = self.tables.update(&mesh, &local);
+        let changes = self.tables.update(&mesh, &local, &|_| on_link);
         self.maps.apply(&changes).expect("write the maps");
     }
 
@@ -221,4 +227,63 @@ fn connections_keep_their_task_across_table_changes_and_move_only_when_it_leaves
             assert_ne!(now, TASK_A, "port {port} must leave the removed task");
         }
     }
+}
+
+/// The frame as the kernel sees one sent to this host's MAC address under
+/// BPF_PROG_TEST_RUN (it compares with the loopback device's, all zeros).
+fn to_our_mac(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[..6].fill(0);
+    frame
+}
+
+#[test]
+fn a_node_on_the_link_gets_the_packet_as_it_is_and_answers_back_the_same_way() {
+    // The entry node: the task runs on the other node, on the same link.
+    let mut entry = Node::new();
+    entry.serve_with(&[(20, OTHER, None)], true);
+    let syn = packet::tcp4_syn((CLIENT, 40100), (NODE, 8080), 1);
+    let (verdict, out) = entry.run(PROGRAM_INGRESS, &syn);
+    assert_eq!(
+        (verdict, &out),
+        (TC_ACT_REDIRECT, &syn),
+        "to the other node's MAC, unchanged"
+    );
+
+    // The task's node (here this node plays it: OTHER was the entry): a
+    // request for OTHER's published port, sent to our MAC.
+    let mut backend = Node::new();
+    backend.serve_with(&[(21, NODE, Some(TASK_A))], true);
+    let request = to_our_mac(packet::tcp4_syn((CLIENT, 40101), (OTHER, 8080), 1));
+    let (verdict, out) = backend.run(PROGRAM_INGRESS, &request);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "to the task bridge");
+    assert_eq!(out, to_our_mac(packet::tcp4_syn((CLIENT, 40101), (TASK_A, 80), 1)));
+    // A frame for someone else's MAC that a bridge flooded here: not ours.
+    let flooded = packet::tcp4_syn((CLIENT, 40102), (OTHER, 8080), 1);
+    assert_eq!(backend.run(PROGRAM_INGRESS, &flooded), (TC_ACT_OK, flooded));
+    // The task's reply gets the entry node's address and goes back to it.
+    let reply = packet::tcp4((TASK_A, 80), (CLIENT, 40101), 9, packet::TCP_SYN | packet::TCP_ACK);
+    let (verdict, out) = backend.run(PROGRAM_REPLY, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "to the entry node's MAC");
+    assert_eq!(
+        out,
+        packet::tcp4((OTHER, 8080), (CLIENT, 40101), 9, packet::TCP_SYN | packet::TCP_ACK)
+    );
+
+    // Back at the entry node: the reply carries its address, for a
+    // connection it tracks, so it goes on to the client; one it does not
+    // track is not passed on.
+    let back = to_our_mac(packet::tcp4(
+        (NODE, 8080),
+        (CLIENT, 40100),
+        9,
+        packet::TCP_SYN | packet::TCP_ACK,
+    ));
+    let (verdict, out) = entry.run(PROGRAM_INGRESS, &back);
+    assert_eq!((verdict, &out), (TC_ACT_REDIRECT, &back), "out to the client");
+    let forged = to_our_mac(packet::tcp4((NODE, 8080), (CLIENT, 40999), 9, packet::TCP_ACK));
+    assert_eq!(
+        entry.run(PROGRAM_INGRESS, &forged),
+        (TC_ACT_OK, forged.clone()),
+        "no tracked connection: the kernel's"
+    );
 }

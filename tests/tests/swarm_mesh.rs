@@ -5,7 +5,9 @@
 //! the last published port.
 //!
 //! Hosts 0-2 form the swarm; host 3's agent never joins: it is the client,
-//! outside the cluster, on the same underlay.
+//! outside the cluster, on the same underlay. The first scenario reaches
+//! tasks on other nodes on the link directly, the second through the
+//! routing-mesh tunnel (`--mesh-routing tunnel`).
 
 use std::{
     collections::BTreeMap,
@@ -259,7 +261,19 @@ fn echo_line(stream: &mut TcpStream, line: &str) -> Result<(), String> {
 #[test]
 fn connections_survive_scaling_affinity_sticks_and_a_killed_task_fails_requests_only_until_it_leaves_the_tables() {
     require_root();
-    let swarm = Swarm::new(4);
+    // Through the tunnel (the other test goes the on-link way), so both
+    // ways between nodes are exercised.
+    let swarm = Swarm::with_flags(
+        4,
+        &[
+            "--raft-heartbeat",
+            "100ms",
+            "--raft-election-timeout",
+            "500ms",
+            "--mesh-routing",
+            "tunnel",
+        ],
+    );
     swarm.init(&[]);
     swarm.join(1, 0, "worker");
     swarm.join(2, 0, "worker");

@@ -51,7 +51,7 @@ fn every_program_loads_and_a_published_port_is_served() {
         peers: vec![],
     };
     let mut tables = MeshTables::default();
-    maps.apply(&tables.update(&mesh, &BTreeMap::from([(10, task)])))
+    maps.apply(&tables.update(&mesh, &BTreeMap::from([(10, task)]), &|_| false))
         .expect("write the maps");
     let client = Ipv4Addr::new(198, 51, 100, 7);
     let fd = dataplane.program_fd(PROGRAM_INGRESS).expect("fd");

@@ -67,6 +67,11 @@ struct RunArgs {
     /// device (userspace).
     #[arg(long, value_enum, default_value = "auto")]
     wireguard: mesh_agent::runtime::tunnel::WireguardMode,
+    /// How published ports reach tasks on other nodes: as they are, to
+    /// the node's MAC address, when it is on the same link, else through
+    /// the routing-mesh tunnel (auto); or always through the tunnel.
+    #[arg(long, value_enum, default_value = "auto")]
+    mesh_routing: mesh_agent::runtime::mesh::MeshRouting,
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
@@ -97,6 +102,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         local_pool: mesh_agent::runtime::network::check_local_pool(&args.local_pool)
             .map_err(|e| format!("--local-pool: {e}"))?,
         wireguard: args.wireguard,
+        mesh_routing: args.mesh_routing,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -76,6 +76,8 @@ pub struct AgentOptions {
     pub local_pool: Subnet,
     /// Which WireGuard the encrypted overlays use.
     pub wireguard: WireguardMode,
+    /// How the routing mesh reaches other nodes.
+    pub mesh_routing: crate::runtime::mesh::MeshRouting,
 }
 
 /// The non-secret facts a node keeps in `node.json`.
@@ -721,7 +723,12 @@ impl Member {
             );
             opts.data_dir.join("bpf")
         });
-        let mesh = RoutingMesh::new(network.clone(), cgroup.as_ref().map(|c| c.dir().to_path_buf()), pins);
+        let mesh = RoutingMesh::new(
+            network.clone(),
+            cgroup.as_ref().map(|c| c.dir().to_path_buf()),
+            pins,
+            opts.mesh_routing == crate::runtime::mesh::MeshRouting::Auto,
+        );
         let dns = Arc::new(Dns::new());
         let tasks = Supervisor::new(
             opts.data_dir.join("tasks"),

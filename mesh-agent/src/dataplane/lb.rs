@@ -3,7 +3,7 @@
 //! state to the next in the order that keeps every service whole
 //! ([`plan`], pure), and writing them through aya ([`LbMaps`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use mesh_common::lb::{
@@ -23,8 +23,9 @@ pub struct LbState {
     pub tables: BTreeMap<u32, (u32, Vec<u32>)>,
     /// Backends by ID.
     pub backends: BTreeMap<u32, Backend>,
-    /// Other nodes' underlay addresses (as on the wire).
-    pub nodes: BTreeSet<u32>,
+    /// Other nodes' underlay addresses (as on the wire), with how they are
+    /// reached (`NODE_ON_LINK` or `NODE_TUNNEL`).
+    pub nodes: BTreeMap<u32, u32>,
     /// Service VIPs (as on the wire) for the tasks' sockets.
     pub vips: BTreeMap<u32, ServiceValue>,
 }
@@ -36,7 +37,7 @@ pub enum Change {
     Table(u32, u32, Vec<u32>),
     Service(ServiceKey, ServiceValue),
     Vip(u32, ServiceValue),
-    Node(u32),
+    Node(u32, u32),
     RemoveService(ServiceKey),
     RemoveVip(u32),
     RemoveTable(u32),
@@ -50,7 +51,11 @@ pub enum Change {
 /// that is not there yet or any more.
 pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
     let mut out = Vec::new();
-    out.extend(to.nodes.difference(&from.nodes).map(|n| Change::Node(*n)));
+    for (n, flags) in &to.nodes {
+        if from.nodes.get(n) != Some(flags) {
+            out.push(Change::Node(*n, *flags));
+        }
+    }
     for (id, b) in &to.backends {
         if from.backends.get(id) != Some(b) {
             out.push(Change::Backend(*id, *b));
@@ -95,7 +100,12 @@ pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
             .filter(|k| !to.backends.contains_key(k))
             .map(|k| Change::RemoveBackend(*k)),
     );
-    out.extend(from.nodes.difference(&to.nodes).map(|n| Change::RemoveNode(*n)));
+    out.extend(
+        from.nodes
+            .keys()
+            .filter(|n| !to.nodes.contains_key(n))
+            .map(|n| Change::RemoveNode(*n)),
+    );
     out
 }
 
@@ -158,7 +168,7 @@ impl LbMaps {
                     self.tables.insert(id, table, 0).map_err(|e| map_error(TABLES_MAP, e))?;
                 }
                 Change::Service(k, v) => self.services.insert(k, v, 0).map_err(|e| map_error(SERVICES_MAP, e))?,
-                Change::Node(n) => self.nodes.insert(n, 1, 0).map_err(|e| map_error(NODES_MAP, e))?,
+                Change::Node(n, flags) => self.nodes.insert(n, flags, 0).map_err(|e| map_error(NODES_MAP, e))?,
                 Change::Vip(k, v) => self.vips.insert(k, v, 0).map_err(|e| map_error(VIPS_MAP, e))?,
                 Change::RemoveVip(k) => ignore_missing(self.vips.remove(k), VIPS_MAP)?,
                 Change::RemoveService(k) => ignore_missing(self.services.remove(k), SERVICES_MAP)?,
@@ -191,8 +201,9 @@ impl LbMaps {
             let (k, v) = entry.map_err(|e| map_error(BACKENDS_MAP, e))?;
             state.backends.insert(k, v);
         }
-        for key in self.nodes.keys() {
-            state.nodes.insert(key.map_err(|e| map_error(NODES_MAP, e))?);
+        for entry in self.nodes.iter() {
+            let (k, v) = entry.map_err(|e| map_error(NODES_MAP, e))?;
+            state.nodes.insert(k, v);
         }
         Ok(state)
     }

@@ -21,7 +21,7 @@ use mesh_common::lb::{
     Algorithm, Backend, NodeConfig, ServiceKey, ServiceValue, LOCAL_TABLE, MAX_SERVICES, TABLE_SIZE,
 };
 
-use mesh_common::lb::PINNED_MAPS;
+use mesh_common::lb::{NODE_ON_LINK, NODE_TUNNEL, PINNED_MAPS};
 
 use super::network::{LocalNetwork, BRIDGE};
 use crate::{
@@ -41,6 +41,18 @@ use crate::{
 
 /// The routing-mesh tunnel device.
 pub const TUNNEL_DEVICE: &str = "mesh-lb";
+
+/// How packets reach other nodes (`mesh-agent run --mesh-routing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MeshRouting {
+    /// As they are, to the node's MAC address, when it is on the same
+    /// link; through the tunnel otherwise.
+    #[default]
+    Auto,
+    /// Always through the tunnel (an underlay that drops frames whose
+    /// addresses are not the sender's, or to compare).
+    Tunnel,
+}
 
 /// The routing-mesh tunnel's UDP port: the data-path port + 3 (+1 is the
 /// IPsec overlays', and 4791 = 4789 + 2 is RoCEv2's).
@@ -148,7 +160,7 @@ struct ServiceEntry {
 pub struct MeshTables {
     ids: Ids,
     services: BTreeMap<u64, ServiceEntry>,
-    nodes: BTreeSet<u32>,
+    nodes: BTreeMap<u32, u32>,
     /// Service VIPs by (service, network).
     vips: BTreeMap<(u64, u64), ServiceEntry>,
     /// What an earlier agent's maps held, until the first update replaced it.
@@ -159,12 +171,19 @@ impl MeshTables {
     /// The map writes that take the kernel from the last update to `mesh`
     /// with these local task addresses (a task the cluster calls running
     /// but that has no address here yet, or any more, is left out).
-    pub fn update(&mut self, mesh: &MeshAssignment, local: &BTreeMap<u64, Ipv4Addr>) -> Vec<Change> {
-        let nodes: BTreeSet<u32> = mesh
+    /// `on_link` says which nodes are reached as they are (by MAC address)
+    /// rather than through the tunnel.
+    pub fn update(
+        &mut self,
+        mesh: &MeshAssignment,
+        local: &BTreeMap<u64, Ipv4Addr>,
+        on_link: &dyn Fn(Ipv4Addr) -> bool,
+    ) -> Vec<Change> {
+        let nodes: BTreeMap<u32, u32> = mesh
             .peers
             .iter()
             .filter_map(|n| n.parse::<Ipv4Addr>().ok())
-            .map(wire_addr)
+            .map(|a| (wire_addr(a), if on_link(a) { NODE_ON_LINK } else { NODE_TUNNEL }))
             .collect();
         let mut changes = plan_nodes(&self.nodes, &nodes, true);
         // The managers list services by ID; walk them beside ours, so an
@@ -429,11 +448,17 @@ fn vip_state(
 }
 
 /// Node additions (`add`) or removals between two sets.
-fn plan_nodes(from: &BTreeSet<u32>, to: &BTreeSet<u32>, add: bool) -> Vec<Change> {
+fn plan_nodes(from: &BTreeMap<u32, u32>, to: &BTreeMap<u32, u32>, add: bool) -> Vec<Change> {
     if add {
-        to.difference(from).map(|n| Change::Node(*n)).collect()
+        to.iter()
+            .filter(|(n, f)| from.get(n) != Some(f))
+            .map(|(n, f)| Change::Node(*n, *f))
+            .collect()
     } else {
-        from.difference(to).map(|n| Change::RemoveNode(*n)).collect()
+        from.keys()
+            .filter(|n| !to.contains_key(n))
+            .map(|n| Change::RemoveNode(*n))
+            .collect()
     }
 }
 
@@ -541,6 +566,8 @@ struct TcPart {
     api: TcApi,
     vtep: Ipv4Addr,
     port: u16,
+    /// The underlay subnet: nodes in it are on this node's link.
+    link: Option<crate::subnet::Subnet>,
 }
 
 #[derive(Default)]
@@ -563,6 +590,9 @@ pub struct RoutingMesh {
     cgroup: Option<PathBuf>,
     /// Where maps and links are pinned (the agent's bpffs).
     pins: PathBuf,
+    /// Whether nodes on the same link get packets as they are (else
+    /// everything goes through the tunnel).
+    direct: bool,
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -571,11 +601,12 @@ impl RoutingMesh {
     /// one, VIPs are not served), pinning in `pins` (a bpffs; see
     /// runtime/bpffs.rs); nothing is made before it is needed. Follows the
     /// local tasks' addresses.
-    pub fn new(network: Arc<LocalNetwork>, cgroup: Option<PathBuf>, pins: PathBuf) -> Arc<RoutingMesh> {
+    pub fn new(network: Arc<LocalNetwork>, cgroup: Option<PathBuf>, pins: PathBuf, direct: bool) -> Arc<RoutingMesh> {
         let mesh = Arc::new(RoutingMesh {
             network: network.clone(),
             cgroup,
             pins,
+            direct,
             inner: Arc::default(),
         });
         let weak = Arc::downgrade(&mesh);
@@ -629,9 +660,10 @@ impl RoutingMesh {
         let inner = self.inner.clone();
         let cgroup = self.cgroup.clone();
         let pins = self.pins.clone();
+        let direct = self.direct;
         tokio::task::spawn_blocking(move || {
             let mut inner = inner.lock().expect("reason: never poisoned");
-            sync_blocking(&mut inner, &local, cgroup.as_deref(), &pins)
+            sync_blocking(&mut inner, &local, cgroup.as_deref(), &pins, direct)
         })
         .await
         .map_err(|e| MeshError::Network(super::network::NetworkError::Worker(e.to_string())))?
@@ -643,6 +675,7 @@ fn sync_blocking(
     local: &BTreeMap<u64, Ipv4Addr>,
     cgroup: Option<&Path>,
     pins: &Path,
+    direct: bool,
 ) -> Result<(), MeshError> {
     if !inner.assigned {
         return Ok(());
@@ -710,7 +743,9 @@ fn sync_blocking(
         log::info!("routing mesh: serving service VIPs to the tasks in {}", dir.display());
     }
     let mesh = published.map(|(m, _, _)| m).unwrap_or_default();
-    let mut changes = inner.tables.update(&mesh, local);
+    let link = inner.active.as_ref().and_then(|a| a.tc.as_ref()).and_then(|tc| tc.link);
+    let on_link = |a: Ipv4Addr| direct && link.is_some_and(|l| l.contains(a));
+    let mut changes = inner.tables.update(&mesh, local, &on_link);
     changes.extend(inner.tables.update_vips(&inner.services));
     changes.extend(inner.tables.leftovers());
     let active = inner.active.as_mut().expect("reason: set up above");
@@ -733,7 +768,7 @@ fn setup_tc(
     port: u16,
     pins: &Path,
 ) -> Result<TcPart, MeshError> {
-    let (underlay, underlay_index, tunnel_index, bridge_index) = Netlink::run(|nl| async move {
+    let (underlay, underlay_index, tunnel_index, bridge_index, prefix) = Netlink::run(|nl| async move {
         let underlay_index = nl
             .link_with_address(vtep.into())
             .await?
@@ -761,7 +796,8 @@ fn setup_tc(
         nl.set_up(TUNNEL_DEVICE).await?;
         let tunnel_index = nl.link_index(TUNNEL_DEVICE).await?;
         let bridge_index = nl.link_index(BRIDGE).await?;
-        Ok((underlay, underlay_index, tunnel_index, bridge_index))
+        let prefix = nl.address_prefix(vtep.into()).await?;
+        Ok((underlay, underlay_index, tunnel_index, bridge_index, prefix))
     })
     .map_err(|e| match e {
         NetlinkError::NoSuchLink(_) => MeshError::NoUnderlay(vtep),
@@ -792,11 +828,16 @@ fn setup_tc(
         }
     }
     log::info!("routing mesh: serving published ports on {underlay} ({vtep}), tunnel {TUNNEL_DEVICE} on port {port}");
+    let link = prefix.filter(|p| *p <= 32).and_then(|p| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(p)).unwrap_or(0);
+        crate::subnet::Subnet::parse(&format!("{}/{p}", Ipv4Addr::from(u32::from(vtep) & mask))).ok()
+    });
     Ok(TcPart {
         attachments,
         api,
         vtep,
         port,
+        link,
     })
 }
 
@@ -887,8 +928,8 @@ mod tests {
                 Change::Service(k, v) => {
                     state.services.insert(*k, *v);
                 }
-                Change::Node(n) => {
-                    state.nodes.insert(*n);
+                Change::Node(n, f) => {
+                    state.nodes.insert(*n, *f);
                 }
                 Change::RemoveService(k) => {
                     state.services.remove(k);
@@ -925,6 +966,7 @@ mod tests {
                 backend(3, "10.0.0.1", true),
             ]),
             &local,
+            &|a| a == Ipv4Addr::new(10, 0, 0, 2),
         );
         let s = applied(LbState::default(), &changes);
         let (key, service) = s.services.iter().next().unwrap();
@@ -936,29 +978,33 @@ mod tests {
         let locals: Vec<&Backend> = s.backends.values().filter(|b| b.local != 0).collect();
         assert_eq!(locals.len(), 1);
         assert_eq!(locals[0].local, wire_addr(Ipv4Addr::new(172, 18, 0, 2)));
-        assert_eq!(s.nodes.len(), 1);
+        assert_eq!(
+            s.nodes.values().collect::<Vec<_>>(),
+            vec![&NODE_ON_LINK],
+            "the peer is on the link"
+        );
     }
 
     #[test]
     fn only_what_changed_is_written_and_ids_are_not_reused_for_other_tasks() {
         let mut tables = MeshTables::default();
         let none = BTreeMap::new();
-        let first = tables.update(&assignment(vec![backend(2, "10.0.0.2", false)]), &none);
+        let first = tables.update(&assignment(vec![backend(2, "10.0.0.2", false)]), &none, &|_| false);
         let one = applied(LbState::default(), &first);
         assert!(tables
-            .update(&assignment(vec![backend(2, "10.0.0.2", false)]), &none)
+            .update(&assignment(vec![backend(2, "10.0.0.2", false)]), &none, &|_| false)
             .is_empty());
-        let next = tables.update(&assignment(vec![backend(4, "10.0.0.2", false)]), &none);
+        let next = tables.update(&assignment(vec![backend(4, "10.0.0.2", false)]), &none, &|_| false);
         let other = applied(one.clone(), &next);
         assert!(other.backends.keys().all(|id| !one.backends.contains_key(id)));
         assert_eq!(other.backends.len(), 1, "the old backend was removed");
-        let empty = applied(other, &tables.update(&assignment(vec![]), &none));
+        let empty = applied(other, &tables.update(&assignment(vec![]), &none, &|_| false));
         let id = empty.services.values().next().unwrap().id;
         assert_eq!(
             empty.tables[&id].0, 0,
             "no task: an empty table, so the port is refused"
         );
-        let gone = applied(empty, &tables.update(&MeshAssignment::default(), &none));
+        let gone = applied(empty, &tables.update(&MeshAssignment::default(), &none, &|_| false));
         assert_eq!(gone, LbState::default());
     }
 
@@ -972,10 +1018,10 @@ mod tests {
             ports: vec![PortPublish::parse("9090:90").unwrap()],
             ..two.services[0].clone()
         });
-        let earlier = applied(LbState::default(), &first.update(&two, &none));
+        let earlier = applied(LbState::default(), &first.update(&two, &none, &|_| false));
         // The new agent: service 8 is gone meanwhile.
         let mut tables = MeshTables::adopting(earlier.clone());
-        let mut changes = tables.update(&assignment(vec![backend(2, "10.0.0.2", false)]), &none);
+        let mut changes = tables.update(&assignment(vec![backend(2, "10.0.0.2", false)]), &none, &|_| false);
         changes.extend(tables.leftovers());
         let now = applied(earlier.clone(), &changes);
         assert_eq!(now.services.len(), 1, "9090 removed, 8080 kept");

@@ -292,7 +292,8 @@ fn per_packet() {
         services: vec![service(1, 1..=10)],
         peers: vec!["192.0.2.2".into()],
     };
-    maps.apply(&tables.update(&mesh, &BTreeMap::new())).expect("write");
+    maps.apply(&tables.update(&mesh, &BTreeMap::new(), &|_| false))
+        .expect("write");
     let fd = dataplane.program_fd(PROGRAM_INGRESS).expect("fd");
     let hit = packet::tcp4_syn(
         (Ipv4Addr::new(198, 51, 100, 7), 40000),
@@ -322,7 +323,8 @@ fn one_change(n: u64) -> (Duration, Duration, Duration) {
         peers: vec!["192.0.2.2".into()],
     };
     let start = Instant::now();
-    maps.apply(&tables.update(&mesh, &BTreeMap::new())).expect("load");
+    maps.apply(&tables.update(&mesh, &BTreeMap::new(), &|_| false))
+        .expect("load");
     let load = start.elapsed();
     let mut times = Vec::new();
     for i in 0..40 {
@@ -340,7 +342,7 @@ fn one_change(n: u64) -> (Duration, Duration, Duration) {
         // The manager's side of the change.
         changed.digest = changed.content_digest();
         let start = Instant::now();
-        let changes = tables.update(&mesh, &BTreeMap::new());
+        let changes = tables.update(&mesh, &BTreeMap::new(), &|_| false);
         let planned = start.elapsed();
         maps.apply(&changes).expect("change");
         times.push((start.elapsed(), start.elapsed() - planned));
