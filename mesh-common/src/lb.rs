@@ -42,7 +42,8 @@ pub const VIPS_MAP: &str = "LB_VIPS";
 pub const SOCK_REV_MAP: &str = "LB_SOCK_REV";
 
 /// The maps a restarted agent takes over (pinned on its bpffs).
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 13] = [
+    BACKEND_STATS_MAP,
     SERVICES_MAP,
     TABLES_MAP,
     BACKENDS_MAP,
@@ -68,6 +69,7 @@ pub const NODE_TUNNEL: u32 = 0;
 pub const VNI_REQUEST: u32 = 1;
 pub const VNI_REPLY: u32 = 2;
 pub const STATS_MAP: &str = "LB_STATS";
+pub const BACKEND_STATS_MAP: &str = "LB_TASK_STATS";
 
 /// Capacities.
 /// Service ports (published ports and VIP ports) a node can serve.

@@ -25,7 +25,7 @@ use aya_ebpf::{
         bpf_skb_set_tunnel_key,
     },
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use mesh_common::lb::NODE_ON_LINK;
@@ -53,6 +53,11 @@ static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 static NODES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODES, BPF_F_NO_PREALLOC);
 #[map(name = "LB_STATS")]
 static STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+/// Per task (backend ID) on this node: packets, bytes and connections
+/// toward it, whichever node the client entered by.
+#[map(name = "LB_TASK_STATS")]
+static BACKEND_STATS: PerCpuHashMap<u32, ServiceStats> =
+    PerCpuHashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
 #[map(name = "LB_ROUND_ROBIN")]
 static ROUND_ROBIN: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
@@ -216,16 +221,27 @@ fn pick(service: &ServiceValue, table_id: u32, flow: &FlowKey) -> Option<u32> {
     table.slots.get(slot as usize).copied()
 }
 
+/// A connection's backend, its ID, and whether the connection is new.
+pub(crate) struct Picked {
+    pub id: u32,
+    pub backend: Backend,
+    pub new: bool,
+}
+
 /// The backend of a connection: the one it already has while that backend
 /// is still in service, else the client's sticky one, else a fresh pick.
 /// A connection whose backend left gets a new one, whose kernel resets it.
 #[inline(always)]
-pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only: bool) -> Option<Backend> {
+pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only: bool) -> Option<Picked> {
     // SAFETY: read-only lookups of plain values.
     if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
         if let Some(b) = unsafe { BACKENDS.get(ct.backend) } {
             if ct.service == service.id && (!local_only || b.local != 0) {
-                return Some(*b);
+                return Some(Picked {
+                    id: ct.backend,
+                    backend: *b,
+                    new: false,
+                });
             }
         }
     }
@@ -288,7 +304,7 @@ pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey,
         // SAFETY: a per-CPU slot only this CPU touches while the program runs.
         unsafe { (*stats).connections += 1 };
     }
-    Some(backend)
+    Some(Picked { id, backend, new: true })
 }
 
 #[inline(always)]
@@ -380,10 +396,26 @@ fn to_local_task(
     config: &NodeConfig,
     packet: &Packet,
     service: &ServiceValue,
-    task: u32,
+    picked: &Picked,
     entry: u32,
     direct: bool,
 ) -> i32 {
+    let task = picked.backend.local;
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(picked.id) {
+        // SAFETY: a per-CPU value only this CPU touches while the program runs.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(packet.len);
+            (*stats).connections += u64::from(picked.new);
+        }
+    } else {
+        let first = ServiceStats {
+            packets: 1,
+            bytes: u64::from(packet.len),
+            connections: u64::from(picked.new),
+        };
+        let _ = BACKEND_STATS.insert(picked.id, first, 0);
+    }
     let reverse = ReverseNat {
         addr: packet.dst,
         port: packet.dport,
@@ -438,13 +470,14 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
         return OK;
     };
     let service = *service;
-    let Some(backend) = backend_for(&service, service.id, &packet.flow(), false) else {
+    let Some(picked) = backend_for(&service, service.id, &packet.flow(), false) else {
         // No task can take it: refuse rather than let the node answer for a port it does not serve.
         return SHOT;
     };
     count(&service, &packet);
+    let backend = picked.backend;
     if backend.local != 0 {
-        to_local_task(ctx, config, &packet, &service, backend.local, 0, false)
+        to_local_task(ctx, config, &packet, &service, &picked, 0, false)
     } else if on_link(backend.node) {
         to_node(config, backend.node)
     } else {
@@ -493,11 +526,11 @@ fn from_peer(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet) -> i32 {
         return OK;
     };
     let service = *service;
-    let Some(backend) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
+    let Some(picked) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
         return SHOT;
     };
     count(&service, packet);
-    to_local_task(ctx, config, packet, &service, backend.local, packet.dst, true)
+    to_local_task(ctx, config, packet, &service, &picked, packet.dst, true)
 }
 
 /// `tc_tunnel`: the routing-mesh tunnel device's ingress.
@@ -540,11 +573,11 @@ pub fn tunnel(ctx: &mut TcContext) -> i32 {
         return SHOT;
     };
     let service = *service;
-    let Some(backend) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
+    let Some(picked) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
         return SHOT;
     };
     count(&service, &packet);
-    to_local_task(ctx, config, &packet, &service, backend.local, from, false)
+    to_local_task(ctx, config, &packet, &service, &picked, from, false)
 }
 
 /// `tc_reply`: the task bridge's ingress (what tasks send toward the node).

@@ -52,7 +52,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         proto: sa.protocol as u8,
         pad: [0; 3],
     };
-    let Some(backend) = backend_for(&service, service.id, &flow, false) else {
+    let Some(backend) = backend_for(&service, service.id, &flow, false).map(|p| p.backend) else {
         // No task: the VIP stays, and the connection finds nobody there.
         return ALLOW;
     };

@@ -127,6 +127,29 @@ fn a_published_port_goes_to_a_local_task_and_its_reply_gets_the_published_addres
     let (verdict, out) = node.run(PROGRAM_REPLY, &packet::udp4((TASK_A, 53), (CLIENT, 5000), b"answer"));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(out, packet::udp4((NODE, 5353), (CLIENT, 5000), b"answer"));
+
+    // The counters: per port, per task, and the tracked connections.
+    let (ports, tasks) = node.tables.labels();
+    let counters = node.maps.counters(ports.keys().copied()).expect("read the counters");
+    let tcp = ports.iter().find(|(_, k)| k.1 == 8080).map(|(id, _)| *id).unwrap();
+    assert_eq!(counters.services[&tcp].connections, 1);
+    assert!(
+        counters.services[&tcp].packets >= 2,
+        "the SYN and the reply: {:?}",
+        counters.services[&tcp]
+    );
+    assert_eq!(counters.conntrack[&tcp], 1);
+    let task = counters
+        .backends
+        .iter()
+        .find(|(id, _)| tasks[id].1 == (10, 0))
+        .map(|(_, s)| *s)
+        .unwrap();
+    assert_eq!(
+        (task.connections, task.packets),
+        (2, 2),
+        "one TCP and one UDP connection, one packet each toward the task"
+    );
 }
 
 #[test]

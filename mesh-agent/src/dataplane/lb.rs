@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use mesh_common::lb::{
-    Backend, NodeConfig, ServiceKey, ServiceStats, ServiceValue, Table, BACKENDS_MAP, CONFIG_MAP, NODES_MAP,
-    SERVICES_MAP, STATS_MAP, TABLES_MAP, VIPS_MAP,
+    Backend, Conntrack, FlowKey, NodeConfig, ServiceKey, ServiceStats, ServiceValue, Table, BACKENDS_MAP,
+    BACKEND_STATS_MAP, CONFIG_MAP, CONNTRACK_MAP, NODES_MAP, SERVICES_MAP, STATS_MAP, TABLES_MAP, VIPS_MAP,
 };
 
 use super::ebpf::{EbpfDataplane, EbpfError};
@@ -131,6 +131,29 @@ pub struct LbMaps {
     nodes: HashMap<MapData, u32, u32>,
     config: Array<MapData, NodeConfig>,
     stats: PerCpuArray<MapData, ServiceStats>,
+    backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    conntrack: HashMap<MapData, FlowKey, Conntrack>,
+}
+
+/// What the counters say, by service-port ID and by backend ID.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Per service port (and VIP): packets and bytes toward tasks,
+    /// connections this node picked a task for.
+    pub services: BTreeMap<u32, ServiceStats>,
+    /// Per backend running here: packets, bytes and connections toward it.
+    pub backends: BTreeMap<u32, ServiceStats>,
+    /// Tracked connections per service-port ID.
+    pub conntrack: BTreeMap<u32, u64>,
+}
+
+fn sum(per_cpu: &[ServiceStats]) -> ServiceStats {
+    per_cpu.iter().fold(ServiceStats::default(), |mut total, s| {
+        total.packets += s.packets;
+        total.bytes += s.bytes;
+        total.connections += s.connections;
+        total
+    })
 }
 
 impl LbMaps {
@@ -144,6 +167,9 @@ impl LbMaps {
             nodes: HashMap::try_from(take(dataplane, NODES_MAP)?).map_err(|e| map_error(NODES_MAP, e))?,
             config: Array::try_from(take(dataplane, CONFIG_MAP)?).map_err(|e| map_error(CONFIG_MAP, e))?,
             stats: PerCpuArray::try_from(take(dataplane, STATS_MAP)?).map_err(|e| map_error(STATS_MAP, e))?,
+            backend_stats: PerCpuHashMap::try_from(take(dataplane, BACKEND_STATS_MAP)?)
+                .map_err(|e| map_error(BACKEND_STATS_MAP, e))?,
+            conntrack: HashMap::try_from(take(dataplane, CONNTRACK_MAP)?).map_err(|e| map_error(CONNTRACK_MAP, e))?,
         })
     }
 
@@ -173,7 +199,10 @@ impl LbMaps {
                 Change::RemoveVip(k) => ignore_missing(self.vips.remove(k), VIPS_MAP)?,
                 Change::RemoveService(k) => ignore_missing(self.services.remove(k), SERVICES_MAP)?,
                 Change::RemoveTable(id) => ignore_missing(self.tables.remove(id), TABLES_MAP)?,
-                Change::RemoveBackend(id) => ignore_missing(self.backends.remove(id), BACKENDS_MAP)?,
+                Change::RemoveBackend(id) => {
+                    ignore_missing(self.backends.remove(id), BACKENDS_MAP)?;
+                    ignore_missing(self.backend_stats.remove(id), BACKEND_STATS_MAP)?;
+                }
                 Change::RemoveNode(n) => ignore_missing(self.nodes.remove(n), NODES_MAP)?,
             }
         }
@@ -208,15 +237,24 @@ impl LbMaps {
         Ok(state)
     }
 
-    /// A service port's counters, summed over every CPU.
-    pub fn stats(&self, id: u32) -> Result<ServiceStats, EbpfError> {
-        let per_cpu = self.stats.get(&id, 0).map_err(|e| map_error(STATS_MAP, e))?;
-        Ok(per_cpu.iter().fold(ServiceStats::default(), |mut sum, s| {
-            sum.packets += s.packets;
-            sum.bytes += s.bytes;
-            sum.connections += s.connections;
-            sum
-        }))
+    /// Every counter, summed over the CPUs, and the tracked connections
+    /// per service port (one pass over the conntrack map).
+    pub fn counters(&self, service_ids: impl IntoIterator<Item = u32>) -> Result<Counters, EbpfError> {
+        let mut out = Counters::default();
+        for id in service_ids {
+            let per_cpu = self.stats.get(&id, 0).map_err(|e| map_error(STATS_MAP, e))?;
+            out.services.insert(id, sum(&per_cpu));
+        }
+        for entry in self.backend_stats.iter() {
+            let (id, per_cpu) = entry.map_err(|e| map_error(BACKEND_STATS_MAP, e))?;
+            out.backends.insert(id, sum(&per_cpu));
+        }
+        for entry in self.conntrack.iter() {
+            // An entry may be evicted while the walk goes on: skip it.
+            let Ok((_, ct)) = entry else { continue };
+            *out.conntrack.entry(ct.service).or_default() += 1;
+        }
+        Ok(out)
     }
 }
 

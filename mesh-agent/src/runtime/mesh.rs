@@ -76,10 +76,29 @@ struct Ids {
 
 /// A service port: (service, published port, protocol, 0), or a VIP:
 /// (service, 0, 0, network).
-type PortKey = (u64, u16, u8, u64);
+pub type PortKey = (u64, u16, u8, u64);
 /// A task behind a published port (task, 0) or behind a VIP on a network
 /// (task, network): each has its own address, so its own backend entry.
-type BackendKey = (u64, u64);
+pub type BackendKey = (u64, u64);
+
+/// One published port's (or VIP's) counters on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortCounters {
+    /// (service, published port, protocol, 0), or (service, 0, 0, network) for a VIP.
+    pub port: PortKey,
+    pub stats: mesh_common::lb::ServiceStats,
+    /// Connections tracked now.
+    pub conntrack: u64,
+}
+
+/// One task's counters on its node (traffic the routing mesh brought it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskCounters {
+    pub service: u64,
+    /// (task, 0) behind a published port, (task, network) behind a VIP.
+    pub task: BackendKey,
+    pub stats: mesh_common::lb::ServiceStats,
+}
 
 impl Ids {
     fn service(&mut self, key: PortKey) -> Option<u32> {
@@ -375,6 +394,24 @@ impl MeshTables {
         changes
     }
 
+    /// What each ID stands for: service ports and VIPs by their table ID,
+    /// backends by theirs (with their service).
+    pub fn labels(&self) -> (BTreeMap<u32, PortKey>, BTreeMap<u32, (u64, BackendKey)>) {
+        let ports = self.ids.services.iter().map(|(k, id)| (*id, *k)).collect();
+        let mut backends = BTreeMap::new();
+        for entry in self.services.values().chain(self.vips.values()) {
+            let Some(service) = entry.keys.iter().next().map(|k| k.0) else {
+                continue;
+            };
+            for task in &entry.tasks {
+                if let Some(id) = self.ids.backends.get(task) {
+                    backends.insert(*id, (service, *task));
+                }
+            }
+        }
+        (ports, backends)
+    }
+
     /// Whether any VIP is served (the socket programs are needed).
     pub fn has_vips(&self) -> bool {
         !self.vips.is_empty()
@@ -634,6 +671,38 @@ impl RoutingMesh {
             inner.assigned = true;
         }
         self.sync().await
+    }
+
+    /// The counters of every published port, VIP and local task, from the
+    /// per-CPU maps (for the agent's metrics); empty while nothing is served.
+    pub fn counters(&self) -> Result<(Vec<PortCounters>, Vec<TaskCounters>), MeshError> {
+        let inner = self.inner.lock().expect("reason: never poisoned");
+        let Some(active) = &inner.active else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let (ports, backends) = inner.tables.labels();
+        let counters = active.maps.counters(ports.keys().copied())?;
+        let ports = ports
+            .iter()
+            .map(|(id, port)| PortCounters {
+                port: *port,
+                stats: counters.services.get(id).copied().unwrap_or_default(),
+                conntrack: counters.conntrack.get(id).copied().unwrap_or(0),
+            })
+            .collect();
+        let tasks = counters
+            .backends
+            .iter()
+            .filter_map(|(id, stats)| {
+                let (service, task) = backends.get(id)?;
+                Some(TaskCounters {
+                    service: *service,
+                    task: *task,
+                    stats: *stats,
+                })
+            })
+            .collect();
+        Ok((ports, tasks))
     }
 
     /// Removes everything (the node leaves the swarm).
