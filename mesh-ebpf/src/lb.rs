@@ -515,6 +515,14 @@ fn from_peer(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet) -> i32 {
     if !on_link(packet.dst) {
         return OK;
     }
+    serve_here(ctx, config, packet, packet.dst, true, OK)
+}
+
+/// A request node `entry` passed on (`direct`: by MAC, else through the
+/// tunnel): one of this node's tasks takes it. `miss` is the verdict for
+/// a port no service publishes.
+#[inline(always)]
+fn serve_here(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet, entry: u32, direct: bool, miss: i32) -> i32 {
     let key = ServiceKey {
         addr: 0,
         port: packet.dport,
@@ -523,14 +531,14 @@ fn from_peer(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet) -> i32 {
     };
     // SAFETY: read-only lookup of a plain value.
     let Some(service) = (unsafe { SERVICES.get(key) }) else {
-        return OK;
+        return miss;
     };
     let service = *service;
     let Some(picked) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
         return SHOT;
     };
     count(&service, packet);
-    to_local_task(ctx, config, packet, &service, &picked, packet.dst, true)
+    to_local_task(ctx, config, packet, &service, &picked, entry, direct)
 }
 
 /// `tc_tunnel`: the routing-mesh tunnel device's ingress.
@@ -562,22 +570,7 @@ pub fn tunnel(ctx: &mut TcContext) -> i32 {
     if key.tunnel_id != VNI_REQUEST {
         return SHOT;
     }
-    let service_key = ServiceKey {
-        addr: 0,
-        port: packet.dport,
-        proto: packet.proto,
-        pad: 0,
-    };
-    // SAFETY: read-only lookup of a plain value.
-    let Some(service) = (unsafe { SERVICES.get(service_key) }) else {
-        return SHOT;
-    };
-    let service = *service;
-    let Some(picked) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
-        return SHOT;
-    };
-    count(&service, &packet);
-    to_local_task(ctx, config, &packet, &service, &picked, from, false)
+    serve_here(ctx, config, &packet, from, false, SHOT)
 }
 
 /// `tc_reply`: the task bridge's ingress (what tasks send toward the node).

@@ -154,3 +154,20 @@ fn display(command: &Command) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// PIDs of processes whose command line contains `marker` (tests give
+/// their tasks a unique marker argument to find them).
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmdline).contains(marker) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}

@@ -250,13 +250,18 @@ impl Swarm {
 
     /// `swarm init` on h0, every other host joins as a worker, and all are Ready.
     pub fn form_with_workers(&self) {
+        self.form(self.agents.len());
+    }
+
+    /// `swarm init` on host 0 and hosts 1..`members` joined as workers
+    /// (the other hosts stay outside the swarm), then waits for them all.
+    pub fn form(&self, members: usize) {
         self.init(&[]);
-        for i in 1..self.agents.len() {
+        for i in 1..members {
             self.join(i, 0, "worker");
         }
-        let n = self.agents.len();
-        self.wait(&format!("{n} nodes ready"), Duration::from_secs(30), || {
-            self.ready(0) == n
+        self.wait(&format!("{members} nodes ready"), Duration::from_secs(30), || {
+            self.ready(0) == members
         });
     }
 

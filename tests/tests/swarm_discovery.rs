@@ -64,10 +64,7 @@ fn ask(swarm: &Swarm, (host, task): &(usize, String), name: &str) -> Result<BTre
 fn tasks_resolve_services_on_their_networks_to_vips_and_task_addresses_that_follow_the_tasks() {
     require_root();
     let swarm = Swarm::new(3);
-    swarm.init(&[]);
-    swarm.join(1, 0, "worker");
-    swarm.join(2, 0, "worker");
-    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    swarm.form(3);
     swarm.ok(0, &["network", "create", "--driver", "overlay", "front"]);
     swarm.ok(0, &["network", "create", "--driver", "overlay", "back"]);
     let echo = binary("mesh-echo");

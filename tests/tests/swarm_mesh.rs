@@ -25,6 +25,8 @@ use mesh_tests::{
     swarm::{binary, Swarm},
 };
 
+use mesh_tests::process::processes_with;
+
 const CONVERGE: Duration = Duration::from_secs(30);
 const CLIENT: usize = 3;
 const REQUESTS_PER_NODE: usize = 30;
@@ -70,10 +72,7 @@ fn udp_ask(to: SocketAddr) -> Result<String, String> {
 fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_client() {
     require_root();
     let mut swarm = Swarm::new(4);
-    swarm.init(&[]);
-    swarm.join(1, 0, "worker");
-    swarm.join(2, 0, "worker");
-    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    swarm.form(3);
     let echo = binary("mesh-echo");
     let echo = echo.to_str().unwrap();
     swarm.ok(
@@ -221,22 +220,6 @@ fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_clie
     assert!(refused.is_err(), "8080 must no longer answer: {refused:?}");
 }
 
-/// PIDs of processes whose command line contains `marker`.
-fn processes_with(marker: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmdline).contains(marker) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
-}
-
 /// The slot of the task whose hostname is `hostname`.
 fn slot_of(swarm: &Swarm, service: &str, hostname: &str) -> u64 {
     let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
@@ -274,10 +257,7 @@ fn connections_survive_scaling_affinity_sticks_and_a_killed_task_fails_requests_
             "tunnel",
         ],
     );
-    swarm.init(&[]);
-    swarm.join(1, 0, "worker");
-    swarm.join(2, 0, "worker");
-    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    swarm.form(3);
     let echo = binary("mesh-echo");
     let echo = echo.to_str().unwrap();
     let marker = format!("mesh-test-kill-{}", std::process::id());

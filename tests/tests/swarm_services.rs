@@ -6,6 +6,8 @@ use std::{collections::BTreeMap, fs, time::Duration};
 
 use mesh_tests::{require_root, swarm::Swarm};
 
+use mesh_tests::process::processes_with;
+
 const CONVERGE: Duration = Duration::from_secs(30);
 
 /// A `sleep` whose argument is unique to this test run, so the test can
@@ -18,22 +20,6 @@ fn rand_suffix() -> u32 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// PIDs of processes whose command line contains `marker`.
-fn processes_with(marker: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(cmdline) = fs::read(entry.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmdline).contains(marker) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
 }
 
 /// The tasks of `service` that should run (desired Running), as

@@ -8,7 +8,8 @@
 //! sockets are dropped inside and the `ip` children have exited). The test
 //! then checks that none of it is visible from the VM's root namespace.
 //!
-//! IPVS and WireGuard are driven over netlink, as the agent will drive them;
+//! IPVS is driven through the agent's own layer (dataplane/ipvs.rs), and
+//! WireGuard over netlink as the agent drives it;
 //! the ESP state is added with `ip xfrm`, since an `xfrm_usersa_info` written
 //! by hand would dwarf the test.
 
@@ -19,6 +20,8 @@ use std::{
     path::Path,
     process::{Command, Output},
 };
+
+use mesh_agent::dataplane::ipvs::{Change, Ipvs, ServiceId};
 
 /// Loads `module` with modprobe and checks the kernel lists it.
 fn modprobe(module: &str) {
@@ -66,37 +69,38 @@ fn ip(args: &str) -> Output {
 #[ignore = "vm lane: needs Debian's kernel; run by `cargo xtask test` inside virtme-ng"]
 fn ipvs_loads_and_takes_a_virtual_service() {
     modprobe("ip_vs");
-    let vip = Ipv4Addr::new(10, 255, 0, 1);
+    let vip = ServiceId {
+        addr: Ipv4Addr::new(10, 255, 0, 1),
+        port: 80,
+        protocol: 6,
+    };
     let in_namespace = in_fresh_netns(|| {
-        let mut genl = Netlink::open(libc::NETLINK_GENERIC).expect("open a generic netlink socket");
-        let ipvs = genl
-            .family_id(ipvs::FAMILY)
-            .expect("resolve the IPVS generic netlink family in a new namespace");
-        genl.request(ipvs, 0, &ipvs::new_service(vip, 80, "rr"))
+        let mut x = Ipvs::open().expect("resolve the IPVS generic netlink family in a new namespace");
+        x.apply(&[Change::AddService(vip, "rr".into())])
             .expect("add TCP virtual service 10.255.0.1:80 (scheduler rr) over generic netlink");
-        let services = ipvs::services(&mut genl, ipvs).expect("dump IPVS services");
+        let services = x.observe(|_| true).expect("dump IPVS services");
         assert_eq!(
-            services,
-            [(vip, 80, "rr".to_owned())],
+            services
+                .iter()
+                .map(|(id, s)| (*id, s.scheduler.clone()))
+                .collect::<Vec<_>>(),
+            [(vip, "rr".to_owned())],
             "IPVS does not list the virtual service just added"
         );
-        genl.request(ipvs, 0, &ipvs::del_service(vip, 80))
-            .expect("delete the virtual service");
-        ipvs::services(&mut genl, ipvs).expect("dump IPVS services after deleting")
+        x.apply(&[Change::DelService(vip)]).expect("delete the virtual service");
+        x.observe(|_| true).expect("dump IPVS services after deleting")
     });
-    assert_eq!(
-        in_namespace,
-        [],
+    assert!(
+        in_namespace.is_empty(),
         "the virtual service is still listed after deleting it"
     );
 
-    let mut genl = Netlink::open(libc::NETLINK_GENERIC).expect("open a generic netlink socket");
-    let ipvs = genl
-        .family_id(ipvs::FAMILY)
-        .expect("resolve IPVS in the root namespace");
-    let root = ipvs::services(&mut genl, ipvs).expect("dump root namespace IPVS services");
+    let root = Ipvs::open()
+        .expect("resolve IPVS in the root namespace")
+        .observe(|_| true)
+        .expect("dump root namespace IPVS services");
     assert!(
-        !root.iter().any(|(addr, _, _)| *addr == vip),
+        !root.contains_key(&vip),
         "the test's virtual service leaked into the root namespace: {root:?}"
     );
 }
@@ -367,76 +371,6 @@ mod rtnl {
             let info = attr(&reply[IFINFOMSG.len()..], IFLA_LINKINFO)?;
             attr(info, IFLA_INFO_KIND).map(str_of)
         }))
-    }
-}
-
-/// IPVS over generic netlink (include/uapi/linux/ip_vs.h).
-mod ipvs {
-    use super::*;
-
-    pub const FAMILY: &str = "IPVS";
-    const VERSION: u8 = 1;
-    const CMD_NEW_SERVICE: u8 = 1;
-    const CMD_DEL_SERVICE: u8 = 3;
-    const CMD_GET_SERVICE: u8 = 4;
-    const CMD_ATTR_SERVICE: u16 = 1;
-    const SVC_ATTR_AF: u16 = 1;
-    const SVC_ATTR_PROTOCOL: u16 = 2;
-    const SVC_ATTR_ADDR: u16 = 3;
-    const SVC_ATTR_PORT: u16 = 4;
-    const SVC_ATTR_SCHED_NAME: u16 = 6;
-    const SVC_ATTR_FLAGS: u16 = 7;
-    const SVC_ATTR_TIMEOUT: u16 = 8;
-    const SVC_ATTR_NETMASK: u16 = 9;
-
-    /// The attributes naming a TCP service: family, protocol, address, port.
-    fn service_id(svc: &mut Vec<u8>, addr: Ipv4Addr, port: u16) {
-        let af = u16::try_from(libc::AF_INET).expect("reason: AF_INET is 2");
-        let tcp = u16::try_from(libc::IPPROTO_TCP).expect("reason: IPPROTO_TCP is 6");
-        let mut address = [0u8; 16]; // union nf_inet_addr
-        address[..4].copy_from_slice(&addr.octets());
-        put_attr(svc, SVC_ATTR_AF, &af.to_ne_bytes());
-        put_attr(svc, SVC_ATTR_PROTOCOL, &tcp.to_ne_bytes());
-        put_attr(svc, SVC_ATTR_ADDR, &address);
-        put_attr(svc, SVC_ATTR_PORT, &port.to_be_bytes());
-    }
-
-    /// `ipvsadm -A -t ADDR:PORT -s SCHEDULER`.
-    pub fn new_service(addr: Ipv4Addr, port: u16, scheduler: &str) -> Vec<u8> {
-        let mut body = genl_header(CMD_NEW_SERVICE, VERSION);
-        put_nested(&mut body, CMD_ATTR_SERVICE, |svc| {
-            service_id(svc, addr, port);
-            put_attr(svc, SVC_ATTR_SCHED_NAME, &c_string(scheduler));
-            put_attr(
-                svc,
-                SVC_ATTR_FLAGS,
-                &[0u32.to_ne_bytes(), u32::MAX.to_ne_bytes()].concat(),
-            ); // flags, mask
-            put_attr(svc, SVC_ATTR_TIMEOUT, &0u32.to_ne_bytes());
-            put_attr(svc, SVC_ATTR_NETMASK, &u32::MAX.to_be_bytes());
-        });
-        body
-    }
-
-    /// `ipvsadm -D -t ADDR:PORT`.
-    pub fn del_service(addr: Ipv4Addr, port: u16) -> Vec<u8> {
-        let mut body = genl_header(CMD_DEL_SERVICE, VERSION);
-        put_nested(&mut body, CMD_ATTR_SERVICE, |svc| service_id(svc, addr, port));
-        body
-    }
-
-    /// (address, port, scheduler) of every IPv4 service (`ipvsadm -Ln`).
-    pub fn services(genl: &mut Netlink, family: u16) -> io::Result<Vec<(Ipv4Addr, u16, String)>> {
-        let replies = genl.request(family, NLM_F_DUMP, &genl_header(CMD_GET_SERVICE, VERSION))?;
-        Ok(replies
-            .iter()
-            .filter_map(|reply| {
-                let svc = attr(&reply[4..], CMD_ATTR_SERVICE)?;
-                let addr: [u8; 4] = attr(svc, SVC_ATTR_ADDR)?.get(..4)?.try_into().ok()?;
-                let port = u16::from_be_bytes(attr(svc, SVC_ATTR_PORT)?.try_into().ok()?);
-                Some((Ipv4Addr::from(addr), port, str_of(attr(svc, SVC_ATTR_SCHED_NAME)?)))
-            })
-            .collect())
     }
 }
 

@@ -467,22 +467,16 @@ impl Netlink {
 
     /// The prefix length `address` was given (`ip addr show to ADDRESS`).
     pub async fn address_prefix(&self, address: IpAddr) -> Result<Option<u8>, NetlinkError> {
-        use rtnetlink::packet_route::address::AddressAttribute;
-        let mut dump = self.handle.address().get().execute();
-        while let Some(msg) = dump.try_next().await.map_err(|e| request("ip addr show".into(), e))? {
-            if msg
-                .attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == address))
-            {
-                return Ok(Some(msg.header.prefix_len));
-            }
-        }
-        Ok(None)
+        Ok(self.address_header(address).await?.map(|(_, prefix)| prefix))
     }
 
     /// The index of the link holding `address` (`ip addr show to ADDRESS`).
     pub async fn link_with_address(&self, address: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        Ok(self.address_header(address).await?.map(|(index, _)| index))
+    }
+
+    /// (link index, prefix length) of `address`, if this namespace has it.
+    async fn address_header(&self, address: IpAddr) -> Result<Option<(u32, u8)>, NetlinkError> {
         use rtnetlink::packet_route::address::AddressAttribute;
         let mut dump = self.handle.address().get().execute();
         while let Some(msg) = dump.try_next().await.map_err(|e| request("ip addr show".into(), e))? {
@@ -491,7 +485,7 @@ impl Netlink {
                 .iter()
                 .any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == address))
             {
-                return Ok(Some(msg.header.index));
+                return Ok(Some((msg.header.index, msg.header.prefix_len)));
             }
         }
         Ok(None)

@@ -45,6 +45,8 @@ use mesh_tests::{
     test_run::test_run,
 };
 
+use mesh_tests::process::processes_with;
+
 const USAGE: &str =
     "usage: mesh-bench-mesh [--trials N] [--seconds N] [--only per-packet|programming|http|convergence]";
 const CLIENT: usize = 2;
@@ -72,17 +74,12 @@ fn main() {
     }
     if run("http") {
         let swarm = Swarm::new(3);
-        swarm.init(&[]);
-        swarm.join(1, 0, "worker");
-        swarm.wait("2 nodes ready", CONVERGE, || swarm.ready(0) == 2);
+        swarm.form(2);
         http(&swarm, seconds);
     }
     if run("convergence") {
         let swarm = Swarm::new(3);
-        swarm.init(&[]);
-        swarm.join(1, 0, "worker");
-        swarm.join(2, 0, "worker");
-        swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+        swarm.form(3);
         convergence(&swarm, trials);
     }
 }
@@ -381,22 +378,6 @@ fn programming_cost() {
         us(large_writes),
         us(large_writes) / us(small_writes)
     );
-}
-
-/// PIDs of processes whose command line contains `marker`.
-fn processes_with(marker: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().filter_map(Result::ok) {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmdline).contains(marker) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
 }
 
 fn convergence(swarm: &Swarm, trials: usize) {
