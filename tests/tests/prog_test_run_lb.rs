@@ -250,6 +250,8 @@ fn connections_keep_their_task_across_table_changes_and_move_only_when_it_leaves
             assert_ne!(now, TASK_A, "port {port} must leave the removed task");
         }
     }
+    // A task that never took a packet here (no counters) leaves cleanly too.
+    node.serve(&[(11, NODE, Some(TASK_B))]);
 }
 
 /// The frame as the kernel sees one sent to this host's MAC address under

@@ -258,9 +258,12 @@ impl LbMaps {
     }
 }
 
+/// A removal of a key that is not there is no failure (aya reports it as
+/// KeyNotFound for some map types, as the syscall's ENOENT for others).
 fn ignore_missing(result: Result<(), aya::maps::MapError>, name: &'static str) -> Result<(), EbpfError> {
     match result {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(map_error(name, e)),
     }
 }

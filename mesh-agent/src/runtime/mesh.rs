@@ -819,11 +819,11 @@ fn sync_blocking(
     changes.extend(inner.tables.leftovers());
     let active = inner.active.as_mut().expect("reason: set up above");
     if let Err(e) = active.maps.apply(&changes) {
-        // What the maps hold is unknown now: start again from empty ones.
-        if let Some(active) = inner.active.take() {
-            teardown(active, pins);
-        }
-        inner.tables = MeshTables::default();
+        // What the maps hold is unknown now: take them over as they are
+        // (as after a restart), so the next sync rewrites them whole while
+        // the programs go on forwarding.
+        let found = active.maps.observe()?;
+        inner.tables = MeshTables::adopting(found);
         return Err(e.into());
     }
     Ok(())
