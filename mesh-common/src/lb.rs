@@ -158,6 +158,9 @@ pub struct Backend {
     pub node: u32,
     /// Its address on this node's task bridge when it runs here, else 0.
     pub local: u32,
+    /// How its node is reached ([`NODE_ON_LINK`] or [`NODE_TUNNEL`]), kept
+    /// here so the hot path needs no node lookup.
+    pub route: u32,
 }
 
 /// A connection, as its packets name it.

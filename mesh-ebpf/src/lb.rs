@@ -478,7 +478,7 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     let backend = picked.backend;
     if backend.local != 0 {
         to_local_task(ctx, config, &packet, &service, &picked, 0, false)
-    } else if on_link(backend.node) {
+    } else if backend.route & NODE_ON_LINK != 0 {
         to_node(config, backend.node)
     } else {
         into_tunnel(ctx, config, backend.node, VNI_REQUEST)

@@ -290,7 +290,7 @@ mod tests {
         );
         s.tables.insert(1, (backends.len() as u32, backends.to_vec()));
         for b in backends {
-            s.backends.insert(*b, Backend { node: 1, local: 0 });
+            s.backends.insert(*b, Backend { node: 1, local: 0, route: 0 });
         }
         s
     }
@@ -301,7 +301,7 @@ mod tests {
         assert_eq!(
             changes,
             vec![
-                Change::Backend(3, Backend { node: 1, local: 0 }),
+                Change::Backend(3, Backend { node: 1, local: 0, route: 0 }),
                 Change::Table(1, 2, vec![2, 3]),
                 Change::RemoveBackend(1),
             ]

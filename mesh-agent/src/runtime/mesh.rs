@@ -261,7 +261,7 @@ impl MeshTables {
             let locals = locals_of(service);
             let digest = digest_of(service);
             let old = self.services.remove(&service.service);
-            let (state, keys, tasks) = service_state(service, local, &mut self.ids);
+            let (state, keys, tasks) = service_state(service, local, on_link, &mut self.ids);
             let empty = LbState::default();
             let before = old.as_ref().map_or(&empty, |e| &e.state);
             changes.extend(plan(before, &state));
@@ -467,6 +467,7 @@ fn vip_state(
             Backend {
                 node: 0,
                 local: wire_addr(*address),
+                route: NODE_TUNNEL,
             },
         );
     }
@@ -504,6 +505,7 @@ fn plan_nodes(from: &BTreeMap<u32, u32>, to: &BTreeMap<u32, u32>, add: bool) -> 
 fn service_state(
     service: &MeshService,
     local: &BTreeMap<u64, Ipv4Addr>,
+    on_link: &dyn Fn(Ipv4Addr) -> bool,
     ids: &mut Ids,
 ) -> (LbState, BTreeSet<PortKey>, BTreeSet<BackendKey>) {
     let mut state = LbState::default();
@@ -525,6 +527,7 @@ fn service_state(
             Backend {
                 node: wire_addr(node),
                 local: local_addr,
+                route: if on_link(node) { NODE_ON_LINK } else { NODE_TUNNEL },
             },
         ));
     }
