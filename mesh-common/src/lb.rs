@@ -128,6 +128,10 @@ pub struct ServiceValue {
     pub affinity: u8,
     /// How long a client stays with its backend without traffic, seconds.
     pub affinity_timeout_s: u32,
+    /// Changes whenever the service's set of backends does: a tracked
+    /// connection of the same generation trusts its copy of the backend,
+    /// an older one checks the backend is still there.
+    pub generation: u32,
 }
 
 /// A service's backends: `count` of them, spread over [`TABLE_SIZE`] slots.
@@ -181,6 +185,11 @@ pub struct FlowKey {
 pub struct Conntrack {
     pub backend: u32,
     pub service: u32,
+    /// The service's generation when the backend was last known to be in it.
+    pub generation: u32,
+    pub pad: u32,
+    /// A copy of the backend, so a tracked packet needs no backend lookup.
+    pub copy: Backend,
 }
 
 /// How a local task's reply is put back: its source becomes the published

@@ -233,15 +233,29 @@ pub(crate) struct Picked {
 /// A connection whose backend left gets a new one, whose kernel resets it.
 #[inline(always)]
 pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only: bool) -> Option<Picked> {
-    // SAFETY: read-only lookups of plain values.
-    if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
-        if let Some(b) = unsafe { BACKENDS.get(ct.backend) } {
-            if ct.service == service.id && (!local_only || b.local != 0) {
-                return Some(Picked {
-                    id: ct.backend,
-                    backend: *b,
-                    new: false,
-                });
+    if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
+        // SAFETY: an LRU map value; a racing CPU writes the same values.
+        let ct = unsafe { &mut *ct };
+        if ct.service == service.id {
+            if ct.generation == service.generation {
+                if !local_only || ct.copy.local != 0 {
+                    return Some(Picked {
+                        id: ct.backend,
+                        backend: ct.copy,
+                        new: false,
+                    });
+                }
+            } else if let Some(b) = unsafe { BACKENDS.get(ct.backend) } {
+                // The service changed since: is this backend still in it?
+                if !local_only || b.local != 0 {
+                    ct.generation = service.generation;
+                    ct.copy = *b;
+                    return Some(Picked {
+                        id: ct.backend,
+                        backend: *b,
+                        new: false,
+                    });
+                }
             }
         }
     }
@@ -286,6 +300,9 @@ pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey,
         Conntrack {
             backend: id,
             service: service.id,
+            generation: service.generation,
+            pad: 0,
+            copy: backend,
         },
         0,
     );

@@ -45,10 +45,12 @@ pub enum Change {
     RemoveNode(u32),
 }
 
-/// The writes that take the maps from `from` to `to`: new backends first,
-/// then whole tables (each swapped in one update), then service entries;
-/// removals after, in the reverse order, so a lookup never lands on an ID
-/// that is not there yet or any more.
+/// The writes that take the maps from `from` to `to`, in an order that
+/// keeps every lookup whole: new backends, then whole tables (each swapped
+/// in one update); services that go; backends that go; then the service
+/// entries (their new generation tells tracked connections to check their
+/// backend, which is gone by then if it left); then unused tables and
+/// nodes.
 pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
     let mut out = Vec::new();
     for (n, flags) in &to.nodes {
@@ -66,6 +68,26 @@ pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
             out.push(Change::Table(*id, t.0, t.1.clone()));
         }
     }
+    out.extend(
+        from.services
+            .keys()
+            .filter(|k| !to.services.contains_key(k))
+            .map(|k| Change::RemoveService(*k)),
+    );
+    out.extend(
+        from.vips
+            .keys()
+            .filter(|k| !to.vips.contains_key(k))
+            .map(|k| Change::RemoveVip(*k)),
+    );
+    // Backends go before the service entries carrying the new generation,
+    // so a connection that checks its backend then finds it gone.
+    out.extend(
+        from.backends
+            .keys()
+            .filter(|k| !to.backends.contains_key(k))
+            .map(|k| Change::RemoveBackend(*k)),
+    );
     for (k, v) in &to.services {
         if from.services.get(k) != Some(v) {
             out.push(Change::Service(*k, *v));
@@ -77,28 +99,10 @@ pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
         }
     }
     out.extend(
-        from.vips
-            .keys()
-            .filter(|k| !to.vips.contains_key(k))
-            .map(|k| Change::RemoveVip(*k)),
-    );
-    out.extend(
-        from.services
-            .keys()
-            .filter(|k| !to.services.contains_key(k))
-            .map(|k| Change::RemoveService(*k)),
-    );
-    out.extend(
         from.tables
             .keys()
             .filter(|k| !to.tables.contains_key(k))
             .map(|k| Change::RemoveTable(*k)),
-    );
-    out.extend(
-        from.backends
-            .keys()
-            .filter(|k| !to.backends.contains_key(k))
-            .map(|k| Change::RemoveBackend(*k)),
     );
     out.extend(
         from.nodes
@@ -290,25 +294,45 @@ mod tests {
         );
         s.tables.insert(1, (backends.len() as u32, backends.to_vec()));
         for b in backends {
-            s.backends.insert(*b, Backend { node: 1, local: 0, route: 0 });
+            s.backends.insert(
+                *b,
+                Backend {
+                    node: 1,
+                    local: 0,
+                    route: 0,
+                },
+            );
         }
         s
     }
 
     #[test]
-    fn backends_come_before_the_table_and_leave_after_it() {
-        let changes = plan(&state(&[1, 2]), &state(&[2, 3]));
+    fn backends_come_before_the_table_and_leave_after_it_but_before_the_service_entry() {
+        let mut to = state(&[2, 3]);
+        to.services.values_mut().for_each(|v| v.generation = 7);
+        let changes = plan(&state(&[1, 2]), &to);
         assert_eq!(
-            changes,
-            vec![
-                Change::Backend(3, Backend { node: 1, local: 0, route: 0 }),
+            changes[..3],
+            [
+                Change::Backend(
+                    3,
+                    Backend {
+                        node: 1,
+                        local: 0,
+                        route: 0
+                    }
+                ),
                 Change::Table(1, 2, vec![2, 3]),
                 Change::RemoveBackend(1),
             ]
         );
+        assert!(
+            matches!(changes[3], Change::Service(_, v) if v.generation == 7),
+            "the new generation last: {changes:?}"
+        );
         assert!(plan(&state(&[1]), &state(&[1])).is_empty());
         let gone = plan(&state(&[1]), &LbState::default());
         assert!(matches!(gone[0], Change::RemoveService(_)), "{gone:?}");
-        assert_eq!(gone.last(), Some(&Change::RemoveBackend(1)));
+        assert_eq!(gone[1..], [Change::RemoveBackend(1), Change::RemoveTable(1)]);
     }
 }

@@ -480,9 +480,20 @@ fn vip_state(
             algorithm: algorithm(record.lb.algorithm) as u8,
             affinity: u8::from(record.lb.client_affinity),
             affinity_timeout_s: record.lb.affinity_timeout_s,
+            generation: generation(&state.backends),
         },
     );
     (state, keys, tasks)
+}
+
+/// A service's backend generation: changes with its set of backends.
+fn generation(backends: &BTreeMap<u32, Backend>) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for (id, b) in backends {
+        (id, b.node, b.local, b.route).hash(&mut h);
+    }
+    h.finish() as u32
 }
 
 /// Node additions (`add`) or removals between two sets.
@@ -569,6 +580,7 @@ fn service_state(
                 algorithm: algorithm(service.lb.algorithm) as u8,
                 affinity: u8::from(service.lb.client_affinity),
                 affinity_timeout_s: service.lb.affinity_timeout_s,
+                generation: generation(&state.backends),
             },
         );
     }
