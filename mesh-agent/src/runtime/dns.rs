@@ -6,6 +6,8 @@
 //!   mode vip), or its running tasks' addresses (dnsrr);
 //! - `tasks.NAME` -> every running task's address;
 //! - only services on the task's own networks are known to it;
+//! - a name of that shape that is not known here is NXDOMAIN, answered
+//!   here: it is not leaked to resolvers outside;
 //! - other names go to the node's resolvers (from /etc/resolv.conf, loopback
 //!   ones left out: they would be the task's own loopback), and without
 //!   any the answer is SERVFAIL.
@@ -36,6 +38,7 @@ const TYPE_A: u16 = 1;
 const TYPE_ANY: u16 = 255;
 const CLASS_IN: u16 = 1;
 const RCODE_SERVFAIL: u8 = 2;
+const RCODE_NXDOMAIN: u8 = 3;
 const RCODE_NOTIMP: u8 = 4;
 /// Virtual IPs change only when a service is removed; task addresses with
 /// every task: the latter are not to be cached.
@@ -194,6 +197,17 @@ fn header(query: &Query, rcode: u8, answers: u16) -> Vec<u8> {
     out
 }
 
+/// Whether `name` has the shape of a service's name (one label, or
+/// `tasks.` and one label): such names are answered here or not at all.
+pub fn is_service_name(name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    let name = name
+        .get(..6)
+        .filter(|p| p.eq_ignore_ascii_case("tasks."))
+        .map_or(name, |_| &name[6..]);
+    !name.is_empty() && !name.contains('.')
+}
+
 /// The resolvers in a resolv.conf, loopback ones left out.
 pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
     resolv_conf
@@ -263,11 +277,17 @@ impl Dns {
         let socket = UdpSocket::from_std(socket).map_err(|e| e.to_string())?;
         let records = self.records.clone();
         let upstreams = self.upstreams.clone();
+        let socket = Arc::new(socket);
         let handle = tokio::spawn(async move {
             let mut buf = vec![0u8; 1500];
             loop {
-                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-                    continue;
+                let (n, from) = match socket.recv_from(&mut buf).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        // Transient (an ICMP error from an earlier send): do not spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
                 };
                 let Ok(query) = parse_query(&buf[..n]) else {
                     continue;
@@ -280,13 +300,20 @@ impl Dns {
                 let reply = match known {
                     Some(found) => answer(&query, &found),
                     None if (query.flags >> 11) & 0xf != 0 => error(&query, RCODE_NOTIMP),
+                    // A service name that is not (or not here): no resolver
+                    // outside has it either, and it is not theirs to see.
+                    None if is_service_name(&query.name) => error(&query, RCODE_NXDOMAIN),
                     None if upstreams.is_empty() => error(&query, RCODE_SERVFAIL),
                     None => {
-                        let asked = buf[..n].to_vec();
-                        match forward(&upstreams, &asked).await {
-                            Some(r) => r,
-                            None => error(&query, RCODE_SERVFAIL),
-                        }
+                        // A slow resolver must not hold up the task's other names.
+                        let (asked, upstreams, socket) = (buf[..n].to_vec(), upstreams.clone(), socket.clone());
+                        tokio::spawn(async move {
+                            let reply = forward(&upstreams, &asked)
+                                .await
+                                .unwrap_or_else(|| error(&query, RCODE_SERVFAIL));
+                            let _ = socket.send_to(&reply, from).await;
+                        });
+                        continue;
                     }
                 };
                 let _ = socket.send_to(&reply, from).await;
@@ -426,6 +453,12 @@ mod tests {
         let mut response = asked.clone();
         response[2] |= 0x80;
         assert!(parse_query(&response).is_err());
+    }
+
+    #[test]
+    fn service_shaped_names_stay_here() {
+        assert!(is_service_name("api") && is_service_name("tasks.api") && is_service_name("TASKS.db."));
+        assert!(!is_service_name("example.org") && !is_service_name("tasks.a.b") && !is_service_name(""));
     }
 
     #[test]
