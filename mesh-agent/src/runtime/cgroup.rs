@@ -40,12 +40,17 @@ impl TaskCgroup {
         Ok(TaskCgroup { dir })
     }
 
-    /// Removes the cgroup recorded in `data_dir` once its tasks are gone
-    /// (tries for up to a second: killed tasks take a moment to leave).
+    /// Kills whatever is still in the cgroup recorded in `data_dir` and
+    /// removes it (the node left the swarm, or its agent is gone for good:
+    /// no task of it may outlive that, even one whose PID was not written
+    /// down yet). Tries for up to a second: killed tasks take a moment to
+    /// leave.
     pub fn remove_recorded(data_dir: &Path) {
         let Ok(path) = std::fs::read_to_string(data_dir.join("cgroup")) else {
             return;
         };
+        // cgroup.kill (kernel >= 5.14) kills every process in it at once.
+        let _ = std::fs::write(Path::new(&path).join("cgroup.kill"), "1");
         for _ in 0..20 {
             match std::fs::remove_dir(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
