@@ -1,10 +1,11 @@
 //! The load-balancing maps shared by the routing-mesh programs (`tc_ingress`
-//! on the node's underlay link, `tc_reply` on the task bridge) and the agent.
+//! on the node's underlay link, `tc_tunnel` on its tunnel device, `tc_reply`
+//! on the task bridge, and the `sock_*` programs for VIPs) and the agent.
 //!
 //! Addresses and ports are kept exactly as they sit in the packet (network
 //! byte order), so the programs compare and copy them without swapping; the
 //! agent converts with `u32::from_ne_bytes(ip.octets())` and
-//! `u16::to_be().
+//! `port.to_be()`.
 //!
 //! How a published port is served (see ARCHITECTURE.md, "The routing mesh"):
 //! the entry node looks the port up in [`SERVICES_MAP`], picks a backend
@@ -241,7 +242,9 @@ pub struct NodeConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
-    /// Packets toward tasks (entry and backend node both count).
+    /// Packets this node's routing mesh handled for the port, both ways
+    /// (a connection entering on one node and served on another counts
+    /// on both).
     pub packets: u64,
     pub bytes: u64,
     /// Connections this node picked a backend for.

@@ -4,9 +4,12 @@
 //!
 //! Three TC programs share the maps:
 //! - [`ingress`] on the underlay link: a client's packet for a published port
-//!   goes to a local task, or into the tunnel toward the backend's node;
-//! - [`tunnel`] on the routing-mesh tunnel device: requests from other
-//!   nodes go to a local task; replies to our clients go out the underlay;
+//!   goes to a local task, or unchanged to the backend's node (by its MAC
+//!   when it is on the link, else into the tunnel); a request another node
+//!   on the link passed on goes to a local task; a reply coming back from
+//!   such a node goes on to our client;
+//! - [`tunnel`] on the routing-mesh tunnel device: the same for nodes off
+//!   the link;
 //! - [`reply`] on the task bridge: a task's answer to a routed connection
 //!   gets the published address back and goes where the client came in.
 //!
@@ -324,9 +327,23 @@ pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey,
     Some(Picked { id, backend, new: true })
 }
 
+/// The published port `packet` is for, if any.
 #[inline(always)]
-fn count(service: &ServiceValue, packet: &Packet) {
-    if let Some(stats) = STATS.get_ptr_mut(service.id) {
+fn service_of(packet: &Packet) -> Option<ServiceValue> {
+    let key = ServiceKey {
+        addr: 0,
+        port: packet.dport,
+        proto: packet.proto,
+        pad: 0,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { SERVICES.get(key) }.copied()
+}
+
+/// Counts `packet` for service port `id`.
+#[inline(always)]
+fn count(id: u32, packet: &Packet) {
+    if let Some(stats) = STATS.get_ptr_mut(id) {
         // SAFETY: a per-CPU slot only this CPU touches while the program runs.
         unsafe {
             (*stats).packets += 1;
@@ -476,22 +493,14 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     if packet.dst != config.addr {
         return from_peer(ctx, config, &packet);
     }
-    let key = ServiceKey {
-        addr: 0,
-        port: packet.dport,
-        proto: packet.proto,
-        pad: 0,
-    };
-    // SAFETY: read-only lookup of a plain value.
-    let Some(service) = (unsafe { SERVICES.get(key) }) else {
+    let Some(service) = service_of(&packet) else {
         return OK;
     };
-    let service = *service;
     let Some(picked) = backend_for(&service, service.id, &packet.flow(), false) else {
         // No task can take it: refuse rather than let the node answer for a port it does not serve.
         return SHOT;
     };
-    count(&service, &packet);
+    count(service.id, &packet);
     let backend = picked.backend;
     if backend.local != 0 {
         to_local_task(ctx, config, &packet, &service, &picked, 0, false)
@@ -540,21 +549,13 @@ fn from_peer(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet) -> i32 {
 /// a port no service publishes.
 #[inline(always)]
 fn serve_here(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet, entry: u32, direct: bool, miss: i32) -> i32 {
-    let key = ServiceKey {
-        addr: 0,
-        port: packet.dport,
-        proto: packet.proto,
-        pad: 0,
-    };
-    // SAFETY: read-only lookup of a plain value.
-    let Some(service) = (unsafe { SERVICES.get(key) }) else {
+    let Some(service) = service_of(packet) else {
         return miss;
     };
-    let service = *service;
     let Some(picked) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
         return SHOT;
     };
-    count(&service, packet);
+    count(service.id, packet);
     to_local_task(ctx, config, packet, &service, &picked, entry, direct)
 }
 
@@ -615,13 +616,7 @@ pub fn reply(ctx: &mut TcContext) -> i32 {
     {
         return SHOT;
     }
-    if let Some(stats) = STATS.get_ptr_mut(reverse.service) {
-        // SAFETY: a per-CPU slot only this CPU touches while the program runs.
-        unsafe {
-            (*stats).packets += 1;
-            (*stats).bytes += u64::from(packet.len);
-        }
-    }
+    count(reverse.service, &packet);
     if reverse.entry == 0 {
         out_via(config.ifindex)
     } else if reverse.direct != 0 {

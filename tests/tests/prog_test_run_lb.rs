@@ -150,6 +150,15 @@ fn a_published_port_goes_to_a_local_task_and_its_reply_gets_the_published_addres
         (2, 2),
         "one TCP and one UDP connection, one packet each toward the task"
     );
+
+    // The service goes: its ID is free again, and its counters are zero
+    // for whichever service gets it next.
+    let gone = node
+        .tables
+        .update(&MeshAssignment::default(), &BTreeMap::new(), &|_| false);
+    node.maps.apply(&gone).expect("remove the service");
+    let counters = node.maps.counters([tcp]).expect("read the counters");
+    assert_eq!(counters.services[&tcp], Default::default());
 }
 
 #[test]

@@ -88,29 +88,18 @@ pub fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServi
 mod tests {
     use super::*;
     use crate::control::{
-        orchestrator::tests_support::service,
+        orchestrator::tests_support::{self, service},
         overlay::{NetworkAttachment, TaskNetwork},
         service::{Task, TaskSpec},
     };
 
     fn task(id: u64, service: u64, state: TaskState, address: [u8; 4]) -> Task {
         Task {
-            id,
-            service,
-            slot: id as u32,
-            node: Some(1),
-            desired: DesiredState::Running,
-            state,
-            message: String::new(),
-            service_version: 1,
-            created_at: 0,
-            updated_at: 0,
-            restarts: 0,
-            ended_at_ms: 0,
             attachments: vec![NetworkAttachment {
                 network: 5,
                 address: Ipv4Addr::from(address),
             }],
+            ..tests_support::task(id, service, id as u32, Some(1), state)
         }
     }
 

@@ -131,27 +131,13 @@ pub fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignm
 mod tests {
     use super::*;
     use crate::control::{
-        orchestrator::tests_support::service,
+        orchestrator::tests_support::{self, service},
         service::Task,
         state::{tests::node, Role},
     };
 
     fn task(id: u64, service: u64, node: u64, state: TaskState) -> Task {
-        Task {
-            id,
-            service,
-            slot: id as u32,
-            node: Some(node),
-            desired: DesiredState::Running,
-            state,
-            message: String::new(),
-            service_version: 1,
-            created_at: 0,
-            updated_at: 0,
-            restarts: 0,
-            ended_at_ms: 0,
-            attachments: vec![],
-        }
+        tests_support::task(id, service, id as u32, Some(node), state)
     }
 
     fn cluster() -> ClusterState {

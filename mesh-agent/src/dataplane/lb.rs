@@ -5,10 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use mesh_common::lb::{
     Backend, Conntrack, FlowKey, NodeConfig, ServiceKey, ServiceStats, ServiceValue, Table, BACKENDS_MAP,
-    BACKEND_STATS_MAP, CONFIG_MAP, CONNTRACK_MAP, NODES_MAP, SERVICES_MAP, STATS_MAP, TABLES_MAP, VIPS_MAP,
+    BACKEND_STATS_MAP, CONFIG_MAP, CONNTRACK_MAP, LOCAL_TABLE, NODES_MAP, SERVICES_MAP, STATS_MAP, TABLES_MAP,
+    VIPS_MAP,
 };
 
 use super::ebpf::{EbpfDataplane, EbpfError};
@@ -202,7 +203,13 @@ impl LbMaps {
                 Change::Vip(k, v) => self.vips.insert(k, v, 0).map_err(|e| map_error(VIPS_MAP, e))?,
                 Change::RemoveVip(k) => ignore_missing(self.vips.remove(k), VIPS_MAP)?,
                 Change::RemoveService(k) => ignore_missing(self.services.remove(k), SERVICES_MAP)?,
-                Change::RemoveTable(id) => ignore_missing(self.tables.remove(id), TABLES_MAP)?,
+                Change::RemoveTable(id) => {
+                    ignore_missing(self.tables.remove(id), TABLES_MAP)?;
+                    if id & LOCAL_TABLE == 0 {
+                        // The ID is free again: its next service starts from zero.
+                        self.reset_stats(*id)?;
+                    }
+                }
                 Change::RemoveBackend(id) => {
                     ignore_missing(self.backends.remove(id), BACKENDS_MAP)?;
                     ignore_missing(self.backend_stats.remove(id), BACKEND_STATS_MAP)?;
@@ -211,6 +218,16 @@ impl LbMaps {
             }
         }
         Ok(())
+    }
+
+    fn reset_stats(&mut self, id: u32) -> Result<(), EbpfError> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| map_error(STATS_MAP, format!("{what}: {e}")))?;
+        let zero = PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| map_error(STATS_MAP, e))?;
+        match self.stats.set(id, zero, 0) {
+            // An ID beyond the array (never handed out): nothing to reset.
+            Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(()),
+            other => other.map_err(|e| map_error(STATS_MAP, e)),
+        }
     }
 
     /// What the maps hold now (table contents are left out: only their

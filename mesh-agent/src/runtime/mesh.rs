@@ -1,14 +1,17 @@
 //! The node's routing mesh: its published ports answered by the eBPF
-//! programs (mesh-ebpf's `lb` module), with the maps kept in step with the
-//! assignments and with the local tasks' addresses.
+//! programs (mesh-ebpf's `lb` module) and its tasks' VIPs by the socket
+//! programs (`sock`), with the maps kept in step with the assignments and
+//! with the local tasks' addresses.
 //!
-//! Kernel objects, made when the node first answers a published port and
-//! removed when it answers none or leaves:
-//! - `tc_ingress` on the underlay link (the one holding the data-path
-//!   address), `tc_reply` on the task bridge, `tc_tunnel` on
-//!   [`TUNNEL_DEVICE`], a metadata-mode VXLAN device on the routing-mesh
-//!   port ([`tunnel_port`]) that carries connections to the backend's
-//!   node and replies back to the node the client reached.
+//! Kernel objects:
+//! - while the node answers a published port: `tc_ingress` on the underlay
+//!   link (the one holding the data-path address), `tc_reply` on the task
+//!   bridge, `tc_tunnel` on [`TUNNEL_DEVICE`], a metadata-mode VXLAN device
+//!   on the routing-mesh port ([`tunnel_port`]) for nodes off the link;
+//! - while its tasks' networks have VIPs: the socket programs on the
+//!   tasks' cgroup;
+//! - the maps and TC links pinned on the agent's bpffs, so they outlive
+//!   the agent and the next one takes them over ([`MeshTables::adopting`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,10 +21,9 @@ use std::{
 };
 
 use mesh_common::lb::{
-    Algorithm, Backend, NodeConfig, ServiceKey, ServiceValue, LOCAL_TABLE, MAX_SERVICES, TABLE_SIZE,
+    Algorithm, Backend, NodeConfig, ServiceKey, ServiceValue, LOCAL_TABLE, MAX_SERVICES, NODE_ON_LINK, NODE_TUNNEL,
+    PINNED_MAPS, TABLE_SIZE,
 };
-
-use mesh_common::lb::{NODE_ON_LINK, NODE_TUNNEL, PINNED_MAPS};
 
 use super::network::{LocalNetwork, BRIDGE};
 use crate::{
@@ -29,7 +31,7 @@ use crate::{
         api::Assignments,
         discovery::{NetworkServices, ServiceRecord},
         mesh::{MeshAssignment, MeshService},
-        service::{LbAlgorithm, Protocol},
+        service::{LbAlgorithm, LbOptions, Protocol},
     },
     dataplane::{
         ebpf::{preferred_tc_api, EbpfDataplane, TcApi},
@@ -258,34 +260,18 @@ impl MeshTables {
         gone.extend(ours.map(|(id, _)| *id));
         for i in changed {
             let service = &services[i];
-            let locals = locals_of(service);
-            let digest = digest_of(service);
-            let old = self.services.remove(&service.service);
-            let (state, keys, tasks) = service_state(service, local, on_link, &mut self.ids);
-            let empty = LbState::default();
-            let before = old.as_ref().map_or(&empty, |e| &e.state);
-            changes.extend(plan(before, &state));
-            if let Some(old) = old {
-                self.ids.release(
-                    old.keys.difference(&keys).copied(),
-                    old.tasks.difference(&tasks).copied(),
-                );
-            }
-            self.services.insert(
+            let input = (digest_of(service), locals_of(service));
+            let built = service_state(service, local, on_link, &mut self.ids);
+            changes.extend(replace_entry(
+                &mut self.services,
+                &mut self.ids,
                 service.service,
-                ServiceEntry {
-                    input: (digest, locals),
-                    state,
-                    keys,
-                    tasks,
-                },
-            );
+                input,
+                built,
+            ));
         }
         for id in gone {
-            if let Some(old) = self.services.remove(&id) {
-                changes.extend(plan(&old.state, &LbState::default()));
-                self.ids.release(old.keys.into_iter(), old.tasks.into_iter());
-            }
+            changes.extend(remove_entry(&mut self.services, &mut self.ids, &id));
         }
         changes.extend(plan_nodes(&self.nodes, &nodes, false));
         self.nodes = nodes;
@@ -363,33 +349,19 @@ impl MeshTables {
                 if self.vips.get(&key).is_some_and(|e| e.input.0 == digest) {
                     continue;
                 }
-                let old = self.vips.remove(&key);
-                let (state, keys, tasks) = vip_state(record, vip, network.network, &mut self.ids);
-                let empty = LbState::default();
-                changes.extend(plan(old.as_ref().map_or(&empty, |e| &e.state), &state));
-                if let Some(old) = old {
-                    self.ids.release(
-                        old.keys.difference(&keys).copied(),
-                        old.tasks.difference(&tasks).copied(),
-                    );
-                }
-                self.vips.insert(
+                let built = vip_state(record, vip, network.network, &mut self.ids);
+                changes.extend(replace_entry(
+                    &mut self.vips,
+                    &mut self.ids,
                     key,
-                    ServiceEntry {
-                        input: (digest, Vec::new()),
-                        state,
-                        keys,
-                        tasks,
-                    },
-                );
+                    (digest, Vec::new()),
+                    built,
+                ));
             }
         }
         let gone: Vec<(u64, u64)> = self.vips.keys().filter(|k| !seen.contains(k)).copied().collect();
         for key in gone {
-            if let Some(old) = self.vips.remove(&key) {
-                changes.extend(plan(&old.state, &LbState::default()));
-                self.ids.release(old.keys.into_iter(), old.tasks.into_iter());
-            }
+            changes.extend(remove_entry(&mut self.vips, &mut self.ids, &key));
         }
         changes
     }
@@ -411,10 +383,86 @@ impl MeshTables {
         }
         (ports, backends)
     }
+}
 
-    /// Whether any VIP is served (the socket programs are needed).
-    pub fn has_vips(&self) -> bool {
-        !self.vips.is_empty()
+/// What one service (or VIP) was built into: its map contents, its port
+/// keys and its backend keys.
+type Built = (LbState, BTreeSet<PortKey>, BTreeSet<BackendKey>);
+
+/// Puts `built` in place of `key`'s entry: the map writes from the old
+/// contents to the new, and the IDs the new one no longer uses released.
+fn replace_entry<K: Ord>(
+    entries: &mut BTreeMap<K, ServiceEntry>,
+    ids: &mut Ids,
+    key: K,
+    input: (u64, Vec<(u64, Option<Ipv4Addr>)>),
+    (state, keys, tasks): Built,
+) -> Vec<Change> {
+    let old = entries.remove(&key);
+    let changes = plan(old.as_ref().map_or(&LbState::default(), |e| &e.state), &state);
+    if let Some(old) = old {
+        ids.release(
+            old.keys.difference(&keys).copied(),
+            old.tasks.difference(&tasks).copied(),
+        );
+    }
+    entries.insert(
+        key,
+        ServiceEntry {
+            input,
+            state,
+            keys,
+            tasks,
+        },
+    );
+    changes
+}
+
+/// Removes `key`'s entry: the map writes that clear it, its IDs released.
+fn remove_entry<K: Ord>(entries: &mut BTreeMap<K, ServiceEntry>, ids: &mut Ids, key: &K) -> Vec<Change> {
+    let Some(old) = entries.remove(key) else {
+        return Vec::new();
+    };
+    ids.release(old.keys.into_iter(), old.tasks.into_iter());
+    plan(&old.state, &LbState::default())
+}
+
+/// Adds table `table_id` over `set` (task ID order, the order Maglev
+/// hashes) to `state`, with the backends it names (`network` 0 for a
+/// published port's).
+fn add_table(
+    (state, tasks): (&mut LbState, &mut BTreeSet<BackendKey>),
+    ids: &mut Ids,
+    table_id: u32,
+    set: &[(u64, Backend)],
+    network: u64,
+    algorithm: LbAlgorithm,
+) {
+    let names: Vec<u64> = set.iter().map(|(t, _)| *t).collect();
+    let indices = match algorithm {
+        LbAlgorithm::Maglev => maglev::table(&names, TABLE_SIZE),
+        _ => maglev::spread(names.len(), TABLE_SIZE),
+    };
+    let slots = indices
+        .iter()
+        .map(|i| ids.backend((set[*i as usize].0, network)))
+        .collect();
+    for (task, backend) in set {
+        tasks.insert((*task, network));
+        state.backends.insert(ids.backend((*task, network)), *backend);
+    }
+    state.tables.insert(table_id, (set.len() as u32, slots));
+}
+
+/// A service port's (or VIP's) entry over the backends in `state`.
+fn service_value(id: u32, target_port: u16, lb: &LbOptions, state: &LbState) -> ServiceValue {
+    ServiceValue {
+        id,
+        target_port,
+        algorithm: algorithm(lb.algorithm) as u8,
+        affinity: u8::from(lb.client_affinity),
+        affinity_timeout_s: lb.affinity_timeout_s,
+        generation: generation(&state.backends),
     }
 }
 
@@ -433,12 +481,7 @@ fn record_digest(record: &ServiceRecord, vip: Ipv4Addr) -> u64 {
 
 /// What one VIP puts in the maps: its entry, its table over the tasks'
 /// addresses on the network.
-fn vip_state(
-    record: &ServiceRecord,
-    vip: Ipv4Addr,
-    network: u64,
-    ids: &mut Ids,
-) -> (LbState, BTreeSet<PortKey>, BTreeSet<BackendKey>) {
+fn vip_state(record: &ServiceRecord, vip: Ipv4Addr, network: u64, ids: &mut Ids) -> Built {
     let mut state = LbState::default();
     let mut keys = BTreeSet::new();
     let mut tasks = BTreeSet::new();
@@ -451,38 +494,22 @@ fn vip_state(
         return (state, keys, tasks);
     };
     keys.insert(key);
-    let names: Vec<u64> = record.tasks.iter().map(|(t, _)| *t).collect();
-    let indices = match record.lb.algorithm {
-        LbAlgorithm::Maglev => maglev::table(&names, TABLE_SIZE),
-        _ => maglev::spread(names.len(), TABLE_SIZE),
-    };
-    let slots: Vec<u32> = indices
+    let set: Vec<(u64, Backend)> = record
+        .tasks
         .iter()
-        .map(|i| ids.backend((record.tasks[*i as usize].0, network)))
-        .collect();
-    for (task, address) in &record.tasks {
-        tasks.insert((*task, network));
-        state.backends.insert(
-            ids.backend((*task, network)),
-            Backend {
+        .map(|(task, address)| {
+            let backend = Backend {
                 node: 0,
                 local: wire_addr(*address),
                 route: NODE_TUNNEL,
-            },
-        );
-    }
-    state.tables.insert(id, (record.tasks.len() as u32, slots));
-    state.vips.insert(
-        wire_addr(vip),
-        ServiceValue {
-            id,
-            target_port: 0,
-            algorithm: algorithm(record.lb.algorithm) as u8,
-            affinity: u8::from(record.lb.client_affinity),
-            affinity_timeout_s: record.lb.affinity_timeout_s,
-            generation: generation(&state.backends),
-        },
-    );
+            };
+            (*task, backend)
+        })
+        .collect();
+    add_table((&mut state, &mut tasks), ids, id, &set, network, record.lb.algorithm);
+    state
+        .vips
+        .insert(wire_addr(vip), service_value(id, 0, &record.lb, &state));
     (state, keys, tasks)
 }
 
@@ -518,7 +545,7 @@ fn service_state(
     local: &BTreeMap<u64, Ipv4Addr>,
     on_link: &dyn Fn(Ipv4Addr) -> bool,
     ids: &mut Ids,
-) -> (LbState, BTreeSet<PortKey>, BTreeSet<BackendKey>) {
+) -> Built {
     let mut state = LbState::default();
     let mut keys = BTreeSet::new();
     let mut tasks = BTreeSet::new();
@@ -555,34 +582,16 @@ fn service_state(
         };
         keys.insert(key);
         for (set, table_id) in [(&all, id), (&here, id | LOCAL_TABLE)] {
-            let names: Vec<u64> = set.iter().map(|(t, _)| *t).collect();
-            let indices = match service.lb.algorithm {
-                LbAlgorithm::Maglev => maglev::table(&names, TABLE_SIZE),
-                _ => maglev::spread(names.len(), TABLE_SIZE),
-            };
-            let slots: Vec<u32> = indices.iter().map(|i| ids.backend((set[*i as usize].0, 0))).collect();
-            for (task, backend) in set.iter() {
-                tasks.insert((*task, 0));
-                state.backends.insert(ids.backend((*task, 0)), *backend);
-            }
-            state.tables.insert(table_id, (set.len() as u32, slots));
+            add_table((&mut state, &mut tasks), ids, table_id, set, 0, service.lb.algorithm);
         }
-        state.services.insert(
-            ServiceKey {
-                addr: 0,
-                port: port.published.to_be(),
-                proto: proto(port.protocol),
-                pad: 0,
-            },
-            ServiceValue {
-                id,
-                target_port: port.target.to_be(),
-                algorithm: algorithm(service.lb.algorithm) as u8,
-                affinity: u8::from(service.lb.client_affinity),
-                affinity_timeout_s: service.lb.affinity_timeout_s,
-                generation: generation(&state.backends),
-            },
-        );
+        let value = service_value(id, port.target.to_be(), &service.lb, &state);
+        let key = ServiceKey {
+            addr: 0,
+            port: port.published.to_be(),
+            proto: proto(port.protocol),
+            pad: 0,
+        };
+        state.services.insert(key, value);
     }
     (state, keys, tasks)
 }
