@@ -293,8 +293,9 @@ impl EbpfDataplane {
                         .ok()
                         .map(aya::programs::links::FdLink::from)
                         .and_then(|l| aya::programs::tc::SchedClassifierLink::try_from(l).ok());
-                    if let Some(link) = adopted {
-                        program.attach_to_link(link).map_err(|e| error("take over", e))?;
+                    // A link whose device went away cannot be switched:
+                    // attach anew then.
+                    if let Some(Ok(_)) = adopted.map(|link| program.attach_to_link(link)) {
                         return Ok(());
                     }
                     let _ = std::fs::remove_file(pin);

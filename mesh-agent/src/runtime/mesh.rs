@@ -909,11 +909,12 @@ fn setup_tc(
         (PROGRAM_TUNNEL, TUNNEL_DEVICE),
         (PROGRAM_REPLY, BRIDGE),
     ] {
-        match dataplane.attach_tc_pinned(program, link, api, &link_pin(pins, program)) {
+        drop_stale_pins(pins, program, link);
+        match dataplane.attach_tc_pinned(program, link, api, &link_pin(pins, program, link)) {
             Ok(()) => attachments.push((program, link.to_string())),
             Err(e) => {
                 for (p, l) in attachments {
-                    EbpfDataplane::detach_tc_pinned(p, &l, api, &link_pin(pins, p));
+                    EbpfDataplane::detach_tc_pinned(p, &l, api, &link_pin(pins, p, &l));
                 }
                 let _ = delete_tunnel();
                 return Err(e.into());
@@ -934,9 +935,22 @@ fn setup_tc(
     })
 }
 
-/// Where program `program`'s TC link is pinned.
-fn link_pin(pins: &Path, program: &str) -> PathBuf {
-    pins.join(format!("link-{program}"))
+/// Where program `program`'s TC link on device `link` is pinned.
+fn link_pin(pins: &Path, program: &str, link: &str) -> PathBuf {
+    pins.join(format!("link-{program}@{link}"))
+}
+
+/// Unpins (and so detaches) `program`'s links on other devices than `link`
+/// that an earlier agent left (its underlay was another link).
+fn drop_stale_pins(pins: &Path, program: &str, link: &str) {
+    let prefix = format!("link-{program}@");
+    let keep = link_pin(pins, program, link);
+    for entry in std::fs::read_dir(pins).into_iter().flatten().flatten() {
+        let stale = entry.file_name().to_string_lossy().starts_with(&prefix) && entry.path() != keep;
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn delete_tunnel() -> Result<(), NetlinkError> {
@@ -950,7 +964,7 @@ fn delete_tunnel() -> Result<(), NetlinkError> {
 
 fn teardown_tc(tc: TcPart, pins: &Path) {
     for (program, link) in &tc.attachments {
-        EbpfDataplane::detach_tc_pinned(program, link, tc.api, &link_pin(pins, program));
+        EbpfDataplane::detach_tc_pinned(program, link, tc.api, &link_pin(pins, program, link));
     }
     if let Err(e) = delete_tunnel() {
         log::warn!("routing mesh: removing {TUNNEL_DEVICE}: {e}");
