@@ -4,10 +4,11 @@
 //! by the agent, like the rest of its data directory) unless one is there.
 
 use std::{
-    ffi::CString,
     io,
     path::{Path, PathBuf},
 };
+
+use super::netns::c_path;
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -18,8 +19,7 @@ pub fn pin_dir(data_dir: &Path) -> io::Result<PathBuf> {
     let dir = data_dir.join("bpf");
     std::fs::create_dir_all(&dir)?;
     if !is_bpffs(&dir)? {
-        let target = CString::new(dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the data directory's path holds a NUL"))?;
+        let target = c_path(&dir)?;
         // SAFETY: NUL-terminated strings that live through the call.
         let r = unsafe {
             libc::mount(
@@ -38,8 +38,7 @@ pub fn pin_dir(data_dir: &Path) -> io::Result<PathBuf> {
 }
 
 fn is_bpffs(dir: &Path) -> io::Result<bool> {
-    let path = CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL"))?;
+    let path = c_path(dir)?;
     // SAFETY: statfs writes into a zeroed struct of the right type.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a NUL-terminated path and a valid out pointer.
@@ -56,7 +55,7 @@ pub fn unmount(data_dir: &Path) {
     if !is_bpffs(&dir).unwrap_or(false) {
         return;
     }
-    if let Ok(target) = CString::new(dir.as_os_str().as_encoded_bytes()) {
+    if let Ok(target) = c_path(&dir) {
         // SAFETY: a NUL-terminated path.
         unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     }

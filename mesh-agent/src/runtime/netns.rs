@@ -135,7 +135,11 @@ impl NetNs {
         if !path.exists() {
             return Err(NetnsError::NotFound(name.to_owned()));
         }
-        let c_path = c_path(path);
+        let c_path = c_path(path).map_err(|source| NetnsError::Sys {
+            op: "unmount",
+            name: name.to_owned(),
+            source,
+        })?;
         // SAFETY: c_path is a valid NUL-terminated path for the call's duration.
         match check(unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) }) {
             Ok(()) => {}
@@ -214,12 +218,14 @@ fn path_of(name: &str) -> Result<PathBuf, NetnsError> {
     Ok(Path::new(NETNS_DIR).join(name))
 }
 
-fn c_path(path: &Path) -> CString {
-    CString::new(path.as_os_str().as_bytes()).expect("reason: namespace paths hold no NUL (checked by path_of)")
+/// A path as the C string system calls take.
+pub(crate) fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{} holds a NUL", path.display())))
 }
 
 fn bind_mount(source: &Path, target: &Path) -> io::Result<()> {
-    let (source, target) = (c_path(source), c_path(target));
+    let (source, target) = (c_path(source)?, c_path(target)?);
     // SAFETY: both are valid NUL-terminated paths; a bind mount takes no
     // filesystem type or data.
     check(unsafe {

@@ -150,16 +150,8 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "hostname holds a NUL"))?;
     let netns = launch.netns.as_raw_fd();
     let user = launch.user.map(|u| (u.uid, u.gid));
-    let resolv_conf = launch
-        .resolv_conf
-        .map(|p| CString::new(p.as_os_str().as_encoded_bytes()))
-        .transpose()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "resolv.conf path holds a NUL"))?;
-    let cgroup_procs = launch
-        .cgroup_procs
-        .map(|p| CString::new(p.as_os_str().as_encoded_bytes()))
-        .transpose()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path holds a NUL"))?;
+    let resolv_conf = launch.resolv_conf.map(super::netns::c_path).transpose()?;
+    let cgroup_procs = launch.cgroup_procs.map(super::netns::c_path).transpose()?;
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls on values prepared before fork.
     unsafe {
