@@ -4,7 +4,10 @@
 //! responder answers from this, and its VIP programs load-balance over it;
 //! a node learns only about the networks its own tasks are on.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,45 +40,43 @@ pub struct NetworkServices {
     pub services: Vec<ServiceRecord>,
 }
 
-/// What node `tasks`' networks hold.
+/// What node `tasks`' networks hold. One pass over the tasks, then one
+/// over the services per network.
 pub fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServices> {
     let networks: BTreeSet<u64> = tasks
         .iter()
         .flat_map(|t| t.spec.networks.iter().map(|n| n.network))
         .collect();
+    // (network, service) -> its running tasks there, in task ID order.
+    let mut running: BTreeMap<(u64, u64), Vec<(u64, Ipv4Addr)>> = BTreeMap::new();
+    for t in state
+        .tasks
+        .values()
+        .filter(|t| t.desired == DesiredState::Running && t.state == TaskState::Running)
+    {
+        for a in t.attachments.iter().filter(|a| networks.contains(&a.network)) {
+            running
+                .entry((a.network, t.service))
+                .or_default()
+                .push((t.id, a.address));
+        }
+    }
     let mut out = Vec::new();
     for network in networks {
+        let name = state.networks.get(&network).map(|n| n.name.as_str());
         let mut services = Vec::new();
         for service in state.services.values() {
             let vip = service.vips.iter().find(|v| v.network == network).map(|v| v.address);
-            let mut on: Vec<(u64, Ipv4Addr)> = state
-                .tasks
-                .values()
-                .filter(|t| {
-                    t.service == service.id && t.desired == DesiredState::Running && t.state == TaskState::Running
-                })
-                .filter_map(|t| {
-                    t.attachments
-                        .iter()
-                        .find(|a| a.network == network)
-                        .map(|a| (t.id, a.address))
-                })
-                .collect();
-            let attached = vip.is_some()
-                || (service.spec.endpoint_mode == EndpointMode::Dnsrr
-                    && state
-                        .networks
-                        .get(&network)
-                        .is_some_and(|n| service.spec.networks.contains(&n.name)));
-            if !attached {
+            let dnsrr_here = service.spec.endpoint_mode == EndpointMode::Dnsrr
+                && name.is_some_and(|n| service.spec.networks.iter().any(|s| s == n));
+            if vip.is_none() && !dnsrr_here {
                 continue;
             }
-            on.sort();
             services.push(ServiceRecord {
                 service: service.id,
                 name: service.spec.name.clone(),
                 vip,
-                tasks: on,
+                tasks: running.remove(&(network, service.id)).unwrap_or_default(),
                 lb: service.spec.lb,
             });
         }

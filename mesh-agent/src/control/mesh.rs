@@ -3,6 +3,8 @@
 //! port published in ingress mode; a port published in host mode is only
 //! answered by the nodes running one of its tasks, by those tasks.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -73,23 +75,30 @@ pub struct MeshAssignment {
 }
 
 /// Node `node`'s routing mesh; `None` when it answers no published port.
+/// One pass over the tasks, then one over the services.
 pub fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignment> {
+    // Each publishing service's running tasks, in task ID order.
+    let mut running: BTreeMap<u64, Vec<MeshBackend>> = BTreeMap::new();
+    for t in state
+        .tasks
+        .values()
+        .filter(|t| t.desired == DesiredState::Running && t.state == TaskState::Running)
+    {
+        let (Some(on), Some(service)) = (t.node, state.services.get(&t.service)) else {
+            continue;
+        };
+        let Some(host) = state.nodes.get(&on).filter(|_| !service.spec.publish.is_empty()) else {
+            continue;
+        };
+        running.entry(t.service).or_default().push(MeshBackend {
+            task: t.id,
+            node_addr: host.data_path_addr.clone(),
+            local: on == node,
+        });
+    }
     let mut services = Vec::new();
     for service in state.services.values().filter(|s| !s.spec.publish.is_empty()) {
-        let mut backends: Vec<MeshBackend> = state
-            .tasks
-            .values()
-            .filter(|t| t.service == service.id && t.desired == DesiredState::Running && t.state == TaskState::Running)
-            .filter_map(|t| {
-                let on = t.node?;
-                Some(MeshBackend {
-                    task: t.id,
-                    node_addr: state.nodes.get(&on)?.data_path_addr.clone(),
-                    local: on == node,
-                })
-            })
-            .collect();
-        backends.sort();
+        let backends = running.remove(&service.id).unwrap_or_default();
         let runs_here = backends.iter().any(|b| b.local);
         let ports: Vec<PortPublish> = service
             .spec
