@@ -4,6 +4,7 @@
 //! to its underlay link.
 
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     time::Duration,
@@ -15,7 +16,7 @@ use aya::{
 };
 use mesh_common::lb::{Backend, BACKENDS_MAP};
 
-use crate::swarm::Swarm;
+use crate::{cluster::host_address, swarm::Swarm};
 
 /// One HTTP request to `to`: (the task that answered, the client address
 /// it saw).
@@ -35,6 +36,37 @@ pub fn http_get(to: SocketAddr) -> Result<(String, String), String> {
     }
     let (task, seen) = body.trim().split_once(' ').ok_or(format!("{to}: body {body:?}"))?;
     Ok((task.to_string(), seen.to_string()))
+}
+
+/// `n` requests to the published `port` of each of hosts `0..nodes`, from
+/// host `client`: (failures, requests answered per task, client addresses
+/// the tasks saw).
+pub fn spray(
+    swarm: &Swarm,
+    client: usize,
+    nodes: usize,
+    port: u16,
+    n: usize,
+) -> (Vec<String>, BTreeMap<String, usize>, Vec<String>) {
+    swarm.cluster.host(client).run(move || {
+        let mut failures = Vec::new();
+        let mut per_task = BTreeMap::new();
+        let mut seen = Vec::new();
+        for node in 0..nodes {
+            for _ in 0..n {
+                match http_get(SocketAddr::from((host_address(node), port))) {
+                    Ok((task, from)) => {
+                        *per_task.entry(task).or_insert(0) += 1;
+                        if !seen.contains(&from) {
+                            seen.push(from);
+                        }
+                    }
+                    Err(e) => failures.push(e),
+                }
+            }
+        }
+        (failures, per_task, seen)
+    })
 }
 
 /// The backends in host `host`'s routing-mesh maps (`None`: no

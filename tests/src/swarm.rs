@@ -92,6 +92,11 @@ impl Swarm {
         swarm
     }
 
+    /// The `mesh-agent run` flags of agents started from now on.
+    pub fn set_flags(&mut self, flags: &'static [&'static str]) {
+        self.flags = flags;
+    }
+
     /// Starts host `i`'s agent and waits for its socket.
     pub fn start(&mut self, i: usize) {
         self.start_with(i, &[]);

@@ -31,28 +31,9 @@ const CONVERGE: Duration = Duration::from_secs(30);
 const CLIENT: usize = 3;
 const REQUESTS_PER_NODE: usize = 30;
 
-/// `n` requests to each node's published port, from the client host:
-/// (failures, requests answered per task, client addresses the tasks saw).
+/// `n` requests to each node's published port, from the client host.
 fn spray(swarm: &Swarm, port: u16, n: usize) -> (Vec<String>, BTreeMap<String, usize>, Vec<String>) {
-    swarm.cluster.host(CLIENT).run(move || {
-        let mut failures = Vec::new();
-        let mut per_task = BTreeMap::new();
-        let mut seen = Vec::new();
-        for node in 0..3 {
-            for _ in 0..n {
-                match http_get(SocketAddr::from((host_address(node), port))) {
-                    Ok((task, from)) => {
-                        *per_task.entry(task).or_insert(0) += 1;
-                        if !seen.contains(&from) {
-                            seen.push(from);
-                        }
-                    }
-                    Err(e) => failures.push(e),
-                }
-            }
-        }
-        (failures, per_task, seen)
-    })
+    mesh_tests::mesh::spray(swarm, CLIENT, 3, port, n)
 }
 
 fn udp_ask(to: SocketAddr) -> Result<String, String> {

@@ -57,7 +57,11 @@ fn wanted(vip: ServiceId, backends: &[usize]) -> IpvsState {
     IpvsState::from([(
         vip,
         Service {
-            scheduler: "rr".into(),
+            schedule: ipvs::Schedule {
+                scheduler: "rr".into(),
+                scheduler_flags: 0,
+                persistence_s: 0,
+            },
             dests: backends
                 .iter()
                 .map(|h| {
@@ -82,7 +86,7 @@ fn reconcile(cluster: &Cluster, want: IpvsState, vip: ServiceId) -> IpvsState {
     cluster.host(0).run(move || {
         let mut x = Ipvs::open().expect("the IPVS family (modprobe ip_vs)");
         let found = x.observe(|id| *id == vip).expect("read IPVS");
-        x.apply(&ipvs::plan(&want, &found, false)).expect("program IPVS");
+        x.apply(&ipvs::plan(&want, &found, |_, _| false)).expect("program IPVS");
         x.observe(|id| *id == vip).expect("read IPVS back")
     })
 }
@@ -109,7 +113,7 @@ fn ipvs_masquerades_to_real_servers_and_drains_one_before_removing_it() {
         );
         serve(&cluster, host);
     }
-    let vip = ServiceId {
+    let vip = ServiceId::Addr {
         addr: director,
         port: PORT,
         protocol: 6,

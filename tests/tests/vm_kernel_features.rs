@@ -21,7 +21,7 @@ use std::{
     process::{Command, Output},
 };
 
-use mesh_agent::dataplane::ipvs::{Change, Ipvs, ServiceId};
+use mesh_agent::dataplane::ipvs::{Change, Ipvs, Schedule, ServiceId};
 
 /// Loads `module` with modprobe and checks the kernel lists it.
 fn modprobe(module: &str) {
@@ -69,20 +69,27 @@ fn ip(args: &str) -> Output {
 #[ignore = "vm lane: needs Debian's kernel; run by `cargo xtask test` inside virtme-ng"]
 fn ipvs_loads_and_takes_a_virtual_service() {
     modprobe("ip_vs");
-    let vip = ServiceId {
+    let vip = ServiceId::Addr {
         addr: Ipv4Addr::new(10, 255, 0, 1),
         port: 80,
         protocol: 6,
     };
     let in_namespace = in_fresh_netns(|| {
         let mut x = Ipvs::open().expect("resolve the IPVS generic netlink family in a new namespace");
-        x.apply(&[Change::AddService(vip, "rr".into())])
-            .expect("add TCP virtual service 10.255.0.1:80 (scheduler rr) over generic netlink");
+        x.apply(&[Change::AddService(
+            vip,
+            Schedule {
+                scheduler: "rr".into(),
+                scheduler_flags: 0,
+                persistence_s: 0,
+            },
+        )])
+        .expect("add TCP virtual service 10.255.0.1:80 (scheduler rr) over generic netlink");
         let services = x.observe(|_| true).expect("dump IPVS services");
         assert_eq!(
             services
                 .iter()
-                .map(|(id, s)| (*id, s.scheduler.clone()))
+                .map(|(id, s)| (*id, s.schedule.scheduler.clone()))
                 .collect::<Vec<_>>(),
             [(vip, "rr".to_owned())],
             "IPVS does not list the virtual service just added"

@@ -80,11 +80,14 @@ fn vm_lane() -> Result<()> {
 
 /// Builds every `tests/tests/vm_*.rs` and returns the test executables.
 fn vm_test_binaries() -> Result<Vec<PathBuf>> {
+    // MESH_VM_ONLY=vm_a,vm_b: just these (while working on them).
+    let only = std::env::var("MESH_VM_ONLY").ok();
     let mut names: Vec<String> = fs::read_dir(workspace::root().join("tests/tests"))?
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
         .filter(|n| n.starts_with("vm_") && n.ends_with(".rs"))
         .map(|n| n.trim_end_matches(".rs").to_owned())
+        .filter(|n| only.as_ref().is_none_or(|o| o.split(',').any(|w| w == n)))
         .collect();
     names.sort();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));

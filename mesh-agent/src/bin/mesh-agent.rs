@@ -72,6 +72,12 @@ struct RunArgs {
     /// the routing-mesh tunnel (auto); or always through the tunnel.
     #[arg(long, value_enum, default_value = "auto")]
     mesh_routing: mesh_agent::runtime::mesh::MeshRouting,
+    /// What serves published ports: the eBPF programs, or IPVS as in
+    /// Swarm (needs the ip_vs module; tasks on other nodes than the one a
+    /// connection came in on see that node's address, not the client's).
+    /// Service VIPs use the eBPF socket programs either way.
+    #[arg(long, value_enum, default_value = "ebpf")]
+    lb_backend: mesh_agent::runtime::mesh::LbBackend,
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
@@ -103,7 +109,13 @@ fn run(args: RunArgs) -> Result<(), String> {
             .map_err(|e| format!("--local-pool: {e}"))?,
         wireguard: args.wireguard,
         mesh_routing: args.mesh_routing,
+        lb_backend: args.lb_backend,
     };
+    if args.lb_backend == mesh_agent::runtime::mesh::LbBackend::Ipvs {
+        mesh_agent::dataplane::ipvs::Ipvs::open().map_err(|e| {
+            format!("--lb-backend ipvs: this kernel offers no IPVS ({e}); load it with `modprobe ip_vs`, or run with --lb-backend ebpf")
+        })?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

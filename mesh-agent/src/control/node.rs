@@ -78,6 +78,8 @@ pub struct AgentOptions {
     pub wireguard: WireguardMode,
     /// How the routing mesh reaches other nodes.
     pub mesh_routing: crate::runtime::mesh::MeshRouting,
+    /// What serves published ports.
+    pub lb_backend: crate::runtime::mesh::LbBackend,
 }
 
 /// The non-secret facts a node keeps in `node.json`.
@@ -728,6 +730,7 @@ impl Member {
             cgroup.as_ref().map(|c| c.dir().to_path_buf()),
             pins,
             opts.mesh_routing == crate::runtime::mesh::MeshRouting::Auto,
+            opts.lb_backend,
         );
         let dns = Arc::new(Dns::new());
         let tasks = Supervisor::new(

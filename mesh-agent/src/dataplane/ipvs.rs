@@ -4,11 +4,14 @@
 //! kernel requests, encoded here attribute by attribute (`ipvsadm` is
 //! never run).
 //!
-//! Real servers are reached in masquerade (NAT) mode. A real server that
-//! should go is first given weight 0, so it takes no new connection while
-//! its established ones finish (as libnetwork does), and is deleted once
-//! IPVS counts no established connection on it (or when the caller forces
-//! it; connections in TIME_WAIT and the like do not hold it back).
+//! A virtual service is an address, port and protocol, or a firewall mark
+//! (what the routing mesh uses: nftables marks the packets of a published
+//! port). Real servers are reached in masquerade (NAT) mode. A real server
+//! that should go is first given weight 0, so it takes no new connection
+//! while its established ones finish (as libnetwork does), and is deleted
+//! once IPVS counts no established connection on it, or when the caller
+//! says its time is up (connections in TIME_WAIT and the like do not hold
+//! it back).
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -37,6 +40,7 @@ const SVC_ATTR_AF: u16 = 1;
 const SVC_ATTR_PROTOCOL: u16 = 2;
 const SVC_ATTR_ADDR: u16 = 3;
 const SVC_ATTR_PORT: u16 = 4;
+const SVC_ATTR_FWMARK: u16 = 5;
 const SVC_ATTR_SCHED_NAME: u16 = 6;
 const SVC_ATTR_FLAGS: u16 = 7;
 const SVC_ATTR_TIMEOUT: u16 = 8;
@@ -54,14 +58,22 @@ const DEST_ATTR_ADDR_FAMILY: u16 = 11;
 
 /// IP_VS_CONN_F_MASQ.
 const FWD_MASQ: u32 = 0;
+/// IP_VS_SVC_F_PERSISTENT: a client sticks to its real server.
+const SVC_F_PERSISTENT: u32 = 0x1;
+/// IP_VS_SVC_F_SCHED1..3: the scheduler's own flags.
+const SVC_F_SCHED_MASK: u32 = 0x38;
+/// IP_VS_SVC_F_SCHED_MH_PORT: `mh` hashes the source port too (so one
+/// client's connections spread like anyone's).
+pub const SCHED_MH_PORT: u32 = 0x10;
 const NLA_F_NESTED: u16 = 1 << 15;
 
-/// A virtual service: address, port and protocol (6 TCP, 17 UDP).
+/// A virtual service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceId {
-    pub addr: Ipv4Addr,
-    pub port: u16,
-    pub protocol: u8,
+pub enum ServiceId {
+    /// Address, port and protocol (6 TCP, 17 UDP).
+    Addr { addr: Ipv4Addr, port: u16, protocol: u8 },
+    /// IPv4 packets carrying this firewall mark.
+    Mark(u32),
 }
 
 /// A real server of a service.
@@ -80,11 +92,22 @@ pub struct Dest {
     pub inactive: u32,
 }
 
+/// How a virtual service picks real servers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Schedule {
+    /// The scheduler (`rr`, `wrr`, `sh`, `mh`, ...).
+    pub scheduler: String,
+    /// Its flags (`ipvsadm -b`), e.g. [`SCHED_MH_PORT`].
+    pub scheduler_flags: u32,
+    /// Seconds a client sticks to its real server after its last
+    /// connection (persistence, `ipvsadm -p`); 0: no persistence.
+    pub persistence_s: u32,
+}
+
 /// A virtual service and its real servers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Service {
-    /// The scheduler (`rr`, `wrr`, `sh`, `mh`, ...).
-    pub scheduler: String,
+    pub schedule: Schedule,
     pub dests: BTreeMap<DestId, Dest>,
 }
 
@@ -94,8 +117,8 @@ pub type IpvsState = BTreeMap<ServiceId, Service>;
 /// One kernel request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    AddService(ServiceId, String),
-    SetScheduler(ServiceId, String),
+    AddService(ServiceId, Schedule),
+    SetService(ServiceId, Schedule),
     AddDest(ServiceId, DestId, u32),
     SetWeight(ServiceId, DestId, u32),
     DelDest(ServiceId, DestId),
@@ -104,16 +127,15 @@ pub enum Change {
 
 /// The requests that take `found` toward `wanted`. A real server that is
 /// not wanted drains first (weight 0) and is deleted when it has no
-/// established connection left, or at once with `force` (the node leaves). A service
-/// that is not wanted is deleted once all its real servers are.
-pub fn plan(wanted: &IpvsState, found: &IpvsState, force: bool) -> Vec<Change> {
+/// established connection left, or at once once `expired` says so (its
+/// drain time is up, or the node leaves). A service that is not wanted is
+/// deleted once all its real servers are.
+pub fn plan(wanted: &IpvsState, found: &IpvsState, expired: impl Fn(&ServiceId, &DestId) -> bool) -> Vec<Change> {
     let mut out = Vec::new();
     for (id, want) in wanted {
         match found.get(id) {
-            None => out.push(Change::AddService(*id, want.scheduler.clone())),
-            Some(have) if have.scheduler != want.scheduler => {
-                out.push(Change::SetScheduler(*id, want.scheduler.clone()))
-            }
+            None => out.push(Change::AddService(*id, want.schedule.clone())),
+            Some(have) if have.schedule != want.schedule => out.push(Change::SetService(*id, want.schedule.clone())),
             Some(_) => {}
         }
         let have = found.get(id).map(|s| &s.dests);
@@ -133,7 +155,7 @@ pub fn plan(wanted: &IpvsState, found: &IpvsState, force: bool) -> Vec<Change> {
                 left += 1;
                 continue;
             }
-            if force || (d.weight == 0 && d.active == 0) {
+            if (d.weight == 0 && d.active == 0) || expired(id, dest) {
                 out.push(Change::DelDest(*id, *dest));
             } else {
                 left += 1;
@@ -205,28 +227,36 @@ fn nested(buf: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
 
 /// The attributes naming a service.
 fn service_id(buf: &mut Vec<u8>, id: &ServiceId) {
-    let mut address = [0u8; 16]; // union nf_inet_addr
-    address[..4].copy_from_slice(&id.addr.octets());
     put(buf, SVC_ATTR_AF, &(libc::AF_INET as u16).to_ne_bytes());
-    put(buf, SVC_ATTR_PROTOCOL, &u16::from(id.protocol).to_ne_bytes());
-    put(buf, SVC_ATTR_ADDR, &address);
-    put(buf, SVC_ATTR_PORT, &id.port.to_be_bytes());
+    match id {
+        ServiceId::Addr { addr, port, protocol } => {
+            let mut address = [0u8; 16]; // union nf_inet_addr
+            address[..4].copy_from_slice(&addr.octets());
+            put(buf, SVC_ATTR_PROTOCOL, &u16::from(*protocol).to_ne_bytes());
+            put(buf, SVC_ATTR_ADDR, &address);
+            put(buf, SVC_ATTR_PORT, &port.to_be_bytes());
+        }
+        ServiceId::Mark(mark) => put(buf, SVC_ATTR_FWMARK, &mark.to_ne_bytes()),
+    }
 }
 
-fn service_message(cmd: u8, id: &ServiceId, scheduler: Option<&str>) -> IpvsMessage {
+fn service_message(cmd: u8, id: &ServiceId, schedule: Option<&Schedule>) -> IpvsMessage {
     let mut attrs = Vec::new();
     nested(&mut attrs, CMD_ATTR_SERVICE, |svc| {
         service_id(svc, id);
-        if let Some(s) = scheduler {
-            let mut name = s.as_bytes().to_vec();
+        if let Some(s) = schedule {
+            let mut name = s.scheduler.as_bytes().to_vec();
             name.push(0);
             put(svc, SVC_ATTR_SCHED_NAME, &name);
+            let persistent = if s.persistence_s > 0 { SVC_F_PERSISTENT } else { 0 };
+            let flags = persistent | (s.scheduler_flags & SVC_F_SCHED_MASK);
+            // struct ip_vs_flags: the flags, then the mask of those set.
             put(
                 svc,
                 SVC_ATTR_FLAGS,
-                &[0u32.to_ne_bytes(), u32::MAX.to_ne_bytes()].concat(),
+                &[flags.to_ne_bytes(), u32::MAX.to_ne_bytes()].concat(),
             );
-            put(svc, SVC_ATTR_TIMEOUT, &0u32.to_ne_bytes());
+            put(svc, SVC_ATTR_TIMEOUT, &s.persistence_s.to_ne_bytes());
             put(svc, SVC_ATTR_NETMASK, &u32::MAX.to_be_bytes());
         }
     });
@@ -256,7 +286,7 @@ fn dest_message(cmd: u8, id: &ServiceId, dest: &DestId, weight: Option<u32>) -> 
 pub fn message(change: &Change) -> IpvsMessage {
     match change {
         Change::AddService(id, s) => service_message(CMD_NEW_SERVICE, id, Some(s)),
-        Change::SetScheduler(id, s) => service_message(CMD_SET_SERVICE, id, Some(s)),
+        Change::SetService(id, s) => service_message(CMD_SET_SERVICE, id, Some(s)),
         Change::DelService(id) => service_message(CMD_DEL_SERVICE, id, None),
         Change::AddDest(id, d, w) => dest_message(CMD_NEW_DEST, id, d, Some(*w)),
         Change::SetWeight(id, d, w) => dest_message(CMD_SET_DEST, id, d, Some(*w)),
@@ -284,23 +314,39 @@ fn u32_of(v: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
 }
 
-fn parse_service(svc: &[u8]) -> Option<(ServiceId, String)> {
+fn parse_service(svc: &[u8]) -> Option<(ServiceId, Schedule)> {
     let af = u16::from_ne_bytes(attr(svc, SVC_ATTR_AF)?.get(..2)?.try_into().ok()?);
     if i32::from(af) != libc::AF_INET {
         return None;
     }
-    let addr: [u8; 4] = attr(svc, SVC_ATTR_ADDR)?.get(..4)?.try_into().ok()?;
-    let port = u16::from_be_bytes(attr(svc, SVC_ATTR_PORT)?.get(..2)?.try_into().ok()?);
-    let protocol = u16::from_ne_bytes(attr(svc, SVC_ATTR_PROTOCOL)?.get(..2)?.try_into().ok()?) as u8;
+    let id = match attr(svc, SVC_ATTR_FWMARK).and_then(u32_of).filter(|m| *m != 0) {
+        Some(mark) => ServiceId::Mark(mark),
+        None => {
+            let addr: [u8; 4] = attr(svc, SVC_ATTR_ADDR)?.get(..4)?.try_into().ok()?;
+            let port = u16::from_be_bytes(attr(svc, SVC_ATTR_PORT)?.get(..2)?.try_into().ok()?);
+            let protocol = u16::from_ne_bytes(attr(svc, SVC_ATTR_PROTOCOL)?.get(..2)?.try_into().ok()?) as u8;
+            ServiceId::Addr {
+                addr: Ipv4Addr::from(addr),
+                port,
+                protocol,
+            }
+        }
+    };
     let sched = attr(svc, SVC_ATTR_SCHED_NAME)?;
-    let sched = String::from_utf8_lossy(sched.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+    let scheduler = String::from_utf8_lossy(sched.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+    let flags = attr(svc, SVC_ATTR_FLAGS).and_then(u32_of).unwrap_or(0);
+    let persistence_s = if flags & SVC_F_PERSISTENT != 0 {
+        attr(svc, SVC_ATTR_TIMEOUT).and_then(u32_of).unwrap_or(0)
+    } else {
+        0
+    };
     Some((
-        ServiceId {
-            addr: Ipv4Addr::from(addr),
-            port,
-            protocol,
+        id,
+        Schedule {
+            scheduler,
+            scheduler_flags: flags & SVC_F_SCHED_MASK,
+            persistence_s,
         },
-        sched,
     ))
 }
 
@@ -343,7 +389,7 @@ impl Ipvs {
             attrs: Vec::new(),
         })?;
         for reply in services {
-            let Some((id, scheduler)) = attr(&reply.attrs, CMD_ATTR_SERVICE).and_then(parse_service) else {
+            let Some((id, schedule)) = attr(&reply.attrs, CMD_ATTR_SERVICE).and_then(parse_service) else {
                 continue;
             };
             if !owned(&id) {
@@ -359,7 +405,7 @@ impl Ipvs {
                 .iter()
                 .filter_map(|r| attr(&r.attrs, CMD_ATTR_DEST).and_then(parse_dest))
                 .collect();
-            state.insert(id, Service { scheduler, dests });
+            state.insert(id, Service { schedule, dests });
         }
         Ok(state)
     }
@@ -378,7 +424,7 @@ mod tests {
     use super::*;
 
     fn svc(port: u16) -> ServiceId {
-        ServiceId {
+        ServiceId::Addr {
             addr: Ipv4Addr::new(192, 0, 2, 1),
             port,
             protocol: 6,
@@ -396,10 +442,18 @@ mod tests {
         IpvsState::from([(
             svc(8080),
             Service {
-                scheduler: "rr".into(),
+                schedule: rr(),
                 dests: dests.iter().map(|(d, w)| (dest(*d), *w)).collect(),
             },
         )])
+    }
+
+    fn rr() -> Schedule {
+        Schedule {
+            scheduler: "rr".into(),
+            scheduler_flags: 0,
+            persistence_s: 0,
+        }
     }
 
     fn weight(w: u32) -> Dest {
@@ -413,9 +467,9 @@ mod tests {
     fn a_real_server_drains_at_weight_zero_before_it_is_deleted() {
         let wanted = state(&[(2, weight(1))]);
         assert_eq!(
-            plan(&wanted, &IpvsState::new(), false),
+            plan(&wanted, &IpvsState::new(), |_, _| false),
             vec![
-                Change::AddService(svc(8080), "rr".into()),
+                Change::AddService(svc(8080), rr()),
                 Change::AddDest(svc(8080), dest(2), 1)
             ]
         );
@@ -426,16 +480,16 @@ mod tests {
         };
         let found = state(&[(2, weight(1)), (3, busy)]);
         assert_eq!(
-            plan(&wanted, &found, false),
+            plan(&wanted, &found, |_, _| false),
             vec![Change::SetWeight(svc(8080), dest(3), 0)]
         );
         let draining = state(&[(2, weight(1)), (3, Dest { weight: 0, ..busy })]);
         assert!(
-            plan(&wanted, &draining, false).is_empty(),
+            plan(&wanted, &draining, |_, _| false).is_empty(),
             "waits while connections remain"
         );
         assert_eq!(
-            plan(&wanted, &draining, true),
+            plan(&wanted, &draining, |_, d| *d == dest(3)),
             vec![Change::DelDest(svc(8080), dest(3))]
         );
         let idle = state(&[
@@ -449,14 +503,17 @@ mod tests {
                 },
             ),
         ]);
-        assert_eq!(plan(&wanted, &idle, false), vec![Change::DelDest(svc(8080), dest(3))]);
+        assert_eq!(
+            plan(&wanted, &idle, |_, _| false),
+            vec![Change::DelDest(svc(8080), dest(3))]
+        );
     }
 
     #[test]
     fn a_service_goes_after_its_last_real_server() {
         let found = state(&[(2, weight(0))]);
         assert_eq!(
-            plan(&IpvsState::new(), &found, false),
+            plan(&IpvsState::new(), &found, |_, _| false),
             vec![Change::DelDest(svc(8080), dest(2)), Change::DelService(svc(8080))]
         );
         let busy = state(&[(
@@ -468,7 +525,7 @@ mod tests {
             },
         )]);
         assert_eq!(
-            plan(&IpvsState::new(), &busy, false),
+            plan(&IpvsState::new(), &busy, |_, _| false),
             vec![Change::SetWeight(svc(8080), dest(2), 0)]
         );
     }
@@ -483,8 +540,17 @@ mod tests {
         let (id, parsed) = parse_dest(d).unwrap();
         assert_eq!((id, parsed.weight), (dest(2), 5));
         assert_eq!(u32_of(attr(d, DEST_ATTR_FWD_METHOD).unwrap()), Some(FWD_MASQ));
-        let add = message(&Change::AddService(svc(8080), "mh".into()));
-        let (id, sched) = parse_service(attr(&add.attrs, CMD_ATTR_SERVICE).unwrap()).unwrap();
-        assert_eq!((id, sched.as_str()), (svc(8080), "mh"));
+        let sticky = Schedule {
+            scheduler: "mh".into(),
+            scheduler_flags: SCHED_MH_PORT,
+            persistence_s: 300,
+        };
+        let add = message(&Change::AddService(svc(8080), sticky.clone()));
+        let parsed = parse_service(attr(&add.attrs, CMD_ATTR_SERVICE).unwrap()).unwrap();
+        assert_eq!(parsed, (svc(8080), sticky.clone()));
+        let marked = message(&Change::SetService(ServiceId::Mark(0x6d00_1f90), sticky.clone()));
+        assert_eq!(marked.cmd, CMD_SET_SERVICE);
+        let parsed = parse_service(attr(&marked.attrs, CMD_ATTR_SERVICE).unwrap()).unwrap();
+        assert_eq!(parsed, (ServiceId::Mark(0x6d00_1f90), sticky));
     }
 }

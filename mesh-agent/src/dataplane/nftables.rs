@@ -1,7 +1,7 @@
-//! nf_tables over netlink (NETLINK_NETFILTER), for the one thing the node
-//! needs from the firewall: masquerading what its tasks send beyond the
-//! node, as Docker does for docker_gwbridge
-//! (`-s POOL ! -o BRIDGE -j MASQUERADE`).
+//! nf_tables over netlink (NETLINK_NETFILTER), for what the node needs
+//! from the firewall: masquerading what its tasks send beyond the node, as
+//! Docker does for docker_gwbridge (`-s POOL ! -o BRIDGE -j MASQUERADE`);
+//! the tunnel guard; and the IPVS backend's marks ([`marks`]).
 //!
 //! A small batch writer instead of a library: the Rust nftables crates
 //! either shell out to `nft` or are GPL and build libnftnl through bindgen.
@@ -9,6 +9,8 @@
 //! one batch, so the kernel applies all of it or none.
 
 use std::{io, net::Ipv4Addr, time::Duration};
+
+pub mod marks;
 
 // linux/netfilter/nfnetlink.h and nf_tables.h.
 const NETLINK_NETFILTER: libc::c_int = 12;

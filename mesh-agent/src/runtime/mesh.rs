@@ -25,7 +25,10 @@ use mesh_common::lb::{
     PINNED_MAPS, TABLE_SIZE,
 };
 
-use super::network::{LocalNetwork, BRIDGE};
+use super::{
+    mesh_ipvs::IpvsMesh,
+    network::{LocalNetwork, BRIDGE},
+};
 use crate::{
     control::{
         api::Assignments,
@@ -44,6 +47,9 @@ use crate::{
 /// The routing-mesh tunnel device.
 pub const TUNNEL_DEVICE: &str = "mesh-lb";
 
+/// How often the IPVS backend looks whether a draining real server can go.
+const DRAIN_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How packets reach other nodes (`mesh-agent run --mesh-routing`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum MeshRouting {
@@ -54,6 +60,18 @@ pub enum MeshRouting {
     /// Always through the tunnel (an underlay that drops frames whose
     /// addresses are not the sender's, or to compare).
     Tunnel,
+}
+
+/// What serves published ports (`mesh-agent run --lb-backend`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbBackend {
+    /// The eBPF programs (TC on the underlay link).
+    #[default]
+    Ebpf,
+    /// IPVS virtual services selected by firewall mark, as Swarm does
+    /// (runtime/mesh_ipvs.rs); tasks on other nodes see the entry node's
+    /// address instead of the client's.
+    Ipvs,
 }
 
 /// The routing-mesh tunnel's UDP port: the data-path port + 3 (+1 is the
@@ -609,6 +627,8 @@ pub enum MeshError {
     NoUnderlay(Ipv4Addr),
     #[error("the data-path address {0:?} is not an IPv4 address (the routing mesh is IPv4 for now)")]
     NotIpv4(String),
+    #[error(transparent)]
+    Ipvs(#[from] super::mesh_ipvs::IpvsMeshError),
 }
 
 /// The programs and maps while the node serves published ports or VIPs.
@@ -643,6 +663,12 @@ struct Inner {
     /// Whether any assignment has come yet: until then, what an earlier
     /// agent left pinned keeps forwarding untouched.
     assigned: bool,
+    /// The IPVS backend, while it serves published ports.
+    ipvs: Option<IpvsMesh>,
+    /// Whether an IPVS real server is draining (a later sync deletes it).
+    draining: bool,
+    /// Whether what the other backend may have left has been removed.
+    switched: bool,
 }
 
 /// The node's routing mesh: published ports, and the VIPs its tasks use.
@@ -654,6 +680,8 @@ pub struct RoutingMesh {
     /// Whether nodes on the same link get packets as they are (else
     /// everything goes through the tunnel).
     direct: bool,
+    /// What serves published ports.
+    backend: LbBackend,
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -662,12 +690,19 @@ impl RoutingMesh {
     /// one, VIPs are not served), pinning in `pins` (a bpffs; see
     /// runtime/bpffs.rs); nothing is made before it is needed. Follows the
     /// local tasks' addresses.
-    pub fn new(network: Arc<LocalNetwork>, cgroup: Option<PathBuf>, pins: PathBuf, direct: bool) -> Arc<RoutingMesh> {
+    pub fn new(
+        network: Arc<LocalNetwork>,
+        cgroup: Option<PathBuf>,
+        pins: PathBuf,
+        direct: bool,
+        backend: LbBackend,
+    ) -> Arc<RoutingMesh> {
         let mesh = Arc::new(RoutingMesh {
             network: network.clone(),
             cgroup,
             pins,
             direct,
+            backend,
             inner: Arc::default(),
         });
         let weak = Arc::downgrade(&mesh);
@@ -680,6 +715,23 @@ impl RoutingMesh {
                 }
             }
         });
+        if backend == LbBackend::Ipvs {
+            // Draining real servers are deleted by a later pass.
+            let weak = Arc::downgrade(&mesh);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(DRAIN_CHECK);
+                loop {
+                    tick.tick().await;
+                    let Some(mesh) = weak.upgrade() else { return };
+                    let draining = mesh.inner.lock().expect("reason: never poisoned").draining;
+                    if draining {
+                        if let Err(e) = mesh.sync().await {
+                            log::warn!("routing mesh: {e}");
+                        }
+                    }
+                }
+            });
+        }
         mesh
     }
 
@@ -754,9 +806,10 @@ impl RoutingMesh {
         let cgroup = self.cgroup.clone();
         let pins = self.pins.clone();
         let direct = self.direct;
+        let backend = self.backend;
         tokio::task::spawn_blocking(move || {
             let mut inner = inner.lock().expect("reason: never poisoned");
-            sync_blocking(&mut inner, &local, cgroup.as_deref(), &pins, direct)
+            sync_blocking(&mut inner, &local, cgroup.as_deref(), &pins, direct, backend)
         })
         .await
         .map_err(|e| MeshError::Network(super::network::NetworkError::Worker(e.to_string())))?
@@ -769,9 +822,14 @@ fn sync_blocking(
     cgroup: Option<&Path>,
     pins: &Path,
     direct: bool,
+    backend: LbBackend,
 ) -> Result<(), MeshError> {
     if !inner.assigned {
         return Ok(());
+    }
+    if !inner.switched {
+        remove_other_backend(backend, pins);
+        inner.switched = true;
     }
     let published = match &inner.assignment {
         Some((mesh, vtep, port)) => {
@@ -779,6 +837,13 @@ fn sync_blocking(
             Some((mesh.clone(), vtep, tunnel_port(*port)))
         }
         None => None,
+    };
+    let published = match backend {
+        LbBackend::Ebpf => published,
+        LbBackend::Ipvs => {
+            sync_ipvs(inner, published.as_ref().map(|(mesh, vtep, _)| (mesh, *vtep)), local)?;
+            None
+        }
     };
     let has_vips = inner
         .services
@@ -851,6 +916,52 @@ fn sync_blocking(
         return Err(e.into());
     }
     Ok(())
+}
+
+/// Serves `published` (the assignment and this node's address) with IPVS,
+/// or removes the IPVS backend's objects when there is none.
+fn sync_ipvs(
+    inner: &mut Inner,
+    published: Option<(&MeshAssignment, Ipv4Addr)>,
+    local: &BTreeMap<u64, Ipv4Addr>,
+) -> Result<(), MeshError> {
+    let Some((mesh, node)) = published else {
+        if let Some(mut ipvs) = inner.ipvs.take() {
+            ipvs.remove_all()?;
+            log::info!("routing mesh: no published port left; IPVS services and marks removed");
+        }
+        inner.draining = false;
+        return Ok(());
+    };
+    if inner.ipvs.is_none() {
+        inner.ipvs = Some(IpvsMesh::open()?);
+        log::info!("routing mesh: serving published ports on {node} with IPVS");
+    }
+    let ipvs = inner.ipvs.as_mut().expect("reason: opened above");
+    inner.draining = ipvs.sync(mesh, local, node)?;
+    Ok(())
+}
+
+/// Removes what an agent on the other backend left: the eBPF backend's
+/// TC links and tunnel device, or the IPVS backend's services and marks
+/// (switching backend is a restart away). The maps stay: VIPs use them
+/// on either backend.
+fn remove_other_backend(backend: LbBackend, pins: &Path) {
+    match backend {
+        LbBackend::Ipvs => {
+            for program in [PROGRAM_INGRESS, PROGRAM_TUNNEL, PROGRAM_REPLY] {
+                drop_stale_pins(pins, program, "");
+            }
+            if let Err(e) = delete_tunnel() {
+                log::warn!("routing mesh: removing {TUNNEL_DEVICE}: {e}");
+            }
+        }
+        LbBackend::Ebpf => {
+            if let Err(e) = super::mesh_ipvs::remove_leftovers() {
+                log::warn!("routing mesh: removing what the IPVS backend left: {e}");
+            }
+        }
+    }
 }
 
 /// Makes the tunnel device and attaches the TC programs.

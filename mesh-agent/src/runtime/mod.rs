@@ -17,6 +17,7 @@ pub mod health;
 pub mod ipsec;
 pub mod logs;
 pub mod mesh;
+pub mod mesh_ipvs;
 pub mod netns;
 pub mod network;
 pub mod overlay;
