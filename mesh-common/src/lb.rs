@@ -41,9 +41,13 @@ pub const NODES_MAP: &str = "LB_NODES";
 pub const RR_MAP: &str = "LB_ROUND_ROBIN";
 pub const VIPS_MAP: &str = "LB_VIPS";
 pub const SOCK_REV_MAP: &str = "LB_SOCK_REV";
+/// The node's own network namespace cookie (one slot; 0: node-local
+/// access to published ports is off).
+pub const HOST_MAP: &str = "LB_HOST";
+pub const HOST_REV_MAP: &str = "LB_HOST_REV";
 
 /// The maps a restarted agent takes over (pinned on its bpffs).
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 15] = [
     BACKEND_STATS_MAP,
     SERVICES_MAP,
     TABLES_MAP,
@@ -57,6 +61,8 @@ pub const PINNED_MAPS: [&str; 13] = [
     RR_MAP,
     VIPS_MAP,
     SOCK_REV_MAP,
+    HOST_MAP,
+    HOST_REV_MAP,
 ];
 
 /// A [`NODES_MAP`] value bit: the node is on this node's underlay link, so
@@ -270,6 +276,17 @@ pub struct SockRev {
     pub vip: u32,
 }
 
+/// The published address a node-local socket asked for, before
+/// `host_connect4` sent it to a task ([`HOST_REV_MAP`], keyed by the
+/// socket and the address it was given).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostRev {
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -295,6 +312,7 @@ mod pod {
         NodeConfig,
         ServiceStats,
         SockRevKey,
-        SockRev
+        SockRev,
+        HostRev
     );
 }

@@ -170,7 +170,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
 }
 
 #[inline(always)]
-fn config() -> Option<&'static NodeConfig> {
+pub(crate) fn config() -> Option<&'static NodeConfig> {
     CONFIG.get(0)
 }
 
@@ -232,10 +232,18 @@ pub(crate) struct Picked {
 }
 
 /// The backend of a connection: the one it already has while that backend
-/// is still in service, else the client's sticky one, else a fresh pick.
-/// A connection whose backend left gets a new one, whose kernel resets it.
+/// is still in service, else the client's sticky one, else a fresh pick
+/// (from the local table first when `prefer_local` says so: asked only for
+/// a new connection). A connection whose backend left gets a new one,
+/// whose kernel resets it.
 #[inline(always)]
-pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey, local_only: bool) -> Option<Picked> {
+pub(crate) fn backend_for(
+    service: &ServiceValue,
+    table_id: u32,
+    flow: &FlowKey,
+    local_only: bool,
+    prefer_local: impl Fn() -> bool,
+) -> Option<Picked> {
     if let Some(ct) = CONNTRACK.get_ptr_mut(flow) {
         // SAFETY: an LRU map value; a racing CPU writes the same values.
         let ct = unsafe { &mut *ct };
@@ -286,6 +294,16 @@ pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey,
             }
         }
     }
+    if chosen.is_none() && !local_only && prefer_local() {
+        if let Some(id) = pick(service, table_id | LOCAL_TABLE, flow) {
+            // SAFETY: read-only lookup of a plain value.
+            if let Some(b) = unsafe { BACKENDS.get(id) } {
+                if b.local != 0 {
+                    chosen = Some((id, *b));
+                }
+            }
+        }
+    }
     let (id, backend) = match chosen {
         Some(c) => c,
         None => {
@@ -330,14 +348,27 @@ pub(crate) fn backend_for(service: &ServiceValue, table_id: u32, flow: &FlowKey,
 /// The published port `packet` is for, if any.
 #[inline(always)]
 fn service_of(packet: &Packet) -> Option<ServiceValue> {
+    published(packet.dport, packet.proto)
+}
+
+/// The service publishing `port` (network order) for `proto`, if any.
+#[inline(always)]
+pub(crate) fn published(port: u16, proto: u8) -> Option<ServiceValue> {
     let key = ServiceKey {
         addr: 0,
-        port: packet.dport,
-        proto: packet.proto,
+        port,
+        proto,
         pad: 0,
     };
     // SAFETY: read-only lookup of a plain value.
     unsafe { SERVICES.get(key) }.copied()
+}
+
+/// Whether `addr` is another swarm node.
+#[inline(always)]
+fn is_node(addr: u32) -> bool {
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { NODES.get(addr) }.is_some()
 }
 
 /// Counts `packet` for service port `id`.
@@ -457,10 +488,12 @@ fn to_local_task(
         entry,
         service: service.id,
     };
-    if REVERSE_NAT
-        .insert(packet.reply_flow(task, service.target_port), reverse, 0)
-        .is_err()
-    {
+    // Written when the connection starts (or its entry went out of the
+    // LRU): an update per packet would cost a locked LRU write each time.
+    let reply = packet.reply_flow(task, service.target_port);
+    // SAFETY: read-only lookup of a plain value.
+    let known = !picked.new && unsafe { REVERSE_NAT.get(reply) }.is_some_and(|r| *r == reverse);
+    if !known && REVERSE_NAT.insert(reply, reverse, 0).is_err() {
         return SHOT;
     }
     if rewrite(
@@ -496,7 +529,9 @@ pub fn ingress(ctx: &mut TcContext) -> i32 {
     let Some(service) = service_of(&packet) else {
         return OK;
     };
-    let Some(picked) = backend_for(&service, service.id, &packet.flow(), false) else {
+    // Another node's own connection was balanced there already (node-local
+    // access, sock.rs): a task here takes it when there is one.
+    let Some(picked) = backend_for(&service, service.id, &packet.flow(), false, || is_node(packet.src)) else {
         // No task can take it: refuse rather than let the node answer for a port it does not serve.
         return SHOT;
     };
@@ -552,7 +587,7 @@ fn serve_here(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet, entry: 
     let Some(service) = service_of(packet) else {
         return miss;
     };
-    let Some(picked) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true) else {
+    let Some(picked) = backend_for(&service, service.id | LOCAL_TABLE, &packet.flow(), true, || false) else {
         return SHOT;
     };
     count(service.id, packet);

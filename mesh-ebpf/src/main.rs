@@ -8,6 +8,8 @@
 //! - `tc_ingress`, `tc_tunnel`, `tc_reply`: the routing mesh (see [`lb`]).
 //! - `sock_connect4`, `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeername4`:
 //!   service VIPs for tasks (see [`sock`]).
+//! - `host_connect4`, `host_sendmsg4`, `host_recvmsg4`, `host_getpeername4`:
+//!   the node's own connections to its published ports (see [`sock`]).
 //!
 //! On the host target the crate builds to a stub `main` that says how to
 //! build it for real, so `cargo clippy --workspace` still checks it.
@@ -76,6 +78,26 @@ pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::to_vip(&ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn host_connect4(ctx: SockAddrContext) -> i32 {
+    sock::host_to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn host_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::host_to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn host_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::host_to_published(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn host_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::host_to_published(&ctx)
 }
 
 #[inline(always)]

@@ -9,22 +9,37 @@
 //!   socket's datagrams on one task);
 //! - `sock_recvmsg4`, `sock_getpeername4`: the task's address -> the VIP, so
 //!   the application sees the peer it asked for.
+//!
+//! Node-local access to published ports: `host_*` on the cgroup2 root, for
+//! sockets in the node's own network namespace only ([`LB_HOST`] holds its
+//! cookie; every other namespace, tasks' included, is left alone). A
+//! connection to a published port on the node's address or 127.0.0.1 goes
+//! to a local task (its address and target port) or to the task's node (its
+//! address, the published port; that node keeps it on its own tasks), and
+//! the socket sees the address it asked for.
 
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
     programs::SockAddrContext,
     EbpfContext,
 };
-use mesh_common::lb::{FlowKey, ServiceValue, SockRev, SockRevKey, MAX_CONNTRACK, MAX_SERVICES};
+use mesh_common::lb::{FlowKey, HostRev, ServiceValue, SockRev, SockRevKey, MAX_CONNTRACK, MAX_SERVICES};
 
-use crate::lb::backend_for;
+use crate::lb::{backend_for, config, published};
 
 #[map(name = "LB_VIPS")]
 static LB_VIPS: HashMap<u32, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
 #[map(name = "LB_SOCK_REV")]
 static SOCK_REV: LruHashMap<SockRevKey, SockRev> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+#[map(name = "LB_HOST")]
+static LB_HOST: Array<u64> = Array::with_max_entries(1, 0);
+#[map(name = "LB_HOST_REV")]
+static HOST_REV: LruHashMap<SockRevKey, HostRev> = LruHashMap::with_max_entries(MAX_CONNTRACK, 0);
+
+/// 127.0.0.1 as the socket address holds it.
+const LOOPBACK: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
 /// Let the system call go on (the cgroup hooks' verdict).
 const ALLOW: i32 = 1;
@@ -52,7 +67,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         proto: sa.protocol as u8,
         pad: [0; 3],
     };
-    let Some(backend) = backend_for(&service, service.id, &flow, false).map(|p| p.backend) else {
+    let Some(backend) = backend_for(&service, service.id, &flow, false, || false).map(|p| p.backend) else {
         // No task: the VIP stays, and the connection finds nobody there.
         return ALLOW;
     };
@@ -86,6 +101,97 @@ pub fn to_vip(ctx: &SockAddrContext) -> i32 {
     // SAFETY: read-only lookup of a plain value.
     if let Some(rev) = unsafe { SOCK_REV.get(key) } {
         sa.user_ip4 = rev.vip;
+    }
+    ALLOW
+}
+
+/// Whether the socket lives in the node's own network namespace.
+#[inline(always)]
+fn in_node_namespace(ctx: &SockAddrContext) -> bool {
+    let Some(node) = LB_HOST.get(0) else {
+        return false;
+    };
+    // SAFETY: the context is the program's own.
+    *node != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == *node
+}
+
+/// A published port on this node -> a task, for `connect()` and
+/// `sendmsg()` in the node's namespace.
+#[inline(always)]
+pub fn host_to_backend(ctx: &SockAddrContext) -> i32 {
+    if !in_node_namespace(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let (dst, port, proto) = (sa.user_ip4, sa.user_port as u16, sa.protocol as u8);
+    let Some(config) = config() else {
+        return ALLOW;
+    };
+    if dst != config.addr && dst != LOOPBACK {
+        return ALLOW;
+    }
+    let Some(service) = published(port, proto) else {
+        return ALLOW;
+    };
+    // SAFETY: the context is the program's own.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let flow = FlowKey {
+        src: cookie as u32,
+        dst,
+        sport: (cookie >> 32) as u16,
+        dport: port,
+        proto,
+        pad: [0; 3],
+    };
+    let Some(backend) = backend_for(&service, service.id, &flow, false, || false).map(|p| p.backend) else {
+        return ALLOW;
+    };
+    let (addr, to_port) = if backend.local != 0 {
+        (backend.local, service.target_port)
+    } else {
+        (backend.node, port)
+    };
+    sa.user_ip4 = addr;
+    sa.user_port = u32::from(to_port);
+    let _ = HOST_REV.insert(
+        SockRevKey {
+            cookie,
+            addr,
+            port: to_port,
+            pad: 0,
+        },
+        HostRev {
+            addr: dst,
+            port,
+            pad: 0,
+        },
+        0,
+    );
+    ALLOW
+}
+
+/// The task (or its node) -> the published address the socket asked
+/// for, for `recvmsg()` and `getpeername()` in the node's namespace.
+#[inline(always)]
+pub fn host_to_published(ctx: &SockAddrContext) -> i32 {
+    if !in_node_namespace(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the context is the program's own.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevKey {
+        cookie,
+        addr: sa.user_ip4,
+        port: sa.user_port as u16,
+        pad: 0,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    if let Some(rev) = unsafe { HOST_REV.get(key) } {
+        sa.user_ip4 = rev.addr;
+        sa.user_port = u32::from(rev.port);
     }
     ALLOW
 }

@@ -12,7 +12,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -34,6 +34,18 @@ const REQUESTS_PER_NODE: usize = 30;
 /// `n` requests to each node's published port, from the client host.
 fn spray(swarm: &Swarm, port: u16, n: usize) -> (Vec<String>, BTreeMap<String, usize>, Vec<String>) {
     mesh_tests::mesh::spray(swarm, CLIENT, 3, port, n)
+}
+
+/// One request from a node to a published port: the task that answered,
+/// after checking the socket's peer is the address it asked for.
+fn node_get(to: SocketAddr) -> Result<String, String> {
+    let peer = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        .and_then(|s| s.peer_addr())
+        .map_err(|e| format!("{to}: {e}"))?;
+    if peer != to {
+        return Err(format!("connected to {to}, the socket's peer is {peer}"));
+    }
+    http_get(to).map(|(task, _)| task)
 }
 
 fn udp_ask(to: SocketAddr) -> Result<String, String> {
@@ -108,6 +120,28 @@ fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_clie
         logs.contains(&format!("access {}", host_address(CLIENT))),
         "the access log shows the client: {logs}"
     );
+
+    // The nodes' own connections: to their own address and 127.0.0.1
+    // (socket-level, every task reachable), and to another node's address.
+    for (from, to) in [(0, host_address(0)), (1, Ipv4Addr::LOCALHOST), (2, host_address(0))] {
+        let (failures, per_task) = swarm.cluster.host(from).run(move || {
+            let to = SocketAddr::from((to, 8080));
+            let mut failures = Vec::new();
+            let mut per_task = BTreeMap::new();
+            for _ in 0..30 {
+                match node_get(to) {
+                    Ok(task) => *per_task.entry(task).or_insert(0) += 1,
+                    Err(e) => failures.push(e),
+                }
+            }
+            (failures, per_task)
+        });
+        println!("node {from} -> {to}:8080, requests per task: {per_task:?}");
+        assert!(failures.is_empty(), "node {from} -> {to}:8080: {failures:?}");
+        if from != 2 {
+            assert_eq!(per_task.len(), 3, "node {from} reaches every task: {per_task:?}");
+        }
+    }
 
     // UDP through the mesh.
     swarm.ok(

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use mesh_common::lb::{
     Backend, Conntrack, FlowKey, NodeConfig, ServiceKey, ServiceStats, ServiceValue, Table, BACKENDS_MAP,
-    BACKEND_STATS_MAP, CONFIG_MAP, CONNTRACK_MAP, LOCAL_TABLE, NODES_MAP, SERVICES_MAP, STATS_MAP, TABLES_MAP,
-    VIPS_MAP,
+    BACKEND_STATS_MAP, CONFIG_MAP, CONNTRACK_MAP, HOST_MAP, LOCAL_TABLE, NODES_MAP, SERVICES_MAP, STATS_MAP,
+    TABLES_MAP, VIPS_MAP,
 };
 
 use super::ebpf::{EbpfDataplane, EbpfError};
@@ -138,6 +138,7 @@ pub struct LbMaps {
     stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     conntrack: HashMap<MapData, FlowKey, Conntrack>,
+    host: Array<MapData, u64>,
 }
 
 /// What the counters say, by service-port ID and by backend ID.
@@ -175,12 +176,19 @@ impl LbMaps {
             backend_stats: PerCpuHashMap::try_from(take(dataplane, BACKEND_STATS_MAP)?)
                 .map_err(|e| map_error(BACKEND_STATS_MAP, e))?,
             conntrack: HashMap::try_from(take(dataplane, CONNTRACK_MAP)?).map_err(|e| map_error(CONNTRACK_MAP, e))?,
+            host: Array::try_from(take(dataplane, HOST_MAP)?).map_err(|e| map_error(HOST_MAP, e))?,
         })
     }
 
     /// Writes this node's addresses and links.
     pub fn set_config(&mut self, config: NodeConfig) -> Result<(), EbpfError> {
         self.config.set(0, config, 0).map_err(|e| map_error(CONFIG_MAP, e))
+    }
+
+    /// Writes the node's network namespace cookie: the `host_*` socket
+    /// programs act on that namespace's sockets only (0: on none).
+    pub fn set_host(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
+        self.host.set(0, netns_cookie, 0).map_err(|e| map_error(HOST_MAP, e))
     }
 
     /// Applies `changes` in order; stops at the first failure.

@@ -10,6 +10,10 @@
 //!   on the routing-mesh port ([`tunnel_port`]) for nodes off the link;
 //! - while its tasks' networks have VIPs: the socket programs on the
 //!   tasks' cgroup;
+//! - once it answers a published port: the `host_*` socket programs on the
+//!   cgroup2 root (the tasks' cgroup's parent), so the node's own
+//!   connections to its published ports (its address or 127.0.0.1) reach
+//!   a task too; they act on this node's network namespace only;
 //! - the maps and TC links pinned on the agent's bpffs, so they outlive
 //!   the agent and the next one takes them over ([`MeshTables::adopting`]).
 
@@ -629,6 +633,8 @@ pub enum MeshError {
     NotIpv4(String),
     #[error(transparent)]
     Ipvs(#[from] super::mesh_ipvs::IpvsMeshError),
+    #[error("reading the node's network namespace cookie: {0}")]
+    Cookie(std::io::Error),
 }
 
 /// The programs and maps while the node serves published ports or VIPs.
@@ -639,6 +645,8 @@ struct Active {
     tc: Option<TcPart>,
     /// Whether the socket programs are on the tasks' cgroup.
     sockets: bool,
+    /// Whether the `host_*` socket programs are on the cgroup2 root.
+    host_sockets: bool,
 }
 
 struct TcPart {
@@ -876,6 +884,7 @@ fn sync_blocking(
             maps,
             tc: None,
             sockets: false,
+            host_sockets: false,
         });
     }
     let active = inner.active.as_mut().expect("reason: set up above");
@@ -891,6 +900,14 @@ fn sync_blocking(
     }
     if let (None, Some((_, vtep, port))) = (&active.tc, &published) {
         active.tc = Some(setup_tc(&mut active.dataplane, &mut active.maps, *vtep, *port, pins)?);
+    }
+    if let (Some(_), false, Some(root)) = (&active.tc, active.host_sockets, cgroup.and_then(Path::parent)) {
+        // Attempted once: without them only the node's own connections to
+        // its published ports go unserved.
+        active.host_sockets = true;
+        if let Err(e) = attach_host_sockets(active, root) {
+            log::warn!("routing mesh: the node's own connections to published ports will not be served: {e}");
+        }
     }
     if wants_sockets && !active.sockets {
         let dir = cgroup.expect("reason: wants_sockets needs one");
@@ -916,6 +933,40 @@ fn sync_blocking(
         return Err(e.into());
     }
     Ok(())
+}
+
+/// Node-local access to published ports: the `host_*` programs on the
+/// cgroup2 root (`root`), acting on sockets in this node's network
+/// namespace only. They stay until the dataplane goes.
+fn attach_host_sockets(active: &mut Active, root: &Path) -> Result<(), MeshError> {
+    active.maps.set_host(netns_cookie()?)?;
+    for program in HOST_SOCKET_PROGRAMS {
+        active.dataplane.attach_cgroup(program, root)?;
+    }
+    log::info!("routing mesh: serving the node's own connections to its published ports");
+    Ok(())
+}
+
+/// The calling thread's network namespace cookie (SO_NETNS_COOKIE, kernel >= 5.14).
+fn netns_cookie() -> Result<u64, MeshError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind(("127.0.0.1", 0)).map_err(MeshError::Cookie)?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the value and its length are locals that outlive the call.
+    let got = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if got != 0 {
+        return Err(MeshError::Cookie(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
 }
 
 /// Serves `published` (the assignment and this node's address) with IPVS,
@@ -1096,6 +1147,8 @@ fn teardown(mut active: Active, pins: &Path) {
 
 /// The socket programs on the tasks' cgroup.
 const SOCKET_PROGRAMS: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
+/// The socket programs on the cgroup2 root, for the node's own sockets.
+const HOST_SOCKET_PROGRAMS: [&str; 4] = ["host_connect4", "host_sendmsg4", "host_recvmsg4", "host_getpeername4"];
 
 /// Program names in the mesh-ebpf object.
 pub const PROGRAM_INGRESS: &str = "tc_ingress";

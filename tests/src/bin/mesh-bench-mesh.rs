@@ -1,13 +1,14 @@
 //! `cargo xtask bench mesh`: issue 6's figures (release binaries), each a
 //! ratio measured in one run.
 //!
-//! - HTTP through a published port: wrk on a client host outside the swarm
-//!   against node A's published port, the only task running on node B;
-//!   straight to that task's address (direct, over a route via B); and
-//!   against a kube-proxy-style reference on node A (nftables DNAT to the
-//!   task + masquerade). All three reach the same server in the same task.
-//!   Requests/s and p99 of each; the server closes every connection, so
-//!   each request is a new connection through the load balancer.
+//! - HTTP through a published port: wrk on node A (the issue's figure),
+//!   then on a client host outside the swarm, against node A's published
+//!   port, the only task running on node B; straight to that task's
+//!   address (direct, over a route via B); and against a kube-proxy-style
+//!   reference on node A (nftables DNAT to the task + masquerade). All
+//!   three reach the same server in the same task. Requests/s and p99 of
+//!   each; the server closes every connection, so each request is a new
+//!   connection through the load balancer.
 //! - ns per packet of `tc_ingress` under BPF_PROG_TEST_RUN (Katran's
 //!   method): a tracked connection to a task on another node (on the link,
 //!   and through the tunnel), and a miss.
@@ -50,6 +51,8 @@ use mesh_tests::process::processes_with;
 const USAGE: &str =
     "usage: mesh-bench-mesh [--trials N] [--seconds N] [--only per-packet|programming|http|convergence]";
 const CLIENT: usize = 2;
+/// Node A: the manager, where the published port is asked.
+const NODE_A: usize = 0;
 const NFT_PORT: u16 = 9080;
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -85,12 +88,12 @@ fn main() {
 }
 
 /// wrk's requests/s and p99 (microseconds) against `url` from the client.
-fn wrk(swarm: &Swarm, url: &str, seconds: u32) -> (f64, f64) {
+fn wrk(swarm: &Swarm, from: usize, url: &str, seconds: u32) -> (f64, f64) {
     let mut command = Command::new("wrk");
     command.args(["-t2", "-c32", &format!("-d{seconds}s"), "--latency", url]);
     let out = swarm
         .cluster
-        .host(CLIENT)
+        .host(from)
         .output(command, Duration::from_secs(u64::from(seconds) + 30))
         .expect("run wrk");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -158,7 +161,16 @@ fn http(swarm: &Swarm, seconds: u32) {
     // The task's address on B's bridge: the direct path and the nftables
     // reference reach the same server in the same namespace, over a /32
     // route via B (A's own bridge holds the same pool).
-    let task = task_address(swarm, 1, "web");
+    let (task, id) = task_address(swarm, 1, "web");
+    // Runs after runs reuse client ports against the server's TIME_WAIT
+    // sockets, and a SYN whose timestamp is older than the one the
+    // TIME_WAIT socket kept is refused (PAWS): the client retries a second
+    // later. Timestamp offsets differ per path (they hash the addresses the
+    // socket sees), so a run would pay for the one before. The server keeps
+    // no TIME_WAIT sockets, so every run starts clean.
+    in_task(swarm, 1, &task_dir_name(id), || {
+        std::fs::write("/proc/sys/net/ipv4/tcp_max_tw_buckets", "0").expect("no TIME_WAIT in the task")
+    });
     let route = |host: usize| {
         let mut ip = Command::new("ip");
         ip.args(["-4", "route", "replace", &format!("{task}/32"), "via", &b.to_string()]);
@@ -178,6 +190,7 @@ fn http(swarm: &Swarm, seconds: u32) {
     let rules = format!(
         "table ip meshbench {{
             chain pre {{ type nat hook prerouting priority -100; tcp dport {NFT_PORT} dnat to {task}:80; }}
+            chain out {{ type nat hook output priority -100; ip daddr {a} tcp dport {NFT_PORT} dnat to {task}:80; }}
             chain post {{ type nat hook postrouting priority 100; ip daddr {task} tcp dport 80 masquerade; }}
         }}"
     );
@@ -193,45 +206,61 @@ fn http(swarm: &Swarm, seconds: u32) {
         child.wait().expect("nft")
     });
     assert!(nft.success(), "nft -f failed");
-    for (what, to) in [
-        ("direct", SocketAddr::from((task, 80))),
-        ("nftables", SocketAddr::from((a, NFT_PORT))),
-        ("A's 8080", SocketAddr::from((a, 8080))),
-    ] {
-        swarm.wait(what, CONVERGE, || {
-            swarm.cluster.host(CLIENT).run(move || http_get(to).is_ok())
-        });
+    for from in [NODE_A, CLIENT] {
+        for (what, to) in [
+            ("direct", SocketAddr::from((task, 80))),
+            ("nftables", SocketAddr::from((a, NFT_PORT))),
+            ("A's 8080", SocketAddr::from((a, 8080))),
+        ] {
+            swarm.wait(what, CONVERGE, || {
+                swarm.cluster.host(from).run(move || http_get(to).is_ok())
+            });
+        }
     }
-    // Direct first: a connection straight to the task that reuses a client
-    // port the mesh routed before would meet that connection's reverse-NAT
-    // entry on the way back (the mesh owns the task's routed replies).
-    let direct = wrk(swarm, &format!("http://{task}:80/"), seconds);
-    let reference = wrk(swarm, &format!("http://{a}:{NFT_PORT}/"), seconds);
-    let mesh = wrk(swarm, &format!("http://{a}:8080/"), seconds);
-    println!("== HTTP, a new connection per request (wrk -t2 -c32 -d{seconds}s from a client outside the swarm, the task on B)");
-    println!(
-        "   published port on A:                {:>9.0} req/s, p99 {:>8.0} us",
-        mesh.0, mesh.1
-    );
-    println!(
-        "   straight to the task's address:     {:>9.0} req/s, p99 {:>8.0} us",
-        direct.0, direct.1
-    );
-    println!(
-        "   nftables DNAT+masquerade on A:      {:>9.0} req/s, p99 {:>8.0} us",
-        reference.0, reference.1
-    );
-    println!(
-        "   mesh/direct: throughput {:.2} (target >= 0.9), p99 {:.2}; mesh/nftables: throughput {:.2} (target >= 1.2), p99 {:.2}",
-        mesh.0 / direct.0,
-        mesh.1 / direct.1,
-        mesh.0 / reference.0,
-        mesh.1 / reference.1
-    );
+    // The issue's figure: the client on node A (its connections to A's
+    // published port are balanced at the socket), the task on node B. Then
+    // a client outside the swarm, entering by A (tc_ingress).
+    let placements = [
+        (NODE_A, "the client on node A"),
+        (CLIENT, "a client outside the swarm, entering by A"),
+    ];
+    // Every direct run first, the mesh last: a connection that reuses a
+    // client address and port the mesh routed before (the nftables
+    // reference masquerades to A's address) would meet that connection's
+    // reverse-NAT entry on B on the way back (the mesh owns the task's
+    // routed replies; in a swarm nothing but the mesh reaches a task on
+    // another node).
+    let run = |url: &str| placements.map(|(from, _)| wrk(swarm, from, url, seconds));
+    let direct = run(&format!("http://{task}:80/"));
+    let reference = run(&format!("http://{a}:{NFT_PORT}/"));
+    let mesh = run(&format!("http://{a}:8080/"));
+    for (i, (_, placement)) in placements.iter().enumerate() {
+        let (mesh, direct, reference) = (mesh[i], direct[i], reference[i]);
+        println!("== HTTP, a new connection per request (wrk -t2 -c32 -d{seconds}s), {placement}, the task on B");
+        println!(
+            "   published port on A:                {:>9.0} req/s, p99 {:>8.0} us",
+            mesh.0, mesh.1
+        );
+        println!(
+            "   straight to the task's address:     {:>9.0} req/s, p99 {:>8.0} us",
+            direct.0, direct.1
+        );
+        println!(
+            "   nftables DNAT+masquerade on A:      {:>9.0} req/s, p99 {:>8.0} us",
+            reference.0, reference.1
+        );
+        println!(
+            "   mesh/direct: throughput {:.2} (target >= 0.9), p99 {:.2}; mesh/nftables: throughput {:.2} (target >= 1.2), p99 {:.2}",
+            mesh.0 / direct.0,
+            mesh.1 / direct.1,
+            mesh.0 / reference.0,
+            mesh.1 / reference.1
+        );
+    }
 }
 
-/// The address of `service`'s task on host `host`'s bridge.
-fn task_address(swarm: &Swarm, host: usize, service: &str) -> Ipv4Addr {
+/// The address of `service`'s task on host `host`'s bridge, and its ID.
+fn task_address(swarm: &Swarm, host: usize, service: &str) -> (Ipv4Addr, u64) {
     let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
     let tasks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     let id = tasks
@@ -245,7 +274,7 @@ fn task_address(swarm: &Swarm, host: usize, service: &str) -> Ipv4Addr {
     addresses
         .into_iter()
         .find_map(|a| match a {
-            std::net::IpAddr::V4(v4) if v4.octets()[0] == 172 => Some(v4),
+            std::net::IpAddr::V4(v4) if v4.octets()[0] == 172 => Some((v4, id)),
             _ => None,
         })
         .expect("an address on the bridge")
