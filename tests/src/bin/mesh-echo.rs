@@ -83,15 +83,29 @@ fn echo(mut stream: TcpStream, name: &str) {
     }
 }
 
+/// Threads taking HTTP connections: a request is a few microseconds of
+/// work, far less than starting a thread for it, so a fixed set of
+/// threads takes turns on the listener (as pre-forking servers do).
+const HTTP_WORKERS: usize = 8;
+
 /// The HTTP mode: one response per connection, then close.
 fn serve_http(port: u16, name: &str) {
     let tcp = TcpListener::bind(("0.0.0.0", port)).expect("bind the TCP port");
     println!("mesh-echo {name} serving HTTP on {port}");
-    for stream in tcp.incoming().flatten() {
-        let name = name.to_string();
-        std::thread::spawn(move || {
-            let _ = answer_http(stream, &name);
-        });
+    let workers: Vec<_> = (0..HTTP_WORKERS)
+        .map(|_| {
+            let (tcp, name) = (tcp.try_clone().expect("share the listener"), name.to_string());
+            std::thread::spawn(move || {
+                for stream in tcp.incoming().flatten() {
+                    // A stalled client must not hold a worker for long.
+                    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+                    let _ = answer_http(stream, &name);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.join();
     }
 }
 
