@@ -2,7 +2,8 @@
 //! in Debian's kernel (the host's has no IPVS). The kernel lane's HTTP
 //! scenario: a 3-replica service published on 8080 answers on every
 //! node's address and every task serves some of the requests; the
-//! firewall marks and IPVS services are there on every node; scaling down
+//! firewall marks and IPVS services are there on every node; a node's own
+//! connections to its published port are served too; scaling down
 //! takes the task out of every node's IPVS; forwarding goes on while an
 //! agent is down and after it restarts; client-IP affinity keeps a client
 //! on one task per entry node (IPVS hashes per node); a node
@@ -130,6 +131,23 @@ fn a_published_port_on_ipvs_answers_on_every_node_from_every_task() {
         seen.iter().all(|s| allowed.contains(s)),
         "tasks saw {seen:?}, expected among {allowed:?}"
     );
+
+    // The node's own connections to its published port: they loop back
+    // through prerouting, where the client mark is set.
+    let (failures, per_task) = swarm.cluster.host(0).run(|| {
+        let mut failures = Vec::new();
+        let mut per_task = std::collections::BTreeMap::new();
+        for _ in 0..12 {
+            match mesh_tests::mesh::http_get((host_address(0), 8080).into()) {
+                Ok((task, _)) => *per_task.entry(task).or_insert(0) += 1,
+                Err(e) => failures.push(e),
+            }
+        }
+        (failures, per_task)
+    });
+    println!("node 0 -> its own 8080: {per_task:?}");
+    assert!(failures.is_empty(), "the node's own connections: {failures:?}");
+    assert!(per_task.len() >= 2, "its own connections spread: {per_task:?}");
 
     // The agent is down: the kernel keeps forwarding; restarted, it takes
     // the services over as they are.
