@@ -5,12 +5,14 @@
 //! - [`dataplane`]: kernel access, one module per mechanism (netlink, eBPF).
 //! - [`runtime`]: network namespaces for tasks.
 //! - [`preflight`]: what the node's kernel offers the dataplane.
+//! - [`metrics`]: the Prometheus endpoint.
 //!
 //! The binaries `mesh-agent` and `meshctl` are thin wrappers over this library.
 
 pub mod cli;
 pub mod control;
 pub mod dataplane;
+pub mod metrics;
 pub mod preflight;
 pub mod runtime;
 pub mod subnet;

@@ -126,3 +126,28 @@ pub fn dns_a(name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
     }
     Ok(out)
 }
+
+/// `GET path` on host `host`'s agent metrics port (127.0.0.1:9323 in its
+/// namespace): (status line, body).
+pub fn metrics_get(swarm: &Swarm, host: usize, path: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let response = swarm.cluster.host(host).run(move || {
+        let to = SocketAddr::from(([127, 0, 0, 1], 9323));
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("the metrics port answers");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("a response");
+        out
+    });
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+}
+
+/// The value of the sample whose line starts with `series` in metrics text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

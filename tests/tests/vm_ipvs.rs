@@ -77,6 +77,7 @@ fn wanted(vip: ServiceId, backends: &[usize]) -> IpvsState {
                     )
                 })
                 .collect(),
+            ..Service::default()
         },
     )])
 }

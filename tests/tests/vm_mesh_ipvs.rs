@@ -132,6 +132,24 @@ fn a_published_port_on_ipvs_answers_on_every_node_from_every_task() {
         "tasks saw {seen:?}, expected among {allowed:?}"
     );
 
+    // IPVS's statistics as metrics (IPVS folds its per-CPU counters into
+    // what it reports every 2 s).
+    let mut text = String::new();
+    swarm.wait("IPVS's counters in the metrics", CONVERGE, || {
+        text = mesh_tests::mesh::metrics_get(&swarm, 0, "/metrics").1;
+        let packets = mesh_tests::mesh::sample(
+            &text,
+            "mesh_lb_packets_total{kind=\"published\",port=\"8080\",protocol=\"tcp\",service=\"web\"}",
+        );
+        packets.is_some_and(|p| p > 0.0)
+    });
+    assert!(text.contains("lb_backend=\"ipvs\""), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("mesh_lb_backend_connections_total{service=\"web\",task=")),
+        "IPVS counts the local task's connections:\n{text}"
+    );
+
     // The node's own connections to its published port: they loop back
     // through prerouting, where the client mark is set.
     let (failures, per_task) = swarm.cluster.host(0).run(|| {

@@ -21,6 +21,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "debugging captures inside test namespaces"),
     ("iperf3", "benchmarks: throughput"),
     ("wrk", "benchmarks: HTTP load"),
+    ("prometheus", "kernel lane: promtool checks the agents' /metrics"),
     ("kmod", "VM lane: modprobe"),
     ("qemu-system-x86", "VM lane: the emulator virtme-ng drives"),
     ("busybox-static", "VM lane: virtme-ng builds its initramfs with it"),

@@ -78,6 +78,11 @@ struct RunArgs {
     /// Service VIPs use the eBPF socket programs either way.
     #[arg(long, value_enum, default_value = "ebpf")]
     lb_backend: mesh_agent::runtime::mesh::LbBackend,
+    /// Where Prometheus scrapes the agent (`GET /metrics`), or `off`.
+    /// Loopback by default: the metrics name services and nodes, so
+    /// expose them on purpose (a warning says when they are).
+    #[arg(long, default_value = mesh_agent::metrics::server::DEFAULT_ADDR)]
+    metrics_addr: String,
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
@@ -116,6 +121,8 @@ fn run(args: RunArgs) -> Result<(), String> {
             format!("--lb-backend ipvs: this kernel offers no IPVS ({e}); load it with `modprobe ip_vs`, or run with --lb-backend ebpf")
         })?;
     }
+    let metrics_addr =
+        mesh_agent::metrics::server::parse_addr(&args.metrics_addr).map_err(|e| format!("--metrics-addr: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -129,6 +136,20 @@ fn run(args: RunArgs) -> Result<(), String> {
             mesh_agent::VERSION,
             args.socket.display()
         );
+        if let Some(addr) = metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--metrics-addr {addr}: {e} (choose another address, or `off`)"))?;
+            if mesh_agent::metrics::server::is_public(&addr) {
+                log::warn!("serving metrics on {addr}, beyond this host: anyone who reaches it can read them");
+            }
+            log::info!("metrics on http://{addr}/metrics");
+            let agent = agent.clone();
+            tokio::spawn(mesh_agent::metrics::server::serve(listener, move || {
+                let agent = agent.clone();
+                async move { agent.metrics().await }
+            }));
+        }
         let served = agent.clone();
         tokio::spawn(local::serve(listener, move |req| {
             let agent = served.clone();

@@ -124,6 +124,7 @@ impl Manager {
             raft_ready: Mutex::new(BTreeSet::new()),
             stop,
         });
+        tokio::spawn(count_elections(manager.raft.metrics(), stop_rx.clone()));
         tokio::spawn(manager.clone().membership_loop(stop_rx.clone()));
         tokio::spawn(manager.clone().leader_loop(stop_rx));
         Ok(manager)
@@ -234,11 +235,15 @@ impl Manager {
                 "this leader has not heard from a quorum of managers: the swarm has lost its quorum; bring managers back (or, if they are gone for good, see `mesh-agent run --force-new-cluster`)",
             ));
         }
+        let started = std::time::Instant::now();
         let written = tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(command)).await.map_err(|_| {
             ApiError::unavailable(format!(
                 "the write was not committed within {PROPOSE_TIMEOUT:?}: a quorum of managers may be unreachable (it may still commit if they return)"
             ))
         })?;
+        crate::metrics::instruments()
+            .proposal_seconds
+            .observe(started.elapsed().as_secs_f64());
         match written {
             Ok(resp) => match resp.data {
                 CommandResponse::Applied => Ok(()),
@@ -1069,4 +1074,23 @@ fn issue(ca: &RootCa, csr_pem: &str, id: NodeId, role: Role, cluster_id: &str, e
         now + Duration::from_secs(expiry_secs),
     )
     .map_err(|e| ApiError::invalid(format!("cannot issue a certificate: {e}")))
+}
+/// Counts the terms this manager enters (each is one election) for the
+/// metrics, until the manager stops.
+async fn count_elections(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, openraft::BasicNode>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut term = metrics.borrow().current_term;
+    loop {
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = stop.changed() => return,
+        }
+        let now = metrics.borrow().current_term;
+        if now > term {
+            crate::metrics::instruments().raft_elections.inc_by(now - term);
+            term = now;
+        }
+    }
 }

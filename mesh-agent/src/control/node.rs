@@ -17,6 +17,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+mod metrics;
+
 use rand::Rng;
 use rustls::{pki_types::CertificateDer, ServerConfig};
 use serde::{Deserialize, Serialize};
@@ -686,6 +688,9 @@ pub struct Member {
     mesh: Arc<RoutingMesh>,
     /// The tasks' DNS responder.
     dns: Arc<Dns>,
+    /// (overlay networks, peers they reach, WireGuard peers), from the
+    /// latest assignment (for the metrics).
+    overlay_facts: Mutex<(u64, u64, u64)>,
     stop: watch::Sender<bool>,
 }
 
@@ -758,6 +763,7 @@ impl Member {
             overlays,
             mesh,
             dns,
+            overlay_facts: Mutex::new((0, 0, 0)),
             stop,
         });
         if role == Role::Manager {
@@ -1047,10 +1053,17 @@ impl Member {
                 Ok(PeerResponse::Assignments(Ok(a))) => {
                     warned = false;
                     known = a.digest.clone();
+                    *self.overlay_facts.lock().expect("reason: never poisoned") = metrics::overlay_facts(&a);
+                    let started = std::time::Instant::now();
                     let overlays = self.overlays.apply(&a).await;
+                    crate::metrics::record_reconcile("overlay", started, &overlays);
+                    let started = std::time::Instant::now();
                     self.dns.apply(&a.services);
                     self.tasks.apply(&a.tasks, &a.retained);
+                    crate::metrics::record_reconcile::<(), ()>("tasks", started, &Ok(()));
+                    let started = std::time::Instant::now();
                     let mesh = self.mesh.apply(&a).await;
+                    crate::metrics::record_reconcile("mesh", started, &mesh);
                     if let Err(e) = &mesh {
                         log::warn!("routing mesh: {e}");
                     }

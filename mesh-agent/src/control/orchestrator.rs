@@ -272,6 +272,10 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
             };
             task.restarts = restarts.attempts.get(&place).copied().unwrap_or(0);
             create.push(task);
+            crate::metrics::instruments()
+                .scheduler_decisions
+                .with_label_values(&["placed"])
+                .inc();
         }
         // Slots still without a node: one Pending task each, saying why.
         if let (ServiceMode::Replicated { replicas }, Some(unplaced)) = (service.spec.mode, &decided.unplaced) {
@@ -288,6 +292,10 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
                 }
                 let reason = unplaced.reason.clone();
                 create.push(new_task(service, slot, None, TaskState::Pending, reason, now, new_id));
+                crate::metrics::instruments()
+                    .scheduler_decisions
+                    .with_label_values(&["unplaceable"])
+                    .inc();
             }
         }
         // Pending tasks of slots that no longer exist (scaled down).

@@ -45,6 +45,7 @@ const SVC_ATTR_SCHED_NAME: u16 = 6;
 const SVC_ATTR_FLAGS: u16 = 7;
 const SVC_ATTR_TIMEOUT: u16 = 8;
 const SVC_ATTR_NETMASK: u16 = 9;
+const SVC_ATTR_STATS64: u16 = 12;
 
 const DEST_ATTR_ADDR: u16 = 1;
 const DEST_ATTR_PORT: u16 = 2;
@@ -55,6 +56,13 @@ const DEST_ATTR_L_THRESH: u16 = 6;
 const DEST_ATTR_ACTIVE_CONNS: u16 = 7;
 const DEST_ATTR_INACT_CONNS: u16 = 8;
 const DEST_ATTR_ADDR_FAMILY: u16 = 11;
+const DEST_ATTR_STATS64: u16 = 12;
+// IPVS_STATS_ATTR_*, u64 each inside the STATS64 attributes.
+const STATS_CONNS: u16 = 1;
+const STATS_INPKTS: u16 = 2;
+const STATS_OUTPKTS: u16 = 3;
+const STATS_INBYTES: u16 = 4;
+const STATS_OUTBYTES: u16 = 5;
 
 /// IP_VS_CONN_F_MASQ.
 const FWD_MASQ: u32 = 0;
@@ -83,6 +91,17 @@ pub struct DestId {
     pub port: u16,
 }
 
+/// IPVS's counters of a service or real server (`ipvsadm -Ln --stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub connections: u64,
+    /// Packets and bytes toward the real servers, and back.
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
 /// What a real server is in the kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Dest {
@@ -90,6 +109,8 @@ pub struct Dest {
     /// Connections IPVS tracks on it (established, and others).
     pub active: u32,
     pub inactive: u32,
+    /// Read by `observe`; ignored by `plan`.
+    pub stats: Stats,
 }
 
 /// How a virtual service picks real servers.
@@ -109,6 +130,8 @@ pub struct Schedule {
 pub struct Service {
     pub schedule: Schedule,
     pub dests: BTreeMap<DestId, Dest>,
+    /// Read by `observe`; ignored by `plan`.
+    pub stats: Stats,
 }
 
 /// The IPVS state of a node (the agent's services only).
@@ -314,6 +337,24 @@ fn u32_of(v: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
 }
 
+fn parse_stats(stats: Option<&[u8]>) -> Stats {
+    let Some(stats) = stats else {
+        return Stats::default();
+    };
+    let get = |kind| {
+        attr(stats, kind)
+            .and_then(|v| Some(u64::from_ne_bytes(v.get(..8)?.try_into().ok()?)))
+            .unwrap_or(0)
+    };
+    Stats {
+        connections: get(STATS_CONNS),
+        packets_in: get(STATS_INPKTS),
+        packets_out: get(STATS_OUTPKTS),
+        bytes_in: get(STATS_INBYTES),
+        bytes_out: get(STATS_OUTBYTES),
+    }
+}
+
 fn parse_service(svc: &[u8]) -> Option<(ServiceId, Schedule)> {
     let af = u16::from_ne_bytes(attr(svc, SVC_ATTR_AF)?.get(..2)?.try_into().ok()?);
     if i32::from(af) != libc::AF_INET {
@@ -362,6 +403,7 @@ fn parse_dest(d: &[u8]) -> Option<(DestId, Dest)> {
             weight: u32_of(attr(d, DEST_ATTR_WEIGHT)?)?,
             active: attr(d, DEST_ATTR_ACTIVE_CONNS).and_then(u32_of).unwrap_or(0),
             inactive: attr(d, DEST_ATTR_INACT_CONNS).and_then(u32_of).unwrap_or(0),
+            stats: parse_stats(attr(d, DEST_ATTR_STATS64)),
         },
     ))
 }
@@ -389,9 +431,13 @@ impl Ipvs {
             attrs: Vec::new(),
         })?;
         for reply in services {
-            let Some((id, schedule)) = attr(&reply.attrs, CMD_ATTR_SERVICE).and_then(parse_service) else {
+            let Some(svc) = attr(&reply.attrs, CMD_ATTR_SERVICE) else {
                 continue;
             };
+            let Some((id, schedule)) = parse_service(svc) else {
+                continue;
+            };
+            let stats = parse_stats(attr(svc, SVC_ATTR_STATS64));
             if !owned(&id) {
                 continue;
             }
@@ -405,7 +451,7 @@ impl Ipvs {
                 .iter()
                 .filter_map(|r| attr(&r.attrs, CMD_ATTR_DEST).and_then(parse_dest))
                 .collect();
-            state.insert(id, Service { schedule, dests });
+            state.insert(id, Service { schedule, dests, stats });
         }
         Ok(state)
     }
@@ -444,6 +490,7 @@ mod tests {
             Service {
                 schedule: rr(),
                 dests: dests.iter().map(|(d, w)| (dest(*d), *w)).collect(),
+                ..Service::default()
             },
         )])
     }
@@ -477,6 +524,7 @@ mod tests {
             weight: 1,
             active: 3,
             inactive: 0,
+            ..Dest::default()
         };
         let found = state(&[(2, weight(1)), (3, busy)]);
         assert_eq!(
@@ -500,6 +548,7 @@ mod tests {
                     weight: 0,
                     active: 0,
                     inactive: 4,
+                    ..Dest::default()
                 },
             ),
         ]);
@@ -522,6 +571,7 @@ mod tests {
                 weight: 1,
                 active: 1,
                 inactive: 0,
+                ..Dest::default()
             },
         )]);
         assert_eq!(

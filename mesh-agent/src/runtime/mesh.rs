@@ -32,7 +32,9 @@ use mesh_common::lb::{
 use super::{
     mesh_ipvs::IpvsMesh,
     network::{LocalNetwork, BRIDGE},
+    supervisor::task_dir_name,
 };
+use crate::metrics::{BackendFacts, PortFacts};
 use crate::{
     control::{
         api::Assignments,
@@ -174,6 +176,15 @@ fn proto(p: Protocol) -> u8 {
     match p {
         Protocol::Tcp => mesh_common::lb::PROTO_TCP,
         Protocol::Udp => mesh_common::lb::PROTO_UDP,
+    }
+}
+
+/// A protocol number's name in metrics.
+fn protocol_name(p: u8) -> &'static str {
+    match p {
+        6 => "tcp",
+        17 => "udp",
+        _ => "",
     }
 }
 
@@ -787,6 +798,104 @@ impl RoutingMesh {
             })
             .collect();
         Ok((ports, tasks))
+    }
+
+    /// The counters as metrics, labelled with service names: the eBPF
+    /// maps' (published ports and VIPs), or IPVS's statistics for the
+    /// published ports on the IPVS backend. Empty while nothing is served;
+    /// a read that fails is logged and left out.
+    pub fn metrics(&self) -> (Vec<PortFacts>, Vec<BackendFacts>) {
+        let (names, published) = {
+            let inner = self.inner.lock().expect("reason: never poisoned");
+            let mut names: BTreeMap<u64, String> = inner
+                .services
+                .iter()
+                .flat_map(|n| n.services.iter().map(|s| (s.service, s.name.clone())))
+                .collect();
+            let mut published = Vec::new();
+            if let Some((mesh, _, _)) = &inner.assignment {
+                for s in &mesh.services {
+                    names.insert(s.service, s.name.clone());
+                    published.extend(s.ports.iter().map(|p| (s.service, p.published, p.protocol)));
+                }
+            }
+            (names, published)
+        };
+        let name = |id: u64| names.get(&id).cloned().unwrap_or_else(|| task_dir_name(id));
+        let mut ports = Vec::new();
+        let mut backends = Vec::new();
+        match self.counters() {
+            Ok((port_counters, task_counters)) => {
+                for c in port_counters {
+                    let (service, port, protocol, _network) = c.port;
+                    ports.push(PortFacts {
+                        service: name(service),
+                        kind: if port == 0 { "vip" } else { "published" },
+                        port,
+                        protocol: protocol_name(protocol),
+                        packets: c.stats.packets,
+                        bytes: c.stats.bytes,
+                        connections: c.stats.connections,
+                        conntrack: c.conntrack,
+                    });
+                }
+                for t in task_counters {
+                    backends.push(BackendFacts {
+                        service: name(t.service),
+                        task: task_dir_name(t.task.0),
+                        packets: t.stats.packets,
+                        bytes: t.stats.bytes,
+                        connections: t.stats.connections,
+                    });
+                }
+            }
+            Err(e) => log::warn!("metrics: reading the routing mesh's counters: {e}"),
+        }
+        if self.backend == LbBackend::Ipvs {
+            let counters = {
+                let mut inner = self.inner.lock().expect("reason: never poisoned");
+                inner.ipvs.as_mut().map(|ipvs| ipvs.counters())
+            };
+            match counters {
+                Some(Ok(c)) => {
+                    for (service, port, protocol) in published {
+                        let Some((stats, tracked)) = c.ports.get(&(proto(protocol), port)) else {
+                            continue;
+                        };
+                        ports.push(PortFacts {
+                            service: name(service),
+                            kind: "published",
+                            port,
+                            protocol: protocol_name(proto(protocol)),
+                            packets: stats.packets_in + stats.packets_out,
+                            bytes: stats.bytes_in + stats.bytes_out,
+                            connections: stats.connections,
+                            conntrack: *tracked,
+                        });
+                    }
+                    let local = self.network.addresses();
+                    let inner = self.inner.lock().expect("reason: never poisoned");
+                    let services = inner.assignment.iter().flat_map(|(m, _, _)| &m.services);
+                    for s in services {
+                        for b in s.backends.iter().filter(|b| b.local) {
+                            let Some(stats) = local.get(&b.task).and_then(|a| c.dests.get(a)) else {
+                                continue;
+                            };
+                            backends.push(BackendFacts {
+                                service: s.name.clone(),
+                                task: task_dir_name(b.task),
+                                packets: stats.packets_in + stats.packets_out,
+                                bytes: stats.bytes_in + stats.bytes_out,
+                                connections: stats.connections,
+                            });
+                        }
+                    }
+                }
+                Some(Err(e)) => log::warn!("metrics: reading IPVS statistics: {e}"),
+                None => {}
+            }
+        }
+        (ports, backends)
     }
 
     /// Removes everything (the node leaves the swarm).

@@ -35,7 +35,7 @@ use crate::{
     },
     dataplane::{
         genl::GenlError,
-        ipvs::{plan, Dest, DestId, Ipvs, IpvsState, Schedule, Service, ServiceId, SCHED_MH_PORT},
+        ipvs::{plan, Dest, DestId, Ipvs, IpvsState, Schedule, Service, ServiceId, Stats, SCHED_MH_PORT},
         nftables::{
             self,
             marks::{ipvs_marks_batch, remove_ipvs_marks_batch, IpvsMarks, MarkedPort},
@@ -138,6 +138,7 @@ pub fn wanted(mesh: &MeshAssignment, local: &BTreeMap<u64, Ipv4Addr>, node: Ipv4
                 Service {
                     schedule: schedule.clone(),
                     dests: to_tasks.clone().collect(),
+                    ..Service::default()
                 },
             );
             let clients = (port.mode == PublishMode::Ingress).then(|| {
@@ -156,6 +157,7 @@ pub fn wanted(mesh: &MeshAssignment, local: &BTreeMap<u64, Ipv4Addr>, node: Ipv4
                     Service {
                         schedule: schedule.clone(),
                         dests: to_tasks.chain(to_peers).collect(),
+                        ..Service::default()
                     },
                 );
                 cluster
@@ -194,6 +196,21 @@ pub enum IpvsMeshError {
     Nft(#[from] NftError),
     #[error("setting {0}: {1}")]
     Sysctl(&'static str, std::io::Error),
+}
+
+/// What [`IpvsMesh::counters`] reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IpvsCounters {
+    pub ports: BTreeMap<(u8, u16), (Stats, u64)>,
+    pub dests: BTreeMap<Ipv4Addr, Stats>,
+}
+
+fn add(total: &mut Stats, more: &Stats) {
+    total.connections += more.connections;
+    total.packets_in += more.packets_in;
+    total.packets_out += more.packets_out;
+    total.bytes_in += more.bytes_in;
+    total.bytes_out += more.bytes_out;
 }
 
 /// The IPVS routing mesh of this node.
@@ -268,6 +285,25 @@ impl IpvsMesh {
                 .keys()
                 .any(|d| !want.get(id).is_some_and(|w| w.dests.contains_key(d)))
         }))
+    }
+
+    /// IPVS's counters: per published port (protocol number, port), its
+    /// services' statistics summed and the connections IPVS tracks on
+    /// them; per real server address, its statistics (local tasks are
+    /// told apart by their address).
+    pub fn counters(&mut self) -> Result<IpvsCounters, IpvsMeshError> {
+        let mut out = IpvsCounters::default();
+        for (id, service) in self.ipvs.observe(owned)? {
+            let ServiceId::Mark(m) = id else { continue };
+            let protocol = if m & MARK_UDP != 0 { 17 } else { 6 };
+            let (stats, tracked) = out.ports.entry((protocol, m as u16)).or_default();
+            add(stats, &service.stats);
+            for (dest, d) in &service.dests {
+                *tracked += u64::from(d.active) + u64::from(d.inactive);
+                add(out.dests.entry(dest.addr).or_default(), &d.stats);
+            }
+        }
+        Ok(out)
     }
 
     /// Removes the mark table and every agent virtual service at once (the

@@ -73,6 +73,12 @@ fn parse_task_dir_name(name: &str) -> Option<u64> {
 }
 
 impl Supervisor {
+    /// (tasks running here, tasks that ended here and are still listed).
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.inner.lock().expect("reason: never poisoned");
+        (inner.running.len(), inner.ended.len())
+    }
+
     /// A runner keeping tasks under `dir`; first clears what a previous
     /// agent left there.
     pub fn new(

@@ -1,0 +1,103 @@
+//! The agent's side of `/metrics`: a [`Snapshot`] of what this node knows
+//! right now (crate::metrics renders it).
+
+use super::{Agent, Member, Phase};
+use crate::{
+    control::{api::Assignments, state::node_id_text},
+    metrics::{ClusterFacts, RaftFacts, Snapshot},
+    runtime::mesh::LbBackend,
+};
+
+/// What an assignment says of this node's overlays: (networks, distinct
+/// other nodes they reach, WireGuard peers).
+pub(super) fn overlay_facts(a: &Assignments) -> (u64, u64, u64) {
+    let peers: std::collections::BTreeSet<&str> = a
+        .networks
+        .iter()
+        .flat_map(|n| n.peers.iter().map(|p| p.vtep.as_str()))
+        .filter(|vtep| *vtep != a.vtep)
+        .collect();
+    let wireguard = a.tunnel.as_ref().map_or(0, |t| t.peers.len());
+    (a.networks.len() as u64, peers.len() as u64, wireguard as u64)
+}
+
+fn label<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_lowercase))
+        .unwrap_or_default()
+}
+
+impl Member {
+    fn snapshot(&self, snapshot: &mut Snapshot) {
+        snapshot.node = Some(node_id_text(self.id));
+        if let Some(manager) = self.manager() {
+            let info = manager.raft_info();
+            snapshot.raft = Some(RaftFacts {
+                term: info.term,
+                is_leader: manager.is_leader(),
+                last_log_index: info.last_log_index.unwrap_or(0),
+                applied_index: info.last_applied.unwrap_or(0),
+                snapshot_index: info.snapshot_index.unwrap_or(0),
+                voters: info.voters.len() as u64,
+            });
+            let state = manager.state();
+            snapshot.cluster = Some(ClusterFacts {
+                nodes: state
+                    .nodes
+                    .values()
+                    .map(|n| (label(&n.role), label(&n.status), label(&n.availability)))
+                    .collect(),
+                services: state.services.len() as u64,
+                tasks: state
+                    .tasks
+                    .values()
+                    .map(|t| (label(&t.state), label(&t.desired)))
+                    .collect(),
+            });
+        }
+        let (running, ended) = self.tasks.counts();
+        snapshot.local_tasks = vec![("running".into(), running as u64), ("ended".into(), ended as u64)];
+        let (networks, peers, wireguard) = *self.overlay_facts.lock().expect("reason: never poisoned");
+        snapshot.overlay_networks = networks;
+        snapshot.overlay_peers = peers;
+        snapshot.wireguard_peers = wireguard;
+        let (ports, backends) = self.mesh.metrics();
+        snapshot.ports = ports;
+        snapshot.backends = backends;
+    }
+}
+
+impl Agent {
+    /// The metrics text (`GET /metrics`).
+    pub async fn metrics(&self) -> String {
+        let mut snapshot = Snapshot {
+            state: "inactive".into(),
+            lb_backend: match self.opts.lb_backend {
+                LbBackend::Ebpf => "ebpf",
+                LbBackend::Ipvs => "ipvs",
+            },
+            ..Snapshot::default()
+        };
+        let member = match &*self.phase.lock().await {
+            Phase::Inactive => None,
+            Phase::Locked(config) => {
+                snapshot.state = "locked".into();
+                snapshot.node = Some(node_id_text(config.node_id));
+                None
+            }
+            Phase::Active(m) => Some(m.clone()),
+        };
+        if let Some(m) = member {
+            snapshot.state = "active".into();
+            // Map reads and netlink dumps block: off the runtime's threads.
+            snapshot = tokio::task::spawn_blocking(move || {
+                m.snapshot(&mut snapshot);
+                snapshot
+            })
+            .await
+            .unwrap_or_default();
+        }
+        crate::metrics::render(&snapshot)
+    }
+}

@@ -1,0 +1,114 @@
+//! The `/metrics` endpoint: plain HTTP/1.1 on `--metrics-addr` (default
+//! 127.0.0.1:9323, Docker's metrics port), `GET /metrics` and nothing
+//! else. One request per connection; a client that sends nothing in 5 s,
+//! or a request head over 8 KiB, is dropped.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// The default address.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9323";
+const HEAD_LIMIT: usize = 8192;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `--metrics-addr` says: an address, or `off`.
+pub fn parse_addr(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| format!("{text:?} is not an address and port (like {DEFAULT_ADDR}), nor `off`"))
+}
+
+/// Whether serving on `addr` exposes the metrics beyond this host.
+pub fn is_public(addr: &SocketAddr) -> bool {
+    !addr.ip().is_loopback()
+}
+
+/// The response to a request head.
+pub fn respond(head: &str, body: impl FnOnce() -> String) -> (u16, &'static str, String) {
+    let mut words = head.lines().next().unwrap_or_default().split_whitespace();
+    match (words.next(), words.next()) {
+        (Some("GET"), Some("/metrics")) => (200, "text/plain; version=0.0.4; charset=utf-8", body()),
+        (Some("GET"), Some(_)) => (404, "text/plain", "not found: the metrics are at /metrics\n".into()),
+        _ => (405, "text/plain", "only GET /metrics is served\n".into()),
+    }
+}
+
+/// Serves `listener` until the runtime stops; `render` makes the body.
+pub async fn serve<F, Fut>(listener: TcpListener, render: F)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let _ = answer(stream, render).await;
+        });
+    }
+}
+
+async fn answer<F, Fut>(mut stream: TcpStream, render: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = String>,
+{
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        if n == 0 || head.len() + n > HEAD_LIMIT {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let wants_metrics = respond(&head, String::new).0 == 200;
+    let body = if wants_metrics { render().await } else { String::new() };
+    let (status, kind, body) = respond(&head, || body);
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        _ => "Method Not Allowed",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_get_metrics_is_served() {
+        let ok = respond("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", || "m 1\n".into());
+        assert_eq!((ok.0, ok.2.as_str()), (200, "m 1\n"));
+        assert_eq!(respond("GET / HTTP/1.1\r\n\r\n", String::new).0, 404);
+        assert_eq!(respond("POST /metrics HTTP/1.1\r\n\r\n", String::new).0, 405);
+        assert_eq!(respond("", String::new).0, 405);
+    }
+
+    #[test]
+    fn the_address_is_parsed_and_public_ones_are_told_apart() {
+        assert_eq!(parse_addr("off"), Ok(None));
+        let local = parse_addr(DEFAULT_ADDR).unwrap().unwrap();
+        assert!(!is_public(&local));
+        assert!(is_public(&parse_addr("0.0.0.0:9323").unwrap().unwrap()));
+        assert!(parse_addr("9323").unwrap_err().contains("nor `off`"));
+    }
+}
