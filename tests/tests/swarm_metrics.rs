@@ -39,6 +39,32 @@ fn promtool(text: &str) {
     );
 }
 
+/// Every metric deploy/grafana-dashboard.json asks for is one a manager
+/// serves (so the dashboard does not drift from the agent).
+fn dashboard_names_exist(text: &str) {
+    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana-dashboard.json"))
+        .expect("deploy/grafana-dashboard.json");
+    let mut rest = dashboard.as_str();
+    let mut checked = 0;
+    while let Some(at) = rest.find("mesh_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        if name == "mesh_" || name.starts_with("mesh_overview") {
+            continue;
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# TYPE {} ", name.trim_end_matches("_bucket")))),
+            "the dashboard asks for {name}, which the agent does not serve"
+        );
+        checked += 1;
+    }
+    assert!(checked > 10, "the dashboard names its metrics");
+}
+
 #[test]
 fn every_agent_serves_metrics_that_promtool_accepts() {
     require_root();
@@ -98,6 +124,7 @@ fn every_agent_serves_metrics_that_promtool_accepts() {
                 value(&text, "mesh_raft_proposal_duration_seconds_count").is_some_and(|n| n > 0.0),
                 "{text}"
             );
+            dashboard_names_exist(&text);
         } else {
             assert!(!text.contains("mesh_raft_term"), "a worker has no Raft: {text}");
         }

@@ -23,6 +23,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// The mechanisms a node reconciles (labels of the per-mechanism metrics).
+pub const MECHANISMS: [&str; 3] = ["overlay", "tasks", "mesh"];
+
 /// What the agent counts as it goes.
 pub struct Instruments {
     registry: Registry,
@@ -83,6 +86,15 @@ pub fn instruments() -> &'static Instruments {
             &["outcome"],
         )
         .expect("reason: a valid counter");
+        // Every series exists from the start, at zero (so rates and alerts
+        // see the first increase).
+        for mechanism in MECHANISMS {
+            kernel_errors.with_label_values(&[mechanism]);
+            reconcile_seconds.with_label_values(&[mechanism]);
+        }
+        for outcome in ["placed", "unplaceable"] {
+            scheduler_decisions.with_label_values(&[outcome]);
+        }
         for c in [
             Box::new(proposal_seconds.clone()) as Box<dyn Collector>,
             Box::new(raft_elections.clone()),
