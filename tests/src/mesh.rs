@@ -16,7 +16,10 @@ use aya::{
 };
 use mesh_common::lb::{Backend, BACKENDS_MAP};
 
-use crate::{cluster::host_address, swarm::Swarm};
+use crate::{
+    cluster::host_address,
+    swarm::{binary, Swarm},
+};
 
 /// One HTTP request to `to`: (the task that answered, the client address
 /// it saw).
@@ -150,4 +153,15 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// `meshctl service create --detach --name NAME OPTIONS... -- mesh-echo
+/// --http 80` on host 0: an HTTP service that answers with its task and
+/// the client address it saw.
+pub fn create_http_service(swarm: &Swarm, name: &str, options: &[&str]) {
+    let echo = binary("mesh-echo");
+    let mut args = vec!["service", "create", "--detach", "--name", name];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["--", echo.to_str().expect("a UTF-8 path"), "--http", "80"]);
+    swarm.ok(0, &args);
 }

@@ -68,24 +68,16 @@ fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_clie
     swarm.form(3);
     let echo = binary("mesh-echo");
     let echo = echo.to_str().unwrap();
-    swarm.ok(
-        0,
+    mesh_tests::mesh::create_http_service(
+        &swarm,
+        "web",
         &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "web",
             "--replicas",
             "3",
             "--replicas-max-per-node",
             "1",
             "--publish",
             "8080:80",
-            "--",
-            echo,
-            "--http",
-            "80",
         ],
     );
     swarm.wait("3 web tasks running", CONVERGE, || running(&swarm, "web") == 3);
@@ -314,14 +306,10 @@ fn connections_survive_scaling_affinity_sticks_and_a_killed_task_fails_requests_
             "7000",
         ],
     );
-    swarm.ok(
-        0,
+    mesh_tests::mesh::create_http_service(
+        &swarm,
+        "sticky",
         &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "sticky",
             "--replicas",
             "3",
             "--replicas-max-per-node",
@@ -330,10 +318,6 @@ fn connections_survive_scaling_affinity_sticks_and_a_killed_task_fails_requests_
             "client-ip",
             "--publish",
             "8181:80",
-            "--",
-            echo,
-            "--http",
-            "80",
         ],
     );
     swarm.wait("every task running", CONVERGE, || {

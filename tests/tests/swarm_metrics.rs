@@ -16,7 +16,7 @@ use mesh_tests::{
     mesh::{metrics_get as get, sample as value, spray},
     overlay::running,
     require_root,
-    swarm::{binary, Swarm},
+    swarm::Swarm,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -70,25 +70,16 @@ fn every_agent_serves_metrics_that_promtool_accepts() {
     require_root();
     let swarm = Swarm::new(4);
     swarm.form(3);
-    let echo = binary("mesh-echo");
-    swarm.ok(
-        0,
+    mesh_tests::mesh::create_http_service(
+        &swarm,
+        "web",
         &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "web",
             "--replicas",
             "3",
             "--replicas-max-per-node",
             "1",
             "--publish",
             "8080:80",
-            "--",
-            echo.to_str().unwrap(),
-            "--http",
-            "80",
         ],
     );
     swarm.wait("3 web tasks running", CONVERGE, || running(&swarm, "web") == 3);

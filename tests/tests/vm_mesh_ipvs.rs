@@ -23,7 +23,7 @@ use mesh_tests::{
     mesh::spray,
     overlay::{has_link, running},
     require_root,
-    swarm::{binary, Swarm},
+    swarm::Swarm,
 };
 
 /// Slower Raft timing: the VM emulates its CPUs in software.
@@ -75,26 +75,16 @@ fn a_published_port_on_ipvs_answers_on_every_node_from_every_task() {
     );
     let mut swarm = Swarm::with_flags(4, IPVS_FLAGS);
     swarm.form(3);
-    let echo = binary("mesh-echo");
-    let echo = echo.to_str().unwrap();
-    swarm.ok(
-        0,
+    mesh_tests::mesh::create_http_service(
+        &swarm,
+        "web",
         &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "web",
             "--replicas",
             "3",
             "--replicas-max-per-node",
             "1",
             "--publish",
             "8080:80",
-            "--",
-            echo,
-            "--http",
-            "80",
         ],
     );
     swarm.wait("3 web tasks running", CONVERGE, || running(&swarm, "web") == 3);
@@ -185,14 +175,10 @@ fn a_published_port_on_ipvs_answers_on_every_node_from_every_task() {
     assert_eq!(ipvs_on(&swarm, 1).len(), 2, "the restarted agent keeps its services");
 
     // Affinity: one client, one task per entry node.
-    swarm.ok(
-        0,
+    mesh_tests::mesh::create_http_service(
+        &swarm,
+        "sticky",
         &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "sticky",
             "--replicas",
             "3",
             "--replicas-max-per-node",
@@ -201,10 +187,6 @@ fn a_published_port_on_ipvs_answers_on_every_node_from_every_task() {
             "client-ip",
             "--publish",
             "8181:80",
-            "--",
-            echo,
-            "--http",
-            "80",
         ],
     );
     swarm.wait("3 sticky tasks running", CONVERGE, || running(&swarm, "sticky") == 3);

@@ -246,6 +246,65 @@ fn expression(name: &str, data: Option<Attrs>) -> Attrs {
     Attrs::default().nested(NFTA_LIST_ELEM, expr)
 }
 
+/// `payload load LEN bytes at OFFSET of BASE => reg 1`.
+fn load(base: u32, offset: u32, len: u32) -> Attrs {
+    expression(
+        "payload",
+        Some(
+            Attrs::default()
+                .be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
+                .be32(NFTA_PAYLOAD_BASE, base)
+                .be32(NFTA_PAYLOAD_OFFSET, offset)
+                .be32(NFTA_PAYLOAD_LEN, len),
+        ),
+    )
+}
+
+/// `cmp OP reg 1 VALUE`.
+fn compare(op: u32, value: &[u8]) -> Attrs {
+    expression(
+        "cmp",
+        Some(
+            Attrs::default()
+                .be32(NFTA_CMP_SREG, NFT_REG_1)
+                .be32(NFTA_CMP_OP, op)
+                .data(NFTA_CMP_DATA, value),
+        ),
+    )
+}
+
+/// `cmp eq reg 1 VALUE`.
+fn equals(value: &[u8]) -> Attrs {
+    compare(NFT_CMP_EQ, value)
+}
+
+/// `meta load KEY => reg 1`.
+fn meta_load(key: u32) -> Attrs {
+    expression(
+        "meta",
+        Some(
+            Attrs::default()
+                .be32(NFTA_META_KEY, key)
+                .be32(NFTA_META_DREG, NFT_REG_1),
+        ),
+    )
+}
+
+/// `bitwise reg 1 = (reg 1 & MASK) ^ 0`.
+fn mask(mask: &[u8]) -> Attrs {
+    expression(
+        "bitwise",
+        Some(
+            Attrs::default()
+                .be32(NFTA_BITWISE_SREG, NFT_REG_1)
+                .be32(NFTA_BITWISE_DREG, NFT_REG_1)
+                .be32(NFTA_BITWISE_LEN, mask.len() as u32)
+                .data(NFTA_BITWISE_MASK, mask)
+                .data(NFTA_BITWISE_XOR, &vec![0; mask.len()]),
+        ),
+    )
+}
+
 fn masquerade_expressions(rule: &Masquerade) -> Attrs {
     let mut oif = [0u8; IFNAMSIZ];
     let name = rule.exempt_oif.as_bytes();
@@ -259,54 +318,12 @@ fn masquerade_expressions(rule: &Masquerade) -> Attrs {
     let mut list = Vec::new();
     for expr in [
         // oifname != EXEMPT
-        expression(
-            "meta",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_META_KEY, NFT_META_OIFNAME)
-                    .be32(NFTA_META_DREG, NFT_REG_1),
-            ),
-        ),
-        expression(
-            "cmp",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_CMP_SREG, NFT_REG_1)
-                    .be32(NFTA_CMP_OP, NFT_CMP_NEQ)
-                    .data(NFTA_CMP_DATA, &oif),
-            ),
-        ),
+        meta_load(NFT_META_OIFNAME),
+        compare(NFT_CMP_NEQ, &oif),
         // ip saddr & MASK == NETWORK
-        expression(
-            "payload",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
-                    .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER)
-                    .be32(NFTA_PAYLOAD_OFFSET, IPV4_SADDR_OFFSET)
-                    .be32(NFTA_PAYLOAD_LEN, 4),
-            ),
-        ),
-        expression(
-            "bitwise",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_BITWISE_SREG, NFT_REG_1)
-                    .be32(NFTA_BITWISE_DREG, NFT_REG_1)
-                    .be32(NFTA_BITWISE_LEN, 4)
-                    .data(NFTA_BITWISE_MASK, &mask.to_be_bytes())
-                    .data(NFTA_BITWISE_XOR, &[0; 4]),
-            ),
-        ),
-        expression(
-            "cmp",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_CMP_SREG, NFT_REG_1)
-                    .be32(NFTA_CMP_OP, NFT_CMP_EQ)
-                    .data(NFTA_CMP_DATA, &network.to_be_bytes()),
-            ),
-        ),
+        load(NFT_PAYLOAD_NETWORK_HEADER, IPV4_SADDR_OFFSET, 4),
+        self::mask(&mask.to_be_bytes()),
+        equals(&network.to_be_bytes()),
         expression("masq", None),
     ] {
         list.extend_from_slice(&expr.0);
@@ -416,53 +433,13 @@ fn guard_expressions(guard: &TunnelGuard) -> Attrs {
     let network = u128::from(guard.prefix) & mask;
     let mut list = Vec::new();
     for expr in [
-        expression(
-            "payload",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
-                    .be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER)
-                    .be32(NFTA_PAYLOAD_OFFSET, IPV6_DADDR_OFFSET)
-                    .be32(NFTA_PAYLOAD_LEN, 16),
-            ),
-        ),
-        expression(
-            "bitwise",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_BITWISE_SREG, NFT_REG_1)
-                    .be32(NFTA_BITWISE_DREG, NFT_REG_1)
-                    .be32(NFTA_BITWISE_LEN, 16)
-                    .data(NFTA_BITWISE_MASK, &mask.to_be_bytes())
-                    .data(NFTA_BITWISE_XOR, &[0; 16]),
-            ),
-        ),
-        expression(
-            "cmp",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_CMP_SREG, NFT_REG_1)
-                    .be32(NFTA_CMP_OP, NFT_CMP_EQ)
-                    .data(NFTA_CMP_DATA, &network.to_be_bytes()),
-            ),
-        ),
-        expression(
-            "meta",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_META_KEY, NFT_META_IIFNAME)
-                    .be32(NFTA_META_DREG, NFT_REG_1),
-            ),
-        ),
-        expression(
-            "cmp",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_CMP_SREG, NFT_REG_1)
-                    .be32(NFTA_CMP_OP, NFT_CMP_NEQ)
-                    .data(NFTA_CMP_DATA, &iif),
-            ),
-        ),
+        // ip6 daddr & MASK == PREFIX
+        load(NFT_PAYLOAD_NETWORK_HEADER, IPV6_DADDR_OFFSET, 16),
+        self::mask(&mask.to_be_bytes()),
+        equals(&network.to_be_bytes()),
+        // iifname != DEVICE
+        meta_load(NFT_META_IIFNAME),
+        compare(NFT_CMP_NEQ, &iif),
         expression(
             "immediate",
             Some(Attrs::default().be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT).nested(

@@ -136,26 +136,11 @@ fn micros(v: &str) -> f64 {
 }
 
 fn http(swarm: &Swarm, seconds: u32) {
-    let echo = binary("mesh-echo");
-    let echo = echo.to_str().unwrap();
     let (a, b) = (host_address(0), host_address(1));
-    swarm.ok(
-        0,
-        &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "web",
-            "--constraint",
-            "node.role==worker",
-            "--publish",
-            "8080:80",
-            "--",
-            echo,
-            "--http",
-            "80",
-        ],
+    mesh_tests::mesh::create_http_service(
+        swarm,
+        "web",
+        &["--constraint", "node.role==worker", "--publish", "8080:80"],
     );
     swarm.wait("the web task running on B", CONVERGE, || running(swarm, "web") == 1);
     // The task's address on B's bridge: the direct path and the nftables

@@ -92,42 +92,6 @@ pub struct IpvsMarks {
     pub snat_bits: u32,
 }
 
-fn load(base: u32, offset: u32, len: u32) -> Attrs {
-    expression(
-        "payload",
-        Some(
-            Attrs::default()
-                .be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
-                .be32(NFTA_PAYLOAD_BASE, base)
-                .be32(NFTA_PAYLOAD_OFFSET, offset)
-                .be32(NFTA_PAYLOAD_LEN, len),
-        ),
-    )
-}
-
-fn equals(value: &[u8]) -> Attrs {
-    expression(
-        "cmp",
-        Some(
-            Attrs::default()
-                .be32(NFTA_CMP_SREG, NFT_REG_1)
-                .be32(NFTA_CMP_OP, NFT_CMP_EQ)
-                .data(NFTA_CMP_DATA, value),
-        ),
-    )
-}
-
-fn meta_load(key: u32) -> Attrs {
-    expression(
-        "meta",
-        Some(
-            Attrs::default()
-                .be32(NFTA_META_KEY, key)
-                .be32(NFTA_META_DREG, NFT_REG_1),
-        ),
-    )
-}
-
 fn in_peers() -> Attrs {
     expression(
         "lookup",
@@ -221,17 +185,7 @@ fn mark_rules(marks: &IpvsMarks) -> Vec<Attrs> {
 fn snat_rule(marks: &IpvsMarks) -> Attrs {
     joined(vec![
         meta_load(NFT_META_MARK),
-        expression(
-            "bitwise",
-            Some(
-                Attrs::default()
-                    .be32(NFTA_BITWISE_SREG, NFT_REG_1)
-                    .be32(NFTA_BITWISE_DREG, NFT_REG_1)
-                    .be32(NFTA_BITWISE_LEN, 4)
-                    .data(NFTA_BITWISE_MASK, &marks.snat_mask.to_ne_bytes())
-                    .data(NFTA_BITWISE_XOR, &[0; 4]),
-            ),
-        ),
+        mask(&marks.snat_mask.to_ne_bytes()),
         equals(&marks.snat_bits.to_ne_bytes()),
         load(NFT_PAYLOAD_NETWORK_HEADER, IPV4_DADDR_OFFSET, 4),
         in_peers(),
