@@ -165,3 +165,20 @@ pub fn create_http_service(swarm: &Swarm, name: &str, options: &[&str]) {
     args.extend_from_slice(&["--", echo.to_str().expect("a UTF-8 path"), "--http", "80"]);
     swarm.ok(0, &args);
 }
+
+/// (host, task directory) of `service`'s running tasks (the harness
+/// names host i's node "hI").
+pub fn placed(swarm: &Swarm, service: &str) -> Vec<(usize, String)> {
+    let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
+    let tasks: Vec<serde_json::Value> = serde_json::from_str(&out).expect("service ps --format json");
+    tasks
+        .iter()
+        .filter(|t| t["task"]["state"] == "Running" && t["task"]["desired"] == "Running")
+        .map(|t| {
+            let node = t["node_hostname"].as_str().unwrap_or_default();
+            let host: usize = node.trim_start_matches('h').parse().expect("the task's host");
+            let id = t["task"]["id"].as_u64().expect("a task ID");
+            (host, mesh_agent::runtime::supervisor::task_dir_name(id))
+        })
+        .collect()
+}

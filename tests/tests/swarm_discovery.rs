@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
-use mesh_agent::runtime::supervisor::task_dir_name;
+use mesh_tests::mesh::placed;
 use mesh_tests::{
     mesh::dns_a,
     overlay::{in_task, running},
@@ -17,22 +17,6 @@ use mesh_tests::{
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
-
-/// (host, task directory) of `service`'s running tasks.
-fn placed(swarm: &Swarm, service: &str) -> Vec<(usize, String)> {
-    let out = swarm.ok(0, &["service", "ps", service, "--format", "json"]);
-    let tasks: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    tasks
-        .iter()
-        .filter(|t| t["task"]["state"] == "Running" && t["task"]["desired"] == "Running")
-        .map(|t| {
-            let node = t["node_hostname"].as_str().unwrap_or_default();
-            // The harness names host i's node "hI".
-            let host: usize = node.trim_start_matches('h').parse().expect("the task's host");
-            (host, task_dir_name(t["task"]["id"].as_u64().unwrap()))
-        })
-        .collect()
-}
 
 fn vip(swarm: &Swarm, service: &str) -> Ipv4Addr {
     let out = swarm.ok(0, &["service", "inspect", service]);

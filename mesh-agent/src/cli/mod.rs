@@ -8,6 +8,7 @@
 
 pub mod network;
 pub mod run;
+pub mod secret;
 pub mod service;
 pub mod table;
 
@@ -70,6 +71,12 @@ enum Command {
     /// Manage overlay networks.
     #[command(subcommand)]
     Network(network::NetworkCommand),
+    /// Manage secrets (files under /run/secrets in the tasks that use them).
+    #[command(subcommand)]
+    Secret(secret::BlobCommand),
+    /// Manage configs (files under /run/configs in the tasks that use them).
+    #[command(subcommand)]
+    Config(secret::BlobCommand),
     /// Run a one-off command on this node, attached to attachable overlays.
     Run(run::RunArgs),
 }
@@ -479,6 +486,8 @@ async fn run(cli: Cli) -> ApiResult<()> {
         Command::Node(cmd) => node(&client, cmd).await,
         Command::Service(cmd) => service::run(&client, cmd).await,
         Command::Network(cmd) => network::run(&client, cmd).await,
+        Command::Secret(cmd) => secret::run(&client, crate::control::secret::Kind::Secret, cmd).await,
+        Command::Config(cmd) => secret::run(&client, crate::control::secret::Kind::Config, cmd).await,
         Command::Run(args) => run::run(&client, args).await,
     }
 }

@@ -4,6 +4,7 @@
 //! them on the nodes comes next, so `create` returns once the service is
 //! stored (as `--detach` does).
 
+use crate::control::secret::Kind;
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::{duration_ms, json, table, Client, Format};
@@ -246,6 +247,18 @@ pub struct UpdateArgs {
     /// Detach a network (repeatable).
     #[arg(long)]
     network_rm: Vec<String>,
+    /// Give the tasks a secret: NAME or source=NAME,target=FILE,uid=,gid=,mode= (repeatable; rolls the tasks).
+    #[arg(long)]
+    secret_add: Vec<String>,
+    /// Take a secret away, by name (repeatable; rolls the tasks).
+    #[arg(long)]
+    secret_rm: Vec<String>,
+    /// Give the tasks a config: NAME or source=NAME,target=FILE,uid=,gid=,mode= (repeatable; rolls the tasks).
+    #[arg(long)]
+    config_add: Vec<String>,
+    /// Take a config away, by name (repeatable; rolls the tasks).
+    #[arg(long)]
+    config_rm: Vec<String>,
     /// Add a placement constraint (repeatable).
     #[arg(long)]
     constraint_add: Vec<String>,
@@ -333,6 +346,10 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         publish_rm: args.publish_rm,
         network_add: args.network_add,
         network_rm: args.network_rm,
+        secret_add: args.secret_add,
+        secret_rm: args.secret_rm,
+        config_add: args.config_add,
+        config_rm: args.config_rm,
         constraint_add: args.constraint_add,
         constraint_rm: args.constraint_rm,
         health,
@@ -390,6 +407,12 @@ pub struct CreateArgs {
     /// Network to attach (repeatable).
     #[arg(long)]
     network: Vec<String>,
+    /// A secret for the tasks, under /run/secrets: NAME or source=NAME,target=FILE,uid=,gid=,mode= (repeatable).
+    #[arg(long)]
+    secret: Vec<String>,
+    /// A config for the tasks, under /run/configs: NAME or source=NAME,target=FILE,uid=,gid=,mode= (repeatable).
+    #[arg(long)]
+    config: Vec<String>,
     /// Publish a port: P:T[/udp] or published=P,target=T,protocol=tcp|udp,mode=ingress|host.
     #[arg(long)]
     publish: Vec<String>,
@@ -522,9 +545,19 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
         health: args.health.check()?,
         stop_grace_ms: duration_ms("stop-grace-period", &args.stop_grace_period)?,
         update: args.update.config()?,
+        secrets: parse_refs(Kind::Secret, &args.secret)?,
+        configs: parse_refs(Kind::Config, &args.config)?,
     };
     spec.validate().map_err(ApiError::invalid)?;
     Ok(spec)
+}
+
+fn parse_refs(kind: Kind, texts: &[String]) -> ApiResult<Vec<crate::control::secret::BlobRef>> {
+    texts
+        .iter()
+        .map(|t| crate::control::secret::parse_ref(kind, t))
+        .collect::<Result<_, _>>()
+        .map_err(ApiError::invalid)
 }
 
 /// Shows progress until the service's tasks all run (and its update, if
@@ -833,7 +866,7 @@ fn capitalised(s: &str) -> String {
         .unwrap_or_default()
 }
 
-fn age_text(secs: u64) -> String {
+pub(crate) fn age_text(secs: u64) -> String {
     match secs {
         0..=59 => format!("{secs} seconds"),
         60..=3599 => format!("{} minutes", secs / 60),

@@ -197,6 +197,24 @@ pub struct ServiceView {
     pub desired: u32,
 }
 
+/// A secret or config as `secret|config ls|inspect` show it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BlobView {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Unix seconds.
+    pub created: u64,
+    pub updated: u64,
+    /// Bytes.
+    pub size: usize,
+    /// A config's content (UTF-8, lossy); never set for a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// Services using it.
+    pub services: Vec<String>,
+}
+
 /// An overlay network as `network ls`/`inspect` show it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct NetworkView {
@@ -304,6 +322,27 @@ pub enum ClusterRequest {
         /// Name, ID or unique ID prefix.
         network: String,
     },
+    /// `secret create` / `config create`.
+    BlobCreate {
+        kind: crate::control::secret::Kind,
+        name: String,
+        labels: BTreeMap<String, String>,
+        data: Vec<u8>,
+    },
+    /// `secret ls` / `config ls`.
+    BlobList { kind: crate::control::secret::Kind },
+    /// `secret inspect` / `config inspect`.
+    BlobInspect {
+        kind: crate::control::secret::Kind,
+        /// Name, ID or unique ID prefix.
+        name: String,
+    },
+    /// `secret rm` / `config rm`.
+    BlobRemove {
+        kind: crate::control::secret::Kind,
+        /// Name, ID or unique ID prefix.
+        name: String,
+    },
     /// `service create`.
     ServiceCreate {
         /// The spec.
@@ -380,6 +419,11 @@ pub enum ClusterResponse {
     Tasks(Vec<TaskView>),
     /// Overlay networks.
     Networks(Vec<NetworkView>),
+    /// Secrets or configs (a secret's content never leaves the managers
+    /// this way).
+    Blobs(Vec<BlobView>),
+    /// A secret or config was created.
+    BlobCreated { id: u64 },
     /// A network was created.
     NetworkCreated {
         /// Its ID.

@@ -7,6 +7,7 @@
 //! giving every node a full grace period, so a leader change alone never
 //! marks nodes Down.
 
+use crate::control::secret::{task_files, BlobRef, Kind};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     time::{Duration, Instant},
@@ -117,6 +118,15 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
                         })
                     })
                     .collect(),
+                files: if task.desired == crate::control::service::DesiredState::Running {
+                    let refs: Vec<(Kind, &BlobRef)> = [Kind::Secret, Kind::Config]
+                        .into_iter()
+                        .flat_map(|k| s.spec.refs(k).iter().map(move |r| (k, r)))
+                        .collect();
+                    task_files(&refs, &|k, name| state.blob_data(k, name))
+                } else {
+                    Vec::new()
+                },
             })
             .unwrap_or_default();
         tasks.push(Assignment {

@@ -28,6 +28,7 @@ use super::{
     raft_types::TypeConfig,
     rules,
     seal::{DataKey, UnlockKey},
+    secret,
     service::{DesiredState, Service, ServiceMode, Task, TaskReport, TaskState},
     state::{
         node_id_text, Availability, CaState, ClusterState, Command, CommandResponse, JoinTokens, Node, NodeId,
@@ -487,6 +488,64 @@ impl Manager {
                     .check_network_unused(&state.networks[&id])
                     .map_err(ApiError::precondition)?;
                 self.propose(Command::RemoveNetwork { id }).await?;
+                Ok(ClusterResponse::Done)
+            }
+            ClusterRequest::BlobCreate {
+                kind,
+                name,
+                labels,
+                data,
+            } => {
+                secret::check_name(kind, &name).map_err(ApiError::invalid)?;
+                secret::check_data(kind, &data).map_err(ApiError::invalid)?;
+                if state.blobs(kind).values().any(|b| b.name == name) {
+                    return Err(ApiError::precondition(format!(
+                        "a {} named {name} already exists ({}s cannot be changed: create one under a new name and rotate services to it with --{}-rm/--{}-add)",
+                        kind.name(),
+                        kind.name(),
+                        kind.name(),
+                        kind.name()
+                    )));
+                }
+                let id = loop {
+                    let id: u64 = rand::thread_rng().gen();
+                    if id != 0 && !state.blobs(kind).contains_key(&id) {
+                        break id;
+                    }
+                };
+                let now = unix_now();
+                let blob = secret::Blob {
+                    id,
+                    name,
+                    labels,
+                    data,
+                    created: now,
+                    updated: now,
+                };
+                self.propose(Command::CreateBlob {
+                    kind,
+                    blob: Box::new(blob),
+                })
+                .await?;
+                Ok(ClusterResponse::BlobCreated { id })
+            }
+            ClusterRequest::BlobList { kind } => Ok(ClusterResponse::Blobs(
+                state.blobs(kind).values().map(|b| blob_view(&state, kind, b)).collect(),
+            )),
+            ClusterRequest::BlobInspect { kind, name } => {
+                let id = rules::resolve_blob(&state, kind, &name)?;
+                Ok(ClusterResponse::Blobs(vec![blob_view(
+                    &state,
+                    kind,
+                    &state.blobs(kind)[&id],
+                )]))
+            }
+            ClusterRequest::BlobRemove { kind, name } => {
+                let id = rules::resolve_blob(&state, kind, &name)?;
+                state
+                    .check_blob_unused(kind, &state.blobs(kind)[&id].name)
+                    .map_err(ApiError::precondition)?;
+                self.propose(Command::RemoveBlob { kind, id }).await?;
                 Ok(ClusterResponse::Done)
             }
             ClusterRequest::ServiceList => Ok(ClusterResponse::Services(
@@ -972,6 +1031,24 @@ fn current_ca(state: &ClusterState) -> ApiResult<RootCa> {
         .ok_or_else(|| ApiError::internal("the store has no CA"))?;
     RootCa::from_pem(&ca.root_cert_pem, &ca.root_key_pem)
         .map_err(|e| ApiError::internal(format!("the stored CA is unusable: {e}")))
+}
+
+fn blob_view(state: &ClusterState, kind: secret::Kind, blob: &secret::Blob) -> super::api::BlobView {
+    super::api::BlobView {
+        id: node_id_text(blob.id),
+        name: blob.name.clone(),
+        labels: blob.labels.clone(),
+        created: blob.created,
+        updated: blob.updated,
+        size: blob.data.len(),
+        data: (kind == secret::Kind::Config).then(|| String::from_utf8_lossy(&blob.data).into_owned()),
+        services: state
+            .services
+            .values()
+            .filter(|s| s.spec.refs(kind).iter().any(|r| r.source == blob.name))
+            .map(|s| s.spec.name.clone())
+            .collect(),
+    }
 }
 
 fn network_view(state: &ClusterState, network: &overlay::Network) -> NetworkView {

@@ -33,6 +33,7 @@ pub mod rpc;
 pub mod rules;
 pub mod scheduler;
 pub mod seal;
+pub mod secret;
 pub mod service;
 pub mod state;
 pub mod store;

@@ -80,6 +80,25 @@ pub fn check_service_in_cluster(
             "network {net} not found (`meshctl network ls` lists them; `meshctl network create --driver overlay {net}` makes it)"
         )));
     }
+    for kind in [
+        crate::control::secret::Kind::Secret,
+        crate::control::secret::Kind::Config,
+    ] {
+        if let Some(r) = spec
+            .refs(kind)
+            .iter()
+            .find(|r| !state.blobs(kind).values().any(|b| b.name == r.source))
+        {
+            return Err(ApiError::not_found(format!(
+                "{} {} not found (`meshctl {} ls` lists them; `meshctl {} create {} FILE` makes it)",
+                kind.name(),
+                r.source,
+                kind.name(),
+                kind.name(),
+                r.source
+            )));
+        }
+    }
     let reserved = swarm_ports(state);
     for p in &spec.publish {
         if let Some((_, _, what)) = reserved
@@ -154,6 +173,12 @@ pub fn resolve_service(state: &ClusterState, text: &str) -> ApiResult<u64> {
 pub fn resolve_network(state: &ClusterState, text: &str) -> ApiResult<u64> {
     let networks = state.networks.values().map(|n| (n.id, n.name.as_str()));
     resolve("network", networks, text)
+}
+
+/// Finds a secret or config by name, full ID or unique ID prefix.
+pub fn resolve_blob(state: &ClusterState, kind: crate::control::secret::Kind, text: &str) -> ApiResult<u64> {
+    let blobs = state.blobs(kind).values().map(|b| (b.id, b.name.as_str()));
+    resolve(kind.name(), blobs, text)
 }
 
 /// Finds one of `items` (ID, name) by name, full ID or unique ID prefix.

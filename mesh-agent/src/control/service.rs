@@ -464,6 +464,22 @@ pub struct ServiceSpec {
     /// `--lb-*`: how connections are spread over the tasks.
     #[serde(default)]
     pub lb: LbOptions,
+    /// `--secret`: files under /run/secrets in each task.
+    #[serde(default)]
+    pub secrets: Vec<super::secret::BlobRef>,
+    /// `--config`: files under /run/configs in each task.
+    #[serde(default)]
+    pub configs: Vec<super::secret::BlobRef>,
+}
+
+impl ServiceSpec {
+    /// Its secret or config references.
+    pub fn refs(&self, kind: super::secret::Kind) -> &[super::secret::BlobRef] {
+        match kind {
+            super::secret::Kind::Secret => &self.secrets,
+            super::secret::Kind::Config => &self.configs,
+        }
+    }
 }
 
 /// `--lb-algorithm`.
@@ -641,6 +657,18 @@ pub struct ServiceUpdate {
     pub network_add: Vec<String>,
     /// `--network-rm`.
     pub network_rm: Vec<String>,
+    /// `--secret-add`.
+    #[serde(default)]
+    pub secret_add: Vec<String>,
+    /// `--secret-rm`.
+    #[serde(default)]
+    pub secret_rm: Vec<String>,
+    /// `--config-add`.
+    #[serde(default)]
+    pub config_add: Vec<String>,
+    /// `--config-rm`.
+    #[serde(default)]
+    pub config_rm: Vec<String>,
     /// `--constraint-add`.
     pub constraint_add: Vec<String>,
     /// `--constraint-rm`.
@@ -731,6 +759,29 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
     for add in &update.network_add {
         if !next.networks.contains(add) {
             next.networks.push(add.clone());
+        }
+    }
+    use super::secret::Kind;
+    for (kind, removes, adds) in [
+        (Kind::Secret, &update.secret_rm, &update.secret_add),
+        (Kind::Config, &update.config_rm, &update.config_add),
+    ] {
+        let refs = match kind {
+            Kind::Secret => &mut next.secrets,
+            Kind::Config => &mut next.configs,
+        };
+        for rm in removes {
+            if !refs.iter().any(|r| &r.source == rm) {
+                return Err(format!(
+                    "--{}-rm {rm}: the service has no such {}",
+                    kind.name(),
+                    kind.name()
+                ));
+            }
+            refs.retain(|r| &r.source != rm);
+        }
+        for add in adds {
+            refs.push(super::secret::parse_ref(kind, add)?);
         }
     }
     for rm in &update.constraint_rm {
@@ -846,12 +897,27 @@ impl ServiceSpec {
             update: UpdateConfig::default(),
             endpoint_mode: EndpointMode::default(),
             lb: LbOptions::default(),
+            secrets: vec![],
+            configs: vec![],
         }
     }
 
     /// Checks everything that can be checked without the cluster.
     pub fn validate(&self) -> Result<(), String> {
         check_service_name(&self.name)?;
+        for kind in [super::secret::Kind::Secret, super::secret::Kind::Config] {
+            let refs = self.refs(kind);
+            for (i, r) in refs.iter().enumerate() {
+                if refs[..i].iter().any(|o| o.target == r.target) {
+                    return Err(format!(
+                        "two {}s go to {}/{}: give one another target",
+                        kind.name(),
+                        kind.dir(),
+                        r.target
+                    ));
+                }
+            }
+        }
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err("a service needs a command: meshctl service create --name NAME -- COMMAND [ARGS...]".into());
         }
@@ -993,6 +1059,10 @@ pub struct TaskSpec {
     /// The overlay networks to attach it to, with its address on each.
     #[serde(default)]
     pub networks: Vec<super::overlay::TaskNetwork>,
+    /// Its secrets and configs, content included (only in the assignment
+    /// of the node running it, and only while it is to run).
+    #[serde(default)]
+    pub files: Vec<super::secret::TaskFile>,
 }
 
 /// One task a node is told about: run it, or stop it.

@@ -340,6 +340,17 @@ pub enum Command {
         /// Which network.
         id: u64,
     },
+    /// `secret create` / `config create`.
+    CreateBlob {
+        kind: super::secret::Kind,
+        blob: Box<super::secret::Blob>,
+    },
+    /// `secret rm` / `config rm`.
+    RemoveBlob {
+        kind: super::secret::Kind,
+        /// Which one.
+        id: u64,
+    },
 }
 
 /// What applying a command did.
@@ -382,6 +393,12 @@ pub struct ClusterState {
     /// its outbound traffic to the new one.
     #[serde(default)]
     pub previous_overlay_key: Option<super::tunnel::OverlayKey>,
+    /// Secrets by ID (sealed at rest with the rest of the store).
+    #[serde(default)]
+    pub secrets: BTreeMap<u64, super::secret::Blob>,
+    /// Configs by ID.
+    #[serde(default)]
+    pub configs: BTreeMap<u64, super::secret::Blob>,
 }
 
 impl ClusterState {
@@ -501,6 +518,31 @@ impl ClusterState {
                 let network = self.networks.get(id).ok_or_else(|| format!("network {id} not found"))?;
                 self.check_network_unused(network)?;
                 self.networks.remove(id);
+            }
+            Command::CreateBlob { kind, blob } => {
+                super::secret::check_name(*kind, &blob.name)?;
+                super::secret::check_data(*kind, &blob.data)?;
+                let blobs = self.blobs_mut(*kind);
+                if blobs.contains_key(&blob.id) {
+                    return Err(format!("{} ID {} is taken", kind.name(), blob.id));
+                }
+                if blobs.values().any(|b| b.name == blob.name) {
+                    return Err(format!(
+                        "a {} named {} already exists ({}s cannot be changed: create one under a new name and rotate services to it)",
+                        kind.name(),
+                        blob.name,
+                        kind.name()
+                    ));
+                }
+                blobs.insert(blob.id, (**blob).clone());
+            }
+            Command::RemoveBlob { kind, id } => {
+                let blob = self
+                    .blobs(*kind)
+                    .get(id)
+                    .ok_or_else(|| format!("{} {id} not found", kind.name()))?;
+                self.check_blob_unused(*kind, &blob.name)?;
+                self.blobs_mut(*kind).remove(id);
             }
             Command::SetTaskHistoryLimit { limit } => {
                 self.cluster.as_mut().expect("reason: checked above").task_history_limit = *limit;
@@ -689,6 +731,47 @@ impl ClusterState {
         }
         self.networks.insert(network.id, network.clone());
         Ok(())
+    }
+
+    /// The secrets or the configs.
+    pub fn blobs(&self, kind: super::secret::Kind) -> &BTreeMap<u64, super::secret::Blob> {
+        match kind {
+            super::secret::Kind::Secret => &self.secrets,
+            super::secret::Kind::Config => &self.configs,
+        }
+    }
+
+    fn blobs_mut(&mut self, kind: super::secret::Kind) -> &mut BTreeMap<u64, super::secret::Blob> {
+        match kind {
+            super::secret::Kind::Secret => &mut self.secrets,
+            super::secret::Kind::Config => &mut self.configs,
+        }
+    }
+
+    /// The content of the secret or config named `name`.
+    pub fn blob_data(&self, kind: super::secret::Kind, name: &str) -> Option<Vec<u8>> {
+        self.blobs(kind)
+            .values()
+            .find(|b| b.name == name)
+            .map(|b| b.data.clone())
+    }
+
+    /// Refuses while a service refers to the secret or config `name`.
+    pub fn check_blob_unused(&self, kind: super::secret::Kind, name: &str) -> Result<(), String> {
+        let user = self
+            .services
+            .values()
+            .find(|s| s.spec.refs(kind).iter().any(|r| r.source == name));
+        match user {
+            Some(s) => Err(format!(
+                "{} {name} is in use by service {}: remove it there first (`meshctl service update --{}-rm {name} {}`)",
+                kind.name(),
+                s.spec.name,
+                kind.name(),
+                s.spec.name
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Refuses while a service or an unended task uses `network`.

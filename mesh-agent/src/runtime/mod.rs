@@ -13,6 +13,7 @@
 pub mod bpffs;
 pub mod cgroup;
 pub mod dns;
+pub mod files;
 pub mod health;
 pub mod ipsec;
 pub mod logs;

@@ -128,6 +128,9 @@ pub struct Launch<'a> {
     pub resolv_conf: Option<&'a std::path::Path>,
     /// The `cgroup.procs` file of the cgroup the task joins.
     pub cgroup_procs: Option<&'a std::path::Path>,
+    /// Directories bind-mounted read-only in the task's mount namespace
+    /// (source, where the task sees it): its secrets and configs.
+    pub binds: &'a [(std::path::PathBuf, &'static str)],
 }
 
 /// Starts a task process. The child is its own session leader, so its PID
@@ -152,6 +155,16 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
     let user = launch.user.map(|u| (u.uid, u.gid));
     let resolv_conf = launch.resolv_conf.map(super::netns::c_path).transpose()?;
     let cgroup_procs = launch.cgroup_procs.map(super::netns::c_path).transpose()?;
+    let binds = launch
+        .binds
+        .iter()
+        .map(|(from, to)| {
+            Ok((
+                super::netns::c_path(from)?,
+                super::netns::c_path(std::path::Path::new(to))?,
+            ))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls on values prepared before fork.
     unsafe {
@@ -159,7 +172,7 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
             if let Some(procs) = &cgroup_procs {
                 join_cgroup(procs)?;
             }
-            enter_task_namespaces(netns, &hostname, user, resolv_conf.as_deref())
+            enter_task_namespaces(netns, &hostname, user, resolv_conf.as_deref(), &binds)
         });
     }
     tokio::process::Command::from(cmd).spawn()
@@ -201,6 +214,7 @@ fn enter_task_namespaces(
     hostname: &CString,
     user: Option<(u32, u32)>,
     resolv_conf: Option<&std::ffi::CStr>,
+    binds: &[(CString, CString)],
 ) -> io::Result<()> {
     // SAFETY: plain system calls in a single-threaded child; the pointers
     // are valid NUL-terminated strings owned by the closure.
@@ -226,6 +240,23 @@ fn enter_task_namespaces(
                 c"/etc/resolv.conf".as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND,
+                std::ptr::null(),
+            ))?;
+        }
+        // Secrets and configs, read-only.
+        for (from, to) in binds {
+            check(libc::mount(
+                from.as_ptr(),
+                to.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                std::ptr::null(),
+                to.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
                 std::ptr::null(),
             ))?;
         }

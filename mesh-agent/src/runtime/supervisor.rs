@@ -272,6 +272,13 @@ impl Supervisor {
         let hostname = task_dir_name(a.task);
         let home = user.as_ref().map_or("/root", |u| u.home.as_str());
         let env = process::environment(&spec.env, &hostname, &spec.name, home);
+        // Unmounted from the node's namespace when this goes out of scope:
+        // by then the task holds its own mount.
+        let staged = if spec.files.is_empty() {
+            None
+        } else {
+            Some(super::files::stage(&dir.join("files"), &spec.files)?)
+        };
         let child = process::spawn(&Launch {
             command: &spec.command,
             env: &env,
@@ -282,8 +289,10 @@ impl Supervisor {
             log: &log,
             resolv_conf: resolv_conf.as_deref(),
             cgroup_procs: self.cgroup_procs.as_deref(),
+            binds: staged.as_ref().map_or(&[], |s| s.binds.as_slice()),
         })
         .map_err(|e| spawn_error(spec, &e))?;
+        drop(staged);
         let pid = child.id().ok_or("the task exited before it could be watched")?;
         let child = TaskProcess::Child(child);
         let start = process::start_time(pid).unwrap_or(0);

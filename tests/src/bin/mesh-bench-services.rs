@@ -128,6 +128,7 @@ fn kernel_floor(n: usize) -> Duration {
                         log: &log,
                         resolv_conf: None,
                         cgroup_procs: None,
+                        binds: &[],
                     })
                     .expect("spawn");
                     children.push(child);
