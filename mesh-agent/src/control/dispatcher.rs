@@ -272,6 +272,44 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_goes_only_to_the_node_running_a_task_that_uses_it_while_it_runs() {
+        use crate::control::{
+            orchestrator::tests_support,
+            secret::{parse_ref, Blob, Kind},
+            service::{DesiredState, TaskState},
+            state::tests::initialised,
+        };
+        let mut s = initialised();
+        let mut service = tests_support::service(7);
+        service.spec.secrets = vec![parse_ref(Kind::Secret, "pw").unwrap()];
+        s.services.insert(7, service);
+        s.secrets.insert(
+            1,
+            Blob {
+                id: 1,
+                name: "pw".into(),
+                labels: Default::default(),
+                data: b"hunter2".to_vec(),
+                created: 0,
+                updated: 0,
+            },
+        );
+        s.tasks
+            .insert(1, tests_support::task(1, 7, 1, Some(5), TaskState::Running));
+        let files = |s: &ClusterState, node| -> Vec<Vec<u8>> {
+            assignments(s, node)
+                .tasks
+                .iter()
+                .flat_map(|t| t.spec.files.iter().map(|f| f.data.clone()))
+                .collect()
+        };
+        assert_eq!(files(&s, 5), vec![b"hunter2".to_vec()]);
+        assert!(files(&s, 6).is_empty(), "another node never gets it");
+        s.tasks.get_mut(&1).unwrap().desired = DesiredState::Shutdown;
+        assert!(files(&s, 5).is_empty(), "nor does a task that is to stop");
+    }
+
+    #[test]
     fn nodes_learn_the_peers_of_their_networks_only() {
         use crate::control::{
             orchestrator::tests_support,
