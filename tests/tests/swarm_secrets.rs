@@ -3,7 +3,8 @@
 //! bytes at the right path with the right mode (seen through
 //! /proc/PID/root, i.e. inside the task's mount namespace); the secret is
 //! nowhere in plain text in any node's data directory or log, and the node
-//! itself never has the file; rotation with --secret-rm/--secret-add
+//! itself never has the file; a config over an existing file is seen by
+//! the task only; rotation with --secret-rm/--secret-add
 //! replaces the task and the file; a secret in use cannot be removed; bad
 //! input is refused with the reason.
 
@@ -71,6 +72,10 @@ fn a_task_reads_its_secret_and_config_and_nothing_else_holds_them() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config = swarm.agents[0].data_dir.parent().unwrap().join("app.toml");
     fs::write(&config, "listen = 8080\n").unwrap();
+    // A file the config is to replace, for the task only.
+    let shadowed = swarm.agents[0].data_dir.parent().unwrap().join("shadowed.conf");
+    fs::write(&shadowed, "the node's own\n").unwrap();
+    let over = format!("source=app_conf,target={},mode=0440", shadowed.display());
     swarm.ok(0, &["config", "create", "app_conf", config.to_str().unwrap()]);
     let ls = swarm.ok(0, &["secret", "ls"]);
     assert!(ls.contains("db_pw") && ls.contains("CREATED"), "{ls}");
@@ -142,6 +147,8 @@ fn a_task_reads_its_secret_and_config_and_nothing_else_holds_them() {
             "source=db_pw,target=pw,mode=0400",
             "--config",
             "app_conf",
+            "--config",
+            &over,
             "--",
             "sleep",
             "3600",
@@ -154,6 +161,16 @@ fn a_task_reads_its_secret_and_config_and_nothing_else_holds_them() {
     assert_eq!(
         in_task(pid, "/run/configs/app_conf"),
         Some(("listen = 8080\n".to_string(), 0o444))
+    );
+    assert_eq!(
+        in_task(pid, shadowed.to_str().unwrap()),
+        Some(("listen = 8080\n".to_string(), 0o440)),
+        "the config over an existing file, in the task"
+    );
+    assert_eq!(
+        fs::read_to_string(&shadowed).unwrap(),
+        "the node's own\n",
+        "the node's file is untouched"
     );
     nowhere_in_plain_text(&swarm, SECRET);
     let (_, err) = swarm.fails(0, &["secret", "rm", "db_pw"]);

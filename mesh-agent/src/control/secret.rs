@@ -8,8 +8,9 @@
 //! Tasks share the node's root file system, so their files live on a
 //! memory-backed file system private to the task's mount namespace:
 //! secrets under `/run/secrets` (default: their name), configs under
-//! `/run/configs`. A reference may rename the file and set its owner and
-//! mode, but never place it elsewhere on the node.
+//! `/run/configs`, or a config over an existing file at an absolute target
+//! (only the task sees it there; the node's file is untouched). A
+//! reference may rename the file and set its owner and mode.
 
 use std::collections::BTreeMap;
 
@@ -79,7 +80,8 @@ impl std::fmt::Debug for Blob {
 pub struct BlobRef {
     /// The secret's or config's name.
     pub source: String,
-    /// The file's name under the kind's directory.
+    /// The file's name under the kind's directory, or (a config) an
+    /// absolute path.
     pub target: String,
     pub uid: u32,
     pub gid: u32,
@@ -164,16 +166,21 @@ pub fn parse_ref(kind: Kind, text: &str) -> Result<BlobRef, String> {
     if let Some(rest) = r.target.strip_prefix(kind.dir()).and_then(|t| t.strip_prefix('/')) {
         r.target = rest.to_string();
     }
-    let file_ok = !r.target.is_empty()
-        && !r.target.contains('/')
-        && r.target != "."
-        && r.target != ".."
-        && !r.target.contains('\0');
+    let plain = |part: &str| !part.is_empty() && part != "." && part != ".." && !part.contains('\0');
+    let file_ok = if kind == Kind::Config && r.target.starts_with('/') {
+        r.target[1..].split('/').all(plain)
+    } else {
+        plain(&r.target) && !r.target.contains('/')
+    };
     if !file_ok {
-        return Err(format!(
-            "invalid --{flag} {text:?}: target must be a file name in {} (tasks share the node's file system, so {flag}s appear only there)",
-            kind.dir()
-        ));
+        return Err(match kind {
+            Kind::Secret => format!(
+                "invalid --{flag} {text:?}: target must be a file name in {SECRETS_DIR} (tasks share the node's file system, so secrets appear only there)"
+            ),
+            Kind::Config => format!(
+                "invalid --{flag} {text:?}: target must be a file name in {CONFIGS_DIR} or an absolute path without . or .."
+            ),
+        });
     }
     if r.mode > 0o777 {
         return Err(format!("invalid --{flag} {text:?}: mode {:o} is beyond 0777", r.mode));
@@ -186,7 +193,7 @@ pub fn parse_ref(kind: Kind, text: &str) -> Result<BlobRef, String> {
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub struct TaskFile {
     pub kind: Kind,
-    /// Its name under the kind's directory.
+    /// Its name under the kind's directory, or (a config) an absolute path.
     pub target: String,
     pub uid: u32,
     pub gid: u32,
@@ -240,6 +247,8 @@ mod tests {
         );
         let r = parse_ref(Kind::Config, "source=app,target=/run/configs/app.toml").unwrap();
         assert_eq!(r.target, "app.toml");
+        let r = parse_ref(Kind::Config, "source=app,target=/etc/app/app.toml").unwrap();
+        assert_eq!(r.target, "/etc/app/app.toml");
         for bad in [
             "source=x,target=/etc/passwd",
             "source=x,target=../x",
@@ -250,9 +259,12 @@ mod tests {
         ] {
             assert!(parse_ref(Kind::Secret, bad).is_err(), "{bad} is refused");
         }
-        assert!(parse_ref(Kind::Config, "source=x,target=/etc/x")
+        assert!(parse_ref(Kind::Config, "source=x,target=/etc/../x")
             .unwrap_err()
-            .contains("/run/configs"));
+            .contains("absolute path"));
+        assert!(parse_ref(Kind::Secret, "source=x,target=/etc/x")
+            .unwrap_err()
+            .contains("/run/secrets"));
     }
 
     #[test]

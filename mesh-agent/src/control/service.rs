@@ -909,12 +909,12 @@ impl ServiceSpec {
             let refs = self.refs(kind);
             for (i, r) in refs.iter().enumerate() {
                 if refs[..i].iter().any(|o| o.target == r.target) {
-                    return Err(format!(
-                        "two {}s go to {}/{}: give one another target",
-                        kind.name(),
-                        kind.dir(),
-                        r.target
-                    ));
+                    let place = if r.target.starts_with('/') {
+                        r.target.clone()
+                    } else {
+                        format!("{}/{}", kind.dir(), r.target)
+                    };
+                    return Err(format!("two {}s go to {place}: give one another target", kind.name()));
                 }
             }
         }

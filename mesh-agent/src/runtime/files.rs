@@ -1,8 +1,9 @@
 //! A task's secrets and configs on the node: written to a memory-backed
 //! file system (tmpfs) the agent mounts for the task alone, bind-mounted by
-//! the task's process over /run/secrets and /run/configs inside its own
-//! mount namespace, then unmounted from the node's namespace once the task
-//! has started. From then on only the task's mount namespace holds them,
+//! the task's process over /run/secrets and /run/configs (and a config
+//! with an absolute target over that file, which must exist on the node)
+//! inside its own mount namespace, then unmounted from the node's
+//! namespace once the task has started. From then on only the task's mount namespace holds them,
 //! and they go with it: nothing is written to disk, and a node keeps no
 //! copy once its last task using them has stopped.
 
@@ -20,7 +21,7 @@ use crate::control::secret::{Kind, TaskFile, CONFIGS_DIR, SECRETS_DIR};
 pub struct Staged {
     dir: PathBuf,
     /// (source in the staging tmpfs, where the task sees it).
-    pub binds: Vec<(PathBuf, &'static str)>,
+    pub binds: Vec<(PathBuf, PathBuf)>,
 }
 
 fn c(path: &Path) -> std::io::Result<CString> {
@@ -64,12 +65,45 @@ pub fn stage(dir: &Path, files: &[TaskFile]) -> Result<Staged, String> {
     write_all(staged, files)
 }
 
+/// Writes `f` at `path` with its owner and mode.
+fn write_file(path: &Path, f: &TaskFile) -> std::io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(f.mode)
+        .open(path)?;
+    file.write_all(&f.data)?;
+    std::os::unix::fs::fchown(&file, Some(f.uid), Some(f.gid))?;
+    // The umask may have cut the mode.
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(f.mode))
+}
+
 fn write_all(mut staged: Staged, files: &[TaskFile]) -> Result<Staged, String> {
+    // Configs over existing files, one bind each.
+    for (i, f) in files.iter().filter(|f| f.target.starts_with('/')).enumerate() {
+        let target = Path::new(&f.target);
+        if !target.is_file() {
+            staged.release();
+            return Err(format!(
+                "config target {} is not a file on this node: tasks share the node's file system, so a config goes under {CONFIGS_DIR} or over a file that exists",
+                f.target
+            ));
+        }
+        let source = staged.dir.join(format!("file-{i}"));
+        if let Err(e) = write_file(&source, f) {
+            staged.release();
+            return Err(format!("writing the task's config for {}: {e}", f.target));
+        }
+        staged.binds.push((source, target.to_path_buf()));
+    }
     for (kind, sub, shown) in [
         (Kind::Secret, "secrets", SECRETS_DIR),
         (Kind::Config, "configs", CONFIGS_DIR),
     ] {
-        let mine: Vec<&TaskFile> = files.iter().filter(|f| f.kind == kind).collect();
+        let mine: Vec<&TaskFile> = files
+            .iter()
+            .filter(|f| f.kind == kind && !f.target.starts_with('/'))
+            .collect();
         if mine.is_empty() {
             continue;
         }
@@ -77,16 +111,7 @@ fn write_all(mut staged: Staged, files: &[TaskFile]) -> Result<Staged, String> {
         let written = (|| -> std::io::Result<()> {
             fs::DirBuilder::new().mode(0o755).create(&source)?;
             for f in &mine {
-                let path = source.join(&f.target);
-                let mut file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(f.mode)
-                    .open(&path)?;
-                file.write_all(&f.data)?;
-                std::os::unix::fs::fchown(&file, Some(f.uid), Some(f.gid))?;
-                // The umask may have cut the mode.
-                fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(f.mode))?;
+                write_file(&source.join(&f.target), f)?;
             }
             // Where the task sees them must exist on the node (empty).
             fs::DirBuilder::new().recursive(true).mode(0o755).create(shown)
@@ -95,7 +120,7 @@ fn write_all(mut staged: Staged, files: &[TaskFile]) -> Result<Staged, String> {
             staged.release();
             return Err(format!("writing the task's {}s: {e}", kind.name()));
         }
-        staged.binds.push((source, shown));
+        staged.binds.push((source, PathBuf::from(shown)));
     }
     Ok(staged)
 }

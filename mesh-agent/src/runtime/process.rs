@@ -128,9 +128,9 @@ pub struct Launch<'a> {
     pub resolv_conf: Option<&'a std::path::Path>,
     /// The `cgroup.procs` file of the cgroup the task joins.
     pub cgroup_procs: Option<&'a std::path::Path>,
-    /// Directories bind-mounted read-only in the task's mount namespace
-    /// (source, where the task sees it): its secrets and configs.
-    pub binds: &'a [(std::path::PathBuf, &'static str)],
+    /// Directories and files bind-mounted read-only in the task's mount
+    /// namespace (source, where the task sees it): its secrets and configs.
+    pub binds: &'a [(std::path::PathBuf, std::path::PathBuf)],
 }
 
 /// Starts a task process. The child is its own session leader, so its PID
@@ -158,12 +158,7 @@ pub fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
     let binds = launch
         .binds
         .iter()
-        .map(|(from, to)| {
-            Ok((
-                super::netns::c_path(from)?,
-                super::netns::c_path(std::path::Path::new(to))?,
-            ))
-        })
+        .map(|(from, to)| Ok((super::netns::c_path(from)?, super::netns::c_path(to)?)))
         .collect::<io::Result<Vec<_>>>()?;
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls on values prepared before fork.
