@@ -227,6 +227,19 @@ pub fn encrypted_overlays_hide_the_payload_and_survive_key_rotation(flags: &'sta
     );
     drop(capture);
 
+    // The tunnel's traffic and handshakes show in the metrics.
+    let (_, metrics) = mesh_tests::mesh::metrics_get(&swarm, 0, "/metrics");
+    let received: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("mesh_wireguard_peer_received_bytes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(received > 0.0, "h0's WireGuard peers sent it bytes:\n{metrics}");
+    assert!(
+        metrics.contains("mesh_wireguard_peer_handshake_age_seconds{peer="),
+        "h0 reports its handshakes:\n{metrics}"
+    );
+
     // Its entries point at the other nodes' tunnel addresses, and every
     // node has the tunnel device.
     let sealed_vni = inspect(&swarm, "sealed")["network"]["vni"].as_u64().unwrap() as u32;

@@ -107,6 +107,24 @@ impl UserspaceTunnel {
         table.by_key.iter().map(|(k, p)| (*k, p.config.clone())).collect()
     }
 
+    /// Each peer's traffic and last handshake (boringtun's counters).
+    pub fn peer_stats(&self) -> Vec<super::wireguard::PeerStats> {
+        let table = self.shared.peers.read().expect("reason: never poisoned");
+        table
+            .by_key
+            .values()
+            .map(|p| {
+                let (since, tx, rx, _, _) = p.tunn.lock().expect("reason: never poisoned").stats();
+                super::wireguard::PeerStats {
+                    tunnel: p.config.tunnel,
+                    handshake_age_s: since.map(|d| d.as_secs_f64()),
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                }
+            })
+            .collect()
+    }
+
     /// Carries out `changes`. A changed peer gets a fresh session (one
     /// handshake; boringtun cannot change a preshared key in place).
     pub fn apply(&self, changes: &[PeerChange]) {

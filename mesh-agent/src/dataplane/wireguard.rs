@@ -146,6 +146,60 @@ fn parse_peer(attrs: Vec<WireguardPeerAttribute>) -> Option<(Key, TunnelPeer)> {
     ))
 }
 
+/// One peer's traffic and session, for the metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerStats {
+    /// The peer's tunnel address (which node it is).
+    pub tunnel: Ipv6Addr,
+    /// Seconds since its last handshake; `None` before the first.
+    pub handshake_age_s: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// A kernel WireGuard device's per-peer statistics (`wg show DEVICE dump`).
+pub fn kernel_peer_stats(device: &str) -> Result<Vec<PeerStats>, GenlError> {
+    let mut genl = Genl::open("wireguard")?;
+    let replies = genl.dump(WireguardMessage {
+        cmd: WireguardCmd::GetDevice,
+        attributes: vec![WireguardAttribute::IfName(device.into())],
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let mut out = Vec::new();
+    for attr in replies.into_iter().flat_map(|m| m.attributes) {
+        let WireguardAttribute::Peers(list) = attr else {
+            continue;
+        };
+        for WireguardPeer(attrs) in list {
+            let mut stats = PeerStats {
+                tunnel: Ipv6Addr::UNSPECIFIED,
+                handshake_age_s: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            };
+            for a in &attrs {
+                match a {
+                    WireguardPeerAttribute::LastHandshake(t) if t.seconds > 0 => {
+                        let at = t.seconds as f64 + t.nano_seconds as f64 / 1e9;
+                        stats.handshake_age_s = Some((now - at).max(0.0));
+                    }
+                    WireguardPeerAttribute::RxBytes(n) => stats.rx_bytes = *n,
+                    WireguardPeerAttribute::TxBytes(n) => stats.tx_bytes = *n,
+                    _ => {}
+                }
+            }
+            if let Some((_, peer)) = parse_peer(attrs) {
+                stats.tunnel = peer.tunnel;
+                out.push(stats);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Sets the device's private key and port, then carries out `changes`
 /// (`wg set DEVICE private-key K listen-port P peer ...`). The private key
 /// and port are only sent when `identity` is given, since a new private

@@ -175,7 +175,7 @@ pub struct BackendFacts {
 }
 
 /// What the agent reads at scrape time.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// The node's ID, when it is in a swarm.
     pub node: Option<String>,
@@ -193,6 +193,8 @@ pub struct Snapshot {
     pub lb_backend: &'static str,
     pub ports: Vec<PortFacts>,
     pub backends: Vec<BackendFacts>,
+    /// The WireGuard tunnel's peers.
+    pub wireguard: Vec<crate::dataplane::wireguard::PeerStats>,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str], rows: &[(Vec<String>, i64)]) {
@@ -411,6 +413,46 @@ pub fn render(snapshot: &Snapshot) -> String {
         "Connections the routing mesh sent to a task on this node.",
         &["service", "task"],
         &backend_rows(|b| b.connections),
+    );
+    let peer = |p: &crate::dataplane::wireguard::PeerStats| vec![p.tunnel.to_string()];
+    let ages: Vec<(Vec<String>, f64)> = snapshot
+        .wireguard
+        .iter()
+        .filter_map(|p| Some((peer(p), p.handshake_age_s?)))
+        .collect();
+    let g = prometheus::GaugeVec::new(
+        Opts::new(
+            "mesh_wireguard_peer_handshake_age_seconds",
+            "Seconds since the last WireGuard handshake with a peer (by its tunnel address).",
+        ),
+        &["peer"],
+    )
+    .expect("reason: a valid gauge");
+    for (labels, age) in &ages {
+        g.with_label_values(&[labels[0].as_str()]).set(*age);
+    }
+    r.register(Box::new(g)).expect("reason: names are unique");
+    counter(
+        &r,
+        "mesh_wireguard_peer_received_bytes_total",
+        "Bytes received from a WireGuard peer (by its tunnel address).",
+        &["peer"],
+        &snapshot
+            .wireguard
+            .iter()
+            .map(|p| (peer(p), p.rx_bytes))
+            .collect::<Vec<_>>(),
+    );
+    counter(
+        &r,
+        "mesh_wireguard_peer_sent_bytes_total",
+        "Bytes sent to a WireGuard peer (by its tunnel address).",
+        &["peer"],
+        &snapshot
+            .wireguard
+            .iter()
+            .map(|p| (peer(p), p.tx_bytes))
+            .collect::<Vec<_>>(),
     );
     let mut families = r.gather();
     families.extend(instruments().registry.gather());

@@ -218,6 +218,13 @@ impl Overlays {
         self.public_key
     }
 
+    /// The WireGuard tunnel's per-peer statistics (empty while it is down,
+    /// or busy being reconfigured).
+    pub async fn tunnel_stats(&self) -> Vec<crate::dataplane::wireguard::PeerStats> {
+        let inner = self.inner.lock().await;
+        inner.tunnel.as_ref().map(Tunnel::peer_stats).unwrap_or_default()
+    }
+
     /// Brings the kernel in line with `assignments`, writing only what
     /// differs. Logs and returns the first failure (the next call reads
     /// the kernel again).

@@ -95,6 +95,18 @@ impl Tunnel {
         self.active.as_ref().map(|a| a.address)
     }
 
+    /// Each peer's traffic and last handshake, while the tunnel is up.
+    pub fn peer_stats(&self) -> Vec<crate::dataplane::wireguard::PeerStats> {
+        match self.active.as_ref().map(|a| &a.backend) {
+            Some(Backend::Kernel) => wireguard::kernel_peer_stats(DEVICE).unwrap_or_else(|e| {
+                log::warn!("reading WireGuard statistics: {e}");
+                Vec::new()
+            }),
+            Some(Backend::Userspace(u)) => u.peer_stats(),
+            None => Vec::new(),
+        }
+    }
+
     /// Brings the tunnel in line with `want` (removed when `None`).
     /// `underlay_mtu` is the MTU of the data-path link.
     pub fn apply(&mut self, want: Option<&TunnelAssignment>, underlay_mtu: u32) -> Result<(), String> {

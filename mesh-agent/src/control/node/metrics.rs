@@ -90,6 +90,7 @@ impl Agent {
         };
         if let Some(m) = member {
             snapshot.state = "active".into();
+            snapshot.wireguard = m.overlays.tunnel_stats().await;
             // Map reads and netlink dumps block: off the runtime's threads.
             snapshot = tokio::task::spawn_blocking(move || {
                 m.snapshot(&mut snapshot);
