@@ -53,6 +53,13 @@ pub struct Cli {
 enum Command {
     /// Show the client and agent versions.
     Version,
+    /// Print a shell completion script: `meshctl completion bash >
+    /// /etc/bash_completion.d/meshctl` (zsh: into a directory on $fpath as
+    /// `_meshctl`; fish: `~/.config/fish/completions/meshctl.fish`).
+    Completion {
+        /// bash, zsh or fish.
+        shell: CompletionShell,
+    },
     /// Show this node's swarm state.
     Info {
         /// json or table.
@@ -278,9 +285,36 @@ enum NodeCommand {
     },
 }
 
+/// Shells `meshctl completion` writes for.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The completion script for `shell` (no agent needed).
+pub fn completion_script(shell: CompletionShell) -> String {
+    use clap::CommandFactory;
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "meshctl", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Runs meshctl; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if let Command::Completion { shell } = cli.command {
+        // Written whole or not at all: a closed pipe (`| head`) is no error.
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(completion_script(shell).as_bytes());
+        return 0;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -439,6 +473,7 @@ pub(crate) fn duration_ms(flag: &str, text: &str) -> ApiResult<u64> {
 async fn run(cli: Cli) -> ApiResult<()> {
     let client = Client::new(cli.socket, cli.host, &cli.tls_dir)?;
     match cli.command {
+        Command::Completion { .. } => Ok(()),
         Command::Version => {
             println!("Client: meshctl {}", crate::VERSION);
             match client.info().await {
@@ -854,4 +889,19 @@ async fn set_role(client: &Client, nodes: &[String], role: Role) -> ApiResult<()
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_scripts_name_the_commands() {
+        for shell in [CompletionShell::Bash, CompletionShell::Zsh, CompletionShell::Fish] {
+            let script = completion_script(shell);
+            for word in ["meshctl", "service", "secret", "network", "--publish"] {
+                assert!(script.contains(word), "{shell:?} completion lacks {word}");
+            }
+        }
+    }
 }
