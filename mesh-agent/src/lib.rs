@@ -6,10 +6,12 @@
 //! - [`runtime`]: network namespaces for tasks.
 //! - [`preflight`]: what the node's kernel offers the dataplane.
 //! - [`metrics`]: the Prometheus endpoint.
+//! - [`config_file`]: `mesh-agent run --config FILE` (TOML).
 //!
 //! The binaries `mesh-agent` and `meshctl` are thin wrappers over this library.
 
 pub mod cli;
+pub mod config_file;
 pub mod control;
 pub mod dataplane;
 pub mod metrics;

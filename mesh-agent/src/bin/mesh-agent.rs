@@ -31,57 +31,64 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(args_override_self = true)]
 struct RunArgs {
+    /// A TOML file of these settings, keys named like the flags
+    /// (`data-dir = "/var/lib/mesh"`); unknown keys are refused. The command
+    /// line wins over the environment (`MESH_DATA_DIR`, ...), which wins
+    /// over the file.
+    #[arg(long, env = "MESH_CONFIG")]
+    config: Option<PathBuf>,
     /// Where the node keeps its state (keys, certificates, the Raft store).
-    #[arg(long, default_value = "/var/lib/mesh")]
+    #[arg(long, env = "MESH_DATA_DIR", default_value = "/var/lib/mesh")]
     data_dir: PathBuf,
     /// The local API socket (root-only).
-    #[arg(long, default_value = local::DEFAULT_SOCKET)]
+    #[arg(long, env = "MESH_SOCKET", default_value = local::DEFAULT_SOCKET)]
     socket: PathBuf,
     /// The name this node reports (default: the host name).
-    #[arg(long)]
+    #[arg(long, env = "MESH_HOSTNAME")]
     hostname: Option<String>,
     /// Raft leader heartbeat interval. With the default election timeout a
     /// write commits again about 1.4 s (median) after the leader dies: openraft
     /// has a follower wait the leader lease (the maximum timeout) plus its own
     /// timeout before campaigning. Raise both on slow or lossy links.
-    #[arg(long, default_value = "50ms")]
+    #[arg(long, env = "MESH_RAFT_HEARTBEAT", default_value = "50ms")]
     raft_heartbeat: String,
     /// Raft election timeout (randomised between this and twice this).
-    #[arg(long, default_value = "150ms")]
+    #[arg(long, env = "MESH_RAFT_ELECTION_TIMEOUT", default_value = "150ms")]
     raft_election_timeout: String,
     /// Log entries between Raft snapshots.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, env = "MESH_RAFT_SNAPSHOT_INTERVAL", default_value_t = 1000)]
     raft_snapshot_interval: u64,
     /// Disaster recovery, when a quorum of managers is lost for good: make
     /// this manager the only one, keeping the swarm's state; the others are
     /// demoted. Start once with it, then without.
-    #[arg(long)]
+    #[arg(long, env = "MESH_FORCE_NEW_CLUSTER")]
     force_new_cluster: bool,
     /// The node-local pool tasks get their address on the node's bridge
     /// (mesh_gwbridge) from.
-    #[arg(long, default_value = mesh_agent::runtime::network::DEFAULT_POOL)]
+    #[arg(long, env = "MESH_LOCAL_POOL", default_value = mesh_agent::runtime::network::DEFAULT_POOL)]
     local_pool: String,
     /// Which WireGuard encrypted overlays use: the kernel's where it has
     /// it (auto), only the kernel's, or boringtun in the agent on a TUN
     /// device (userspace).
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, env = "MESH_WIREGUARD", value_enum, default_value = "auto")]
     wireguard: mesh_agent::runtime::tunnel::WireguardMode,
     /// How published ports reach tasks on other nodes: as they are, to
     /// the node's MAC address, when it is on the same link, else through
     /// the routing-mesh tunnel (auto); or always through the tunnel.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, env = "MESH_MESH_ROUTING", value_enum, default_value = "auto")]
     mesh_routing: mesh_agent::runtime::mesh::MeshRouting,
     /// What serves published ports: the eBPF programs, or IPVS as in
     /// Swarm (needs the ip_vs module; tasks on other nodes than the one a
     /// connection came in on see that node's address, not the client's).
     /// Service VIPs use the eBPF socket programs either way.
-    #[arg(long, value_enum, default_value = "ebpf")]
+    #[arg(long, env = "MESH_LB_BACKEND", value_enum, default_value = "ebpf")]
     lb_backend: mesh_agent::runtime::mesh::LbBackend,
     /// Where Prometheus scrapes the agent (`GET /metrics`), or `off`.
     /// Loopback by default: the metrics name services and nodes, so
     /// expose them on purpose (a warning says when they are).
-    #[arg(long, default_value = mesh_agent::metrics::server::DEFAULT_ADDR)]
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = mesh_agent::metrics::server::DEFAULT_ADDR)]
     metrics_addr: String,
 }
 
@@ -167,9 +174,38 @@ fn run(args: RunArgs) -> Result<(), String> {
     })
 }
 
+/// `run --config FILE`: parses again with the file's settings placed
+/// before the command line's (see mesh_agent::config_file).
+fn with_config_file(cli: Cli) -> Result<Cli, String> {
+    let Command::Run(args) = &cli.command else {
+        return Ok(cli);
+    };
+    let Some(path) = &args.config else {
+        return Ok(cli);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    let command = <Cli as clap::CommandFactory>::command();
+    let run = command
+        .find_subcommand("run")
+        .expect("reason: the run subcommand exists");
+    let from_file = mesh_agent::config_file::args_from_toml(&text, run, &|e| std::env::var_os(e).is_some())
+        .map_err(|e| format!("--config {}: {e}", path.display()))?;
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let at = argv.iter().position(|a| a == "run").expect("reason: parsed as run") + 1;
+    argv.splice(at..at, from_file.into_iter().map(Into::into));
+    Cli::try_parse_from(argv).map_err(|e| e.to_string())
+}
+
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,openraft=warn")).init();
-    match Cli::parse().command {
+    let cli = match with_config_file(Cli::parse()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
         Command::Run(args) => match run(args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
@@ -193,5 +229,27 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::SUCCESS
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// deploy/agent.toml holds only keys the agent knows, with values it takes.
+    #[test]
+    fn the_example_config_file_is_accepted() {
+        let text = include_str!("../../../deploy/agent.toml");
+        let command = <Cli as clap::CommandFactory>::command();
+        let run = command.find_subcommand("run").unwrap();
+        let args = mesh_agent::config_file::args_from_toml(text, run, &|_| false).unwrap();
+        assert!(args.len() > 10, "{args:?}");
+        let mut argv = vec!["mesh-agent".to_string(), "run".to_string()];
+        argv.extend(args);
+        argv.extend(["--metrics-addr".to_string(), "off".to_string()]);
+        let cli = Cli::try_parse_from(argv).expect("the example parses");
+        let Command::Run(run) = cli.command else { panic!("run") };
+        assert_eq!(run.metrics_addr, "off", "the command line wins over the file");
+        assert_eq!(run.data_dir, PathBuf::from("/var/lib/mesh"));
     }
 }
