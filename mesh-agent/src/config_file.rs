@@ -26,7 +26,7 @@ pub fn args_from_toml(
                     .collect();
                 format!("unknown key {key:?} (known: {})", known.join(", "))
             })?;
-        if arg.get_env().and_then(|e| e.to_str()).is_some_and(|e| env_set(e)) {
+        if arg.get_env().and_then(|e| e.to_str()).is_some_and(env_set) {
             continue;
         }
         let flag = format!("--{key}");
