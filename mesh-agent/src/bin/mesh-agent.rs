@@ -27,7 +27,7 @@ enum Command {
     /// Check what this node's kernel offers mesh's dataplane (needs root).
     Check,
     /// Run the agent (needs root).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args)]
@@ -206,7 +206,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => match run(args) {
+        Command::Run(args) => match run(*args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("Error: {e}");
