@@ -30,9 +30,10 @@ enum Command {
     BuildEbpf,
     /// Run setup, then every test lane: unit, kernel (root), VM (virtme-ng).
     Test(test::Args),
-    /// Run setup, build, then bring up a 3-host topology in network namespaces.
+    /// Run setup, build, then a 3-node swarm in network namespaces with a
+    /// published service, asked through every node.
     Demo {
-        /// Keep the hosts up until Ctrl-C, to explore them with `ip netns exec`.
+        /// Keep the swarm up until Ctrl-C, to explore it with `ip netns exec`.
         #[arg(long)]
         hold: bool,
     },
@@ -68,9 +69,12 @@ fn demo(hold: bool) -> Result<()> {
     setup::require_root("the demo (network namespaces, eBPF)")?;
     setup::run()?;
     ebpf::build()?;
+    // The agents, meshctl and the demo's HTTP server run as real processes.
+    workspace::cargo(&["build", "--quiet", "--release", "-p", "mesh-agent", "--bins"])?;
+    workspace::cargo(&["build", "--quiet", "--release", "-p", "mesh-tests", "--bins"])?;
     let mut args = vec!["run", "--quiet", "--release", "-p", "mesh-tests", "--bin", "mesh-demo"];
-    if hold {
-        args.extend(["--", "--hold"]);
+    if !hold {
+        args.extend(["--", "--once"]);
     }
     workspace::cargo(&args)
 }

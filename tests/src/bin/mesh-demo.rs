@@ -1,190 +1,181 @@
-//! `cargo xtask demo`: three hosts in network namespaces on one underlay
-//! bridge, mesh-ebpf's XDP program attached to each host's link, the hosts
-//! reaching each other (ping and TCP), and the packets the program counted.
-//!
-//! With `--hold` the hosts stay up until Ctrl-C so they can be explored
-//! with `ip netns exec NAME ...`.
+//! `cargo xtask demo`: the routing mesh on one machine. Four hosts in
+//! network namespaces on one underlay bridge, a real `mesh-agent` on each:
+//! h0 initialises a swarm, h1 and h2 join it, an overlay network and a
+//! 3-replica HTTP service published on 8080 are created with `meshctl`,
+//! then h3 (outside the swarm, a client) asks each node's 8080 and the
+//! demo prints which task, on which node, answered. The swarm stays up
+//! until Ctrl-C (`--once`: not at all); then everything is removed.
 
-use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
-    process::Command,
-    time::Duration,
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use anyhow::Result;
+use mesh_tests::{
+    cluster::host_address,
+    mesh::{create_http_service, http_get, placed},
+    overlay::running,
+    require_root,
+    swarm::Swarm,
 };
 
-use anyhow::{bail, Context, Result};
-use mesh_agent::dataplane::ebpf::{EbpfDataplane, XdpAttachMode, XDP_COUNT};
-use mesh_common::counters::{Hook, ProtoClass};
-use mesh_tests::{cluster::HOST_LINK, require_root, Cluster, Host};
+const NODES: usize = 3;
+const CLIENT: usize = 3;
+const REQUESTS: usize = 4;
 
-const HOSTS: usize = 3;
-const TCP_PORT: u16 = 7000;
+/// Runs `meshctl ARGS` on host `host`, printing the command and its output.
+fn meshctl(swarm: &Swarm, host: usize, args: &[&str]) -> String {
+    println!("h{host}$ meshctl {}", args.join(" "));
+    let out = swarm.ok(host, args);
+    for line in out.lines().take(12) {
+        println!("     {line}");
+    }
+    out
+}
 
 fn main() -> Result<()> {
-    let hold = std::env::args().skip(1).any(|a| a == "--hold");
+    let once = std::env::args().skip(1).any(|a| a == "--once");
     require_root();
     // Ctrl-C waits for the teardown instead of killing the demo mid-way:
     // the signals stay pending until the end (every thread inherits the mask).
     let signals = block_termination_signals();
 
-    println!("== mesh demo: {HOSTS} hosts in network namespaces, joined by an underlay bridge\n");
-    let cluster = Cluster::new(HOSTS).context("building the hosts")?;
-    for host in cluster.hosts() {
+    println!(
+        "== mesh demo: {} hosts in network namespaces on one underlay bridge, a mesh-agent on each\n",
+        NODES + 1
+    );
+    let swarm = Swarm::new(NODES + 1);
+    for host in swarm.cluster.hosts() {
+        let role = if host.index() == CLIENT {
+            "a client, outside the swarm"
+        } else {
+            "a node"
+        };
         println!(
-            "  host h{}  {:<12} namespace {}",
+            "  h{}  {:<12} namespace {:<24} {role}",
             host.index(),
             host.address(),
             host.netns().name()
         );
     }
-    println!(
-        "  underlay bridge {} in namespace {}\n",
-        mesh_tests::cluster::UNDERLAY_BRIDGE,
-        cluster.underlay().name()
+
+    println!("\n== the swarm: h0 initialises it, h1 and h2 join");
+    let addr = host_address(0).to_string();
+    meshctl(
+        &swarm,
+        0,
+        &[
+            "swarm",
+            "init",
+            "--advertise-addr",
+            &addr,
+            "--dispatcher-heartbeat",
+            "500ms",
+        ],
     );
-
-    println!("== attaching mesh-ebpf's `{XDP_COUNT}` (XDP) to {HOST_LINK} on every host");
-    let mut dataplanes = Vec::new();
-    for host in cluster.hosts() {
-        let mut dataplane = EbpfDataplane::load().context("loading mesh-ebpf (is this root?)")?;
-        let mode = host.run(|| attach_best(&mut dataplane))?;
-        println!("  h{}: {XDP_COUNT} attached in {mode:?} mode", host.index());
-        dataplanes.push(dataplane);
+    let token = swarm.ok(0, &["swarm", "join-token", "-q", "worker"]);
+    for i in 1..NODES {
+        let me = host_address(i).to_string();
+        let manager = format!("{addr}:2377");
+        println!("h{i}$ meshctl swarm join --token <worker token> --advertise-addr {me} {manager}");
+        swarm.ok(
+            i,
+            &[
+                "swarm",
+                "join",
+                "--token",
+                token.trim(),
+                "--advertise-addr",
+                &me,
+                &manager,
+            ],
+        );
     }
+    swarm.wait("3 nodes ready", Duration::from_secs(60), || swarm.ready(0) == NODES);
+    meshctl(&swarm, 0, &["node", "ls"]);
 
-    println!("\n== every host pings every other host (3 echo requests each)");
-    let mut lost = 0;
-    for from in cluster.hosts() {
-        for to in cluster.hosts().iter().filter(|h| h.index() != from.index()) {
-            let (line, ok) = ping(from, to)?;
-            println!("  {line}");
-            lost += usize::from(!ok);
-        }
-    }
+    println!("\n== an overlay network and a published service");
+    meshctl(&swarm, 0, &["network", "create", "--driver", "overlay", "demo-net"]);
+    println!("h0$ meshctl service create --detach --name web --replicas 3 --replicas-max-per-node 1 --network demo-net --publish 8080:80 -- mesh-echo --http 80");
+    create_http_service(
+        &swarm,
+        "web",
+        &[
+            "--replicas",
+            "3",
+            "--replicas-max-per-node",
+            "1",
+            "--network",
+            "demo-net",
+            "--publish",
+            "8080:80",
+        ],
+    );
+    swarm.wait("3 web tasks running", Duration::from_secs(60), || {
+        running(&swarm, "web") == NODES
+    });
+    meshctl(&swarm, 0, &["service", "ps", "web"]);
+    let node_of: BTreeMap<String, usize> = placed(&swarm, "web").into_iter().map(|(h, t)| (t, h)).collect();
 
-    println!("\n== every host opens a TCP connection to an echo server on every other host (port {TCP_PORT})");
-    let servers: Vec<TcpListener> = cluster
-        .hosts()
-        .iter()
-        .map(|h| {
-            let address = h.address();
-            h.run(move || TcpListener::bind((address, TCP_PORT)))
+    println!("\n== the routing mesh: h3 asks each node's 8080 {REQUESTS} times");
+    swarm.wait("every node's 8080 answers", Duration::from_secs(30), || {
+        (0..NODES).all(|n| {
+            let to = SocketAddr::from((host_address(n), 8080));
+            swarm.cluster.host(CLIENT).run(move || http_get(to).is_ok())
         })
-        .collect::<std::io::Result<_>>()
-        .context("starting the echo servers")?;
-    for from in cluster.hosts() {
-        for (to, server) in cluster
-            .hosts()
-            .iter()
-            .zip(&servers)
-            .filter(|(h, _)| h.index() != from.index())
+    });
+    let (mut elsewhere, mut failed) = (0, 0);
+    for node in 0..NODES {
+        for _ in 0..REQUESTS {
+            let to = SocketAddr::from((host_address(node), 8080));
+            match swarm.cluster.host(CLIENT).run(move || http_get(to)) {
+                Ok((task, seen)) => {
+                    let on = node_of.get(&task).map_or("?".to_string(), |h| format!("h{h}"));
+                    if on != format!("h{node}") {
+                        elsewhere += 1;
+                    }
+                    println!("  h3 -> {to}: answered by task {task} on {on}; the task saw the client as {seen}");
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("  h3 -> {to}: FAILED: {e}");
+                }
+            }
+        }
+    }
+    println!(
+        "  {} requests, {failed} failed, {elsewhere} answered by a task on another node than the one asked",
+        NODES * REQUESTS
+    );
+    println!("\n== what each node's metrics say (http://127.0.0.1:9323/metrics in its namespace)");
+    for node in 0..NODES {
+        let (_, text) = mesh_tests::mesh::metrics_get(&swarm, node, "/metrics");
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("mesh_lb_connections_total{") || l.starts_with("mesh_raft_is_leader"))
         {
-            println!("  {}", tcp_echo(from, to, server)?);
+            println!("  h{node}: {line}");
         }
     }
 
-    println!("\n== packets {XDP_COUNT} counted on each host's {HOST_LINK} (received traffic, read from its BPF map)");
-    println!(
-        "  {:<5} {:>10} {:>10} {:>10} {:>10} {:>12}",
-        "host", "icmp", "tcp", "udp", "other", "bytes"
-    );
-    for (host, dataplane) in cluster.hosts().iter().zip(&dataplanes) {
-        let counters = dataplane.counters()?;
-        let packets = |c| counters.get(Hook::Xdp, c).packets;
+    if !once {
+        println!("\nThe swarm stays up. Try, e.g.:");
         println!(
-            "  h{:<4} {:>10} {:>10} {:>10} {:>10} {:>12}",
-            host.index(),
-            packets(ProtoClass::Icmp),
-            packets(ProtoClass::Tcp),
-            packets(ProtoClass::Udp),
-            packets(ProtoClass::Other),
-            counters.total(Hook::Xdp).bytes
-        );
-    }
-    println!("  (icmp: echo requests/replies and IPv6 neighbour discovery; tcp: handshakes and echoes;");
-    println!("   other: ARP, and IPv6 multicast reports, whose hop-by-hop header the program does not walk)");
-
-    if hold {
-        println!("\nThe hosts stay up. Explore them, e.g.:");
-        println!(
-            "  ip netns exec {} ping {}",
-            cluster.host(0).netns().name(),
-            cluster.host(1).address()
+            "  ip netns exec {} curl -s http://{}:8080/",
+            swarm.cluster.host(CLIENT).netns().name(),
+            host_address(1)
         );
         println!(
-            "  ip netns exec {} ip -d link show {HOST_LINK}",
-            cluster.host(0).netns().name()
+            "  ip netns exec {} {} --socket {} service ls",
+            swarm.cluster.host(0).netns().name(),
+            mesh_tests::swarm::binary("meshctl").display(),
+            swarm.agents[0].socket.display()
         );
         println!("Press Ctrl-C to tear everything down.");
         wait_for(&signals);
     }
-    drop(servers);
-    drop(dataplanes);
-    drop(cluster);
-    println!("\n== torn down: namespaces, links and eBPF programs removed");
-    if lost > 0 {
-        bail!("{lost} host pairs lost pings: the hosts did not all reach each other");
-    }
+    drop(swarm);
+    println!("\n== torn down: agents, tasks, namespaces and kernel objects removed");
+    anyhow::ensure!(failed == 0, "{failed} requests through the routing mesh failed");
     Ok(())
-}
-
-/// Native XDP where the driver supports it, generic otherwise. The
-/// attachment lasts as long as the dataplane: dropping it detaches.
-fn attach_best(dataplane: &mut EbpfDataplane) -> Result<XdpAttachMode> {
-    if let Err(e) = dataplane.attach_xdp(XDP_COUNT, HOST_LINK, XdpAttachMode::Native) {
-        eprintln!("  (native XDP unavailable: {e}; using generic)");
-        dataplane.attach_xdp(XDP_COUNT, HOST_LINK, XdpAttachMode::Generic)?;
-        return Ok(XdpAttachMode::Generic);
-    }
-    Ok(XdpAttachMode::Native)
-}
-
-/// One line of ping's summary, and whether every echo was answered.
-fn ping(from: &Host, to: &Host) -> Result<(String, bool)> {
-    let mut cmd = Command::new("ping");
-    cmd.args(["-c", "3", "-i", "0.2", "-W", "1", "-q"])
-        .arg(to.address().to_string());
-    let output = from.output(cmd, Duration::from_secs(10))?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let summary = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("no summary from ping");
-    let rtt = text
-        .lines()
-        .find(|l| l.starts_with("rtt"))
-        .map(|l| format!(", {l}"))
-        .unwrap_or_default();
-    let verdict = if output.status.success() { "ok " } else { "LOST" };
-    let line = format!(
-        "{verdict} h{} -> h{} ({}): {summary}{rtt}",
-        from.index(),
-        to.index(),
-        to.address()
-    );
-    Ok((line, output.status.success()))
-}
-
-fn tcp_echo(from: &Host, to: &Host, server: &TcpListener) -> Result<String> {
-    let target = (to.address(), TCP_PORT);
-    let mut client = from.run(move || TcpStream::connect_timeout(&target.into(), Duration::from_secs(2)))?;
-    let (mut accepted, peer) = server.accept()?;
-    let message = format!("hello from h{}", from.index());
-    client.write_all(message.as_bytes())?;
-    let mut buf = vec![0u8; message.len()];
-    accepted.read_exact(&mut buf)?;
-    accepted.write_all(&buf)?;
-    client.read_exact(&mut buf)?;
-    if buf != message.as_bytes() {
-        bail!("h{} -> h{}: the echo came back garbled", from.index(), to.index());
-    }
-    Ok(format!(
-        "ok  h{} -> h{} ({}): connected from {peer}, echoed {:?}",
-        from.index(),
-        to.index(),
-        to.address(),
-        message
-    ))
 }
 
 /// Blocks SIGINT and SIGTERM for this thread and every thread it starts.
