@@ -22,6 +22,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "benchmarks: throughput"),
     ("wrk", "benchmarks: HTTP load"),
     ("prometheus", "kernel lane: promtool checks the agents' /metrics"),
+    ("chromium", "kernel lane: the visualizer page rendered headless"),
     ("kmod", "VM lane: modprobe"),
     ("qemu-system-x86", "VM lane: the emulator virtme-ng drives"),
     ("busybox-static", "VM lane: virtme-ng builds its initramfs with it"),

@@ -90,6 +90,11 @@ struct RunArgs {
     /// expose them on purpose (a warning says when they are).
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = mesh_agent::metrics::server::DEFAULT_ADDR)]
     metrics_addr: String,
+    /// Serve the swarm visualizer (a live page of nodes and tasks, like the
+    /// Docker Swarm Visualizer) on ADDR:PORT, e.g. 127.0.0.1:8080, on a
+    /// manager; `off` by default.
+    #[arg(long, env = "MESH_VISUALIZER_ADDR", default_value = "off")]
+    visualizer_addr: String,
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
@@ -130,6 +135,8 @@ fn run(args: RunArgs) -> Result<(), String> {
     }
     let metrics_addr =
         mesh_agent::metrics::server::parse_addr(&args.metrics_addr).map_err(|e| format!("--metrics-addr: {e}"))?;
+    let visualizer_addr = mesh_agent::metrics::server::parse_addr(&args.visualizer_addr)
+        .map_err(|e| format!("--visualizer-addr: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -155,6 +162,20 @@ fn run(args: RunArgs) -> Result<(), String> {
             tokio::spawn(mesh_agent::metrics::server::serve(listener, move || {
                 let agent = agent.clone();
                 async move { agent.metrics().await }
+            }));
+        }
+        if let Some(addr) = visualizer_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--visualizer-addr {addr}: {e} (choose another address, or `off`)"))?;
+            if mesh_agent::metrics::server::is_public(&addr) {
+                log::warn!("serving the visualizer on {addr}, beyond this host: anyone who reaches it sees the swarm's nodes and services");
+            }
+            log::info!("visualizer on http://{addr}/");
+            let agent = agent.clone();
+            tokio::spawn(mesh_agent::metrics::visualizer::serve(listener, move || {
+                let agent = agent.clone();
+                async move { agent.visualizer_json().await }
             }));
         }
         let served = agent.clone();

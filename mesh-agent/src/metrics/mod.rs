@@ -15,6 +15,7 @@
 //! output (tests/tests/swarm_metrics.rs).
 
 pub mod server;
+pub mod visualizer;
 
 use std::sync::OnceLock;
 

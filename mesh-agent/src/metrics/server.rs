@@ -57,26 +57,26 @@ where
     }
 }
 
-async fn answer<F, Fut>(mut stream: TcpStream, render: F) -> std::io::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = String>,
-{
+/// Reads a request head (up to the blank line): `None` for a client that
+/// sends nothing in time, closes, or sends more than the limit.
+pub(super) async fn read_head(stream: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf))
             .await
-            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+            .ok()?
+            .ok()?;
         if n == 0 || head.len() + n > HEAD_LIMIT {
-            return Ok(());
+            return None;
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let wants_metrics = respond(&head, String::new).0 == 200;
-    let body = if wants_metrics { render().await } else { String::new() };
-    let (status, kind, body) = respond(&head, || body);
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Writes a whole response and closes.
+pub(super) async fn write_response(stream: &mut TcpStream, status: u16, kind: &str, body: &str) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
@@ -88,6 +88,20 @@ where
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+async fn answer<F, Fut>(mut stream: TcpStream, render: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = String>,
+{
+    let Some(head) = read_head(&mut stream).await else {
+        return Ok(());
+    };
+    let wants_metrics = respond(&head, String::new).0 == 200;
+    let body = if wants_metrics { render().await } else { String::new() };
+    let (status, kind, body) = respond(&head, || body);
+    write_response(&mut stream, status, kind, &body).await
 }
 
 #[cfg(test)]

@@ -69,6 +69,17 @@ impl Member {
 }
 
 impl Agent {
+    /// The swarm as the visualizer draws it, as JSON (`None` unless this
+    /// node is an active manager).
+    pub async fn visualizer_json(&self) -> Option<String> {
+        let member = match &*self.phase.lock().await {
+            Phase::Active(m) => m.clone(),
+            _ => return None,
+        };
+        let state = member.manager()?.state();
+        serde_json::to_string(&crate::metrics::visualizer::view(&state)).ok()
+    }
+
     /// The metrics text (`GET /metrics`).
     pub async fn metrics(&self) -> String {
         let mut snapshot = Snapshot {
