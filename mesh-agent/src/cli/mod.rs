@@ -88,6 +88,17 @@ enum Command {
     Run(run::RunArgs),
 }
 
+/// The flags every `ls` takes.
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    /// Only print IDs.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// json or table.
+    #[arg(long, default_value = "table")]
+    pub format: Format,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum Format {
     Table,
@@ -231,14 +242,7 @@ enum SwarmCommand {
 #[derive(Subcommand, Debug)]
 enum NodeCommand {
     /// List nodes.
-    Ls {
-        /// Only print IDs.
-        #[arg(short, long)]
-        quiet: bool,
-        /// json or table.
-        #[arg(long, default_value = "table")]
-        format: Format,
-    },
+    Ls(ListArgs),
     /// Show nodes in detail (JSON unless --pretty).
     Inspect {
         /// Human-readable text.
@@ -769,7 +773,7 @@ pub fn node_table(nodes: &[NodeView], self_id: Option<u64>) -> String {
 
 async fn node(client: &Client, cmd: NodeCommand) -> ApiResult<()> {
     match cmd {
-        NodeCommand::Ls { quiet, format } => {
+        NodeCommand::Ls(ListArgs { quiet, format }) => {
             let ClusterResponse::Nodes(nodes) = client.cluster(ClusterRequest::NodeList).await? else {
                 return Err(ApiError::internal("unexpected reply to node ls"));
             };

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use clap::{Args, Subcommand};
 
-use super::{json, table, Client, Format};
+use super::{json, table, Client, Format, ListArgs};
 use crate::{
     control::{
         api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, NetworkView},
@@ -48,14 +48,7 @@ pub enum NetworkCommand {
     /// Create an overlay network.
     Create(CreateArgs),
     /// List networks.
-    Ls {
-        /// Only print IDs.
-        #[arg(short, long)]
-        quiet: bool,
-        /// json or table.
-        #[arg(long, default_value = "table")]
-        format: Format,
-    },
+    Ls(ListArgs),
     /// Show networks in detail (JSON): subnet, VNI, peers, endpoints.
     Inspect {
         /// Names or IDs.
@@ -177,7 +170,7 @@ pub async fn run(client: &Client, cmd: NetworkCommand) -> ApiResult<()> {
                 other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
             }
         }
-        NetworkCommand::Ls { quiet, format } => {
+        NetworkCommand::Ls(ListArgs { quiet, format }) => {
             let list = networks(client.cluster(ClusterRequest::NetworkList).await?)?;
             if quiet {
                 list.iter().for_each(|v| println!("{}", node_id_text(v.network.id)));

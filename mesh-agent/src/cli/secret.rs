@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, io::Read};
 
 use clap::Subcommand;
 
-use super::{json, table, Client, Format};
+use super::{json, table, Client, Format, ListArgs};
 use crate::control::{
     api::{ApiError, ApiResult, BlobView, ClusterRequest, ClusterResponse},
     secret::{check_data, check_name, Kind, MAX_SIZE},
@@ -27,14 +27,7 @@ pub enum BlobCommand {
         file: String,
     },
     /// List them.
-    Ls {
-        /// Only print IDs.
-        #[arg(short, long)]
-        quiet: bool,
-        /// json or table.
-        #[arg(long, default_value = "table")]
-        format: Format,
-    },
+    Ls(ListArgs),
     /// Show them in detail (JSON; a secret's content is never shown).
     Inspect {
         /// Names or IDs.
@@ -123,7 +116,7 @@ pub async fn run(client: &Client, kind: Kind, cmd: BlobCommand) -> ApiResult<()>
                 other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
             }
         }
-        BlobCommand::Ls { quiet, format } => {
+        BlobCommand::Ls(ListArgs { quiet, format }) => {
             let list = blobs(client.cluster(ClusterRequest::BlobList { kind }).await?)?;
             if quiet {
                 list.iter().for_each(|b| println!("{}", b.id));

@@ -7,7 +7,7 @@
 use crate::control::secret::Kind;
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::{duration_ms, json, table, Client, Format};
+use super::{duration_ms, json, table, Client, Format, ListArgs};
 use crate::control::{
     api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, LocalRequest, LocalResponse, ServiceView, TaskView},
     service::{
@@ -444,14 +444,7 @@ pub enum ServiceCommand {
     /// Create a service.
     Create(Box<CreateArgs>),
     /// List services.
-    Ls {
-        /// Only print IDs.
-        #[arg(short, long)]
-        quiet: bool,
-        /// json or table.
-        #[arg(long, default_value = "table")]
-        format: Format,
-    },
+    Ls(ListArgs),
     /// List a service's tasks.
     Ps {
         /// Only print task IDs.
@@ -692,7 +685,7 @@ pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
             }
             wait_converged(client, &service).await
         }
-        ServiceCommand::Ls { quiet, format } => {
+        ServiceCommand::Ls(ListArgs { quiet, format }) => {
             let list = services(client.cluster(ClusterRequest::ServiceList).await?)?;
             if quiet {
                 list.iter().for_each(|s| println!("{}", node_id_text(s.service.id)));
