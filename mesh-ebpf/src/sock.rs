@@ -19,6 +19,7 @@
 //! the socket sees the address it asked for.
 
 use aya_ebpf::{
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::map,
     maps::{Array, HashMap, LruHashMap},
@@ -44,6 +45,32 @@ const LOOPBACK: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// Let the system call go on (the cgroup hooks' verdict).
 const ALLOW: i32 = 1;
 
+/// The flow a socket's pick is tracked under: one socket, one flow, so its
+/// datagrams (and a reconnect) stay on one task.
+#[inline(always)]
+fn socket_flow(cookie: u64, dst: u32, port: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: cookie as u32,
+        dst,
+        sport: (cookie >> 32) as u16,
+        dport: port,
+        proto,
+        pad: [0; 3],
+    }
+}
+
+/// The reverse-lookup key of the peer socket address `sa` names.
+#[inline(always)]
+fn peer_key(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> SockRevKey {
+    SockRevKey {
+        // SAFETY: the context is the program's own.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: sa.user_ip4,
+        port: sa.user_port as u16,
+        pad: 0,
+    }
+}
+
 /// VIP -> a task's address, for `connect()` and `sendmsg()`.
 #[inline(always)]
 pub fn to_backend(ctx: &SockAddrContext) -> i32 {
@@ -58,15 +85,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context is the program's own.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let port = sa.user_port as u16;
-    // One socket, one flow: its datagrams (and a reconnect) stay on one task.
-    let flow = FlowKey {
-        src: cookie as u32,
-        dst: vip,
-        sport: (cookie >> 32) as u16,
-        dport: port,
-        proto: sa.protocol as u8,
-        pad: [0; 3],
-    };
+    let flow = socket_flow(cookie, vip, port, sa.protocol as u8);
     let Some(backend) = backend_for(&service, service.id, &flow, false, || false).map(|p| p.backend) else {
         // No task: the VIP stays, and the connection finds nobody there.
         return ALLOW;
@@ -90,14 +109,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
 pub fn to_vip(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel hands the program a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
-    // SAFETY: the context is the program's own.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevKey {
-        cookie,
-        addr: sa.user_ip4,
-        port: sa.user_port as u16,
-        pad: 0,
-    };
+    let key = peer_key(ctx, sa);
     // SAFETY: read-only lookup of a plain value.
     if let Some(rev) = unsafe { SOCK_REV.get(key) } {
         sa.user_ip4 = rev.vip;
@@ -136,14 +148,7 @@ pub fn host_to_backend(ctx: &SockAddrContext) -> i32 {
     };
     // SAFETY: the context is the program's own.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let flow = FlowKey {
-        src: cookie as u32,
-        dst,
-        sport: (cookie >> 32) as u16,
-        dport: port,
-        proto,
-        pad: [0; 3],
-    };
+    let flow = socket_flow(cookie, dst, port, proto);
     let Some(backend) = backend_for(&service, service.id, &flow, false, || false).map(|p| p.backend) else {
         return ALLOW;
     };
@@ -180,14 +185,7 @@ pub fn host_to_published(ctx: &SockAddrContext) -> i32 {
     }
     // SAFETY: the kernel hands the program a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
-    // SAFETY: the context is the program's own.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevKey {
-        cookie,
-        addr: sa.user_ip4,
-        port: sa.user_port as u16,
-        pad: 0,
-    };
+    let key = peer_key(ctx, sa);
     // SAFETY: read-only lookup of a plain value.
     if let Some(rev) = unsafe { HOST_REV.get(key) } {
         sa.user_ip4 = rev.addr;

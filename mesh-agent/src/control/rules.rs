@@ -108,10 +108,7 @@ pub fn check_service_in_cluster(
             return Err(ApiError::invalid(format!(
                 "port {}/{} is the swarm's own ({what}): publish another port",
                 p.published,
-                match p.protocol {
-                    crate::control::service::Protocol::Tcp => "tcp",
-                    crate::control::service::Protocol::Udp => "udp",
-                }
+                p.protocol.name()
             )));
         }
         let taken = state.services.values().filter(|s| Some(s.id) != except).find(|s| {

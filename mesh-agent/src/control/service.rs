@@ -20,6 +20,29 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    /// Its IP protocol number, as packets carry it.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// The protocol with IP protocol number `n`, if it is one of these.
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        [Protocol::Tcp, Protocol::Udp].into_iter().find(|p| p.number() == n)
+    }
+
+    /// `tcp` or `udp`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 /// How a published port is exposed.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PublishMode {

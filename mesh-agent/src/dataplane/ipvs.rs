@@ -102,6 +102,18 @@ pub struct Stats {
     pub bytes_out: u64,
 }
 
+impl Stats {
+    /// Packets both ways.
+    pub fn packets(&self) -> u64 {
+        self.packets_in + self.packets_out
+    }
+
+    /// Bytes both ways.
+    pub fn bytes(&self) -> u64 {
+        self.bytes_in + self.bytes_out
+    }
+}
+
 /// What a real server is in the kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Dest {

@@ -20,7 +20,7 @@ pub mod visualizer;
 use std::sync::OnceLock;
 
 use prometheus::{
-    core::Collector, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    core::Collector, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -116,6 +116,15 @@ pub fn instruments() -> &'static Instruments {
     })
 }
 
+/// An enum's serialized name in lower case, as a label value (`Ready` ->
+/// `ready`).
+pub fn label<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_lowercase))
+        .unwrap_or_default()
+}
+
 /// Times one reconcile of `mechanism` and counts it as a kernel error
 /// when it failed.
 pub fn record_reconcile<T, E>(mechanism: &str, started: std::time::Instant, outcome: &Result<T, E>) {
@@ -198,8 +207,8 @@ pub struct Snapshot {
     pub wireguard: Vec<crate::dataplane::wireguard::PeerStats>,
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str], rows: &[(Vec<String>, i64)]) {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("reason: a valid gauge");
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str], rows: &[(Vec<String>, f64)]) {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("reason: a valid gauge");
     for (values, v) in rows {
         let values: Vec<&str> = values.iter().map(String::as_str).collect();
         g.with_label_values(&values).set(*v);
@@ -217,10 +226,10 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str], rows: &
 }
 
 /// Counts of equal rows.
-fn tally<K: Ord + Clone>(rows: impl Iterator<Item = K>) -> std::collections::BTreeMap<K, i64> {
+fn tally<K: Ord + Clone>(rows: impl Iterator<Item = K>) -> std::collections::BTreeMap<K, f64> {
     let mut out = std::collections::BTreeMap::new();
     for r in rows {
-        *out.entry(r).or_insert(0) += 1;
+        *out.entry(r).or_insert(0.0) += 1.0;
     }
     out
 }
@@ -240,7 +249,7 @@ pub fn render(snapshot: &Snapshot) -> String {
                 snapshot.state.clone(),
                 snapshot.lb_backend.to_string(),
             ],
-            1,
+            1.0,
         )],
     );
     if let Some(raft) = &snapshot.raft {
@@ -272,11 +281,11 @@ pub fn render(snapshot: &Snapshot) -> String {
                 raft.voters,
             ),
         ] {
-            gauge(&r, name, help, &[], &[(vec![], v as i64)]);
+            gauge(&r, name, help, &[], &[(vec![], v as f64)]);
         }
     }
     if let Some(cluster) = &snapshot.cluster {
-        let nodes: Vec<(Vec<String>, i64)> = tally(cluster.nodes.iter().cloned())
+        let nodes: Vec<(Vec<String>, f64)> = tally(cluster.nodes.iter().cloned())
             .into_iter()
             .map(|((role, status, availability), n)| (vec![role, status, availability], n))
             .collect();
@@ -292,9 +301,9 @@ pub fn render(snapshot: &Snapshot) -> String {
             "mesh_cluster_services",
             "Services in the swarm.",
             &[],
-            &[(vec![], cluster.services as i64)],
+            &[(vec![], cluster.services as f64)],
         );
-        let tasks: Vec<(Vec<String>, i64)> = tally(cluster.tasks.iter().cloned())
+        let tasks: Vec<(Vec<String>, f64)> = tally(cluster.tasks.iter().cloned())
             .into_iter()
             .map(|((state, desired), n)| (vec![state, desired], n))
             .collect();
@@ -306,10 +315,10 @@ pub fn render(snapshot: &Snapshot) -> String {
             &tasks,
         );
     }
-    let local: Vec<(Vec<String>, i64)> = snapshot
+    let local: Vec<(Vec<String>, f64)> = snapshot
         .local_tasks
         .iter()
-        .map(|(state, n)| (vec![state.clone()], *n as i64))
+        .map(|(state, n)| (vec![state.clone()], *n as f64))
         .collect();
     gauge(
         &r,
@@ -335,7 +344,7 @@ pub fn render(snapshot: &Snapshot) -> String {
             snapshot.wireguard_peers,
         ),
     ] {
-        gauge(&r, name, help, &[], &[(vec![], v as i64)]);
+        gauge(&r, name, help, &[], &[(vec![], v as f64)]);
     }
     let port_labels = ["service", "kind", "port", "protocol"];
     let port_rows = |f: fn(&PortFacts) -> u64| -> Vec<(Vec<String>, u64)> {
@@ -376,9 +385,9 @@ pub fn render(snapshot: &Snapshot) -> String {
         &port_labels,
         &port_rows(|p| p.connections),
     );
-    let conntrack: Vec<(Vec<String>, i64)> = port_rows(|p| p.conntrack)
+    let conntrack: Vec<(Vec<String>, f64)> = port_rows(|p| p.conntrack)
         .into_iter()
-        .map(|(l, v)| (l, v as i64))
+        .map(|(l, v)| (l, v as f64))
         .collect();
     gauge(
         &r,
@@ -421,18 +430,13 @@ pub fn render(snapshot: &Snapshot) -> String {
         .iter()
         .filter_map(|p| Some((peer(p), p.handshake_age_s?)))
         .collect();
-    let g = prometheus::GaugeVec::new(
-        Opts::new(
-            "mesh_wireguard_peer_handshake_age_seconds",
-            "Seconds since the last WireGuard handshake with a peer (by its tunnel address).",
-        ),
+    gauge(
+        &r,
+        "mesh_wireguard_peer_handshake_age_seconds",
+        "Seconds since the last WireGuard handshake with a peer (by its tunnel address).",
         &["peer"],
-    )
-    .expect("reason: a valid gauge");
-    for (labels, age) in &ages {
-        g.with_label_values(&[labels[0].as_str()]).set(*age);
-    }
-    r.register(Box::new(g)).expect("reason: names are unique");
+        &ages,
+    );
     counter(
         &r,
         "mesh_wireguard_peer_received_bytes_total",

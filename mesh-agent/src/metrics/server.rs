@@ -30,13 +30,25 @@ pub fn is_public(addr: &SocketAddr) -> bool {
     !addr.ip().is_loopback()
 }
 
-/// The response to a request head.
-pub fn respond(head: &str, body: impl FnOnce() -> String) -> (u16, &'static str, String) {
+/// The method and path of a request head.
+pub(super) fn request_line(head: &str) -> (&str, &str) {
     let mut words = head.lines().next().unwrap_or_default().split_whitespace();
-    match (words.next(), words.next()) {
-        (Some("GET"), Some("/metrics")) => (200, "text/plain; version=0.0.4; charset=utf-8", body()),
-        (Some("GET"), Some(_)) => (404, "text/plain", "not found: the metrics are at /metrics\n".into()),
-        _ => (405, "text/plain", "only GET /metrics is served\n".into()),
+    (words.next().unwrap_or_default(), words.next().unwrap_or_default())
+}
+
+/// What a request gets: the metrics, or a status and text saying why not.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Metrics,
+    Refused(u16, &'static str),
+}
+
+/// The route of a request head.
+pub fn route(head: &str) -> Route {
+    match request_line(head) {
+        ("GET", "/metrics") => Route::Metrics,
+        ("GET", _) => Route::Refused(404, "not found: the metrics are at /metrics\n"),
+        _ => Route::Refused(405, "only GET /metrics is served\n"),
     }
 }
 
@@ -46,20 +58,32 @@ where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = String> + Send,
 {
+    accept_loop(listener, move |stream, head| answer(stream, head, render.clone())).await
+}
+
+/// Accepts connections until the runtime stops, each on its own task:
+/// its request head is read, then `handle` answers it.
+pub(super) async fn accept_loop<H, Fut>(listener: TcpListener, handle: H)
+where
+    H: Fn(TcpStream, String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = std::io::Result<()>> + Send,
+{
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
-        let render = render.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
-            let _ = answer(stream, render).await;
+            if let Some(head) = read_head(&mut stream).await {
+                let _ = handle(stream, head).await;
+            }
         });
     }
 }
 
 /// Reads a request head (up to the blank line): `None` for a client that
 /// sends nothing in time, closes, or sends more than the limit.
-pub(super) async fn read_head(stream: &mut TcpStream) -> Option<String> {
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -90,18 +114,18 @@ pub(super) async fn write_response(stream: &mut TcpStream, status: u16, kind: &s
     stream.shutdown().await
 }
 
-async fn answer<F, Fut>(mut stream: TcpStream, render: F) -> std::io::Result<()>
+async fn answer<F, Fut>(mut stream: TcpStream, head: String, render: F) -> std::io::Result<()>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = String>,
 {
-    let Some(head) = read_head(&mut stream).await else {
-        return Ok(());
-    };
-    let wants_metrics = respond(&head, String::new).0 == 200;
-    let body = if wants_metrics { render().await } else { String::new() };
-    let (status, kind, body) = respond(&head, || body);
-    write_response(&mut stream, status, kind, &body).await
+    match route(&head) {
+        Route::Metrics => {
+            let body = render().await;
+            write_response(&mut stream, 200, "text/plain; version=0.0.4; charset=utf-8", &body).await
+        }
+        Route::Refused(status, text) => write_response(&mut stream, status, "text/plain", text).await,
+    }
 }
 
 #[cfg(test)]
@@ -110,11 +134,13 @@ mod tests {
 
     #[test]
     fn only_get_metrics_is_served() {
-        let ok = respond("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", || "m 1\n".into());
-        assert_eq!((ok.0, ok.2.as_str()), (200, "m 1\n"));
-        assert_eq!(respond("GET / HTTP/1.1\r\n\r\n", String::new).0, 404);
-        assert_eq!(respond("POST /metrics HTTP/1.1\r\n\r\n", String::new).0, 405);
-        assert_eq!(respond("", String::new).0, 405);
+        assert_eq!(route("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Route::Metrics);
+        assert!(matches!(route("GET / HTTP/1.1\r\n\r\n"), Route::Refused(404, _)));
+        assert!(matches!(
+            route("POST /metrics HTTP/1.1\r\n\r\n"),
+            Route::Refused(405, _)
+        ));
+        assert!(matches!(route(""), Route::Refused(405, _)));
     }
 
     #[test]

@@ -8,9 +8,12 @@
 use std::future::Future;
 
 use serde::Serialize;
-use tokio::{io::AsyncWriteExt, net::TcpListener};
+use tokio::net::TcpListener;
 
-use super::server::{read_head, write_response};
+use super::{
+    label,
+    server::{accept_loop, request_line, write_response},
+};
 use crate::control::{
     service::{DesiredState, TaskState},
     state::{node_id_text, ClusterState},
@@ -54,13 +57,6 @@ pub struct View {
     pub nodes: Vec<NodeBox>,
     pub services: Vec<ServiceName>,
     pub tasks: Vec<TaskBox>,
-}
-
-fn label<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_lowercase))
-        .unwrap_or_default()
 }
 
 /// The swarm as the page draws it: every node (by hostname), and the
@@ -114,57 +110,27 @@ where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Option<String>> + Send,
 {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
+    accept_loop(listener, move |mut stream, head| {
         let current = current.clone();
-        tokio::spawn(async move {
-            let Some(head) = read_head(&mut stream).await else {
-                return;
-            };
-            let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
-            match (head.split_whitespace().next(), path.as_str()) {
-                (Some("GET"), "/") => {
-                    let _ = write_response(&mut stream, 200, "text/html; charset=utf-8", PAGE).await;
+        async move {
+            let view = || async { current().await.unwrap_or_else(|| "null".into()) };
+            match request_line(&head) {
+                ("GET", "/") => write_response(&mut stream, 200, "text/html; charset=utf-8", PAGE).await,
+                ("GET", "/state") => write_response(&mut stream, 200, "application/json", &view().await).await,
+                // The view now; the stream ends and the page's EventSource
+                // comes back after RETRY_MS for the next one. Short streams
+                // pass proxies that buffer, leave nothing open for a page that
+                // went away, and let headless browsers (which wait for open
+                // requests) finish rendering.
+                ("GET", "/events") => {
+                    let event = format!("retry: {RETRY_MS}\ndata: {}\n\n", view().await);
+                    write_response(&mut stream, 200, "text/event-stream", &event).await
                 }
-                (Some("GET"), "/state") => {
-                    let body = current().await.unwrap_or_else(|| "null".into());
-                    let _ = write_response(&mut stream, 200, "application/json", &body).await;
-                }
-                (Some("GET"), "/events") => {
-                    let _ = events(&mut stream, current).await;
-                }
-                _ => {
-                    let _ = write_response(&mut stream, 404, "text/plain", "not found: /, /state or /events\n").await;
-                }
+                _ => write_response(&mut stream, 404, "text/plain", "not found: /, /state or /events\n").await,
             }
-        });
-    }
-}
-
-/// Server-sent events: the view now, then the stream ends and the page's
-/// EventSource comes back after [`RETRY_MS`] for the next one. Short
-/// streams pass proxies that buffer, leave no connection open for a page
-/// that went away, and let headless browsers (which wait for pending
-/// requests) finish rendering.
-async fn events<F, Fut>(stream: &mut tokio::net::TcpStream, current: F) -> std::io::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Option<String>>,
-{
-    let now = current().await.unwrap_or_else(|| "null".into());
-    let body = format!("retry: {RETRY_MS}\ndata: {now}\n\n");
-    stream
-        .write_all(
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await?;
-    stream.shutdown().await
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -24,10 +24,6 @@ pub struct Staged {
     pub binds: Vec<(PathBuf, PathBuf)>,
 }
 
-fn c(path: &Path) -> std::io::Result<CString> {
-    super::netns::c_path(path)
-}
-
 /// Mounts a tmpfs at `dir` and writes `files` into it, one directory per
 /// kind, with their owner and mode.
 pub fn stage(dir: &Path, files: &[TaskFile]) -> Result<Staged, String> {
@@ -37,7 +33,7 @@ pub fn stage(dir: &Path, files: &[TaskFile]) -> Result<Staged, String> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let target = c(dir).map_err(|e| e.to_string())?;
+    let target = super::netns::c_path(dir).map_err(|e| e.to_string())?;
     // Room for the files and their directories, rounded up.
     let options =
         CString::new(format!("mode=0700,size={}", (total + 64 * 1024).next_multiple_of(4096))).expect("reason: no NUL");
@@ -129,7 +125,7 @@ impl Staged {
     /// Unmounts the staging tmpfs from the node's namespace (a started
     /// task keeps its own mount) and removes its directory.
     pub fn release(&mut self) {
-        if let Ok(path) = c(&self.dir) {
+        if let Ok(path) = super::netns::c_path(&self.dir) {
             // SAFETY: a NUL-terminated path.
             unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
         }

@@ -41,6 +41,7 @@ use crate::{
         discovery::{NetworkServices, ServiceRecord},
         mesh::{MeshAssignment, MeshService},
         service::{LbAlgorithm, LbOptions, Protocol},
+        state::node_id_text,
     },
     dataplane::{
         ebpf::{preferred_tc_api, EbpfDataplane, TcApi},
@@ -170,22 +171,6 @@ impl Ids {
 
 fn wire_addr(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
-}
-
-fn proto(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => mesh_common::lb::PROTO_TCP,
-        Protocol::Udp => mesh_common::lb::PROTO_UDP,
-    }
-}
-
-/// A protocol number's name in metrics.
-fn protocol_name(p: u8) -> &'static str {
-    match p {
-        6 => "tcp",
-        17 => "udp",
-        _ => "",
-    }
 }
 
 fn algorithm(a: LbAlgorithm) -> Algorithm {
@@ -604,7 +589,7 @@ fn service_state(
     }
     let here: Vec<(u64, Backend)> = all.iter().copied().filter(|(_, b)| b.local != 0).collect();
     for port in &service.ports {
-        let key = (service.service, port.published, proto(port.protocol), 0);
+        let key = (service.service, port.published, port.protocol.number(), 0);
         let Some(id) = ids.service(key) else {
             log::warn!(
                 "the routing mesh holds {MAX_SERVICES} service ports already; {}:{} is not served",
@@ -621,7 +606,7 @@ fn service_state(
         let key = ServiceKey {
             addr: 0,
             port: port.published.to_be(),
-            proto: proto(port.protocol),
+            proto: port.protocol.number(),
             pad: 0,
         };
         state.services.insert(key, value);
@@ -801,99 +786,38 @@ impl RoutingMesh {
     }
 
     /// The counters as metrics, labelled with service names: the eBPF
-    /// maps' (published ports and VIPs), or IPVS's statistics for the
+    /// maps' (published ports and VIPs), and IPVS's statistics for the
     /// published ports on the IPVS backend. Empty while nothing is served;
     /// a read that fails is logged and left out.
     pub fn metrics(&self) -> (Vec<PortFacts>, Vec<BackendFacts>) {
-        let (names, published) = {
-            let inner = self.inner.lock().expect("reason: never poisoned");
-            let mut names: BTreeMap<u64, String> = inner
+        let (names, mesh, ipvs) = {
+            let mut inner = self.inner.lock().expect("reason: never poisoned");
+            let mesh = inner.assignment.as_ref().map(|(m, _, _)| m.clone()).unwrap_or_default();
+            let names: BTreeMap<u64, String> = inner
                 .services
                 .iter()
                 .flat_map(|n| n.services.iter().map(|s| (s.service, s.name.clone())))
+                .chain(mesh.services.iter().map(|s| (s.service, s.name.clone())))
                 .collect();
-            let mut published = Vec::new();
-            if let Some((mesh, _, _)) = &inner.assignment {
-                for s in &mesh.services {
-                    names.insert(s.service, s.name.clone());
-                    published.extend(s.ports.iter().map(|p| (s.service, p.published, p.protocol)));
-                }
-            }
-            (names, published)
+            let ipvs = inner.ipvs.as_mut().map(IpvsMesh::counters);
+            (names, mesh, ipvs)
         };
-        let name = |id: u64| names.get(&id).cloned().unwrap_or_else(|| task_dir_name(id));
-        let mut ports = Vec::new();
-        let mut backends = Vec::new();
-        match self.counters() {
-            Ok((port_counters, task_counters)) => {
-                for c in port_counters {
-                    let (service, port, protocol, _network) = c.port;
-                    ports.push(PortFacts {
-                        service: name(service),
-                        kind: if port == 0 { "vip" } else { "published" },
-                        port,
-                        protocol: protocol_name(protocol),
-                        packets: c.stats.packets,
-                        bytes: c.stats.bytes,
-                        connections: c.stats.connections,
-                        conntrack: c.conntrack,
-                    });
-                }
-                for t in task_counters {
-                    backends.push(BackendFacts {
-                        service: name(t.service),
-                        task: task_dir_name(t.task.0),
-                        packets: t.stats.packets,
-                        bytes: t.stats.bytes,
-                        connections: t.stats.connections,
-                    });
-                }
+        let name = |id: u64| names.get(&id).cloned().unwrap_or_else(|| node_id_text(id));
+        let (mut ports, mut backends) = match self.counters() {
+            Ok((ports, tasks)) => ebpf_facts(ports, tasks, &name),
+            Err(e) => {
+                log::warn!("metrics: reading the routing mesh's counters: {e}");
+                Default::default()
             }
-            Err(e) => log::warn!("metrics: reading the routing mesh's counters: {e}"),
-        }
-        if self.backend == LbBackend::Ipvs {
-            let counters = {
-                let mut inner = self.inner.lock().expect("reason: never poisoned");
-                inner.ipvs.as_mut().map(|ipvs| ipvs.counters())
-            };
-            match counters {
-                Some(Ok(c)) => {
-                    for (service, port, protocol) in published {
-                        let Some((stats, tracked)) = c.ports.get(&(proto(protocol), port)) else {
-                            continue;
-                        };
-                        ports.push(PortFacts {
-                            service: name(service),
-                            kind: "published",
-                            port,
-                            protocol: protocol_name(proto(protocol)),
-                            packets: stats.packets_in + stats.packets_out,
-                            bytes: stats.bytes_in + stats.bytes_out,
-                            connections: stats.connections,
-                            conntrack: *tracked,
-                        });
-                    }
-                    let local = self.network.addresses();
-                    let inner = self.inner.lock().expect("reason: never poisoned");
-                    let services = inner.assignment.iter().flat_map(|(m, _, _)| &m.services);
-                    for s in services {
-                        for b in s.backends.iter().filter(|b| b.local) {
-                            let Some(stats) = local.get(&b.task).and_then(|a| c.dests.get(a)) else {
-                                continue;
-                            };
-                            backends.push(BackendFacts {
-                                service: s.name.clone(),
-                                task: task_dir_name(b.task),
-                                packets: stats.packets_in + stats.packets_out,
-                                bytes: stats.bytes_in + stats.bytes_out,
-                                connections: stats.connections,
-                            });
-                        }
-                    }
-                }
-                Some(Err(e)) => log::warn!("metrics: reading IPVS statistics: {e}"),
-                None => {}
+        };
+        match ipvs {
+            Some(Ok(c)) => {
+                let (p, b) = super::mesh_ipvs::facts(&c, &mesh, &self.network.addresses());
+                ports.extend(p);
+                backends.extend(b);
             }
+            Some(Err(e)) => log::warn!("metrics: reading IPVS statistics: {e}"),
+            None => {}
         }
         (ports, backends)
     }
@@ -931,6 +855,41 @@ impl RoutingMesh {
         .await
         .map_err(|e| MeshError::Network(super::network::NetworkError::Worker(e.to_string())))?
     }
+}
+
+/// The eBPF maps' counters as metrics (`name` labels a service ID).
+fn ebpf_facts(
+    ports: Vec<PortCounters>,
+    tasks: Vec<TaskCounters>,
+    name: &dyn Fn(u64) -> String,
+) -> (Vec<PortFacts>, Vec<BackendFacts>) {
+    let ports = ports
+        .into_iter()
+        .map(|c| {
+            let (service, port, protocol, _network) = c.port;
+            PortFacts {
+                service: name(service),
+                kind: if port == 0 { "vip" } else { "published" },
+                port,
+                protocol: Protocol::from_number(protocol).map_or("", Protocol::name),
+                packets: c.stats.packets,
+                bytes: c.stats.bytes,
+                connections: c.stats.connections,
+                conntrack: c.conntrack,
+            }
+        })
+        .collect();
+    let backends = tasks
+        .into_iter()
+        .map(|t| BackendFacts {
+            service: name(t.service),
+            task: task_dir_name(t.task.0),
+            packets: t.stats.packets,
+            bytes: t.stats.bytes,
+            connections: t.stats.connections,
+        })
+        .collect();
+    (ports, backends)
 }
 
 fn sync_blocking(

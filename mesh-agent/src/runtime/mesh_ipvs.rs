@@ -28,6 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::supervisor::task_dir_name;
 use crate::{
     control::{
         mesh::MeshAssignment,
@@ -35,13 +36,14 @@ use crate::{
     },
     dataplane::{
         genl::GenlError,
-        ipvs::{plan, Dest, DestId, Ipvs, IpvsState, Schedule, Service, ServiceId, Stats, SCHED_MH_PORT},
+        ipvs::{plan, Change, Dest, DestId, Ipvs, IpvsState, Schedule, Service, ServiceId, Stats, SCHED_MH_PORT},
         nftables::{
             self,
             marks::{ipvs_marks_batch, remove_ipvs_marks_batch, IpvsMarks, MarkedPort},
             NftError,
         },
     },
+    metrics::{BackendFacts, PortFacts},
 };
 
 /// The agent's firewall marks: `0x6d` ('m') in the top byte, then the
@@ -96,13 +98,6 @@ pub fn schedule(lb: &LbOptions) -> Schedule {
         scheduler: scheduler.into(),
         scheduler_flags,
         persistence_s: 0,
-    }
-}
-
-fn proto(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
     }
 }
 
@@ -163,7 +158,7 @@ pub fn wanted(mesh: &MeshAssignment, local: &BTreeMap<u64, Ipv4Addr>, node: Ipv4
                 cluster
             });
             ports.push(MarkedPort {
-                protocol: proto(port.protocol),
+                protocol: port.protocol.number(),
                 port: port.published,
                 clients,
                 local: local_mark,
@@ -213,6 +208,45 @@ fn add(total: &mut Stats, more: &Stats) {
     total.bytes_out += more.bytes_out;
 }
 
+/// IPVS's counters as metrics: per published port of `mesh` (its
+/// services summed), and per local task, found by its address in `local`.
+pub fn facts(
+    counters: &IpvsCounters,
+    mesh: &MeshAssignment,
+    local: &BTreeMap<u64, Ipv4Addr>,
+) -> (Vec<PortFacts>, Vec<BackendFacts>) {
+    let mut ports = Vec::new();
+    let mut backends = Vec::new();
+    for s in &mesh.services {
+        for p in &s.ports {
+            if let Some((stats, tracked)) = counters.ports.get(&(p.protocol.number(), p.published)) {
+                ports.push(PortFacts {
+                    service: s.name.clone(),
+                    kind: "published",
+                    port: p.published,
+                    protocol: p.protocol.name(),
+                    packets: stats.packets(),
+                    bytes: stats.bytes(),
+                    connections: stats.connections,
+                    conntrack: *tracked,
+                });
+            }
+        }
+        for b in s.backends.iter().filter(|b| b.local) {
+            if let Some(stats) = local.get(&b.task).and_then(|a| counters.dests.get(a)) {
+                backends.push(BackendFacts {
+                    service: s.name.clone(),
+                    task: task_dir_name(b.task),
+                    packets: stats.packets(),
+                    bytes: stats.bytes(),
+                    connections: stats.connections,
+                });
+            }
+        }
+    }
+    (ports, backends)
+}
+
 /// The IPVS routing mesh of this node.
 pub struct IpvsMesh {
     ipvs: Ipvs,
@@ -250,18 +284,14 @@ impl IpvsMesh {
         let now = Instant::now();
         let tasks: BTreeSet<Ipv4Addr> = local.values().copied().collect();
         let nodes: BTreeSet<Ipv4Addr> = marks.peers.iter().copied().collect();
-        // Real servers that are no longer wanted start draining now.
-        self.draining.retain(|(id, d), _| {
-            found.get(id).is_some_and(|s| s.dests.contains_key(d))
-                && !want.get(id).is_some_and(|s| s.dests.contains_key(d))
-        });
-        for (id, service) in &found {
-            for d in service.dests.keys() {
-                if !want.get(id).is_some_and(|s| s.dests.contains_key(d)) {
-                    self.draining.entry((*id, *d)).or_insert(now);
-                }
-            }
-        }
+        // Real servers that are not wanted drain, from when first seen so.
+        let wanted = |id: &ServiceId, d: &DestId| want.get(id).is_some_and(|s| s.dests.contains_key(d));
+        self.draining = found
+            .iter()
+            .flat_map(|(id, s)| s.dests.keys().map(move |d| (*id, *d)))
+            .filter(|(id, d)| !wanted(id, d))
+            .map(|k| (k, self.draining.get(&k).copied().unwrap_or(now)))
+            .collect();
         let draining = &self.draining;
         let expired = |id: &ServiceId, d: &DestId| {
             // A local task that is gone has nothing left to finish.
@@ -272,19 +302,19 @@ impl IpvsMesh {
                     .is_some_and(|since| now - *since >= DRAIN_TIMEOUT)
         };
         let changes = plan(&want, &found, expired);
-        // New services first, so no mark points at a missing one; the
-        // marks of services that go are gone before them.
+        // IPVS first, so a new mark never points at a missing service; a
+        // mark left a moment for a removed one sends its packets to the
+        // node's stack, which refuses them.
         self.ipvs.apply(&changes)?;
         if self.marks.as_ref() != Some(&marks) {
             nftables::send_batch(&ipvs_marks_batch(&marks))?;
             self.marks = Some(marks);
         }
-        let after = self.ipvs.observe(owned)?;
-        Ok(after.iter().any(|(id, s)| {
-            s.dests
-                .keys()
-                .any(|d| !want.get(id).is_some_and(|w| w.dests.contains_key(d)))
-        }))
+        // Still draining: an unwanted real server this pass did not delete.
+        Ok(self
+            .draining
+            .keys()
+            .any(|(id, d)| !changes.contains(&Change::DelDest(*id, *d))))
     }
 
     /// IPVS's counters: per published port (protocol number, port), its

@@ -4,7 +4,7 @@
 use super::{Agent, Member, Phase};
 use crate::{
     control::{api::Assignments, state::node_id_text},
-    metrics::{ClusterFacts, RaftFacts, Snapshot},
+    metrics::{label, ClusterFacts, RaftFacts, Snapshot},
     runtime::mesh::LbBackend,
 };
 
@@ -19,13 +19,6 @@ pub(super) fn overlay_facts(a: &Assignments) -> (u64, u64, u64) {
         .collect();
     let wireguard = a.tunnel.as_ref().map_or(0, |t| t.peers.len());
     (a.networks.len() as u64, peers.len() as u64, wireguard as u64)
-}
-
-fn label<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_lowercase))
-        .unwrap_or_default()
 }
 
 impl Member {
