@@ -11,6 +11,7 @@ pub mod mesh;
 pub mod overlay;
 pub mod packet;
 pub mod process;
+pub mod sim;
 pub mod swarm;
 pub mod test_run;
 

@@ -133,6 +133,11 @@ impl Swarm {
         });
     }
 
+    /// The process ID of host `i`'s agent, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.agents[i].process.as_ref().map(Process::pid)
+    }
+
     /// SIGKILLs host `i`'s agent.
     pub fn kill(&mut self, i: usize) {
         if let Some(p) = self.agents[i].process.take() {

@@ -41,7 +41,8 @@ enum Command {
     /// (create -> running, scheduler), `overlay` (VXLAN throughput and
     /// latency vs the bare underlay; encrypted vs plain), `mesh` (published
     /// ports vs direct and nftables DNAT, ns/packet, programming cost,
-    /// convergence).
+    /// convergence), `scale` (simulated nodes against 3 real managers; not
+    /// run when no benchmark is named: it takes long).
     Bench {
         /// Which benchmark; all when omitted.
         which: Option<String>,
@@ -92,8 +93,9 @@ fn bench(which: Option<&str>, vm: bool, rest: &[String]) -> Result<()> {
         Some("services") => &["mesh-bench-services"],
         Some("overlay") => &["mesh-bench-overlay"],
         Some("mesh") => &["mesh-bench-mesh"],
+        Some("scale") => &["mesh-bench-scale"],
         Some(other) => {
-            anyhow::bail!("unknown benchmark {other:?}: the benchmarks are: control, services, overlay, mesh")
+            anyhow::bail!("unknown benchmark {other:?}: the benchmarks are: control, services, overlay, mesh, scale")
         }
     };
     setup::run()?;

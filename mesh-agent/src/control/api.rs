@@ -175,6 +175,9 @@ pub struct RaftInfo {
     pub purged_index: Option<u64>,
     /// The voters.
     pub voters: Vec<NodeId>,
+    /// Size in bytes of the local snapshot (0 before the first).
+    #[serde(default)]
+    pub snapshot_bytes: u64,
 }
 
 /// A node as `node ls` / `node inspect` show it.

@@ -196,6 +196,7 @@ impl Manager {
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             voters: m.membership_config.membership().voter_ids().collect(),
+            snapshot_bytes: self.sm.snapshot_bytes(),
         }
     }
 
@@ -763,6 +764,9 @@ impl Manager {
             if current.digest != known || !self.is_leader() {
                 return Ok(current);
             }
+            // Hold no reference to the state while waiting: the next apply
+            // would have to copy the whole state to change it.
+            drop(state);
             match tokio::time::timeout_at(deadline, applied.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(_) => return Ok(current),

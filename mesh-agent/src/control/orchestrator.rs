@@ -590,7 +590,8 @@ mod tests {
             s.apply(&Command::RemoveNetwork { id: 77 }),
             crate::control::state::CommandResponse::Refused(_)
         ));
-        // Nor may two tasks share an address.
+        // Nor may two tasks share an address: with the range full, a plan
+        // whose address was taken meanwhile is refused.
         let mut dup = s.tasks.values().find(|t| t.node.is_some()).unwrap().clone();
         dup.id = 5;
         assert!(matches!(
@@ -604,6 +605,48 @@ mod tests {
             }),
             crate::control::state::CommandResponse::Refused(_)
         ));
+    }
+
+    #[test]
+    fn an_address_taken_since_the_plan_is_replaced_by_a_free_one() {
+        let mut s = cluster(3);
+        let spec = overlay::NetworkSpec {
+            name: "app".into(),
+            subnet: Some(crate::subnet::Subnet::parse("10.9.0.0/24").unwrap()),
+            ..Default::default()
+        };
+        let pools = overlay::Pools {
+            pools: vec![crate::subnet::Subnet::parse("10.0.0.0/8").unwrap()],
+            mask_len: 24,
+        };
+        let net = overlay::allocate_network(&spec, &[], &pools, 77, 0).unwrap();
+        s.apply(&Command::CreateNetwork(Box::new(net)));
+        let mut svc = service(1, ServiceMode::Replicated { replicas: 2 });
+        svc.spec.networks = vec!["app".into()];
+        s.services.insert(1, svc);
+        run(&mut s, 0);
+        // A plan made before a task took 10.9.0.2 (say, before a service's
+        // virtual IP was allocated there) still names it.
+        let mut late = s.tasks.values().next().unwrap().clone();
+        late.id = 99;
+        let taken = late.attachments[0].address;
+        assert_eq!(
+            s.apply(&Command::ApplyPlan {
+                create: vec![late],
+                shutdown: vec![],
+                updates: vec![],
+                rollbacks: vec![],
+                orphaned: vec![],
+                at: 1,
+            }),
+            crate::control::state::CommandResponse::Applied
+        );
+        let got = s.tasks[&99].attachments[0].address;
+        assert_ne!(got, taken);
+        let mut all: Vec<_> = s.tasks.values().map(|t| t.attachments[0].address).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 3, "three tasks, three addresses");
     }
 
     fn end(state: &mut ClusterState, id: u64, how: TaskState, at_ms: u64) {

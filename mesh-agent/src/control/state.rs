@@ -615,7 +615,7 @@ impl ClusterState {
                 if let Some(t) = create.iter().find(|t| self.tasks.contains_key(&t.id)) {
                     return Err(format!("task ID {} is taken", t.id));
                 }
-                self.check_addresses(create)?;
+                let create = self.settle_addresses(create)?;
                 for (id, reason) in shutdown {
                     if let Some(task) = self.tasks.get_mut(id) {
                         task.desired = DesiredState::Shutdown;
@@ -636,7 +636,7 @@ impl ClusterState {
                         task.ended_at_ms = at * 1000;
                     }
                 }
-                self.tasks.extend(create.iter().map(|t| (t.id, t.clone())));
+                self.tasks.extend(create.into_iter().map(|t| (t.id, t)));
                 self.prune_task_history();
             }
             Command::ReportTasks { node, reports, at_ms } => {
@@ -856,11 +856,17 @@ impl ClusterState {
         Ok(vips)
     }
 
-    /// New tasks' addresses must exist on their networks and be free.
-    fn check_addresses(&self, create: &[Task]) -> Result<(), String> {
+    /// New tasks with addresses that exist on their networks and are free.
+    /// The orchestrator chose them on the state it planned from; an address
+    /// taken since (a service's virtual IP, allocated when its create was
+    /// applied) is replaced by the first free one, the same on every
+    /// manager, rather than refusing the whole plan: with operators
+    /// creating services at once, refused plans would starve placement.
+    fn settle_addresses(&self, create: &[Task]) -> Result<Vec<Task>, String> {
         let mut used = self.addresses_in_use();
-        for t in create {
-            for a in &t.attachments {
+        let mut out = create.to_vec();
+        for t in &mut out {
+            for a in &mut t.attachments {
                 let network = self
                     .networks
                     .get(&a.network)
@@ -871,12 +877,19 @@ impl ClusterState {
                         t.id, a.address, network.name
                     ));
                 }
-                if !used.entry(a.network).or_default().insert(a.address) {
-                    return Err(format!("task {}: {} is taken on {}", t.id, a.address, network.name));
+                let taken = used.entry(a.network).or_default();
+                if taken.contains(&a.address) {
+                    a.address = super::overlay::task_address(network, taken).ok_or_else(|| {
+                        format!(
+                            "task {}: {} is taken on {} and no other address is free",
+                            t.id, a.address, network.name
+                        )
+                    })?;
                 }
+                taken.insert(a.address);
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Forgets finished tasks (told to shut down, and either ended or never

@@ -11,7 +11,16 @@
 //! it is restored from the stored snapshot, and openraft re-applies the
 //! committed entries after it (we persist `committed` for that).
 
-use std::{fmt::Debug, io::Cursor, ops::RangeBounds, path::Path, sync::Arc};
+use std::{
+    fmt::Debug,
+    io::Cursor,
+    ops::RangeBounds,
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use openraft::{
     storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine, Snapshot},
@@ -145,7 +154,9 @@ pub fn open(path: &Path, dek: DataKey) -> Result<(LogStore, StateMachineStore), 
     let shared = Arc::new(Shared { db, dek });
     // Reading the vote checks the key before anything else runs.
     shared.get_meta::<Vote<NodeId>>("vote")?;
-    let data = match shared.get_meta::<StoredSnapshot>("snapshot")? {
+    let stored = shared.get_meta::<StoredSnapshot>("snapshot")?;
+    let snapshot_bytes = stored.as_ref().map_or(0, |s| s.data.len() as u64);
+    let data = match stored {
         Some(s) => rmp_serde::from_slice(&s.data).map_err(|e| StoreError::Decode("snapshot".into(), e.to_string()))?,
         None => SmData::default(),
     };
@@ -154,6 +165,7 @@ pub fn open(path: &Path, dek: DataKey) -> Result<(LogStore, StateMachineStore), 
         shared: shared.clone(),
         data: Arc::new(std::sync::Mutex::new(data)),
         applied: Arc::new(applied),
+        snapshot_bytes: Arc::new(AtomicU64::new(snapshot_bytes)),
     };
     Ok((LogStore { shared }, sm))
 }
@@ -312,9 +324,16 @@ pub struct StateMachineStore {
     shared: Arc<Shared>,
     data: Arc<std::sync::Mutex<SmData>>,
     applied: Arc<watch::Sender<u64>>,
+    /// Size of the current snapshot (its encoding, before sealing).
+    snapshot_bytes: Arc<AtomicU64>,
 }
 
 impl StateMachineStore {
+    /// Size in bytes of the current snapshot, 0 before the first.
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot_bytes.load(Ordering::Relaxed)
+    }
+
     /// The state as applied here (cheap: shared until the next apply).
     pub fn state(&self) -> Arc<ClusterState> {
         self.data.lock().expect("reason: never poisoned").state.clone()
@@ -357,6 +376,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 },
             )
             .map_err(write)?;
+        self.snapshot_bytes.store(bytes.len() as u64, Ordering::Relaxed);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),
@@ -412,6 +432,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
+        self.snapshot_bytes.store(bytes.len() as u64, Ordering::Relaxed);
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         let data: SmData = rmp_serde::from_slice(&bytes).map_err(|e| {
             io(

@@ -145,6 +145,7 @@ pub struct RaftFacts {
     pub last_log_index: u64,
     pub applied_index: u64,
     pub snapshot_index: u64,
+    pub snapshot_bytes: u64,
     pub voters: u64,
 }
 
@@ -274,6 +275,11 @@ pub fn render(snapshot: &Snapshot) -> String {
                 "mesh_raft_snapshot_index",
                 "The last Raft index in this manager's latest snapshot.",
                 raft.snapshot_index,
+            ),
+            (
+                "mesh_raft_snapshot_bytes",
+                "Size of this manager's latest Raft snapshot, in bytes.",
+                raft.snapshot_bytes,
             ),
             (
                 "mesh_raft_voters",
@@ -483,6 +489,7 @@ mod tests {
                 last_log_index: 40,
                 applied_index: 40,
                 snapshot_index: 0,
+                snapshot_bytes: 0,
                 voters: 3,
             }),
             cluster: Some(ClusterFacts {

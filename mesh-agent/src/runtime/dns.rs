@@ -92,6 +92,16 @@ impl Records {
         Records { networks }
     }
 
+    /// How many names there are, over every network.
+    pub fn len(&self) -> usize {
+        self.networks.values().map(BTreeMap::len).sum()
+    }
+
+    /// Whether there is no name at all.
+    pub fn is_empty(&self) -> bool {
+        self.networks.values().all(BTreeMap::is_empty)
+    }
+
     /// What `name` is on `networks` (a task's): the first network that
     /// knows it, in network ID order; `None` when none does.
     pub fn resolve(&self, networks: &BTreeSet<u64>, name: &str) -> Option<&Answer> {

@@ -32,6 +32,7 @@ impl Member {
                 last_log_index: info.last_log_index.unwrap_or(0),
                 applied_index: info.last_applied.unwrap_or(0),
                 snapshot_index: info.snapshot_index.unwrap_or(0),
+                snapshot_bytes: info.snapshot_bytes,
                 voters: info.voters.len() as u64,
             });
             let state = manager.state();

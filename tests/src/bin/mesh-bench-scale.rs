@@ -1,0 +1,464 @@
+//! `cargo xtask bench scale`: issue 8's figures, by simulation.
+//!
+//! A real swarm of 3 managers (release `mesh-agent`s in network
+//! namespaces, drained so they run no task) and, in a fourth namespace,
+//! one process holding N simulated nodes ([`mesh_tests::sim`]): each joins
+//! with the worker token, gets its own certificate and keeps its own
+//! mutual-TLS session (heartbeats, the assignments long poll, task
+//! reports). Only the nodes' runtimes are simulated: a task is reported
+//! Running the moment it is assigned. Everything shares this machine's two
+//! cores, so the figures are a floor on what real managers would do.
+//!
+//! Per N it reports: join time (p50/p99) and the whole fleet's; the
+//! managers' CPU and heartbeats/s, idle and with the full load; the time
+//! from `service create --replicas 10000` to 10,000 tasks reported
+//! Running; the time for the rest of the load (SERVICES services,
+//! TASKS tasks in all, on 10 overlay networks, every tenth service
+//! publishing a port); the Raft log, the snapshot and the store file; the
+//! time for a new manager to catch up (snapshot chunks of 1 MiB); the
+//! leader's memory per node session; and what each node's kernel would
+//! hold (overlay objects, routing-mesh map entries, DNS records).
+//!
+//! `--nodes 100,1000,5000 --services 1000 --tasks 50000` (the defaults).
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    require_root,
+    sim::{data_path_address, DataplaneSize, SimNode, Stats},
+    swarm::Swarm,
+};
+
+/// Hosts: three managers, the simulator, a manager that joins last.
+const SIM_HOST: usize = 3;
+const NEW_MANAGER: usize = 4;
+const BULK_TASKS: usize = 10_000;
+const NETWORKS: usize = 10;
+/// Raft timing for managers sharing two cores with thousands of simulated
+/// sessions (Swarm's own defaults are a 1 s heartbeat, a 10 s election).
+const MANAGER_FLAGS: &[&str] = &["--raft-heartbeat", "200ms", "--raft-election-timeout", "2s"];
+
+struct Args {
+    nodes: Vec<usize>,
+    services: usize,
+    tasks: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        nodes: vec![100, 1000, 5000],
+        services: 1000,
+        tasks: 50_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--nodes" => {
+                a.nodes = value
+                    .split(',')
+                    .map(|v| v.parse().expect("--nodes: numbers separated by commas"))
+                    .collect()
+            }
+            "--services" => a.services = value.parse().expect("--services: a number"),
+            "--tasks" => a.tasks = value.parse().expect("--tasks: a number"),
+            other => panic!("unknown flag {other}: --nodes N,N --services N --tasks N"),
+        }
+    }
+    assert!(a.services >= 2, "--services must be at least 2");
+    assert!(a.tasks > BULK_TASKS.min(a.tasks), "--tasks must exceed {BULK_TASKS}");
+    a
+}
+
+/// One scale's figures.
+#[derive(Debug, Default)]
+struct Report {
+    nodes: usize,
+    join_p50_ms: f64,
+    join_p99_ms: f64,
+    fleet_join_s: f64,
+    idle: Load,
+    bulk_s: f64,
+    rest_s: f64,
+    loaded: Load,
+    log_entries: u64,
+    snapshot_mib: f64,
+    store_mib: f64,
+    catch_up_s: f64,
+    session_kib: f64,
+    leader_rss_mib: f64,
+    per_node: DataplaneSize,
+    per_node_max: DataplaneSize,
+    assignment_kib: f64,
+}
+
+/// The managers' work over a window.
+#[derive(Debug, Default, Clone, Copy)]
+struct Load {
+    /// CPU of the three manager processes, in cores.
+    cpu: f64,
+    heartbeats_per_s: f64,
+}
+
+fn main() {
+    require_root();
+    let args = args();
+    let mut reports = Vec::new();
+    for &n in &args.nodes {
+        reports.push(run(n, args.services, args.tasks));
+    }
+    println!("\n== scale by simulation ({} services, {} tasks; 3 real managers; simulated nodes)", args.services, args.tasks);
+    println!("| nodes | join p50/p99 ms | all joined s | idle mgr CPU, hb/s | 10k tasks s | rest s | loaded mgr CPU, hb/s | log entries | snapshot MiB | store MiB | new manager s | KiB/session | leader RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &reports {
+        println!(
+            "| {} | {:.1} / {:.1} | {:.1} | {:.2}, {:.0} | {:.1} | {:.1} | {:.2}, {:.0} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            r.nodes,
+            r.join_p50_ms,
+            r.join_p99_ms,
+            r.fleet_join_s,
+            r.idle.cpu,
+            r.idle.heartbeats_per_s,
+            r.bulk_s,
+            r.rest_s,
+            r.loaded.cpu,
+            r.loaded.heartbeats_per_s,
+            r.log_entries,
+            r.snapshot_mib,
+            r.store_mib,
+            r.catch_up_s,
+            r.session_kib,
+            r.leader_rss_mib,
+        );
+    }
+    println!("\n== per node: what its kernel would hold (mean / max over the fleet)");
+    println!("| nodes | tasks | overlay objects | mesh map entries | DNS records | assignments KiB |");
+    println!("|---|---|---|---|---|---|");
+    for r in &reports {
+        let (m, x) = (r.per_node, r.per_node_max);
+        println!(
+            "| {} | {} / {} | {} / {} | {} / {} | {} / {} | {:.1} |",
+            r.nodes,
+            m.tasks,
+            x.tasks,
+            m.overlay_objects,
+            x.overlay_objects,
+            m.mesh_entries,
+            x.mesh_entries,
+            m.dns_records,
+            x.dns_records,
+            r.assignment_kib
+        );
+    }
+}
+
+fn run(n: usize, services: usize, tasks: usize) -> Report {
+    eprintln!("\n== {n} simulated nodes");
+    let mut report = Report {
+        nodes: n,
+        ..Default::default()
+    };
+    let swarm = Swarm::with_flags(5, MANAGER_FLAGS);
+    let addr = |i: usize| swarm.cluster.host(i).address().to_string();
+    swarm.ok(
+        0,
+        &["swarm", "init", "--advertise-addr", &addr(0), "--dispatcher-heartbeat", "5s"],
+    );
+    swarm.join(1, 0, "manager");
+    swarm.join(2, 0, "manager");
+    swarm.wait("3 managers ready", Duration::from_secs(60), || swarm.ready(0) == 3);
+    for m in 0..3 {
+        swarm.ok(0, &["node", "update", "--availability", "drain", &format!("h{m}")]);
+    }
+    let token = swarm.ok(0, &["swarm", "join-token", "-q", "worker"]).trim().to_string();
+    let managers: Vec<String> = (0..3).map(|i| format!("{}:2377", addr(i))).collect();
+    let pids: Vec<u32> = (0..3).map(|i| swarm.pid(i).expect("a running manager")).collect();
+    let leader = leader_index(&swarm);
+    let rss_before = rss_kib(pids[leader]);
+
+    // The simulator: a runtime whose threads live in the simulator's
+    // namespace, so every socket the nodes open is made there.
+    let runtime = swarm.cluster.host(SIM_HOST).run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    });
+    let stats = Arc::new(Stats::default());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let sim_ip: std::net::IpAddr = addr(SIM_HOST).parse().expect("an address");
+
+    // Joins, 16 at a time (a fleet being provisioned), each node's session
+    // started as soon as it joined.
+    let t0 = Instant::now();
+    let joined = runtime
+        .block_on(runtime.spawn({
+            let (token, managers, stats, stop) = (token.clone(), managers.clone(), stats.clone(), stop.clone());
+            async move {
+                let limit = Arc::new(tokio::sync::Semaphore::new(16));
+                let mut handles = Vec::new();
+                for i in 0..n {
+                    let permit = limit.clone().acquire_owned().await.expect("open");
+                    let via = managers[i % managers.len()].clone();
+                    let (token, stats, stop) = (token.clone(), stats.clone(), stop.clone());
+                    handles.push(tokio::spawn(async move {
+                        let advertise = std::net::SocketAddr::new(sim_ip, 10_000 + i as u16 % 50_000);
+                        let hostname = format!("sim{i:05}");
+                        let joined = SimNode::join(&via, &token, &hostname, advertise, data_path_address(i)).await;
+                        drop(permit);
+                        let (node, took) = joined.unwrap_or_else(|e| panic!("{hostname} could not join: {e}"));
+                        let node = Arc::new(node);
+                        tokio::spawn(node.clone().heartbeats(stats.clone(), stop.clone()));
+                        tokio::spawn(node.clone().assignments(stats, stop));
+                        (node, took)
+                    }));
+                }
+                let mut out = Vec::new();
+                for h in handles {
+                    out.push(h.await.expect("a join task"));
+                }
+                out
+            }
+        }))
+        .expect("the joins");
+    let mut took: Vec<f64> = joined.iter().map(|(_, t)| t.as_secs_f64() * 1e3).collect();
+    took.sort_by(f64::total_cmp);
+    report.join_p50_ms = percentile(&took, 0.50);
+    report.join_p99_ms = percentile(&took, 0.99);
+    swarm.wait(&format!("{n} simulated nodes ready"), Duration::from_secs(600), || {
+        ready_nodes(&swarm) >= n + 3
+    });
+    report.fleet_join_s = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "joined: p50 {:.1} ms, p99 {:.1} ms, all Ready after {:.1} s",
+        report.join_p50_ms, report.join_p99_ms, report.fleet_join_s
+    );
+    report.session_kib = (rss_kib(pids[leader]).saturating_sub(rss_before)) as f64 / n as f64;
+    report.idle = load(&pids, &stats, Duration::from_secs(10));
+    eprintln!("idle: {:?}", report.idle);
+
+    // 10,000 tasks in one service: create -> every one reported Running.
+    let t0 = Instant::now();
+    let bulk = BULK_TASKS.to_string();
+    swarm.ok(
+        0,
+        &["service", "create", "--detach", "--name", "bulk", "--replicas", &bulk, "--", "sleep", "600"],
+    );
+    wait_running(&stats, BULK_TASKS, Duration::from_secs(900));
+    report.bulk_s = t0.elapsed().as_secs_f64();
+    eprintln!("{BULK_TASKS} tasks running after {:.1} s", report.bulk_s);
+
+    // The rest of the load: networks, then services created by four
+    // operators at once through the three managers.
+    for k in 0..NETWORKS {
+        let subnet = format!("10.{}.0.0/16", 100 + k);
+        ok_retrying(
+            &swarm,
+            0,
+            &["network", "create", "--driver", "overlay", "--subnet", &subnet, &format!("net{k}")],
+        );
+    }
+    let rest = services - 1;
+    let per = (tasks - BULK_TASKS) / rest;
+    let total = BULK_TASKS + per * rest;
+    let t0 = Instant::now();
+    std::thread::scope(|scope| {
+        for worker in 0..4 {
+            let swarm = &swarm;
+            scope.spawn(move || {
+                for s in (worker..rest).step_by(4) {
+                    let name = format!("svc{s:04}");
+                    let network = format!("net{}", s % NETWORKS);
+                    let replicas = per.to_string();
+                    let publish = format!("{}:80", 30_000 + s);
+                    let mut args = vec![
+                        "service", "create", "--detach", "--name", &name, "--replicas", &replicas, "--network",
+                        &network,
+                    ];
+                    if s % 10 == 0 {
+                        args.extend(["--publish", &publish]);
+                    }
+                    args.extend(["--", "sleep", "600"]);
+                    ok_retrying(swarm, worker % 3, &args);
+                }
+            });
+        }
+    });
+    wait_running(&stats, total, Duration::from_secs(1800));
+    report.rest_s = t0.elapsed().as_secs_f64();
+    eprintln!("{total} tasks running after {:.1} s more", report.rest_s);
+    // Let the reports settle into the store before measuring steady load.
+    std::thread::sleep(Duration::from_secs(5));
+    report.loaded = load(&pids, &stats, Duration::from_secs(10));
+    eprintln!("loaded: {:?}", report.loaded);
+    report.leader_rss_mib = rss_kib(pids[leader]) as f64 / 1024.0;
+
+    let nodes: Vec<&Arc<SimNode>> = joined.iter().map(|(n, _)| n).collect();
+    let sizes: Vec<DataplaneSize> = nodes
+        .iter()
+        .map(|n| *n.dataplane.lock().expect("reason: never poisoned"))
+        .collect();
+    report.per_node = mean(&sizes);
+    report.per_node_max = max(&sizes);
+    let assignments = stats.assignments.load(Ordering::Relaxed).max(1);
+    report.assignment_kib = stats.assignment_bytes.load(Ordering::Relaxed) as f64 / assignments as f64 / 1024.0;
+
+    // Raft: the log, the snapshot, the store file.
+    let leader = leader_index(&swarm);
+    let info = swarm
+        .info(leader)
+        .and_then(|i| i.raft)
+        .expect("the leader's Raft status");
+    report.log_entries = info.last_log_index.unwrap_or(0);
+    report.snapshot_mib = info.snapshot_bytes as f64 / 1048576.0;
+    report.store_mib = dir_bytes(&swarm.agents[leader].data_dir) as f64 / 1048576.0;
+
+    // A new manager catches up (by snapshot, in chunks).
+    let target = swarm.applied(leader).unwrap_or(0);
+    let t0 = Instant::now();
+    swarm.join(NEW_MANAGER, leader, "manager");
+    swarm.wait("the new manager caught up", Duration::from_secs(600), || {
+        swarm.applied(NEW_MANAGER).is_some_and(|a| a >= target)
+    });
+    report.catch_up_s = t0.elapsed().as_secs_f64();
+    let snapshot = swarm.info(NEW_MANAGER).and_then(|i| i.raft).and_then(|r| r.snapshot_index);
+    eprintln!(
+        "new manager caught up to {target} in {:.1} s (its snapshot index {snapshot:?})",
+        report.catch_up_s
+    );
+
+    let _ = stop_tx.send(true);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    eprintln!("{report:?}");
+    report
+}
+
+/// `meshctl ARGS` on host `i`, retried while the swarm answers
+/// "unavailable" (exit 7: a leader change), as an operator would.
+fn ok_retrying(swarm: &Swarm, i: usize, args: &[&str]) {
+    for attempt in 0..20 {
+        let out = swarm.meshctl(i, args);
+        match out.status.code() {
+            Some(0) => return,
+            Some(7) => std::thread::sleep(Duration::from_millis(500)),
+            // A retried create whose first attempt was applied after all.
+            Some(4) if attempt > 0 && String::from_utf8_lossy(&out.stderr).contains("already exists") => return,
+            _ => break,
+        }
+    }
+    swarm.ok(i, args);
+}
+
+fn leader_index(swarm: &Swarm) -> usize {
+    (0..3)
+        .find(|&i| swarm.info(i).and_then(|info| info.raft).is_some_and(|_| is_leader(swarm, i)))
+        .unwrap_or(0)
+}
+
+fn is_leader(swarm: &Swarm, i: usize) -> bool {
+    swarm
+        .nodes(i)
+        .iter()
+        .any(|(host, _, _, manager)| host == &format!("h{i}") && manager == "Leader")
+}
+
+fn ready_nodes(swarm: &Swarm) -> usize {
+    let out = swarm.meshctl(0, &["node", "ls", "--format", "json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.iter().filter(|n| n["node"]["status"] == "Ready").count()
+}
+
+fn wait_running(stats: &Stats, want: usize, timeout: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let running = stats.running.load(Ordering::Relaxed) as usize;
+        if running >= want {
+            return;
+        }
+        assert!(t0.elapsed() < timeout, "{running} of {want} tasks running after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The managers' CPU (in cores) and the heartbeats answered per second
+/// over `window`.
+fn load(pids: &[u32], stats: &Stats, window: Duration) -> Load {
+    let cpu0: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let hb0 = stats.heartbeats.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    std::thread::sleep(window);
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let hb1 = stats.heartbeats.load(Ordering::Relaxed);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Load {
+        cpu: (cpu1 - cpu0) as f64 / hz / secs,
+        heartbeats_per_s: (hb1 - hb0) as f64 / secs,
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name's closing parenthesis; utime and
+    // stime are the 14th and 15th of the whole line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn mean(sizes: &[DataplaneSize]) -> DataplaneSize {
+    let n = sizes.len().max(1);
+    let sum = |f: fn(&DataplaneSize) -> usize| sizes.iter().map(f).sum::<usize>() / n;
+    DataplaneSize {
+        overlay_objects: sum(|s| s.overlay_objects),
+        mesh_entries: sum(|s| s.mesh_entries),
+        dns_records: sum(|s| s.dns_records),
+        tasks: sum(|s| s.tasks),
+    }
+}
+
+fn max(sizes: &[DataplaneSize]) -> DataplaneSize {
+    let top = |f: fn(&DataplaneSize) -> usize| sizes.iter().map(f).max().unwrap_or(0);
+    DataplaneSize {
+        overlay_objects: top(|s| s.overlay_objects),
+        mesh_entries: top(|s| s.mesh_entries),
+        dns_records: top(|s| s.dns_records),
+        tasks: top(|s| s.tasks),
+    }
+}
