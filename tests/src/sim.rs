@@ -108,7 +108,12 @@ impl DataplaneSize {
 /// kernel state.
 pub fn data_path_address(i: usize) -> std::net::Ipv4Addr {
     let i = i % (2 * 256 * 250);
-    std::net::Ipv4Addr::new(198, 18 + (i / (256 * 250)) as u8, ((i / 250) % 256) as u8, (i % 250 + 1) as u8)
+    std::net::Ipv4Addr::new(
+        198,
+        18 + (i / (256 * 250)) as u8,
+        ((i / 250) % 256) as u8,
+        (i % 250 + 1) as u8,
+    )
 }
 
 /// One simulated node after its join.
@@ -186,8 +191,8 @@ impl SimNode {
         if identity.role != Role::Worker {
             return Err(format!("joined as {:?}, expected a worker", identity.role));
         }
-        let tls = tls::client_config(&reply.ca_pems, Some((&reply.cert_pem, &key.key_pem())))
-            .map_err(|e| e.to_string())?;
+        let tls =
+            tls::client_config(&reply.ca_pems, Some((&reply.cert_pem, &key.key_pem()))).map_err(|e| e.to_string())?;
         let node = SimNode {
             id: reply.node_id,
             hb,

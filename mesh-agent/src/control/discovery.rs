@@ -40,13 +40,26 @@ pub struct NetworkServices {
     pub services: Vec<ServiceRecord>,
 }
 
-/// What node `tasks`' networks hold. One pass over the tasks, then one
-/// over the services per network.
+/// What node `tasks`' networks hold.
 pub fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServices> {
     let networks: BTreeSet<u64> = tasks
         .iter()
         .flat_map(|t| t.spec.networks.iter().map(|n| n.network))
         .collect();
+    let mut all = by_network(state, &networks);
+    networks
+        .into_iter()
+        .map(|network| NetworkServices {
+            network,
+            services: all.remove(&network).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The services on each of `networks`: one pass over the tasks, then one
+/// over the services per network. The dispatcher makes this once per
+/// state for every network and gives each node the networks it needs.
+pub fn by_network(state: &ClusterState, networks: &BTreeSet<u64>) -> BTreeMap<u64, Vec<ServiceRecord>> {
     // (network, service) -> its running tasks there, in task ID order.
     let mut running: BTreeMap<(u64, u64), Vec<(u64, Ipv4Addr)>> = BTreeMap::new();
     for t in state
@@ -61,8 +74,8 @@ pub fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServi
                 .push((t.id, a.address));
         }
     }
-    let mut out = Vec::new();
-    for network in networks {
+    let mut out = BTreeMap::new();
+    for &network in networks {
         let name = state.networks.get(&network).map(|n| n.name.as_str());
         let mut services = Vec::new();
         for service in state.services.values() {
@@ -80,7 +93,7 @@ pub fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServi
                 lb: service.spec.lb,
             });
         }
-        out.push(NetworkServices { network, services });
+        out.insert(network, services);
     }
     out
 }

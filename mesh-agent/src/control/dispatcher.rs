@@ -76,12 +76,63 @@ pub fn down_after(state: &ClusterState) -> Duration {
     Duration::from_millis(period.saturating_mul(u64::from(misses.max(1))))
 }
 
+/// What every node's assignments draw on, made in one pass per state and
+/// shared by all the nodes' long polls: without it each node's answer
+/// walked every task of the swarm, so one change cost nodes x tasks.
+#[derive(Debug, Default)]
+pub struct DispatchIndex {
+    /// Each node's tasks (ended ones included), in task ID order.
+    tasks_by_node: HashMap<NodeId, Vec<u64>>,
+    /// Each network's endpoints: its unended tasks that have a node.
+    endpoints: BTreeMap<u64, BTreeSet<Peer>>,
+    /// Each network's services (DNS and VIPs).
+    services: BTreeMap<u64, Vec<crate::control::discovery::ServiceRecord>>,
+    /// The routing mesh's running tasks and nodes.
+    mesh: crate::control::mesh::MeshIndex,
+}
+
+impl DispatchIndex {
+    /// The index of `state`.
+    pub fn new(state: &ClusterState) -> DispatchIndex {
+        let mut tasks_by_node: HashMap<NodeId, Vec<u64>> = HashMap::new();
+        let mut endpoints: BTreeMap<u64, BTreeSet<Peer>> = BTreeMap::new();
+        for t in state.tasks.values() {
+            let Some(node) = t.node else { continue };
+            tasks_by_node.entry(node).or_default().push(t.id);
+            if t.state.is_terminal() {
+                continue;
+            }
+            let Some(host) = state.nodes.get(&node) else { continue };
+            for a in &t.attachments {
+                endpoints.entry(a.network).or_default().insert(Peer {
+                    address: a.address,
+                    vtep: host.data_path_addr.clone(),
+                });
+            }
+        }
+        let networks: BTreeSet<u64> = state.networks.keys().copied().collect();
+        DispatchIndex {
+            tasks_by_node,
+            endpoints,
+            services: crate::control::discovery::by_network(state, &networks),
+            mesh: crate::control::mesh::MeshIndex::new(state),
+        }
+    }
+}
+
 /// What node `node` is told about its tasks: every task placed on it that
 /// has not ended, with the spec to run, and the ended ones still listed.
 pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
+    assignments_with(state, &DispatchIndex::new(state), node)
+}
+
+/// [`assignments`] from an index already made for `state`: the cost is
+/// the node's own tasks, its networks and the routing mesh, not the swarm.
+pub fn assignments_with(state: &ClusterState, index: &DispatchIndex, node: NodeId) -> Assignments {
     let mut tasks = Vec::new();
     let mut retained = Vec::new();
-    for task in state.tasks.values().filter(|t| t.node == Some(node)) {
+    let mine = index.tasks_by_node.get(&node).map_or(&[][..], Vec::as_slice);
+    for task in mine.iter().filter_map(|id| state.tasks.get(id)) {
         if task.state.is_terminal() {
             retained.push(task.id);
             continue;
@@ -137,7 +188,7 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
             spec,
         });
     }
-    let networks = network_peers(state, &tasks);
+    let networks = network_peers(state, index, &tasks);
     let vtep = state
         .nodes
         .get(&node)
@@ -149,8 +200,14 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
         .map_or(crate::control::state::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
     let tunnel = tunnel_assignment(state, node, &tasks, &networks);
     let ipsec = ipsec_assignment(state, node, &tasks, &networks, data_path_port);
-    let mesh = crate::control::mesh::mesh_assignment(state, node);
-    let services = crate::control::discovery::discovery(state, &tasks);
+    let mesh = crate::control::mesh::mesh_assignment_with(state, &index.mesh, node);
+    let services = networks
+        .iter()
+        .map(|n| crate::control::discovery::NetworkServices {
+            network: n.network,
+            services: index.services.get(&n.network).cloned().unwrap_or_default(),
+        })
+        .collect();
     let encoded = rmp_serde::to_vec(&(
         &tasks,
         &retained,
@@ -180,30 +237,18 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
 
 /// The endpoints of the networks `tasks` are on: every unended task there
 /// with a node, and that node's data-path address.
-fn network_peers(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkPeers> {
+fn network_peers(state: &ClusterState, index: &DispatchIndex, tasks: &[Assignment]) -> Vec<NetworkPeers> {
     let wanted: BTreeSet<u64> = tasks
         .iter()
         .flat_map(|t| t.spec.networks.iter().map(|n| n.network))
         .collect();
-    let mut peers: BTreeMap<u64, BTreeSet<Peer>> = wanted.iter().map(|id| (*id, BTreeSet::new())).collect();
-    for t in state.tasks.values().filter(|t| !t.state.is_terminal()) {
-        let Some(node) = t.node.and_then(|n| state.nodes.get(&n)) else {
-            continue;
-        };
-        for a in t.attachments.iter().filter(|a| wanted.contains(&a.network)) {
-            peers.entry(a.network).or_default().insert(Peer {
-                address: a.address,
-                vtep: node.data_path_addr.clone(),
-            });
-        }
-    }
-    peers
+    wanted
         .into_iter()
-        .filter_map(|(id, p)| {
+        .filter_map(|id| {
             Some(NetworkPeers {
                 network: id,
                 vni: state.networks.get(&id)?.vni,
-                peers: p.into_iter().collect(),
+                peers: index.endpoints.get(&id).into_iter().flatten().cloned().collect(),
             })
         })
         .collect()

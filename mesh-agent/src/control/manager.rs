@@ -63,6 +63,10 @@ pub struct Manager {
     liveness: Mutex<Liveness>,
     raft_ready: Mutex<BTreeSet<NodeId>>,
     stop: tokio::sync::watch::Sender<bool>,
+    /// The dispatch index of the latest state a long poll asked about
+    /// (a weak reference: holding the state would make the next apply
+    /// copy it).
+    dispatch: Mutex<(std::sync::Weak<ClusterState>, Arc<dispatcher::DispatchIndex>)>,
 }
 
 /// How long an assignments long poll waits for a change (below the
@@ -122,6 +126,7 @@ impl Manager {
             raft,
             sm,
             liveness: Mutex::new(Liveness::default()),
+            dispatch: Mutex::new((std::sync::Weak::new(), Arc::default())),
             raft_ready: Mutex::new(BTreeSet::new()),
             stop,
         });
@@ -760,7 +765,7 @@ impl Manager {
                     node_id_text(id)
                 )));
             }
-            let current = dispatcher::assignments(&state, id);
+            let current = dispatcher::assignments_with(&state, &self.dispatch_index(&state), id);
             if current.digest != known || !self.is_leader() {
                 return Ok(current);
             }
@@ -772,6 +777,16 @@ impl Manager {
                 Ok(Err(_)) | Err(_) => return Ok(current),
             }
         }
+    }
+
+    /// The dispatch index of `state`, made by the first long poll that
+    /// needs it and shared by the rest.
+    fn dispatch_index(&self, state: &Arc<ClusterState>) -> Arc<dispatcher::DispatchIndex> {
+        let mut cached = self.dispatch.lock().expect("reason: never poisoned");
+        if !std::ptr::eq(cached.0.as_ptr(), Arc::as_ptr(state)) {
+            *cached = (Arc::downgrade(state), Arc::new(dispatcher::DispatchIndex::new(state)));
+        }
+        cached.1.clone()
     }
 
     /// Stores a node's reports on its tasks.

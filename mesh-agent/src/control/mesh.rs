@@ -74,31 +74,70 @@ pub struct MeshAssignment {
     pub peers: Vec<String>,
 }
 
-/// Node `node`'s routing mesh; `None` when it answers no published port.
-/// One pass over the tasks, then one over the services.
-pub fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignment> {
-    // Each publishing service's running tasks, in task ID order.
-    let mut running: BTreeMap<u64, Vec<MeshBackend>> = BTreeMap::new();
-    for t in state
-        .tasks
-        .values()
-        .filter(|t| t.desired == DesiredState::Running && t.state == TaskState::Running)
-    {
-        let (Some(on), Some(service)) = (t.node, state.services.get(&t.service)) else {
-            continue;
-        };
-        let Some(host) = state.nodes.get(&on).filter(|_| !service.spec.publish.is_empty()) else {
-            continue;
-        };
-        running.entry(t.service).or_default().push(MeshBackend {
-            task: t.id,
-            node_addr: host.data_path_addr.clone(),
-            local: on == node,
-        });
+/// What every node's routing mesh draws on, computed once per state for
+/// all nodes (the dispatcher shares it between their long polls): each
+/// publishing service's running tasks with their node, and every node's
+/// data-path address.
+#[derive(Clone, Debug, Default)]
+pub struct MeshIndex {
+    /// Publishing service -> (its running task, the task's node, the node's
+    /// data-path address), in task ID order.
+    running: BTreeMap<u64, Vec<(u64, NodeId, String)>>,
+    /// Every node with a data-path address: (node, address).
+    nodes: Vec<(NodeId, String)>,
+}
+
+impl MeshIndex {
+    /// One pass over the tasks and one over the nodes.
+    pub fn new(state: &ClusterState) -> MeshIndex {
+        let mut running: BTreeMap<u64, Vec<(u64, NodeId, String)>> = BTreeMap::new();
+        for t in state
+            .tasks
+            .values()
+            .filter(|t| t.desired == DesiredState::Running && t.state == TaskState::Running)
+        {
+            let (Some(on), Some(service)) = (t.node, state.services.get(&t.service)) else {
+                continue;
+            };
+            let Some(host) = state.nodes.get(&on).filter(|_| !service.spec.publish.is_empty()) else {
+                continue;
+            };
+            running
+                .entry(t.service)
+                .or_default()
+                .push((t.id, on, host.data_path_addr.clone()));
+        }
+        let nodes = state
+            .nodes
+            .values()
+            .filter(|n| !n.data_path_addr.is_empty())
+            .map(|n| (n.id, n.data_path_addr.clone()))
+            .collect();
+        MeshIndex { running, nodes }
     }
+}
+
+/// Node `node`'s routing mesh; `None` when it answers no published port.
+pub fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignment> {
+    mesh_assignment_with(state, &MeshIndex::new(state), node)
+}
+
+/// [`mesh_assignment`] from an index already made for `state`: one pass
+/// over the publishing services.
+pub fn mesh_assignment_with(state: &ClusterState, index: &MeshIndex, node: NodeId) -> Option<MeshAssignment> {
     let mut services = Vec::new();
     for service in state.services.values().filter(|s| !s.spec.publish.is_empty()) {
-        let backends = running.remove(&service.id).unwrap_or_default();
+        let backends: Vec<MeshBackend> = index
+            .running
+            .get(&service.id)
+            .into_iter()
+            .flatten()
+            .map(|(task, on, addr)| MeshBackend {
+                task: *task,
+                node_addr: addr.clone(),
+                local: *on == node,
+            })
+            .collect();
         let runs_here = backends.iter().any(|b| b.local);
         let ports: Vec<PortPublish> = service
             .spec
@@ -125,11 +164,11 @@ pub fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignm
     if services.is_empty() {
         return None;
     }
-    let mut peers: Vec<String> = state
+    let mut peers: Vec<String> = index
         .nodes
-        .values()
-        .filter(|n| n.id != node && !n.data_path_addr.is_empty())
-        .map(|n| n.data_path_addr.clone())
+        .iter()
+        .filter(|(id, _)| *id != node)
+        .map(|(_, addr)| addr.clone())
         .collect();
     peers.sort();
     peers.dedup();

@@ -110,7 +110,10 @@ fn main() {
     for &n in &args.nodes {
         reports.push(run(n, args.services, args.tasks));
     }
-    println!("\n== scale by simulation ({} services, {} tasks; 3 real managers; simulated nodes)", args.services, args.tasks);
+    println!(
+        "\n== scale by simulation ({} services, {} tasks; 3 real managers; simulated nodes)",
+        args.services, args.tasks
+    );
     println!("| nodes | join p50/p99 ms | all joined s | idle mgr CPU, hb/s | 10k tasks s | rest s | loaded mgr CPU, hb/s | log entries | snapshot MiB | store MiB | new manager s | KiB/session | leader RSS MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &reports {
@@ -165,7 +168,14 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
     let addr = |i: usize| swarm.cluster.host(i).address().to_string();
     swarm.ok(
         0,
-        &["swarm", "init", "--advertise-addr", &addr(0), "--dispatcher-heartbeat", "5s"],
+        &[
+            "swarm",
+            "init",
+            "--advertise-addr",
+            &addr(0),
+            "--dispatcher-heartbeat",
+            "5s",
+        ],
     );
     swarm.join(1, 0, "manager");
     swarm.join(2, 0, "manager");
@@ -246,7 +256,18 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
     let bulk = BULK_TASKS.to_string();
     swarm.ok(
         0,
-        &["service", "create", "--detach", "--name", "bulk", "--replicas", &bulk, "--", "sleep", "600"],
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "bulk",
+            "--replicas",
+            &bulk,
+            "--",
+            "sleep",
+            "600",
+        ],
     );
     wait_running(&stats, BULK_TASKS, Duration::from_secs(900));
     report.bulk_s = t0.elapsed().as_secs_f64();
@@ -259,7 +280,15 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
         ok_retrying(
             &swarm,
             0,
-            &["network", "create", "--driver", "overlay", "--subnet", &subnet, &format!("net{k}")],
+            &[
+                "network",
+                "create",
+                "--driver",
+                "overlay",
+                "--subnet",
+                &subnet,
+                &format!("net{k}"),
+            ],
         );
     }
     let rest = services - 1;
@@ -276,7 +305,14 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
                     let replicas = per.to_string();
                     let publish = format!("{}:80", 30_000 + s);
                     let mut args = vec![
-                        "service", "create", "--detach", "--name", &name, "--replicas", &replicas, "--network",
+                        "service",
+                        "create",
+                        "--detach",
+                        "--name",
+                        &name,
+                        "--replicas",
+                        &replicas,
+                        "--network",
                         &network,
                     ];
                     if s % 10 == 0 {
@@ -325,7 +361,10 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
         swarm.applied(NEW_MANAGER).is_some_and(|a| a >= target)
     });
     report.catch_up_s = t0.elapsed().as_secs_f64();
-    let snapshot = swarm.info(NEW_MANAGER).and_then(|i| i.raft).and_then(|r| r.snapshot_index);
+    let snapshot = swarm
+        .info(NEW_MANAGER)
+        .and_then(|i| i.raft)
+        .and_then(|r| r.snapshot_index);
     eprintln!(
         "new manager caught up to {target} in {:.1} s (its snapshot index {snapshot:?})",
         report.catch_up_s
@@ -355,7 +394,12 @@ fn ok_retrying(swarm: &Swarm, i: usize, args: &[&str]) {
 
 fn leader_index(swarm: &Swarm) -> usize {
     (0..3)
-        .find(|&i| swarm.info(i).and_then(|info| info.raft).is_some_and(|_| is_leader(swarm, i)))
+        .find(|&i| {
+            swarm
+                .info(i)
+                .and_then(|info| info.raft)
+                .is_some_and(|_| is_leader(swarm, i))
+        })
         .unwrap_or(0)
 }
 
@@ -379,7 +423,10 @@ fn wait_running(stats: &Stats, want: usize, timeout: Duration) {
         if running >= want {
             return;
         }
-        assert!(t0.elapsed() < timeout, "{running} of {want} tasks running after {timeout:?}");
+        assert!(
+            t0.elapsed() < timeout,
+            "{running} of {want} tasks running after {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
