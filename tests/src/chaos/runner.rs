@@ -450,6 +450,7 @@ fn start_load(
     stop: &Arc<AtomicBool>,
 ) -> Vec<JoinHandle<Vec<Request>>> {
     let every = Duration::from_secs(1) / config.rate_per_node;
+    let most = usize::try_from(bound.as_secs() * u64::from(config.rate_per_node)).unwrap_or(usize::MAX);
     NODES
         .iter()
         .map(|&node| {
@@ -460,7 +461,8 @@ fn start_load(
                     .run(|| {
                         let to = SocketAddr::from((host_address(node), PORT));
                         let mut requests = Vec::new();
-                        while !stop.load(Ordering::Relaxed) && epoch.elapsed() < bound {
+                        // Bounded in time and, through the pacing, in count.
+                        while !stop.load(Ordering::Relaxed) && epoch.elapsed() < bound && requests.len() < most {
                             let at = epoch.elapsed();
                             let error = http_get(to).err();
                             requests.push(Request { at, node, error });
@@ -498,7 +500,8 @@ fn start_writers(
             let every = config.write_every;
             std::thread::spawn(move || {
                 let mut writes = Vec::new();
-                while !stop.load(Ordering::Relaxed) && epoch.elapsed() < bound {
+                let most = (bound.as_millis() / every.as_millis().max(1)) as usize;
+                while !stop.load(Ordering::Relaxed) && epoch.elapsed() < bound && writes.len() < most {
                     let name = format!("chaos-h{m}-{}", writes.len());
                     let mut cmd = Command::new(binary("meshctl"));
                     cmd.arg("--socket")
