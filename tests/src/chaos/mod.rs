@@ -471,6 +471,8 @@ impl Report {
             ],
         );
         for (n, f) in self.faults.iter().enumerate() {
+            let failures = f.during.errors.iter().chain(&f.after.errors);
+            let notes: Vec<String> = failures.map(|e| format!("       first failures: {e}")).collect();
             row(
                 &mut out,
                 [
@@ -489,6 +491,9 @@ impl Report {
                     f.orphans.len().to_string(),
                 ],
             );
+            for note in notes {
+                let _ = writeln!(out, "{note}");
+            }
         }
         let failed: usize = self.steady.failed
             + self
