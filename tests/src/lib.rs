@@ -6,6 +6,7 @@
 //! added to the root namespace, and everything is removed on drop, on panic,
 //! and (for a run that crashed) by the next cluster created on the machine.
 
+pub mod chaos;
 pub mod cluster;
 pub mod mesh;
 pub mod overlay;

@@ -145,6 +145,25 @@ impl Swarm {
         }
     }
 
+    /// Stops host `i`'s agent as an operator or an upgrade would: SIGTERM,
+    /// then SIGKILL if it has not exited within 10 s. Whether it exited by
+    /// itself.
+    pub fn stop(&mut self, i: usize) -> bool {
+        let Some(mut p) = self.agents[i].process.take() else {
+            return true;
+        };
+        if p.signal(libc::SIGTERM).is_err() {
+            return false;
+        }
+        match p.wait_timeout(Duration::from_secs(10)) {
+            Ok(Some(_)) => true,
+            _ => {
+                let _ = p.kill();
+                false
+            }
+        }
+    }
+
     /// Runs `meshctl ARGS` against host `i`'s agent.
     pub fn meshctl(&self, i: usize, args: &[&str]) -> Output {
         let mut cmd = Command::new(binary("meshctl"));
