@@ -191,7 +191,12 @@ mod tests {
 
     #[test]
     fn fragments_options_and_other_protocols_are_left_alone() {
-        for (at, value) in [(ETH_HLEN, 0x46), (ETH_HLEN + 6, 0x20), (ETH_HLEN + 7, 1), (ETH_HLEN + 9, 1)] {
+        for (at, value) in [
+            (ETH_HLEN, 0x46),
+            (ETH_HLEN + 6, 0x20),
+            (ETH_HLEN + 7, 1),
+            (ETH_HLEN + 9, 1),
+        ] {
             let mut frame = tcp_frame();
             frame[at] = value;
             let (data, end) = window(&frame);

@@ -542,8 +542,10 @@ pub fn table_exists() -> Result<bool, NftError> {
     }
 }
 
-/// The (sequence, errno) of every NLMSG_ERROR (ack) in `bytes`.
-fn acks(mut bytes: &[u8]) -> Vec<(u32, i32)> {
+/// The (sequence, errno) of every NLMSG_ERROR (ack) in `bytes`, a
+/// datagram of the kernel's answers; it stops at a message whose length
+/// does not fit.
+pub fn acks(mut bytes: &[u8]) -> Vec<(u32, i32)> {
     let mut out = Vec::new();
     while bytes.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;

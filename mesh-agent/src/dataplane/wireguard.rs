@@ -89,6 +89,11 @@ pub fn kernel_observe(device: &str) -> Result<KernelDevice, GenlError> {
         cmd: WireguardCmd::GetDevice,
         attributes: vec![WireguardAttribute::IfName(device.into())],
     })?;
+    Ok(device_of(replies))
+}
+
+/// The device a `GET_DEVICE` dump's replies describe.
+pub fn device_of(replies: Vec<WireguardMessage>) -> KernelDevice {
     let (mut private, mut port, mut peers) = (None, 0, BTreeMap::new());
     for attr in replies.into_iter().flat_map(|m| m.attributes) {
         match attr {
@@ -104,10 +109,13 @@ pub fn kernel_observe(device: &str) -> Result<KernelDevice, GenlError> {
             _ => {}
         }
     }
-    Ok(KernelDevice { private, port, peers })
+    KernelDevice { private, port, peers }
 }
 
-fn parse_peer(attrs: Vec<WireguardPeerAttribute>) -> Option<(Key, TunnelPeer)> {
+/// A peer as the kernel reports it: its public key and what the agent
+/// manages of it (an address list other than one /128 reads as `::`, so
+/// it gets replaced). `None` without a public key.
+pub fn parse_peer(attrs: Vec<WireguardPeerAttribute>) -> Option<(Key, TunnelPeer)> {
     let (mut key, mut endpoint, mut tunnel, mut psk) = (None, None, None, [0; 32]);
     for a in attrs {
         match a {
@@ -168,6 +176,12 @@ pub fn kernel_peer_stats(device: &str) -> Result<Vec<PeerStats>, GenlError> {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
+    Ok(peer_stats_of(replies, now))
+}
+
+/// Each peer's statistics in a `GET_DEVICE` dump's replies, `now` being
+/// the time in Unix seconds.
+pub fn peer_stats_of(replies: Vec<WireguardMessage>, now: f64) -> Vec<PeerStats> {
     let mut out = Vec::new();
     for attr in replies.into_iter().flat_map(|m| m.attributes) {
         let WireguardAttribute::Peers(list) = attr else {
@@ -197,7 +211,7 @@ pub fn kernel_peer_stats(device: &str) -> Result<Vec<PeerStats>, GenlError> {
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Sets the device's private key and port, then carries out `changes`
@@ -230,7 +244,8 @@ pub fn kernel_apply(device: &str, identity: Option<(Key, u16)>, changes: &[PeerC
     Ok(())
 }
 
-fn peer_message(change: &PeerChange) -> WireguardPeer {
+/// A change as the peer attributes of a `SET_DEVICE` request.
+pub fn peer_message(change: &PeerChange) -> WireguardPeer {
     match change {
         PeerChange::Remove { key } => WireguardPeer(vec![
             WireguardPeerAttribute::PublicKey(*key),
