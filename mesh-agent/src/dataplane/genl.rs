@@ -205,7 +205,8 @@ where
                 Some(code) => {
                     return Err(GenlError::Refused {
                         family,
-                        source: io::Error::from_raw_os_error(-code.get()),
+                        // The kernel sends -errno; i32::MIN is none, but still a refusal.
+                        source: io::Error::from_raw_os_error(code.get().wrapping_neg()),
                     })
                 }
             },
@@ -217,7 +218,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use netlink_packet_core::NLM_F_MULTIPART;
+    use netlink_packet_core::{ErrorMessage, NLM_F_MULTIPART};
     use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 
     use super::*;
@@ -250,5 +251,16 @@ mod tests {
         let replies = decode_replies::<GenlCtrl>(&bytes, 3, true, "nlctrl").unwrap();
         assert_eq!(replies.payloads.len(), 2);
         assert!(!replies.finished, "a dump ends with DONE");
+    }
+
+    /// The same negation the netlink fuzz target found in xfrm.rs and
+    /// nftables.rs: i32::MIN as the error code overflowed.
+    #[test]
+    fn an_error_with_a_nonsense_code_is_a_refusal_not_a_panic() {
+        let mut error = ErrorMessage::default();
+        error.code = std::num::NonZeroI32::new(i32::MIN);
+        let bytes = datagram(1, vec![NetlinkPayload::Error(error)]);
+        let refused = decode_replies::<GenlCtrl>(&bytes, 1, false, "nlctrl").unwrap_err();
+        assert_eq!(refused.errno(), Some(i32::MIN));
     }
 }

@@ -341,7 +341,8 @@ pub fn decode_replies(datagram: &[u8], sequence: u32) -> Result<Replies<'_>, Xfr
                 }
                 return Err(XfrmError::Refused {
                     what: String::new(),
-                    source: io::Error::from_raw_os_error(-code),
+                    // The kernel sends -errno; i32::MIN is none, but still a refusal.
+                    source: io::Error::from_raw_os_error(code.wrapping_neg()),
                 });
             }
             _ => replies.messages.push((kind, body)),
@@ -593,6 +594,23 @@ mod tests {
                 Change::DeletePolicy(policy(Direction::Out)),
             ]
         );
+    }
+
+    /// Found by the netlink fuzz target: negating i32::MIN overflowed.
+    #[test]
+    fn an_error_with_a_nonsense_code_is_a_refusal_not_a_panic() {
+        let mut datagram = Vec::new();
+        datagram.extend_from_slice(&36u32.to_ne_bytes());
+        datagram.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        datagram.extend_from_slice(&0u16.to_ne_bytes());
+        datagram.extend_from_slice(&9u32.to_ne_bytes());
+        datagram.extend_from_slice(&0u32.to_ne_bytes());
+        datagram.extend_from_slice(&i32::MIN.to_ne_bytes());
+        datagram.extend_from_slice(&[0; 16]);
+        assert!(matches!(
+            decode_replies(&datagram, 9),
+            Err(XfrmError::Refused { source, .. }) if source.raw_os_error() == Some(i32::MIN)
+        ));
     }
 
     #[test]
