@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         run
     });
     // Some variables set, some not, so both paths are taken.
-    let env_set = |name: &str| name.len() % 3 == 0;
+    let env_set = |name: &str| name.len().is_multiple_of(3);
     let Ok(args) = args_from_toml(text, run, &env_set) else {
         return;
     };

@@ -173,14 +173,11 @@ fuzz_target!(|data: &[u8]| {
     };
     match which % 4 {
         0 => subnet(text),
-        1 => match text.split_once('\n') {
-            Some((mask, pools_text)) => {
-                if let Ok(mask_len) = mask.parse() {
-                    pools(mask_len, pools_text)
-                }
+        1 => {
+            if let Some((mask_len, pools_text)) = text.split_once('\n').and_then(|(m, p)| Some((m.parse().ok()?, p))) {
+                pools(mask_len, pools_text)
             }
-            None => {}
-        },
+        }
         2 => network(text),
         _ => addresses(text),
     }

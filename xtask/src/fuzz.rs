@@ -11,14 +11,16 @@
 //! `fuzz/` replays it.
 //!
 //! The build: `cargo fuzz build --dev`, i.e. AddressSanitizer and coverage
-//! instrumentation with debug assertions, without optimisation. Measured on
-//! this project's 2-core machines from a clean `fuzz/target`: the default
-//! (`--release` with one codegen unit per crate) took 13 CPU-minutes for
-//! mesh-agent's dependency tree with 16 codegen units, over 6 minutes of wall time on
-//! two idle cores before running anything; `--dev` takes about 4
-//! CPU-minutes. The parsers run fast enough unoptimised (hundreds to
-//! tens of thousands of inputs a second) for a lane of seconds per target,
-//! and AddressSanitizer stays on: it is what checks that the packet parser
+//! instrumentation with debug assertions, without optimisation. Measured
+//! here from a clean `fuzz/target`: cargo-fuzz's default release build (one
+//! codegen unit per crate) is the slowest, and even with 16 codegen units it
+//! took 13 CPU-minutes for mesh-agent's dependency tree, over 6 minutes on
+//! two idle cores before a single input ran. `--dev` takes about 4
+//! CPU-minutes (2½ minutes of wall time), the whole lane about 4½ minutes.
+//! Unoptimised, the targets still run from about a hundred inputs a second
+//! (config_file, most of it clap) to ten thousand (token), enough for a
+//! lane of seconds per target. AddressSanitizer stays on (`-s none` was not
+//! needed to fit the budget): it is what checks that the packet parser
 //! shared with the eBPF programs never reads outside its window.
 
 use std::{
@@ -209,11 +211,17 @@ fn failure(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     let start = lines
         .iter()
-        .position(|l| l.contains("panicked at") || l.contains("ERROR: AddressSanitizer") || l.contains("ERROR: libFuzzer"))
+        .position(|l| {
+            l.contains("panicked at") || l.contains("ERROR: AddressSanitizer") || l.contains("ERROR: libFuzzer")
+        })
         .unwrap_or(lines.len().saturating_sub(20));
     let mut out: Vec<&str> = lines[start..].iter().take(8).copied().collect();
     out.push("...");
-    out.extend(lines.iter().filter(|l| l.starts_with("SUMMARY") || l.contains("Test unit written")));
+    out.extend(
+        lines
+            .iter()
+            .filter(|l| l.starts_with("SUMMARY") || l.contains("Test unit written")),
+    );
     out.join("\n")
 }
 
@@ -231,7 +239,13 @@ mod tests {
         assert_eq!(artifact(crash), Some(Path::new("/w/fuzz/artifacts/dns/crash-0a1b")));
         assert_eq!(artifact(clean), None);
         let report = failure(&format!("INFO: Seed: 1\n{}\n{crash}", "  at frame\n".repeat(50)));
-        assert!(report.starts_with("thread '<unnamed>' panicked at src/lib.rs:1:1"), "{report}");
-        assert!(report.ends_with("Test unit written to /w/fuzz/artifacts/dns/crash-0a1b"), "{report}");
+        assert!(
+            report.starts_with("thread '<unnamed>' panicked at src/lib.rs:1:1"),
+            "{report}"
+        );
+        assert!(
+            report.ends_with("Test unit written to /w/fuzz/artifacts/dns/crash-0a1b"),
+            "{report}"
+        );
     }
 }
