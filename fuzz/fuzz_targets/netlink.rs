@@ -17,10 +17,10 @@ use mesh_agent::dataplane::{
     genl::decode_replies as genl_replies,
     ipvs::{self, parse_dest_reply, parse_service_reply, Dest, IpvsMessage, ServiceId},
     nftables::acks,
-    wireguard::{device_of, parse_peer, peer_message, peer_stats_of, PeerChange},
+    wireguard::{device_of, parse_peer, peer_message, peer_stats_of, Checked, PeerChange},
     xfrm::{self, parse_policy, parse_sa, Sa},
 };
-use netlink_packet_wireguard::{WireguardMessage, WireguardPeer};
+use netlink_packet_wireguard::WireguardPeer;
 
 /// The request the replies answer.
 const SEQUENCE: u32 = 1;
@@ -49,10 +49,11 @@ fn ipvs_dump(datagram: &[u8], dump: bool) {
 }
 
 fn wireguard_dump(datagram: &[u8], dump: bool) {
-    let Ok(replies) = genl_replies::<WireguardMessage>(datagram, SEQUENCE, dump, "wireguard") else {
+    let Ok(replies) = genl_replies::<Checked>(datagram, SEQUENCE, dump, "wireguard") else {
         return;
     };
-    let device = device_of(replies.payloads.clone());
+    let replies: Vec<_> = replies.payloads.into_iter().map(|r| r.0).collect();
+    let device = device_of(replies.clone());
     assert_ne!(device.private, Some([0; 32]), "an all-zero key is no key");
     for (key, peer) in device.peers {
         let WireguardPeer(attrs) = peer_message(&PeerChange::Set {
@@ -61,7 +62,7 @@ fn wireguard_dump(datagram: &[u8], dump: bool) {
         });
         assert_eq!(parse_peer(attrs), Some((key, peer)));
     }
-    for stats in peer_stats_of(replies.payloads, 1.7e9) {
+    for stats in peer_stats_of(replies, 1.7e9) {
         if let Some(age) = stats.handshake_age_s {
             assert!(age >= 0.0 && age.is_finite(), "{stats:?}");
         }
