@@ -207,7 +207,7 @@ where
                         family,
                         // The kernel sends -errno; i32::MIN is none, but still a refusal.
                         source: io::Error::from_raw_os_error(code.get().wrapping_neg()),
-                    })
+                    });
                 }
             },
             _ => {}
@@ -247,7 +247,11 @@ mod tests {
 
     #[test]
     fn a_dump_collects_its_messages_and_skips_other_requests() {
-        let bytes = [datagram(3, vec![family("a"), family("b")]), datagram(2, vec![family("c")])].concat();
+        let bytes = [
+            datagram(3, vec![family("a"), family("b")]),
+            datagram(2, vec![family("c")]),
+        ]
+        .concat();
         let replies = decode_replies::<GenlCtrl>(&bytes, 3, true, "nlctrl").unwrap();
         assert_eq!(replies.payloads.len(), 2);
         assert!(!replies.finished, "a dump ends with DONE");
