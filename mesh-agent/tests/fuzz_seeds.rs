@@ -216,6 +216,7 @@ fn text_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("specs", "node-id", with(7, &node_id_text(0x1234_5678_9abc))),
         ("specs", "service-spec", with(8, &spec_and_update)),
         ("subnet", "subnet", with(0, "10.0.1.0/24")),
+        ("subnet", "last-subnet", with(0, "255.255.255.255/32")),
         ("subnet", "pools", with(1, "24\n10.0.0.0/8\n172.16.0.0/12")),
         (
             "subnet",
