@@ -1,9 +1,80 @@
-//! `mesh-agent run --config FILE`: a TOML file of the same settings as the
-//! flags, keys named like the flags (`data-dir`, `lb-backend`, ...). The
+//! The settings of `mesh-agent run` ([`RunArgs`]) and `--config FILE`: a
+//! TOML file of the same settings as the flags, keys named like the flags (`data-dir`, `lb-backend`, ...). The
 //! file becomes flags placed before the command line's, so the command
 //! line wins; a key whose environment variable is set is left to the
 //! environment, so the environment wins over the file. Unknown keys, and
 //! values of the wrong shape, are refused with the key named.
+
+use std::path::PathBuf;
+
+/// The settings of `mesh-agent run`, from its flags, their `MESH_*`
+/// variables and the settings file ([`args_from_toml`]).
+#[derive(clap::Args)]
+#[command(args_override_self = true)]
+pub struct RunArgs {
+    /// A TOML file of these settings, keys named like the flags
+    /// (`data-dir = "/var/lib/mesh"`); unknown keys are refused. The command
+    /// line wins over the environment (`MESH_DATA_DIR`, ...), which wins
+    /// over the file.
+    #[arg(long, env = "MESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the node keeps its state (keys, certificates, the Raft store).
+    #[arg(long, env = "MESH_DATA_DIR", default_value = "/var/lib/mesh")]
+    pub data_dir: PathBuf,
+    /// The local API socket (root-only).
+    #[arg(long, env = "MESH_SOCKET", default_value = crate::control::local::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// The name this node reports (default: the host name).
+    #[arg(long, env = "MESH_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// Raft leader heartbeat interval. With the default election timeout a
+    /// write commits again about 1.4 s (median) after the leader dies: openraft
+    /// has a follower wait the leader lease (the maximum timeout) plus its own
+    /// timeout before campaigning. Raise both on slow or lossy links.
+    #[arg(long, env = "MESH_RAFT_HEARTBEAT", default_value = "50ms")]
+    pub raft_heartbeat: String,
+    /// Raft election timeout (randomised between this and twice this).
+    #[arg(long, env = "MESH_RAFT_ELECTION_TIMEOUT", default_value = "150ms")]
+    pub raft_election_timeout: String,
+    /// Log entries between Raft snapshots.
+    #[arg(long, env = "MESH_RAFT_SNAPSHOT_INTERVAL", default_value_t = 1000)]
+    pub raft_snapshot_interval: u64,
+    /// Disaster recovery, when a quorum of managers is lost for good: make
+    /// this manager the only one, keeping the swarm's state; the others are
+    /// demoted. Start once with it, then without.
+    #[arg(long, env = "MESH_FORCE_NEW_CLUSTER")]
+    pub force_new_cluster: bool,
+    /// The node-local pool tasks get their address on the node's bridge
+    /// (mesh_gwbridge) from.
+    #[arg(long, env = "MESH_LOCAL_POOL", default_value = crate::runtime::network::DEFAULT_POOL)]
+    pub local_pool: String,
+    /// Which WireGuard encrypted overlays use: the kernel's where it has
+    /// it (auto), only the kernel's, or boringtun in the agent on a TUN
+    /// device (userspace).
+    #[arg(long, env = "MESH_WIREGUARD", value_enum, default_value = "auto")]
+    pub wireguard: crate::runtime::tunnel::WireguardMode,
+    /// How published ports reach tasks on other nodes: as they are, to
+    /// the node's MAC address, when it is on the same link, else through
+    /// the routing-mesh tunnel (auto); or always through the tunnel.
+    #[arg(long, env = "MESH_MESH_ROUTING", value_enum, default_value = "auto")]
+    pub mesh_routing: crate::runtime::mesh::MeshRouting,
+    /// What serves published ports: the eBPF programs, or IPVS as in
+    /// Swarm (needs the ip_vs module; tasks on other nodes than the one a
+    /// connection came in on see that node's address, not the client's).
+    /// Service VIPs use the eBPF socket programs either way.
+    #[arg(long, env = "MESH_LB_BACKEND", value_enum, default_value = "ebpf")]
+    pub lb_backend: crate::runtime::mesh::LbBackend,
+    /// Where Prometheus scrapes the agent (`GET /metrics`), or `off`.
+    /// Loopback by default: the metrics name services and nodes, so
+    /// expose them on purpose (a warning says when they are).
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = crate::metrics::server::DEFAULT_ADDR)]
+    pub metrics_addr: String,
+    /// Serve the swarm visualizer (a live page of nodes and tasks, like the
+    /// Docker Swarm Visualizer) on ADDR:PORT, e.g. 127.0.0.1:8080, on a
+    /// manager; `off` by default.
+    #[arg(long, env = "MESH_VISUALIZER_ADDR", default_value = "off")]
+    pub visualizer_addr: String,
+}
 
 /// The flags `text` stands for, for `command` (the `run` subcommand's
 /// definition). `env_set` says whether an environment variable is set.

@@ -6,7 +6,7 @@
 //! - [`runtime`]: network namespaces for tasks.
 //! - [`preflight`]: what the node's kernel offers the dataplane.
 //! - [`metrics`]: the Prometheus endpoint.
-//! - [`config_file`]: `mesh-agent run --config FILE` (TOML).
+//! - [`config_file`]: `mesh-agent run`'s settings: flags, `MESH_*`, `--config FILE` (TOML).
 //!
 //! The binaries `mesh-agent` and `meshctl` are thin wrappers over this library.
 

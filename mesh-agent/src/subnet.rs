@@ -76,7 +76,8 @@ impl Subnet {
 
     /// Usable host addresses (without network and broadcast), in order.
     pub fn hosts(self) -> impl Iterator<Item = Ipv4Addr> {
-        let first = u32::from(self.base) + 1;
+        // Saturating: 255.255.255.255/32 has no host (and base + 1 overflowed).
+        let first = u32::from(self.base).saturating_add(1);
         let last = u32::from(self.broadcast());
         (first..last).map(Ipv4Addr::from)
     }
@@ -128,6 +129,15 @@ impl<'de> Deserialize<'de> for Subnet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Seen while writing the subnet fuzz target's properties (its runs
+    /// had not reached it): the last /32 overflowed computing its hosts.
+    #[test]
+    fn the_last_address_has_no_hosts_and_no_overflow() {
+        let last = Subnet::parse("255.255.255.255/32").unwrap();
+        assert_eq!(last.hosts().count(), 0);
+        assert_eq!(Subnet::parse("255.255.255.252/30").unwrap().hosts().count(), 2);
+    }
 
     #[test]
     fn parses_and_explains_mistakes() {

@@ -35,8 +35,9 @@ use mesh_common::lb::NODE_ON_LINK;
 use mesh_common::lb::{
     Affinity, AffinityKey, Algorithm, Backend, Conntrack, FlowKey, NodeConfig, ReverseNat, ServiceKey, ServiceStats,
     ServiceValue, Table, LOCAL_TABLE, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_NODES, MAX_SERVICES, MAX_TABLES,
-    PROTO_TCP, PROTO_UDP, TABLE_SIZE, VNI_REPLY, VNI_REQUEST,
+    PROTO_TCP, TABLE_SIZE, VNI_REPLY, VNI_REQUEST,
 };
+use mesh_common::packet::{ipv4_flow, IPV4_FLOW_LEN, IP_CSUM, IP_DST, IP_SRC, L4, TCP_CSUM, UDP_CSUM};
 
 #[map(name = "LB_SERVICES")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -75,16 +76,8 @@ const OK: i32 = TC_ACT_OK as i32;
 )]
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
-const ETH_HLEN: usize = 14;
 /// `skb->pkt_type` of a frame addressed to this host's MAC.
 const PACKET_HOST: u32 = 0;
-const ETH_P_IP: u16 = 0x0800;
-const IP_CSUM: usize = ETH_HLEN + 10;
-const IP_SRC: usize = ETH_HLEN + 12;
-const IP_DST: usize = ETH_HLEN + 16;
-const L4: usize = ETH_HLEN + 20;
-const TCP_CSUM: usize = L4 + 16;
-const UDP_CSUM: usize = L4 + 6;
 const NS_PER_S: u64 = 1_000_000_000;
 
 /// The headers the programs act on; addresses and ports as on the wire.
@@ -124,49 +117,24 @@ impl Packet {
 
 /// Reads the headers of an unfragmented IPv4 TCP/UDP packet without IP
 /// options; `None` for anything else (the kernel handles those). Reads the
-/// packet in place, pulling the headers into the linear area first if a
-/// driver left them out of it.
+/// packet in place (`mesh_common::packet::ipv4_flow`), pulling the headers
+/// into the linear area first if a driver left them out of it.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
-    const HEADERS: usize = L4 + 4;
-    if ctx.data() + HEADERS > ctx.data_end() {
+    if ctx.data() + IPV4_FLOW_LEN > ctx.data_end() {
         // Too short, or not linear: pull (fails for a truly short packet).
-        ctx.pull_data(HEADERS as u32).ok()?;
+        ctx.pull_data(IPV4_FLOW_LEN as u32).ok()?;
     }
-    let (data, end) = (ctx.data(), ctx.data_end());
-    if data + HEADERS > end {
-        return None;
-    }
-    // SAFETY: the bounds check above covers every read below; packet data
-    // has no alignment guarantee, hence the unaligned reads.
-    unsafe {
-        let ethertype = ((data + 12) as *const u16).read_unaligned();
-        if ethertype != ETH_P_IP.to_be() {
-            return None;
-        }
-        let header = (data + ETH_HLEN) as *const [u8; 20];
-        let header = header.read_unaligned();
-        if header[0] != 0x45 {
-            return None;
-        }
-        // More-fragments flag or a fragment offset: later fragments carry no ports.
-        if (header[6] & 0x3f) != 0 || header[7] != 0 {
-            return None;
-        }
-        let proto = header[9];
-        if proto != PROTO_TCP && proto != PROTO_UDP {
-            return None;
-        }
-        let ports = ((data + L4) as *const [u16; 2]).read_unaligned();
-        Some(Packet {
-            src: u32::from_ne_bytes([header[12], header[13], header[14], header[15]]),
-            dst: u32::from_ne_bytes([header[16], header[17], header[18], header[19]]),
-            sport: ports[0],
-            dport: ports[1],
-            proto,
-            len: ctx.len(),
-        })
-    }
+    // SAFETY: [data, data_end) is the packet's linear part, the program's own.
+    let flow = unsafe { ipv4_flow(ctx.data(), ctx.data_end()) }?;
+    Some(Packet {
+        src: flow.src,
+        dst: flow.dst,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        len: ctx.len(),
+    })
 }
 
 #[inline(always)]

@@ -1,5 +1,6 @@
 //! mesh's eBPF programs. Entry points are thin wrappers around `try_*`
-//! functions; packet parsing lives in [`parse`].
+//! functions; packet parsing lives in `mesh_common::packet`, shared with
+//! the host, where it is fuzzed.
 //!
 //! Programs (their names are the section names the agent looks up):
 //! - `xdp_count`: XDP, counts packets per protocol class and passes them on.
@@ -17,7 +18,6 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod lb;
-mod parse;
 mod sock;
 
 use aya_ebpf::{
@@ -26,21 +26,26 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use mesh_common::counters::{self, Counter, Hook, ProtoClass};
+use mesh_common::{
+    counters::{self, Counter, Hook, ProtoClass},
+    packet,
+};
 
 #[map(name = "PACKET_COUNTERS")]
 static PACKET_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(counters::ENTRIES, 0);
 
 #[xdp]
 pub fn xdp_count(ctx: XdpContext) -> u32 {
-    let class = parse::classify(ctx.data(), ctx.data_end());
+    // SAFETY: [data, data_end) is the packet the kernel handed the program.
+    let class = unsafe { packet::classify(ctx.data(), ctx.data_end()) };
     count(Hook::Xdp, class, (ctx.data_end() - ctx.data()) as u64);
     xdp_action::XDP_PASS
 }
 
 #[classifier]
 pub fn tc_count(ctx: TcContext) -> i32 {
-    let class = parse::classify(ctx.data(), ctx.data_end());
+    // SAFETY: [data, data_end) is the packet's linear part, the program's own.
+    let class = unsafe { packet::classify(ctx.data(), ctx.data_end()) };
     count(Hook::Tc, class, u64::from(ctx.len()));
     TC_ACT_OK
 }

@@ -2,12 +2,14 @@
 //!
 //! - `setup`: install what the project needs on a fresh Debian machine (idempotent).
 //! - `build-ebpf`: build mesh-ebpf for bpfel-unknown-none with the nightly toolchain.
-//! - `test`: setup, then every test lane (unit, kernel, VM).
+//! - `test`: setup, then every test lane (lint, unit, fuzz, kernel, VM).
+//! - `fuzz`: setup, then the fuzz targets of `fuzz/`, each for a while.
 //! - `demo`: setup, build, then a 3-host mesh in network namespaces.
 //! - `bench`: setup, release build, then the benchmarks (ratios in one run).
 //! - `chaos`: setup, release build, then a seeded chaos run under load.
 
 mod ebpf;
+mod fuzz;
 mod setup;
 mod test;
 mod vm;
@@ -29,8 +31,11 @@ enum Command {
     Setup,
     /// Build the eBPF programs (mesh-ebpf) where the agent build picks them up.
     BuildEbpf,
-    /// Run setup, then every test lane: unit, kernel (root), VM (virtme-ng).
+    /// Run setup, then every test lane: lint, unit, fuzz, kernel (root), VM (virtme-ng).
     Test(test::Args),
+    /// Run setup, build the fuzz targets (cargo fuzz, nightly) and run each
+    /// (or one) for a while; fails naming the input of any crash.
+    Fuzz(fuzz::Args),
     /// Run setup, build, then a 3-node swarm in network namespaces with a
     /// published service, asked through every node.
     Demo {
@@ -76,6 +81,7 @@ fn main() -> Result<()> {
         Command::Setup => setup::run(),
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Test(args) => test::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Demo { hold } => demo(hold),
         Command::Bench { which, vm, rest } => bench(which.as_deref(), vm, &rest),
         Command::Chaos { seed, faults } => chaos(seed, faults),

@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs, only when missing, what the project needs
 //! on a fresh Debian machine: the nightly's rust-src and bpf-linker for the
-//! eBPF build, Debian packages for the kernel and VM lanes and benchmarks,
-//! and virtme-ng from PyPI for the VM lane.
+//! eBPF build, cargo-fuzz for the fuzz targets, Debian packages for the
+//! kernel and VM lanes and benchmarks, and virtme-ng from PyPI for the VM
+//! lane.
 
 use std::process::Command;
 
@@ -13,9 +14,14 @@ use crate::workspace;
 /// system LLVM that Debian here lacks.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
+/// cargo-fuzz, run with the nightly (libFuzzer and the sanitizers need it);
+/// this one builds here with the installed nightly and libfuzzer-sys 0.4.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Debian packages, each with why it is needed.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip/tc/bridge to observe kernel state in tests"),
+    ("g++", "the fuzz lane: libfuzzer-sys compiles libFuzzer (C++)"),
     ("nftables", "kernel lane: firewall interplay"),
     ("iputils-ping", "demo and tests: reachability between hosts"),
     ("tcpdump", "debugging captures inside test namespaces"),
@@ -40,6 +46,7 @@ pub fn run() -> Result<()> {
     let mut installed = Vec::new();
     nightly_rust_src(&mut installed)?;
     bpf_linker(&mut installed)?;
+    cargo_fuzz(&mut installed)?;
     apt_packages(&mut installed)?;
     pip_packages(&mut installed)?;
     if installed.is_empty() {
@@ -74,6 +81,19 @@ fn bpf_linker(installed: &mut Vec<String>) -> Result<()> {
         return Ok(());
     }
     let spec = format!("bpf-linker@{BPF_LINKER_VERSION}");
+    workspace::run(Command::new("rustup").args(["run", "nightly", "cargo", "install", &spec, "--locked", "--force"]))
+        .with_context(|| format!("cannot install {spec} (is crates.io reachable?)"))?;
+    installed.push(spec);
+    Ok(())
+}
+
+fn cargo_fuzz(installed: &mut Vec<String>) -> Result<()> {
+    let present =
+        stdout(Command::new("rustup").args(["run", "nightly", "cargo", "fuzz", "--version"])).unwrap_or_default();
+    if present.split_whitespace().any(|word| word == CARGO_FUZZ_VERSION) {
+        return Ok(());
+    }
+    let spec = format!("cargo-fuzz@{CARGO_FUZZ_VERSION}");
     workspace::run(Command::new("rustup").args(["run", "nightly", "cargo", "install", &spec, "--locked", "--force"]))
         .with_context(|| format!("cannot install {spec} (is crates.io reachable?)"))?;
     installed.push(spec);

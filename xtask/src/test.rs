@@ -1,10 +1,11 @@
 //! `cargo xtask test`: setup, then every lane in order:
 //!
-//! 1. lint: `cargo fmt --check`, clippy with warnings denied;
+//! 1. lint: `cargo fmt --check` (the fuzz targets too), clippy with warnings denied;
 //! 2. unit: `cargo test` without root or kernel (everything but the
 //!    integration tests of mesh-tests);
-//! 3. kernel: mesh-tests' integration tests, as root, on the host kernel;
-//! 4. vm: the `#[ignore]`d `vm_*` tests inside Debian's kernel under virtme-ng.
+//! 3. fuzz: every fuzz target for a few seconds (see `fuzz.rs`);
+//! 4. kernel: mesh-tests' integration tests, as root, on the host kernel;
+//! 5. vm: the `#[ignore]`d `vm_*` tests inside Debian's kernel under virtme-ng.
 //!
 //! Then it checks that no test namespace was left behind.
 
@@ -12,12 +13,17 @@ use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{ebpf, setup, vm, workspace};
+use crate::{ebpf, fuzz, setup, vm, workspace};
+
+/// How long the fuzz lane runs each target: enough to replay the seeds and
+/// what earlier runs found, and to try a few thousand new inputs.
+const FUZZ_LANE_SECONDS: u64 = 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lane {
     Lint,
     Unit,
+    Fuzz,
     Kernel,
     Vm,
 }
@@ -31,7 +37,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<()> {
     let lanes = if args.lanes.is_empty() {
-        vec![Lane::Lint, Lane::Unit, Lane::Kernel, Lane::Vm]
+        vec![Lane::Lint, Lane::Unit, Lane::Fuzz, Lane::Kernel, Lane::Vm]
     } else {
         args.lanes.clone()
     };
@@ -45,6 +51,7 @@ pub fn run(args: &Args) -> Result<()> {
         match lane {
             Lane::Lint => lint()?,
             Lane::Unit => unit()?,
+            Lane::Fuzz => fuzz::lane(FUZZ_LANE_SECONDS)?,
             Lane::Kernel => kernel()?,
             Lane::Vm => vm_lane()?,
         }
@@ -56,6 +63,9 @@ pub fn run(args: &Args) -> Result<()> {
 
 fn lint() -> Result<()> {
     workspace::cargo(&["fmt", "--all", "--", "--check"]).context("code is not formatted: run `cargo fmt --all`")?;
+    // fuzz/ is a workspace of its own, which `--all` does not reach.
+    workspace::cargo(&["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])
+        .context("the fuzz targets are not formatted: run `cargo fmt --manifest-path fuzz/Cargo.toml`")?;
     workspace::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
 }
 

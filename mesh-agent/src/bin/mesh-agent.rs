@@ -2,11 +2,10 @@
 //! socket and, once the node is in a swarm, its cluster port; `mesh-agent
 //! check` reports what the kernel offers the dataplane.
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
 use mesh_agent::{
     cli::table::parse_duration,
+    config_file::RunArgs,
     control::{
         local,
         manager::RaftTiming,
@@ -28,73 +27,6 @@ enum Command {
     Check,
     /// Run the agent (needs root).
     Run(Box<RunArgs>),
-}
-
-#[derive(clap::Args)]
-#[command(args_override_self = true)]
-struct RunArgs {
-    /// A TOML file of these settings, keys named like the flags
-    /// (`data-dir = "/var/lib/mesh"`); unknown keys are refused. The command
-    /// line wins over the environment (`MESH_DATA_DIR`, ...), which wins
-    /// over the file.
-    #[arg(long, env = "MESH_CONFIG")]
-    config: Option<PathBuf>,
-    /// Where the node keeps its state (keys, certificates, the Raft store).
-    #[arg(long, env = "MESH_DATA_DIR", default_value = "/var/lib/mesh")]
-    data_dir: PathBuf,
-    /// The local API socket (root-only).
-    #[arg(long, env = "MESH_SOCKET", default_value = local::DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// The name this node reports (default: the host name).
-    #[arg(long, env = "MESH_HOSTNAME")]
-    hostname: Option<String>,
-    /// Raft leader heartbeat interval. With the default election timeout a
-    /// write commits again about 1.4 s (median) after the leader dies: openraft
-    /// has a follower wait the leader lease (the maximum timeout) plus its own
-    /// timeout before campaigning. Raise both on slow or lossy links.
-    #[arg(long, env = "MESH_RAFT_HEARTBEAT", default_value = "50ms")]
-    raft_heartbeat: String,
-    /// Raft election timeout (randomised between this and twice this).
-    #[arg(long, env = "MESH_RAFT_ELECTION_TIMEOUT", default_value = "150ms")]
-    raft_election_timeout: String,
-    /// Log entries between Raft snapshots.
-    #[arg(long, env = "MESH_RAFT_SNAPSHOT_INTERVAL", default_value_t = 1000)]
-    raft_snapshot_interval: u64,
-    /// Disaster recovery, when a quorum of managers is lost for good: make
-    /// this manager the only one, keeping the swarm's state; the others are
-    /// demoted. Start once with it, then without.
-    #[arg(long, env = "MESH_FORCE_NEW_CLUSTER")]
-    force_new_cluster: bool,
-    /// The node-local pool tasks get their address on the node's bridge
-    /// (mesh_gwbridge) from.
-    #[arg(long, env = "MESH_LOCAL_POOL", default_value = mesh_agent::runtime::network::DEFAULT_POOL)]
-    local_pool: String,
-    /// Which WireGuard encrypted overlays use: the kernel's where it has
-    /// it (auto), only the kernel's, or boringtun in the agent on a TUN
-    /// device (userspace).
-    #[arg(long, env = "MESH_WIREGUARD", value_enum, default_value = "auto")]
-    wireguard: mesh_agent::runtime::tunnel::WireguardMode,
-    /// How published ports reach tasks on other nodes: as they are, to
-    /// the node's MAC address, when it is on the same link, else through
-    /// the routing-mesh tunnel (auto); or always through the tunnel.
-    #[arg(long, env = "MESH_MESH_ROUTING", value_enum, default_value = "auto")]
-    mesh_routing: mesh_agent::runtime::mesh::MeshRouting,
-    /// What serves published ports: the eBPF programs, or IPVS as in
-    /// Swarm (needs the ip_vs module; tasks on other nodes than the one a
-    /// connection came in on see that node's address, not the client's).
-    /// Service VIPs use the eBPF socket programs either way.
-    #[arg(long, env = "MESH_LB_BACKEND", value_enum, default_value = "ebpf")]
-    lb_backend: mesh_agent::runtime::mesh::LbBackend,
-    /// Where Prometheus scrapes the agent (`GET /metrics`), or `off`.
-    /// Loopback by default: the metrics name services and nodes, so
-    /// expose them on purpose (a warning says when they are).
-    #[arg(long, env = "MESH_METRICS_ADDR", default_value = mesh_agent::metrics::server::DEFAULT_ADDR)]
-    metrics_addr: String,
-    /// Serve the swarm visualizer (a live page of nodes and tasks, like the
-    /// Docker Swarm Visualizer) on ADDR:PORT, e.g. 127.0.0.1:8080, on a
-    /// manager; `off` by default.
-    #[arg(long, env = "MESH_VISUALIZER_ADDR", default_value = "off")]
-    visualizer_addr: String,
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
@@ -255,6 +187,8 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     /// deploy/agent.toml holds only keys the agent knows, with values it takes.

@@ -393,8 +393,7 @@ async fn read_requests<H: Handler, R: AsyncRead + Unpin>(
         let Some(body) = read_frame(reader, options.max_frame).await? else {
             return Ok(());
         };
-        let (id, request): (u64, H::Request) =
-            rmp_serde::from_slice(&body).map_err(|error| RpcError::Decode(format!("request: {error}")))?;
+        let (id, request) = decode_request::<H::Request>(&body)?;
         drop(body);
         let handler = Arc::clone(handler);
         let peer = peer.clone();
@@ -428,7 +427,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(writer: &mut W, queue: &mut mpsc::R
 }
 
 /// Encodes `(id, payload)` as a complete frame, header included.
-fn encode_frame<T: Serialize>(id: u64, payload: &T, max_frame: usize) -> Result<Vec<u8>, RpcError> {
+pub fn encode_frame<T: Serialize>(id: u64, payload: &T, max_frame: usize) -> Result<Vec<u8>, RpcError> {
     let mut frame = vec![0; HEADER_LEN];
     rmp_serde::encode::write_named(&mut frame, &(id, payload)).map_err(|error| RpcError::Encode(error.to_string()))?;
     let size = frame.len() - HEADER_LEN;
@@ -441,9 +440,30 @@ fn encode_frame<T: Serialize>(id: u64, payload: &T, max_frame: usize) -> Result<
     Ok(frame)
 }
 
+/// Decodes a request frame's body as the server does: a bad body is an
+/// error that closes the connection.
+pub fn decode_request<Req: DeserializeOwned>(body: &[u8]) -> Result<(u64, Req), RpcError> {
+    rmp_serde::from_slice(body).map_err(|error| RpcError::Decode(format!("request: {error}")))
+}
+
+/// Decodes a response frame's body as the client does: a body whose id can
+/// be read fails only that call (the inner error); one without a readable
+/// id is an error that breaks the connection.
+pub fn decode_response<Resp: DeserializeOwned>(body: &[u8]) -> Result<(u64, Result<Resp, RpcError>), RpcError> {
+    match rmp_serde::from_slice::<(u64, Resp)>(body) {
+        Ok((id, response)) => Ok((id, Ok(response))),
+        Err(error) => {
+            // The framing is intact: fail only this call, if we can tell which.
+            let (id, IgnoredAny) = rmp_serde::from_slice::<(u64, IgnoredAny)>(body)
+                .map_err(|_| RpcError::Decode(format!("response: {error}")))?;
+            Ok((id, Err(RpcError::Decode(format!("response to request {id}: {error}")))))
+        }
+    }
+}
+
 /// Reads one frame body. `Ok(None)` when the peer closed the connection
 /// between frames (with or without a TLS close_notify).
-async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max_frame: usize) -> Result<Option<Vec<u8>>, RpcError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max_frame: usize) -> Result<Option<Vec<u8>>, RpcError> {
     let mut header = [0; HEADER_LEN];
     let mut filled = 0;
     while filled < HEADER_LEN {
@@ -910,15 +930,7 @@ async fn read_responses<Resp: DeserializeOwned, R: AsyncRead + Unpin>(
     max_frame: usize,
 ) -> Result<(), RpcError> {
     while let Some(body) = read_frame(reader, max_frame).await? {
-        let (id, result) = match rmp_serde::from_slice::<(u64, Resp)>(&body) {
-            Ok((id, response)) => (id, Ok(response)),
-            Err(error) => {
-                // The framing is intact: fail only this call, if we can tell which.
-                let (id, IgnoredAny) = rmp_serde::from_slice::<(u64, IgnoredAny)>(&body)
-                    .map_err(|_| RpcError::Decode(format!("response: {error}")))?;
-                (id, Err(RpcError::Decode(format!("response to request {id}: {error}"))))
-            }
-        };
+        let (id, result) = decode_response::<Resp>(&body)?;
         match calls.take(id) {
             // The caller may have given up in the meantime.
             Some(reply) => drop(reply.send(result)),

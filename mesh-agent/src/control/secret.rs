@@ -158,7 +158,6 @@ pub fn parse_ref(kind: Kind, text: &str) -> Result<BlobRef, String> {
             }
         }
     }
-    check_name(kind, &r.source).map_err(|e| format!("invalid --{flag} {text:?}: {e}"))?;
     if r.target.is_empty() {
         r.target = r.source.clone();
     }
@@ -166,26 +165,37 @@ pub fn parse_ref(kind: Kind, text: &str) -> Result<BlobRef, String> {
     if let Some(rest) = r.target.strip_prefix(kind.dir()).and_then(|t| t.strip_prefix('/')) {
         r.target = rest.to_string();
     }
+    check_ref(kind, &r).map_err(|e| format!("invalid --{flag} {text:?}: {e}"))?;
+    Ok(r)
+}
+
+/// Checks a reference however it was made (parsed from a flag, or part of
+/// a spec that came over the API): a valid name, a file that stays in the
+/// kind's directory (or, for a config, an absolute path without `.` or
+/// `..`), and permission bits only.
+pub fn check_ref(kind: Kind, r: &BlobRef) -> Result<(), String> {
+    check_name(kind, &r.source)?;
     let plain = |part: &str| !part.is_empty() && part != "." && part != ".." && !part.contains('\0');
-    let file_ok = if kind == Kind::Config && r.target.starts_with('/') {
-        r.target[1..].split('/').all(plain)
-    } else {
-        plain(&r.target) && !r.target.contains('/')
+    let file_ok = match r.target.strip_prefix('/') {
+        Some(path) if kind == Kind::Config => path.split('/').all(plain),
+        _ => plain(&r.target) && !r.target.contains('/'),
     };
     if !file_ok {
         return Err(match kind {
             Kind::Secret => format!(
-                "invalid --{flag} {text:?}: target must be a file name in {SECRETS_DIR} (tasks share the node's file system, so secrets appear only there)"
+                "target {:?} must be a file name in {SECRETS_DIR} (tasks share the node's file system, so secrets appear only there)",
+                r.target
             ),
             Kind::Config => format!(
-                "invalid --{flag} {text:?}: target must be a file name in {CONFIGS_DIR} or an absolute path without . or .."
+                "target {:?} must be a file name in {CONFIGS_DIR} or an absolute path without . or ..",
+                r.target
             ),
         });
     }
     if r.mode > 0o777 {
-        return Err(format!("invalid --{flag} {text:?}: mode {:o} is beyond 0777", r.mode));
+        return Err(format!("mode {:o} is beyond 0777", r.mode));
     }
-    Ok(r)
+    Ok(())
 }
 
 /// A file a task gets: its content and where it goes (sent only to the

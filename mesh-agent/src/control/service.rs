@@ -409,6 +409,31 @@ mod tests {
         spec.publish = vec![PortPublish::parse("published=8080,target=80,mode=host").unwrap()];
         spec.validate().unwrap();
     }
+
+    /// Found by the specs fuzz target: a spec sent to the cluster API (not
+    /// through meshctl's --secret/--config parser) kept a config mode with
+    /// setuid/setgid/sticky bits, and could carry any target.
+    #[test]
+    fn a_spec_from_the_api_gets_its_references_checked() {
+        use crate::control::secret::BlobRef;
+        let reference = |target: &str, mode: u32| BlobRef {
+            source: "app".into(),
+            target: target.into(),
+            uid: 0,
+            gid: 0,
+            mode,
+        };
+        let mut spec = crate::control::orchestrator::tests_support::service(1).spec;
+        spec.configs = vec![reference("/etc/app.conf", 0o1110)];
+        assert!(spec.validate().unwrap_err().contains("beyond 0777"));
+        spec.configs = vec![reference("/etc/../shadow", 0o444)];
+        assert!(spec.validate().unwrap_err().contains("absolute path"));
+        spec.configs = vec![reference("/etc/app.conf", 0o444)];
+        spec.secrets = vec![reference("../../etc/cron.d/x", 0o400)];
+        assert!(spec.validate().unwrap_err().contains("/run/secrets"));
+        spec.secrets = vec![reference("pw", 0o400)];
+        spec.validate().unwrap();
+    }
 }
 
 /// Replicated or global.
@@ -931,6 +956,8 @@ impl ServiceSpec {
         for kind in [super::secret::Kind::Secret, super::secret::Kind::Config] {
             let refs = self.refs(kind);
             for (i, r) in refs.iter().enumerate() {
+                // The spec may not come from meshctl's parser: check again.
+                super::secret::check_ref(kind, r).map_err(|e| format!("--{} {}: {e}", kind.name(), r.source))?;
                 if refs[..i].iter().any(|o| o.target == r.target) {
                     let place = if r.target.starts_with('/') {
                         r.target.clone()

@@ -944,9 +944,11 @@ pub fn node_id_text(id: NodeId) -> String {
     String::from_utf8(out.to_vec()).expect("reason: ASCII digits")
 }
 
-/// Parses a full 13-character node ID printed by [`node_id_text`].
+/// Parses a full 13-character node ID printed by [`node_id_text`], and
+/// only that spelling (`from_str_radix` alone also takes upper case and a
+/// `+`, which would give one ID several names).
 pub fn parse_node_id(text: &str) -> Option<NodeId> {
-    if text.len() != 13 {
+    if text.len() != 13 || !text.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
         return None;
     }
     u64::from_str_radix(text, 36).ok()
@@ -1139,6 +1141,9 @@ pub(crate) mod tests {
             assert_eq!(parse_node_id(&text), Some(id));
         }
         assert_eq!(parse_node_id("xyz"), None);
+        // Found by the specs fuzz target: other spellings of an ID parsed.
+        assert_eq!(parse_node_id("+111111kj111k"), None);
+        assert_eq!(parse_node_id("0111111KJ111K"), None);
     }
 
     #[test]

@@ -132,46 +132,139 @@ impl Genl {
 
         let mut out = Vec::new();
         let mut buffer: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         loop {
             buffer.clear();
             let n = self.socket.recv(&mut buffer, 0).map_err(GenlError::Socket)?;
-            let mut offset = 0;
-            while offset < n {
-                let reply = NetlinkMessage::<GenlMessage<F>>::deserialize(&buffer[offset..n]).map_err(|e| {
-                    GenlError::Decode {
-                        family: self.family,
-                        message: e.to_string(),
-                    }
-                })?;
-                let length = reply.header.length as usize;
-                if length == 0 {
-                    break;
-                }
-                offset += length.next_multiple_of(4);
-                if reply.header.sequence_number != self.sequence {
-                    continue;
-                }
-                match reply.payload {
-                    NetlinkPayload::InnerMessage(m) => out.push(m.payload),
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::Error(e) => match e.code {
-                        None => {
-                            // A dump ends with DONE; an ACK before it only
-                            // confirms the request.
-                            if flags & NLM_F_DUMP != NLM_F_DUMP {
-                                return Ok(out);
-                            }
-                        }
-                        Some(code) => {
-                            return Err(GenlError::Refused {
-                                family: self.family,
-                                source: io::Error::from_raw_os_error(-code.get()),
-                            })
-                        }
-                    },
-                    _ => {}
-                }
+            let replies = decode_replies::<F>(&buffer[..n], self.sequence, dump, self.family)?;
+            out.extend(replies.payloads);
+            if replies.finished {
+                return Ok(out);
             }
         }
+    }
+}
+
+/// What one datagram of the kernel's replies to a request says.
+#[derive(Debug)]
+pub struct Replies<F> {
+    /// The family's messages in it, in order.
+    pub payloads: Vec<F>,
+    /// Whether it ends the exchange: the ACK of a request, or the DONE of
+    /// a dump.
+    pub finished: bool,
+}
+
+/// Decodes one datagram of replies to request `sequence` of `family`
+/// (`dump`: a dump request, which only DONE ends): the kernel's refusal is
+/// an error, as is a message that does not decode; messages of other
+/// requests are skipped.
+pub fn decode_replies<F>(
+    datagram: &[u8],
+    sequence: u32,
+    dump: bool,
+    family: &'static str,
+) -> Result<Replies<F>, GenlError>
+where
+    F: GenlFamily + Debug + Clone,
+    GenlMessage<F>: NetlinkDeserializable,
+{
+    let mut replies = Replies {
+        payloads: Vec::new(),
+        finished: false,
+    };
+    let mut offset = 0;
+    while offset < datagram.len() {
+        let reply =
+            NetlinkMessage::<GenlMessage<F>>::deserialize(&datagram[offset..]).map_err(|e| GenlError::Decode {
+                family,
+                message: e.to_string(),
+            })?;
+        let length = reply.header.length as usize;
+        if length == 0 {
+            break;
+        }
+        offset += length.next_multiple_of(4);
+        if reply.header.sequence_number != sequence {
+            continue;
+        }
+        match reply.payload {
+            NetlinkPayload::InnerMessage(m) => replies.payloads.push(m.payload),
+            NetlinkPayload::Done(_) => {
+                replies.finished = true;
+                return Ok(replies);
+            }
+            NetlinkPayload::Error(e) => match e.code {
+                // A dump ends with DONE; an ACK before it only confirms
+                // the request.
+                None if dump => {}
+                None => {
+                    replies.finished = true;
+                    return Ok(replies);
+                }
+                Some(code) => {
+                    return Err(GenlError::Refused {
+                        family,
+                        // The kernel sends -errno; i32::MIN is none, but still a refusal.
+                        source: io::Error::from_raw_os_error(code.get().wrapping_neg()),
+                    });
+                }
+            },
+            _ => {}
+        }
+    }
+    Ok(replies)
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_core::{ErrorMessage, NLM_F_MULTIPART};
+    use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
+
+    use super::*;
+
+    fn datagram(sequence: u32, payloads: Vec<NetlinkPayload<GenlMessage<GenlCtrl>>>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for payload in payloads {
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_MULTIPART;
+            header.sequence_number = sequence;
+            let mut message = NetlinkMessage::new(header, payload);
+            message.finalize();
+            let mut bytes = vec![0; message.buffer_len()];
+            message.serialize(&mut bytes);
+            out.extend(bytes);
+        }
+        out
+    }
+
+    fn family(name: &str) -> NetlinkPayload<GenlMessage<GenlCtrl>> {
+        NetlinkPayload::InnerMessage(GenlMessage::from_payload(GenlCtrl {
+            cmd: GenlCtrlCmd::NewFamily,
+            nlas: vec![GenlCtrlAttrs::FamilyName(name.into())],
+        }))
+    }
+
+    #[test]
+    fn a_dump_collects_its_messages_and_skips_other_requests() {
+        let bytes = [
+            datagram(3, vec![family("a"), family("b")]),
+            datagram(2, vec![family("c")]),
+        ]
+        .concat();
+        let replies = decode_replies::<GenlCtrl>(&bytes, 3, true, "nlctrl").unwrap();
+        assert_eq!(replies.payloads.len(), 2);
+        assert!(!replies.finished, "a dump ends with DONE");
+    }
+
+    /// The same negation the netlink fuzz target found in xfrm.rs and
+    /// nftables.rs: i32::MIN as the error code overflowed.
+    #[test]
+    fn an_error_with_a_nonsense_code_is_a_refusal_not_a_panic() {
+        let mut error = ErrorMessage::default();
+        error.code = std::num::NonZeroI32::new(i32::MIN);
+        let bytes = datagram(1, vec![NetlinkPayload::Error(error)]);
+        let refused = decode_replies::<GenlCtrl>(&bytes, 1, false, "nlctrl").unwrap_err();
+        assert_eq!(refused.errno(), Some(i32::MIN));
     }
 }

@@ -403,6 +403,20 @@ fn parse_service(svc: &[u8]) -> Option<(ServiceId, Schedule)> {
     ))
 }
 
+/// A virtual service of a `GET_SERVICE` dump reply's attributes, with its
+/// counters; `None` for one that is not IPv4 or lacks what identifies it.
+pub fn parse_service_reply(attrs: &[u8]) -> Option<(ServiceId, Schedule, Stats)> {
+    let svc = attr(attrs, CMD_ATTR_SERVICE)?;
+    let (id, schedule) = parse_service(svc)?;
+    Some((id, schedule, parse_stats(attr(svc, SVC_ATTR_STATS64))))
+}
+
+/// A real server of a `GET_DEST` dump reply's attributes; `None` for one
+/// that lacks its address, port or weight.
+pub fn parse_dest_reply(attrs: &[u8]) -> Option<(DestId, Dest)> {
+    parse_dest(attr(attrs, CMD_ATTR_DEST)?)
+}
+
 fn parse_dest(d: &[u8]) -> Option<(DestId, Dest)> {
     let addr: [u8; 4] = attr(d, DEST_ATTR_ADDR)?.get(..4)?.try_into().ok()?;
     let port = u16::from_be_bytes(attr(d, DEST_ATTR_PORT)?.get(..2)?.try_into().ok()?);
@@ -443,13 +457,9 @@ impl Ipvs {
             attrs: Vec::new(),
         })?;
         for reply in services {
-            let Some(svc) = attr(&reply.attrs, CMD_ATTR_SERVICE) else {
+            let Some((id, schedule, stats)) = parse_service_reply(&reply.attrs) else {
                 continue;
             };
-            let Some((id, schedule)) = parse_service(svc) else {
-                continue;
-            };
-            let stats = parse_stats(attr(svc, SVC_ATTR_STATS64));
             if !owned(&id) {
                 continue;
             }
@@ -459,10 +469,7 @@ impl Ipvs {
                 cmd: CMD_GET_DEST,
                 attrs: query,
             })?;
-            let dests = dests
-                .iter()
-                .filter_map(|r| attr(&r.attrs, CMD_ATTR_DEST).and_then(parse_dest))
-                .collect();
+            let dests = dests.iter().filter_map(|r| parse_dest_reply(&r.attrs)).collect();
             state.insert(id, Service { schedule, dests, stats });
         }
         Ok(state)

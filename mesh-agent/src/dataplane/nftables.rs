@@ -542,8 +542,10 @@ pub fn table_exists() -> Result<bool, NftError> {
     }
 }
 
-/// The (sequence, errno) of every NLMSG_ERROR (ack) in `bytes`.
-fn acks(mut bytes: &[u8]) -> Vec<(u32, i32)> {
+/// The (sequence, errno) of every NLMSG_ERROR (ack) in `bytes`, a
+/// datagram of the kernel's answers; it stops at a message whose length
+/// does not fit.
+pub fn acks(mut bytes: &[u8]) -> Vec<(u32, i32)> {
     let mut out = Vec::new();
     while bytes.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
@@ -554,7 +556,8 @@ fn acks(mut bytes: &[u8]) -> Vec<(u32, i32)> {
         }
         if kind == NLMSG_ERROR && len >= NLMSG_HDRLEN + 4 {
             let error = i32::from_ne_bytes(bytes[16..20].try_into().expect("4 bytes"));
-            out.push((seq, -error));
+            // The kernel sends -errno; i32::MIN is none, but still a refusal.
+            out.push((seq, error.wrapping_neg()));
         }
         bytes = &bytes[len.next_multiple_of(4).min(bytes.len())..];
     }
@@ -722,5 +725,18 @@ mod tests {
         }
         assert_eq!(acks(&bytes), vec![(2, 0), (3, libc::ENOENT)]);
         assert_eq!(acks(&bytes[..20]), vec![], "a truncated message is ignored");
+    }
+
+    /// Found by the netlink fuzz target: negating i32::MIN overflowed.
+    #[test]
+    fn an_ack_with_a_nonsense_error_code_is_a_refusal_not_a_panic() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&20u32.to_ne_bytes());
+        bytes.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        bytes.extend_from_slice(&0u16.to_ne_bytes());
+        bytes.extend_from_slice(&5u32.to_ne_bytes());
+        bytes.extend_from_slice(&0u32.to_ne_bytes());
+        bytes.extend_from_slice(&i32::MIN.to_ne_bytes());
+        assert_eq!(acks(&bytes), vec![(5, i32::MIN)]);
     }
 }

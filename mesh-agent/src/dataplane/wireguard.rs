@@ -12,6 +12,8 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
+use netlink_packet_core::{DecodeError, Emitable, NlaBuffer, NlasIterator, ParseableParametrized};
+use netlink_packet_generic::{GenlFamily, GenlHeader};
 use netlink_packet_wireguard::{
     WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute, WireguardCmd,
     WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
@@ -85,10 +87,15 @@ pub struct KernelDevice {
 /// A kernel WireGuard device's private key, port and peers (`wg show`).
 pub fn kernel_observe(device: &str) -> Result<KernelDevice, GenlError> {
     let mut genl = Genl::open("wireguard")?;
-    let replies = genl.dump(WireguardMessage {
+    let replies = genl.dump(Checked(WireguardMessage {
         cmd: WireguardCmd::GetDevice,
         attributes: vec![WireguardAttribute::IfName(device.into())],
-    })?;
+    }))?;
+    Ok(device_of(replies.into_iter().map(|r| r.0).collect()))
+}
+
+/// The device a `GET_DEVICE` dump's replies describe.
+pub fn device_of(replies: Vec<WireguardMessage>) -> KernelDevice {
     let (mut private, mut port, mut peers) = (None, 0, BTreeMap::new());
     for attr in replies.into_iter().flat_map(|m| m.attributes) {
         match attr {
@@ -104,10 +111,13 @@ pub fn kernel_observe(device: &str) -> Result<KernelDevice, GenlError> {
             _ => {}
         }
     }
-    Ok(KernelDevice { private, port, peers })
+    KernelDevice { private, port, peers }
 }
 
-fn parse_peer(attrs: Vec<WireguardPeerAttribute>) -> Option<(Key, TunnelPeer)> {
+/// A peer as the kernel reports it: its public key and what the agent
+/// manages of it (an address list other than one /128 reads as `::`, so
+/// it gets replaced). `None` without a public key.
+pub fn parse_peer(attrs: Vec<WireguardPeerAttribute>) -> Option<(Key, TunnelPeer)> {
     let (mut key, mut endpoint, mut tunnel, mut psk) = (None, None, None, [0; 32]);
     for a in attrs {
         match a {
@@ -160,14 +170,21 @@ pub struct PeerStats {
 /// A kernel WireGuard device's per-peer statistics (`wg show DEVICE dump`).
 pub fn kernel_peer_stats(device: &str) -> Result<Vec<PeerStats>, GenlError> {
     let mut genl = Genl::open("wireguard")?;
-    let replies = genl.dump(WireguardMessage {
+    let replies = genl.dump(Checked(WireguardMessage {
         cmd: WireguardCmd::GetDevice,
         attributes: vec![WireguardAttribute::IfName(device.into())],
-    })?;
+    }))?;
+    let replies = replies.into_iter().map(|r| r.0).collect();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
+    Ok(peer_stats_of(replies, now))
+}
+
+/// Each peer's statistics in a `GET_DEVICE` dump's replies, `now` being
+/// the time in Unix seconds.
+pub fn peer_stats_of(replies: Vec<WireguardMessage>, now: f64) -> Vec<PeerStats> {
     let mut out = Vec::new();
     for attr in replies.into_iter().flat_map(|m| m.attributes) {
         let WireguardAttribute::Peers(list) = attr else {
@@ -197,7 +214,7 @@ pub fn kernel_peer_stats(device: &str) -> Result<Vec<PeerStats>, GenlError> {
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Sets the device's private key and port, then carries out `changes`
@@ -207,30 +224,106 @@ pub fn kernel_peer_stats(device: &str) -> Result<Vec<PeerStats>, GenlError> {
 pub fn kernel_apply(device: &str, identity: Option<(Key, u16)>, changes: &[PeerChange]) -> Result<(), GenlError> {
     let mut genl = Genl::open("wireguard")?;
     if let Some((private, port)) = identity {
-        genl.request(WireguardMessage {
+        genl.request(Checked(WireguardMessage {
             cmd: WireguardCmd::SetDevice,
             attributes: vec![
                 WireguardAttribute::IfName(device.into()),
                 WireguardAttribute::PrivateKey(private),
                 WireguardAttribute::ListenPort(port),
             ],
-        })?;
+        }))?;
     }
     // A few peers per message keeps each under the socket's buffer.
     for chunk in changes.chunks(16) {
         let peers = chunk.iter().map(peer_message).collect();
-        genl.request(WireguardMessage {
+        genl.request(Checked(WireguardMessage {
             cmd: WireguardCmd::SetDevice,
             attributes: vec![
                 WireguardAttribute::IfName(device.into()),
                 WireguardAttribute::Peers(peers),
             ],
-        })?;
+        }))?;
     }
     Ok(())
 }
 
-fn peer_message(change: &PeerChange) -> WireguardPeer {
+/// The WireGuard family's messages as the agent sends and reads them:
+/// netlink-packet-wireguard's, except that a reply it would panic on is a
+/// decode error instead. Its 0.5.0 (the newest) indexes the first byte of
+/// an allowed IP's CIDR attribute without checking there is one
+/// (allowedip.rs, `payload[0]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checked(pub WireguardMessage);
+
+impl GenlFamily for Checked {
+    fn family_name() -> &'static str {
+        WireguardMessage::family_name()
+    }
+
+    fn version(&self) -> u8 {
+        self.0.version()
+    }
+
+    fn command(&self) -> u8 {
+        self.0.command()
+    }
+}
+
+impl Emitable for Checked {
+    fn buffer_len(&self) -> usize {
+        self.0.buffer_len()
+    }
+
+    fn emit(&self, buffer: &mut [u8]) {
+        self.0.emit(buffer)
+    }
+}
+
+impl ParseableParametrized<[u8], GenlHeader> for Checked {
+    fn parse_with_param(buf: &[u8], header: GenlHeader) -> Result<Self, DecodeError> {
+        if let Some(empty) = empty_cidr(buf) {
+            return Err(DecodeError::from(format!(
+                "an allowed IP's CIDR attribute is empty (at byte {empty})"
+            )));
+        }
+        WireguardMessage::parse_with_param(buf, header).map(Checked)
+    }
+}
+
+/// Where a device's attributes hold an empty WGALLOWEDIP_A_CIDR_MASK
+/// (peers -> peer -> allowed IPs -> allowed IP -> CIDR), walking the
+/// attributes as netlink-packet-core does; a malformed attribute ends the
+/// walk, since the real parser refuses it there.
+fn empty_cidr(attrs: &[u8]) -> Option<usize> {
+    const WGDEVICE_A_PEERS: u16 = 8;
+    const WGPEER_A_ALLOWEDIPS: u16 = 9;
+    const WGALLOWEDIP_A_CIDR_MASK: u16 = 3;
+    fn nested(bytes: &[u8]) -> Vec<NlaBuffer<&[u8]>> {
+        NlasIterator::new(bytes).map_while(Result::ok).collect()
+    }
+    let base = attrs.as_ptr() as usize;
+    for device in nested(attrs).into_iter().filter(|a| a.kind() == WGDEVICE_A_PEERS) {
+        for peer in nested(device.value()) {
+            for ips in nested(peer.value())
+                .into_iter()
+                .filter(|a| a.kind() == WGPEER_A_ALLOWEDIPS)
+            {
+                for ip in nested(ips.value()) {
+                    if let Some(cidr) = nested(ip.value())
+                        .into_iter()
+                        .find(|a| a.kind() == WGALLOWEDIP_A_CIDR_MASK && a.value().is_empty())
+                    {
+                        return Some(cidr.value().as_ptr() as usize - base);
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A change as the peer attributes of a `SET_DEVICE` request.
+pub fn peer_message(change: &PeerChange) -> WireguardPeer {
     match change {
         PeerChange::Remove { key } => WireguardPeer(vec![
             WireguardPeerAttribute::PublicKey(*key),
@@ -282,6 +375,36 @@ mod tests {
             ],
             "node 2's new key gets its address only after the old key is gone"
         );
+    }
+
+    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    }
+
+    /// Found by the netlink fuzz target: netlink-packet-wireguard 0.5.0
+    /// panics on an allowed IP whose CIDR attribute is empty.
+    #[test]
+    fn a_reply_with_an_empty_cidr_is_a_decode_error_not_a_panic() {
+        const NESTED: u16 = 1 << 15;
+        let allowed_ip = |cidr: &[u8]| nla(NESTED, &nla(3, cidr));
+        let device = |cidr: &[u8]| {
+            let peer = nla(NESTED, &nla(9 | NESTED, &allowed_ip(cidr)));
+            nla(8 | NESTED, &peer)
+        };
+        let header = GenlHeader { cmd: 0, version: 1 };
+        assert!(empty_cidr(&device(&[])).is_some(), "the walk finds it");
+        assert!(Checked::parse_with_param(&device(&[]), header).is_err());
+        assert_eq!(empty_cidr(&device(&[128])), None);
+        let parsed = Checked::parse_with_param(&device(&[128]), header).expect("a CIDR of one byte parses");
+        let WireguardAttribute::Peers(peers) = &parsed.0.attributes[0] else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(peers.len(), 1);
     }
 
     #[test]

@@ -206,25 +206,12 @@ impl Xfrm {
     pub fn observe(&mut self) -> Result<Found, XfrmError> {
         let mut found = Found::default();
         for (kind, body) in self.dump(XFRM_MSG_GETSA, &[0; USERSA_INFO_LEN])? {
-            if kind != XFRM_MSG_NEWSA || body.len() < USERSA_INFO_LEN {
-                continue;
+            if let Some(id) = parse_sa(kind, &body) {
+                found.sas.insert(id);
             }
-            let reqid = u32::from_ne_bytes(body[208..212].try_into().expect("reason: 4 bytes"));
-            let family = u16::from_ne_bytes([body[212], body[213]]);
-            if reqid != REQID || family != AF_INET || body[76] != IPPROTO_ESP {
-                continue;
-            }
-            found.sas.insert(SaId {
-                dst: ipv4_at(&body[56..]),
-                spi: u32::from_be_bytes(body[72..76].try_into().expect("reason: 4 bytes")),
-                src: ipv4_at(&body[80..]),
-            });
         }
         for (kind, body) in self.dump(XFRM_MSG_GETPOLICY, &[0; USERPOLICY_INFO_LEN])? {
-            if kind != XFRM_MSG_NEWPOLICY || body.len() < USERPOLICY_INFO_LEN {
-                continue;
-            }
-            if let Some(p) = parse_policy(&body) {
+            if let Some(p) = parse_policy(kind, &body) {
                 found.policies.insert(p);
             }
         }
@@ -237,23 +224,13 @@ impl Xfrm {
     pub fn apply(&mut self, changes: &[Change]) -> Result<(), XfrmError> {
         for change in changes {
             log::debug!("ipsec: {change:?}");
-            let (kind, body, what, tolerated): (u16, Vec<u8>, &str, i32) = match change {
-                Change::SetPolicy(p) => (XFRM_MSG_UPDPOLICY, policy_message(p), "the IPsec policy", 0),
-                Change::AddSa(id, sa) => (XFRM_MSG_NEWSA, sa_message(id, sa), "the ESP association", libc::EEXIST),
-                Change::DeleteSa(id) => (
-                    XFRM_MSG_DELSA,
-                    sa_id_message(id),
-                    "removing the ESP association",
-                    libc::ESRCH,
-                ),
-                Change::DeletePolicy(p) => (
-                    XFRM_MSG_DELPOLICY,
-                    policy_id_message(p),
-                    "removing the IPsec policy",
-                    libc::ENOENT,
-                ),
+            let (what, tolerated) = match change {
+                Change::SetPolicy(_) => ("the IPsec policy", 0),
+                Change::AddSa(..) => ("the ESP association", libc::EEXIST),
+                Change::DeleteSa(_) => ("removing the ESP association", libc::ESRCH),
+                Change::DeletePolicy(_) => ("removing the IPsec policy", libc::ENOENT),
             };
-            let mut body = body;
+            let (kind, mut body) = message(change);
             let result = self.request(kind, &body);
             // It may hold a key.
             zeroize::Zeroize::zeroize(&mut body);
@@ -307,40 +284,71 @@ impl Xfrm {
         loop {
             buffer.clear();
             let n = self.socket.recv(&mut buffer, 0).map_err(XfrmError::Socket)?;
-            let mut offset = 0;
-            while offset + 16 <= n {
-                let header = &buffer[offset..];
-                let length = u32::from_ne_bytes(header[..4].try_into().expect("reason: 4 bytes")) as usize;
-                if length < 16 || offset + length > n {
-                    return Err(XfrmError::Decode(format!("a message of {length} bytes")));
-                }
-                let kind = u16::from_ne_bytes([header[4], header[5]]);
-                let seq = u32::from_ne_bytes(header[8..12].try_into().expect("reason: 4 bytes"));
-                let body = &header[16..length];
-                offset += length.next_multiple_of(4);
-                if seq != sequence {
-                    continue;
-                }
-                match kind {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let code = body
-                            .get(..4)
-                            .map(|b| i32::from_ne_bytes(b.try_into().expect("reason: 4 bytes")))
-                            .ok_or_else(|| XfrmError::Decode("a short error message".into()))?;
-                        if code == 0 {
-                            return Ok(());
-                        }
-                        return Err(XfrmError::Refused {
-                            what: String::new(),
-                            source: io::Error::from_raw_os_error(-code),
-                        });
-                    }
-                    _ => each(kind, body),
-                }
+            let replies = decode_replies(&buffer[..n], sequence)?;
+            for (kind, body) in &replies.messages {
+                each(*kind, body);
+            }
+            if replies.finished {
+                return Ok(());
             }
         }
     }
+}
+
+/// What one datagram of the kernel's replies to a request says.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replies<'a> {
+    /// Type and body of every message of the request other than the
+    /// ACK and DONE, in order.
+    pub messages: Vec<(u16, &'a [u8])>,
+    /// Whether it ends the exchange (the ACK, or the DONE of a dump).
+    pub finished: bool,
+}
+
+/// Decodes one datagram of replies to request `sequence`: the kernel's
+/// refusal is an error, as is a message whose length does not fit;
+/// messages of other requests are skipped.
+pub fn decode_replies(datagram: &[u8], sequence: u32) -> Result<Replies<'_>, XfrmError> {
+    let mut replies = Replies::default();
+    let n = datagram.len();
+    let mut offset = 0;
+    while offset + 16 <= n {
+        let header = &datagram[offset..];
+        let length = u32::from_ne_bytes(header[..4].try_into().expect("reason: 4 bytes")) as usize;
+        if length < 16 || offset + length > n {
+            return Err(XfrmError::Decode(format!("a message of {length} bytes")));
+        }
+        let kind = u16::from_ne_bytes([header[4], header[5]]);
+        let seq = u32::from_ne_bytes(header[8..12].try_into().expect("reason: 4 bytes"));
+        let body = &header[16..length];
+        offset += length.next_multiple_of(4);
+        if seq != sequence {
+            continue;
+        }
+        match kind {
+            NLMSG_DONE => {
+                replies.finished = true;
+                return Ok(replies);
+            }
+            NLMSG_ERROR => {
+                let code = body
+                    .get(..4)
+                    .map(|b| i32::from_ne_bytes(b.try_into().expect("reason: 4 bytes")))
+                    .ok_or_else(|| XfrmError::Decode("a short error message".into()))?;
+                if code == 0 {
+                    replies.finished = true;
+                    return Ok(replies);
+                }
+                return Err(XfrmError::Refused {
+                    what: String::new(),
+                    // The kernel sends -errno; i32::MIN is none, but still a refusal.
+                    source: io::Error::from_raw_os_error(code.wrapping_neg()),
+                });
+            }
+            _ => replies.messages.push((kind, body)),
+        }
+    }
+    Ok(replies)
 }
 
 /// Whether this namespace's kernel can do the agent's IPsec: XFRM netlink,
@@ -437,8 +445,30 @@ fn policy_id_message(p: &Policy) -> Vec<u8> {
     m
 }
 
-/// One of the agent's policies from a dump's `xfrm_userpolicy_info`.
-fn parse_policy(body: &[u8]) -> Option<Policy> {
+/// One of the agent's associations from a dump message (`kind`, body:
+/// `xfrm_usersa_info`); `None` for anything else.
+pub fn parse_sa(kind: u16, body: &[u8]) -> Option<SaId> {
+    if kind != XFRM_MSG_NEWSA || body.len() < USERSA_INFO_LEN {
+        return None;
+    }
+    let reqid = u32::from_ne_bytes(body[208..212].try_into().ok()?);
+    let family = u16::from_ne_bytes([body[212], body[213]]);
+    if reqid != REQID || family != AF_INET || body[76] != IPPROTO_ESP {
+        return None;
+    }
+    Some(SaId {
+        dst: ipv4_at(&body[56..]),
+        spi: u32::from_be_bytes(body[72..76].try_into().ok()?),
+        src: ipv4_at(&body[80..]),
+    })
+}
+
+/// One of the agent's policies from a dump message (`kind`, body:
+/// `xfrm_userpolicy_info`); `None` for anything else.
+pub fn parse_policy(kind: u16, body: &[u8]) -> Option<Policy> {
+    if kind != XFRM_MSG_NEWPOLICY || body.len() < USERPOLICY_INFO_LEN {
+        return None;
+    }
     let priority = u32::from_ne_bytes(body[152..156].try_into().ok()?);
     let family = u16::from_ne_bytes([body[40], body[41]]);
     if priority != POLICY_PRIORITY || family != AF_INET || body[44] != IPPROTO_UDP {
@@ -451,6 +481,17 @@ fn parse_policy(body: &[u8]) -> Option<Policy> {
         _ => return None,
     };
     Some(Policy { direction, local, port })
+}
+
+/// The request a change is: its message type and body (`ip xfrm policy
+/// update|delete ...`, `ip xfrm state add|delete ...`).
+pub fn message(change: &Change) -> (u16, Vec<u8>) {
+    match change {
+        Change::SetPolicy(p) => (XFRM_MSG_UPDPOLICY, policy_message(p)),
+        Change::AddSa(id, sa) => (XFRM_MSG_NEWSA, sa_message(id, sa)),
+        Change::DeleteSa(id) => (XFRM_MSG_DELSA, sa_id_message(id)),
+        Change::DeletePolicy(p) => (XFRM_MSG_DELPOLICY, policy_id_message(p)),
+    }
 }
 
 /// `xfrm_usersa_info` of an ESP transport association, with its AEAD and
@@ -555,13 +596,50 @@ mod tests {
         );
     }
 
+    /// Found by the netlink fuzz target: negating i32::MIN overflowed.
+    #[test]
+    fn an_error_with_a_nonsense_code_is_a_refusal_not_a_panic() {
+        let mut datagram = Vec::new();
+        datagram.extend_from_slice(&36u32.to_ne_bytes());
+        datagram.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        datagram.extend_from_slice(&0u16.to_ne_bytes());
+        datagram.extend_from_slice(&9u32.to_ne_bytes());
+        datagram.extend_from_slice(&0u32.to_ne_bytes());
+        datagram.extend_from_slice(&i32::MIN.to_ne_bytes());
+        datagram.extend_from_slice(&[0; 16]);
+        assert!(matches!(
+            decode_replies(&datagram, 9),
+            Err(XfrmError::Refused { source, .. }) if source.raw_os_error() == Some(i32::MIN)
+        ));
+    }
+
+    #[test]
+    fn a_dump_hands_on_its_messages_until_done() {
+        let message = |kind: u16, body: &[u8]| {
+            let mut m = Vec::new();
+            m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(&0u16.to_ne_bytes());
+            m.extend_from_slice(&4u32.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        let policy = policy_message(&policy(Direction::In));
+        let datagram = [message(XFRM_MSG_NEWPOLICY, &policy), message(NLMSG_DONE, &[0; 4])].concat();
+        let replies = decode_replies(&datagram, 4).unwrap();
+        assert!(replies.finished);
+        assert_eq!(replies.messages, vec![(XFRM_MSG_NEWPOLICY, &policy[..])]);
+        assert!(decode_replies(&datagram[..20], 4).is_err(), "a cut message");
+    }
+
     #[test]
     fn a_policy_reads_back_as_written() {
         for direction in [Direction::In, Direction::Out] {
             let p = policy(direction);
             let message = policy_message(&p);
             assert_eq!(message.len(), USERPOLICY_INFO_LEN + 4 + USER_TMPL_LEN);
-            assert_eq!(parse_policy(&message), Some(p));
+            assert_eq!(parse_policy(XFRM_MSG_NEWPOLICY, &message), Some(p));
         }
     }
 

@@ -207,6 +207,21 @@ fn header(query: &Query, rcode: u8, answers: u16) -> Vec<u8> {
     out
 }
 
+/// The answer to `query` from a task on `networks`: its records, or an
+/// error; `None` when it is to be forwarded to the node's resolvers
+/// (`can_forward`: there are some).
+pub fn respond(records: &Records, networks: &BTreeSet<u64>, query: &Query, can_forward: bool) -> Option<Vec<u8>> {
+    Some(match records.resolve(networks, &query.name) {
+        Some(found) => answer(query, found),
+        None if (query.flags >> 11) & 0xf != 0 => error(query, RCODE_NOTIMP),
+        // A service name that is not (or not here): no resolver outside
+        // has it either, and it is not theirs to see.
+        None if is_service_name(&query.name) => error(query, RCODE_NXDOMAIN),
+        None if !can_forward => error(query, RCODE_SERVFAIL),
+        None => return None,
+    })
+}
+
 /// Whether `name` has the shape of a service's name (one label, or
 /// `tasks.` and one label): such names are answered here or not at all.
 pub fn is_service_name(name: &str) -> bool {
@@ -302,29 +317,22 @@ impl Dns {
                 let Ok(query) = parse_query(&buf[..n]) else {
                     continue;
                 };
-                let known = records
-                    .read()
-                    .expect("reason: never poisoned")
-                    .resolve(&networks, &query.name)
-                    .cloned();
-                let reply = match known {
-                    Some(found) => answer(&query, &found),
-                    None if (query.flags >> 11) & 0xf != 0 => error(&query, RCODE_NOTIMP),
-                    // A service name that is not (or not here): no resolver
-                    // outside has it either, and it is not theirs to see.
-                    None if is_service_name(&query.name) => error(&query, RCODE_NXDOMAIN),
-                    None if upstreams.is_empty() => error(&query, RCODE_SERVFAIL),
-                    None => {
-                        // A slow resolver must not hold up the task's other names.
-                        let (asked, upstreams, socket) = (buf[..n].to_vec(), upstreams.clone(), socket.clone());
-                        tokio::spawn(async move {
-                            let reply = forward(&upstreams, &asked)
-                                .await
-                                .unwrap_or_else(|| error(&query, RCODE_SERVFAIL));
-                            let _ = socket.send_to(&reply, from).await;
-                        });
-                        continue;
-                    }
+                let reply = respond(
+                    &records.read().expect("reason: never poisoned"),
+                    &networks,
+                    &query,
+                    !upstreams.is_empty(),
+                );
+                let Some(reply) = reply else {
+                    // A slow resolver must not hold up the task's other names.
+                    let (asked, upstreams, socket) = (buf[..n].to_vec(), upstreams.clone(), socket.clone());
+                    tokio::spawn(async move {
+                        let reply = forward(&upstreams, &asked)
+                            .await
+                            .unwrap_or_else(|| error(&query, RCODE_SERVFAIL));
+                        let _ = socket.send_to(&reply, from).await;
+                    });
+                    continue;
                 };
                 let _ = socket.send_to(&reply, from).await;
             }
