@@ -23,7 +23,6 @@ fn udp_socket(host: &Host) -> UdpSocket {
     })
 }
 
-/// Whether a datagram from `from` reaches `to` (one try per attempt, bounded).
 /// Whether a datagram from `from` reaches `to` within `attempts` tries
 /// (each waits for the socket's read timeout). Reachability asserts allow
 /// many: the kernel lane starts every scenario at once on two cores, and a
