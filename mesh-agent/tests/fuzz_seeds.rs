@@ -27,6 +27,7 @@ use mesh_agent::{
         wireguard::{peer_message, PeerChange, TunnelPeer},
         xfrm::{self, Direction, Policy, Sa, SaId},
     },
+    runtime::dns::encode_query,
 };
 use netlink_packet_core::{
     DoneMessage, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_MULTIPART,
@@ -398,28 +399,12 @@ fn packet() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-/// A query as a resolver sends it (RD set).
-fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-    let mut q = Vec::new();
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&0x0100u16.to_be_bytes());
-    q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&1u16.to_be_bytes());
-    q
-}
-
 fn dns() -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        ("vip", query(1, "web", 1)),
-        ("tasks", query(2, "tasks.db", 1)),
-        ("aaaa", query(3, "WEB.", 28)),
-        ("outside", query(4, "example.com", 1)),
+        ("vip", encode_query(1, "web", 1)),
+        ("tasks", encode_query(2, "tasks.db", 1)),
+        ("aaaa", encode_query(3, "WEB.", 28)),
+        ("outside", encode_query(4, "example.com", 1)),
     ]
 }
 

@@ -51,6 +51,8 @@ fn ptr_at<T>(data: usize, data_end: usize, offset: usize) -> Option<*const T> {
 
 /// # Safety
 /// `[data, data_end)` must be readable.
+// SAFETY: sound for any window the caller vouches for: the only read is
+// behind ptr_at's bounds check.
 #[inline(always)]
 unsafe fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T> {
     let ptr = ptr_at::<T>(data, data_end, offset)?;
@@ -66,6 +68,7 @@ unsafe fn read<T: Copy>(data: usize, data_end: usize, offset: usize) -> Option<T
 ///
 /// # Safety
 /// `[data, data_end)` must be readable (a program's packet, or a slice).
+// SAFETY: every read goes through `read`, which checks it against data_end.
 #[inline(always)]
 pub unsafe fn l4_protocol(data: usize, data_end: usize) -> Option<u8> {
     // SAFETY: the caller vouches for the window; `read` checks the offset.
@@ -87,6 +90,7 @@ pub unsafe fn l4_protocol(data: usize, data_end: usize) -> Option<u8> {
 ///
 /// # Safety
 /// `[data, data_end)` must be readable (a program's packet, or a slice).
+// SAFETY: reads nothing itself; passes the caller's window on.
 #[inline(always)]
 pub unsafe fn classify(data: usize, data_end: usize) -> ProtoClass {
     // SAFETY: the caller's window, passed on.
@@ -115,6 +119,7 @@ pub struct Ipv4Flow {
 ///
 /// # Safety
 /// `[data, data_end)` must be readable (a program's packet, or a slice).
+// SAFETY: one length check against data_end covers every read it makes.
 #[inline(always)]
 pub unsafe fn ipv4_flow(data: usize, data_end: usize) -> Option<Ipv4Flow> {
     if data + IPV4_FLOW_LEN > data_end {

@@ -96,12 +96,7 @@ pub fn backends_on(swarm: &Swarm, host: usize) -> Option<Vec<Backend>> {
 pub fn dns_a(name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
     let socket = std::net::UdpSocket::bind(("127.0.0.1", 0)).map_err(|e| e.to_string())?;
     socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut q = vec![0x4d, 0x53, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let q = mesh_agent::runtime::dns::encode_query(0x4d53, name, 1);
     socket.send_to(&q, ("127.0.0.11", 53)).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 1500];
     let n = socket

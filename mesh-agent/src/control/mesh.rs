@@ -83,7 +83,8 @@ pub struct MeshIndex {
     /// Publishing service -> (its running task, the task's node, the node's
     /// data-path address), in task ID order.
     running: BTreeMap<u64, Vec<(u64, NodeId, String)>>,
-    /// Every node with a data-path address: (node, address).
+    /// Every node with a data-path address: (node, address), by address,
+    /// so each node's peer list is a filter, not a sort.
     nodes: Vec<(NodeId, String)>,
 }
 
@@ -107,12 +108,13 @@ impl MeshIndex {
                 .or_default()
                 .push((t.id, on, host.data_path_addr.clone()));
         }
-        let nodes = state
+        let mut nodes: Vec<(NodeId, String)> = state
             .nodes
             .values()
             .filter(|n| !n.data_path_addr.is_empty())
             .map(|n| (n.id, n.data_path_addr.clone()))
             .collect();
+        nodes.sort_by(|a, b| a.1.cmp(&b.1));
         MeshIndex { running, nodes }
     }
 }
@@ -170,7 +172,6 @@ pub fn mesh_assignment_with(state: &ClusterState, index: &MeshIndex, node: NodeI
         .filter(|(id, _)| *id != node)
         .map(|(_, addr)| addr.clone())
         .collect();
-    peers.sort();
     peers.dedup();
     Some(MeshAssignment { services, peers })
 }

@@ -9,6 +9,7 @@ pub mod lb;
 pub mod maglev;
 pub mod netlink;
 pub mod nftables;
+pub mod nlmsg;
 pub mod vxlan;
 pub mod wgtun;
 pub mod wireguard;

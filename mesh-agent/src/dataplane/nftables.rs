@@ -10,6 +10,8 @@
 
 use std::{io, net::Ipv4Addr, time::Duration};
 
+use super::nlmsg::{self, NLMSG_ERROR, NLMSG_HDRLEN};
+
 pub mod marks;
 
 // linux/netfilter/nfnetlink.h and nf_tables.h.
@@ -82,8 +84,6 @@ const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
-const NLMSG_ERROR: u16 = 0x2;
-const NLMSG_HDRLEN: usize = 16;
 
 /// How long the kernel may take to answer a batch.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -545,23 +545,12 @@ pub fn table_exists() -> Result<bool, NftError> {
 /// The (sequence, errno) of every NLMSG_ERROR (ack) in `bytes`, a
 /// datagram of the kernel's answers; it stops at a message whose length
 /// does not fit.
-pub fn acks(mut bytes: &[u8]) -> Vec<(u32, i32)> {
-    let mut out = Vec::new();
-    while bytes.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(bytes[4..6].try_into().expect("2 bytes"));
-        let seq = u32::from_ne_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if len < NLMSG_HDRLEN || len > bytes.len() {
-            break;
-        }
-        if kind == NLMSG_ERROR && len >= NLMSG_HDRLEN + 4 {
-            let error = i32::from_ne_bytes(bytes[16..20].try_into().expect("4 bytes"));
-            // The kernel sends -errno; i32::MIN is none, but still a refusal.
-            out.push((seq, error.wrapping_neg()));
-        }
-        bytes = &bytes[len.next_multiple_of(4).min(bytes.len())..];
-    }
-    out
+pub fn acks(bytes: &[u8]) -> Vec<(u32, i32)> {
+    nlmsg::messages(bytes)
+        .map_while(Result::ok)
+        .filter(|m| m.kind == NLMSG_ERROR)
+        .filter_map(|m| Some((m.seq, nlmsg::error_code(m.body)?)))
+        .collect()
 }
 
 /// A NETLINK_NETFILTER socket, closed on drop.

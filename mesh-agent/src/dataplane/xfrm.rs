@@ -21,6 +21,8 @@ use std::{
 
 use netlink_sys::{protocols::NETLINK_XFRM, Socket, SocketAddr};
 
+use super::nlmsg::{self, NLMSG_DONE, NLMSG_ERROR};
+
 /// The request ID on every association and policy template of the agent.
 pub const REQID: u32 = 0x6d65_7368;
 
@@ -46,8 +48,6 @@ const XFRM_INF: u64 = u64::MAX;
 const IPPROTO_ESP: u8 = 50;
 const IPPROTO_UDP: u8 = 17;
 const AF_INET: u16 = libc::AF_INET as u16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 
 /// The AEAD and its sizes: a 128-bit AES key plus a 32-bit salt, and a
 /// 128-bit ICV.
@@ -310,42 +310,29 @@ pub struct Replies<'a> {
 /// messages of other requests are skipped.
 pub fn decode_replies(datagram: &[u8], sequence: u32) -> Result<Replies<'_>, XfrmError> {
     let mut replies = Replies::default();
-    let n = datagram.len();
-    let mut offset = 0;
-    while offset + 16 <= n {
-        let header = &datagram[offset..];
-        let length = u32::from_ne_bytes(header[..4].try_into().expect("reason: 4 bytes")) as usize;
-        if length < 16 || offset + length > n {
-            return Err(XfrmError::Decode(format!("a message of {length} bytes")));
-        }
-        let kind = u16::from_ne_bytes([header[4], header[5]]);
-        let seq = u32::from_ne_bytes(header[8..12].try_into().expect("reason: 4 bytes"));
-        let body = &header[16..length];
-        offset += length.next_multiple_of(4);
-        if seq != sequence {
+    for message in nlmsg::messages(datagram) {
+        let message = message.map_err(|length| XfrmError::Decode(format!("a message of {length} bytes")))?;
+        if message.seq != sequence {
             continue;
         }
-        match kind {
+        match message.kind {
             NLMSG_DONE => {
                 replies.finished = true;
                 return Ok(replies);
             }
             NLMSG_ERROR => {
-                let code = body
-                    .get(..4)
-                    .map(|b| i32::from_ne_bytes(b.try_into().expect("reason: 4 bytes")))
-                    .ok_or_else(|| XfrmError::Decode("a short error message".into()))?;
+                let code =
+                    nlmsg::error_code(message.body).ok_or_else(|| XfrmError::Decode("a short error message".into()))?;
                 if code == 0 {
                     replies.finished = true;
                     return Ok(replies);
                 }
                 return Err(XfrmError::Refused {
                     what: String::new(),
-                    // The kernel sends -errno; i32::MIN is none, but still a refusal.
-                    source: io::Error::from_raw_os_error(code.wrapping_neg()),
+                    source: io::Error::from_raw_os_error(code),
                 });
             }
-            _ => replies.messages.push((kind, body)),
+            _ => replies.messages.push((message.kind, message.body)),
         }
     }
     Ok(replies)

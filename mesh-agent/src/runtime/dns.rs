@@ -126,6 +126,24 @@ pub struct Query {
     pub question: Vec<u8>,
 }
 
+/// A query as a resolver sends it (recursion desired, one question of
+/// class IN): what [`parse_query`] reads. Tests, probes and the fuzz seeds
+/// ask with it.
+pub fn encode_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&0x0100u16.to_be_bytes()); // RD
+    q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&CLASS_IN.to_be_bytes());
+    q
+}
+
 /// Parses a query with exactly one question; `Err` says what is wrong.
 pub fn parse_query(packet: &[u8]) -> Result<Query, &'static str> {
     if packet.len() < 12 {
@@ -386,22 +404,6 @@ mod tests {
     use super::*;
     use crate::control::{discovery::ServiceRecord, service::LbOptions};
 
-    /// A query as a resolver sends it.
-    pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-        let mut q = Vec::new();
-        q.extend_from_slice(&id.to_be_bytes());
-        q.extend_from_slice(&0x0100u16.to_be_bytes()); // RD
-        q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
-        for label in name.split('.') {
-            q.push(label.len() as u8);
-            q.extend_from_slice(label.as_bytes());
-        }
-        q.push(0);
-        q.extend_from_slice(&qtype.to_be_bytes());
-        q.extend_from_slice(&CLASS_IN.to_be_bytes());
-        q
-    }
-
     fn records() -> Records {
         Records::new(&[NetworkServices {
             network: 5,
@@ -447,7 +449,7 @@ mod tests {
 
     #[test]
     fn queries_parse_and_answers_carry_a_records() {
-        let asked = query(0x1234, "tasks.api", TYPE_A);
+        let asked = encode_query(0x1234, "tasks.api", TYPE_A);
         let q = parse_query(&asked).unwrap();
         assert_eq!((q.id, q.name.as_str(), q.qtype), (0x1234, "tasks.api", TYPE_A));
         let found = records().resolve(&BTreeSet::from([5]), &q.name).cloned().unwrap();
@@ -456,7 +458,7 @@ mod tests {
         assert_eq!(reply[2] & 0x80, 0x80, "a response");
         assert_eq!(u16::from_be_bytes([reply[6], reply[7]]), 2, "two answers");
         assert_eq!(&reply[reply.len() - 4..], &[10, 0, 0, 4]);
-        let aaaa = parse_query(&query(1, "api", 28)).unwrap();
+        let aaaa = parse_query(&encode_query(1, "api", 28)).unwrap();
         let none = answer(&aaaa, &found);
         assert_eq!(
             u16::from_be_bytes([none[6], none[7]]),
