@@ -162,8 +162,8 @@ fn swarm_ports(state: &ClusterState) -> Vec<(u16, crate::control::service::Proto
 
 /// Finds a service by name, full ID or unique ID prefix.
 pub fn resolve_service(state: &ClusterState, text: &str) -> ApiResult<u64> {
-    let services = state.services.values().map(|s| (s.id, s.spec.name.as_str()));
-    resolve("service", services, text)
+    let services: Vec<(u64, &str)> = state.services.values().map(|s| (s.id, s.spec.name.as_str())).collect();
+    resolve("service", services.into_iter(), text)
 }
 
 /// Finds an overlay network by name, full ID or unique ID prefix.

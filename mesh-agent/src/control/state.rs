@@ -373,16 +373,18 @@ pub struct ClusterState {
     pub tokens: JoinTokens,
     /// The unlock key text when autolocked.
     pub unlock_key: Option<String>,
-    /// Nodes by id.
-    pub nodes: BTreeMap<NodeId, Node>,
+    /// Nodes by id (persistent, as `tasks`).
+    pub nodes: imbl::OrdMap<NodeId, Node>,
     /// Ids of removed nodes: their certificates are no longer honoured.
     pub removed: BTreeSet<NodeId>,
-    /// Services by ID.
+    /// Services by ID (persistent, as `tasks`).
     #[serde(default)]
-    pub services: BTreeMap<u64, Service>,
-    /// Tasks by ID (current and recent history).
+    pub services: imbl::OrdMap<u64, Service>,
+    /// Tasks by ID (current and recent history). A persistent map: the
+    /// dispatcher's view and Raft snapshots share the state, and an apply
+    /// must not copy tens of thousands of tasks to change one.
     #[serde(default)]
-    pub tasks: BTreeMap<u64, Task>,
+    pub tasks: imbl::OrdMap<u64, Task>,
     /// Overlay networks by ID.
     #[serde(default)]
     pub networks: BTreeMap<u64, Network>,
@@ -587,13 +589,17 @@ impl ClusterState {
                 self.services
                     .remove(id)
                     .ok_or_else(|| format!("service {id} not found"))?;
-                for task in self
+                let stopping: Vec<u64> = self
                     .tasks
-                    .values_mut()
+                    .values()
                     .filter(|t| t.service == *id && t.desired == DesiredState::Running)
-                {
-                    task.desired = DesiredState::Shutdown;
-                    task.updated_at = *at;
+                    .map(|t| t.id)
+                    .collect();
+                for id in stopping {
+                    if let Some(task) = self.tasks.get_mut(&id) {
+                        task.desired = DesiredState::Shutdown;
+                        task.updated_at = *at;
+                    }
                 }
             }
             Command::ApplyPlan {
@@ -698,15 +704,19 @@ impl ClusterState {
     /// and can be promoted again).
     pub fn forced_to_single_manager(&self, keep: NodeId, at: u64) -> ClusterState {
         let mut state = self.clone();
-        for node in state
+        let demoted: Vec<NodeId> = state
             .nodes
-            .values_mut()
+            .values()
             .filter(|n| n.id != keep && n.role == Role::Manager)
-        {
-            node.role = Role::Worker;
-            node.status = NodeStatus::Down;
-            node.status_message = "demoted by --force-new-cluster".into();
-            node.updated_at = at;
+            .map(|n| n.id)
+            .collect();
+        for id in demoted {
+            if let Some(node) = state.nodes.get_mut(&id) {
+                node.role = Role::Worker;
+                node.status = NodeStatus::Down;
+                node.status_message = "demoted by --force-new-cluster".into();
+                node.updated_at = at;
+            }
         }
         state
     }
