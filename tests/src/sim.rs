@@ -55,8 +55,6 @@ pub struct Stats {
     pub reports: AtomicU64,
     /// Tasks the fleet reports Running now.
     pub running: AtomicU64,
-    /// Total bytes of assignments received (rmp-encoded size as sent).
-    pub assignment_bytes: AtomicU64,
 }
 
 /// What the kernel would hold on a node for its assignments, as the
@@ -125,8 +123,6 @@ pub struct SimNode {
     tls: Arc<rustls::ClientConfig>,
     /// Index into `managers` of the one that last answered.
     hint: AtomicU64,
-    /// Latest dataplane size of its assignments.
-    pub dataplane: Mutex<DataplaneSize>,
 }
 
 impl SimNode {
@@ -199,7 +195,6 @@ impl SimNode {
             managers: Mutex::new(Vec::new()),
             tls,
             hint: AtomicU64::new(0),
-            dataplane: Mutex::new(DataplaneSize::default()),
         };
         node.set_managers(reply.managers.iter().map(|(_, a)| a.clone()).collect());
         Ok((node, took))
@@ -251,6 +246,27 @@ impl SimNode {
         Err(last)
     }
 
+    /// What the node's kernel would hold for its assignments now, and
+    /// their size as sent (rmp-encoded bytes). Asked for afresh rather
+    /// than kept from the long poll: a fleet of thousands holding every
+    /// node's assignments would need gigabytes, and sizing them on every
+    /// reply took the simulator a core.
+    pub async fn measure(&self) -> Result<(DataplaneSize, usize), String> {
+        match self
+            .call(
+                || PeerRequest::Assignments { known: String::new() },
+                ASSIGNMENTS_TIMEOUT,
+            )
+            .await?
+        {
+            PeerResponse::Assignments(Ok(a)) => {
+                let bytes = rmp_serde::to_vec(&a).map_err(|e| e.to_string())?.len();
+                Ok((DataplaneSize::of(&a), bytes))
+            }
+            other => Err(format!("unexpected reply to an assignments call: {other:?}")),
+        }
+    }
+
     /// Heartbeats until `stop`, at the period the managers ask for.
     pub async fn heartbeats(self: Arc<Self>, stats: Arc<Stats>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut period = Duration::from_millis(1000);
@@ -300,11 +316,7 @@ impl SimNode {
                 }
             };
             stats.assignments.fetch_add(1, Ordering::Relaxed);
-            stats
-                .assignment_bytes
-                .fetch_add(rmp_serde::to_vec(&a).map_or(0, |b| b.len() as u64), Ordering::Relaxed);
             known = a.digest.clone();
-            *self.dataplane.lock().expect("reason: never poisoned") = DataplaneSize::of(&a);
             let reports = simulated_reports(&a);
             if reports.is_empty() {
                 continue;

@@ -120,6 +120,51 @@ impl DispatchIndex {
     }
 }
 
+/// How long the dispatcher gathers applied changes before it answers the
+/// long polls again: a burst of writes costs one index and one answer per
+/// node, not one per write (swarmkit's dispatcher batches the same way). A
+/// change after a quiet spell is answered at once.
+pub const ASSIGNMENTS_BATCH: Duration = Duration::from_millis(100);
+
+/// A state and its dispatch index, as every long poll of one batch sees it.
+#[derive(Debug)]
+pub struct DispatchView {
+    /// The state (a persistent map underneath, so holding it is cheap for
+    /// the applies that follow).
+    pub state: std::sync::Arc<ClusterState>,
+    /// Its index.
+    pub index: DispatchIndex,
+    /// The last applied log index when the state was read (the state may
+    /// hold a little more).
+    pub applied: u64,
+    /// When it was made.
+    pub made: Instant,
+}
+
+impl DispatchView {
+    /// The view of `state`, applied up to at least `applied`.
+    pub fn new(state: std::sync::Arc<ClusterState>, applied: u64, now: Instant) -> DispatchView {
+        DispatchView {
+            index: DispatchIndex::new(&state),
+            state,
+            applied,
+            made: now,
+        }
+    }
+
+    /// When the next view may be made: one batch after this one.
+    pub fn next_at(&self) -> Instant {
+        self.made + ASSIGNMENTS_BATCH
+    }
+
+    /// Whether a long poll asking at `now`, with `applied` entries applied,
+    /// should have a new view made rather than use this one: only when
+    /// this one is behind and its batch is over.
+    pub fn is_due_for_renewal(&self, applied: u64, now: Instant) -> bool {
+        self.applied < applied && now >= self.next_at()
+    }
+}
+
 /// What node `node` is told about its tasks: every task placed on it that
 /// has not ended, with the spec to run, and the ended ones still listed.
 pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
@@ -271,6 +316,19 @@ mod tests {
             );
         }
         s
+    }
+
+    #[test]
+    fn a_view_is_renewed_only_when_behind_and_its_batch_is_over() {
+        let t0 = Instant::now();
+        let view = DispatchView::new(std::sync::Arc::new(ClusterState::default()), 10, t0);
+        // Up to date: kept however old it is.
+        assert!(!view.is_due_for_renewal(10, t0 + Duration::from_secs(60)));
+        // Behind, within its batch: kept, the change waits for the batch end.
+        assert!(!view.is_due_for_renewal(11, t0 + ASSIGNMENTS_BATCH / 2));
+        // Behind, batch over: renewed.
+        assert!(view.is_due_for_renewal(11, t0 + ASSIGNMENTS_BATCH));
+        assert_eq!(view.next_at(), t0 + ASSIGNMENTS_BATCH);
     }
 
     #[test]

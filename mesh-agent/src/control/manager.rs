@@ -63,10 +63,9 @@ pub struct Manager {
     liveness: Mutex<Liveness>,
     raft_ready: Mutex<BTreeSet<NodeId>>,
     stop: tokio::sync::watch::Sender<bool>,
-    /// The dispatch index of the latest state a long poll asked about
-    /// (a weak reference: holding the state would make the next apply
-    /// copy it).
-    dispatch: Mutex<(std::sync::Weak<ClusterState>, Arc<dispatcher::DispatchIndex>)>,
+    /// What the long polls answer from: renewed at most once per
+    /// [`dispatcher::ASSIGNMENTS_BATCH`].
+    dispatch: Mutex<Option<Arc<dispatcher::DispatchView>>>,
 }
 
 /// How long an assignments long poll waits for a change (below the
@@ -126,7 +125,7 @@ impl Manager {
             raft,
             sm,
             liveness: Mutex::new(Liveness::default()),
-            dispatch: Mutex::new((std::sync::Weak::new(), Arc::default())),
+            dispatch: Mutex::new(None),
             raft_ready: Mutex::new(BTreeSet::new()),
             stop,
         });
@@ -751,42 +750,56 @@ impl Manager {
         }
     }
 
-    /// A node's check-in (leader only).
     /// The long poll behind a node's assignments: answers when they differ
     /// from `known`, or after [`ASSIGNMENTS_WAIT`].
     pub async fn handle_assignments(&self, id: NodeId, known: &str) -> ApiResult<Assignments> {
         let mut applied = self.sm.subscribe();
         let deadline = tokio::time::Instant::now() + ASSIGNMENTS_WAIT;
         loop {
-            let state = self.state();
-            if !state.nodes.contains_key(&id) {
+            let seen = *applied.borrow_and_update();
+            let view = self.dispatch_view(seen);
+            if !self.state().nodes.contains_key(&id) {
                 return Err(ApiError::not_found(format!(
                     "node {} is not a member of this swarm",
                     node_id_text(id)
                 )));
             }
-            let current = dispatcher::assignments_with(&state, &self.dispatch_index(&state), id);
+            let current = dispatcher::assignments_with(&view.state, &view.index, id);
             if current.digest != known || !self.is_leader() {
                 return Ok(current);
             }
-            // Hold no reference to the state while waiting: the next apply
-            // would have to copy the whole state to change it.
-            drop(state);
-            match tokio::time::timeout_at(deadline, applied.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return Ok(current),
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(current);
             }
+            // Wait for a change, then for the batch it falls in to end: a
+            // view already behind what was applied is renewed when its
+            // batch ends, without waiting for another change.
+            let behind = view.applied < seen;
+            let next = tokio::time::Instant::from_std(view.next_at());
+            drop(view);
+            if !behind {
+                match tokio::time::timeout_at(deadline, applied.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => return Ok(current),
+                }
+            }
+            tokio::time::sleep_until(next.min(deadline)).await;
         }
     }
 
-    /// The dispatch index of `state`, made by the first long poll that
-    /// needs it and shared by the rest.
-    fn dispatch_index(&self, state: &Arc<ClusterState>) -> Arc<dispatcher::DispatchIndex> {
+    /// The view the long polls answer from: the cached one, unless it is
+    /// behind `applied` and its batch is over.
+    fn dispatch_view(&self, applied: u64) -> Arc<dispatcher::DispatchView> {
         let mut cached = self.dispatch.lock().expect("reason: never poisoned");
-        if !std::ptr::eq(cached.0.as_ptr(), Arc::as_ptr(state)) {
-            *cached = (Arc::downgrade(state), Arc::new(dispatcher::DispatchIndex::new(state)));
+        let now = std::time::Instant::now();
+        match &*cached {
+            Some(view) if !view.is_due_for_renewal(applied, now) => view.clone(),
+            _ => {
+                let view = Arc::new(dispatcher::DispatchView::new(self.state(), applied, now));
+                *cached = Some(view.clone());
+                view
+            }
         }
-        cached.1.clone()
     }
 
     /// Stores a node's reports on its tasks.

@@ -333,15 +333,34 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
     eprintln!("loaded: {:?}", report.loaded);
     report.leader_rss_mib = rss_kib(pids[leader]) as f64 / 1024.0;
 
-    let nodes: Vec<&Arc<SimNode>> = joined.iter().map(|(n, _)| n).collect();
-    let sizes: Vec<DataplaneSize> = nodes
-        .iter()
-        .map(|n| *n.dataplane.lock().expect("reason: never poisoned"))
+    let nodes: Vec<Arc<SimNode>> = joined.iter().map(|(n, _)| n.clone()).collect();
+    let measured = runtime
+        .block_on(runtime.spawn(async move {
+            // A few at a time: each is a whole assignments reply.
+            let limit = Arc::new(tokio::sync::Semaphore::new(8));
+            let mut handles = Vec::new();
+            for node in nodes {
+                let limit = limit.clone();
+                handles.push(tokio::spawn(async move {
+                    let _permit = limit.acquire_owned().await.expect("open");
+                    node.measure().await
+                }));
+            }
+            let mut out = Vec::new();
+            for h in handles {
+                out.push(h.await.expect("a measure task"));
+            }
+            out
+        }))
+        .expect("the measures");
+    let measured: Vec<(DataplaneSize, usize)> = measured
+        .into_iter()
+        .map(|m| m.unwrap_or_else(|e| panic!("measuring a node's assignments: {e}")))
         .collect();
+    let sizes: Vec<DataplaneSize> = measured.iter().map(|(s, _)| *s).collect();
     report.per_node = mean(&sizes);
     report.per_node_max = max(&sizes);
-    let assignments = stats.assignments.load(Ordering::Relaxed).max(1);
-    report.assignment_kib = stats.assignment_bytes.load(Ordering::Relaxed) as f64 / assignments as f64 / 1024.0;
+    report.assignment_kib = measured.iter().map(|(_, b)| *b as f64).sum::<f64>() / n as f64 / 1024.0;
 
     // Raft: the log, the snapshot, the store file.
     let leader = leader_index(&swarm);
