@@ -29,7 +29,7 @@ fn records() -> Records {
     };
     Records::new(&[NetworkServices {
         network: 7,
-        services: vec![service("web", Some(Ipv4Addr::new(10, 0, 0, 2))), service("db", None)],
+        services: vec![service("web", Some(Ipv4Addr::new(10, 0, 0, 2))), service("db", None)].into(),
     }])
 }
 

@@ -36,8 +36,8 @@ pub struct ServiceRecord {
 pub struct NetworkServices {
     /// The network's ID.
     pub network: u64,
-    /// Its services, by service ID.
-    pub services: Vec<ServiceRecord>,
+    /// Its services, by service ID (shared, as `NetworkPeers::peers`).
+    pub services: std::sync::Arc<Vec<ServiceRecord>>,
 }
 
 /// What node `tasks`' networks hold.
@@ -51,7 +51,7 @@ pub fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServi
         .into_iter()
         .map(|network| NetworkServices {
             network,
-            services: all.remove(&network).unwrap_or_default(),
+            services: all.remove(&network).unwrap_or_default().into(),
         })
         .collect()
 }

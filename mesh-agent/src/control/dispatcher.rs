@@ -10,6 +10,7 @@
 use crate::control::secret::{task_files, BlobRef, Kind};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -84,9 +85,9 @@ pub struct DispatchIndex {
     /// Each node's tasks (ended ones included), in task ID order.
     tasks_by_node: HashMap<NodeId, Vec<u64>>,
     /// Each network's endpoints: its unended tasks that have a node.
-    endpoints: BTreeMap<u64, BTreeSet<Peer>>,
+    endpoints: BTreeMap<u64, Shared<Vec<Peer>>>,
     /// Each network's services (DNS and VIPs).
-    services: BTreeMap<u64, Vec<crate::control::discovery::ServiceRecord>>,
+    services: BTreeMap<u64, Shared<Vec<crate::control::discovery::ServiceRecord>>>,
     /// The routing mesh's running tasks and nodes.
     mesh: crate::control::mesh::MeshIndex,
 }
@@ -113,9 +114,35 @@ impl DispatchIndex {
         let networks: BTreeSet<u64> = state.networks.keys().copied().collect();
         DispatchIndex {
             tasks_by_node,
-            endpoints,
-            services: crate::control::discovery::by_network(state, &networks),
+            endpoints: endpoints
+                .into_iter()
+                .map(|(id, peers)| (id, Shared::new(peers.into_iter().collect())))
+                .collect(),
+            services: crate::control::discovery::by_network(state, &networks)
+                .into_iter()
+                .map(|(id, services)| (id, Shared::new(services)))
+                .collect(),
             mesh: crate::control::mesh::MeshIndex::new(state),
+        }
+    }
+}
+
+/// A part of the assignments that many nodes receive alike (a network's
+/// endpoints or services): made and hashed once per view, and shared by
+/// the nodes' answers instead of copied into each, which at thousands of
+/// nodes was most of the dispatcher's work.
+#[derive(Debug, Default)]
+struct Shared<T> {
+    value: Arc<T>,
+    digest: [u8; 32],
+}
+
+impl<T: serde::Serialize> Shared<T> {
+    fn new(value: T) -> Shared<T> {
+        let digest = Sha256::digest(rmp_serde::to_vec(&value).unwrap_or_default()).into();
+        Shared {
+            value: Arc::new(value),
+            digest,
         }
     }
 }
@@ -131,7 +158,7 @@ pub const ASSIGNMENTS_BATCH: Duration = Duration::from_millis(100);
 pub struct DispatchView {
     /// The state (a persistent map underneath, so holding it is cheap for
     /// the applies that follow).
-    pub state: std::sync::Arc<ClusterState>,
+    pub state: Arc<ClusterState>,
     /// Its index.
     pub index: DispatchIndex,
     /// The last applied log index when the state was read (the state may
@@ -143,7 +170,7 @@ pub struct DispatchView {
 
 impl DispatchView {
     /// The view of `state`, applied up to at least `applied`.
-    pub fn new(state: std::sync::Arc<ClusterState>, applied: u64, now: Instant) -> DispatchView {
+    pub fn new(state: Arc<ClusterState>, applied: u64, now: Instant) -> DispatchView {
         DispatchView {
             index: DispatchIndex::new(&state),
             state,
@@ -246,26 +273,42 @@ pub fn assignments_with(state: &ClusterState, index: &DispatchIndex, node: NodeI
     let tunnel = tunnel_assignment(state, node, &tasks, &networks);
     let ipsec = ipsec_assignment(state, node, &tasks, &networks, data_path_port);
     let mesh = crate::control::mesh::mesh_assignment_with(state, &index.mesh, node);
-    let services = networks
+    let no_services = Shared::<Vec<_>>::default();
+    let services: Vec<_> = networks
         .iter()
-        .map(|n| crate::control::discovery::NetworkServices {
-            network: n.network,
-            services: index.services.get(&n.network).cloned().unwrap_or_default(),
+        .map(|n| (n.network, index.services.get(&n.network).unwrap_or(&no_services)))
+        .collect();
+    // The digest covers the shared parts by their own digests, so a node's
+    // costs what is its own, not every endpoint of its networks again.
+    let no_peers = Shared::<Vec<Peer>>::default();
+    let network_parts: Vec<(u64, u32, &[u8; 32])> = networks
+        .iter()
+        .map(|n| {
+            let peers = index.endpoints.get(&n.network).unwrap_or(&no_peers);
+            (n.network, n.vni, &peers.digest)
         })
         .collect();
+    let service_parts: Vec<(u64, &[u8; 32])> = services.iter().map(|(id, s)| (*id, &s.digest)).collect();
     let encoded = rmp_serde::to_vec(&(
         &tasks,
         &retained,
-        &networks,
+        &network_parts,
         &vtep,
         data_path_port,
         &tunnel,
         &ipsec,
         &mesh,
-        &services,
+        &service_parts,
     ))
     .unwrap_or_default();
     let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
+    let services = services
+        .into_iter()
+        .map(|(network, s)| crate::control::discovery::NetworkServices {
+            network,
+            services: s.value.clone(),
+        })
+        .collect();
     Assignments {
         digest,
         tasks,
@@ -293,7 +336,7 @@ fn network_peers(state: &ClusterState, index: &DispatchIndex, tasks: &[Assignmen
             Some(NetworkPeers {
                 network: id,
                 vni: state.networks.get(&id)?.vni,
-                peers: index.endpoints.get(&id).into_iter().flatten().cloned().collect(),
+                peers: index.endpoints.get(&id).map(|p| p.value.clone()).unwrap_or_default(),
             })
         })
         .collect()
@@ -321,7 +364,7 @@ mod tests {
     #[test]
     fn a_view_is_renewed_only_when_behind_and_its_batch_is_over() {
         let t0 = Instant::now();
-        let view = DispatchView::new(std::sync::Arc::new(ClusterState::default()), 10, t0);
+        let view = DispatchView::new(Arc::new(ClusterState::default()), 10, t0);
         // Up to date: kept however old it is.
         assert!(!view.is_due_for_renewal(10, t0 + Duration::from_secs(60)));
         // Behind, within its batch: kept, the change waits for the batch end.

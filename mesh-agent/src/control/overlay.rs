@@ -143,8 +143,9 @@ pub struct NetworkPeers {
     pub network: u64,
     /// Its VNI.
     pub vni: u32,
-    /// Endpoints on every node, this one included.
-    pub peers: Vec<Peer>,
+    /// Endpoints on every node, this one included (shared by every node
+    /// on the network until sent: the dispatcher makes it once per view).
+    pub peers: std::sync::Arc<Vec<Peer>>,
 }
 
 /// Checks a network name (the rules of service names, which Swarm shares).

@@ -71,6 +71,18 @@ pub fn check_service_in_cluster(
     spec: &crate::control::service::ServiceSpec,
     except: Option<u64>,
 ) -> ApiResult<()> {
+    // First, so a retried create whose first attempt landed hears that,
+    // not that its own port is taken.
+    if state
+        .services
+        .values()
+        .any(|s| Some(s.id) != except && s.spec.name == spec.name)
+    {
+        return Err(ApiError::precondition(format!(
+            "service {} already exists (`meshctl service update {}` changes it)",
+            spec.name, spec.name
+        )));
+    }
     if let Some(net) = spec
         .networks
         .iter()
@@ -387,6 +399,30 @@ mod tests {
             s.nodes.insert(*id, node);
         }
         s
+    }
+
+    #[test]
+    fn a_service_name_taken_is_reported_before_its_ports() {
+        use crate::control::service::PortPublish;
+        let mut s = ClusterState::default();
+        let mut web = crate::control::orchestrator::tests_support::service(1);
+        web.spec.name = "web".into();
+        web.spec.publish = vec![PortPublish::parse("8080:80").unwrap()];
+        s.services.insert(1, web.clone());
+        // A retried create of the same service.
+        let err = check_service_in_cluster(&s, &web.spec, None).unwrap_err();
+        assert!(err.message.contains("service web already exists"), "{}", err.message);
+        // Another service on its port.
+        let mut api = web.spec.clone();
+        api.name = "api".into();
+        let err = check_service_in_cluster(&s, &api, None).unwrap_err();
+        assert!(
+            err.message.contains("already published by service web"),
+            "{}",
+            err.message
+        );
+        // The service itself, updated.
+        assert!(check_service_in_cluster(&s, &web.spec, Some(1)).is_ok());
     }
 
     #[test]

@@ -229,7 +229,7 @@ pub fn encrypted_peers(
         networks
             .iter()
             .filter(|n| encrypted.contains(&n.network))
-            .flat_map(|n| &n.peers)
+            .flat_map(|n| n.peers.iter())
             .filter_map(|p| by_addr.get(p.vtep.as_str()).copied())
             .filter(|id| *id != node)
             .collect(),

@@ -65,7 +65,7 @@ impl Records {
         let mut networks = BTreeMap::new();
         for n in services {
             let mut names = BTreeMap::new();
-            for s in &n.services {
+            for s in n.services.iter() {
                 let tasks: Vec<Ipv4Addr> = s.tasks.iter().map(|(_, a)| *a).collect();
                 let name = s.name.to_ascii_lowercase();
                 let answer = match s.vip {
@@ -422,7 +422,8 @@ mod tests {
                     tasks: vec![(20, Ipv4Addr::new(10, 0, 0, 5))],
                     lb: LbOptions::default(),
                 },
-            ],
+            ]
+            .into(),
         }])
     }
 

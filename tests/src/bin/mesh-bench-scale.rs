@@ -396,7 +396,8 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
 }
 
 /// `meshctl ARGS` on host `i`, retried while the swarm answers
-/// "unavailable" (exit 7: a leader change), as an operator would.
+/// "unavailable" (exit 7: a leader change), as an operator would; a retry
+/// told the object already exists finds its first attempt applied.
 fn ok_retrying(swarm: &Swarm, i: usize, args: &[&str]) {
     for attempt in 0..20 {
         let out = swarm.meshctl(i, args);
