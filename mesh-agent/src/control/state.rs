@@ -548,7 +548,7 @@ impl ClusterState {
             }
             Command::SetTaskHistoryLimit { limit } => {
                 self.cluster.as_mut().expect("reason: checked above").task_history_limit = *limit;
-                self.prune_task_history();
+                self.prune_task_history(None);
             }
             Command::RotateCa { ca, tokens } => {
                 self.ca = Some(ca.clone());
@@ -601,6 +601,14 @@ impl ClusterState {
                         task.updated_at = *at;
                     }
                 }
+                // Its history goes with it; tasks still stopping follow as they end.
+                let history: BTreeSet<HistoryPlace> = self
+                    .tasks
+                    .values()
+                    .filter(|t| t.service == *id && t.is_finished())
+                    .map(Task::history_place)
+                    .collect();
+                self.prune_task_history(Some(&history));
             }
             Command::ApplyPlan {
                 create,
@@ -622,6 +630,7 @@ impl ClusterState {
                     return Err(format!("task ID {} is taken", t.id));
                 }
                 let create = self.settle_addresses(create)?;
+                let mut touched = BTreeSet::new();
                 for (id, reason) in shutdown {
                     if let Some(task) = self.tasks.get_mut(id) {
                         task.desired = DesiredState::Shutdown;
@@ -629,6 +638,9 @@ impl ClusterState {
                         if !task.state.is_terminal() {
                             task.message = reason.clone();
                             task.updated_at = *at;
+                        }
+                        if task.is_finished() {
+                            touched.insert(task.history_place());
                         }
                     }
                 }
@@ -640,12 +652,15 @@ impl ClusterState {
                             "its node was lost (down for over 24h, or removed); how it ended is unknown".into();
                         task.updated_at = *at;
                         task.ended_at_ms = at * 1000;
+                        touched.insert(task.history_place());
                     }
                 }
+                touched.extend(create.iter().filter(|t| t.is_finished()).map(|t| t.history_place()));
                 self.tasks.extend(create.into_iter().map(|t| (t.id, t)));
-                self.prune_task_history();
+                self.prune_task_history(Some(&touched));
             }
             Command::ReportTasks { node, reports, at_ms } => {
+                let mut touched = BTreeSet::new();
                 for r in reports {
                     let Some(task) = self.tasks.get_mut(&r.task) else {
                         continue;
@@ -659,8 +674,11 @@ impl ClusterState {
                     if r.state.is_terminal() {
                         task.ended_at_ms = *at_ms;
                     }
+                    if task.is_finished() {
+                        touched.insert(task.history_place());
+                    }
                 }
-                self.prune_task_history();
+                self.prune_task_history(Some(&touched));
             }
             Command::SetTaskState { id, state, message, at } => {
                 let task = self.tasks.get_mut(id).ok_or_else(|| format!("task {id} not found"))?;
@@ -904,19 +922,20 @@ impl ClusterState {
 
     /// Forgets finished tasks (told to shut down, and either ended or never
     /// placed) beyond the newest `keep` per service slot; all of them for
-    /// services that are gone.
-    fn prune_task_history(&mut self) {
+    /// services that are gone. Only the slots in `touched` (every slot when
+    /// `None`): a slot's history only grows when one of its tasks finishes,
+    /// and walking every task of the swarm on every apply was the leader's
+    /// main cost at 50,000 tasks.
+    fn prune_task_history(&mut self, touched: Option<&BTreeSet<HistoryPlace>>) {
+        if touched.is_some_and(|t| t.is_empty()) {
+            return;
+        }
         let keep = self.cluster.as_ref().map_or(TASK_HISTORY, |c| c.task_history_limit) as usize;
-        // Global tasks share slot 0: their history is per node.
-        type Place = (u64, u32, Option<NodeId>);
-        let mut finished: BTreeMap<Place, Vec<(u64, u64)>> = BTreeMap::new();
-        for t in self.tasks.values() {
-            if t.desired == DesiredState::Shutdown && (t.state.is_terminal() || t.node.is_none()) {
-                let node = if t.slot == 0 { t.node } else { None };
-                finished
-                    .entry((t.service, t.slot, node))
-                    .or_default()
-                    .push((t.updated_at, t.id));
+        let mut finished: BTreeMap<HistoryPlace, Vec<(u64, u64)>> = BTreeMap::new();
+        for t in self.tasks.values().filter(|t| t.is_finished()) {
+            let place = t.history_place();
+            if touched.is_none_or(|touched| touched.contains(&place)) {
+                finished.entry(place).or_default().push((t.updated_at, t.id));
             }
         }
         for ((service, _, _), mut history) in finished {
@@ -935,6 +954,23 @@ impl ClusterState {
             .filter(|n| n.role == Role::Manager)
             .map(|n| n.id)
             .collect()
+    }
+}
+
+/// Where a finished task's history is kept: its service slot, and for a
+/// global task (all in slot 0) its node.
+pub type HistoryPlace = (u64, u32, Option<NodeId>);
+
+impl Task {
+    /// Told to shut down, and either ended or never placed: history.
+    pub fn is_finished(&self) -> bool {
+        self.desired == DesiredState::Shutdown && (self.state.is_terminal() || self.node.is_none())
+    }
+
+    /// The history this task belongs to once finished.
+    pub fn history_place(&self) -> HistoryPlace {
+        let node = if self.slot == 0 { self.node } else { None };
+        (self.service, self.slot, node)
     }
 }
 
@@ -1141,6 +1177,39 @@ pub(crate) mod tests {
             vec![39, 40],
             "a lower limit applies at once"
         );
+        // Tasks ending through their node's reports are pruned as they end.
+        let placed: Vec<Task> = (41..=45)
+            .map(|i| Task {
+                node: Some(9),
+                state: TaskState::Running,
+                ..task(i, i)
+            })
+            .collect();
+        s.apply(&Command::ApplyPlan {
+            create: placed,
+            shutdown: vec![],
+            updates: vec![],
+            rollbacks: vec![],
+            orphaned: vec![],
+            at: 45,
+        });
+        assert_eq!(s.tasks.len(), 7, "running tasks are not history yet");
+        let reports = (41..=45)
+            .map(|i| TaskReport {
+                task: i,
+                state: TaskState::Shutdown,
+                message: String::new(),
+            })
+            .collect();
+        s.apply(&Command::ReportTasks {
+            node: 9,
+            reports,
+            at_ms: 46_000,
+        });
+        assert_eq!(s.tasks.keys().copied().collect::<Vec<_>>(), vec![44, 45]);
+        // A removed service's history goes with it.
+        s.apply(&Command::RemoveService { id: 7, at: 50 });
+        assert!(s.tasks.is_empty());
     }
 
     #[test]

@@ -399,11 +399,11 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
 /// "unavailable" (exit 7: a leader change), as an operator would; a retry
 /// told the object already exists finds its first attempt applied.
 fn ok_retrying(swarm: &Swarm, i: usize, args: &[&str]) {
-    for attempt in 0..20 {
+    for attempt in 0..60 {
         let out = swarm.meshctl(i, args);
         match out.status.code() {
             Some(0) => return,
-            Some(7) => std::thread::sleep(Duration::from_millis(500)),
+            Some(7) => std::thread::sleep(Duration::from_secs(1)),
             // A retried create whose first attempt was applied after all.
             Some(4) if attempt > 0 && String::from_utf8_lossy(&out.stderr).contains("already exists") => return,
             _ => break,
