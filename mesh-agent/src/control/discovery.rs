@@ -37,7 +37,7 @@ pub struct NetworkServices {
     /// The network's ID.
     pub network: u64,
     /// Its services, by service ID (shared, as `NetworkPeers::peers`).
-    pub services: std::sync::Arc<Vec<ServiceRecord>>,
+    pub services: super::encoded::Encoded<Vec<ServiceRecord>>,
 }
 
 /// What node `tasks`' networks hold.

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     api::Assignments,
+    encoded::Encoded,
     ipsec::ipsec_assignment,
     overlay::{NetworkPeers, Peer, TaskNetwork},
     service::{Assignment, TaskSpec},
@@ -128,22 +129,26 @@ impl DispatchIndex {
 }
 
 /// A part of the assignments that many nodes receive alike (a network's
-/// endpoints or services): made and hashed once per view, and shared by
-/// the nodes' answers instead of copied into each, which at thousands of
-/// nodes was most of the dispatcher's work.
-#[derive(Debug, Default)]
+/// endpoints or services): made, encoded and hashed once per view, and
+/// shared by the nodes' answers instead of copied and encoded into each,
+/// which at thousands of nodes was most of the dispatcher's work.
+#[derive(Debug)]
 struct Shared<T> {
-    value: Arc<T>,
+    value: Encoded<T>,
     digest: [u8; 32],
 }
 
 impl<T: serde::Serialize> Shared<T> {
     fn new(value: T) -> Shared<T> {
-        let digest = Sha256::digest(rmp_serde::to_vec(&value).unwrap_or_default()).into();
-        Shared {
-            value: Arc::new(value),
-            digest,
-        }
+        let value = Encoded::new(value);
+        let digest = Sha256::digest(value.bytes()).into();
+        Shared { value, digest }
+    }
+}
+
+impl<T: serde::Serialize + Default> Default for Shared<T> {
+    fn default() -> Self {
+        Shared::new(T::default())
     }
 }
 

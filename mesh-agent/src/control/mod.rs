@@ -13,11 +13,13 @@
 //! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs.
 //! - [`rpc`]: framed request/response over mutual TLS; [`network`]: peers and Raft's network.
 //! - [`manager`]: Raft and the leader's duties; [`node`]: the agent's swarm lifecycle.
-//! - [`api`], [`local`]: the messages, and the local socket `meshctl` talks to.
+//! - [`api`], [`local`]: the messages, and the local socket `meshctl` talks to;
+//!   [`encoded`]: message parts many nodes get alike, encoded once.
 
 pub mod api;
 pub mod discovery;
 pub mod dispatcher;
+pub mod encoded;
 pub mod ipsec;
 pub mod keystore;
 pub mod local;

@@ -145,7 +145,7 @@ pub struct NetworkPeers {
     pub vni: u32,
     /// Endpoints on every node, this one included (shared by every node
     /// on the network until sent: the dispatcher makes it once per view).
-    pub peers: std::sync::Arc<Vec<Peer>>,
+    pub peers: super::encoded::Encoded<Vec<Peer>>,
 }
 
 /// Checks a network name (the rules of service names, which Swarm shares).
