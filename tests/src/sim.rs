@@ -259,10 +259,14 @@ impl SimNode {
             )
             .await?
         {
-            PeerResponse::Assignments(Ok(a)) => {
+            // Off the runtime: the planners take a while, and the fleet's
+            // heartbeats share the runtime's threads.
+            PeerResponse::Assignments(Ok(a)) => tokio::task::spawn_blocking(move || {
                 let bytes = rmp_serde::to_vec(&a).map_err(|e| e.to_string())?.len();
                 Ok((DataplaneSize::of(&a), bytes))
-            }
+            })
+            .await
+            .map_err(|e| e.to_string())?,
             other => Err(format!("unexpected reply to an assignments call: {other:?}")),
         }
     }

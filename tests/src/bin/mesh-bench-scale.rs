@@ -19,7 +19,9 @@
 //! leader's memory per node session; and what each node's kernel would
 //! hold (overlay objects, routing-mesh map entries, DNS records).
 //!
-//! `--nodes 100,1000,5000 --services 1000 --tasks 50000` (the defaults).
+//! `--nodes 100,1000,5000 --services 1000 --tasks 50000 --sample 500` (the
+//! defaults; `--sample`: at most this many nodes, spread over the fleet,
+//! have their dataplane sized).
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -48,6 +50,10 @@ struct Args {
     nodes: Vec<usize>,
     services: usize,
     tasks: usize,
+    /// At most this many nodes have their dataplane sized (evenly spread
+    /// over the fleet): sizing one is a whole assignments reply and the
+    /// agent's planners, about a second of the simulator's time at 1,000.
+    sample: usize,
 }
 
 fn args() -> Args {
@@ -55,6 +61,7 @@ fn args() -> Args {
         nodes: vec![100, 1000, 5000],
         services: 1000,
         tasks: 50_000,
+        sample: 500,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,10 +75,12 @@ fn args() -> Args {
             }
             "--services" => a.services = value.parse().expect("--services: a number"),
             "--tasks" => a.tasks = value.parse().expect("--tasks: a number"),
-            other => panic!("unknown flag {other}: --nodes N,N --services N --tasks N"),
+            "--sample" => a.sample = value.parse().expect("--sample: a number"),
+            other => panic!("unknown flag {other}: --nodes N,N --services N --tasks N --sample N"),
         }
     }
     assert!(a.services >= 2, "--services must be at least 2");
+    assert!(a.sample >= 1, "--sample must be at least 1");
     assert!(a.tasks > BULK_TASKS, "--tasks must exceed {BULK_TASKS}");
     a
 }
@@ -96,6 +105,8 @@ struct Report {
     per_node: DataplaneSize,
     per_node_max: DataplaneSize,
     assignment_kib: f64,
+    /// Nodes whose dataplane was sized.
+    sized: usize,
 }
 
 /// The managers' work over a window.
@@ -111,7 +122,7 @@ fn main() {
     let args = args();
     let mut reports = Vec::new();
     for &n in &args.nodes {
-        reports.push(run(n, args.services, args.tasks));
+        reports.push(run(n, args.services, args.tasks, args.sample));
     }
     println!(
         "\n== scale by simulation ({} services, {} tasks; 3 real managers; simulated nodes)",
@@ -140,14 +151,15 @@ fn main() {
             r.leader_rss_mib,
         );
     }
-    println!("\n== per node: what its kernel would hold (mean / max over the fleet)");
-    println!("| nodes | tasks | overlay objects | mesh map entries | DNS records | assignments KiB |");
-    println!("|---|---|---|---|---|---|");
+    println!("\n== per node: what its kernel would hold (mean / max over the nodes sized)");
+    println!("| nodes | sized | tasks | overlay objects | mesh map entries | DNS records | assignments KiB |");
+    println!("|---|---|---|---|---|---|---|");
     for r in &reports {
         let (m, x) = (r.per_node, r.per_node_max);
         println!(
-            "| {} | {} / {} | {} / {} | {} / {} | {} / {} | {:.1} |",
+            "| {} | {} | {} / {} | {} / {} | {} / {} | {} / {} | {:.1} |",
             r.nodes,
+            r.sized,
             m.tasks,
             x.tasks,
             m.overlay_objects,
@@ -161,7 +173,7 @@ fn main() {
     }
 }
 
-fn run(n: usize, services: usize, tasks: usize) -> Report {
+fn run(n: usize, services: usize, tasks: usize, sample: usize) -> Report {
     eprintln!("\n== {n} simulated nodes");
     let mut report = Report {
         nodes: n,
@@ -336,11 +348,14 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
     eprintln!("loaded: {:?}", report.loaded);
     report.leader_rss_mib = rss_kib(pids[leader]) as f64 / 1024.0;
 
-    let nodes: Vec<Arc<SimNode>> = joined.iter().map(|(n, _)| n.clone()).collect();
+    let every = n.div_ceil(sample);
+    let nodes: Vec<Arc<SimNode>> = joined.iter().step_by(every).map(|(n, _)| n.clone()).collect();
+    let sized = nodes.len();
     let measured = runtime
         .block_on(runtime.spawn(async move {
-            // A few at a time: each is a whole assignments reply.
-            let limit = Arc::new(tokio::sync::Semaphore::new(8));
+            // Two at a time: each is a whole assignments reply and the
+            // planners' work, on cores the managers share.
+            let limit = Arc::new(tokio::sync::Semaphore::new(2));
             let mut handles = Vec::new();
             for node in nodes {
                 let limit = limit.clone();
@@ -363,7 +378,8 @@ fn run(n: usize, services: usize, tasks: usize) -> Report {
     let sizes: Vec<DataplaneSize> = measured.iter().map(|(s, _)| *s).collect();
     report.per_node = mean(&sizes);
     report.per_node_max = max(&sizes);
-    report.assignment_kib = measured.iter().map(|(_, b)| *b as f64).sum::<f64>() / n as f64 / 1024.0;
+    report.assignment_kib = measured.iter().map(|(_, b)| *b as f64).sum::<f64>() / sized as f64 / 1024.0;
+    report.sized = sized;
 
     // Raft: the log, the snapshot, the store file.
     let leader = leader_index(&swarm);
