@@ -4,8 +4,9 @@
 //! What is real: each simulated node makes its own key and CSR, joins with
 //! the swarm's worker token over the token-pinned TLS the agent uses, gets
 //! its own certificate from the CA, and then speaks the dispatcher protocol
-//! over its own mutual-TLS connection: heartbeats at the period the
-//! managers ask for, the assignments long poll, task reports. What is
+//! over its own mutual-TLS connections: heartbeats at the period the
+//! managers ask for (on a session of their own, see [`SimNode`]), the
+//! assignments long poll, task reports. What is
 //! simulated: the node's runtime. A task assigned to run is reported
 //! Running at once, a task told to stop is reported Shutdown; nothing is
 //! made in the kernel. What the kernel *would* hold for the node is
@@ -115,14 +116,74 @@ pub fn data_path_address(i: usize) -> std::net::Ipv4Addr {
 }
 
 /// One simulated node after its join.
+///
+/// It keeps two sessions to the managers: one for its heartbeats, meant to
+/// run on a runtime of their own, and one for its assignments and reports.
+/// A real node has its own CPU; thousands of simulated nodes share one
+/// process, and heartbeats queued behind other nodes' assignments (each a
+/// few hundred KiB to decode) had the managers mark live nodes Down.
 pub struct SimNode {
     /// The ID the managers gave it.
     pub id: NodeId,
     hb: Heartbeat,
-    managers: Mutex<Vec<Client>>,
     tls: Arc<rustls::ClientConfig>,
-    /// Index into `managers` of the one that last answered.
+    beats: Sessions,
+    work: Sessions,
+}
+
+/// Mutual-TLS sessions to each manager, and which answered last.
+#[derive(Default)]
+struct Sessions {
+    managers: Mutex<Vec<Client>>,
     hint: AtomicU64,
+}
+
+impl Sessions {
+    fn set_managers(&self, addrs: &[String], tls: &Arc<rustls::ClientConfig>) {
+        let mut managers = self.managers.lock().expect("reason: never poisoned");
+        let known: BTreeSet<&str> = managers.iter().map(|c| c.addr()).collect();
+        let wanted: BTreeSet<&str> = addrs.iter().map(String::as_str).collect();
+        if known == wanted {
+            return;
+        }
+        *managers = addrs
+            .iter()
+            .map(|a| {
+                RpcClient::new(
+                    a.clone(),
+                    tls.clone(),
+                    MANAGER_NAME.try_into().expect("reason: a valid DNS name"),
+                )
+            })
+            .collect();
+        self.hint.store(0, Ordering::Relaxed);
+    }
+
+    /// Calls the manager that answered last, then the others, as the agent
+    /// does (`Member::call_managers`).
+    async fn call(&self, request: impl Fn() -> PeerRequest, timeout: Duration) -> Result<PeerResponse, String> {
+        let managers = self.managers.lock().expect("reason: never poisoned").clone();
+        if managers.is_empty() {
+            return Err("no manager is known".into());
+        }
+        let first = self.hint.load(Ordering::Relaxed) as usize % managers.len();
+        let mut last = String::new();
+        for k in 0..managers.len() {
+            let i = (first + k) % managers.len();
+            match managers[i].call(request(), timeout).await {
+                Ok(reply) => {
+                    if let Some(e) = reply.retry_elsewhere() {
+                        last = e.to_string();
+                        continue;
+                    }
+                    self.hint.store(i as u64, Ordering::Relaxed);
+                    return Ok(reply);
+                }
+                Err(e) => last = format!("{}: {e}", managers[i].addr()),
+            }
+        }
+        Err(last)
+    }
 }
 
 impl SimNode {
@@ -192,58 +253,21 @@ impl SimNode {
         let node = SimNode {
             id: reply.node_id,
             hb,
-            managers: Mutex::new(Vec::new()),
             tls,
-            hint: AtomicU64::new(0),
+            beats: Sessions::default(),
+            work: Sessions::default(),
         };
         node.set_managers(reply.managers.iter().map(|(_, a)| a.clone()).collect());
         Ok((node, took))
     }
 
     fn set_managers(&self, addrs: Vec<String>) {
-        let mut managers = self.managers.lock().expect("reason: never poisoned");
-        let known: BTreeSet<String> = managers.iter().map(|c| c.addr().to_string()).collect();
-        let wanted: BTreeSet<String> = addrs.iter().cloned().collect();
-        if known == wanted {
-            return;
-        }
-        *managers = addrs
-            .into_iter()
-            .map(|a| {
-                RpcClient::new(
-                    a,
-                    self.tls.clone(),
-                    MANAGER_NAME.try_into().expect("reason: a valid DNS name"),
-                )
-            })
-            .collect();
-        self.hint.store(0, Ordering::Relaxed);
+        self.beats.set_managers(&addrs, &self.tls);
+        self.work.set_managers(&addrs, &self.tls);
     }
 
-    /// Calls the manager that answered last, then the others, as the agent
-    /// does (`Member::call_managers`).
     async fn call(&self, request: impl Fn() -> PeerRequest, timeout: Duration) -> Result<PeerResponse, String> {
-        let managers = self.managers.lock().expect("reason: never poisoned").clone();
-        if managers.is_empty() {
-            return Err("no manager is known".into());
-        }
-        let first = self.hint.load(Ordering::Relaxed) as usize % managers.len();
-        let mut last = String::new();
-        for k in 0..managers.len() {
-            let i = (first + k) % managers.len();
-            match managers[i].call(request(), timeout).await {
-                Ok(reply) => {
-                    if let Some(e) = reply.retry_elsewhere() {
-                        last = e.to_string();
-                        continue;
-                    }
-                    self.hint.store(i as u64, Ordering::Relaxed);
-                    return Ok(reply);
-                }
-                Err(e) => last = format!("{}: {e}", managers[i].addr()),
-            }
-        }
-        Err(last)
+        self.work.call(request, timeout).await
     }
 
     /// What the node's kernel would hold for its assignments now, and
@@ -276,6 +300,7 @@ impl SimNode {
         let mut period = Duration::from_millis(1000);
         loop {
             match self
+                .beats
                 .call(|| PeerRequest::Heartbeat(self.hb.clone()), Duration::from_secs(5))
                 .await
             {

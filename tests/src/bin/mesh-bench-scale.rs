@@ -213,6 +213,16 @@ fn run(n: usize, services: usize, tasks: usize, sample: usize) -> Report {
             .build()
             .expect("a runtime")
     });
+    // The fleet's heartbeats, on a runtime of their own (see `SimNode`).
+    let beats = swarm.cluster.host(SIM_HOST).run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sim-heartbeats")
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    });
+    let beats_handle = beats.handle().clone();
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let sim_ip: std::net::IpAddr = addr(SIM_HOST).parse().expect("an address");
@@ -223,13 +233,14 @@ fn run(n: usize, services: usize, tasks: usize, sample: usize) -> Report {
     let joined = runtime
         .block_on(runtime.spawn({
             let (token, managers, stats, stop) = (token.clone(), managers.clone(), stats.clone(), stop.clone());
+            let beats = beats_handle.clone();
             async move {
                 let limit = Arc::new(tokio::sync::Semaphore::new(16));
                 let mut handles = Vec::new();
                 for i in 0..n {
                     let permit = limit.clone().acquire_owned().await.expect("open");
                     let via = managers[i % managers.len()].clone();
-                    let (token, stats, stop) = (token.clone(), stats.clone(), stop.clone());
+                    let (token, stats, stop, beats) = (token.clone(), stats.clone(), stop.clone(), beats.clone());
                     handles.push(tokio::spawn(async move {
                         let advertise = std::net::SocketAddr::new(sim_ip, 10_000 + i as u16 % 50_000);
                         let hostname = format!("sim{i:05}");
@@ -237,7 +248,7 @@ fn run(n: usize, services: usize, tasks: usize, sample: usize) -> Report {
                         drop(permit);
                         let (node, took) = joined.unwrap_or_else(|e| panic!("{hostname} could not join: {e}"));
                         let node = Arc::new(node);
-                        tokio::spawn(node.clone().heartbeats(stats.clone(), stop.clone()));
+                        beats.spawn(node.clone().heartbeats(stats.clone(), stop.clone()));
                         tokio::spawn(node.clone().assignments(stats, stop));
                         (node, took)
                     }));
@@ -410,6 +421,7 @@ fn run(n: usize, services: usize, tasks: usize, sample: usize) -> Report {
 
     let _ = stop_tx.send(true);
     runtime.shutdown_timeout(Duration::from_secs(5));
+    beats.shutdown_timeout(Duration::from_secs(5));
     eprintln!("{report:?}");
     report
 }
