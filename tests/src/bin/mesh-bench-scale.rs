@@ -38,6 +38,8 @@ use mesh_tests::{
 const SIM_HOST: usize = 3;
 const NEW_MANAGER: usize = 4;
 const BULK_TASKS: usize = 10_000;
+/// Tries per simulated node's join.
+const JOIN_ATTEMPTS: usize = 10;
 const NETWORKS: usize = 10;
 /// Raft timing: Swarm's own defaults (a 1 s heartbeat, a 10 s election).
 /// Managers sharing two cores with thousands of simulated sessions and the
@@ -239,18 +241,29 @@ fn run(n: usize, services: usize, tasks: usize, sample: usize) -> Report {
                 let mut handles = Vec::new();
                 for i in 0..n {
                     let permit = limit.clone().acquire_owned().await.expect("open");
-                    let via = managers[i % managers.len()].clone();
                     let (token, stats, stop, beats) = (token.clone(), stats.clone(), stop.clone(), beats.clone());
+                    let managers = managers.clone();
                     handles.push(tokio::spawn(async move {
                         let advertise = std::net::SocketAddr::new(sim_ip, 10_000 + i as u16 % 50_000);
                         let hostname = format!("sim{i:05}");
-                        let joined = SimNode::join(&via, &token, &hostname, advertise, data_path_address(i)).await;
+                        // A refused join (e.g. the leader busy or changing)
+                        // is retried through the next manager, as whoever
+                        // provisions a fleet would.
+                        let mut joined = Err(String::new());
+                        for attempt in 0..JOIN_ATTEMPTS {
+                            let via = &managers[(i + attempt) % managers.len()];
+                            joined = SimNode::join(via, &token, &hostname, advertise, data_path_address(i)).await;
+                            if joined.is_ok() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                         drop(permit);
-                        let (node, took) = joined.unwrap_or_else(|e| panic!("{hostname} could not join: {e}"));
+                        let (node, took) = joined.map_err(|e| format!("{hostname} could not join: {e}"))?;
                         let node = Arc::new(node);
                         beats.spawn(node.clone().heartbeats(stats.clone(), stop.clone()));
                         tokio::spawn(node.clone().assignments(stats, stop));
-                        (node, took)
+                        Ok::<_, String>((node, took))
                     }));
                 }
                 let mut out = Vec::new();
@@ -261,6 +274,13 @@ fn run(n: usize, services: usize, tasks: usize, sample: usize) -> Report {
             }
         }))
         .expect("the joins");
+    let joined: Vec<(Arc<SimNode>, Duration)> = match joined.into_iter().collect() {
+        Ok(all) => all,
+        Err(e) => {
+            swarm.dump_logs();
+            panic!("{e}");
+        }
+    };
     let mut took: Vec<f64> = joined.iter().map(|(_, t)| t.as_secs_f64() * 1e3).collect();
     took.sort_by(f64::total_cmp);
     report.join_p50_ms = percentile(&took, 0.50);
