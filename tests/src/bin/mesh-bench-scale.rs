@@ -121,6 +121,7 @@ struct Load {
 
 fn main() {
     require_root();
+    raise_open_files();
     let args = args();
     let mut reports = Vec::new();
     for &n in &args.nodes {
@@ -572,5 +573,24 @@ fn max(sizes: &[DataplaneSize]) -> DataplaneSize {
         mesh_entries: top(|s| s.mesh_entries),
         dns_records: top(|s| s.dns_records),
         tasks: top(|s| s.tasks),
+    }
+}
+
+/// Thousands of simulated nodes hold two sessions each, and the managers
+/// (started from here, so they inherit the limit) one socket per session:
+/// at 5,000 nodes the run ran out of descriptors at a 20,000 limit. Raises
+/// the limit to 1,048,576 (the kernel's `nr_open` default) for this process
+/// and its children; root may raise the hard limit too.
+fn raise_open_files() {
+    let wanted = libc::rlimit {
+        rlim_cur: 1 << 20,
+        rlim_max: 1 << 20,
+    };
+    // SAFETY: setrlimit reads a valid, initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } != 0 {
+        eprintln!(
+            "could not raise the open-file limit ({}); large --nodes may run out of descriptors",
+            std::io::Error::last_os_error()
+        );
     }
 }
