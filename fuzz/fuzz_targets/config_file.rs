@@ -33,9 +33,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut seen = Vec::new();
-    let mut rest = args.iter().peekable();
-    while let Some(flag) = rest.next() {
-        let long = flag.strip_prefix("--").expect("every argument starts with a flag");
+    for flag in &args {
+        let flag = flag.strip_prefix("--").expect("every argument starts with a flag");
+        let (long, value) = match flag.split_once('=') {
+            Some((long, value)) => (long, Some(value)),
+            None => (flag, None),
+        };
         let arg = run
             .get_arguments()
             .find(|a| a.get_long() == Some(long))
@@ -47,12 +50,16 @@ fuzz_target!(|data: &[u8]| {
         );
         assert!(!seen.contains(&long), "--{long} given twice");
         seen.push(long);
-        if arg.get_action().takes_values() {
-            let value = rest.next().expect("a flag that takes a value has one");
-            if let Err(e) = run.clone().try_get_matches_from([flag, value]) {
+        assert_eq!(
+            arg.get_action().takes_values(),
+            value.is_some(),
+            "--{long}: a value exactly where the flag takes one"
+        );
+        if value.is_some() {
+            if let Err(e) = run.clone().try_get_matches_from([format!("--{flag}")]) {
                 assert!(
                     matches!(e.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation),
-                    "--{long} {value:?} from the file is misread: {e}"
+                    "--{flag} from the file is misread: {e}"
                 );
             }
         }

@@ -77,7 +77,8 @@ pub struct RunArgs {
 }
 
 /// The flags `text` stands for, for `command` (the `run` subcommand's
-/// definition). `env_set` says whether an environment variable is set.
+/// definition): `--key` for a switch, `--key=value` otherwise. `env_set`
+/// says whether an environment variable is set.
 pub fn args_from_toml(
     text: &str,
     command: &clap::Command,
@@ -116,8 +117,9 @@ pub fn args_from_toml(
             toml::Value::Boolean(b) => b.to_string(),
             other => return Err(format!("{key}: expected a string or a number, found {other}")),
         };
-        args.push(flag);
-        args.push(text);
+        // One `--key=value` argument: a value that looks like a flag
+        // ("--to") stays a value rather than being read as the next flag.
+        args.push(format!("{flag}={text}"));
     }
     Ok(args)
 }
@@ -146,15 +148,23 @@ mod tests {
         assert_eq!(
             args,
             vec![
-                "--data-dir",
-                "/srv/mesh",
+                "--data-dir=/srv/mesh",
                 "--force-new-cluster",
-                "--raft-snapshot-interval",
-                "500"
+                "--raft-snapshot-interval=500"
             ]
         );
         let args = args_from_toml(text, &command(), &|e| e == "MESH_DATA_DIR").unwrap();
-        assert!(!args.contains(&"--data-dir".to_string()), "{args:?}");
+        assert!(!args.iter().any(|a| a.starts_with("--data-dir")), "{args:?}");
+    }
+
+    /// Found by the config_file fuzz target: `"--to"` was passed as its
+    /// own argument, which clap read as an unknown flag.
+    #[test]
+    fn a_value_that_looks_like_a_flag_stays_a_value() {
+        let args = args_from_toml("data-dir = \"--to\"", &command(), &|_| false).unwrap();
+        assert_eq!(args, vec!["--data-dir=--to"]);
+        let matches = command().no_binary_name(true).try_get_matches_from(&args).unwrap();
+        assert_eq!(matches.get_one::<String>("data-dir").map(String::as_str), Some("--to"));
     }
 
     #[test]
