@@ -235,6 +235,12 @@ fn text_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "agent-toml",
             include_bytes!("../../deploy/agent.toml").to_vec(),
         ),
+        // Values that look like flags (once read as the next flag).
+        (
+            "config_file",
+            "values-like-flags",
+            b"mesh-routing = \"--to\"\ndata-dir = \"-x\"\nhostname = \"--data-dir\"\n".to_vec(),
+        ),
     ]
 }
 
