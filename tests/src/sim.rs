@@ -173,13 +173,20 @@ impl Sessions {
             match managers[i].call(request(), timeout).await {
                 Ok(reply) => {
                     if let Some(e) = reply.retry_elsewhere() {
+                        // Closed rather than kept idle: at 5,000 nodes the
+                        // idle sessions to followers ran the simulator out
+                        // of descriptors.
+                        managers[i].release();
                         last = e.to_string();
                         continue;
                     }
                     self.hint.store(i as u64, Ordering::Relaxed);
                     return Ok(reply);
                 }
-                Err(e) => last = format!("{}: {e}", managers[i].addr()),
+                Err(e) => {
+                    managers[i].release();
+                    last = format!("{}: {e}", managers[i].addr());
+                }
             }
         }
         Err(last)

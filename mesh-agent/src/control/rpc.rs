@@ -709,6 +709,14 @@ where
         state.connection = None;
     }
 
+    /// Lets go of the current connection: calls in flight on it finish
+    /// there, it closes once they have, and the next call connects anew.
+    /// For a peer that sent us elsewhere, so an idle session does not hold
+    /// a descriptor on both ends.
+    pub fn release(&self) {
+        self.shared.state().connection = None;
+    }
+
     /// Whether a connection is currently open (it may still turn out to be
     /// dead when next used). For status displays and tests.
     pub fn is_connected(&self) -> bool {
@@ -1239,6 +1247,35 @@ mod tests {
                 client.call(Request::Echo("b".into()), CALL).await.unwrap(),
                 Response::Echo("b".into())
             );
+            server.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_released_connection_finishes_its_calls_and_the_next_call_reconnects() {
+        bounded(async {
+            let pki = Pki::new();
+            let server = TestServer::start(pki.server_config(false), local()).await;
+            let client = server.client(pki.client_config(&pki, true));
+            let slow = tokio::spawn({
+                let client = client.clone();
+                async move { client.call(Request::Sleep { millis: 200, value: 7 }, CALL).await }
+            });
+            while server.handler.peers.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            client.release();
+            assert!(!client.is_connected());
+            assert!(
+                slow.await.unwrap().is_ok(),
+                "a call in flight finishes on the released connection"
+            );
+            assert_eq!(
+                client.call(Request::Echo("a".into()), CALL).await.unwrap(),
+                Response::Echo("a".into())
+            );
+            assert_eq!(server.handler.peers.lock().unwrap().len(), 2, "a new connection");
             server.stop().await;
         })
         .await;

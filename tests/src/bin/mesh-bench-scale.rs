@@ -587,10 +587,22 @@ fn raise_open_files() {
         rlim_max: 1 << 20,
     };
     // SAFETY: setrlimit reads a valid, initialised rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } != 0 {
-        eprintln!(
-            "could not raise the open-file limit ({}); large --nodes may run out of descriptors",
-            std::io::Error::last_os_error()
-        );
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0 {
+        return;
     }
+    let error = std::io::Error::last_os_error();
+    // Without CAP_SYS_RESOURCE (as in some sandboxes), up to the hard limit.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into a valid rlimit; setrlimit reads it.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    eprintln!(
+        "open-file limit {} (could not raise it to 2^20: {error}); each simulated node holds two sessions, \
+         each manager one or two per node",
+        if raised { limit.rlim_cur.to_string() } else { "unchanged".into() }
+    );
 }
