@@ -86,8 +86,8 @@ impl DataplaneSize {
             .filter_map(|t| Some((t.task, t.spec.networks.first()?.address)))
             .collect();
         let mut mesh_entries = 0;
-        if let Some(mesh) = &a.mesh {
-            mesh_entries += tables.update(mesh, &local, &|_| true).len();
+        if let Some(mesh) = a.mesh.as_ref().and_then(|m| m.assignment()) {
+            mesh_entries += tables.update(&mesh, &local, &|_| true).len();
         }
         mesh_entries += tables.update_vips(&a.services).len();
         let dns_records = Records::new(&a.services).len();

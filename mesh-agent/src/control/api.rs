@@ -695,9 +695,10 @@ pub struct Assignments {
     /// Its IPsec associations, when it runs tasks on IPsec networks.
     #[serde(default)]
     pub ipsec: Option<crate::control::ipsec::IpsecAssignment>,
-    /// The published ports it answers and the tasks behind them.
+    /// The published ports it answers and the tasks behind them (drawn
+    /// from what every node gets alike: [`crate::control::mesh::NodeMesh::assignment`]).
     #[serde(default)]
-    pub mesh: Option<crate::control::mesh::MeshAssignment>,
+    pub mesh: Option<crate::control::mesh::NodeMesh>,
     /// The services on the networks its tasks are on (DNS and VIPs).
     #[serde(default)]
     pub services: Vec<crate::control::discovery::NetworkServices>,

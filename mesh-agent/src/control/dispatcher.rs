@@ -89,8 +89,9 @@ pub struct DispatchIndex {
     endpoints: BTreeMap<u64, Shared<Vec<Peer>>>,
     /// Each network's services (DNS and VIPs).
     services: BTreeMap<u64, Shared<Vec<crate::control::discovery::ServiceRecord>>>,
-    /// The routing mesh's running tasks and nodes.
-    mesh: crate::control::mesh::MeshIndex,
+    /// What every node's routing mesh draws on (`None`: no port is
+    /// published).
+    mesh: Option<Shared<crate::control::mesh::MeshFleet>>,
 }
 
 impl DispatchIndex {
@@ -123,13 +124,13 @@ impl DispatchIndex {
                 .into_iter()
                 .map(|(id, services)| (id, Shared::new(services)))
                 .collect(),
-            mesh: crate::control::mesh::MeshIndex::new(state),
+            mesh: crate::control::mesh::MeshFleet::of(state).map(Shared::new),
         }
     }
 }
 
 /// A part of the assignments that many nodes receive alike (a network's
-/// endpoints or services): made, encoded and hashed once per view, and
+/// endpoints or services, the routing mesh): made, encoded and hashed once per view, and
 /// shared by the nodes' answers instead of copied and encoded into each,
 /// which at thousands of nodes was most of the dispatcher's work.
 #[derive(Debug)]
@@ -277,7 +278,10 @@ pub fn assignments_with(state: &ClusterState, index: &DispatchIndex, node: NodeI
         .map_or(crate::control::state::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
     let tunnel = tunnel_assignment(state, node, &tasks, &networks);
     let ipsec = ipsec_assignment(state, node, &tasks, &networks, data_path_port);
-    let mesh = crate::control::mesh::mesh_assignment_with(state, &index.mesh, node);
+    let mesh = index.mesh.as_ref().map(|fleet| crate::control::mesh::NodeMesh {
+        fleet: fleet.value.clone(),
+        node,
+    });
     let no_services = Shared::<Vec<_>>::default();
     let services: Vec<_> = networks
         .iter()
@@ -302,7 +306,7 @@ pub fn assignments_with(state: &ClusterState, index: &DispatchIndex, node: NodeI
         data_path_port,
         &tunnel,
         &ipsec,
-        &mesh,
+        index.mesh.as_ref().map(|fleet| &fleet.digest),
         &service_parts,
     ))
     .unwrap_or_default();
@@ -420,6 +424,49 @@ mod tests {
         assert_eq!(assignments(&s, 5).digest, a.digest, "other nodes' tasks do not matter");
         s.tasks.get_mut(&1).unwrap().desired = DesiredState::Shutdown;
         assert_ne!(assignments(&s, 5).digest, a.digest);
+    }
+
+    #[test]
+    fn every_node_gets_one_shared_mesh_fleet_and_draws_its_own_ports_from_it() {
+        use crate::control::{
+            orchestrator::tests_support,
+            service::{PortPublish, TaskState},
+            state::{
+                tests::{initialised, node},
+                Role,
+            },
+        };
+        let mut s = initialised();
+        for id in [5, 6] {
+            let mut n = node(id, Role::Worker);
+            n.data_path_addr = format!("10.0.0.{id}");
+            s.nodes.insert(id, n);
+        }
+        let mut web = tests_support::service(7);
+        web.spec.publish = vec![PortPublish::parse("8080:80").unwrap()];
+        s.services.insert(7, web);
+        s.tasks
+            .insert(1, tests_support::task(1, 7, 1, Some(5), TaskState::Running));
+        let index = DispatchIndex::new(&s);
+        let (on5, on6) = (assignments_with(&s, &index, 5), assignments_with(&s, &index, 6));
+        let (m5, m6) = (on5.mesh.clone().unwrap(), on6.mesh.clone().unwrap());
+        assert_eq!(
+            m5.fleet.bytes().as_ptr(),
+            m6.fleet.bytes().as_ptr(),
+            "one encoding, shared"
+        );
+        let (a5, a6) = (m5.assignment().unwrap(), m6.assignment().unwrap());
+        assert!(a5.services[0].backends[0].local, "node 5 runs the task");
+        assert!(!a6.services[0].backends[0].local);
+        assert!(a6.peers.contains(&"10.0.0.5".to_string()) && !a6.peers.contains(&"10.0.0.6".to_string()));
+        let wire: Assignments = rmp_serde::from_slice(&rmp_serde::to_vec_named(&on6).unwrap()).unwrap();
+        assert_eq!(wire.mesh.unwrap().assignment(), Some(a6), "the same after the wire");
+        // A backend coming or going is news to every node.
+        s.tasks
+            .insert(2, tests_support::task(2, 7, 2, Some(6), TaskState::Running));
+        let index = DispatchIndex::new(&s);
+        assert_ne!(assignments_with(&s, &index, 5).digest, on5.digest);
+        assert_ne!(assignments_with(&s, &index, 6).digest, on6.digest);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
+    encoded::Encoded,
     service::{DesiredState, LbOptions, PortPublish, PublishMode, TaskState},
     state::{ClusterState, NodeId},
 };
@@ -74,23 +75,42 @@ pub struct MeshAssignment {
     pub peers: Vec<String>,
 }
 
-/// What every node's routing mesh draws on, computed once per state for
-/// all nodes (the dispatcher shares it between their long polls): each
-/// publishing service's running tasks with their node, and every node's
-/// data-path address.
-#[derive(Clone, Debug, Default)]
-pub struct MeshIndex {
-    /// Publishing service -> (its running task, the task's node, the node's
-    /// data-path address), in task ID order.
-    running: BTreeMap<u64, Vec<(u64, NodeId, String)>>,
+/// What the managers send every node alike for the routing mesh: each
+/// service that publishes a port, with all its ports and its tasks that
+/// take connections, and every node's data-path address. Made once per
+/// state; the dispatcher encodes it once and shares it between all the
+/// nodes' answers, and each node draws its own [`MeshAssignment`] from it
+/// ([`MeshFleet::assignment_for`]). Drawn per node on the leader, that was
+/// its top cost at 5,000 nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshFleet {
+    /// The publishing services, by service ID.
+    pub services: Vec<FleetService>,
     /// Every node with a data-path address: (node, address), by address,
     /// so each node's peer list is a filter, not a sort.
-    nodes: Vec<(NodeId, String)>,
+    pub nodes: Vec<(NodeId, String)>,
 }
 
-impl MeshIndex {
-    /// One pass over the tasks and one over the nodes.
-    pub fn new(state: &ClusterState) -> MeshIndex {
+/// One publishing service as every node gets it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FleetService {
+    /// The service's ID.
+    pub service: u64,
+    /// Its name (for logs and metrics).
+    pub name: String,
+    /// All its published ports (host-mode ones too).
+    pub ports: Vec<PortPublish>,
+    /// How connections are spread.
+    pub lb: LbOptions,
+    /// Its tasks that take connections: (task, its node, the node's
+    /// data-path address), by task ID.
+    pub running: Vec<(u64, NodeId, String)>,
+}
+
+impl MeshFleet {
+    /// The fleet's mesh in `state`: one pass over the tasks and one over
+    /// the nodes; `None` when no service publishes a port.
+    pub fn of(state: &ClusterState) -> Option<MeshFleet> {
         let mut running: BTreeMap<u64, Vec<(u64, NodeId, String)>> = BTreeMap::new();
         for t in state
             .tasks
@@ -108,6 +128,21 @@ impl MeshIndex {
                 .or_default()
                 .push((t.id, on, host.data_path_addr.clone()));
         }
+        let services: Vec<FleetService> = state
+            .services
+            .values()
+            .filter(|s| !s.spec.publish.is_empty())
+            .map(|s| FleetService {
+                service: s.id,
+                name: s.spec.name.clone(),
+                ports: s.spec.publish.clone(),
+                lb: s.spec.lb,
+                running: running.remove(&s.id).unwrap_or_default(),
+            })
+            .collect();
+        if services.is_empty() {
+            return None;
+        }
         let mut nodes: Vec<(NodeId, String)> = state
             .nodes
             .values()
@@ -115,65 +150,79 @@ impl MeshIndex {
             .map(|n| (n.id, n.data_path_addr.clone()))
             .collect();
         nodes.sort_by(|a, b| a.1.cmp(&b.1));
-        MeshIndex { running, nodes }
+        Some(MeshFleet { services, nodes })
+    }
+
+    /// Node `node`'s routing mesh; `None` when it answers no published port.
+    pub fn assignment_for(&self, node: NodeId) -> Option<MeshAssignment> {
+        let mut services = Vec::new();
+        for service in &self.services {
+            let backends: Vec<MeshBackend> = service
+                .running
+                .iter()
+                .map(|(task, on, addr)| MeshBackend {
+                    task: *task,
+                    node_addr: addr.clone(),
+                    local: *on == node,
+                })
+                .collect();
+            let runs_here = backends.iter().any(|b| b.local);
+            let ports: Vec<PortPublish> = service
+                .ports
+                .iter()
+                .filter(|p| p.mode == PublishMode::Ingress || runs_here)
+                .copied()
+                .collect();
+            if ports.is_empty() {
+                continue;
+            }
+            let mut entry = MeshService {
+                service: service.service,
+                name: service.name.clone(),
+                ports,
+                lb: service.lb,
+                backends,
+                runs_here,
+                digest: 0,
+            };
+            entry.digest = entry.content_digest();
+            services.push(entry);
+        }
+        if services.is_empty() {
+            return None;
+        }
+        let mut peers: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(id, _)| *id != node)
+            .map(|(_, addr)| addr.clone())
+            .collect();
+        peers.dedup();
+        Some(MeshAssignment { services, peers })
+    }
+}
+
+/// The routing mesh in one node's assignments: the fleet's, shared by
+/// every node's answer, and whom this answer is for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NodeMesh {
+    /// What every node gets alike.
+    pub fleet: Encoded<MeshFleet>,
+    /// The node the answer is for.
+    pub node: NodeId,
+}
+
+impl NodeMesh {
+    /// What this node's routing mesh holds; `None` when it answers no
+    /// published port.
+    pub fn assignment(&self) -> Option<MeshAssignment> {
+        self.fleet.assignment_for(self.node)
     }
 }
 
 /// Node `node`'s routing mesh; `None` when it answers no published port.
 pub fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignment> {
-    mesh_assignment_with(state, &MeshIndex::new(state), node)
-}
-
-/// [`mesh_assignment`] from an index already made for `state`: one pass
-/// over the publishing services.
-pub fn mesh_assignment_with(state: &ClusterState, index: &MeshIndex, node: NodeId) -> Option<MeshAssignment> {
-    let mut services = Vec::new();
-    for service in state.services.values().filter(|s| !s.spec.publish.is_empty()) {
-        let backends: Vec<MeshBackend> = index
-            .running
-            .get(&service.id)
-            .into_iter()
-            .flatten()
-            .map(|(task, on, addr)| MeshBackend {
-                task: *task,
-                node_addr: addr.clone(),
-                local: *on == node,
-            })
-            .collect();
-        let runs_here = backends.iter().any(|b| b.local);
-        let ports: Vec<PortPublish> = service
-            .spec
-            .publish
-            .iter()
-            .filter(|p| p.mode == PublishMode::Ingress || runs_here)
-            .copied()
-            .collect();
-        if ports.is_empty() {
-            continue;
-        }
-        let mut entry = MeshService {
-            service: service.id,
-            name: service.spec.name.clone(),
-            ports,
-            lb: service.spec.lb,
-            backends,
-            runs_here,
-            digest: 0,
-        };
-        entry.digest = entry.content_digest();
-        services.push(entry);
-    }
-    if services.is_empty() {
-        return None;
-    }
-    let mut peers: Vec<String> = index
-        .nodes
-        .iter()
-        .filter(|(id, _)| *id != node)
-        .map(|(_, addr)| addr.clone())
-        .collect();
-    peers.dedup();
-    Some(MeshAssignment { services, peers })
+    MeshFleet::of(state)?.assignment_for(node)
 }
 
 #[cfg(test)]

@@ -745,7 +745,8 @@ impl RoutingMesh {
             let mut inner = self.inner.lock().expect("reason: never poisoned");
             inner.assignment = assignments
                 .mesh
-                .clone()
+                .as_ref()
+                .and_then(|m| m.assignment())
                 .map(|m| (m, assignments.vtep.clone(), assignments.data_path_port));
             inner.services = assignments.services.clone();
             inner.assigned = true;

@@ -592,7 +592,10 @@ fn raise_open_files() {
     }
     let error = std::io::Error::last_os_error();
     // Without CAP_SYS_RESOURCE (as in some sandboxes), up to the hard limit.
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into a valid rlimit; setrlimit reads it.
     let raised = unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
@@ -603,6 +606,10 @@ fn raise_open_files() {
     eprintln!(
         "open-file limit {} (could not raise it to 2^20: {error}); each simulated node holds two sessions, \
          each manager one or two per node",
-        if raised { limit.rlim_cur.to_string() } else { "unchanged".into() }
+        if raised {
+            limit.rlim_cur.to_string()
+        } else {
+            "unchanged".into()
+        }
     );
 }
