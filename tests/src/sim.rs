@@ -25,11 +25,11 @@ use std::{
 
 use mesh_agent::{
     control::{
-        api::{ApiError, Assignments, Heartbeat, JoinCall, PeerRequest, PeerResponse},
+        api::{ApiError, Assignments, ErrorKind, Heartbeat, JoinCall, PeerRequest, PeerResponse},
         network::MANAGER_NAME,
         pki::{self, NodeKey},
         rpc::RpcClient,
-        service::{DesiredState, TaskReport, TaskState},
+        service::{Assignment, DesiredState, TaskReport, TaskState},
         state::{NodeId, Role},
         tls,
         token::JoinToken,
@@ -39,6 +39,52 @@ use mesh_agent::{
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 
 type Client = RpcClient<PeerRequest, PeerResponse>;
+
+/// What the simulator reads of the managers' answers on a node's work
+/// session: the variants that session gets, and of the assignments only
+/// the digest and the node's own tasks. The rest (every network's
+/// endpoints and services, the routing mesh: msgpack bins) is skipped
+/// unread. A real node decodes all of it on its own CPU; 5,000 simulated
+/// nodes decoding it on one core made the simulator, not the managers,
+/// what the 5,000-node load waited for.
+#[derive(Debug, serde::Deserialize)]
+pub enum WorkReply {
+    Refused(ApiError),
+    Assignments(Result<OwnTasks, ApiError>),
+    Reported(Result<(), ApiError>),
+}
+
+/// The part of [`Assignments`] a simulated node acts on.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct OwnTasks {
+    pub digest: String,
+    pub tasks: Vec<Assignment>,
+}
+
+/// An answer from a manager that may send the node to another one.
+pub trait ManagerReply: serde::de::DeserializeOwned + Send + 'static {
+    /// The refusal that says to ask another manager, if this is one.
+    fn retry_elsewhere(&self) -> Option<ApiError>;
+}
+
+impl ManagerReply for PeerResponse {
+    fn retry_elsewhere(&self) -> Option<ApiError> {
+        PeerResponse::retry_elsewhere(self)
+    }
+}
+
+impl ManagerReply for WorkReply {
+    /// As [`PeerResponse::retry_elsewhere`].
+    fn retry_elsewhere(&self) -> Option<ApiError> {
+        match self {
+            WorkReply::Refused(e) => Some(e.clone()),
+            WorkReply::Assignments(Err(e)) | WorkReply::Reported(Err(e)) if e.kind == ErrorKind::Unavailable => {
+                Some(e.clone())
+            }
+            _ => None,
+        }
+    }
+}
 
 /// How long the managers may hold an assignments long poll, plus slack.
 const ASSIGNMENTS_TIMEOUT: Duration = Duration::from_secs(20);
@@ -127,18 +173,31 @@ pub struct SimNode {
     pub id: NodeId,
     hb: Heartbeat,
     tls: Arc<rustls::ClientConfig>,
-    beats: Sessions,
-    work: Sessions,
+    beats: Sessions<PeerResponse>,
+    work: Sessions<WorkReply>,
 }
 
 /// Mutual-TLS sessions to each manager, and which answered last.
-#[derive(Default)]
-struct Sessions {
-    managers: Mutex<Vec<Client>>,
+struct Sessions<R> {
+    managers: Mutex<Vec<RpcClient<PeerRequest, R>>>,
     hint: AtomicU64,
 }
 
-impl Sessions {
+impl<R> Default for Sessions<R> {
+    fn default() -> Self {
+        Sessions {
+            managers: Mutex::new(Vec::new()),
+            hint: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<R: ManagerReply> Sessions<R> {
+    fn addrs(&self) -> Vec<String> {
+        let managers = self.managers.lock().expect("reason: never poisoned");
+        managers.iter().map(|c| c.addr().to_string()).collect()
+    }
+
     fn set_managers(&self, addrs: &[String], tls: &Arc<rustls::ClientConfig>) {
         let mut managers = self.managers.lock().expect("reason: never poisoned");
         let known: BTreeSet<&str> = managers.iter().map(|c| c.addr()).collect();
@@ -161,7 +220,7 @@ impl Sessions {
 
     /// Calls the manager that answered last, then the others, as the agent
     /// does (`Member::call_managers`).
-    async fn call(&self, request: impl Fn() -> PeerRequest, timeout: Duration) -> Result<PeerResponse, String> {
+    async fn call(&self, request: impl Fn() -> PeerRequest, timeout: Duration) -> Result<R, String> {
         let managers = self.managers.lock().expect("reason: never poisoned").clone();
         if managers.is_empty() {
             return Err("no manager is known".into());
@@ -273,7 +332,7 @@ impl SimNode {
         self.work.set_managers(&addrs, &self.tls);
     }
 
-    async fn call(&self, request: impl Fn() -> PeerRequest, timeout: Duration) -> Result<PeerResponse, String> {
+    async fn call(&self, request: impl Fn() -> PeerRequest, timeout: Duration) -> Result<WorkReply, String> {
         self.work.call(request, timeout).await
     }
 
@@ -283,7 +342,10 @@ impl SimNode {
     /// node's assignments would need gigabytes, and sizing them on every
     /// reply took the simulator a core.
     pub async fn measure(&self) -> Result<(DataplaneSize, usize), String> {
-        match self
+        // The whole answer, on a session of its own for the occasion.
+        let whole = Sessions::<PeerResponse>::default();
+        whole.set_managers(&self.work.addrs(), &self.tls);
+        match whole
             .call(
                 || PeerRequest::Assignments { known: String::new() },
                 ASSIGNMENTS_TIMEOUT,
@@ -342,7 +404,7 @@ impl SimNode {
                 _ = stop.changed() => return,
             };
             let a = match reply {
-                Ok(PeerResponse::Assignments(Ok(a))) => a,
+                Ok(WorkReply::Assignments(Ok(a))) => a,
                 _ => {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -353,7 +415,7 @@ impl SimNode {
             };
             stats.assignments.fetch_add(1, Ordering::Relaxed);
             known = a.digest.clone();
-            let reports = simulated_reports(&a);
+            let reports = simulated_reports(&a.tasks);
             if reports.is_empty() {
                 continue;
             }
@@ -363,7 +425,7 @@ impl SimNode {
                     .call(|| PeerRequest::ReportTasks(reports.clone()), Duration::from_secs(30))
                     .await
                 {
-                    Ok(PeerResponse::Reported(Ok(()))) => break,
+                    Ok(WorkReply::Reported(Ok(()))) => break,
                     _ => tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                         _ = stop.changed() => return,
@@ -391,8 +453,8 @@ impl SimNode {
 /// What a runtime that starts and stops instantly reports for `a`: Running
 /// for each task to run that is not yet, Shutdown for each task to stop
 /// that has not ended.
-pub fn simulated_reports(a: &Assignments) -> Vec<TaskReport> {
-    a.tasks
+pub fn simulated_reports(tasks: &[Assignment]) -> Vec<TaskReport> {
+    tasks
         .iter()
         .filter_map(|t| {
             let state = match t.desired {
@@ -412,8 +474,6 @@ pub fn simulated_reports(a: &Assignments) -> Vec<TaskReport> {
 
 #[cfg(test)]
 mod tests {
-    use mesh_agent::control::service::Assignment;
-
     use super::*;
 
     fn assignment(task: u64, desired: DesiredState, state: TaskState) -> Assignment {
@@ -428,17 +488,46 @@ mod tests {
 
     #[test]
     fn reports_what_an_instant_runtime_would() {
-        let a = Assignments {
-            tasks: vec![
-                assignment(1, DesiredState::Running, TaskState::Assigned),
-                assignment(2, DesiredState::Running, TaskState::Running),
-                assignment(3, DesiredState::Shutdown, TaskState::Running),
-                assignment(4, DesiredState::Shutdown, TaskState::Shutdown),
-            ],
+        let tasks = vec![
+            assignment(1, DesiredState::Running, TaskState::Assigned),
+            assignment(2, DesiredState::Running, TaskState::Running),
+            assignment(3, DesiredState::Shutdown, TaskState::Running),
+            assignment(4, DesiredState::Shutdown, TaskState::Shutdown),
+        ];
+        let reports: Vec<(u64, TaskState)> = simulated_reports(&tasks).iter().map(|r| (r.task, r.state)).collect();
+        assert_eq!(reports, vec![(1, TaskState::Running), (3, TaskState::Shutdown)]);
+    }
+
+    /// The simulator's light reading matches what the managers send.
+    #[test]
+    fn a_work_reply_reads_the_digest_and_own_tasks_of_whole_assignments() {
+        use mesh_agent::control::{
+            mesh::{MeshFleet, NodeMesh},
+            rpc::{decode_response, encode_frame},
+        };
+        let whole = Assignments {
+            digest: "d1".into(),
+            tasks: vec![assignment(1, DesiredState::Running, TaskState::Assigned)],
+            mesh: Some(NodeMesh {
+                fleet: MeshFleet::default().into(),
+                node: 3,
+            }),
             ..Default::default()
         };
-        let reports: Vec<(u64, TaskState)> = simulated_reports(&a).iter().map(|r| (r.task, r.state)).collect();
-        assert_eq!(reports, vec![(1, TaskState::Running), (3, TaskState::Shutdown)]);
+        let frame = encode_frame(7, &PeerResponse::Assignments(Ok(whole)), 1 << 20).unwrap();
+        let (id, reply) = decode_response::<WorkReply>(&frame[4..]).unwrap();
+        assert_eq!(id, 7);
+        let Ok(WorkReply::Assignments(Ok(own))) = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!((own.digest.as_str(), own.tasks.len()), ("d1", 1));
+        let refused = ApiError::unavailable("not the leader");
+        let frame = encode_frame(8, &PeerResponse::Assignments(Err(refused)), 1 << 20).unwrap();
+        let (_, reply) = decode_response::<WorkReply>(&frame[4..]).unwrap();
+        assert!(reply.unwrap().retry_elsewhere().is_some(), "sent elsewhere");
+        let frame = encode_frame(9, &PeerResponse::Reported(Ok(())), 1 << 20).unwrap();
+        let (_, reply) = decode_response::<WorkReply>(&frame[4..]).unwrap();
+        assert!(matches!(reply, Ok(WorkReply::Reported(Ok(())))));
     }
 
     #[test]
