@@ -242,10 +242,7 @@ impl<R: ManagerReply> Sessions<R> {
                     self.hint.store(i as u64, Ordering::Relaxed);
                     return Ok(reply);
                 }
-                Err(e) => {
-                    managers[i].release();
-                    last = format!("{}: {e}", managers[i].addr());
-                }
+                Err(e) => last = format!("{}: {e}", managers[i].addr()),
             }
         }
         Err(last)

@@ -130,9 +130,9 @@ impl DispatchIndex {
 }
 
 /// A part of the assignments that many nodes receive alike (a network's
-/// endpoints or services, the routing mesh): made, encoded and hashed once per view, and
-/// shared by the nodes' answers instead of copied and encoded into each,
-/// which at thousands of nodes was most of the dispatcher's work.
+/// endpoints or services, the routing mesh): made, encoded and hashed once
+/// per view, and shared by the nodes' answers instead of copied and encoded
+/// into each, which at thousands of nodes was most of the dispatcher's work.
 #[derive(Debug)]
 struct Shared<T> {
     value: Encoded<T>,

@@ -577,10 +577,11 @@ fn max(sizes: &[DataplaneSize]) -> DataplaneSize {
 }
 
 /// Thousands of simulated nodes hold two sessions each, and the managers
-/// (started from here, so they inherit the limit) one socket per session:
-/// at 5,000 nodes the run ran out of descriptors at a 20,000 limit. Raises
-/// the limit to 1,048,576 (the kernel's `nr_open` default) for this process
-/// and its children; root may raise the hard limit too.
+/// (started from here, so they inherit the limit) a socket per session.
+/// Raises the open-file limit to 1,048,576 (the kernel's `nr_open`
+/// default) for this process and its children; without CAP_SYS_RESOURCE
+/// (this sandbox: a hard limit of 20,000, enough for 5,000 nodes), the soft
+/// limit only up to the hard one, and says so.
 fn raise_open_files() {
     let wanted = libc::rlimit {
         rlim_cur: 1 << 20,
