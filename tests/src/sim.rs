@@ -27,6 +27,7 @@ use mesh_agent::{
     control::{
         api::{ApiError, Assignments, ErrorKind, Heartbeat, JoinCall, PeerRequest, PeerResponse},
         network::MANAGER_NAME,
+        parts::{PartDigest, PartRef},
         pki::{self, NodeKey},
         rpc::RpcClient,
         service::{Assignment, DesiredState, TaskReport, TaskState},
@@ -59,6 +60,10 @@ pub enum WorkReply {
 pub struct OwnTasks {
     pub digest: String,
     pub tasks: Vec<Assignment>,
+    /// The shared parts' digests: named in the next poll, as the agent
+    /// names the parts it keeps (the simulated node skips their bytes).
+    #[serde(default)]
+    pub parts: Vec<PartRef>,
 }
 
 /// An answer from a manager that may send the node to another one.
@@ -344,7 +349,10 @@ impl SimNode {
         whole.set_managers(&self.work.addrs(), &self.tls);
         match whole
             .call(
-                || PeerRequest::Assignments { known: String::new() },
+                || PeerRequest::Assignments {
+                    known: String::new(),
+                    holds: Vec::new(),
+                },
                 ASSIGNMENTS_TIMEOUT,
             )
             .await?
@@ -390,10 +398,14 @@ impl SimNode {
     /// task started (or stopped) the moment it was asked to.
     pub async fn assignments(self: Arc<Self>, stats: Arc<Stats>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut known = String::new();
+        let mut holds: Vec<PartDigest> = Vec::new();
         let mut running: BTreeSet<u64> = BTreeSet::new();
         loop {
             let call = self.call(
-                || PeerRequest::Assignments { known: known.clone() },
+                || PeerRequest::Assignments {
+                    known: known.clone(),
+                    holds: holds.clone(),
+                },
                 ASSIGNMENTS_TIMEOUT,
             );
             let reply = tokio::select! {
@@ -412,6 +424,7 @@ impl SimNode {
             };
             stats.assignments.fetch_add(1, Ordering::Relaxed);
             known = a.digest.clone();
+            holds = a.parts.iter().map(|p| p.digest).collect();
             let reports = simulated_reports(&a.tasks);
             if reports.is_empty() {
                 continue;
@@ -509,15 +522,20 @@ mod tests {
                 fleet: MeshFleet::default().into(),
                 node: 3,
             }),
+            parts: vec![PartRef {
+                digest: [7; 32],
+                held: false,
+            }],
             ..Default::default()
         };
-        let frame = encode_frame(7, &PeerResponse::Assignments(Ok(whole)), 1 << 20).unwrap();
+        let frame = encode_frame(7, &PeerResponse::Assignments(Ok(whole.clone())), 1 << 20).unwrap();
         let (id, reply) = decode_response::<WorkReply>(&frame[4..]).unwrap();
         assert_eq!(id, 7);
         let Ok(WorkReply::Assignments(Ok(own))) = reply else {
             panic!("{reply:?}")
         };
         assert_eq!((own.digest.as_str(), own.tasks.len()), ("d1", 1));
+        assert_eq!(own.parts, whole.parts, "the parts to name in the next poll");
         let refused = ApiError::unavailable("not the leader");
         let frame = encode_frame(8, &PeerResponse::Assignments(Err(refused)), 1 << 20).unwrap();
         let (_, reply) = decode_response::<WorkReply>(&frame[4..]).unwrap();

@@ -609,6 +609,10 @@ pub enum PeerRequest {
     Assignments {
         /// Digest of the assignments the caller has ("" at first).
         known: String,
+        /// The shared parts the caller has (`parts::holds` of its last
+        /// answer): the answer names those by digest instead of sending them.
+        #[serde(default)]
+        holds: Vec<crate::control::parts::PartDigest>,
     },
     /// The caller reports on its tasks (any member).
     ReportTasks(Vec<crate::control::service::TaskReport>),
@@ -677,6 +681,12 @@ pub struct Assignments {
     pub digest: String,
     /// Its tasks that are not ended, with what to do about them.
     pub tasks: Vec<crate::control::service::Assignment>,
+    /// The shared parts below (networks' endpoints, then their services,
+    /// then the routing mesh), each with its digest and whether it was
+    /// held back because the node has it (`control::parts`). Third, so a
+    /// reader of the first fields alone (the simulator) finds it.
+    #[serde(default)]
+    pub parts: Vec<crate::control::parts::PartRef>,
     /// Its ended tasks the store still lists (their logs are kept).
     pub retained: Vec<u64>,
     /// The endpoints of every network its tasks are on (only those: a

@@ -21,6 +21,7 @@ use super::{
     encoded::Encoded,
     ipsec::ipsec_assignment,
     overlay::{NetworkPeers, Peer, TaskNetwork},
+    parts::PartRef,
     service::{Assignment, TaskSpec},
     state::{node_id_text, ClusterState, NodeId, NodeStatus},
     tunnel::tunnel_assignment,
@@ -311,6 +312,17 @@ pub fn assignments_with(state: &ClusterState, index: &DispatchIndex, node: NodeI
     ))
     .unwrap_or_default();
     let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
+    // In the order `parts::slots` walks them.
+    let parts = network_parts
+        .iter()
+        .map(|(_, _, digest)| *digest)
+        .chain(service_parts.iter().map(|(_, digest)| *digest))
+        .chain(index.mesh.as_ref().map(|fleet| &fleet.digest))
+        .map(|digest| PartRef {
+            digest: *digest,
+            held: false,
+        })
+        .collect();
     let services = services
         .into_iter()
         .map(|(network, s)| crate::control::discovery::NetworkServices {
@@ -321,6 +333,7 @@ pub fn assignments_with(state: &ClusterState, index: &DispatchIndex, node: NodeI
     Assignments {
         digest,
         tasks,
+        parts,
         retained,
         networks,
         vtep,
@@ -354,7 +367,10 @@ fn network_peers(state: &ClusterState, index: &DispatchIndex, tasks: &[Assignmen
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::state::{tests::node, Node, Role};
+    use crate::control::{
+        parts,
+        state::{tests::node, Node, Role},
+    };
 
     fn with_nodes(statuses: &[(NodeId, NodeStatus)]) -> ClusterState {
         let mut s = ClusterState::default();
@@ -466,7 +482,19 @@ mod tests {
             .insert(2, tests_support::task(2, 7, 2, Some(6), TaskState::Running));
         let index = DispatchIndex::new(&s);
         assert_ne!(assignments_with(&s, &index, 5).digest, on5.digest);
-        assert_ne!(assignments_with(&s, &index, 6).digest, on6.digest);
+        let next6 = assignments_with(&s, &index, 6);
+        assert_ne!(next6.digest, on6.digest);
+        // The fleet is the node's one shared part here: sent again when it
+        // changed, held back while the node has it.
+        assert_eq!(next6.parts.len(), 1);
+        assert_eq!(next6.parts[0].digest, parts::digests_of(&next6)[0]);
+        let mut sent = next6.clone();
+        parts::hold_back(&mut sent, &parts::holds(&on6));
+        assert_eq!(sent, next6, "changed: sent whole");
+        parts::hold_back(&mut sent, &parts::holds(&next6));
+        assert!(sent.parts[0].held && sent.mesh.as_ref().unwrap().fleet.services.is_empty());
+        parts::restore(&mut sent, Some(&next6)).unwrap();
+        assert_eq!(sent, next6);
     }
 
     #[test]
@@ -578,7 +606,24 @@ mod tests {
         // A peer that ends elsewhere changes node 5's digest: it must
         // remove that endpoint.
         s.tasks.get_mut(&2).unwrap().state = TaskState::Failed;
-        assert_ne!(assignments(&s, 5).digest, a.digest);
-        assert_eq!(assignments(&s, 5).networks[0].peers.len(), 1);
+        let b = assignments(&s, 5);
+        assert_ne!(b.digest, a.digest);
+        assert_eq!(b.networks[0].peers.len(), 1);
+        // The parts list names each shared part by its encoding's digest;
+        // a node holding `a` gets the changed endpoints again, not the
+        // unchanged services (no service here publishes: no fleet).
+        assert_eq!(
+            a.parts.iter().map(|p| p.digest).collect::<Vec<_>>(),
+            parts::digests_of(&a)
+        );
+        assert_eq!(
+            b.parts.iter().map(|p| p.digest).collect::<Vec<_>>(),
+            parts::digests_of(&b)
+        );
+        let mut sent = b.clone();
+        parts::hold_back(&mut sent, &parts::holds(&a));
+        assert_eq!(sent.parts.iter().map(|p| p.held).collect::<Vec<_>>(), vec![false, true]);
+        parts::restore(&mut sent, Some(&a)).unwrap();
+        assert_eq!(sent, b);
     }
 }

@@ -24,6 +24,7 @@ use super::{
     dispatcher::{self, down_after, Liveness},
     network::{Peers, RaftNet},
     orchestrator, overlay,
+    parts::{self, PartDigest},
     pki::{self, NodeIdentity, RootCa},
     raft_types::TypeConfig,
     rules,
@@ -751,8 +752,17 @@ impl Manager {
     }
 
     /// The long poll behind a node's assignments: answers when they differ
-    /// from `known`, or after [`ASSIGNMENTS_WAIT`].
-    pub async fn handle_assignments(&self, id: NodeId, known: &str) -> ApiResult<Assignments> {
+    /// from `known`, or after [`ASSIGNMENTS_WAIT`], without the shared
+    /// parts the node `holds` (control/parts.rs).
+    pub async fn handle_assignments(&self, id: NodeId, known: &str, holds: &[PartDigest]) -> ApiResult<Assignments> {
+        let mut answer = self.assignments_after(id, known).await?;
+        parts::hold_back(&mut answer, holds);
+        Ok(answer)
+    }
+
+    /// Node `id`'s assignments once they differ from `known`, or after
+    /// [`ASSIGNMENTS_WAIT`].
+    async fn assignments_after(&self, id: NodeId, known: &str) -> ApiResult<Assignments> {
         let mut applied = self.sm.subscribe();
         let deadline = tokio::time::Instant::now() + ASSIGNMENTS_WAIT;
         loop {

@@ -14,7 +14,8 @@
 //! - [`rpc`]: framed request/response over mutual TLS; [`network`]: peers and Raft's network.
 //! - [`manager`]: Raft and the leader's duties; [`node`]: the agent's swarm lifecycle.
 //! - [`api`], [`local`]: the messages, and the local socket `meshctl` talks to;
-//!   [`encoded`]: message parts many nodes get alike, encoded once.
+//!   [`encoded`]: message parts many nodes get alike, encoded once;
+//!   [`parts`]: those parts held back from a node that has them (pure).
 
 pub mod api;
 pub mod discovery;
@@ -29,6 +30,7 @@ pub mod network;
 pub mod node;
 pub mod orchestrator;
 pub mod overlay;
+pub mod parts;
 pub mod pki;
 pub mod raft_types;
 pub mod rpc;

@@ -26,13 +26,14 @@ use tokio::sync::{mpsc, watch};
 
 use super::{
     api::{
-        ApiError, ApiResult, ClusterRequest, ClusterResponse, ErrorKind, Heartbeat, HeartbeatReply, InitRequest,
-        JoinCall, JoinRequest, LocalRequest, LocalResponse, LogChunk, LogQuery, Origin, PeerRequest, PeerResponse,
-        SwarmInfo,
+        ApiError, ApiResult, Assignments, ClusterRequest, ClusterResponse, ErrorKind, Heartbeat, HeartbeatReply,
+        InitRequest, JoinCall, JoinRequest, LocalRequest, LocalResponse, LogChunk, LogQuery, Origin, PeerRequest,
+        PeerResponse, SwarmInfo,
     },
     keystore::{write_private, KeyStore, KeyStoreError, Loaded},
     manager::{unix_now, Manager, RaftTiming, ASSIGNMENTS_WAIT},
     network::{Peers, MANAGER_NAME},
+    parts,
     pki::{self, NodeIdentity, NodeKey, RootCa},
     rpc::{self, Handler, Peer, RpcClient, RpcError},
     rules,
@@ -1041,16 +1042,30 @@ impl Member {
     /// Follows this node's assignments (a long poll) and applies them.
     async fn assignments_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut known = String::new();
+        // The last answer, whole: its shared parts are named in the next
+        // poll and put back into an answer that holds them back.
+        let mut previous: Option<Assignments> = None;
         let mut warned = false;
         loop {
-            let request = || PeerRequest::Assignments { known: known.clone() };
+            let holds = previous.as_ref().map(parts::holds).unwrap_or_default();
+            let request = || PeerRequest::Assignments {
+                known: known.clone(),
+                holds: holds.clone(),
+            };
             let call = self.call_managers(request, ASSIGNMENTS_WAIT + Duration::from_secs(5), false);
             let reply = tokio::select! {
                 r = call => r,
                 _ = stop.changed() => return,
             };
             match reply {
-                Ok(PeerResponse::Assignments(Ok(a))) => {
+                Ok(PeerResponse::Assignments(Ok(mut a))) => {
+                    if let Err(e) = parts::restore(&mut a, previous.as_ref()) {
+                        // Ask again at once, naming nothing: the answer comes whole.
+                        log::warn!("assignments: {e}; asking for them whole");
+                        known.clear();
+                        previous = None;
+                        continue;
+                    }
                     warned = false;
                     known = a.digest.clone();
                     *self.overlay_facts.lock().expect("reason: never poisoned") = metrics::overlay_facts(&a);
@@ -1067,6 +1082,7 @@ impl Member {
                     if let Err(e) = &mesh {
                         log::warn!("routing mesh: {e}");
                     }
+                    previous = Some(a);
                     if overlays.is_ok() && mesh.is_ok() {
                         continue;
                     }
@@ -1306,8 +1322,8 @@ async fn serve_as_leader(manager: &Manager, origin: Origin, request: PeerRequest
             Some((id, _)) => PeerResponse::Heartbeat(manager.handle_heartbeat(id, hb).await),
             None => PeerResponse::Refused(no_certificate()),
         },
-        PeerRequest::Assignments { known } => match caller {
-            Some((id, _)) => PeerResponse::Assignments(manager.handle_assignments(id, &known).await),
+        PeerRequest::Assignments { known, holds } => match caller {
+            Some((id, _)) => PeerResponse::Assignments(manager.handle_assignments(id, &known, &holds).await),
             None => PeerResponse::Refused(no_certificate()),
         },
         PeerRequest::ReportTasks(reports) => match caller {

@@ -590,6 +590,7 @@ mod tests {
             ipsec: None,
             mesh: None,
             services: vec![],
+            ..Default::default()
         };
         let w = wanted(&assignments, 9000, false);
         assert_eq!(w.len(), 2);
