@@ -5,7 +5,7 @@
 //! proposes the command it returns. A pass that has nothing to change
 //! returns `None`, so a converged cluster writes nothing to Raft.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
     overlay::{self, NetworkAttachment},
@@ -157,8 +157,13 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
         .map(|n| (n.id, n.updated_at))
         .collect();
     let mut total: BTreeMap<NodeId, u32> = BTreeMap::new();
-    for task in state.tasks.values().filter(|t| live(t)) {
-        if let Some(node) = task.node {
+    // Each service's tasks, from one pass: walking every task per service
+    // cost services x tasks (50 million steps at 1,000 services and 50,000
+    // tasks) on every pass, every 200 ms.
+    let mut by_service: HashMap<u64, Vec<&Task>> = HashMap::new();
+    for task in state.tasks.values() {
+        by_service.entry(task.service).or_default().push(task);
+        if let (true, Some(node)) = (live(task), task.node) {
             *total.entry(node).or_default() += 1;
         }
     }
@@ -173,7 +178,7 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
     let mut addresses = AddressBook::new(state);
     for service in state.services.values() {
         let placement = placement_of(service);
-        let all: Vec<&Task> = state.tasks.values().filter(|t| t.service == service.id).collect();
+        let all: Vec<&Task> = by_service.remove(&service.id).unwrap_or_default();
         let update = updater::step(service, &all, &node_ready, now_ms);
         if update.rollback {
             rollbacks.push(service.id);
