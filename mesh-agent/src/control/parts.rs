@@ -53,7 +53,12 @@ fn slots(answer: &mut Assignments) -> impl Iterator<Item = Slot<'_>> {
     peers.chain(services).chain(fleet)
 }
 
-/// What node holds once it has applied `answer`: the digests to name in
+/// How many shared parts `answer` carries.
+fn part_count(answer: &Assignments) -> usize {
+    answer.networks.len() + answer.services.len() + usize::from(answer.mesh.is_some())
+}
+
+/// What a node holds once it has applied `answer`: the digests to name in
 /// its next poll.
 pub fn holds(answer: &Assignments) -> Vec<PartDigest> {
     answer.parts.iter().map(|p| p.digest).collect()
@@ -115,18 +120,20 @@ pub enum RestoreError {
 /// `previous` (the node's last answer, itself restored). After it, the
 /// answer is whole. On an error the node should ask again naming nothing.
 pub fn restore(answer: &mut Assignments, previous: Option<&Assignments>) -> Result<(), RestoreError> {
-    let carried = slots(answer).count();
+    if !answer.parts.iter().any(|p| p.held) {
+        // Whole as sent (from a manager that lists no parts, too).
+        return Ok(());
+    }
+    let carried = part_count(answer);
     if answer.parts.len() != carried {
         return Err(RestoreError::Malformed {
             listed: answer.parts.len(),
             carried,
         });
     }
-    if !answer.parts.iter().any(|p| p.held) {
-        return Ok(());
-    }
     let mut kept: HashMap<PartDigest, Held> = HashMap::new();
-    if let Some(previous) = previous {
+    // Only a previous answer whose list matches its parts names them.
+    if let Some(previous) = previous.filter(|p| p.parts.len() == part_count(p)) {
         let mut previous = previous.clone();
         let digests = holds(&previous);
         for (slot, digest) in slots(&mut previous).zip(digests) {
@@ -238,6 +245,15 @@ mod tests {
         assert_eq!(sent, whole);
         restore(&mut sent, None).unwrap();
         assert_eq!(sent, whole);
+        // A manager that lists no parts holds none back: taken as it is,
+        // and it names nothing to hold.
+        let mut unlisted = Assignments {
+            parts: Vec::new(),
+            ..whole.clone()
+        };
+        restore(&mut unlisted, Some(&whole)).unwrap();
+        assert_eq!(unlisted.networks, whole.networks);
+        assert!(holds(&unlisted).is_empty());
     }
 
     #[test]
@@ -267,6 +283,14 @@ mod tests {
         }];
         assert!(matches!(
             restore(&mut sent.clone(), Some(&other)),
+            Err(RestoreError::Missing { .. })
+        ));
+        // A previous answer whose list does not match its parts is not
+        // trusted to name them.
+        let mut unaligned = first.clone();
+        unaligned.parts.push(first.parts[0]);
+        assert!(matches!(
+            restore(&mut sent.clone(), Some(&unaligned)),
             Err(RestoreError::Missing { .. })
         ));
         // A list that does not match what the answer carries.
