@@ -493,7 +493,7 @@ mod tests {
         assert_eq!(sent, next6, "changed: sent whole");
         parts::hold_back(&mut sent, &parts::holds(&next6));
         assert!(sent.parts[0].held && sent.mesh.as_ref().unwrap().fleet.services.is_empty());
-        parts::restore(&mut sent, Some(&next6)).unwrap();
+        parts::restore(&mut sent, Some(next6.clone())).unwrap();
         assert_eq!(sent, next6);
     }
 
@@ -623,7 +623,7 @@ mod tests {
         let mut sent = b.clone();
         parts::hold_back(&mut sent, &parts::holds(&a));
         assert_eq!(sent.parts.iter().map(|p| p.held).collect::<Vec<_>>(), vec![false, true]);
-        parts::restore(&mut sent, Some(&a)).unwrap();
+        parts::restore(&mut sent, Some(a.clone())).unwrap();
         assert_eq!(sent, b);
     }
 }

@@ -220,11 +220,6 @@ impl NodeMesh {
     }
 }
 
-/// Node `node`'s routing mesh; `None` when it answers no published port.
-pub fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignment> {
-    MeshFleet::of(state)?.assignment_for(node)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +228,11 @@ mod tests {
         service::Task,
         state::{tests::node, Role},
     };
+
+    /// Node `node`'s routing mesh as the dispatcher's answer gives it.
+    fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignment> {
+        MeshFleet::of(state)?.assignment_for(node)
+    }
 
     fn task(id: u64, service: u64, node: u64, state: TaskState) -> Task {
         tests_support::task(id, service, id as u32, Some(node), state)

@@ -1059,11 +1059,11 @@ impl Member {
             };
             match reply {
                 Ok(PeerResponse::Assignments(Ok(mut a))) => {
-                    if let Err(e) = parts::restore(&mut a, previous.as_ref()) {
+                    // The last answer is used up here, and replaced by this one below.
+                    if let Err(e) = parts::restore(&mut a, previous.take()) {
                         // Ask again at once, naming nothing: the answer comes whole.
                         log::warn!("assignments: {e}; asking for them whole");
                         known.clear();
-                        previous = None;
                         continue;
                     }
                     warned = false;

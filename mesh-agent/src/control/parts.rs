@@ -36,14 +36,6 @@ enum Slot<'a> {
     Fleet(&'a mut Encoded<MeshFleet>),
 }
 
-/// One shared part's value, as a node keeps it.
-#[derive(Clone)]
-enum Held {
-    Peers(Encoded<Vec<Peer>>),
-    Services(Encoded<Vec<ServiceRecord>>),
-    Fleet(Encoded<MeshFleet>),
-}
-
 /// Every shared part of `answer`: the networks' endpoints, then their
 /// services, then the routing mesh (the order of `answer.parts`).
 fn slots(answer: &mut Assignments) -> impl Iterator<Item = Slot<'_>> {
@@ -116,10 +108,11 @@ pub enum RestoreError {
     Missing { digest: PartDigest },
 }
 
-/// Puts back into `answer` the parts the manager held back, from
-/// `previous` (the node's last answer, itself restored). After it, the
-/// answer is whole. On an error the node should ask again naming nothing.
-pub fn restore(answer: &mut Assignments, previous: Option<&Assignments>) -> Result<(), RestoreError> {
+/// Puts back into `answer` the parts the manager held back, taken from
+/// `previous` (the node's last answer, itself restored; it is used up).
+/// After it, the answer is whole. On an error the node should ask again
+/// naming nothing.
+pub fn restore(answer: &mut Assignments, previous: Option<Assignments>) -> Result<(), RestoreError> {
     if !answer.parts.iter().any(|p| p.held) {
         // Whole as sent (from a manager that lists no parts, too).
         return Ok(());
@@ -131,20 +124,10 @@ pub fn restore(answer: &mut Assignments, previous: Option<&Assignments>) -> Resu
             carried,
         });
     }
-    let mut kept: HashMap<PartDigest, Held> = HashMap::new();
     // Only a previous answer whose list matches its parts names them.
-    if let Some(previous) = previous.filter(|p| p.parts.len() == part_count(p)) {
-        let mut previous = previous.clone();
-        let digests = holds(&previous);
-        for (slot, digest) in slots(&mut previous).zip(digests) {
-            let value = match slot {
-                Slot::Peers(v) => Held::Peers(v.clone()),
-                Slot::Services(v) => Held::Services(v.clone()),
-                Slot::Fleet(v) => Held::Fleet(v.clone()),
-            };
-            kept.insert(digest, value);
-        }
-    }
+    let mut previous = previous.filter(|p| p.parts.len() == part_count(p)).unwrap_or_default();
+    let digests = holds(&previous);
+    let kept: HashMap<PartDigest, Slot<'_>> = digests.into_iter().zip(slots(&mut previous)).collect();
     let mut refs = std::mem::take(&mut answer.parts);
     let mut result = Ok(());
     for (slot, part) in slots(answer).zip(refs.iter_mut()) {
@@ -152,9 +135,9 @@ pub fn restore(answer: &mut Assignments, previous: Option<&Assignments>) -> Resu
             continue;
         }
         match (slot, kept.get(&part.digest)) {
-            (Slot::Peers(v), Some(Held::Peers(k))) => *v = k.clone(),
-            (Slot::Services(v), Some(Held::Services(k))) => *v = k.clone(),
-            (Slot::Fleet(v), Some(Held::Fleet(k))) => *v = k.clone(),
+            (Slot::Peers(v), Some(Slot::Peers(k))) => *v = (*k).clone(),
+            (Slot::Services(v), Some(Slot::Services(k))) => *v = (*k).clone(),
+            (Slot::Fleet(v), Some(Slot::Fleet(k))) => *v = (*k).clone(),
             _ => {
                 result = Err(RestoreError::Missing { digest: part.digest });
                 break;
@@ -233,7 +216,7 @@ mod tests {
         let wire = rmp_serde::to_vec(&sent).unwrap();
         assert!(wire.len() < rmp_serde::to_vec(&whole).unwrap().len());
         let mut got: Assignments = rmp_serde::from_slice(&wire).unwrap();
-        restore(&mut got, Some(&first)).unwrap();
+        restore(&mut got, Some(first)).unwrap();
         assert_eq!(got, whole);
     }
 
@@ -251,7 +234,7 @@ mod tests {
             parts: Vec::new(),
             ..whole.clone()
         };
-        restore(&mut unlisted, Some(&whole)).unwrap();
+        restore(&mut unlisted, Some(whole.clone())).unwrap();
         assert_eq!(unlisted.networks, whole.networks);
         assert!(holds(&unlisted).is_empty());
     }
@@ -282,7 +265,7 @@ mod tests {
             held: false,
         }];
         assert!(matches!(
-            restore(&mut sent.clone(), Some(&other)),
+            restore(&mut sent.clone(), Some(other)),
             Err(RestoreError::Missing { .. })
         ));
         // A previous answer whose list does not match its parts is not
@@ -290,13 +273,13 @@ mod tests {
         let mut unaligned = first.clone();
         unaligned.parts.push(first.parts[0]);
         assert!(matches!(
-            restore(&mut sent.clone(), Some(&unaligned)),
+            restore(&mut sent.clone(), Some(unaligned)),
             Err(RestoreError::Missing { .. })
         ));
         // A list that does not match what the answer carries.
         sent.parts.pop();
         assert!(matches!(
-            restore(&mut sent, Some(&first)),
+            restore(&mut sent, Some(first)),
             Err(RestoreError::Malformed { listed: 1, carried: 2 })
         ));
     }
