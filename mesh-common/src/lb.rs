@@ -45,9 +45,13 @@ pub const SOCK_REV_MAP: &str = "LB_SOCK_REV";
 /// access to published ports is off).
 pub const HOST_MAP: &str = "LB_HOST";
 pub const HOST_REV_MAP: &str = "LB_HOST_REV";
+/// Local task address (as on the wire) -> the index of its veth's host
+/// end: packets for the task go straight into its namespace
+/// (`bpf_redirect_peer`) instead of through the task bridge.
+pub const TASK_LINKS_MAP: &str = "LB_TASK_LINKS";
 
 /// The maps a restarted agent takes over (pinned on its bpffs).
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
     BACKEND_STATS_MAP,
     SERVICES_MAP,
     TABLES_MAP,
@@ -63,6 +67,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     SOCK_REV_MAP,
     HOST_MAP,
     HOST_REV_MAP,
+    TASK_LINKS_MAP,
 ];
 
 /// A [`NODES_MAP`] value bit: the node is on this node's underlay link, so
@@ -91,6 +96,8 @@ pub const MAX_CONNTRACK: u32 = 65_536;
 pub const MAX_AFFINITY: u32 = 16_384;
 /// Other nodes whose tunnelled packets are accepted.
 pub const MAX_NODES: u32 = 16_384;
+/// Tasks on one node (a /16 node-local pool holds 65,534).
+pub const MAX_TASK_LINKS: u32 = 65_536;
 
 /// The bit that marks a table ID as "this node's tasks only".
 pub const LOCAL_TABLE: u32 = 1 << 31;

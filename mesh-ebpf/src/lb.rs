@@ -10,8 +10,14 @@
 //!   such a node goes on to our client;
 //! - [`tunnel`] on the routing-mesh tunnel device: the same for nodes off
 //!   the link;
-//! - [`reply`] on the task bridge: a task's answer to a routed connection
-//!   gets the published address back and goes where the client came in.
+//! - [`reply`] on each local task's veth (host end) and on the task
+//!   bridge: a task's answer to a routed connection gets the published
+//!   address back and goes where the client came in, without crossing the
+//!   bridge (the bridge's copy serves a task whose veth has none yet).
+//!
+//! Requests for a local task go straight into its namespace
+//! (`bpf_redirect_peer` on its veth, from [`TASK_LINKS`]), or through the
+//! bridge for a task the agent has not listed there.
 //!
 //! Only IPv4 without options, TCP and UDP, unfragmented, are served; every
 //! other packet is left to the kernel unchanged.
@@ -24,8 +30,8 @@ use aya_ebpf::{
         TC_ACT_SHOT,
     },
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_get_tunnel_key,
-        bpf_skb_set_tunnel_key,
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
@@ -35,7 +41,7 @@ use mesh_common::lb::NODE_ON_LINK;
 use mesh_common::lb::{
     Affinity, AffinityKey, Algorithm, Backend, Conntrack, FlowKey, NodeConfig, ReverseNat, ServiceKey, ServiceStats,
     ServiceValue, Table, LOCAL_TABLE, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_NODES, MAX_SERVICES, MAX_TABLES,
-    PROTO_TCP, TABLE_SIZE, VNI_REPLY, VNI_REQUEST,
+    MAX_TASK_LINKS, PROTO_TCP, TABLE_SIZE, VNI_REPLY, VNI_REQUEST,
 };
 use mesh_common::packet::{ipv4_flow, IPV4_FLOW_LEN, IP_CSUM, IP_DST, IP_SRC, L4, TCP_CSUM, UDP_CSUM};
 
@@ -62,6 +68,9 @@ static STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERV
 #[map(name = "LB_TASK_STATS")]
 static BACKEND_STATS: PerCpuHashMap<u32, ServiceStats> =
     PerCpuHashMap::with_max_entries(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+/// Local task address -> its veth's host-end index.
+#[map(name = "LB_TASK_LINKS")]
+static TASK_LINKS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TASK_LINKS, BPF_F_NO_PREALLOC);
 #[map(name = "LB_ROUND_ROBIN")]
 static ROUND_ROBIN: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
@@ -475,7 +484,26 @@ fn to_local_task(
     {
         return SHOT;
     }
-    out_via(config.bridge_ifindex)
+    into_task(ctx, config, task)
+}
+
+/// Hands a packet already addressed to local task `task` over: straight
+/// into the task's namespace through its veth when the agent listed it
+/// (no bridge, no backlog queue), else through the task bridge.
+#[inline(always)]
+fn into_task(ctx: &mut TcContext, config: &NodeConfig, task: u32) -> i32 {
+    // SAFETY: read-only lookup of a plain value.
+    let Some(link) = (unsafe { TASK_LINKS.get(task) }).copied() else {
+        return out_via(config.bridge_ifindex);
+    };
+    // The task's stack drops a frame not for this host; one out of the
+    // tunnel was addressed to the tunnel device's peer.
+    // SAFETY: the program's own __sk_buff.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST && ctx.change_type(PACKET_HOST).is_err() {
+        return out_via(config.bridge_ifindex);
+    }
+    // SAFETY: a helper over plain integers.
+    unsafe { bpf_redirect_peer(link, 0) as i32 }
 }
 
 /// `tc_ingress`: the underlay link's ingress. Three kinds of packet are
@@ -594,7 +622,8 @@ pub fn tunnel(ctx: &mut TcContext) -> i32 {
     serve_here(ctx, config, &packet, from, false, SHOT)
 }
 
-/// `tc_reply`: the task bridge's ingress (what tasks send toward the node).
+/// `tc_reply` and `tc_from_task`: the task bridge's ingress and each local
+/// task veth's (host end): what tasks send toward the node.
 #[inline(always)]
 pub fn reply(ctx: &mut TcContext) -> i32 {
     let Some(packet) = parse(ctx) else {

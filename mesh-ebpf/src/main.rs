@@ -6,7 +6,8 @@
 //! - `xdp_count`: XDP, counts packets per protocol class and passes them on.
 //! - `tc_count`: TC clsact classifier, the same counting, for links where XDP
 //!   does not fit (egress, or a driver without XDP).
-//! - `tc_ingress`, `tc_tunnel`, `tc_reply`: the routing mesh (see [`lb`]).
+//! - `tc_ingress`, `tc_tunnel`, `tc_reply`, `tc_from_task`: the routing
+//!   mesh (see [`lb`]).
 //! - `sock_connect4`, `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeername4`:
 //!   service VIPs for tasks (see [`sock`]).
 //! - `host_connect4`, `host_sendmsg4`, `host_recvmsg4`, `host_getpeername4`:
@@ -62,6 +63,13 @@ pub fn tc_tunnel(mut ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn tc_reply(mut ctx: TcContext) -> i32 {
+    lb::reply(&mut ctx)
+}
+
+/// `tc_reply` on a task's veth: the same program under its own name, so
+/// its per-veth links are pinned and cleaned apart from the bridge's.
+#[classifier]
+pub fn tc_from_task(mut ctx: TcContext) -> i32 {
     lb::reply(&mut ctx)
 }
 

@@ -72,6 +72,37 @@ pub fn spray(
     })
 }
 
+/// Frames on hosts `0..nodes` so far: those the task bridge passed up to
+/// its node (tasks' replies routed through the bridge) and those the
+/// tasks' veths sent in from the node's side (requests the bridge
+/// forwarded), from /proc/net/dev in each host's namespace. Requests and
+/// replies the routing mesh hands straight to and from a task's veth
+/// count in neither.
+pub fn bridge_frames(swarm: &Swarm, nodes: usize) -> (u64, u64) {
+    let mut total = (0, 0);
+    for host in 0..nodes {
+        let dev = swarm
+            .cluster
+            .host(host)
+            .run(|| std::fs::read_to_string("/proc/thread-self/net/dev").expect("read /proc/net/dev"));
+        for line in dev.lines() {
+            let Some((name, fields)) = line.split_once(':') else {
+                continue;
+            };
+            let fields: Vec<u64> = fields.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+            let (Some(rx), Some(tx)) = (fields.get(1), fields.get(9)) else {
+                continue;
+            };
+            match name.trim() {
+                mesh_agent::runtime::network::BRIDGE => total.0 += rx,
+                n if n.starts_with("mv") => total.1 += tx,
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
 /// The backends in host `host`'s routing-mesh maps (`None`: no
 /// routing-mesh program on its `eth0`). Needs tcx (kernel >= 6.6).
 pub fn backends_on(swarm: &Swarm, host: usize) -> Option<Vec<Backend>> {

@@ -19,7 +19,7 @@ use std::{
 use mesh_agent::runtime::{mesh::TUNNEL_DEVICE, netns::NetNs, supervisor::task_dir_name};
 use mesh_tests::{
     cluster::host_address,
-    mesh::http_get,
+    mesh::{bridge_frames, http_get},
     overlay::{has_link, running},
     require_root,
     swarm::{binary, Swarm},
@@ -34,6 +34,24 @@ const REQUESTS_PER_NODE: usize = 30;
 /// `n` requests to each node's published port, from the client host.
 fn spray(swarm: &Swarm, port: u16, n: usize) -> (Vec<String>, BTreeMap<String, usize>, Vec<String>) {
     mesh_tests::mesh::spray(swarm, CLIENT, 3, port, n)
+}
+
+/// Checks that `requests` through published ports, between two readings
+/// of [`bridge_frames`], went into their tasks and back out past the task
+/// bridge: each takes at least three frames each way (handshake, request,
+/// close), so through the bridge the counts would grow by more than
+/// three times `requests`; a few frames of the tasks' own (ARP) may.
+fn assert_past_the_bridge(before: (u64, u64), after: (u64, u64), requests: usize) {
+    let (replies, into_tasks) = (after.0 - before.0, after.1 - before.1);
+    println!("over {requests} requests: {replies} frames up the bridge, {into_tasks} into tasks through it");
+    assert!(
+        into_tasks < requests as u64,
+        "requests reach tasks through the bridge ({into_tasks} frames for {requests} requests), not straight into their namespace"
+    );
+    assert!(
+        replies < requests as u64,
+        "replies go up the bridge ({replies} frames for {requests} requests), not straight out of the task's veth"
+    );
 }
 
 /// One request from a node to a published port: the task that answered,
@@ -95,12 +113,14 @@ fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_clie
         settled = failures.is_empty();
         settled
     });
+    let before = bridge_frames(&swarm, 3);
     let (failures, per_task, seen) = spray(&swarm, 8080, REQUESTS_PER_NODE);
     println!(
         "requests per task over {} requests: {per_task:?}",
         3 * REQUESTS_PER_NODE
     );
     assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_past_the_bridge(before, bridge_frames(&swarm, 3), 3 * REQUESTS_PER_NODE);
     assert_eq!(per_task.len(), 3, "every task serves some requests: {per_task:?}");
     assert_eq!(
         seen,
@@ -352,8 +372,10 @@ fn connections_survive_scaling_affinity_sticks_and_a_killed_task_fails_requests_
     drop(stream);
 
     // Affinity: one client, one task, whichever node it enters by.
+    let before = bridge_frames(&swarm, 3);
     let (failures, per_task, _) = spray(&swarm, 8181, 10);
     assert!(failures.is_empty(), "{failures:?}");
+    assert_past_the_bridge(before, bridge_frames(&swarm, 3), 30);
     assert_eq!(
         per_task.len(),
         1,

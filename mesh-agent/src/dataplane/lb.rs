@@ -9,7 +9,7 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpu
 use mesh_common::lb::{
     Backend, Conntrack, FlowKey, NodeConfig, ServiceKey, ServiceStats, ServiceValue, Table, BACKENDS_MAP,
     BACKEND_STATS_MAP, CONFIG_MAP, CONNTRACK_MAP, HOST_MAP, LOCAL_TABLE, NODES_MAP, SERVICES_MAP, STATS_MAP,
-    TABLES_MAP, VIPS_MAP,
+    TABLES_MAP, TASK_LINKS_MAP, VIPS_MAP,
 };
 
 use super::ebpf::{EbpfDataplane, EbpfError};
@@ -29,6 +29,8 @@ pub struct LbState {
     pub nodes: BTreeMap<u32, u32>,
     /// Service VIPs (as on the wire) for the tasks' sockets.
     pub vips: BTreeMap<u32, ServiceValue>,
+    /// Local task addresses (as on the wire) -> their veth's host-end index.
+    pub task_links: BTreeMap<u32, u32>,
 }
 
 /// One map write.
@@ -39,24 +41,32 @@ pub enum Change {
     Service(ServiceKey, ServiceValue),
     Vip(u32, ServiceValue),
     Node(u32, u32),
+    TaskLink(u32, u32),
     RemoveService(ServiceKey),
     RemoveVip(u32),
     RemoveTable(u32),
     RemoveBackend(u32),
     RemoveNode(u32),
+    RemoveTaskLink(u32),
 }
 
 /// The writes that take the maps from `from` to `to`, in an order that
 /// keeps every lookup whole: new backends, then whole tables (each swapped
 /// in one update); services that go; backends that go; then the service
 /// entries (their new generation tells tracked connections to check their
-/// backend, which is gone by then if it left); then unused tables and
-/// nodes.
+/// backend, which is gone by then if it left); then unused tables, nodes
+/// and task links. (A task link only makes delivery to a task faster: its
+/// order does not matter.)
 pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
     let mut out = Vec::new();
     for (n, flags) in &to.nodes {
         if from.nodes.get(n) != Some(flags) {
             out.push(Change::Node(*n, *flags));
+        }
+    }
+    for (a, link) in &to.task_links {
+        if from.task_links.get(a) != Some(link) {
+            out.push(Change::TaskLink(*a, *link));
         }
     }
     for (id, b) in &to.backends {
@@ -111,6 +121,12 @@ pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
             .filter(|n| !to.nodes.contains_key(n))
             .map(|n| Change::RemoveNode(*n)),
     );
+    out.extend(
+        from.task_links
+            .keys()
+            .filter(|a| !to.task_links.contains_key(a))
+            .map(|a| Change::RemoveTaskLink(*a)),
+    );
     out
 }
 
@@ -134,6 +150,7 @@ pub struct LbMaps {
     tables: HashMap<MapData, u32, Table>,
     backends: HashMap<MapData, u32, Backend>,
     nodes: HashMap<MapData, u32, u32>,
+    task_links: HashMap<MapData, u32, u32>,
     config: Array<MapData, NodeConfig>,
     stats: PerCpuArray<MapData, ServiceStats>,
     backend_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
@@ -171,6 +188,8 @@ impl LbMaps {
             tables: HashMap::try_from(take(dataplane, TABLES_MAP)?).map_err(|e| map_error(TABLES_MAP, e))?,
             backends: HashMap::try_from(take(dataplane, BACKENDS_MAP)?).map_err(|e| map_error(BACKENDS_MAP, e))?,
             nodes: HashMap::try_from(take(dataplane, NODES_MAP)?).map_err(|e| map_error(NODES_MAP, e))?,
+            task_links: HashMap::try_from(take(dataplane, TASK_LINKS_MAP)?)
+                .map_err(|e| map_error(TASK_LINKS_MAP, e))?,
             config: Array::try_from(take(dataplane, CONFIG_MAP)?).map_err(|e| map_error(CONFIG_MAP, e))?,
             stats: PerCpuArray::try_from(take(dataplane, STATS_MAP)?).map_err(|e| map_error(STATS_MAP, e))?,
             backend_stats: PerCpuHashMap::try_from(take(dataplane, BACKEND_STATS_MAP)?)
@@ -208,6 +227,10 @@ impl LbMaps {
                 }
                 Change::Service(k, v) => self.services.insert(k, v, 0).map_err(|e| map_error(SERVICES_MAP, e))?,
                 Change::Node(n, flags) => self.nodes.insert(n, flags, 0).map_err(|e| map_error(NODES_MAP, e))?,
+                Change::TaskLink(a, link) => self
+                    .task_links
+                    .insert(a, link, 0)
+                    .map_err(|e| map_error(TASK_LINKS_MAP, e))?,
                 Change::Vip(k, v) => self.vips.insert(k, v, 0).map_err(|e| map_error(VIPS_MAP, e))?,
                 Change::RemoveVip(k) => ignore_missing(self.vips.remove(k), VIPS_MAP)?,
                 Change::RemoveService(k) => ignore_missing(self.services.remove(k), SERVICES_MAP)?,
@@ -223,6 +246,7 @@ impl LbMaps {
                     ignore_missing(self.backend_stats.remove(id), BACKEND_STATS_MAP)?;
                 }
                 Change::RemoveNode(n) => ignore_missing(self.nodes.remove(n), NODES_MAP)?,
+                Change::RemoveTaskLink(a) => ignore_missing(self.task_links.remove(a), TASK_LINKS_MAP)?,
             }
         }
         Ok(())
@@ -262,6 +286,10 @@ impl LbMaps {
         for entry in self.nodes.iter() {
             let (k, v) = entry.map_err(|e| map_error(NODES_MAP, e))?;
             state.nodes.insert(k, v);
+        }
+        for entry in self.task_links.iter() {
+            let (k, v) = entry.map_err(|e| map_error(TASK_LINKS_MAP, e))?;
+            state.task_links.insert(k, v);
         }
         Ok(state)
     }

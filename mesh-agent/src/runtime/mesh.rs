@@ -7,7 +7,10 @@
 //! - while the node answers a published port: `tc_ingress` on the underlay
 //!   link (the one holding the data-path address), `tc_reply` on the task
 //!   bridge, `tc_tunnel` on [`TUNNEL_DEVICE`], a metadata-mode VXLAN device
-//!   on the routing-mesh port ([`tunnel_port`]) for nodes off the link;
+//!   on the routing-mesh port ([`tunnel_port`]) for nodes off the link,
+//!   and `tc_from_task` on the host end of each local task's veth, whose
+//!   index is in the task-links map: requests go straight into a task's
+//!   namespace and its replies skip the bridge;
 //! - while its tasks' networks have VIPs: the socket programs on the
 //!   tasks' cgroup;
 //! - once it answers a published port: the `host_*` socket programs on the
@@ -31,7 +34,7 @@ use mesh_common::lb::{
 
 use super::{
     mesh_ipvs::IpvsMesh,
-    network::{LocalNetwork, BRIDGE},
+    network::{Attachment, LocalNetwork, BRIDGE},
     supervisor::task_dir_name,
 };
 use crate::metrics::{BackendFacts, PortFacts};
@@ -202,6 +205,8 @@ pub struct MeshTables {
     nodes: BTreeMap<u32, u32>,
     /// Service VIPs by (service, network).
     vips: BTreeMap<(u64, u64), ServiceEntry>,
+    /// Local task addresses -> their veth's host-end index.
+    task_links: BTreeMap<u32, u32>,
     /// What an earlier agent's maps held, until the first update replaced it.
     leftover: Option<LbState>,
 }
@@ -323,6 +328,7 @@ impl MeshTables {
         };
         let mut current = LbState {
             nodes: self.nodes.clone(),
+            task_links: self.task_links.clone(),
             ..LbState::default()
         };
         for entry in self.services.values().chain(self.vips.values()) {
@@ -347,9 +353,31 @@ impl MeshTables {
                         | Change::RemoveTable(_)
                         | Change::RemoveBackend(_)
                         | Change::RemoveNode(_)
+                        | Change::RemoveTaskLink(_)
                 )
             })
             .collect()
+    }
+
+    /// The map writes that take the task links from the last call to
+    /// `links` (local task address -> its veth's host-end index; a task
+    /// whose index is unknown is left out and served through the bridge).
+    pub fn update_task_links(&mut self, links: &BTreeMap<u64, Attachment>) -> Vec<Change> {
+        let to = LbState {
+            task_links: links
+                .values()
+                .filter(|a| a.host_index != 0)
+                .map(|a| (wire_addr(a.address), a.host_index))
+                .collect(),
+            ..LbState::default()
+        };
+        let from = LbState {
+            task_links: std::mem::take(&mut self.task_links),
+            ..LbState::default()
+        };
+        let changes = plan(&from, &to);
+        self.task_links = to.task_links;
+        changes
     }
 
     /// The map writes that take the VIPs from the last call to `services`
@@ -648,6 +676,11 @@ struct Active {
 struct TcPart {
     /// (program, link) as attached.
     attachments: Vec<(&'static str, String)>,
+    /// The task veths (host ends) `tc_from_task` was attached to.
+    task_veths: BTreeSet<String>,
+    /// Whether the `tc_from_task` pins an earlier agent left for veths
+    /// that are gone have been removed.
+    swept: bool,
     api: TcApi,
     vtep: Ipv4Addr,
     port: u16,
@@ -843,7 +876,7 @@ impl RoutingMesh {
         if wants_tc {
             self.network.ensure_bridge().await?;
         }
-        let local = self.network.addresses();
+        let local = self.network.attachments();
         let inner = self.inner.clone();
         let cgroup = self.cgroup.clone();
         let pins = self.pins.clone();
@@ -895,7 +928,7 @@ fn ebpf_facts(
 
 fn sync_blocking(
     inner: &mut Inner,
-    local: &BTreeMap<u64, Ipv4Addr>,
+    attachments: &BTreeMap<u64, Attachment>,
     cgroup: Option<&Path>,
     pins: &Path,
     direct: bool,
@@ -904,6 +937,8 @@ fn sync_blocking(
     if !inner.assigned {
         return Ok(());
     }
+    let local: BTreeMap<u64, Ipv4Addr> = attachments.iter().map(|(t, a)| (*t, a.address)).collect();
+    let local = &local;
     if !inner.switched {
         remove_other_backend(backend, pins);
         inner.switched = true;
@@ -986,11 +1021,20 @@ fn sync_blocking(
         active.sockets = true;
         log::info!("routing mesh: serving service VIPs to the tasks in {}", dir.display());
     }
+    let no_links = BTreeMap::new();
+    let task_links = match (&mut active.tc, &mut active.dataplane) {
+        (Some(tc), dataplane) => {
+            sync_task_veths(dataplane, tc, attachments, pins);
+            attachments
+        }
+        (None, _) => &no_links,
+    };
     let mesh = published.map(|(m, _, _)| m).unwrap_or_default();
     let link = inner.active.as_ref().and_then(|a| a.tc.as_ref()).and_then(|tc| tc.link);
     let on_link = |a: Ipv4Addr| direct && link.is_some_and(|l| l.contains(a));
     let mut changes = inner.tables.update(&mesh, local, &on_link);
     changes.extend(inner.tables.update_vips(&inner.services));
+    changes.extend(inner.tables.update_task_links(task_links));
     changes.extend(inner.tables.leftovers());
     let active = inner.active.as_mut().expect("reason: set up above");
     if let Err(e) = active.maps.apply(&changes) {
@@ -1069,7 +1113,7 @@ fn sync_ipvs(
 fn remove_other_backend(backend: LbBackend, pins: &Path) {
     match backend {
         LbBackend::Ipvs => {
-            for program in [PROGRAM_INGRESS, PROGRAM_TUNNEL, PROGRAM_REPLY] {
+            for program in [PROGRAM_INGRESS, PROGRAM_TUNNEL, PROGRAM_REPLY, PROGRAM_FROM_TASK] {
                 drop_stale_pins(pins, program, "");
             }
             if let Err(e) = delete_tunnel() {
@@ -1159,6 +1203,8 @@ fn setup_tc(
     });
     Ok(TcPart {
         attachments,
+        task_veths: BTreeSet::new(),
+        swept: false,
         api,
         vtep,
         port,
@@ -1184,6 +1230,49 @@ fn drop_stale_pins(pins: &Path, program: &str, link: &str) {
     }
 }
 
+/// Keeps `tc_from_task` on the host end of every local task's veth (and
+/// its pins off the veths that are gone), so a task's replies skip the
+/// bridge. A veth it cannot be attached to is tried once and logged: the
+/// bridge's `tc_reply` serves that task's replies.
+fn sync_task_veths(
+    dataplane: &mut EbpfDataplane,
+    tc: &mut TcPart,
+    attachments: &BTreeMap<u64, Attachment>,
+    pins: &Path,
+) {
+    let wanted: BTreeSet<&str> = attachments.values().map(|a| a.host_link.as_str()).collect();
+    if !tc.swept {
+        tc.swept = true;
+        let prefix = format!("link-{PROGRAM_FROM_TASK}@");
+        for entry in std::fs::read_dir(pins).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.strip_prefix(&prefix).is_some_and(|veth| !wanted.contains(veth)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    let gone: Vec<String> = tc
+        .task_veths
+        .iter()
+        .filter(|v| !wanted.contains(v.as_str()))
+        .cloned()
+        .collect();
+    for veth in gone {
+        let pin = link_pin(pins, PROGRAM_FROM_TASK, &veth);
+        EbpfDataplane::detach_tc_pinned(PROGRAM_FROM_TASK, &veth, tc.api, &pin);
+        tc.task_veths.remove(&veth);
+    }
+    for veth in wanted {
+        if !tc.task_veths.insert(veth.to_string()) {
+            continue;
+        }
+        let pin = link_pin(pins, PROGRAM_FROM_TASK, veth);
+        if let Err(e) = dataplane.attach_tc_pinned(PROGRAM_FROM_TASK, veth, tc.api, &pin) {
+            log::warn!("routing mesh: replies from the task on {veth} go through the bridge: {e}");
+        }
+    }
+}
+
 fn delete_tunnel() -> Result<(), NetlinkError> {
     Netlink::run(|nl| async move {
         match nl.delete_link(TUNNEL_DEVICE).await {
@@ -1196,6 +1285,10 @@ fn delete_tunnel() -> Result<(), NetlinkError> {
 fn teardown_tc(tc: TcPart, pins: &Path) {
     for (program, link) in &tc.attachments {
         EbpfDataplane::detach_tc_pinned(program, link, tc.api, &link_pin(pins, program, link));
+    }
+    for veth in &tc.task_veths {
+        let pin = link_pin(pins, PROGRAM_FROM_TASK, veth);
+        EbpfDataplane::detach_tc_pinned(PROGRAM_FROM_TASK, veth, tc.api, &pin);
     }
     if let Err(e) = delete_tunnel() {
         log::warn!("routing mesh: removing {TUNNEL_DEVICE}: {e}");
@@ -1223,6 +1316,7 @@ const HOST_SOCKET_PROGRAMS: [&str; 4] = ["host_connect4", "host_sendmsg4", "host
 pub const PROGRAM_INGRESS: &str = "tc_ingress";
 pub const PROGRAM_TUNNEL: &str = "tc_tunnel";
 pub const PROGRAM_REPLY: &str = "tc_reply";
+pub const PROGRAM_FROM_TASK: &str = "tc_from_task";
 
 #[cfg(test)]
 mod tests {
@@ -1282,6 +1376,12 @@ mod tests {
                 }
                 Change::RemoveNode(n) => {
                     state.nodes.remove(n);
+                }
+                Change::TaskLink(a, link) => {
+                    state.task_links.insert(*a, *link);
+                }
+                Change::RemoveTaskLink(a) => {
+                    state.task_links.remove(a);
                 }
                 Change::Vip(k, v) => {
                     state.vips.insert(*k, *v);
@@ -1346,6 +1446,43 @@ mod tests {
         );
         let gone = applied(empty, &tables.update(&MeshAssignment::default(), &none, &|_| false));
         assert_eq!(gone, LbState::default());
+    }
+
+    fn attached(task: u64, address: [u8; 4], host_index: u32) -> (u64, Attachment) {
+        let attachment = Attachment {
+            host_link: super::super::network::host_link_name(task),
+            host_index,
+            address: Ipv4Addr::from(address),
+        };
+        (task, attachment)
+    }
+
+    #[test]
+    fn task_links_follow_the_local_tasks_veths_and_an_earlier_agents_are_removed() {
+        let a = wire_addr(Ipv4Addr::new(172, 18, 0, 2));
+        let b = wire_addr(Ipv4Addr::new(172, 18, 0, 3));
+        // An earlier agent listed a task that is gone since.
+        let earlier = LbState {
+            task_links: BTreeMap::from([(b, 40)]),
+            ..LbState::default()
+        };
+        let mut tables = MeshTables::adopting(earlier.clone());
+        let local = BTreeMap::from([
+            attached(1, [172, 18, 0, 2], 17),
+            // Adopted without its veth: served through the bridge.
+            attached(2, [172, 18, 0, 4], 0),
+        ]);
+        let mut changes = tables.update_task_links(&local);
+        changes.extend(tables.leftovers());
+        let now = applied(earlier, &changes);
+        assert_eq!(now.task_links, BTreeMap::from([(a, 17)]));
+        assert!(tables.update_task_links(&local).is_empty(), "nothing changed");
+        // The task restarted with a new veth, then left.
+        let moved = BTreeMap::from([attached(1, [172, 18, 0, 2], 23)]);
+        let now = applied(now, &tables.update_task_links(&moved));
+        assert_eq!(now.task_links, BTreeMap::from([(a, 23)]));
+        let now = applied(now, &tables.update_task_links(&BTreeMap::new()));
+        assert!(now.task_links.is_empty());
     }
 
     #[test]

@@ -115,6 +115,9 @@ impl Ipam {
 pub struct Attachment {
     /// The host-side veth.
     pub host_link: String,
+    /// Its interface index (0: unknown), for the routing mesh to hand
+    /// packets straight to the task.
+    pub host_index: u32,
     /// The task's address.
     pub address: Ipv4Addr,
 }
@@ -151,6 +154,11 @@ impl LocalNetwork {
     pub fn addresses(&self) -> BTreeMap<u64, Ipv4Addr> {
         let state = self.state.lock().expect("reason: never poisoned");
         state.1.iter().map(|(task, a)| (*task, a.address)).collect()
+    }
+
+    /// Each attached task's attachment.
+    pub fn attachments(&self) -> BTreeMap<u64, Attachment> {
+        self.state.lock().expect("reason: never poisoned").1.clone()
     }
 
     /// Wakes when a task is attached or detached.
@@ -212,8 +220,9 @@ impl LocalNetwork {
                 .allocate()
                 .ok_or_else(|| NetworkError::Exhausted(self.subnet.to_string()))?
         };
-        let attachment = Attachment {
+        let mut attachment = Attachment {
             host_link: host_link_name(task),
+            host_index: 0,
             address,
         };
         let (subnet, netns, a) = (self.subnet, netns.to_path_buf(), attachment.clone());
@@ -227,7 +236,8 @@ impl LocalNetwork {
             .and_then(|r| r);
         let mut state = self.state.lock().expect("reason: never poisoned");
         match done {
-            Ok(()) => {
+            Ok(index) => {
+                attachment.host_index = index;
                 if nat_wanted {
                     self.nat_ready.store(true, Ordering::SeqCst);
                 }
@@ -247,10 +257,13 @@ impl LocalNetwork {
     /// (namespace at `netns`): its `eth0` address is read from the kernel
     /// and reserved, and nothing is changed.
     pub async fn adopt(&self, task: u64, netns: &Path) -> Result<Attachment, NetworkError> {
-        let (netns, subnet) = (netns.to_path_buf(), self.subnet);
-        let addresses = tokio::task::spawn_blocking(move || -> Result<Vec<IpAddr>, NetworkError> {
+        let (netns, subnet, host_link) = (netns.to_path_buf(), self.subnet, host_link_name(task));
+        let (addresses, host_index) = tokio::task::spawn_blocking(move || -> Result<_, NetworkError> {
             let ns = NetNs::open_at(&netns, "task")?;
-            Ok(ns.run(|| Netlink::run(|nl| async move { nl.global_addresses().await }))??)
+            let addresses = ns.run(|| Netlink::run(|nl| async move { nl.global_addresses().await }))??;
+            // A veth that is not there leaves the task to the bridge's path.
+            let index = Netlink::run(|nl| async move { nl.link_index(&host_link).await }).unwrap_or(0);
+            Ok((addresses, index))
         })
         .await
         .map_err(|e| NetworkError::Worker(e.to_string()))??;
@@ -263,6 +276,7 @@ impl LocalNetwork {
             .ok_or_else(|| NetworkError::Adopt(format!("the task has no address in {subnet}")))?;
         let attachment = Attachment {
             host_link: host_link_name(task),
+            host_index,
             address,
         };
         let mut state = self.state.lock().expect("reason: never poisoned");
@@ -303,19 +317,21 @@ impl LocalNetwork {
     }
 }
 
-/// The kernel side of an attach (blocking: runs its own netlink runtimes).
-fn wire(subnet: Subnet, netns: &Path, a: &Attachment, nat: Option<&Masquerade>) -> Result<(), NetworkError> {
+/// The kernel side of an attach (blocking: runs its own netlink runtimes);
+/// the host-side veth's index.
+fn wire(subnet: Subnet, netns: &Path, a: &Attachment, nat: Option<&Masquerade>) -> Result<u32, NetworkError> {
     let ns = NetNs::open_at(netns, "task")?;
     let gateway = subnet.gateway();
     Netlink::run(|nl| async move { ensure_bridge(&nl, subnet).await })?;
     if let Some(rule) = nat {
         nftables::send_batch(&nftables::masquerade_batch(rule))?;
     }
-    Netlink::run(|nl| async move {
+    let index = Netlink::run(|nl| async move {
         let _ = nl.delete_link(&a.host_link).await;
         nl.add_veth(&a.host_link, "eth0", Some(ns.fd()), None, None).await?;
         nl.set_controller(&a.host_link, BRIDGE).await?;
-        nl.set_up(&a.host_link).await
+        nl.set_up(&a.host_link).await?;
+        nl.link_index(&a.host_link).await
     })?;
     let ns = NetNs::open_at(netns, "task")?;
     let address = a.address;
@@ -327,7 +343,7 @@ fn wire(subnet: Subnet, netns: &Path, a: &Attachment, nat: Option<&Masquerade>) 
             nl.add_default_route(gateway).await
         })
     })??;
-    Ok(())
+    Ok(index)
 }
 
 /// Creates the bridge with the gateway address, once; enables forwarding
