@@ -14,7 +14,7 @@ use aya::{
     maps::{HashMap, Map, MapData},
     programs::{tc::TcAttachType, SchedClassifier},
 };
-use mesh_common::lb::{Backend, BACKENDS_MAP};
+use mesh_common::lb::{Backend, FlowKey, ReverseNat, BACKENDS_MAP, REVERSE_NAT_MAP};
 
 use crate::{
     cluster::host_address,
@@ -103,22 +103,44 @@ pub fn bridge_frames(swarm: &Swarm, nodes: usize) -> (u64, u64) {
     total
 }
 
+/// The routing-mesh map `name` on host `host`, found through the program
+/// on its `eth0` (`None`: no routing-mesh program there). Needs tcx
+/// (kernel >= 6.6). Call it inside the host's namespace.
+fn mesh_map(name: &str) -> Option<MapData> {
+    let (_, programs) = SchedClassifier::query_tcx("eth0", TcAttachType::Ingress).ok()?;
+    for program in programs {
+        for id in program.map_ids().ok()??.into_iter() {
+            let Ok(map) = MapData::from_id(id) else { continue };
+            if map.info().ok()?.name_as_str() == Some(name) {
+                return Some(map);
+            }
+        }
+    }
+    None
+}
+
 /// The backends in host `host`'s routing-mesh maps (`None`: no
 /// routing-mesh program on its `eth0`). Needs tcx (kernel >= 6.6).
 pub fn backends_on(swarm: &Swarm, host: usize) -> Option<Vec<Backend>> {
     swarm.cluster.host(host).run(|| {
-        let (_, programs) = SchedClassifier::query_tcx("eth0", TcAttachType::Ingress).ok()?;
-        for program in programs {
-            for id in program.map_ids().ok()??.into_iter() {
-                let Ok(map) = MapData::from_id(id) else { continue };
-                if map.info().ok()?.name_as_str() != Some(BACKENDS_MAP) {
-                    continue;
-                }
-                let map: HashMap<MapData, u32, Backend> = HashMap::try_from(Map::HashMap(map)).ok()?;
-                return Some(map.iter().filter_map(Result::ok).map(|(_, b)| b).collect());
-            }
-        }
-        None
+        let map: HashMap<MapData, u32, Backend> = HashMap::try_from(Map::HashMap(mesh_map(BACKENDS_MAP)?)).ok()?;
+        Some(map.iter().filter_map(Result::ok).map(|(_, b)| b).collect())
+    })
+}
+
+/// Empties host `host`'s reverse-NAT map: the entries of connections the
+/// mesh routed to its tasks, which outlive them until the LRU evicts
+/// them. For benchmarks that reach the same task by other paths from the
+/// same client addresses and ports (a reply matching an old entry would
+/// get the published address). Returns how many entries went.
+pub fn forget_routed_connections(swarm: &Swarm, host: usize) -> usize {
+    swarm.cluster.host(host).run(|| {
+        let Some(map) = mesh_map(REVERSE_NAT_MAP) else { return 0 };
+        let Ok(mut map) = HashMap::<MapData, FlowKey, ReverseNat>::try_from(Map::LruHashMap(map)) else {
+            return 0;
+        };
+        let keys: Vec<FlowKey> = map.keys().filter_map(Result::ok).collect();
+        keys.iter().filter(|k| map.remove(k).is_ok()).count()
     })
 }
 

@@ -7,7 +7,8 @@
 //!   address (direct, over a route via B); and against a kube-proxy-style
 //!   reference on node A (nftables DNAT to the task + masquerade). All
 //!   three reach the same server in the same task. Requests/s and p99 of
-//!   each; the server closes every connection, so each request is a new
+//!   each, the medians of `--rounds` (3) rounds that run the three paths
+//!   in turn; the server closes every connection, so each request is a new
 //!   connection through the load balancer.
 //! - ns per packet of `tc_ingress` under BPF_PROG_TEST_RUN (Katran's
 //!   method): a tracked connection to a task on another node (on the link,
@@ -49,7 +50,7 @@ use mesh_tests::{
 use mesh_tests::process::processes_with;
 
 const USAGE: &str =
-    "usage: mesh-bench-mesh [--trials N] [--seconds N] [--only per-packet|programming|http|convergence]";
+    "usage: mesh-bench-mesh [--trials N] [--seconds N] [--rounds N] [--only per-packet|programming|http|convergence]";
 const CLIENT: usize = 2;
 /// Node A: the manager, where the published port is asked.
 const NODE_A: usize = 0;
@@ -58,12 +59,13 @@ const CONVERGE: Duration = Duration::from_secs(30);
 
 fn main() {
     require_root();
-    let (mut trials, mut seconds, mut only) = (20usize, 5u32, None);
+    let (mut trials, mut seconds, mut rounds, mut only) = (20usize, 5u32, 3usize, None);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next()) {
             ("--trials", Some(n)) => trials = n.parse().expect(USAGE),
             ("--seconds", Some(n)) => seconds = n.parse().expect(USAGE),
+            ("--rounds", Some(n)) => rounds = n.parse::<usize>().expect(USAGE).max(1),
             ("--only", Some(which)) => only = Some(which),
             _ => panic!("{USAGE}"),
         }
@@ -78,7 +80,7 @@ fn main() {
     if run("http") {
         let swarm = Swarm::new(3);
         swarm.form(2);
-        http(&swarm, seconds);
+        http(&swarm, seconds, rounds);
     }
     if run("convergence") {
         let swarm = Swarm::new(3);
@@ -135,7 +137,7 @@ fn micros(v: &str) -> f64 {
     number.parse::<f64>().expect("a wrk latency") * scale
 }
 
-fn http(swarm: &Swarm, seconds: u32) {
+fn http(swarm: &Swarm, seconds: u32, rounds: usize) {
     let (a, b) = (host_address(0), host_address(1));
     mesh_tests::mesh::create_http_service(
         swarm,
@@ -209,19 +211,44 @@ fn http(swarm: &Swarm, seconds: u32) {
         (NODE_A, "the client on node A"),
         (CLIENT, "a client outside the swarm, entering by A"),
     ];
-    // Every direct run first, the mesh last: a connection that reuses a
-    // client address and port the mesh routed before (the nftables
-    // reference masquerades to A's address) would meet that connection's
-    // reverse-NAT entry on B on the way back (the mesh owns the task's
-    // routed replies; in a swarm nothing but the mesh reaches a task on
-    // another node).
-    let run = |url: &str| placements.map(|(from, _)| wrk(swarm, from, url, seconds));
-    let direct = run(&format!("http://{task}:80/"));
-    let reference = run(&format!("http://{a}:{NFT_PORT}/"));
-    let mesh = run(&format!("http://{a}:8080/"));
-    for (i, (_, placement)) in placements.iter().enumerate() {
-        let (mesh, direct, reference) = (mesh[i], direct[i], reference[i]);
-        println!("== HTTP, a new connection per request (wrk -t2 -c32 -d{seconds}s), {placement}, the task on B");
+    // Rounds of the three paths, each placement in turn, so a slow spell
+    // of the machine weighs on all three alike; the medians make the
+    // figure. Before each run off the mesh, B forgets the connections the
+    // mesh routed: a connection that reuses a client address and port the
+    // mesh routed (the nftables reference masquerades to A's address)
+    // would meet that connection's reverse-NAT entry on B on the way back
+    // (the mesh owns the task's routed replies; in a swarm nothing but the
+    // mesh reaches a task on another node).
+    let urls = [
+        format!("http://{task}:80/"),
+        format!("http://{a}:{NFT_PORT}/"),
+        format!("http://{a}:8080/"),
+    ];
+    const MESH: usize = 2;
+    // [placement][path] -> one (req/s, p99) per round.
+    let mut runs = vec![vec![Vec::new(); urls.len()]; placements.len()];
+    for round in 0..rounds {
+        for (p, (from, _)) in placements.iter().enumerate() {
+            for (u, url) in urls.iter().enumerate() {
+                if u != MESH {
+                    mesh_tests::mesh::forget_routed_connections(swarm, 1);
+                }
+                runs[p][u].push(wrk(swarm, *from, url, seconds));
+            }
+            let [direct, reference, mesh] = [0, 1, 2].map(|u| runs[p][u][round].0);
+            println!(
+                "   round {}, {}: direct {direct:.0}, nftables {reference:.0}, mesh {mesh:.0} req/s (mesh/nftables {:.2})",
+                round + 1,
+                placements[p].1,
+                mesh / reference
+            );
+        }
+    }
+    for (p, (_, placement)) in placements.iter().enumerate() {
+        let [direct, reference, mesh] = [0, 1, 2].map(|u| medians(&runs[p][u]));
+        println!(
+            "== HTTP, a new connection per request (wrk -t2 -c32 -d{seconds}s, median of {rounds} rounds), {placement}, the task on B"
+        );
         println!(
             "   published port on A:                {:>9.0} req/s, p99 {:>8.0} us",
             mesh.0, mesh.1
@@ -242,6 +269,23 @@ fn http(swarm: &Swarm, seconds: u32) {
             mesh.1 / reference.1
         );
     }
+}
+
+/// The medians of the requests/s and of the p99s.
+fn medians(runs: &[(f64, f64)]) -> (f64, f64) {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    (
+        median(runs.iter().map(|r| r.0).collect()),
+        median(runs.iter().map(|r| r.1).collect()),
+    )
 }
 
 /// The address of `service`'s task on host `host`'s bridge, and its ID.
