@@ -101,26 +101,12 @@ struct Packet {
 
 impl Packet {
     fn flow(&self) -> FlowKey {
-        FlowKey {
-            src: self.src,
-            dst: self.dst,
-            sport: self.sport,
-            dport: self.dport,
-            proto: self.proto,
-            pad: [0; 3],
-        }
+        FlowKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 
     /// The key the answer to this packet carries once it has left the task.
     fn reply_flow(&self, task: u32, task_port: u16) -> FlowKey {
-        FlowKey {
-            src: task,
-            dst: self.src,
-            sport: task_port,
-            dport: self.sport,
-            proto: self.proto,
-            pad: [0; 3],
-        }
+        FlowKey::new(task, self.src, task_port, self.sport, self.proto)
     }
 }
 
@@ -389,13 +375,27 @@ fn rewrite(ctx: &mut TcContext, packet: &Packet, address_at: usize, old: (u32, u
 /// Sends the frame through the routing-mesh tunnel to `node`.
 #[inline(always)]
 fn into_tunnel(ctx: &mut TcContext, config: &NodeConfig, node: u32, vni: u32) -> i32 {
-    // SAFETY: an all-zero bpf_tunnel_key is a valid value.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    key.tunnel_id = vni;
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(node);
-    key.tunnel_ttl = 64;
-    // SAFETY: the key is a local of the size passed; skb is the program's own.
-    let set = unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0) };
+    // Built in place, zeroed word by word: a zeroed value (or any run of
+    // zero stores the compiler may merge, and the copy of a returned
+    // value) costs a call to a `memset` subprogram per packet.
+    const WORDS: usize = size_of::<bpf_tunnel_key>() / 4;
+    let mut key = core::mem::MaybeUninit::<bpf_tunnel_key>::uninit();
+    let key = key.as_mut_ptr();
+    let words = key.cast::<u32>();
+    for i in 0..WORDS {
+        // SAFETY: within the key (WORDS u32s long, 4-byte aligned);
+        // volatile so the stores stay stores.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: every byte of the key is written above (all zeroes is a
+    // valid value: plain integers and unions of them); skb is the
+    // program's own.
+    let set = unsafe {
+        (*key).tunnel_id = vni;
+        (*key).__bindgen_anon_1.remote_ipv4 = u32::from_be(node);
+        (*key).tunnel_ttl = 64;
+        bpf_skb_set_tunnel_key(ctx.skb.skb, key, size_of::<bpf_tunnel_key>() as u32, 0)
+    };
     if set != 0 {
         return SHOT;
     }
@@ -555,14 +555,7 @@ fn from_peer(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet) -> i32 {
     if packet.src == config.addr {
         // A task's reply through another node, for our client: only for a
         // connection this node tracks (nothing else may borrow our address).
-        let ours = FlowKey {
-            src: packet.dst,
-            dst: packet.src,
-            sport: packet.dport,
-            dport: packet.sport,
-            proto: packet.proto,
-            pad: [0; 3],
-        };
+        let ours = FlowKey::new(packet.dst, packet.src, packet.dport, packet.sport, packet.proto);
         // SAFETY: read-only lookup of a plain value.
         if unsafe { CONNTRACK.get(ours) }.is_none() {
             return OK;
@@ -593,13 +586,15 @@ fn serve_here(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet, entry: 
 /// `tc_tunnel`: the routing-mesh tunnel device's ingress.
 #[inline(always)]
 pub fn tunnel(ctx: &mut TcContext) -> i32 {
-    // SAFETY: an all-zero bpf_tunnel_key is a valid value.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // The helper writes the whole key (zeroes on failure): no need to zero it first.
+    let mut key = core::mem::MaybeUninit::<bpf_tunnel_key>::uninit();
     // SAFETY: the key is a local of the size passed.
-    let got = unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0) };
+    let got = unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, key.as_mut_ptr(), size_of::<bpf_tunnel_key>() as u32, 0) };
     if got != 0 {
         return SHOT;
     }
+    // SAFETY: filled by the helper, which succeeded.
+    let key = unsafe { key.assume_init() };
     // SAFETY: the kernel filled the IPv4 member (the device is IPv4).
     let from = unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be();
     // SAFETY: read-only lookup.

@@ -49,14 +49,7 @@ const ALLOW: i32 = 1;
 /// datagrams (and a reconnect) stay on one task.
 #[inline(always)]
 fn socket_flow(cookie: u64, dst: u32, port: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src: cookie as u32,
-        dst,
-        sport: (cookie >> 32) as u16,
-        dport: port,
-        proto,
-        pad: [0; 3],
-    }
+    FlowKey::new(cookie as u32, dst, (cookie >> 32) as u16, port, proto)
 }
 
 /// The reverse-lookup key of the peer socket address `sa` names.
