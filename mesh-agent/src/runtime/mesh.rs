@@ -184,12 +184,16 @@ fn algorithm(a: LbAlgorithm) -> Algorithm {
     }
 }
 
+/// A service's local tasks and their addresses here (`None`: not attached
+/// here yet, or any more).
+type LocalAddresses = Vec<(u64, Option<Ipv4Addr>)>;
+
 /// What one service contributes to the maps, and what it was made from.
 #[derive(Debug)]
 struct ServiceEntry {
     /// The service's digest as assigned, and the local addresses of its
     /// local tasks.
-    input: (u64, Vec<(u64, Option<Ipv4Addr>)>),
+    input: (u64, LocalAddresses),
     state: LbState,
     keys: BTreeSet<PortKey>,
     tasks: BTreeSet<BackendKey>,
@@ -237,43 +241,13 @@ impl MeshTables {
             .map(|a| (wire_addr(a), if on_link(a) { NODE_ON_LINK } else { NODE_TUNNEL }))
             .collect();
         let mut changes = plan_nodes(&self.nodes, &nodes, true);
-        let locals_of = |service: &MeshService| -> Vec<(u64, Option<Ipv4Addr>)> {
+        let locals_of = |service: &MeshService| -> LocalAddresses {
             service
                 .backends
                 .iter()
                 .filter(|b| b.local)
                 .map(|b| (b.task, local.get(&b.task).copied()))
                 .collect()
-        };
-        if let Some(changed) = self.changed_in_place(mesh, local) {
-            for i in changed {
-                let service = &mesh.services[i];
-                let input = (self.last[i].1, locals_of(service));
-                let built = service_state(service, local, on_link, &mut self.ids);
-                changes.extend(replace_entry(
-                    &mut self.services,
-                    &mut self.ids,
-                    service.service,
-                    input,
-                    built,
-                ));
-            }
-            changes.extend(plan_nodes(&self.nodes, &nodes, false));
-            self.nodes = nodes;
-            return changes;
-        }
-        // The managers list services by ID; walk them beside ours, so an
-        // unchanged service costs one digest comparison and no lookup.
-        let sorted;
-        let services = if mesh.services.is_sorted_by_key(|s| s.service) {
-            &mesh.services
-        } else {
-            sorted = {
-                let mut v = mesh.services.clone();
-                v.sort_by_key(|s| s.service);
-                v
-            };
-            &sorted
         };
         let digest_of = |service: &MeshService| {
             if service.digest == 0 {
@@ -282,6 +256,57 @@ impl MeshTables {
                 service.digest
             }
         };
+        let sorted;
+        let (services, changed, gone) = match self.changed_in_place(mesh, local) {
+            Some(changed) => (&mesh.services, changed, Vec::new()),
+            None => {
+                // The managers list services by ID; walk them beside ours, so
+                // an unchanged service costs one digest comparison and no lookup.
+                let services = if mesh.services.is_sorted_by_key(|s| s.service) {
+                    &mesh.services
+                } else {
+                    sorted = {
+                        let mut v = mesh.services.clone();
+                        v.sort_by_key(|s| s.service);
+                        v
+                    };
+                    &sorted
+                };
+                let (changed, gone) = self.walk(services, &digest_of, &locals_of);
+                self.last = mesh.services.iter().map(|s| (s.service, digest_of(s))).collect();
+                self.last_local = local.clone();
+                (services, changed, gone)
+            }
+        };
+        for i in changed {
+            let service = &services[i];
+            let input = (digest_of(service), locals_of(service));
+            let built = service_state(service, local, on_link, &mut self.ids);
+            changes.extend(replace_entry(
+                &mut self.services,
+                &mut self.ids,
+                service.service,
+                input,
+                built,
+            ));
+        }
+        for id in gone {
+            changes.extend(remove_entry(&mut self.services, &mut self.ids, &id));
+        }
+        changes.extend(plan_nodes(&self.nodes, &nodes, false));
+        self.nodes = nodes;
+        changes
+    }
+
+    /// The positions in `services` (sorted by ID) of the services that
+    /// changed since their entry was built, and the IDs of the entries
+    /// whose service is gone.
+    fn walk(
+        &self,
+        services: &[MeshService],
+        digest_of: &dyn Fn(&MeshService) -> u64,
+        locals_of: &dyn Fn(&MeshService) -> LocalAddresses,
+    ) -> (Vec<usize>, Vec<u64>) {
         let mut changed = Vec::new();
         let mut gone = Vec::new();
         let mut ours = self.services.iter().peekable();
@@ -305,26 +330,7 @@ impl MeshTables {
             }
         }
         gone.extend(ours.map(|(id, _)| *id));
-        for i in changed {
-            let service = &services[i];
-            let input = (digest_of(service), locals_of(service));
-            let built = service_state(service, local, on_link, &mut self.ids);
-            changes.extend(replace_entry(
-                &mut self.services,
-                &mut self.ids,
-                service.service,
-                input,
-                built,
-            ));
-        }
-        for id in gone {
-            changes.extend(remove_entry(&mut self.services, &mut self.ids, &id));
-        }
-        changes.extend(plan_nodes(&self.nodes, &nodes, false));
-        self.nodes = nodes;
-        self.last = mesh.services.iter().map(|s| (s.service, digest_of(s))).collect();
-        self.last_local = local.clone();
-        changes
+        (changed, gone)
     }
 
     /// The positions of the services whose digest changed since the last
@@ -491,7 +497,7 @@ fn replace_entry<K: Ord>(
     entries: &mut BTreeMap<K, ServiceEntry>,
     ids: &mut Ids,
     key: K,
-    input: (u64, Vec<(u64, Option<Ipv4Addr>)>),
+    input: (u64, LocalAddresses),
     (state, keys, tasks): Built,
 ) -> Vec<Change> {
     let old = entries.remove(&key);
