@@ -1,6 +1,8 @@
 //! Kernel lane: every program in mesh-ebpf passes the host kernel's verifier
 //! and attaches where the agent will attach it (XDP generic and native on a
-//! veth, TC through tcx and through clsact), and counts real traffic there.
+//! veth, TC through tcx and through clsact), and counts real traffic there;
+//! pinned maps are taken over by an agent of the same version and replaced
+//! when another version left them in another shape.
 
 use std::{net::UdpSocket, time::Duration};
 
@@ -123,4 +125,45 @@ fn tc_programs_attach_through_tcx_and_clsact_and_count_traffic() {
             }
         }
     }
+}
+
+/// A bpffs mounted under a fresh directory, unmounted and removed on drop.
+struct TempPins(std::path::PathBuf);
+
+impl Drop for TempPins {
+    fn drop(&mut self) {
+        mesh_agent::runtime::bpffs::unmount(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_pinned_map_of_another_shape_is_replaced_and_one_of_the_same_is_taken_over() {
+    use aya::maps::{Map, MapInfo};
+    use mesh_common::lb::{NODES_MAP, PINNED_MAPS, SERVICES_MAP, TASK_LINKS_MAP};
+    require_root();
+    let data = std::env::temp_dir().join(format!("mesh-pins-{}", std::process::id()));
+    let guard = TempPins(data.clone());
+    let pins = mesh_agent::runtime::bpffs::pin_dir(&guard.0).expect("mount a bpffs");
+    // An earlier agent whose task-links map had another capacity: its
+    // nodes map (same key and value, a quarter of the entries) pinned
+    // under that name.
+    let mut earlier = EbpfDataplane::load().expect("load");
+    let Some(Map::HashMap(stale)) = earlier.take_map(NODES_MAP) else {
+        panic!("{NODES_MAP} is a hash map")
+    };
+    stale.pin(pins.join(TASK_LINKS_MAP)).expect("pin the stale map");
+    let stale_id = MapInfo::from_pin(pins.join(TASK_LINKS_MAP)).unwrap().id();
+    drop(earlier);
+
+    let first = EbpfDataplane::load_pinned(Some(&pins), &PINNED_MAPS).expect("load over the stale pin");
+    let info = MapInfo::from_pin(pins.join(TASK_LINKS_MAP)).expect("pinned anew");
+    assert_ne!(info.id(), stale_id, "the stale map was replaced");
+    assert_eq!(info.max_entries(), mesh_common::lb::MAX_TASK_LINKS);
+    let services = MapInfo::from_pin(pins.join(SERVICES_MAP)).unwrap().id();
+    drop(first);
+    // The next agent of the same version takes every map over as it is.
+    let _second = EbpfDataplane::load_pinned(Some(&pins), &PINNED_MAPS).expect("load again");
+    assert_eq!(MapInfo::from_pin(pins.join(SERVICES_MAP)).unwrap().id(), services);
+    assert_eq!(MapInfo::from_pin(pins.join(TASK_LINKS_MAP)).unwrap().id(), info.id());
 }

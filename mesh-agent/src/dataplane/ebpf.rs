@@ -21,6 +21,69 @@ use mesh_common::counters::{self, Counter, Hook, ProtoClass};
 /// The compiled mesh-ebpf object (see build.rs: the build fails without it).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
+/// What a map is, as far as a program reading it cares: its kind, key and
+/// value sizes, capacity and creation flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub kind: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl MapShape {
+    fn of_info(info: &aya::maps::MapInfo) -> MapShape {
+        MapShape {
+            kind: info.map_type().map_or(u32::MAX, |t| t as u32),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        }
+    }
+}
+
+/// How `found` (a pinned map) differs from `wanted` (this object's map of
+/// that name), in words; `None` when they are the same shape.
+pub fn shape_change(found: MapShape, wanted: MapShape) -> Option<String> {
+    let fields = [
+        ("type", found.kind, wanted.kind),
+        ("key bytes", found.key_size, wanted.key_size),
+        ("value bytes", found.value_size, wanted.value_size),
+        ("entries", found.max_entries, wanted.max_entries),
+        ("flags", found.flags, wanted.flags),
+    ];
+    let changed: Vec<String> = fields
+        .iter()
+        .filter(|(_, f, w)| f != w)
+        .map(|(what, f, w)| format!("{what} {f}, this agent's {w}"))
+        .collect();
+    (!changed.is_empty()).then(|| changed.join("; "))
+}
+
+/// The shapes of the embedded object's maps, by name.
+pub fn object_map_shapes() -> Result<std::collections::HashMap<String, MapShape>, EbpfError> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| EbpfError::Map {
+        name: "mesh-ebpf object",
+        reason: format!("parsing its map definitions: {e}"),
+    })?;
+    Ok(object
+        .maps
+        .iter()
+        .map(|(name, m)| {
+            let shape = MapShape {
+                kind: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries: m.max_entries(),
+                flags: m.map_flags(),
+            };
+            (name.clone(), shape)
+        })
+        .collect())
+}
+
 /// The XDP packet-counting program.
 pub const XDP_COUNT: &str = "xdp_count";
 /// The TC packet-counting program.
@@ -154,11 +217,34 @@ impl EbpfDataplane {
     /// `pin_dir` on a bpffs: an existing pin is reused (so what an earlier
     /// agent wrote, and the connections it tracked, carry on), a missing
     /// one is created and pinned.
+    ///
+    /// A pin whose map has another shape than this object's map of that
+    /// name (left by an agent of another version: pins carry no layout
+    /// version) is replaced by a new map rather than taken over, since the
+    /// programs would read its entries with the wrong layout; what it held
+    /// starts empty.
     pub fn load_pinned(pin_dir: Option<&std::path::Path>, pinned: &[&'static str]) -> Result<Self, EbpfError> {
         let mut loader = aya::EbpfLoader::new();
         if let Some(dir) = pin_dir {
+            let shapes = object_map_shapes()?;
             for name in pinned {
-                loader.map_pin_path(name, dir.join(name));
+                let path = dir.join(name);
+                let found = aya::maps::MapInfo::from_pin(&path).ok().map(|i| MapShape::of_info(&i));
+                let wanted = shapes.get(*name).copied();
+                if let Some(why) = found
+                    .zip(wanted)
+                    .and_then(|(found, wanted)| shape_change(found, wanted))
+                {
+                    log::warn!(
+                        "eBPF map {name} pinned at {} was made by another version ({why}): replaced by a new, empty one",
+                        path.display()
+                    );
+                    std::fs::remove_file(&path).map_err(|e| EbpfError::Map {
+                        name: "pinned map",
+                        reason: format!("removing the stale pin {}: {e}", path.display()),
+                    })?;
+                }
+                loader.map_pin_path(name, path);
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(Box::new)?;
@@ -460,5 +546,35 @@ fn attach_error(action: &'static str, name: &str, interface: &str, source: Progr
         name: name.to_owned(),
         interface: interface.to_owned(),
         source: Box::new(source),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pinned_map_is_in_the_object_and_a_changed_shape_is_told_apart() {
+        let shapes = object_map_shapes().expect("the object parses");
+        for name in mesh_common::lb::PINNED_MAPS {
+            assert!(shapes.contains_key(name), "{name} is pinned but not in the object");
+        }
+        let wanted = shapes[mesh_common::lb::REVERSE_NAT_MAP];
+        assert_eq!(shape_change(wanted, wanted), None);
+        let older = MapShape {
+            value_size: wanted.value_size - 4,
+            max_entries: wanted.max_entries / 2,
+            ..wanted
+        };
+        let why = shape_change(older, wanted).expect("a different shape");
+        assert!(
+            why.contains(&format!(
+                "value bytes {}, this agent's {}",
+                wanted.value_size - 4,
+                wanted.value_size
+            )),
+            "{why}"
+        );
+        assert!(why.contains("entries"), "{why}");
     }
 }
