@@ -58,7 +58,11 @@ fn dashboard_names_exist(text: &str) {
         assert!(
             text.lines()
                 .any(|l| l.starts_with(&format!("# TYPE {} ", name.trim_end_matches("_bucket")))),
-            "the dashboard asks for {name}, which the agent does not serve"
+            "the dashboard asks for {name}, which the agent does not serve; its routing-mesh series:\n{}",
+            text.lines()
+                .filter(|l| l.contains("mesh_lb"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         checked += 1;
     }
@@ -83,8 +87,10 @@ fn every_agent_serves_metrics_that_promtool_accepts() {
         ],
     );
     swarm.wait("3 web tasks running", CONVERGE, || running(&swarm, "web") == 3);
-    swarm.wait("every node's 8080 answers", CONVERGE, || {
-        spray(&swarm, 3, 3, 8080, 2).0.is_empty()
+    // Every task takes connections (each node counts its own task's).
+    swarm.wait("every node's 8080 answers, from every task", CONVERGE, || {
+        let (failures, per_task, _) = spray(&swarm, 3, 3, 8080, 4);
+        failures.is_empty() && per_task.len() == 3
     });
     let (failures, _, _) = spray(&swarm, 3, 3, 8080, 10);
     assert!(failures.is_empty(), "{failures:?}");

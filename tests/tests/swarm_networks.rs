@@ -133,3 +133,45 @@ fn networks_are_allocated_once_listed_inspected_and_removed_when_unused() {
     assert_eq!(third["network"]["subnet"], "10.20.0.0/24");
     assert_eq!(third["network"]["vni"], 4096);
 }
+
+/// The node's task bridge is asked for by a task's attach and by the
+/// routing mesh at once: every caller succeeds, whoever made it first
+/// (a task was once rejected with "File exists" for losing that race).
+#[test]
+fn the_node_bridge_is_made_once_whoever_asks_for_it_at_the_same_time() {
+    use mesh_agent::runtime::network::{check_local_pool, LocalNetwork, BRIDGE};
+    require_root();
+    let cluster = mesh_tests::Cluster::new(1).expect("a host");
+    let results = cluster.host(0).run(|| {
+        let pool = check_local_pool("172.18.0.0/16").unwrap();
+        // Threads made here share the host's network namespace.
+        let callers: Vec<_> = (0..16)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime
+                        .block_on(LocalNetwork::new(pool).ensure_bridge())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        callers.into_iter().map(|c| c.join().unwrap()).collect::<Vec<_>>()
+    });
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let out = cluster
+        .host(0)
+        .output(
+            {
+                let mut ip = std::process::Command::new("ip");
+                ip.args(["-4", "-o", "addr", "show", "dev", BRIDGE]);
+                ip
+            },
+            Duration::from_secs(10),
+        )
+        .expect("ip addr");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("172.18.0.1/16").count(), 1, "{text}");
+}

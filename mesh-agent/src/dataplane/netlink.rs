@@ -70,6 +70,14 @@ pub enum NetlinkError {
     Request { command: String, source: rtnetlink::Error },
 }
 
+impl NetlinkError {
+    /// Whether the kernel refused because the object is there already
+    /// (EEXIST): someone else made it first.
+    pub fn already_exists(&self) -> bool {
+        matches!(self, NetlinkError::Request { source: rtnetlink::Error::NetlinkError(e), .. } if e.raw_code() == -libc::EEXIST)
+    }
+}
+
 /// A route netlink handle bound to one network namespace.
 #[derive(Clone)]
 pub struct Netlink {

@@ -347,16 +347,22 @@ fn wire(subnet: Subnet, netns: &Path, a: &Attachment, nat: Option<&Masquerade>) 
 }
 
 /// Creates the bridge with the gateway address, once; enables forwarding
-/// so tasks reach beyond the node.
+/// so tasks reach beyond the node. Callers race (a task's attach and the
+/// routing mesh's sync): whoever comes second finds the bridge or the
+/// address made, and that is success.
 async fn ensure_bridge(nl: &Netlink, subnet: Subnet) -> Result<(), NetlinkError> {
+    let made_by_another = |r: Result<(), NetlinkError>| match r {
+        Err(e) if e.already_exists() => Ok(()),
+        other => other,
+    };
     match nl.link_index(BRIDGE).await {
         Ok(_) => {}
-        Err(NetlinkError::NoSuchLink(_)) => nl.add_bridge(BRIDGE).await?,
+        Err(NetlinkError::NoSuchLink(_)) => made_by_another(nl.add_bridge(BRIDGE).await)?,
         Err(e) => return Err(e),
     }
     let gateway = IpAddr::V4(subnet.gateway());
     if !nl.has_address(BRIDGE, gateway).await? {
-        nl.add_address(BRIDGE, gateway, subnet.prefix).await?;
+        made_by_another(nl.add_address(BRIDGE, gateway, subnet.prefix).await)?;
     }
     nl.set_up(BRIDGE).await?;
     if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
