@@ -103,9 +103,9 @@ pub fn bridge_frames(swarm: &Swarm, nodes: usize) -> (u64, u64) {
     total
 }
 
-/// The routing-mesh map `name` on host `host`, found through the program
-/// on its `eth0` (`None`: no routing-mesh program there). Needs tcx
-/// (kernel >= 6.6). Call it inside the host's namespace.
+/// The routing-mesh map `name` of the calling thread's namespace (call it
+/// inside a host's), found through the program on its `eth0` (`None`: no
+/// routing-mesh program there). Needs tcx (kernel >= 6.6).
 fn mesh_map(name: &str) -> Option<MapData> {
     let (_, programs) = SchedClassifier::query_tcx("eth0", TcAttachType::Ingress).ok()?;
     for program in programs {

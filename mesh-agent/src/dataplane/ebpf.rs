@@ -24,12 +24,12 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"))
 /// What a map is, as far as a program reading it cares: its kind, key and
 /// value sizes, capacity and creation flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapShape {
-    pub kind: u32,
-    pub key_size: u32,
-    pub value_size: u32,
-    pub max_entries: u32,
-    pub flags: u32,
+struct MapShape {
+    kind: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
 }
 
 impl MapShape {
@@ -46,7 +46,7 @@ impl MapShape {
 
 /// How `found` (a pinned map) differs from `wanted` (this object's map of
 /// that name), in words; `None` when they are the same shape.
-pub fn shape_change(found: MapShape, wanted: MapShape) -> Option<String> {
+fn shape_change(found: MapShape, wanted: MapShape) -> Option<String> {
     let fields = [
         ("type", found.kind, wanted.kind),
         ("key bytes", found.key_size, wanted.key_size),
@@ -63,7 +63,7 @@ pub fn shape_change(found: MapShape, wanted: MapShape) -> Option<String> {
 }
 
 /// The shapes of the embedded object's maps, by name.
-pub fn object_map_shapes() -> Result<std::collections::HashMap<String, MapShape>, EbpfError> {
+fn object_map_shapes() -> Result<std::collections::HashMap<String, MapShape>, EbpfError> {
     let object = aya_obj::Object::parse(OBJECT).map_err(|e| EbpfError::Map {
         name: "mesh-ebpf object",
         reason: format!("parsing its map definitions: {e}"),

@@ -1077,13 +1077,14 @@ fn sync_blocking(
         active.sockets = true;
         log::info!("routing mesh: serving service VIPs to the tasks in {}", dir.display());
     }
+    // Task links only while the TC programs that use them are attached.
     let no_links = BTreeMap::new();
-    let task_links = match (&mut active.tc, &mut active.dataplane) {
-        (Some(tc), dataplane) => {
-            sync_task_veths(dataplane, tc, attachments, pins);
+    let task_links = match &mut active.tc {
+        Some(tc) => {
+            sync_task_veths(&mut active.dataplane, tc, attachments, pins);
             attachments
         }
-        (None, _) => &no_links,
+        None => &no_links,
     };
     let mesh = published.map(|(m, _, _)| m).unwrap_or_default();
     let link = inner.active.as_ref().and_then(|a| a.tc.as_ref()).and_then(|tc| tc.link);
@@ -1307,17 +1308,14 @@ fn sync_task_veths(
             }
         }
     }
-    let gone: Vec<String> = tc
-        .task_veths
-        .iter()
-        .filter(|v| !wanted.contains(v.as_str()))
-        .cloned()
-        .collect();
-    for veth in gone {
-        let pin = link_pin(pins, PROGRAM_FROM_TASK, &veth);
-        EbpfDataplane::detach_tc_pinned(PROGRAM_FROM_TASK, &veth, tc.api, &pin);
-        tc.task_veths.remove(&veth);
-    }
+    let api = tc.api;
+    tc.task_veths.retain(|veth| {
+        let kept = wanted.contains(veth.as_str());
+        if !kept {
+            EbpfDataplane::detach_tc_pinned(PROGRAM_FROM_TASK, veth, api, &link_pin(pins, PROGRAM_FROM_TASK, veth));
+        }
+        kept
+    });
     for veth in wanted {
         if !tc.task_veths.insert(veth.to_string()) {
             continue;

@@ -258,11 +258,12 @@ impl LocalNetwork {
     /// and reserved, and nothing is changed.
     pub async fn adopt(&self, task: u64, netns: &Path) -> Result<Attachment, NetworkError> {
         let (netns, subnet, host_link) = (netns.to_path_buf(), self.subnet, host_link_name(task));
+        let name = host_link.clone();
         let (addresses, host_index) = tokio::task::spawn_blocking(move || -> Result<_, NetworkError> {
             let ns = NetNs::open_at(&netns, "task")?;
             let addresses = ns.run(|| Netlink::run(|nl| async move { nl.global_addresses().await }))??;
             // A veth that is not there leaves the task to the bridge's path.
-            let index = Netlink::run(|nl| async move { nl.link_index(&host_link).await }).unwrap_or(0);
+            let index = Netlink::run(|nl| async move { nl.link_index(&name).await }).unwrap_or(0);
             Ok((addresses, index))
         })
         .await
@@ -275,7 +276,7 @@ impl LocalNetwork {
             })
             .ok_or_else(|| NetworkError::Adopt(format!("the task has no address in {subnet}")))?;
         let attachment = Attachment {
-            host_link: host_link_name(task),
+            host_link,
             host_index,
             address,
         };
