@@ -8,10 +8,12 @@
 //!   does not fit (egress, or a driver without XDP).
 //! - `tc_ingress`, `tc_tunnel`, `tc_reply`, `tc_from_task`: the routing
 //!   mesh (see [`lb`]).
-//! - `sock_connect4`, `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeername4`:
-//!   service VIPs for tasks (see [`sock`]).
-//! - `host_connect4`, `host_sendmsg4`, `host_recvmsg4`, `host_getpeername4`:
-//!   the node's own connections to its published ports (see [`sock`]).
+//! - `sock_connect4`, `sock_sendmsg4`, `sock_recvmsg4`, `sock_getpeername4`
+//!   and their `*6` twins (IPv4-mapped addresses on IPv6 sockets): service
+//!   VIPs for tasks (see [`sock`]).
+//! - `host_connect4`, `host_sendmsg4`, `host_recvmsg4`, `host_getpeername4`
+//!   and their `*6` twins: the node's own connections to its published
+//!   ports (see [`sock`]).
 //!
 //! On the host target the crate builds to a stub `main` that says how to
 //! build it for real, so `cargo clippy --workspace` still checks it.
@@ -20,6 +22,8 @@
 
 mod lb;
 mod sock;
+
+use sock::Family;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK},
@@ -75,42 +79,82 @@ pub fn tc_from_task(mut ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::to_backend(&ctx)
+    sock::to_backend(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::to_backend(&ctx)
+    sock::to_backend(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::to_vip(&ctx)
+    sock::to_vip(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::to_vip(&ctx)
+    sock::to_vip(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::to_backend(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::to_vip(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::to_vip(&ctx, Family::V6)
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn host_connect4(ctx: SockAddrContext) -> i32 {
-    sock::host_to_backend(&ctx)
+    sock::host_to_backend(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn host_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::host_to_backend(&ctx)
+    sock::host_to_backend(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn host_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::host_to_published(&ctx)
+    sock::host_to_published(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn host_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::host_to_published(&ctx)
+    sock::host_to_published(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn host_connect6(ctx: SockAddrContext) -> i32 {
+    sock::host_to_backend(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn host_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::host_to_backend(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn host_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::host_to_published(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn host_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::host_to_published(&ctx, Family::V6)
 }
 
 #[inline(always)]

@@ -8,7 +8,11 @@
 //!   the shared tables and backends; the connection tracking keeps one
 //!   socket's datagrams on one task);
 //! - `sock_recvmsg4`, `sock_getpeername4`: the task's address -> the VIP, so
-//!   the application sees the peer it asked for.
+//!   the application sees the peer it asked for;
+//! - `sock_*6`: the same for IPv6 sockets whose peer is an IPv4 address
+//!   mapped into IPv6 (`::ffff:A.B.C.D`), as dual-stack runtimes (Java,
+//!   Node, `iperf3` without `-4`) connect to IPv4 services; other IPv6
+//!   addresses are left alone.
 //!
 //! Node-local access to published ports: `host_*` on the cgroup2 root, for
 //! sockets in the node's own network namespace only ([`LB_HOST`] holds its
@@ -16,7 +20,8 @@
 //! connection to a published port on the node's address or 127.0.0.1 goes
 //! to a local task (its address and target port) or to the task's node (its
 //! address, the published port; that node keeps it on its own tasks), and
-//! the socket sees the address it asked for.
+//! the socket sees the address it asked for. `host_*6` do the same for
+//! IPv6 sockets asking for the mapped form of those addresses.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -45,6 +50,44 @@ const LOOPBACK: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// Let the system call go on (the cgroup hooks' verdict).
 const ALLOW: i32 = 1;
 
+/// Which socket address a program is handed.
+#[derive(Clone, Copy)]
+pub enum Family {
+    /// An IPv4 one (`*4` hooks): `user_ip4`.
+    V4,
+    /// An IPv6 one (`*6` hooks): only an IPv4-mapped address
+    /// (`::ffff:A.B.C.D`) is the mesh's; its last word is the IPv4 address.
+    V6,
+}
+
+/// The first three words of an IPv4-mapped IPv6 address, as the socket
+/// address holds them (network order).
+const MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
+
+/// The IPv4 address `sa` names, if it names one.
+#[inline(always)]
+fn ipv4(sa: &bpf_sock_addr, family: Family) -> Option<u32> {
+    match family {
+        Family::V4 => Some(sa.user_ip4),
+        Family::V6 => {
+            let mapped = sa.user_ip6[0] == MAPPED_PREFIX[0]
+                && sa.user_ip6[1] == MAPPED_PREFIX[1]
+                && sa.user_ip6[2] == MAPPED_PREFIX[2];
+            mapped.then_some(sa.user_ip6[3])
+        }
+    }
+}
+
+/// Makes `sa` name `addr` (mapped, for IPv6: only called on an address
+/// [`ipv4`] found mapped, so the prefix is already there).
+#[inline(always)]
+fn set_ipv4(sa: &mut bpf_sock_addr, family: Family, addr: u32) {
+    match family {
+        Family::V4 => sa.user_ip4 = addr,
+        Family::V6 => sa.user_ip6[3] = addr,
+    }
+}
+
 /// The flow a socket's pick is tracked under: one socket, one flow, so its
 /// datagrams (and a reconnect) stay on one task.
 #[inline(always)]
@@ -52,24 +95,27 @@ fn socket_flow(cookie: u64, dst: u32, port: u16, proto: u8) -> FlowKey {
     FlowKey::new(cookie as u32, dst, (cookie >> 32) as u16, port, proto)
 }
 
-/// The reverse-lookup key of the peer socket address `sa` names.
+/// The reverse-lookup key of the peer socket address `sa` names (none
+/// for an IPv6 address that is not IPv4-mapped).
 #[inline(always)]
-fn peer_key(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> SockRevKey {
-    SockRevKey {
+fn peer_key(ctx: &SockAddrContext, sa: &bpf_sock_addr, family: Family) -> Option<SockRevKey> {
+    Some(SockRevKey {
         // SAFETY: the context is the program's own.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        addr: sa.user_ip4,
+        addr: ipv4(sa, family)?,
         port: sa.user_port as u16,
         pad: 0,
-    }
+    })
 }
 
 /// VIP -> a task's address, for `connect()` and `sendmsg()`.
 #[inline(always)]
-pub fn to_backend(ctx: &SockAddrContext) -> i32 {
+pub fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: the kernel hands the program a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let vip = sa.user_ip4;
+    let Some(vip) = ipv4(sa, family) else {
+        return ALLOW;
+    };
     // SAFETY: read-only lookup of a plain value.
     let Some(service) = (unsafe { LB_VIPS.get(vip) }) else {
         return ALLOW;
@@ -83,7 +129,7 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
         // No task: the VIP stays, and the connection finds nobody there.
         return ALLOW;
     };
-    sa.user_ip4 = backend.local;
+    set_ipv4(sa, family, backend.local);
     let _ = SOCK_REV.insert(
         SockRevKey {
             cookie,
@@ -99,13 +145,15 @@ pub fn to_backend(ctx: &SockAddrContext) -> i32 {
 
 /// The task's address -> the VIP, for `recvmsg()` and `getpeername()`.
 #[inline(always)]
-pub fn to_vip(ctx: &SockAddrContext) -> i32 {
+pub fn to_vip(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: the kernel hands the program a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let key = peer_key(ctx, sa);
+    let Some(key) = peer_key(ctx, sa, family) else {
+        return ALLOW;
+    };
     // SAFETY: read-only lookup of a plain value.
     if let Some(rev) = unsafe { SOCK_REV.get(key) } {
-        sa.user_ip4 = rev.vip;
+        set_ipv4(sa, family, rev.vip);
     }
     ALLOW
 }
@@ -123,13 +171,16 @@ fn in_node_namespace(ctx: &SockAddrContext) -> bool {
 /// A published port on this node -> a task, for `connect()` and
 /// `sendmsg()` in the node's namespace.
 #[inline(always)]
-pub fn host_to_backend(ctx: &SockAddrContext) -> i32 {
+pub fn host_to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     if !in_node_namespace(ctx) {
         return ALLOW;
     }
     // SAFETY: the kernel hands the program a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let (dst, port, proto) = (sa.user_ip4, sa.user_port as u16, sa.protocol as u8);
+    let Some(dst) = ipv4(sa, family) else {
+        return ALLOW;
+    };
+    let (port, proto) = (sa.user_port as u16, sa.protocol as u8);
     let Some(config) = config() else {
         return ALLOW;
     };
@@ -150,7 +201,7 @@ pub fn host_to_backend(ctx: &SockAddrContext) -> i32 {
     } else {
         (backend.node, port)
     };
-    sa.user_ip4 = addr;
+    set_ipv4(sa, family, addr);
     sa.user_port = u32::from(to_port);
     let _ = HOST_REV.insert(
         SockRevKey {
@@ -172,16 +223,18 @@ pub fn host_to_backend(ctx: &SockAddrContext) -> i32 {
 /// The task (or its node) -> the published address the socket asked
 /// for, for `recvmsg()` and `getpeername()` in the node's namespace.
 #[inline(always)]
-pub fn host_to_published(ctx: &SockAddrContext) -> i32 {
+pub fn host_to_published(ctx: &SockAddrContext, family: Family) -> i32 {
     if !in_node_namespace(ctx) {
         return ALLOW;
     }
     // SAFETY: the kernel hands the program a valid bpf_sock_addr.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let key = peer_key(ctx, sa);
+    let Some(key) = peer_key(ctx, sa, family) else {
+        return ALLOW;
+    };
     // SAFETY: read-only lookup of a plain value.
     if let Some(rev) = unsafe { HOST_REV.get(key) } {
-        sa.user_ip4 = rev.addr;
+        set_ipv4(sa, family, rev.addr);
         sa.user_port = u32::from(rev.port);
     }
     ALLOW

@@ -1072,16 +1072,20 @@ impl Member {
                     let started = std::time::Instant::now();
                     let overlays = self.overlays.apply(&a).await;
                     crate::metrics::record_reconcile("overlay", started, &overlays);
-                    let started = std::time::Instant::now();
-                    self.dns.apply(&a.services);
-                    self.tasks.apply(&a.tasks, &a.retained);
-                    crate::metrics::record_reconcile::<(), ()>("tasks", started, &Ok(()));
+                    // The VIPs and published ports before the tasks: a new
+                    // task's process connects at once, and a socket that
+                    // connects before the socket programs serve its VIP
+                    // keeps the VIP as its peer, which nothing answers.
                     let started = std::time::Instant::now();
                     let mesh = self.mesh.apply(&a).await;
                     crate::metrics::record_reconcile("mesh", started, &mesh);
                     if let Err(e) = &mesh {
                         log::warn!("routing mesh: {e}");
                     }
+                    let started = std::time::Instant::now();
+                    self.dns.apply(&a.services);
+                    self.tasks.apply(&a.tasks, &a.retained);
+                    crate::metrics::record_reconcile::<(), ()>("tasks", started, &Ok(()));
                     previous = Some(a);
                     if overlays.is_ok() && mesh.is_ok() {
                         continue;

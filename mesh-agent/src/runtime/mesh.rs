@@ -1361,10 +1361,29 @@ fn teardown(mut active: Active, pins: &Path) {
     }
 }
 
-/// The socket programs on the tasks' cgroup.
-const SOCKET_PROGRAMS: [&str; 4] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
+/// The socket programs on the tasks' cgroup: IPv4 sockets, and IPv6
+/// sockets that use IPv4-mapped addresses (dual-stack runtimes).
+const SOCKET_PROGRAMS: [&str; 8] = [
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+    "sock_getpeername4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_getpeername6",
+];
 /// The socket programs on the cgroup2 root, for the node's own sockets.
-const HOST_SOCKET_PROGRAMS: [&str; 4] = ["host_connect4", "host_sendmsg4", "host_recvmsg4", "host_getpeername4"];
+const HOST_SOCKET_PROGRAMS: [&str; 8] = [
+    "host_connect4",
+    "host_sendmsg4",
+    "host_recvmsg4",
+    "host_getpeername4",
+    "host_connect6",
+    "host_sendmsg6",
+    "host_recvmsg6",
+    "host_getpeername6",
+];
 
 /// Program names in the mesh-ebpf object.
 pub const PROGRAM_INGRESS: &str = "tc_ingress";
