@@ -493,6 +493,7 @@ mod tests {
             desired,
             state,
             spec: Default::default(),
+            endpoints_pending: 0,
         }
     }
 

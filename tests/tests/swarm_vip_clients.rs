@@ -308,3 +308,76 @@ fn a_vip_answers_ipv4_and_dual_stack_sockets_by_name_and_by_address() {
         assert!(lines >= 30, "{service}: echoed {lines} lines in 6 s: {logs}");
     }
 }
+
+#[test]
+fn a_task_waits_a_bounded_time_for_a_silent_peer_to_learn_its_endpoint_and_says_so() {
+    require_root();
+    let swarm = Swarm::new(3);
+    // Nodes are Down after 3 missed 5 s heartbeats: a silent node stays a
+    // peer for longer than a task waits for it.
+    let addr = swarm.cluster.host(0).address().to_string();
+    swarm.ok(
+        0,
+        &[
+            "swarm",
+            "init",
+            "--advertise-addr",
+            &addr,
+            "--dispatcher-heartbeat",
+            "5s",
+        ],
+    );
+    for i in 1..3 {
+        swarm.join(i, 0, "worker");
+    }
+    swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    swarm.ok(0, &["network", "create", "--driver", "overlay", "--attachable", "app"]);
+    echo_service(&swarm, "api", &["--constraint", "node.hostname==h1"], &[PORT]);
+    echo_service(&swarm, "idle", &["--constraint", "node.hostname==h2"], &["7001"]);
+    swarm.wait("api and idle running", CONVERGE, || {
+        running(&swarm, "api") == 1 && running(&swarm, "idle") == 1
+    });
+    // With every node answering, a one-off waits for nobody.
+    let (run, _) = first_connection(&swarm, 0, &[]).expect("a one-off with every peer answering");
+    assert!(run < 5000, "a one-off waited {run} ms with every peer answering");
+
+    // h2's agent stops answering (its task runs on): a one-off on h0
+    // waits for it, then starts anyway and says so.
+    let h2 = swarm.pid(2).expect("h2's agent runs");
+    // SAFETY: a plain signal to a process this test started.
+    assert_eq!(unsafe { libc::kill(h2 as i32, libc::SIGSTOP) }, 0);
+    let echo = binary("mesh-echo");
+    let asked = Instant::now();
+    let out = swarm.meshctl(
+        0,
+        &[
+            "run",
+            "--network",
+            "app",
+            "--",
+            echo.to_str().unwrap(),
+            "--first",
+            "api",
+            PORT,
+        ],
+    );
+    let waited = asked.elapsed();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(h2 as i32, libc::SIGCONT) }, 0);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("first ok "), "the one-off reached api on h1: {stdout}");
+    assert!(
+        stderr.contains("waiting for 1 node(s) on its networks to learn its endpoint")
+            && stderr.contains("started after 5s with 1 node(s) on its networks yet to learn its endpoint"),
+        "`meshctl run` says what it waited for: {stderr}"
+    );
+    assert!(
+        waited >= Duration::from_secs(5),
+        "the process started only once the wait was over: {waited:?}"
+    );
+    println!("with a silent peer, the one-off started after {waited:?}: {stderr}");
+}

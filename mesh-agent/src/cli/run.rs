@@ -86,6 +86,9 @@ pub async fn run(client: &Client, args: RunArgs) -> ApiResult<()> {
 /// Streams the task's output until it ends; its final state and message.
 async fn follow(client: &Client, service: &str) -> ApiResult<(TaskState, String)> {
     let mut cursors: Vec<(u64, u64)> = Vec::new();
+    // What the task's state said last, told once (a start that waits for
+    // its peers, or went ahead without them).
+    let mut told = String::new();
     loop {
         let tasks = match client
             .cluster(ClusterRequest::TaskList {
@@ -100,6 +103,12 @@ async fn follow(client: &Client, service: &str) -> ApiResult<(TaskState, String)
             .iter()
             .find(|t| t.task.state.is_terminal())
             .map(|t| (t.task.state, t.task.message.clone()));
+        if let Some(t) = tasks.iter().find(|t| !t.task.state.is_terminal()) {
+            if !t.task.message.is_empty() && t.task.message != told {
+                told = t.task.message.clone();
+                eprintln!("{service}: {}: {told}", t.task.state.name());
+            }
+        }
         let request = LocalRequest::ServiceLogs {
             service: service.to_string(),
             cursors: cursors.clone(),
@@ -117,8 +126,11 @@ async fn follow(client: &Client, service: &str) -> ApiResult<(TaskState, String)
             let _ = std::io::stdout().flush();
         }
         // The last output was read after the task had ended.
-        if let Some(done) = ended {
-            return Ok(done);
+        if let Some((state, message)) = ended {
+            if state == TaskState::Complete && message != "finished" && (told.is_empty() || !message.contains(&told)) {
+                eprintln!("{service}: {}: {message}", state.name());
+            }
+            return Ok((state, message));
         }
         tokio::time::sleep(POLL).await;
     }

@@ -134,6 +134,7 @@ mod tests {
         s.tasks.insert(10, task(10, 1, TaskState::Running, [10, 0, 0, 3]));
         s.tasks.insert(11, task(11, 1, TaskState::Starting, [10, 0, 0, 4]));
         let mine = Assignment {
+            endpoints_pending: 0,
             task: 10,
             service: 1,
             desired: DesiredState::Running,

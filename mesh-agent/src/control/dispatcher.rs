@@ -22,7 +22,7 @@ use super::{
     ipsec::ipsec_assignment,
     overlay::{NetworkPeers, Peer, TaskNetwork},
     parts::PartRef,
-    service::{Assignment, TaskSpec},
+    service::{Assignment, Task, TaskSpec},
     state::{node_id_text, ClusterState, NodeId, NodeStatus},
     tunnel::tunnel_assignment,
 };
@@ -88,6 +88,8 @@ pub struct DispatchIndex {
     tasks_by_node: HashMap<NodeId, Vec<u64>>,
     /// Each network's endpoints: its unended tasks that have a node.
     endpoints: BTreeMap<u64, Shared<Vec<Peer>>>,
+    /// The nodes with an unended task on each network (sorted).
+    network_nodes: BTreeMap<u64, Vec<NodeId>>,
     /// Each network's services (DNS and VIPs).
     services: BTreeMap<u64, Shared<Vec<crate::control::discovery::ServiceRecord>>>,
     /// What every node's routing mesh draws on (`None`: no port is
@@ -100,6 +102,7 @@ impl DispatchIndex {
     pub fn new(state: &ClusterState) -> DispatchIndex {
         let mut tasks_by_node: HashMap<NodeId, Vec<u64>> = HashMap::new();
         let mut endpoints: BTreeMap<u64, BTreeSet<Peer>> = BTreeMap::new();
+        let mut network_nodes: BTreeMap<u64, BTreeSet<NodeId>> = BTreeMap::new();
         for t in state.tasks.values() {
             let Some(node) = t.node else { continue };
             tasks_by_node.entry(node).or_default().push(t.id);
@@ -108,6 +111,7 @@ impl DispatchIndex {
             }
             let Some(host) = state.nodes.get(&node) else { continue };
             for a in &t.attachments {
+                network_nodes.entry(a.network).or_default().insert(node);
                 endpoints.entry(a.network).or_default().insert(Peer {
                     address: a.address,
                     vtep: host.data_path_addr.clone(),
@@ -121,12 +125,23 @@ impl DispatchIndex {
                 .into_iter()
                 .map(|(id, peers)| (id, Shared::new(peers.into_iter().collect())))
                 .collect(),
+            network_nodes: network_nodes
+                .into_iter()
+                .map(|(id, nodes)| (id, nodes.into_iter().collect()))
+                .collect(),
             services: crate::control::discovery::by_network(state, &networks)
                 .into_iter()
                 .map(|(id, services)| (id, Shared::new(services)))
                 .collect(),
             mesh: crate::control::mesh::MeshFleet::of(state).map(Shared::new),
         }
+    }
+}
+
+impl DispatchIndex {
+    /// The nodes with an unended task on `network`.
+    pub fn nodes_on(&self, network: u64) -> &[NodeId] {
+        self.network_nodes.get(&network).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -171,17 +186,21 @@ pub struct DispatchView {
     /// The last applied log index when the state was read (the state may
     /// hold a little more).
     pub applied: u64,
+    /// Its number among the views this manager made (they are made in
+    /// order, each of a state holding at least the previous one's).
+    pub seq: u64,
     /// When it was made.
     pub made: Instant,
 }
 
 impl DispatchView {
-    /// The view of `state`, applied up to at least `applied`.
-    pub fn new(state: Arc<ClusterState>, applied: u64, now: Instant) -> DispatchView {
+    /// View number `seq`, of `state`, applied up to at least `applied`.
+    pub fn new(state: Arc<ClusterState>, applied: u64, seq: u64, now: Instant) -> DispatchView {
         DispatchView {
             index: DispatchIndex::new(&state),
             state,
             applied,
+            seq,
             made: now,
         }
     }
@@ -202,12 +221,19 @@ impl DispatchView {
 /// What node `node` is told about its tasks: every task placed on it that
 /// has not ended, with the spec to run, and the ended ones still listed.
 pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
-    assignments_with(state, &DispatchIndex::new(state), node)
+    assignments_with(state, &DispatchIndex::new(state), node, &mut |_| 0)
 }
 
 /// [`assignments`] from an index already made for `state`: the cost is
 /// the node's own tasks, its networks and the routing mesh, not the swarm.
-pub fn assignments_with(state: &ClusterState, index: &DispatchIndex, node: NodeId) -> Assignments {
+/// `pending` tells, for a task about to start, how many nodes on its
+/// networks have yet to learn its endpoint (`control::propagation`).
+pub fn assignments_with(
+    state: &ClusterState,
+    index: &DispatchIndex,
+    node: NodeId,
+    pending: &mut dyn FnMut(&Task) -> u32,
+) -> Assignments {
     let mut tasks = Vec::new();
     let mut retained = Vec::new();
     let mine = index.tasks_by_node.get(&node).map_or(&[][..], Vec::as_slice);
@@ -265,6 +291,7 @@ pub fn assignments_with(state: &ClusterState, index: &DispatchIndex, node: NodeI
             desired: task.desired,
             state: task.state,
             spec,
+            endpoints_pending: pending(task),
         });
     }
     let networks = network_peers(state, index, &tasks);
@@ -389,7 +416,7 @@ mod tests {
     #[test]
     fn a_view_is_renewed_only_when_behind_and_its_batch_is_over() {
         let t0 = Instant::now();
-        let view = DispatchView::new(Arc::new(ClusterState::default()), 10, t0);
+        let view = DispatchView::new(Arc::new(ClusterState::default()), 10, 1, t0);
         // Up to date: kept however old it is.
         assert!(!view.is_due_for_renewal(10, t0 + Duration::from_secs(60)));
         // Behind, within its batch: kept, the change waits for the batch end.
@@ -464,7 +491,10 @@ mod tests {
         s.tasks
             .insert(1, tests_support::task(1, 7, 1, Some(5), TaskState::Running));
         let index = DispatchIndex::new(&s);
-        let (on5, on6) = (assignments_with(&s, &index, 5), assignments_with(&s, &index, 6));
+        let (on5, on6) = (
+            assignments_with(&s, &index, 5, &mut |_| 0),
+            assignments_with(&s, &index, 6, &mut |_| 0),
+        );
         let (m5, m6) = (on5.mesh.clone().unwrap(), on6.mesh.clone().unwrap());
         assert_eq!(
             m5.fleet.bytes().as_ptr(),
@@ -481,8 +511,8 @@ mod tests {
         s.tasks
             .insert(2, tests_support::task(2, 7, 2, Some(6), TaskState::Running));
         let index = DispatchIndex::new(&s);
-        assert_ne!(assignments_with(&s, &index, 5).digest, on5.digest);
-        let next6 = assignments_with(&s, &index, 6);
+        assert_ne!(assignments_with(&s, &index, 5, &mut |_| 0).digest, on5.digest);
+        let next6 = assignments_with(&s, &index, 6, &mut |_| 0);
         assert_ne!(next6.digest, on6.digest);
         // The fleet is the node's one shared part here: sent again when it
         // changed, held back while the node has it.

@@ -26,6 +26,7 @@ use super::{
     orchestrator, overlay,
     parts::{self, PartDigest},
     pki::{self, NodeIdentity, RootCa},
+    propagation::Propagation,
     raft_types::TypeConfig,
     rules,
     seal::{DataKey, UnlockKey},
@@ -67,11 +68,17 @@ pub struct Manager {
     /// What the long polls answer from: renewed at most once per
     /// [`dispatcher::ASSIGNMENTS_BATCH`].
     dispatch: Mutex<Option<Arc<dispatcher::DispatchView>>>,
+    /// What each node has applied, so starting tasks wait for their peers.
+    propagation: Mutex<Propagation>,
 }
 
 /// How long an assignments long poll waits for a change (below the
 /// forwarding timeout, so a poll through a follower never times out).
 pub const ASSIGNMENTS_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a long poll whose node has a task waiting for its peers
+/// looks again whether they have learnt its endpoint.
+const PEERS_RECHECK: Duration = Duration::from_millis(25);
 
 /// Task reports accepted in one call.
 const MAX_REPORTS: usize = 10_000;
@@ -127,6 +134,7 @@ impl Manager {
             sm,
             liveness: Mutex::new(Liveness::default()),
             dispatch: Mutex::new(None),
+            propagation: Mutex::new(Propagation::default()),
             raft_ready: Mutex::new(BTreeSet::new()),
             stop,
         });
@@ -357,6 +365,7 @@ impl Manager {
                 rules::check_node_removal(&state, &voters, id, force)?;
                 self.propose(Command::RemoveNode { id }).await?;
                 self.liveness.lock().expect("reason: never poisoned").forget(id);
+                self.propagation.lock().expect("reason: never poisoned").forget(id);
                 Ok(ClusterResponse::Done)
             }
             ClusterRequest::JoinToken { role, rotate } => {
@@ -753,18 +762,37 @@ impl Manager {
 
     /// The long poll behind a node's assignments: answers when they differ
     /// from `known`, or after [`ASSIGNMENTS_WAIT`], without the shared
-    /// parts the node `holds` (control/parts.rs).
+    /// parts the node `holds` (control/parts.rs). `known` is also what the
+    /// node has applied (control/propagation.rs).
     pub async fn handle_assignments(&self, id: NodeId, known: &str, holds: &[PartDigest]) -> ApiResult<Assignments> {
-        let mut answer = self.assignments_after(id, known).await?;
+        self.propagation
+            .lock()
+            .expect("reason: never poisoned")
+            .polled(id, known);
+        let (mut answer, view) = self.assignments_after(id, known).await?;
+        self.propagation
+            .lock()
+            .expect("reason: never poisoned")
+            .answered(id, &answer.digest, view);
         parts::hold_back(&mut answer, holds);
         Ok(answer)
     }
 
     /// Node `id`'s assignments once they differ from `known`, or after
-    /// [`ASSIGNMENTS_WAIT`].
-    async fn assignments_after(&self, id: NodeId, known: &str) -> ApiResult<Assignments> {
+    /// [`ASSIGNMENTS_WAIT`], and the number of the view they come from.
+    /// While one of its tasks waits for its peers to learn its endpoint,
+    /// the answer is made again every [`PEERS_RECHECK`], so the node hears
+    /// as soon as they have.
+    async fn assignments_after(&self, id: NodeId, known: &str) -> ApiResult<(Assignments, u64)> {
         let mut applied = self.sm.subscribe();
         let deadline = tokio::time::Instant::now() + ASSIGNMENTS_WAIT;
+        // A node this leader never answered is answered at once: what it
+        // has applied is known only from its next poll.
+        let answered = self
+            .propagation
+            .lock()
+            .expect("reason: never poisoned")
+            .has_answered(id);
         loop {
             let seen = *applied.borrow_and_update();
             let view = self.dispatch_view(seen);
@@ -774,23 +802,36 @@ impl Manager {
                     node_id_text(id)
                 )));
             }
-            let current = dispatcher::assignments_with(&view.state, &view.index, id);
-            if current.digest != known || !self.is_leader() {
-                return Ok(current);
+            let current = {
+                let mut propagation = self.propagation.lock().expect("reason: never poisoned");
+                let now = std::time::Instant::now();
+                dispatcher::assignments_with(&view.state, &view.index, id, &mut |task| {
+                    propagation.pending(task, &view.state, &view.index, view.seq, now)
+                })
+            };
+            if current.digest != known || !self.is_leader() || !answered {
+                return Ok((current, view.seq));
             }
             if tokio::time::Instant::now() >= deadline {
-                return Ok(current);
+                return Ok((current, view.seq));
             }
+            let waiting = current.tasks.iter().any(|t| t.endpoints_pending > 0);
             // Wait for a change, then for the batch it falls in to end: a
             // view already behind what was applied is renewed when its
             // batch ends, without waiting for another change.
             let behind = view.applied < seen;
             let next = tokio::time::Instant::from_std(view.next_at());
+            let seq = view.seq;
             drop(view);
+            if waiting {
+                let recheck = (tokio::time::Instant::now() + PEERS_RECHECK).min(deadline);
+                let _ = tokio::time::timeout_at(recheck, applied.changed()).await;
+                continue;
+            }
             if !behind {
                 match tokio::time::timeout_at(deadline, applied.changed()).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(_)) | Err(_) => return Ok(current),
+                    Ok(Err(_)) | Err(_) => return Ok((current, seq)),
                 }
             }
             tokio::time::sleep_until(next.min(deadline)).await;
@@ -804,8 +845,13 @@ impl Manager {
         let now = std::time::Instant::now();
         match &*cached {
             Some(view) if !view.is_due_for_renewal(applied, now) => view.clone(),
-            _ => {
-                let view = Arc::new(dispatcher::DispatchView::new(self.state(), applied, now));
+            previous => {
+                let seq = previous.as_ref().map_or(1, |v| v.seq + 1);
+                let view = Arc::new(dispatcher::DispatchView::new(self.state(), applied, seq, now));
+                self.propagation
+                    .lock()
+                    .expect("reason: never poisoned")
+                    .view_made(&view.state, seq);
                 *cached = Some(view.clone());
                 view
             }

@@ -15,7 +15,8 @@
 //! - [`manager`]: Raft and the leader's duties; [`node`]: the agent's swarm lifecycle.
 //! - [`api`], [`local`]: the messages, and the local socket `meshctl` talks to;
 //!   [`encoded`]: message parts many nodes get alike, encoded once;
-//!   [`parts`]: those parts held back from a node that has them (pure).
+//!   [`parts`]: those parts held back from a node that has them (pure);
+//!   [`propagation`]: which nodes have learnt a starting task's endpoint (pure).
 
 pub mod api;
 pub mod discovery;
@@ -32,6 +33,7 @@ pub mod orchestrator;
 pub mod overlay;
 pub mod parts;
 pub mod pki;
+pub mod propagation;
 pub mod raft_types;
 pub mod rpc;
 pub mod rules;

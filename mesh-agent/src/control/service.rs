@@ -1128,4 +1128,9 @@ pub struct Assignment {
     pub state: TaskState,
     /// What to run.
     pub spec: TaskSpec,
+    /// Nodes on its networks that have yet to learn its endpoint (0 once
+    /// they all have, and for a task that has started): its process waits
+    /// for them, up to a bound, so its first connection is answered.
+    #[serde(default)]
+    pub endpoints_pending: u32,
 }

@@ -560,6 +560,7 @@ mod tests {
         let assignments = Assignments {
             digest: String::new(),
             tasks: vec![Assignment {
+                endpoints_pending: 0,
                 task: 1,
                 service: 1,
                 desired: DesiredState::Running,
@@ -626,6 +627,7 @@ mod tests {
     fn on_three_nodes(n: TaskNetwork) -> Assignments {
         Assignments {
             tasks: vec![Assignment {
+                endpoints_pending: 0,
                 task: 1,
                 service: 1,
                 desired: DesiredState::Running,

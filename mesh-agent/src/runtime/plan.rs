@@ -114,6 +114,7 @@ mod tests {
             desired,
             state,
             spec: TaskSpec::default(),
+            endpoints_pending: 0,
         }
     }
 

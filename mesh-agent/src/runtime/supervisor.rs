@@ -37,6 +37,35 @@ use crate::control::{
     state::node_id_text,
 };
 
+/// How long a task's process waits for the nodes on its networks to learn
+/// its endpoint before it starts anyway (a node that stopped answering is
+/// Down after three missed heartbeats, 3 s by default, and then no longer
+/// waited for).
+pub const PEERS_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until `peers` (how many nodes have yet to learn a task's
+/// endpoint) is 0, or `limit` has passed; how many are left. `waiting` is
+/// told each new count while it is not 0.
+async fn wait_for_peers(mut peers: watch::Receiver<u32>, limit: Duration, mut waiting: impl FnMut(u32)) -> u32 {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut told = 0;
+    loop {
+        let left = *peers.borrow_and_update();
+        if left == 0 {
+            return 0;
+        }
+        if left != told {
+            waiting(left);
+            told = left;
+        }
+        match tokio::time::timeout_at(deadline, peers.changed()).await {
+            Ok(Ok(())) => {}
+            // Timed out, or the task is gone from the assignments.
+            _ => return *peers.borrow(),
+        }
+    }
+}
+
 /// A health check's output kept for the task's error message.
 const HEALTH_OUTPUT_MAX: usize = 200;
 
@@ -61,6 +90,9 @@ struct Inner {
     /// Live processes a previous agent left: task -> (PID, start time);
     /// emptied by the first reconciliation.
     leftovers: BTreeMap<u64, (u32, u64)>,
+    /// Tasks being started, with how many nodes have yet to learn their
+    /// endpoint (from each new assignment, until the process starts).
+    starting: BTreeMap<u64, watch::Sender<u32>>,
 }
 
 /// The directory name of a task.
@@ -136,12 +168,19 @@ impl Supervisor {
             dirs,
             leftovers: inner.leftovers.keys().copied().collect(),
         };
+        for a in assigned {
+            if let Some(peers) = inner.starting.get(&a.task) {
+                peers.send_if_modified(|n| std::mem::replace(n, a.endpoints_pending) != a.endpoints_pending);
+            }
+        }
         for action in plan::reconcile(assigned, retained, &local) {
             match action {
                 Action::Start(a) => {
                     let (stop, stop_rx) = watch::channel(false);
                     inner.running.insert(a.task, stop);
-                    tokio::spawn(self.clone().run(a, stop_rx));
+                    let (peers, peers_rx) = watch::channel(a.endpoints_pending);
+                    inner.starting.insert(a.task, peers);
+                    tokio::spawn(self.clone().run(a, stop_rx, peers_rx));
                 }
                 Action::Stop(id) => {
                     if let Some(stop) = inner.running.get(&id) {
@@ -197,14 +236,17 @@ impl Supervisor {
     }
 
     /// One task's life on this node.
-    async fn run(self: Arc<Self>, a: Assignment, mut stop: watch::Receiver<bool>) {
+    async fn run(self: Arc<Self>, a: Assignment, mut stop: watch::Receiver<bool>, peers: watch::Receiver<u32>) {
         let id = a.task;
         let dir = self.dir.join(task_dir_name(id));
         self.report(id, TaskState::Preparing, "");
-        let (state, message) = match self.prepare(&a, &dir).await {
+        let prepared = self.prepare(&a, &dir, peers, stop.clone()).await;
+        self.lock().starting.remove(&id);
+        let (state, message) = match prepared {
             Err(message) => (TaskState::Rejected, message),
-            Ok(_) if *stop.borrow() => (TaskState::Shutdown, "stopped before it started".to_string()),
-            Ok(prepared) => self.supervise(&a, prepared, &mut stop).await,
+            Ok(None) => (TaskState::Shutdown, "stopped before it started".to_string()),
+            Ok(Some(_)) if *stop.borrow() => (TaskState::Shutdown, "stopped before it started".to_string()),
+            Ok(Some(prepared)) => self.supervise(&a, prepared, &mut stop).await,
         };
         self.finish(&a, &dir, state, message).await;
     }
@@ -246,8 +288,16 @@ impl Supervisor {
         self.report(id, state, message);
     }
 
-    /// Creates the task's namespace, network and log, and starts it.
-    async fn prepare(&self, a: &Assignment, dir: &Path) -> Result<Prepared, String> {
+    /// Creates the task's namespace, network and log, and starts it once
+    /// the nodes on its networks know its endpoint (`peers`: how many do
+    /// not yet), or [`PEERS_WAIT`] has passed; `None` if `stop` came first.
+    async fn prepare(
+        &self,
+        a: &Assignment,
+        dir: &Path,
+        peers: watch::Receiver<u32>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<Option<Prepared>, String> {
         let spec = &a.spec;
         fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let user = task_user(spec)?;
@@ -262,6 +312,31 @@ impl Supervisor {
             .map_err(|e| format!("attaching the task to the node's bridge network: {e}"))?;
         self.overlays.attach(a.task, &ns_path, &spec.networks).await?;
         let resolv_conf = self.start_dns(a, dir)?;
+        let waited = wait_for_peers(peers, PEERS_WAIT, |n| {
+            self.report(
+                a.task,
+                TaskState::Starting,
+                format!("waiting for {n} node(s) on its networks to learn its endpoint"),
+            )
+        });
+        let left = tokio::select! {
+            left = waited => left,
+            _ = stop.wait_for(|stopped| *stopped) => return Ok(None),
+        };
+        let note = match left {
+            0 => String::new(),
+            n => {
+                log::warn!(
+                    "task {} ({}): starting with {n} node(s) on its networks yet to learn its endpoint after {PEERS_WAIT:?}",
+                    task_dir_name(a.task),
+                    spec.name
+                );
+                format!(
+                    "started after {}s with {n} node(s) on its networks yet to learn its endpoint: its first connections to tasks there may go unanswered until they do",
+                    PEERS_WAIT.as_secs()
+                )
+            }
+        };
         self.report(a.task, TaskState::Starting, "");
         let log = OpenOptions::new()
             .create(true)
@@ -299,13 +374,14 @@ impl Supervisor {
         if let Err(e) = fs::write(dir.join("pid"), format!("{pid} {start}\n")) {
             log::warn!("recording task {}'s PID: {e}", task_dir_name(a.task));
         }
-        Ok(Prepared {
+        Ok(Some(Prepared {
             process: child,
             pid,
             env,
             user,
             attachment,
-        })
+            note,
+        }))
     }
 
     /// Starts answering DNS in task `a`'s namespace; the resolv.conf to give
@@ -350,6 +426,7 @@ impl Supervisor {
             env,
             user,
             attachment,
+            note: String::new(),
         })
     }
 
@@ -379,7 +456,7 @@ impl Supervisor {
                 health_tx,
             ))),
             None => {
-                self.report(id, TaskState::Running, "");
+                self.report(id, TaskState::Running, p.note.clone());
                 None
             }
         };
@@ -406,7 +483,7 @@ impl Supervisor {
                 Some((verdict, output)) = health_rx.recv() => match verdict {
                     Health::Healthy if !healthy => {
                         healthy = true;
-                        self.report(id, TaskState::Running, "");
+                        self.report(id, TaskState::Running, p.note.clone());
                     }
                     Health::Unhealthy => {
                         let _ = process::signal_group(p.pid, libc::SIGKILL);
@@ -422,7 +499,13 @@ impl Supervisor {
         }
         // Anything the task left in its process group goes with it.
         let _ = process::signal_group(p.pid, libc::SIGKILL);
-        outcome
+        let (state, message) = outcome;
+        if p.note.is_empty() {
+            (state, message)
+        } else {
+            // Kept with the outcome: a short task's Running was never seen.
+            (state, format!("{message}; {}", p.note))
+        }
     }
 }
 
@@ -452,6 +535,8 @@ struct Prepared {
     env: BTreeMap<String, String>,
     user: Option<User>,
     attachment: Attachment,
+    /// What to say with Running (a start that did not wait for its peers).
+    note: String,
 }
 
 /// The user `--user` names, from this node's /etc/passwd and /etc/group.
