@@ -1,4 +1,4 @@
-//! Kernel lane: chaos under load (issue 8), the short run. Five nodes
+//! Kernel lane: chaos under load, the short run. Five nodes
 //! (three managers, two workers) serve a published HTTP service to a
 //! client host while one fault of each kind hits them in a seeded order:
 //! the leader's agent killed, a worker's agent killed, a manager cut off

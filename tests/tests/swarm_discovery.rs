@@ -1,4 +1,4 @@
-//! Kernel lane: service discovery (issue 6). Every service on an overlay
+//! Kernel lane: service discovery. Every service on an overlay
 //! network gets a virtual IP there; inside each task the agent answers DNS
 //! on 127.0.0.11: `NAME` -> the VIP (or, in endpoint mode dnsrr, the task
 //! addresses), `tasks.NAME` -> the running tasks' addresses, only for

@@ -1,4 +1,4 @@
-//! Kernel lane: encrypted overlays (issue 5). On the host's kernel, which
+//! Kernel lane: encrypted overlays. On the host's kernel, which
 //! has no WireGuard, the agent runs boringtun on a TUN device; the VM lane
 //! runs the same checks with the kernel's WireGuard.
 //!

@@ -1,4 +1,4 @@
-//! Kernel lane: the routing mesh (issue 6). A 3-replica HTTP service
+//! Kernel lane: the routing mesh. A 3-replica HTTP service
 //! published on 8080 answers on every node's address, every task serves
 //! some of the requests, the tasks see the client's own address, a UDP
 //! port works the same, and the programs and tunnel device go away with

@@ -1,4 +1,4 @@
-//! Kernel lane: overlay networks in the cluster store (issue 5): create,
+//! Kernel lane: overlay networks in the cluster store: create,
 //! list, inspect, remove; subnets and VNIs allocated once for the swarm;
 //! task addresses handed out per network; bad input refused.
 

@@ -1,4 +1,4 @@
-//! Kernel lane: the overlay dataplane (issue 5). Tasks of one service on
+//! Kernel lane: the overlay dataplane. Tasks of one service on
 //! three nodes reach each other over VXLAN by TCP and UDP; two overlays
 //! are isolated; the static FDB and neighbour entries follow tasks and
 //! nodes as they come and go.

@@ -1,4 +1,4 @@
-//! Kernel lane: secrets and configs (issue 9). A 3-node swarm, a service
+//! Kernel lane: secrets and configs. A 3-node swarm, a service
 //! with one replica using a secret and a config: the task reads the right
 //! bytes at the right path with the right mode (seen through
 //! /proc/PID/root, i.e. inside the task's mount namespace); the secret is

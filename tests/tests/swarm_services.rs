@@ -1,4 +1,4 @@
-//! Kernel lane: services over a real swarm (issue 4): tasks are placed,
+//! Kernel lane: services over a real swarm: tasks are placed,
 //! started in their own namespaces on their nodes, supervised, and removed
 //! without a trace.
 

@@ -1,8 +1,6 @@
-//! `meshctl service ...`: create, ls, ps, inspect, scale, rm.
-//!
-//! Tasks are scheduled and assigned to nodes; the task runtime that starts
-//! them on the nodes comes next, so `create` returns once the service is
-//! stored (as `--detach` does).
+//! `meshctl service ...`: create, update, rollback, ls, ps, inspect, logs,
+//! scale, rm. `create` and `update` follow the tasks until they run, unless
+//! `--detach`.
 
 use crate::control::secret::Kind;
 use clap::{Args, Subcommand, ValueEnum};

@@ -326,6 +326,12 @@ pub fn assignments_with(
         })
         .collect();
     let service_parts: Vec<(u64, &[u8; 32])> = services.iter().map(|(id, s)| (*id, &s.digest)).collect();
+    // The digest changes when a task stops waiting for its peers, not with
+    // each node that catches up: that would answer the node again each time.
+    let pending: Vec<u32> = tasks.iter().map(|t| t.endpoints_pending).collect();
+    for t in &mut tasks {
+        t.endpoints_pending = t.endpoints_pending.min(1);
+    }
     let encoded = rmp_serde::to_vec(&(
         &tasks,
         &retained,
@@ -339,6 +345,9 @@ pub fn assignments_with(
     ))
     .unwrap_or_default();
     let digest = hex::encode(&Sha256::digest(&encoded)[..12]);
+    for (t, n) in tasks.iter_mut().zip(pending) {
+        t.endpoints_pending = n;
+    }
     // In the order `parts::slots` walks them.
     let parts = network_parts
         .iter()
@@ -467,6 +476,25 @@ mod tests {
         assert_eq!(assignments(&s, 5).digest, a.digest, "other nodes' tasks do not matter");
         s.tasks.get_mut(&1).unwrap().desired = DesiredState::Shutdown;
         assert_ne!(assignments(&s, 5).digest, a.digest);
+    }
+
+    #[test]
+    fn the_digest_changes_when_a_task_stops_waiting_for_its_peers_not_as_they_catch_up() {
+        use crate::control::{orchestrator::tests_support, service::TaskState, state::tests::initialised};
+        let mut s = initialised();
+        s.services.insert(7, tests_support::service(7));
+        s.tasks
+            .insert(1, tests_support::task(1, 7, 1, Some(5), TaskState::Assigned));
+        let index = DispatchIndex::new(&s);
+        let with = |n: u32| assignments_with(&s, &index, 5, &mut |_| n);
+        let (three, two, none) = (with(3), with(2), with(0));
+        assert_eq!(
+            (three.tasks[0].endpoints_pending, two.tasks[0].endpoints_pending),
+            (3, 2),
+            "the answer carries the count"
+        );
+        assert_eq!(three.digest, two.digest, "a node catching up answers nobody");
+        assert_ne!(two.digest, none.digest, "the task may start: its node hears at once");
     }
 
     #[test]

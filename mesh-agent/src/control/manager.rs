@@ -815,7 +815,37 @@ impl Manager {
             if tokio::time::Instant::now() >= deadline {
                 return Ok((current, view.seq));
             }
-            let waiting = current.tasks.iter().any(|t| t.endpoints_pending > 0);
+            let waiting: Vec<u64> = current
+                .tasks
+                .iter()
+                .filter(|t| t.endpoints_pending > 0)
+                .map(|t| t.task)
+                .collect();
+            if !waiting.is_empty() {
+                // Look again, without making the whole answer, until a
+                // task stops waiting, the state changes or time is up.
+                while tokio::time::Instant::now() < deadline {
+                    let recheck = (tokio::time::Instant::now() + PEERS_RECHECK).min(deadline);
+                    if let Ok(changed) = tokio::time::timeout_at(recheck, applied.changed()).await {
+                        if changed.is_err() {
+                            return Ok((current, view.seq));
+                        }
+                        break;
+                    }
+                    let mut propagation = self.propagation.lock().expect("reason: never poisoned");
+                    let now = std::time::Instant::now();
+                    let still = waiting.iter().all(|id| {
+                        view.state
+                            .tasks
+                            .get(id)
+                            .is_some_and(|t| propagation.pending(t, &view.state, &view.index, view.seq, now) > 0)
+                    });
+                    if !still {
+                        break;
+                    }
+                }
+                continue;
+            }
             // Wait for a change, then for the batch it falls in to end: a
             // view already behind what was applied is renewed when its
             // batch ends, without waiting for another change.
@@ -823,11 +853,6 @@ impl Manager {
             let next = tokio::time::Instant::from_std(view.next_at());
             let seq = view.seq;
             drop(view);
-            if waiting {
-                let recheck = (tokio::time::Instant::now() + PEERS_RECHECK).min(deadline);
-                let _ = tokio::time::timeout_at(recheck, applied.changed()).await;
-                continue;
-            }
             if !behind {
                 match tokio::time::timeout_at(deadline, applied.changed()).await {
                     Ok(Ok(())) => {}

@@ -1,6 +1,5 @@
 //! Where service tasks run: placement and reconciliation as pure functions
-//! over plain data (issue 4's scheduler; the orchestrator that feeds it from
-//! the Raft state comes next).
+//! over plain data (the orchestrator feeds it from the Raft state).
 //!
 //! Placement spreads a service's tasks over eligible nodes the way Swarm
 //! does: first evenly over the values of each `--placement-pref

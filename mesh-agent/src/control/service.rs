@@ -1,4 +1,4 @@
-//! Services and tasks as data (issue 4): the spec an operator writes, the
+//! Services and tasks as data: the spec an operator writes, the
 //! parsers for its flags, and the task lifecycle. Pure: no I/O, no Raft.
 //!
 //! Task states follow Swarm's: new -> pending -> assigned -> preparing ->

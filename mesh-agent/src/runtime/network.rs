@@ -5,7 +5,7 @@
 //! default route through the bridge. What tasks send beyond the node is
 //! masqueraded to the node's address (nf_tables, [`nftables`]).
 //!
-//! Attach and detach are the path overlay networks extend (issue 5): one
+//! Attach and detach are the path overlay networks extend: one
 //! attachment per network, named and addressed by the same steps.
 
 use std::{

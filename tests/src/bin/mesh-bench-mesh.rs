@@ -1,4 +1,4 @@
-//! `cargo xtask bench mesh`: issue 6's figures (release binaries), each a
+//! `cargo xtask bench mesh`: the routing mesh's figures (release binaries), each a
 //! ratio measured in one run.
 //!
 //! - HTTP through a published port: wrk on node A (the issue's figure),

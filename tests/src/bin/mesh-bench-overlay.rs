@@ -1,4 +1,4 @@
-//! `cargo xtask bench overlay`: issue 5's figures (release binaries), on
+//! `cargo xtask bench overlay`: the overlays' figures (release binaries), on
 //! a real 2-node swarm in network namespaces, each figure a ratio to the
 //! bare underlay measured in the same run on the same hosts.
 //!

@@ -1,4 +1,4 @@
-//! `cargo xtask bench scale`: issue 8's figures, by simulation.
+//! `cargo xtask bench scale`: the figures at scale, by simulation.
 //!
 //! A real swarm of 3 managers (release `mesh-agent`s in network
 //! namespaces, drained so they run no task) and, in a fourth namespace,

@@ -1,4 +1,4 @@
-//! `cargo xtask bench services`: issue 4's figures (release binaries).
+//! `cargo xtask bench services`: the services' figures (release binaries).
 //!
 //! - create -> running: `meshctl service create --replicas N` on a real
 //!   3-node swarm in network namespaces, until `service ps` shows N tasks

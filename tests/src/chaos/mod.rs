@@ -1,4 +1,4 @@
-//! Chaos under load (issue 8): five nodes (three managers, two workers)
+//! Chaos under load: five nodes (three managers, two workers)
 //! and a client host outside the swarm. A published HTTP service answers
 //! the client on every node while the run injects faults one at a time in
 //! a seeded order: the leader's agent killed, a worker's agent killed, a
