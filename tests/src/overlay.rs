@@ -47,6 +47,17 @@ pub fn running(swarm: &Swarm, service: &str) -> usize {
         .count()
 }
 
+/// The VIP of `service` on its (first) network, from `service inspect`.
+pub fn service_vip(swarm: &Swarm, service: &str) -> Ipv4Addr {
+    let out = swarm.ok(0, &["service", "inspect", service]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("service inspect prints JSON");
+    v[0]["service"]["vips"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{service} has no VIP: {out}"))
+        .parse()
+        .expect("a VIP is an IPv4 address")
+}
+
 /// Runs `f` in the network namespace of `task` on host `host`.
 pub fn in_task<T: Send>(swarm: &Swarm, host: usize, task: &str, f: impl FnOnce() -> T + Send) -> T {
     let path = swarm.agents[host].data_dir.join("tasks").join(task).join("netns");

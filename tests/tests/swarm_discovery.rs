@@ -11,22 +11,12 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 use mesh_tests::mesh::placed;
 use mesh_tests::{
     mesh::dns_a,
-    overlay::{in_task, running},
+    overlay::{in_task, running, service_vip},
     require_root,
     swarm::{binary, Swarm},
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
-
-fn vip(swarm: &Swarm, service: &str) -> Ipv4Addr {
-    let out = swarm.ok(0, &["service", "inspect", service]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v[0]["service"]["vips"][0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{service} has no VIP: {out}"))
-        .parse()
-        .unwrap()
-}
 
 /// The task addresses of `service` on its (only) network.
 fn task_addresses(swarm: &Swarm, service: &str) -> BTreeSet<Ipv4Addr> {
@@ -128,7 +118,7 @@ fn tasks_resolve_services_on_their_networks_to_vips_and_task_addresses_that_foll
             && running(&swarm, "lookup") == 1
     });
     let client = placed(&swarm, "lookup").remove(0);
-    let api_vip = vip(&swarm, "api");
+    let api_vip = service_vip(&swarm, "api");
     assert!(
         swarm.ok(0, &["service", "inspect", "db"]).contains("\"vips\": []"),
         "a dnsrr service has no VIP"

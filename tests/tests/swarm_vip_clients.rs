@@ -9,30 +9,19 @@
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
     process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use mesh_tests::{
     mesh::placed,
-    overlay::running,
+    overlay::{running, service_vip},
     require_root,
     swarm::{binary, Swarm},
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const PORT: &str = "7000";
-
-fn vip(swarm: &Swarm, service: &str) -> Ipv4Addr {
-    let out = swarm.ok(0, &["service", "inspect", service]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v[0]["service"]["vips"][0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{service} has no VIP: {out}"))
-        .parse()
-        .unwrap()
-}
 
 /// The hosts running `service`'s tasks.
 fn task_hosts(swarm: &Swarm, service: &str) -> BTreeSet<usize> {
@@ -54,10 +43,10 @@ fn unix_ms() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
 }
 
-/// One one-off on host `host` that connects to `api` once, at once:
-/// (milliseconds from `meshctl run` to the round trip, from the process's
-/// start to it), or the one-off's output when it failed.
-fn first_connection(swarm: &Swarm, host: usize, extra: &[&str]) -> Result<(u128, u128), String> {
+/// `meshctl run` on host `host` of a one-off that connects to `api` once,
+/// at once (`mesh-echo --first`, `extra` after its arguments): its output
+/// and errors, and whether it succeeded.
+fn run_first(swarm: &Swarm, host: usize, extra: &[&str]) -> (String, String, bool) {
     let echo = binary("mesh-echo");
     let mut argv = vec![
         "run",
@@ -70,14 +59,23 @@ fn first_connection(swarm: &Swarm, host: usize, extra: &[&str]) -> Result<(u128,
         PORT,
     ];
     argv.extend_from_slice(extra);
-    let asked = unix_ms();
     let out = swarm.meshctl(host, &argv);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = text.lines().find(|l| l.starts_with("first ok ")).ok_or(text.clone())?;
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+/// One [`run_first`]: (milliseconds from `meshctl run` to the round trip,
+/// from the process's start to it), or the one-off's output when it failed.
+fn first_connection(swarm: &Swarm, host: usize, extra: &[&str]) -> Result<(u128, u128), String> {
+    let asked = unix_ms();
+    let (stdout, stderr, _) = run_first(swarm, host, extra);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("first ok "))
+        .ok_or_else(|| format!("{stdout}{stderr}"))?;
     let fields: Vec<&str> = line.split_whitespace().collect();
     let in_process: u128 = fields[2].parse().unwrap();
     let done: u128 = fields[3].parse().unwrap();
@@ -201,7 +199,7 @@ fn a_vip_answers_ipv4_and_dual_stack_sockets_by_name_and_by_address() {
     swarm.ok(0, &["network", "create", "--driver", "overlay", "app"]);
     echo_service(&swarm, "api", &["--replicas", "2"], &[PORT]);
     swarm.wait("api running", CONVERGE, || running(&swarm, "api") == 2);
-    let api = vip(&swarm, "api");
+    let api = service_vip(&swarm, "api");
 
     // One client task runs every combination in turn: IPv4 and IPv6
     // (v4-mapped) sockets, to the name and to the VIP's literal address;
@@ -346,33 +344,16 @@ fn a_task_waits_a_bounded_time_for_a_silent_peer_to_learn_its_endpoint_and_says_
     let h2 = swarm.pid(2).expect("h2's agent runs");
     // SAFETY: a plain signal to a process this test started.
     assert_eq!(unsafe { libc::kill(h2 as i32, libc::SIGSTOP) }, 0);
-    let echo = binary("mesh-echo");
     let asked = Instant::now();
-    let out = swarm.meshctl(
-        0,
-        &[
-            "run",
-            "--network",
-            "app",
-            "--",
-            echo.to_str().unwrap(),
-            "--first",
-            "api",
-            PORT,
-        ],
-    );
+    let (stdout, stderr, succeeded) = run_first(&swarm, 0, &[]);
     let waited = asked.elapsed();
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(h2 as i32, libc::SIGCONT) }, 0);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(succeeded, "{stdout}{stderr}");
     assert!(stdout.contains("first ok "), "the one-off reached api on h1: {stdout}");
     assert!(
-        stderr.contains("waiting for 1 node(s) on its networks to learn its endpoint")
-            && stderr.contains("started after 5s with 1 node(s) on its networks yet to learn its endpoint"),
+        stderr.contains("node(s) on its networks to learn its endpoint")
+            && stderr.contains("started after 5s before every node on its networks had learnt its endpoint"),
         "`meshctl run` says what it waited for: {stderr}"
     );
     assert!(

@@ -100,8 +100,8 @@ impl Propagation {
         }
     }
 
-    /// How many nodes on `task`'s networks (the most on any one of them)
-    /// have not applied an answer that lists its endpoint, as of view
+    /// How many nodes on `task`'s networks (the most on any one of them),
+    /// its own left out, have not applied an answer that lists its endpoint, as of view
     /// `view` made of `state` with `index`. 0 for a task not starting.
     pub fn pending(
         &mut self,
@@ -116,10 +116,19 @@ impl Propagation {
         }
         // A task the views have not listed yet is listed by the next one.
         let since = self.since.get(&task.id).copied().unwrap_or(view.saturating_add(1));
+        // The task's own node is not waited for: its agent applies an
+        // answer's networks and VIPs before it starts the answer's tasks.
+        let own = task.node.filter(|id| {
+            state.nodes.get(id).is_some_and(|n| n.status != NodeStatus::Down)
+                && self.applied.get(id).copied().unwrap_or(0) < since
+        });
         let mut most = 0;
         for a in &task.attachments {
             let tally = self.tally(a.network, state, index, view, now);
-            let behind = tally.partition_point(|applied| *applied < since);
+            let mut behind = tally.partition_point(|applied| *applied < since);
+            if own.is_some_and(|id| index.nodes_on(a.network).binary_search(&id).is_ok()) {
+                behind -= 1;
+            }
             most = most.max(behind as u32);
         }
         most
@@ -201,8 +210,12 @@ mod tests {
         applied(&mut p, &[5, 6, 7], 1);
         p.view_made(&s, 2);
         let task = &s.tasks[&10];
-        assert_eq!(p.pending(task, &s, &index, 2, now), 3, "nobody has view 2 yet");
-        applied(&mut p, &[5, 6], 2);
+        assert_eq!(
+            p.pending(task, &s, &index, 2, now),
+            2,
+            "nobody has view 2 yet (the task's own node is not waited for)"
+        );
+        applied(&mut p, &[6], 2);
         let later = now + TALLY_REUSE;
         assert_eq!(p.pending(task, &s, &index, 2, later), 1, "node 7 has not");
         applied(&mut p, &[7], 3);
@@ -228,7 +241,6 @@ mod tests {
         // Node 7 names an older answer than the one it was sent.
         p.answered(7, "d7@2", 2);
         p.polled(7, "d7@1");
-        applied(&mut p, &[5], 2);
         let index = DispatchIndex::new(&s);
         assert_eq!(p.pending(&s.tasks[&10], &s, &index, 2, now), 2);
         // A Down node is not waited for.
@@ -260,6 +272,6 @@ mod tests {
         fresh.state = TaskState::Assigned;
         let index = DispatchIndex::new(&s);
         applied(&mut p, &[5, 6, 7], 6);
-        assert_eq!(p.pending(&fresh, &s, &index, 6, Instant::now()), 3);
+        assert_eq!(p.pending(&fresh, &s, &index, 6, Instant::now()), 2);
     }
 }

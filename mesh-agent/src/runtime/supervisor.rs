@@ -327,12 +327,13 @@ impl Supervisor {
             0 => String::new(),
             n => {
                 log::warn!(
-                    "task {} ({}): starting with {n} node(s) on its networks yet to learn its endpoint after {PEERS_WAIT:?}",
+                    "task {} ({}): starting after {PEERS_WAIT:?} with {n} node(s) on its networks (when last told) yet to learn its endpoint",
                     task_dir_name(a.task),
                     spec.name
                 );
+                // The count is the last one the managers sent, not a live one.
                 format!(
-                    "started after {}s with {n} node(s) on its networks yet to learn its endpoint: its first connections to tasks there may go unanswered until they do",
+                    "started after {}s before every node on its networks had learnt its endpoint: its first connections to tasks there may go unanswered until they have",
                     PEERS_WAIT.as_secs()
                 )
             }
