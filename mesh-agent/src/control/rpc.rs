@@ -23,6 +23,16 @@
 //! every accepted connection, so it can be renewed without a restart.
 //! Requests still running when their connection closes are cancelled.
 //!
+//! A peer is bounded before it is known: connections are capped in all
+//! and per source address at accept, before the TLS handshake; a
+//! connection without a client certificate (only joins come from those)
+//! may send frames of [`DEFAULT_ANONYMOUS_MAX_FRAME`] at most, a few at a
+//! time, and is closed after [`DEFAULT_ANONYMOUS_IDLE`] without a request;
+//! every frame must arrive whole within [`DEFAULT_FRAME_TIMEOUT`] of its
+//! first byte, and members' connections close after [`DEFAULT_IDLE`]
+//! without one. Refusals are logged, at most once per
+//! [`REFUSAL_LOG_EVERY`] per kind.
+//!
 //! # Client
 //!
 //! [`RpcClient`] connects lazily, multiplexes concurrent calls over one TLS
@@ -52,6 +62,28 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Largest frame body accepted or sent unless configured otherwise (64 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+/// Largest request body from a peer without a client certificate: a join
+/// request (a token, a CSR and a few names) is a few KiB.
+pub const DEFAULT_ANONYMOUS_MAX_FRAME: usize = 64 * 1024;
+/// Requests at once on a connection without a client certificate.
+pub const DEFAULT_ANONYMOUS_MAX_IN_FLIGHT: usize = 4;
+/// How long a frame may take to arrive once its first byte has.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection without a client certificate may wait between
+/// requests with none running.
+pub const DEFAULT_ANONYMOUS_IDLE: Duration = Duration::from_secs(10);
+/// The same for members' connections (well above their heartbeat and
+/// long-poll periods, so only abandoned connections close).
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
+/// Connections open at once, in all.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Connections open at once from one source address (before the TLS
+/// handshake tells who it is).
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// Connections without a client certificate at once from one address.
+pub const DEFAULT_MAX_ANONYMOUS_PER_SOURCE: usize = 8;
+/// A kind of refusal is logged at most this often (with how many there were).
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take, on either side, unless configured otherwise.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client waits for the TCP connection to be established unless configured otherwise.
@@ -117,6 +149,14 @@ pub enum RpcError {
     /// Reading from or writing to the connection failed.
     #[error("connection error: {0}")]
     Io(#[source] Arc<io::Error>),
+    /// No request began within the connection's idle timeout while none
+    /// was running (server side).
+    #[error("no request for {0:?}")]
+    Idle(Duration),
+    /// A frame began but did not arrive whole within the frame timeout
+    /// (server side).
+    #[error("a frame did not arrive whole within {0:?} of its first byte")]
+    FrameTimeout(Duration),
 }
 
 impl From<io::Error> for RpcError {
@@ -208,6 +248,24 @@ pub struct ServerOptions {
     /// Requests of one connection run at once; past that the server stops
     /// reading from that connection until one finishes.
     pub max_in_flight: usize,
+    /// `max_frame` for a connection without a client certificate.
+    pub anonymous_max_frame: usize,
+    /// `max_in_flight` for a connection without a client certificate.
+    pub anonymous_max_in_flight: usize,
+    /// How long a frame may take to arrive once its first byte has.
+    pub frame_timeout: Duration,
+    /// How long a connection with a client certificate stays open with no
+    /// request running and none beginning.
+    pub idle_timeout: Duration,
+    /// `idle_timeout` for a connection without a client certificate.
+    pub anonymous_idle_timeout: Duration,
+    /// Connections open at once, in all; more are closed at accept.
+    pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_connections_per_source: usize,
+    /// Connections without a client certificate open at once from one
+    /// source address; more are closed after the handshake.
+    pub max_anonymous_per_source: usize,
 }
 
 impl Default for ServerOptions {
@@ -216,6 +274,107 @@ impl Default for ServerOptions {
             max_frame: DEFAULT_MAX_FRAME,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            anonymous_max_frame: DEFAULT_ANONYMOUS_MAX_FRAME,
+            anonymous_max_in_flight: DEFAULT_ANONYMOUS_MAX_IN_FLIGHT,
+            frame_timeout: DEFAULT_FRAME_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE,
+            anonymous_idle_timeout: DEFAULT_ANONYMOUS_IDLE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            max_anonymous_per_source: DEFAULT_MAX_ANONYMOUS_PER_SOURCE,
+        }
+    }
+}
+
+/// The connections a server has open, in all and per source address:
+/// what its caps are checked against. A [`Slot`] is one connection's
+/// place, given back when it drops.
+#[derive(Debug, Default)]
+struct Connections {
+    open: Mutex<ConnectionCounts>,
+    refusals: Mutex<HashMap<&'static str, (std::time::Instant, u64)>>,
+}
+
+#[derive(Debug, Default)]
+struct ConnectionCounts {
+    total: usize,
+    /// Per source: (connections, those without a client certificate).
+    by_source: HashMap<std::net::IpAddr, (usize, usize)>,
+}
+
+/// One connection's place among a server's [`Connections`].
+struct Slot {
+    connections: Arc<Connections>,
+    source: std::net::IpAddr,
+    anonymous: bool,
+}
+
+impl Connections {
+    fn counts(&self) -> MutexGuard<'_, ConnectionCounts> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for a connection from `source`, unless a cap is reached.
+    fn admit(self: &Arc<Self>, source: std::net::IpAddr, options: &ServerOptions) -> Result<Slot, &'static str> {
+        let mut counts = self.counts();
+        if counts.total >= options.max_connections {
+            return Err("too many connections");
+        }
+        let entry = counts.by_source.entry(source).or_default();
+        if entry.0 >= options.max_connections_per_source {
+            return Err("too many connections from one address");
+        }
+        entry.0 += 1;
+        counts.total += 1;
+        Ok(Slot {
+            connections: Arc::clone(self),
+            source,
+            anonymous: false,
+        })
+    }
+
+    /// Counts `slot` as a connection without a client certificate, unless
+    /// its source has as many as it may.
+    fn admit_anonymous(&self, slot: &mut Slot, options: &ServerOptions) -> Result<(), &'static str> {
+        let mut counts = self.counts();
+        let entry = counts.by_source.entry(slot.source).or_default();
+        if entry.1 >= options.max_anonymous_per_source {
+            return Err("too many connections without a client certificate from one address");
+        }
+        entry.1 += 1;
+        slot.anonymous = true;
+        Ok(())
+    }
+
+    /// Logs a refusal of `addr` for `why`, unless that kind was logged
+    /// within [`REFUSAL_LOG_EVERY`]; then it is counted into the next line.
+    fn refused(&self, addr: SocketAddr, why: &'static str) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        let (last, count) = refusals.entry(why).or_insert((now - REFUSAL_LOG_EVERY, 0));
+        *count += 1;
+        if now.duration_since(*last) >= REFUSAL_LOG_EVERY {
+            log::warn!(
+                "RPC server: closed a connection from {addr}: {why} ({count} refused for that since the last such line)"
+            );
+            *last = now;
+            *count = 0;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.connections.counts();
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(entry) = counts.by_source.get_mut(&self.source) {
+            entry.0 = entry.0.saturating_sub(1);
+            if self.anonymous {
+                entry.1 = entry.1.saturating_sub(1);
+            }
+            if entry.0 == 0 {
+                counts.by_source.remove(&self.source);
+            }
         }
     }
 }
@@ -249,21 +408,29 @@ pub async fn serve_with_options<H: Handler>(
     options: ServerOptions,
 ) {
     let options = Arc::new(options);
+    let open = Arc::new(Connections::default());
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             () = shutdown_requested(&mut shutdown) => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, addr)) => {
-                    connections.spawn(serve_connection(
-                        tcp,
-                        addr,
-                        tls.current(),
-                        Arc::clone(&handler),
-                        shutdown.clone(),
-                        Arc::clone(&options),
-                    ));
-                }
+                Ok((tcp, addr)) => match open.admit(addr.ip(), &options) {
+                    Ok(slot) => {
+                        connections.spawn(serve_connection(
+                            tcp,
+                            slot,
+                            addr,
+                            tls.current(),
+                            Arc::clone(&handler),
+                            shutdown.clone(),
+                            Arc::clone(&options),
+                        ));
+                    }
+                    Err(why) => {
+                        drop(tcp);
+                        open.refused(addr, why);
+                    }
+                },
                 Err(error) => {
                     log::warn!("RPC server: cannot accept a connection: {error}");
                     tokio::time::sleep(ACCEPT_RETRY).await;
@@ -300,6 +467,7 @@ async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
 /// closes, a frame is bad, or shutdown.
 async fn serve_connection<H: Handler>(
     tcp: TcpStream,
+    mut slot: Slot,
     addr: SocketAddr,
     config: Arc<ServerConfig>,
     handler: Arc<H>,
@@ -339,6 +507,13 @@ async fn serve_connection<H: Handler>(
         .map(<[_]>::to_vec)
         .unwrap_or_default();
     let peer = Peer { addr, certs };
+    if peer.certs.is_empty() {
+        let connections = Arc::clone(&slot.connections);
+        if let Err(why) = connections.admit_anonymous(&mut slot, &options) {
+            connections.refused(addr, why);
+            return;
+        }
+    }
 
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (responses, mut outgoing) = mpsc::channel(WRITE_QUEUE);
@@ -354,6 +529,14 @@ async fn serve_connection<H: Handler>(
     };
     match end {
         End::Read(Ok(())) => log::debug!("RPC server: {addr} closed the connection"),
+        End::Read(Err(error @ RpcError::Idle(_))) => {
+            log::debug!("RPC server: closing the connection from {addr}: {error}")
+        }
+        End::Read(Err(error)) if peer.certs.is_empty() => {
+            slot.connections
+                .refused(addr, "a bad or slow frame without a client certificate");
+            log::debug!("RPC server: closing the connection from {addr}: {error}");
+        }
         End::Read(Err(error)) => log::warn!("RPC server: closing the connection from {addr}: {error}"),
         End::Write(Ok(())) => {}
         End::Write(Err(error)) => {
@@ -367,8 +550,9 @@ async fn serve_connection<H: Handler>(
 }
 
 /// Reads requests and starts a task for each. Returns `Ok` when the peer
-/// closes the connection, an error for a bad frame. The tasks are cancelled
-/// when this future is dropped or returns.
+/// closes the connection, an error for a bad or late frame or an idle
+/// connection. The tasks are cancelled when this future is dropped or
+/// returns. A peer without a client certificate gets the anonymous limits.
 async fn read_requests<H: Handler, R: AsyncRead + Unpin>(
     reader: &mut R,
     peer: &Peer,
@@ -376,23 +560,37 @@ async fn read_requests<H: Handler, R: AsyncRead + Unpin>(
     responses: mpsc::Sender<Vec<u8>>,
     options: &ServerOptions,
 ) -> Result<(), RpcError> {
+    let anonymous = peer.certs.is_empty();
+    let (max_frame, max_in_flight, idle) = if anonymous {
+        (
+            options.anonymous_max_frame,
+            options.anonymous_max_in_flight,
+            options.anonymous_idle_timeout,
+        )
+    } else {
+        (options.max_frame, options.max_in_flight, options.idle_timeout)
+    };
     let mut running = JoinSet::new();
-    let slots = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+    let slots = Arc::new(Semaphore::new(max_in_flight.max(1)));
     loop {
-        while let Some(finished) = running.try_join_next() {
-            if let Err(error) = finished {
-                if error.is_panic() {
-                    log::error!(
-                        "RPC server: the handler panicked on a request from {}: {error}",
-                        peer.addr
-                    );
-                }
-            }
-        }
         let slot = Arc::clone(&slots).acquire_owned().await.map_err(|_| RpcError::Closed)?;
-        let Some(body) = read_frame(reader, options.max_frame).await? else {
-            return Ok(());
+        // The next frame's first byte; the connection is idle when none
+        // comes while nothing runs.
+        let mut first = [0u8; 1];
+        let started = loop {
+            reap(&mut running, peer);
+            match tokio::time::timeout(idle, reader.read(&mut first)).await {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(_)) => break first[0],
+                Ok(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(Err(error)) => return Err(error.into()),
+                Err(_) if running.is_empty() => return Err(RpcError::Idle(idle)),
+                Err(_) => {}
+            }
         };
+        let body = tokio::time::timeout(options.frame_timeout, read_frame_rest(reader, started, max_frame))
+            .await
+            .map_err(|_| RpcError::FrameTimeout(options.frame_timeout))??;
         let (id, request) = decode_request::<H::Request>(&body)?;
         drop(body);
         let handler = Arc::clone(handler);
@@ -411,6 +609,20 @@ async fn read_requests<H: Handler, R: AsyncRead + Unpin>(
             }
             drop(slot);
         });
+    }
+}
+
+/// Collects the requests that finished, logging a handler's panic.
+fn reap(running: &mut JoinSet<()>, peer: &Peer) {
+    while let Some(finished) = running.try_join_next() {
+        if let Err(error) = finished {
+            if error.is_panic() {
+                log::error!(
+                    "RPC server: the handler panicked on a request from {}: {error}",
+                    peer.addr
+                );
+            }
+        }
     }
 }
 
@@ -464,21 +676,30 @@ pub fn decode_response<Resp: DeserializeOwned>(body: &[u8]) -> Result<(u64, Resu
 /// Reads one frame body. `Ok(None)` when the peer closed the connection
 /// between frames (with or without a TLS close_notify).
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max_frame: usize) -> Result<Option<Vec<u8>>, RpcError> {
-    let mut header = [0; HEADER_LEN];
-    let mut filled = 0;
-    while filled < HEADER_LEN {
-        match reader.read(&mut header[filled..]).await {
-            Ok(0) if filled == 0 => return Ok(None),
-            Ok(0) => {
-                return Err(
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a frame header").into(),
-                )
-            }
-            Ok(read) => filled += read,
-            Err(error) if filled == 0 && error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(error) => return Err(error.into()),
-        }
+    let mut first = [0u8; 1];
+    match reader.read(&mut first).await {
+        Ok(0) => Ok(None),
+        Ok(_) => read_frame_rest(reader, first[0], max_frame).await.map(Some),
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(error) => Err(error.into()),
     }
+}
+
+/// Reads the rest of a frame whose header's first byte is `first`; its body.
+async fn read_frame_rest<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    first: u8,
+    max_frame: usize,
+) -> Result<Vec<u8>, RpcError> {
+    let mut header = [0u8; HEADER_LEN];
+    header[0] = first;
+    reader.read_exact(&mut header[1..]).await.map_err(|error| {
+        if error.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a frame header").into()
+        } else {
+            RpcError::from(error)
+        }
+    })?;
     let size = u32::from_be_bytes(header) as usize;
     if size > max_frame {
         return Err(RpcError::FrameTooLarge { size, max: max_frame });
@@ -495,7 +716,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max_frame: usize) 
         body.resize(start + step, 0);
         reader.read_exact(&mut body[start..]).await?;
     }
-    Ok(Some(body))
+    Ok(body)
 }
 
 /// Client settings; [`Default`] gives the `DEFAULT_*` constants.
@@ -1134,6 +1355,108 @@ mod tests {
         tokio::time::timeout(TEST_BOUND, test)
             .await
             .expect("test took too long");
+    }
+
+    /// A TLS connection to `server` that speaks no RPC by itself.
+    async fn raw(server: &TestServer, tls: Arc<ClientConfig>) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(server.addr).await.unwrap();
+        TlsConnector::from(tls).connect(server_name(), tcp).await.unwrap()
+    }
+
+    /// Whether the server closes `stream` (EOF or an error) within `within`.
+    async fn closed_within<S: AsyncRead + Unpin>(stream: &mut S, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, stream.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    fn tight() -> ServerOptions {
+        ServerOptions {
+            anonymous_max_frame: 1024,
+            frame_timeout: Duration::from_millis(300),
+            anonymous_idle_timeout: Duration::from_millis(300),
+            ..ServerOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_a_certificate_gets_small_frames_and_is_closed_when_idle() {
+        bounded(async {
+            let pki = Pki::new();
+            let server = TestServer::start_with(pki.server_config(true), local(), tight()).await;
+            let anonymous = server.client(pki.client_config(&pki, false));
+            let small = anonymous.call(Request::Echo("join".into()), CALL).await.unwrap();
+            assert_eq!(small, Response::Echo("join".into()));
+            let big = anonymous.call(Request::Echo("x".repeat(2048)), CALL).await;
+            assert!(matches!(big, Err(RpcError::Closed)), "{big:?}");
+            // A member may send as much as members may.
+            let member = server.client(pki.client_config(&pki, true));
+            let echoed = member.call(Request::Echo("x".repeat(2048)), CALL).await.unwrap();
+            assert_eq!(echoed, Response::Echo("x".repeat(2048)));
+            // Said nothing: closed once idle; a member's connection stays.
+            let mut silent = raw(&server, pki.client_config(&pki, false)).await;
+            assert!(closed_within(&mut silent, Duration::from_secs(3)).await);
+            let mut quiet_member = raw(&server, pki.client_config(&pki, true)).await;
+            assert!(!closed_within(&mut quiet_member, Duration::from_millis(600)).await);
+            server.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_trickles_in_is_closed_at_the_frame_timeout() {
+        bounded(async {
+            let pki = Pki::new();
+            let server = TestServer::start_with(pki.server_config(true), local(), tight()).await;
+            for with_cert in [false, true] {
+                let mut stream = raw(&server, pki.client_config(&pki, with_cert)).await;
+                // A header for 1000 bytes, then 10 of them, then nothing.
+                stream.write_all(&1000u32.to_be_bytes()).await.unwrap();
+                stream.write_all(&[0; 10]).await.unwrap();
+                stream.flush().await.unwrap();
+                assert!(
+                    closed_within(&mut stream, Duration::from_secs(3)).await,
+                    "with a certificate: {with_cert}"
+                );
+            }
+            server.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_caps_are_closed_and_the_places_come_back() {
+        bounded(async {
+            let pki = Pki::new();
+            let options = ServerOptions {
+                max_connections_per_source: 3,
+                max_anonymous_per_source: 1,
+                ..ServerOptions::default()
+            };
+            let server = TestServer::start_with(pki.server_config(true), local(), options).await;
+            // One connection without a certificate per address: a second
+            // is closed after its handshake.
+            let first = raw(&server, pki.client_config(&pki, false)).await;
+            let mut second = raw(&server, pki.client_config(&pki, false)).await;
+            assert!(closed_within(&mut second, Duration::from_secs(3)).await);
+            drop(second);
+            // Three in all per address: a fourth TCP connection is closed at accept.
+            let member = raw(&server, pki.client_config(&pki, true)).await;
+            let mut third = TcpStream::connect(server.addr).await.unwrap();
+            assert!(!closed_within(&mut third, Duration::from_millis(300)).await);
+            let mut fourth = TcpStream::connect(server.addr).await.unwrap();
+            assert!(closed_within(&mut fourth, Duration::from_secs(3)).await);
+            // Places are given back when connections close.
+            drop((first, member, third, fourth));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let client = server.client(pki.client_config(&pki, false));
+            let echo = client.call(Request::Echo("again".into()), CALL).await.unwrap();
+            assert_eq!(echo, Response::Echo("again".into()));
+            server.stop().await;
+        })
+        .await;
     }
 
     #[tokio::test]
