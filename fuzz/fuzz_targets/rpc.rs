@@ -11,13 +11,13 @@
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::control::{
     api::{PeerRequest, PeerResponse},
-    rpc::{decode_request, decode_response, encode_frame, read_frame, RpcError},
+    rpc::{self, decode_request, decode_response, encode_frame, read_frame, RpcError},
 };
 use serde::{de::DeserializeOwned, Serialize};
 
-/// The server's limit is 64 MiB; a smaller one here keeps a fuzzed length
-/// from filling memory and each run short, and the refusal is the same.
-const MAX_FRAME: usize = 64 << 10;
+/// The limit a peer without a client certificate (anyone who can reach
+/// the cluster port) faces; members get 64 MiB, and the refusal is the same.
+const MAX_FRAME: usize = rpc::DEFAULT_ANONYMOUS_MAX_FRAME;
 
 /// Re-encodes a decoded message, reads that frame back and re-encodes
 /// again: both encodings must be the same bytes.

@@ -74,6 +74,12 @@ pub struct RunArgs {
     /// manager; `off` by default.
     #[arg(long, env = "MESH_VISUALIZER_ADDR", default_value = "off")]
     pub visualizer_addr: String,
+    /// Connections to the cluster port from one address that have not
+    /// presented a node's or operator's certificate yet (handshaking, or
+    /// joining): more are closed at once. Raise it only for many nodes
+    /// that reach the managers from one address (behind NAT).
+    #[arg(long, env = "MESH_MAX_UNAUTHENTICATED_PER_SOURCE", default_value_t = crate::control::rpc::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)]
+    pub max_unauthenticated_per_source: usize,
 }
 
 /// The flags `text` stands for, for `command` (the `run` subcommand's

@@ -137,7 +137,8 @@ fn peers_without_a_certificate_are_bounded_before_they_authenticate() {
         held.len()
     );
     assert!(served, "node ls with 1,000 silent connections: {err}");
-    // Those past the per-address cap were closed at once.
+    // Those past the per-address cap on unauthenticated connections were
+    // closed at once.
     let mut open = 0;
     for mut c in held {
         c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
@@ -148,12 +149,12 @@ fn peers_without_a_certificate_are_bounded_before_they_authenticate() {
     }
     println!("{open} of them were still open");
     assert!(
-        open <= mesh_agent::control::rpc::DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+        open <= mesh_agent::control::rpc::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
         "{open} connections from one address were kept"
     );
     let log = std::fs::read_to_string(&swarm.agents[0].log).unwrap();
     assert!(
-        log.contains("too many connections from one address"),
+        log.contains("too many unauthenticated connections from one address"),
         "the manager says why it refused"
     );
 }

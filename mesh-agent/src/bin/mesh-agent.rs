@@ -59,6 +59,10 @@ fn run(args: RunArgs) -> Result<(), String> {
         wireguard: args.wireguard,
         mesh_routing: args.mesh_routing,
         lb_backend: args.lb_backend,
+        cluster_port: mesh_agent::control::rpc::ServerOptions {
+            max_unauthenticated_per_source: args.max_unauthenticated_per_source.max(1),
+            ..Default::default()
+        },
     };
     if args.lb_backend == mesh_agent::runtime::mesh::LbBackend::Ipvs {
         mesh_agent::dataplane::ipvs::Ipvs::open().map_err(|e| {

@@ -83,6 +83,8 @@ pub struct AgentOptions {
     pub mesh_routing: crate::runtime::mesh::MeshRouting,
     /// What serves published ports.
     pub lb_backend: crate::runtime::mesh::LbBackend,
+    /// The cluster port's limits (connections, frames, deadlines).
+    pub cluster_port: rpc::ServerOptions,
 }
 
 /// The non-secret facts a node keeps in `node.json`.
@@ -777,7 +779,13 @@ impl Member {
         let handler = Arc::new(PeerHandler {
             member: Arc::downgrade(&member),
         });
-        tokio::spawn(rpc::serve(listener, server_rx.into(), handler, stop_rx.clone()));
+        tokio::spawn(rpc::serve_with_options(
+            listener,
+            server_rx.into(),
+            handler,
+            stop_rx.clone(),
+            opts.cluster_port.clone(),
+        ));
         tokio::spawn(member.clone().assignments_loop(stop_rx.clone()));
         tokio::spawn(member.clone().report_loop(reports_rx, stop_rx.clone()));
         tokio::spawn(member.clone().session(stop_rx));

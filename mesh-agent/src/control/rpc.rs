@@ -23,8 +23,11 @@
 //! every accepted connection, so it can be renewed without a restart.
 //! Requests still running when their connection closes are cancelled.
 //!
-//! A peer is bounded before it is known: connections are capped in all
-//! and per source address at accept, before the TLS handshake; a
+//! A peer is bounded before it is known: a connection counts as
+//! unauthenticated from its accept until it presents a client certificate,
+//! and those are capped in all and per source address (checked at accept,
+//! before the TLS handshake costs anything); members' connections are
+//! capped only in all, so nodes behind one address are not turned away. A
 //! connection without a client certificate (only joins come from those)
 //! may send frames of [`DEFAULT_ANONYMOUS_MAX_FRAME`] at most, a few at a
 //! time, and is closed after [`DEFAULT_ANONYMOUS_IDLE`] without a request;
@@ -75,13 +78,13 @@ pub const DEFAULT_ANONYMOUS_IDLE: Duration = Duration::from_secs(10);
 /// The same for members' connections (well above their heartbeat and
 /// long-poll periods, so only abandoned connections close).
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
-/// Connections open at once, in all.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
-/// Connections open at once from one source address (before the TLS
-/// handshake tells who it is).
-pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 64;
-/// Connections without a client certificate at once from one address.
-pub const DEFAULT_MAX_ANONYMOUS_PER_SOURCE: usize = 8;
+/// Connections open at once, in all (a few per node: thousands of nodes).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32_768;
+/// Unauthenticated connections (in their TLS handshake, or without a
+/// client certificate) open at once, in all.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 1024;
+/// Unauthenticated connections open at once from one source address.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE: usize = 16;
 /// A kind of refusal is logged at most this often (with how many there were).
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take, on either side, unless configured otherwise.
@@ -261,11 +264,11 @@ pub struct ServerOptions {
     pub anonymous_idle_timeout: Duration,
     /// Connections open at once, in all; more are closed at accept.
     pub max_connections: usize,
-    /// Connections open at once from one source address.
-    pub max_connections_per_source: usize,
-    /// Connections without a client certificate open at once from one
-    /// source address; more are closed after the handshake.
-    pub max_anonymous_per_source: usize,
+    /// Unauthenticated connections (handshaking, or without a client
+    /// certificate) open at once, in all; more are closed at accept.
+    pub max_unauthenticated: usize,
+    /// Unauthenticated connections open at once from one source address.
+    pub max_unauthenticated_per_source: usize,
 }
 
 impl Default for ServerOptions {
@@ -280,15 +283,15 @@ impl Default for ServerOptions {
             idle_timeout: DEFAULT_IDLE,
             anonymous_idle_timeout: DEFAULT_ANONYMOUS_IDLE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
-            max_anonymous_per_source: DEFAULT_MAX_ANONYMOUS_PER_SOURCE,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
+            max_unauthenticated_per_source: DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE,
         }
     }
 }
 
-/// The connections a server has open, in all and per source address:
-/// what its caps are checked against. A [`Slot`] is one connection's
-/// place, given back when it drops.
+/// The connections a server has open, in all and unauthenticated ones in
+/// all and per source address: what its caps are checked against. A
+/// [`Slot`] is one connection's place, given back when it drops.
 #[derive(Debug, Default)]
 struct Connections {
     open: Mutex<ConnectionCounts>,
@@ -298,15 +301,17 @@ struct Connections {
 #[derive(Debug, Default)]
 struct ConnectionCounts {
     total: usize,
-    /// Per source: (connections, those without a client certificate).
-    by_source: HashMap<std::net::IpAddr, (usize, usize)>,
+    unauthenticated: usize,
+    /// Unauthenticated connections per source address.
+    by_source: HashMap<std::net::IpAddr, usize>,
 }
 
 /// One connection's place among a server's [`Connections`].
 struct Slot {
     connections: Arc<Connections>,
     source: std::net::IpAddr,
-    anonymous: bool,
+    /// Counted as unauthenticated (until it presents a certificate).
+    unauthenticated: bool,
 }
 
 impl Connections {
@@ -314,36 +319,36 @@ impl Connections {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A place for a connection from `source`, unless a cap is reached.
+    /// A place for a new (so unauthenticated) connection from `source`,
+    /// unless a cap is reached.
     fn admit(self: &Arc<Self>, source: std::net::IpAddr, options: &ServerOptions) -> Result<Slot, &'static str> {
         let mut counts = self.counts();
         if counts.total >= options.max_connections {
             return Err("too many connections");
         }
-        let entry = counts.by_source.entry(source).or_default();
-        if entry.0 >= options.max_connections_per_source {
-            return Err("too many connections from one address");
+        if counts.unauthenticated >= options.max_unauthenticated {
+            return Err("too many unauthenticated connections");
         }
-        entry.0 += 1;
+        let from_source = counts.by_source.entry(source).or_default();
+        if *from_source >= options.max_unauthenticated_per_source {
+            return Err("too many unauthenticated connections from one address");
+        }
+        *from_source += 1;
+        counts.unauthenticated += 1;
         counts.total += 1;
         Ok(Slot {
             connections: Arc::clone(self),
             source,
-            anonymous: false,
+            unauthenticated: true,
         })
     }
 
-    /// Counts `slot` as a connection without a client certificate, unless
-    /// its source has as many as it may.
-    fn admit_anonymous(&self, slot: &mut Slot, options: &ServerOptions) -> Result<(), &'static str> {
-        let mut counts = self.counts();
-        let entry = counts.by_source.entry(slot.source).or_default();
-        if entry.1 >= options.max_anonymous_per_source {
-            return Err("too many connections without a client certificate from one address");
+    /// `slot`'s connection presented a client certificate: it no longer
+    /// counts as unauthenticated.
+    fn authenticated(&self, slot: &mut Slot) {
+        if std::mem::take(&mut slot.unauthenticated) {
+            self.counts().forget_unauthenticated(slot.source);
         }
-        entry.1 += 1;
-        slot.anonymous = true;
-        Ok(())
     }
 
     /// Logs a refusal of `addr` for `why`, unless that kind was logged
@@ -363,18 +368,24 @@ impl Connections {
     }
 }
 
+impl ConnectionCounts {
+    fn forget_unauthenticated(&mut self, source: std::net::IpAddr) {
+        self.unauthenticated = self.unauthenticated.saturating_sub(1);
+        if let Some(n) = self.by_source.get_mut(&source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.connections.counts();
         counts.total = counts.total.saturating_sub(1);
-        if let Some(entry) = counts.by_source.get_mut(&self.source) {
-            entry.0 = entry.0.saturating_sub(1);
-            if self.anonymous {
-                entry.1 = entry.1.saturating_sub(1);
-            }
-            if entry.0 == 0 {
-                counts.by_source.remove(&self.source);
-            }
+        if self.unauthenticated {
+            counts.forget_unauthenticated(self.source);
         }
     }
 }
@@ -507,12 +518,8 @@ async fn serve_connection<H: Handler>(
         .map(<[_]>::to_vec)
         .unwrap_or_default();
     let peer = Peer { addr, certs };
-    if peer.certs.is_empty() {
-        let connections = Arc::clone(&slot.connections);
-        if let Err(why) = connections.admit_anonymous(&mut slot, &options) {
-            connections.refused(addr, why);
-            return;
-        }
+    if !peer.certs.is_empty() {
+        Arc::clone(&slot.connections).authenticated(&mut slot);
     }
 
     let (mut reader, mut writer) = tokio::io::split(stream);
@@ -1431,25 +1438,42 @@ mod tests {
         bounded(async {
             let pki = Pki::new();
             let options = ServerOptions {
-                max_connections_per_source: 3,
-                max_anonymous_per_source: 1,
+                max_unauthenticated_per_source: 3,
+                max_connections: 5,
                 ..ServerOptions::default()
             };
             let server = TestServer::start_with(pki.server_config(true), local(), options).await;
-            // One connection without a certificate per address: a second
-            // is closed after its handshake.
-            let first = raw(&server, pki.client_config(&pki, false)).await;
-            let mut second = raw(&server, pki.client_config(&pki, false)).await;
-            assert!(closed_within(&mut second, Duration::from_secs(3)).await);
-            drop(second);
-            // Three in all per address: a fourth TCP connection is closed at accept.
-            let member = raw(&server, pki.client_config(&pki, true)).await;
-            let mut third = TcpStream::connect(server.addr).await.unwrap();
-            assert!(!closed_within(&mut third, Duration::from_millis(300)).await);
-            let mut fourth = TcpStream::connect(server.addr).await.unwrap();
-            assert!(closed_within(&mut fourth, Duration::from_secs(3)).await);
+            let addr = server.addr;
+            // A TCP connection that never starts its handshake, and
+            // whether the server closed it at once.
+            let open = || async move {
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                let closed = closed_within(&mut tcp, Duration::from_millis(300)).await;
+                (tcp, closed)
+            };
+            // Three unauthenticated per address: one without a certificate
+            // and two still handshaking; a fourth is closed at accept.
+            let anonymous = raw(&server, pki.client_config(&pki, false)).await;
+            let (first, closed) = open().await;
+            assert!(!closed);
+            let (second, closed) = open().await;
+            assert!(!closed);
+            let (_, closed) = open().await;
+            assert!(closed, "a fourth unauthenticated connection from one address");
+            drop((first, second));
+            // Members stop counting once they present their certificate:
+            // three of them fit beside the one without.
+            let mut members = Vec::new();
+            for _ in 0..3 {
+                members.push(raw(&server, pki.client_config(&pki, true)).await);
+            }
+            // Five in all: a sixth is closed, whoever it is.
+            let (fifth, closed) = open().await;
+            assert!(!closed);
+            let (_, closed) = open().await;
+            assert!(closed, "a sixth connection in all");
             // Places are given back when connections close.
-            drop((first, member, third, fourth));
+            drop((anonymous, fifth, members));
             tokio::time::sleep(Duration::from_millis(200)).await;
             let client = server.client(pki.client_config(&pki, false));
             let echo = client.call(Request::Echo("again".into()), CALL).await.unwrap();

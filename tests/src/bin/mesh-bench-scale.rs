@@ -46,7 +46,16 @@ const NETWORKS: usize = 10;
 /// simulator are starved for seconds at a time; at 200 ms / 2 s the 1,000
 /// node run lost its leader a hundred times, and each change of leader
 /// gave every node a new grace period and every write a retry.
-const MANAGER_FLAGS: &[&str] = &["--raft-heartbeat", "1s", "--raft-election-timeout", "10s"];
+/// The simulated nodes all come from one address, as nodes behind one NAT
+/// would: the managers let that many connect at once.
+const MANAGER_FLAGS: &[&str] = &[
+    "--raft-heartbeat",
+    "1s",
+    "--raft-election-timeout",
+    "10s",
+    "--max-unauthenticated-per-source",
+    "100000",
+];
 
 struct Args {
     nodes: Vec<usize>,
