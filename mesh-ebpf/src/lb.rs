@@ -553,11 +553,8 @@ fn from_peer(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet) -> i32 {
         return OK;
     }
     if packet.src == config.addr {
-        // A task's reply through another node, for our client: only for a
-        // connection this node tracks (nothing else may borrow our address).
-        let ours = FlowKey::new(packet.dst, packet.src, packet.dport, packet.sport, packet.proto);
-        // SAFETY: read-only lookup of a plain value.
-        if unsafe { CONNTRACK.get(ours) }.is_none() {
+        // A task's reply through another node, for our client.
+        if !is_tracked_reply(packet) {
             return OK;
         }
         return out_via(config.ifindex);
@@ -566,6 +563,17 @@ fn from_peer(ctx: &mut TcContext, config: &NodeConfig, packet: &Packet) -> i32 {
         return OK;
     }
     serve_here(ctx, config, packet, packet.dst, true, OK)
+}
+
+/// Whether `packet`, carrying this node's address as its source, answers
+/// a connection this node tracks: only then is it a task's reply to send
+/// on to our client. Nothing else may borrow our address, or anyone who
+/// can reach a node could have it send what they like in its name.
+#[inline(always)]
+fn is_tracked_reply(packet: &Packet) -> bool {
+    let ours = FlowKey::new(packet.dst, packet.src, packet.dport, packet.sport, packet.proto);
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { CONNTRACK.get(ours) }.is_some()
 }
 
 /// A request node `entry` passed on (`direct`: by MAC, else through the
@@ -605,8 +613,10 @@ pub fn tunnel(ctx: &mut TcContext) -> i32 {
         return SHOT;
     };
     if key.tunnel_id == VNI_REPLY {
-        // Our client's answer, already carrying our address: out it goes.
-        if packet.src != config.addr {
+        // Our client's answer, already carrying our address: out it goes,
+        // if it answers a connection we passed on (the outer source only
+        // says a node sent it, and that can be forged).
+        if packet.src != config.addr || !is_tracked_reply(&packet) {
             return SHOT;
         }
         return out_via(config.ifindex);
