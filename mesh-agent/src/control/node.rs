@@ -1156,6 +1156,16 @@ impl Member {
     }
 
     /// Reads log text of tasks kept on this node.
+    /// Whether `id` is among the managers this node's heartbeats name.
+    fn knows_manager(&self, id: NodeId) -> bool {
+        self.config
+            .lock()
+            .expect("reason: never poisoned")
+            .managers
+            .iter()
+            .any(|(m, _)| *m == id)
+    }
+
     fn read_logs(&self, query: &LogQuery) -> ApiResult<Vec<LogChunk>> {
         if query.tasks.len() > 1000 {
             return Err(ApiError::invalid("at most 1000 tasks per log query"));
@@ -1327,28 +1337,38 @@ impl Member {
 }
 
 async fn serve_as_leader(manager: &Manager, origin: Origin, request: PeerRequest) -> PeerResponse {
-    let caller = origin.identity;
+    // Who the caller is comes from its certificate (or the forwarding
+    // manager's word for it); what it may do comes from the store.
+    let state = manager.state();
+    let member = |needs| match origin.identity {
+        Some((id, certified)) => rules::check_caller(&state, id, certified, needs).map(|()| id),
+        None => Err(no_certificate()),
+    };
     match request {
         PeerRequest::Join(call) => PeerResponse::Join(manager.handle_join(call, origin.ip).await),
-        PeerRequest::Heartbeat(hb) => match caller {
-            Some((id, _)) => PeerResponse::Heartbeat(manager.handle_heartbeat(id, hb).await),
-            None => PeerResponse::Refused(no_certificate()),
+        PeerRequest::Heartbeat(hb) => match member(Role::Worker) {
+            Ok(id) => PeerResponse::Heartbeat(manager.handle_heartbeat(id, hb).await),
+            Err(e) => PeerResponse::Refused(e),
         },
-        PeerRequest::Assignments { known, holds } => match caller {
-            Some((id, _)) => PeerResponse::Assignments(manager.handle_assignments(id, &known, &holds).await),
-            None => PeerResponse::Refused(no_certificate()),
+        PeerRequest::Assignments { known, holds } => match member(Role::Worker) {
+            Ok(id) => PeerResponse::Assignments(manager.handle_assignments(id, &known, &holds).await),
+            Err(e) => PeerResponse::Refused(e),
         },
-        PeerRequest::ReportTasks(reports) => match caller {
-            Some((id, _)) => PeerResponse::Reported(manager.handle_report(id, reports).await),
-            None => PeerResponse::Refused(no_certificate()),
+        PeerRequest::ReportTasks(reports) => match member(Role::Worker) {
+            Ok(id) => PeerResponse::Reported(manager.handle_report(id, reports).await),
+            Err(e) => PeerResponse::Refused(e),
         },
-        PeerRequest::RenewCertificate { csr_pem } => match caller {
-            Some((id, _)) => PeerResponse::Certificate(manager.handle_renew(id, &csr_pem).await),
-            None => PeerResponse::Refused(no_certificate()),
+        PeerRequest::RenewCertificate { csr_pem } => match member(Role::Worker) {
+            Ok(id) => PeerResponse::Certificate(manager.handle_renew(id, &csr_pem).await),
+            Err(e) => PeerResponse::Refused(e),
         },
-        PeerRequest::Cluster(req) => match (caller, &origin.operator) {
-            (Some((_, Role::Manager)), _) | (None, Some(_)) => PeerResponse::Cluster(manager.handle_cluster(req).await),
-            _ => PeerResponse::Refused(manager_only()),
+        PeerRequest::Cluster(req) => match (origin.identity, &origin.operator) {
+            (None, Some(_)) => PeerResponse::Cluster(manager.handle_cluster(req).await),
+            (Some(_), _) => match member(Role::Manager) {
+                Ok(_) => PeerResponse::Cluster(manager.handle_cluster(req).await),
+                Err(e) => PeerResponse::Refused(e),
+            },
+            (None, None) => PeerResponse::Refused(manager_only()),
         },
         other => PeerResponse::Refused(ApiError::invalid(format!("{} cannot be forwarded", kind(&other)))),
     }
@@ -1431,7 +1451,22 @@ impl Handler for PeerHandler {
                 Some(m) => PeerResponse::InstallSnapshot(m.raft.install_snapshot(rpc).await),
                 None => PeerResponse::Refused(ApiError::unavailable("this node runs no Raft store")),
             },
-            PeerRequest::Forwarded { origin, request } if is_manager => member.route(origin, *request, true).await,
+            // Only a manager by the store forwards (a removed or demoted
+            // one's certificate does not), and only what it authenticated
+            // itself; the leader judges the origin against the store again.
+            PeerRequest::Forwarded {
+                origin: claimed,
+                request,
+            } if is_manager => {
+                let refused = match (member.manager(), identity.as_ref()) {
+                    (Some(m), Some(i)) => rules::check_caller(&m.state(), i.node_id, i.role, Role::Manager).err(),
+                    _ => Some(manager_only()),
+                };
+                if let Some(e) = refused {
+                    return PeerResponse::Refused(e);
+                }
+                member.route(claimed, *request, true).await
+            }
             PeerRequest::Cluster(_) if operator.is_some() => member.route(origin, request, false).await,
             PeerRequest::Forwarded { .. } | PeerRequest::Cluster(_) if !is_manager => {
                 PeerResponse::Refused(manager_only())
@@ -1444,8 +1479,22 @@ impl Handler for PeerHandler {
             {
                 PeerResponse::Refused(no_certificate())
             }
-            // Served here, by the node that keeps the logs.
-            PeerRequest::ReadLogs(query) if is_manager => PeerResponse::Logs(member.read_logs(&query)),
+            // Served here, by the node that keeps the logs, to a manager by
+            // the store (or, on a worker, by the managers its heartbeats name).
+            PeerRequest::ReadLogs(query) if is_manager => {
+                let id = identity.as_ref().map(|i| i.node_id).unwrap_or_default();
+                let allowed = match member.manager() {
+                    Some(m) => rules::check_caller(&m.state(), id, Role::Manager, Role::Manager),
+                    None if member.knows_manager(id) => Ok(()),
+                    None => Err(ApiError::denied(
+                        "the caller is not among the swarm's managers as this node knows them",
+                    )),
+                };
+                match allowed {
+                    Ok(()) => PeerResponse::Logs(member.read_logs(&query)),
+                    Err(e) => PeerResponse::Refused(e),
+                }
+            }
             PeerRequest::ReadLogs(_) => PeerResponse::Refused(manager_only()),
             request => member.route(origin, request, false).await,
         }

@@ -246,6 +246,33 @@ pub fn check_voter_removal(
     Ok(())
 }
 
+/// Whether node `id`, calling with a certificate of role `certified`, may
+/// make a call that needs `needs`, by the store: the certificate proves
+/// who the caller is; only the store says whether it is still a member and
+/// a manager. A removed node's certificate and a demoted manager's are
+/// refused for what they no longer may do.
+pub fn check_caller(state: &ClusterState, id: NodeId, certified: Role, needs: Role) -> ApiResult<()> {
+    let Some(node) = state.nodes.get(&id) else {
+        return Err(ApiError::denied(format!(
+            "node {} is not a member of this swarm (it was removed): its certificate is no longer honoured; join again with a token",
+            node_id_text(id)
+        )));
+    };
+    if needs != Role::Manager {
+        return Ok(());
+    }
+    match (certified, node.role) {
+        (Role::Manager, Role::Manager) => Ok(()),
+        (Role::Manager, Role::Worker) => Err(ApiError::denied(format!(
+            "node {} is no longer a manager (it was demoted): its manager certificate is not honoured for this call",
+            node_id_text(id)
+        ))),
+        (Role::Worker, _) => Err(ApiError::denied(
+            "this call is reserved to managers; the caller's certificate is not a manager's",
+        )),
+    }
+}
+
 /// Whether `node rm` may remove `target`.
 pub fn check_node_removal(
     state: &ClusterState,
@@ -546,5 +573,25 @@ mod tests {
         for bad in [80, 1023, 49152] {
             assert!(check_data_path_port(bad).unwrap_err().message.contains("1024 to 49151"));
         }
+    }
+
+    #[test]
+    fn callers_are_judged_by_the_store_not_by_their_certificate() {
+        use crate::control::state::tests::{initialised, node};
+        let mut s = initialised();
+        s.nodes.insert(5, node(5, Role::Manager));
+        s.nodes.insert(6, node(6, Role::Worker));
+        assert!(check_caller(&s, 5, Role::Manager, Role::Manager).is_ok());
+        assert!(check_caller(&s, 6, Role::Worker, Role::Worker).is_ok());
+        let denied = |r: ApiResult<()>| r.map_err(|e| (e.kind, e.message)).unwrap_err();
+        let (kind, why) = denied(check_caller(&s, 6, Role::Manager, Role::Manager));
+        assert_eq!(kind, crate::control::api::ErrorKind::PermissionDenied);
+        assert!(why.contains("demoted"), "{why}");
+        let (_, why) = denied(check_caller(&s, 6, Role::Worker, Role::Manager));
+        assert!(why.contains("reserved to managers"), "{why}");
+        let (_, why) = denied(check_caller(&s, 7, Role::Manager, Role::Worker));
+        assert!(why.contains("removed"), "{why}");
+        // Promoted but not yet renewed: a worker's certificate stays a worker's.
+        assert!(check_caller(&s, 5, Role::Worker, Role::Manager).is_err());
     }
 }

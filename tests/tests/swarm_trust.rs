@@ -1,0 +1,198 @@
+//! Kernel lane: the cluster port trusts the store, not a certificate's
+//! fields. A manager that was demoted keeps, on its disk, the manager
+//! certificate it had; with it, an attacker who has that disk calls the
+//! leader directly (as `meshctl` or a node would) and is refused the
+//! manager's calls: the cluster API (join tokens, services), forwarding
+//! in another node's name (its assignments, keys, a certificate issued to
+//! it) and other nodes' logs. Once the node is removed, its certificate
+//! gets nothing at all.
+
+use std::{net::Ipv4Addr, path::Path, time::Duration};
+
+use mesh_agent::control::{
+    api::{ClusterRequest, ErrorKind, Heartbeat, LogQuery, Origin, PeerRequest, PeerResponse},
+    keystore::{KeyStore, Loaded},
+    network::MANAGER_NAME,
+    rpc::RpcClient,
+    state::{NodeId, Role},
+    tls,
+};
+use mesh_tests::{require_root, swarm::Swarm};
+use rustls::pki_types::ServerName;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+const CALL: Duration = Duration::from_secs(10);
+
+type Client = RpcClient<PeerRequest, PeerResponse>;
+
+/// A client of `to` with the node credentials in `data_dir` as they are
+/// on its disk now (the key opened with the node's own key files, as
+/// anyone holding the disk of a node without autolock can).
+fn client_with_disk_of(data_dir: &Path, to: Ipv4Addr) -> Client {
+    let Loaded::Unlocked(dek) = KeyStore::new(data_dir).load().expect("the node's key files") else {
+        panic!("the node is autolocked");
+    };
+    let certs = data_dir.join("certs");
+    let key = dek
+        .open(b"node-key", &std::fs::read(certs.join("node.key.sealed")).unwrap())
+        .expect("open the node key");
+    let key = String::from_utf8(key).unwrap();
+    let cert = std::fs::read_to_string(certs.join("node.pem")).unwrap();
+    let ca = std::fs::read_to_string(certs.join("ca.pem")).unwrap();
+    let config = tls::client_config(&[ca], Some((&cert, &key))).expect("a TLS client");
+    RpcClient::new(
+        format!("{to}:2377"),
+        config,
+        ServerName::try_from(MANAGER_NAME).unwrap(),
+    )
+}
+
+fn node_id(swarm: &Swarm, host: usize) -> NodeId {
+    let info = swarm.info(host).expect("the node's info");
+    info.node_id.expect("the node is in a swarm")
+}
+
+/// Whether `response` is a refusal of kind PermissionDenied (exit code 5).
+fn denied(response: &Result<PeerResponse, mesh_agent::control::rpc::RpcError>) -> Option<String> {
+    match response {
+        Ok(PeerResponse::Refused(e)) if e.kind == ErrorKind::PermissionDenied => Some(e.message.clone()),
+        Ok(PeerResponse::Cluster(Err(e))) if e.kind == ErrorKind::PermissionDenied => Some(e.message.clone()),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_demoted_or_removed_managers_old_certificate_gets_nothing_a_manager_would() {
+    require_root();
+    let swarm = Swarm::new(3);
+    swarm.init(&[]);
+    swarm.join(1, 0, "manager");
+    swarm.join(2, 0, "manager");
+    // Every manager a Raft voter, as every manager's `node ls` shows.
+    swarm.wait("3 managers, each a voter", CONVERGE, || {
+        (0..3).all(|m| {
+            let view = swarm.nodes(m);
+            view.len() == 3
+                && view.iter().filter(|n| n.3 == "Leader").count() == 1
+                && view.iter().filter(|n| n.3 == "Reachable").count() == 2
+        })
+    });
+    let leader = swarm.cluster.host(0).address();
+    let (h1, h2) = (node_id(&swarm, 1), node_id(&swarm, 2));
+    // The calls, from h2's manager certificate as its disk holds it now.
+    let stale_dir = swarm.agents[2].data_dir.parent().unwrap().join("stolen");
+    std::fs::create_dir_all(&stale_dir).unwrap();
+    for sub in ["certs", "keys"] {
+        let from = swarm.agents[2].data_dir.join(sub);
+        std::fs::create_dir_all(stale_dir.join(sub)).unwrap();
+        for entry in std::fs::read_dir(&from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), stale_dir.join(sub).join(entry.file_name())).unwrap();
+        }
+    }
+    // The calls, made from h2's host (not a member's socket: a client of
+    // its own, with the stolen credentials).
+    let manager_calls = |client: Client| {
+        swarm.cluster.host(2).run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                vec![
+                    (
+                        "Cluster (the manager join token)",
+                        client
+                            .call(
+                                PeerRequest::Cluster(ClusterRequest::JoinToken {
+                                    role: Role::Manager,
+                                    rotate: false,
+                                }),
+                                CALL,
+                            )
+                            .await,
+                    ),
+                    (
+                        "Forwarded (h1's assignments)",
+                        client
+                            .call(
+                                PeerRequest::Forwarded {
+                                    origin: Origin {
+                                        identity: Some((h1, Role::Manager)),
+                                        operator: None,
+                                        ip: leader.into(),
+                                    },
+                                    request: Box::new(PeerRequest::Assignments {
+                                        known: String::new(),
+                                        holds: Vec::new(),
+                                    }),
+                                },
+                                CALL,
+                            )
+                            .await,
+                    ),
+                    (
+                        "ReadLogs",
+                        client
+                            .call(
+                                PeerRequest::ReadLogs(LogQuery {
+                                    tasks: Vec::new(),
+                                    tail: None,
+                                }),
+                                CALL,
+                            )
+                            .await,
+                    ),
+                ]
+            })
+        })
+    };
+    // While h2 is a manager, its certificate is a manager's.
+    for (what, response) in manager_calls(client_with_disk_of(&stale_dir, leader)) {
+        let served = matches!(
+            response,
+            Ok(PeerResponse::Cluster(Ok(_)) | PeerResponse::Assignments(Ok(_)) | PeerResponse::Logs(Ok(_)))
+        );
+        assert!(served, "{what} while h2 is a manager: {response:?}");
+    }
+
+    // Demoted: the certificate on the stolen disk still says manager.
+    swarm.ok(0, &["node", "demote", "h2"]);
+    swarm.wait("h2 a worker", CONVERGE, || {
+        swarm
+            .nodes(0)
+            .iter()
+            .any(|(name, _, _, manager)| name == "h2" && manager.is_empty())
+    });
+    for (what, response) in manager_calls(client_with_disk_of(&stale_dir, leader)) {
+        let why =
+            denied(&response).unwrap_or_else(|| panic!("{what} with a demoted manager's certificate: {response:?}"));
+        println!("{what}: refused: {why}");
+    }
+
+    // Removed: not even a worker's calls.
+    swarm.ok(0, &["node", "rm", "--force", "h2"]);
+    swarm.wait("h2 gone", CONVERGE, || {
+        swarm.nodes(0).iter().all(|(name, ..)| name != "h2")
+    });
+    let hb = Heartbeat {
+        agent_version: mesh_agent::VERSION.to_string(),
+        raft_ready: false,
+        cert_not_after: 0,
+        cert_not_before: 0,
+        cert_role: Role::Manager,
+        cert_ca_digest: String::new(),
+        wireguard_key: String::new(),
+    };
+    let stolen = client_with_disk_of(&stale_dir, leader);
+    let response = swarm.cluster.host(2).run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(stolen.call(PeerRequest::Heartbeat(hb), CALL))
+    });
+    let why = denied(&response).unwrap_or_else(|| panic!("a heartbeat from a removed node: {response:?}"));
+    println!("heartbeat from the removed node: refused: {why}");
+    let _ = h2;
+}
