@@ -14,6 +14,7 @@ use mesh_agent::control::{
     keystore::{KeyStore, Loaded},
     network::MANAGER_NAME,
     rpc::RpcClient,
+    service::{TaskReport, TaskState},
     state::{NodeId, Role},
     tls,
 };
@@ -169,6 +170,41 @@ fn a_demoted_or_removed_managers_old_certificate_gets_nothing_a_manager_would() 
             denied(&response).unwrap_or_else(|| panic!("{what} with a demoted manager's certificate: {response:?}"));
         println!("{what}: refused: {why}");
     }
+
+    // Still a member: its reports that change nothing write nothing (100
+    // calls of 1,000 reports each; each was a Raft write of its own).
+    let before = swarm.applied(0).expect("h0's applied index");
+    let stolen = client_with_disk_of(&stale_dir, leader);
+    let answered = swarm.cluster.host(2).run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut answered = 0;
+            for call in 0..100u64 {
+                let reports = (0..1000)
+                    .map(|i| TaskReport {
+                        task: call * 1000 + i,
+                        state: TaskState::Running,
+                        message: "x".repeat(100),
+                    })
+                    .collect();
+                if let Ok(PeerResponse::Reported(Ok(()))) = stolen.call(PeerRequest::ReportTasks(reports), CALL).await {
+                    answered += 1;
+                }
+            }
+            answered
+        })
+    });
+    let after = swarm.applied(0).expect("h0's applied index");
+    println!("100 calls of 1,000 reports that change nothing: the log went from {before} to {after}");
+    assert_eq!(answered, 100, "the calls were taken");
+    assert!(
+        after - before < 5,
+        "{} writes for reports that change nothing",
+        after - before
+    );
 
     // Removed: not even a worker's calls.
     swarm.ok(0, &["node", "rm", "--force", "h2"]);

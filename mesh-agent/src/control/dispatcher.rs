@@ -69,6 +69,35 @@ impl Liveness {
     }
 }
 
+/// How often a node's heartbeats may rewrite its own facts in the store
+/// (WireGuard key, agent version): they change on an upgrade or a new key,
+/// not on every beat, and each change is a Raft write.
+pub const NODE_FACTS_EVERY: Duration = Duration::from_secs(10);
+
+/// When each node's facts were last written from its heartbeats.
+#[derive(Debug, Default)]
+pub struct FactWrites {
+    last: HashMap<NodeId, Instant>,
+}
+
+impl FactWrites {
+    /// Whether `id`'s facts may be written at `now` (and if so, counts it).
+    pub fn allow(&mut self, id: NodeId, now: Instant) -> bool {
+        match self.last.get(&id) {
+            Some(at) if now.saturating_duration_since(*at) < NODE_FACTS_EVERY => false,
+            _ => {
+                self.last.insert(id, now);
+                true
+            }
+        }
+    }
+
+    /// Forgets a removed node.
+    pub fn forget(&mut self, id: NodeId) {
+        self.last.remove(&id);
+    }
+}
+
 /// How long a node may stay silent before it is Down.
 pub fn down_after(state: &ClusterState) -> Duration {
     let (period, misses) = state
@@ -683,5 +712,17 @@ mod tests {
         assert_eq!(sent.parts.iter().map(|p| p.held).collect::<Vec<_>>(), vec![false, true]);
         parts::restore(&mut sent, Some(a.clone())).unwrap();
         assert_eq!(sent, b);
+    }
+
+    #[test]
+    fn a_nodes_facts_are_written_at_most_once_per_period() {
+        let mut writes = FactWrites::default();
+        let t0 = Instant::now();
+        assert!(writes.allow(5, t0));
+        assert!(!writes.allow(5, t0 + Duration::from_secs(1)), "flipping on every beat");
+        assert!(writes.allow(6, t0), "another node has its own period");
+        assert!(writes.allow(5, t0 + NODE_FACTS_EVERY));
+        writes.forget(5);
+        assert!(writes.allow(5, t0 + NODE_FACTS_EVERY + Duration::from_secs(1)));
     }
 }

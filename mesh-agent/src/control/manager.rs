@@ -70,6 +70,8 @@ pub struct Manager {
     dispatch: Mutex<Option<Arc<dispatcher::DispatchView>>>,
     /// What each node has applied, so starting tasks wait for their peers.
     propagation: Mutex<Propagation>,
+    /// When each node's facts were last written from its heartbeats.
+    fact_writes: Mutex<dispatcher::FactWrites>,
 }
 
 /// How long an assignments long poll waits for a change (below the
@@ -135,6 +137,7 @@ impl Manager {
             liveness: Mutex::new(Liveness::default()),
             dispatch: Mutex::new(None),
             propagation: Mutex::new(Propagation::default()),
+            fact_writes: Mutex::new(dispatcher::FactWrites::default()),
             raft_ready: Mutex::new(BTreeSet::new()),
             stop,
         });
@@ -366,6 +369,7 @@ impl Manager {
                 self.propose(Command::RemoveNode { id }).await?;
                 self.liveness.lock().expect("reason: never poisoned").forget(id);
                 self.propagation.lock().expect("reason: never poisoned").forget(id);
+                self.fact_writes.lock().expect("reason: never poisoned").forget(id);
                 Ok(ClusterResponse::Done)
             }
             ClusterRequest::JoinToken { role, rotate } => {
@@ -894,6 +898,12 @@ impl Manager {
         if reports.iter().any(|r| r.message.len() > 4096) {
             return Err(ApiError::invalid("a task report's message is longer than 4096 bytes"));
         }
+        // Only what moves one of its tasks, once per task; nothing is
+        // written when nothing would change.
+        let reports = self.state().reports_that_change(id, reports);
+        if reports.is_empty() {
+            return Ok(());
+        }
         self.propose(Command::ReportTasks {
             node: id,
             reports,
@@ -929,7 +939,17 @@ impl Manager {
                 ready.remove(&id);
             }
         }
-        if !hb.wireguard_key.is_empty() && hb.wireguard_key != node.wireguard_key {
+        let new_key = !hb.wireguard_key.is_empty() && hb.wireguard_key != node.wireguard_key;
+        let new_version = node.agent_version != hb.agent_version;
+        // A node's own facts are written at most every NODE_FACTS_EVERY: a
+        // node that flips them on every beat would write on every beat.
+        let facts = (new_key || new_version)
+            && self
+                .fact_writes
+                .lock()
+                .expect("reason: never poisoned")
+                .allow(id, Instant::now());
+        if new_key && facts {
             super::tunnel::parse_public_key(&hb.wireguard_key).map_err(ApiError::invalid)?;
             self.propose(Command::SetNodeWireguardKey {
                 id,
@@ -937,12 +957,16 @@ impl Manager {
             })
             .await?;
         }
-        if node.status != NodeStatus::Ready || node.agent_version != hb.agent_version {
+        if node.status != NodeStatus::Ready || (new_version && facts) {
             self.propose(Command::SetNodeStatus {
                 id,
                 status: NodeStatus::Ready,
                 message: String::new(),
-                agent_version: hb.agent_version.clone(),
+                agent_version: if facts {
+                    hb.agent_version.clone()
+                } else {
+                    node.agent_version.clone()
+                },
                 at: unix_now(),
             })
             .await?;

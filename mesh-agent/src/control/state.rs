@@ -665,7 +665,7 @@ impl ClusterState {
                     let Some(task) = self.tasks.get_mut(&r.task) else {
                         continue;
                     };
-                    if task.node != Some(*node) || task.state == r.state || !task.state.may_become(r.state) {
+                    if !task.takes_report(*node, r) {
                         continue;
                     }
                     task.state = r.state;
@@ -957,11 +957,39 @@ impl ClusterState {
     }
 }
 
+impl ClusterState {
+    /// Of `node`'s `reports`, those that move a task of it, one per task
+    /// (the furthest along its life): what a write of them carries. Empty
+    /// when nothing would change, so a node that repeats itself (or speaks
+    /// of tasks not its own) writes nothing.
+    pub fn reports_that_change(&self, node: NodeId, reports: Vec<TaskReport>) -> Vec<TaskReport> {
+        let mut furthest: BTreeMap<u64, TaskReport> = BTreeMap::new();
+        for r in reports {
+            if !self.tasks.get(&r.task).is_some_and(|t| t.takes_report(node, &r)) {
+                continue;
+            }
+            match furthest.get(&r.task) {
+                Some(kept) if kept.state > r.state => {}
+                _ => {
+                    furthest.insert(r.task, r);
+                }
+            }
+        }
+        furthest.into_values().collect()
+    }
+}
+
 /// Where a finished task's history is kept: its service slot, and for a
 /// global task (all in slot 0) its node.
 pub type HistoryPlace = (u64, u32, Option<NodeId>);
 
 impl Task {
+    /// Whether `node`'s report `report` moves this task: it runs there, and
+    /// the report is a new state it may go to.
+    pub fn takes_report(&self, node: NodeId, report: &TaskReport) -> bool {
+        self.node == Some(node) && self.state != report.state && self.state.may_become(report.state)
+    }
+
     /// Told to shut down, and either ended or never placed: history.
     pub fn is_finished(&self) -> bool {
         self.desired == DesiredState::Shutdown && (self.state.is_terminal() || self.node.is_none())
@@ -1231,5 +1259,38 @@ pub(crate) mod tests {
         let dbg = format!("{s:?}");
         assert!(!dbg.contains("root_key_pem: \"K\""));
         assert!(dbg.contains("JoinTokens(<redacted>)"));
+    }
+
+    #[test]
+    fn only_reports_that_move_the_nodes_own_tasks_are_written_once_per_task() {
+        use crate::control::{orchestrator::tests_support::task, service::TaskReport};
+        let mut s = initialised();
+        s.tasks.insert(1, task(1, 7, 1, Some(5), TaskState::Starting));
+        s.tasks.insert(2, task(2, 7, 2, Some(6), TaskState::Starting));
+        let report = |task, state| TaskReport {
+            task,
+            state,
+            message: String::new(),
+        };
+        // The same state again, another node's task, an unknown task, a
+        // step back: nothing to write.
+        let idle = vec![
+            report(1, TaskState::Starting),
+            report(2, TaskState::Running),
+            report(9, TaskState::Running),
+            report(1, TaskState::Preparing),
+        ];
+        assert!(s.reports_that_change(5, idle).is_empty());
+        // Ten thousand reports on one task are one.
+        let flood: Vec<TaskReport> = (0..10_000).map(|_| report(1, TaskState::Running)).collect();
+        let kept = s.reports_that_change(5, flood);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].state, TaskState::Running);
+        // The furthest along wins, whatever the order.
+        let kept = s.reports_that_change(5, vec![report(1, TaskState::Failed), report(1, TaskState::Running)]);
+        assert_eq!(
+            kept.iter().map(|r| r.state).collect::<Vec<_>>(),
+            vec![TaskState::Failed]
+        );
     }
 }
