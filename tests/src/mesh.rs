@@ -181,7 +181,13 @@ pub fn dns_a(name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
 /// `GET path` on host `host`'s agent metrics port (127.0.0.1:9323 in its
 /// namespace): (status line, body).
 pub fn metrics_get(swarm: &Swarm, host: usize, path: &str) -> (String, String) {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    metrics_get_as(swarm, host, path, "localhost")
+}
+
+/// [`metrics_get`] with the `Host` header `host_header` (as a browser
+/// sends the name of the page that asked).
+pub fn metrics_get_as(swarm: &Swarm, host: usize, path: &str, host_header: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host_header}\r\n\r\n");
     let response = swarm.cluster.host(host).run(move || {
         let to = SocketAddr::from(([127, 0, 0, 1], 9323));
         let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("the metrics port answers");

@@ -159,4 +159,9 @@ fn every_agent_serves_metrics_that_promtool_accepts() {
     assert!(text.contains("state=\"inactive\""), "{text}");
     assert!(!text.contains("mesh_raft_term"));
     assert_eq!(get(&swarm, 3, "/other").0, "HTTP/1.1 404 Not Found");
+    // A page elsewhere that rebinds its own name to 127.0.0.1 gets nothing.
+    assert_eq!(
+        mesh_tests::mesh::metrics_get_as(&swarm, 3, "/metrics", "attacker.example:9323").0,
+        "HTTP/1.1 403 Forbidden"
+    );
 }

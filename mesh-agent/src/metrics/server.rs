@@ -1,7 +1,10 @@
 //! The `/metrics` endpoint: plain HTTP/1.1 on `--metrics-addr` (default
 //! 127.0.0.1:9323, Docker's metrics port), `GET /metrics` and nothing
 //! else. One request per connection; a client that sends nothing in 5 s,
-//! or a request head over 8 KiB, is dropped.
+//! or a request head over 8 KiB, is dropped. On a loopback address, a
+//! request whose `Host` is a name other than `localhost` is refused: a web
+//! page elsewhere could otherwise rebind its own name to 127.0.0.1 and
+//! read what is served here through the browser (DNS rebinding).
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -28,6 +31,33 @@ pub fn parse_addr(text: &str) -> Result<Option<SocketAddr>, String> {
 /// Whether serving on `addr` exposes the metrics beyond this host.
 pub fn is_public(addr: &SocketAddr) -> bool {
     !addr.ip().is_loopback()
+}
+
+/// How long accepting waits after an error (out of file descriptors, say)
+/// before it tries again, instead of spinning.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Whether the request `head` may be answered by a server listening on
+/// `listen`: anything on a public address (the operator exposed it, and
+/// scrapers use names); on loopback, only a `Host` that is an IP address
+/// or `localhost` (or none, as HTTP/1.0 allows).
+pub fn host_allowed(head: &str, listen: &SocketAddr) -> bool {
+    if !listen.ip().is_loopback() {
+        return true;
+    }
+    let host = head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("host").then(|| value.trim())
+    });
+    let Some(host) = host else {
+        return true;
+    };
+    // Without the port: "[::1]:9323", "127.0.0.1:9323", "localhost:9323".
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// The method and path of a request head.
@@ -68,15 +98,27 @@ where
     H: Fn(TcpStream, String) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = std::io::Result<()>> + Send,
 {
+    let listen = listener.local_addr().ok();
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log::debug!("HTTP endpoint: accepting a connection: {e}");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
         };
         let handle = handle.clone();
         tokio::spawn(async move {
-            if let Some(head) = read_head(&mut stream).await {
-                let _ = handle(stream, head).await;
+            let Some(head) = read_head(&mut stream).await else {
+                return;
+            };
+            if listen.is_some_and(|l| !host_allowed(&head, &l)) {
+                let why = "forbidden: on a loopback address only a Host of localhost or an IP address is served\n";
+                let _ = write_response(&mut stream, 403, "text/plain", why).await;
+                return;
             }
+            let _ = handle(stream, head).await;
         });
     }
 }
@@ -103,6 +145,7 @@ async fn read_head(stream: &mut TcpStream) -> Option<String> {
 pub(super) async fn write_response(stream: &mut TcpStream, status: u16, kind: &str, body: &str) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
+        403 => "Forbidden",
         404 => "Not Found",
         _ => "Method Not Allowed",
     };
@@ -131,6 +174,34 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_loopback_only_localhost_and_addresses_are_served_as_hosts() {
+        let local: SocketAddr = "127.0.0.1:9323".parse().unwrap();
+        let public: SocketAddr = "192.0.2.10:9323".parse().unwrap();
+        let head = |host: &str| format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        for ok in [
+            "127.0.0.1:9323",
+            "localhost:9323",
+            "LOCALHOST",
+            "[::1]:9323",
+            "10.0.0.1",
+        ] {
+            assert!(host_allowed(&head(ok), &local), "{ok}");
+        }
+        for rebound in ["attacker.example:9323", "attacker.example", "127.0.0.1.nip.io:9323"] {
+            assert!(!host_allowed(&head(rebound), &local), "{rebound}");
+        }
+        assert!(host_allowed(&head("node1.example:9323"), &public), "scrapers use names");
+        assert!(
+            host_allowed("GET /metrics HTTP/1.0\r\n\r\n", &local),
+            "HTTP/1.0 without Host"
+        );
+        assert!(!host_allowed(
+            "GET /metrics HTTP/1.1\r\nhOsT:  evil.example \r\n\r\n",
+            &local
+        ));
+    }
 
     #[test]
     fn only_get_metrics_is_served() {
