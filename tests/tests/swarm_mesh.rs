@@ -19,7 +19,7 @@ use std::{
 use mesh_agent::runtime::{mesh::TUNNEL_DEVICE, netns::NetNs, supervisor::task_dir_name};
 use mesh_tests::{
     cluster::host_address,
-    mesh::{bridge_frames, http_get},
+    mesh::{backends_on, bridge_frames, http_get},
     overlay::{has_link, running},
     require_root,
     swarm::{binary, Swarm},
@@ -105,6 +105,11 @@ fn a_published_port_answers_on_every_node_from_every_task_and_tasks_see_the_clie
         });
     }
     assert!(!has_link(&swarm, CLIENT, TUNNEL_DEVICE), "the client is no node");
+    // Running in the store is not yet in every node's tables: each node
+    // programs a task once it hears of it.
+    swarm.wait("every node's tables hold the 3 tasks", CONVERGE, || {
+        (0..3).all(|h| backends_on(&swarm, h).is_some_and(|b| b.len() == 3))
+    });
 
     // Every node answers, whichever task serves; the tasks see the client.
     let mut settled = false;

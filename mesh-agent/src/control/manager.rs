@@ -829,12 +829,19 @@ impl Manager {
                 // Look again, without making the whole answer, until a
                 // task stops waiting, the state changes or time is up.
                 while tokio::time::Instant::now() < deadline {
+                    // A view behind what was applied is renewed when its
+                    // batch ends: answer from the new one then.
+                    if view.applied < *applied.borrow() {
+                        let next = tokio::time::Instant::from_std(view.next_at());
+                        tokio::time::sleep_until(next.min(deadline)).await;
+                        break;
+                    }
                     let recheck = (tokio::time::Instant::now() + PEERS_RECHECK).min(deadline);
                     if let Ok(changed) = tokio::time::timeout_at(recheck, applied.changed()).await {
                         if changed.is_err() {
                             return Ok((current, view.seq));
                         }
-                        break;
+                        continue;
                     }
                     let mut propagation = self.propagation.lock().expect("reason: never poisoned");
                     let now = std::time::Instant::now();
