@@ -93,6 +93,23 @@ impl Host {
         Process::spawn_in(&self.ns, command).map_err(|source| self.spawn_error(source))
     }
 
+    /// Runs the tool `program` (`ip`, `nft`, ...) with `args` (split at
+    /// spaces) inside the host, to set up or observe the test's own hosts:
+    /// its standard output. Panics, with its errors, if it fails.
+    pub fn tool(&self, program: &str, args: &str) -> String {
+        let mut command = Command::new(program);
+        command.args(args.split_whitespace());
+        let out = self
+            .output(command, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{program} {args}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `command` inside the host to completion, killing it after
     /// `timeout`.
     pub fn output(&self, command: Command, timeout: Duration) -> Result<Output, ClusterError> {

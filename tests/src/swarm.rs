@@ -18,6 +18,17 @@ use crate::{cluster::Cluster, process::Process};
 /// cores with debug builds do not see spurious elections.
 pub const AGENT_FLAGS: &[&str] = &["--raft-heartbeat", "100ms", "--raft-election-timeout", "500ms"];
 
+/// [`AGENT_FLAGS`], with published ports reaching other nodes through the
+/// routing-mesh tunnel even on the link.
+pub const TUNNEL_AGENT_FLAGS: &[&str] = &[
+    "--raft-heartbeat",
+    "100ms",
+    "--raft-election-timeout",
+    "500ms",
+    "--mesh-routing",
+    "tunnel",
+];
+
 /// A built binary of the workspace (`cargo xtask test` builds them first).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("reason: the test knows its own path");

@@ -6,7 +6,7 @@
 //! back as the rules the module documents. (IPVS itself, fed by these
 //! marks, is tested in the VM lane: vm_mesh_ipvs.rs.)
 
-use std::{net::TcpStream, process::Command, time::Duration};
+use std::{net::TcpStream, time::Duration};
 
 use mesh_agent::dataplane::nftables::{
     marks::{ipvs_marks_batch, remove_ipvs_marks_batch, IpvsMarks, MarkedPort, IPVS_TABLE},
@@ -18,15 +18,7 @@ const CLUSTER_MARK: u32 = 0x6d00_1f90;
 const LOCAL_MARK: u32 = 0x6d02_1f90;
 
 fn nft(cluster: &Cluster, host: usize, args: &str) -> String {
-    let mut c = Command::new("nft");
-    c.args(args.split(' '));
-    let out = cluster.host(host).output(c, Duration::from_secs(10)).expect("run nft");
-    assert!(
-        out.status.success(),
-        "nft {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cluster.host(host).tool("nft", args)
 }
 
 /// Packets host 0 took in with `mark`, by the counting table's rule.

@@ -7,7 +7,6 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    process::Command,
     time::Duration,
 };
 
@@ -18,7 +17,7 @@ use mesh_tests::{
     overlay::{has_link, running},
     packet::udp4,
     require_root,
-    swarm::Swarm,
+    swarm::{Swarm, TUNNEL_AGENT_FLAGS},
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -34,36 +33,10 @@ fn vxlan(vni: u32, frame: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Runs `ip ARGS` on host `host` (to set the test's own hosts up).
-fn ip(swarm: &Swarm, host: usize, args: &str) {
-    let mut cmd = Command::new("ip");
-    cmd.args(args.split_whitespace());
-    let out = swarm
-        .cluster
-        .host(host)
-        .output(cmd, Duration::from_secs(10))
-        .expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn a_reply_forged_into_the_tunnel_from_a_spoofed_node_is_not_relayed() {
     require_root();
-    let swarm = Swarm::with_flags(
-        3,
-        &[
-            "--raft-heartbeat",
-            "100ms",
-            "--raft-election-timeout",
-            "500ms",
-            "--mesh-routing",
-            "tunnel",
-        ],
-    );
+    let swarm = Swarm::with_flags(3, TUNNEL_AGENT_FLAGS);
     swarm.form(2);
     create_http_service(&swarm, "web", &["--replicas", "2", "--publish", "8080:80"]);
     swarm.wait("web running with its tunnel", CONVERGE, || {
@@ -84,7 +57,10 @@ fn a_reply_forged_into_the_tunnel_from_a_spoofed_node_is_not_relayed() {
 
     // The attacker takes h1's address as a source: on its loopback, so it
     // answers no ARP for it, and announces with its own.
-    ip(&swarm, ATTACKER, &format!("addr add {other}/32 dev lo"));
+    swarm
+        .cluster
+        .host(ATTACKER)
+        .tool("ip", &format!("addr add {other}/32 dev lo"));
     swarm.cluster.host(ATTACKER).run(|| {
         std::fs::write("/proc/sys/net/ipv4/conf/all/arp_announce", "2").unwrap();
         std::fs::write("/proc/sys/net/ipv4/conf/all/arp_ignore", "1").unwrap();

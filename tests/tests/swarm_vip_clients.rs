@@ -9,7 +9,6 @@
 
 use std::{
     collections::BTreeSet,
-    process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -143,21 +142,7 @@ fn a_new_tasks_first_connection_to_a_vip_on_another_node_completes() {
     // A flow whose first SYN is lost completes on the retransmit: nothing
     // on the way keeps the first attempt's failure. h0's overlay bridge
     // drops the first SYN toward the api port (a quota of one SYN).
-    let nft = |args: &str| {
-        let mut cmd = Command::new("nft");
-        cmd.args(args.split_whitespace());
-        let out = swarm
-            .cluster
-            .host(0)
-            .output(cmd, Duration::from_secs(10))
-            .expect("run nft");
-        assert!(
-            out.status.success(),
-            "nft {args}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let nft = |args: &str| swarm.cluster.host(0).tool("nft", args);
     nft("add table bridge lose-first-syn");
     nft("add chain bridge lose-first-syn forward { type filter hook forward priority 0 ; }");
     nft(&format!(

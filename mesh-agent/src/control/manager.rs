@@ -785,8 +785,8 @@ impl Manager {
     /// Node `id`'s assignments once they differ from `known`, or after
     /// [`ASSIGNMENTS_WAIT`], and the number of the view they come from.
     /// While one of its tasks waits for its peers to learn its endpoint,
-    /// the answer is made again every [`PEERS_RECHECK`], so the node hears
-    /// as soon as they have.
+    /// the poll looks again every [`PEERS_RECHECK`], so the node hears as
+    /// soon as they have ([`Self::while_peers_learn`]).
     async fn assignments_after(&self, id: NodeId, known: &str) -> ApiResult<(Assignments, u64)> {
         let mut applied = self.sm.subscribe();
         let deadline = tokio::time::Instant::now() + ASSIGNMENTS_WAIT;
@@ -826,34 +826,8 @@ impl Manager {
                 .map(|t| t.task)
                 .collect();
             if !waiting.is_empty() {
-                // Look again, without making the whole answer, until a
-                // task stops waiting, the state changes or time is up.
-                while tokio::time::Instant::now() < deadline {
-                    // A view behind what was applied is renewed when its
-                    // batch ends: answer from the new one then.
-                    if view.applied < *applied.borrow() {
-                        let next = tokio::time::Instant::from_std(view.next_at());
-                        tokio::time::sleep_until(next.min(deadline)).await;
-                        break;
-                    }
-                    let recheck = (tokio::time::Instant::now() + PEERS_RECHECK).min(deadline);
-                    if let Ok(changed) = tokio::time::timeout_at(recheck, applied.changed()).await {
-                        if changed.is_err() {
-                            return Ok((current, view.seq));
-                        }
-                        continue;
-                    }
-                    let mut propagation = self.propagation.lock().expect("reason: never poisoned");
-                    let now = std::time::Instant::now();
-                    let still = waiting.iter().all(|id| {
-                        view.state
-                            .tasks
-                            .get(id)
-                            .is_some_and(|t| propagation.pending(t, &view.state, &view.index, view.seq, now) > 0)
-                    });
-                    if !still {
-                        break;
-                    }
+                if !self.while_peers_learn(&view, &waiting, &mut applied, deadline).await {
+                    return Ok((current, view.seq));
                 }
                 continue;
             }
@@ -872,6 +846,45 @@ impl Manager {
             }
             tokio::time::sleep_until(next.min(deadline)).await;
         }
+    }
+
+    /// Waits while the `waiting` tasks of `view` wait for their peers,
+    /// looking every [`PEERS_RECHECK`] without making the whole answer;
+    /// returns once one stops waiting, a renewed view is due (the state
+    /// moved on and `view`'s batch is over) or `deadline` passes. `false`
+    /// when the store is gone.
+    async fn while_peers_learn(
+        &self,
+        view: &dispatcher::DispatchView,
+        waiting: &[u64],
+        applied: &mut tokio::sync::watch::Receiver<u64>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        while tokio::time::Instant::now() < deadline {
+            if view.applied < *applied.borrow() {
+                let next = tokio::time::Instant::from_std(view.next_at());
+                tokio::time::sleep_until(next.min(deadline)).await;
+                return true;
+            }
+            let recheck = (tokio::time::Instant::now() + PEERS_RECHECK).min(deadline);
+            match tokio::time::timeout_at(recheck, applied.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return false,
+                Err(_) => {}
+            }
+            let mut propagation = self.propagation.lock().expect("reason: never poisoned");
+            let now = std::time::Instant::now();
+            let still = waiting.iter().all(|id| {
+                view.state
+                    .tasks
+                    .get(id)
+                    .is_some_and(|t| propagation.pending(t, &view.state, &view.index, view.seq, now) > 0)
+            });
+            if !still {
+                return true;
+            }
+        }
+        true
     }
 
     /// The view the long polls answer from: the cached one, unless it is

@@ -1155,17 +1155,26 @@ impl Member {
         }
     }
 
-    /// Reads log text of tasks kept on this node.
-    /// Whether `id` is among the managers this node's heartbeats name.
-    fn knows_manager(&self, id: NodeId) -> bool {
-        self.config
-            .lock()
-            .expect("reason: never poisoned")
-            .managers
-            .iter()
-            .any(|(m, _)| *m == id)
+    /// Whether the caller `identity` is a manager by what this node knows:
+    /// its store on a manager, the managers its heartbeats name on a worker.
+    fn check_manager_caller(&self, identity: Option<&NodeIdentity>) -> ApiResult<()> {
+        let Some(i) = identity else {
+            return Err(manager_only());
+        };
+        if let Some(m) = self.manager() {
+            return rules::check_caller(&m.state(), i.node_id, i.role, Role::Manager);
+        }
+        let config = self.config.lock().expect("reason: never poisoned");
+        if config.managers.iter().any(|(m, _)| *m == i.node_id) {
+            Ok(())
+        } else {
+            Err(ApiError::denied(
+                "the caller is not among the swarm's managers as this node knows them",
+            ))
+        }
     }
 
+    /// Reads log text of tasks kept on this node.
     fn read_logs(&self, query: &LogQuery) -> ApiResult<Vec<LogChunk>> {
         if query.tasks.len() > 1000 {
             return Err(ApiError::invalid("at most 1000 tasks per log query"));
@@ -1457,16 +1466,10 @@ impl Handler for PeerHandler {
             PeerRequest::Forwarded {
                 origin: claimed,
                 request,
-            } if is_manager => {
-                let refused = match (member.manager(), identity.as_ref()) {
-                    (Some(m), Some(i)) => rules::check_caller(&m.state(), i.node_id, i.role, Role::Manager).err(),
-                    _ => Some(manager_only()),
-                };
-                if let Some(e) = refused {
-                    return PeerResponse::Refused(e);
-                }
-                member.route(claimed, *request, true).await
-            }
+            } if is_manager => match member.check_manager_caller(identity.as_ref()) {
+                Ok(()) => member.route(claimed, *request, true).await,
+                Err(e) => PeerResponse::Refused(e),
+            },
             PeerRequest::Cluster(_) if operator.is_some() => member.route(origin, request, false).await,
             PeerRequest::Forwarded { .. } | PeerRequest::Cluster(_) if !is_manager => {
                 PeerResponse::Refused(manager_only())
@@ -1481,20 +1484,10 @@ impl Handler for PeerHandler {
             }
             // Served here, by the node that keeps the logs, to a manager by
             // the store (or, on a worker, by the managers its heartbeats name).
-            PeerRequest::ReadLogs(query) if is_manager => {
-                let id = identity.as_ref().map(|i| i.node_id).unwrap_or_default();
-                let allowed = match member.manager() {
-                    Some(m) => rules::check_caller(&m.state(), id, Role::Manager, Role::Manager),
-                    None if member.knows_manager(id) => Ok(()),
-                    None => Err(ApiError::denied(
-                        "the caller is not among the swarm's managers as this node knows them",
-                    )),
-                };
-                match allowed {
-                    Ok(()) => PeerResponse::Logs(member.read_logs(&query)),
-                    Err(e) => PeerResponse::Refused(e),
-                }
-            }
+            PeerRequest::ReadLogs(query) if is_manager => match member.check_manager_caller(identity.as_ref()) {
+                Ok(()) => PeerResponse::Logs(member.read_logs(&query)),
+                Err(e) => PeerResponse::Refused(e),
+            },
             PeerRequest::ReadLogs(_) => PeerResponse::Refused(manager_only()),
             request => member.route(origin, request, false).await,
         }

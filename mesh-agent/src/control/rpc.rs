@@ -343,14 +343,6 @@ impl Connections {
         })
     }
 
-    /// `slot`'s connection presented a client certificate: it no longer
-    /// counts as unauthenticated.
-    fn authenticated(&self, slot: &mut Slot) {
-        if std::mem::take(&mut slot.unauthenticated) {
-            self.counts().forget_unauthenticated(slot.source);
-        }
-    }
-
     /// Logs a refusal of `addr` for `why`, unless that kind was logged
     /// within [`REFUSAL_LOG_EVERY`]; then it is counted into the next line.
     fn refused(&self, addr: SocketAddr, why: &'static str) {
@@ -376,6 +368,16 @@ impl ConnectionCounts {
             if *n == 0 {
                 self.by_source.remove(&source);
             }
+        }
+    }
+}
+
+impl Slot {
+    /// The connection presented a client certificate: it no longer counts
+    /// as unauthenticated.
+    fn authenticated(&mut self) {
+        if std::mem::take(&mut self.unauthenticated) {
+            self.connections.counts().forget_unauthenticated(self.source);
         }
     }
 }
@@ -519,7 +521,7 @@ async fn serve_connection<H: Handler>(
         .unwrap_or_default();
     let peer = Peer { addr, certs };
     if !peer.certs.is_empty() {
-        Arc::clone(&slot.connections).authenticated(&mut slot);
+        slot.authenticated();
     }
 
     let (mut reader, mut writer) = tokio::io::split(stream);

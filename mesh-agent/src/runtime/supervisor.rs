@@ -244,9 +244,9 @@ impl Supervisor {
         self.lock().starting.remove(&id);
         let (state, message) = match prepared {
             Err(message) => (TaskState::Rejected, message),
-            Ok(None) => (TaskState::Shutdown, "stopped before it started".to_string()),
-            Ok(Some(_)) if *stop.borrow() => (TaskState::Shutdown, "stopped before it started".to_string()),
-            Ok(Some(prepared)) => self.supervise(&a, prepared, &mut stop).await,
+            Ok(Some(prepared)) if !*stop.borrow() => self.supervise(&a, prepared, &mut stop).await,
+            // Stopped while waiting for its peers, or as it was started.
+            Ok(_) => (TaskState::Shutdown, "stopped before it started".to_string()),
         };
         self.finish(&a, &dir, state, message).await;
     }
