@@ -1054,9 +1054,6 @@ impl Member {
         // poll and put back into an answer that holds them back.
         let mut previous: Option<Assignments> = None;
         let mut warned = false;
-        // Until the first answer is applied: the tasks it lists are mostly
-        // ones a previous agent left, to adopt.
-        let mut first = true;
         loop {
             let holds = previous.as_ref().map(parts::holds).unwrap_or_default();
             let request = || PeerRequest::Assignments {
@@ -1086,23 +1083,17 @@ impl Member {
                     // The VIPs and published ports before the tasks: a new
                     // task's process connects at once, and a socket that
                     // connects before the socket programs serve its VIP
-                    // keeps the VIP as its peer, which nothing answers. The
-                    // first answer after the agent starts is the exception:
-                    // its tasks are mostly ones to adopt, and the mesh would
-                    // drop their local backends until they are.
-                    let adopting = std::mem::replace(&mut first, false);
-                    if adopting {
-                        self.apply_tasks(&a);
-                    }
+                    // keeps the VIP as its peer, which nothing answers.
                     let started = std::time::Instant::now();
                     let mesh = self.mesh.apply(&a).await;
                     crate::metrics::record_reconcile("mesh", started, &mesh);
                     if let Err(e) = &mesh {
                         log::warn!("routing mesh: {e}");
                     }
-                    if !adopting {
-                        self.apply_tasks(&a);
-                    }
+                    let started = std::time::Instant::now();
+                    self.dns.apply(&a.services);
+                    self.tasks.apply(&a.tasks, &a.retained);
+                    crate::metrics::record_reconcile::<(), ()>("tasks", started, &Ok(()));
                     previous = Some(a);
                     if overlays.is_ok() && mesh.is_ok() {
                         continue;
@@ -1120,14 +1111,6 @@ impl Member {
                 _ = stop.changed() => return,
             }
         }
-    }
-
-    /// Serves an answer's names and runs its tasks.
-    fn apply_tasks(&self, a: &Assignments) {
-        let started = std::time::Instant::now();
-        self.dns.apply(&a.services);
-        self.tasks.apply(&a.tasks, &a.retained);
-        crate::metrics::record_reconcile::<(), ()>("tasks", started, &Ok(()));
     }
 
     /// Sends task reports to the managers in order, batching what queued
