@@ -1085,6 +1085,8 @@ impl Member {
                     // connects before the socket programs serve its VIP
                     // keeps the VIP as its peer, which nothing answers.
                     let started = std::time::Instant::now();
+                    // Tasks a previous agent left keep their backends.
+                    self.tasks.adopt_addresses(&a.tasks).await;
                     let mesh = self.mesh.apply(&a).await;
                     crate::metrics::record_reconcile("mesh", started, &mesh);
                     if let Err(e) = &mesh {

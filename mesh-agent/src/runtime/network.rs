@@ -255,8 +255,12 @@ impl LocalNetwork {
 
     /// Takes over task `task`'s attachment as a previous agent left it
     /// (namespace at `netns`): its `eth0` address is read from the kernel
-    /// and reserved, and nothing is changed.
+    /// and reserved, and nothing is changed. A task already taken over
+    /// keeps the attachment it has.
     pub async fn adopt(&self, task: u64, netns: &Path) -> Result<Attachment, NetworkError> {
+        if let Some(known) = self.state.lock().expect("reason: never poisoned").1.get(&task) {
+            return Ok(known.clone());
+        }
         let (netns, subnet, host_link) = (netns.to_path_buf(), self.subnet, host_link_name(task));
         let name = host_link.clone();
         let (addresses, host_index) = tokio::task::spawn_blocking(move || -> Result<_, NetworkError> {

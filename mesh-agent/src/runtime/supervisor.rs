@@ -154,6 +154,30 @@ impl Supervisor {
         });
     }
 
+    /// Takes over the bridge addresses of the tasks a previous agent left
+    /// that are still assigned, ahead of [`Supervisor::apply`]: the routing
+    /// mesh is programmed before tasks are applied, and it serves only the
+    /// local tasks whose address it knows, so without this a restarted
+    /// agent's first sync would drop their backends until adoption ended.
+    /// A task whose address cannot be read is left to its adoption, which
+    /// reports why.
+    pub async fn adopt_addresses(&self, assigned: &[Assignment]) {
+        let pending: Vec<u64> = {
+            let inner = self.lock();
+            assigned
+                .iter()
+                .map(|a| a.task)
+                .filter(|t| inner.leftovers.contains_key(t) && !inner.running.contains_key(t))
+                .collect()
+        };
+        for task in pending {
+            let netns = self.dir.join(task_dir_name(task)).join("netns");
+            if let Err(e) = self.network.adopt(task, &netns).await {
+                log::debug!("task {}: its address is read again on adoption: {e}", task_dir_name(task));
+            }
+        }
+    }
+
     /// Brings this node in line with its assignments.
     pub fn apply(self: &Arc<Self>, assigned: &[Assignment], retained: &[u64]) {
         let dirs = task_dirs(&self.dir);
