@@ -173,7 +173,10 @@ impl Supervisor {
         for task in pending {
             let netns = self.dir.join(task_dir_name(task)).join("netns");
             if let Err(e) = self.network.adopt(task, &netns).await {
-                log::debug!("task {}: its address is read again on adoption: {e}", task_dir_name(task));
+                log::debug!(
+                    "task {}: its address is read again on adoption: {e}",
+                    task_dir_name(task)
+                );
             }
         }
     }
