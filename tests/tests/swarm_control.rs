@@ -335,29 +335,44 @@ fn promote_demote_leave_and_remove_change_membership() {
 }
 
 #[test]
-fn ca_rotation_renews_every_certificate_and_replaces_the_tokens() {
+fn ca_rotation_renews_every_certificate_replaces_the_tokens_and_ends() {
     require_root();
-    let swarm = Swarm::new(3);
+    let mut swarm = Swarm::new(3);
     // h2 stays out: it tries the old token after the rotation.
     swarm.init(&[]);
     swarm.join(1, 0, "worker");
     swarm.wait("2 nodes ready", CONVERGE, || swarm.ready(0) == 2);
     let old_token = swarm.ok(0, &["swarm", "join-token", "-q", "worker"]).trim().to_string();
-    let first_root = |i: usize| {
-        let text = std::fs::read_to_string(swarm.agents[i].data_dir.join("certs/ca.pem")).unwrap_or_default();
-        text.split("-----END CERTIFICATE-----")
-            .next()
-            .unwrap_or_default()
-            .to_string()
+    let dirs: Vec<_> = swarm.agents.iter().map(|a| a.data_dir.clone()).collect();
+    let roots = |i: usize| {
+        let text = std::fs::read_to_string(dirs[i].join("certs/ca.pem")).unwrap_or_default();
+        text.split_inclusive("-----END CERTIFICATE-----\n")
+            .map(str::to_string)
+            .collect::<Vec<_>>()
     };
+    let first_root = |i: usize| roots(i).first().cloned().unwrap_or_default();
     let old_root = first_root(0);
+    let before = swarm.ok(0, &["swarm", "ca"]);
+    assert!(before.contains("No previous root"), "{before}");
+    // h1 is away while the root changes: the previous root stays trusted for it.
+    swarm.kill(1);
     let out = swarm.ok(0, &["swarm", "ca", "--rotate"]);
     assert!(out.contains("Root CA rotated"), "{out}");
     let new_token = swarm.ok(0, &["swarm", "join-token", "-q", "worker"]).trim().to_string();
     assert_ne!(old_token, new_token);
+    let during = swarm.ok(0, &["swarm", "ca"]);
+    assert!(
+        during.contains("Previous root: sha256:") && during.contains("Nodes not yet renewed: h1"),
+        "{during}"
+    );
+    swarm.start(1);
     swarm.wait("both nodes renewed under the new root", CONVERGE, || {
         let root = first_root(0);
         !root.is_empty() && root != old_root && first_root(1) == root && swarm.nodes(0).iter().all(|n| n.1 == "Ready")
+    });
+    // Everyone moved: the previous root is dropped, on every node.
+    swarm.wait("the rotation ended", CONVERGE, || {
+        swarm.ok(0, &["swarm", "ca"]).contains("No previous root") && roots(0).len() == 1 && roots(1).len() == 1
     });
     // The old token names the old CA: refused.
     let remote = format!("{}:2377", swarm.cluster.host(0).address());
@@ -372,6 +387,11 @@ fn ca_rotation_renews_every_certificate_and_replaces_the_tokens() {
         &["swarm", "join", "--token", &new_token, "--advertise-addr", &h2, &remote],
     );
     swarm.wait("3 nodes ready", CONVERGE, || swarm.ready(0) == 3);
+    // A bad deadline changes nothing.
+    let (code, err) = swarm.fails(0, &["swarm", "ca", "--rotate", "--previous-root-ttl", "10s"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--previous-root-ttl"), "{err}");
+    assert!(swarm.ok(0, &["swarm", "ca"]).contains("No previous root"));
 }
 
 mod wire {

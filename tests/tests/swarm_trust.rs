@@ -13,13 +13,14 @@ use mesh_agent::control::{
     api::{ClusterRequest, ErrorKind, Heartbeat, LogQuery, Origin, PeerRequest, PeerResponse},
     keystore::{KeyStore, Loaded},
     network::MANAGER_NAME,
-    rpc::RpcClient,
+    pki,
+    rpc::{RpcClient, RpcError},
     service::{TaskReport, TaskState},
     state::{NodeId, Role},
     tls,
 };
 use mesh_tests::{require_root, swarm::Swarm};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{pem::PemObject, ServerName};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const CALL: Duration = Duration::from_secs(10);
@@ -46,6 +47,48 @@ fn client_with_disk_of(data_dir: &Path, to: Ipv4Addr) -> Client {
         config,
         ServerName::try_from(MANAGER_NAME).unwrap(),
     )
+}
+
+/// The serial of the node certificate on `data_dir`'s disk.
+fn serial_on_disk(data_dir: &Path) -> String {
+    let pem = std::fs::read_to_string(data_dir.join("certs/node.pem")).unwrap();
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    pki::serial_of(&der).expect("a serial")
+}
+
+/// Copies what a thief of `data_dir` would take (certificates and keys).
+fn steal(data_dir: &Path, to: &Path) {
+    for sub in ["certs", "keys"] {
+        let from = data_dir.join(sub);
+        std::fs::create_dir_all(to.join(sub)).unwrap();
+        for entry in std::fs::read_dir(&from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(sub).join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// One call from host `host`'s namespace.
+fn call_from(swarm: &Swarm, host: usize, client: Client, request: PeerRequest) -> Result<PeerResponse, RpcError> {
+    swarm.cluster.host(host).run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(client.call(request, CALL))
+    })
+}
+
+fn heartbeat() -> PeerRequest {
+    PeerRequest::Heartbeat(Heartbeat {
+        agent_version: mesh_agent::VERSION.to_string(),
+        raft_ready: false,
+        cert_not_after: 0,
+        cert_not_before: 0,
+        cert_role: Role::Worker,
+        cert_ca_digest: String::new(),
+        wireguard_key: String::new(),
+    })
 }
 
 fn node_id(swarm: &Swarm, host: usize) -> NodeId {
@@ -80,20 +123,14 @@ fn a_demoted_or_removed_managers_old_certificate_gets_nothing_a_manager_would() 
     });
     let leader = swarm.cluster.host(0).address();
     let (h1, h2) = (node_id(&swarm, 1), node_id(&swarm, 2));
+    let h1_serial = serial_on_disk(&swarm.agents[1].data_dir);
     // The calls, from h2's manager certificate as its disk holds it now.
     let stale_dir = swarm.agents[2].data_dir.parent().unwrap().join("stolen");
-    std::fs::create_dir_all(&stale_dir).unwrap();
-    for sub in ["certs", "keys"] {
-        let from = swarm.agents[2].data_dir.join(sub);
-        std::fs::create_dir_all(stale_dir.join(sub)).unwrap();
-        for entry in std::fs::read_dir(&from).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), stale_dir.join(sub).join(entry.file_name())).unwrap();
-        }
-    }
+    steal(&swarm.agents[2].data_dir, &stale_dir);
     // The calls, made from h2's host (not a member's socket: a client of
     // its own, with the stolen credentials).
     let manager_calls = |client: Client| {
+        let h1_serial = h1_serial.clone();
         swarm.cluster.host(2).run(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -121,6 +158,7 @@ fn a_demoted_or_removed_managers_old_certificate_gets_nothing_a_manager_would() 
                                     origin: Origin {
                                         identity: Some((h1, Role::Manager)),
                                         operator: None,
+                                        serial: h1_serial.clone(),
                                         ip: leader.into(),
                                     },
                                     request: Box::new(PeerRequest::Assignments {
@@ -156,6 +194,24 @@ fn a_demoted_or_removed_managers_old_certificate_gets_nothing_a_manager_would() 
         );
         assert!(served, "{what} while h2 is a manager: {response:?}");
     }
+
+    // A voter forwarding in another node's name must name the certificate
+    // the store holds for it: a forged origin gets nothing.
+    let forged = PeerRequest::Forwarded {
+        origin: Origin {
+            identity: Some((h1, Role::Manager)),
+            operator: None,
+            serial: "00ff".into(),
+            ip: leader.into(),
+        },
+        request: Box::new(PeerRequest::Assignments {
+            known: String::new(),
+            holds: Vec::new(),
+        }),
+    };
+    let response = call_from(&swarm, 2, client_with_disk_of(&stale_dir, leader), forged);
+    let why = denied(&response).unwrap_or_else(|| panic!("a forged origin: {response:?}"));
+    assert!(why.contains("replaced by one issued"), "{why}");
 
     // Demoted: the certificate on the stolen disk still says manager.
     swarm.ok(0, &["node", "demote", "h2"]);
@@ -211,24 +267,90 @@ fn a_demoted_or_removed_managers_old_certificate_gets_nothing_a_manager_would() 
     swarm.wait("h2 gone", CONVERGE, || {
         swarm.nodes(0).iter().all(|(name, ..)| name != "h2")
     });
-    let hb = Heartbeat {
-        agent_version: mesh_agent::VERSION.to_string(),
-        raft_ready: false,
-        cert_not_after: 0,
-        cert_not_before: 0,
-        cert_role: Role::Manager,
-        cert_ca_digest: String::new(),
-        wireguard_key: String::new(),
-    };
-    let stolen = client_with_disk_of(&stale_dir, leader);
-    let response = swarm.cluster.host(2).run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(stolen.call(PeerRequest::Heartbeat(hb), CALL))
-    });
+    let response = call_from(&swarm, 2, client_with_disk_of(&stale_dir, leader), heartbeat());
     let why = denied(&response).unwrap_or_else(|| panic!("a heartbeat from a removed node: {response:?}"));
     println!("heartbeat from the removed node: refused: {why}");
     let _ = h2;
+}
+
+#[test]
+fn a_replaced_node_certificate_and_a_revoked_operator_certificate_are_refused() {
+    require_root();
+    let swarm = Swarm::new(3);
+    // Short certificates: the grace a renewed node's old certificate keeps
+    // (the clock skew certificates absorb, a tenth of their lifetime) is 12 s.
+    swarm.init(&["--cert-expiry", "2m"]);
+    swarm.join(1, 0, "worker");
+    swarm.wait("2 nodes ready", CONVERGE, || swarm.ready(0) == 2);
+    let leader = swarm.cluster.host(0).address();
+    let stolen = swarm.agents[1].data_dir.parent().unwrap().join("stolen-worker");
+    steal(&swarm.agents[1].data_dir, &stolen);
+    let old_serial = serial_on_disk(&stolen);
+    let response = call_from(&swarm, 2, client_with_disk_of(&stolen, leader), heartbeat());
+    assert!(
+        matches!(response, Ok(PeerResponse::Heartbeat(Ok(_)))),
+        "the worker's current certificate: {response:?}"
+    );
+
+    // Promoted, h1 gets a manager's certificate; its worker certificate is
+    // replaced and, once the grace is over, refused for every call.
+    swarm.ok(0, &["node", "promote", "h1"]);
+    swarm.wait("h1 renewed", CONVERGE, || {
+        serial_on_disk(&swarm.agents[1].data_dir) != old_serial
+    });
+    let mut why = String::new();
+    swarm.wait("the replaced certificate refused", Duration::from_secs(60), || {
+        let response = call_from(&swarm, 2, client_with_disk_of(&stolen, leader), heartbeat());
+        match denied(&response) {
+            Some(w) => {
+                why = w;
+                true
+            }
+            None => false,
+        }
+    });
+    println!("the replaced worker certificate: refused: {why}");
+    assert!(why.contains("replaced by one issued"), "{why}");
+    // h1 itself carries on with its new certificate: a voter, its
+    // requests forwarded to the leader are served.
+    swarm.wait("h1 a manager that forwards", CONVERGE, || {
+        swarm.meshctl(1, &["node", "ls"]).status.success()
+    });
+
+    // Operator certificates are records: listed, one per name, revoked at once.
+    let dir = swarm.agents[2].data_dir.parent().unwrap().join("alice");
+    let dir_text = dir.display().to_string();
+    swarm.ok(0, &["swarm", "operator-cert", "--name", "alice", "--out", &dir_text]);
+    let host0 = format!("{leader}:2377");
+    let remote = ["--host", host0.as_str(), "--tls-dir", dir_text.as_str()];
+    let ls = swarm.ok(2, &[&remote[..], &["node", "ls"]].concat());
+    assert_eq!(ls.lines().count(), 3, "{ls}");
+    let listed = swarm.ok(0, &["swarm", "operator-cert", "ls"]);
+    assert!(listed.contains("alice") && listed.contains("valid"), "{listed}");
+    let other = swarm.agents[2].data_dir.parent().unwrap().join("alice-2");
+    let (code, err) = swarm.fails(
+        0,
+        &[
+            "swarm",
+            "operator-cert",
+            "--name",
+            "alice",
+            "--out",
+            &other.display().to_string(),
+        ],
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("operator-cert rm alice"), "{err}");
+    swarm.ok(0, &["swarm", "operator-cert", "rm", "alice"]);
+    let (code, err) = swarm.fails(2, &[&remote[..], &["node", "ls"]].concat());
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("revoked"), "{err}");
+    let (code, err) = swarm.fails(0, &["swarm", "operator-cert", "rm", "alice"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(!swarm.ok(0, &["swarm", "operator-cert", "ls"]).contains("alice"));
+    // Revoked through a follower as well: h1 forwards the call, the leader refuses it.
+    let host1 = format!("{}:2377", swarm.cluster.host(1).address());
+    let via_follower = ["--host", host1.as_str(), "--tls-dir", dir_text.as_str()];
+    let (code, err) = swarm.fails(2, &[&via_follower[..], &["node", "ls"]].concat());
+    assert_eq!(code, 5, "{err}");
 }

@@ -6,6 +6,7 @@
 //! 4 refused by the cluster's state, 5 permission denied, 6 node locked,
 //! 7 unavailable (no agent, no leader).
 
+mod ca;
 pub mod network;
 pub mod run;
 pub mod secret;
@@ -24,7 +25,6 @@ use crate::control::{
     api::{PeerRequest, PeerResponse},
     local,
     network::MANAGER_NAME,
-    pki::NodeKey,
     rpc::RpcClient,
     rules,
     state::{node_id_text, Availability, NodeStatus, NodeUpdate, Role},
@@ -219,24 +219,11 @@ enum SwarmCommand {
         #[arg(long)]
         task_history_limit: Option<u32>,
     },
-    /// Manage the root CA.
-    Ca {
-        /// Replace the root CA; nodes renew their certificates.
-        #[arg(long)]
-        rotate: bool,
-    },
-    /// Issue an operator certificate for `meshctl --host` (the key never leaves this machine).
-    OperatorCert {
-        /// Who it is for.
-        #[arg(long)]
-        name: String,
-        /// Directory to write key.pem (0600), cert.pem and ca.pem into.
-        #[arg(long)]
-        out: PathBuf,
-        /// Validity.
-        #[arg(long, default_value = "720h")]
-        expiry: String,
-    },
+    /// Show the trusted roots, or rotate the root CA.
+    Ca(ca::CaArgs),
+    /// Operator certificates for `meshctl --host`: issue one (the key never
+    /// leaves this machine), list them, or revoke one.
+    OperatorCert(ca::OperatorCertArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -448,22 +435,6 @@ fn expand_home(path: &str) -> PathBuf {
 }
 
 /// Writes the operator's key, certificate and roots, the key readable by its owner only.
-fn write_operator_files(dir: &std::path::Path, key: &str, cert: &str, roots: &[String]) -> ApiResult<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| ApiError::invalid(format!("{}: {e}", dir.display())))?;
-    let write = |name: &str, text: &str| {
-        crate::control::keystore::write_private(&dir.join(name), text.as_bytes())
-            .map_err(|e| ApiError::internal(e.to_string()))
-    };
-    write("key.pem", key)?;
-    write("cert.pem", cert)?;
-    write("ca.pem", &roots.concat())
-}
-
 fn unexpected(other: LocalResponse) -> ApiError {
     ApiError::internal(format!("unexpected reply from the agent: {other:?}"))
 }
@@ -678,42 +649,8 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
             }
             Ok(())
         }
-        SwarmCommand::OperatorCert { name, out, expiry } => {
-            let validity_secs = duration_ms("expiry", &expiry)? / 1000;
-            let key = NodeKey::generate().map_err(|e| ApiError::internal(e.to_string()))?;
-            let csr_pem = key.csr_pem().map_err(|e| ApiError::internal(e.to_string()))?;
-            match client
-                .cluster(ClusterRequest::IssueOperatorCert {
-                    name: name.clone(),
-                    csr_pem,
-                    validity_secs,
-                })
-                .await?
-            {
-                ClusterResponse::Certificate { cert_pem, ca_pems } => {
-                    write_operator_files(&out, &key.key_pem(), &cert_pem, &ca_pems)?;
-                    println!("Operator certificate for {name} written to {}.", out.display());
-                    println!(
-                        "Use it with: meshctl --host MANAGER:2377 --tls-dir {} node ls",
-                        out.display()
-                    );
-                    Ok(())
-                }
-                other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
-            }
-        }
-        SwarmCommand::Ca { rotate } => {
-            if !rotate {
-                return Err(ApiError::invalid("give --rotate to replace the root CA"));
-            }
-            match client.cluster(ClusterRequest::CaRotate).await? {
-                ClusterResponse::CaDigest(d) => {
-                    println!("Root CA rotated; new CA digest sha256:{d}. Nodes renew their certificates at their next heartbeat; the join tokens changed with it.");
-                    Ok(())
-                }
-                other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
-            }
-        }
+        SwarmCommand::OperatorCert(args) => ca::operator_cert(client, args).await,
+        SwarmCommand::Ca(args) => ca::ca(client, args).await,
     }
 }
 

@@ -307,7 +307,20 @@ pub enum ClusterRequest {
         limit: u32,
     },
     /// `swarm ca --rotate`.
-    CaRotate,
+    CaRotate {
+        /// How long the previous root stays trusted at most, in seconds,
+        /// if some node or operator has not moved to the new one sooner.
+        previous_root_ttl_secs: u64,
+    },
+    /// `swarm ca`: which roots are trusted and why.
+    CaInspect,
+    /// `swarm operator-cert ls`.
+    OperatorCertList,
+    /// `swarm operator-cert rm`: the certificate is refused from now on.
+    OperatorCertRemove {
+        /// The operator's name.
+        name: String,
+    },
     /// `network create`.
     NetworkCreate {
         /// What the operator asked for.
@@ -411,6 +424,10 @@ pub enum ClusterResponse {
     Secret(String),
     /// `swarm ca --rotate`: the new CA's digest.
     CaDigest(String),
+    /// `swarm ca`.
+    Ca(CaView),
+    /// `swarm operator-cert ls`: the recorded operator certificates.
+    OperatorCerts(Vec<OperatorCertView>),
     /// Services with their running/desired counts.
     Services(Vec<ServiceView>),
     /// A service was created.
@@ -439,6 +456,31 @@ pub enum ClusterResponse {
         /// The swarm's roots.
         ca_pems: Vec<String>,
     },
+}
+
+/// The swarm's trusted roots, for `swarm ca`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CaView {
+    /// SHA-256 (hex) of the current root.
+    pub current: String,
+    /// SHA-256 (hex) of each previous root still trusted.
+    pub previous: Vec<String>,
+    /// Unix seconds when the previous roots are dropped at the latest
+    /// (0 when there are none).
+    pub previous_until: u64,
+    /// Nodes (hostnames) whose certificate is not yet from the current root.
+    pub nodes_pending: Vec<String>,
+    /// Operators whose live certificate is not from the current root.
+    pub operators_pending: Vec<String>,
+}
+
+/// One recorded operator certificate, for `swarm operator-cert ls`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct OperatorCertView {
+    /// The operator's name.
+    pub name: String,
+    /// The certificate's record.
+    pub issued: crate::control::cert_records::Issued,
 }
 
 /// `meshctl` -> local agent.
@@ -638,6 +680,9 @@ pub struct Origin {
     /// The operator name, when the caller presented an operator certificate.
     #[serde(default)]
     pub operator: Option<String>,
+    /// The serial (hex) of the certificate the caller presented.
+    #[serde(default)]
+    pub serial: String,
     /// The caller's IP address as the first manager saw it.
     pub ip: std::net::IpAddr,
 }

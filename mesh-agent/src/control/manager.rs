@@ -19,8 +19,9 @@ use rand::Rng;
 use super::{
     api::{
         ApiError, ApiResult, Assignments, ClusterRequest, ClusterResponse, Endpoint, Heartbeat, HeartbeatReply,
-        JoinCall, JoinReply, NetworkView, NodeView, ServiceView, TaskView,
+        JoinCall, JoinReply, NetworkView, NodeView, OperatorCertView, ServiceView, TaskView,
     },
+    cert_records::NodeCerts,
     dispatcher::{self, down_after, Liveness},
     network::{Peers, RaftNet},
     orchestrator, overlay,
@@ -429,9 +430,17 @@ impl Manager {
                 if !(60..=366 * 86400).contains(&validity_secs) {
                     return Err(ApiError::invalid("--expiry must be between 1m and 366d"));
                 }
+                let unix = unix_now();
+                if let Some(live) = state.operators.get(&name).filter(|o| o.not_after >= unix) {
+                    return Err(ApiError::precondition(format!(
+                        "an operator certificate named {name:?} is already issued (valid until unix time {}): revoke it first (`meshctl swarm operator-cert rm {name}`) or choose another name",
+                        live.not_after
+                    )));
+                }
                 let cluster_id = cluster_id(&state)?;
                 let now = SystemTime::now();
-                let cert_pem = current_ca(&state)?
+                let ca = current_ca(&state)?;
+                let cert_pem = ca
                     .issue_operator(
                         &csr_pem,
                         &name,
@@ -440,6 +449,15 @@ impl Manager {
                         now + Duration::from_secs(validity_secs),
                     )
                     .map_err(|e| ApiError::invalid(format!("cannot issue the certificate: {e}")))?;
+                // Honoured only once recorded: the record is what revokes.
+                let issued = ca
+                    .record(&cert_pem, unix)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                self.propose(Command::RecordOperatorCert {
+                    name: name.clone(),
+                    issued,
+                })
+                .await?;
                 log::info!("issued an operator certificate for {name:?}, valid {validity_secs} s");
                 Ok(ClusterResponse::Certificate {
                     cert_pem,
@@ -647,19 +665,47 @@ impl Manager {
                     .collect();
                 Ok(ClusterResponse::Tasks(tasks))
             }
-            ClusterRequest::CaRotate => {
+            ClusterRequest::CaInspect => Ok(ClusterResponse::Ca(rules::ca_view(&state, unix_now()))),
+            ClusterRequest::OperatorCertList => Ok(ClusterResponse::OperatorCerts(
+                state
+                    .operators
+                    .iter()
+                    .map(|(name, issued)| OperatorCertView {
+                        name: name.clone(),
+                        issued: issued.clone(),
+                    })
+                    .collect(),
+            )),
+            ClusterRequest::OperatorCertRemove { name } => {
+                if !state.operators.contains_key(&name) {
+                    return Err(ApiError::not_found(format!(
+                        "no operator certificate named {name:?} (`meshctl swarm operator-cert ls` lists them)"
+                    )));
+                }
+                self.propose(Command::RevokeOperatorCert { name: name.clone() }).await?;
+                log::info!("revoked the operator certificate of {name:?}");
+                Ok(ClusterResponse::Done)
+            }
+            ClusterRequest::CaRotate { previous_root_ttl_secs } => {
+                rules::check_previous_root_ttl(previous_root_ttl_secs)?;
                 let cluster_id = cluster_id(&state)?;
                 let old = state
                     .ca
                     .clone()
                     .ok_or_else(|| ApiError::internal("the store has no CA"))?;
                 let new = RootCa::generate(&cluster_id).map_err(|e| ApiError::internal(e.to_string()))?;
+                let cross_signed_pem = current_ca(&state)?
+                    .cross_sign(&new, &cluster_id)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
                 let digest = new.digest();
                 let ca = CaState {
                     root_cert_pem: new.cert_pem().to_string(),
                     root_key_pem: new.key_pem().to_string(),
-                    // Keep trusting the old root until every node has renewed.
+                    // Keep trusting the old root until every node and
+                    // operator has renewed, or its deadline.
                     previous_roots_pem: vec![old.root_cert_pem],
+                    previous_until: unix_now() + previous_root_ttl_secs,
+                    cross_signed_pem,
                 };
                 let tokens = JoinTokens {
                     worker: JoinToken::generate(digest).to_text(),
@@ -721,6 +767,9 @@ impl Manager {
         };
         let cert_pem = issue(&ca, &call.csr_pem, id, role, &cluster.id, cluster.cert_expiry_secs)?;
         let now = unix_now();
+        let issued = ca
+            .record(&cert_pem, now)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         let node = Node {
             id,
             hostname: call.hostname.clone(),
@@ -733,6 +782,7 @@ impl Manager {
             status_message: String::new(),
             agent_version: call.agent_version.clone(),
             wireguard_key: String::new(),
+            certs: NodeCerts::first(issued),
             created_at: now,
             updated_at: now,
         };
@@ -746,7 +796,7 @@ impl Manager {
             node_id: id,
             role,
             cluster_id: cluster.id,
-            cert_pem,
+            cert_pem: with_cross_signed(cert_pem, &state),
             ca_pems: roots(&state),
             managers: managers(&state),
             heartbeat_period_ms: cluster.heartbeat_period_ms,
@@ -932,7 +982,8 @@ impl Manager {
         .await
     }
 
-    pub async fn handle_heartbeat(&self, id: NodeId, hb: Heartbeat) -> ApiResult<HeartbeatReply> {
+    /// A node's heartbeat, made with the certificate of serial `serial`.
+    pub async fn handle_heartbeat(&self, id: NodeId, serial: &str, hb: Heartbeat) -> ApiResult<HeartbeatReply> {
         if hb.agent_version.len() > 64 {
             return Err(ApiError::invalid("the reported agent version is longer than 64 bytes"));
         }
@@ -996,9 +1047,15 @@ impl Manager {
             .clone()
             .ok_or_else(|| ApiError::internal("the cluster is not initialised"))?;
         let ca = current_ca(&state)?;
+        // The store's record says which root issued the certificate in use;
+        // one that is not the last issued (an answer to a renewal was lost)
+        // is renewed again.
+        let current_root = hex::encode(ca.digest());
+        let recorded = &node.certs.current;
         let renew = pki::needs_renewal(secs(hb.cert_not_before), secs(hb.cert_not_after), SystemTime::now())
             || hb.cert_role != self.issued_role(&state, id)
-            || hb.cert_ca_digest != hex::encode(ca.digest());
+            || hb.cert_ca_digest != current_root
+            || (!recorded.serial.is_empty() && (recorded.serial != serial || recorded.ca != current_root));
         Ok(HeartbeatReply {
             period_ms: cluster.heartbeat_period_ms,
             managers: managers(&state),
@@ -1031,7 +1088,19 @@ impl Manager {
         let ca = current_ca(&state)?;
         let role = self.issued_role(&state, id);
         let cert = issue(&ca, csr_pem, id, role, &cluster.id, cluster.cert_expiry_secs)?;
-        Ok((cert, roots(&state)))
+        // The node uses it only after this answer, so the record comes
+        // first; the certificate it replaces is honoured as long as the
+        // clock skew certificates already absorb, for calls under way.
+        let issued = ca
+            .record(&cert, unix_now())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.propose(Command::RecordNodeCert {
+            id,
+            issued,
+            grace_secs: pki::backdate(Duration::from_secs(cluster.cert_expiry_secs)).as_secs(),
+        })
+        .await?;
+        Ok((with_cross_signed(cert, &state), roots(&state)))
     }
 
     /// Bringing Raft membership in line with node roles, one change at a
@@ -1107,6 +1176,12 @@ impl Manager {
                 match self.propose(Command::RotateOverlayKey(key)).await {
                     Ok(()) => log::info!("overlay key rotated (epoch {epoch})"),
                     Err(e) => log::warn!("rotating the overlay key: {e}"),
+                }
+            }
+            if rules::previous_roots_done(&state, unix_now()) {
+                match self.propose(Command::DropPreviousRoots).await {
+                    Ok(()) => log::info!("CA rotation done: the previous root is no longer trusted"),
+                    Err(e) => log::warn!("dropping the previous root: {e}"),
                 }
             }
             if let Some(plan) = orchestrator::plan(&self.state(), unix_now_ms(), &mut || rand::random()) {
@@ -1282,6 +1357,15 @@ pub fn roots(state: &ClusterState) -> Vec<String> {
         .iter()
         .flat_map(|ca| std::iter::once(ca.root_cert_pem.clone()).chain(ca.previous_roots_pem.iter().cloned()))
         .collect()
+}
+
+/// A certificate just issued, followed while a rotation settles by the
+/// cross-signed current root (see [`CaState::cross_signed_pem`]).
+fn with_cross_signed(cert_pem: String, state: &ClusterState) -> String {
+    match &state.ca {
+        Some(ca) if !ca.cross_signed_pem.is_empty() => format!("{cert_pem}{}", ca.cross_signed_pem),
+        _ => cert_pem,
+    }
 }
 
 /// Managers as (id, address).

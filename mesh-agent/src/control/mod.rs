@@ -10,7 +10,8 @@
 //! - [`orchestrator`], [`updater`]: restarts, rolling updates and the scheduler's input (pure).
 //! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files.
 //! - [`store`]: the Raft log and state machine on redb, every value sealed.
-//! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs.
+//! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs;
+//!   [`cert_records`]: which issued certificates the store still honours (pure).
 //! - [`rpc`]: framed request/response over mutual TLS; [`network`]: peers and Raft's network.
 //! - [`manager`]: Raft and the leader's duties; [`node`]: the agent's swarm lifecycle.
 //! - [`api`], [`local`]: the messages, and the local socket `meshctl` talks to;
@@ -19,6 +20,7 @@
 //!   [`propagation`]: which nodes have learnt a starting task's endpoint (pure).
 
 pub mod api;
+pub mod cert_records;
 pub mod discovery;
 pub mod dispatcher;
 pub mod encoded;

@@ -30,6 +30,7 @@ use super::{
         InitRequest, JoinCall, JoinRequest, LocalRequest, LocalResponse, LogChunk, LogQuery, Origin, PeerRequest,
         PeerResponse, SwarmInfo,
     },
+    cert_records::NodeCerts,
     keystore::{write_private, KeyStore, KeyStoreError, Loaded},
     manager::{unix_now, Manager, RaftTiming, ASSIGNMENTS_WAIT},
     network::{Peers, MANAGER_NAME},
@@ -108,6 +109,8 @@ struct Credentials {
     key_pem: String,
     roots: Vec<String>,
     role: Role,
+    /// The certificate's serial (hex), as the store records it.
+    serial: String,
     not_before: u64,
     not_after: u64,
 }
@@ -124,6 +127,7 @@ impl Credentials {
             key_pem,
             roots,
             role: identity.role,
+            serial: pki::serial_of(&der).unwrap_or_default(),
             not_before,
             not_after,
         })
@@ -435,6 +439,9 @@ impl Agent {
                 now + Duration::from_secs(req.cert_expiry_secs),
             )
             .map_err(|e| ApiError::internal(e.to_string()))?;
+        let issued = ca
+            .record(&cert, unix_now())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         let tokens = JoinTokens {
             worker: JoinToken::generate(ca.digest()).to_text(),
             manager: JoinToken::generate(ca.digest()).to_text(),
@@ -472,6 +479,8 @@ impl Agent {
                 root_cert_pem: ca.cert_pem().to_string(),
                 root_key_pem: ca.key_pem().to_string(),
                 previous_roots_pem: vec![],
+                previous_until: 0,
+                cross_signed_pem: String::new(),
             },
             tokens: tokens.clone(),
             unlock_key: unlock.as_ref().map(UnlockKey::to_text),
@@ -487,6 +496,7 @@ impl Agent {
                 status_message: String::new(),
                 agent_version: crate::VERSION.into(),
                 wireguard_key: String::new(),
+                certs: NodeCerts::first(issued),
                 created_at: unix,
                 updated_at: unix,
             }),
@@ -875,9 +885,11 @@ impl Member {
     }
 
     fn self_origin(&self) -> Origin {
+        let creds = self.creds.read().expect("reason: never poisoned");
         Origin {
-            identity: Some((self.id, self.creds.read().expect("reason: never poisoned").role)),
+            identity: Some((self.id, creds.role)),
             operator: None,
+            serial: creds.serial.clone(),
             ip: IpAddr::from([127, 0, 0, 1]),
         }
     }
@@ -1159,12 +1171,17 @@ impl Member {
 
     /// Whether the caller `identity` is a manager by what this node knows:
     /// its store on a manager, the managers its heartbeats name on a worker.
-    fn check_manager_caller(&self, identity: Option<&NodeIdentity>) -> ApiResult<()> {
+    fn check_manager_caller(&self, identity: Option<&NodeIdentity>, serial: &str) -> ApiResult<()> {
         let Some(i) = identity else {
             return Err(manager_only());
         };
         if let Some(m) = self.manager() {
-            return rules::check_caller(&m.state(), i.node_id, i.role, Role::Manager);
+            let caller = rules::Caller {
+                id: i.node_id,
+                certified: i.role,
+                serial,
+            };
+            return rules::check_caller(&m.state(), caller, Role::Manager, unix_now());
         }
         let config = self.config.lock().expect("reason: never poisoned");
         if config.managers.iter().any(|(m, _)| *m == i.node_id) {
@@ -1173,6 +1190,24 @@ impl Member {
             Err(ApiError::denied(
                 "the caller is not among the swarm's managers as this node knows them",
             ))
+        }
+    }
+
+    /// Whether the caller may forward requests to this manager: a manager
+    /// by the store, with its current certificate, and a Raft voter (a
+    /// manager still joining the voters is told to retry).
+    fn check_forwarder(&self, identity: Option<&NodeIdentity>, serial: &str) -> ApiResult<()> {
+        self.check_manager_caller(identity, serial)?;
+        let (Some(m), Some(i)) = (self.manager(), identity) else {
+            return Err(ApiError::unavailable("this node runs no Raft store"));
+        };
+        if m.voters().contains(&i.node_id) {
+            Ok(())
+        } else {
+            Err(ApiError::unavailable(format!(
+                "manager {} is not a Raft voter (yet): only voters forward requests; retry in a moment",
+                node_id_text(i.node_id)
+            )))
         }
     }
 
@@ -1279,6 +1314,7 @@ impl Member {
         if reply.renew_certificate {
             self.renew_certificate().await?;
         }
+        self.follow_roots(&reply.ca_pems)?;
         let role = self.creds.read().expect("reason: never poisoned").role;
         match (role, self.manager().is_some()) {
             (Role::Manager, false) => {
@@ -1332,14 +1368,34 @@ impl Member {
             Err(e) => return Err(ApiError::unavailable(e.to_string())),
         };
         let creds = Credentials::new(cert, key.key_pem().to_string(), roots)?;
-        self.files().write_credentials(&creds, &self.dek)?;
-        let server = creds.server_config()?;
-        let client = creds.client_config()?;
         log::info!(
             "certificate renewed: role {:?}, valid until {}",
             creds.role,
             creds.not_after
         );
+        self.install_credentials(creds)
+    }
+
+    /// Trusts the roots the managers name (current first): a rotation's
+    /// new root before this node's certificate comes from it, and no
+    /// longer the previous one once the rotation ends.
+    fn follow_roots(&self, roots: &[String]) -> ApiResult<()> {
+        let creds = {
+            let creds = self.creds.read().expect("reason: never poisoned");
+            if roots.is_empty() || creds.roots == roots {
+                return Ok(());
+            }
+            Credentials::new(creds.cert_pem.clone(), creds.key_pem.clone(), roots.to_vec())?
+        };
+        log::info!("trusted roots changed: {} root(s) now", roots.len());
+        self.install_credentials(creds)
+    }
+
+    /// Stores `creds` and serves and calls with them from now on.
+    fn install_credentials(&self, creds: Credentials) -> ApiResult<()> {
+        self.files().write_credentials(&creds, &self.dek)?;
+        let server = creds.server_config()?;
+        let client = creds.client_config()?;
         *self.creds.write().expect("reason: never poisoned") = creds;
         self.peers.set_tls(client);
         let _ = self.server_tls.send(server);
@@ -1351,14 +1407,22 @@ async fn serve_as_leader(manager: &Manager, origin: Origin, request: PeerRequest
     // Who the caller is comes from its certificate (or the forwarding
     // manager's word for it); what it may do comes from the store.
     let state = manager.state();
+    let now = unix_now();
     let member = |needs| match origin.identity {
-        Some((id, certified)) => rules::check_caller(&state, id, certified, needs).map(|()| id),
+        Some((id, certified)) => {
+            let caller = rules::Caller {
+                id,
+                certified,
+                serial: &origin.serial,
+            };
+            rules::check_caller(&state, caller, needs, now).map(|()| id)
+        }
         None => Err(no_certificate()),
     };
     match request {
         PeerRequest::Join(call) => PeerResponse::Join(manager.handle_join(call, origin.ip).await),
         PeerRequest::Heartbeat(hb) => match member(Role::Worker) {
-            Ok(id) => PeerResponse::Heartbeat(manager.handle_heartbeat(id, hb).await),
+            Ok(id) => PeerResponse::Heartbeat(manager.handle_heartbeat(id, &origin.serial, hb).await),
             Err(e) => PeerResponse::Refused(e),
         },
         PeerRequest::Assignments { known, holds } => match member(Role::Worker) {
@@ -1374,7 +1438,10 @@ async fn serve_as_leader(manager: &Manager, origin: Origin, request: PeerRequest
             Err(e) => PeerResponse::Refused(e),
         },
         PeerRequest::Cluster(req) => match (origin.identity, &origin.operator) {
-            (None, Some(_)) => PeerResponse::Cluster(manager.handle_cluster(req).await),
+            (None, Some(name)) => match rules::check_operator(&state, name, &origin.serial, now) {
+                Ok(()) => PeerResponse::Cluster(manager.handle_cluster(req).await),
+                Err(e) => PeerResponse::Refused(e),
+            },
             (Some(_), _) => match member(Role::Manager) {
                 Ok(_) => PeerResponse::Cluster(manager.handle_cluster(req).await),
                 Err(e) => PeerResponse::Refused(e),
@@ -1431,9 +1498,11 @@ impl Handler for PeerHandler {
             return PeerResponse::Refused(ApiError::denied("the caller's certificate is not of this swarm"));
         }
         let is_manager = identity.as_ref().is_some_and(|i| i.role == Role::Manager);
+        let serial = peer.certs.first().and_then(|c| pki::serial_of(c)).unwrap_or_default();
         let origin = Origin {
             identity: identity.as_ref().map(|i| (i.node_id, i.role)),
             operator: operator.clone(),
+            serial: serial.clone(),
             ip: peer.addr.ip(),
         };
         match request {
@@ -1462,13 +1531,14 @@ impl Handler for PeerHandler {
                 Some(m) => PeerResponse::InstallSnapshot(m.raft.install_snapshot(rpc).await),
                 None => PeerResponse::Refused(ApiError::unavailable("this node runs no Raft store")),
             },
-            // Only a manager by the store forwards (a removed or demoted
-            // one's certificate does not), and only what it authenticated
-            // itself; the leader judges the origin against the store again.
+            // Only a current Raft voter forwards (a removed or demoted
+            // manager's certificate does not), and only what it
+            // authenticated itself; the leader judges the origin against
+            // the store again.
             PeerRequest::Forwarded {
                 origin: claimed,
                 request,
-            } if is_manager => match member.check_manager_caller(identity.as_ref()) {
+            } if is_manager => match member.check_forwarder(identity.as_ref(), &serial) {
                 Ok(()) => member.route(claimed, *request, true).await,
                 Err(e) => PeerResponse::Refused(e),
             },
@@ -1486,7 +1556,8 @@ impl Handler for PeerHandler {
             }
             // Served here, by the node that keeps the logs, to a manager by
             // the store (or, on a worker, by the managers its heartbeats name).
-            PeerRequest::ReadLogs(query) if is_manager => match member.check_manager_caller(identity.as_ref()) {
+            PeerRequest::ReadLogs(query) if is_manager => match member.check_manager_caller(identity.as_ref(), &serial)
+            {
                 Ok(()) => PeerResponse::Logs(member.read_logs(&query)),
                 Err(e) => PeerResponse::Refused(e),
             },

@@ -18,6 +18,7 @@ use rustls::pki_types::{pem::PemObject, CertificateDer};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::cert_records::Issued;
 use super::state::{node_id_text, parse_node_id, NodeId, Role};
 
 /// DNS name in every manager certificate.
@@ -79,6 +80,27 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// A root's fields: every root of a swarm has the same name, so a
+/// cross-signed root stands in for the root of the same key.
+fn root_params(cluster_id: &str) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "mesh-root-ca");
+    dn.push(DnType::OrganizationName, cluster_id);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(3600)).into();
+    params.not_after = (now + CA_LIFETIME).into();
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
 /// The swarm's root certificate authority.
 pub struct RootCa {
     cert_pem: String,
@@ -99,22 +121,7 @@ impl RootCa {
     /// A new self-signed ECDSA P-256 root for `cluster_id`.
     pub fn generate(cluster_id: &str) -> Result<RootCa, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "mesh-root-ca");
-        dn.push(DnType::OrganizationName, cluster_id);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(3600)).into();
-        params.not_after = (now + CA_LIFETIME).into();
-        params.serial_number = Some(random_serial());
-        let cert = params.self_signed(&key)?;
+        let cert = root_params(cluster_id)?.self_signed(&key)?;
         Ok(RootCa {
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
@@ -134,6 +141,15 @@ impl RootCa {
             key,
             key_pem: Zeroizing::new(key_pem.to_string()),
         })
+    }
+
+    /// `next`'s root key certified by this root (PEM), for a rotation:
+    /// a node that trusts only this root verifies a chain through it to a
+    /// certificate `next` issued, so a node away during the rotation can
+    /// still reach the managers and renew.
+    pub fn cross_sign(&self, next: &RootCa, cluster_id: &str) -> Result<String, PkiError> {
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        Ok(root_params(cluster_id)?.signed_by(&next.key, &issuer)?.pem())
     }
 
     /// The root certificate (PEM).
@@ -244,6 +260,27 @@ pub fn operator_from_cert(der: &[u8]) -> Option<(String, String)> {
     let cn = subject.iter_common_name().next()?.as_str().ok()?.to_string();
     let o = subject.iter_organization().next()?.as_str().ok()?.to_string();
     Some((cn, o))
+}
+
+/// A certificate's serial number (hex), as the store records it.
+pub fn serial_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(hex::encode(cert.tbs_certificate.raw_serial()))
+}
+
+impl RootCa {
+    /// The store's record of `cert_pem`, just issued by this CA at `now`
+    /// (unix seconds).
+    pub fn record(&self, cert_pem: &str, now: u64) -> Result<Issued, PkiError> {
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| parse_err("the certificate", e))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| parse_err("the certificate", e))?;
+        Ok(Issued {
+            serial: hex::encode(cert.tbs_certificate.raw_serial()),
+            ca: hex::encode(self.digest()),
+            issued_at: now,
+            not_after: cert.validity().not_after.timestamp().max(0) as u64,
+        })
+    }
 }
 
 /// Operator names: 1 to 64 of `[A-Za-z0-9._-]`.

@@ -9,8 +9,12 @@ use std::{
 
 use crate::subnet::Subnet;
 
+use rustls::pki_types::{pem::PemObject, CertificateDer};
+
 use super::{
-    api::{ApiError, ApiResult},
+    api::{ApiError, ApiResult, CaView},
+    cert_records::{self, Refusal},
+    pki,
     state::{node_id_text, ClusterState, NodeId, NodeStatus, Role},
 };
 
@@ -246,22 +250,42 @@ pub fn check_voter_removal(
     Ok(())
 }
 
-/// Whether node `id`, calling with a certificate of role `certified`, may
-/// make a call that needs `needs`, by the store: the certificate proves
-/// who the caller is; only the store says whether it is still a member and
-/// a manager. A removed node's certificate and a demoted manager's are
-/// refused for what they no longer may do.
-pub fn check_caller(state: &ClusterState, id: NodeId, certified: Role, needs: Role) -> ApiResult<()> {
+/// A caller as its certificate presents it.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// The node ID in the certificate.
+    pub id: NodeId,
+    /// The role in the certificate.
+    pub certified: Role,
+    /// The certificate's serial (hex).
+    pub serial: &'a str,
+}
+
+/// Whether `caller` may make a call that needs `needs` at `now` (unix
+/// seconds), by the store: the certificate proves who the caller is; only
+/// the store says whether it is still a member, a manager, and whether
+/// this certificate is still the one issued to it. A removed node's
+/// certificate, a demoted manager's, and one replaced by a renewal (after
+/// a short grace) are refused.
+pub fn check_caller(state: &ClusterState, caller: Caller<'_>, needs: Role, now: u64) -> ApiResult<()> {
+    let id = caller.id;
     let Some(node) = state.nodes.get(&id) else {
         return Err(ApiError::denied(format!(
             "node {} is not a member of this swarm (it was removed): its certificate is no longer honoured; join again with a token",
             node_id_text(id)
         )));
     };
+    if let Err(Refusal::Superseded { replaced_at }) = node.certs.check(caller.serial, now) {
+        return Err(ApiError::denied(format!(
+            "this certificate of node {} (serial {}) was replaced by one issued at unix time {replaced_at} (renewal, role change or CA rotation) and is no longer honoured",
+            node_id_text(id),
+            caller.serial
+        )));
+    }
     if needs != Role::Manager {
         return Ok(());
     }
-    match (certified, node.role) {
+    match (caller.certified, node.role) {
         (Role::Manager, Role::Manager) => Ok(()),
         (Role::Manager, Role::Worker) => Err(ApiError::denied(format!(
             "node {} is no longer a manager (it was demoted): its manager certificate is not honoured for this call",
@@ -270,6 +294,91 @@ pub fn check_caller(state: &ClusterState, id: NodeId, certified: Role, needs: Ro
         (Role::Worker, _) => Err(ApiError::denied(
             "this call is reserved to managers; the caller's certificate is not a manager's",
         )),
+    }
+}
+
+/// Whether the operator certificate of `name` with `serial` is honoured at
+/// `now`: only while the store records it (`swarm operator-cert rm`
+/// revokes it at once) and until it expires.
+pub fn check_operator(state: &ClusterState, name: &str, serial: &str, now: u64) -> ApiResult<()> {
+    match cert_records::check_operator(state.operators.get(name), serial, now) {
+        Ok(()) => Ok(()),
+        Err(Refusal::Revoked) => Err(ApiError::denied(format!(
+            "the operator certificate of {name:?} was revoked (`meshctl swarm operator-cert rm`); ask a manager's operator for a new one"
+        ))),
+        Err(Refusal::Replaced) => Err(ApiError::denied(format!(
+            "this operator certificate of {name:?} (serial {serial}) was revoked and another issued under that name; use the newer one"
+        ))),
+        Err(Refusal::Expired | Refusal::Superseded { .. }) => Err(ApiError::denied(format!(
+            "the operator certificate of {name:?} expired; issue a new one with `meshctl swarm operator-cert --name {name}` on a manager"
+        ))),
+    }
+}
+
+/// SHA-256 (hex) of a root certificate's PEM ("" if it does not parse).
+fn root_digest(pem: &str) -> String {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|der| hex::encode(pki::cert_digest(&der)))
+        .unwrap_or_default()
+}
+
+/// The trusted roots at `now`, and who still holds a certificate from a
+/// previous one: every node whose recorded certificate is not from the
+/// current root, and every operator whose unexpired one is not.
+pub fn ca_view(state: &ClusterState, now: u64) -> CaView {
+    let Some(ca) = &state.ca else {
+        return CaView {
+            current: String::new(),
+            previous: Vec::new(),
+            previous_until: 0,
+            nodes_pending: Vec::new(),
+            operators_pending: Vec::new(),
+        };
+    };
+    let current = root_digest(&ca.root_cert_pem);
+    let rotating = !ca.previous_roots_pem.is_empty();
+    CaView {
+        previous: ca.previous_roots_pem.iter().map(|p| root_digest(p)).collect(),
+        previous_until: ca.previous_until,
+        nodes_pending: state
+            .nodes
+            .values()
+            .filter(|n| rotating && n.certs.current.ca != current)
+            .map(|n| n.hostname.clone())
+            .collect(),
+        operators_pending: state
+            .operators
+            .iter()
+            .filter(|(_, o)| rotating && o.ca != current && o.not_after >= now)
+            .map(|(name, _)| name.clone())
+            .collect(),
+        current,
+    }
+}
+
+/// Whether the previous roots can be dropped at `now`: every node and live
+/// operator holds a certificate from the current root, or their deadline
+/// passed.
+pub fn previous_roots_done(state: &ClusterState, now: u64) -> bool {
+    let Some(ca) = &state.ca else { return false };
+    if ca.previous_roots_pem.is_empty() {
+        return false;
+    }
+    if ca.previous_until != 0 && now >= ca.previous_until {
+        return true;
+    }
+    let view = ca_view(state, now);
+    view.nodes_pending.is_empty() && view.operators_pending.is_empty()
+}
+
+/// `swarm ca --rotate --previous-root-ttl`: from 1 minute to 90 days.
+pub fn check_previous_root_ttl(secs: u64) -> ApiResult<()> {
+    if (60..=90 * 86400).contains(&secs) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "--previous-root-ttl must be between 1m and 2160h: it bounds how long nodes that have not renewed stay trusted",
+        ))
     }
 }
 
@@ -575,23 +684,122 @@ mod tests {
         }
     }
 
+    fn caller(id: NodeId, certified: Role) -> Caller<'static> {
+        Caller {
+            id,
+            certified,
+            serial: "s1",
+        }
+    }
+
     #[test]
     fn callers_are_judged_by_the_store_not_by_their_certificate() {
         use crate::control::state::tests::{initialised, node};
         let mut s = initialised();
         s.nodes.insert(5, node(5, Role::Manager));
         s.nodes.insert(6, node(6, Role::Worker));
-        assert!(check_caller(&s, 5, Role::Manager, Role::Manager).is_ok());
-        assert!(check_caller(&s, 6, Role::Worker, Role::Worker).is_ok());
+        assert!(check_caller(&s, caller(5, Role::Manager), Role::Manager, 0).is_ok());
+        assert!(check_caller(&s, caller(6, Role::Worker), Role::Worker, 0).is_ok());
         let denied = |r: ApiResult<()>| r.map_err(|e| (e.kind, e.message)).unwrap_err();
-        let (kind, why) = denied(check_caller(&s, 6, Role::Manager, Role::Manager));
+        let (kind, why) = denied(check_caller(&s, caller(6, Role::Manager), Role::Manager, 0));
         assert_eq!(kind, crate::control::api::ErrorKind::PermissionDenied);
         assert!(why.contains("demoted"), "{why}");
-        let (_, why) = denied(check_caller(&s, 6, Role::Worker, Role::Manager));
+        let (_, why) = denied(check_caller(&s, caller(6, Role::Worker), Role::Manager, 0));
         assert!(why.contains("reserved to managers"), "{why}");
-        let (_, why) = denied(check_caller(&s, 7, Role::Manager, Role::Worker));
+        let (_, why) = denied(check_caller(&s, caller(7, Role::Manager), Role::Worker, 0));
         assert!(why.contains("removed"), "{why}");
         // Promoted but not yet renewed: a worker's certificate stays a worker's.
-        assert!(check_caller(&s, 5, Role::Worker, Role::Manager).is_err());
+        assert!(check_caller(&s, caller(5, Role::Worker), Role::Manager, 0).is_err());
+    }
+
+    fn issued(serial: &str, ca: &str, at: u64) -> cert_records::Issued {
+        cert_records::Issued {
+            serial: serial.into(),
+            ca: ca.into(),
+            issued_at: at,
+            not_after: at + 1000,
+        }
+    }
+
+    #[test]
+    fn a_renewed_nodes_old_certificate_is_refused_after_the_grace() {
+        use crate::control::{
+            cert_records::NodeCerts,
+            state::tests::{initialised, node},
+        };
+        let mut s = initialised();
+        let mut worker = node(6, Role::Worker);
+        worker.certs = NodeCerts::first(issued("s1", "c", 100)).renewed(issued("s2", "c", 200), 30);
+        s.nodes.insert(6, worker);
+        let new = Caller {
+            serial: "s2",
+            ..caller(6, Role::Worker)
+        };
+        assert!(check_caller(&s, new, Role::Worker, 1000).is_ok());
+        assert!(check_caller(&s, caller(6, Role::Worker), Role::Worker, 230).is_ok());
+        let why = check_caller(&s, caller(6, Role::Worker), Role::Worker, 231).unwrap_err();
+        assert_eq!(why.kind, crate::control::api::ErrorKind::PermissionDenied);
+        assert!(
+            why.message.contains("replaced by one issued at unix time 200"),
+            "{}",
+            why.message
+        );
+    }
+
+    #[test]
+    fn operator_certificates_are_honoured_while_recorded() {
+        let mut s = crate::control::state::tests::initialised();
+        s.operators.insert("alice".into(), issued("a1", "c", 100));
+        assert!(check_operator(&s, "alice", "a1", 500).is_ok());
+        let why = check_operator(&s, "alice", "a0", 500).unwrap_err().message;
+        assert!(why.contains("use the newer one"), "{why}");
+        let why = check_operator(&s, "alice", "a1", 2000).unwrap_err().message;
+        assert!(why.contains("expired"), "{why}");
+        let why = check_operator(&s, "bob", "b1", 500).unwrap_err().message;
+        assert!(why.contains("revoked"), "{why}");
+    }
+
+    #[test]
+    fn previous_roots_go_once_everyone_moved_or_at_their_deadline() {
+        use crate::control::{
+            cert_records::NodeCerts,
+            state::tests::{initialised, node},
+        };
+        let mut s = initialised();
+        let root = pki::RootCa::generate("c1").unwrap();
+        let ca = s.ca.as_mut().unwrap();
+        ca.root_cert_pem = root.cert_pem().to_string();
+        let current = root_digest(&ca.root_cert_pem);
+        assert!(!current.is_empty(), "the test CA parses");
+        assert!(!previous_roots_done(&s, 0), "nothing to drop");
+        let ca = s.ca.as_mut().unwrap();
+        ca.previous_roots_pem = vec![ca.root_cert_pem.clone()];
+        ca.previous_until = 10_000;
+        let mut on = |id, ca: &str| {
+            let mut n = node(id, Role::Worker);
+            n.certs = NodeCerts::first(issued("s", ca, 100));
+            n.hostname = format!("h{id}");
+            s.nodes.insert(id, n);
+        };
+        on(1, &current);
+        on(5, "old");
+        on(6, &current);
+        // An operator certificate that expired holds nothing back.
+        let gone = cert_records::Issued {
+            not_after: 400,
+            ..issued("g", "old", 0)
+        };
+        s.operators.insert("gone".into(), gone);
+        s.operators.insert("alice".into(), issued("a", "old", 100));
+        let view = ca_view(&s, 2000);
+        assert_eq!(view.nodes_pending, vec!["h5".to_string()]);
+        assert_eq!(view.operators_pending, Vec::<String>::new(), "alice's expired at 1100");
+        let view = ca_view(&s, 500);
+        assert_eq!(view.operators_pending, vec!["alice".to_string()]);
+        assert!(!previous_roots_done(&s, 500));
+        assert!(previous_roots_done(&s, 10_000), "the deadline");
+        s.nodes.get_mut(&5).unwrap().certs.current.ca = current.clone();
+        s.operators.get_mut("alice").unwrap().ca = current;
+        assert!(previous_roots_done(&s, 500), "everyone moved");
     }
 }

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::cert_records::{Issued, NodeCerts};
 use super::overlay::{Network, NetworkAttachment};
 use super::service::{
     DesiredState, EndpointMode, Service, ServiceSpec, Task, TaskReport, TaskState, UpdateState, UpdateStatus,
@@ -78,6 +79,9 @@ pub struct Node {
     /// until it does.
     #[serde(default)]
     pub wireguard_key: String,
+    /// The certificates issued to it: only these are honoured as its own.
+    #[serde(default)]
+    pub certs: NodeCerts,
     /// Unix seconds.
     pub created_at: u64,
     /// Unix seconds of the last change to this record.
@@ -140,6 +144,16 @@ pub struct CaState {
     pub root_key_pem: String,
     /// Roots still trusted while a rotation settles (PEM).
     pub previous_roots_pem: Vec<String>,
+    /// Unix seconds after which the previous roots are dropped even if
+    /// some node or operator still holds a certificate from them (0: no
+    /// deadline).
+    #[serde(default)]
+    pub previous_until: u64,
+    /// While previous roots are trusted: the current root's key certified
+    /// by the previous root (PEM), sent after every certificate issued, so
+    /// a node that still trusts only the previous root can verify them.
+    #[serde(default)]
+    pub cross_signed_pem: String,
 }
 
 impl std::fmt::Debug for CaState {
@@ -327,6 +341,33 @@ pub enum Command {
         /// Tokens carry the CA digest, so they change with it.
         tokens: JoinTokens,
     },
+    /// `swarm ca`: the previous roots are no longer trusted (every node and
+    /// live operator has a certificate from the current root, or their
+    /// deadline passed).
+    DropPreviousRoots,
+    /// The CA issued a node a certificate (join or renewal): only it, and
+    /// for `grace_secs` the one it replaces, are honoured as the node's.
+    RecordNodeCert {
+        /// Which node.
+        id: NodeId,
+        /// The new certificate.
+        issued: Issued,
+        /// How long the replaced certificate stays honoured.
+        grace_secs: u64,
+    },
+    /// `swarm operator-cert --name`: an operator certificate is honoured
+    /// while this record is (expired records of other names go with it).
+    RecordOperatorCert {
+        /// The operator's name (the certificate's CN).
+        name: String,
+        /// The certificate.
+        issued: Issued,
+    },
+    /// `swarm operator-cert rm`: the name's certificate is refused from now.
+    RevokeOperatorCert {
+        /// The operator's name.
+        name: String,
+    },
     /// `swarm update --task-history-limit`; history beyond it goes at the
     /// next prune.
     SetTaskHistoryLimit {
@@ -401,6 +442,9 @@ pub struct ClusterState {
     /// Configs by ID.
     #[serde(default)]
     pub configs: BTreeMap<u64, super::secret::Blob>,
+    /// Operator certificates by name: honoured only while recorded here.
+    #[serde(default)]
+    pub operators: BTreeMap<String, Issued>,
 }
 
 impl ClusterState {
@@ -553,6 +597,31 @@ impl ClusterState {
             Command::RotateCa { ca, tokens } => {
                 self.ca = Some(ca.clone());
                 self.tokens = tokens.clone();
+            }
+            Command::DropPreviousRoots => {
+                let ca = self.ca.as_mut().ok_or("the store has no CA")?;
+                ca.previous_roots_pem.clear();
+                ca.previous_until = 0;
+                ca.cross_signed_pem.clear();
+            }
+            Command::RecordNodeCert { id, issued, grace_secs } => {
+                let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
+                node.certs = node.certs.renewed(issued.clone(), *grace_secs);
+            }
+            Command::RecordOperatorCert { name, issued } => {
+                let now = issued.issued_at;
+                if self.operators.get(name).is_some_and(|o| o.not_after >= now) {
+                    return Err(format!(
+                        "an operator certificate named {name:?} is already issued: revoke it first (`meshctl swarm operator-cert rm {name}`) or choose another name"
+                    ));
+                }
+                self.operators.retain(|_, o| o.not_after >= now);
+                self.operators.insert(name.clone(), issued.clone());
+            }
+            Command::RevokeOperatorCert { name } => {
+                self.operators
+                    .remove(name)
+                    .ok_or_else(|| format!("no operator certificate named {name:?}"))?;
             }
             Command::CreateService(service) => {
                 if self.services.contains_key(&service.id) {
@@ -1046,6 +1115,7 @@ pub(crate) mod tests {
             status_message: String::new(),
             agent_version: "0.1.0".into(),
             wireguard_key: String::new(),
+            certs: Default::default(),
             created_at: 1,
             updated_at: 1,
         }
@@ -1072,6 +1142,8 @@ pub(crate) mod tests {
                 root_cert_pem: "C".into(),
                 root_key_pem: "K".into(),
                 previous_roots_pem: vec![],
+                previous_until: 0,
+                cross_signed_pem: String::new(),
             },
             tokens: JoinTokens {
                 worker: "w".into(),

@@ -524,6 +524,8 @@ mod tests {
                 root_cert_pem: "CERT".into(),
                 root_key_pem: "-----BEGIN PRIVATE KEY-----MARKERKEY".into(),
                 previous_roots_pem: vec![],
+                previous_until: 0,
+                cross_signed_pem: String::new(),
             },
             tokens: JoinTokens {
                 worker: "MESHTKN-1-markertoken".into(),
@@ -542,6 +544,7 @@ mod tests {
                 status_message: String::new(),
                 agent_version: "0".into(),
                 wireguard_key: String::new(),
+                certs: Default::default(),
                 created_at: 1,
                 updated_at: 1,
             }),

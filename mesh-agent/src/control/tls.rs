@@ -280,6 +280,34 @@ mod tests {
     const MANAGER_DNS_NAME: &str = "mesh-manager";
 
     #[tokio::test]
+    async fn a_node_that_trusts_only_the_previous_root_reaches_a_manager_renewed_under_the_next() {
+        let old = RootCa::generate("c").unwrap();
+        let new = RootCa::generate("c").unwrap();
+        let cross = old.cross_sign(&new, "c").unwrap();
+        let manager = node(&new, 1, Role::Manager, now_valid());
+        let away = node(&old, 2, Role::Worker, now_valid());
+        let both = vec![new.cert_pem().to_string(), old.cert_pem().to_string()];
+        let only_old = vec![old.cert_pem().to_string()];
+        // Without the cross-signed root, the away node cannot verify the manager.
+        let plain = server_config(&both, &manager.cert, &manager.key).unwrap();
+        let client = client_config(&only_old, Some((&away.cert, &away.key))).unwrap();
+        assert!(handshake(plain, client.clone(), MANAGER_DNS_NAME).await.is_err());
+        // With it in the manager's chain, it can, and the manager knows who it is.
+        let chain = format!("{}{cross}", manager.cert);
+        let crossed = server_config(&both, &chain, &manager.key).unwrap();
+        let seen = handshake(crossed.clone(), client, MANAGER_DNS_NAME).await.unwrap();
+        assert_eq!(seen.map(|i| i.node_id), Some(2));
+        // Nodes that trust the new root only are not disturbed by it.
+        let renewed = node(&new, 3, Role::Worker, now_valid());
+        let client = client_config(&[new.cert_pem().to_string()], Some((&renewed.cert, &renewed.key))).unwrap();
+        assert!(handshake(crossed.clone(), client, MANAGER_DNS_NAME).await.is_ok());
+        // Once the previous root is dropped, the away node's certificate is refused.
+        let ended = server_config(&[new.cert_pem().to_string()], &chain, &manager.key).unwrap();
+        let client = client_config(&both, Some((&away.cert, &away.key))).unwrap();
+        assert!(handshake(ended, client, MANAGER_DNS_NAME).await.is_err());
+    }
+
+    #[tokio::test]
     async fn a_worker_cannot_pose_as_a_manager() {
         let ca = RootCa::generate("c").unwrap();
         let roots = vec![ca.cert_pem().to_string()];

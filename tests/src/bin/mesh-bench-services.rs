@@ -179,6 +179,7 @@ fn scheduler() {
                 data_path_addr: String::new(),
                 agent_version: String::new(),
                 wireguard_key: String::new(),
+                certs: Default::default(),
                 status_message: String::new(),
                 created_at: 0,
                 updated_at: 0,
