@@ -421,7 +421,7 @@ impl Client {
     async fn node(&self, name: &str) -> ApiResult<NodeView> {
         let node = self.node_name(name).await?;
         match self.cluster(ClusterRequest::NodeInspect { node }).await? {
-            ClusterResponse::Node(v) => Ok(v),
+            ClusterResponse::Node(v) => Ok(*v),
             other => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
         }
     }

@@ -417,7 +417,7 @@ pub enum ClusterResponse {
     /// Nodes.
     Nodes(Vec<NodeView>),
     /// One node.
-    Node(NodeView),
+    Node(Box<NodeView>),
     /// Done, nothing to show.
     Done,
     /// A token or key text.
@@ -425,7 +425,7 @@ pub enum ClusterResponse {
     /// `swarm ca --rotate`: the new CA's digest.
     CaDigest(String),
     /// `swarm ca`.
-    Ca(CaView),
+    Ca(Box<CaView>),
     /// `swarm operator-cert ls`: the recorded operator certificates.
     OperatorCerts(Vec<OperatorCertView>),
     /// Services with their running/desired counts.

@@ -337,7 +337,11 @@ impl Manager {
             ClusterRequest::NodeInspect { node } => {
                 let id = rules::resolve_node(&state, &node)?;
                 let reachable = self.reachable(&state);
-                Ok(ClusterResponse::Node(self.view(&state.nodes[&id], &voters, &reachable)))
+                Ok(ClusterResponse::Node(Box::new(self.view(
+                    &state.nodes[&id],
+                    &voters,
+                    &reachable,
+                ))))
             }
             ClusterRequest::NodeUpdate { node, update } => {
                 let id = rules::resolve_node(&state, &node)?;
@@ -665,7 +669,7 @@ impl Manager {
                     .collect();
                 Ok(ClusterResponse::Tasks(tasks))
             }
-            ClusterRequest::CaInspect => Ok(ClusterResponse::Ca(rules::ca_view(&state, unix_now()))),
+            ClusterRequest::CaInspect => Ok(ClusterResponse::Ca(Box::new(rules::ca_view(&state, unix_now())))),
             ClusterRequest::OperatorCertList => Ok(ClusterResponse::OperatorCerts(
                 state
                     .operators
