@@ -196,6 +196,10 @@ pub struct TunnelAssignment {
     pub prefix_len: u8,
     /// The WireGuard port.
     pub port: u16,
+    /// The swarm's VXLAN port: the encrypted networks' VXLAN devices listen
+    /// on it over IPv6, and only the tunnel device may feed them.
+    #[serde(default = "super::state::default_data_path_port")]
+    pub vxlan_port: u16,
     /// The overlay key's epoch the preshared keys come from.
     pub key_epoch: u64,
     /// The nodes its encrypted networks have endpoints on.
@@ -268,6 +272,7 @@ pub fn tunnel_assignment(
         prefix: tunnel_prefix(&cluster.id),
         prefix_len: TUNNEL_PREFIX_LEN,
         port: WIREGUARD_PORT,
+        vxlan_port: cluster.data_path_port,
         key_epoch: key.map_or(0, |k| k.epoch),
         peers,
     })

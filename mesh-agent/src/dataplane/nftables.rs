@@ -70,6 +70,10 @@ const NFTA_PAYLOAD_BASE: u16 = 2;
 const NFTA_PAYLOAD_OFFSET: u16 = 3;
 const NFTA_PAYLOAD_LEN: u16 = 4;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFT_META_L4PROTO: u32 = 16;
+const IPPROTO_UDP: u8 = 17;
+const UDP_DPORT_OFFSET: u32 = 2;
 /// Offset of the source address in the IPv4 header.
 const IPV4_SADDR_OFFSET: u32 = 12;
 const NFTA_BITWISE_SREG: u16 = 1;
@@ -335,23 +339,24 @@ fn table_attrs() -> Attrs {
     Attrs::default().str(NFTA_TABLE_NAME, TABLE)
 }
 
-/// One table holding one base chain with one rule: the shape of both
-/// tables the agent owns.
-struct OneRuleTable {
+/// One table holding one base chain: the shape of both tables the agent
+/// owns.
+struct OneChainTable {
     family: u8,
     table: &'static str,
     chain: &'static str,
     chain_type: &'static str,
     hook: u32,
     priority: i32,
-    /// What the chain and the rule are, for error messages.
-    what: (&'static str, &'static str),
+    /// What the chain is, for error messages.
+    what: &'static str,
 }
 
-/// Replaces `spec`'s table with one holding `expressions` as its only
-/// rule: created if missing, then deleted and created again in the same
-/// batch, so the result never depends on what an earlier agent left.
-fn one_rule_table_batch(spec: &OneRuleTable, expressions: Attrs) -> Batch {
+/// Replaces `spec`'s table with one holding `rules` (each its
+/// expressions and what it is, for error messages) in order: created if
+/// missing, then deleted and created again in the same batch, so the
+/// result never depends on what an earlier agent left.
+fn one_chain_table_batch(spec: &OneChainTable, rules: Vec<(Attrs, &'static str)>) -> Batch {
     let mut b = Batch::new();
     b.table(NFT_MSG_NEWTABLE, spec.family, spec.table, "the table");
     b.table(NFT_MSG_DELTABLE, spec.family, spec.table, "the old table");
@@ -370,19 +375,21 @@ fn one_rule_table_batch(spec: &OneRuleTable, expressions: Attrs) -> Batch {
         spec.family,
         NLM_F_REQUEST | NLM_F_CREATE,
         &chain.0,
-        Some(spec.what.0),
+        Some(spec.what),
     );
-    let rule = Attrs::default()
-        .str(NFTA_RULE_TABLE, spec.table)
-        .str(NFTA_RULE_CHAIN, spec.chain)
-        .raw(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, &expressions.0);
-    b.message(
-        NFT_MSG_NEWRULE,
-        spec.family,
-        NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND,
-        &rule.0,
-        Some(spec.what.1),
-    );
+    for (expressions, what) in rules {
+        let rule = Attrs::default()
+            .str(NFTA_RULE_TABLE, spec.table)
+            .str(NFTA_RULE_CHAIN, spec.chain)
+            .raw(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, &expressions.0);
+        b.message(
+            NFT_MSG_NEWRULE,
+            spec.family,
+            NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND,
+            &rule.0,
+            Some(what),
+        );
+    }
     b.end()
 }
 
@@ -397,22 +404,24 @@ fn remove_table_batch(family: u8, name: &str) -> Batch {
 
 /// Replaces the agent's table with one holding the masquerade `rule`.
 pub fn masquerade_batch(rule: &Masquerade) -> Batch {
-    let spec = OneRuleTable {
+    let spec = OneChainTable {
         family: NFPROTO_IPV4,
         table: TABLE,
         chain: NAT_CHAIN,
         chain_type: "nat",
         hook: NF_INET_POST_ROUTING,
         priority: PRIORITY_SRCNAT,
-        what: ("the nat chain", "the masquerade rule"),
+        what: "the nat chain",
     };
-    one_rule_table_batch(&spec, masquerade_expressions(rule))
+    one_chain_table_batch(&spec, vec![(masquerade_expressions(rule), "the masquerade rule")])
 }
 
-/// The tunnel guard: `ip6 daddr PREFIX iifname != DEVICE drop` on input.
-/// Packets for the tunnel addresses are only taken from the tunnel
-/// device, so nobody on the underlay can inject plain VXLAN into an
-/// encrypted network by sending to a tunnel address directly.
+/// The tunnel guard, on IPv6 input: `ip6 daddr PREFIX iifname != DEVICE
+/// drop` and `udp dport VXLAN_PORT iifname != DEVICE drop`. Packets for
+/// the tunnel addresses, and VXLAN over IPv6 to any of the node's
+/// addresses (the encrypted networks' VXLAN socket listens on them all:
+/// link-local, global), are only taken from the tunnel device, so nobody
+/// on the underlay can inject plain VXLAN into an encrypted network.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelGuard {
     /// The cluster's tunnel prefix.
@@ -421,23 +430,17 @@ pub struct TunnelGuard {
     pub prefix_len: u8,
     /// The tunnel device.
     pub device: String,
+    /// The VXLAN port the encrypted networks' devices listen on.
+    pub vxlan_port: u16,
 }
 
-fn guard_expressions(guard: &TunnelGuard) -> Attrs {
+/// `iifname != DEVICE drop`, the end of both guard rules.
+fn not_from_device_drop(device: &str) -> [Attrs; 3] {
     let mut iif = [0u8; IFNAMSIZ];
-    let name = guard.device.as_bytes();
+    let name = device.as_bytes();
     let n = name.len().min(IFNAMSIZ - 1);
     iif[..n].copy_from_slice(&name[..n]);
-    let bits = u128::from(guard.prefix_len.min(128));
-    let mask: u128 = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
-    let network = u128::from(guard.prefix) & mask;
-    let mut list = Vec::new();
-    for expr in [
-        // ip6 daddr & MASK == PREFIX
-        load(NFT_PAYLOAD_NETWORK_HEADER, IPV6_DADDR_OFFSET, 16),
-        self::mask(&mask.to_be_bytes()),
-        equals(&network.to_be_bytes()),
-        // iifname != DEVICE
+    [
         meta_load(NFT_META_IIFNAME),
         compare(NFT_CMP_NEQ, &iif),
         expression(
@@ -447,24 +450,55 @@ fn guard_expressions(guard: &TunnelGuard) -> Attrs {
                 Attrs::default().nested(NFTA_DATA_VERDICT, Attrs::default().be32(NFTA_VERDICT_CODE, NF_DROP)),
             )),
         ),
-    ] {
-        list.extend_from_slice(&expr.0);
-    }
-    Attrs(list)
+    ]
+}
+
+fn concat(expressions: impl IntoIterator<Item = Attrs>) -> Attrs {
+    Attrs(expressions.into_iter().flat_map(|e| e.0).collect())
+}
+
+fn guard_prefix_expressions(guard: &TunnelGuard) -> Attrs {
+    let bits = u128::from(guard.prefix_len.min(128));
+    let mask: u128 = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    let network = u128::from(guard.prefix) & mask;
+    // ip6 daddr & MASK == PREFIX
+    let matches = [
+        load(NFT_PAYLOAD_NETWORK_HEADER, IPV6_DADDR_OFFSET, 16),
+        self::mask(&mask.to_be_bytes()),
+        equals(&network.to_be_bytes()),
+    ];
+    concat(matches.into_iter().chain(not_from_device_drop(&guard.device)))
+}
+
+fn guard_port_expressions(guard: &TunnelGuard) -> Attrs {
+    // meta l4proto udp, udp dport == VXLAN_PORT
+    let matches = [
+        meta_load(NFT_META_L4PROTO),
+        equals(&[IPPROTO_UDP]),
+        load(NFT_PAYLOAD_TRANSPORT_HEADER, UDP_DPORT_OFFSET, 2),
+        equals(&guard.vxlan_port.to_be_bytes()),
+    ];
+    concat(matches.into_iter().chain(not_from_device_drop(&guard.device)))
 }
 
 /// Replaces the tunnel guard table with one holding `guard`'s rule.
 pub fn tunnel_guard_batch(guard: &TunnelGuard) -> Batch {
-    let spec = OneRuleTable {
+    let spec = OneChainTable {
         family: NFPROTO_IPV6,
         table: TUNNEL_TABLE,
         chain: TUNNEL_CHAIN,
         chain_type: "filter",
         hook: NF_INET_LOCAL_IN,
         priority: 0,
-        what: ("the tunnel input chain", "the tunnel guard rule"),
+        what: "the tunnel input chain",
     };
-    one_rule_table_batch(&spec, guard_expressions(guard))
+    one_chain_table_batch(
+        &spec,
+        vec![
+            (guard_prefix_expressions(guard), "the tunnel guard's address rule"),
+            (guard_port_expressions(guard), "the tunnel guard's VXLAN port rule"),
+        ],
+    )
 }
 
 /// Deletes the tunnel guard table if it exists.
@@ -688,9 +722,15 @@ mod tests {
             prefix: "fd12:3456:789a::".parse().unwrap(),
             prefix_len: 48,
             device: "mwg0".into(),
+            vxlan_port: 4789,
         });
         let kinds: Vec<u16> = headers(batch.bytes()).iter().map(|h| h.0 & 0xff).collect();
-        assert_eq!(kinds.len(), 7);
+        assert_eq!(kinds.len(), 8, "two rules in the chain");
+        assert_eq!(kinds.iter().filter(|k| **k == NFT_MSG_NEWRULE).count(), 2);
+        assert!(
+            batch.bytes().windows(2).any(|w| w == 4789u16.to_be_bytes()),
+            "the VXLAN port"
+        );
         let bytes = batch.bytes();
         let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"mwg0\0\0\0\0\0\0\0\0\0\0\0\0"), "the device, padded to IFNAMSIZ");

@@ -668,6 +668,7 @@ mod tests {
             prefix: tunnel_of(0),
             prefix_len: 48,
             port: 51820,
+            vxlan_port: 4789,
             key_epoch: 1,
             // Node .3 has reported no key: it is no peer.
             peers: vec![TunnelPeerInfo {

@@ -56,6 +56,7 @@ struct Active {
     /// The assignment's tunnel settings the device was made for.
     address: std::net::Ipv6Addr,
     port: u16,
+    vxlan_port: u16,
     mtu: u32,
     peers: BTreeMap<Key, TunnelPeer>,
 }
@@ -119,10 +120,9 @@ impl Tunnel {
             return Ok(());
         };
         let mtu = underlay_mtu.saturating_sub(WIREGUARD_OVERHEAD).max(1280);
-        let stale = self
-            .active
-            .as_ref()
-            .is_some_and(|a| a.address != want.address || a.port != want.port || a.mtu != mtu);
+        let stale = self.active.as_ref().is_some_and(|a| {
+            a.address != want.address || a.port != want.port || a.vxlan_port != want.vxlan_port || a.mtu != mtu
+        });
         if stale {
             self.remove();
         }
@@ -204,6 +204,7 @@ impl Tunnel {
             prefix,
             prefix_len,
             device: DEVICE.into(),
+            vxlan_port: want.vxlan_port,
         }))
         .map_err(|e| format!("installing the tunnel guard: {e}"))?;
         log::info!(
@@ -215,6 +216,7 @@ impl Tunnel {
             backend,
             address,
             port: want.port,
+            vxlan_port: want.vxlan_port,
             mtu,
             peers,
         })
