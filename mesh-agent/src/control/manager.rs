@@ -218,16 +218,16 @@ impl Manager {
     }
 
     /// Whether Raft messages from `caller` are accepted: a store that knows
-    /// its membership only hears its members; a new one, waiting to be
-    /// added, hears any manager.
+    /// its membership only hears its voters (only a leader or a candidate
+    /// sends, and both are voters; a learner never does); a new one,
+    /// waiting to be added, hears any manager.
     pub fn admits_raft_peer(&self, caller: Option<NodeId>) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
-        let mut members = membership.nodes().map(|(id, _)| *id).peekable();
-        if members.peek().is_none() {
+        if membership.nodes().next().is_none() {
             return true;
         }
-        caller.is_some_and(|c| membership.nodes().any(|(id, _)| *id == c))
+        caller.is_some_and(|c| membership.voter_ids().any(|id| id == c))
     }
 
     /// The Raft voters.
@@ -1007,8 +1007,12 @@ impl Manager {
             .expect("reason: never poisoned")
             .seen(id, Instant::now());
         {
+            // Ready to vote only as a manager by the store with a manager's
+            // certificate: a node coming back with the store and the
+            // certificate of a role it lost reports ready until it drops
+            // them, and must not be made a voter on that word.
             let mut ready = self.raft_ready.lock().expect("reason: never poisoned");
-            if hb.raft_ready {
+            if hb.raft_ready && hb.cert_role == Role::Manager && node.role == Role::Manager {
                 ready.insert(id);
             } else {
                 ready.remove(&id);
@@ -1205,6 +1209,20 @@ impl Manager {
             if voters.contains(&node.id) || !ready.contains(&node.id) {
                 continue;
             }
+            if learners.contains(&node.id) {
+                // A learner that did not catch up (its manager certificate
+                // may still be on its way) must not become a voter: the
+                // joint configuration would stall every commit on it.
+                let metrics = self.raft.metrics().borrow().clone();
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&node.id).copied().flatten())
+                    .map(|l| l.index);
+                if !caught_up(matched, metrics.last_log_index.unwrap_or(0)) {
+                    continue;
+                }
+            }
             log::info!(
                 "adding manager {} ({}) to the Raft voters",
                 node_id_text(node.id),
@@ -1245,6 +1263,16 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// How far behind the leader's log a learner may be and still be made a
+/// voter.
+const LEARNER_LAG: u64 = 64;
+
+/// Whether a learner whose log matches the leader's up to `matched` has
+/// caught up with a leader whose log ends at `last`.
+fn caught_up(matched: Option<u64>, last: u64) -> bool {
+    matched.is_some_and(|m| m.saturating_add(LEARNER_LAG) >= last)
 }
 
 /// A time a node reported, clamped so no value from the wire can overflow.
@@ -1414,5 +1442,18 @@ async fn count_elections(
             crate::metrics::instruments().raft_elections.inc_by(now - term);
             term = now;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_learner_that_caught_up_becomes_a_voter() {
+        assert!(!caught_up(None, 0), "nothing replicated yet");
+        assert!(caught_up(Some(100), 120));
+        assert!(caught_up(Some(56), 120), "within the lag");
+        assert!(!caught_up(Some(55), 120));
     }
 }

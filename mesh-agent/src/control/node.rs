@@ -64,6 +64,10 @@ const TASK_STOP_LIMIT: Duration = Duration::from_secs(60);
 /// cut off, and the caller hears "unavailable" while a new one is elected.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a manager that is not yet a Raft voter (it just joined or was
+/// promoted, and is catching up) holds a request before forwarding it.
+const VOTER_WAIT: Duration = Duration::from_secs(10);
+
 /// How the agent runs, from its command line.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -932,6 +936,12 @@ impl Member {
                 .find(|(id, _)| *id == leader && *id != self.id)
                 .map(|(_, a)| a.clone())
         };
+        // The leader takes forwarded requests only from voters: a manager
+        // still catching up as a learner holds the request until it votes.
+        let deadline = tokio::time::Instant::now() + VOTER_WAIT;
+        while !manager.voters().contains(&self.id) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let Some(addr) = manager.leader_addr().or_else(reported) else {
             return PeerResponse::Refused(ApiError::unavailable(
                 "no leader is elected: the swarm may have lost its quorum of managers; retry, or bring managers back",
