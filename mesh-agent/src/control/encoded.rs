@@ -90,7 +90,7 @@ impl<T> Serialize for Encoded<T> {
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Encoded<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let bytes = deserializer.deserialize_bytes(BytesVisitor)?;
-        let value = rmp_serde::from_slice(&bytes)
+        let value = super::rpc::from_msgpack(&bytes)
             .map_err(|e| serde::de::Error::custom(format!("an encoded part does not decode: {e}")))?;
         Ok(Encoded {
             value: Arc::new(value),

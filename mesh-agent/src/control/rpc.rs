@@ -664,19 +664,32 @@ pub fn encode_frame<T: Serialize>(id: u64, payload: &T, max_frame: usize) -> Res
 /// Decodes a request frame's body as the server does: a bad body is an
 /// error that closes the connection.
 pub fn decode_request<Req: DeserializeOwned>(body: &[u8]) -> Result<(u64, Req), RpcError> {
-    rmp_serde::from_slice(body).map_err(|error| RpcError::Decode(format!("request: {error}")))
+    from_msgpack(body).map_err(|error| RpcError::Decode(format!("request: {error}")))
+}
+
+/// How deeply a message may nest. The messages nest a few tens of levels
+/// at most, and decoding recurses once per level: without a bound, a
+/// small frame of requests each forwarded inside the next (10 KB, before
+/// any authentication) overflowed the stack and aborted the agent.
+pub const MAX_DEPTH: usize = 64;
+
+/// Decodes msgpack with the nesting bound.
+pub fn from_msgpack<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de)
 }
 
 /// Decodes a response frame's body as the client does: a body whose id can
 /// be read fails only that call (the inner error); one without a readable
 /// id is an error that breaks the connection.
 pub fn decode_response<Resp: DeserializeOwned>(body: &[u8]) -> Result<(u64, Result<Resp, RpcError>), RpcError> {
-    match rmp_serde::from_slice::<(u64, Resp)>(body) {
+    match from_msgpack::<(u64, Resp)>(body) {
         Ok((id, response)) => Ok((id, Ok(response))),
         Err(error) => {
             // The framing is intact: fail only this call, if we can tell which.
-            let (id, IgnoredAny) = rmp_serde::from_slice::<(u64, IgnoredAny)>(body)
-                .map_err(|_| RpcError::Decode(format!("response: {error}")))?;
+            let (id, IgnoredAny) =
+                from_msgpack::<(u64, IgnoredAny)>(body).map_err(|_| RpcError::Decode(format!("response: {error}")))?;
             Ok((id, Err(RpcError::Decode(format!("response to request {id}: {error}")))))
         }
     }
@@ -1194,6 +1207,58 @@ mod tests {
     use rustls::RootCertStore;
     use serde::Deserialize;
     use tokio::task::JoinHandle;
+
+    #[test]
+    fn a_deeply_nested_request_is_refused_without_exhausting_the_stack() {
+        use crate::control::api::{LogQuery, Origin, PeerRequest};
+        let nest = |levels: usize| {
+            let mut request = PeerRequest::ReadLogs(LogQuery {
+                tasks: vec![],
+                tail: None,
+            });
+            for _ in 0..levels {
+                request = PeerRequest::Forwarded {
+                    origin: Origin {
+                        identity: None,
+                        operator: None,
+                        serial: String::new(),
+                        ip: [192, 0, 2, 1].into(),
+                    },
+                    request: Box::new(request),
+                };
+            }
+            rmp_serde::to_vec(&(1u64, &request)).unwrap()
+        };
+        // On a thread with the runtime's 2 MiB stack: 400 levels (10 KB)
+        // aborted the process before the bound.
+        let decoded = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let deep = nest(400);
+                assert!(deep.len() < DEFAULT_ANONYMOUS_MAX_FRAME);
+                let refused = decode_request::<PeerRequest>(&deep).map(|_| ()).unwrap_err();
+                // One forward is all a real request has.
+                let once = decode_request::<PeerRequest>(&nest(1)).map(|_| ());
+                (refused.to_string(), once)
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert!(decoded.0.contains("depth"), "{}", decoded.0);
+        assert!(decoded.1.is_ok(), "{:?}", decoded.1);
+    }
+
+    #[test]
+    fn a_whole_cluster_state_fits_the_nesting_bound() {
+        use crate::control::state::{tests::initialised, Command};
+        let mut state = initialised();
+        let service = crate::control::orchestrator::tests_support::service(7);
+        state.services.insert(7, service);
+        let command = Command::Restore { state: Box::new(state) };
+        let bytes = rmp_serde::to_vec(&(1u64, &command)).unwrap();
+        let (_, back): (u64, Command) = from_msgpack(&bytes).expect("within the bound");
+        assert_eq!(back, command);
+    }
 
     /// Every test finishes within this, or fails.
     const TEST_BOUND: Duration = Duration::from_secs(10);
