@@ -24,7 +24,11 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::UdpSocket, task::JoinHandle};
+use tokio::{
+    net::UdpSocket,
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinHandle,
+};
 
 use super::netns::NetNs;
 use crate::control::discovery::NetworkServices;
@@ -45,6 +49,12 @@ const RCODE_NOTIMP: u8 = 4;
 const TTL_VIP: u32 = 60;
 const TTL_TASKS: u32 = 0;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Queries forwarded at once for the whole node (Docker's embedded DNS
+/// has the same bound) and for one task: each holds a socket for up to
+/// [`UPSTREAM_TIMEOUT`] per upstream, and past these a task's query gets
+/// SERVFAIL at once instead of another socket.
+const NODE_FORWARDS: usize = 1024;
+const TASK_FORWARDS: usize = 128;
 
 /// What a name resolves to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,7 +276,25 @@ pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
 pub struct Dns {
     records: Arc<RwLock<Records>>,
     upstreams: Vec<SocketAddr>,
+    /// The node's forwards in flight.
+    forwards: Arc<Semaphore>,
     servers: std::sync::Mutex<BTreeMap<u64, JoinHandle<()>>>,
+}
+
+/// The forwards one task may start: its own share and the node's.
+#[derive(Clone)]
+struct Forwards {
+    node: Arc<Semaphore>,
+    task: Arc<Semaphore>,
+}
+
+impl Forwards {
+    /// Permits for one more forward, if both bounds allow it.
+    fn start(&self) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let task = self.task.clone().try_acquire_owned().ok()?;
+        let node = self.node.clone().try_acquire_owned().ok()?;
+        Some((task, node))
+    }
 }
 
 impl Default for Dns {
@@ -281,9 +309,15 @@ impl Dns {
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")
             .map(|t| upstreams(&t))
             .unwrap_or_default();
+        Dns::with_upstreams(upstreams)
+    }
+
+    /// A responder forwarding to `upstreams`.
+    pub fn with_upstreams(upstreams: Vec<SocketAddr>) -> Dns {
         Dns {
             records: Arc::default(),
             upstreams,
+            forwards: Arc::new(Semaphore::new(NODE_FORWARDS)),
             servers: std::sync::Mutex::default(),
         }
     }
@@ -318,10 +352,34 @@ impl Dns {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("binding the DNS responder to {ADDRESS}:53 in the task: {e}"))?;
         let socket = UdpSocket::from_std(socket).map_err(|e| e.to_string())?;
+        let handle = tokio::spawn(self.answer(Arc::new(socket), networks, TASK_FORWARDS));
+        if let Some(old) = self
+            .servers
+            .lock()
+            .expect("reason: never poisoned")
+            .insert(task, handle)
+        {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    /// Answers the queries arriving on `socket` for a task on `networks`,
+    /// forwarding at most `task_forwards` at once.
+    fn answer(
+        &self,
+        socket: Arc<UdpSocket>,
+        networks: BTreeSet<u64>,
+        task_forwards: usize,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let records = self.records.clone();
         let upstreams = self.upstreams.clone();
-        let socket = Arc::new(socket);
-        let handle = tokio::spawn(async move {
+        let forwards = Forwards {
+            node: self.forwards.clone(),
+            task: Arc::new(Semaphore::new(task_forwards)),
+        };
+        let mut refused_logged: Option<std::time::Instant> = None;
+        async move {
             let mut buf = vec![0u8; 1500];
             loop {
                 let (n, from) = match socket.recv_from(&mut buf).await {
@@ -341,29 +399,31 @@ impl Dns {
                     &query,
                     !upstreams.is_empty(),
                 );
-                let Some(reply) = reply else {
-                    // A slow resolver must not hold up the task's other names.
-                    let (asked, upstreams, socket) = (buf[..n].to_vec(), upstreams.clone(), socket.clone());
-                    tokio::spawn(async move {
-                        let reply = forward(&upstreams, &asked)
-                            .await
-                            .unwrap_or_else(|| error(&query, RCODE_SERVFAIL));
-                        let _ = socket.send_to(&reply, from).await;
-                    });
+                if let Some(reply) = reply {
+                    let _ = socket.send_to(&reply, from).await;
+                    continue;
+                }
+                let Some(permits) = forwards.start() else {
+                    if refused_logged.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                        log::warn!(
+                            "DNS: more than {task_forwards} queries of a task (or {NODE_FORWARDS} of the node) are waiting for the node's resolvers; answering SERVFAIL to the rest"
+                        );
+                        refused_logged = Some(std::time::Instant::now());
+                    }
+                    let _ = socket.send_to(&error(&query, RCODE_SERVFAIL), from).await;
                     continue;
                 };
-                let _ = socket.send_to(&reply, from).await;
+                // A slow resolver must not hold up the task's other names.
+                let (asked, upstreams, socket) = (buf[..n].to_vec(), upstreams.clone(), socket.clone());
+                tokio::spawn(async move {
+                    let _permits = permits;
+                    let reply = forward(&upstreams, &asked)
+                        .await
+                        .unwrap_or_else(|| error(&query, RCODE_SERVFAIL));
+                    let _ = socket.send_to(&reply, from).await;
+                });
             }
-        });
-        if let Some(old) = self
-            .servers
-            .lock()
-            .expect("reason: never poisoned")
-            .insert(task, handle)
-        {
-            old.abort();
         }
-        Ok(())
     }
 
     /// Stops answering task `task`.
@@ -425,6 +485,40 @@ mod tests {
             ]
             .into(),
         }])
+    }
+
+    #[tokio::test]
+    async fn forwards_are_bounded_and_the_rest_answered_servfail_at_once() {
+        // An upstream that never answers: every forward waits it out.
+        let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let dns = Dns::with_upstreams(vec![upstream.local_addr().unwrap()]);
+        let responder = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let at = responder.local_addr().unwrap();
+        let serving = tokio::spawn(dns.answer(responder, BTreeSet::from([5]), 4));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for id in 0..10u16 {
+            client
+                .send_to(&encode_query(id, "example.org", TYPE_A), at)
+                .await
+                .unwrap();
+        }
+        let mut servfail = 0;
+        let mut buf = [0u8; 512];
+        for _ in 0..10 {
+            let (n, _) = tokio::time::timeout(UPSTREAM_TIMEOUT * 3, client.recv_from(&mut buf))
+                .await
+                .expect("every query is answered")
+                .unwrap();
+            assert!(n >= 4);
+            servfail += usize::from(buf[3] & 0x0f == RCODE_SERVFAIL);
+        }
+        assert_eq!(servfail, 10, "no upstream answered: SERVFAIL for all");
+        let mut forwarded = 0;
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(100), upstream.recv_from(&mut buf)).await {
+            forwarded += 1;
+        }
+        assert_eq!(forwarded, 4, "only the task's bound reached the upstream");
+        serving.abort();
     }
 
     #[test]
