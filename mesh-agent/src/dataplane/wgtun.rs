@@ -24,7 +24,7 @@ use std::{
 };
 
 use boringtun::{
-    noise::{handshake::parse_handshake_anon, Packet, Tunn, TunnResult},
+    noise::{handshake::parse_handshake_anon, rate_limiter::RateLimiter, Packet, Tunn, TunnResult},
     x25519::{PublicKey, StaticSecret},
 };
 
@@ -41,6 +41,9 @@ const WAKE: Duration = Duration::from_millis(200);
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Room for the largest packet plus WireGuard's overhead.
 const BUFFER: usize = 65_536 + 64;
+/// Handshakes a second the device takes before it asks for cookies
+/// (boringtun's own device uses the same figure).
+const HANDSHAKES_PER_SECOND: u64 = 100;
 
 /// A running userspace WireGuard device.
 pub struct UserspaceTunnel {
@@ -54,6 +57,9 @@ struct Shared {
     private: StaticSecret,
     public: PublicKey,
     peers: RwLock<PeerTable>,
+    /// Checks a handshake's MACs (and, under load, its cookie) before any
+    /// Diffie-Hellman work is spent on it.
+    limiter: Arc<RateLimiter>,
     next_index: AtomicU32,
     stop: AtomicBool,
 }
@@ -80,10 +86,12 @@ impl UserspaceTunnel {
             .map_err(|e| io::Error::new(e.kind(), format!("binding the WireGuard port udp/{port}: {e}")))?;
         udp.set_read_timeout(Some(WAKE))?;
         let private = StaticSecret::from(private);
+        let public = PublicKey::from(&private);
         let shared = Arc::new(Shared {
             tun,
             udp,
-            public: PublicKey::from(&private),
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+            public,
             private,
             peers: RwLock::new(PeerTable::default()),
             next_index: AtomicU32::new(1),
@@ -152,7 +160,7 @@ impl UserspaceTunnel {
                     Some(peer.psk),
                     None,
                     index,
-                    None,
+                    Some(self.shared.limiter.clone()),
                 );
                 let peer = Arc::new(Peer {
                     config: peer.clone(),
@@ -295,6 +303,14 @@ fn inbound(s: &Shared) {
                 continue;
             }
         };
+        match admit(&s.limiter, from.ip(), &datagram[..n], &mut out) {
+            Admission::Pass => {}
+            Admission::Reply(cookie) => {
+                let _ = s.udp.send_to(&cookie, from);
+                continue;
+            }
+            Admission::Drop => continue,
+        }
         let Some(peer) = s.peer_of(&datagram[..n]) else {
             continue;
         };
@@ -319,6 +335,29 @@ fn inbound(s: &Shared) {
     }
 }
 
+/// What becomes of a datagram before it is matched to a peer.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    /// On to its peer.
+    Pass,
+    /// A handshake while under load without a valid cookie: answer with
+    /// this cookie reply, and nothing more.
+    Reply(Vec<u8>),
+    /// Not WireGuard, or a handshake whose MAC does not verify.
+    Drop,
+}
+
+/// The rate limiter's verdict on `datagram` from `from`: only handshakes
+/// that carry our public key's MAC (and, under load, a cookie) reach the
+/// Diffie-Hellman work of matching them to a peer.
+fn admit(limiter: &RateLimiter, from: std::net::IpAddr, datagram: &[u8], out: &mut [u8]) -> Admission {
+    match limiter.verify_packet(Some(from), datagram, out) {
+        Ok(_) => Admission::Pass,
+        Err(TunnResult::WriteToNetwork(cookie)) => Admission::Reply(cookie.to_vec()),
+        Err(_) => Admission::Drop,
+    }
+}
+
 impl Shared {
     fn peer_of(&self, datagram: &[u8]) -> Option<Arc<Peer>> {
         let table = self.peers.read().expect("reason: never poisoned");
@@ -340,6 +379,9 @@ fn timers(s: &Shared) {
     let mut out = vec![0u8; BUFFER];
     while !s.stop.load(Ordering::Relaxed) {
         std::thread::sleep(TIMER_TICK);
+        // The handshake count is per second (the peers' timers leave it to
+        // us); the limiter resets it at most once a second.
+        s.limiter.reset_count();
         let peers: Vec<Arc<Peer>> = s
             .peers
             .read()
@@ -354,5 +396,47 @@ fn timers(s: &Shared) {
                 let _ = s.udp.send_to(p, peer.config.endpoint);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handshake initiation from a fresh key to `responder`.
+    fn initiation(responder: &PublicKey) -> Vec<u8> {
+        let mut tunn = Tunn::new(StaticSecret::from([7u8; 32]), *responder, None, None, 1, None);
+        let mut out = vec![0u8; 256];
+        match tunn.format_handshake_initiation(&mut out, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("an initiation"),
+        }
+    }
+
+    #[test]
+    fn handshakes_are_checked_before_any_key_exchange_and_cookies_asked_under_load() {
+        let public = PublicKey::from(&StaticSecret::from([9u8; 32]));
+        let limiter = RateLimiter::new(&public, 1);
+        let from = std::net::IpAddr::from([192, 0, 2, 7]);
+        let mut out = vec![0u8; 256];
+        let real = initiation(&public);
+        // A forged initiation (right type and size, no valid MAC): dropped.
+        let mut forged = real.clone();
+        forged[100] ^= 0xff;
+        let last = forged.len() - 20;
+        forged[last] ^= 0xff;
+        assert_eq!(admit(&limiter, from, &forged, &mut out), Admission::Drop);
+        // One aimed at another key: dropped too.
+        let other = PublicKey::from(&StaticSecret::from([8u8; 32]));
+        assert_eq!(admit(&limiter, from, &initiation(&other), &mut out), Admission::Drop);
+        // A real one passes; past the rate, one without a cookie gets a
+        // cookie reply (64 bytes) and nothing more.
+        assert_eq!(admit(&limiter, from, &real, &mut out), Admission::Pass);
+        match admit(&limiter, from, &real, &mut out) {
+            Admission::Reply(cookie) => assert_eq!(cookie.len(), 64),
+            other => panic!("under load: {other:?}"),
+        }
+        // Not WireGuard at all.
+        assert_eq!(admit(&limiter, from, b"hello", &mut out), Admission::Drop);
     }
 }
