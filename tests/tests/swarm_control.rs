@@ -271,9 +271,50 @@ fn bad_tokens_and_bad_input_are_refused_and_change_nothing() {
     // Not a token at all.
     let out = join("hello");
     assert_eq!(out.status.code(), Some(2));
+    // A node claiming a live member's addresses (h0's, as its data path).
+    let h0 = swarm.cluster.host(0).address().to_string();
+    let out = swarm.meshctl(
+        2,
+        &[
+            "swarm",
+            "join",
+            "--token",
+            &good,
+            "--advertise-addr",
+            &h2,
+            "--data-path-addr",
+            &h0,
+            &remote,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("data path address"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Nothing changed: h2 is in no swarm, h0's swarm has one node.
     assert!(swarm.ok(2, &["info"]).contains("Swarm: inactive"));
     assert_eq!(swarm.ok(0, &["node", "ls", "-q"]).lines().count(), 1);
+    // A node that leaves is down at once: the same host joins again.
+    assert_eq!(join(&good).status.code(), Some(0));
+    swarm.wait("h2 ready", CONVERGE, || swarm.ready(0) == 2);
+    swarm.ok(2, &["swarm", "leave"]);
+    assert!(swarm.nodes(0).iter().any(|n| n.0 == "h2" && n.1 == "Down"));
+    let again = join(&good);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    swarm.ok(2, &["swarm", "leave"]);
+    let h0_id = mesh_agent::control::state::node_id_text(swarm.info(0).unwrap().node_id.unwrap());
+    for id in swarm.ok(0, &["node", "ls", "-q"]).lines().filter(|id| *id != h0_id) {
+        swarm.ok(0, &["node", "rm", id]);
+    }
+    let rows = swarm.nodes(0);
+    assert_eq!(rows.len(), 1, "{rows:?}");
 
     // Bad CLI input.
     assert_eq!(swarm.fails(0, &["node", "inspect", "nosuchnode"]).0, 3);

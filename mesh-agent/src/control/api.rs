@@ -658,6 +658,9 @@ pub enum PeerRequest {
     },
     /// The caller reports on its tasks (any member).
     ReportTasks(Vec<crate::control::service::TaskReport>),
+    /// The caller leaves the swarm (`swarm leave`): it is marked down at
+    /// once, so the host may join again with the same addresses.
+    Leave,
     /// Log text of tasks running on the called node (managers only, for
     /// `service logs`).
     ReadLogs(LogQuery),

@@ -759,6 +759,7 @@ impl Manager {
                 .to_string(),
             None => advertise.ip().to_string(),
         };
+        rules::check_join_addresses(&state, &advertise, &data_path_addr)?;
         let cluster = state
             .cluster
             .clone()
@@ -986,12 +987,36 @@ impl Manager {
         .await
     }
 
+    /// Node `id` leaves the swarm: it is down from now, and a heartbeat
+    /// still on its way does not bring it back (its tasks move as
+    /// for any node that went down).
+    pub async fn handle_leave(&self, id: NodeId) -> ApiResult<()> {
+        self.propose(Command::SetNodeStatus {
+            id,
+            status: NodeStatus::Down,
+            message: LEFT.into(),
+            agent_version: String::new(),
+            at: unix_now(),
+        })
+        .await
+    }
+
     /// A node's heartbeat, made with the certificate of serial `serial`.
     pub async fn handle_heartbeat(&self, id: NodeId, serial: &str, hb: Heartbeat) -> ApiResult<HeartbeatReply> {
         if hb.agent_version.len() > 64 {
             return Err(ApiError::invalid("the reported agent version is longer than 64 bytes"));
         }
         let state = self.state();
+        if state
+            .nodes
+            .get(&id)
+            .is_some_and(|n| n.status == NodeStatus::Down && n.status_message == LEFT)
+        {
+            return Err(ApiError::denied(format!(
+                "node {} left the swarm; join again with a token",
+                node_id_text(id)
+            )));
+        }
         let Some(node) = state.nodes.get(&id).cloned() else {
             return Err(if state.removed.contains(&id) {
                 ApiError::denied(format!(
@@ -1264,6 +1289,9 @@ impl Manager {
         Ok(())
     }
 }
+
+/// The status message of a node that left with `swarm leave`.
+const LEFT: &str = "left the swarm";
 
 /// How far behind the leader's log a learner may be and still be made a
 /// voter.

@@ -608,6 +608,20 @@ impl Agent {
                     "this node is a manager: leaving takes a member out of the Raft store and may cost the swarm its quorum; demote it first (`meshctl node demote NODE` on another manager), or use --force",
                 ));
             }
+            // Marked down at once rather than after missed heartbeats, so
+            // this host can join again right away; the managers may be
+            // unreachable, which does not stop the leave.
+            match m
+                .call_managers(|| PeerRequest::Leave, Duration::from_secs(3), false)
+                .await
+            {
+                Ok(PeerResponse::Reported(Ok(()))) => {}
+                Ok(PeerResponse::Refused(e) | PeerResponse::Reported(Err(e))) => {
+                    log::warn!("leaving: the managers did not mark this node down: {}", e.message)
+                }
+                Ok(other) => log::warn!("leaving: unexpected reply {other:?}"),
+                Err(e) => log::warn!("leaving: the managers did not mark this node down: {}", e.message),
+            }
             m.stop().await;
         }
         Files {
@@ -1439,6 +1453,10 @@ async fn serve_as_leader(manager: &Manager, origin: Origin, request: PeerRequest
             Ok(id) => PeerResponse::Assignments(manager.handle_assignments(id, &known, &holds).await),
             Err(e) => PeerResponse::Refused(e),
         },
+        PeerRequest::Leave => match member(Role::Worker) {
+            Ok(id) => PeerResponse::Reported(manager.handle_leave(id).await),
+            Err(e) => PeerResponse::Refused(e),
+        },
         PeerRequest::ReportTasks(reports) => match member(Role::Worker) {
             Ok(id) => PeerResponse::Reported(manager.handle_report(id, reports).await),
             Err(e) => PeerResponse::Refused(e),
@@ -1474,6 +1492,7 @@ fn kind(request: &PeerRequest) -> &'static str {
         PeerRequest::Forwarded { .. } => "Forwarded",
         PeerRequest::Assignments { .. } => "Assignments",
         PeerRequest::ReportTasks(_) => "ReportTasks",
+        PeerRequest::Leave => "Leave",
         PeerRequest::ReadLogs(_) => "ReadLogs",
     }
 }
@@ -1560,6 +1579,7 @@ impl Handler for PeerHandler {
             | PeerRequest::RenewCertificate { .. }
             | PeerRequest::Assignments { .. }
             | PeerRequest::ReportTasks(_)
+            | PeerRequest::Leave
                 if identity.is_none() =>
             {
                 PeerResponse::Refused(no_certificate())

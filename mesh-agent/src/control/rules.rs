@@ -371,6 +371,32 @@ pub fn previous_roots_done(state: &ClusterState, now: u64) -> bool {
     view.nodes_pending.is_empty() && view.operators_pending.is_empty()
 }
 
+/// Whether a joining node may take `advertise` (its cluster address) and
+/// `data_path` (its overlay address): not while another member that is
+/// not down has either, or the other node's Raft and overlay traffic would
+/// go to the newcomer. A node that is down may be the same host joining
+/// again, so its addresses are free.
+pub fn check_join_addresses(state: &ClusterState, advertise: &SocketAddr, data_path: &str) -> ApiResult<()> {
+    let advertise_text = advertise.to_string();
+    for node in state.nodes.values().filter(|n| n.status != NodeStatus::Down) {
+        let same_advertise = node.addr == advertise_text;
+        let same_data_path = node.data_path_addr == data_path;
+        if same_advertise || same_data_path {
+            let (what, address) = if same_advertise {
+                ("advertise address", advertise_text.as_str())
+            } else {
+                ("data path address", data_path)
+            };
+            return Err(ApiError::precondition(format!(
+                "the {what} {address} is already node {} ({})'s, and that node is not down: give this node its own address (--advertise-addr, --data-path-addr), or remove the other node first (`meshctl node rm`)",
+                node_id_text(node.id),
+                node.hostname
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `swarm ca --rotate --previous-root-ttl`: from 1 minute to 90 days.
 pub fn check_previous_root_ttl(secs: u64) -> ApiResult<()> {
     if (60..=90 * 86400).contains(&secs) {
@@ -719,6 +745,38 @@ mod tests {
             issued_at: at,
             not_after: at + 1000,
         }
+    }
+
+    #[test]
+    fn a_joining_node_cannot_take_a_live_nodes_addresses() {
+        let mut s = state(&[
+            (1, "h1", Role::Manager, NodeStatus::Ready),
+            (2, "h2", Role::Worker, NodeStatus::Down),
+        ]);
+        let n1 = s.nodes.get_mut(&1).unwrap();
+        n1.addr = "192.0.2.1:2377".into();
+        n1.data_path_addr = "198.51.100.1".into();
+        let n2 = s.nodes.get_mut(&2).unwrap();
+        n2.addr = "192.0.2.2:2377".into();
+        n2.data_path_addr = "192.0.2.2".into();
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        let why = check_join_addresses(&s, &at("192.0.2.1:2377"), "192.0.2.9").unwrap_err();
+        assert_eq!(why.kind, crate::control::api::ErrorKind::FailedPrecondition);
+        assert!(
+            why.message.contains("advertise address 192.0.2.1:2377") && why.message.contains("(h1)"),
+            "{}",
+            why.message
+        );
+        let why = check_join_addresses(&s, &at("192.0.2.9:2377"), "198.51.100.1").unwrap_err();
+        assert!(
+            why.message.contains("data path address 198.51.100.1"),
+            "{}",
+            why.message
+        );
+        // Another port on the same host is another address.
+        assert!(check_join_addresses(&s, &at("192.0.2.1:2378"), "192.0.2.9").is_ok());
+        // A down node's addresses are free: it may be this host again.
+        assert!(check_join_addresses(&s, &at("192.0.2.2:2377"), "192.0.2.2").is_ok());
     }
 
     #[test]
