@@ -401,9 +401,13 @@ fn connections_survive_scaling_affinity_sticks_and_a_killed_task_fails_requests_
         });
         std::thread::sleep(Duration::from_secs(2));
         let victim = processes_with(&marker)[0];
+        // Taken before the signal: a request that failed before this
+        // instant did not fail because of the kill (taken after it, a
+        // request failing while this thread waited to run again looked
+        // as if it failed before the kill).
+        let killed = std::time::Instant::now();
         // SAFETY: kill has no memory preconditions; the PID is a task's.
         unsafe { libc::kill(victim as i32, libc::SIGKILL) };
-        let killed = std::time::Instant::now();
         swarm.wait("the kill recorded", CONVERGE, || running(&swarm, "web") < 3);
         let recorded = killed.elapsed();
         let (start, results) = load.join().unwrap();
