@@ -435,6 +435,35 @@ fn expand_home(path: &str) -> PathBuf {
 }
 
 /// Writes the operator's key, certificate and roots, the key readable by its owner only.
+/// Reads one line of secret text from standard input; on a terminal after
+/// `prompt`, with echo off (restored even when reading fails).
+fn read_secret_line(prompt: &str) -> std::io::Result<zeroize::Zeroizing<String>> {
+    use std::os::fd::AsRawFd;
+    let stdin = std::io::stdin();
+    let fd = stdin.as_raw_fd();
+    // SAFETY: termios is plain data, valid when zeroed.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a termios to fill; it fails cleanly
+    // on anything that is not a terminal.
+    let terminal = std::io::IsTerminal::is_terminal(&stdin) && unsafe { libc::tcgetattr(fd, &mut saved) } == 0;
+    if terminal {
+        eprint!("{prompt}");
+        let mut quiet = saved;
+        quiet.c_lflag &= !libc::ECHO;
+        quiet.c_lflag |= libc::ECHONL;
+        // SAFETY: a valid descriptor and a termios read from it.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+    }
+    let mut line = zeroize::Zeroizing::new(String::new());
+    let read = stdin.lock().read_line(&mut line);
+    if terminal {
+        // SAFETY: as above, with the settings read before.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+    }
+    read?;
+    Ok(line)
+}
+
 fn unexpected(other: LocalResponse) -> ApiError {
     ApiError::internal(format!("unexpected reply from the agent: {other:?}"))
 }
@@ -537,7 +566,7 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
                     println!("To add a manager to this swarm, run 'meshctl swarm join-token manager' and follow the instructions.");
                     if let Some(key) = unlock_key {
                         println!("\nTo unlock a swarm manager after it restarts, run the `meshctl swarm unlock`");
-                        println!("command and provide the following key:\n\n    {key}\n");
+                        println!("command and provide the following key:\n\n    {}\n", key.expose());
                         println!("Remember to store this key in a password manager, since without it you");
                         println!("will not be able to restart the manager.");
                     }
@@ -573,7 +602,7 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
                 other => return Err(ApiError::internal(format!("unexpected reply {other:?}"))),
             };
             if quiet {
-                println!("{token}");
+                println!("{}", token.expose());
                 return Ok(());
             }
             if rotate {
@@ -590,7 +619,11 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
                         .unwrap_or_default()
                 }
             };
-            println!("To add a {} to this swarm, run the following command:\n\n    meshctl swarm join --token {token} {addr}\n", role_text(role));
+            println!(
+                "To add a {} to this swarm, run the following command:\n\n    meshctl swarm join --token {} {addr}\n",
+                role_text(role),
+                token.expose()
+            );
             Ok(())
         }
         SwarmCommand::Leave { force } => {
@@ -599,15 +632,9 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
             Ok(())
         }
         SwarmCommand::Unlock => {
-            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-                eprint!("Enter unlock key: ");
-            }
-            let mut key = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut key)
+            let key = read_secret_line("Enter unlock key: ")
                 .map_err(|e| ApiError::invalid(format!("reading the unlock key from standard input: {e}")))?;
-            client.call(LocalRequest::Unlock { key }).await?;
+            client.call(LocalRequest::Unlock { key: key.into() }).await?;
             Ok(())
         }
         SwarmCommand::UnlockKey { rotate, quiet } => {
@@ -616,12 +643,12 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
                 other => return Err(ApiError::internal(format!("unexpected reply {other:?}"))),
             };
             if quiet {
-                println!("{key}");
+                println!("{}", key.expose());
             } else {
                 if rotate {
                     println!("Successfully rotated manager unlock key.\n");
                 }
-                println!("To unlock a swarm manager after it restarts, run the `meshctl swarm unlock`\ncommand and provide the following key:\n\n    {key}\n");
+                println!("To unlock a swarm manager after it restarts, run the `meshctl swarm unlock`\ncommand and provide the following key:\n\n    {}\n", key.expose());
             }
             Ok(())
         }
@@ -643,7 +670,7 @@ async fn swarm(client: &Client, cmd: SwarmCommand) -> ApiResult<()> {
             };
             match client.cluster(ClusterRequest::SetAutolock { enabled }).await? {
                 ClusterResponse::Secret(key) => {
-                    println!("Swarm updated.\nTo unlock a swarm manager after it restarts, run the `meshctl swarm unlock`\ncommand and provide the following key:\n\n    {key}\n");
+                    println!("Swarm updated.\nTo unlock a swarm manager after it restarts, run the `meshctl swarm unlock`\ncommand and provide the following key:\n\n    {}\n", key.expose());
                 }
                 _ => println!("Swarm updated."),
             }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     raft_types::TypeConfig,
+    secret_text::SecretText,
     state::{Availability, Node, NodeId, NodeUpdate, Role},
 };
 
@@ -421,7 +422,7 @@ pub enum ClusterResponse {
     /// Done, nothing to show.
     Done,
     /// A token or key text.
-    Secret(String),
+    Secret(SecretText),
     /// `swarm ca --rotate`: the new CA's digest.
     CaDigest(String),
     /// `swarm ca`.
@@ -498,7 +499,7 @@ pub enum LocalRequest {
     /// `swarm unlock`.
     Unlock {
         /// The unlock key text.
-        key: String,
+        key: SecretText,
     },
     /// State of this node.
     Info,
@@ -525,7 +526,7 @@ pub enum LocalResponse {
         /// The command a worker runs to join.
         worker_join_command: String,
         /// The unlock key, when autolocked.
-        unlock_key: Option<String>,
+        unlock_key: Option<SecretText>,
     },
     /// `swarm join` done.
     Joined {
@@ -620,7 +621,7 @@ pub struct HeartbeatReply {
     /// Trusted roots (PEM), current first.
     pub ca_pems: Vec<String>,
     /// The unlock key when the cluster is autolocked (sent only to managers).
-    pub unlock_key: Option<String>,
+    pub unlock_key: Option<SecretText>,
     /// The node's availability, as the operator set it.
     pub availability: Availability,
 }

@@ -32,6 +32,7 @@ use super::{
     rules,
     seal::{DataKey, UnlockKey},
     secret,
+    secret_text::SecretText,
     service::{DesiredState, Service, ServiceMode, Task, TaskReport, TaskState},
     state::{
         node_id_text, Availability, CaState, ClusterState, Command, CommandResponse, JoinTokens, Node, NodeId,
@@ -383,10 +384,10 @@ impl Manager {
                     self.propose(Command::RotateToken { role, token }).await?;
                 }
                 let state = self.state();
-                Ok(ClusterResponse::Secret(match role {
+                Ok(ClusterResponse::Secret(SecretText::new(match role {
                     Role::Worker => state.tokens.worker.clone(),
                     Role::Manager => state.tokens.manager.clone(),
-                }))
+                })))
             }
             ClusterRequest::UnlockKey { rotate } => {
                 if state.unlock_key.is_none() {
@@ -395,7 +396,7 @@ impl Manager {
                     ));
                 }
                 if rotate {
-                    let key = UnlockKey::generate().to_text();
+                    let key = SecretText::new(UnlockKey::generate().to_text());
                     self.propose(Command::SetUnlockKey { unlock_key: Some(key) }).await?;
                 }
                 Ok(ClusterResponse::Secret(
@@ -409,7 +410,7 @@ impl Manager {
                         None => ClusterResponse::Done,
                     });
                 }
-                let key = enabled.then(|| UnlockKey::generate().to_text());
+                let key = enabled.then(|| SecretText::new(UnlockKey::generate().to_text()));
                 self.propose(Command::SetUnlockKey {
                     unlock_key: key.clone(),
                 })
@@ -704,7 +705,7 @@ impl Manager {
                 let digest = new.digest();
                 let ca = CaState {
                     root_cert_pem: new.cert_pem().to_string(),
-                    root_key_pem: new.key_pem().to_string(),
+                    root_key_pem: SecretText::new(new.key_pem()),
                     // Keep trusting the old root until every node and
                     // operator has renewed, or its deadline.
                     previous_roots_pem: vec![old.root_cert_pem],
@@ -1321,7 +1322,7 @@ fn current_ca(state: &ClusterState) -> ApiResult<RootCa> {
         .ca
         .as_ref()
         .ok_or_else(|| ApiError::internal("the store has no CA"))?;
-    RootCa::from_pem(&ca.root_cert_pem, &ca.root_key_pem)
+    RootCa::from_pem(&ca.root_cert_pem, ca.root_key_pem.expose())
         .map_err(|e| ApiError::internal(format!("the stored CA is unusable: {e}")))
 }
 

@@ -8,7 +8,8 @@
 //! - [`overlay`]: overlay networks and their allocator: subnets, VNIs, task addresses (pure).
 //! - [`service`]: service specs, their flag parsers, the task life cycle (pure).
 //! - [`orchestrator`], [`updater`]: restarts, rolling updates and the scheduler's input (pure).
-//! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files.
+//! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files;
+//!   [`secret_text`]: key material as text, zeroized and never printed.
 //! - [`store`]: the Raft log and state machine on redb, every value sealed.
 //! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs;
 //!   [`cert_records`]: which issued certificates the store still honours (pure).
@@ -42,6 +43,7 @@ pub mod rules;
 pub mod scheduler;
 pub mod seal;
 pub mod secret;
+pub mod secret_text;
 pub mod service;
 pub mod state;
 pub mod store;

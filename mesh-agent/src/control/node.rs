@@ -23,6 +23,7 @@ use rand::Rng;
 use rustls::{pki_types::CertificateDer, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
+use zeroize::Zeroizing;
 
 use super::{
     api::{
@@ -39,6 +40,7 @@ use super::{
     rpc::{self, Handler, Peer, RpcClient, RpcError},
     rules,
     seal::{DataKey, UnlockKey},
+    secret_text::SecretText,
     service::TaskReport,
     state::{node_id_text, Availability, CaState, ClusterSpec, Command, JoinTokens, Node, NodeId, NodeStatus, Role},
     tls,
@@ -110,7 +112,7 @@ pub struct NodeConfig {
 #[derive(Clone)]
 struct Credentials {
     cert_pem: String,
-    key_pem: String,
+    key_pem: Zeroizing<String>,
     roots: Vec<String>,
     role: Role,
     /// The certificate's serial (hex), as the store records it.
@@ -120,7 +122,7 @@ struct Credentials {
 }
 
 impl Credentials {
-    fn new(cert_pem: String, key_pem: String, roots: Vec<String>) -> ApiResult<Self> {
+    fn new(cert_pem: String, key_pem: Zeroizing<String>, roots: Vec<String>) -> ApiResult<Self> {
         let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| ApiError::internal(format!("the node certificate is not PEM: {e}")))?;
         let (identity, _) =
@@ -213,7 +215,8 @@ impl Files {
         let key = dek
             .open(b"node-key", &read("node.key.sealed")?)
             .map_err(|e| ApiError::internal(format!("the node key cannot be opened: {e}")))?;
-        let key_pem = String::from_utf8(key).map_err(|_| ApiError::internal("the node key is not PEM"))?;
+        let key_pem =
+            Zeroizing::new(String::from_utf8(key).map_err(|_| ApiError::internal("the node key is not PEM"))?);
         let cert_pem = String::from_utf8(read("node.pem")?).map_err(|_| ApiError::internal("node.pem is not PEM"))?;
         let roots =
             split_pem(&String::from_utf8(read("ca.pem")?).map_err(|_| ApiError::internal("ca.pem is not PEM"))?);
@@ -309,7 +312,7 @@ impl Agent {
             LocalRequest::Init(req) => self.init(req).await,
             LocalRequest::Join(req) => self.join(req).await,
             LocalRequest::Leave { force } => self.leave(force).await,
-            LocalRequest::Unlock { key } => self.unlock(&key).await,
+            LocalRequest::Unlock { key } => self.unlock(key.expose()).await,
             LocalRequest::Info => Ok(LocalResponse::Info(self.info().await)),
             LocalRequest::Cluster(req) => {
                 let member = self.member().await?;
@@ -454,7 +457,7 @@ impl Agent {
         let dek = KeyStore::new(&self.opts.data_dir)
             .create(unlock.as_ref())
             .map_err(internal)?;
-        let creds = Credentials::new(cert, key.key_pem().to_string(), vec![ca.cert_pem().to_string()])?;
+        let creds = Credentials::new(cert, key.key_pem(), vec![ca.cert_pem().to_string()])?;
         files.write_credentials(&creds, &dek)?;
         let config = NodeConfig {
             node_id: id,
@@ -481,13 +484,13 @@ impl Agent {
             },
             ca: CaState {
                 root_cert_pem: ca.cert_pem().to_string(),
-                root_key_pem: ca.key_pem().to_string(),
+                root_key_pem: SecretText::new(ca.key_pem()),
                 previous_roots_pem: vec![],
                 previous_until: 0,
                 cross_signed_pem: String::new(),
             },
             tokens: tokens.clone(),
-            unlock_key: unlock.as_ref().map(UnlockKey::to_text),
+            unlock_key: unlock.as_ref().map(|k| SecretText::new(k.to_text())),
             first: Box::new(Node {
                 id,
                 hostname: self.opts.hostname.clone(),
@@ -515,7 +518,7 @@ impl Agent {
         let response = LocalResponse::Initialized {
             node_id: id,
             worker_join_command: format!("meshctl swarm join --token {} {advertise}", tokens.worker),
-            unlock_key: unlock.as_ref().map(UnlockKey::to_text),
+            unlock_key: unlock.as_ref().map(|k| SecretText::new(k.to_text())),
         };
         Ok((member, response))
     }
@@ -567,7 +570,7 @@ impl Agent {
         };
         let result = async {
             let dek = KeyStore::new(&self.opts.data_dir).create(None).map_err(internal)?;
-            let creds = Credentials::new(reply.cert_pem.clone(), key.key_pem().to_string(), reply.ca_pems.clone())?;
+            let creds = Credentials::new(reply.cert_pem.clone(), key.key_pem(), reply.ca_pems.clone())?;
             files.write_credentials(&creds, &dek)?;
             let config = NodeConfig {
                 node_id: reply.node_id,
@@ -1353,7 +1356,7 @@ impl Member {
         }
         if self.manager().is_some() {
             let keys = KeyStore::new(&self.opts.data_dir);
-            match reply.unlock_key.as_deref().map(UnlockKey::parse) {
+            match reply.unlock_key.as_ref().map(|k| UnlockKey::parse(k.expose())) {
                 Some(Ok(key)) if keys.unlock(&key).is_err() => {
                     keys.wrap_with(&self.dek, Some(&key)).map_err(internal)?;
                     log::info!("autolock: the data key is now wrapped by the swarm's unlock key");
@@ -1391,7 +1394,7 @@ impl Member {
             Ok(other) => return Err(ApiError::internal(format!("unexpected reply {other:?}"))),
             Err(e) => return Err(ApiError::unavailable(e.to_string())),
         };
-        let creds = Credentials::new(cert, key.key_pem().to_string(), roots)?;
+        let creds = Credentials::new(cert, key.key_pem(), roots)?;
         log::info!(
             "certificate renewed: role {:?}, valid until {}",
             creds.role,

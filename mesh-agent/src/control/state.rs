@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cert_records::{Issued, NodeCerts};
 use super::overlay::{Network, NetworkAttachment};
+use super::secret_text::SecretText;
 use super::service::{
     DesiredState, EndpointMode, Service, ServiceSpec, Task, TaskReport, TaskState, UpdateState, UpdateStatus,
 };
@@ -141,7 +142,7 @@ pub struct CaState {
     /// Current root certificate (PEM).
     pub root_cert_pem: String,
     /// Current root key (PEM, PKCS#8).
-    pub root_key_pem: String,
+    pub root_key_pem: SecretText,
     /// Roots still trusted while a rotation settles (PEM).
     pub previous_roots_pem: Vec<String>,
     /// Unix seconds after which the previous roots are dropped even if
@@ -205,7 +206,7 @@ pub enum Command {
         /// Both join tokens.
         tokens: JoinTokens,
         /// The unlock key text when autolocked.
-        unlock_key: Option<String>,
+        unlock_key: Option<SecretText>,
         /// The first manager.
         first: Box<Node>,
     },
@@ -258,7 +259,7 @@ pub enum Command {
     /// `swarm update --autolock` or `swarm unlock-key --rotate`.
     SetUnlockKey {
         /// The unlock key text, or `None` to turn autolock off.
-        unlock_key: Option<String>,
+        unlock_key: Option<SecretText>,
     },
     /// `mesh-agent run --force-new-cluster`: the first entry of a new store,
     /// carrying the state recovered from the old one.
@@ -413,7 +414,7 @@ pub struct ClusterState {
     /// Join tokens.
     pub tokens: JoinTokens,
     /// The unlock key text when autolocked.
-    pub unlock_key: Option<String>,
+    pub unlock_key: Option<SecretText>,
     /// Nodes by id (persistent, as `tasks`).
     pub nodes: imbl::OrdMap<NodeId, Node>,
     /// Ids of removed nodes: their certificates are no longer honoured.
@@ -1155,6 +1156,59 @@ pub(crate) mod tests {
         assert_eq!(s.apply(&cmd), CommandResponse::Applied);
         assert!(matches!(s.apply(&cmd), CommandResponse::Refused(_)));
         s
+    }
+
+    #[test]
+    fn debug_output_never_shows_key_material() {
+        let mut s = initialised();
+        let ca = s.ca.as_mut().unwrap();
+        ca.root_key_pem = "-----BEGIN PRIVATE KEY-----CAKEY".into();
+        s.unlock_key = Some("MESHKEY-1-UNLOCKSECRET".into());
+        s.tokens = JoinTokens {
+            worker: "MESHTKN-1-x-WORKERSECRET".into(),
+            manager: "MESHTKN-1-x-MANAGERSECRET".into(),
+        };
+        let reply = crate::control::api::HeartbeatReply {
+            period_ms: 1000,
+            managers: vec![],
+            leader: None,
+            desired_role: Role::Manager,
+            renew_certificate: false,
+            ca_pems: vec![],
+            unlock_key: s.unlock_key.clone(),
+            availability: Availability::Active,
+        };
+        let printed = [
+            format!("{s:?}"),
+            format!(
+                "{:?}",
+                Command::Restore {
+                    state: Box::new(s.clone())
+                }
+            ),
+            format!(
+                "{:?}",
+                Command::SetUnlockKey {
+                    unlock_key: s.unlock_key.clone()
+                }
+            ),
+            format!("{reply:?}"),
+            format!(
+                "{:?}",
+                crate::control::api::LocalRequest::Unlock {
+                    key: "MESHKEY-1-UNLOCKSECRET".into()
+                }
+            ),
+            format!(
+                "{:?}",
+                crate::control::api::ClusterResponse::Secret("MESHTKN-1-x-WORKERSECRET".into())
+            ),
+        ];
+        for text in printed {
+            for secret in ["CAKEY", "UNLOCKSECRET", "WORKERSECRET", "MANAGERSECRET"] {
+                assert!(!text.contains(secret), "{secret} printed: {text}");
+            }
+        }
     }
 
     #[test]
