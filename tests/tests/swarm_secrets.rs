@@ -134,6 +134,14 @@ fn a_task_reads_its_secret_and_config_and_nothing_else_holds_them() {
         1,
         "nothing was half-created"
     );
+    // The limit itself is taken, through the local socket and the store.
+    let limit: String = (0..500 * 1024).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let out = swarm.meshctl_stdin(0, &["secret", "create", "at_limit", "-"], &limit);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(swarm
+        .ok(0, &["secret", "inspect", "at_limit"])
+        .contains(&format!("\"size\": {}", 500 * 1024)));
+    swarm.ok(0, &["secret", "rm", "at_limit"]);
 
     swarm.ok(
         0,

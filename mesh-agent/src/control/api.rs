@@ -344,6 +344,7 @@ pub enum ClusterRequest {
         kind: crate::control::secret::Kind,
         name: String,
         labels: BTreeMap<String, String>,
+        #[serde(with = "crate::control::wire_bytes")]
         data: Vec<u8>,
     },
     /// `secret ls` / `config ls`.

@@ -9,7 +9,8 @@
 //! - [`service`]: service specs, their flag parsers, the task life cycle (pure).
 //! - [`orchestrator`], [`updater`]: restarts, rolling updates and the scheduler's input (pure).
 //! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files;
-//!   [`secret_text`]: key material as text, zeroized and never printed.
+//!   [`secret_text`]: key material as text, zeroized and never printed;
+//!   [`wire_bytes`]: byte strings as base64 in JSON, binary in msgpack.
 //! - [`store`]: the Raft log and state machine on redb, every value sealed.
 //! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs;
 //!   [`cert_records`]: which issued certificates the store still honours (pure).
@@ -51,3 +52,4 @@ pub mod tls;
 pub mod token;
 pub mod tunnel;
 pub mod updater;
+pub mod wire_bytes;

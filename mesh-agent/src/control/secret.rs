@@ -57,6 +57,7 @@ pub struct Blob {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// The content (never shown for a secret).
+    #[serde(with = "crate::control::wire_bytes")]
     pub data: Vec<u8>,
     /// Unix seconds.
     pub created: u64,
@@ -208,6 +209,7 @@ pub struct TaskFile {
     pub uid: u32,
     pub gid: u32,
     pub mode: u32,
+    #[serde(with = "crate::control::wire_bytes")]
     pub data: Vec<u8>,
 }
 
