@@ -144,6 +144,7 @@ impl Manager {
             stop,
         });
         tokio::spawn(count_elections(manager.raft.metrics(), stop_rx.clone()));
+        tokio::spawn(exit_when_the_core_fails(manager.raft.metrics(), stop_rx.clone()));
         tokio::spawn(manager.clone().membership_loop(stop_rx.clone()));
         tokio::spawn(manager.clone().leader_loop(stop_rx));
         Ok(manager)
@@ -1454,6 +1455,42 @@ fn issue(ca: &RootCa, csr_pem: &str, id: NodeId, role: Role, cluster_id: &str, e
     )
     .map_err(|e| ApiError::invalid(format!("cannot issue a certificate: {e}")))
 }
+
+/// Waits until the Raft core stops on its own (a storage error is fatal
+/// to it), with why; `None` when it stopped because it was told to.
+pub async fn core_failure(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, openraft::BasicNode>>,
+) -> Option<String> {
+    loop {
+        match &metrics.borrow_and_update().running_state {
+            Ok(()) => {}
+            Err(openraft::error::Fatal::Stopped) => return None,
+            Err(fatal) => return Some(fatal.to_string()),
+        }
+        if metrics.changed().await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// A manager whose Raft core failed would stay up answering nothing; it
+/// says why and exits instead, so its service manager restarts it (tasks
+/// outlive the agent and are adopted again).
+async fn exit_when_the_core_fails(
+    metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, openraft::BasicNode>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::select! {
+        failure = core_failure(metrics) => {
+            if let Some(why) = failure {
+                log::error!("the Raft store stopped: {why}; this manager can no longer serve the swarm, exiting so that it is restarted");
+                std::process::exit(1);
+            }
+        }
+        _ = stop.changed() => {}
+    }
+}
+
 /// Counts the terms this manager enters (each is one election) for the
 /// metrics, until the manager stops.
 async fn count_elections(

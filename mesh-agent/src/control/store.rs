@@ -10,6 +10,10 @@
 //! The state machine lives in memory and is persisted by snapshots: on open
 //! it is restored from the stored snapshot, and openraft re-applies the
 //! committed entries after it (we persist `committed` for that).
+//!
+//! Every read and write of the file (an fsync per commit, snapshots of
+//! megabytes) runs on a blocking thread ([`on_disk`]), not on the agent's
+//! two runtime workers, where it held up the RPC server and heartbeats.
 
 use std::{
     fmt::Debug,
@@ -52,6 +56,17 @@ pub enum StoreError {
     /// A value decrypted but did not decode.
     #[error("raft store holds an undecodable value at {0}: {1}")]
     Decode(String, String),
+}
+
+/// Runs `f` with the store on a blocking thread.
+async fn on_disk<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&Shared) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || f(&shared))
+        .await
+        .map_err(|e| StoreError::Db(format!("the storage thread stopped: {e}")))?
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -199,8 +214,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
-        self.shared
-            .entries(range)
+        let range = (range.start_bound().cloned(), range.end_bound().cloned());
+        on_disk(&self.shared, move |s| s.entries(range))
+            .await
             .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Read, e))
     }
 }
@@ -210,8 +226,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
         let read = |e| io(ErrorSubject::Logs, ErrorVerb::Read, e);
-        let last_purged_log_id: Option<LogId<NodeId>> = self.shared.get_meta("last_purged").map_err(read)?;
-        let last = self.shared.last_entry().map_err(read)?.map(|e| e.log_id);
+        let (last_purged_log_id, last) = on_disk(&self.shared, |s| {
+            let purged: Option<LogId<NodeId>> = s.get_meta("last_purged")?;
+            Ok((purged, s.last_entry()?.map(|e| e.log_id)))
+        })
+        .await
+        .map_err(read)?;
         Ok(LogState {
             last_purged_log_id,
             last_log_id: last.or(last_purged_log_id),
@@ -223,27 +243,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.shared
-            .put_meta("vote", vote)
+        let vote = *vote;
+        on_disk(&self.shared, move |s| s.put_meta("vote", &vote))
+            .await
             .map_err(|e| io(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.shared
-            .get_meta("vote")
+        on_disk(&self.shared, |s| s.get_meta("vote"))
+            .await
             .map_err(|e| io(ErrorSubject::Vote, ErrorVerb::Read, e))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
-        self.shared
-            .put_meta("committed", &committed)
+        on_disk(&self.shared, move |s| s.put_meta("committed", &committed))
+            .await
             .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Write, e))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        let v: Option<Option<LogId<NodeId>>> = self
-            .shared
-            .get_meta("committed")
+        let v: Option<Option<LogId<NodeId>>> = on_disk(&self.shared, |s| s.get_meta("committed"))
+            .await
             .map_err(|e| io(ErrorSubject::Store, ErrorVerb::Read, e))?;
         Ok(v.flatten())
     }
@@ -253,33 +273,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        self.write_entries(entries)
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        on_disk(&self.shared, move |s| s.write_entries(entries))
+            .await
             .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         callback.log_io_completed(Ok(()));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.delete(log_id.index.., None)
+        on_disk(&self.shared, move |s| s.delete(log_id.index.., None))
+            .await
             .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.delete(..=log_id.index, Some(log_id))
+        on_disk(&self.shared, move |s| s.delete(..=log_id.index, Some(log_id)))
+            .await
             .map_err(|e| io(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }
 
-impl LogStore {
+impl Shared {
     /// Writes entries in one transaction; returns once it is durable (redb
     /// commits with fsync), so `append` may tell openraft they are flushed.
-    fn write_entries(&self, entries: impl IntoIterator<Item = Entry<TypeConfig>>) -> Result<(), StoreError> {
-        let txn = self.shared.db.begin_write().map_err(db_err)?;
+    fn write_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(LOG).map_err(db_err)?;
             for entry in entries {
                 let index = entry.log_id.index;
-                let sealed = self.shared.seal(&format!("log/{index}"), &entry)?;
+                let sealed = self.seal(&format!("log/{index}"), &entry)?;
                 table.insert(index, sealed.as_slice()).map_err(db_err)?;
             }
         }
@@ -289,8 +313,8 @@ impl LogStore {
     /// Deletes a range of entries and, for a purge, records the purged id in
     /// the same transaction.
     fn delete<R: RangeBounds<u64>>(&self, range: R, purged: Option<LogId<NodeId>>) -> Result<(), StoreError> {
-        let sealed = purged.map(|p| self.shared.seal("meta/last_purged", &p)).transpose()?;
-        let txn = self.shared.db.begin_write().map_err(db_err)?;
+        let sealed = purged.map(|p| self.seal("meta/last_purged", &p)).transpose()?;
+        let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(LOG).map_err(db_err)?;
             table.retain_in(range, |_, _| false).map_err(db_err)?;
@@ -343,9 +367,11 @@ impl StateMachineStore {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
     }
+}
 
+impl Shared {
     fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
-        Ok(self.shared.get_meta::<StoredSnapshot>("snapshot")?.map(|s| Snapshot {
+        Ok(self.get_meta::<StoredSnapshot>("snapshot")?.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
@@ -356,8 +382,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let data = self.data.lock().expect("reason: never poisoned").clone();
         let write = |e| io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
-        let bytes =
-            rmp_serde::to_vec(&data).map_err(|e| write(StoreError::Decode("snapshot".into(), e.to_string())))?;
+        let encoded = data.clone();
+        let bytes = on_disk(&self.shared, move |_| {
+            rmp_serde::to_vec(&encoded).map_err(|e| StoreError::Decode("snapshot".into(), e.to_string()))
+        })
+        .await
+        .map_err(write)?;
         let snapshot_id = match data.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, rand::random::<u32>()),
             None => format!("empty-{}", rand::random::<u32>()),
@@ -367,14 +397,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             last_membership: data.last_membership,
             snapshot_id,
         };
-        self.shared
-            .put_meta(
-                "snapshot",
-                &StoredSnapshot {
-                    meta: meta.clone(),
-                    data: bytes.clone(),
-                },
-            )
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes.clone(),
+        };
+        on_disk(&self.shared, move |s| s.put_meta("snapshot", &stored))
+            .await
             .map_err(write)?;
         self.snapshot_bytes.store(bytes.len() as u64, Ordering::Relaxed);
         Ok(Snapshot {
@@ -434,22 +462,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let bytes = snapshot.into_inner();
         self.snapshot_bytes.store(bytes.len() as u64, Ordering::Relaxed);
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        let data: SmData = rmp_serde::from_slice(&bytes).map_err(|e| {
-            io(
-                subject.clone(),
-                ErrorVerb::Read,
-                StoreError::Decode("snapshot".into(), e.to_string()),
-            )
-        })?;
-        self.shared
-            .put_meta(
-                "snapshot",
-                &StoredSnapshot {
-                    meta: meta.clone(),
-                    data: bytes,
-                },
-            )
-            .map_err(|e| io(subject, ErrorVerb::Write, e))?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        };
+        // Decoded first: a snapshot that does not decode is not stored.
+        let data: SmData = on_disk(&self.shared, move |s| {
+            let data = rmp_serde::from_slice(&stored.data)
+                .map_err(|e| StoreError::Decode("snapshot".into(), e.to_string()))?;
+            s.put_meta("snapshot", &stored)?;
+            Ok(data)
+        })
+        .await
+        .map_err(|e| io(subject, ErrorVerb::Write, e))?;
         let index = data.last_applied.map(|l| l.index).unwrap_or(0);
         *self.data.lock().expect("reason: never poisoned") = data;
         self.applied.send_replace(index);
@@ -457,7 +482,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        self.current_snapshot()
+        on_disk(&self.shared, |s| s.current_snapshot())
+            .await
             .map_err(|e| io(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
     }
 }
@@ -554,7 +580,7 @@ mod tests {
     /// `LogFlushed` cannot be built outside openraft 0.9, so tests append
     /// through the function `append` itself uses.
     async fn append(log: &mut LogStore, entries: Vec<Entry<TypeConfig>>) {
-        log.write_entries(entries).unwrap();
+        log.shared.write_entries(entries).unwrap();
     }
 
     #[tokio::test]
@@ -785,5 +811,115 @@ mod tests {
         raft.shutdown().await.unwrap();
         drop((raft, sm));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The real log, whose writes fail once `fail` is set (a full or
+    /// failing disk).
+    #[derive(Clone)]
+    struct FailingLog {
+        inner: LogStore,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl RaftLogReader<TypeConfig> for FailingLog {
+        async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+            &mut self,
+            range: RB,
+        ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+            self.inner.try_get_log_entries(range).await
+        }
+    }
+
+    impl RaftLogStorage<TypeConfig> for FailingLog {
+        type LogReader = Self;
+
+        async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+            self.inner.get_log_state().await
+        }
+
+        async fn get_log_reader(&mut self) -> Self::LogReader {
+            self.clone()
+        }
+
+        async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+            self.inner.save_vote(vote).await
+        }
+
+        async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+            self.inner.read_vote().await
+        }
+
+        async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+        where
+            I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+            I::IntoIter: OptionalSend,
+        {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(io(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Write,
+                    StoreError::Db("No space left on device".into()),
+                ));
+            }
+            self.inner.append(entries, callback).await
+        }
+
+        async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+            self.inner.truncate(log_id).await
+        }
+
+        async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+            self.inner.purge(log_id).await
+        }
+    }
+
+    /// A storage error stops the Raft core; the manager hears why (and
+    /// exits on it) instead of running on with a core that answers nothing.
+    #[tokio::test]
+    async fn a_storage_error_that_stops_the_raft_core_is_reported() {
+        let dir = temp("fatal");
+        let (log, sm) = open(&dir.join("raft.redb"), DataKey::generate()).unwrap();
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let log = FailingLog {
+            inner: log,
+            fail: fail.clone(),
+        };
+        let config = openraft::Config::default().validate().unwrap();
+        let raft = openraft::Raft::new(1, Arc::new(config), NoNetwork, log, sm)
+            .await
+            .unwrap();
+        let members = [(1, BasicNode::new("127.0.0.1:1"))]
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>();
+        raft.initialize(members).await.unwrap();
+        raft.client_write(init_command()).await.unwrap();
+        let watching = tokio::spawn(crate::control::manager::core_failure(raft.metrics()));
+        fail.store(true, Ordering::Relaxed);
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            raft.client_write(Command::RotateToken {
+                role: crate::control::state::Role::Worker,
+                token: "T1".into(),
+            }),
+        )
+        .await;
+        let why = tokio::time::timeout(std::time::Duration::from_secs(10), watching)
+            .await
+            .expect("the core stops on the failed write")
+            .unwrap()
+            .expect("a failure, not a requested stop");
+        assert!(why.contains("No space left on device"), "{why}");
+        // A core told to stop is no failure.
+        let stopped = temp("stopped");
+        let (log, sm) = open(&stopped.join("raft.redb"), DataKey::generate()).unwrap();
+        let config = openraft::Config::default().validate().unwrap();
+        let raft = openraft::Raft::new(1, Arc::new(config), NoNetwork, log, sm)
+            .await
+            .unwrap();
+        let watching = tokio::spawn(crate::control::manager::core_failure(raft.metrics()));
+        raft.shutdown().await.unwrap();
+        assert_eq!(watching.await.unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(stopped).unwrap();
     }
 }
