@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use super::{duration_ms, json, table, Client, Format, ListArgs};
 use crate::control::{
     api::{ApiError, ApiResult, CaView, ClusterRequest, ClusterResponse, OperatorCertView},
+    manager::unix_now,
     pki::NodeKey,
 };
 
@@ -216,12 +217,6 @@ fn utc_text(unix: u64) -> String {
         ),
         Err(_) => format!("unix time {unix}"),
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -89,41 +89,13 @@ impl<T> Serialize for Encoded<T> {
 
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Encoded<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let bytes = deserializer.deserialize_bytes(BytesVisitor)?;
+        let bytes = super::wire_bytes::deserialize(deserializer)?;
         let value = super::rpc::from_msgpack(&bytes)
             .map_err(|e| serde::de::Error::custom(format!("an encoded part does not decode: {e}")))?;
         Ok(Encoded {
             value: Arc::new(value),
             bytes: bytes.into(),
         })
-    }
-}
-
-/// Takes a msgpack bin (or, from a format without one, a sequence of
-/// bytes).
-struct BytesVisitor;
-
-impl<'de> serde::de::Visitor<'de> for BytesVisitor {
-    type Value = Vec<u8>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the bytes of an encoded part")
-    }
-
-    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-        Ok(v.to_vec())
-    }
-
-    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-        Ok(v)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-        while let Some(b) = seq.next_element::<u8>()? {
-            out.push(b);
-        }
-        Ok(out)
     }
 }
 
