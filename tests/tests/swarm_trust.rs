@@ -270,6 +270,16 @@ fn a_demoted_or_removed_managers_old_certificate_gets_nothing_a_manager_would() 
     let response = call_from(&swarm, 2, client_with_disk_of(&stale_dir, leader), heartbeat());
     let why = denied(&response).unwrap_or_else(|| panic!("a heartbeat from a removed node: {response:?}"));
     println!("heartbeat from the removed node: refused: {why}");
+    // Nor a certificate renewed in its name.
+    let csr_pem = pki::NodeKey::generate().unwrap().csr_pem().unwrap();
+    let response = call_from(
+        &swarm,
+        2,
+        client_with_disk_of(&stale_dir, leader),
+        PeerRequest::RenewCertificate { csr_pem },
+    );
+    let why = denied(&response).unwrap_or_else(|| panic!("a renewal for a removed node: {response:?}"));
+    assert!(why.contains("removed"), "{why}");
     let _ = h2;
 }
 
