@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config_file;
 pub mod control;
 pub mod dataplane;
+pub mod locks;
 pub mod metrics;
 pub mod preflight;
 pub mod runtime;

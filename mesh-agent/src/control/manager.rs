@@ -6,6 +6,7 @@
 //! Requests reach this module already authenticated and, when this manager
 //! is not the leader, are forwarded by `node` before they get here.
 
+use crate::locks::Locked;
 use std::{
     collections::BTreeSet,
     path::Path,
@@ -280,7 +281,7 @@ impl Manager {
     fn reachable(&self, state: &ClusterState) -> BTreeSet<NodeId> {
         let now = Instant::now();
         let timeout = down_after(state);
-        let liveness = self.liveness.lock().expect("reason: never poisoned");
+        let liveness = self.liveness.locked();
         self.voters()
             .into_iter()
             .filter(|id| *id == self.id || liveness.is_alive(*id, now, timeout))
@@ -374,9 +375,9 @@ impl Manager {
                 let id = rules::resolve_node(&state, &node)?;
                 rules::check_node_removal(&state, &voters, id, force)?;
                 self.propose(Command::RemoveNode { id }).await?;
-                self.liveness.lock().expect("reason: never poisoned").forget(id);
-                self.propagation.lock().expect("reason: never poisoned").forget(id);
-                self.fact_writes.lock().expect("reason: never poisoned").forget(id);
+                self.liveness.locked().forget(id);
+                self.propagation.locked().forget(id);
+                self.fact_writes.locked().forget(id);
                 Ok(ClusterResponse::Done)
             }
             ClusterRequest::JoinToken { role, rotate } => {
@@ -793,10 +794,7 @@ impl Manager {
             created_at: now,
             updated_at: now,
         };
-        self.liveness
-            .lock()
-            .expect("reason: never poisoned")
-            .seen(id, Instant::now());
+        self.liveness.locked().seen(id, Instant::now());
         self.propose(Command::AddNode(node)).await?;
         let state = self.state();
         Ok(JoinReply {
@@ -826,15 +824,9 @@ impl Manager {
     /// parts the node `holds` (control/parts.rs). `known` is also what the
     /// node has applied (control/propagation.rs).
     pub async fn handle_assignments(&self, id: NodeId, known: &str, holds: &[PartDigest]) -> ApiResult<Assignments> {
-        self.propagation
-            .lock()
-            .expect("reason: never poisoned")
-            .polled(id, known);
+        self.propagation.locked().polled(id, known);
         let (mut answer, view) = self.assignments_after(id, known).await?;
-        self.propagation
-            .lock()
-            .expect("reason: never poisoned")
-            .answered(id, &answer.digest, view);
+        self.propagation.locked().answered(id, &answer.digest, view);
         parts::hold_back(&mut answer, holds);
         Ok(answer)
     }
@@ -849,11 +841,7 @@ impl Manager {
         let deadline = tokio::time::Instant::now() + ASSIGNMENTS_WAIT;
         // A node this leader never answered is answered at once: what it
         // has applied is known only from its next poll.
-        let answered = self
-            .propagation
-            .lock()
-            .expect("reason: never poisoned")
-            .has_answered(id);
+        let answered = self.propagation.locked().has_answered(id);
         loop {
             let seen = *applied.borrow_and_update();
             let view = self.dispatch_view(seen);
@@ -864,7 +852,7 @@ impl Manager {
                 )));
             }
             let current = {
-                let mut propagation = self.propagation.lock().expect("reason: never poisoned");
+                let mut propagation = self.propagation.locked();
                 let now = std::time::Instant::now();
                 dispatcher::assignments_with(&view.state, &view.index, id, &mut |task| {
                     propagation.pending(task, &view.state, &view.index, view.seq, now)
@@ -929,7 +917,7 @@ impl Manager {
                 Ok(Err(_)) => return false,
                 Err(_) => {}
             }
-            let mut propagation = self.propagation.lock().expect("reason: never poisoned");
+            let mut propagation = self.propagation.locked();
             let now = std::time::Instant::now();
             let still = waiting.iter().all(|id| {
                 view.state
@@ -947,17 +935,14 @@ impl Manager {
     /// The view the long polls answer from: the cached one, unless it is
     /// behind `applied` and its batch is over.
     fn dispatch_view(&self, applied: u64) -> Arc<dispatcher::DispatchView> {
-        let mut cached = self.dispatch.lock().expect("reason: never poisoned");
+        let mut cached = self.dispatch.locked();
         let now = std::time::Instant::now();
         match &*cached {
             Some(view) if !view.is_due_for_renewal(applied, now) => view.clone(),
             previous => {
                 let seq = previous.as_ref().map_or(1, |v| v.seq + 1);
                 let view = Arc::new(dispatcher::DispatchView::new(self.state(), applied, seq, now));
-                self.propagation
-                    .lock()
-                    .expect("reason: never poisoned")
-                    .view_made(&view.state, seq);
+                self.propagation.locked().view_made(&view.state, seq);
                 *cached = Some(view.clone());
                 view
             }
@@ -1029,16 +1014,13 @@ impl Manager {
                 ApiError::not_found(format!("node {} is not a member of this swarm", node_id_text(id)))
             });
         };
-        self.liveness
-            .lock()
-            .expect("reason: never poisoned")
-            .seen(id, Instant::now());
+        self.liveness.locked().seen(id, Instant::now());
         {
             // Ready to vote only as a manager by the store with a manager's
             // certificate: a node coming back with the store and the
             // certificate of a role it lost reports ready until it drops
             // them, and must not be made a voter on that word.
-            let mut ready = self.raft_ready.lock().expect("reason: never poisoned");
+            let mut ready = self.raft_ready.locked();
             if hb.raft_ready && hb.cert_role == Role::Manager && node.role == Role::Manager {
                 ready.insert(id);
             } else {
@@ -1049,12 +1031,7 @@ impl Manager {
         let new_version = node.agent_version != hb.agent_version;
         // A node's own facts are written at most every NODE_FACTS_EVERY: a
         // node that flips them on every beat would write on every beat.
-        let facts = (new_key || new_version)
-            && self
-                .fact_writes
-                .lock()
-                .expect("reason: never poisoned")
-                .allow(id, Instant::now());
+        let facts = (new_key || new_version) && self.fact_writes.locked().allow(id, Instant::now());
         if new_key && facts {
             super::tunnel::parse_public_key(&hb.wireguard_key).map_err(ApiError::invalid)?;
             self.propose(Command::SetNodeWireguardKey {
@@ -1171,19 +1148,17 @@ impl Manager {
             let state = self.state();
             if leader && !was_leader {
                 self.liveness
-                    .lock()
-                    .expect("reason: never poisoned")
+                    .locked()
                     .reset(state.nodes.keys().copied(), Instant::now());
             }
             was_leader = leader;
             if !leader || state.cluster.is_none() {
                 continue;
             }
-            let overdue = self.liveness.lock().expect("reason: never poisoned").overdue(
-                &state,
-                Instant::now(),
-                down_after(&state),
-            );
+            let overdue = self
+                .liveness
+                .locked()
+                .overdue(&state, Instant::now(), down_after(&state));
             for id in overdue {
                 if id == self.id {
                     continue;
@@ -1231,7 +1206,7 @@ impl Manager {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
-        let ready = self.raft_ready.lock().expect("reason: never poisoned").clone();
+        let ready = self.raft_ready.locked().clone();
         for node in state.nodes.values().filter(|n| n.role == Role::Manager) {
             if voters.contains(&node.id) || !ready.contains(&node.id) {
                 continue;
@@ -1285,7 +1260,7 @@ impl Manager {
                 .change_membership(change, false)
                 .await
                 .map_err(|e| e.to_string())?;
-            self.raft_ready.lock().expect("reason: never poisoned").remove(id);
+            self.raft_ready.locked().remove(id);
             return Ok(());
         }
         Ok(())

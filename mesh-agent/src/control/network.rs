@@ -1,6 +1,7 @@
 //! Node-to-node calls: a pool of mutual-TLS RPC clients keyed by address, and
 //! openraft's network on top of it.
 
+use crate::locks::Locked;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -49,17 +50,17 @@ impl Peers {
 
     /// New credentials (renewal, promotion, CA rotation): later connections use them.
     pub fn set_tls(&self, tls: Arc<ClientConfig>) {
-        *self.tls.lock().expect("reason: never poisoned") = tls;
-        self.clients.lock().expect("reason: never poisoned").clear();
+        *self.tls.locked() = tls;
+        self.clients.locked().clear();
     }
 
     /// The client for the manager at `addr`.
     pub fn manager(&self, addr: &str) -> PeerClient {
-        let mut clients = self.clients.lock().expect("reason: never poisoned");
+        let mut clients = self.clients.locked();
         clients
             .entry(addr.to_string())
             .or_insert_with(|| {
-                let tls = self.tls.lock().expect("reason: never poisoned").clone();
+                let tls = self.tls.locked().clone();
                 RpcClient::new(
                     addr.to_string(),
                     tls,
@@ -80,11 +81,11 @@ impl Peers {
     ) -> Result<PeerResponse, RpcError> {
         let name = format!("{}.mesh-node", node_id_text(id));
         let client = {
-            let mut clients = self.clients.lock().expect("reason: never poisoned");
+            let mut clients = self.clients.locked();
             clients
                 .entry(format!("{name}@{addr}"))
                 .or_insert_with(|| {
-                    let tls = self.tls.lock().expect("reason: never poisoned").clone();
+                    let tls = self.tls.locked().clone();
                     let server = ServerName::try_from(name.clone()).expect("reason: node IDs make valid DNS names");
                     RpcClient::new(addr.to_string(), tls, server)
                 })

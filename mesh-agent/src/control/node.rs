@@ -9,6 +9,7 @@
 //! - `keys/`: the DEK wrapped by the KEK (see [`super::keystore`]);
 //! - `raft/raft.redb`: the encrypted Raft store (managers only).
 
+use crate::locks::{Locked, RwLocked};
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -359,10 +360,10 @@ impl Agent {
             Phase::Active(m) => {
                 info.state = "active".into();
                 info.node_id = Some(m.id);
-                let config = m.config.lock().expect("reason: never poisoned").clone();
+                let config = m.config.locked().clone();
                 info.cluster_id = Some(config.cluster_id);
                 info.managers = config.managers;
-                info.role = Some(m.creds.read().expect("reason: never poisoned").role);
+                info.role = Some(m.creds.read_locked().role);
                 info.leader = m.manager().and_then(|mgr| mgr.leader());
                 info.raft = m.manager().map(|mgr| mgr.raft_info());
             }
@@ -833,7 +834,7 @@ impl Member {
         )
         .await
         .map_err(ApiError::internal)?;
-        *self.manager.write().expect("reason: never poisoned") = Some(manager);
+        *self.manager.write_locked() = Some(manager);
         Ok(())
     }
 
@@ -871,7 +872,7 @@ impl Member {
     }
 
     async fn stop_manager(&self) {
-        let manager = self.manager.write().expect("reason: never poisoned").take();
+        let manager = self.manager.write_locked().take();
         if let Some(m) = manager {
             m.shutdown().await;
             let _ = std::fs::remove_dir_all(self.opts.data_dir.join("raft"));
@@ -879,7 +880,7 @@ impl Member {
     }
 
     fn manager(&self) -> Option<Arc<Manager>> {
-        self.manager.read().expect("reason: never poisoned").clone()
+        self.manager.read_locked().clone()
     }
 
     /// Stops tasks, removes the node bridge, NAT and overlays once no task needs
@@ -893,7 +894,7 @@ impl Member {
             let _ = tokio::task::spawn_blocking(move || TaskCgroup::remove_recorded(&data_dir)).await;
         }
         let _ = self.stop.send(true);
-        let manager = self.manager.write().expect("reason: never poisoned").take();
+        let manager = self.manager.write_locked().take();
         if let Some(m) = manager {
             m.shutdown().await;
         }
@@ -906,7 +907,7 @@ impl Member {
     }
 
     fn self_origin(&self) -> Origin {
-        let creds = self.creds.read().expect("reason: never poisoned");
+        let creds = self.creds.read_locked();
         Origin {
             identity: Some((self.id, creds.role)),
             operator: None,
@@ -945,8 +946,8 @@ impl Member {
         // A manager still joining the Raft voters does not know the leader
         // from Raft yet; the heartbeat replies name it.
         let reported = || {
-            let leader = (*self.reported_leader.lock().expect("reason: never poisoned"))?;
-            let config = self.config.lock().expect("reason: never poisoned");
+            let leader = (*self.reported_leader.locked())?;
+            let config = self.config.locked();
             config
                 .managers
                 .iter()
@@ -990,7 +991,7 @@ impl Member {
                     }
                 }
                 Err(e) if !warned => {
-                    let not_after = self.creds.read().expect("reason: never poisoned").not_after;
+                    let not_after = self.creds.read_locked().not_after;
                     if not_after < unix_now() {
                         log::error!(
                             "heartbeat: {e}; this node's certificate expired (unix time {not_after}) while it was away: \
@@ -1012,7 +1013,7 @@ impl Member {
 
     async fn heartbeat_once(&self) -> ApiResult<HeartbeatReply> {
         let hb = {
-            let creds = self.creds.read().expect("reason: never poisoned");
+            let creds = self.creds.read_locked();
             let ca_digest = creds
                 .roots
                 .first()
@@ -1047,21 +1048,8 @@ impl Member {
         timeout: Duration,
         hint: bool,
     ) -> ApiResult<PeerResponse> {
-        let mut targets: Vec<String> = self
-            .leader_hint
-            .lock()
-            .expect("reason: never poisoned")
-            .iter()
-            .cloned()
-            .collect();
-        targets.extend(
-            self.config
-                .lock()
-                .expect("reason: never poisoned")
-                .managers
-                .iter()
-                .map(|(_, a)| a.clone()),
-        );
+        let mut targets: Vec<String> = self.leader_hint.locked().iter().cloned().collect();
+        targets.extend(self.config.locked().managers.iter().map(|(_, a)| a.clone()));
         let mut seen = std::collections::HashSet::new();
         targets.retain(|t| seen.insert(t.clone()));
         let mut last = ApiError::unavailable("no manager is known");
@@ -1073,7 +1061,7 @@ impl Member {
                         continue;
                     }
                     if hint {
-                        *self.leader_hint.lock().expect("reason: never poisoned") = Some(addr);
+                        *self.leader_hint.locked() = Some(addr);
                     }
                     return Ok(reply);
                 }
@@ -1081,7 +1069,7 @@ impl Member {
             }
         }
         if hint {
-            *self.leader_hint.lock().expect("reason: never poisoned") = None;
+            *self.leader_hint.locked() = None;
         }
         Err(last)
     }
@@ -1115,7 +1103,7 @@ impl Member {
                     }
                     warned = false;
                     known = a.digest.clone();
-                    *self.overlay_facts.lock().expect("reason: never poisoned") = metrics::overlay_facts(&a);
+                    *self.overlay_facts.locked() = metrics::overlay_facts(&a);
                     let started = std::time::Instant::now();
                     let overlays = self.overlays.apply(&a).await;
                     crate::metrics::record_reconcile("overlay", started, &overlays);
@@ -1210,7 +1198,7 @@ impl Member {
             };
             return rules::check_caller(&m.state(), caller, Role::Manager, unix_now());
         }
-        let config = self.config.lock().expect("reason: never poisoned");
+        let config = self.config.locked();
         if config.managers.iter().any(|(m, _)| *m == i.node_id) {
             Ok(())
         } else {
@@ -1330,9 +1318,9 @@ impl Member {
     }
 
     async fn apply_heartbeat(&self, reply: HeartbeatReply) -> ApiResult<()> {
-        *self.reported_leader.lock().expect("reason: never poisoned") = reply.leader;
+        *self.reported_leader.locked() = reply.leader;
         {
-            let mut config = self.config.lock().expect("reason: never poisoned");
+            let mut config = self.config.locked();
             if config.managers != reply.managers && !reply.managers.is_empty() {
                 config.managers = reply.managers.clone();
                 self.files().write_config(&config)?;
@@ -1342,7 +1330,7 @@ impl Member {
             self.renew_certificate().await?;
         }
         self.follow_roots(&reply.ca_pems)?;
-        let role = self.creds.read().expect("reason: never poisoned").role;
+        let role = self.creds.read_locked().role;
         match (role, self.manager().is_some()) {
             (Role::Manager, false) => {
                 log::info!("promoted: starting the Raft store");
@@ -1376,8 +1364,7 @@ impl Member {
         let csr = key.csr_pem().map_err(|e| ApiError::internal(e.to_string()))?;
         let addr = self
             .leader_hint
-            .lock()
-            .expect("reason: never poisoned")
+            .locked()
             .clone()
             .ok_or_else(|| ApiError::unavailable("no manager reachable"))?;
         let (cert, roots) = match self
@@ -1408,7 +1395,7 @@ impl Member {
     /// longer the previous one once the rotation ends.
     fn follow_roots(&self, roots: &[String]) -> ApiResult<()> {
         let creds = {
-            let creds = self.creds.read().expect("reason: never poisoned");
+            let creds = self.creds.read_locked();
             if roots.is_empty() || creds.roots == roots {
                 return Ok(());
             }
@@ -1423,7 +1410,7 @@ impl Member {
         self.files().write_credentials(&creds, &self.dek)?;
         let server = creds.server_config()?;
         let client = creds.client_config()?;
-        *self.creds.write().expect("reason: never poisoned") = creds;
+        *self.creds.write_locked() = creds;
         self.peers.set_tls(client);
         let _ = self.server_tls.send(server);
         Ok(())
@@ -1521,7 +1508,7 @@ impl Handler for PeerHandler {
         let Some(member) = self.member.upgrade() else {
             return PeerResponse::Refused(ApiError::unavailable("this node is leaving the swarm"));
         };
-        let cluster_id = member.config.lock().expect("reason: never poisoned").cluster_id.clone();
+        let cluster_id = member.config.locked().cluster_id.clone();
         let identity = tls::peer_identity(&peer.certs).filter(|i| i.cluster_id == cluster_id);
         let operator = tls::peer_operator(&peer.certs)
             .filter(|(_, c)| *c == cluster_id)

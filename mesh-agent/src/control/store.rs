@@ -15,6 +15,7 @@
 //! megabytes) runs on a blocking thread ([`on_disk`]), not on the agent's
 //! two runtime workers, where it held up the RPC server and heartbeats.
 
+use crate::locks::Locked;
 use std::{
     fmt::Debug,
     io::Cursor,
@@ -189,7 +190,7 @@ pub fn open(path: &Path, dek: DataKey) -> Result<(LogStore, StateMachineStore), 
 /// snapshot with every committed log entry after it applied.
 pub fn recover(path: &Path, dek: DataKey) -> Result<ClusterState, StoreError> {
     let (log, sm) = open(path, dek)?;
-    let mut data = sm.data.lock().expect("reason: never poisoned").clone();
+    let mut data = sm.data.locked().clone();
     let committed: Option<Option<LogId<NodeId>>> = log.shared.get_meta("committed")?;
     let Some(committed) = committed.flatten() else {
         return Ok((*data.state).clone());
@@ -360,7 +361,7 @@ impl StateMachineStore {
 
     /// The state as applied here (cheap: shared until the next apply).
     pub fn state(&self) -> Arc<ClusterState> {
-        self.data.lock().expect("reason: never poisoned").state.clone()
+        self.data.locked().state.clone()
     }
 
     /// The index of the last applied entry, updated after every apply.
@@ -380,7 +381,7 @@ impl Shared {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let data = self.data.lock().expect("reason: never poisoned").clone();
+        let data = self.data.locked().clone();
         let write = |e| io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
         let encoded = data.clone();
         let bytes = on_disk(&self.shared, move |_| {
@@ -418,7 +419,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
-        let data = self.data.lock().expect("reason: never poisoned");
+        let data = self.data.locked();
         Ok((data.last_applied, data.last_membership.clone()))
     }
 
@@ -427,7 +428,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut data = self.data.lock().expect("reason: never poisoned");
+        let mut data = self.data.locked();
         let mut out = Vec::new();
         for entry in entries {
             data.last_applied = Some(entry.log_id);
@@ -476,7 +477,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .await
         .map_err(|e| io(subject, ErrorVerb::Write, e))?;
         let index = data.last_applied.map(|l| l.index).unwrap_or(0);
-        *self.data.lock().expect("reason: never poisoned") = data;
+        *self.data.locked() = data;
         self.applied.send_replace(index);
         Ok(())
     }

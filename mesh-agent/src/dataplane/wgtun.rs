@@ -9,6 +9,7 @@
 //! Every peer may only send from its own tunnel address, as the kernel's
 //! allowed IPs enforce; packets from anyone else are dropped.
 
+use crate::locks::{Locked, RwLocked};
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
@@ -111,18 +112,18 @@ impl UserspaceTunnel {
 
     /// The peers as configured.
     pub fn peers(&self) -> BTreeMap<Key, TunnelPeer> {
-        let table = self.shared.peers.read().expect("reason: never poisoned");
+        let table = self.shared.peers.read_locked();
         table.by_key.iter().map(|(k, p)| (*k, p.config.clone())).collect()
     }
 
     /// Each peer's traffic and last handshake (boringtun's counters).
     pub fn peer_stats(&self) -> Vec<super::wireguard::PeerStats> {
-        let table = self.shared.peers.read().expect("reason: never poisoned");
+        let table = self.shared.peers.read_locked();
         table
             .by_key
             .values()
             .map(|p| {
-                let (since, tx, rx, _, _) = p.tunn.lock().expect("reason: never poisoned").stats();
+                let (since, tx, rx, _, _) = p.tunn.locked().stats();
                 super::wireguard::PeerStats {
                     tunnel: p.config.tunnel,
                     handshake_age_s: since.map(|d| d.as_secs_f64()),
@@ -136,7 +137,7 @@ impl UserspaceTunnel {
     /// Carries out `changes`. A changed peer gets a fresh session (one
     /// handshake; boringtun cannot change a preshared key in place).
     pub fn apply(&self, changes: &[PeerChange]) {
-        let mut table = self.shared.peers.write().expect("reason: never poisoned");
+        let mut table = self.shared.peers.write_locked();
         for change in changes {
             let key = match change {
                 PeerChange::Remove { key } | PeerChange::Set { key, .. } => *key,
@@ -263,17 +264,11 @@ fn outbound(s: &Shared) {
         let Some(IpAddr::V6(dst)) = Tunn::dst_address(&packet[..n]) else {
             continue;
         };
-        let peer = s
-            .peers
-            .read()
-            .expect("reason: never poisoned")
-            .by_tunnel
-            .get(&dst)
-            .cloned();
+        let peer = s.peers.read_locked().by_tunnel.get(&dst).cloned();
         let Some(peer) = peer else {
             continue;
         };
-        let mut tunn = peer.tunn.lock().expect("reason: never poisoned");
+        let mut tunn = peer.tunn.locked();
         if let TunnResult::WriteToNetwork(p) = tunn.encapsulate(&packet[..n], &mut out) {
             let _ = s.udp.send_to(p, peer.config.endpoint);
         }
@@ -314,7 +309,7 @@ fn inbound(s: &Shared) {
         let Some(peer) = s.peer_of(&datagram[..n]) else {
             continue;
         };
-        let mut tunn = peer.tunn.lock().expect("reason: never poisoned");
+        let mut tunn = peer.tunn.locked();
         let mut result = tunn.decapsulate(Some(from.ip()), &datagram[..n], &mut out);
         loop {
             match result {
@@ -360,7 +355,7 @@ fn admit(limiter: &RateLimiter, from: std::net::IpAddr, datagram: &[u8], out: &m
 
 impl Shared {
     fn peer_of(&self, datagram: &[u8]) -> Option<Arc<Peer>> {
-        let table = self.peers.read().expect("reason: never poisoned");
+        let table = self.peers.read_locked();
         let index = match Tunn::parse_incoming_packet(datagram).ok()? {
             Packet::HandshakeInit(p) => {
                 let half = parse_handshake_anon(&self.private, &self.public, &p).ok()?;
@@ -382,16 +377,9 @@ fn timers(s: &Shared) {
         // The handshake count is per second (the peers' timers leave it to
         // us); the limiter resets it at most once a second.
         s.limiter.reset_count();
-        let peers: Vec<Arc<Peer>> = s
-            .peers
-            .read()
-            .expect("reason: never poisoned")
-            .by_key
-            .values()
-            .cloned()
-            .collect();
+        let peers: Vec<Arc<Peer>> = s.peers.read_locked().by_key.values().cloned().collect();
         for peer in peers {
-            let mut tunn = peer.tunn.lock().expect("reason: never poisoned");
+            let mut tunn = peer.tunn.locked();
             if let TunnResult::WriteToNetwork(p) = tunn.update_timers(&mut out) {
                 let _ = s.udp.send_to(p, peer.config.endpoint);
             }

@@ -16,6 +16,7 @@
 //! The wire format (RFC 1035) is parsed and written here: queries for one
 //! name, answers of A records.
 
+use crate::locks::{Locked, RwLocked};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
@@ -325,7 +326,7 @@ impl Dns {
     /// Follows the assignments' services.
     pub fn apply(&self, services: &[NetworkServices]) {
         let next = Records::new(services);
-        let mut records = self.records.write().expect("reason: never poisoned");
+        let mut records = self.records.write_locked();
         if *records != next {
             *records = next;
         }
@@ -353,12 +354,7 @@ impl Dns {
             .map_err(|e| format!("binding the DNS responder to {ADDRESS}:53 in the task: {e}"))?;
         let socket = UdpSocket::from_std(socket).map_err(|e| e.to_string())?;
         let handle = tokio::spawn(self.answer(Arc::new(socket), networks, TASK_FORWARDS));
-        if let Some(old) = self
-            .servers
-            .lock()
-            .expect("reason: never poisoned")
-            .insert(task, handle)
-        {
+        if let Some(old) = self.servers.locked().insert(task, handle) {
             old.abort();
         }
         Ok(())
@@ -393,12 +389,7 @@ impl Dns {
                 let Ok(query) = parse_query(&buf[..n]) else {
                     continue;
                 };
-                let reply = respond(
-                    &records.read().expect("reason: never poisoned"),
-                    &networks,
-                    &query,
-                    !upstreams.is_empty(),
-                );
+                let reply = respond(&records.read_locked(), &networks, &query, !upstreams.is_empty());
                 if let Some(reply) = reply {
                     let _ = socket.send_to(&reply, from).await;
                     continue;
@@ -428,7 +419,7 @@ impl Dns {
 
     /// Stops answering task `task`.
     pub fn stop(&self, task: u64) {
-        if let Some(h) = self.servers.lock().expect("reason: never poisoned").remove(&task) {
+        if let Some(h) = self.servers.locked().remove(&task) {
             h.abort();
         }
     }

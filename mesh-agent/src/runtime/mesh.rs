@@ -20,6 +20,7 @@
 //! - the maps and TC links pinned on the agent's bpffs, so they outlive
 //!   the agent and the next one takes them over ([`MeshTables::adopting`]).
 
+use crate::locks::Locked;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -816,7 +817,7 @@ impl RoutingMesh {
                 loop {
                     tick.tick().await;
                     let Some(mesh) = weak.upgrade() else { return };
-                    let draining = mesh.inner.lock().expect("reason: never poisoned").draining;
+                    let draining = mesh.inner.locked().draining;
                     if draining {
                         if let Err(e) = mesh.sync().await {
                             log::warn!("routing mesh: {e}");
@@ -831,7 +832,7 @@ impl RoutingMesh {
     /// Follows new assignments.
     pub async fn apply(&self, assignments: &Assignments) -> Result<(), MeshError> {
         {
-            let mut inner = self.inner.lock().expect("reason: never poisoned");
+            let mut inner = self.inner.locked();
             inner.assignment = assignments
                 .mesh
                 .as_ref()
@@ -846,7 +847,7 @@ impl RoutingMesh {
     /// The counters of every published port, VIP and local task, from the
     /// per-CPU maps (for the agent's metrics); empty while nothing is served.
     pub fn counters(&self) -> Result<(Vec<PortCounters>, Vec<TaskCounters>), MeshError> {
-        let inner = self.inner.lock().expect("reason: never poisoned");
+        let inner = self.inner.locked();
         let Some(active) = &inner.active else {
             return Ok((Vec::new(), Vec::new()));
         };
@@ -881,7 +882,7 @@ impl RoutingMesh {
     /// a read that fails is logged and left out.
     pub fn metrics(&self) -> (Vec<PortFacts>, Vec<BackendFacts>) {
         let (names, mesh, ipvs) = {
-            let mut inner = self.inner.lock().expect("reason: never poisoned");
+            let mut inner = self.inner.locked();
             let mesh = inner.assignment.as_ref().map(|(m, _, _)| m.clone()).unwrap_or_default();
             let names: BTreeMap<u64, String> = inner
                 .services
@@ -915,7 +916,7 @@ impl RoutingMesh {
     /// Removes everything (the node leaves the swarm).
     pub async fn remove_all(&self) {
         {
-            let mut inner = self.inner.lock().expect("reason: never poisoned");
+            let mut inner = self.inner.locked();
             inner.assignment = None;
             inner.services.clear();
             inner.assigned = true;
@@ -928,7 +929,7 @@ impl RoutingMesh {
     /// Brings the kernel in line with the latest assignment and the local
     /// tasks' addresses.
     async fn sync(&self) -> Result<(), MeshError> {
-        let wants_tc = self.inner.lock().expect("reason: never poisoned").assignment.is_some();
+        let wants_tc = self.inner.locked().assignment.is_some();
         if wants_tc {
             self.network.ensure_bridge().await?;
         }
@@ -939,7 +940,7 @@ impl RoutingMesh {
         let direct = self.direct;
         let backend = self.backend;
         tokio::task::spawn_blocking(move || {
-            let mut inner = inner.lock().expect("reason: never poisoned");
+            let mut inner = inner.locked();
             sync_blocking(&mut inner, &local, cgroup.as_deref(), &pins, direct, backend)
         })
         .await

@@ -8,6 +8,7 @@
 //! Attach and detach are the path overlay networks extend: one
 //! attachment per network, named and addressed by the same steps.
 
+use crate::locks::Locked;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
@@ -152,13 +153,13 @@ impl LocalNetwork {
 
     /// Each attached task's address on the bridge.
     pub fn addresses(&self) -> BTreeMap<u64, Ipv4Addr> {
-        let state = self.state.lock().expect("reason: never poisoned");
+        let state = self.state.locked();
         state.1.iter().map(|(task, a)| (*task, a.address)).collect()
     }
 
     /// Each attached task's attachment.
     pub fn attachments(&self) -> BTreeMap<u64, Attachment> {
-        self.state.lock().expect("reason: never poisoned").1.clone()
+        self.state.locked().1.clone()
     }
 
     /// Wakes when a task is attached or detached.
@@ -214,7 +215,7 @@ impl LocalNetwork {
     /// `eth0` on the bridge with an address and a default route.
     pub async fn attach(&self, task: u64, netns: &Path) -> Result<Attachment, NetworkError> {
         let address = {
-            let mut state = self.state.lock().expect("reason: never poisoned");
+            let mut state = self.state.locked();
             state
                 .0
                 .allocate()
@@ -234,7 +235,7 @@ impl LocalNetwork {
             .await
             .map_err(|e| NetworkError::Worker(e.to_string()))
             .and_then(|r| r);
-        let mut state = self.state.lock().expect("reason: never poisoned");
+        let mut state = self.state.locked();
         match done {
             Ok(index) => {
                 attachment.host_index = index;
@@ -258,7 +259,7 @@ impl LocalNetwork {
     /// and reserved, and nothing is changed. A task already taken over
     /// keeps the attachment it has.
     pub async fn adopt(&self, task: u64, netns: &Path) -> Result<Attachment, NetworkError> {
-        if let Some(known) = self.state.lock().expect("reason: never poisoned").1.get(&task) {
+        if let Some(known) = self.state.locked().1.get(&task) {
             return Ok(known.clone());
         }
         let (netns, subnet, host_link) = (netns.to_path_buf(), self.subnet, host_link_name(task));
@@ -284,7 +285,7 @@ impl LocalNetwork {
             host_index,
             address,
         };
-        let mut state = self.state.lock().expect("reason: never poisoned");
+        let mut state = self.state.locked();
         if !state.0.reserve(address) {
             return Err(NetworkError::Adopt(format!(
                 "address {address} is taken by another task"
@@ -299,7 +300,7 @@ impl LocalNetwork {
     /// Removes task `task`'s veth and frees its address.
     pub async fn detach(&self, task: u64) {
         let attachment = {
-            let mut state = self.state.lock().expect("reason: never poisoned");
+            let mut state = self.state.locked();
             let Some(a) = state.1.remove(&task) else { return };
             state.0.release(a.address);
             a

@@ -11,6 +11,7 @@
 //! (their process, addresses and ports stay as they are, so no connection
 //! is interrupted) and kills the rest.
 
+use crate::locks::Locked;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::{self, OpenOptions},
@@ -107,7 +108,7 @@ fn parse_task_dir_name(name: &str) -> Option<u64> {
 impl Supervisor {
     /// (tasks running here, tasks that ended here and are still listed).
     pub fn counts(&self) -> (usize, usize) {
-        let inner = self.inner.lock().expect("reason: never poisoned");
+        let inner = self.inner.locked();
         (inner.running.len(), inner.ended.len())
     }
 
@@ -143,7 +144,7 @@ impl Supervisor {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().expect("reason: never poisoned")
+        self.inner.locked()
     }
 
     fn report(&self, task: u64, state: TaskState, message: impl Into<String>) {

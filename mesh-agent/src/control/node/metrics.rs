@@ -2,6 +2,7 @@
 //! right now (crate::metrics renders it).
 
 use super::{Agent, Member, Phase};
+use crate::locks::Locked;
 use crate::{
     control::{api::Assignments, state::node_id_text},
     metrics::{label, ClusterFacts, RaftFacts, Snapshot},
@@ -52,7 +53,7 @@ impl Member {
         }
         let (running, ended) = self.tasks.counts();
         snapshot.local_tasks = vec![("running".into(), running as u64), ("ended".into(), ended as u64)];
-        let (networks, peers, wireguard) = *self.overlay_facts.lock().expect("reason: never poisoned");
+        let (networks, peers, wireguard) = *self.overlay_facts.locked();
         snapshot.overlay_networks = networks;
         snapshot.overlay_peers = peers;
         snapshot.wireguard_peers = wireguard;
