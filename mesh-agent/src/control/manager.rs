@@ -1195,6 +1195,10 @@ impl Manager {
                 }
             }
             if let Some(plan) = orchestrator::plan(&self.state(), unix_now_ms(), &mut || rand::random()) {
+                let (placed, unplaceable) = orchestrator::decisions(&plan);
+                let decided = &crate::metrics::instruments().scheduler_decisions;
+                decided.with_label_values(&["placed"]).inc_by(placed);
+                decided.with_label_values(&["unplaceable"]).inc_by(unplaceable);
                 if let Err(e) = self.propose(plan).await {
                     log::warn!("orchestrator: {e}");
                 }

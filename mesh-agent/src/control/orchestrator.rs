@@ -146,6 +146,21 @@ pub fn placement_of(service: &Service) -> Placement {
     }
 }
 
+/// How many tasks a plan places on a node, and how many it creates
+/// Pending because no node fits (for the scheduler's metrics, which the
+/// caller records: planning touches no global state).
+pub fn decisions(plan: &Command) -> (u64, u64) {
+    let Command::ApplyPlan { create, .. } = plan else {
+        return (0, 0);
+    };
+    let placed = create.iter().filter(|t| t.node.is_some()).count() as u64;
+    let unplaceable = create
+        .iter()
+        .filter(|t| t.node.is_none() && t.state == TaskState::Pending)
+        .count() as u64;
+    (placed, unplaceable)
+}
+
 /// Decides new and retired tasks for every service.
 pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) -> Option<Command> {
     let now = now_ms / 1000;
@@ -277,10 +292,6 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
             };
             task.restarts = restarts.attempts.get(&place).copied().unwrap_or(0);
             create.push(task);
-            crate::metrics::instruments()
-                .scheduler_decisions
-                .with_label_values(&["placed"])
-                .inc();
         }
         // Slots still without a node: one Pending task each, saying why.
         if let (ServiceMode::Replicated { replicas }, Some(unplaced)) = (service.spec.mode, &decided.unplaced) {
@@ -297,10 +308,6 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
                 }
                 let reason = unplaced.reason.clone();
                 create.push(new_task(service, slot, None, TaskState::Pending, reason, now, new_id));
-                crate::metrics::instruments()
-                    .scheduler_decisions
-                    .with_label_values(&["unplaceable"])
-                    .inc();
             }
         }
         // Pending tasks of slots that no longer exist (scaled down).
@@ -485,6 +492,22 @@ mod tests {
             }
         }
         m
+    }
+
+    #[test]
+    fn a_plan_counts_what_it_placed_and_what_found_no_node() {
+        let mut ids = 1000..;
+        let mut next = || ids.next().unwrap();
+        let mut s = cluster(2);
+        s.services
+            .insert(1, service(1, ServiceMode::Replicated { replicas: 3 }));
+        let placed = plan(&s, 1000, &mut next).expect("tasks to create");
+        assert_eq!(decisions(&placed), (3, 0));
+        let mut none = cluster(0);
+        none.services
+            .insert(1, service(1, ServiceMode::Replicated { replicas: 2 }));
+        let pending = plan(&none, 1000, &mut next).expect("pending tasks");
+        assert_eq!(decisions(&pending), (0, 2));
     }
 
     #[test]
