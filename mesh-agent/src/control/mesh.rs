@@ -13,6 +13,12 @@ use super::{
     state::{ClusterState, NodeId},
 };
 
+/// The routing-mesh tunnel's UDP port: the data-path port + 3 (+1 is the
+/// IPsec overlays', and 4791 = 4789 + 2 is RoCEv2's).
+pub fn tunnel_port(data_path_port: u16) -> u16 {
+    data_path_port.wrapping_add(3)
+}
+
 /// A task that takes connections: running, wanted running, and (if the
 /// service has a health check) healthy, since a task only reaches Running
 /// after its first passing check and leaves it on its last failing one.

@@ -160,7 +160,7 @@ fn swarm_ports(state: &ClusterState) -> Vec<(u16, crate::control::service::Proto
             "IPsec overlays' VXLAN",
         ),
         (
-            crate::runtime::mesh::tunnel_port(data),
+            crate::control::mesh::tunnel_port(data),
             Udp,
             "the routing mesh's tunnel",
         ),

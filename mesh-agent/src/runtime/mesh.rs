@@ -7,7 +7,7 @@
 //! - while the node answers a published port: `tc_ingress` on the underlay
 //!   link (the one holding the data-path address), `tc_reply` on the task
 //!   bridge, `tc_tunnel` on [`TUNNEL_DEVICE`], a metadata-mode VXLAN device
-//!   on the routing-mesh port ([`tunnel_port`]) for nodes off the link,
+//!   on the routing-mesh port ([`crate::control::mesh::tunnel_port`]) for nodes off the link,
 //!   and `tc_from_task` on the host end of each local task's veth, whose
 //!   index is in the task-links map: requests go straight into a task's
 //!   namespace and its replies skip the bridge;
@@ -83,12 +83,6 @@ pub enum LbBackend {
     /// (runtime/mesh_ipvs.rs); tasks on other nodes see the entry node's
     /// address instead of the client's.
     Ipvs,
-}
-
-/// The routing-mesh tunnel's UDP port: the data-path port + 3 (+1 is the
-/// IPsec overlays', and 4791 = 4789 + 2 is RoCEv2's).
-pub fn tunnel_port(data_path_port: u16) -> u16 {
-    data_path_port.wrapping_add(3)
 }
 
 /// Stable small IDs: service ports get the lowest free one (they index
@@ -1003,7 +997,7 @@ fn sync_blocking(
     let published = match &inner.assignment {
         Some((mesh, vtep, port)) => {
             let vtep: Ipv4Addr = vtep.parse().map_err(|_| MeshError::NotIpv4(vtep.clone()))?;
-            Some((mesh.clone(), vtep, tunnel_port(*port)))
+            Some((mesh.clone(), vtep, crate::control::mesh::tunnel_port(*port)))
         }
         None => None,
     };
