@@ -12,7 +12,7 @@
 //! committed entries after it (we persist `committed` for that).
 //!
 //! Every read and write of the file (an fsync per commit, snapshots of
-//! megabytes) runs on a blocking thread ([`on_disk`]), not on the agent's
+//! megabytes) runs on a blocking thread (`on_disk`), not on the agent's
 //! two runtime workers, where it held up the RPC server and heartbeats.
 
 use crate::locks::Locked;
