@@ -8,6 +8,7 @@
 //! - [`overlay`]: overlay networks and their allocator: subnets, VNIs, task addresses (pure).
 //! - [`service`]: service specs, their flag parsers, the task life cycle (pure).
 //! - [`orchestrator`], [`updater`]: restarts, rolling updates and the scheduler's input (pure).
+//! - [`visualizer`]: what the swarm visualizer page draws, from the store (pure).
 //! - [`seal`], [`keystore`]: data key / key-encryption key / unlock key; the key files;
 //!   [`secret_text`]: key material as text, zeroized and never printed;
 //!   [`wire_bytes`]: byte strings as base64 in JSON, binary in msgpack.
@@ -52,4 +53,5 @@ pub mod tls;
 pub mod token;
 pub mod tunnel;
 pub mod updater;
+pub mod visualizer;
 pub mod wire_bytes;

@@ -72,7 +72,7 @@ impl Agent {
             _ => return None,
         };
         let state = member.manager()?.state();
-        serde_json::to_string(&crate::metrics::visualizer::view(&state)).ok()
+        serde_json::to_string(&crate::control::visualizer::view(&state)).ok()
     }
 
     /// The metrics text (`GET /metrics`).
