@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::{
     overlay::{self, NetworkAttachment},
     scheduler::{self, Grace, Placement, SchedNode, SchedTask},
-    service::{should_restart, DesiredState, Service, ServiceMode, Task, TaskState},
+    service::{place_of, should_restart, DesiredState, Place, Service, ServiceMode, Task, TaskState},
     state::{ClusterState, Command, NodeId, NodeStatus},
     updater,
 };
@@ -40,25 +40,6 @@ pub fn orphans(state: &ClusterState, now: u64) -> Vec<u64> {
 /// A task the orchestrator still counts: wanted, and not finished.
 fn live(task: &Task) -> bool {
     task.desired == DesiredState::Running && !task.state.is_terminal()
-}
-
-/// Where a task's replacement goes: its replica slot, or for global
-/// services (slot 0) its node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Place {
-    /// A replica slot.
-    Slot(u32),
-    /// A global service's node.
-    Node(NodeId),
-}
-
-/// The place `task` fills (`None`: a global task not placed yet).
-pub fn place_of(task: &Task) -> Option<Place> {
-    match (task.slot, task.node) {
-        (0, Some(node)) => Some(Place::Node(node)),
-        (0, None) => None,
-        (slot, _) => Some(Place::Slot(slot)),
-    }
 }
 
 /// The restart policy's verdict for one service's places whose last task

@@ -292,6 +292,25 @@ pub fn should_restart(condition: RestartCondition, state: TaskState, restarts: u
     wanted && (max_attempts == 0 || restarts < max_attempts)
 }
 
+/// Where a task's replacement goes: its replica slot, or for global
+/// services (slot 0) its node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Place {
+    /// A replica slot.
+    Slot(u32),
+    /// A global service's node.
+    Node(super::state::NodeId),
+}
+
+/// The place `task` fills (`None`: a global task not placed yet).
+pub fn place_of(task: &Task) -> Option<Place> {
+    match (task.slot, task.node) {
+        (0, Some(node)) => Some(Place::Node(node)),
+        (0, None) => None,
+        (slot, _) => Some(Place::Slot(slot)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

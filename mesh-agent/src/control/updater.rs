@@ -10,8 +10,7 @@
 use std::collections::BTreeSet;
 
 use super::{
-    orchestrator::{place_of, Place},
-    service::{DesiredState, FailureAction, Service, Task, TaskState, UpdateOrder, UpdateState},
+    service::{place_of, DesiredState, FailureAction, Place, Service, Task, TaskState, UpdateOrder, UpdateState},
     state::NodeId,
 };
 
