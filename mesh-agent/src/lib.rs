@@ -1,9 +1,14 @@
 //! mesh-agent: the per-node agent of the mesh.
 //!
-//! - [`control`]: the swarm: Raft store, PKI, join, node management.
+//! - [`control`]: the swarm: Raft store, PKI, the leader's duties, the messages.
+//! - [`node`]: a node's life in the swarm: init, join, leave, unlock, its
+//!   session with the managers, and the runtime it drives; the one layer
+//!   that uses both `control` and `runtime`.
 //! - [`cli`]: the `meshctl` commands.
 //! - [`dataplane`]: kernel access, one module per mechanism (netlink, eBPF).
-//! - [`runtime`]: network namespaces for tasks.
+//! - [`runtime`]: what runs on a node: tasks in their namespaces, their
+//!   networks, the routing mesh, DNS.
+//! - [`locks`]: lock guards that survive a panicked holder.
 //! - [`preflight`]: what the node's kernel offers the dataplane.
 //! - [`metrics`]: the Prometheus endpoint.
 //! - [`config_file`]: `mesh-agent run`'s settings: flags, `MESH_*`, `--config FILE` (TOML).
@@ -16,6 +21,7 @@ pub mod control;
 pub mod dataplane;
 pub mod locks;
 pub mod metrics;
+pub mod node;
 pub mod preflight;
 pub mod runtime;
 pub mod subnet;

@@ -445,12 +445,12 @@ mod wire {
         api::{ClusterRequest, ErrorKind, PeerRequest, PeerResponse},
         keystore::{KeyStore, Loaded},
         network::MANAGER_NAME,
-        node::NodeConfig,
         pki::{NodeIdentity, NodeKey, RootCa},
         rpc::RpcClient,
         state::Role,
         tls,
     };
+    use mesh_agent::node::NodeConfig;
 
     /// A node's certificate, key (opened with its data key) and roots.
     pub struct Identity {

@@ -6,11 +6,8 @@ use clap::{Parser, Subcommand};
 use mesh_agent::{
     cli::table::parse_duration,
     config_file::RunArgs,
-    control::{
-        local,
-        manager::RaftTiming,
-        node::{Agent, AgentOptions},
-    },
+    control::{local, manager::RaftTiming},
+    node::{Agent, AgentOptions},
     preflight::{self, Severity},
 };
 

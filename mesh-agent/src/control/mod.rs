@@ -16,7 +16,8 @@
 //! - [`pki`], [`token`], [`tls`]: root CA, node certificates, join tokens, rustls configs;
 //!   [`cert_records`]: which issued certificates the store still honours (pure).
 //! - [`rpc`]: framed request/response over mutual TLS; [`network`]: peers and Raft's network.
-//! - [`manager`]: Raft and the leader's duties; [`node`]: the agent's swarm lifecycle.
+//! - [`manager`]: Raft and the leader's duties (the node's side, which owns both a
+//!   manager and the runtime, is `crate::node`).
 //! - [`api`], [`local`]: the messages, and the local socket `meshctl` talks to;
 //!   [`encoded`]: message parts many nodes get alike, encoded once;
 //!   [`parts`]: those parts held back from a node that has them (pure);
@@ -33,7 +34,6 @@ pub mod local;
 pub mod manager;
 pub mod mesh;
 pub mod network;
-pub mod node;
 pub mod orchestrator;
 pub mod overlay;
 pub mod parts;

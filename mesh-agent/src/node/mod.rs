@@ -6,7 +6,7 @@
 //! - `node.json`: node ID, cluster ID, addresses, known managers (no secrets);
 //! - `certs/node.pem`, `certs/ca.pem`: public certificates;
 //! - `certs/node.key.sealed`: the node's private key, sealed with the DEK;
-//! - `keys/`: the DEK wrapped by the KEK (see [`super::keystore`]);
+//! - `keys/`: the DEK wrapped by the KEK (see [`crate::control::keystore`]);
 //! - `raft/raft.redb`: the encrypted Raft store (managers only).
 
 use crate::locks::{Locked, RwLocked};
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
-use super::{
+use crate::control::{
     api::{
         ApiError, ApiResult, Assignments, ClusterRequest, ClusterResponse, ErrorKind, Heartbeat, HeartbeatReply,
         InitRequest, JoinCall, JoinRequest, LocalRequest, LocalResponse, LogChunk, LogQuery, Origin, PeerRequest,
@@ -481,7 +481,7 @@ impl Agent {
                 cert_expiry_secs: req.cert_expiry_secs,
                 task_history_limit: req.task_history_limit,
                 data_path_port: req.data_path_port,
-                overlay_key_rotation_secs: super::tunnel::DEFAULT_KEY_ROTATION_SECS,
+                overlay_key_rotation_secs: crate::control::tunnel::DEFAULT_KEY_ROTATION_SECS,
             },
             ca: CaState {
                 root_cert_pem: ca.cert_pem().to_string(),
@@ -849,7 +849,8 @@ impl Member {
                 "--force-new-cluster: this node has no Raft store to recover from",
             ));
         }
-        let old = super::store::recover(&path, self.dek.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
+        let old =
+            crate::control::store::recover(&path, self.dek.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
         let addr =
             old.nodes.get(&self.id).map(|n| n.addr.clone()).ok_or_else(|| {
                 ApiError::precondition("--force-new-cluster: this node is not a member in its own store")
@@ -916,7 +917,7 @@ impl Member {
         }
     }
 
-    async fn cluster_request(&self, request: ClusterRequest) -> ApiResult<super::api::ClusterResponse> {
+    async fn cluster_request(&self, request: ClusterRequest) -> ApiResult<crate::control::api::ClusterResponse> {
         if self.manager().is_none() {
             return Err(ApiError::precondition(
                 "this node is not a swarm manager: worker nodes cannot view or change cluster state; run this on a manager, or promote this node (`meshctl node promote`)",
@@ -1027,7 +1028,7 @@ impl Member {
                 cert_not_before: creds.not_before,
                 cert_role: creds.role,
                 cert_ca_digest: ca_digest,
-                wireguard_key: super::tunnel::key_text(&self.overlays.public_key()),
+                wireguard_key: crate::control::tunnel::key_text(&self.overlays.public_key()),
             }
         };
         match self
