@@ -10,6 +10,7 @@
 
 mod ebpf;
 mod fuzz;
+mod layers;
 mod setup;
 mod test;
 mod vm;
@@ -33,6 +34,13 @@ enum Command {
     BuildEbpf,
     /// Run setup, then every test lane: lint, unit, fuzz, kernel (root), VM (virtme-ng).
     Test(test::Args),
+    /// Check the agent's layering (what the lint lane checks): which
+    /// top-level modules of a source tree (default: mesh-agent/src) use
+    /// which, no cycle among them.
+    Layers {
+        /// The source tree to check.
+        src: Option<std::path::PathBuf>,
+    },
     /// Run setup, build the fuzz targets (cargo fuzz, nightly) and run each
     /// (or one) for a while; fails naming the input of any crash.
     Fuzz(fuzz::Args),
@@ -81,6 +89,7 @@ fn main() -> Result<()> {
         Command::Setup => setup::run(),
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Test(args) => test::run(&args),
+        Command::Layers { src } => layers::check(&src.unwrap_or_else(|| workspace::root().join("mesh-agent/src"))),
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Demo { hold } => demo(hold),
         Command::Bench { which, vm, rest } => bench(which.as_deref(), vm, &rest),

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: setup, then every lane in order:
 //!
-//! 1. lint: `cargo fmt --check` (the fuzz targets too), clippy with warnings denied;
+//! 1. lint: `cargo fmt --check` (the fuzz targets too), clippy with warnings denied,
+//!    the agent's layering (`layers.rs`);
 //! 2. unit: `cargo test` without root or kernel (everything but the
 //!    integration tests of mesh-tests);
 //! 3. fuzz: every fuzz target for a few seconds (see `fuzz.rs`);
@@ -99,7 +100,8 @@ fn lint() -> Result<()> {
     // fuzz/ is a workspace of its own, which `--all` does not reach.
     workspace::cargo(&["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])
         .context("the fuzz targets are not formatted: run `cargo fmt --manifest-path fuzz/Cargo.toml`")?;
-    workspace::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+    workspace::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    crate::layers::check(&workspace::root().join("mesh-agent/src"))
 }
 
 fn unit() -> Result<()> {
