@@ -19,6 +19,7 @@ pub mod ipsec;
 pub mod logs;
 pub mod mesh;
 pub mod mesh_ipvs;
+pub mod mesh_tables;
 pub mod netns;
 pub mod network;
 pub mod overlay;
