@@ -194,6 +194,10 @@ pub struct NodeUpdate {
     pub label_rm: Vec<String>,
 }
 
+/// The status message of a node that left with `swarm leave`: it stays
+/// down until it is removed (the host joins again as a new node).
+pub const LEFT_THE_SWARM: &str = "left the swarm";
+
 /// A committed change to the cluster.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -522,6 +526,11 @@ impl ClusterState {
                 at,
             } => {
                 let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
+                // A heartbeat read before the leave and committed after it
+                // must not bring a node that left back.
+                if node.status_message == LEFT_THE_SWARM && *status != NodeStatus::Down {
+                    return Err(format!("node {} left the swarm", node_id_text(*id)));
+                }
                 node.status = *status;
                 node.status_message = message.clone();
                 if !agent_version.is_empty() {
@@ -1209,6 +1218,46 @@ pub(crate) mod tests {
                 assert!(!text.contains(secret), "{secret} printed: {text}");
             }
         }
+    }
+
+    #[test]
+    fn a_node_that_left_is_not_brought_back_by_a_late_heartbeat() {
+        let mut s = initialised();
+        assert_eq!(
+            s.apply(&Command::AddNode(node(2, Role::Worker))),
+            CommandResponse::Applied
+        );
+        let status = |status, message: &str| Command::SetNodeStatus {
+            id: 2,
+            status,
+            message: message.into(),
+            agent_version: String::new(),
+            at: 5,
+        };
+        assert_eq!(
+            s.apply(&status(NodeStatus::Down, LEFT_THE_SWARM)),
+            CommandResponse::Applied
+        );
+        assert!(matches!(
+            s.apply(&status(NodeStatus::Ready, "")),
+            CommandResponse::Refused(_)
+        ));
+        assert_eq!(s.nodes[&2].status, NodeStatus::Down);
+        // A node that only missed heartbeats comes back as ever.
+        assert_eq!(
+            s.apply(&Command::AddNode(node(3, Role::Worker))),
+            CommandResponse::Applied
+        );
+        let mut other = status(NodeStatus::Down, "heartbeat failure");
+        if let Command::SetNodeStatus { id, .. } = &mut other {
+            *id = 3;
+        }
+        assert_eq!(s.apply(&other), CommandResponse::Applied);
+        if let Command::SetNodeStatus { id, status, .. } = &mut other {
+            *status = NodeStatus::Ready;
+            *id = 3;
+        }
+        assert_eq!(s.apply(&other), CommandResponse::Applied);
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! Requests reach this module already authenticated and, when this manager
 //! is not the leader, are forwarded by `node` before they get here.
 
+mod blobs;
+mod certificates;
+mod networks;
+mod nodes;
+mod services;
+mod swarm;
+
 use crate::locks::Locked;
 use std::{
     collections::BTreeSet,
@@ -328,399 +335,44 @@ impl Manager {
         let state = self.state();
         let voters = self.voters();
         match request {
-            ClusterRequest::NodeList => {
-                let reachable = self.reachable(&state);
-                let nodes = state
-                    .nodes
-                    .values()
-                    .map(|n| self.view(n, &voters, &reachable))
-                    .collect();
-                Ok(ClusterResponse::Nodes(nodes))
-            }
-            ClusterRequest::NodeInspect { node } => {
-                let id = rules::resolve_node(&state, &node)?;
-                let reachable = self.reachable(&state);
-                Ok(ClusterResponse::Node(Box::new(self.view(
-                    &state.nodes[&id],
-                    &voters,
-                    &reachable,
-                ))))
-            }
-            ClusterRequest::NodeUpdate { node, update } => {
-                let id = rules::resolve_node(&state, &node)?;
-                if update.role == Some(Role::Worker) && state.nodes[&id].role == Role::Manager {
-                    let managers_left = state.managers().len() - 1;
-                    if managers_left == 0 {
-                        return Err(ApiError::precondition(format!(
-                            "cannot demote node {}: it is the last manager; promote another node first (`meshctl node promote NODE`)",
-                            node_id_text(id)
-                        )));
-                    }
-                    rules::check_voter_removal(&voters, &self.reachable(&state), id, "demote")?;
-                }
-                for key in update.label_add.keys().chain(update.label_rm.iter()) {
-                    if key.is_empty() || key.contains(char::is_whitespace) {
-                        return Err(ApiError::invalid(format!("invalid label key {key:?}")));
-                    }
-                }
-                self.propose(Command::UpdateNode {
-                    id,
-                    update,
-                    at: unix_now(),
-                })
-                .await?;
-                Ok(ClusterResponse::Done)
-            }
-            ClusterRequest::NodeRemove { node, force } => {
-                let id = rules::resolve_node(&state, &node)?;
-                rules::check_node_removal(&state, &voters, id, force)?;
-                self.propose(Command::RemoveNode { id }).await?;
-                self.liveness.locked().forget(id);
-                self.propagation.locked().forget(id);
-                self.fact_writes.locked().forget(id);
-                Ok(ClusterResponse::Done)
-            }
-            ClusterRequest::JoinToken { role, rotate } => {
-                if rotate {
-                    let token = JoinToken::generate(current_ca(&state)?.digest()).to_text();
-                    self.propose(Command::RotateToken { role, token }).await?;
-                }
-                let state = self.state();
-                Ok(ClusterResponse::Secret(SecretText::new(match role {
-                    Role::Worker => state.tokens.worker.clone(),
-                    Role::Manager => state.tokens.manager.clone(),
-                })))
-            }
-            ClusterRequest::UnlockKey { rotate } => {
-                if state.unlock_key.is_none() {
-                    return Err(ApiError::precondition(
-                        "autolock is not enabled on this swarm; turn it on with `meshctl swarm update --autolock=true`",
-                    ));
-                }
-                if rotate {
-                    let key = SecretText::new(UnlockKey::generate().to_text());
-                    self.propose(Command::SetUnlockKey { unlock_key: Some(key) }).await?;
-                }
-                Ok(ClusterResponse::Secret(
-                    self.state().unlock_key.clone().unwrap_or_default(),
-                ))
-            }
-            ClusterRequest::SetAutolock { enabled } => {
-                if enabled == state.unlock_key.is_some() {
-                    return Ok(match &state.unlock_key {
-                        Some(k) => ClusterResponse::Secret(k.clone()),
-                        None => ClusterResponse::Done,
-                    });
-                }
-                let key = enabled.then(|| SecretText::new(UnlockKey::generate().to_text()));
-                self.propose(Command::SetUnlockKey {
-                    unlock_key: key.clone(),
-                })
-                .await?;
-                Ok(key.map(ClusterResponse::Secret).unwrap_or(ClusterResponse::Done))
-            }
-            ClusterRequest::SetTaskHistoryLimit { limit } => {
-                rules::check_task_history_limit(limit)?;
-                self.propose(Command::SetTaskHistoryLimit { limit }).await?;
-                Ok(ClusterResponse::Done)
-            }
+            ClusterRequest::NodeList => self.node_list(&state, &voters).await,
+            ClusterRequest::NodeInspect { node } => self.node_inspect(&state, &voters, node).await,
+            ClusterRequest::NodeUpdate { node, update } => self.node_update(&state, &voters, node, update).await,
+            ClusterRequest::NodeRemove { node, force } => self.node_remove(&state, &voters, node, force).await,
+            ClusterRequest::JoinToken { role, rotate } => self.join_token(&state, role, rotate).await,
+            ClusterRequest::UnlockKey { rotate } => self.unlock_key(&state, rotate).await,
+            ClusterRequest::SetAutolock { enabled } => self.set_autolock(&state, enabled).await,
+            ClusterRequest::SetTaskHistoryLimit { limit } => self.set_task_history_limit(limit).await,
             ClusterRequest::IssueOperatorCert {
                 name,
                 csr_pem,
                 validity_secs,
-            } => {
-                if !pki::valid_operator_name(&name) {
-                    return Err(ApiError::invalid(format!(
-                        "invalid operator name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-'"
-                    )));
-                }
-                if !(60..=366 * 86400).contains(&validity_secs) {
-                    return Err(ApiError::invalid("--expiry must be between 1m and 366d"));
-                }
-                let unix = unix_now();
-                if let Some(live) = state.operators.get(&name).filter(|o| o.not_after >= unix) {
-                    return Err(ApiError::precondition(format!(
-                        "an operator certificate named {name:?} is already issued (valid until unix time {}): revoke it first (`meshctl swarm operator-cert rm {name}`) or choose another name",
-                        live.not_after
-                    )));
-                }
-                let cluster_id = cluster_id(&state)?;
-                let now = SystemTime::now();
-                let ca = current_ca(&state)?;
-                let cert_pem = ca
-                    .issue_operator(
-                        &csr_pem,
-                        &name,
-                        &cluster_id,
-                        now - pki::backdate(Duration::from_secs(validity_secs)),
-                        now + Duration::from_secs(validity_secs),
-                    )
-                    .map_err(|e| ApiError::invalid(format!("cannot issue the certificate: {e}")))?;
-                // Honoured only once recorded: the record is what revokes.
-                let issued = ca
-                    .record(&cert_pem, unix)
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
-                self.propose(Command::RecordOperatorCert {
-                    name: name.clone(),
-                    issued,
-                })
-                .await?;
-                log::info!("issued an operator certificate for {name:?}, valid {validity_secs} s");
-                Ok(ClusterResponse::Certificate {
-                    cert_pem,
-                    ca_pems: roots(&state),
-                })
-            }
-            ClusterRequest::ServiceCreate { spec } => {
-                spec.validate().map_err(ApiError::invalid)?;
-                rules::check_service_in_cluster(&state, &spec, None)?;
-                let id = loop {
-                    let id: u64 = rand::thread_rng().gen();
-                    if id != 0 && !state.services.contains_key(&id) {
-                        break id;
-                    }
-                };
-                let now = unix_now();
-                let service = Service {
-                    id,
-                    spec: *spec,
-                    version: 1,
-                    created_at: now,
-                    updated_at: now,
-                    previous_spec: None,
-                    update_status: None,
-                    vips: Vec::new(),
-                };
-                self.propose(Command::CreateService(Box::new(service))).await?;
-                Ok(ClusterResponse::ServiceCreated { id })
-            }
-            ClusterRequest::NetworkCreate { spec } => {
-                let cluster = state.cluster.as_ref().ok_or_else(|| ApiError::internal("no cluster"))?;
-                let pools = overlay::Pools {
-                    pools: cluster
-                        .default_addr_pool
-                        .iter()
-                        .map(|p| crate::subnet::Subnet::parse(p))
-                        .collect::<Result<_, _>>()
-                        .map_err(ApiError::internal)?,
-                    mask_len: cluster.default_addr_pool_mask_len,
-                };
-                let id = loop {
-                    let id: u64 = rand::thread_rng().gen();
-                    if id != 0 && !state.networks.contains_key(&id) {
-                        break id;
-                    }
-                };
-                let existing: Vec<&overlay::Network> = state.networks.values().collect();
-                let network = overlay::allocate_network(&spec, &existing, &pools, id, unix_now())?;
-                self.propose(Command::CreateNetwork(Box::new(network))).await?;
-                Ok(ClusterResponse::NetworkCreated { id })
-            }
-            ClusterRequest::NetworkList => Ok(ClusterResponse::Networks(
-                state.networks.values().map(|n| network_view(&state, n)).collect(),
-            )),
-            ClusterRequest::NetworkInspect { network } => {
-                let id = rules::resolve_network(&state, &network)?;
-                Ok(ClusterResponse::Networks(vec![network_view(
-                    &state,
-                    &state.networks[&id],
-                )]))
-            }
-            ClusterRequest::NetworkRemove { network } => {
-                let id = rules::resolve_network(&state, &network)?;
-                state
-                    .check_network_unused(&state.networks[&id])
-                    .map_err(ApiError::precondition)?;
-                self.propose(Command::RemoveNetwork { id }).await?;
-                Ok(ClusterResponse::Done)
-            }
+            } => self.issue_operator_cert(&state, name, csr_pem, validity_secs).await,
+            ClusterRequest::ServiceCreate { spec } => self.service_create(&state, spec).await,
+            ClusterRequest::NetworkCreate { spec } => self.network_create(&state, spec).await,
+            ClusterRequest::NetworkList => self.network_list(&state).await,
+            ClusterRequest::NetworkInspect { network } => self.network_inspect(&state, network).await,
+            ClusterRequest::NetworkRemove { network } => self.network_remove(&state, network).await,
             ClusterRequest::BlobCreate {
                 kind,
                 name,
                 labels,
                 data,
-            } => {
-                secret::check_name(kind, &name).map_err(ApiError::invalid)?;
-                secret::check_data(kind, &data).map_err(ApiError::invalid)?;
-                if state.blobs(kind).values().any(|b| b.name == name) {
-                    return Err(ApiError::precondition(format!(
-                        "a {} named {name} already exists ({}s cannot be changed: create one under a new name and rotate services to it with --{}-rm/--{}-add)",
-                        kind.name(),
-                        kind.name(),
-                        kind.name(),
-                        kind.name()
-                    )));
-                }
-                let id = loop {
-                    let id: u64 = rand::thread_rng().gen();
-                    if id != 0 && !state.blobs(kind).contains_key(&id) {
-                        break id;
-                    }
-                };
-                let now = unix_now();
-                let blob = secret::Blob {
-                    id,
-                    name,
-                    labels,
-                    data,
-                    created: now,
-                    updated: now,
-                };
-                self.propose(Command::CreateBlob {
-                    kind,
-                    blob: Box::new(blob),
-                })
-                .await?;
-                Ok(ClusterResponse::BlobCreated { id })
-            }
-            ClusterRequest::BlobList { kind } => Ok(ClusterResponse::Blobs(
-                state.blobs(kind).values().map(|b| blob_view(&state, kind, b)).collect(),
-            )),
-            ClusterRequest::BlobInspect { kind, name } => {
-                let id = rules::resolve_blob(&state, kind, &name)?;
-                Ok(ClusterResponse::Blobs(vec![blob_view(
-                    &state,
-                    kind,
-                    &state.blobs(kind)[&id],
-                )]))
-            }
-            ClusterRequest::BlobRemove { kind, name } => {
-                let id = rules::resolve_blob(&state, kind, &name)?;
-                state
-                    .check_blob_unused(kind, &state.blobs(kind)[&id].name)
-                    .map_err(ApiError::precondition)?;
-                self.propose(Command::RemoveBlob { kind, id }).await?;
-                Ok(ClusterResponse::Done)
-            }
-            ClusterRequest::ServiceList => Ok(ClusterResponse::Services(
-                state.services.values().map(|s| service_view(&state, s)).collect(),
-            )),
-            ClusterRequest::ServiceInspect { service } => {
-                let id = rules::resolve_service(&state, &service)?;
-                Ok(ClusterResponse::Services(vec![service_view(
-                    &state,
-                    &state.services[&id],
-                )]))
-            }
-            ClusterRequest::ServiceUpdate { service, update } => {
-                let id = rules::resolve_service(&state, &service)?;
-                let current = &state.services[&id];
-                let spec = crate::control::service::apply_update(&current.spec, &update).map_err(ApiError::invalid)?;
-                rules::check_service_in_cluster(&state, &spec, Some(id))?;
-                self.propose(Command::UpdateService {
-                    id,
-                    spec: Box::new(spec),
-                    force: update.force,
-                    at: unix_now(),
-                })
-                .await?;
-                Ok(ClusterResponse::Done)
-            }
-            ClusterRequest::ServiceRollback { service } => {
-                let id = rules::resolve_service(&state, &service)?;
-                if state.services[&id].previous_spec.is_none() {
-                    return Err(ApiError::precondition(format!(
-                        "service {service} has no previous spec: it was never updated"
-                    )));
-                }
-                self.propose(Command::RollbackService {
-                    id,
-                    at_ms: unix_now_ms(),
-                })
-                .await?;
-                Ok(ClusterResponse::Done)
-            }
-            ClusterRequest::ServiceRemove { service } => {
-                let id = rules::resolve_service(&state, &service)?;
-                self.propose(Command::RemoveService { id, at: unix_now() }).await?;
-                Ok(ClusterResponse::Done)
-            }
-            ClusterRequest::ServiceScale { service, replicas } => {
-                let id = rules::resolve_service(&state, &service)?;
-                let mut spec = state.services[&id].spec.clone();
-                match &mut spec.mode {
-                    ServiceMode::Replicated { replicas: r } => *r = replicas,
-                    ServiceMode::Global => {
-                        return Err(ApiError::precondition(format!(
-                            "service {} is global: it runs one task per node and cannot be scaled",
-                            spec.name
-                        )))
-                    }
-                }
-                spec.validate().map_err(ApiError::invalid)?;
-                self.propose(Command::UpdateService {
-                    id,
-                    spec: Box::new(spec),
-                    force: false,
-                    at: unix_now(),
-                })
-                .await?;
-                Ok(ClusterResponse::Done)
-            }
-            ClusterRequest::TaskList { service } => {
-                let id = rules::resolve_service(&state, &service)?;
-                let name = state.services[&id].spec.name.clone();
-                let tasks = state
-                    .tasks
-                    .values()
-                    .filter(|t| t.service == id)
-                    .map(|t| TaskView {
-                        task: t.clone(),
-                        service_name: name.clone(),
-                        node_hostname: t.node.and_then(|n| state.nodes.get(&n)).map(|n| n.hostname.clone()),
-                    })
-                    .collect();
-                Ok(ClusterResponse::Tasks(tasks))
-            }
-            ClusterRequest::CaInspect => Ok(ClusterResponse::Ca(Box::new(rules::ca_view(&state, unix_now())))),
-            ClusterRequest::OperatorCertList => Ok(ClusterResponse::OperatorCerts(
-                state
-                    .operators
-                    .iter()
-                    .map(|(name, issued)| OperatorCertView {
-                        name: name.clone(),
-                        issued: issued.clone(),
-                    })
-                    .collect(),
-            )),
-            ClusterRequest::OperatorCertRemove { name } => {
-                if !state.operators.contains_key(&name) {
-                    return Err(ApiError::not_found(format!(
-                        "no operator certificate named {name:?} (`meshctl swarm operator-cert ls` lists them)"
-                    )));
-                }
-                self.propose(Command::RevokeOperatorCert { name: name.clone() }).await?;
-                log::info!("revoked the operator certificate of {name:?}");
-                Ok(ClusterResponse::Done)
-            }
-            ClusterRequest::CaRotate { previous_root_ttl_secs } => {
-                rules::check_previous_root_ttl(previous_root_ttl_secs)?;
-                let cluster_id = cluster_id(&state)?;
-                let old = state
-                    .ca
-                    .clone()
-                    .ok_or_else(|| ApiError::internal("the store has no CA"))?;
-                let new = RootCa::generate(&cluster_id).map_err(|e| ApiError::internal(e.to_string()))?;
-                let cross_signed_pem = current_ca(&state)?
-                    .cross_sign(&new, &cluster_id)
-                    .map_err(|e| ApiError::internal(e.to_string()))?;
-                let digest = new.digest();
-                let ca = CaState {
-                    root_cert_pem: new.cert_pem().to_string(),
-                    root_key_pem: SecretText::new(new.key_pem()),
-                    // Keep trusting the old root until every node and
-                    // operator has renewed, or its deadline.
-                    previous_roots_pem: vec![old.root_cert_pem],
-                    previous_until: unix_now() + previous_root_ttl_secs,
-                    cross_signed_pem,
-                };
-                let tokens = JoinTokens {
-                    worker: JoinToken::generate(digest).to_text(),
-                    manager: JoinToken::generate(digest).to_text(),
-                };
-                self.propose(Command::RotateCa { ca, tokens }).await?;
-                Ok(ClusterResponse::CaDigest(hex::encode(digest)))
-            }
+            } => self.blob_create(&state, kind, name, labels, data).await,
+            ClusterRequest::BlobList { kind } => self.blob_list(&state, kind).await,
+            ClusterRequest::BlobInspect { kind, name } => self.blob_inspect(&state, kind, name).await,
+            ClusterRequest::BlobRemove { kind, name } => self.blob_remove(&state, kind, name).await,
+            ClusterRequest::ServiceList => self.service_list(&state).await,
+            ClusterRequest::ServiceInspect { service } => self.service_inspect(&state, service).await,
+            ClusterRequest::ServiceUpdate { service, update } => self.service_update(&state, service, update).await,
+            ClusterRequest::ServiceRollback { service } => self.service_rollback(&state, service).await,
+            ClusterRequest::ServiceRemove { service } => self.service_remove(&state, service).await,
+            ClusterRequest::ServiceScale { service, replicas } => self.service_scale(&state, service, replicas).await,
+            ClusterRequest::TaskList { service } => self.task_list(&state, service).await,
+            ClusterRequest::CaInspect => self.ca_inspect(&state).await,
+            ClusterRequest::OperatorCertList => self.operator_cert_list(&state).await,
+            ClusterRequest::OperatorCertRemove { name } => self.operator_cert_remove(&state, name).await,
+            ClusterRequest::CaRotate { previous_root_ttl_secs } => self.ca_rotate(&state, previous_root_ttl_secs).await,
         }
     }
 
@@ -981,7 +633,7 @@ impl Manager {
         self.propose(Command::SetNodeStatus {
             id,
             status: NodeStatus::Down,
-            message: LEFT.into(),
+            message: super::state::LEFT_THE_SWARM.into(),
             agent_version: String::new(),
             at: unix_now(),
         })
@@ -997,7 +649,7 @@ impl Manager {
         if state
             .nodes
             .get(&id)
-            .is_some_and(|n| n.status == NodeStatus::Down && n.status_message == LEFT)
+            .is_some_and(|n| n.status == NodeStatus::Down && n.status_message == super::state::LEFT_THE_SWARM)
         {
             return Err(ApiError::denied(format!(
                 "node {} left the swarm; join again with a token",
@@ -1270,9 +922,6 @@ impl Manager {
         Ok(())
     }
 }
-
-/// The status message of a node that left with `swarm leave`.
-const LEFT: &str = "left the swarm";
 
 /// How far behind the leader's log a learner may be and still be made a
 /// voter.
