@@ -5,6 +5,13 @@
 //! with a reason and leaves the state as it was, so every manager that applies
 //! the same log ends up with the same state.
 
+mod blobs;
+mod cluster;
+mod networks;
+mod nodes;
+mod services;
+mod tasks;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
@@ -472,223 +479,36 @@ impl ClusterState {
                 tokens,
                 unlock_key,
                 first,
-            } => {
-                if self.cluster.is_some() {
-                    return Err("the cluster is already initialised".into());
-                }
-                self.cluster = Some(cluster.clone());
-                self.ca = Some(ca.clone());
-                self.tokens = tokens.clone();
-                self.unlock_key = unlock_key.clone();
-                self.nodes.insert(first.id, (**first).clone());
-            }
-            Command::Restore { state } => {
-                if self.cluster.is_some() {
-                    return Err("a store can only be restored into while empty".into());
-                }
-                if state.cluster.is_none() {
-                    return Err("the recovered state holds no cluster".into());
-                }
-                *self = (**state).clone();
-            }
-            Command::AddNode(node) => {
-                if self.removed.contains(&node.id) {
-                    return Err(format!(
-                        "node {} was removed and cannot rejoin with the same ID",
-                        node_id_text(node.id)
-                    ));
-                }
-                if self.nodes.contains_key(&node.id) {
-                    return Err(format!("node {} is already a member", node_id_text(node.id)));
-                }
-                self.nodes.insert(node.id, node.clone());
-            }
-            Command::UpdateNode { id, update, at } => {
-                let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
-                if let Some(role) = update.role {
-                    node.role = role;
-                }
-                if let Some(availability) = update.availability {
-                    node.availability = availability;
-                }
-                for key in &update.label_rm {
-                    node.labels.remove(key);
-                }
-                node.labels
-                    .extend(update.label_add.iter().map(|(k, v)| (k.clone(), v.clone())));
-                node.updated_at = *at;
-            }
+            } => self.apply_init(cluster, ca, tokens, unlock_key, first),
+            Command::Restore { state } => self.apply_restore(state),
+            Command::AddNode(node) => self.apply_add_node(node),
+            Command::UpdateNode { id, update, at } => self.apply_update_node(id, update, at),
             Command::SetNodeStatus {
                 id,
                 status,
                 message,
                 agent_version,
                 at,
-            } => {
-                let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
-                // A heartbeat read before the leave and committed after it
-                // must not bring a node that left back.
-                if node.status_message == LEFT_THE_SWARM && *status != NodeStatus::Down {
-                    return Err(format!("node {} left the swarm", node_id_text(*id)));
-                }
-                node.status = *status;
-                node.status_message = message.clone();
-                if !agent_version.is_empty() {
-                    node.agent_version = agent_version.clone();
-                }
-                node.updated_at = *at;
-            }
-            Command::RemoveNode { id } => {
-                self.nodes.remove(id).ok_or_else(|| no_such_node(*id))?;
-                self.removed.insert(*id);
-                // It may hold pair keys of the current overlay key.
-                if let Some(key) = self.overlay_key.as_mut() {
-                    key.stale = true;
-                }
-            }
-            Command::SetNodeWireguardKey { id, key } => {
-                super::tunnel::parse_public_key(key)?;
-                self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?.wireguard_key = key.clone();
-            }
-            Command::RotateOverlayKey(key) => {
-                let expected = self.overlay_key.as_ref().map_or(1, |k| k.epoch + 1);
-                if key.epoch != expected {
-                    return Err(format!(
-                        "overlay key epoch {} does not follow the current one (expected {expected})",
-                        key.epoch
-                    ));
-                }
-                self.previous_overlay_key = self.overlay_key.replace(key.clone());
-            }
-            Command::RotateToken { role, token } => match role {
-                Role::Worker => self.tokens.worker = token.clone(),
-                Role::Manager => self.tokens.manager = token.clone(),
-            },
-            Command::SetUnlockKey { unlock_key } => {
-                let cluster = self.cluster.as_mut().expect("reason: checked above");
-                cluster.autolock = unlock_key.is_some();
-                self.unlock_key = unlock_key.clone();
-            }
-            Command::CreateNetwork(network) => self.create_network(network)?,
-            Command::RemoveNetwork { id } => {
-                let network = self.networks.get(id).ok_or_else(|| format!("network {id} not found"))?;
-                self.check_network_unused(network)?;
-                self.networks.remove(id);
-            }
-            Command::CreateBlob { kind, blob } => {
-                super::secret::check_name(*kind, &blob.name)?;
-                super::secret::check_data(*kind, &blob.data)?;
-                let blobs = self.blobs_mut(*kind);
-                if blobs.contains_key(&blob.id) {
-                    return Err(format!("{} ID {} is taken", kind.name(), blob.id));
-                }
-                if blobs.values().any(|b| b.name == blob.name) {
-                    return Err(format!(
-                        "a {} named {} already exists ({}s cannot be changed: create one under a new name and rotate services to it)",
-                        kind.name(),
-                        blob.name,
-                        kind.name()
-                    ));
-                }
-                blobs.insert(blob.id, (**blob).clone());
-            }
-            Command::RemoveBlob { kind, id } => {
-                let blob = self
-                    .blobs(*kind)
-                    .get(id)
-                    .ok_or_else(|| format!("{} {id} not found", kind.name()))?;
-                self.check_blob_unused(*kind, &blob.name)?;
-                self.blobs_mut(*kind).remove(id);
-            }
-            Command::SetTaskHistoryLimit { limit } => {
-                self.cluster.as_mut().expect("reason: checked above").task_history_limit = *limit;
-                self.prune_task_history(None);
-            }
-            Command::RotateCa { ca, tokens } => {
-                self.ca = Some(ca.clone());
-                self.tokens = tokens.clone();
-            }
-            Command::DropPreviousRoots => {
-                let ca = self.ca.as_mut().ok_or("the store has no CA")?;
-                ca.previous_roots_pem.clear();
-                ca.previous_until = 0;
-                ca.cross_signed_pem.clear();
-            }
-            Command::RecordNodeCert { id, issued, grace_secs } => {
-                let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
-                node.certs = node.certs.renewed(issued.clone(), *grace_secs);
-            }
-            Command::RecordOperatorCert { name, issued } => {
-                let now = issued.issued_at;
-                if self.operators.get(name).is_some_and(|o| o.not_after >= now) {
-                    return Err(format!(
-                        "an operator certificate named {name:?} is already issued: revoke it first (`meshctl swarm operator-cert rm {name}`) or choose another name"
-                    ));
-                }
-                self.operators.retain(|_, o| o.not_after >= now);
-                self.operators.insert(name.clone(), issued.clone());
-            }
-            Command::RevokeOperatorCert { name } => {
-                self.operators
-                    .remove(name)
-                    .ok_or_else(|| format!("no operator certificate named {name:?}"))?;
-            }
-            Command::CreateService(service) => {
-                if self.services.contains_key(&service.id) {
-                    return Err(format!("service ID {} is taken", service.id));
-                }
-                if self.services.values().any(|s| s.spec.name == service.spec.name) {
-                    return Err(format!("a service named {:?} already exists", service.spec.name));
-                }
-                let mut service = (**service).clone();
-                service.vips = self.virtual_ips(&service)?;
-                self.services.insert(service.id, service);
-            }
-            Command::UpdateService { id, spec, force, at } => {
-                let service = self
-                    .services
-                    .get_mut(id)
-                    .ok_or_else(|| format!("service {id} not found"))?;
-                // Only a new task template (or --force) rolls the tasks.
-                if *force || service.spec.task_template_differs(spec) {
-                    service.previous_spec = Some(service.spec.clone());
-                    service.version += 1;
-                    service.update_status = Some(UpdateStatus::start(UpdateState::Updating, at * 1000));
-                }
-                service.spec = (**spec).clone();
-                service.updated_at = *at;
-                let service = service.clone();
-                let vips = self.virtual_ips(&service)?;
-                if let Some(s) = self.services.get_mut(id) {
-                    s.vips = vips;
-                }
-            }
-            Command::RollbackService { id, at_ms } => self.roll_back(*id, *at_ms)?,
-            Command::RemoveService { id, at } => {
-                self.services
-                    .remove(id)
-                    .ok_or_else(|| format!("service {id} not found"))?;
-                let stopping: Vec<u64> = self
-                    .tasks
-                    .values()
-                    .filter(|t| t.service == *id && t.desired == DesiredState::Running)
-                    .map(|t| t.id)
-                    .collect();
-                for id in stopping {
-                    if let Some(task) = self.tasks.get_mut(&id) {
-                        task.desired = DesiredState::Shutdown;
-                        task.updated_at = *at;
-                    }
-                }
-                // Its history goes with it; tasks still stopping follow as they end.
-                let history: BTreeSet<HistoryPlace> = self
-                    .tasks
-                    .values()
-                    .filter(|t| t.service == *id && t.is_finished())
-                    .map(Task::history_place)
-                    .collect();
-                self.prune_task_history(Some(&history));
-            }
+            } => self.apply_set_node_status(id, status, message, agent_version, at),
+            Command::RemoveNode { id } => self.apply_remove_node(id),
+            Command::SetNodeWireguardKey { id, key } => self.apply_set_node_wireguard_key(id, key),
+            Command::RotateOverlayKey(key) => self.apply_rotate_overlay_key(key),
+            Command::RotateToken { role, token } => self.apply_rotate_token(role, token),
+            Command::SetUnlockKey { unlock_key } => self.apply_set_unlock_key(unlock_key),
+            Command::CreateNetwork(network) => self.apply_create_network(network),
+            Command::RemoveNetwork { id } => self.apply_remove_network(id),
+            Command::CreateBlob { kind, blob } => self.apply_create_blob(kind, blob),
+            Command::RemoveBlob { kind, id } => self.apply_remove_blob(kind, id),
+            Command::SetTaskHistoryLimit { limit } => self.apply_set_task_history_limit(limit),
+            Command::RotateCa { ca, tokens } => self.apply_rotate_ca(ca, tokens),
+            Command::DropPreviousRoots => self.apply_drop_previous_roots(),
+            Command::RecordNodeCert { id, issued, grace_secs } => self.apply_record_node_cert(id, issued, grace_secs),
+            Command::RecordOperatorCert { name, issued } => self.apply_record_operator_cert(name, issued),
+            Command::RevokeOperatorCert { name } => self.apply_revoke_operator_cert(name),
+            Command::CreateService(service) => self.apply_create_service(service),
+            Command::UpdateService { id, spec, force, at } => self.apply_update_service(id, spec, force, at),
+            Command::RollbackService { id, at_ms } => self.apply_rollback_service(id, at_ms),
+            Command::RemoveService { id, at } => self.apply_remove_service(id, at),
             Command::ApplyPlan {
                 create,
                 shutdown,
@@ -696,87 +516,10 @@ impl ClusterState {
                 rollbacks,
                 orphaned,
                 at,
-            } => {
-                for (id, status) in updates {
-                    if let Some(service) = self.services.get_mut(id) {
-                        service.update_status = Some(status.clone());
-                    }
-                }
-                for id in rollbacks {
-                    self.roll_back(*id, at * 1000)?;
-                }
-                if let Some(t) = create.iter().find(|t| self.tasks.contains_key(&t.id)) {
-                    return Err(format!("task ID {} is taken", t.id));
-                }
-                let create = self.settle_addresses(create)?;
-                let mut touched = BTreeSet::new();
-                for (id, reason) in shutdown {
-                    if let Some(task) = self.tasks.get_mut(id) {
-                        task.desired = DesiredState::Shutdown;
-                        // An ended task keeps the message saying how it ended.
-                        if !task.state.is_terminal() {
-                            task.message = reason.clone();
-                            task.updated_at = *at;
-                        }
-                        if task.is_finished() {
-                            touched.insert(task.history_place());
-                        }
-                    }
-                }
-                for id in orphaned {
-                    if let Some(task) = self.tasks.get_mut(id).filter(|t| !t.state.is_terminal()) {
-                        task.state = TaskState::Orphaned;
-                        task.desired = DesiredState::Shutdown;
-                        task.message =
-                            "its node was lost (down for over 24h, or removed); how it ended is unknown".into();
-                        task.updated_at = *at;
-                        task.ended_at_ms = at * 1000;
-                        touched.insert(task.history_place());
-                    }
-                }
-                touched.extend(create.iter().filter(|t| t.is_finished()).map(|t| t.history_place()));
-                self.tasks.extend(create.into_iter().map(|t| (t.id, t)));
-                self.prune_task_history(Some(&touched));
-            }
-            Command::ReportTasks { node, reports, at_ms } => {
-                let mut touched = BTreeSet::new();
-                for r in reports {
-                    let Some(task) = self.tasks.get_mut(&r.task) else {
-                        continue;
-                    };
-                    if !task.takes_report(*node, r) {
-                        continue;
-                    }
-                    task.state = r.state;
-                    task.message = r.message.clone();
-                    task.updated_at = at_ms / 1000;
-                    if r.state.is_terminal() {
-                        task.ended_at_ms = *at_ms;
-                    }
-                    if task.is_finished() {
-                        touched.insert(task.history_place());
-                    }
-                }
-                self.prune_task_history(Some(&touched));
-            }
-            Command::SetTaskState { id, state, message, at } => {
-                let task = self.tasks.get_mut(id).ok_or_else(|| format!("task {id} not found"))?;
-                if task.state == *state {
-                    return Ok(());
-                }
-                if !task.state.may_become(*state) {
-                    return Err(format!(
-                        "task {id} cannot go from {} to {}",
-                        task.state.name(),
-                        state.name()
-                    ));
-                }
-                task.state = *state;
-                task.message = message.clone();
-                task.updated_at = *at;
-            }
+            } => self.apply_apply_plan(create, shutdown, updates, rollbacks, orphaned, at),
+            Command::ReportTasks { node, reports, at_ms } => self.apply_report_tasks(node, reports, at_ms),
+            Command::SetTaskState { id, state, message, at } => self.apply_set_task_state(id, state, message, at),
         }
-        Ok(())
     }
 
     /// Swaps a service back to its previous spec and rolls that out.
