@@ -6,12 +6,12 @@ impl ClusterState {
     /// Applies [`Command::CreateBlob`].
     pub(super) fn apply_create_blob(
         &mut self,
-        kind: &crate::control::secret::Kind,
+        kind: crate::control::secret::Kind,
         blob: &crate::control::secret::Blob,
     ) -> Result<(), String> {
-        crate::control::secret::check_name(*kind, &blob.name)?;
-        crate::control::secret::check_data(*kind, &blob.data)?;
-        let blobs = self.blobs_mut(*kind);
+        crate::control::secret::check_name(kind, &blob.name)?;
+        crate::control::secret::check_data(kind, &blob.data)?;
+        let blobs = self.blobs_mut(kind);
         if blobs.contains_key(&blob.id) {
             return Err(format!("{} ID {} is taken", kind.name(), blob.id));
         }
@@ -28,13 +28,13 @@ impl ClusterState {
     }
 
     /// Applies [`Command::RemoveBlob`].
-    pub(super) fn apply_remove_blob(&mut self, kind: &crate::control::secret::Kind, id: &u64) -> Result<(), String> {
+    pub(super) fn apply_remove_blob(&mut self, kind: crate::control::secret::Kind, id: u64) -> Result<(), String> {
         let blob = self
-            .blobs(*kind)
-            .get(id)
+            .blobs(kind)
+            .get(&id)
             .ok_or_else(|| format!("{} {id} not found", kind.name()))?;
-        self.check_blob_unused(*kind, &blob.name)?;
-        self.blobs_mut(*kind).remove(id);
+        self.check_blob_unused(kind, &blob.name)?;
+        self.blobs_mut(kind).remove(&id);
         Ok(())
     }
 }

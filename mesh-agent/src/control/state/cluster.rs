@@ -50,7 +50,7 @@ impl ClusterState {
     }
 
     /// Applies [`Command::RotateToken`].
-    pub(super) fn apply_rotate_token(&mut self, role: &Role, token: &str) -> Result<(), String> {
+    pub(super) fn apply_rotate_token(&mut self, role: Role, token: &str) -> Result<(), String> {
         match role {
             Role::Worker => self.tokens.worker = token.to_string(),
             Role::Manager => self.tokens.manager = token.to_string(),
@@ -67,8 +67,8 @@ impl ClusterState {
     }
 
     /// Applies [`Command::SetTaskHistoryLimit`].
-    pub(super) fn apply_set_task_history_limit(&mut self, limit: &u32) -> Result<(), String> {
-        self.cluster.as_mut().expect("reason: checked above").task_history_limit = *limit;
+    pub(super) fn apply_set_task_history_limit(&mut self, limit: u32) -> Result<(), String> {
+        self.cluster.as_mut().expect("reason: checked above").task_history_limit = limit;
         self.prune_task_history(None);
         Ok(())
     }

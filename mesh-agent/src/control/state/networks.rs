@@ -10,10 +10,13 @@ impl ClusterState {
     }
 
     /// Applies [`Command::RemoveNetwork`].
-    pub(super) fn apply_remove_network(&mut self, id: &u64) -> Result<(), String> {
-        let network = self.networks.get(id).ok_or_else(|| format!("network {id} not found"))?;
+    pub(super) fn apply_remove_network(&mut self, id: u64) -> Result<(), String> {
+        let network = self
+            .networks
+            .get(&id)
+            .ok_or_else(|| format!("network {id} not found"))?;
         self.check_network_unused(network)?;
-        self.networks.remove(id);
+        self.networks.remove(&id);
         Ok(())
     }
 }

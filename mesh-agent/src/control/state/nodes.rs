@@ -19,8 +19,8 @@ impl ClusterState {
     }
 
     /// Applies [`Command::UpdateNode`].
-    pub(super) fn apply_update_node(&mut self, id: &NodeId, update: &NodeUpdate, at: &u64) -> Result<(), String> {
-        let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
+    pub(super) fn apply_update_node(&mut self, id: NodeId, update: &NodeUpdate, at: u64) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?;
         if let Some(role) = update.role {
             node.role = role;
         }
@@ -32,38 +32,38 @@ impl ClusterState {
         }
         node.labels
             .extend(update.label_add.iter().map(|(k, v)| (k.clone(), v.clone())));
-        node.updated_at = *at;
+        node.updated_at = at;
         Ok(())
     }
 
     /// Applies [`Command::SetNodeStatus`].
     pub(super) fn apply_set_node_status(
         &mut self,
-        id: &NodeId,
-        status: &NodeStatus,
+        id: NodeId,
+        status: NodeStatus,
         message: &str,
         agent_version: &str,
-        at: &u64,
+        at: u64,
     ) -> Result<(), String> {
-        let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
+        let node = self.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?;
         // A heartbeat read before the leave and committed after it
         // must not bring a node that left back.
-        if node.status_message == LEFT_THE_SWARM && *status != NodeStatus::Down {
-            return Err(format!("node {} left the swarm", node_id_text(*id)));
+        if node.status_message == LEFT_THE_SWARM && status != NodeStatus::Down {
+            return Err(format!("node {} left the swarm", node_id_text(id)));
         }
-        node.status = *status;
+        node.status = status;
         node.status_message = message.to_string();
         if !agent_version.is_empty() {
             node.agent_version = agent_version.to_string();
         }
-        node.updated_at = *at;
+        node.updated_at = at;
         Ok(())
     }
 
     /// Applies [`Command::RemoveNode`].
-    pub(super) fn apply_remove_node(&mut self, id: &NodeId) -> Result<(), String> {
-        self.nodes.remove(id).ok_or_else(|| no_such_node(*id))?;
-        self.removed.insert(*id);
+    pub(super) fn apply_remove_node(&mut self, id: NodeId) -> Result<(), String> {
+        self.nodes.remove(&id).ok_or_else(|| no_such_node(id))?;
+        self.removed.insert(id);
         // It may hold pair keys of the current overlay key.
         if let Some(key) = self.overlay_key.as_mut() {
             key.stale = true;
@@ -72,21 +72,21 @@ impl ClusterState {
     }
 
     /// Applies [`Command::SetNodeWireguardKey`].
-    pub(super) fn apply_set_node_wireguard_key(&mut self, id: &NodeId, key: &str) -> Result<(), String> {
+    pub(super) fn apply_set_node_wireguard_key(&mut self, id: NodeId, key: &str) -> Result<(), String> {
         crate::control::tunnel::parse_public_key(key)?;
-        self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?.wireguard_key = key.to_string();
+        self.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?.wireguard_key = key.to_string();
         Ok(())
     }
 
     /// Applies [`Command::RecordNodeCert`].
     pub(super) fn apply_record_node_cert(
         &mut self,
-        id: &NodeId,
+        id: NodeId,
         issued: &Issued,
-        grace_secs: &u64,
+        grace_secs: u64,
     ) -> Result<(), String> {
-        let node = self.nodes.get_mut(id).ok_or_else(|| no_such_node(*id))?;
-        node.certs = node.certs.renewed(issued.clone(), *grace_secs);
+        let node = self.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?;
+        node.certs = node.certs.renewed(issued.clone(), grace_secs);
         Ok(())
     }
 }

@@ -20,59 +20,59 @@ impl ClusterState {
     /// Applies [`Command::UpdateService`].
     pub(super) fn apply_update_service(
         &mut self,
-        id: &u64,
+        id: u64,
         spec: &ServiceSpec,
-        force: &bool,
-        at: &u64,
+        force: bool,
+        at: u64,
     ) -> Result<(), String> {
         let service = self
             .services
-            .get_mut(id)
+            .get_mut(&id)
             .ok_or_else(|| format!("service {id} not found"))?;
         // Only a new task template (or --force) rolls the tasks.
-        if *force || service.spec.task_template_differs(spec) {
+        if force || service.spec.task_template_differs(spec) {
             service.previous_spec = Some(service.spec.clone());
             service.version += 1;
             service.update_status = Some(UpdateStatus::start(UpdateState::Updating, at * 1000));
         }
         service.spec = spec.clone();
-        service.updated_at = *at;
+        service.updated_at = at;
         let service = service.clone();
         let vips = self.virtual_ips(&service)?;
-        if let Some(s) = self.services.get_mut(id) {
+        if let Some(s) = self.services.get_mut(&id) {
             s.vips = vips;
         }
         Ok(())
     }
 
     /// Applies [`Command::RollbackService`].
-    pub(super) fn apply_rollback_service(&mut self, id: &u64, at_ms: &u64) -> Result<(), String> {
-        self.roll_back(*id, *at_ms)?;
+    pub(super) fn apply_rollback_service(&mut self, id: u64, at_ms: u64) -> Result<(), String> {
+        self.roll_back(id, at_ms)?;
         Ok(())
     }
 
     /// Applies [`Command::RemoveService`].
-    pub(super) fn apply_remove_service(&mut self, id: &u64, at: &u64) -> Result<(), String> {
+    pub(super) fn apply_remove_service(&mut self, id: u64, at: u64) -> Result<(), String> {
         self.services
-            .remove(id)
+            .remove(&id)
             .ok_or_else(|| format!("service {id} not found"))?;
         let stopping: Vec<u64> = self
             .tasks
             .values()
-            .filter(|t| t.service == *id && t.desired == DesiredState::Running)
+            .filter(|t| t.service == id && t.desired == DesiredState::Running)
             .map(|t| t.id)
             .collect();
         for id in stopping {
             if let Some(task) = self.tasks.get_mut(&id) {
                 task.desired = DesiredState::Shutdown;
-                task.updated_at = *at;
+                task.updated_at = at;
             }
         }
         // Its history goes with it; tasks still stopping follow as they end.
         let history: BTreeSet<HistoryPlace> = self
             .tasks
             .values()
-            .filter(|t| t.service == *id && t.is_finished())
+            .filter(|t| t.service == id && t.is_finished())
             .map(Task::history_place)
             .collect();
         self.prune_task_history(Some(&history));

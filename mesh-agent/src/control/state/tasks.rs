@@ -4,14 +4,14 @@ use super::*;
 
 impl ClusterState {
     /// Applies [`Command::ApplyPlan`].
-    pub(super) fn apply_apply_plan(
+    pub(super) fn apply_plan(
         &mut self,
         create: &[Task],
         shutdown: &[(u64, String)],
         updates: &[(u64, UpdateStatus)],
         rollbacks: &[u64],
         orphaned: &[u64],
-        at: &u64,
+        at: u64,
     ) -> Result<(), String> {
         for (id, status) in updates {
             if let Some(service) = self.services.get_mut(id) {
@@ -32,7 +32,7 @@ impl ClusterState {
                 // An ended task keeps the message saying how it ended.
                 if !task.state.is_terminal() {
                     task.message = reason.clone();
-                    task.updated_at = *at;
+                    task.updated_at = at;
                 }
                 if task.is_finished() {
                     touched.insert(task.history_place());
@@ -44,7 +44,7 @@ impl ClusterState {
                 task.state = TaskState::Orphaned;
                 task.desired = DesiredState::Shutdown;
                 task.message = "its node was lost (down for over 24h, or removed); how it ended is unknown".into();
-                task.updated_at = *at;
+                task.updated_at = at;
                 task.ended_at_ms = at * 1000;
                 touched.insert(task.history_place());
             }
@@ -58,23 +58,23 @@ impl ClusterState {
     /// Applies [`Command::ReportTasks`].
     pub(super) fn apply_report_tasks(
         &mut self,
-        node: &NodeId,
+        node: NodeId,
         reports: &[TaskReport],
-        at_ms: &u64,
+        at_ms: u64,
     ) -> Result<(), String> {
         let mut touched = BTreeSet::new();
         for r in reports {
             let Some(task) = self.tasks.get_mut(&r.task) else {
                 continue;
             };
-            if !task.takes_report(*node, r) {
+            if !task.takes_report(node, r) {
                 continue;
             }
             task.state = r.state;
             task.message = r.message.to_string();
             task.updated_at = at_ms / 1000;
             if r.state.is_terminal() {
-                task.ended_at_ms = *at_ms;
+                task.ended_at_ms = at_ms;
             }
             if task.is_finished() {
                 touched.insert(task.history_place());
@@ -87,25 +87,25 @@ impl ClusterState {
     /// Applies [`Command::SetTaskState`].
     pub(super) fn apply_set_task_state(
         &mut self,
-        id: &u64,
-        state: &TaskState,
+        id: u64,
+        state: TaskState,
         message: &str,
-        at: &u64,
+        at: u64,
     ) -> Result<(), String> {
-        let task = self.tasks.get_mut(id).ok_or_else(|| format!("task {id} not found"))?;
-        if task.state == *state {
+        let task = self.tasks.get_mut(&id).ok_or_else(|| format!("task {id} not found"))?;
+        if task.state == state {
             return Ok(());
         }
-        if !task.state.may_become(*state) {
+        if !task.state.may_become(state) {
             return Err(format!(
                 "task {id} cannot go from {} to {}",
                 task.state.name(),
                 state.name()
             ));
         }
-        task.state = *state;
+        task.state = state;
         task.message = message.to_string();
-        task.updated_at = *at;
+        task.updated_at = at;
         Ok(())
     }
 }
