@@ -102,7 +102,16 @@ fn demo(hold: bool) -> Result<()> {
     setup::run()?;
     ebpf::build()?;
     // The agents, meshctl and the demo's HTTP server run as real processes.
-    workspace::cargo(&["build", "--quiet", "--release", "-p", "mesh-agent", "--bins"])?;
+    workspace::cargo(&[
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-agent-bin",
+        "--bins",
+    ])?;
     workspace::cargo(&["build", "--quiet", "--release", "-p", "mesh-tests", "--bins"])?;
     let mut args = vec!["run", "--quiet", "--release", "-p", "mesh-tests", "--bin", "mesh-demo"];
     if !hold {
@@ -132,7 +141,17 @@ fn bench(which: Option<&str>, vm: bool, rest: &[String]) -> Result<()> {
     setup::run()?;
     ebpf::build()?;
     // The agents, meshctl, and the helpers the benchmarks run as tasks.
-    workspace::cargo(&["build", "--release", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"])?;
+    workspace::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-agent-bin",
+        "-p",
+        "mesh-tests",
+        "--bins",
+    ])?;
     if vm {
         if binaries != ["mesh-bench-overlay"] {
             anyhow::bail!("--vm runs the overlay benchmark only: `cargo xtask bench overlay --vm`");
@@ -165,6 +184,8 @@ fn chaos(seed: Option<u64>, faults: usize) -> Result<()> {
         "--release",
         "-p",
         "mesh-agent",
+        "-p",
+        "mesh-agent-bin",
         "-p",
         "mesh-tests",
         "--bins",

@@ -111,7 +111,7 @@ fn unit() -> Result<()> {
 
 fn kernel() -> Result<()> {
     // The swarm scenarios run the real mesh-agent and meshctl binaries.
-    workspace::cargo(&["build", "-p", "mesh-agent", "--bins"])?;
+    workspace::cargo(&["build", "-p", "mesh-agent", "-p", "mesh-agent-bin", "--bins"])?;
     workspace::cargo(&["test", "-p", "mesh-tests", "--test", "*"])
 }
 

@@ -1,11 +1,23 @@
-//! The eBPF dataplane: loads mesh-ebpf's programs (embedded at build time),
-//! attaches them to links and reads their maps, through aya.
+//! The eBPF dataplane: loads mesh-ebpf's programs, attaches them to links
+//! and reads their maps, through aya.
+//!
+//! The object is embedded by the `mesh-agent` binary (package
+//! mesh-agent-bin, whose build script refuses a missing or stale one) and
+//! handed over with [`embed`] at start. The library itself embeds nothing, so
+//! checking, linting and testing it needs no BPF toolchain, and an eBPF
+//! change rebuilds only the binary. Without an embedded object (tests,
+//! tools) [`object`] reads the one `cargo xtask build-ebpf` left in the
+//! workspace, or the file `MESH_EBPF_OBJECT` names.
 //!
 //! Attaching resolves interface names in the calling thread's network
 //! namespace, so callers enter the namespace first (see
 //! [`crate::runtime::netns::NetNs::run`]).
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::{
+    os::fd::{AsFd, BorrowedFd},
+    path::PathBuf,
+    sync::OnceLock,
+};
 
 use aya::{
     maps::PerCpuArray,
@@ -18,8 +30,52 @@ use aya::{
 };
 use mesh_common::counters::{self, Counter, Hook, ProtoClass};
 
-/// The compiled mesh-ebpf object (see build.rs: the build fails without it).
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+/// Where `cargo xtask build-ebpf` leaves the object, from the workspace root.
+pub const OBJECT_IN_WORKSPACE: &str = "target/ebpf/bpfel-unknown-none/release/mesh-ebpf";
+
+static EMBEDDED: OnceLock<&'static [u8]> = OnceLock::new();
+static READ: OnceLock<Result<&'static [u8], String>> = OnceLock::new();
+
+/// Hands over the object the binary embeds (aligned, as aya parses it in
+/// place); the first call wins.
+pub fn embed(object: &'static [u8]) {
+    let _ = EMBEDDED.set(object);
+}
+
+/// The compiled mesh-ebpf object: the embedded one, else the file
+/// `MESH_EBPF_OBJECT` names or the workspace's, read once.
+pub fn object() -> Result<&'static [u8], EbpfError> {
+    if let Some(object) = EMBEDDED.get() {
+        return Ok(object);
+    }
+    READ.get_or_init(|| {
+        let path = std::env::var_os("MESH_EBPF_OBJECT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(OBJECT_IN_WORKSPACE));
+        let bytes = std::fs::read(&path).map_err(|e| {
+            format!(
+                "this build embeds no eBPF object and {} cannot be read ({e}): run the mesh-agent binary, or `cargo xtask build-ebpf` first",
+                path.display()
+            )
+        })?;
+        Ok(leak_aligned(&bytes))
+    })
+    .clone()
+    .map_err(EbpfError::NoObject)
+}
+
+/// `bytes` copied into 8-byte aligned memory that lives as long as the
+/// process (the ELF parser reads its headers in place).
+fn leak_aligned(bytes: &[u8]) -> &'static [u8] {
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: the u64 buffer holds at least bytes.len() bytes; u8 has no
+    // alignment or validity requirement.
+    let view = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    view.copy_from_slice(bytes);
+    let words: &'static mut [u64] = words.leak();
+    // SAFETY: as above, over the leaked buffer, which is never freed.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), bytes.len()) }
+}
 
 /// What a map is, as far as a program reading it cares: its kind, key and
 /// value sizes, capacity and creation flags.
@@ -64,7 +120,7 @@ fn shape_change(found: MapShape, wanted: MapShape) -> Option<String> {
 
 /// The shapes of the embedded object's maps, by name.
 fn object_map_shapes() -> Result<std::collections::HashMap<String, MapShape>, EbpfError> {
-    let object = aya_obj::Object::parse(OBJECT).map_err(|e| EbpfError::Map {
+    let object = aya_obj::Object::parse(object()?).map_err(|e| EbpfError::Map {
         name: "mesh-ebpf object",
         reason: format!("parsing its map definitions: {e}"),
     })?;
@@ -92,6 +148,9 @@ pub const TC_COUNT: &str = "tc_count";
 /// Errors of the eBPF dataplane.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
+    /// No object was embedded and none could be read.
+    #[error("{0}")]
+    NoObject(String),
     /// The embedded object could not be parsed or its maps created.
     #[error("cannot load the mesh-ebpf object: {0}")]
     Object(#[from] Box<aya::EbpfError>),
@@ -247,7 +306,7 @@ impl EbpfDataplane {
                 loader.map_pin_path(name, path);
             }
         }
-        let mut ebpf = loader.load(OBJECT).map_err(Box::new)?;
+        let mut ebpf = loader.load(object()?).map_err(Box::new)?;
         for (name, program) in ebpf.programs_mut() {
             let loaded = match program {
                 Program::Xdp(p) => p.load(),

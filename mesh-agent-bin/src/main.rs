@@ -150,7 +150,11 @@ fn with_config_file(cli: Cli) -> Result<Cli, String> {
     Cli::try_parse_from(argv).map_err(|e| e.to_string())
 }
 
+/// The compiled mesh-ebpf object (build.rs refuses a missing or stale one).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+
 fn main() -> std::process::ExitCode {
+    mesh_agent::dataplane::ebpf::embed(EBPF_OBJECT);
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,openraft=warn")).init();
     let cli = match with_config_file(Cli::parse()) {
         Ok(cli) => cli,
@@ -195,7 +199,7 @@ mod tests {
     /// deploy/agent.toml holds only keys the agent knows, with values it takes.
     #[test]
     fn the_example_config_file_is_accepted() {
-        let text = include_str!("../../../deploy/agent.toml");
+        let text = include_str!("../../deploy/agent.toml");
         let command = <Cli as clap::CommandFactory>::command();
         let run = command.find_subcommand("run").unwrap();
         let args = mesh_agent::config_file::args_from_toml(text, run, &|_| false).unwrap();
