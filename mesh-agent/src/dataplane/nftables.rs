@@ -73,7 +73,8 @@ const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFT_META_L4PROTO: u32 = 16;
 const IPPROTO_UDP: u8 = 17;
-const UDP_DPORT_OFFSET: u32 = 2;
+/// A TCP or UDP header's destination port.
+const TRANSPORT_DPORT_OFFSET: u32 = 2;
 /// Offset of the source address in the IPv4 header.
 const IPV4_SADDR_OFFSET: u32 = 12;
 const NFTA_BITWISE_SREG: u16 = 1;
@@ -319,8 +320,7 @@ fn masquerade_expressions(rule: &Masquerade) -> Attrs {
         u32::MAX << (32 - u32::from(rule.prefix))
     };
     let network = u32::from(rule.source) & mask;
-    let mut list = Vec::new();
-    for expr in [
+    joined([
         // oifname != EXEMPT
         meta_load(NFT_META_OIFNAME),
         compare(NFT_CMP_NEQ, &oif),
@@ -329,10 +329,7 @@ fn masquerade_expressions(rule: &Masquerade) -> Attrs {
         self::mask(&mask.to_be_bytes()),
         equals(&network.to_be_bytes()),
         expression("masq", None),
-    ] {
-        list.extend_from_slice(&expr.0);
-    }
-    Attrs(list)
+    ])
 }
 
 fn table_attrs() -> Attrs {
@@ -453,7 +450,8 @@ fn not_from_device_drop(device: &str) -> [Attrs; 3] {
     ]
 }
 
-fn concat(expressions: impl IntoIterator<Item = Attrs>) -> Attrs {
+/// One rule's expressions, in order.
+fn joined(expressions: impl IntoIterator<Item = Attrs>) -> Attrs {
     Attrs(expressions.into_iter().flat_map(|e| e.0).collect())
 }
 
@@ -467,7 +465,7 @@ fn guard_prefix_expressions(guard: &TunnelGuard) -> Attrs {
         self::mask(&mask.to_be_bytes()),
         equals(&network.to_be_bytes()),
     ];
-    concat(matches.into_iter().chain(not_from_device_drop(&guard.device)))
+    joined(matches.into_iter().chain(not_from_device_drop(&guard.device)))
 }
 
 fn guard_port_expressions(guard: &TunnelGuard) -> Attrs {
@@ -475,10 +473,10 @@ fn guard_port_expressions(guard: &TunnelGuard) -> Attrs {
     let matches = [
         meta_load(NFT_META_L4PROTO),
         equals(&[IPPROTO_UDP]),
-        load(NFT_PAYLOAD_TRANSPORT_HEADER, UDP_DPORT_OFFSET, 2),
+        load(NFT_PAYLOAD_TRANSPORT_HEADER, TRANSPORT_DPORT_OFFSET, 2),
         equals(&guard.vxlan_port.to_be_bytes()),
     ];
-    concat(matches.into_iter().chain(not_from_device_drop(&guard.device)))
+    joined(matches.into_iter().chain(not_from_device_drop(&guard.device)))
 }
 
 /// Replaces the tunnel guard table with one holding `guard`'s rule.

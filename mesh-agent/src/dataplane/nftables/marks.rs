@@ -50,8 +50,6 @@ const NFTA_LOOKUP_SREG: u16 = 2;
 const NFTA_LOOKUP_SET_ID: u16 = 4;
 const NFTA_META_SREG: u16 = 3;
 const NFT_META_MARK: u32 = 3;
-const NFT_META_L4PROTO: u32 = 16;
-const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFTA_NAT_TYPE: u16 = 1;
 const NFTA_NAT_FAMILY: u16 = 2;
 const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
@@ -60,7 +58,6 @@ const NF_INET_PRE_ROUTING: u32 = 0;
 /// NF_IP_PRI_MANGLE: `nft`'s `mangle` priority.
 const PRIORITY_MANGLE: i32 = -150;
 const IPV4_DADDR_OFFSET: u32 = 16;
-const TRANSPORT_DPORT_OFFSET: u32 = 2;
 
 /// One published port as the firewall marks it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,10 +147,6 @@ fn port_match(node: Ipv4Addr, port: &MarkedPort) -> Vec<Attrs> {
         load(NFT_PAYLOAD_TRANSPORT_HEADER, TRANSPORT_DPORT_OFFSET, 2),
         equals(&port.port.to_be_bytes()),
     ]
-}
-
-fn joined(exprs: Vec<Attrs>) -> Attrs {
-    Attrs(exprs.into_iter().flat_map(|e| e.0).collect())
 }
 
 /// The prerouting rules, in order.
