@@ -12,8 +12,8 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
-    control::{
-        discovery::{NetworkServices, ServiceRecord},
+    api::{
+        assignment::discovery::{NetworkServices, ServiceRecord},
         service::LbOptions,
     },
     runtime::dns::{is_service_name, parse_query, respond, Records},

@@ -5,7 +5,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::control::api::{ApiResult, LocalRequest, LocalResponse};
+use mesh_agent::api::{
+    error::ApiResult,
+    messages::{LocalRequest, LocalResponse},
+};
 use serde::{de::DeserializeOwned, Serialize};
 
 fn round_trips<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(line: &str) {

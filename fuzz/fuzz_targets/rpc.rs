@@ -9,9 +9,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::control::{
-    api::{PeerRequest, PeerResponse},
-    rpc::{self, decode_request, decode_response, encode_frame, read_frame, RpcError},
+use mesh_agent::{
+    api::messages::{PeerRequest, PeerResponse},
+    control::rpc::{self, decode_request, decode_response, encode_frame, read_frame, RpcError},
 };
 use serde::{de::DeserializeOwned, Serialize};
 

@@ -12,11 +12,14 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::control::{
-    api::ErrorKind,
-    rules::{resolve_blob, resolve_node},
-    secret::{Blob, Kind},
-    state::{node_id_text, Availability, ClusterState, Node, NodeStatus, Role},
+use mesh_agent::{
+    api::{
+        error::ErrorKind,
+        objects::{node_id_text, Availability, Node, NodeStatus, Role},
+        secret::{Blob, Kind},
+        store::ClusterState,
+    },
+    control::rules::{resolve_blob, resolve_node},
 };
 
 fn node(id: u64, hostname: &str) -> Node {

@@ -15,17 +15,16 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
-    cli::table::parse_duration,
-    control::{
-        api::parse_labels,
-        scheduler::{Constraint, ConstraintKey},
+    api::{
+        messages::parse_labels,
+        objects::{node_id_text, parse_node_id},
         secret::{self, BlobRef, Kind},
         service::{
-            apply_update, parse_env, parse_placement_pref, PortPublish, Protocol, PublishMode, ServiceSpec,
-            ServiceUpdate,
+            apply_update, parse_env, parse_placement_pref, Constraint, ConstraintKey, PortPublish, Protocol,
+            PublishMode, ServiceSpec, ServiceUpdate,
         },
-        state::{node_id_text, parse_node_id},
     },
+    cli::table::parse_duration,
 };
 
 fn publish(text: &str) {

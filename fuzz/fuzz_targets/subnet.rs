@@ -18,13 +18,13 @@ use std::{
 
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
+    api::{network::NetworkSpec, subnet::Subnet},
     control::{
-        overlay::{allocate_network, task_address, NetworkSpec, Pools},
+        overlay::{allocate_network, task_address, Pools},
         rules::{check_address_pools, parse_advertise_addr, parse_listen_addr, parse_remote_addr},
     },
     metrics::server::parse_addr,
     runtime::network::{check_local_pool, Ipam},
-    subnet::Subnet,
 };
 
 fn subnet(text: &str) {

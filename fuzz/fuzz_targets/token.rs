@@ -7,10 +7,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::control::{
-    seal::UnlockKey,
-    token::JoinToken,
-    tunnel::{key_text, parse_public_key},
+use mesh_agent::{
+    api::assignment::tunnel::{key_text, parse_public_key},
+    control::{seal::UnlockKey, token::JoinToken},
 };
 
 fuzz_target!(|data: &[u8]| {

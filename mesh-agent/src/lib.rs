@@ -15,6 +15,7 @@
 //!
 //! The binaries `mesh-agent` and `meshctl` are thin wrappers over this library.
 
+pub mod api;
 pub mod cli;
 pub mod config_file;
 pub mod control;
@@ -24,7 +25,6 @@ pub mod metrics;
 pub mod node;
 pub mod preflight;
 pub mod runtime;
-pub mod subnet;
 
 /// The agent's version, as `meshctl version` and `mesh-agent --version` print it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -11,17 +11,18 @@ use std::{
 };
 
 use mesh_agent::{
-    control::{
-        api::{
-            ApiError, ApiResult, ClusterRequest, Heartbeat, HeartbeatReply, JoinCall, LocalRequest, LocalResponse,
-            PeerRequest, PeerResponse,
+    api::{
+        error::{ApiError, ApiResult},
+        messages::{
+            ClusterRequest, Heartbeat, HeartbeatReply, JoinCall, LocalRequest, LocalResponse, PeerRequest, PeerResponse,
         },
+        objects::{node_id_text, Availability, NodeId, Role},
         raft_types::TypeConfig,
-        rpc::encode_frame,
         secret::BlobRef,
         service::{ServiceSpec, ServiceUpdate},
-        state::{node_id_text, Availability, Command, NodeId, Role},
+        store::Command,
     },
+    control::rpc::encode_frame,
     dataplane::{
         ipvs::{self, DestId, IpvsMessage, Schedule, ServiceId},
         wireguard::{peer_message, PeerChange, TunnelPeer},

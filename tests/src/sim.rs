@@ -24,14 +24,16 @@ use std::{
 };
 
 use mesh_agent::{
+    api::{
+        error::{ApiError, ErrorKind},
+        messages::{Assignments, Heartbeat, JoinCall, PartDigest, PartRef, PeerRequest, PeerResponse},
+        objects::{NodeId, Role},
+        service::{Assignment, DesiredState, TaskReport, TaskState},
+    },
     control::{
-        api::{ApiError, Assignments, ErrorKind, Heartbeat, JoinCall, PeerRequest, PeerResponse},
         network::MANAGER_NAME,
-        parts::{PartDigest, PartRef},
         pki::{self, NodeKey},
         rpc::RpcClient,
-        service::{Assignment, DesiredState, TaskReport, TaskState},
-        state::{NodeId, Role},
         tls,
         token::JoinToken,
     },
@@ -512,9 +514,9 @@ mod tests {
     /// The simulator's light reading matches what the managers send.
     #[test]
     fn a_work_reply_reads_the_digest_and_own_tasks_of_whole_assignments() {
-        use mesh_agent::control::{
-            mesh::{MeshFleet, NodeMesh},
-            rpc::{decode_response, encode_frame},
+        use mesh_agent::{
+            api::assignment::mesh::{MeshFleet, NodeMesh},
+            control::rpc::{decode_response, encode_frame},
         };
         let whole = Assignments {
             digest: "d1".into(),

@@ -325,7 +325,7 @@ impl Swarm {
     }
 
     /// Host `i`'s own view of its swarm (`meshctl info --format json`).
-    pub fn info(&self, i: usize) -> Option<mesh_agent::control::api::SwarmInfo> {
+    pub fn info(&self, i: usize) -> Option<mesh_agent::api::messages::SwarmInfo> {
         let out = self.meshctl(i, &["info", "--format", "json"]);
         serde_json::from_slice(&out.stdout).ok()
     }

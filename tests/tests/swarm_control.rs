@@ -309,7 +309,7 @@ fn bad_tokens_and_bad_input_are_refused_and_change_nothing() {
         String::from_utf8_lossy(&again.stderr)
     );
     swarm.ok(2, &["swarm", "leave"]);
-    let h0_id = mesh_agent::control::state::node_id_text(swarm.info(0).unwrap().node_id.unwrap());
+    let h0_id = mesh_agent::api::objects::node_id_text(swarm.info(0).unwrap().node_id.unwrap());
     for id in swarm.ok(0, &["node", "ls", "-q"]).lines().filter(|id| *id != h0_id) {
         swarm.ok(0, &["node", "rm", id]);
     }
@@ -441,16 +441,21 @@ mod wire {
 
     use std::{path::Path, time::Duration};
 
-    use mesh_agent::control::{
-        api::{ClusterRequest, ErrorKind, PeerRequest, PeerResponse},
-        keystore::{KeyStore, Loaded},
-        network::MANAGER_NAME,
-        pki::{NodeIdentity, NodeKey, RootCa},
-        rpc::RpcClient,
-        state::Role,
-        tls,
-    };
     use mesh_agent::node::NodeConfig;
+    use mesh_agent::{
+        api::{
+            error::ErrorKind,
+            messages::{ClusterRequest, PeerRequest, PeerResponse},
+            objects::Role,
+        },
+        control::{
+            keystore::{KeyStore, Loaded},
+            network::MANAGER_NAME,
+            pki::{NodeIdentity, NodeKey, RootCa},
+            rpc::RpcClient,
+            tls,
+        },
+    };
 
     /// A node's certificate, key (opened with its data key) and roots.
     pub struct Identity {
@@ -532,7 +537,10 @@ mod wire {
 
 #[test]
 fn the_cluster_port_authorizes_every_call_by_its_certificate() {
-    use mesh_agent::control::api::{ErrorKind, Heartbeat, PeerRequest, PeerResponse};
+    use mesh_agent::api::{
+        error::ErrorKind,
+        messages::{Heartbeat, PeerRequest, PeerResponse},
+    };
     require_root();
     let swarm = Swarm::new(3);
     swarm.form_with_workers();
@@ -545,7 +553,7 @@ fn the_cluster_port_authorizes_every_call_by_its_certificate() {
             raft_ready: false,
             cert_not_after: u64::MAX,
             cert_not_before: 0,
-            cert_role: mesh_agent::control::state::Role::Worker,
+            cert_role: mesh_agent::api::objects::Role::Worker,
             cert_ca_digest: String::new(),
             wireguard_key: String::new(),
         })
@@ -700,13 +708,13 @@ fn an_operator_manages_the_swarm_remotely_with_its_own_certificate() {
     swarm.cluster.host(2).run(|| {
         let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
         let (cert, key, ca) = (read("cert.pem"), read("key.pem"), read("ca.pem"));
-        let vote = mesh_agent::control::api::PeerRequest::Vote(openraft::raft::VoteRequest::new(
+        let vote = mesh_agent::api::messages::PeerRequest::Vote(openraft::raft::VoteRequest::new(
             openraft::Vote::new(99, 12345),
             None,
         ));
         wire::refused_with(
             wire::call(&host0, &[ca], Some((&cert, &key)), vote),
-            mesh_agent::control::api::ErrorKind::PermissionDenied,
+            mesh_agent::api::error::ErrorKind::PermissionDenied,
             "reserved to managers",
         );
     });

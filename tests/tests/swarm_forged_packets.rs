@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::{control::mesh::tunnel_port, runtime::mesh::TUNNEL_DEVICE};
+use mesh_agent::{api::assignment::mesh::tunnel_port, runtime::mesh::TUNNEL_DEVICE};
 use mesh_common::lb::VNI_REPLY;
 use mesh_tests::{
     mesh::{create_http_service, http_get},
@@ -68,7 +68,7 @@ fn a_reply_forged_into_the_tunnel_from_a_spoofed_node_is_not_relayed() {
         std::fs::write("/proc/sys/net/ipv4/conf/all/arp_announce", "2").unwrap();
         std::fs::write("/proc/sys/net/ipv4/conf/all/arp_ignore", "1").unwrap();
     });
-    let port = tunnel_port(mesh_agent::control::state::DEFAULT_DATA_PATH_PORT);
+    let port = tunnel_port(mesh_agent::api::objects::DEFAULT_DATA_PATH_PORT);
     let (forged, relayed) = swarm.cluster.host(ATTACKER).run(|| {
         let sink = UdpSocket::bind((attacker, SINK_PORT)).expect("the attacker's sink");
         sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -173,7 +173,7 @@ fn plain_vxlan_to_a_nodes_other_ipv6_addresses_never_reaches_an_encrypted_networ
         .tool("ip", &format!("-6 addr add {attacker_global}/64 dev eth0 nodad"));
     let h0_link_local = link_local(&swarm, 0);
     let scope = eth0_index(&swarm, ATTACKER);
-    let port = mesh_agent::control::state::DEFAULT_DATA_PATH_PORT;
+    let port = mesh_agent::api::objects::DEFAULT_DATA_PATH_PORT;
 
     // What the attacker sends: a datagram from h1's task to h0's, as an
     // encrypted network's VXLAN would carry it (broadcast MAC, so no

@@ -9,15 +9,20 @@
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
-use mesh_agent::control::{
-    api::{ClusterRequest, ErrorKind, Heartbeat, LogQuery, Origin, PeerRequest, PeerResponse},
-    keystore::{KeyStore, Loaded},
-    network::MANAGER_NAME,
-    pki,
-    rpc::{RpcClient, RpcError},
-    service::{TaskReport, TaskState},
-    state::{NodeId, Role},
-    tls,
+use mesh_agent::{
+    api::{
+        error::ErrorKind,
+        messages::{ClusterRequest, Heartbeat, LogQuery, Origin, PeerRequest, PeerResponse},
+        objects::{NodeId, Role},
+        service::{TaskReport, TaskState},
+    },
+    control::{
+        keystore::{KeyStore, Loaded},
+        network::MANAGER_NAME,
+        pki,
+        rpc::{RpcClient, RpcError},
+        tls,
+    },
 };
 use mesh_tests::{require_root, swarm::Swarm};
 use rustls::pki_types::{pem::PemObject, ServerName};

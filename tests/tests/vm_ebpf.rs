@@ -7,8 +7,8 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use mesh_agent::{
-    control::{
-        mesh::{MeshAssignment, MeshBackend, MeshService},
+    api::{
+        assignment::mesh::{MeshAssignment, MeshBackend, MeshService},
         service::{LbOptions, PortPublish},
     },
     dataplane::{ebpf::EbpfDataplane, lb::LbMaps},

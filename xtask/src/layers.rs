@@ -32,30 +32,47 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
 /// Checks the crate whose sources are in `src`.
 pub fn check(src: &Path) -> Result<()> {
     let uses = crate_uses(src)?;
+    let top = |m: &str| m.split("::").next().unwrap_or(m).to_string();
     let mut problems = Vec::new();
     for (layer, banned) in FORBIDDEN {
-        for (to, files) in uses.get(*layer).into_iter().flatten() {
-            if banned.contains(&to.as_str()) {
-                problems.push(format!("{layer} uses {to} (in {})", list(files)));
+        let mut found: BTreeMap<String, BTreeSet<PathBuf>> = BTreeMap::new();
+        for (from, tos) in &uses {
+            if top(from) != *layer {
+                continue;
             }
+            for (to, files) in tos {
+                if banned.contains(&top(to).as_str()) {
+                    found.entry(top(to)).or_default().extend(files.iter().cloned());
+                }
+            }
+        }
+        for (to, files) in found {
+            problems.push(format!("{layer} uses {to} (in {})", list(&files)));
         }
     }
     let graph: BTreeMap<String, BTreeSet<String>> = uses
         .iter()
         .map(|(from, to)| (from.clone(), to.keys().cloned().collect()))
         .collect();
-    if let Some(cycle) = find_cycle(&graph) {
-        let steps: Vec<String> = cycle
-            .windows(2)
-            .map(|w| format!("{} -> {} (in {})", w[0], w[1], list(&uses[&w[0]][&w[1]])))
+    for component in tangles(&graph) {
+        let inside: BTreeSet<&String> = component.iter().collect();
+        let steps: Vec<String> = component
+            .iter()
+            .flat_map(|from| {
+                uses[from]
+                    .iter()
+                    .filter(|(to, _)| inside.contains(to))
+                    .map(move |(to, files)| format!("{from} -> {to} (in {})", list(files)))
+            })
             .collect();
-        problems.push(format!("a cycle between top-level modules: {}", steps.join("; ")));
+        problems.push(format!(
+            "modules that use each other ({}):\n    {}",
+            component.join(", "),
+            steps.join("\n    ")
+        ));
     }
     if problems.is_empty() {
-        println!(
-            "layers: {} top-level modules, no cycle, no layer used from below",
-            graph.len()
-        );
+        println!("layers: {} modules, no cycle, no layer used from below", graph.len());
         return Ok(());
     }
     bail!(
@@ -72,22 +89,42 @@ fn list(files: &BTreeSet<PathBuf>) -> String {
         .join(", ")
 }
 
-/// For each top-level module: the top-level modules it uses, with the
-/// files that do.
+/// For each module (two levels deep at most): the modules it uses, with
+/// the files that do.
 type Uses = BTreeMap<String, BTreeMap<String, BTreeSet<PathBuf>>>;
 
 fn crate_uses(src: &Path) -> Result<Uses> {
+    let files = rust_files(src)?;
+    let modules: BTreeSet<Module> = files
+        .iter()
+        .map(|f| file_module(f.strip_prefix(src).unwrap_or(f)))
+        .collect();
+    let node_of = |path: &[String]| -> Option<String> {
+        (1..=path.len().min(2))
+            .rev()
+            .map(|depth| path[..depth].to_vec())
+            .find(|m| modules.contains(m))
+            .map(|m| m.join("::"))
+    };
     let mut uses = Uses::new();
-    for file in rust_files(src)? {
-        let relative = file.strip_prefix(src).unwrap_or(&file).to_path_buf();
-        let Some(module) = top_module(&relative) else {
+    for file in &files {
+        let relative = file.strip_prefix(src).unwrap_or(file).to_path_buf();
+        if relative.starts_with("bin") {
+            continue;
+        }
+        let module = file_module(&relative);
+        let Some(from) = node_of(&module) else {
             continue;
         };
-        let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-        let entry = uses.entry(module.clone()).or_default();
-        for to in referenced_modules(&text) {
-            if to != module {
-                entry.entry(to).or_default().insert(relative.clone());
+        let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let entry = uses.entry(from.clone()).or_default();
+        for path in module_paths(&production_code(&text), &module) {
+            if let Some(to) = node_of(&path) {
+                // A module's parent declares it; a use of the parent's own
+                // items from inside counts, the declaration does not.
+                if to != from && !(from.starts_with(&format!("{to}::")) && path.len() <= 1) {
+                    entry.entry(to).or_default().insert(relative.clone());
+                }
             }
         }
     }
@@ -108,139 +145,236 @@ fn rust_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The top-level module a file belongs to (`control/rpc.rs` -> control,
-/// `locks.rs` -> locks); `None` for the crate root and the binaries.
-fn top_module(relative: &Path) -> Option<String> {
-    let mut parts = relative
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned());
-    let first = parts.next()?;
-    match (first.as_str(), parts.next()) {
-        ("lib.rs" | "main.rs", None) | ("bin", _) => None,
-        (_, Some(_)) => Some(first),
-        (file, None) => Some(file.trim_end_matches(".rs").to_string()),
+/// The groups of modules that reach each other (strongly connected
+/// components of more than one module), each sorted.
+fn tangles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
+    struct Walk<'g> {
+        graph: &'g BTreeMap<String, BTreeSet<String>>,
+        index: BTreeMap<&'g str, usize>,
+        low: BTreeMap<&'g str, usize>,
+        stack: Vec<&'g str>,
+        found: Vec<Vec<String>>,
     }
+    impl<'g> Walk<'g> {
+        fn visit(&mut self, node: &'g str) {
+            let at = self.index.len();
+            self.index.insert(node, at);
+            self.low.insert(node, at);
+            self.stack.push(node);
+            for next in self.graph.get(node).into_iter().flatten() {
+                if !self.index.contains_key(next.as_str()) {
+                    self.visit(next);
+                    let low = self.low[node].min(self.low[next.as_str()]);
+                    self.low.insert(node, low);
+                } else if self.stack.contains(&next.as_str()) {
+                    let low = self.low[node].min(self.index[next.as_str()]);
+                    self.low.insert(node, low);
+                }
+            }
+            if self.low[node] == self.index[node] {
+                let from = self.stack.iter().rposition(|n| *n == node).unwrap_or(0);
+                let mut component: Vec<String> = self.stack.drain(from..).map(String::from).collect();
+                if component.len() > 1 {
+                    component.sort();
+                    self.found.push(component);
+                }
+            }
+        }
+    }
+    let mut walk = Walk {
+        graph,
+        index: BTreeMap::new(),
+        low: BTreeMap::new(),
+        stack: Vec::new(),
+        found: Vec::new(),
+    };
+    for node in graph.keys() {
+        if !walk.index.contains_key(node.as_str()) {
+            walk.visit(node);
+        }
+    }
+    walk.found.sort();
+    walk.found
 }
 
-/// The top-level modules `text` names through `crate::` paths, including
-/// those inside `use crate::{a::..., b::...}` groups; comments do not count.
-fn referenced_modules(text: &str) -> BTreeSet<String> {
-    let code: String = text
-        .lines()
+/// A module of the crate, as its path (`["control", "state"]`); modules
+/// deeper than two levels count as their two-level ancestor.
+type Module = Vec<String>;
+
+/// The module a file defines (`control/state/mod.rs` -> control::state,
+/// `control/api.rs` -> control::api, `lib.rs` -> the crate root).
+fn file_module(relative: &Path) -> Module {
+    let mut parts: Vec<String> = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if let Some(last) = parts.pop() {
+        if !matches!(last.as_str(), "mod.rs" | "lib.rs" | "main.rs") {
+            parts.push(last.trim_end_matches(".rs").to_string());
+        }
+    }
+    parts
+}
+
+/// `text` without comments and without the unit tests at its end (a
+/// `#[cfg(test)]` module): test code may reach anywhere.
+fn production_code(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let end = lines
+        .windows(2)
+        .position(|w| {
+            w[0].trim() == "#[cfg(test)]" && {
+                let next = w[1].trim_start_matches("pub(crate) ").trim_start_matches("pub ");
+                next.starts_with("mod ") && !w[1].starts_with(' ')
+            }
+        })
+        .unwrap_or(lines.len());
+    lines[..end]
+        .iter()
         .map(|l| match l.find("//") {
             Some(at) => &l[..at],
             None => l,
         })
         .collect::<Vec<_>>()
-        .join("\n");
-    let mut found = BTreeSet::new();
-    let mut rest = code.as_str();
-    while let Some(at) = rest.find("crate::") {
-        // `mesh_crate::x` or `$crate::` are not this crate's paths.
-        let before = rest[..at].chars().next_back();
-        rest = &rest[at + "crate::".len()..];
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$') {
-            continue;
-        }
-        if let Some(group) = rest.strip_prefix('{') {
-            found.extend(group_heads(group));
+        .join("\n")
+}
+
+/// Every path `text` names from `crate::`, `super::` or `self::`, with
+/// `use` groups expanded, resolved against `module` (the file's own).
+fn module_paths(text: &str, module: &[String]) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let bytes: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts_word = i == 0 || !(bytes[i - 1].is_alphanumeric() || bytes[i - 1] == '_' || bytes[i - 1] == '$');
+        let rest: String = bytes[i..bytes.len().min(i + 7)].iter().collect();
+        let base: Option<Vec<String>> = if !starts_word {
+            None
+        } else if rest.starts_with("crate::") {
+            Some(Vec::new())
+        } else if rest.starts_with("super::") || rest.starts_with("self::") {
+            Some(module.to_vec())
         } else {
-            let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-            if !name.is_empty() {
-                found.insert(name);
+            None
+        };
+        match base {
+            Some(base) => {
+                let (paths, used) = parse_tree(&bytes[i..], base);
+                out.extend(paths);
+                i += used.max(1);
             }
+            None => i += 1,
         }
     }
-    found
+    out
 }
 
-/// The first segment of each path in a `{...}` group (`text` starts after
-/// the brace).
-fn group_heads(text: &str) -> Vec<String> {
-    let mut heads = Vec::new();
-    let mut depth = 0usize;
-    let mut at_start = true;
-    let mut current = String::new();
-    for c in text.chars() {
-        match c {
-            '{' => depth += 1,
-            '}' if depth == 0 => break,
-            '}' => depth -= 1,
-            ',' if depth == 0 => at_start = true,
-            c if at_start && (c.is_alphanumeric() || c == '_') => current.push(c),
-            _ if at_start && !current.is_empty() => {
-                heads.push(std::mem::take(&mut current));
-                at_start = false;
-            }
-            _ => {}
+/// Parses a path tree (`a::b::{c, d::e}`) at the start of `s`, applying
+/// `super`/`self` to `base`; returns the full paths and the characters used.
+fn parse_tree(s: &[char], base: Vec<String>) -> (Vec<Vec<String>>, usize) {
+    let mut path = base;
+    let mut i = 0;
+    let ident = |at: usize| -> String {
+        s[at..]
+            .iter()
+            .take_while(|c| c.is_alphanumeric() || **c == '_')
+            .collect()
+    };
+    let skip_ws = |mut at: usize| {
+        while at < s.len() && s[at].is_whitespace() {
+            at += 1;
         }
-    }
-    if !current.is_empty() {
-        heads.push(current);
-    }
-    heads.retain(|h| h != "self");
-    heads
-}
-
-/// A cycle in `graph`, as the path that closes it (first node repeated at
-/// the end), if there is one.
-fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
-    fn visit(
-        node: &str,
-        graph: &BTreeMap<String, BTreeSet<String>>,
-        path: &mut Vec<String>,
-        done: &mut BTreeSet<String>,
-    ) -> Option<Vec<String>> {
-        if let Some(at) = path.iter().position(|p| p == node) {
-            let mut cycle = path[at..].to_vec();
-            cycle.push(node.to_string());
-            return Some(cycle);
-        }
-        if done.contains(node) {
-            return None;
-        }
-        path.push(node.to_string());
-        for next in graph.get(node).into_iter().flatten() {
-            if let Some(cycle) = visit(next, graph, path, done) {
-                return Some(cycle);
+        at
+    };
+    loop {
+        i = skip_ws(i);
+        if i < s.len() && s[i] == '{' {
+            let mut paths = Vec::new();
+            i += 1;
+            loop {
+                i = skip_ws(i);
+                if i >= s.len() {
+                    return (paths, i);
+                }
+                if s[i] == '}' {
+                    return (paths, i + 1);
+                }
+                if s[i] == ',' {
+                    i += 1;
+                    continue;
+                }
+                let (inner, used) = parse_tree(&s[i..], path.clone());
+                paths.extend(inner);
+                i += used.max(1);
             }
         }
-        path.pop();
-        done.insert(node.to_string());
-        None
+        let name = ident(i);
+        if name.is_empty() {
+            return (vec![path], i);
+        }
+        i += name.len();
+        match name.as_str() {
+            "crate" => path.clear(),
+            "super" => {
+                path.pop();
+            }
+            "self" => {}
+            _ => path.push(name),
+        }
+        if s.get(i) == Some(&':') && s.get(i + 1) == Some(&':') {
+            i += 2;
+        } else {
+            return (vec![path], i);
+        }
     }
-    let mut done = BTreeSet::new();
-    graph
-        .keys()
-        .find_map(|start| visit(start, graph, &mut Vec::new(), &mut done))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn strings(paths: Vec<Vec<String>>) -> Vec<String> {
+        paths.into_iter().map(|p| p.join("::")).collect()
+    }
+
     #[test]
-    fn paths_groups_and_comments() {
+    fn paths_groups_super_and_comments() {
         let text = "use crate::locks::Locked;\n\
                     use crate::{\n    control::{api::X, state},\n    runtime::mesh, self,\n};\n\
+                    use super::{seal, super::node::Y};\n\
                     // crate::node in a comment\n\
                     /// [`crate::cli::x`] in a doc\n\
-                    let x = crate::metrics::instruments(); $crate::ignored; mesh_crate::no;\n";
-        let found: Vec<String> = referenced_modules(text).into_iter().collect();
-        assert_eq!(found, ["control", "locks", "metrics", "runtime"]);
+                    let x = crate::metrics::instruments(); $crate::ignored; mesh_crate::no;\n\
+                    #[cfg(test)]\nmod tests {\n    use crate::cli::Z;\n}\n";
+        let module = vec!["ca".to_string(), "keystore".to_string()];
+        let found = strings(module_paths(&production_code(text), &module));
+        assert_eq!(
+            found,
+            [
+                "locks::Locked",
+                "control::api::X",
+                "control::state",
+                "runtime::mesh",
+                "",
+                "ca::seal",
+                "node::Y",
+                "metrics::instruments",
+            ]
+        );
     }
 
     #[test]
-    fn files_belong_to_their_top_module() {
-        assert_eq!(top_module(Path::new("control/rpc.rs")).as_deref(), Some("control"));
-        assert_eq!(top_module(Path::new("locks.rs")).as_deref(), Some("locks"));
-        assert_eq!(top_module(Path::new("node/mod.rs")).as_deref(), Some("node"));
-        assert_eq!(top_module(Path::new("lib.rs")), None);
-        assert_eq!(top_module(Path::new("bin/meshctl.rs")), None);
+    fn files_define_modules() {
+        let m = |p: &str| file_module(Path::new(p)).join("::");
+        assert_eq!(m("control/rpc.rs"), "control::rpc");
+        assert_eq!(m("control/state/mod.rs"), "control::state");
+        assert_eq!(m("control/state/tasks.rs"), "control::state::tasks");
+        assert_eq!(m("locks.rs"), "locks");
+        assert_eq!(m("lib.rs"), "");
     }
 
     #[test]
-    fn cycles_are_found_and_named() {
+    fn tangles_are_found_and_named() {
         let graph = |edges: &[(&str, &str)]| {
             let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             for (a, b) in edges {
@@ -248,20 +382,20 @@ mod tests {
             }
             g
         };
-        assert_eq!(
-            find_cycle(&graph(&[
-                ("node", "control"),
-                ("node", "runtime"),
-                ("runtime", "control")
-            ])),
-            None
-        );
-        let cycle = find_cycle(&graph(&[
+        assert!(tangles(&graph(&[
+            ("node", "control"),
+            ("node", "runtime"),
+            ("runtime", "control")
+        ]))
+        .is_empty());
+        let found = tangles(&graph(&[
             ("control", "runtime"),
             ("runtime", "dataplane"),
             ("runtime", "control"),
-        ]))
-        .expect("a cycle");
-        assert_eq!(cycle, ["control", "runtime", "control"]);
+            ("a", "b"),
+            ("b", "c"),
+            ("c", "a"),
+        ]));
+        assert_eq!(found, [vec!["a", "b", "c"], vec!["control", "runtime"]]);
     }
 }

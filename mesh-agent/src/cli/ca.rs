@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 
 use super::{duration_ms, json, table, Client, Format, ListArgs};
-use crate::control::{
-    api::{ApiError, ApiResult, CaView, ClusterRequest, ClusterResponse, OperatorCertView},
-    manager::unix_now,
-    pki::NodeKey,
+use crate::{
+    api::{
+        error::{ApiError, ApiResult},
+        messages::{CaView, ClusterRequest, ClusterResponse, OperatorCertView},
+    },
+    control::{manager::unix_now, pki::NodeKey},
 };
 
 /// `swarm ca`.
@@ -222,7 +224,7 @@ fn utc_text(unix: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::cert_records::Issued;
+    use crate::api::cert_records::Issued;
 
     #[test]
     fn times_print_in_utc() {

@@ -17,18 +17,16 @@ use std::{io::BufRead, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::control::{
+use crate::{
     api::{
-        parse_labels, ApiError, ApiResult, ClusterRequest, ClusterResponse, InitRequest, JoinRequest, LocalRequest,
-        LocalResponse, NodeView, SwarmInfo,
+        error::{ApiError, ApiResult},
+        messages::{
+            parse_labels, ClusterRequest, ClusterResponse, InitRequest, JoinRequest, LocalRequest, LocalResponse,
+            NodeView, PeerRequest, PeerResponse, SwarmInfo,
+        },
+        objects::{node_id_text, Availability, NodeStatus, NodeUpdate, Role},
     },
-    api::{PeerRequest, PeerResponse},
-    local,
-    network::MANAGER_NAME,
-    rpc::RpcClient,
-    rules,
-    state::{node_id_text, Availability, NodeStatus, NodeUpdate, Role},
-    tls,
+    control::{local, network::MANAGER_NAME, rpc::RpcClient, rules, tls},
 };
 
 /// meshctl's command line.
@@ -164,7 +162,7 @@ struct InitArgs {
     #[arg(long, default_value_t = 5)]
     task_history_limit: u32,
     /// UDP port of the overlays' VXLAN traffic (1024 to 49151).
-    #[arg(long, default_value_t = crate::control::state::DEFAULT_DATA_PATH_PORT)]
+    #[arg(long, default_value_t = crate::api::objects::DEFAULT_DATA_PATH_PORT)]
     data_path_port: u16,
 }
 
@@ -525,8 +523,8 @@ async fn run(cli: Cli) -> ApiResult<()> {
         Command::Node(cmd) => node(&client, cmd).await,
         Command::Service(cmd) => service::run(&client, cmd).await,
         Command::Network(cmd) => network::run(&client, cmd).await,
-        Command::Secret(cmd) => secret::run(&client, crate::control::secret::Kind::Secret, cmd).await,
-        Command::Config(cmd) => secret::run(&client, crate::control::secret::Kind::Config, cmd).await,
+        Command::Secret(cmd) => secret::run(&client, crate::api::secret::Kind::Secret, cmd).await,
+        Command::Config(cmd) => secret::run(&client, crate::api::secret::Kind::Config, cmd).await,
         Command::Run(args) => run::run(&client, args).await,
     }
 }

@@ -5,12 +5,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use clap::{Args, Subcommand};
 
 use super::{json, table, Client, Format, ListArgs};
-use crate::{
-    control::{
-        api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, NetworkView},
-        overlay::{Encryption, NetworkSpec},
-        state::node_id_text,
-    },
+use crate::api::{
+    error::{ApiError, ApiResult},
+    messages::{ClusterRequest, ClusterResponse, NetworkView},
+    network::{Encryption, NetworkSpec},
+    objects::node_id_text,
     subnet::Subnet,
 };
 

@@ -11,10 +11,11 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{network::networks, Client};
-use crate::control::{
-    api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, LocalRequest, LocalResponse},
+use crate::api::{
+    error::{ApiError, ApiResult},
+    messages::{ClusterRequest, ClusterResponse, LocalRequest, LocalResponse},
+    objects::node_id_text,
     service::{parse_env, RestartCondition, ServiceSpec, TaskState},
-    state::node_id_text,
 };
 
 /// `meshctl run` flags.

@@ -7,10 +7,11 @@ use std::{collections::BTreeMap, io::Read};
 use clap::Subcommand;
 
 use super::{json, table, Client, Format, ListArgs};
-use crate::control::{
-    api::{ApiError, ApiResult, BlobView, ClusterRequest, ClusterResponse},
+use crate::api::{
+    error::{ApiError, ApiResult},
+    messages::{BlobView, ClusterRequest, ClusterResponse},
+    objects::node_id_text,
     secret::{check_data, check_name, Kind, MAX_SIZE},
-    state::node_id_text,
 };
 
 /// `meshctl secret|config`.

@@ -2,18 +2,19 @@
 //! scale, rm. `create` and `update` follow the tasks until they run, unless
 //! `--detach`.
 
-use crate::control::secret::Kind;
+use crate::api::secret::Kind;
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::{duration_ms, json, table, Client, Format, ListArgs};
-use crate::control::{
-    api::{ApiError, ApiResult, ClusterRequest, ClusterResponse, LocalRequest, LocalResponse, ServiceView, TaskView},
+use crate::api::{
+    error::{ApiError, ApiResult},
+    messages::{ClusterRequest, ClusterResponse, LocalRequest, LocalResponse, ServiceView, TaskView},
+    objects::node_id_text,
     service::{
         parse_env, parse_placement_pref, EndpointMode, FailureAction, HealthCheck, LbAlgorithm, LbOptions, PortPublish,
         Protocol, PublishMode, RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, ServiceUpdate, UpdateConfig,
         UpdateOrder,
     },
-    state::node_id_text,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -543,10 +544,10 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
     Ok(spec)
 }
 
-fn parse_refs(kind: Kind, texts: &[String]) -> ApiResult<Vec<crate::control::secret::BlobRef>> {
+fn parse_refs(kind: Kind, texts: &[String]) -> ApiResult<Vec<crate::api::secret::BlobRef>> {
     texts
         .iter()
-        .map(|t| crate::control::secret::parse_ref(kind, t))
+        .map(|t| crate::api::secret::parse_ref(kind, t))
         .collect::<Result<_, _>>()
         .map_err(ApiError::invalid)
 }
@@ -555,7 +556,7 @@ fn parse_refs(kind: Kind, texts: &[String]) -> ApiResult<Vec<crate::control::sec
 /// any, completed), as `docker service create/update` does without
 /// `--detach`; fails if the update pauses.
 async fn wait_converged(client: &Client, service: &str) -> ApiResult<()> {
-    use crate::control::service::UpdateState;
+    use crate::api::service::UpdateState;
     let mut last = String::new();
     let mut errors_seen = std::collections::BTreeSet::new();
     loop {
@@ -593,7 +594,7 @@ async fn wait_converged(client: &Client, service: &str) -> ApiResult<()> {
             for t in tasks.iter().filter(|t| {
                 matches!(
                     t.task.state,
-                    crate::control::service::TaskState::Failed | crate::control::service::TaskState::Rejected
+                    crate::api::service::TaskState::Failed | crate::api::service::TaskState::Rejected
                 )
             }) {
                 if errors_seen.insert(t.task.id) {
@@ -830,8 +831,8 @@ pub fn task_table(tasks: &[TaskView], now: u64) -> String {
                 format!("{}.{}", v.service_name, t.slot)
             };
             let desired = match t.desired {
-                crate::control::service::DesiredState::Running => "Running",
-                crate::control::service::DesiredState::Shutdown => "Shutdown",
+                crate::api::service::DesiredState::Running => "Running",
+                crate::api::service::DesiredState::Shutdown => "Shutdown",
             };
             let age = now.saturating_sub(t.updated_at);
             vec![
@@ -868,7 +869,7 @@ pub(crate) fn age_text(secs: u64) -> String {
 /// `service inspect --pretty`: the service as docker prints it, one field
 /// a line, sub-fields indented.
 pub fn pretty_text(view: &ServiceView, now_ms: u64) -> String {
-    use crate::control::service::EndpointMode;
+    use crate::api::service::EndpointMode;
     let s = &view.service;
     let spec = &s.spec;
     let mut out = Vec::<(usize, &str, String)>::new();

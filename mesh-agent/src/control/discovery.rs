@@ -9,36 +9,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use serde::{Deserialize, Serialize};
+use crate::api::service::{Assignment, DesiredState, EndpointMode, TaskState};
 
-use super::{
-    service::{Assignment, DesiredState, EndpointMode, LbOptions, TaskState},
-    state::ClusterState,
-};
-
-/// One service as seen from one network.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct ServiceRecord {
-    /// The service's ID.
-    pub service: u64,
-    /// Its name (what tasks resolve).
-    pub name: String,
-    /// Its virtual IP on this network (none in endpoint mode dnsrr).
-    pub vip: Option<Ipv4Addr>,
-    /// Its running tasks on this network: (task ID, address), by task ID.
-    pub tasks: Vec<(u64, Ipv4Addr)>,
-    /// How connections to the VIP are spread.
-    pub lb: LbOptions,
-}
-
-/// The services on one network.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct NetworkServices {
-    /// The network's ID.
-    pub network: u64,
-    /// Its services, by service ID (shared, as `NetworkPeers::peers`).
-    pub services: super::encoded::Encoded<Vec<ServiceRecord>>,
-}
+use crate::api::assignment::discovery::{NetworkServices, ServiceRecord};
+use crate::api::store::ClusterState;
 
 /// What node `tasks`' networks hold.
 pub fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServices> {
@@ -101,10 +75,12 @@ pub fn by_network(state: &ClusterState, networks: &BTreeSet<u64>) -> BTreeMap<u6
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{
-        orchestrator::tests_support::{self, service},
-        overlay::{NetworkAttachment, TaskNetwork},
-        service::{Task, TaskSpec},
+    use crate::{
+        api::{
+            network::{NetworkAttachment, TaskNetwork},
+            service::{Task, TaskSpec},
+        },
+        control::orchestrator::tests_support::{self, service},
     };
 
     fn task(id: u64, service: u64, state: TaskState, address: [u8; 4]) -> Task {
@@ -144,7 +120,7 @@ mod tests {
                     network: 5,
                     name: "front".into(),
                     vni: 4096,
-                    subnet: crate::subnet::Subnet::parse("10.0.0.0/24").unwrap(),
+                    subnet: crate::api::subnet::Subnet::parse("10.0.0.0/24").unwrap(),
                     gateway: Ipv4Addr::new(10, 0, 0, 1),
                     address: Ipv4Addr::new(10, 0, 0, 3),
                     mtu: None,

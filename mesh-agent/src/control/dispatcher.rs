@@ -7,7 +7,7 @@
 //! giving every node a full grace period, so a leader change alone never
 //! marks nodes Down.
 
-use crate::control::secret::{task_files, BlobRef, Kind};
+use crate::api::secret::{task_files, BlobRef, Kind};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
@@ -16,15 +16,19 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use super::{
-    api::Assignments,
-    encoded::Encoded,
-    ipsec::ipsec_assignment,
-    overlay::{NetworkPeers, Peer, TaskNetwork},
-    parts::PartRef,
+use crate::api::{encoded::Encoded, messages::PartRef};
+
+use crate::api::{
+    messages::Assignments,
     service::{Assignment, Task, TaskSpec},
-    state::{node_id_text, ClusterState, NodeId, NodeStatus},
-    tunnel::tunnel_assignment,
+};
+
+use super::{ipsec::ipsec_assignment, tunnel::tunnel_assignment};
+
+use crate::api::{
+    network::{NetworkPeers, Peer, TaskNetwork},
+    objects::{node_id_text, NodeId, NodeStatus},
+    store::ClusterState,
 };
 
 /// When the leader last heard from each node.
@@ -120,10 +124,10 @@ pub struct DispatchIndex {
     /// The nodes with an unended task on each network (sorted).
     network_nodes: BTreeMap<u64, Vec<NodeId>>,
     /// Each network's services (DNS and VIPs).
-    services: BTreeMap<u64, Shared<Vec<crate::control::discovery::ServiceRecord>>>,
+    services: BTreeMap<u64, Shared<Vec<crate::api::assignment::discovery::ServiceRecord>>>,
     /// What every node's routing mesh draws on (`None`: no port is
     /// published).
-    mesh: Option<Shared<crate::control::mesh::MeshFleet>>,
+    mesh: Option<Shared<crate::api::assignment::mesh::MeshFleet>>,
 }
 
 impl DispatchIndex {
@@ -162,7 +166,7 @@ impl DispatchIndex {
                 .into_iter()
                 .map(|(id, services)| (id, Shared::new(services)))
                 .collect(),
-            mesh: crate::control::mesh::MeshFleet::of(state).map(Shared::new),
+            mesh: crate::api::assignment::mesh::MeshFleet::of(state).map(Shared::new),
         }
     }
 }
@@ -303,7 +307,7 @@ pub fn assignments_with(
                         })
                     })
                     .collect(),
-                files: if task.desired == crate::control::service::DesiredState::Running {
+                files: if task.desired == crate::api::service::DesiredState::Running {
                     let refs: Vec<(Kind, &BlobRef)> = [Kind::Secret, Kind::Config]
                         .into_iter()
                         .flat_map(|k| s.spec.refs(k).iter().map(move |r| (k, r)))
@@ -332,10 +336,10 @@ pub fn assignments_with(
     let data_path_port = state
         .cluster
         .as_ref()
-        .map_or(crate::control::state::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
+        .map_or(crate::api::objects::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
     let tunnel = tunnel_assignment(state, node, &tasks, &networks);
     let ipsec = ipsec_assignment(state, node, &tasks, &networks, data_path_port);
-    let mesh = index.mesh.as_ref().map(|fleet| crate::control::mesh::NodeMesh {
+    let mesh = index.mesh.as_ref().map(|fleet| crate::api::assignment::mesh::NodeMesh {
         fleet: fleet.value.clone(),
         node,
     });
@@ -390,7 +394,7 @@ pub fn assignments_with(
         .collect();
     let services = services
         .into_iter()
-        .map(|(network, s)| crate::control::discovery::NetworkServices {
+        .map(|(network, s)| crate::api::assignment::discovery::NetworkServices {
             network,
             services: s.value.clone(),
         })
@@ -432,9 +436,10 @@ fn network_peers(state: &ClusterState, index: &DispatchIndex, tasks: &[Assignmen
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{
-        parts,
-        state::{tests::node, Node, Role},
+    use crate::api::parts;
+    use crate::{
+        api::objects::{Node, Role},
+        control::state::tests::node,
     };
 
     fn with_nodes(statuses: &[(NodeId, NodeStatus)]) -> ClusterState {
@@ -483,10 +488,9 @@ mod tests {
 
     #[test]
     fn assignments_list_live_tasks_and_change_digest_with_them() {
-        use crate::control::{
-            orchestrator::tests_support,
-            service::{DesiredState, TaskState},
-            state::tests::initialised,
+        use crate::{
+            api::service::{DesiredState, TaskState},
+            control::{orchestrator::tests_support, state::tests::initialised},
         };
         let mut s = initialised();
         s.services
@@ -509,7 +513,10 @@ mod tests {
 
     #[test]
     fn the_digest_changes_when_a_task_stops_waiting_for_its_peers_not_as_they_catch_up() {
-        use crate::control::{orchestrator::tests_support, service::TaskState, state::tests::initialised};
+        use crate::{
+            api::service::TaskState,
+            control::{orchestrator::tests_support, state::tests::initialised},
+        };
         let mut s = initialised();
         s.services.insert(7, tests_support::service(7));
         s.tasks
@@ -528,12 +535,14 @@ mod tests {
 
     #[test]
     fn every_node_gets_one_shared_mesh_fleet_and_draws_its_own_ports_from_it() {
-        use crate::control::{
-            orchestrator::tests_support,
-            service::{PortPublish, TaskState},
-            state::{
-                tests::{initialised, node},
-                Role,
+        use crate::{
+            api::{
+                objects::Role,
+                service::{PortPublish, TaskState},
+            },
+            control::{
+                orchestrator::tests_support,
+                state::tests::{initialised, node},
             },
         };
         let mut s = initialised();
@@ -586,11 +595,12 @@ mod tests {
 
     #[test]
     fn a_secret_goes_only_to_the_node_running_a_task_that_uses_it_while_it_runs() {
-        use crate::control::{
-            orchestrator::tests_support,
-            secret::{parse_ref, Blob, Kind},
-            service::{DesiredState, TaskState},
-            state::tests::initialised,
+        use crate::{
+            api::{
+                secret::{parse_ref, Blob, Kind},
+                service::{DesiredState, TaskState},
+            },
+            control::{orchestrator::tests_support, state::tests::initialised},
         };
         let mut s = initialised();
         let mut service = tests_support::service(7);
@@ -624,18 +634,24 @@ mod tests {
 
     #[test]
     fn nodes_learn_the_peers_of_their_networks_only() {
-        use crate::control::{
-            orchestrator::tests_support,
-            overlay::{allocate_network, NetworkAttachment, NetworkSpec, Pools},
-            service::{Task, TaskState},
-            state::{tests::initialised, tests::node, Role},
+        use crate::{
+            api::{
+                network::{NetworkAttachment, NetworkSpec},
+                objects::Role,
+                service::{Task, TaskState},
+            },
+            control::{
+                orchestrator::tests_support,
+                overlay::{allocate_network, Pools},
+                state::tests::{initialised, node},
+            },
         };
         let mut s = initialised();
         for id in [5, 6, 7] {
             s.nodes.insert(id, node(id, Role::Worker));
         }
         let pools = Pools {
-            pools: vec![crate::subnet::Subnet::parse("10.0.0.0/8").unwrap()],
+            pools: vec![crate::api::subnet::Subnet::parse("10.0.0.0/8").unwrap()],
             mask_len: 24,
         };
         let app = allocate_network(

@@ -11,74 +11,17 @@
 //! accepting the previous key's associations, so a peer still sending
 //! with them loses nothing.
 
-use serde::{Deserialize, Serialize};
-use std::{fmt, net::Ipv4Addr};
+use crate::api::overlay_key::OverlayKey;
 
-use super::{
-    overlay::{Encryption, NetworkPeers},
-    service::Assignment,
-    state::{ClusterState, NodeId},
-    tunnel::{encrypted_peers, OverlayKey},
+use crate::api::{
+    network::{Encryption, NetworkPeers},
+    objects::NodeId,
+    store::ClusterState,
 };
 
-/// The UDP port IPsec networks' VXLAN uses: the one after the swarm's
-/// data-path port (the one before, for 65535), so the kernel's policies
-/// can tell it from plain VXLAN. Only ESP crosses the wire.
-pub fn ipsec_vxlan_port(data_path_port: u16) -> u16 {
-    data_path_port.checked_add(1).unwrap_or(data_path_port - 1)
-}
-
-/// An AES-GCM key and its salt (never printed).
-#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
-pub struct EspKey(pub [u8; 20]);
-
-impl fmt::Debug for EspKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("EspKey(..)")
-    }
-}
-
-/// One direction's security association.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct EspSa {
-    /// Its SPI.
-    pub spi: u32,
-    /// Its key.
-    pub key: EspKey,
-}
-
-/// The associations with one peer under one overlay key.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct EspEpoch {
-    /// The overlay key's epoch.
-    pub epoch: u64,
-    /// What this node sends to the peer with.
-    pub outbound: EspSa,
-    /// What the peer sends to this node with.
-    pub inbound: EspSa,
-}
-
-/// Another node as this node's IPsec needs it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct EspPeer {
-    /// Its node ID.
-    pub node: NodeId,
-    /// Its data-path address.
-    pub address: Ipv4Addr,
-    /// The current key's associations first, then the previous key's.
-    pub epochs: Vec<EspEpoch>,
-}
-
-/// What a node running tasks on IPsec networks is told.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct IpsecAssignment {
-    /// The UDP port its IPsec networks' VXLAN uses.
-    pub port: u16,
-    /// The current overlay key's epoch.
-    pub key_epoch: u64,
-    /// The nodes its IPsec networks have endpoints on.
-    pub peers: Vec<EspPeer>,
-}
+use super::tunnel::encrypted_peers;
+use crate::api::assignment::ipsec::{ipsec_vxlan_port, EspEpoch, EspKey, EspPeer, EspSa, IpsecAssignment};
+use crate::api::service::Assignment;
 
 fn epoch_with(key: &OverlayKey, node: NodeId, peer: NodeId) -> EspEpoch {
     let (out_spi, out_key) = key.esp_sa(node, peer);

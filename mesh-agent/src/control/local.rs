@@ -19,7 +19,10 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use super::api::{ApiError, ApiResult, LocalRequest, LocalResponse};
+use crate::api::{
+    error::{ApiError, ApiResult},
+    messages::{LocalRequest, LocalResponse},
+};
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mesh/mesh.sock";

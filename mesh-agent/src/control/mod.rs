@@ -23,11 +23,8 @@
 //!   [`parts`]: those parts held back from a node that has them (pure);
 //!   [`propagation`]: which nodes have learnt a starting task's endpoint (pure).
 
-pub mod api;
-pub mod cert_records;
 pub mod discovery;
 pub mod dispatcher;
-pub mod encoded;
 pub mod ipsec;
 pub mod keystore;
 pub mod local;
@@ -36,17 +33,12 @@ pub mod mesh;
 pub mod network;
 pub mod orchestrator;
 pub mod overlay;
-pub mod parts;
 pub mod pki;
 pub mod propagation;
-pub mod raft_types;
 pub mod rpc;
 pub mod rules;
 pub mod scheduler;
 pub mod seal;
-pub mod secret;
-pub mod secret_text;
-pub mod service;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -54,4 +46,3 @@ pub mod token;
 pub mod tunnel;
 pub mod updater;
 pub mod visualizer;
-pub mod wire_bytes;

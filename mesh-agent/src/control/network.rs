@@ -19,12 +19,14 @@ use openraft::{
 };
 use rustls::{pki_types::ServerName, ClientConfig};
 
-use super::{
-    api::{PeerRequest, PeerResponse},
+use crate::api::{
+    messages::{PeerRequest, PeerResponse},
     raft_types::TypeConfig,
-    rpc::{RpcClient, RpcError},
-    state::{node_id_text, NodeId},
 };
+
+use super::rpc::{RpcClient, RpcError};
+
+use crate::api::objects::{node_id_text, NodeId};
 
 /// A client for one peer.
 pub type PeerClient = RpcClient<PeerRequest, PeerResponse>;

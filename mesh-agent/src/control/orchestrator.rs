@@ -8,12 +8,18 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
-    overlay::{self, NetworkAttachment},
+    overlay,
     scheduler::{self, Grace, Placement, SchedNode, SchedTask},
-    service::{place_of, should_restart, DesiredState, Place, Service, ServiceMode, Task, TaskState},
-    state::{ClusterState, Command, NodeId, NodeStatus},
     updater,
 };
+
+use crate::api::{
+    network::NetworkAttachment,
+    objects::{NodeId, NodeStatus},
+    store::{ClusterState, Command},
+};
+
+use crate::api::service::{place_of, should_restart, DesiredState, Place, Service, ServiceMode, Task, TaskState};
 
 /// How long a Down node keeps its tasks before they are replaced elsewhere.
 pub const DOWN_GRACE_SECS: u64 = 5;
@@ -120,7 +126,7 @@ pub fn placement_of(service: &Service) -> Placement {
             .spec
             .constraints
             .iter()
-            .filter_map(|c| scheduler::Constraint::parse(c).ok())
+            .filter_map(|c| crate::api::service::Constraint::parse(c).ok())
             .collect(),
         spread_over: service.spec.spread_over.clone(),
         max_per_node: service.spec.max_per_node,
@@ -385,9 +391,9 @@ impl<'a> AddressBook<'a> {
 /// Fixtures shared with other modules' tests.
 #[cfg(test)]
 pub(crate) mod tests_support {
-    use crate::control::{
+    use crate::api::{
+        objects::NodeId,
         service::{DesiredState, Service, ServiceSpec, Task, TaskState},
-        state::NodeId,
     };
 
     /// A replicated service of 1 running `sleep 1000`.
@@ -427,7 +433,10 @@ pub(crate) mod tests_support {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::state::{tests::node, Availability, Role};
+    use crate::{
+        api::objects::{Availability, Role},
+        control::state::tests::node,
+    };
 
     fn cluster(nodes: usize) -> ClusterState {
         let mut s = crate::control::state::tests::initialised();
@@ -435,7 +444,7 @@ mod tests {
         for id in 1..=nodes as u64 {
             s.nodes.insert(
                 id,
-                crate::control::state::Node {
+                crate::api::objects::Node {
                     status: NodeStatus::Ready,
                     ..node(id, Role::Worker)
                 },
@@ -458,7 +467,7 @@ mod tests {
         };
         match plan(state, now * 1000, &mut ids) {
             Some(cmd) => {
-                assert_eq!(state.apply(&cmd), crate::control::state::CommandResponse::Applied);
+                assert_eq!(state.apply(&cmd), crate::api::store::CommandResponse::Applied);
                 true
             }
             None => false,
@@ -556,20 +565,20 @@ mod tests {
     #[test]
     fn tasks_get_one_free_address_per_network_or_wait_pending_for_one() {
         let mut s = cluster(3);
-        let spec = overlay::NetworkSpec {
+        let spec = crate::api::network::NetworkSpec {
             name: "app".into(),
-            subnet: Some(crate::subnet::Subnet::parse("10.9.0.0/24").unwrap()),
-            ip_range: Some(crate::subnet::Subnet::parse("10.9.0.0/29").unwrap()),
+            subnet: Some(crate::api::subnet::Subnet::parse("10.9.0.0/24").unwrap()),
+            ip_range: Some(crate::api::subnet::Subnet::parse("10.9.0.0/29").unwrap()),
             ..Default::default()
         };
         let pools = overlay::Pools {
-            pools: vec![crate::subnet::Subnet::parse("10.0.0.0/8").unwrap()],
+            pools: vec![crate::api::subnet::Subnet::parse("10.0.0.0/8").unwrap()],
             mask_len: 24,
         };
         let net = overlay::allocate_network(&spec, &[], &pools, 77, 0).unwrap();
         assert_eq!(
             s.apply(&Command::CreateNetwork(Box::new(net.clone()))),
-            crate::control::state::CommandResponse::Applied
+            crate::api::store::CommandResponse::Applied
         );
         let mut svc = service(1, ServiceMode::Replicated { replicas: 7 });
         svc.spec.networks = vec!["app".into()];
@@ -597,7 +606,7 @@ mod tests {
         // The network cannot go while tasks hold addresses on it.
         assert!(matches!(
             s.apply(&Command::RemoveNetwork { id: 77 }),
-            crate::control::state::CommandResponse::Refused(_)
+            crate::api::store::CommandResponse::Refused(_)
         ));
         // Nor may two tasks share an address: with the range full, a plan
         // whose address was taken meanwhile is refused.
@@ -612,20 +621,20 @@ mod tests {
                 orphaned: vec![],
                 at: 2,
             }),
-            crate::control::state::CommandResponse::Refused(_)
+            crate::api::store::CommandResponse::Refused(_)
         ));
     }
 
     #[test]
     fn an_address_taken_since_the_plan_is_replaced_by_a_free_one() {
         let mut s = cluster(3);
-        let spec = overlay::NetworkSpec {
+        let spec = crate::api::network::NetworkSpec {
             name: "app".into(),
-            subnet: Some(crate::subnet::Subnet::parse("10.9.0.0/24").unwrap()),
+            subnet: Some(crate::api::subnet::Subnet::parse("10.9.0.0/24").unwrap()),
             ..Default::default()
         };
         let pools = overlay::Pools {
-            pools: vec![crate::subnet::Subnet::parse("10.0.0.0/8").unwrap()],
+            pools: vec![crate::api::subnet::Subnet::parse("10.0.0.0/8").unwrap()],
             mask_len: 24,
         };
         let net = overlay::allocate_network(&spec, &[], &pools, 77, 0).unwrap();
@@ -648,7 +657,7 @@ mod tests {
                 orphaned: vec![],
                 at: 1,
             }),
-            crate::control::state::CommandResponse::Applied
+            crate::api::store::CommandResponse::Applied
         );
         let got = s.tasks[&99].attachments[0].address;
         assert_ne!(got, taken);
@@ -661,7 +670,7 @@ mod tests {
     fn end(state: &mut ClusterState, id: u64, how: TaskState, at_ms: u64) {
         let node = state.tasks[&id].node.unwrap();
         for step in [TaskState::Running, how] {
-            let report = crate::control::service::TaskReport {
+            let report = crate::api::service::TaskReport {
                 task: id,
                 state: step,
                 message: "exit status 1".into(),
@@ -678,8 +687,8 @@ mod tests {
     fn restart_policy_waits_its_delay_counts_attempts_and_gives_up() {
         let mut s = cluster(2);
         let mut svc = service(1, ServiceMode::Replicated { replicas: 1 });
-        svc.spec.restart = crate::control::service::RestartPolicy {
-            condition: crate::control::service::RestartCondition::OnFailure,
+        svc.spec.restart = crate::api::service::RestartPolicy {
+            condition: crate::api::service::RestartCondition::OnFailure,
             delay_ms: 3000,
             max_attempts: 2,
         };
@@ -708,7 +717,7 @@ mod tests {
 
     #[test]
     fn on_failure_leaves_completed_tasks_alone_and_any_restarts_them() {
-        use crate::control::service::RestartCondition;
+        use crate::api::service::RestartCondition;
         let mut s = cluster(1);
         let mut svc = service(1, ServiceMode::Global);
         svc.spec.restart.condition = RestartCondition::OnFailure;
@@ -731,7 +740,7 @@ mod tests {
         assert_eq!(running_per_node(&s), [(1, 1), (2, 1)].into());
         s.nodes.insert(
             3,
-            crate::control::state::Node {
+            crate::api::objects::Node {
                 status: NodeStatus::Ready,
                 ..node(3, Role::Worker)
             },

@@ -18,8 +18,8 @@ use rustls::pki_types::{pem::PemObject, CertificateDer};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::cert_records::Issued;
-use super::state::{node_id_text, parse_node_id, NodeId, Role};
+use crate::api::cert_records::Issued;
+use crate::api::objects::{node_id_text, parse_node_id, NodeId, Role};
 
 /// DNS name in every manager certificate.
 pub const MANAGER_DNS: &str = "mesh-manager";

@@ -19,11 +19,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
-    dispatcher::DispatchIndex,
-    service::{DesiredState, Task, TaskState},
-    state::{ClusterState, NodeId, NodeStatus},
+use super::dispatcher::DispatchIndex;
+
+use crate::api::{
+    objects::{NodeId, NodeStatus},
+    store::ClusterState,
 };
+
+use crate::api::service::{DesiredState, Task, TaskState};
 
 /// How long a network's tally of its nodes' progress is reused: waiting
 /// nodes ask again every few tens of milliseconds, and a tally costs one
@@ -157,12 +160,11 @@ impl Propagation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{
-        orchestrator::tests_support,
-        overlay::NetworkAttachment,
-        state::{
-            tests::{initialised, node},
-            Role,
+    use crate::{
+        api::{network::NetworkAttachment, objects::Role},
+        control::{
+            orchestrator::tests_support,
+            state::tests::{initialised, node},
         },
     };
     use std::net::Ipv4Addr;

@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use crate::api::msgpack::from_msgpack;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ServerConfig};
 use serde::de::{DeserializeOwned, IgnoredAny};
@@ -667,19 +668,6 @@ pub fn decode_request<Req: DeserializeOwned>(body: &[u8]) -> Result<(u64, Req), 
     from_msgpack(body).map_err(|error| RpcError::Decode(format!("request: {error}")))
 }
 
-/// How deeply a message may nest. The messages nest a few tens of levels
-/// at most, and decoding recurses once per level: without a bound, a
-/// small frame of requests each forwarded inside the next (10 KB, before
-/// any authentication) overflowed the stack and aborted the agent.
-pub const MAX_DEPTH: usize = 64;
-
-/// Decodes msgpack with the nesting bound.
-pub fn from_msgpack<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
-    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
-    de.set_max_depth(MAX_DEPTH);
-    T::deserialize(&mut de)
-}
-
 /// Decodes a response frame's body as the client does: a body whose id can
 /// be read fails only that call (the inner error); one without a readable
 /// id is an error that breaks the connection.
@@ -1210,7 +1198,7 @@ mod tests {
 
     #[test]
     fn a_deeply_nested_request_is_refused_without_exhausting_the_stack() {
-        use crate::control::api::{LogQuery, Origin, PeerRequest};
+        use crate::api::messages::{LogQuery, Origin, PeerRequest};
         let nest = |levels: usize| {
             let mut request = PeerRequest::ReadLogs(LogQuery {
                 tasks: vec![],
@@ -1250,7 +1238,7 @@ mod tests {
 
     #[test]
     fn a_whole_cluster_state_fits_the_nesting_bound() {
-        use crate::control::state::{tests::initialised, Command};
+        use crate::{api::store::Command, control::state::tests::initialised};
         let mut state = initialised();
         let service = crate::control::orchestrator::tests_support::service(7);
         state.services.insert(7, service);

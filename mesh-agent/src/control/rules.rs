@@ -7,15 +7,21 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use crate::subnet::Subnet;
+use crate::api::subnet::Subnet;
 
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 
-use super::{
-    api::{ApiError, ApiResult, CaView},
+use crate::api::{
     cert_records::{self, Refusal},
-    pki,
-    state::{node_id_text, ClusterState, NodeId, NodeStatus, Role},
+    error::{ApiError, ApiResult},
+    messages::CaView,
+};
+
+use super::pki;
+
+use crate::api::{
+    objects::{node_id_text, NodeId, NodeStatus, Role},
+    store::ClusterState,
 };
 
 /// The cluster port, as Swarm's 2377.
@@ -72,7 +78,7 @@ fn ids(list: &[NodeId]) -> String {
 /// published ports are free (`except`: the service being updated).
 pub fn check_service_in_cluster(
     state: &ClusterState,
-    spec: &crate::control::service::ServiceSpec,
+    spec: &crate::api::service::ServiceSpec,
     except: Option<u64>,
 ) -> ApiResult<()> {
     // First, so a retried create whose first attempt landed hears that,
@@ -96,10 +102,7 @@ pub fn check_service_in_cluster(
             "network {net} not found (`meshctl network ls` lists them; `meshctl network create --driver overlay {net}` makes it)"
         )));
     }
-    for kind in [
-        crate::control::secret::Kind::Secret,
-        crate::control::secret::Kind::Config,
-    ] {
+    for kind in [crate::api::secret::Kind::Secret, crate::api::secret::Kind::Config] {
         if let Some(r) = spec
             .refs(kind)
             .iter()
@@ -146,25 +149,25 @@ pub fn check_service_in_cluster(
 /// The ports the swarm itself uses on every node's addresses, which no
 /// service may publish: the nodes' cluster ports, VXLAN, IPsec's VXLAN,
 /// the routing mesh's tunnel and WireGuard.
-fn swarm_ports(state: &ClusterState) -> Vec<(u16, crate::control::service::Protocol, &'static str)> {
-    use crate::control::service::Protocol::{Tcp, Udp};
+fn swarm_ports(state: &ClusterState) -> Vec<(u16, crate::api::service::Protocol, &'static str)> {
+    use crate::api::service::Protocol::{Tcp, Udp};
     let data = state
         .cluster
         .as_ref()
-        .map_or(crate::control::state::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
+        .map_or(crate::api::objects::DEFAULT_DATA_PATH_PORT, |c| c.data_path_port);
     let mut ports = vec![
         (data, Udp, "overlay VXLAN"),
         (
-            crate::control::ipsec::ipsec_vxlan_port(data),
+            crate::api::assignment::ipsec::ipsec_vxlan_port(data),
             Udp,
             "IPsec overlays' VXLAN",
         ),
         (
-            crate::control::mesh::tunnel_port(data),
+            crate::api::assignment::mesh::tunnel_port(data),
             Udp,
             "the routing mesh's tunnel",
         ),
-        (crate::control::tunnel::WIREGUARD_PORT, Udp, "WireGuard"),
+        (crate::api::assignment::tunnel::WIREGUARD_PORT, Udp, "WireGuard"),
     ];
     for n in state.nodes.values() {
         if let Some(port) = n.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()) {
@@ -189,7 +192,7 @@ pub fn resolve_network(state: &ClusterState, text: &str) -> ApiResult<u64> {
 }
 
 /// Finds a secret or config by name, full ID or unique ID prefix.
-pub fn resolve_blob(state: &ClusterState, kind: crate::control::secret::Kind, text: &str) -> ApiResult<u64> {
+pub fn resolve_blob(state: &ClusterState, kind: crate::api::secret::Kind, text: &str) -> ApiResult<u64> {
     let blobs = state.blobs(kind).values().map(|b| (b.id, b.name.as_str()));
     resolve(kind.name(), blobs, text)
 }
@@ -548,7 +551,7 @@ pub fn check_data_path_port(port: u16) -> ApiResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::state::{tests::node as test_node, Node};
+    use crate::{api::objects::Node, control::state::tests::node as test_node};
 
     fn state(nodes: &[(NodeId, &str, Role, NodeStatus)]) -> ClusterState {
         let mut s = ClusterState::default();
@@ -565,7 +568,7 @@ mod tests {
 
     #[test]
     fn a_service_name_taken_is_reported_before_its_ports() {
-        use crate::control::service::PortPublish;
+        use crate::api::service::PortPublish;
         let mut s = ClusterState::default();
         let mut web = crate::control::orchestrator::tests_support::service(1);
         web.spec.name = "web".into();
@@ -610,11 +613,11 @@ mod tests {
             .contains("give more characters"));
         assert_eq!(
             resolve_node(&s, "zzz").unwrap_err().kind,
-            crate::control::api::ErrorKind::NotFound
+            crate::api::error::ErrorKind::NotFound
         );
         assert_eq!(
             resolve_node(&s, " ").unwrap_err().kind,
-            crate::control::api::ErrorKind::InvalidArgument
+            crate::api::error::ErrorKind::InvalidArgument
         );
     }
 
@@ -728,7 +731,7 @@ mod tests {
         assert!(check_caller(&s, caller(6, Role::Worker), Role::Worker, 0).is_ok());
         let denied = |r: ApiResult<()>| r.map_err(|e| (e.kind, e.message)).unwrap_err();
         let (kind, why) = denied(check_caller(&s, caller(6, Role::Manager), Role::Manager, 0));
-        assert_eq!(kind, crate::control::api::ErrorKind::PermissionDenied);
+        assert_eq!(kind, crate::api::error::ErrorKind::PermissionDenied);
         assert!(why.contains("demoted"), "{why}");
         let (_, why) = denied(check_caller(&s, caller(6, Role::Worker), Role::Manager, 0));
         assert!(why.contains("reserved to managers"), "{why}");
@@ -761,7 +764,7 @@ mod tests {
         n2.data_path_addr = "192.0.2.2".into();
         let at = |a: &str| a.parse::<SocketAddr>().unwrap();
         let why = check_join_addresses(&s, &at("192.0.2.1:2377"), "192.0.2.9").unwrap_err();
-        assert_eq!(why.kind, crate::control::api::ErrorKind::FailedPrecondition);
+        assert_eq!(why.kind, crate::api::error::ErrorKind::FailedPrecondition);
         assert!(
             why.message.contains("advertise address 192.0.2.1:2377") && why.message.contains("(h1)"),
             "{}",
@@ -781,9 +784,9 @@ mod tests {
 
     #[test]
     fn a_renewed_nodes_old_certificate_is_refused_after_the_grace() {
-        use crate::control::{
-            cert_records::NodeCerts,
-            state::tests::{initialised, node},
+        use crate::{
+            api::cert_records::NodeCerts,
+            control::state::tests::{initialised, node},
         };
         let mut s = initialised();
         let mut worker = node(6, Role::Worker);
@@ -796,7 +799,7 @@ mod tests {
         assert!(check_caller(&s, new, Role::Worker, 1000).is_ok());
         assert!(check_caller(&s, caller(6, Role::Worker), Role::Worker, 230).is_ok());
         let why = check_caller(&s, caller(6, Role::Worker), Role::Worker, 231).unwrap_err();
-        assert_eq!(why.kind, crate::control::api::ErrorKind::PermissionDenied);
+        assert_eq!(why.kind, crate::api::error::ErrorKind::PermissionDenied);
         assert!(
             why.message.contains("replaced by one issued at unix time 200"),
             "{}",
@@ -819,9 +822,9 @@ mod tests {
 
     #[test]
     fn previous_roots_go_once_everyone_moved_or_at_their_deadline() {
-        use crate::control::{
-            cert_records::NodeCerts,
-            state::tests::{initialised, node},
+        use crate::{
+            api::cert_records::NodeCerts,
+            control::state::tests::{initialised, node},
         };
         let mut s = initialised();
         let root = pki::RootCa::generate("c1").unwrap();

@@ -9,69 +9,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::state::{node_id_text, Availability, NodeId, NodeStatus, Role};
+use crate::api::objects::{node_id_text, Availability, NodeId, NodeStatus, Role};
 
-/// What a constraint compares.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConstraintKey {
-    /// `node.id`
-    NodeId,
-    /// `node.hostname`
-    Hostname,
-    /// `node.role` (`manager` or `worker`)
-    Role,
-    /// `node.labels.K`
-    Label(String),
-}
-
-/// `--constraint KEY==VALUE` or `KEY!=VALUE`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Constraint {
-    /// What is compared.
-    pub key: ConstraintKey,
-    /// `==` (true) or `!=` (false).
-    pub equal: bool,
-    /// The value compared with.
-    pub value: String,
-}
+use crate::api::service::{Constraint, ConstraintKey};
 
 impl Constraint {
-    /// Parses `node.labels.zone==a`, `node.role!=manager`, `node.hostname==h1`, `node.id==...`.
-    pub fn parse(text: &str) -> Result<Constraint, String> {
-        let (key, equal, value) = if let Some((k, v)) = text.split_once("==") {
-            (k, true, v)
-        } else if let Some((k, v)) = text.split_once("!=") {
-            (k, false, v)
-        } else {
-            return Err(format!(
-                "invalid constraint {text:?}: expected KEY==VALUE or KEY!=VALUE, e.g. node.labels.zone==a"
-            ));
-        };
-        let (key, value) = (key.trim(), value.trim());
-        if value.is_empty() {
-            return Err(format!("invalid constraint {text:?}: the value is empty"));
-        }
-        let key = match key {
-            "node.id" => ConstraintKey::NodeId,
-            "node.hostname" => ConstraintKey::Hostname,
-            "node.role" if value == "manager" || value == "worker" => ConstraintKey::Role,
-            "node.role" => return Err(format!("invalid constraint {text:?}: node.role is manager or worker")),
-            other => match other.strip_prefix("node.labels.") {
-                Some(label) if !label.is_empty() => ConstraintKey::Label(label.to_string()),
-                _ => {
-                    return Err(format!(
-                        "invalid constraint key {other:?}: use node.id, node.hostname, node.role or node.labels.KEY"
-                    ))
-                }
-            },
-        };
-        Ok(Constraint {
-            key,
-            equal,
-            value: value.to_string(),
-        })
-    }
-
     /// Whether `node` satisfies it (a missing label never equals anything).
     pub fn matches(&self, node: &SchedNode) -> bool {
         let actual = match &self.key {

@@ -36,10 +36,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{
-    raft_types::TypeConfig,
-    seal::DataKey,
-    state::{ClusterState, CommandResponse, NodeId},
+use crate::api::raft_types::TypeConfig;
+
+use super::seal::DataKey;
+
+use crate::api::{
+    objects::NodeId,
+    store::{ClusterState, CommandResponse},
 };
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -496,7 +499,10 @@ mod tests {
     use openraft::{testing::StoreBuilder, CommittedLeaderId};
 
     use super::*;
-    use crate::control::state::{CaState, ClusterSpec, Command, JoinTokens};
+    use crate::api::{
+        objects::{CaState, ClusterSpec, JoinTokens},
+        store::Command,
+    };
 
     fn temp(name: &str) -> PathBuf {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -559,15 +565,15 @@ mod tests {
                 manager: "MESHTKN-1-markermanager".into(),
             },
             unlock_key: Some("MESHKEY-1-markerunlock".into()),
-            first: Box::new(crate::control::state::Node {
+            first: Box::new(crate::api::objects::Node {
                 id: 1,
                 hostname: "markerhost".into(),
-                role: crate::control::state::Role::Manager,
-                availability: crate::control::state::Availability::Active,
+                role: crate::api::objects::Role::Manager,
+                availability: crate::api::objects::Availability::Active,
                 labels: Default::default(),
                 addr: "192.0.2.1:2377".into(),
                 data_path_addr: "192.0.2.1".into(),
-                status: crate::control::state::NodeStatus::Ready,
+                status: crate::api::objects::NodeStatus::Ready,
                 status_message: String::new(),
                 agent_version: "0".into(),
                 wireguard_key: String::new(),
@@ -618,7 +624,7 @@ mod tests {
                 1,
                 2,
                 Command::RotateToken {
-                    role: crate::control::state::Role::Worker,
+                    role: crate::api::objects::Role::Worker,
                     token: "T2".into(),
                 },
             )];
@@ -778,7 +784,7 @@ mod tests {
         let path = dir.join("raft.redb");
         let dek = DataKey::generate();
         let worker = |token: &str| Command::RotateToken {
-            role: crate::control::state::Role::Worker,
+            role: crate::api::objects::Role::Worker,
             token: token.into(),
         };
         let (snapshot_index, last_index) = {
@@ -899,7 +905,7 @@ mod tests {
         let _ = tokio::time::timeout(
             std::time::Duration::from_secs(2),
             raft.client_write(Command::RotateToken {
-                role: crate::control::state::Role::Worker,
+                role: crate::api::objects::Role::Worker,
                 token: "T1".into(),
             }),
         )

@@ -188,9 +188,9 @@ mod tests {
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
-    use crate::control::{
-        pki::{NodeKey, RootCa},
-        state::Role,
+    use crate::{
+        api::objects::Role,
+        control::pki::{NodeKey, RootCa},
     };
 
     struct Node {

@@ -9,10 +9,11 @@
 
 use std::collections::BTreeSet;
 
-use super::{
-    service::{place_of, DesiredState, FailureAction, Place, Service, Task, TaskState, UpdateOrder, UpdateState},
-    state::NodeId,
+use crate::api::service::{
+    place_of, DesiredState, FailureAction, Place, Service, Task, TaskState, UpdateOrder, UpdateState,
 };
+
+use crate::api::objects::NodeId;
 
 /// The updater's verdict for one service.
 #[derive(Debug, Default, PartialEq)]
@@ -24,7 +25,7 @@ pub struct UpdateStep {
     /// Old tasks to shut down.
     pub shutdown: Vec<(u64, String)>,
     /// New progress, when it changed.
-    pub status: Option<super::service::UpdateStatus>,
+    pub status: Option<crate::api::service::UpdateStatus>,
     /// The update failed and rolls back.
     pub rollback: bool,
 }
@@ -93,7 +94,7 @@ pub fn step(service: &Service, tasks: &[&Task], node_ready: &dyn Fn(NodeId) -> b
         status.message = format!(
             "{} paused: task {} failed: {}",
             if rolling_back { "rollback" } else { "update" },
-            super::state::node_id_text(f.id),
+            crate::api::objects::node_id_text(f.id),
             f.message
         );
         out.status = Some(status);
@@ -106,7 +107,7 @@ pub fn step(service: &Service, tasks: &[&Task], node_ready: &dyn Fn(NodeId) -> b
     // refilled yet (it does so in the same pass, after this step).
     let occupied: BTreeSet<Place> = tasks.iter().filter(|t| live(t)).filter_map(|t| place_of(t)).collect();
     let in_range = |p: &Place| match (p, service.spec.mode) {
-        (Place::Slot(s), super::service::ServiceMode::Replicated { replicas }) => *s <= replicas,
+        (Place::Slot(s), crate::api::service::ServiceMode::Replicated { replicas }) => *s <= replicas,
         _ => true,
     };
     let refilling = tasks.iter().any(|t| {
@@ -170,9 +171,9 @@ pub fn step(service: &Service, tasks: &[&Task], node_ready: &dyn Fn(NodeId) -> b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{
-        orchestrator::tests_support::{self, service},
-        service::{UpdateConfig, UpdateStatus},
+    use crate::{
+        api::service::{UpdateConfig, UpdateStatus},
+        control::orchestrator::tests_support::{self, service},
     };
 
     fn task(id: u64, slot: u32, version: u64, state: TaskState) -> Task {

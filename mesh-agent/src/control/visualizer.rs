@@ -4,10 +4,9 @@
 
 use serde::Serialize;
 
-use super::{
-    service::{DesiredState, TaskState},
-    state::{node_id_text, ClusterState},
-};
+use crate::api::service::{DesiredState, TaskState};
+
+use crate::api::{objects::node_id_text, store::ClusterState};
 use crate::metrics::label;
 
 /// A node's column.

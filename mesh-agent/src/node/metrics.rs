@@ -4,7 +4,7 @@
 use super::{Agent, Member, Phase};
 use crate::locks::Locked;
 use crate::{
-    control::{api::Assignments, state::node_id_text},
+    api::{messages::Assignments, objects::node_id_text},
     metrics::{label, ClusterFacts, RaftFacts, Snapshot},
     runtime::mesh::LbBackend,
 };

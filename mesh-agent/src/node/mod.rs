@@ -26,27 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
-use crate::control::{
-    api::{
-        ApiError, ApiResult, Assignments, ClusterRequest, ClusterResponse, ErrorKind, Heartbeat, HeartbeatReply,
-        InitRequest, JoinCall, JoinRequest, LocalRequest, LocalResponse, LogChunk, LogQuery, Origin, PeerRequest,
-        PeerResponse, SwarmInfo,
-    },
-    cert_records::NodeCerts,
-    keystore::{write_private, KeyStore, KeyStoreError, Loaded},
-    manager::{unix_now, Manager, RaftTiming, ASSIGNMENTS_WAIT},
-    network::{Peers, MANAGER_NAME},
-    parts,
-    pki::{self, NodeIdentity, NodeKey, RootCa},
-    rpc::{self, Handler, Peer, RpcClient, RpcError},
-    rules,
-    seal::{DataKey, UnlockKey},
-    secret_text::SecretText,
-    service::TaskReport,
-    state::{node_id_text, Availability, CaState, ClusterSpec, Command, JoinTokens, Node, NodeId, NodeStatus, Role},
-    tls,
-    token::JoinToken,
-};
+use crate::api::parts;
 use crate::runtime::{
     bpffs,
     cgroup::TaskCgroup,
@@ -57,6 +37,31 @@ use crate::runtime::{
     overlay::Overlays,
     supervisor::Supervisor,
     tunnel::{Tunnel, WireguardMode},
+};
+use crate::{
+    api::{
+        cert_records::NodeCerts,
+        error::{ApiError, ApiResult, ErrorKind},
+        messages::{
+            Assignments, ClusterRequest, ClusterResponse, Heartbeat, HeartbeatReply, InitRequest, JoinCall,
+            JoinRequest, LocalRequest, LocalResponse, LogChunk, LogQuery, Origin, PeerRequest, PeerResponse, SwarmInfo,
+        },
+        objects::{node_id_text, Availability, CaState, ClusterSpec, JoinTokens, Node, NodeId, NodeStatus, Role},
+        secret_text::SecretText,
+        service::TaskReport,
+        store::Command,
+    },
+    control::{
+        keystore::{write_private, KeyStore, KeyStoreError, Loaded},
+        manager::{unix_now, Manager, RaftTiming, ASSIGNMENTS_WAIT},
+        network::{Peers, MANAGER_NAME},
+        pki::{self, NodeIdentity, NodeKey, RootCa},
+        rpc::{self, Handler, Peer, RpcClient, RpcError},
+        rules,
+        seal::{DataKey, UnlockKey},
+        tls,
+        token::JoinToken,
+    },
 };
 
 /// How long leaving the swarm waits for the node's tasks to stop.
@@ -481,7 +486,7 @@ impl Agent {
                 cert_expiry_secs: req.cert_expiry_secs,
                 task_history_limit: req.task_history_limit,
                 data_path_port: req.data_path_port,
-                overlay_key_rotation_secs: crate::control::tunnel::DEFAULT_KEY_ROTATION_SECS,
+                overlay_key_rotation_secs: crate::api::objects::DEFAULT_KEY_ROTATION_SECS,
             },
             ca: CaState {
                 root_cert_pem: ca.cert_pem().to_string(),
@@ -917,7 +922,7 @@ impl Member {
         }
     }
 
-    async fn cluster_request(&self, request: ClusterRequest) -> ApiResult<crate::control::api::ClusterResponse> {
+    async fn cluster_request(&self, request: ClusterRequest) -> ApiResult<crate::api::messages::ClusterResponse> {
         if self.manager().is_none() {
             return Err(ApiError::precondition(
                 "this node is not a swarm manager: worker nodes cannot view or change cluster state; run this on a manager, or promote this node (`meshctl node promote`)",
@@ -1028,7 +1033,7 @@ impl Member {
                 cert_not_before: creds.not_before,
                 cert_role: creds.role,
                 cert_ca_digest: ca_digest,
-                wireguard_key: crate::control::tunnel::key_text(&self.overlays.public_key()),
+                wireguard_key: crate::api::assignment::tunnel::key_text(&self.overlays.public_key()),
             }
         };
         match self

@@ -32,7 +32,7 @@ use tokio::{
 };
 
 use super::netns::NetNs;
-use crate::control::discovery::NetworkServices;
+use crate::api::assignment::discovery::NetworkServices;
 
 /// Where tasks reach the responder.
 pub const ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
@@ -453,7 +453,7 @@ async fn forward(upstreams: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{discovery::ServiceRecord, service::LbOptions};
+    use crate::api::{assignment::discovery::ServiceRecord, service::LbOptions};
 
     fn records() -> Records {
         Records::new(&[NetworkServices {

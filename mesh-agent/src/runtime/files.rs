@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::control::secret::{Kind, TaskFile, CONFIGS_DIR, SECRETS_DIR};
+use crate::api::secret::{Kind, TaskFile, CONFIGS_DIR, SECRETS_DIR};
 
 /// The staged files of one task, mounted at `dir` until [`Staged::release`].
 pub struct Staged {

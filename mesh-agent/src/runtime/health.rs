@@ -2,7 +2,7 @@
 //! the start period do not count, a success makes the task healthy, and
 //! `retries` consecutive failures make it unhealthy. Pure.
 
-use crate::control::service::HealthCheck;
+use crate::api::service::HealthCheck;
 
 /// A task's health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    control::ipsec::{EspEpoch, IpsecAssignment},
+    api::assignment::ipsec::{EspEpoch, IpsecAssignment},
     dataplane::xfrm::{self, Direction, Policy, Sa, SaId, Wanted, Xfrm},
 };
 
@@ -187,7 +187,7 @@ impl Ipsec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::ipsec::{EspKey, EspPeer, EspSa};
+    use crate::api::assignment::ipsec::{EspKey, EspPeer, EspSa};
 
     fn epoch(epoch: u64) -> EspEpoch {
         let sa = |spi: u32| EspSa {

@@ -7,7 +7,7 @@
 //! - while the node answers a published port: `tc_ingress` on the underlay
 //!   link (the one holding the data-path address), `tc_reply` on the task
 //!   bridge, `tc_tunnel` on [`TUNNEL_DEVICE`], a metadata-mode VXLAN device
-//!   on the routing-mesh port ([`crate::control::mesh::tunnel_port`]) for nodes off the link,
+//!   on the routing-mesh port ([`crate::api::assignment::mesh::tunnel_port`]) for nodes off the link,
 //!   and `tc_from_task` on the host end of each local task's veth, whose
 //!   index is in the task-links map: requests go straight into a task's
 //!   namespace and its replies skip the bridge;
@@ -39,8 +39,11 @@ use super::{
 };
 use crate::metrics::{BackendFacts, PortFacts};
 use crate::{
-    control::{
-        api::Assignments, discovery::NetworkServices, mesh::MeshAssignment, service::Protocol, state::node_id_text,
+    api::{
+        assignment::{discovery::NetworkServices, mesh::MeshAssignment},
+        messages::Assignments,
+        objects::node_id_text,
+        service::Protocol,
     },
     dataplane::{
         ebpf::{preferred_tc_api, EbpfDataplane, TcApi},
@@ -122,7 +125,7 @@ struct TcPart {
     vtep: Ipv4Addr,
     port: u16,
     /// The underlay subnet: nodes in it are on this node's link.
-    link: Option<crate::subnet::Subnet>,
+    link: Option<crate::api::subnet::Subnet>,
 }
 
 #[derive(Default)]
@@ -383,7 +386,7 @@ fn sync_blocking(
     let published = match &inner.assignment {
         Some((mesh, vtep, port)) => {
             let vtep: Ipv4Addr = vtep.parse().map_err(|_| MeshError::NotIpv4(vtep.clone()))?;
-            Some((mesh.clone(), vtep, crate::control::mesh::tunnel_port(*port)))
+            Some((mesh.clone(), vtep, crate::api::assignment::mesh::tunnel_port(*port)))
         }
         None => None,
     };
@@ -637,7 +640,7 @@ fn setup_tc(
     log::info!("routing mesh: serving published ports on {underlay} ({vtep}), tunnel {TUNNEL_DEVICE} on port {port}");
     let link = prefix.filter(|p| *p <= 32).and_then(|p| {
         let mask = u32::MAX.checked_shl(32 - u32::from(p)).unwrap_or(0);
-        crate::subnet::Subnet::parse(&format!("{}/{p}", Ipv4Addr::from(u32::from(vtep) & mask))).ok()
+        crate::api::subnet::Subnet::parse(&format!("{}/{p}", Ipv4Addr::from(u32::from(vtep) & mask))).ok()
     });
     Ok(TcPart {
         attachments,

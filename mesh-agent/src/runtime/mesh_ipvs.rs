@@ -30,8 +30,8 @@ use std::{
 
 use super::supervisor::task_dir_name;
 use crate::{
-    control::{
-        mesh::MeshAssignment,
+    api::{
+        assignment::mesh::MeshAssignment,
         service::{LbAlgorithm, LbOptions, Protocol, PublishMode},
     },
     dataplane::{
@@ -370,8 +370,8 @@ pub fn remove_leftovers() -> Result<(), IpvsMeshError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{
-        mesh::{MeshBackend, MeshService},
+    use crate::api::{
+        assignment::mesh::{MeshBackend, MeshService},
         service::PortPublish,
     };
 

@@ -16,9 +16,11 @@ use mesh_common::lb::{
 
 use super::network::Attachment;
 use crate::{
-    control::{
-        discovery::{NetworkServices, ServiceRecord},
-        mesh::{MeshAssignment, MeshService},
+    api::{
+        assignment::{
+            discovery::{NetworkServices, ServiceRecord},
+            mesh::{MeshAssignment, MeshService},
+        },
         service::{LbAlgorithm, LbOptions},
     },
     dataplane::{
@@ -638,8 +640,8 @@ fn service_state(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{
-        mesh::MeshBackend,
+    use crate::api::{
+        assignment::mesh::MeshBackend,
         service::{LbOptions, PortPublish},
     };
 

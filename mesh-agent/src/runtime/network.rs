@@ -54,7 +54,7 @@ pub enum NetworkError {
     Adopt(String),
 }
 
-pub use crate::subnet::Subnet;
+pub use crate::api::subnet::Subnet;
 
 /// Checks `--local-pool`: a subnet of /8 to /30 (room for the gateway and
 /// at least one task).

@@ -28,11 +28,10 @@ use super::{
     tunnel::{Tunnel, VXLAN6_OVERHEAD, WIREGUARD_OVERHEAD},
 };
 use crate::{
-    control::{
-        api::Assignments,
-        ipsec::IpsecAssignment,
-        overlay::{Encryption, TaskNetwork},
-        tunnel::TunnelAssignment,
+    api::{
+        assignment::{ipsec::IpsecAssignment, tunnel::TunnelAssignment},
+        messages::Assignments,
+        network::{Encryption, TaskNetwork},
     },
     dataplane::{
         netlink::{Mac, Netlink, NetlinkError},
@@ -525,11 +524,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{
-        overlay::{NetworkPeers, Peer},
+    use crate::api::subnet::Subnet;
+    use crate::api::{
+        network::{NetworkPeers, Peer},
         service::{Assignment, DesiredState, TaskState},
     };
-    use crate::subnet::Subnet;
 
     fn on(network: u64, vni: u32, address: [u8; 4], mtu: Option<u32>) -> TaskNetwork {
         TaskNetwork {
@@ -553,7 +552,7 @@ mod tests {
 
     #[test]
     fn a_node_wants_the_remote_endpoints_of_its_own_networks_only() {
-        let spec = crate::control::service::TaskSpec {
+        let spec = crate::api::service::TaskSpec {
             networks: vec![on(1, 4096, [10, 0, 0, 2], None), on(2, 4097, [10, 0, 1, 2], Some(1400))],
             ..Default::default()
         };
@@ -611,7 +610,7 @@ mod tests {
     fn macs_names_and_mtus() {
         assert_eq!(task_mac([10, 0, 0, 2].into()), [2, 0x42, 10, 0, 0, 2]);
         assert_eq!(host_link_name(0xabc, 1), "m1000000000abc");
-        assert!(host_link_name(u64::MAX, crate::control::overlay::MAX_TASK_NETWORKS).len() <= 15);
+        assert!(host_link_name(u64::MAX, crate::api::network::MAX_TASK_NETWORKS).len() <= 15);
         assert_ne!(host_link_name(7, 1), super::super::network::host_link_name(7));
         assert_eq!(network_mtu(None, Encryption::None, 1500), 1450);
         assert_eq!(
@@ -632,7 +631,7 @@ mod tests {
                 service: 1,
                 desired: DesiredState::Running,
                 state: TaskState::Running,
-                spec: crate::control::service::TaskSpec {
+                spec: crate::api::service::TaskSpec {
                     networks: vec![n],
                     ..Default::default()
                 },
@@ -655,7 +654,7 @@ mod tests {
 
     #[test]
     fn an_encrypted_network_points_at_tunnel_addresses_and_skips_nodes_without_a_peer() {
-        use crate::control::tunnel::{PairKey, TunnelAssignment, TunnelPeerInfo};
+        use crate::api::assignment::tunnel::{PairKey, TunnelAssignment, TunnelPeerInfo};
         let mut n = on(1, 4096, [10, 0, 0, 2], None);
         n.encryption = Encryption::WireGuard;
         let tunnel_of = |last: u16| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last);
@@ -689,7 +688,7 @@ mod tests {
 
     #[test]
     fn an_ipsec_network_waits_for_its_policies_and_skips_nodes_without_keys() {
-        use crate::control::ipsec::{EspEpoch, EspKey, EspPeer, EspSa, IpsecAssignment};
+        use crate::api::assignment::ipsec::{EspEpoch, EspKey, EspPeer, EspSa, IpsecAssignment};
         let mut n = on(1, 4096, [10, 0, 0, 2], None);
         n.encryption = Encryption::Ipsec;
         let sa = EspSa {
@@ -730,7 +729,7 @@ mod tests {
 
     #[test]
     fn at_most_15_networks_per_service() {
-        let mut spec = crate::control::service::ServiceSpec::new("web", vec!["true".into()]);
+        let mut spec = crate::api::service::ServiceSpec::new("web", vec!["true".into()]);
         spec.networks = (0..16).map(|i| format!("n{i}")).collect();
         assert!(spec.validate().unwrap_err().contains("at most 15"));
     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::control::service::{Assignment, DesiredState, TaskReport, TaskState};
+use crate::api::service::{Assignment, DesiredState, TaskReport, TaskState};
 
 /// One step of a node's reconciliation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,7 +105,7 @@ pub fn reconcile(assigned: &[Assignment], retained: &[u64], local: &Local) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::service::TaskSpec;
+    use crate::api::service::TaskSpec;
 
     fn assigned(task: u64, desired: DesiredState, state: TaskState) -> Assignment {
         Assignment {

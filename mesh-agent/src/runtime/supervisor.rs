@@ -33,9 +33,9 @@ use super::{
     plan::{self, Action, Local},
     process::{self, Launch, User},
 };
-use crate::control::{
+use crate::api::{
+    objects::node_id_text,
     service::{Assignment, TaskReport, TaskSpec, TaskState},
-    state::node_id_text,
 };
 
 /// How long a task's process waits for the nodes on its networks to learn
@@ -102,7 +102,7 @@ pub fn task_dir_name(id: u64) -> String {
 }
 
 fn parse_task_dir_name(name: &str) -> Option<u64> {
-    crate::control::state::parse_node_id(name)
+    crate::api::objects::parse_node_id(name)
 }
 
 impl Supervisor {
@@ -600,7 +600,7 @@ async fn graceful_stop(p: &mut Prepared, grace: Duration) {
 /// check's output) until the receiver is gone.
 async fn health_loop(
     pid: u32,
-    check: crate::control::service::HealthCheck,
+    check: crate::api::service::HealthCheck,
     env: BTreeMap<String, String>,
     user: Option<User>,
     verdicts: mpsc::Sender<(Health, String)>,
@@ -620,7 +620,7 @@ async fn health_loop(
 
 async fn run_check(
     pid: u32,
-    check: &crate::control::service::HealthCheck,
+    check: &crate::api::service::HealthCheck,
     env: &BTreeMap<String, String>,
     user: Option<&User>,
 ) -> (bool, String) {

@@ -18,7 +18,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use crate::{
-    control::tunnel::{parse_public_key, TunnelAssignment},
+    api::assignment::tunnel::{parse_public_key, TunnelAssignment},
     dataplane::{
         netlink::{Netlink, NetlinkError},
         nftables::{self, TunnelGuard},

@@ -26,12 +26,11 @@ use std::{
 };
 
 use mesh_agent::{
-    control::{
-        mesh::{MeshAssignment, MeshBackend, MeshService},
+    api::{
+        assignment::mesh::{MeshAssignment, MeshBackend, MeshService},
         service::{LbOptions, PortPublish},
     },
-    dataplane::netlink::Netlink,
-    dataplane::{ebpf::EbpfDataplane, lb::LbMaps},
+    dataplane::{ebpf::EbpfDataplane, lb::LbMaps, netlink::Netlink},
     runtime::{
         mesh::{MeshTables, PROGRAM_INGRESS},
         supervisor::task_dir_name,

@@ -15,11 +15,12 @@ use std::{
 };
 
 use mesh_agent::{
-    control::{
-        orchestrator,
+    api::{
+        objects::{Node, NodeStatus, Role},
         service::{Service, ServiceMode, ServiceSpec},
-        state::{self, ClusterState, Node, NodeStatus, Role},
+        store::ClusterState,
     },
+    control::orchestrator,
     runtime::{
         netns::NetNs,
         network::{LocalNetwork, Subnet},
@@ -152,7 +153,7 @@ fn kernel_floor(n: usize) -> Duration {
 /// The pure scheduler on 100 simulated nodes and 1,000 services.
 fn scheduler() {
     let mut state: ClusterState = ClusterState::default();
-    state.cluster = Some(state::ClusterSpec {
+    state.cluster = Some(mesh_agent::api::objects::ClusterSpec {
         id: "bench".into(),
         created_at: 0,
         default_addr_pool: vec![],
@@ -162,7 +163,7 @@ fn scheduler() {
         heartbeat_misses_down: 3,
         cert_expiry_secs: 3600,
         task_history_limit: 5,
-        data_path_port: state::DEFAULT_DATA_PATH_PORT,
+        data_path_port: mesh_agent::api::objects::DEFAULT_DATA_PATH_PORT,
         overlay_key_rotation_secs: 43200,
     });
     for id in 1..=100u64 {
@@ -173,7 +174,7 @@ fn scheduler() {
                 hostname: format!("sim{id}"),
                 role: Role::Worker,
                 status: NodeStatus::Ready,
-                availability: state::Availability::Active,
+                availability: mesh_agent::api::objects::Availability::Active,
                 labels: [("zone".to_string(), format!("z{}", id % 4))].into(),
                 addr: format!("10.0.{}.{}:2377", id / 250, id % 250),
                 data_path_addr: String::new(),
@@ -214,7 +215,7 @@ fn scheduler() {
     .expect("a plan");
     let took = t0.elapsed();
     let placed = match &plan {
-        state::Command::ApplyPlan { create, .. } => create.len(),
+        mesh_agent::api::store::Command::ApplyPlan { create, .. } => create.len(),
         _ => 0,
     };
     state.apply(&plan);

@@ -14,10 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent::control::{
-    api::{ClusterRequest, LocalRequest},
-    local,
-    state::NodeUpdate,
+use mesh_agent::{
+    api::{
+        messages::{ClusterRequest, LocalRequest},
+        objects::NodeUpdate,
+    },
+    control::local,
 };
 use mesh_tests::{require_root, swarm::Swarm};
 

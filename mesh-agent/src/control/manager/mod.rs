@@ -24,30 +24,36 @@ use std::{
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use rand::Rng;
 
-use super::{
-    api::{
-        ApiError, ApiResult, Assignments, ClusterRequest, ClusterResponse, Endpoint, Heartbeat, HeartbeatReply,
-        JoinCall, JoinReply, NetworkView, NodeView, OperatorCertView, ServiceView, TaskView,
-    },
+use crate::api::{messages::PartDigest, parts};
+
+use crate::api::{
     cert_records::NodeCerts,
-    dispatcher::{self, down_after, Liveness},
-    network::{Peers, RaftNet},
-    orchestrator, overlay,
-    parts::{self, PartDigest},
-    pki::{self, NodeIdentity, RootCa},
-    propagation::Propagation,
+    error::{ApiError, ApiResult},
+    messages::{
+        Assignments, ClusterRequest, ClusterResponse, Endpoint, Heartbeat, HeartbeatReply, JoinCall, JoinReply,
+        NetworkView, NodeView, OperatorCertView, ServiceView, TaskView,
+    },
     raft_types::TypeConfig,
-    rules,
-    seal::{DataKey, UnlockKey},
     secret,
     secret_text::SecretText,
     service::{DesiredState, Service, ServiceMode, Task, TaskReport, TaskState},
-    state::{
-        node_id_text, Availability, CaState, ClusterState, Command, CommandResponse, JoinTokens, Node, NodeId,
-        NodeStatus, Role,
-    },
+};
+
+use super::{
+    dispatcher::{self, down_after, Liveness},
+    network::{Peers, RaftNet},
+    orchestrator, overlay,
+    pki::{self, NodeIdentity, RootCa},
+    propagation::Propagation,
+    rules,
+    seal::{DataKey, UnlockKey},
     store::{self, StateMachineStore},
     token::JoinToken,
+};
+
+use crate::api::{
+    objects::{node_id_text, Availability, CaState, JoinTokens, Node, NodeId, NodeStatus, Role},
+    store::{ClusterState, Command, CommandResponse},
 };
 
 /// How long a write may wait for its commit before the caller hears
@@ -214,9 +220,9 @@ impl Manager {
     }
 
     /// This manager's Raft status.
-    pub fn raft_info(&self) -> super::api::RaftInfo {
+    pub fn raft_info(&self) -> crate::api::messages::RaftInfo {
         let m = self.raft.metrics().borrow().clone();
-        super::api::RaftInfo {
+        crate::api::messages::RaftInfo {
             term: m.current_term,
             last_log_index: m.last_log_index,
             last_applied: m.last_applied.map(|l| l.index),
@@ -633,7 +639,7 @@ impl Manager {
         self.propose(Command::SetNodeStatus {
             id,
             status: NodeStatus::Down,
-            message: super::state::LEFT_THE_SWARM.into(),
+            message: crate::api::objects::LEFT_THE_SWARM.into(),
             agent_version: String::new(),
             at: unix_now(),
         })
@@ -649,7 +655,7 @@ impl Manager {
         if state
             .nodes
             .get(&id)
-            .is_some_and(|n| n.status == NodeStatus::Down && n.status_message == super::state::LEFT_THE_SWARM)
+            .is_some_and(|n| n.status == NodeStatus::Down && n.status_message == crate::api::objects::LEFT_THE_SWARM)
         {
             return Err(ApiError::denied(format!(
                 "node {} left the swarm; join again with a token",
@@ -685,7 +691,7 @@ impl Manager {
         // node that flips them on every beat would write on every beat.
         let facts = (new_key || new_version) && self.fact_writes.locked().allow(id, Instant::now());
         if new_key && facts {
-            super::tunnel::parse_public_key(&hb.wireguard_key).map_err(ApiError::invalid)?;
+            crate::api::assignment::tunnel::parse_public_key(&hb.wireguard_key).map_err(ApiError::invalid)?;
             self.propose(Command::SetNodeWireguardKey {
                 id,
                 key: hb.wireguard_key.clone(),
@@ -829,11 +835,12 @@ impl Manager {
             let rotation = state
                 .cluster
                 .as_ref()
-                .map_or(super::tunnel::DEFAULT_KEY_ROTATION_SECS, |c| {
+                .map_or(crate::api::objects::DEFAULT_KEY_ROTATION_SECS, |c| {
                     c.overlay_key_rotation_secs
                 });
-            if super::tunnel::key_rotation_due(state.overlay_key.as_ref(), unix_now(), rotation) {
-                let key = super::tunnel::OverlayKey::next(state.overlay_key.as_ref(), rand::random(), unix_now());
+            if crate::api::overlay_key::key_rotation_due(state.overlay_key.as_ref(), unix_now(), rotation) {
+                let key =
+                    crate::api::overlay_key::OverlayKey::next(state.overlay_key.as_ref(), rand::random(), unix_now());
                 let epoch = key.epoch;
                 match self.propose(Command::RotateOverlayKey(key)).await {
                     Ok(()) => log::info!("overlay key rotated (epoch {epoch})"),
@@ -955,8 +962,8 @@ fn current_ca(state: &ClusterState) -> ApiResult<RootCa> {
         .map_err(|e| ApiError::internal(format!("the stored CA is unusable: {e}")))
 }
 
-fn blob_view(state: &ClusterState, kind: secret::Kind, blob: &secret::Blob) -> super::api::BlobView {
-    super::api::BlobView {
+fn blob_view(state: &ClusterState, kind: secret::Kind, blob: &secret::Blob) -> crate::api::messages::BlobView {
+    crate::api::messages::BlobView {
         id: node_id_text(blob.id),
         name: blob.name.clone(),
         labels: blob.labels.clone(),
@@ -973,7 +980,7 @@ fn blob_view(state: &ClusterState, kind: secret::Kind, blob: &secret::Blob) -> s
     }
 }
 
-fn network_view(state: &ClusterState, network: &overlay::Network) -> NetworkView {
+fn network_view(state: &ClusterState, network: &crate::api::network::Network) -> NetworkView {
     let mut peers = std::collections::BTreeSet::new();
     let mut endpoints = Vec::new();
     for t in state.tasks.values().filter(|t| !t.state.is_terminal()) {
@@ -1006,7 +1013,7 @@ fn network_view(state: &ClusterState, network: &overlay::Network) -> NetworkView
             .collect(),
         peers: peers.into_iter().collect(),
         endpoints,
-        key_epoch: (network.encryption != overlay::Encryption::None)
+        key_epoch: (network.encryption != crate::api::network::Encryption::None)
             .then(|| state.overlay_key.as_ref().map_or(0, |k| k.epoch)),
     }
 }

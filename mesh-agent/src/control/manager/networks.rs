@@ -1,7 +1,7 @@
 //! The cluster API: `network create|ls|inspect|rm`.
 
 use super::*;
-use crate::control::overlay::NetworkSpec;
+use crate::api::network::NetworkSpec;
 
 impl Manager {
     pub(super) async fn network_create(
@@ -14,7 +14,7 @@ impl Manager {
             pools: cluster
                 .default_addr_pool
                 .iter()
-                .map(|p| crate::subnet::Subnet::parse(p))
+                .map(|p| crate::api::subnet::Subnet::parse(p))
                 .collect::<Result<_, _>>()
                 .map_err(ApiError::internal)?,
             mask_len: cluster.default_addr_pool_mask_len,
@@ -25,7 +25,7 @@ impl Manager {
                 break id;
             }
         };
-        let existing: Vec<&overlay::Network> = state.networks.values().collect();
+        let existing: Vec<&crate::api::network::Network> = state.networks.values().collect();
         let network = overlay::allocate_network(&spec, &existing, &pools, id, unix_now())?;
         self.propose(Command::CreateNetwork(Box::new(network))).await?;
         Ok(ClusterResponse::NetworkCreated { id })

@@ -2,7 +2,7 @@
 //! changes refused when they would break the Raft store.
 
 use super::*;
-use crate::control::state::NodeUpdate;
+use crate::api::objects::NodeUpdate;
 
 impl Manager {
     pub(super) async fn node_list(

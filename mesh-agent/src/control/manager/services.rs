@@ -1,7 +1,7 @@
 //! The cluster API: `service create|ls|inspect|update|rollback|rm|scale|ps`.
 
 use super::*;
-use crate::control::service::{ServiceSpec, ServiceUpdate};
+use crate::api::service::{ServiceSpec, ServiceUpdate};
 
 impl Manager {
     pub(super) async fn service_create(
@@ -58,7 +58,7 @@ impl Manager {
     ) -> ApiResult<ClusterResponse> {
         let id = rules::resolve_service(state, &service)?;
         let current = &state.services[&id];
-        let spec = crate::control::service::apply_update(&current.spec, &update).map_err(ApiError::invalid)?;
+        let spec = crate::api::service::apply_update(&current.spec, &update).map_err(ApiError::invalid)?;
         rules::check_service_in_cluster(state, &spec, Some(id))?;
         self.propose(Command::UpdateService {
             id,

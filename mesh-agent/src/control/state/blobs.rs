@@ -6,11 +6,11 @@ impl ClusterState {
     /// Applies [`Command::CreateBlob`].
     pub(super) fn apply_create_blob(
         &mut self,
-        kind: crate::control::secret::Kind,
-        blob: &crate::control::secret::Blob,
+        kind: crate::api::secret::Kind,
+        blob: &crate::api::secret::Blob,
     ) -> Result<(), String> {
-        crate::control::secret::check_name(kind, &blob.name)?;
-        crate::control::secret::check_data(kind, &blob.data)?;
+        crate::api::secret::check_name(kind, &blob.name)?;
+        crate::api::secret::check_data(kind, &blob.data)?;
         let blobs = self.blobs_mut(kind);
         if blobs.contains_key(&blob.id) {
             return Err(format!("{} ID {} is taken", kind.name(), blob.id));
@@ -28,7 +28,7 @@ impl ClusterState {
     }
 
     /// Applies [`Command::RemoveBlob`].
-    pub(super) fn apply_remove_blob(&mut self, kind: crate::control::secret::Kind, id: u64) -> Result<(), String> {
+    pub(super) fn apply_remove_blob(&mut self, kind: crate::api::secret::Kind, id: u64) -> Result<(), String> {
         let blob = self
             .blobs(kind)
             .get(&id)

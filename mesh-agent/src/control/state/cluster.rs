@@ -37,7 +37,7 @@ impl ClusterState {
     }
 
     /// Applies [`Command::RotateOverlayKey`].
-    pub(super) fn apply_rotate_overlay_key(&mut self, key: &crate::control::tunnel::OverlayKey) -> Result<(), String> {
+    pub(super) fn apply_rotate_overlay_key(&mut self, key: &crate::api::overlay_key::OverlayKey) -> Result<(), String> {
         let expected = self.overlay_key.as_ref().map_or(1, |k| k.epoch + 1);
         if key.epoch != expected {
             return Err(format!(

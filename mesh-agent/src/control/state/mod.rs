@@ -14,450 +14,16 @@ mod tasks;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
+use crate::api::objects::*;
+use crate::api::store::*;
 
-use super::cert_records::{Issued, NodeCerts};
-use super::overlay::{Network, NetworkAttachment};
-use super::secret_text::SecretText;
-use super::service::{
+use crate::api::cert_records::Issued;
+use crate::api::network::{Network, NetworkAttachment};
+use crate::api::secret_text::SecretText;
+use crate::api::service::HistoryPlace;
+use crate::api::service::{
     DesiredState, EndpointMode, Service, ServiceSpec, Task, TaskReport, TaskState, UpdateState, UpdateStatus,
 };
-
-/// Finished tasks kept per service slot, for `service ps`.
-pub const TASK_HISTORY: u32 = 5;
-
-/// A node's identity: its Raft id, and (printed in base 36) its node ID.
-pub type NodeId = u64;
-
-/// What a node does in the cluster.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Role {
-    /// Runs tasks; never votes.
-    Worker,
-    /// Holds the Raft store and serves the cluster API.
-    Manager,
-}
-
-/// Whether the scheduler may place tasks on a node.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Availability {
-    /// Takes new tasks.
-    Active,
-    /// Keeps its tasks, takes no new ones.
-    Pause,
-    /// Its tasks move elsewhere.
-    Drain,
-}
-
-/// A node's liveness as the dispatcher sees it.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum NodeStatus {
-    /// Joined but not yet heard from.
-    Unknown,
-    /// Heartbeating.
-    Ready,
-    /// Missed its heartbeats for the configured period.
-    Down,
-}
-
-/// One node, as stored in Raft.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Node {
-    /// Raft id and node ID.
-    pub id: NodeId,
-    /// The host's name, as it reported it at join.
-    pub hostname: String,
-    /// The role the operator wants it to have.
-    pub role: Role,
-    /// Whether it takes tasks.
-    pub availability: Availability,
-    /// Operator labels (`node update --label-add`).
-    pub labels: BTreeMap<String, String>,
-    /// Where managers and peers reach its cluster port (host:port).
-    pub addr: String,
-    /// Address used for overlay (data path) traffic.
-    pub data_path_addr: String,
-    /// Liveness.
-    pub status: NodeStatus,
-    /// Why it is in that status (empty when Ready).
-    pub status_message: String,
-    /// The agent version it last reported.
-    pub agent_version: String,
-    /// Its WireGuard public key (base64), as it last reported it; empty
-    /// until it does.
-    #[serde(default)]
-    pub wireguard_key: String,
-    /// The certificates issued to it: only these are honoured as its own.
-    #[serde(default)]
-    pub certs: NodeCerts,
-    /// Unix seconds.
-    pub created_at: u64,
-    /// Unix seconds of the last change to this record.
-    pub updated_at: u64,
-}
-
-/// Cluster-wide settings chosen at `swarm init`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct ClusterSpec {
-    /// Random cluster ID (base 36).
-    pub id: String,
-    /// Unix seconds.
-    pub created_at: u64,
-    /// Pools overlay subnets are carved from (`--default-addr-pool`).
-    pub default_addr_pool: Vec<String>,
-    /// Prefix length of each carved subnet (`--default-addr-pool-mask-length`).
-    pub default_addr_pool_mask_len: u8,
-    /// Whether managers start locked (`--autolock`).
-    pub autolock: bool,
-    /// How often nodes heartbeat, in milliseconds.
-    pub heartbeat_period_ms: u64,
-    /// Missed heartbeat periods after which a node is marked Down.
-    pub heartbeat_misses_down: u32,
-    /// Lifetime of issued node certificates, in seconds.
-    pub cert_expiry_secs: u64,
-    /// Ended tasks kept per service slot (`--task-history-limit`, as Swarm's).
-    #[serde(default = "default_task_history")]
-    pub task_history_limit: u32,
-    /// The UDP port of the overlays' VXLAN traffic (`--data-path-port`).
-    #[serde(default = "default_data_path_port")]
-    pub data_path_port: u16,
-    /// How often the overlay key rotates, in seconds.
-    #[serde(default = "default_key_rotation_secs")]
-    pub overlay_key_rotation_secs: u64,
-}
-
-fn default_key_rotation_secs() -> u64 {
-    super::tunnel::DEFAULT_KEY_ROTATION_SECS
-}
-
-/// VXLAN's IANA port, Swarm's default data-path port.
-pub const DEFAULT_DATA_PATH_PORT: u16 = 4789;
-
-/// Serde's default for stores written before the data-path port existed.
-pub fn default_data_path_port() -> u16 {
-    DEFAULT_DATA_PATH_PORT
-}
-
-fn default_task_history() -> u32 {
-    TASK_HISTORY
-}
-
-/// The cluster's certificate authority. The key is secret; it lives only in
-/// the encrypted store.
-#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
-pub struct CaState {
-    /// Current root certificate (PEM).
-    pub root_cert_pem: String,
-    /// Current root key (PEM, PKCS#8).
-    pub root_key_pem: SecretText,
-    /// Roots still trusted while a rotation settles (PEM).
-    pub previous_roots_pem: Vec<String>,
-    /// Unix seconds after which the previous roots are dropped even if
-    /// some node or operator still holds a certificate from them (0: no
-    /// deadline).
-    #[serde(default)]
-    pub previous_until: u64,
-    /// While previous roots are trusted: the current root's key certified
-    /// by the previous root (PEM), sent after every certificate issued, so
-    /// a node that still trusts only the previous root can verify them.
-    #[serde(default)]
-    pub cross_signed_pem: String,
-}
-
-impl std::fmt::Debug for CaState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaState")
-            .field("root_key_pem", &"<redacted>")
-            .field("previous_roots", &self.previous_roots_pem.len())
-            .finish_non_exhaustive()
-    }
-}
-
-/// The two join tokens (secret).
-#[derive(Serialize, Deserialize, Clone, Default, PartialEq, Eq)]
-pub struct JoinTokens {
-    /// Joins as a worker.
-    pub worker: String,
-    /// Joins as a manager.
-    pub manager: String,
-}
-
-impl std::fmt::Debug for JoinTokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("JoinTokens(<redacted>)")
-    }
-}
-
-/// A change to a node's spec; `None` leaves that field alone.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeUpdate {
-    /// New desired role (promote/demote).
-    pub role: Option<Role>,
-    /// New availability.
-    pub availability: Option<Availability>,
-    /// Labels to set.
-    pub label_add: BTreeMap<String, String>,
-    /// Labels to remove.
-    pub label_rm: Vec<String>,
-}
-
-/// The status message of a node that left with `swarm leave`: it stays
-/// down until it is removed (the host joins again as a new node).
-pub const LEFT_THE_SWARM: &str = "left the swarm";
-
-/// A committed change to the cluster.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub enum Command {
-    /// `swarm init`: the whole initial state in one entry.
-    Init {
-        /// Settings.
-        cluster: ClusterSpec,
-        /// The new root CA.
-        ca: CaState,
-        /// Both join tokens.
-        tokens: JoinTokens,
-        /// The unlock key text when autolocked.
-        unlock_key: Option<SecretText>,
-        /// The first manager.
-        first: Box<Node>,
-    },
-    /// A node joined.
-    AddNode(Node),
-    /// A node reported a new WireGuard public key.
-    SetNodeWireguardKey {
-        /// Which node.
-        id: NodeId,
-        /// Base64.
-        key: String,
-    },
-    /// The leader rotated the overlay key (on schedule or after a node
-    /// was removed). Refused unless it follows the current one.
-    RotateOverlayKey(super::tunnel::OverlayKey),
-    /// `node update`, `node promote`, `node demote`.
-    UpdateNode {
-        /// Which node.
-        id: NodeId,
-        /// What changes.
-        update: NodeUpdate,
-        /// Unix seconds.
-        at: u64,
-    },
-    /// The dispatcher saw a node come or go, or a node reported new facts.
-    SetNodeStatus {
-        /// Which node.
-        id: NodeId,
-        /// New status.
-        status: NodeStatus,
-        /// Why.
-        message: String,
-        /// Agent version it reports.
-        agent_version: String,
-        /// Unix seconds.
-        at: u64,
-    },
-    /// `node rm` or `swarm leave`: the node is gone and its certificate revoked.
-    RemoveNode {
-        /// Which node.
-        id: NodeId,
-    },
-    /// `swarm join-token --rotate`.
-    RotateToken {
-        /// Which token.
-        role: Role,
-        /// The new token.
-        token: String,
-    },
-    /// `swarm update --autolock` or `swarm unlock-key --rotate`.
-    SetUnlockKey {
-        /// The unlock key text, or `None` to turn autolock off.
-        unlock_key: Option<SecretText>,
-    },
-    /// `mesh-agent run --force-new-cluster`: the first entry of a new store,
-    /// carrying the state recovered from the old one.
-    Restore {
-        /// The recovered state (other managers already demoted).
-        state: Box<ClusterState>,
-    },
-    /// `service create`.
-    CreateService(Box<Service>),
-    /// `service update` / `service scale`: a new spec, version bumped.
-    UpdateService {
-        /// Which service.
-        id: u64,
-        /// The new spec.
-        spec: Box<ServiceSpec>,
-        /// Replace every task even if the task template is unchanged.
-        #[serde(default)]
-        force: bool,
-        /// Unix seconds.
-        at: u64,
-    },
-    /// `service rollback`: back to the previous spec, rolled out as an update.
-    RollbackService {
-        /// Which service.
-        id: u64,
-        /// Unix milliseconds.
-        at_ms: u64,
-    },
-    /// `service rm`: the service goes, its tasks are told to shut down.
-    RemoveService {
-        /// Which service.
-        id: u64,
-        /// Unix seconds.
-        at: u64,
-    },
-    /// The orchestrator's decisions for one service: new tasks, tasks to stop.
-    ApplyPlan {
-        /// New tasks.
-        create: Vec<Task>,
-        /// Tasks to shut down, with why.
-        shutdown: Vec<(u64, String)>,
-        /// Rolling updates' new progress, per service.
-        #[serde(default)]
-        updates: Vec<(u64, UpdateStatus)>,
-        /// Services whose failed update rolls back (failure action rollback).
-        #[serde(default)]
-        rollbacks: Vec<u64>,
-        /// Tasks whose node is lost for good: they end as Orphaned.
-        #[serde(default)]
-        orphaned: Vec<u64>,
-        /// Unix seconds.
-        at: u64,
-    },
-    /// A node reports a task's progress.
-    SetTaskState {
-        /// Which task.
-        id: u64,
-        /// Its new state.
-        state: TaskState,
-        /// Why (errors).
-        message: String,
-        /// Unix seconds.
-        at: u64,
-    },
-    /// A node reports on its tasks. Reports on tasks that are gone, not
-    /// the node's, or not a legal move are skipped: a late report must not
-    /// fail the others.
-    ReportTasks {
-        /// The reporting node.
-        node: NodeId,
-        /// What it reports.
-        reports: Vec<TaskReport>,
-        /// Unix milliseconds.
-        at_ms: u64,
-    },
-    /// `swarm ca --rotate`: a new root; the old one stays trusted for a while.
-    RotateCa {
-        /// The new CA (its `previous_roots_pem` holds the old root).
-        ca: CaState,
-        /// Tokens carry the CA digest, so they change with it.
-        tokens: JoinTokens,
-    },
-    /// `swarm ca`: the previous roots are no longer trusted (every node and
-    /// live operator has a certificate from the current root, or their
-    /// deadline passed).
-    DropPreviousRoots,
-    /// The CA issued a node a certificate (join or renewal): only it, and
-    /// for `grace_secs` the one it replaces, are honoured as the node's.
-    RecordNodeCert {
-        /// Which node.
-        id: NodeId,
-        /// The new certificate.
-        issued: Issued,
-        /// How long the replaced certificate stays honoured.
-        grace_secs: u64,
-    },
-    /// `swarm operator-cert --name`: an operator certificate is honoured
-    /// while this record is (expired records of other names go with it).
-    RecordOperatorCert {
-        /// The operator's name (the certificate's CN).
-        name: String,
-        /// The certificate.
-        issued: Issued,
-    },
-    /// `swarm operator-cert rm`: the name's certificate is refused from now.
-    RevokeOperatorCert {
-        /// The operator's name.
-        name: String,
-    },
-    /// `swarm update --task-history-limit`; history beyond it goes at the
-    /// next prune.
-    SetTaskHistoryLimit {
-        /// Ended tasks kept per slot.
-        limit: u32,
-    },
-    /// `network create`: allocated by the leader, checked again here.
-    CreateNetwork(Box<Network>),
-    /// `network rm`.
-    RemoveNetwork {
-        /// Which network.
-        id: u64,
-    },
-    /// `secret create` / `config create`.
-    CreateBlob {
-        kind: super::secret::Kind,
-        blob: Box<super::secret::Blob>,
-    },
-    /// `secret rm` / `config rm`.
-    RemoveBlob {
-        kind: super::secret::Kind,
-        /// Which one.
-        id: u64,
-    },
-}
-
-/// What applying a command did.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub enum CommandResponse {
-    /// Applied.
-    Applied,
-    /// Refused, state unchanged; the reason is for the operator.
-    Refused(String),
-}
-
-/// Everything Raft replicates.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClusterState {
-    /// Set by `Init`; `None` before.
-    pub cluster: Option<ClusterSpec>,
-    /// The root CA.
-    pub ca: Option<CaState>,
-    /// Join tokens.
-    pub tokens: JoinTokens,
-    /// The unlock key text when autolocked.
-    pub unlock_key: Option<SecretText>,
-    /// Nodes by id (persistent, as `tasks`).
-    pub nodes: imbl::OrdMap<NodeId, Node>,
-    /// Ids of removed nodes: their certificates are no longer honoured.
-    pub removed: BTreeSet<NodeId>,
-    /// Services by ID (persistent, as `tasks`).
-    #[serde(default)]
-    pub services: imbl::OrdMap<u64, Service>,
-    /// Tasks by ID (current and recent history). A persistent map: the
-    /// dispatcher's view and Raft snapshots share the state, and an apply
-    /// must not copy tens of thousands of tasks to change one.
-    #[serde(default)]
-    pub tasks: imbl::OrdMap<u64, Task>,
-    /// Overlay networks by ID.
-    #[serde(default)]
-    pub networks: BTreeMap<u64, Network>,
-    /// The key encrypted overlays' preshared keys derive from.
-    #[serde(default)]
-    pub overlay_key: Option<super::tunnel::OverlayKey>,
-    /// The key before it: IPsec keeps accepting it while every node moves
-    /// its outbound traffic to the new one.
-    #[serde(default)]
-    pub previous_overlay_key: Option<super::tunnel::OverlayKey>,
-    /// Secrets by ID (sealed at rest with the rest of the store).
-    #[serde(default)]
-    pub secrets: BTreeMap<u64, super::secret::Blob>,
-    /// Configs by ID.
-    #[serde(default)]
-    pub configs: BTreeMap<u64, super::secret::Blob>,
-    /// Operator certificates by name: honoured only while recorded here.
-    #[serde(default)]
-    pub operators: BTreeMap<String, Issued>,
-}
 
 impl ClusterState {
     /// Applies one committed command.
@@ -584,22 +150,22 @@ impl ClusterState {
     }
 
     /// The secrets or the configs.
-    pub fn blobs(&self, kind: super::secret::Kind) -> &BTreeMap<u64, super::secret::Blob> {
+    pub fn blobs(&self, kind: crate::api::secret::Kind) -> &BTreeMap<u64, crate::api::secret::Blob> {
         match kind {
-            super::secret::Kind::Secret => &self.secrets,
-            super::secret::Kind::Config => &self.configs,
+            crate::api::secret::Kind::Secret => &self.secrets,
+            crate::api::secret::Kind::Config => &self.configs,
         }
     }
 
-    fn blobs_mut(&mut self, kind: super::secret::Kind) -> &mut BTreeMap<u64, super::secret::Blob> {
+    fn blobs_mut(&mut self, kind: crate::api::secret::Kind) -> &mut BTreeMap<u64, crate::api::secret::Blob> {
         match kind {
-            super::secret::Kind::Secret => &mut self.secrets,
-            super::secret::Kind::Config => &mut self.configs,
+            crate::api::secret::Kind::Secret => &mut self.secrets,
+            crate::api::secret::Kind::Config => &mut self.configs,
         }
     }
 
     /// The content of the secret or config named `name`.
-    pub fn blob_data(&self, kind: super::secret::Kind, name: &str) -> Option<Vec<u8>> {
+    pub fn blob_data(&self, kind: crate::api::secret::Kind, name: &str) -> Option<Vec<u8>> {
         self.blobs(kind)
             .values()
             .find(|b| b.name == name)
@@ -607,7 +173,7 @@ impl ClusterState {
     }
 
     /// Refuses while a service refers to the secret or config `name`.
-    pub fn check_blob_unused(&self, kind: super::secret::Kind, name: &str) -> Result<(), String> {
+    pub fn check_blob_unused(&self, kind: crate::api::secret::Kind, name: &str) -> Result<(), String> {
         let user = self
             .services
             .values()
@@ -801,53 +367,8 @@ impl ClusterState {
     }
 }
 
-/// Where a finished task's history is kept: its service slot, and for a
-/// global task (all in slot 0) its node.
-pub type HistoryPlace = (u64, u32, Option<NodeId>);
-
-impl Task {
-    /// Whether `node`'s report `report` moves this task: it runs there, and
-    /// the report is a new state it may go to.
-    pub fn takes_report(&self, node: NodeId, report: &TaskReport) -> bool {
-        self.node == Some(node) && self.state != report.state && self.state.may_become(report.state)
-    }
-
-    /// Told to shut down, and either ended or never placed: history.
-    pub fn is_finished(&self) -> bool {
-        self.desired == DesiredState::Shutdown && (self.state.is_terminal() || self.node.is_none())
-    }
-
-    /// The history this task belongs to once finished.
-    pub fn history_place(&self) -> HistoryPlace {
-        let node = if self.slot == 0 { self.node } else { None };
-        (self.service, self.slot, node)
-    }
-}
-
 fn no_such_node(id: NodeId) -> String {
     format!("node {} not found", node_id_text(id))
-}
-
-/// Node IDs are printed in base 36, 13 characters, like Swarm's short IDs.
-pub fn node_id_text(id: NodeId) -> String {
-    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = [b'0'; 13];
-    let mut v = id;
-    for slot in out.iter_mut().rev() {
-        *slot = DIGITS[(v % 36) as usize];
-        v /= 36;
-    }
-    String::from_utf8(out.to_vec()).expect("reason: ASCII digits")
-}
-
-/// Parses a full 13-character node ID printed by [`node_id_text`], and
-/// only that spelling (`from_str_radix` alone also takes upper case and a
-/// `+`, which would give one ID several names).
-pub fn parse_node_id(text: &str) -> Option<NodeId> {
-    if text.len() != 13 || !text.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
-        return None;
-    }
-    u64::from_str_radix(text, 36).ok()
 }
 
 #[cfg(test)]
@@ -889,7 +410,7 @@ pub(crate) mod tests {
                 cert_expiry_secs: 90 * 86400,
                 task_history_limit: 5,
                 data_path_port: DEFAULT_DATA_PATH_PORT,
-                overlay_key_rotation_secs: crate::control::tunnel::DEFAULT_KEY_ROTATION_SECS,
+                overlay_key_rotation_secs: crate::api::objects::DEFAULT_KEY_ROTATION_SECS,
             },
             ca: CaState {
                 root_cert_pem: "C".into(),
@@ -920,7 +441,7 @@ pub(crate) mod tests {
             worker: "MESHTKN-1-x-WORKERSECRET".into(),
             manager: "MESHTKN-1-x-MANAGERSECRET".into(),
         };
-        let reply = crate::control::api::HeartbeatReply {
+        let reply = crate::api::messages::HeartbeatReply {
             period_ms: 1000,
             managers: vec![],
             leader: None,
@@ -947,13 +468,13 @@ pub(crate) mod tests {
             format!("{reply:?}"),
             format!(
                 "{:?}",
-                crate::control::api::LocalRequest::Unlock {
+                crate::api::messages::LocalRequest::Unlock {
                     key: "MESHKEY-1-UNLOCKSECRET".into()
                 }
             ),
             format!(
                 "{:?}",
-                crate::control::api::ClusterResponse::Secret("MESHTKN-1-x-WORKERSECRET".into())
+                crate::api::messages::ClusterResponse::Secret("MESHTKN-1-x-WORKERSECRET".into())
             ),
         ];
         for text in printed {
@@ -1084,7 +605,7 @@ pub(crate) mod tests {
 
     #[test]
     fn task_history_is_bounded() {
-        use crate::control::service::{Task, TaskState};
+        use crate::api::service::{Task, TaskState};
         let mut s = initialised();
         let task = |id: u64, at: u64| Task {
             desired: DesiredState::Shutdown,
@@ -1181,7 +702,7 @@ pub(crate) mod tests {
 
     #[test]
     fn only_reports_that_move_the_nodes_own_tasks_are_written_once_per_task() {
-        use crate::control::{orchestrator::tests_support::task, service::TaskReport};
+        use crate::{api::service::TaskReport, control::orchestrator::tests_support::task};
         let mut s = initialised();
         s.tasks.insert(1, task(1, 7, 1, Some(5), TaskState::Starting));
         s.tasks.insert(2, task(2, 7, 2, Some(6), TaskState::Starting));

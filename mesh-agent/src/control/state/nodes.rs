@@ -73,7 +73,7 @@ impl ClusterState {
 
     /// Applies [`Command::SetNodeWireguardKey`].
     pub(super) fn apply_set_node_wireguard_key(&mut self, id: NodeId, key: &str) -> Result<(), String> {
-        crate::control::tunnel::parse_public_key(key)?;
+        crate::api::assignment::tunnel::parse_public_key(key)?;
         self.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?.wireguard_key = key.to_string();
         Ok(())
     }

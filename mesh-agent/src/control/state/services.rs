@@ -1,6 +1,7 @@
 //! Applying the commands that change services: create, update, rollback, remove (pure).
 
 use super::*;
+use crate::api::service::HistoryPlace;
 
 impl ClusterState {
     /// Applies [`Command::CreateService`].

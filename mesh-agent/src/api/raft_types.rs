@@ -1,7 +1,10 @@
 //! The openraft type configuration shared by the store, the network and the
 //! manager.
 
-use super::state::{Command, CommandResponse, NodeId};
+use crate::api::{
+    objects::NodeId,
+    store::{Command, CommandResponse},
+};
 
 openraft::declare_raft_types!(
     /// mesh's Raft: commands are [`Command`], node addresses are `host:port`.

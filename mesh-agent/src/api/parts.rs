@@ -6,28 +6,21 @@
 //! all its parts again: at 5,000 simulated nodes the leader spent its time
 //! sending (`perf`: memmove, AES-GCM and writev) while the orchestrator's
 //! writes waited, and the load stalled. A node now names the parts it
-//! holds when it polls ([`crate::control::api::PeerRequest::Assignments`]);
+//! holds when it polls ([`crate::api::messages::PeerRequest::Assignments`]);
 //! those come back as their digest only, and the node puts its own copy
 //! back ([`restore`]). Only the parts that changed travel.
 
 use std::collections::{HashMap, HashSet};
 
-use serde::{Deserialize, Serialize};
+use crate::api::{
+    messages::{Assignments, PartDigest},
+    network::Peer,
+};
 
-use super::{api::Assignments, discovery::ServiceRecord, encoded::Encoded, mesh::MeshFleet, overlay::Peer};
-
-/// A part's identity: the SHA-256 of its encoding.
-pub type PartDigest = [u8; 32];
-
-/// One shared part of an answer, in the order [`slots`] walks them.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PartRef {
-    /// The part's digest.
-    pub digest: PartDigest,
-    /// Not sent: the node said it holds it. Its place in the answer holds
-    /// an empty value until [`restore`] puts the node's copy back.
-    pub held: bool,
-}
+use super::{
+    assignment::{discovery::ServiceRecord, mesh::MeshFleet},
+    encoded::Encoded,
+};
 
 /// One shared part's place in an answer.
 enum Slot<'a> {
@@ -152,7 +145,11 @@ pub fn restore(answer: &mut Assignments, previous: Option<Assignments>) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{discovery::NetworkServices, mesh::NodeMesh, overlay::NetworkPeers};
+    use crate::api::messages::PartRef;
+    use crate::api::{
+        assignment::{discovery::NetworkServices, mesh::NodeMesh},
+        network::NetworkPeers,
+    };
 
     fn peers(n: u64, addrs: &[&str]) -> NetworkPeers {
         NetworkPeers {

@@ -57,7 +57,7 @@ pub struct Blob {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// The content (never shown for a secret).
-    #[serde(with = "crate::control::wire_bytes")]
+    #[serde(with = "crate::api::wire_bytes")]
     pub data: Vec<u8>,
     /// Unix seconds.
     pub created: u64,
@@ -209,7 +209,7 @@ pub struct TaskFile {
     pub uid: u32,
     pub gid: u32,
     pub mode: u32,
-    #[serde(with = "crate::control::wire_bytes")]
+    #[serde(with = "crate::api::wire_bytes")]
     pub data: Vec<u8>,
 }
 

@@ -89,8 +89,8 @@ impl<T> Serialize for Encoded<T> {
 
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Encoded<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let bytes = super::wire_bytes::deserialize(deserializer)?;
-        let value = super::rpc::from_msgpack(&bytes)
+        let bytes = crate::api::wire_bytes::deserialize(deserializer)?;
+        let value = crate::api::msgpack::from_msgpack(&bytes)
             .map_err(|e| serde::de::Error::custom(format!("an encoded part does not decode: {e}")))?;
         Ok(Encoded {
             value: Arc::new(value),

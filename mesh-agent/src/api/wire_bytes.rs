@@ -5,7 +5,7 @@
 //! Either side also reads the old array form, so entries stored by an
 //! earlier agent still decode.
 //!
-//! Use as `#[serde(with = "crate::control::wire_bytes")]`.
+//! Use as `#[serde(with = "crate::api::wire_bytes")]`.
 
 use std::fmt;
 

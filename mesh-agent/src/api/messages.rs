@@ -7,97 +7,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    raft_types::TypeConfig,
-    secret_text::SecretText,
-    state::{Availability, Node, NodeId, NodeUpdate, Role},
-};
+use super::{raft_types::TypeConfig, secret_text::SecretText};
 
-/// What went wrong, in a form scripts can branch on (`meshctl` maps it to
-/// its exit code) plus a message for the operator.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ApiError {
-    /// The class of failure.
-    pub kind: ErrorKind,
-    /// What was wrong and what to do about it.
-    pub message: String,
-}
+use crate::api::objects::{Availability, Node, NodeId, NodeUpdate, Role};
 
-/// Classes of API failure.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The input was malformed (exit code 2).
-    InvalidArgument,
-    /// The named object does not exist (exit code 3).
-    NotFound,
-    /// The request is valid but the cluster's state forbids it (exit code 4).
-    FailedPrecondition,
-    /// The caller may not do this (exit code 5).
-    PermissionDenied,
-    /// This node is autolocked and must be unlocked first (exit code 6).
-    Locked,
-    /// No leader or manager could be reached; retrying may help (exit code 7).
-    Unavailable,
-    /// A bug or a local I/O failure (exit code 1).
-    Internal,
-}
-
-impl ApiError {
-    /// Builds an error of `kind`.
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ApiError {
-            kind,
-            message: message.into(),
-        }
-    }
-
-    /// Malformed input.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::InvalidArgument, message)
-    }
-
-    /// Unknown object.
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::NotFound, message)
-    }
-
-    /// Forbidden by the cluster's state.
-    pub fn precondition(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::FailedPrecondition, message)
-    }
-
-    /// Not allowed for this caller.
-    pub fn denied(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::PermissionDenied, message)
-    }
-
-    /// Cannot reach what is needed.
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Unavailable, message)
-    }
-
-    /// Local failure.
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Internal, message)
-    }
-
-    /// The exit code `meshctl` uses for this error.
-    pub fn exit_code(&self) -> i32 {
-        match self.kind {
-            ErrorKind::Internal => 1,
-            ErrorKind::InvalidArgument => 2,
-            ErrorKind::NotFound => 3,
-            ErrorKind::FailedPrecondition => 4,
-            ErrorKind::PermissionDenied => 5,
-            ErrorKind::Locked => 6,
-            ErrorKind::Unavailable => 7,
-        }
-    }
-}
-
-/// Result of an API call.
-pub type ApiResult<T> = Result<T, ApiError>;
+use super::error::ErrorKind;
+use super::error::{ApiError, ApiResult};
 
 /// `meshctl swarm init` options.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -121,7 +36,7 @@ pub struct InitRequest {
     /// Ended tasks kept per service slot.
     pub task_history_limit: u32,
     /// UDP port of the overlays' VXLAN traffic.
-    #[serde(default = "crate::control::state::default_data_path_port")]
+    #[serde(default = "crate::api::objects::default_data_path_port")]
     pub data_path_port: u16,
 }
 
@@ -194,7 +109,7 @@ pub struct NodeView {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ServiceView {
     /// The stored service.
-    pub service: crate::control::service::Service,
+    pub service: crate::api::service::Service,
     /// Tasks running now.
     pub running: u32,
     /// Tasks wanted.
@@ -223,7 +138,7 @@ pub struct BlobView {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct NetworkView {
     /// The stored network.
-    pub network: crate::control::overlay::Network,
+    pub network: crate::api::network::Network,
     /// Services attached to it.
     pub services: Vec<String>,
     /// Nodes with a task on it: hostname and data-path address (the VTEPs).
@@ -253,7 +168,7 @@ pub struct Endpoint {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct TaskView {
     /// The stored task.
-    pub task: crate::control::service::Task,
+    pub task: crate::api::service::Task,
     /// Its service's name.
     pub service_name: String,
     /// Its node's hostname.
@@ -325,7 +240,7 @@ pub enum ClusterRequest {
     /// `network create`.
     NetworkCreate {
         /// What the operator asked for.
-        spec: Box<crate::control::overlay::NetworkSpec>,
+        spec: Box<crate::api::network::NetworkSpec>,
     },
     /// `network ls`.
     NetworkList,
@@ -341,30 +256,30 @@ pub enum ClusterRequest {
     },
     /// `secret create` / `config create`.
     BlobCreate {
-        kind: crate::control::secret::Kind,
+        kind: crate::api::secret::Kind,
         name: String,
         labels: BTreeMap<String, String>,
-        #[serde(with = "crate::control::wire_bytes")]
+        #[serde(with = "crate::api::wire_bytes")]
         data: Vec<u8>,
     },
     /// `secret ls` / `config ls`.
-    BlobList { kind: crate::control::secret::Kind },
+    BlobList { kind: crate::api::secret::Kind },
     /// `secret inspect` / `config inspect`.
     BlobInspect {
-        kind: crate::control::secret::Kind,
+        kind: crate::api::secret::Kind,
         /// Name, ID or unique ID prefix.
         name: String,
     },
     /// `secret rm` / `config rm`.
     BlobRemove {
-        kind: crate::control::secret::Kind,
+        kind: crate::api::secret::Kind,
         /// Name, ID or unique ID prefix.
         name: String,
     },
     /// `service create`.
     ServiceCreate {
         /// The spec.
-        spec: Box<crate::control::service::ServiceSpec>,
+        spec: Box<crate::api::service::ServiceSpec>,
     },
     /// `service ls`.
     ServiceList,
@@ -378,7 +293,7 @@ pub enum ClusterRequest {
         /// Name, ID or unique ID prefix.
         service: String,
         /// What changes.
-        update: Box<crate::control::service::ServiceUpdate>,
+        update: Box<crate::api::service::ServiceUpdate>,
     },
     /// `service rollback`.
     ServiceRollback {
@@ -482,7 +397,7 @@ pub struct OperatorCertView {
     /// The operator's name.
     pub name: String,
     /// The certificate's record.
-    pub issued: crate::control::cert_records::Issued,
+    pub issued: crate::api::cert_records::Issued,
 }
 
 /// `meshctl` -> local agent.
@@ -656,10 +571,10 @@ pub enum PeerRequest {
         /// The shared parts the caller has (`parts::holds` of its last
         /// answer): the answer names those by digest instead of sending them.
         #[serde(default)]
-        holds: Vec<crate::control::parts::PartDigest>,
+        holds: Vec<PartDigest>,
     },
     /// The caller reports on its tasks (any member).
-    ReportTasks(Vec<crate::control::service::TaskReport>),
+    ReportTasks(Vec<crate::api::service::TaskReport>),
     /// The caller leaves the swarm (`swarm leave`): it is marked down at
     /// once, so the host may join again with the same addresses.
     Leave,
@@ -730,38 +645,38 @@ pub struct Assignments {
     /// Identifies this set (the long poll's "what I have").
     pub digest: String,
     /// Its tasks that are not ended, with what to do about them.
-    pub tasks: Vec<crate::control::service::Assignment>,
+    pub tasks: Vec<crate::api::service::Assignment>,
     /// The shared parts below (networks' endpoints, then their services,
     /// then the routing mesh), each with its digest and whether it was
     /// held back because the node has it (`control::parts`). Third, so a
     /// reader of the first fields alone (the simulator) finds it.
     #[serde(default)]
-    pub parts: Vec<crate::control::parts::PartRef>,
+    pub parts: Vec<PartRef>,
     /// Its ended tasks the store still lists (their logs are kept).
     pub retained: Vec<u64>,
     /// The endpoints of every network its tasks are on (only those: a
     /// node's overlay state grows with what it runs, not with the swarm).
     #[serde(default)]
-    pub networks: Vec<crate::control::overlay::NetworkPeers>,
+    pub networks: Vec<crate::api::network::NetworkPeers>,
     /// This node's data-path address (its VTEP).
     #[serde(default)]
     pub vtep: String,
     /// The swarm's VXLAN UDP port.
-    #[serde(default = "crate::control::state::default_data_path_port")]
+    #[serde(default = "crate::api::objects::default_data_path_port")]
     pub data_path_port: u16,
     /// Its WireGuard tunnel, when it runs tasks on encrypted networks.
     #[serde(default)]
-    pub tunnel: Option<crate::control::tunnel::TunnelAssignment>,
+    pub tunnel: Option<crate::api::assignment::tunnel::TunnelAssignment>,
     /// Its IPsec associations, when it runs tasks on IPsec networks.
     #[serde(default)]
-    pub ipsec: Option<crate::control::ipsec::IpsecAssignment>,
+    pub ipsec: Option<crate::api::assignment::ipsec::IpsecAssignment>,
     /// The published ports it answers and the tasks behind them (drawn
-    /// from what every node gets alike: [`crate::control::mesh::NodeMesh::assignment`]).
+    /// from what every node gets alike: [`crate::api::assignment::mesh::NodeMesh::assignment`]).
     #[serde(default)]
-    pub mesh: Option<crate::control::mesh::NodeMesh>,
+    pub mesh: Option<crate::api::assignment::mesh::NodeMesh>,
     /// The services on the networks its tasks are on (DNS and VIPs).
     #[serde(default)]
-    pub services: Vec<crate::control::discovery::NetworkServices>,
+    pub services: Vec<crate::api::assignment::discovery::NetworkServices>,
 }
 
 /// Which log text to read.
@@ -808,4 +723,17 @@ pub fn parse_labels(items: &[String]) -> ApiResult<BTreeMap<String, String>> {
             _ => Err(ApiError::invalid(format!("invalid label {item:?}: expected KEY=VALUE"))),
         })
         .collect()
+}
+
+/// A part's identity: the SHA-256 of its encoding.
+pub type PartDigest = [u8; 32];
+
+/// One shared part of an answer, in the order `parts` walks them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartRef {
+    /// The part's digest.
+    pub digest: PartDigest,
+    /// Not sent: the node said it holds it. Its place in the answer holds
+    /// an empty value until `parts::restore` puts the node's copy back.
+    pub held: bool,
 }

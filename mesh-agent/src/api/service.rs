@@ -7,9 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use super::objects::NodeId;
 use serde::{Deserialize, Serialize};
-
-use super::scheduler::Constraint;
 
 /// Transport of a published port.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -299,7 +298,7 @@ pub enum Place {
     /// A replica slot.
     Slot(u32),
     /// A global service's node.
-    Node(super::state::NodeId),
+    Node(crate::api::objects::NodeId),
 }
 
 /// The place `task` fills (`None`: a global task not placed yet).
@@ -308,6 +307,91 @@ pub fn place_of(task: &Task) -> Option<Place> {
         (0, Some(node)) => Some(Place::Node(node)),
         (0, None) => None,
         (slot, _) => Some(Place::Slot(slot)),
+    }
+}
+
+/// Where a finished task's history is kept: its service slot, and for a
+/// global task (all in slot 0) its node.
+pub type HistoryPlace = (u64, u32, Option<NodeId>);
+
+impl Task {
+    /// Whether `node`'s report `report` moves this task: it runs there, and
+    /// the report is a new state it may go to.
+    pub fn takes_report(&self, node: NodeId, report: &TaskReport) -> bool {
+        self.node == Some(node) && self.state != report.state && self.state.may_become(report.state)
+    }
+
+    /// Told to shut down, and either ended or never placed: history.
+    pub fn is_finished(&self) -> bool {
+        self.desired == DesiredState::Shutdown && (self.state.is_terminal() || self.node.is_none())
+    }
+
+    /// The history this task belongs to once finished.
+    pub fn history_place(&self) -> HistoryPlace {
+        let node = if self.slot == 0 { self.node } else { None };
+        (self.service, self.slot, node)
+    }
+}
+
+/// What a constraint compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConstraintKey {
+    /// `node.id`
+    NodeId,
+    /// `node.hostname`
+    Hostname,
+    /// `node.role` (`manager` or `worker`)
+    Role,
+    /// `node.labels.K`
+    Label(String),
+}
+
+/// `--constraint KEY==VALUE` or `KEY!=VALUE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    /// What is compared.
+    pub key: ConstraintKey,
+    /// `==` (true) or `!=` (false).
+    pub equal: bool,
+    /// The value compared with.
+    pub value: String,
+}
+
+impl Constraint {
+    /// Parses `node.labels.zone==a`, `node.role!=manager`, `node.hostname==h1`, `node.id==...`.
+    pub fn parse(text: &str) -> Result<Constraint, String> {
+        let (key, equal, value) = if let Some((k, v)) = text.split_once("==") {
+            (k, true, v)
+        } else if let Some((k, v)) = text.split_once("!=") {
+            (k, false, v)
+        } else {
+            return Err(format!(
+                "invalid constraint {text:?}: expected KEY==VALUE or KEY!=VALUE, e.g. node.labels.zone==a"
+            ));
+        };
+        let (key, value) = (key.trim(), value.trim());
+        if value.is_empty() {
+            return Err(format!("invalid constraint {text:?}: the value is empty"));
+        }
+        let key = match key {
+            "node.id" => ConstraintKey::NodeId,
+            "node.hostname" => ConstraintKey::Hostname,
+            "node.role" if value == "manager" || value == "worker" => ConstraintKey::Role,
+            "node.role" => return Err(format!("invalid constraint {text:?}: node.role is manager or worker")),
+            other => match other.strip_prefix("node.labels.") {
+                Some(label) if !label.is_empty() => ConstraintKey::Label(label.to_string()),
+                _ => {
+                    return Err(format!(
+                        "invalid constraint key {other:?}: use node.id, node.hostname, node.role or node.labels.KEY"
+                    ))
+                }
+            },
+        };
+        Ok(Constraint {
+            key,
+            equal,
+            value: value.to_string(),
+        })
     }
 }
 
@@ -434,7 +518,7 @@ mod tests {
     /// setuid/setgid/sticky bits, and could carry any target.
     #[test]
     fn a_spec_from_the_api_gets_its_references_checked() {
-        use crate::control::secret::BlobRef;
+        use crate::api::secret::BlobRef;
         let reference = |target: &str, mode: u32| BlobRef {
             source: "app".into(),
             target: target.into(),
@@ -533,18 +617,18 @@ pub struct ServiceSpec {
     pub lb: LbOptions,
     /// `--secret`: files under /run/secrets in each task.
     #[serde(default)]
-    pub secrets: Vec<super::secret::BlobRef>,
+    pub secrets: Vec<crate::api::secret::BlobRef>,
     /// `--config`: files under /run/configs in each task.
     #[serde(default)]
-    pub configs: Vec<super::secret::BlobRef>,
+    pub configs: Vec<crate::api::secret::BlobRef>,
 }
 
 impl ServiceSpec {
     /// Its secret or config references.
-    pub fn refs(&self, kind: super::secret::Kind) -> &[super::secret::BlobRef] {
+    pub fn refs(&self, kind: crate::api::secret::Kind) -> &[crate::api::secret::BlobRef] {
         match kind {
-            super::secret::Kind::Secret => &self.secrets,
-            super::secret::Kind::Config => &self.configs,
+            crate::api::secret::Kind::Secret => &self.secrets,
+            crate::api::secret::Kind::Config => &self.configs,
         }
     }
 }
@@ -828,7 +912,7 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
             next.networks.push(add.clone());
         }
     }
-    use super::secret::Kind;
+    use crate::api::secret::Kind;
     for (kind, removes, adds) in [
         (Kind::Secret, &update.secret_rm, &update.secret_add),
         (Kind::Config, &update.config_rm, &update.config_add),
@@ -848,7 +932,7 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
             refs.retain(|r| &r.source != rm);
         }
         for add in adds {
-            refs.push(super::secret::parse_ref(kind, add)?);
+            refs.push(crate::api::secret::parse_ref(kind, add)?);
         }
     }
     for rm in &update.constraint_rm {
@@ -972,11 +1056,11 @@ impl ServiceSpec {
     /// Checks everything that can be checked without the cluster.
     pub fn validate(&self) -> Result<(), String> {
         check_service_name(&self.name)?;
-        for kind in [super::secret::Kind::Secret, super::secret::Kind::Config] {
+        for kind in [crate::api::secret::Kind::Secret, crate::api::secret::Kind::Config] {
             let refs = self.refs(kind);
             for (i, r) in refs.iter().enumerate() {
                 // The spec may not come from meshctl's parser: check again.
-                super::secret::check_ref(kind, r).map_err(|e| format!("--{} {}: {e}", kind.name(), r.source))?;
+                crate::api::secret::check_ref(kind, r).map_err(|e| format!("--{} {}: {e}", kind.name(), r.source))?;
                 if refs[..i].iter().any(|o| o.target == r.target) {
                     let place = if r.target.starts_with('/') {
                         r.target.clone()
@@ -992,11 +1076,11 @@ impl ServiceSpec {
         }
         parse_constraints(&self.constraints)?;
         check_publish_conflicts(&self.publish)?;
-        if self.networks.len() > super::overlay::MAX_TASK_NETWORKS {
+        if self.networks.len() > crate::api::network::MAX_TASK_NETWORKS {
             return Err(format!(
                 "the service is on {} networks; at most {} are supported",
                 self.networks.len(),
-                super::overlay::MAX_TASK_NETWORKS
+                crate::api::network::MAX_TASK_NETWORKS
             ));
         }
         if self.endpoint_mode == EndpointMode::Dnsrr {
@@ -1051,7 +1135,7 @@ pub struct Service {
     pub update_status: Option<UpdateStatus>,
     /// Its virtual IP on each of its networks (endpoint mode vip).
     #[serde(default)]
-    pub vips: Vec<super::overlay::NetworkAttachment>,
+    pub vips: Vec<crate::api::network::NetworkAttachment>,
 }
 
 /// Whether a task should run.
@@ -1094,7 +1178,7 @@ pub struct Task {
     pub ended_at_ms: u64,
     /// Its address on each of its service's overlay networks.
     #[serde(default)]
-    pub attachments: Vec<super::overlay::NetworkAttachment>,
+    pub attachments: Vec<crate::api::network::NetworkAttachment>,
 }
 
 /// A node's report on one of its tasks.
@@ -1127,11 +1211,11 @@ pub struct TaskSpec {
     pub stop_grace_ms: u64,
     /// The overlay networks to attach it to, with its address on each.
     #[serde(default)]
-    pub networks: Vec<super::overlay::TaskNetwork>,
+    pub networks: Vec<crate::api::network::TaskNetwork>,
     /// Its secrets and configs, content included (only in the assignment
     /// of the node running it, and only while it is to run).
     #[serde(default)]
-    pub files: Vec<super::secret::TaskFile>,
+    pub files: Vec<crate::api::secret::TaskFile>,
 }
 
 /// One task a node is told about: run it, or stop it.

@@ -1,0 +1,91 @@
+//! What went wrong, as every API call reports it: a class scripts can
+//! branch on (`meshctl` maps it to its exit code) and a message for the
+//! operator.
+
+use serde::{Deserialize, Serialize};
+
+/// What went wrong, in a form scripts can branch on (`meshctl` maps it to
+/// its exit code) plus a message for the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The class of failure.
+    pub kind: ErrorKind,
+    /// What was wrong and what to do about it.
+    pub message: String,
+}
+
+/// Classes of API failure.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The input was malformed (exit code 2).
+    InvalidArgument,
+    /// The named object does not exist (exit code 3).
+    NotFound,
+    /// The request is valid but the cluster's state forbids it (exit code 4).
+    FailedPrecondition,
+    /// The caller may not do this (exit code 5).
+    PermissionDenied,
+    /// This node is autolocked and must be unlocked first (exit code 6).
+    Locked,
+    /// No leader or manager could be reached; retrying may help (exit code 7).
+    Unavailable,
+    /// A bug or a local I/O failure (exit code 1).
+    Internal,
+}
+
+impl ApiError {
+    /// Builds an error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Malformed input.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// Unknown object.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    /// Forbidden by the cluster's state.
+    pub fn precondition(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::FailedPrecondition, message)
+    }
+
+    /// Not allowed for this caller.
+    pub fn denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PermissionDenied, message)
+    }
+
+    /// Cannot reach what is needed.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+
+    /// Local failure.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+
+    /// The exit code `meshctl` uses for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self.kind {
+            ErrorKind::Internal => 1,
+            ErrorKind::InvalidArgument => 2,
+            ErrorKind::NotFound => 3,
+            ErrorKind::FailedPrecondition => 4,
+            ErrorKind::PermissionDenied => 5,
+            ErrorKind::Locked => 6,
+            ErrorKind::Unavailable => 7,
+        }
+    }
+}
+
+/// Result of an API call.
+pub type ApiResult<T> = Result<T, ApiError>;
