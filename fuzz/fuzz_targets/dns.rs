@@ -12,11 +12,11 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
+    agent::net::dns::{is_service_name, parse_query, respond, Records},
     api::{
         assignment::discovery::{NetworkServices, ServiceRecord},
         service::LbOptions,
     },
-    runtime::dns::{is_service_name, parse_query, respond, Records},
 };
 
 fn records() -> Records {

@@ -11,7 +11,7 @@
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
     api::messages::{PeerRequest, PeerResponse},
-    control::rpc::{self, decode_request, decode_response, encode_frame, read_frame, RpcError},
+    wire::rpc::{self, decode_request, decode_response, encode_frame, read_frame, RpcError},
 };
 use serde::{de::DeserializeOwned, Serialize};
 

@@ -19,7 +19,7 @@ use mesh_agent::{
         secret::{Blob, Kind},
         store::ClusterState,
     },
-    control::rules::{resolve_blob, resolve_node},
+    manager::rules::{resolve_blob, resolve_node},
 };
 
 fn node(id: u64, hostname: &str) -> Node {

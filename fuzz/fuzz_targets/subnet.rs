@@ -18,13 +18,13 @@ use std::{
 
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
+    agent::net::bridge::{check_local_pool, Ipam},
     api::{network::NetworkSpec, subnet::Subnet},
-    control::{
-        overlay::{allocate_network, task_address, Pools},
+    manager::{
+        allocator::network::{allocate_network, task_address, Pools},
         rules::{check_address_pools, parse_advertise_addr, parse_listen_addr, parse_remote_addr},
     },
     metrics::server::parse_addr,
-    runtime::network::{check_local_pool, Ipam},
 };
 
 fn subnet(text: &str) {

@@ -9,7 +9,7 @@
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
     api::assignment::tunnel::{key_text, parse_public_key},
-    control::{seal::UnlockKey, token::JoinToken},
+    ca::{seal::UnlockKey, token::JoinToken},
 };
 
 fuzz_target!(|data: &[u8]| {

@@ -6,9 +6,10 @@ use clap::{Parser, Subcommand};
 use mesh_agent::{
     cli::table::parse_duration,
     config_file::RunArgs,
-    control::{local, manager::RaftTiming},
+    manager::RaftTiming,
     node::{Agent, AgentOptions},
     preflight::{self, Severity},
+    wire::local,
 };
 
 #[derive(Parser)]
@@ -51,17 +52,17 @@ fn run(args: RunArgs) -> Result<(), String> {
         hostname,
         timing,
         force_new_cluster: args.force_new_cluster,
-        local_pool: mesh_agent::runtime::network::check_local_pool(&args.local_pool)
+        local_pool: mesh_agent::agent::net::bridge::check_local_pool(&args.local_pool)
             .map_err(|e| format!("--local-pool: {e}"))?,
         wireguard: args.wireguard,
         mesh_routing: args.mesh_routing,
         lb_backend: args.lb_backend,
-        cluster_port: mesh_agent::control::rpc::ServerOptions {
+        cluster_port: mesh_agent::wire::rpc::ServerOptions {
             max_unauthenticated_per_source: args.max_unauthenticated_per_source.max(1),
             ..Default::default()
         },
     };
-    if args.lb_backend == mesh_agent::runtime::mesh::LbBackend::Ipvs {
+    if args.lb_backend == mesh_agent::agent::mesh::kernel::LbBackend::Ipvs {
         mesh_agent::dataplane::ipvs::Ipvs::open().map_err(|e| {
             format!("--lb-backend ipvs: this kernel offers no IPVS ({e}); load it with `modprobe ip_vs`, or run with --lb-backend ebpf")
         })?;

@@ -22,7 +22,7 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_DATA_DIR", default_value = "/var/lib/mesh")]
     pub data_dir: PathBuf,
     /// The local API socket (root-only).
-    #[arg(long, env = "MESH_SOCKET", default_value = crate::control::local::DEFAULT_SOCKET)]
+    #[arg(long, env = "MESH_SOCKET", default_value = crate::wire::local::DEFAULT_SOCKET)]
     pub socket: PathBuf,
     /// The name this node reports (default: the host name).
     #[arg(long, env = "MESH_HOSTNAME")]
@@ -46,24 +46,24 @@ pub struct RunArgs {
     pub force_new_cluster: bool,
     /// The node-local pool tasks get their address on the node's bridge
     /// (mesh_gwbridge) from.
-    #[arg(long, env = "MESH_LOCAL_POOL", default_value = crate::runtime::network::DEFAULT_POOL)]
+    #[arg(long, env = "MESH_LOCAL_POOL", default_value = crate::agent::net::bridge::DEFAULT_POOL)]
     pub local_pool: String,
     /// Which WireGuard encrypted overlays use: the kernel's where it has
     /// it (auto), only the kernel's, or boringtun in the agent on a TUN
     /// device (userspace).
     #[arg(long, env = "MESH_WIREGUARD", value_enum, default_value = "auto")]
-    pub wireguard: crate::runtime::tunnel::WireguardMode,
+    pub wireguard: crate::agent::net::tunnel::WireguardMode,
     /// How published ports reach tasks on other nodes: as they are, to
     /// the node's MAC address, when it is on the same link, else through
     /// the routing-mesh tunnel (auto); or always through the tunnel.
     #[arg(long, env = "MESH_MESH_ROUTING", value_enum, default_value = "auto")]
-    pub mesh_routing: crate::runtime::mesh::MeshRouting,
+    pub mesh_routing: crate::agent::mesh::kernel::MeshRouting,
     /// What serves published ports: the eBPF programs, or IPVS as in
     /// Swarm (needs the ip_vs module; tasks on other nodes than the one a
     /// connection came in on see that node's address, not the client's).
     /// Service VIPs use the eBPF socket programs either way.
     #[arg(long, env = "MESH_LB_BACKEND", value_enum, default_value = "ebpf")]
-    pub lb_backend: crate::runtime::mesh::LbBackend,
+    pub lb_backend: crate::agent::mesh::kernel::LbBackend,
     /// Where Prometheus scrapes the agent (`GET /metrics`), or `off`.
     /// Loopback by default: the metrics name services and nodes, so
     /// expose them on purpose (a warning says when they are).
@@ -78,7 +78,7 @@ pub struct RunArgs {
     /// presented a node's or operator's certificate yet (handshaking, or
     /// joining): more are closed at once. Raise it only for many nodes
     /// that reach the managers from one address (behind NAT).
-    #[arg(long, env = "MESH_MAX_UNAUTHENTICATED_PER_SOURCE", default_value_t = crate::control::rpc::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)]
+    #[arg(long, env = "MESH_MAX_UNAUTHENTICATED_PER_SOURCE", default_value_t = crate::wire::rpc::DEFAULT_MAX_UNAUTHENTICATED_PER_SOURCE)]
     pub max_unauthenticated_per_source: usize,
 }
 

@@ -1,30 +1,39 @@
 //! mesh-agent: the per-node agent of the mesh.
 //!
-//! - [`control`]: the swarm: Raft store, PKI, the leader's duties, the messages.
-//! - [`node`]: a node's life in the swarm: init, join, leave, unlock, its
-//!   session with the managers, and the runtime it drives; the one layer
-//!   that uses both `control` and `runtime`.
-//! - [`cli`]: the `meshctl` commands.
-//! - [`dataplane`]: kernel access, one module per mechanism (netlink, eBPF).
-//! - [`runtime`]: what runs on a node: tasks in their namespaces, their
+//! The layers, from the bottom (`cargo xtask layers` checks them):
+//!
+//! - [`api`]: the swarm's plain data (objects, messages, assignments) and
+//!   pure helpers; it uses nothing else of the crate.
+//! - [`dataplane`]: kernel access, one module per mechanism (netlink, eBPF,
+//!   nftables, IPVS, XFRM, WireGuard). [`metrics`]: the Prometheus
+//!   instruments, their rendering and the HTTP endpoints.
+//! - [`ca`]: keys and certificates; [`wire`]: mutual-TLS RPC between nodes
+//!   and the local socket `meshctl` uses.
+//! - [`manager`]: the leader's side: Raft and the store, the cluster API,
+//!   scheduler, orchestrator, allocator and dispatcher.
+//! - [`agent`]: what runs on a node: tasks in their namespaces, their
 //!   networks, the routing mesh, DNS.
-//! - [`locks`]: lock guards that survive a panicked holder.
-//! - [`preflight`]: what the node's kernel offers the dataplane.
-//! - [`metrics`]: the Prometheus endpoint.
-//! - [`config_file`]: `mesh-agent run`'s settings: flags, `MESH_*`, `--config FILE` (TOML).
+//! - [`node`]: a node's life in the swarm: init, join, leave, unlock, its
+//!   session with the managers; the one layer over both `manager` and `agent`.
+//! - [`cli`]: the `meshctl` commands.
+//! - [`locks`]: lock guards that survive a panicked holder; [`preflight`]:
+//!   what the node's kernel offers the dataplane; [`config_file`]:
+//!   `mesh-agent run`'s settings: flags, `MESH_*`, `--config FILE` (TOML).
 //!
 //! The binaries `mesh-agent` and `meshctl` are thin wrappers over this library.
 
+pub mod agent;
 pub mod api;
+pub mod ca;
 pub mod cli;
 pub mod config_file;
-pub mod control;
 pub mod dataplane;
 pub mod locks;
+pub mod manager;
 pub mod metrics;
 pub mod node;
 pub mod preflight;
-pub mod runtime;
+pub mod wire;
 
 /// The agent's version, as `meshctl version` and `mesh-agent --version` print it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

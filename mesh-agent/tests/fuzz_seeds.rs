@@ -11,6 +11,7 @@ use std::{
 };
 
 use mesh_agent::{
+    agent::net::dns::encode_query,
     api::{
         error::{ApiError, ApiResult},
         messages::{
@@ -22,13 +23,12 @@ use mesh_agent::{
         service::{ServiceSpec, ServiceUpdate},
         store::Command,
     },
-    control::rpc::encode_frame,
     dataplane::{
         ipvs::{self, DestId, IpvsMessage, Schedule, ServiceId},
         wireguard::{peer_message, PeerChange, TunnelPeer},
         xfrm::{self, Direction, Policy, Sa, SaId},
     },
-    runtime::dns::encode_query,
+    wire::rpc::encode_frame,
 };
 use netlink_packet_core::{
     DoneMessage, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_MULTIPART,

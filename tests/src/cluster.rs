@@ -19,8 +19,8 @@ use std::{
 };
 
 use mesh_agent::{
+    agent::net::netns::{NetNs, NetnsError},
     dataplane::netlink::{Netlink, NetlinkError},
-    runtime::netns::{NetNs, NetnsError},
 };
 
 use crate::process::Process;

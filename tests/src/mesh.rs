@@ -94,7 +94,7 @@ pub fn bridge_frames(swarm: &Swarm, nodes: usize) -> (u64, u64) {
                 continue;
             };
             match name.trim() {
-                mesh_agent::runtime::network::BRIDGE => total.0 += rx,
+                mesh_agent::agent::net::bridge::BRIDGE => total.0 += rx,
                 n if n.starts_with("mv") => total.1 += tx,
                 _ => {}
             }
@@ -149,7 +149,7 @@ pub fn forget_routed_connections(swarm: &Swarm, host: usize) -> usize {
 pub fn dns_a(name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
     let socket = std::net::UdpSocket::bind(("127.0.0.1", 0)).map_err(|e| e.to_string())?;
     socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let q = mesh_agent::runtime::dns::encode_query(0x4d53, name, 1);
+    let q = mesh_agent::agent::net::dns::encode_query(0x4d53, name, 1);
     socket.send_to(&q, ("127.0.0.11", 53)).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 1500];
     let n = socket
@@ -232,7 +232,7 @@ pub fn placed(swarm: &Swarm, service: &str) -> Vec<(usize, String)> {
             let node = t["node_hostname"].as_str().unwrap_or_default();
             let host: usize = node.trim_start_matches('h').parse().expect("the task's host");
             let id = t["task"]["id"].as_u64().expect("a task ID");
-            (host, mesh_agent::runtime::supervisor::task_dir_name(id))
+            (host, mesh_agent::agent::tasks::supervisor::task_dir_name(id))
         })
         .collect()
 }

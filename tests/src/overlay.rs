@@ -5,11 +5,11 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use mesh_agent::{
+    agent::net::netns::NetNs,
     dataplane::{
         netlink::Netlink,
         vxlan::{self, OverlayState},
     },
-    runtime::netns::NetNs,
 };
 
 use crate::swarm::Swarm;

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent::runtime::netns::NetNs;
+use mesh_agent::agent::net::netns::NetNs;
 
 /// A failure to start or wait for a process.
 #[derive(Debug)]

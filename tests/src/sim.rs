@@ -24,20 +24,22 @@ use std::{
 };
 
 use mesh_agent::{
+    agent::{
+        mesh::kernel::MeshTables,
+        net::{dns::Records, overlay},
+    },
     api::{
         error::{ApiError, ErrorKind},
         messages::{Assignments, Heartbeat, JoinCall, PartDigest, PartRef, PeerRequest, PeerResponse},
         objects::{NodeId, Role},
         service::{Assignment, DesiredState, TaskReport, TaskState},
     },
-    control::{
-        network::MANAGER_NAME,
+    ca::{
         pki::{self, NodeKey},
-        rpc::RpcClient,
-        tls,
         token::JoinToken,
     },
-    runtime::{dns::Records, mesh::MeshTables, overlay},
+    manager::raft::network::MANAGER_NAME,
+    wire::{rpc::RpcClient, tls},
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 
@@ -516,7 +518,7 @@ mod tests {
     fn a_work_reply_reads_the_digest_and_own_tasks_of_whole_assignments() {
         use mesh_agent::{
             api::assignment::mesh::{MeshFleet, NodeMesh},
-            control::rpc::{decode_response, encode_frame},
+            wire::rpc::{decode_response, encode_frame},
         };
         let whole = Assignments {
             digest: "d1".into(),

@@ -385,9 +385,9 @@ impl Drop for Swarm {
 fn remove_swarm_dir(dir: &Path) {
     if let Ok(hosts) = fs::read_dir(dir) {
         for host in hosts.filter_map(Result::ok) {
-            mesh_agent::runtime::supervisor::reap_leftovers(&host.path().join("data").join("tasks"));
-            mesh_agent::runtime::cgroup::TaskCgroup::remove_recorded(&host.path().join("data"));
-            mesh_agent::runtime::bpffs::unmount(&host.path().join("data"));
+            mesh_agent::agent::tasks::supervisor::reap_leftovers(&host.path().join("data").join("tasks"));
+            mesh_agent::agent::tasks::cgroup::TaskCgroup::remove_recorded(&host.path().join("data"));
+            mesh_agent::agent::mesh::bpffs::unmount(&host.path().join("data"));
         }
     }
     let _ = fs::remove_dir_all(dir);

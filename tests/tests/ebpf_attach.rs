@@ -132,7 +132,7 @@ struct TempPins(std::path::PathBuf);
 
 impl Drop for TempPins {
     fn drop(&mut self) {
-        mesh_agent::runtime::bpffs::unmount(&self.0);
+        mesh_agent::agent::mesh::bpffs::unmount(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -144,7 +144,7 @@ fn a_pinned_map_of_another_shape_is_replaced_and_one_of_the_same_is_taken_over()
     require_root();
     let data = std::env::temp_dir().join(format!("mesh-pins-{}", std::process::id()));
     let guard = TempPins(data.clone());
-    let pins = mesh_agent::runtime::bpffs::pin_dir(&guard.0).expect("mount a bpffs");
+    let pins = mesh_agent::agent::mesh::bpffs::pin_dir(&guard.0).expect("mount a bpffs");
     // An earlier agent whose task-links map had another capacity: its
     // nodes map (same key and value, a quarter of the entries) pinned
     // under that name.

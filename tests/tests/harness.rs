@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::runtime::netns::NetNs;
+use mesh_agent::agent::net::netns::NetNs;
 use mesh_tests::{cluster, require_root, Cluster, Host};
 
 /// A UDP socket bound inside `host`, with a short read timeout.
@@ -112,7 +112,7 @@ fn processes_run_inside_their_host_and_can_be_killed() {
     let inode = |path: String| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).expect("stat a namespace"));
     let host_ns = inode(format!(
         "{}/{}",
-        mesh_agent::runtime::netns::NETNS_DIR,
+        mesh_agent::agent::net::netns::NETNS_DIR,
         host.netns().name()
     ));
     assert_eq!(

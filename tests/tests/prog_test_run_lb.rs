@@ -6,12 +6,12 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use mesh_agent::{
+    agent::mesh::kernel::{MeshTables, PROGRAM_INGRESS, PROGRAM_REPLY, PROGRAM_TUNNEL},
     api::{
         assignment::mesh::{MeshAssignment, MeshBackend, MeshService},
         service::{LbOptions, PortPublish},
     },
     dataplane::{ebpf::EbpfDataplane, lb::LbMaps},
-    runtime::mesh::{MeshTables, PROGRAM_INGRESS, PROGRAM_REPLY, PROGRAM_TUNNEL},
 };
 use mesh_common::lb::NodeConfig;
 use mesh_tests::{packet, require_root, test_run::test_run};

@@ -448,13 +448,12 @@ mod wire {
             messages::{ClusterRequest, PeerRequest, PeerResponse},
             objects::Role,
         },
-        control::{
+        ca::{
             keystore::{KeyStore, Loaded},
-            network::MANAGER_NAME,
             pki::{NodeIdentity, NodeKey, RootCa},
-            rpc::RpcClient,
-            tls,
         },
+        manager::raft::network::MANAGER_NAME,
+        wire::{rpc::RpcClient, tls},
     };
 
     /// A node's certificate, key (opened with its data key) and roots.

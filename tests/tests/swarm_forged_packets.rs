@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::{api::assignment::mesh::tunnel_port, runtime::mesh::TUNNEL_DEVICE};
+use mesh_agent::{agent::mesh::kernel::TUNNEL_DEVICE, api::assignment::mesh::tunnel_port};
 use mesh_common::lb::VNI_REPLY;
 use mesh_tests::{
     mesh::{create_http_service, http_get},

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::runtime::{mesh::TUNNEL_DEVICE, netns::NetNs, supervisor::task_dir_name};
+use mesh_agent::agent::{mesh::kernel::TUNNEL_DEVICE, net::netns::NetNs, tasks::supervisor::task_dir_name};
 use mesh_tests::{
     cluster::host_address,
     mesh::{backends_on, bridge_frames, http_get},

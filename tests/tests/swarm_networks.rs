@@ -139,7 +139,7 @@ fn networks_are_allocated_once_listed_inspected_and_removed_when_unused() {
 /// (a task was once rejected with "File exists" for losing that race).
 #[test]
 fn the_node_bridge_is_made_once_whoever_asks_for_it_at_the_same_time() {
-    use mesh_agent::runtime::network::{check_local_pool, LocalNetwork, BRIDGE};
+    use mesh_agent::agent::net::bridge::{check_local_pool, LocalNetwork, BRIDGE};
     require_root();
     let cluster = mesh_tests::Cluster::new(1).expect("a host");
     let results = cluster.host(0).run(|| {

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::{dataplane::vxlan, runtime::overlay::task_mac};
+use mesh_agent::{agent::net::overlay::task_mac, dataplane::vxlan};
 use mesh_tests::{
     overlay::{endpoints, has_link, in_task, inspect, overlays_on, running},
     require_root,

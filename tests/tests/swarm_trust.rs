@@ -16,10 +16,12 @@ use mesh_agent::{
         objects::{NodeId, Role},
         service::{TaskReport, TaskState},
     },
-    control::{
+    ca::{
         keystore::{KeyStore, Loaded},
-        network::MANAGER_NAME,
         pki,
+    },
+    manager::raft::network::MANAGER_NAME,
+    wire::{
         rpc::{RpcClient, RpcError},
         tls,
     },
@@ -102,7 +104,7 @@ fn node_id(swarm: &Swarm, host: usize) -> NodeId {
 }
 
 /// Whether `response` is a refusal of kind PermissionDenied (exit code 5).
-fn denied(response: &Result<PeerResponse, mesh_agent::control::rpc::RpcError>) -> Option<String> {
+fn denied(response: &Result<PeerResponse, mesh_agent::wire::rpc::RpcError>) -> Option<String> {
     match response {
         Ok(PeerResponse::Refused(e)) if e.kind == ErrorKind::PermissionDenied => Some(e.message.clone()),
         Ok(PeerResponse::Cluster(Err(e))) if e.kind == ErrorKind::PermissionDenied => Some(e.message.clone()),

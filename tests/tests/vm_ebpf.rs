@@ -7,12 +7,12 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use mesh_agent::{
+    agent::mesh::kernel::{MeshTables, PROGRAM_INGRESS},
     api::{
         assignment::mesh::{MeshAssignment, MeshBackend, MeshService},
         service::{LbOptions, PortPublish},
     },
     dataplane::{ebpf::EbpfDataplane, lb::LbMaps},
-    runtime::mesh::{MeshTables, PROGRAM_INGRESS},
 };
 use mesh_common::lb::NodeConfig;
 use mesh_tests::{packet, require_root, test_run::test_run};
@@ -71,7 +71,7 @@ const RAFT: &[&str] = &["--raft-heartbeat", "250ms", "--raft-election-timeout", 
 #[test]
 #[ignore = "vm lane: needs Debian's kernel; run by `cargo xtask test` inside virtme-ng"]
 fn a_published_port_is_served_through_the_task_veths_with_clsact_filters() {
-    use mesh_agent::runtime::mesh::TUNNEL_DEVICE;
+    use mesh_agent::agent::mesh::kernel::TUNNEL_DEVICE;
     use mesh_tests::{
         mesh::{bridge_frames, spray},
         overlay::{has_link, running},

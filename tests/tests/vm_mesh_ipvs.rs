@@ -15,8 +15,8 @@
 use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use mesh_agent::{
+    agent::mesh::{ipvs::owned, kernel::TUNNEL_DEVICE},
     dataplane::ipvs::{Ipvs, IpvsState},
-    runtime::{mesh::TUNNEL_DEVICE, mesh_ipvs::owned},
 };
 use mesh_tests::{
     cluster::host_address,

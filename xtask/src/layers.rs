@@ -1,17 +1,20 @@
 //! The agent's layering, checked in the lint lane: which of its top-level
 //! modules may use which, read from the `crate::` paths in each module's
-//! code (comments left out). The layers, from the bottom:
+//! code (comments and unit tests left out). The layers, from the bottom:
 //!
+//! - `api` (plain data and pure helpers) uses nothing else of the crate;
 //! - `dataplane` (kernel access) and `metrics` (instruments, rendering, the
-//!   HTTP endpoints) use no other layer of the agent;
-//! - `control` (the store, the leader, the messages) uses neither the node's
-//!   `runtime` nor `node`;
-//! - `runtime` (tasks, their networks, the routing mesh) does not use `node`;
-//! - `node` (a node's life in the swarm) is the one layer over both
-//!   `control` and `runtime`; `cli` and the binaries sit on top.
+//!   HTTP endpoints) use no other layer;
+//! - `ca` (keys and certificates) uses `api`; `wire` (the transports) uses
+//!   `api` and `ca`;
+//! - `manager` (the leader's side) and `agent` (what runs on a node) never
+//!   use each other; `node` (a node's life in the swarm) is the one layer
+//!   over both; `cli` and the binaries sit on top.
 //!
-//! Besides these rules, no two top-level modules may use each other, through
-//! any path. A refusal names the files and the path that break the rule.
+//! Every top-level module has its row in [`ALLOWED`]; a new one must be
+//! given its place there. Besides these rules, no two modules (two levels
+//! deep: `manager::dispatcher`, `agent::net`) may use each other through any
+//! path. A refusal names the files and the path that break the rule.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,12 +24,50 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-/// (layer, the layers it must not use).
-const FORBIDDEN: &[(&str, &[&str])] = &[
-    ("dataplane", &["control", "runtime", "node", "cli", "metrics"]),
-    ("metrics", &["control", "runtime", "node", "cli"]),
-    ("control", &["runtime", "node", "cli"]),
-    ("runtime", &["node", "cli"]),
+/// Utility modules any layer may use.
+const UTILITIES: &[&str] = &["locks"];
+
+/// (layer, the layers it may use besides itself and the utilities).
+const ALLOWED: &[(&str, &[&str])] = &[
+    ("api", &[]),
+    ("dataplane", &[]),
+    ("metrics", &[]),
+    ("preflight", &["dataplane"]),
+    ("ca", &["api"]),
+    ("wire", &["api", "ca"]),
+    ("manager", &["api", "ca", "wire", "metrics"]),
+    ("agent", &["api", "dataplane", "metrics"]),
+    ("config_file", &["api", "agent", "metrics", "wire"]),
+    (
+        "node",
+        &[
+            "api",
+            "ca",
+            "wire",
+            "manager",
+            "agent",
+            "dataplane",
+            "metrics",
+            "preflight",
+            "config_file",
+        ],
+    ),
+    (
+        "cli",
+        &[
+            "api",
+            "ca",
+            "wire",
+            "manager",
+            "agent",
+            "dataplane",
+            "metrics",
+            "preflight",
+            "config_file",
+            "node",
+        ],
+    ),
+    ("locks", &[]),
 ];
 
 /// Checks the crate whose sources are in `src`.
@@ -34,20 +75,27 @@ pub fn check(src: &Path) -> Result<()> {
     let uses = crate_uses(src)?;
     let top = |m: &str| m.split("::").next().unwrap_or(m).to_string();
     let mut problems = Vec::new();
-    for (layer, banned) in FORBIDDEN {
-        let mut found: BTreeMap<String, BTreeSet<PathBuf>> = BTreeMap::new();
-        for (from, tos) in &uses {
-            if top(from) != *layer {
-                continue;
-            }
-            for (to, files) in tos {
-                if banned.contains(&top(to).as_str()) {
-                    found.entry(top(to)).or_default().extend(files.iter().cloned());
-                }
+    let mut found: BTreeMap<(String, String), BTreeSet<PathBuf>> = BTreeMap::new();
+    for (from, tos) in &uses {
+        for (to, files) in tos {
+            let (from, to) = (top(from), top(to));
+            if from != to && !UTILITIES.contains(&to.as_str()) {
+                found.entry((from, to)).or_default().extend(files.iter().cloned());
             }
         }
-        for (to, files) in found {
-            problems.push(format!("{layer} uses {to} (in {})", list(&files)));
+    }
+    let layers: BTreeSet<String> = uses.keys().map(|m| top(m)).collect();
+    for layer in &layers {
+        if !ALLOWED.iter().any(|(name, _)| name == layer) {
+            problems.push(format!(
+                "{layer} has no place in the layers: give it a row in ALLOWED (xtask/src/layers.rs)"
+            ));
+        }
+    }
+    for ((from, to), files) in found {
+        let allowed = ALLOWED.iter().find(|(name, _)| *name == from).map(|(_, may)| *may);
+        if allowed.is_some_and(|may| !may.contains(&to.as_str())) {
+            problems.push(format!("{from} uses {to} (in {})", list(&files)));
         }
     }
     let graph: BTreeMap<String, BTreeSet<String>> = uses
@@ -197,12 +245,12 @@ fn tangles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
     walk.found
 }
 
-/// A module of the crate, as its path (`["control", "state"]`); modules
+/// A module of the crate, as its path (`["manager", "state"]`); modules
 /// deeper than two levels count as their two-level ancestor.
 type Module = Vec<String>;
 
-/// The module a file defines (`control/state/mod.rs` -> control::state,
-/// `control/api.rs` -> control::api, `lib.rs` -> the crate root).
+/// The module a file defines (`manager/state/mod.rs` -> manager::state,
+/// `api/messages.rs` -> api::messages, `lib.rs` -> the crate root).
 fn file_module(relative: &Path) -> Module {
     let mut parts: Vec<String> = relative
         .components()
@@ -340,7 +388,7 @@ mod tests {
     #[test]
     fn paths_groups_super_and_comments() {
         let text = "use crate::locks::Locked;\n\
-                    use crate::{\n    control::{api::X, state},\n    runtime::mesh, self,\n};\n\
+                    use crate::{\n    manager::{api::X, state},\n    agent::mesh, self,\n};\n\
                     use super::{seal, super::node::Y};\n\
                     // crate::node in a comment\n\
                     /// [`crate::cli::x`] in a doc\n\
@@ -352,9 +400,9 @@ mod tests {
             found,
             [
                 "locks::Locked",
-                "control::api::X",
-                "control::state",
-                "runtime::mesh",
+                "manager::api::X",
+                "manager::state",
+                "agent::mesh",
                 "",
                 "ca::seal",
                 "node::Y",
@@ -366,9 +414,9 @@ mod tests {
     #[test]
     fn files_define_modules() {
         let m = |p: &str| file_module(Path::new(p)).join("::");
-        assert_eq!(m("control/rpc.rs"), "control::rpc");
-        assert_eq!(m("control/state/mod.rs"), "control::state");
-        assert_eq!(m("control/state/tasks.rs"), "control::state::tasks");
+        assert_eq!(m("wire/rpc.rs"), "wire::rpc");
+        assert_eq!(m("manager/state/mod.rs"), "manager::state");
+        assert_eq!(m("manager/state/tasks.rs"), "manager::state::tasks");
         assert_eq!(m("locks.rs"), "locks");
         assert_eq!(m("lib.rs"), "");
     }
@@ -382,20 +430,46 @@ mod tests {
             }
             g
         };
-        assert!(tangles(&graph(&[
-            ("node", "control"),
-            ("node", "runtime"),
-            ("runtime", "control")
-        ]))
-        .is_empty());
+        assert!(tangles(&graph(&[("node", "manager"), ("node", "agent"), ("agent", "api")])).is_empty());
         let found = tangles(&graph(&[
-            ("control", "runtime"),
-            ("runtime", "dataplane"),
-            ("runtime", "control"),
+            ("manager", "agent"),
+            ("agent", "dataplane"),
+            ("agent", "manager"),
             ("a", "b"),
             ("b", "c"),
             ("c", "a"),
         ]));
-        assert_eq!(found, [vec!["a", "b", "c"], vec!["control", "runtime"]]);
+        assert_eq!(found, [vec!["a", "b", "c"], vec!["agent", "manager"]]);
+    }
+
+    #[test]
+    fn a_layer_used_from_below_and_an_unplaced_module_are_refused() {
+        let src = std::env::temp_dir().join(format!("mesh-layers-{}", std::process::id()));
+        let write = |path: &str, text: &str| {
+            let file = src.join(path);
+            fs::create_dir_all(file.parent().unwrap()).unwrap();
+            fs::write(file, text).unwrap();
+        };
+        write("lib.rs", "pub mod api;\npub mod manager;\n");
+        write("api/mod.rs", "pub mod objects;\n");
+        write("api/objects.rs", "pub struct Node;\n");
+        write(
+            "manager/mod.rs",
+            "use crate::api::objects::Node;\nuse crate::locks::Locked;\n",
+        );
+        write("locks.rs", "pub struct Locked;\n");
+        assert!(check(&src).is_ok());
+        write("api/objects.rs", "pub struct Node(crate::manager::Thing);\n");
+        let refusal = check(&src).unwrap_err().to_string();
+        assert!(refusal.contains("api uses manager (in api/objects.rs)"), "{refusal}");
+        assert!(
+            refusal.contains("modules that use each other (api::objects, manager)"),
+            "{refusal}"
+        );
+        write("api/objects.rs", "pub struct Node;\n");
+        write("extra.rs", "pub struct X;\n");
+        let refusal = check(&src).unwrap_err().to_string();
+        assert!(refusal.contains("extra has no place in the layers"), "{refusal}");
+        fs::remove_dir_all(&src).unwrap();
     }
 }

@@ -648,7 +648,7 @@ pub struct Assignments {
     pub tasks: Vec<crate::api::service::Assignment>,
     /// The shared parts below (networks' endpoints, then their services,
     /// then the routing mesh), each with its digest and whether it was
-    /// held back because the node has it (`control::parts`). Third, so a
+    /// held back because the node has it (`api::parts`). Third, so a
     /// reader of the first fields alone (the simulator) finds it.
     #[serde(default)]
     pub parts: Vec<PartRef>,

@@ -1,6 +1,6 @@
 //! Secrets and configs (`meshctl secret|config create|ls|inspect|rm`), as
 //! Swarm has them: named blobs of at most 500 KiB in the Raft store (whose
-//! values are sealed at rest, control/store.rs), immutable (a new version
+//! values are sealed at rest, `manager::raft::store`), immutable (a new version
 //! is a new name, rotated into services with `--secret-rm old
 //! --secret-add new`), refused for removal while a service uses them, and
 //! sent to a node only inside the assignments of tasks that need them.

@@ -484,7 +484,7 @@ mod tests {
 
     #[test]
     fn restart_policy_and_endpoint_mode_update_without_replacing_tasks() {
-        let spec = crate::control::orchestrator::tests_support::service(1).spec;
+        let spec = crate::manager::orchestrator::tests_support::service(1).spec;
         let update = ServiceUpdate {
             restart_condition: Some(RestartCondition::OnFailure),
             restart_max_attempts: Some(3),
@@ -504,7 +504,7 @@ mod tests {
 
     #[test]
     fn dnsrr_cannot_publish_through_the_ingress() {
-        let mut spec = crate::control::orchestrator::tests_support::service(1).spec;
+        let mut spec = crate::manager::orchestrator::tests_support::service(1).spec;
         spec.endpoint_mode = EndpointMode::Dnsrr;
         spec.publish = vec![PortPublish::parse("8080:80").unwrap()];
         let err = spec.validate().unwrap_err();
@@ -526,7 +526,7 @@ mod tests {
             gid: 0,
             mode,
         };
-        let mut spec = crate::control::orchestrator::tests_support::service(1).spec;
+        let mut spec = crate::manager::orchestrator::tests_support::service(1).spec;
         spec.configs = vec![reference("/etc/app.conf", 0o1110)];
         assert!(spec.validate().unwrap_err().contains("beyond 0777"));
         spec.configs = vec![reference("/etc/../shadow", 0o444)];

@@ -1,5 +1,5 @@
 //! Everything Raft replicates ([`ClusterState`]), and the commands that
-//! change it. Applying a command is the manager's (`control::state`).
+//! change it. Applying a command is the manager's (`manager::state`).
 
 use std::collections::{BTreeMap, BTreeSet};
 

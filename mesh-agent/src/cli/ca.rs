@@ -11,7 +11,8 @@ use crate::{
         error::{ApiError, ApiResult},
         messages::{CaView, ClusterRequest, ClusterResponse, OperatorCertView},
     },
-    control::{manager::unix_now, pki::NodeKey},
+    ca::pki::NodeKey,
+    manager::unix_now,
 };
 
 /// `swarm ca`.
@@ -181,7 +182,7 @@ fn write_operator_files(dir: &Path, key: &str, cert: &str, roots: &[String]) -> 
         .create(dir)
         .map_err(|e| ApiError::invalid(format!("{}: {e}", dir.display())))?;
     let write = |name: &str, text: &str| {
-        crate::control::keystore::write_private(&dir.join(name), text.as_bytes())
+        crate::ca::keystore::write_private(&dir.join(name), text.as_bytes())
             .map_err(|e| ApiError::internal(e.to_string()))
     };
     write("key.pem", key)?;

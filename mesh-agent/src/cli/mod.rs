@@ -26,7 +26,8 @@ use crate::{
         },
         objects::{node_id_text, Availability, NodeStatus, NodeUpdate, Role},
     },
-    control::{local, network::MANAGER_NAME, rpc::RpcClient, rules, tls},
+    manager::{raft::network::MANAGER_NAME, rules},
+    wire::{local, rpc::RpcClient, tls},
 };
 
 /// meshctl's command line.

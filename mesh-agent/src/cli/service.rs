@@ -725,7 +725,7 @@ pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
             } else if format == Format::Json {
                 println!("{}", json(&tasks)?);
             } else {
-                print!("{}", task_table(&tasks, crate::control::manager::unix_now()));
+                print!("{}", task_table(&tasks, crate::manager::unix_now()));
             }
             Ok(())
         }
@@ -777,7 +777,7 @@ pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
                 )?);
             }
             if pretty {
-                let now = crate::control::manager::unix_now_ms();
+                let now = crate::manager::unix_now_ms();
                 let texts: Vec<String> = out.iter().map(|v| pretty_text(v, now)).collect();
                 print!("{}", texts.join("\n"));
             } else {
@@ -1043,7 +1043,7 @@ mod tests {
 
     #[test]
     fn pretty_inspect_shows_the_spec() {
-        let mut service = crate::control::orchestrator::tests_support::service(7);
+        let mut service = crate::manager::orchestrator::tests_support::service(7);
         service.spec.env.insert("MODE".into(), "prod".into());
         service.spec.publish = vec![PortPublish::parse("8080:80").unwrap()];
         service.spec.constraints = vec!["node.labels.zone==a".into()];

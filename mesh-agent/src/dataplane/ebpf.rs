@@ -11,7 +11,7 @@
 //!
 //! Attaching resolves interface names in the calling thread's network
 //! namespace, so callers enter the namespace first (see
-//! [`crate::runtime::netns::NetNs::run`]).
+//! [`crate::agent::net::netns::NetNs::run`]).
 
 use std::{
     os::fd::{AsFd, BorrowedFd},

@@ -205,7 +205,18 @@ pub struct Snapshot {
     pub ports: Vec<PortFacts>,
     pub backends: Vec<BackendFacts>,
     /// The WireGuard tunnel's peers.
-    pub wireguard: Vec<crate::dataplane::wireguard::PeerStats>,
+    pub wireguard: Vec<TunnelPeerFacts>,
+}
+
+/// One WireGuard peer of the node's tunnel, as the metrics show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunnelPeerFacts {
+    /// The peer's tunnel address (which node it is).
+    pub tunnel: std::net::Ipv6Addr,
+    /// Seconds since its last handshake; `None` before the first.
+    pub handshake_age_s: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str], rows: &[(Vec<String>, f64)]) {
@@ -430,7 +441,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         &["service", "task"],
         &backend_rows(|b| b.connections),
     );
-    let peer = |p: &crate::dataplane::wireguard::PeerStats| vec![p.tunnel.to_string()];
+    let peer = |p: &TunnelPeerFacts| vec![p.tunnel.to_string()];
     let ages: Vec<(Vec<String>, f64)> = snapshot
         .wireguard
         .iter()

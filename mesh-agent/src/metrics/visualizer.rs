@@ -4,7 +4,7 @@
 //! its script are in the binary, no CDN. `GET /` is the page, `GET /state`
 //! the swarm as JSON, `GET /events` the same as a server-sent event, which
 //! the page asks for again every half second. What it draws is made from
-//! the store by `control::visualizer`.
+//! the store by `manager::visualizer`.
 
 use std::future::Future;
 

@@ -4,9 +4,9 @@
 use super::{Agent, Member, Phase};
 use crate::locks::Locked;
 use crate::{
+    agent::mesh::kernel::LbBackend,
     api::{messages::Assignments, objects::node_id_text},
-    metrics::{label, ClusterFacts, RaftFacts, Snapshot},
-    runtime::mesh::LbBackend,
+    metrics::{label, ClusterFacts, RaftFacts, Snapshot, TunnelPeerFacts},
 };
 
 /// What an assignment says of this node's overlays: (networks, distinct
@@ -72,7 +72,7 @@ impl Agent {
             _ => return None,
         };
         let state = member.manager()?.state();
-        serde_json::to_string(&crate::control::visualizer::view(&state)).ok()
+        serde_json::to_string(&crate::manager::visualizer::view(&state)).ok()
     }
 
     /// The metrics text (`GET /metrics`).
@@ -96,7 +96,18 @@ impl Agent {
         };
         if let Some(m) = member {
             snapshot.state = "active".into();
-            snapshot.wireguard = m.overlays.tunnel_stats().await;
+            snapshot.wireguard = m
+                .overlays
+                .tunnel_stats()
+                .await
+                .into_iter()
+                .map(|p| TunnelPeerFacts {
+                    tunnel: p.tunnel,
+                    handshake_age_s: p.handshake_age_s,
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                })
+                .collect();
             // Map reads and netlink dumps block: off the runtime's threads.
             snapshot = tokio::task::spawn_blocking(move || {
                 m.snapshot(&mut snapshot);

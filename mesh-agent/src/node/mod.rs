@@ -6,7 +6,7 @@
 //! - `node.json`: node ID, cluster ID, addresses, known managers (no secrets);
 //! - `certs/node.pem`, `certs/ca.pem`: public certificates;
 //! - `certs/node.key.sealed`: the node's private key, sealed with the DEK;
-//! - `keys/`: the DEK wrapped by the KEK (see [`crate::control::keystore`]);
+//! - `keys/`: the DEK wrapped by the KEK (see [`crate::ca::keystore`]);
 //! - `raft/raft.redb`: the encrypted Raft store (managers only).
 
 use crate::locks::{Locked, RwLocked};
@@ -26,18 +26,17 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
-use crate::api::parts;
-use crate::runtime::{
-    bpffs,
-    cgroup::TaskCgroup,
-    dns::Dns,
-    logs,
-    mesh::RoutingMesh,
-    network::{LocalNetwork, Subnet},
-    overlay::Overlays,
-    supervisor::Supervisor,
-    tunnel::{Tunnel, WireguardMode},
+use crate::agent::{
+    mesh::{bpffs, kernel::RoutingMesh},
+    net::{
+        bridge::{LocalNetwork, Subnet},
+        dns::Dns,
+        overlay::Overlays,
+        tunnel::{Tunnel, WireguardMode},
+    },
+    tasks::{cgroup::TaskCgroup, logs, supervisor::Supervisor},
 };
+use crate::api::parts;
 use crate::{
     api::{
         cert_records::NodeCerts,
@@ -51,16 +50,19 @@ use crate::{
         service::TaskReport,
         store::Command,
     },
-    control::{
+    ca::{
         keystore::{write_private, KeyStore, KeyStoreError, Loaded},
-        manager::{unix_now, Manager, RaftTiming, ASSIGNMENTS_WAIT},
-        network::{Peers, MANAGER_NAME},
         pki::{self, NodeIdentity, NodeKey, RootCa},
-        rpc::{self, Handler, Peer, RpcClient, RpcError},
-        rules,
         seal::{DataKey, UnlockKey},
-        tls,
         token::JoinToken,
+    },
+    manager::{
+        raft::network::{Peers, MANAGER_NAME},
+        rules, unix_now, Manager, RaftTiming, ASSIGNMENTS_WAIT,
+    },
+    wire::{
+        rpc::{self, Handler, Peer, RpcClient, RpcError},
+        tls,
     },
 };
 
@@ -93,9 +95,9 @@ pub struct AgentOptions {
     /// Which WireGuard the encrypted overlays use.
     pub wireguard: WireguardMode,
     /// How the routing mesh reaches other nodes.
-    pub mesh_routing: crate::runtime::mesh::MeshRouting,
+    pub mesh_routing: crate::agent::mesh::kernel::MeshRouting,
     /// What serves published ports.
-    pub lb_backend: crate::runtime::mesh::LbBackend,
+    pub lb_backend: crate::agent::mesh::kernel::LbBackend,
     /// The cluster port's limits (connections, frames, deadlines).
     pub cluster_port: rpc::ServerOptions,
 }
@@ -774,7 +776,7 @@ impl Member {
             network.clone(),
             cgroup.as_ref().map(|c| c.dir().to_path_buf()),
             pins,
-            opts.mesh_routing == crate::runtime::mesh::MeshRouting::Auto,
+            opts.mesh_routing == crate::agent::mesh::kernel::MeshRouting::Auto,
             opts.lb_backend,
         );
         let dns = Arc::new(Dns::new());
@@ -854,8 +856,8 @@ impl Member {
                 "--force-new-cluster: this node has no Raft store to recover from",
             ));
         }
-        let old =
-            crate::control::store::recover(&path, self.dek.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
+        let old = crate::manager::raft::store::recover(&path, self.dek.clone())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         let addr =
             old.nodes.get(&self.id).map(|n| n.addr.clone()).ok_or_else(|| {
                 ApiError::precondition("--force-new-cluster: this node is not a member in its own store")

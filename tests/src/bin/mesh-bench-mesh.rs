@@ -26,15 +26,15 @@ use std::{
 };
 
 use mesh_agent::{
+    agent::{
+        mesh::kernel::{MeshTables, PROGRAM_INGRESS},
+        tasks::supervisor::task_dir_name,
+    },
     api::{
         assignment::mesh::{MeshAssignment, MeshBackend, MeshService},
         service::{LbOptions, PortPublish},
     },
     dataplane::{ebpf::EbpfDataplane, lb::LbMaps, netlink::Netlink},
-    runtime::{
-        mesh::{MeshTables, PROGRAM_INGRESS},
-        supervisor::task_dir_name,
-    },
 };
 use mesh_common::lb::NodeConfig;
 use mesh_tests::{

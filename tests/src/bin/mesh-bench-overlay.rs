@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent::runtime::netns::NetNs;
+use mesh_agent::agent::net::netns::NetNs;
 use mesh_tests::{
     process::Process,
     require_root,

@@ -15,17 +15,19 @@ use std::{
 };
 
 use mesh_agent::{
+    agent::{
+        net::{
+            bridge::{LocalNetwork, Subnet},
+            netns::NetNs,
+        },
+        tasks::process,
+    },
     api::{
-        objects::{Node, NodeStatus, Role},
+        objects::{Availability, ClusterSpec, Node, NodeStatus, Role, DEFAULT_DATA_PATH_PORT},
         service::{Service, ServiceMode, ServiceSpec},
-        store::ClusterState,
+        store::{ClusterState, Command},
     },
-    control::orchestrator,
-    runtime::{
-        netns::NetNs,
-        network::{LocalNetwork, Subnet},
-        process,
-    },
+    manager::orchestrator,
 };
 use mesh_tests::{require_root, swarm::Swarm};
 
@@ -152,20 +154,22 @@ fn kernel_floor(n: usize) -> Duration {
 
 /// The pure scheduler on 100 simulated nodes and 1,000 services.
 fn scheduler() {
-    let mut state: ClusterState = ClusterState::default();
-    state.cluster = Some(mesh_agent::api::objects::ClusterSpec {
-        id: "bench".into(),
-        created_at: 0,
-        default_addr_pool: vec![],
-        default_addr_pool_mask_len: 24,
-        autolock: false,
-        heartbeat_period_ms: 1000,
-        heartbeat_misses_down: 3,
-        cert_expiry_secs: 3600,
-        task_history_limit: 5,
-        data_path_port: mesh_agent::api::objects::DEFAULT_DATA_PATH_PORT,
-        overlay_key_rotation_secs: 43200,
-    });
+    let mut state = ClusterState {
+        cluster: Some(ClusterSpec {
+            id: "bench".into(),
+            created_at: 0,
+            default_addr_pool: vec![],
+            default_addr_pool_mask_len: 24,
+            autolock: false,
+            heartbeat_period_ms: 1000,
+            heartbeat_misses_down: 3,
+            cert_expiry_secs: 3600,
+            task_history_limit: 5,
+            data_path_port: DEFAULT_DATA_PATH_PORT,
+            overlay_key_rotation_secs: 43200,
+        }),
+        ..ClusterState::default()
+    };
     for id in 1..=100u64 {
         state.nodes.insert(
             id,
@@ -174,7 +178,7 @@ fn scheduler() {
                 hostname: format!("sim{id}"),
                 role: Role::Worker,
                 status: NodeStatus::Ready,
-                availability: mesh_agent::api::objects::Availability::Active,
+                availability: Availability::Active,
                 labels: [("zone".to_string(), format!("z{}", id % 4))].into(),
                 addr: format!("10.0.{}.{}:2377", id / 250, id % 250),
                 data_path_addr: String::new(),
@@ -215,7 +219,7 @@ fn scheduler() {
     .expect("a plan");
     let took = t0.elapsed();
     let placed = match &plan {
-        mesh_agent::api::store::Command::ApplyPlan { create, .. } => create.len(),
+        Command::ApplyPlan { create, .. } => create.len(),
         _ => 0,
     };
     state.apply(&plan);

@@ -19,7 +19,7 @@ use mesh_agent::{
         messages::{ClusterRequest, LocalRequest},
         objects::NodeUpdate,
     },
-    control::local,
+    wire::local,
 };
 use mesh_tests::{require_root, swarm::Swarm};
 

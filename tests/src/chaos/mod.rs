@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_agent::runtime::supervisor::task_dir_name;
+use mesh_agent::agent::tasks::supervisor::task_dir_name;
 use mesh_common::lb::Backend;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 

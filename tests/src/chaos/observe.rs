@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::programs::{tc::TcAttachType, SchedClassifier};
-use mesh_agent::runtime::process::start_time;
+use mesh_agent::agent::tasks::process::start_time;
 
 use super::{differences, NODES};
 use crate::{process::processes_with, swarm::Swarm};

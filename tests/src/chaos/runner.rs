@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent::runtime::netns::NetNs;
+use mesh_agent::agent::net::netns::NetNs;
 
 use super::{
     log_findings, lost_writes, missing_tasks, new_tasks, observe, orphans, schedule, tables_agree, tally, task_rows,

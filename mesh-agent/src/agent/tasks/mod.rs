@@ -1,0 +1,16 @@
+//! A node's tasks.
+//!
+//! - [`plan`]: assignments vs what runs here (pure).
+//! - [`supervisor`]: runs, watches, stops and reports this node's tasks.
+//! - [`process`]: forking a task into its namespaces; signals (the kernel layer).
+//! - [`files`]: secrets and configs as files in a task's namespace.
+//! - [`health`]: health verdicts from check results (pure).
+//! - [`cgroup`]: the cgroup tasks run in; [`logs`]: reading task logs.
+
+pub mod cgroup;
+pub mod files;
+pub mod health;
+pub mod logs;
+pub mod plan;
+pub mod process;
+pub mod supervisor;

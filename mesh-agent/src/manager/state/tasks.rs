@@ -1,0 +1,111 @@
+//! Applying the commands that change tasks: the orchestrator's plans and the nodes' reports (pure).
+
+use crate::manager::state::*;
+
+impl ClusterState {
+    /// Applies [`Command::ApplyPlan`].
+    pub(super) fn apply_plan(
+        &mut self,
+        create: &[Task],
+        shutdown: &[(u64, String)],
+        updates: &[(u64, UpdateStatus)],
+        rollbacks: &[u64],
+        orphaned: &[u64],
+        at: u64,
+    ) -> Result<(), String> {
+        for (id, status) in updates {
+            if let Some(service) = self.services.get_mut(id) {
+                service.update_status = Some(status.clone());
+            }
+        }
+        for id in rollbacks {
+            self.roll_back(*id, at * 1000)?;
+        }
+        if let Some(t) = create.iter().find(|t| self.tasks.contains_key(&t.id)) {
+            return Err(format!("task ID {} is taken", t.id));
+        }
+        let create = self.settle_addresses(create)?;
+        let mut touched = BTreeSet::new();
+        for (id, reason) in shutdown {
+            if let Some(task) = self.tasks.get_mut(id) {
+                task.desired = DesiredState::Shutdown;
+                // An ended task keeps the message saying how it ended.
+                if !task.state.is_terminal() {
+                    task.message = reason.clone();
+                    task.updated_at = at;
+                }
+                if task.is_finished() {
+                    touched.insert(task.history_place());
+                }
+            }
+        }
+        for id in orphaned {
+            if let Some(task) = self.tasks.get_mut(id).filter(|t| !t.state.is_terminal()) {
+                task.state = TaskState::Orphaned;
+                task.desired = DesiredState::Shutdown;
+                task.message = "its node was lost (down for over 24h, or removed); how it ended is unknown".into();
+                task.updated_at = at;
+                task.ended_at_ms = at * 1000;
+                touched.insert(task.history_place());
+            }
+        }
+        touched.extend(create.iter().filter(|t| t.is_finished()).map(|t| t.history_place()));
+        self.tasks.extend(create.into_iter().map(|t| (t.id, t)));
+        self.prune_task_history(Some(&touched));
+        Ok(())
+    }
+
+    /// Applies [`Command::ReportTasks`].
+    pub(super) fn apply_report_tasks(
+        &mut self,
+        node: NodeId,
+        reports: &[TaskReport],
+        at_ms: u64,
+    ) -> Result<(), String> {
+        let mut touched = BTreeSet::new();
+        for r in reports {
+            let Some(task) = self.tasks.get_mut(&r.task) else {
+                continue;
+            };
+            if !task.takes_report(node, r) {
+                continue;
+            }
+            task.state = r.state;
+            task.message = r.message.to_string();
+            task.updated_at = at_ms / 1000;
+            if r.state.is_terminal() {
+                task.ended_at_ms = at_ms;
+            }
+            if task.is_finished() {
+                touched.insert(task.history_place());
+            }
+        }
+        self.prune_task_history(Some(&touched));
+        Ok(())
+    }
+
+    /// Applies [`Command::SetTaskState`].
+    pub(super) fn apply_set_task_state(
+        &mut self,
+        id: u64,
+        state: TaskState,
+        message: &str,
+        at: u64,
+    ) -> Result<(), String> {
+        let task = self.tasks.get_mut(&id).ok_or_else(|| format!("task {id} not found"))?;
+        if task.state == state {
+            return Ok(());
+        }
+        if !task.state.may_become(state) {
+            return Err(format!(
+                "task {id} cannot go from {} to {}",
+                task.state.name(),
+                state.name()
+            ));
+        }
+        task.state = state;
+        task.message = message.to_string();
+        task.updated_at = at;
+        Ok(())
+    }
+}
