@@ -9,7 +9,7 @@
 //! - [`raft`]: the Raft log and state machine on redb, every value sealed
 //!   ([`raft::store`]), and Raft's network over the peers' RPC clients.
 //! - [`state`]: applying a committed command to the replicated state (pure).
-//! - [`controlapi`]: the cluster API, one file per resource; [`rules`]: the
+//! - `controlapi`: the cluster API, one file per resource; [`rules`]: the
 //!   naming, quorum, identity and address checks it makes before proposing (pure).
 //! - [`scheduler`]: task placement and reconciliation (pure).
 //! - [`orchestrator`]: restarts, rolling updates and the scheduler's input (pure).

@@ -9,7 +9,7 @@
 //!   node's tasks, overlays and routing-mesh counters (eBPF maps or IPVS
 //!   statistics).
 //!
-//! [`render`] turns both into the text exposition format, one function per
+//! [`render()`] turns both into the text exposition format, one function per
 //! family. Names follow Prometheus' conventions: a `mesh_` prefix, base
 //! units (`_seconds`, `_bytes`), `_total` on counters; `promtool check
 //! metrics` passes on the output (tests/tests/swarm_metrics.rs).
