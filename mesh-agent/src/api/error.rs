@@ -89,3 +89,50 @@ impl ApiError {
 
 /// Result of an API call.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Operator input that does not parse or does not pass a check: what was
+/// wrong and what to do about it, as `meshctl` prints it. The parsers and
+/// checks of this layer return it; the cluster API answers it as
+/// [`ErrorKind::Invalid`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// An [`Invalid`] from a `format!` message.
+#[macro_export]
+macro_rules! invalid {
+    ($($message:tt)*) => {
+        $crate::api::error::Invalid(format!($($message)*))
+    };
+}
+
+impl From<String> for Invalid {
+    fn from(message: String) -> Invalid {
+        Invalid(message)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(message: &str) -> Invalid {
+        Invalid(message.to_string())
+    }
+}
+
+impl From<Invalid> for String {
+    fn from(invalid: Invalid) -> String {
+        invalid.0
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> ApiError {
+        ApiError::invalid(invalid.0)
+    }
+}
+
+impl std::ops::Deref for Invalid {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}

@@ -1,6 +1,7 @@
 //! Overlay networks as the swarm stores them: their specs, what the
 //! allocator gave them, and a task's place on them.
 
+use crate::api::error::Invalid;
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
@@ -143,8 +144,8 @@ pub struct NetworkPeers {
 }
 
 /// Checks a network name (the rules of service names, which Swarm shares).
-pub fn check_network_name(name: &str) -> Result<(), String> {
+pub fn check_network_name(name: &str) -> Result<(), Invalid> {
     crate::api::service::check_service_name(name).map_err(|_| {
-        format!("invalid network name {name:?}: use 1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        crate::invalid!("invalid network name {name:?}: use 1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit")
     })
 }

@@ -12,6 +12,7 @@
 //! (only the task sees it there; the node's file is untouched). A
 //! reference may rename the file and set its owner and mode.
 
+use crate::api::error::Invalid;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -91,7 +92,7 @@ pub struct BlobRef {
 
 /// Checks a secret's or config's name: what Swarm allows (letters, digits,
 /// `-`, `_`, `.`; 64 characters at most, starting with a letter or digit).
-pub fn check_name(kind: Kind, name: &str) -> Result<(), String> {
+pub fn check_name(kind: Kind, name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
@@ -99,7 +100,7 @@ pub fn check_name(kind: Kind, name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(crate::invalid!(
             "invalid {} name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit",
             kind.name()
         ))
@@ -107,15 +108,15 @@ pub fn check_name(kind: Kind, name: &str) -> Result<(), String> {
 }
 
 /// Checks a secret's or config's content.
-pub fn check_data(kind: Kind, data: &[u8]) -> Result<(), String> {
+pub fn check_data(kind: Kind, data: &[u8]) -> Result<(), Invalid> {
     if data.is_empty() {
-        return Err(format!(
+        return Err(crate::invalid!(
             "the {} is empty: give a file or standard input with content",
             kind.name()
         ));
     }
     if data.len() > MAX_SIZE {
-        return Err(format!(
+        return Err(crate::invalid!(
             "the {} is {} bytes; the limit is {MAX_SIZE} (500 KiB)",
             kind.name(),
             data.len()
@@ -126,7 +127,7 @@ pub fn check_data(kind: Kind, data: &[u8]) -> Result<(), String> {
 
 /// Parses `--secret NAME` or `--secret source=NAME,target=FILE,uid=,gid=,mode=`
 /// (mode in octal; default 0444, owner root).
-pub fn parse_ref(kind: Kind, text: &str) -> Result<BlobRef, String> {
+pub fn parse_ref(kind: Kind, text: &str) -> Result<BlobRef, Invalid> {
     let flag = kind.name();
     let mut r = BlobRef {
         source: String::new(),
@@ -152,7 +153,7 @@ pub fn parse_ref(kind: Kind, text: &str) -> Result<BlobRef, String> {
                 "gid" => r.gid = number(10)?,
                 "mode" => r.mode = number(8)?,
                 _ => {
-                    return Err(format!(
+                    return Err(crate::invalid!(
                         "invalid --{flag} {text:?}: unknown key {k:?} (source, target, uid, gid, mode)"
                     ))
                 }
@@ -174,7 +175,7 @@ pub fn parse_ref(kind: Kind, text: &str) -> Result<BlobRef, String> {
 /// a spec that came over the API): a valid name, a file that stays in the
 /// kind's directory (or, for a config, an absolute path without `.` or
 /// `..`), and permission bits only.
-pub fn check_ref(kind: Kind, r: &BlobRef) -> Result<(), String> {
+pub fn check_ref(kind: Kind, r: &BlobRef) -> Result<(), Invalid> {
     check_name(kind, &r.source)?;
     let plain = |part: &str| !part.is_empty() && part != "." && part != ".." && !part.contains('\0');
     let file_ok = match r.target.strip_prefix('/') {
@@ -182,7 +183,7 @@ pub fn check_ref(kind: Kind, r: &BlobRef) -> Result<(), String> {
         _ => plain(&r.target) && !r.target.contains('/'),
     };
     if !file_ok {
-        return Err(match kind {
+        return Err(Invalid(match kind {
             Kind::Secret => format!(
                 "target {:?} must be a file name in {SECRETS_DIR} (tasks share the node's file system, so secrets appear only there)",
                 r.target
@@ -191,10 +192,10 @@ pub fn check_ref(kind: Kind, r: &BlobRef) -> Result<(), String> {
                 "target {:?} must be a file name in {CONFIGS_DIR} or an absolute path without . or ..",
                 r.target
             ),
-        });
+        }));
     }
     if r.mode > 0o777 {
-        return Err(format!("mode {:o} is beyond 0777", r.mode));
+        return Err(crate::invalid!("mode {:o} is beyond 0777", r.mode));
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! starting -> running -> complete | failed | shutdown, with rejected
 //! (could not start) and orphaned (its node vanished) as terminal states.
 
+use crate::api::error::Invalid;
 use std::collections::BTreeMap;
 
 use super::objects::NodeId;
@@ -66,7 +67,7 @@ pub struct PortPublish {
 
 impl PortPublish {
     /// Parses `P:T[/udp]` or `published=P,target=T[,protocol=tcp|udp][,mode=ingress|host]`.
-    pub fn parse(text: &str) -> Result<PortPublish, String> {
+    pub fn parse(text: &str) -> Result<PortPublish, Invalid> {
         let text = text.trim();
         let port = |what: &str, v: &str| {
             v.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
@@ -80,7 +81,7 @@ impl PortPublish {
                     .split_once('=')
                     .ok_or_else(|| format!("invalid publish spec {text:?}: {part:?} is not KEY=VALUE"))?;
                 if fields.insert(k.trim(), v.trim()).is_some() {
-                    return Err(format!("invalid publish spec {text:?}: {k} is given twice"));
+                    return Err(crate::invalid!("invalid publish spec {text:?}: {k} is given twice"));
                 }
             }
             let mut spec = PortPublish {
@@ -98,21 +99,25 @@ impl PortPublish {
                         spec.mode = match v {
                             "ingress" => PublishMode::Ingress,
                             "host" => PublishMode::Host,
-                            _ => return Err(format!("invalid publish spec {text:?}: mode is ingress or host")),
+                            _ => return Err(crate::invalid!("invalid publish spec {text:?}: mode is ingress or host")),
                         }
                     }
                     other => {
-                        return Err(format!(
+                        return Err(crate::invalid!(
                             "invalid publish spec {text:?}: unknown field {other:?} (use published, target, protocol, mode)"
                         ))
                     }
                 }
             }
             if spec.target == 0 {
-                return Err(format!("invalid publish spec {text:?}: target=PORT is required"));
+                return Err(crate::invalid!(
+                    "invalid publish spec {text:?}: target=PORT is required"
+                ));
             }
             if spec.published == 0 {
-                return Err(format!("invalid publish spec {text:?}: published=PORT is required"));
+                return Err(crate::invalid!(
+                    "invalid publish spec {text:?}: published=PORT is required"
+                ));
             }
             return Ok(spec);
         }
@@ -132,23 +137,23 @@ impl PortPublish {
     }
 }
 
-fn protocol(text: &str, v: &str) -> Result<Protocol, String> {
+fn protocol(text: &str, v: &str) -> Result<Protocol, Invalid> {
     match v {
         "tcp" => Ok(Protocol::Tcp),
         "udp" => Ok(Protocol::Udp),
-        _ => Err(format!("invalid publish spec {text:?}: protocol is tcp or udp")),
+        _ => Err(crate::invalid!("invalid publish spec {text:?}: protocol is tcp or udp")),
     }
 }
 
 /// Parses `--env K=V` (a bare `K` is refused: there is no client environment to copy).
-pub fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, String> {
+pub fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, Invalid> {
     let mut env = BTreeMap::new();
     for item in items {
         let (k, v) = item
             .split_once('=')
             .ok_or_else(|| format!("invalid --env {item:?}: expected KEY=VALUE"))?;
         if k.is_empty() || k.contains(char::is_whitespace) || k.chars().next().is_some_and(|c| c.is_ascii_digit()) {
-            return Err(format!("invalid --env {item:?}: {k:?} is not a variable name"));
+            return Err(crate::invalid!("invalid --env {item:?}: {k:?} is not a variable name"));
         }
         env.insert(k.to_string(), v.to_string());
     }
@@ -157,39 +162,39 @@ pub fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, String> {
 
 /// Service names: as Docker's, 1-63 of `[a-zA-Z0-9_.-]`, starting with a letter or digit
 /// (they become DNS names later).
-pub fn check_service_name(name: &str) -> Result<(), String> {
+pub fn check_service_name(name: &str) -> Result<(), Invalid> {
     let ok = (1..=63).contains(&name.len())
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(crate::invalid!(
             "invalid service name {name:?}: use 1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit"
         ))
     }
 }
 
 /// `--placement-pref spread=node.labels.K` -> `K`.
-pub fn parse_placement_pref(text: &str) -> Result<String, String> {
+pub fn parse_placement_pref(text: &str) -> Result<String, Invalid> {
     text.trim()
         .strip_prefix("spread=node.labels.")
         .filter(|k| !k.is_empty())
         .map(str::to_string)
-        .ok_or_else(|| format!("invalid placement preference {text:?}: expected spread=node.labels.KEY"))
+        .ok_or_else(|| crate::invalid!("invalid placement preference {text:?}: expected spread=node.labels.KEY"))
 }
 
 /// Checks constraints as `--constraint` gives them.
-pub fn parse_constraints(items: &[String]) -> Result<Vec<Constraint>, String> {
+pub fn parse_constraints(items: &[String]) -> Result<Vec<Constraint>, Invalid> {
     items.iter().map(|c| Constraint::parse(c)).collect()
 }
 
 /// Checks that no two publish specs claim the same port and protocol.
-pub fn check_publish_conflicts(ports: &[PortPublish]) -> Result<(), String> {
+pub fn check_publish_conflicts(ports: &[PortPublish]) -> Result<(), Invalid> {
     let mut seen = BTreeMap::new();
     for p in ports {
         if let Some(other) = seen.insert((p.published, p.protocol), p) {
-            return Err(format!(
+            return Err(crate::invalid!(
                 "port {}/{} is published twice (targets {} and {})",
                 p.published,
                 if p.protocol == Protocol::Tcp { "tcp" } else { "udp" },
@@ -359,29 +364,33 @@ pub struct Constraint {
 
 impl Constraint {
     /// Parses `node.labels.zone==a`, `node.role!=manager`, `node.hostname==h1`, `node.id==...`.
-    pub fn parse(text: &str) -> Result<Constraint, String> {
+    pub fn parse(text: &str) -> Result<Constraint, Invalid> {
         let (key, equal, value) = if let Some((k, v)) = text.split_once("==") {
             (k, true, v)
         } else if let Some((k, v)) = text.split_once("!=") {
             (k, false, v)
         } else {
-            return Err(format!(
+            return Err(crate::invalid!(
                 "invalid constraint {text:?}: expected KEY==VALUE or KEY!=VALUE, e.g. node.labels.zone==a"
             ));
         };
         let (key, value) = (key.trim(), value.trim());
         if value.is_empty() {
-            return Err(format!("invalid constraint {text:?}: the value is empty"));
+            return Err(crate::invalid!("invalid constraint {text:?}: the value is empty"));
         }
         let key = match key {
             "node.id" => ConstraintKey::NodeId,
             "node.hostname" => ConstraintKey::Hostname,
             "node.role" if value == "manager" || value == "worker" => ConstraintKey::Role,
-            "node.role" => return Err(format!("invalid constraint {text:?}: node.role is manager or worker")),
+            "node.role" => {
+                return Err(crate::invalid!(
+                    "invalid constraint {text:?}: node.role is manager or worker"
+                ))
+            }
             other => match other.strip_prefix("node.labels.") {
                 Some(label) if !label.is_empty() => ConstraintKey::Label(label.to_string()),
                 _ => {
-                    return Err(format!(
+                    return Err(crate::invalid!(
                         "invalid constraint key {other:?}: use node.id, node.hostname, node.role or node.labels.KEY"
                     ))
                 }

@@ -1,6 +1,7 @@
 //! IPv4 subnets in CIDR form: parsing with errors an operator can act on,
 //! and the arithmetic the pools, overlays and the node bridge share (pure).
 
+use crate::api::error::Invalid;
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -16,8 +17,8 @@ pub struct Subnet {
 
 impl Subnet {
     /// Parses `A.B.C.D/N` with host bits zero.
-    pub fn parse(text: &str) -> Result<Subnet, String> {
-        let bad = |why: &str| format!("invalid subnet {text:?}: {why}");
+    pub fn parse(text: &str) -> Result<Subnet, Invalid> {
+        let bad = |why: &str| crate::invalid!("invalid subnet {text:?}: {why}");
         let (addr, prefix) = text
             .trim()
             .split_once('/')
@@ -106,7 +107,7 @@ impl fmt::Display for Subnet {
 }
 
 impl FromStr for Subnet {
-    type Err = String;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Subnet::parse(s)
     }

@@ -18,10 +18,12 @@
 //! - [`dispatcher`]: node liveness from heartbeats, and what each node is
 //!   told: its tasks, routing mesh and service discovery (pure).
 //! - [`visualizer`]: what the swarm visualizer page draws, from the store (pure).
+//! - [`error`]: what fails in the manager itself (store, Raft), apart from refusals.
 
 pub mod allocator;
 mod controlapi;
 pub mod dispatcher;
+pub mod error;
 pub mod orchestrator;
 pub mod raft;
 pub mod rules;
@@ -37,6 +39,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use error::ManagerError;
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use rand::Rng;
 
@@ -144,10 +147,13 @@ impl Manager {
         dek: DataKey,
         peers: Arc<Peers>,
         timing: RaftTiming,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, ManagerError> {
         let dir = data_dir.join("raft");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let (log, sm) = store::open(&dir.join("raft.redb"), dek).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&dir).map_err(|source| ManagerError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let (log, sm) = store::open(&dir.join("raft.redb"), dek)?;
         let config = openraft::Config {
             cluster_name: "mesh".into(),
             heartbeat_interval: timing.heartbeat_ms,
@@ -160,10 +166,10 @@ impl Manager {
             ..Default::default()
         }
         .validate()
-        .map_err(|e| format!("invalid Raft timing: {e}"))?;
+        .map_err(|e| ManagerError::Timing(e.to_string()))?;
         let raft = Raft::new(id, Arc::new(config), RaftNet { peers }, log, sm.clone())
             .await
-            .map_err(|e| format!("starting Raft: {e}"))?;
+            .map_err(|e| ManagerError::Raft(e.to_string()))?;
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let manager = Arc::new(Manager {
             id,

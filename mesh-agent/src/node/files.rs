@@ -8,13 +8,12 @@ use rustls::{pki_types::CertificateDer, ServerConfig};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use super::error::NodeError;
+
 use crate::{
-    api::{
-        error::{ApiError, ApiResult},
-        objects::{NodeId, Role},
-    },
+    api::objects::{NodeId, Role},
     ca::{
-        keystore::{write_private, KeyStoreError},
+        keystore::write_private,
         pki::{self},
         seal::DataKey,
     },
@@ -49,11 +48,10 @@ pub(super) struct Credentials {
 }
 
 impl Credentials {
-    pub(super) fn new(cert_pem: String, key_pem: Zeroizing<String>, roots: Vec<String>) -> ApiResult<Self> {
+    pub(super) fn new(cert_pem: String, key_pem: Zeroizing<String>, roots: Vec<String>) -> Result<Self, NodeError> {
         let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e| ApiError::internal(format!("the node certificate is not PEM: {e}")))?;
-        let (identity, _) =
-            pki::identity_from_cert(&der).map_err(|e| ApiError::internal(format!("the node certificate: {e}")))?;
+            .map_err(|e| NodeError::corrupt("the node certificate", format!("not PEM: {e}")))?;
+        let (identity, _) = pki::identity_from_cert(&der)?;
         let (not_before, not_after) = validity(&der)?;
         Ok(Credentials {
             cert_pem,
@@ -74,19 +72,18 @@ impl Credentials {
         )
     }
 
-    pub(super) fn server_config(&self) -> ApiResult<Arc<ServerConfig>> {
-        tls::server_config(&self.roots, &self.chain_pem(), &self.key_pem).map_err(|e| ApiError::internal(e.to_string()))
+    pub(super) fn server_config(&self) -> Result<Arc<ServerConfig>, NodeError> {
+        Ok(tls::server_config(&self.roots, &self.chain_pem(), &self.key_pem)?)
     }
 
-    pub(super) fn client_config(&self) -> ApiResult<Arc<rustls::ClientConfig>> {
-        tls::client_config(&self.roots, Some((&self.cert_pem, &self.key_pem)))
-            .map_err(|e| ApiError::internal(e.to_string()))
+    pub(super) fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, NodeError> {
+        Ok(tls::client_config(&self.roots, Some((&self.cert_pem, &self.key_pem)))?)
     }
 }
 
-pub(super) fn validity(der: &CertificateDer<'_>) -> ApiResult<(u64, u64)> {
+pub(super) fn validity(der: &CertificateDer<'_>) -> Result<(u64, u64), NodeError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| ApiError::internal(format!("the node certificate does not parse: {e}")))?;
+        .map_err(|e| NodeError::corrupt("the node certificate", format!("it does not parse: {e}")))?;
     let v = cert.validity();
     Ok((
         v.not_before.timestamp().max(0) as u64,
@@ -104,69 +101,65 @@ impl Files {
         self.dir.join("node.json")
     }
 
-    pub(super) fn read_config(&self) -> ApiResult<Option<NodeConfig>> {
+    pub(super) fn read_config(&self) -> Result<Option<NodeConfig>, NodeError> {
         match std::fs::read(self.config()) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| ApiError::internal(format!("{} is corrupt: {e}", self.config().display()))),
+                .map_err(|e| NodeError::corrupt(self.config().display().to_string(), e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(ApiError::internal(format!("{}: {e}", self.config().display()))),
+            Err(e) => Err(NodeError::io(self.config())(e)),
         }
     }
 
-    pub(super) fn write_config(&self, config: &NodeConfig) -> ApiResult<()> {
-        let bytes = serde_json::to_vec_pretty(config).map_err(|e| ApiError::internal(e.to_string()))?;
-        write_private(&self.config(), &bytes).map_err(internal)
+    pub(super) fn write_config(&self, config: &NodeConfig) -> Result<(), NodeError> {
+        let bytes = serde_json::to_vec_pretty(config).map_err(|e| NodeError::corrupt("the node's settings", e))?;
+        Ok(write_private(&self.config(), &bytes)?)
     }
 
-    pub(super) fn write_credentials(&self, creds: &Credentials, dek: &DataKey) -> ApiResult<()> {
+    pub(super) fn write_credentials(&self, creds: &Credentials, dek: &DataKey) -> Result<(), NodeError> {
         let certs = self.dir.join("certs");
-        std::fs::create_dir_all(&certs).map_err(|e| ApiError::internal(format!("{}: {e}", certs.display())))?;
+        std::fs::create_dir_all(&certs).map_err(NodeError::io(&certs))?;
         write_private(
             &certs.join("node.key.sealed"),
             &dek.seal(b"node-key", creds.key_pem.as_bytes()),
-        )
-        .map_err(internal)?;
-        write_private(&certs.join("node.pem"), creds.cert_pem.as_bytes()).map_err(internal)?;
-        write_private(&certs.join("ca.pem"), creds.roots.concat().as_bytes()).map_err(internal)
+        )?;
+        write_private(&certs.join("node.pem"), creds.cert_pem.as_bytes())?;
+        Ok(write_private(&certs.join("ca.pem"), creds.roots.concat().as_bytes())?)
     }
 
-    pub(super) fn read_credentials(&self, dek: &DataKey) -> ApiResult<Credentials> {
+    pub(super) fn read_credentials(&self, dek: &DataKey) -> Result<Credentials, NodeError> {
         let certs = self.dir.join("certs");
-        let read = |name: &str| {
-            std::fs::read(certs.join(name))
-                .map_err(|e| ApiError::internal(format!("{}: {e}", certs.join(name).display())))
-        };
+        let read = |name: &str| std::fs::read(certs.join(name)).map_err(NodeError::io(certs.join(name)));
         let key = dek
             .open(b"node-key", &read("node.key.sealed")?)
-            .map_err(|e| ApiError::internal(format!("the node key cannot be opened: {e}")))?;
+            .map_err(|e| NodeError::corrupt("the node key", format!("it cannot be opened: {e}")))?;
         let key_pem =
-            Zeroizing::new(String::from_utf8(key).map_err(|_| ApiError::internal("the node key is not PEM"))?);
-        let cert_pem = String::from_utf8(read("node.pem")?).map_err(|_| ApiError::internal("node.pem is not PEM"))?;
+            Zeroizing::new(String::from_utf8(key).map_err(|_| NodeError::corrupt("the node key", "not PEM"))?);
+        let cert_pem = String::from_utf8(read("node.pem")?).map_err(|_| NodeError::corrupt("node.pem", "not PEM"))?;
         let roots =
-            split_pem(&String::from_utf8(read("ca.pem")?).map_err(|_| ApiError::internal("ca.pem is not PEM"))?);
+            split_pem(&String::from_utf8(read("ca.pem")?).map_err(|_| NodeError::corrupt("ca.pem", "not PEM"))?);
         Credentials::new(cert_pem, key_pem, roots)
     }
 
     /// The node's WireGuard private key (sealed with the DEK), made on
     /// first use.
-    pub(super) fn wireguard_key(&self, dek: &DataKey) -> ApiResult<[u8; 32]> {
+    pub(super) fn wireguard_key(&self, dek: &DataKey) -> Result<[u8; 32], NodeError> {
         let path = self.dir.join("certs").join("wireguard.key.sealed");
         match std::fs::read(&path) {
             Ok(sealed) => {
                 let key = zeroize::Zeroizing::new(
                     dek.open(b"wireguard-key", &sealed)
-                        .map_err(|e| ApiError::internal(format!("the WireGuard key cannot be opened: {e}")))?,
+                        .map_err(|e| NodeError::corrupt("the WireGuard key", format!("it cannot be opened: {e}")))?,
                 );
                 <[u8; 32]>::try_from(key.as_slice())
-                    .map_err(|_| ApiError::internal(format!("{} does not hold a 32-byte key", path.display())))
+                    .map_err(|_| NodeError::corrupt(path.display().to_string(), "it does not hold a 32-byte key"))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key: [u8; 32] = rand::random();
-                write_private(&path, &dek.seal(b"wireguard-key", &key)).map_err(internal)?;
+                write_private(&path, &dek.seal(b"wireguard-key", &key))?;
                 Ok(key)
             }
-            Err(e) => Err(ApiError::internal(format!("{}: {e}", path.display()))),
+            Err(e) => Err(NodeError::io(&path)(e)),
         }
     }
 
@@ -184,8 +177,4 @@ pub(super) fn split_pem(text: &str) -> Vec<String> {
         .filter(|s| s.contains("BEGIN"))
         .map(str::to_string)
         .collect()
-}
-
-pub(super) fn internal(e: KeyStoreError) -> ApiError {
-    ApiError::internal(e.to_string())
 }

@@ -25,6 +25,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+mod error;
 mod files;
 mod metrics;
 mod routing;
@@ -32,8 +33,10 @@ mod service_logs;
 mod session;
 mod worker;
 
+use crate::manager::error::ManagerError;
+pub use error::NodeError;
 pub use files::NodeConfig;
-use files::{internal, Credentials, Files};
+use files::{Credentials, Files};
 use routing::PeerHandler;
 
 use rand::Rng;
@@ -129,15 +132,14 @@ impl Agent {
     /// Starts the agent: rejoins the swarm if the data directory says it is
     /// in one (staying locked if autolocked), else waits for init or join.
     pub async fn start(opts: AgentOptions) -> ApiResult<Arc<Agent>> {
-        std::fs::create_dir_all(&opts.data_dir)
-            .map_err(|e| ApiError::internal(format!("{}: {e}", opts.data_dir.display())))?;
+        std::fs::create_dir_all(&opts.data_dir).map_err(NodeError::io(&opts.data_dir))?;
         restrict(&opts.data_dir)?;
         let files = Files {
             dir: opts.data_dir.clone(),
         };
         let phase = match files.read_config()? {
             None => Phase::Inactive,
-            Some(config) => match KeyStore::new(&opts.data_dir).load().map_err(internal)? {
+            Some(config) => match KeyStore::new(&opts.data_dir).load()? {
                 Loaded::Locked => {
                     log::warn!("this manager is autolocked: unlock it with `meshctl swarm unlock`");
                     Phase::Locked(config)
@@ -277,34 +279,28 @@ impl Agent {
     ) -> ApiResult<(Arc<Member>, LocalResponse)> {
         let id = random_id();
         let cluster_id = random_cluster_id();
-        let ca = RootCa::generate(&cluster_id).map_err(|e| ApiError::internal(e.to_string()))?;
-        let key = NodeKey::generate().map_err(|e| ApiError::internal(e.to_string()))?;
+        let ca = RootCa::generate(&cluster_id)?;
+        let key = NodeKey::generate()?;
         let now = SystemTime::now();
         let identity = NodeIdentity {
             node_id: id,
             role: Role::Manager,
             cluster_id: cluster_id.clone(),
         };
-        let csr = key.csr_pem().map_err(|e| ApiError::internal(e.to_string()))?;
-        let cert = ca
-            .issue(
-                &csr,
-                &identity,
-                now - pki::backdate(Duration::from_secs(req.cert_expiry_secs)),
-                now + Duration::from_secs(req.cert_expiry_secs),
-            )
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let issued = ca
-            .record(&cert, unix_now())
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let csr = key.csr_pem()?;
+        let cert = ca.issue(
+            &csr,
+            &identity,
+            now - pki::backdate(Duration::from_secs(req.cert_expiry_secs)),
+            now + Duration::from_secs(req.cert_expiry_secs),
+        )?;
+        let issued = ca.record(&cert, unix_now())?;
         let tokens = JoinTokens {
             worker: JoinToken::generate(ca.digest()).to_text(),
             manager: JoinToken::generate(ca.digest()).to_text(),
         };
         let unlock = req.autolock.then(UnlockKey::generate);
-        let dek = KeyStore::new(&self.opts.data_dir)
-            .create(unlock.as_ref())
-            .map_err(internal)?;
+        let dek = KeyStore::new(&self.opts.data_dir).create(unlock.as_ref())?;
         let creds = Credentials::new(cert, key.key_pem(), vec![ca.cert_pem().to_string()])?;
         files.write_credentials(&creds, &dek)?;
         let config = NodeConfig {
@@ -385,10 +381,10 @@ impl Agent {
             a.parse::<IpAddr>()
                 .map_err(|_| ApiError::invalid(format!("invalid --data-path-addr {a:?}: expected an IP address")))?;
         }
-        let key = NodeKey::generate().map_err(|e| ApiError::internal(e.to_string()))?;
+        let key = NodeKey::generate()?;
         let call = JoinCall {
             token: req.token.clone(),
-            csr_pem: key.csr_pem().map_err(|e| ApiError::internal(e.to_string()))?,
+            csr_pem: key.csr_pem()?,
             hostname: self.opts.hostname.clone(),
             advertise_addr: advertise.map(|a| a.to_string()),
             listen_port: listen.port(),
@@ -417,7 +413,7 @@ impl Agent {
             dir: self.opts.data_dir.clone(),
         };
         let result = async {
-            let dek = KeyStore::new(&self.opts.data_dir).create(None).map_err(internal)?;
+            let dek = KeyStore::new(&self.opts.data_dir).create(None)?;
             let creds = Credentials::new(reply.cert_pem.clone(), key.key_pem(), reply.ca_pems.clone())?;
             files.write_credentials(&creds, &dek)?;
             let config = NodeConfig {
@@ -491,7 +487,7 @@ impl Agent {
         let key = UnlockKey::parse(text).map_err(|e| ApiError::invalid(e.to_string()))?;
         let dek = KeyStore::new(&self.opts.data_dir).unlock(&key).map_err(|e| match e {
             KeyStoreError::WrongUnlockKey => ApiError::denied(e.to_string()),
-            other => internal(other),
+            other => ApiError::from(other),
         })?;
         let files = Files {
             dir: self.opts.data_dir.clone(),
@@ -510,10 +506,9 @@ fn locked() -> ApiError {
     )
 }
 
-fn restrict(dir: &Path) -> ApiResult<()> {
+fn restrict(dir: &Path) -> Result<(), NodeError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| ApiError::internal(format!("{}: {e}", dir.display())))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(NodeError::io(dir))
 }
 
 fn random_id() -> NodeId {
@@ -679,8 +674,7 @@ impl Member {
             self.peers.clone(),
             self.opts.timing,
         )
-        .await
-        .map_err(ApiError::internal)?;
+        .await?;
         *self.manager.write_locked() = Some(manager);
         Ok(())
     }
@@ -696,15 +690,14 @@ impl Member {
                 "--force-new-cluster: this node has no Raft store to recover from",
             ));
         }
-        let old = crate::manager::raft::store::recover(&path, self.dek.clone())
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let old = crate::manager::raft::store::recover(&path, self.dek.clone()).map_err(ManagerError::from)?;
         let addr =
             old.nodes.get(&self.id).map(|n| n.addr.clone()).ok_or_else(|| {
                 ApiError::precondition("--force-new-cluster: this node is not a member in its own store")
             })?;
         let state = old.forced_to_single_manager(self.id, unix_now());
         let kept = self.opts.data_dir.join(format!("raft.before-force-{}", unix_now()));
-        std::fs::rename(&dir, &kept).map_err(|e| ApiError::internal(format!("{}: {e}", dir.display())))?;
+        std::fs::rename(&dir, &kept).map_err(NodeError::io(&dir))?;
         self.start_manager().await?;
         let manager = self
             .manager()

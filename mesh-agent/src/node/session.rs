@@ -22,10 +22,7 @@ use crate::{
     manager::unix_now,
 };
 
-use super::{
-    files::{internal, Credentials},
-    Member,
-};
+use super::{files::Credentials, Member};
 
 impl Member {
     /// Heartbeats to the managers; applies what they answer.
@@ -154,11 +151,11 @@ impl Member {
             let keys = KeyStore::new(&self.opts.data_dir);
             match reply.unlock_key.as_ref().map(|k| UnlockKey::parse(k.expose())) {
                 Some(Ok(key)) if keys.unlock(&key).is_err() => {
-                    keys.wrap_with(&self.dek, Some(&key)).map_err(internal)?;
+                    keys.wrap_with(&self.dek, Some(&key))?;
                     log::info!("autolock: the data key is now wrapped by the swarm's unlock key");
                 }
                 None if keys.is_autolocked() => {
-                    keys.wrap_with(&self.dek, None).map_err(internal)?;
+                    keys.wrap_with(&self.dek, None)?;
                     log::info!("autolock turned off for this manager");
                 }
                 _ => {}
@@ -168,8 +165,8 @@ impl Member {
     }
 
     pub(super) async fn renew_certificate(&self) -> ApiResult<()> {
-        let key = NodeKey::generate().map_err(|e| ApiError::internal(e.to_string()))?;
-        let csr = key.csr_pem().map_err(|e| ApiError::internal(e.to_string()))?;
+        let key = NodeKey::generate()?;
+        let csr = key.csr_pem()?;
         let addr = self
             .leader_hint
             .locked()

@@ -1,6 +1,7 @@
 //! The node-to-node WireGuard tunnels that encrypted overlays travel in:
 //! each node's tunnel address, and what a node is told about its tunnel.
 
+use crate::api::error::Invalid;
 use std::{
     fmt,
     net::{Ipv6Addr, SocketAddr},
@@ -44,12 +45,12 @@ pub fn tunnel_address(cluster_id: &str, node: NodeId) -> Ipv6Addr {
 }
 
 /// A WireGuard public key as `wg` prints it (base64 of 32 bytes).
-pub fn parse_public_key(text: &str) -> Result<[u8; 32], String> {
+pub fn parse_public_key(text: &str) -> Result<[u8; 32], Invalid> {
     BASE64
         .decode(text)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or_else(|| format!("{text:?} is not a WireGuard public key (base64 of 32 bytes)"))
+        .ok_or_else(|| crate::invalid!("{text:?} is not a WireGuard public key (base64 of 32 bytes)"))
 }
 
 /// Base64, as `wg` prints keys.
