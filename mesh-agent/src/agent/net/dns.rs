@@ -31,7 +31,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::agent::net::netns::NetNs;
+use crate::agent::net::{error::NetError, netns::NetNs};
 use crate::api::assignment::discovery::NetworkServices;
 
 /// Where tasks reach the responder.
@@ -342,17 +342,18 @@ impl Dns {
 
     /// Answers task `task` (namespace at `netns`, on `networks`) on
     /// 127.0.0.11:53 until [`Dns::stop`].
-    pub fn serve(&self, task: u64, netns: &Path, networks: BTreeSet<u64>) -> Result<(), String> {
-        let ns = NetNs::open_at(netns, "task").map_err(|e| e.to_string())?;
+    pub fn serve(&self, task: u64, netns: &Path, networks: BTreeSet<u64>) -> Result<(), NetError> {
+        let binding = format!("binding the DNS responder to {ADDRESS}:53 in the task");
+        let ns = NetNs::open_at(netns, "task").map_err(NetError::kernel(binding.clone()))?;
         let socket = ns
             .run(|| {
                 let s = std::net::UdpSocket::bind((ADDRESS, 53))?;
                 s.set_nonblocking(true)?;
                 Ok::<_, std::io::Error>(s)
             })
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("binding the DNS responder to {ADDRESS}:53 in the task: {e}"))?;
-        let socket = UdpSocket::from_std(socket).map_err(|e| e.to_string())?;
+            .map_err(NetError::kernel(binding.clone()))?
+            .map_err(NetError::kernel(binding.clone()))?;
+        let socket = UdpSocket::from_std(socket).map_err(NetError::kernel(binding))?;
         let handle = tokio::spawn(self.answer(Arc::new(socket), networks, TASK_FORWARDS));
         if let Some(old) = self.servers.locked().insert(task, handle) {
             old.abort();

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::error::NetError;
 use crate::{
     api::assignment::ipsec::{EspEpoch, IpsecAssignment},
     dataplane::xfrm::{self, Direction, Policy, Sa, SaId, Wanted, Xfrm},
@@ -104,8 +105,11 @@ impl Ipsec {
 
     /// Whether this kernel can do IPsec (XFRM netlink, ESP, AES-GCM), and
     /// why not.
-    pub fn supported(&mut self) -> Result<(), String> {
-        self.support.get_or_insert_with(xfrm::kernel_has_esp).clone()
+    pub fn supported(&mut self) -> Result<(), NetError> {
+        self.support
+            .get_or_insert_with(xfrm::kernel_has_esp)
+            .clone()
+            .map_err(NetError::NoIpsec)
     }
 
     /// The IPsec VXLAN port, while the policies and associations are in
@@ -117,7 +121,7 @@ impl Ipsec {
     /// Brings the kernel in line with `want` for data-path address `local`
     /// (blocking). With nothing wanted, removes what the agent has there
     /// (once, on a node that never had any).
-    pub fn apply(&mut self, want: Option<&IpsecAssignment>, local: Ipv4Addr) -> Result<(), String> {
+    pub fn apply(&mut self, want: Option<&IpsecAssignment>, local: Ipv4Addr) -> Result<(), NetError> {
         let Some(want) = want else {
             if self.active.is_none() && self.clean {
                 return Ok(());
@@ -153,10 +157,10 @@ impl Ipsec {
                 .map_or(Duration::ZERO, |t| now.duration_since(*t))
         });
         self.active = None;
-        let mut x = Xfrm::open().map_err(|e| format!("programming IPsec: {e}"))?;
-        let found = x.observe().map_err(|e| format!("reading the IPsec state: {e}"))?;
+        let mut x = Xfrm::open().map_err(NetError::kernel("programming IPsec"))?;
+        let found = x.observe().map_err(NetError::kernel("reading the IPsec state"))?;
         x.apply(&xfrm::plan(&target, &found))
-            .map_err(|e| format!("programming IPsec: {e}"))?;
+            .map_err(NetError::kernel("programming IPsec"))?;
         self.clean = true;
         self.active = Some((local, want.port));
         Ok(())
@@ -164,7 +168,7 @@ impl Ipsec {
 
     /// Removes the agent's policies and associations (the node leaves, or
     /// runs no IPsec network any more).
-    pub fn remove(&mut self) -> Result<(), String> {
+    pub fn remove(&mut self) -> Result<(), NetError> {
         self.active = None;
         self.first_seen.clear();
         let mut x = match Xfrm::open() {
@@ -174,11 +178,11 @@ impl Ipsec {
                 self.clean = true;
                 return Ok(());
             }
-            Err(e) => return Err(format!("removing IPsec: {e}")),
+            Err(e) => return Err(NetError::kernel("removing IPsec")(e)),
         };
-        let found = x.observe().map_err(|e| format!("reading the IPsec state: {e}"))?;
+        let found = x.observe().map_err(NetError::kernel("reading the IPsec state"))?;
         x.apply(&xfrm::plan(&Wanted::default(), &found))
-            .map_err(|e| format!("removing IPsec: {e}"))?;
+            .map_err(NetError::kernel("removing IPsec"))?;
         self.clean = true;
         Ok(())
     }

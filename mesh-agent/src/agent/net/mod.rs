@@ -5,9 +5,11 @@
 //! - [`overlay`]: this node's overlay networks (VXLAN) and its tasks' ports on them.
 //! - [`tunnel`]: the WireGuard tunnel encrypted overlays travel in; [`ipsec`]: ESP for IPsec overlays.
 //! - [`dns`]: the embedded DNS server tasks resolve service names with.
+//! - [`error`]: what fails when the node programs them.
 
 pub mod bridge;
 pub mod dns;
+pub mod error;
 pub mod ipsec;
 pub mod netns;
 pub mod overlay;

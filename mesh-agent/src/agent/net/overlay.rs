@@ -23,6 +23,7 @@ use std::{
 };
 
 use crate::agent::net::{
+    error::NetError,
     ipsec::{Ipsec, ESP_OVERHEAD},
     netns::NetNs,
     tunnel::{Tunnel, VXLAN6_OVERHEAD, WIREGUARD_OVERHEAD},
@@ -227,7 +228,7 @@ impl Overlays {
     /// Brings the kernel in line with `assignments`, writing only what
     /// differs. Logs and returns the first failure (the next call reads
     /// the kernel again).
-    pub async fn apply(&self, assignments: &Assignments) -> Result<(), String> {
+    pub async fn apply(&self, assignments: &Assignments) -> Result<(), NetError> {
         let mut inner = self.inner.lock().await;
         if inner.closed {
             return Ok(());
@@ -280,16 +281,16 @@ impl Overlays {
     /// interface `eth1`, `eth2`, ... in order, with its address and the
     /// network's MTU. Creates a network's devices if the task is the
     /// first here to need them.
-    pub async fn attach(&self, task: u64, netns: &Path, networks: &[TaskNetwork]) -> Result<(), String> {
+    pub async fn attach(&self, task: u64, netns: &Path, networks: &[TaskNetwork]) -> Result<(), NetError> {
         if networks.is_empty() {
             return Ok(());
         }
         let mut inner = self.inner.lock().await;
         if inner.closed {
-            return Err("this node is leaving the swarm".into());
+            return Err(NetError::Leaving);
         }
         let (Some(vtep), Some(underlay)) = (inner.vtep, inner.underlay_mtu) else {
-            return Err("this node has no IPv4 data-path address, so it cannot join overlay networks".into());
+            return Err(NetError::NoDataPathAddress);
         };
         let carriers = Carriers {
             tunnel: inner.tunnel_address,
@@ -334,8 +335,9 @@ impl Overlays {
             .ports
             .insert(task, ports.iter().map(|p| p.host_link.clone()).collect());
         let netns = netns.to_path_buf();
-        let plugged = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let ns = NetNs::open_at(&netns, "task").map_err(|e| e.to_string())?;
+        let attaching = "attaching the task to its overlay networks";
+        let plugged = tokio::task::spawn_blocking(move || -> Result<(), NetError> {
+            let ns = NetNs::open_at(&netns, "task").map_err(NetError::kernel(attaching))?;
             let host_side = &ports;
             Netlink::run(|nl| async move {
                 for p in host_side {
@@ -343,8 +345,8 @@ impl Overlays {
                 }
                 Ok(())
             })
-            .map_err(|e| e.to_string())?;
-            let ns = NetNs::open_at(&netns, "task").map_err(|e| e.to_string())?;
+            .map_err(NetError::kernel(attaching))?;
+            let ns = NetNs::open_at(&netns, "task").map_err(NetError::kernel(attaching))?;
             ns.run(move || {
                 Netlink::run(|nl| async move {
                     for p in &ports {
@@ -353,12 +355,15 @@ impl Overlays {
                     Ok(())
                 })
             })
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(NetError::kernel(attaching))?
+            .map_err(NetError::kernel(attaching))
         })
         .await
-        .map_err(|e| format!("overlay worker: {e}"))?;
-        plugged.map_err(|e| format!("attaching the task to its overlay networks: {e}"))
+        .map_err(|source| NetError::Worker {
+            what: "overlay",
+            source,
+        })?;
+        plugged
     }
 
     /// Takes over the ports a previous agent made for task `task` on its
@@ -415,48 +420,49 @@ impl Overlays {
 
 /// Why task traffic of network `n` cannot be carried here: its carrier
 /// (the WireGuard tunnel, or IPsec) is not up, and why.
-async fn carrier_missing(inner: &mut Inner, n: &TaskNetwork) -> String {
+async fn carrier_missing(inner: &mut Inner, n: &TaskNetwork) -> NetError {
     if n.encryption != Encryption::Ipsec {
-        return format!(
+        return NetError::CarrierMissing(format!(
             "network {} is encrypted and this node's WireGuard tunnel is not up",
             n.name
-        );
+        ));
     }
-    match on_blocking(&mut inner.ipsec, "IPsec", Ipsec::supported).await {
+    let why = match on_blocking(&mut inner.ipsec, "IPsec", Ipsec::supported).await {
         Ok(Err(e)) => format!(
             "network {} is encrypted with IPsec and this node's kernel cannot do it ({e}); the task is not started rather than sent in clear (load xfrm_user and esp4, or use --opt encrypted=wireguard)",
             n.name
         ),
         _ => format!("network {} is encrypted with IPsec and this node's IPsec policies are not in place yet", n.name),
-    }
+    };
+    NetError::CarrierMissing(why)
 }
 
 /// Runs `work` on the carrier in `slot` on a blocking thread, taking it
 /// out meanwhile and putting it back after.
 async fn on_blocking<T, R>(
     slot: &mut Option<T>,
-    what: &str,
+    what: &'static str,
     work: impl FnOnce(&mut T) -> R + Send + 'static,
-) -> Result<R, String>
+) -> Result<R, NetError>
 where
     T: Send + 'static,
     R: Send + 'static,
 {
     let Some(mut carrier) = slot.take() else {
-        return Err(format!("{what} is busy"));
+        return Err(NetError::Busy(what));
     };
     let (carrier, result) = tokio::task::spawn_blocking(move || {
         let result = work(&mut carrier);
         (carrier, result)
     })
     .await
-    .map_err(|e| format!("{what} worker: {e}"))?;
+    .map_err(|source| NetError::Worker { what, source })?;
     *slot = Some(carrier);
     Ok(result)
 }
 
 /// Brings IPsec in line with `want` on a blocking thread.
-async fn apply_ipsec(inner: &mut Inner, want: Option<IpsecAssignment>, local: Ipv4Addr) -> Result<(), String> {
+async fn apply_ipsec(inner: &mut Inner, want: Option<IpsecAssignment>, local: Ipv4Addr) -> Result<(), NetError> {
     let result = on_blocking(&mut inner.ipsec, "IPsec", move |i| i.apply(want.as_ref(), local)).await?;
     inner.ipsec_port = inner.ipsec.as_ref().and_then(Ipsec::port);
     if let Err(e) = &result {
@@ -466,7 +472,7 @@ async fn apply_ipsec(inner: &mut Inner, want: Option<IpsecAssignment>, local: Ip
 }
 
 /// Brings the tunnel in line with `want` on a blocking thread.
-async fn apply_tunnel(inner: &mut Inner, want: Option<TunnelAssignment>, underlay: u32) -> Result<(), String> {
+async fn apply_tunnel(inner: &mut Inner, want: Option<TunnelAssignment>, underlay: u32) -> Result<(), NetError> {
     let result = on_blocking(&mut inner.tunnel, "the WireGuard tunnel", move |t| {
         t.apply(want.as_ref(), underlay)
     })
@@ -480,7 +486,7 @@ async fn apply_tunnel(inner: &mut Inner, want: Option<TunnelAssignment>, underla
 
 /// Writes the changes from what the kernel holds (as last written, or
 /// read afresh) to what `wanted` makes of it.
-async fn sync<W>(inner: &mut Inner, wanted: W) -> Result<(), String>
+async fn sync<W>(inner: &mut Inner, wanted: W) -> Result<(), NetError>
 where
     W: FnOnce(&BTreeMap<u32, OverlayState>) -> BTreeMap<u32, OverlayState> + Send + 'static,
 {
@@ -501,15 +507,15 @@ where
             Ok(())
         }
         Err(e) => {
-            let message = format!("programming the overlay networks: {e}");
-            log::warn!("{message}");
-            Err(message)
+            let error = NetError::kernel_text("programming the overlay networks", e.to_string());
+            log::warn!("{error}");
+            Err(error)
         }
     }
 }
 
 /// Runs netlink work on a blocking thread (it has its own runtime).
-async fn blocking<T, F, Fut>(work: F) -> Result<T, String>
+async fn blocking<T, F, Fut>(work: F) -> Result<T, NetError>
 where
     T: Send + 'static,
     F: FnOnce(Netlink) -> Fut + Send + 'static,
@@ -517,8 +523,11 @@ where
 {
     tokio::task::spawn_blocking(move || Netlink::run(work))
         .await
-        .map_err(|e| format!("overlay worker: {e}"))?
-        .map_err(|e| e.to_string())
+        .map_err(|source| NetError::Worker {
+            what: "overlay",
+            source,
+        })?
+        .map_err(NetError::kernel("programming the overlay networks"))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
+use super::error::NetError;
 use crate::{
     api::assignment::tunnel::{parse_public_key, TunnelAssignment},
     dataplane::{
@@ -110,7 +111,7 @@ impl Tunnel {
 
     /// Brings the tunnel in line with `want` (removed when `None`).
     /// `underlay_mtu` is the MTU of the data-path link.
-    pub fn apply(&mut self, want: Option<&TunnelAssignment>, underlay_mtu: u32) -> Result<(), String> {
+    pub fn apply(&mut self, want: Option<&TunnelAssignment>, underlay_mtu: u32) -> Result<(), NetError> {
         let Some(want) = want else {
             // The first call after a start also clears what an earlier
             // agent may have left.
@@ -138,7 +139,8 @@ impl Tunnel {
         }
         log::debug!("tunnel: {} peer change(s)", changes.len());
         let written = match &active.backend {
-            Backend::Kernel => wireguard::kernel_apply(DEVICE, None, &changes).map_err(|e| e.to_string()),
+            Backend::Kernel => wireguard::kernel_apply(DEVICE, None, &changes)
+                .map_err(NetError::kernel("configuring the WireGuard peers")),
             Backend::Userspace(u) => {
                 u.apply(&changes);
                 Ok(())
@@ -152,13 +154,13 @@ impl Tunnel {
             Err(e) => {
                 // Read the kernel again next time.
                 self.remove_state_only();
-                Err(format!("configuring the WireGuard peers: {e}"))
+                Err(e)
             }
         }
     }
 
     /// Makes (or takes over) the device, its address, route and guard.
-    fn create(&self, want: &TunnelAssignment, mtu: u32) -> Result<Active, String> {
+    fn create(&self, want: &TunnelAssignment, mtu: u32) -> Result<Active, NetError> {
         let kernel = match self.mode {
             WireguardMode::Kernel => true,
             WireguardMode::Userspace => false,
@@ -171,24 +173,26 @@ impl Tunnel {
                 Err(e) => Err(e),
             }
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(NetError::kernel(format!("reading {DEVICE}")))?;
         let wanted_kind = if kernel { "wireguard" } else { "tun" };
         if existing.as_deref().is_some_and(|k| k != wanted_kind) {
             delete_device()?;
         }
         let (backend, peers) = if kernel {
             if existing.as_deref() != Some("wireguard") {
-                Netlink::run(|nl| async move { nl.add_wireguard(DEVICE).await }).map_err(|e| {
-                    format!("{e} (this kernel may lack WireGuard: run the agent with --wireguard userspace)")
-                })?;
+                Netlink::run(|nl| async move { nl.add_wireguard(DEVICE).await }).map_err(NetError::kernel(format!(
+                    "making {DEVICE} (this kernel may lack WireGuard: run the agent with --wireguard userspace)"
+                )))?;
             }
-            let found = wireguard::kernel_observe(DEVICE).map_err(|e| e.to_string())?;
+            let found = wireguard::kernel_observe(DEVICE).map_err(NetError::kernel(format!("reading {DEVICE}")))?;
             if found.private.as_ref() != Some(&*self.private) || found.port != want.port {
-                wireguard::kernel_apply(DEVICE, Some((*self.private, want.port)), &[]).map_err(|e| e.to_string())?;
+                wireguard::kernel_apply(DEVICE, Some((*self.private, want.port)), &[])
+                    .map_err(NetError::kernel(format!("configuring {DEVICE}")))?;
             }
             (Backend::Kernel, found.peers)
         } else {
-            let tunnel = UserspaceTunnel::start(DEVICE, *self.private, want.port).map_err(|e| e.to_string())?;
+            let tunnel = UserspaceTunnel::start(DEVICE, *self.private, want.port)
+                .map_err(NetError::kernel(format!("starting the userspace tunnel {DEVICE}")))?;
             (Backend::Userspace(tunnel), BTreeMap::new())
         };
         let address = want.address;
@@ -199,14 +203,14 @@ impl Tunnel {
             nl.set_up(DEVICE).await?;
             nl.replace_route6_dev(prefix, prefix_len, DEVICE).await
         })
-        .map_err(|e| format!("setting up {DEVICE}: {e}"))?;
+        .map_err(NetError::kernel(format!("setting up {DEVICE}")))?;
         nftables::send_batch(&nftables::tunnel_guard_batch(&TunnelGuard {
             prefix,
             prefix_len,
             device: DEVICE.into(),
             vxlan_port: want.vxlan_port,
         }))
-        .map_err(|e| format!("installing the tunnel guard: {e}"))?;
+        .map_err(NetError::kernel("installing the tunnel guard"))?;
         log::info!(
             "WireGuard tunnel {DEVICE} up ({}), address {address}, port {}",
             if kernel { "kernel" } else { "userspace" },
@@ -276,14 +280,14 @@ fn wanted_peers(want: &TunnelAssignment) -> BTreeMap<Key, TunnelPeer> {
         .collect()
 }
 
-fn delete_device() -> Result<(), String> {
+fn delete_device() -> Result<(), NetError> {
     Netlink::run(|nl| async move {
         match nl.delete_link(DEVICE).await {
             Ok(()) | Err(NetlinkError::NoSuchLink(_)) => Ok(()),
             Err(e) => Err(e),
         }
     })
-    .map_err(|e| format!("removing {DEVICE}: {e}"))
+    .map_err(NetError::kernel(format!("removing {DEVICE}")))
 }
 
 /// Asks the kernel for the WireGuard module (creating a link of an

@@ -342,7 +342,10 @@ impl Supervisor {
             .attach(a.task, &ns_path)
             .await
             .map_err(|e| format!("attaching the task to the node's bridge network: {e}"))?;
-        self.overlays.attach(a.task, &ns_path, &spec.networks).await?;
+        self.overlays
+            .attach(a.task, &ns_path, &spec.networks)
+            .await
+            .map_err(|e| e.to_string())?;
         let resolv_conf = self.start_dns(a, dir)?;
         let waited = wait_for_peers(peers, PEERS_WAIT, |n| {
             self.report(
