@@ -871,7 +871,7 @@ pub struct ServiceUpdate {
 }
 
 /// Applies `update` to `spec`: the new spec, checked, or what is wrong.
-pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<ServiceSpec, String> {
+pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<ServiceSpec, Invalid> {
     let mut next = spec.clone();
     if let Some(command) = &update.command {
         next.command = command.clone();
@@ -880,7 +880,7 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
         match &mut next.mode {
             ServiceMode::Replicated { replicas: r } => *r = replicas,
             ServiceMode::Global => {
-                return Err(format!(
+                return Err(crate::invalid!(
                     "service {} is global: it runs one task per node and has no --replicas",
                     spec.name
                 ))
@@ -902,7 +902,7 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
         let before = next.publish.len();
         next.publish.retain(|p| !(p.published == port && p.protocol == proto));
         if next.publish.len() == before {
-            return Err(format!("--publish-rm {rm}: the service does not publish that port"));
+            return Err(crate::invalid!("--publish-rm {rm}: the service does not publish that port"));
         }
     }
     for add in &update.publish_add {
@@ -910,7 +910,7 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
     }
     for rm in &update.network_rm {
         if !next.networks.contains(rm) {
-            return Err(format!(
+            return Err(crate::invalid!(
                 "--network-rm {rm}: the service is not attached to that network"
             ));
         }
@@ -932,7 +932,7 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
         };
         for rm in removes {
             if !refs.iter().any(|r| &r.source == rm) {
-                return Err(format!(
+                return Err(crate::invalid!(
                     "--{}-rm {rm}: the service has no such {}",
                     kind.name(),
                     kind.name()
@@ -1063,7 +1063,7 @@ impl ServiceSpec {
     }
 
     /// Checks everything that can be checked without the cluster.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         check_service_name(&self.name)?;
         for kind in [crate::api::secret::Kind::Secret, crate::api::secret::Kind::Config] {
             let refs = self.refs(kind);
@@ -1076,7 +1076,7 @@ impl ServiceSpec {
                     } else {
                         format!("{}/{}", kind.dir(), r.target)
                     };
-                    return Err(format!("two {}s go to {place}: give one another target", kind.name()));
+                    return Err(crate::invalid!("two {}s go to {place}: give one another target", kind.name()));
                 }
             }
         }
@@ -1086,7 +1086,7 @@ impl ServiceSpec {
         parse_constraints(&self.constraints)?;
         check_publish_conflicts(&self.publish)?;
         if self.networks.len() > crate::api::network::MAX_TASK_NETWORKS {
-            return Err(format!(
+            return Err(crate::invalid!(
                 "the service is on {} networks; at most {} are supported",
                 self.networks.len(),
                 crate::api::network::MAX_TASK_NETWORKS
@@ -1094,21 +1094,21 @@ impl ServiceSpec {
         }
         if self.endpoint_mode == EndpointMode::Dnsrr {
             if let Some(p) = self.publish.iter().find(|p| p.mode == PublishMode::Ingress) {
-                return Err(format!(
+                return Err(crate::invalid!(
                     "port {} is published in ingress mode, which needs a virtual IP: use --endpoint-mode vip, or publish with mode=host",
                     p.published
                 ));
             }
         }
         if self.lb.client_affinity && !(1..=86_400).contains(&self.lb.affinity_timeout_s) {
-            return Err(format!(
+            return Err(crate::invalid!(
                 "--lb-affinity-timeout {}s is out of range: use 1s to 24h",
                 self.lb.affinity_timeout_s
             ));
         }
         if let ServiceMode::Replicated { replicas } = self.mode {
             if replicas > 10_000 {
-                return Err(format!("--replicas {replicas} is more than 10000"));
+                return Err(crate::invalid!("--replicas {replicas} is more than 10000"));
             }
         }
         if let Some(h) = &self.health {

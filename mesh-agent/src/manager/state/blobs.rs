@@ -8,15 +8,15 @@ impl ClusterState {
         &mut self,
         kind: crate::api::secret::Kind,
         blob: &crate::api::secret::Blob,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         crate::api::secret::check_name(kind, &blob.name)?;
         crate::api::secret::check_data(kind, &blob.data)?;
         let blobs = self.blobs_mut(kind);
         if blobs.contains_key(&blob.id) {
-            return Err(format!("{} ID {} is taken", kind.name(), blob.id));
+            return Err(refusal!("{} ID {} is taken", kind.name(), blob.id));
         }
         if blobs.values().any(|b| b.name == blob.name) {
-            return Err(format!(
+            return Err(refusal!(
                     "a {} named {} already exists ({}s cannot be changed: create one under a new name and rotate services to it)",
                     kind.name(),
                     blob.name,
@@ -28,7 +28,7 @@ impl ClusterState {
     }
 
     /// Applies [`Command::RemoveBlob`].
-    pub(super) fn apply_remove_blob(&mut self, kind: crate::api::secret::Kind, id: u64) -> Result<(), String> {
+    pub(super) fn apply_remove_blob(&mut self, kind: crate::api::secret::Kind, id: u64) -> Result<(), Refusal> {
         let blob = self
             .blobs(kind)
             .get(&id)

@@ -25,16 +25,54 @@ use crate::api::service::{
     DesiredState, EndpointMode, Service, ServiceSpec, Task, TaskReport, TaskState, UpdateState, UpdateStatus,
 };
 
+/// Why a command was refused: the state stays as it was, and the reason
+/// goes to the operator (as [`CommandResponse::Refused`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// A [`Refusal`] from a `format!` message.
+macro_rules! refusal {
+    ($($message:tt)*) => {
+        $crate::manager::state::Refusal(format!($($message)*))
+    };
+}
+use refusal;
+
+impl From<&str> for Refusal {
+    fn from(reason: &str) -> Refusal {
+        Refusal(reason.to_string())
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Refusal {
+        Refusal(reason)
+    }
+}
+
+impl From<crate::api::error::Invalid> for Refusal {
+    fn from(invalid: crate::api::error::Invalid) -> Refusal {
+        Refusal(invalid.0)
+    }
+}
+
+impl From<Refusal> for String {
+    fn from(refusal: Refusal) -> String {
+        refusal.0
+    }
+}
+
 impl ClusterState {
     /// Applies one committed command.
     pub fn apply(&mut self, command: &Command) -> CommandResponse {
         match self.try_apply(command) {
             Ok(()) => CommandResponse::Applied,
-            Err(reason) => CommandResponse::Refused(reason),
+            Err(Refusal(reason)) => CommandResponse::Refused(reason),
         }
     }
 
-    fn try_apply(&mut self, command: &Command) -> Result<(), String> {
+    fn try_apply(&mut self, command: &Command) -> Result<(), Refusal> {
         if !matches!(command, Command::Init { .. } | Command::Restore { .. }) && self.cluster.is_none() {
             return Err("the cluster is not initialised".into());
         }
@@ -89,7 +127,7 @@ impl ClusterState {
     }
 
     /// Swaps a service back to its previous spec and rolls that out.
-    fn roll_back(&mut self, id: u64, at_ms: u64) -> Result<(), String> {
+    fn roll_back(&mut self, id: u64, at_ms: u64) -> Result<(), Refusal> {
         let service = self
             .services
             .get_mut(&id)
@@ -127,7 +165,7 @@ impl ClusterState {
         state
     }
 
-    fn create_network(&mut self, network: &Network) -> Result<(), String> {
+    fn create_network(&mut self, network: &Network) -> Result<(), Refusal> {
         for other in self.networks.values() {
             let clash = if other.id == network.id {
                 "ID"
@@ -140,9 +178,10 @@ impl ClusterState {
             } else {
                 continue;
             };
-            return Err(format!(
+            return Err(refusal!(
                 "network {}: its {clash} is taken by network {}",
-                network.name, other.name
+                network.name,
+                other.name
             ));
         }
         self.networks.insert(network.id, network.clone());
@@ -173,13 +212,13 @@ impl ClusterState {
     }
 
     /// Refuses while a service refers to the secret or config `name`.
-    pub fn check_blob_unused(&self, kind: crate::api::secret::Kind, name: &str) -> Result<(), String> {
+    pub fn check_blob_unused(&self, kind: crate::api::secret::Kind, name: &str) -> Result<(), Refusal> {
         let user = self
             .services
             .values()
             .find(|s| s.spec.refs(kind).iter().any(|r| r.source == name));
         match user {
-            Some(s) => Err(format!(
+            Some(s) => Err(refusal!(
                 "{} {name} is in use by service {}: remove it there first (`meshctl service update --{}-rm {name} {}`)",
                 kind.name(),
                 s.spec.name,
@@ -191,9 +230,9 @@ impl ClusterState {
     }
 
     /// Refuses while a service or an unended task uses `network`.
-    pub fn check_network_unused(&self, network: &Network) -> Result<(), String> {
+    pub fn check_network_unused(&self, network: &Network) -> Result<(), Refusal> {
         match self.network_users(network).first() {
-            Some(user) => Err(format!(
+            Some(user) => Err(refusal!(
                 "network {} is in use by service {user}: remove the service, or detach it with `meshctl service update --network-rm {} {user}`",
                 network.name, network.name
             )),
@@ -242,7 +281,7 @@ impl ClusterState {
     /// is still on, and a free address on each new one (none in endpoint
     /// mode dnsrr). Allocated here, in the state machine, so every replica
     /// picks the same address.
-    fn virtual_ips(&self, service: &Service) -> Result<Vec<NetworkAttachment>, String> {
+    fn virtual_ips(&self, service: &Service) -> Result<Vec<NetworkAttachment>, Refusal> {
         if service.spec.endpoint_mode == EndpointMode::Dnsrr {
             return Ok(Vec::new());
         }
@@ -278,7 +317,7 @@ impl ClusterState {
     /// applied) is replaced by the first free one, the same on every
     /// manager, rather than refusing the whole plan: with operators
     /// creating services at once, refused plans would starve placement.
-    fn settle_addresses(&self, create: &[Task]) -> Result<Vec<Task>, String> {
+    fn settle_addresses(&self, create: &[Task]) -> Result<Vec<Task>, Refusal> {
         let mut used = self.addresses_in_use();
         let mut out = create.to_vec();
         for t in &mut out {
@@ -288,9 +327,11 @@ impl ClusterState {
                     .get(&a.network)
                     .ok_or_else(|| format!("task {}: network {} not found", t.id, a.network))?;
                 if !network.subnet.contains(a.address) || a.address == network.gateway {
-                    return Err(format!(
+                    return Err(refusal!(
                         "task {}: {} is not a task address of {}",
-                        t.id, a.address, network.name
+                        t.id,
+                        a.address,
+                        network.name
                     ));
                 }
                 let taken = used.entry(a.network).or_default();
@@ -367,8 +408,8 @@ impl ClusterState {
     }
 }
 
-fn no_such_node(id: NodeId) -> String {
-    format!("node {} not found", node_id_text(id))
+fn no_such_node(id: NodeId) -> Refusal {
+    refusal!("node {} not found", node_id_text(id))
 }
 
 #[cfg(test)]

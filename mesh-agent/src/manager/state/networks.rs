@@ -4,13 +4,13 @@ use crate::manager::state::*;
 
 impl ClusterState {
     /// Applies [`Command::CreateNetwork`].
-    pub(super) fn apply_create_network(&mut self, network: &Network) -> Result<(), String> {
+    pub(super) fn apply_create_network(&mut self, network: &Network) -> Result<(), Refusal> {
         self.create_network(network)?;
         Ok(())
     }
 
     /// Applies [`Command::RemoveNetwork`].
-    pub(super) fn apply_remove_network(&mut self, id: u64) -> Result<(), String> {
+    pub(super) fn apply_remove_network(&mut self, id: u64) -> Result<(), Refusal> {
         let network = self
             .networks
             .get(&id)

@@ -4,22 +4,22 @@ use crate::manager::state::*;
 
 impl ClusterState {
     /// Applies [`Command::AddNode`].
-    pub(super) fn apply_add_node(&mut self, node: &Node) -> Result<(), String> {
+    pub(super) fn apply_add_node(&mut self, node: &Node) -> Result<(), Refusal> {
         if self.removed.contains(&node.id) {
-            return Err(format!(
+            return Err(refusal!(
                 "node {} was removed and cannot rejoin with the same ID",
                 node_id_text(node.id)
             ));
         }
         if self.nodes.contains_key(&node.id) {
-            return Err(format!("node {} is already a member", node_id_text(node.id)));
+            return Err(refusal!("node {} is already a member", node_id_text(node.id)));
         }
         self.nodes.insert(node.id, node.clone());
         Ok(())
     }
 
     /// Applies [`Command::UpdateNode`].
-    pub(super) fn apply_update_node(&mut self, id: NodeId, update: &NodeUpdate, at: u64) -> Result<(), String> {
+    pub(super) fn apply_update_node(&mut self, id: NodeId, update: &NodeUpdate, at: u64) -> Result<(), Refusal> {
         let node = self.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?;
         if let Some(role) = update.role {
             node.role = role;
@@ -44,12 +44,12 @@ impl ClusterState {
         message: &str,
         agent_version: &str,
         at: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let node = self.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?;
         // A heartbeat read before the leave and committed after it
         // must not bring a node that left back.
         if node.status_message == LEFT_THE_SWARM && status != NodeStatus::Down {
-            return Err(format!("node {} left the swarm", node_id_text(id)));
+            return Err(refusal!("node {} left the swarm", node_id_text(id)));
         }
         node.status = status;
         node.status_message = message.to_string();
@@ -61,7 +61,7 @@ impl ClusterState {
     }
 
     /// Applies [`Command::RemoveNode`].
-    pub(super) fn apply_remove_node(&mut self, id: NodeId) -> Result<(), String> {
+    pub(super) fn apply_remove_node(&mut self, id: NodeId) -> Result<(), Refusal> {
         self.nodes.remove(&id).ok_or_else(|| no_such_node(id))?;
         self.removed.insert(id);
         // It may hold pair keys of the current overlay key.
@@ -72,7 +72,7 @@ impl ClusterState {
     }
 
     /// Applies [`Command::SetNodeWireguardKey`].
-    pub(super) fn apply_set_node_wireguard_key(&mut self, id: NodeId, key: &str) -> Result<(), String> {
+    pub(super) fn apply_set_node_wireguard_key(&mut self, id: NodeId, key: &str) -> Result<(), Refusal> {
         crate::api::assignment::tunnel::parse_public_key(key)?;
         self.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?.wireguard_key = key.to_string();
         Ok(())
@@ -84,7 +84,7 @@ impl ClusterState {
         id: NodeId,
         issued: &Issued,
         grace_secs: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let node = self.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?;
         node.certs = node.certs.renewed(issued.clone(), grace_secs);
         Ok(())

@@ -5,12 +5,12 @@ use crate::manager::state::*;
 
 impl ClusterState {
     /// Applies [`Command::CreateService`].
-    pub(super) fn apply_create_service(&mut self, service: &Service) -> Result<(), String> {
+    pub(super) fn apply_create_service(&mut self, service: &Service) -> Result<(), Refusal> {
         if self.services.contains_key(&service.id) {
-            return Err(format!("service ID {} is taken", service.id));
+            return Err(refusal!("service ID {} is taken", service.id));
         }
         if self.services.values().any(|s| s.spec.name == service.spec.name) {
-            return Err(format!("a service named {:?} already exists", service.spec.name));
+            return Err(refusal!("a service named {:?} already exists", service.spec.name));
         }
         let mut service = service.clone();
         service.vips = self.virtual_ips(&service)?;
@@ -25,7 +25,7 @@ impl ClusterState {
         spec: &ServiceSpec,
         force: bool,
         at: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let service = self
             .services
             .get_mut(&id)
@@ -47,13 +47,13 @@ impl ClusterState {
     }
 
     /// Applies [`Command::RollbackService`].
-    pub(super) fn apply_rollback_service(&mut self, id: u64, at_ms: u64) -> Result<(), String> {
+    pub(super) fn apply_rollback_service(&mut self, id: u64, at_ms: u64) -> Result<(), Refusal> {
         self.roll_back(id, at_ms)?;
         Ok(())
     }
 
     /// Applies [`Command::RemoveService`].
-    pub(super) fn apply_remove_service(&mut self, id: u64, at: u64) -> Result<(), String> {
+    pub(super) fn apply_remove_service(&mut self, id: u64, at: u64) -> Result<(), Refusal> {
         self.services
             .remove(&id)
             .ok_or_else(|| format!("service {id} not found"))?;

@@ -12,7 +12,7 @@ impl ClusterState {
         rollbacks: &[u64],
         orphaned: &[u64],
         at: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         for (id, status) in updates {
             if let Some(service) = self.services.get_mut(id) {
                 service.update_status = Some(status.clone());
@@ -22,7 +22,7 @@ impl ClusterState {
             self.roll_back(*id, at * 1000)?;
         }
         if let Some(t) = create.iter().find(|t| self.tasks.contains_key(&t.id)) {
-            return Err(format!("task ID {} is taken", t.id));
+            return Err(refusal!("task ID {} is taken", t.id));
         }
         let create = self.settle_addresses(create)?;
         let mut touched = BTreeSet::new();
@@ -61,7 +61,7 @@ impl ClusterState {
         node: NodeId,
         reports: &[TaskReport],
         at_ms: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let mut touched = BTreeSet::new();
         for r in reports {
             let Some(task) = self.tasks.get_mut(&r.task) else {
@@ -91,13 +91,13 @@ impl ClusterState {
         state: TaskState,
         message: &str,
         at: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let task = self.tasks.get_mut(&id).ok_or_else(|| format!("task {id} not found"))?;
         if task.state == state {
             return Ok(());
         }
         if !task.state.may_become(state) {
-            return Err(format!(
+            return Err(refusal!(
                 "task {id} cannot go from {} to {}",
                 task.state.name(),
                 state.name()
