@@ -14,17 +14,15 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::{
-    api::{
-        messages::parse_labels,
-        objects::{node_id_text, parse_node_id},
-        secret::{self, BlobRef, Kind},
-        service::{
-            apply_update, parse_env, parse_placement_pref, Constraint, ConstraintKey, PortPublish, Protocol,
-            PublishMode, ServiceSpec, ServiceUpdate,
-        },
+use mesh_agent::api::{
+    clock::parse_duration,
+    messages::parse_labels,
+    objects::{node_id_text, parse_node_id},
+    secret::{self, BlobRef, Kind},
+    service::{
+        apply_update, parse_env, parse_placement_pref, Constraint, ConstraintKey, PortPublish, Protocol, PublishMode,
+        ServiceSpec, ServiceUpdate,
     },
-    cli::table::parse_duration,
 };
 
 fn publish(text: &str) {

@@ -19,10 +19,14 @@ use std::{
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
     agent::net::bridge::{check_local_pool, Ipam},
-    api::{network::NetworkSpec, subnet::Subnet},
+    api::{
+        addr::{parse_advertise_addr, parse_listen_addr, parse_remote_addr},
+        network::NetworkSpec,
+        subnet::Subnet,
+    },
     manager::{
         allocator::network::{allocate_network, task_address, Pools},
-        rules::{check_address_pools, parse_advertise_addr, parse_listen_addr, parse_remote_addr},
+        rules::check_address_pools,
     },
     metrics::server::parse_addr,
 };

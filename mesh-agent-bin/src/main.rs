@@ -4,7 +4,7 @@
 
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    cli::table::parse_duration,
+    api::clock::parse_duration,
     config_file::RunArgs,
     manager::RaftTiming,
     node::{Agent, AgentOptions},

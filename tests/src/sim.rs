@@ -38,8 +38,10 @@ use mesh_agent::{
         pki::{self, NodeKey},
         token::JoinToken,
     },
-    manager::raft::network::MANAGER_NAME,
-    wire::{rpc::RpcClient, tls},
+    wire::{
+        rpc::RpcClient,
+        tls::{self, MANAGER_NAME},
+    },
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 

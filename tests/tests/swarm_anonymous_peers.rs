@@ -50,7 +50,7 @@ fn slow_frame(to: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Option<Duration
     let tcp = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect to the cluster port");
     tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     tcp.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
-    let name = ServerName::try_from(mesh_agent::manager::raft::network::MANAGER_NAME).unwrap();
+    let name = ServerName::try_from(mesh_agent::wire::tls::MANAGER_NAME).unwrap();
     let conn = rustls::ClientConnection::new(tls, name).expect("a TLS client");
     let mut stream = rustls::StreamOwned::new(conn, tcp);
     let started = Instant::now();

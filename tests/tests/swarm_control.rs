@@ -452,8 +452,10 @@ mod wire {
             keystore::{KeyStore, Loaded},
             pki::{NodeIdentity, NodeKey, RootCa},
         },
-        manager::raft::network::MANAGER_NAME,
-        wire::{rpc::RpcClient, tls},
+        wire::{
+            rpc::RpcClient,
+            tls::{self, MANAGER_NAME},
+        },
     };
 
     /// A node's certificate, key (opened with its data key) and roots.

@@ -20,10 +20,9 @@ use mesh_agent::{
         keystore::{KeyStore, Loaded},
         pki,
     },
-    manager::raft::network::MANAGER_NAME,
     wire::{
         rpc::{RpcClient, RpcError},
-        tls,
+        tls::{self, MANAGER_NAME},
     },
 };
 use mesh_tests::{require_root, swarm::Swarm};

@@ -14,11 +14,14 @@
 //!   [`encoded`]: such a part, encoded once.
 //! - [`overlay_key`]: the key encrypted overlays' pair keys derive from.
 //! - [`cert_records`]: which issued certificates the store still honours.
+//! - [`addr`]: addresses as operators give them; [`clock`]: Unix time, durations.
 //! - [`msgpack`], [`wire_bytes`], [`secret_text`], [`subnet`]: encodings, key
 //!   material as text, IPv4 subnets.
 
+pub mod addr;
 pub mod assignment;
 pub mod cert_records;
+pub mod clock;
 pub mod encoded;
 pub mod error;
 pub mod messages;

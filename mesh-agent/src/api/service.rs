@@ -902,7 +902,9 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
         let before = next.publish.len();
         next.publish.retain(|p| !(p.published == port && p.protocol == proto));
         if next.publish.len() == before {
-            return Err(crate::invalid!("--publish-rm {rm}: the service does not publish that port"));
+            return Err(crate::invalid!(
+                "--publish-rm {rm}: the service does not publish that port"
+            ));
         }
     }
     for add in &update.publish_add {
@@ -1076,7 +1078,10 @@ impl ServiceSpec {
                     } else {
                         format!("{}/{}", kind.dir(), r.target)
                     };
-                    return Err(crate::invalid!("two {}s go to {place}: give one another target", kind.name()));
+                    return Err(crate::invalid!(
+                        "two {}s go to {place}: give one another target",
+                        kind.name()
+                    ));
                 }
             }
         }

@@ -8,11 +8,11 @@ use clap::{Args, Subcommand};
 use super::{duration_ms, json, table, Client, Format, ListArgs};
 use crate::{
     api::{
+        clock::unix_now,
         error::{ApiError, ApiResult},
         messages::{CaView, ClusterRequest, ClusterResponse, OperatorCertView},
     },
     ca::pki::NodeKey,
-    manager::unix_now,
 };
 
 /// `swarm ca`.

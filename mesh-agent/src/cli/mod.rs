@@ -26,8 +26,11 @@ use crate::{
         },
         objects::{node_id_text, Availability, NodeStatus, NodeUpdate, Role},
     },
-    manager::{raft::network::MANAGER_NAME, rules},
-    wire::{local, rpc::RpcClient, tls},
+    wire::{
+        local,
+        rpc::RpcClient,
+        tls::{self, MANAGER_NAME},
+    },
 };
 
 /// meshctl's command line.
@@ -341,7 +344,7 @@ impl Client {
                 transport: Transport::Local(local::socket_path(socket)),
             });
         };
-        let addr = rules::parse_remote_addr(&host)?;
+        let addr = crate::api::addr::parse_remote_addr(&host)?;
         let dir = expand_home(tls_dir);
         let read = |name: &str| {
             std::fs::read_to_string(dir.join(name)).map_err(|e| {
@@ -468,7 +471,7 @@ fn unexpected(other: LocalResponse) -> ApiError {
 }
 
 pub(crate) fn duration_ms(flag: &str, text: &str) -> ApiResult<u64> {
-    table::parse_duration(text)
+    crate::api::clock::parse_duration(text)
         .map(|d| d.as_millis() as u64)
         .map_err(|e| ApiError::invalid(format!("--{flag}: {e}")))
 }

@@ -725,7 +725,7 @@ pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
             } else if format == Format::Json {
                 println!("{}", json(&tasks)?);
             } else {
-                print!("{}", task_table(&tasks, crate::manager::unix_now()));
+                print!("{}", task_table(&tasks, crate::api::clock::unix_now()));
             }
             Ok(())
         }
@@ -777,7 +777,7 @@ pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
                 )?);
             }
             if pretty {
-                let now = crate::manager::unix_now_ms();
+                let now = crate::api::clock::unix_now_ms();
                 let texts: Vec<String> = out.iter().map(|v| pretty_text(v, now)).collect();
                 print!("{}", texts.join("\n"));
             } else {

@@ -39,6 +39,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use crate::api::clock::{unix_now, unix_now_ms};
 use error::ManagerError;
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use rand::Rng;
@@ -122,22 +123,6 @@ const PEERS_RECHECK: Duration = Duration::from_millis(25);
 
 /// Task reports accepted in one call.
 const MAX_REPORTS: usize = 10_000;
-
-/// Unix milliseconds now.
-pub fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 impl Manager {
     /// Opens (or creates) the store under `<data_dir>/raft` and starts Raft.
@@ -435,7 +420,7 @@ impl Manager {
             return Err(ApiError::invalid("the joining node sent an empty or overlong hostname"));
         }
         let advertise = match &call.advertise_addr {
-            Some(a) => rules::parse_advertise_addr(a, call.listen_port)?,
+            Some(a) => crate::api::addr::parse_advertise_addr(a, call.listen_port)?,
             None => std::net::SocketAddr::new(caller_ip, call.listen_port),
         };
         let data_path_addr = match &call.data_path_addr {

@@ -56,6 +56,7 @@ use crate::agent::{
 use crate::{
     api::{
         cert_records::NodeCerts,
+        clock::unix_now,
         error::{ApiError, ApiResult, ErrorKind},
         messages::{
             InitRequest, JoinCall, JoinRequest, LocalRequest, LocalResponse, PeerRequest, PeerResponse, SwarmInfo,
@@ -70,13 +71,10 @@ use crate::{
         seal::{DataKey, UnlockKey},
         token::JoinToken,
     },
-    manager::{
-        raft::network::{Peers, MANAGER_NAME},
-        rules, unix_now, Manager, RaftTiming,
-    },
+    manager::{raft::network::Peers, rules, Manager, RaftTiming},
     wire::{
         rpc::{self, RpcClient, RpcError},
-        tls,
+        tls::{self, MANAGER_NAME},
     },
 };
 
@@ -233,9 +231,9 @@ impl Agent {
 
     async fn init(&self, req: InitRequest) -> ApiResult<LocalResponse> {
         let mut phase = self.ensure_inactive().await?;
-        let listen = rules::parse_listen_addr(&req.listen_addr)?;
+        let listen = crate::api::addr::parse_listen_addr(&req.listen_addr)?;
         let advertise = match &req.advertise_addr {
-            Some(a) => rules::parse_advertise_addr(a, listen.port())?,
+            Some(a) => crate::api::addr::parse_advertise_addr(a, listen.port())?,
             None if !listen.ip().is_unspecified() => listen,
             None => SocketAddr::new(detect_address().await?, listen.port()),
         };
@@ -370,10 +368,10 @@ impl Agent {
     async fn join(&self, req: JoinRequest) -> ApiResult<LocalResponse> {
         let mut phase = self.ensure_inactive().await?;
         let token = JoinToken::parse(&req.token).map_err(|e| ApiError::invalid(e.to_string()))?;
-        let remote = rules::parse_remote_addr(&req.remote_addr)?;
-        let listen = rules::parse_listen_addr(&req.listen_addr)?;
+        let remote = crate::api::addr::parse_remote_addr(&req.remote_addr)?;
+        let listen = crate::api::addr::parse_listen_addr(&req.listen_addr)?;
         let advertise = match &req.advertise_addr {
-            Some(a) => Some(rules::parse_advertise_addr(a, listen.port())?),
+            Some(a) => Some(crate::api::addr::parse_advertise_addr(a, listen.port())?),
             None if !listen.ip().is_unspecified() => Some(listen),
             None => None,
         };
@@ -578,7 +576,7 @@ impl Member {
         creds: Credentials,
         dek: DataKey,
     ) -> ApiResult<Arc<Member>> {
-        let listen: SocketAddr = rules::parse_listen_addr(&config.listen_addr)?;
+        let listen: SocketAddr = crate::api::addr::parse_listen_addr(&config.listen_addr)?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| ApiError::precondition(format!("cannot listen on {listen}: {e}")))?;

@@ -6,12 +6,13 @@ use std::{net::IpAddr, sync::Weak, time::Duration};
 
 use crate::{
     api::{
+        clock::unix_now,
         error::{ApiError, ApiResult},
         messages::{ClusterRequest, Origin, PeerRequest, PeerResponse},
         objects::{node_id_text, Role},
     },
     ca::pki::{self, NodeIdentity},
-    manager::{rules, unix_now, Manager},
+    manager::{rules, Manager},
     wire::{
         rpc::{Handler, Peer},
         tls,

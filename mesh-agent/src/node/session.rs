@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::{
     api::{
+        clock::unix_now,
         error::{ApiError, ApiResult},
         messages::{Heartbeat, HeartbeatReply, PeerRequest, PeerResponse},
         objects::Role,
@@ -19,7 +20,6 @@ use crate::{
         pki::{self, NodeKey},
         seal::UnlockKey,
     },
-    manager::unix_now,
 };
 
 use super::{files::Credentials, Member};

@@ -21,6 +21,10 @@ use rustls::{
 
 use crate::ca::pki::{cert_digest, identity_from_cert, NodeIdentity};
 
+/// The server name every manager certificate carries; connecting with it
+/// refuses anything that is not a manager.
+pub const MANAGER_NAME: &str = "mesh-manager";
+
 /// ALPN protocol of mesh's RPC.
 pub const ALPN: &[u8] = b"mesh/1";
 

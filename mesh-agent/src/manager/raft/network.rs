@@ -23,6 +23,7 @@ use crate::api::{
     messages::{PeerRequest, PeerResponse},
     raft_types::TypeConfig,
 };
+use crate::wire::tls::MANAGER_NAME;
 
 use crate::wire::rpc::{RpcClient, RpcError};
 
@@ -30,10 +31,6 @@ use crate::api::objects::{node_id_text, NodeId};
 
 /// A client for one peer.
 pub type PeerClient = RpcClient<PeerRequest, PeerResponse>;
-
-/// The server name every manager certificate carries; connecting with it
-/// refuses anything that is not a manager.
-pub const MANAGER_NAME: &str = "mesh-manager";
 
 /// Connections to managers, shared by the session loop, forwarding and Raft.
 pub struct Peers {
