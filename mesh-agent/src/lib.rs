@@ -3,7 +3,8 @@
 //! The layers, from the bottom (`cargo xtask layers` checks them):
 //!
 //! - [`api`]: the swarm's plain data (objects, messages, assignments) and
-//!   pure helpers; it uses nothing else of the crate.
+//!   pure helpers; with [`ca`] and [`wire`], it is the mesh-api crate
+//!   (shared with `meshctl`), re-exported here.
 //! - [`dataplane`]: kernel access, one module per mechanism (netlink, eBPF,
 //!   nftables, IPVS, XFRM, WireGuard). [`metrics`]: the Prometheus
 //!   instruments, their rendering and the HTTP endpoints.
@@ -15,17 +16,16 @@
 //!   networks, the routing mesh, DNS.
 //! - [`node`]: a node's life in the swarm: init, join, leave, unlock, its
 //!   session with the managers; the one layer over both `manager` and `agent`.
-//! - [`cli`]: the `meshctl` commands.
 //! - [`locks`]: lock guards that survive a panicked holder; [`preflight`]:
 //!   what the node's kernel offers the dataplane; [`config_file`]:
 //!   `mesh-agent run`'s settings: flags, `MESH_*`, `--config FILE` (TOML).
 //!
-//! The binaries `mesh-agent` and `meshctl` are thin wrappers over this library.
+//! The `mesh-agent` binary (mesh-agent-bin) is a thin wrapper over this library;
+//! `meshctl` is a crate of its own over mesh-api.
+
+pub use mesh_api::{api, ca, invalid, refusal, wire};
 
 pub mod agent;
-pub mod api;
-pub mod ca;
-pub mod cli;
 pub mod config_file;
 pub mod dataplane;
 pub mod locks;
@@ -33,7 +33,6 @@ pub mod manager;
 pub mod metrics;
 pub mod node;
 pub mod preflight;
-pub mod wire;
 
 /// The agent's version, as `meshctl version` and `mesh-agent --version` print it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -40,7 +40,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build it with `cargo build -p mesh-agent --bins` (cargo xtask test does this)",
+        "{} is missing: build it with `cargo build -p mesh-agent-bin -p meshctl` (cargo xtask test does this)",
         path.display()
     );
     path

@@ -35,7 +35,7 @@ enum Command {
     /// Run setup, then every test lane: lint, unit, fuzz, kernel (root), VM (virtme-ng).
     Test(test::Args),
     /// Check the agent's layering (what the lint lane checks): which
-    /// top-level modules of a source tree (default: mesh-agent/src) use
+    /// top-level modules of a source tree (default: mesh-api's and mesh-agent's) use
     /// which, no cycle among them.
     Layers {
         /// The source tree to check.
@@ -89,7 +89,10 @@ fn main() -> Result<()> {
         Command::Setup => setup::run(),
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Test(args) => test::run(&args),
-        Command::Layers { src } => layers::check(&src.unwrap_or_else(|| workspace::root().join("mesh-agent/src"))),
+        Command::Layers { src } => match src {
+            Some(src) => layers::check(&src, &[]),
+            None => layers::check_all(&workspace::root()),
+        },
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Demo { hold } => demo(hold),
         Command::Bench { which, vm, rest } => bench(which.as_deref(), vm, &rest),
@@ -107,7 +110,7 @@ fn demo(hold: bool) -> Result<()> {
         "--quiet",
         "--release",
         "-p",
-        "mesh-agent",
+        "meshctl",
         "-p",
         "mesh-agent-bin",
         "--bins",
@@ -145,7 +148,7 @@ fn bench(which: Option<&str>, vm: bool, rest: &[String]) -> Result<()> {
         "build",
         "--release",
         "-p",
-        "mesh-agent",
+        "meshctl",
         "-p",
         "mesh-agent-bin",
         "-p",
@@ -183,7 +186,7 @@ fn chaos(seed: Option<u64>, faults: usize) -> Result<()> {
         "--quiet",
         "--release",
         "-p",
-        "mesh-agent",
+        "meshctl",
         "-p",
         "mesh-agent-bin",
         "-p",

@@ -101,7 +101,7 @@ fn lint() -> Result<()> {
     workspace::cargo(&["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])
         .context("the fuzz targets are not formatted: run `cargo fmt --manifest-path fuzz/Cargo.toml`")?;
     workspace::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    crate::layers::check(&workspace::root().join("mesh-agent/src"))
+    crate::layers::check_all(&workspace::root())
 }
 
 fn unit() -> Result<()> {
@@ -111,7 +111,7 @@ fn unit() -> Result<()> {
 
 fn kernel() -> Result<()> {
     // The swarm scenarios run the real mesh-agent and meshctl binaries.
-    workspace::cargo(&["build", "-p", "mesh-agent", "-p", "mesh-agent-bin", "--bins"])?;
+    workspace::cargo(&["build", "-p", "meshctl", "-p", "mesh-agent-bin", "--bins"])?;
     workspace::cargo(&["test", "-p", "mesh-tests", "--test", "*"])
 }
 

@@ -13,9 +13,14 @@ use crate::api::objects::{node_id_text, Availability, NodeId, NodeStatus, Role};
 
 use crate::api::service::{Constraint, ConstraintKey};
 
-impl Constraint {
+/// Whether a scheduler node satisfies a placement constraint.
+pub trait Matches {
     /// Whether `node` satisfies it (a missing label never equals anything).
-    pub fn matches(&self, node: &SchedNode) -> bool {
+    fn matches(&self, node: &SchedNode) -> bool;
+}
+
+impl Matches for Constraint {
+    fn matches(&self, node: &SchedNode) -> bool {
         let actual = match &self.key {
             ConstraintKey::NodeId => Some(node_id_text(node.id)),
             ConstraintKey::Hostname => Some(node.hostname.clone()),

@@ -62,21 +62,3 @@ impl From<NodeError> for ApiError {
         ApiError::internal(error.to_string())
     }
 }
-
-impl From<KeyStoreError> for ApiError {
-    fn from(error: KeyStoreError) -> ApiError {
-        NodeError::from(error).into()
-    }
-}
-
-impl From<PkiError> for ApiError {
-    fn from(error: PkiError) -> ApiError {
-        NodeError::from(error).into()
-    }
-}
-
-impl From<TlsError> for ApiError {
-    fn from(error: TlsError) -> ApiError {
-        NodeError::from(error).into()
-    }
-}

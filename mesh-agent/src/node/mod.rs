@@ -137,7 +137,7 @@ impl Agent {
         };
         let phase = match files.read_config()? {
             None => Phase::Inactive,
-            Some(config) => match KeyStore::new(&opts.data_dir).load()? {
+            Some(config) => match KeyStore::new(&opts.data_dir).load().map_err(NodeError::from)? {
                 Loaded::Locked => {
                     log::warn!("this manager is autolocked: unlock it with `meshctl swarm unlock`");
                     Phase::Locked(config)
@@ -277,28 +277,32 @@ impl Agent {
     ) -> ApiResult<(Arc<Member>, LocalResponse)> {
         let id = random_id();
         let cluster_id = random_cluster_id();
-        let ca = RootCa::generate(&cluster_id)?;
-        let key = NodeKey::generate()?;
+        let ca = RootCa::generate(&cluster_id).map_err(NodeError::from)?;
+        let key = NodeKey::generate().map_err(NodeError::from)?;
         let now = SystemTime::now();
         let identity = NodeIdentity {
             node_id: id,
             role: Role::Manager,
             cluster_id: cluster_id.clone(),
         };
-        let csr = key.csr_pem()?;
-        let cert = ca.issue(
-            &csr,
-            &identity,
-            now - pki::backdate(Duration::from_secs(req.cert_expiry_secs)),
-            now + Duration::from_secs(req.cert_expiry_secs),
-        )?;
-        let issued = ca.record(&cert, unix_now())?;
+        let csr = key.csr_pem().map_err(NodeError::from)?;
+        let cert = ca
+            .issue(
+                &csr,
+                &identity,
+                now - pki::backdate(Duration::from_secs(req.cert_expiry_secs)),
+                now + Duration::from_secs(req.cert_expiry_secs),
+            )
+            .map_err(NodeError::from)?;
+        let issued = ca.record(&cert, unix_now()).map_err(NodeError::from)?;
         let tokens = JoinTokens {
             worker: JoinToken::generate(ca.digest()).to_text(),
             manager: JoinToken::generate(ca.digest()).to_text(),
         };
         let unlock = req.autolock.then(UnlockKey::generate);
-        let dek = KeyStore::new(&self.opts.data_dir).create(unlock.as_ref())?;
+        let dek = KeyStore::new(&self.opts.data_dir)
+            .create(unlock.as_ref())
+            .map_err(NodeError::from)?;
         let creds = Credentials::new(cert, key.key_pem(), vec![ca.cert_pem().to_string()])?;
         files.write_credentials(&creds, &dek)?;
         let config = NodeConfig {
@@ -379,10 +383,10 @@ impl Agent {
             a.parse::<IpAddr>()
                 .map_err(|_| ApiError::invalid(format!("invalid --data-path-addr {a:?}: expected an IP address")))?;
         }
-        let key = NodeKey::generate()?;
+        let key = NodeKey::generate().map_err(NodeError::from)?;
         let call = JoinCall {
             token: req.token.clone(),
-            csr_pem: key.csr_pem()?,
+            csr_pem: key.csr_pem().map_err(NodeError::from)?,
             hostname: self.opts.hostname.clone(),
             advertise_addr: advertise.map(|a| a.to_string()),
             listen_port: listen.port(),
@@ -411,7 +415,9 @@ impl Agent {
             dir: self.opts.data_dir.clone(),
         };
         let result = async {
-            let dek = KeyStore::new(&self.opts.data_dir).create(None)?;
+            let dek = KeyStore::new(&self.opts.data_dir)
+                .create(None)
+                .map_err(NodeError::from)?;
             let creds = Credentials::new(reply.cert_pem.clone(), key.key_pem(), reply.ca_pems.clone())?;
             files.write_credentials(&creds, &dek)?;
             let config = NodeConfig {
@@ -485,7 +491,7 @@ impl Agent {
         let key = UnlockKey::parse(text).map_err(|e| ApiError::invalid(e.to_string()))?;
         let dek = KeyStore::new(&self.opts.data_dir).unlock(&key).map_err(|e| match e {
             KeyStoreError::WrongUnlockKey => ApiError::denied(e.to_string()),
-            other => ApiError::from(other),
+            other => ApiError::from(NodeError::from(other)),
         })?;
         let files = Files {
             dir: self.opts.data_dir.clone(),

@@ -5,6 +5,8 @@ use crate::locks::{Locked, RwLocked};
 use std::{sync::Arc, time::Duration};
 
 use rustls::pki_types::pem::PemObject;
+
+use super::error::NodeError;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 
@@ -151,11 +153,11 @@ impl Member {
             let keys = KeyStore::new(&self.opts.data_dir);
             match reply.unlock_key.as_ref().map(|k| UnlockKey::parse(k.expose())) {
                 Some(Ok(key)) if keys.unlock(&key).is_err() => {
-                    keys.wrap_with(&self.dek, Some(&key))?;
+                    keys.wrap_with(&self.dek, Some(&key)).map_err(NodeError::from)?;
                     log::info!("autolock: the data key is now wrapped by the swarm's unlock key");
                 }
                 None if keys.is_autolocked() => {
-                    keys.wrap_with(&self.dek, None)?;
+                    keys.wrap_with(&self.dek, None).map_err(NodeError::from)?;
                     log::info!("autolock turned off for this manager");
                 }
                 _ => {}
@@ -165,8 +167,8 @@ impl Member {
     }
 
     pub(super) async fn renew_certificate(&self) -> ApiResult<()> {
-        let key = NodeKey::generate()?;
-        let csr = key.csr_pem()?;
+        let key = NodeKey::generate().map_err(NodeError::from)?;
+        let csr = key.csr_pem().map_err(NodeError::from)?;
         let addr = self
             .leader_hint
             .locked()

@@ -27,7 +27,7 @@ use mesh_agent::{
         service::{Service, ServiceMode, ServiceSpec},
         store::{ClusterState, Command},
     },
-    manager::orchestrator,
+    manager::{orchestrator, state::Apply},
 };
 use mesh_tests::{require_root, swarm::Swarm};
 

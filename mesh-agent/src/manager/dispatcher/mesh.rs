@@ -10,51 +10,49 @@ use crate::api::service::{DesiredState, TaskState};
 use crate::api::assignment::mesh::{FleetService, MeshFleet};
 use crate::api::{objects::NodeId, store::ClusterState};
 
-impl MeshFleet {
-    /// The fleet's mesh in `state`: one pass over the tasks and one over
-    /// the nodes; `None` when no service publishes a port.
-    pub fn of(state: &ClusterState) -> Option<MeshFleet> {
-        let mut running: BTreeMap<u64, Vec<(u64, NodeId, String)>> = BTreeMap::new();
-        for t in state
-            .tasks
-            .values()
-            .filter(|t| t.desired == DesiredState::Running && t.state == TaskState::Running)
-        {
-            let (Some(on), Some(service)) = (t.node, state.services.get(&t.service)) else {
-                continue;
-            };
-            let Some(host) = state.nodes.get(&on).filter(|_| !service.spec.publish.is_empty()) else {
-                continue;
-            };
-            running
-                .entry(t.service)
-                .or_default()
-                .push((t.id, on, host.data_path_addr.clone()));
-        }
-        let services: Vec<FleetService> = state
-            .services
-            .values()
-            .filter(|s| !s.spec.publish.is_empty())
-            .map(|s| FleetService {
-                service: s.id,
-                name: s.spec.name.clone(),
-                ports: s.spec.publish.clone(),
-                lb: s.spec.lb,
-                running: running.remove(&s.id).unwrap_or_default(),
-            })
-            .collect();
-        if services.is_empty() {
-            return None;
-        }
-        let mut nodes: Vec<(NodeId, String)> = state
-            .nodes
-            .values()
-            .filter(|n| !n.data_path_addr.is_empty())
-            .map(|n| (n.id, n.data_path_addr.clone()))
-            .collect();
-        nodes.sort_by(|a, b| a.1.cmp(&b.1));
-        Some(MeshFleet { services, nodes })
+/// The fleet's mesh in `state`: one pass over the tasks and one over
+/// the nodes; `None` when no service publishes a port.
+pub fn fleet_of(state: &ClusterState) -> Option<MeshFleet> {
+    let mut running: BTreeMap<u64, Vec<(u64, NodeId, String)>> = BTreeMap::new();
+    for t in state
+        .tasks
+        .values()
+        .filter(|t| t.desired == DesiredState::Running && t.state == TaskState::Running)
+    {
+        let (Some(on), Some(service)) = (t.node, state.services.get(&t.service)) else {
+            continue;
+        };
+        let Some(host) = state.nodes.get(&on).filter(|_| !service.spec.publish.is_empty()) else {
+            continue;
+        };
+        running
+            .entry(t.service)
+            .or_default()
+            .push((t.id, on, host.data_path_addr.clone()));
     }
+    let services: Vec<FleetService> = state
+        .services
+        .values()
+        .filter(|s| !s.spec.publish.is_empty())
+        .map(|s| FleetService {
+            service: s.id,
+            name: s.spec.name.clone(),
+            ports: s.spec.publish.clone(),
+            lb: s.spec.lb,
+            running: running.remove(&s.id).unwrap_or_default(),
+        })
+        .collect();
+    if services.is_empty() {
+        return None;
+    }
+    let mut nodes: Vec<(NodeId, String)> = state
+        .nodes
+        .values()
+        .filter(|n| !n.data_path_addr.is_empty())
+        .map(|n| (n.id, n.data_path_addr.clone()))
+        .collect();
+    nodes.sort_by(|a, b| a.1.cmp(&b.1));
+    Some(MeshFleet { services, nodes })
 }
 
 #[cfg(test)]
@@ -71,7 +69,7 @@ mod tests {
 
     /// Node `node`'s routing mesh as the dispatcher's answer gives it.
     fn mesh_assignment(state: &ClusterState, node: NodeId) -> Option<MeshAssignment> {
-        MeshFleet::of(state)?.assignment_for(node)
+        fleet_of(state)?.assignment_for(node)
     }
 
     fn task(id: u64, service: u64, node: u64, state: TaskState) -> Task {

@@ -170,7 +170,7 @@ impl DispatchIndex {
                 .into_iter()
                 .map(|(id, services)| (id, Shared::new(services)))
                 .collect(),
-            mesh: crate::api::assignment::mesh::MeshFleet::of(state).map(Shared::new),
+            mesh: mesh::fleet_of(state).map(Shared::new),
         }
     }
 }

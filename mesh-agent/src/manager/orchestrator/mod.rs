@@ -434,6 +434,7 @@ pub(crate) mod tests_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::state::Apply;
     use crate::{
         api::objects::{Availability, Role},
         manager::state::tests::node,

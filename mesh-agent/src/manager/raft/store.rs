@@ -37,6 +37,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::api::raft_types::TypeConfig;
+use crate::manager::state::Apply;
 
 use crate::ca::seal::DataKey;
 

@@ -12,6 +12,13 @@ mod nodes;
 mod services;
 mod tasks;
 
+use blobs::*;
+use cluster::*;
+use networks::*;
+use nodes::*;
+use services::*;
+use tasks::*;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::objects::*;
@@ -24,387 +31,226 @@ use crate::api::service::HistoryPlace;
 use crate::api::service::{
     DesiredState, EndpointMode, Service, ServiceSpec, Task, TaskReport, TaskState, UpdateState, UpdateStatus,
 };
+use crate::api::store::Refusal;
+use crate::refusal;
 
-/// Why a command was refused: the state stays as it was, and the reason
-/// goes to the operator (as [`CommandResponse::Refused`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
-
-/// A [`Refusal`] from a `format!` message.
-macro_rules! refusal {
-    ($($message:tt)*) => {
-        $crate::manager::state::Refusal(format!($($message)*))
-    };
-}
-use refusal;
-
-impl From<&str> for Refusal {
-    fn from(reason: &str) -> Refusal {
-        Refusal(reason.to_string())
-    }
+/// The state machine: a committed command applied to the state.
+pub trait Apply {
+    /// Applies one committed command, whole or not at all.
+    fn apply(&mut self, command: &Command) -> CommandResponse;
 }
 
-impl From<String> for Refusal {
-    fn from(reason: String) -> Refusal {
-        Refusal(reason)
-    }
-}
-
-impl From<crate::api::error::Invalid> for Refusal {
-    fn from(invalid: crate::api::error::Invalid) -> Refusal {
-        Refusal(invalid.0)
-    }
-}
-
-impl From<Refusal> for String {
-    fn from(refusal: Refusal) -> String {
-        refusal.0
-    }
-}
-
-impl ClusterState {
-    /// Applies one committed command.
-    pub fn apply(&mut self, command: &Command) -> CommandResponse {
-        match self.try_apply(command) {
+impl Apply for ClusterState {
+    fn apply(&mut self, command: &Command) -> CommandResponse {
+        match try_apply(self, command) {
             Ok(()) => CommandResponse::Applied,
             Err(Refusal(reason)) => CommandResponse::Refused(reason),
         }
     }
+}
 
-    fn try_apply(&mut self, command: &Command) -> Result<(), Refusal> {
-        if !matches!(command, Command::Init { .. } | Command::Restore { .. }) && self.cluster.is_none() {
-            return Err("the cluster is not initialised".into());
-        }
-        match command {
-            Command::Init {
-                cluster,
-                ca,
-                tokens,
-                unlock_key,
-                first,
-            } => self.apply_init(cluster, ca, tokens, unlock_key, first),
-            Command::Restore { state } => self.apply_restore(state),
-            Command::AddNode(node) => self.apply_add_node(node),
-            Command::UpdateNode { id, update, at } => self.apply_update_node(*id, update, *at),
-            Command::SetNodeStatus {
-                id,
-                status,
-                message,
-                agent_version,
-                at,
-            } => self.apply_set_node_status(*id, *status, message, agent_version, *at),
-            Command::RemoveNode { id } => self.apply_remove_node(*id),
-            Command::SetNodeWireguardKey { id, key } => self.apply_set_node_wireguard_key(*id, key),
-            Command::RotateOverlayKey(key) => self.apply_rotate_overlay_key(key),
-            Command::RotateToken { role, token } => self.apply_rotate_token(*role, token),
-            Command::SetUnlockKey { unlock_key } => self.apply_set_unlock_key(unlock_key),
-            Command::CreateNetwork(network) => self.apply_create_network(network),
-            Command::RemoveNetwork { id } => self.apply_remove_network(*id),
-            Command::CreateBlob { kind, blob } => self.apply_create_blob(*kind, blob),
-            Command::RemoveBlob { kind, id } => self.apply_remove_blob(*kind, *id),
-            Command::SetTaskHistoryLimit { limit } => self.apply_set_task_history_limit(*limit),
-            Command::RotateCa { ca, tokens } => self.apply_rotate_ca(ca, tokens),
-            Command::DropPreviousRoots => self.apply_drop_previous_roots(),
-            Command::RecordNodeCert { id, issued, grace_secs } => self.apply_record_node_cert(*id, issued, *grace_secs),
-            Command::RecordOperatorCert { name, issued } => self.apply_record_operator_cert(name, issued),
-            Command::RevokeOperatorCert { name } => self.apply_revoke_operator_cert(name),
-            Command::CreateService(service) => self.apply_create_service(service),
-            Command::UpdateService { id, spec, force, at } => self.apply_update_service(*id, spec, *force, *at),
-            Command::RollbackService { id, at_ms } => self.apply_rollback_service(*id, *at_ms),
-            Command::RemoveService { id, at } => self.apply_remove_service(*id, *at),
-            Command::ApplyPlan {
-                create,
-                shutdown,
-                updates,
-                rollbacks,
-                orphaned,
-                at,
-            } => self.apply_plan(create, shutdown, updates, rollbacks, orphaned, *at),
-            Command::ReportTasks { node, reports, at_ms } => self.apply_report_tasks(*node, reports, *at_ms),
-            Command::SetTaskState { id, state, message, at } => self.apply_set_task_state(*id, *state, message, *at),
-        }
+fn try_apply(state: &mut ClusterState, command: &Command) -> Result<(), Refusal> {
+    if !matches!(command, Command::Init { .. } | Command::Restore { .. }) && state.cluster.is_none() {
+        return Err("the cluster is not initialised".into());
     }
-
-    /// Swaps a service back to its previous spec and rolls that out.
-    fn roll_back(&mut self, id: u64, at_ms: u64) -> Result<(), Refusal> {
-        let service = self
-            .services
-            .get_mut(&id)
-            .ok_or_else(|| format!("service {id} not found"))?;
-        let previous = service
-            .previous_spec
-            .take()
-            .ok_or_else(|| format!("service {} has no previous spec to roll back to", service.spec.name))?;
-        service.previous_spec = Some(std::mem::replace(&mut service.spec, previous));
-        service.version += 1;
-        service.updated_at = at_ms / 1000;
-        service.update_status = Some(UpdateStatus::start(UpdateState::RollingBack, at_ms));
-        Ok(())
-    }
-
-    /// The state for a new single-manager store: every other manager becomes
-    /// a worker, marked Down until it checks in (it then drops its old store
-    /// and can be promoted again).
-    pub fn forced_to_single_manager(&self, keep: NodeId, at: u64) -> ClusterState {
-        let mut state = self.clone();
-        let demoted: Vec<NodeId> = state
-            .nodes
-            .values()
-            .filter(|n| n.id != keep && n.role == Role::Manager)
-            .map(|n| n.id)
-            .collect();
-        for id in demoted {
-            if let Some(node) = state.nodes.get_mut(&id) {
-                node.role = Role::Worker;
-                node.status = NodeStatus::Down;
-                node.status_message = "demoted by --force-new-cluster".into();
-                node.updated_at = at;
-            }
-        }
-        state
-    }
-
-    fn create_network(&mut self, network: &Network) -> Result<(), Refusal> {
-        for other in self.networks.values() {
-            let clash = if other.id == network.id {
-                "ID"
-            } else if other.name == network.name {
-                "name"
-            } else if other.subnet.overlaps(network.subnet) {
-                "subnet"
-            } else if other.vni == network.vni {
-                "VNI"
-            } else {
-                continue;
-            };
-            return Err(refusal!(
-                "network {}: its {clash} is taken by network {}",
-                network.name,
-                other.name
-            ));
-        }
-        self.networks.insert(network.id, network.clone());
-        Ok(())
-    }
-
-    /// The secrets or the configs.
-    pub fn blobs(&self, kind: crate::api::secret::Kind) -> &BTreeMap<u64, crate::api::secret::Blob> {
-        match kind {
-            crate::api::secret::Kind::Secret => &self.secrets,
-            crate::api::secret::Kind::Config => &self.configs,
-        }
-    }
-
-    fn blobs_mut(&mut self, kind: crate::api::secret::Kind) -> &mut BTreeMap<u64, crate::api::secret::Blob> {
-        match kind {
-            crate::api::secret::Kind::Secret => &mut self.secrets,
-            crate::api::secret::Kind::Config => &mut self.configs,
-        }
-    }
-
-    /// The content of the secret or config named `name`.
-    pub fn blob_data(&self, kind: crate::api::secret::Kind, name: &str) -> Option<Vec<u8>> {
-        self.blobs(kind)
-            .values()
-            .find(|b| b.name == name)
-            .map(|b| b.data.clone())
-    }
-
-    /// Refuses while a service refers to the secret or config `name`.
-    pub fn check_blob_unused(&self, kind: crate::api::secret::Kind, name: &str) -> Result<(), Refusal> {
-        let user = self
-            .services
-            .values()
-            .find(|s| s.spec.refs(kind).iter().any(|r| r.source == name));
-        match user {
-            Some(s) => Err(refusal!(
-                "{} {name} is in use by service {}: remove it there first (`meshctl service update --{}-rm {name} {}`)",
-                kind.name(),
-                s.spec.name,
-                kind.name(),
-                s.spec.name
-            )),
-            None => Ok(()),
-        }
-    }
-
-    /// Refuses while a service or an unended task uses `network`.
-    pub fn check_network_unused(&self, network: &Network) -> Result<(), Refusal> {
-        match self.network_users(network).first() {
-            Some(user) => Err(refusal!(
-                "network {} is in use by service {user}: remove the service, or detach it with `meshctl service update --network-rm {} {user}`",
-                network.name, network.name
-            )),
-            None => Ok(()),
-        }
-    }
-
-    /// Services that name `network`, and services of unended tasks that
-    /// still hold an address on it.
-    pub fn network_users(&self, network: &Network) -> Vec<String> {
-        let mut users: BTreeSet<String> = self
-            .services
-            .values()
-            .filter(|s| s.spec.networks.contains(&network.name))
-            .map(|s| s.spec.name.clone())
-            .collect();
-        for t in self.tasks.values().filter(|t| !t.state.is_terminal()) {
-            if t.attachments.iter().any(|a| a.network == network.id) {
-                users.insert(
-                    self.services
-                        .get(&t.service)
-                        .map_or(format!("(removed) task {}", t.id), |s| s.spec.name.clone()),
-                );
-            }
-        }
-        users.into_iter().collect()
-    }
-
-    /// Addresses held on each network by tasks that have not ended.
-    pub fn addresses_in_use(&self) -> BTreeMap<u64, BTreeSet<std::net::Ipv4Addr>> {
-        let mut used: BTreeMap<u64, BTreeSet<std::net::Ipv4Addr>> = BTreeMap::new();
-        for s in self.services.values() {
-            for v in &s.vips {
-                used.entry(v.network).or_default().insert(v.address);
-            }
-        }
-        for t in self.tasks.values().filter(|t| !t.state.is_terminal()) {
-            for a in &t.attachments {
-                used.entry(a.network).or_default().insert(a.address);
-            }
-        }
-        used
-    }
-
-    /// The virtual IPs `service` should have: the ones it has on networks it
-    /// is still on, and a free address on each new one (none in endpoint
-    /// mode dnsrr). Allocated here, in the state machine, so every replica
-    /// picks the same address.
-    fn virtual_ips(&self, service: &Service) -> Result<Vec<NetworkAttachment>, Refusal> {
-        if service.spec.endpoint_mode == EndpointMode::Dnsrr {
-            return Ok(Vec::new());
-        }
-        let mut used = self.addresses_in_use();
-        let mut vips = Vec::new();
-        for name in &service.spec.networks {
-            let Some(network) = self.networks.values().find(|n| &n.name == name) else {
-                continue;
-            };
-            if let Some(kept) = service.vips.iter().find(|v| v.network == network.id) {
-                vips.push(*kept);
-                continue;
-            }
-            let taken = used.entry(network.id).or_default();
-            let address = crate::manager::allocator::network::task_address(network, taken).ok_or_else(|| {
-                format!(
-                    "network {} has no free address for the service's virtual IP ({}): use a larger --subnet or --ip-range, or --endpoint-mode dnsrr",
-                    network.name, network.ip_range
-                )
-            })?;
-            taken.insert(address);
-            vips.push(NetworkAttachment {
-                network: network.id,
-                address,
-            });
-        }
-        Ok(vips)
-    }
-
-    /// New tasks with addresses that exist on their networks and are free.
-    /// The orchestrator chose them on the state it planned from; an address
-    /// taken since (a service's virtual IP, allocated when its create was
-    /// applied) is replaced by the first free one, the same on every
-    /// manager, rather than refusing the whole plan: with operators
-    /// creating services at once, refused plans would starve placement.
-    fn settle_addresses(&self, create: &[Task]) -> Result<Vec<Task>, Refusal> {
-        let mut used = self.addresses_in_use();
-        let mut out = create.to_vec();
-        for t in &mut out {
-            for a in &mut t.attachments {
-                let network = self
-                    .networks
-                    .get(&a.network)
-                    .ok_or_else(|| format!("task {}: network {} not found", t.id, a.network))?;
-                if !network.subnet.contains(a.address) || a.address == network.gateway {
-                    return Err(refusal!(
-                        "task {}: {} is not a task address of {}",
-                        t.id,
-                        a.address,
-                        network.name
-                    ));
-                }
-                let taken = used.entry(a.network).or_default();
-                if taken.contains(&a.address) {
-                    a.address = crate::manager::allocator::network::task_address(network, taken).ok_or_else(|| {
-                        format!(
-                            "task {}: {} is taken on {} and no other address is free",
-                            t.id, a.address, network.name
-                        )
-                    })?;
-                }
-                taken.insert(a.address);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Forgets finished tasks (told to shut down, and either ended or never
-    /// placed) beyond the newest `keep` per service slot; all of them for
-    /// services that are gone. Only the slots in `touched` (every slot when
-    /// `None`): a slot's history only grows when one of its tasks finishes,
-    /// and walking every task of the swarm on every apply was the leader's
-    /// main cost at 50,000 tasks.
-    fn prune_task_history(&mut self, touched: Option<&BTreeSet<HistoryPlace>>) {
-        if touched.is_some_and(|t| t.is_empty()) {
-            return;
-        }
-        let keep = self.cluster.as_ref().map_or(TASK_HISTORY, |c| c.task_history_limit) as usize;
-        let mut finished: BTreeMap<HistoryPlace, Vec<(u64, u64)>> = BTreeMap::new();
-        for t in self.tasks.values().filter(|t| t.is_finished()) {
-            let place = t.history_place();
-            if touched.is_none_or(|touched| touched.contains(&place)) {
-                finished.entry(place).or_default().push((t.updated_at, t.id));
-            }
-        }
-        for ((service, _, _), mut history) in finished {
-            let keep = if self.services.contains_key(&service) { keep } else { 0 };
-            history.sort_unstable_by(|a, b| b.cmp(a));
-            for (_, id) in history.into_iter().skip(keep) {
-                self.tasks.remove(&id);
-            }
-        }
-    }
-
-    /// Ids of the nodes whose desired role is manager.
-    pub fn managers(&self) -> BTreeSet<NodeId> {
-        self.nodes
-            .values()
-            .filter(|n| n.role == Role::Manager)
-            .map(|n| n.id)
-            .collect()
+    match command {
+        Command::Init {
+            cluster,
+            ca,
+            tokens,
+            unlock_key,
+            first,
+        } => apply_init(state, cluster, ca, tokens, unlock_key, first),
+        Command::Restore { state: restored } => apply_restore(state, restored),
+        Command::AddNode(node) => apply_add_node(state, node),
+        Command::UpdateNode { id, update, at } => apply_update_node(state, *id, update, *at),
+        Command::SetNodeStatus {
+            id,
+            status,
+            message,
+            agent_version,
+            at,
+        } => apply_set_node_status(state, *id, *status, message, agent_version, *at),
+        Command::RemoveNode { id } => apply_remove_node(state, *id),
+        Command::SetNodeWireguardKey { id, key } => apply_set_node_wireguard_key(state, *id, key),
+        Command::RotateOverlayKey(key) => apply_rotate_overlay_key(state, key),
+        Command::RotateToken { role, token } => apply_rotate_token(state, *role, token),
+        Command::SetUnlockKey { unlock_key } => apply_set_unlock_key(state, unlock_key),
+        Command::CreateNetwork(network) => apply_create_network(state, network),
+        Command::RemoveNetwork { id } => apply_remove_network(state, *id),
+        Command::CreateBlob { kind, blob } => apply_create_blob(state, *kind, blob),
+        Command::RemoveBlob { kind, id } => apply_remove_blob(state, *kind, *id),
+        Command::SetTaskHistoryLimit { limit } => apply_set_task_history_limit(state, *limit),
+        Command::RotateCa { ca, tokens } => apply_rotate_ca(state, ca, tokens),
+        Command::DropPreviousRoots => apply_drop_previous_roots(state),
+        Command::RecordNodeCert { id, issued, grace_secs } => apply_record_node_cert(state, *id, issued, *grace_secs),
+        Command::RecordOperatorCert { name, issued } => apply_record_operator_cert(state, name, issued),
+        Command::RevokeOperatorCert { name } => apply_revoke_operator_cert(state, name),
+        Command::CreateService(service) => apply_create_service(state, service),
+        Command::UpdateService { id, spec, force, at } => apply_update_service(state, *id, spec, *force, *at),
+        Command::RollbackService { id, at_ms } => apply_rollback_service(state, *id, *at_ms),
+        Command::RemoveService { id, at } => apply_remove_service(state, *id, *at),
+        Command::ApplyPlan {
+            create,
+            shutdown,
+            updates,
+            rollbacks,
+            orphaned,
+            at,
+        } => apply_plan(state, create, shutdown, updates, rollbacks, orphaned, *at),
+        Command::ReportTasks { node, reports, at_ms } => apply_report_tasks(state, *node, reports, *at_ms),
+        Command::SetTaskState {
+            id,
+            state: to,
+            message,
+            at,
+        } => apply_set_task_state(state, *id, *to, message, *at),
     }
 }
 
-impl ClusterState {
-    /// Of `node`'s `reports`, those that move a task of it, one per task
-    /// (the furthest along its life): what a write of them carries. Empty
-    /// when nothing would change, so a node that repeats itself (or speaks
-    /// of tasks not its own) writes nothing.
-    pub fn reports_that_change(&self, node: NodeId, reports: Vec<TaskReport>) -> Vec<TaskReport> {
-        let mut furthest: BTreeMap<u64, TaskReport> = BTreeMap::new();
-        for r in reports {
-            if !self.tasks.get(&r.task).is_some_and(|t| t.takes_report(node, &r)) {
-                continue;
-            }
-            match furthest.get(&r.task) {
-                Some(kept) if kept.state > r.state => {}
-                _ => {
-                    furthest.insert(r.task, r);
-                }
-            }
+/// Swaps a service back to its previous spec and rolls that out.
+fn roll_back(state: &mut ClusterState, id: u64, at_ms: u64) -> Result<(), Refusal> {
+    let service = state
+        .services
+        .get_mut(&id)
+        .ok_or_else(|| format!("service {id} not found"))?;
+    let previous = service
+        .previous_spec
+        .take()
+        .ok_or_else(|| format!("service {} has no previous spec to roll back to", service.spec.name))?;
+    service.previous_spec = Some(std::mem::replace(&mut service.spec, previous));
+    service.version += 1;
+    service.updated_at = at_ms / 1000;
+    service.update_status = Some(UpdateStatus::start(UpdateState::RollingBack, at_ms));
+    Ok(())
+}
+
+fn create_network(state: &mut ClusterState, network: &Network) -> Result<(), Refusal> {
+    for other in state.networks.values() {
+        let clash = if other.id == network.id {
+            "ID"
+        } else if other.name == network.name {
+            "name"
+        } else if other.subnet.overlaps(network.subnet) {
+            "subnet"
+        } else if other.vni == network.vni {
+            "VNI"
+        } else {
+            continue;
+        };
+        return Err(refusal!(
+            "network {}: its {clash} is taken by network {}",
+            network.name,
+            other.name
+        ));
+    }
+    state.networks.insert(network.id, network.clone());
+    Ok(())
+}
+
+fn blobs_mut(state: &mut ClusterState, kind: crate::api::secret::Kind) -> &mut BTreeMap<u64, crate::api::secret::Blob> {
+    match kind {
+        crate::api::secret::Kind::Secret => &mut state.secrets,
+        crate::api::secret::Kind::Config => &mut state.configs,
+    }
+}
+
+/// The virtual IPs `service` should have: the ones it has on networks it
+/// is still on, and a free address on each new one (none in endpoint
+/// mode dnsrr). Allocated here, in the state machine, so every replica
+/// picks the same address.
+fn virtual_ips(state: &ClusterState, service: &Service) -> Result<Vec<NetworkAttachment>, Refusal> {
+    if service.spec.endpoint_mode == EndpointMode::Dnsrr {
+        return Ok(Vec::new());
+    }
+    let mut used = state.addresses_in_use();
+    let mut vips = Vec::new();
+    for name in &service.spec.networks {
+        let Some(network) = state.networks.values().find(|n| &n.name == name) else {
+            continue;
+        };
+        if let Some(kept) = service.vips.iter().find(|v| v.network == network.id) {
+            vips.push(*kept);
+            continue;
         }
-        furthest.into_values().collect()
+        let taken = used.entry(network.id).or_default();
+        let address = crate::manager::allocator::network::task_address(network, taken).ok_or_else(|| {
+            format!(
+                "network {} has no free address for the service's virtual IP ({}): use a larger --subnet or --ip-range, or --endpoint-mode dnsrr",
+                network.name, network.ip_range
+            )
+        })?;
+        taken.insert(address);
+        vips.push(NetworkAttachment {
+            network: network.id,
+            address,
+        });
+    }
+    Ok(vips)
+}
+
+/// New tasks with addresses that exist on their networks and are free.
+/// The orchestrator chose them on the state it planned from; an address
+/// taken since (a service's virtual IP, allocated when its create was
+/// applied) is replaced by the first free one, the same on every
+/// manager, rather than refusing the whole plan: with operators
+/// creating services at once, refused plans would starve placement.
+fn settle_addresses(state: &ClusterState, create: &[Task]) -> Result<Vec<Task>, Refusal> {
+    let mut used = state.addresses_in_use();
+    let mut out = create.to_vec();
+    for t in &mut out {
+        for a in &mut t.attachments {
+            let network = state
+                .networks
+                .get(&a.network)
+                .ok_or_else(|| format!("task {}: network {} not found", t.id, a.network))?;
+            if !network.subnet.contains(a.address) || a.address == network.gateway {
+                return Err(refusal!(
+                    "task {}: {} is not a task address of {}",
+                    t.id,
+                    a.address,
+                    network.name
+                ));
+            }
+            let taken = used.entry(a.network).or_default();
+            if taken.contains(&a.address) {
+                a.address = crate::manager::allocator::network::task_address(network, taken).ok_or_else(|| {
+                    format!(
+                        "task {}: {} is taken on {} and no other address is free",
+                        t.id, a.address, network.name
+                    )
+                })?;
+            }
+            taken.insert(a.address);
+        }
+    }
+    Ok(out)
+}
+
+/// Forgets finished tasks (told to shut down, and either ended or never
+/// placed) beyond the newest `keep` per service slot; all of them for
+/// services that are gone. Only the slots in `touched` (every slot when
+/// `None`): a slot's history only grows when one of its tasks finishes,
+/// and walking every task of the swarm on every apply was the leader's
+/// main cost at 50,000 tasks.
+fn prune_task_history(state: &mut ClusterState, touched: Option<&BTreeSet<HistoryPlace>>) {
+    if touched.is_some_and(|t| t.is_empty()) {
+        return;
+    }
+    let keep = state.cluster.as_ref().map_or(TASK_HISTORY, |c| c.task_history_limit) as usize;
+    let mut finished: BTreeMap<HistoryPlace, Vec<(u64, u64)>> = BTreeMap::new();
+    for t in state.tasks.values().filter(|t| t.is_finished()) {
+        let place = t.history_place();
+        if touched.is_none_or(|touched| touched.contains(&place)) {
+            finished.entry(place).or_default().push((t.updated_at, t.id));
+        }
+    }
+    for ((service, _, _), mut history) in finished {
+        let keep = if state.services.contains_key(&service) { keep } else { 0 };
+        history.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, id) in history.into_iter().skip(keep) {
+            state.tasks.remove(&id);
+        }
     }
 }
 
@@ -772,5 +618,18 @@ pub(crate) mod tests {
             kept.iter().map(|r| r.state).collect::<Vec<_>>(),
             vec![TaskState::Failed]
         );
+    }
+
+    /// The messages' nesting bound (`api::msgpack`) holds a whole state.
+    #[test]
+    fn a_whole_cluster_state_fits_the_nesting_bound() {
+        use crate::api::{msgpack::from_msgpack, store::Command};
+        let mut state = initialised();
+        let service = crate::manager::orchestrator::tests_support::service(7);
+        state.services.insert(7, service);
+        let command = Command::Restore { state: Box::new(state) };
+        let bytes = rmp_serde::to_vec(&(1u64, &command)).unwrap();
+        let (_, back): (u64, Command) = from_msgpack(&bytes).expect("within the bound");
+        assert_eq!(back, command);
     }
 }

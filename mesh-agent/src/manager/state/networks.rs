@@ -2,21 +2,19 @@
 
 use crate::manager::state::*;
 
-impl ClusterState {
-    /// Applies [`Command::CreateNetwork`].
-    pub(super) fn apply_create_network(&mut self, network: &Network) -> Result<(), Refusal> {
-        self.create_network(network)?;
-        Ok(())
-    }
+/// Applies [`Command::CreateNetwork`].
+pub(super) fn apply_create_network(state: &mut ClusterState, network: &Network) -> Result<(), Refusal> {
+    create_network(state, network)?;
+    Ok(())
+}
 
-    /// Applies [`Command::RemoveNetwork`].
-    pub(super) fn apply_remove_network(&mut self, id: u64) -> Result<(), Refusal> {
-        let network = self
-            .networks
-            .get(&id)
-            .ok_or_else(|| format!("network {id} not found"))?;
-        self.check_network_unused(network)?;
-        self.networks.remove(&id);
-        Ok(())
-    }
+/// Applies [`Command::RemoveNetwork`].
+pub(super) fn apply_remove_network(state: &mut ClusterState, id: u64) -> Result<(), Refusal> {
+    let network = state
+        .networks
+        .get(&id)
+        .ok_or_else(|| format!("network {id} not found"))?;
+    state.check_network_unused(network)?;
+    state.networks.remove(&id);
+    Ok(())
 }

@@ -266,3 +266,177 @@ pub struct ClusterState {
     #[serde(default)]
     pub operators: BTreeMap<String, Issued>,
 }
+
+/// Why a command was refused: the state stays as it was, and the reason
+/// goes to the operator (as [`CommandResponse::Refused`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// A [`Refusal`] from a `format!` message.
+#[macro_export]
+macro_rules! refusal {
+    ($($message:tt)*) => {
+        $crate::api::store::Refusal(format!($($message)*))
+    };
+}
+
+impl From<&str> for Refusal {
+    fn from(reason: &str) -> Refusal {
+        Refusal(reason.to_string())
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Refusal {
+        Refusal(reason)
+    }
+}
+
+impl From<super::error::Invalid> for Refusal {
+    fn from(invalid: super::error::Invalid) -> Refusal {
+        Refusal(invalid.0)
+    }
+}
+
+impl From<Refusal> for String {
+    fn from(refusal: Refusal) -> String {
+        refusal.0
+    }
+}
+
+/// What the cluster API and the dispatcher read from a state.
+impl ClusterState {
+    /// The state for a new single-manager store: every other manager becomes
+    /// a worker, marked Down until it checks in (it then drops its old store
+    /// and can be promoted again).
+    pub fn forced_to_single_manager(&self, keep: NodeId, at: u64) -> ClusterState {
+        let mut state = self.clone();
+        let demoted: Vec<NodeId> = state
+            .nodes
+            .values()
+            .filter(|n| n.id != keep && n.role == Role::Manager)
+            .map(|n| n.id)
+            .collect();
+        for id in demoted {
+            if let Some(node) = state.nodes.get_mut(&id) {
+                node.role = Role::Worker;
+                node.status = NodeStatus::Down;
+                node.status_message = "demoted by --force-new-cluster".into();
+                node.updated_at = at;
+            }
+        }
+        state
+    }
+
+    /// The secrets or the configs.
+    pub fn blobs(&self, kind: super::secret::Kind) -> &BTreeMap<u64, super::secret::Blob> {
+        match kind {
+            super::secret::Kind::Secret => &self.secrets,
+            super::secret::Kind::Config => &self.configs,
+        }
+    }
+
+    /// The content of the secret or config named `name`.
+    pub fn blob_data(&self, kind: super::secret::Kind, name: &str) -> Option<Vec<u8>> {
+        self.blobs(kind)
+            .values()
+            .find(|b| b.name == name)
+            .map(|b| b.data.clone())
+    }
+
+    /// Refuses while a service refers to the secret or config `name`.
+    pub fn check_blob_unused(&self, kind: super::secret::Kind, name: &str) -> Result<(), Refusal> {
+        let user = self
+            .services
+            .values()
+            .find(|s| s.spec.refs(kind).iter().any(|r| r.source == name));
+        match user {
+            Some(s) => Err(refusal!(
+                "{} {name} is in use by service {}: remove it there first (`meshctl service update --{}-rm {name} {}`)",
+                kind.name(),
+                s.spec.name,
+                kind.name(),
+                s.spec.name
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses while a service or an unended task uses `network`.
+    pub fn check_network_unused(&self, network: &Network) -> Result<(), Refusal> {
+        match self.network_users(network).first() {
+            Some(user) => Err(refusal!(
+                "network {} is in use by service {user}: remove the service, or detach it with `meshctl service update --network-rm {} {user}`",
+                network.name, network.name
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Services that name `network`, and services of unended tasks that
+    /// still hold an address on it.
+    pub fn network_users(&self, network: &Network) -> Vec<String> {
+        let mut users: BTreeSet<String> = self
+            .services
+            .values()
+            .filter(|s| s.spec.networks.contains(&network.name))
+            .map(|s| s.spec.name.clone())
+            .collect();
+        for t in self.tasks.values().filter(|t| !t.state.is_terminal()) {
+            if t.attachments.iter().any(|a| a.network == network.id) {
+                users.insert(
+                    self.services
+                        .get(&t.service)
+                        .map_or(format!("(removed) task {}", t.id), |s| s.spec.name.clone()),
+                );
+            }
+        }
+        users.into_iter().collect()
+    }
+
+    /// Addresses held on each network by tasks that have not ended.
+    pub fn addresses_in_use(&self) -> BTreeMap<u64, BTreeSet<std::net::Ipv4Addr>> {
+        let mut used: BTreeMap<u64, BTreeSet<std::net::Ipv4Addr>> = BTreeMap::new();
+        for s in self.services.values() {
+            for v in &s.vips {
+                used.entry(v.network).or_default().insert(v.address);
+            }
+        }
+        for t in self.tasks.values().filter(|t| !t.state.is_terminal()) {
+            for a in &t.attachments {
+                used.entry(a.network).or_default().insert(a.address);
+            }
+        }
+        used
+    }
+
+    /// Ids of the nodes whose desired role is manager.
+    pub fn managers(&self) -> BTreeSet<NodeId> {
+        self.nodes
+            .values()
+            .filter(|n| n.role == Role::Manager)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Of `node`'s `reports`, those that move a task of it, one per task
+    /// (the furthest along its life): what a write of them carries. Empty
+    /// when nothing would change, so a node that repeats itself (or speaks
+    /// of tasks not its own) writes nothing.
+    pub fn reports_that_change(&self, node: NodeId, reports: Vec<TaskReport>) -> Vec<TaskReport> {
+        let mut furthest: BTreeMap<u64, TaskReport> = BTreeMap::new();
+        for r in reports {
+            if !self.tasks.get(&r.task).is_some_and(|t| t.takes_report(node, &r)) {
+                continue;
+            }
+            match furthest.get(&r.task) {
+                Some(kept) if kept.state > r.state => {}
+                _ => {
+                    furthest.insert(r.task, r);
+                }
+            }
+        }
+        furthest.into_values().collect()
+    }
+}

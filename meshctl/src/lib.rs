@@ -6,6 +6,11 @@
 //! 4 refused by the cluster's state, 5 permission denied, 6 node locked,
 //! 7 unavailable (no agent, no leader).
 
+/// meshctl's version, as `meshctl version` prints it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+use mesh_api::{api, wire};
+
 mod ca;
 pub mod network;
 pub mod run;

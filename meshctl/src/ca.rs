@@ -6,14 +6,12 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 
 use super::{duration_ms, json, table, Client, Format, ListArgs};
-use crate::{
-    api::{
-        clock::unix_now,
-        error::{ApiError, ApiResult},
-        messages::{CaView, ClusterRequest, ClusterResponse, OperatorCertView},
-    },
-    ca::pki::NodeKey,
+use crate::api::{
+    clock::unix_now,
+    error::{ApiError, ApiResult},
+    messages::{CaView, ClusterRequest, ClusterResponse, OperatorCertView},
 };
+use mesh_api::ca::pki::NodeKey;
 
 /// `swarm ca`.
 #[derive(Args, Debug)]
@@ -182,7 +180,7 @@ fn write_operator_files(dir: &Path, key: &str, cert: &str, roots: &[String]) -> 
         .create(dir)
         .map_err(|e| ApiError::invalid(format!("{}: {e}", dir.display())))?;
     let write = |name: &str, text: &str| {
-        crate::ca::keystore::write_private(&dir.join(name), text.as_bytes())
+        mesh_api::ca::keystore::write_private(&dir.join(name), text.as_bytes())
             .map_err(|e| ApiError::internal(e.to_string()))
     };
     write("key.pem", key)?;

@@ -493,7 +493,7 @@ mod tests {
 
     #[test]
     fn restart_policy_and_endpoint_mode_update_without_replacing_tasks() {
-        let spec = crate::manager::orchestrator::tests_support::service(1).spec;
+        let spec = crate::api::service::Service::example(1).spec;
         let update = ServiceUpdate {
             restart_condition: Some(RestartCondition::OnFailure),
             restart_max_attempts: Some(3),
@@ -513,7 +513,7 @@ mod tests {
 
     #[test]
     fn dnsrr_cannot_publish_through_the_ingress() {
-        let mut spec = crate::manager::orchestrator::tests_support::service(1).spec;
+        let mut spec = crate::api::service::Service::example(1).spec;
         spec.endpoint_mode = EndpointMode::Dnsrr;
         spec.publish = vec![PortPublish::parse("8080:80").unwrap()];
         let err = spec.validate().unwrap_err();
@@ -535,7 +535,7 @@ mod tests {
             gid: 0,
             mode,
         };
-        let mut spec = crate::manager::orchestrator::tests_support::service(1).spec;
+        let mut spec = crate::api::service::Service::example(1).spec;
         spec.configs = vec![reference("/etc/app.conf", 0o1110)];
         assert!(spec.validate().unwrap_err().contains("beyond 0777"));
         spec.configs = vec![reference("/etc/../shadow", 0o444)];
@@ -1150,6 +1150,23 @@ pub struct Service {
     /// Its virtual IP on each of its networks (endpoint mode vip).
     #[serde(default)]
     pub vips: Vec<crate::api::network::NetworkAttachment>,
+}
+
+#[cfg(test)]
+impl Service {
+    /// For tests: a replicated service of 1 running `sleep 1000`.
+    pub(crate) fn example(id: u64) -> Service {
+        Service {
+            id,
+            spec: ServiceSpec::new(format!("s{id}"), vec!["sleep".into(), "1000".into()]),
+            version: 1,
+            created_at: 0,
+            updated_at: 0,
+            previous_spec: None,
+            update_status: None,
+            vips: Vec::new(),
+        }
+    }
 }
 
 /// Whether a task should run.

@@ -180,7 +180,6 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use crate::api::msgpack::from_msgpack;
     use rustls::pki_types::{CertificateDer, ServerName};
     use rustls::{ClientConfig, ServerConfig};
 
@@ -242,18 +241,6 @@ mod tests {
             .expect("no stack overflow");
         assert!(decoded.0.contains("depth"), "{}", decoded.0);
         assert!(decoded.1.is_ok(), "{:?}", decoded.1);
-    }
-
-    #[test]
-    fn a_whole_cluster_state_fits_the_nesting_bound() {
-        use crate::{api::store::Command, manager::state::tests::initialised};
-        let mut state = initialised();
-        let service = crate::manager::orchestrator::tests_support::service(7);
-        state.services.insert(7, service);
-        let command = Command::Restore { state: Box::new(state) };
-        let bytes = rmp_serde::to_vec(&(1u64, &command)).unwrap();
-        let (_, back): (u64, Command) = from_msgpack(&bytes).expect("within the bound");
-        assert_eq!(back, command);
     }
 
     /// Every test finishes within this, or fails.

@@ -1,0 +1,5 @@
+//! `meshctl`: the operator's CLI; see the `meshctl` library.
+
+fn main() {
+    std::process::exit(meshctl::main());
+}
