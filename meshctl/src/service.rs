@@ -1043,16 +1043,7 @@ mod tests {
 
     #[test]
     fn pretty_inspect_shows_the_spec() {
-        let mut service = crate::api::service::Service {
-            id: 7,
-            spec: ServiceSpec::new("s7", vec!["sleep".into(), "1000".into()]),
-            version: 1,
-            created_at: 0,
-            updated_at: 0,
-            previous_spec: None,
-            update_status: None,
-            vips: Vec::new(),
-        };
+        let mut service = crate::api::service::Service::example(7);
         service.spec.env.insert("MODE".into(), "prod".into());
         service.spec.publish = vec![PortPublish::parse("8080:80").unwrap()];
         service.spec.constraints = vec!["node.labels.zone==a".into()];

@@ -1152,10 +1152,10 @@ pub struct Service {
     pub vips: Vec<crate::api::network::NetworkAttachment>,
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fixtures"))]
 impl Service {
     /// For tests: a replicated service of 1 running `sleep 1000`.
-    pub(crate) fn example(id: u64) -> Service {
+    pub fn example(id: u64) -> Service {
         Service {
             id,
             spec: ServiceSpec::new(format!("s{id}"), vec!["sleep".into(), "1000".into()]),

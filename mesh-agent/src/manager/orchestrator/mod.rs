@@ -394,21 +394,12 @@ impl<'a> AddressBook<'a> {
 pub(crate) mod tests_support {
     use crate::api::{
         objects::NodeId,
-        service::{DesiredState, Service, ServiceSpec, Task, TaskState},
+        service::{DesiredState, Service, Task, TaskState},
     };
 
     /// A replicated service of 1 running `sleep 1000`.
     pub(crate) fn service(id: u64) -> Service {
-        Service {
-            id,
-            spec: ServiceSpec::new(format!("s{id}"), vec!["sleep".into(), "1000".into()]),
-            version: 1,
-            created_at: 0,
-            updated_at: 0,
-            previous_spec: None,
-            update_status: None,
-            vips: Vec::new(),
-        }
+        Service::example(id)
     }
 
     /// A task of version 1 that should run, created at time 0.
