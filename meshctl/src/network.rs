@@ -1,5 +1,6 @@
 //! `meshctl network`: overlay networks (`docker network` for the swarm scope).
 
+use mesh_api::api::error::Invalid;
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use clap::{Args, Subcommand};
@@ -63,9 +64,9 @@ pub enum NetworkCommand {
 }
 
 /// The spec `network create`'s flags describe, or what is wrong with them.
-pub fn spec_of(args: CreateArgs) -> Result<NetworkSpec, String> {
+pub fn spec_of(args: CreateArgs) -> Result<NetworkSpec, Invalid> {
     if args.driver != "overlay" {
-        return Err(format!(
+        return Err(mesh_api::invalid!(
             "network driver {:?} is not supported: swarm networks use --driver overlay",
             args.driver
         ));
@@ -104,7 +105,9 @@ pub fn spec_of(args: CreateArgs) -> Result<NetworkSpec, String> {
             ("encrypted", None | Some("" | "wireguard" | "true")) => spec.encryption = Encryption::WireGuard,
             ("encrypted", Some("ipsec")) => spec.encryption = Encryption::Ipsec,
             ("encrypted", Some(other)) => {
-                return Err(format!("invalid --opt encrypted={other}: use wireguard or ipsec"))
+                return Err(mesh_api::invalid!(
+                    "invalid --opt encrypted={other}: use wireguard or ipsec"
+                ))
             }
             ("mtu", Some(n)) => {
                 spec.mtu = Some(
@@ -113,7 +116,7 @@ pub fn spec_of(args: CreateArgs) -> Result<NetworkSpec, String> {
                 )
             }
             _ => {
-                return Err(format!(
+                return Err(mesh_api::invalid!(
                     "unknown --opt {opt:?}: overlay networks take encrypted[=wireguard|ipsec] and mtu=N"
                 ))
             }
@@ -124,7 +127,7 @@ pub fn spec_of(args: CreateArgs) -> Result<NetworkSpec, String> {
         .iter()
         .map(|l| match l.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => Err(format!("invalid --label {l:?}: expected KEY=VALUE")),
+            _ => Err(mesh_api::invalid!("invalid --label {l:?}: expected KEY=VALUE")),
         })
         .collect::<Result<BTreeMap<_, _>, _>>()?;
     Ok(spec)
@@ -215,7 +218,7 @@ mod tests {
         cmd: NetworkCommand,
     }
 
-    fn create(args: &[&str]) -> Result<NetworkSpec, String> {
+    fn create(args: &[&str]) -> Result<NetworkSpec, Invalid> {
         let mut full = vec!["meshctl", "create"];
         full.extend_from_slice(args);
         match Cli::try_parse_from(full).map_err(|e| e.to_string())?.cmd {

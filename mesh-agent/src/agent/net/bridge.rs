@@ -54,14 +54,15 @@ pub enum NetworkError {
     Adopt(String),
 }
 
+use crate::api::error::Invalid;
 pub use crate::api::subnet::Subnet;
 
 /// Checks `--local-pool`: a subnet of /8 to /30 (room for the gateway and
 /// at least one task).
-pub fn check_local_pool(text: &str) -> Result<Subnet, String> {
+pub fn check_local_pool(text: &str) -> Result<Subnet, Invalid> {
     let subnet = Subnet::parse(text)?;
     if !(8..=30).contains(&subnet.prefix) {
-        return Err(format!(
+        return Err(crate::invalid!(
             "invalid --local-pool {text:?}: the prefix length must be 8 to 30"
         ));
     }
