@@ -52,12 +52,4 @@ impl NetError {
             source: Box::new(source),
         }
     }
-
-    /// A kernel failure while `doing` that the mechanism reports as text.
-    pub fn kernel_text(doing: impl Into<String>, reason: impl Into<String>) -> NetError {
-        NetError::Kernel {
-            doing: doing.into(),
-            source: reason.into().into(),
-        }
-    }
 }

@@ -248,9 +248,11 @@ impl Overlays {
         let underlay = match inner.underlay_mtu {
             Some(m) => m,
             None => {
-                let m = blocking(move |nl| async move { vxlan::underlay_mtu(&nl, local).await })
-                    .await?
-                    .unwrap_or(DEFAULT_UNDERLAY_MTU);
+                let m = blocking("reading the underlay MTU", move |nl| async move {
+                    vxlan::underlay_mtu(&nl, local).await
+                })
+                .await?
+                .unwrap_or(DEFAULT_UNDERLAY_MTU);
                 inner.underlay_mtu = Some(m);
                 m
             }
@@ -381,7 +383,7 @@ impl Overlays {
         let Some(links) = self.inner.lock().await.ports.remove(&task) else {
             return;
         };
-        let removed = blocking(move |nl| async move {
+        let removed = blocking("removing the task's overlay ports", move |nl| async move {
             for name in &links {
                 match nl.delete_link(name).await {
                     Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
@@ -392,7 +394,7 @@ impl Overlays {
         })
         .await;
         if let Err(e) = removed {
-            log::warn!("detaching task {task} from its overlays: {e}");
+            log::warn!("detaching task {task}: {e}");
         }
     }
 
@@ -491,7 +493,7 @@ where
     W: FnOnce(&BTreeMap<u32, OverlayState>) -> BTreeMap<u32, OverlayState> + Send + 'static,
 {
     let known = inner.known.take();
-    let result = blocking(move |nl| async move {
+    let result = blocking("programming the overlay networks", move |nl| async move {
         let current = match known {
             Some(k) => k,
             None => vxlan::observe(&nl).await?,
@@ -507,15 +509,15 @@ where
             Ok(())
         }
         Err(e) => {
-            let error = NetError::kernel_text("programming the overlay networks", e.to_string());
-            log::warn!("{error}");
-            Err(error)
+            log::warn!("{e}");
+            Err(e)
         }
     }
 }
 
-/// Runs netlink work on a blocking thread (it has its own runtime).
-async fn blocking<T, F, Fut>(work: F) -> Result<T, NetError>
+/// Runs netlink work on a blocking thread (it has its own runtime); a
+/// failure says it happened while `doing`.
+async fn blocking<T, F, Fut>(doing: &'static str, work: F) -> Result<T, NetError>
 where
     T: Send + 'static,
     F: FnOnce(Netlink) -> Fut + Send + 'static,
@@ -527,7 +529,7 @@ where
             what: "overlay",
             source,
         })?
-        .map_err(NetError::kernel("programming the overlay networks"))
+        .map_err(NetError::kernel(doing))
 }
 
 #[cfg(test)]
