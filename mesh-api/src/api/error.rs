@@ -106,33 +106,42 @@ macro_rules! invalid {
     };
 }
 
-impl From<String> for Invalid {
-    fn from(message: String) -> Invalid {
-        Invalid(message)
-    }
-}
+/// What a reason carried as text converts from and to: a message makes
+/// one, it gives its message back, and it reads as one.
+macro_rules! text_reason {
+    ($name:ident) => {
+        impl From<String> for $name {
+            fn from(message: String) -> $name {
+                $name(message)
+            }
+        }
 
-impl From<&str> for Invalid {
-    fn from(message: &str) -> Invalid {
-        Invalid(message.to_string())
-    }
-}
+        impl From<&str> for $name {
+            fn from(message: &str) -> $name {
+                $name(message.to_string())
+            }
+        }
 
-impl From<Invalid> for String {
-    fn from(invalid: Invalid) -> String {
-        invalid.0
-    }
+        impl From<$name> for String {
+            fn from(reason: $name) -> String {
+                reason.0
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
 }
+pub(crate) use text_reason;
+
+text_reason!(Invalid);
 
 impl From<Invalid> for ApiError {
     fn from(invalid: Invalid) -> ApiError {
         ApiError::invalid(invalid.0)
-    }
-}
-
-impl std::ops::Deref for Invalid {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
     }
 }

@@ -281,27 +281,11 @@ macro_rules! refusal {
     };
 }
 
-impl From<&str> for Refusal {
-    fn from(reason: &str) -> Refusal {
-        Refusal(reason.to_string())
-    }
-}
-
-impl From<String> for Refusal {
-    fn from(reason: String) -> Refusal {
-        Refusal(reason)
-    }
-}
+super::error::text_reason!(Refusal);
 
 impl From<super::error::Invalid> for Refusal {
     fn from(invalid: super::error::Invalid) -> Refusal {
         Refusal(invalid.0)
-    }
-}
-
-impl From<Refusal> for String {
-    fn from(refusal: Refusal) -> String {
-        refusal.0
     }
 }
 
