@@ -100,11 +100,9 @@ fn main() -> Result<()> {
     }
 }
 
-fn demo(hold: bool) -> Result<()> {
-    setup::require_root("the demo (network namespaces, eBPF)")?;
-    setup::run()?;
-    ebpf::build()?;
-    // The agents, meshctl and the demo's HTTP server run as real processes.
+/// The release binaries the demo, the benchmarks and the chaos run start:
+/// mesh-agent, meshctl and the test helpers.
+fn build_release_binaries() -> Result<()> {
     workspace::cargo(&[
         "build",
         "--quiet",
@@ -113,9 +111,18 @@ fn demo(hold: bool) -> Result<()> {
         "meshctl",
         "-p",
         "mesh-agent-bin",
+        "-p",
+        "mesh-tests",
         "--bins",
-    ])?;
-    workspace::cargo(&["build", "--quiet", "--release", "-p", "mesh-tests", "--bins"])?;
+    ])
+}
+
+fn demo(hold: bool) -> Result<()> {
+    setup::require_root("the demo (network namespaces, eBPF)")?;
+    setup::run()?;
+    ebpf::build()?;
+    // The agents, meshctl and the demo's HTTP server run as real processes.
+    build_release_binaries()?;
     let mut args = vec!["run", "--quiet", "--release", "-p", "mesh-tests", "--bin", "mesh-demo"];
     if !hold {
         args.extend(["--", "--once"]);
@@ -144,17 +151,7 @@ fn bench(which: Option<&str>, vm: bool, rest: &[String]) -> Result<()> {
     setup::run()?;
     ebpf::build()?;
     // The agents, meshctl, and the helpers the benchmarks run as tasks.
-    workspace::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "meshctl",
-        "-p",
-        "mesh-agent-bin",
-        "-p",
-        "mesh-tests",
-        "--bins",
-    ])?;
+    build_release_binaries()?;
     if vm {
         if binaries != ["mesh-bench-overlay"] {
             anyhow::bail!("--vm runs the overlay benchmark only: `cargo xtask bench overlay --vm`");
@@ -181,18 +178,7 @@ fn chaos(seed: Option<u64>, faults: usize) -> Result<()> {
     setup::run()?;
     ebpf::build()?;
     // The agents, meshctl and the HTTP server the service runs.
-    workspace::cargo(&[
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "meshctl",
-        "-p",
-        "mesh-agent-bin",
-        "-p",
-        "mesh-tests",
-        "--bins",
-    ])?;
+    build_release_binaries()?;
     let faults = faults.to_string();
     let mut args = vec![
         "run",
