@@ -185,6 +185,14 @@ pub enum XfrmError {
     /// A reply made no sense.
     #[error("undecodable XFRM reply: {0}")]
     Decode(String),
+    /// The kernel cannot do the agent's IPsec: a module is missing.
+    #[error("{source} ({hint})")]
+    Unsupported {
+        /// What is probably missing.
+        hint: &'static str,
+        /// The failure that showed it.
+        source: Box<XfrmError>,
+    },
 }
 
 /// A NETLINK_XFRM socket in the calling thread's network namespace.
@@ -341,8 +349,14 @@ pub fn decode_replies(datagram: &[u8], sequence: u32) -> Result<Replies<'_>, Xfr
 /// Whether this namespace's kernel can do the agent's IPsec: XFRM netlink,
 /// ESP and AES-GCM. Tries an association to a documentation address (no
 /// packet is sent) and removes it; the attempt also loads the modules.
-pub fn kernel_has_esp() -> Result<(), String> {
-    let mut xfrm = Xfrm::open().map_err(|e| format!("{e} (no xfrm_user module?)"))?;
+pub fn kernel_has_esp() -> Result<(), XfrmError> {
+    let unsupported = |hint| {
+        move |e| XfrmError::Unsupported {
+            hint,
+            source: Box::new(e),
+        }
+    };
+    let mut xfrm = Xfrm::open().map_err(unsupported("no xfrm_user module?"))?;
     let id = SaId {
         src: Ipv4Addr::new(198, 51, 100, 1),
         dst: Ipv4Addr::new(198, 51, 100, 2),
@@ -351,8 +365,8 @@ pub fn kernel_has_esp() -> Result<(), String> {
     let sa = Sa { port: 9, key: [0; 20] };
     let added = xfrm.apply(&[Change::AddSa(id, sa)]);
     let removed = xfrm.apply(&[Change::DeleteSa(id)]);
-    added.map_err(|e| format!("{e} (no esp4 module or no AES-GCM?)"))?;
-    removed.map_err(|e| e.to_string())
+    added.map_err(unsupported("no esp4 module or no AES-GCM?"))?;
+    removed
 }
 
 fn ipv4_at(bytes: &[u8]) -> Ipv4Addr {

@@ -27,6 +27,9 @@ pub enum ManagerError {
     /// Raft refused to start.
     #[error("starting Raft: {0}")]
     Raft(String),
+    /// A change of the Raft members failed.
+    #[error("changing the Raft members: {0}")]
+    Membership(String),
 }
 
 impl From<ManagerError> for ApiError {

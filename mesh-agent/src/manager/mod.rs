@@ -875,7 +875,7 @@ impl Manager {
         }
     }
 
-    async fn reconcile_membership(&self, state: &ClusterState) -> Result<(), String> {
+    async fn reconcile_membership(&self, state: &ClusterState) -> Result<(), ManagerError> {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
@@ -909,13 +909,15 @@ impl Manager {
                     self.raft.add_learner(node.id, BasicNode::new(&node.addr), true),
                 )
                 .await
-                .map_err(|_| format!("{} did not catch up within 10 s", node_id_text(node.id)))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| {
+                    ManagerError::Membership(format!("{} did not catch up within 10 s", node_id_text(node.id)))
+                })?
+                .map_err(|e| ManagerError::Membership(e.to_string()))?;
             }
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds([node.id].into()), false)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ManagerError::Membership(e.to_string()))?;
             return Ok(());
         }
         for id in voters.iter().chain(learners.iter()) {
@@ -932,7 +934,7 @@ impl Manager {
             self.raft
                 .change_membership(change, false)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ManagerError::Membership(e.to_string()))?;
             self.raft_ready.locked().remove(id);
             return Ok(());
         }

@@ -89,7 +89,8 @@ pub fn wanted(assignment: &IpsecAssignment, local: Ipv4Addr, known_for: impl Fn(
 pub struct Ipsec {
     /// When this node first saw each overlay key epoch.
     first_seen: BTreeMap<u64, Instant>,
-    /// Whether the kernel can do it (asked once, when first needed).
+    /// Whether the kernel can do it, and if not why (asked once, when
+    /// first needed; the reason is kept as text, the error is not Clone).
     support: Option<Result<(), String>>,
     /// The policies are in place for this address and port.
     active: Option<(Ipv4Addr, u16)>,
@@ -107,7 +108,7 @@ impl Ipsec {
     /// why not.
     pub fn supported(&mut self) -> Result<(), NetError> {
         self.support
-            .get_or_insert_with(xfrm::kernel_has_esp)
+            .get_or_insert_with(|| xfrm::kernel_has_esp().map_err(|e| e.to_string()))
             .clone()
             .map_err(NetError::NoIpsec)
     }

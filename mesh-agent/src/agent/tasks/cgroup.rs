@@ -8,6 +8,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::error::TaskError;
+
 /// Where the cgroup v2 hierarchy is mounted, from `mountinfo` text: the
 /// mount point of the first `cgroup2` file system.
 pub fn cgroup2_root(mountinfo: &str) -> Option<PathBuf> {
@@ -28,13 +30,14 @@ pub struct TaskCgroup {
 
 impl TaskCgroup {
     /// Makes (or finds) the cgroup of the agent with data directory `data_dir`.
-    pub fn create(data_dir: &Path) -> Result<TaskCgroup, String> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-        let root = cgroup2_root(&mountinfo).ok_or("no cgroup v2 hierarchy is mounted")?;
+    pub fn create(data_dir: &Path) -> Result<TaskCgroup, TaskError> {
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(TaskError::io("reading /proc/self/mountinfo"))?;
+        let root = cgroup2_root(&mountinfo).ok_or(TaskError::NoCgroup2)?;
         let mut h = std::hash::DefaultHasher::new();
         data_dir.hash(&mut h);
         let dir = root.join(format!("mesh-{:016x}", h.finish()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(TaskError::io(format!("creating {}", dir.display())))?;
         // Recorded, so whoever cleans up after the agent can find it.
         let _ = std::fs::write(data_dir.join("cgroup"), dir.as_os_str().as_encoded_bytes());
         Ok(TaskCgroup { dir })

@@ -15,6 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use super::error::TaskError;
 use crate::api::secret::{Kind, TaskFile, CONFIGS_DIR, SECRETS_DIR};
 
 /// The staged files of one task, mounted at `dir` until [`Staged::release`].
@@ -26,14 +27,14 @@ pub struct Staged {
 
 /// Mounts a tmpfs at `dir` and writes `files` into it, one directory per
 /// kind, with their owner and mode.
-pub fn stage(dir: &Path, files: &[TaskFile]) -> Result<Staged, String> {
+pub fn stage(dir: &Path, files: &[TaskFile]) -> Result<Staged, TaskError> {
     let total: usize = files.iter().map(|f| f.data.len()).sum();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let target = crate::agent::net::netns::c_path(dir).map_err(|e| e.to_string())?;
+        .map_err(TaskError::io(format!("creating {}", dir.display())))?;
+    let target = crate::agent::net::netns::c_path(dir).map_err(TaskError::io("naming the secrets' mount point"))?;
     // Room for the files and their directories, rounded up.
     let options =
         CString::new(format!("mode=0700,size={}", (total + 64 * 1024).next_multiple_of(4096))).expect("reason: no NUL");
@@ -48,11 +49,10 @@ pub fn stage(dir: &Path, files: &[TaskFile]) -> Result<Staged, String> {
         )
     };
     if mounted != 0 {
-        return Err(format!(
-            "mounting a tmpfs for the task's secrets at {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        ));
+        return Err(TaskError::Io {
+            doing: format!("mounting a tmpfs for the task's secrets at {}", dir.display()),
+            source: std::io::Error::last_os_error(),
+        });
     }
     let staged = Staged {
         dir: dir.to_path_buf(),
@@ -74,21 +74,21 @@ fn write_file(path: &Path, f: &TaskFile) -> std::io::Result<()> {
     fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(f.mode))
 }
 
-fn write_all(mut staged: Staged, files: &[TaskFile]) -> Result<Staged, String> {
+fn write_all(mut staged: Staged, files: &[TaskFile]) -> Result<Staged, TaskError> {
     // Configs over existing files, one bind each.
     for (i, f) in files.iter().filter(|f| f.target.starts_with('/')).enumerate() {
         let target = Path::new(&f.target);
         if !target.is_file() {
             staged.release();
-            return Err(format!(
-                "config target {} is not a file on this node: tasks share the node's file system, so a config goes under {CONFIGS_DIR} or over a file that exists",
-                f.target
-            ));
+            return Err(TaskError::ConfigTarget {
+                target: f.target.clone(),
+                dir: CONFIGS_DIR,
+            });
         }
         let source = staged.dir.join(format!("file-{i}"));
         if let Err(e) = write_file(&source, f) {
             staged.release();
-            return Err(format!("writing the task's config for {}: {e}", f.target));
+            return Err(TaskError::io(format!("writing the task's config for {}", f.target))(e));
         }
         staged.binds.push((source, target.to_path_buf()));
     }
@@ -114,7 +114,7 @@ fn write_all(mut staged: Staged, files: &[TaskFile]) -> Result<Staged, String> {
         })();
         if let Err(e) = written {
             staged.release();
-            return Err(format!("writing the task's {}s: {e}", kind.name()));
+            return Err(TaskError::io(format!("writing the task's {}s", kind.name()))(e));
         }
         staged.binds.push((source, PathBuf::from(shown)));
     }

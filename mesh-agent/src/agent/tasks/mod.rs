@@ -6,8 +6,10 @@
 //! - [`files`]: secrets and configs as files in a task's namespace.
 //! - [`health`]: health verdicts from check results (pure).
 //! - [`cgroup`]: the cgroup tasks run in; [`logs`]: reading task logs.
+//! - [`error`]: why a task could not be started or adopted.
 
 pub mod cgroup;
+pub mod error;
 pub mod files;
 pub mod health;
 pub mod logs;

@@ -17,6 +17,8 @@ use std::{
     process::Stdio,
 };
 
+use super::error::TaskError;
+
 /// Who a task runs as.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {
@@ -31,15 +33,13 @@ pub struct User {
 /// Resolves `--user` (`name`, `uid`, `name:group` or `uid:gid`) against the
 /// texts of /etc/passwd and /etc/group. Pure, so it is tested without root
 /// and never calls the libc resolver from the agent's threads.
-pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User, String> {
+pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User, TaskError> {
     let (user_part, group_part) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
     if user_part.is_empty() || group_part == Some("") {
-        return Err(format!(
-            "invalid --user {spec:?}: expected USER, UID, USER:GROUP or UID:GID"
-        ));
+        return Err(TaskError::UserSyntax { spec: spec.into() });
     }
     let entries = passwd.lines().filter_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
@@ -67,9 +67,12 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User, Strin
             home: "/".into(),
         },
         (None, Err(_)) => {
-            return Err(format!(
-                "--user {spec:?}: no user {user_part:?} in /etc/passwd on this node"
-            ))
+            return Err(TaskError::UnknownUser {
+                spec: spec.into(),
+                what: "user",
+                name: user_part.into(),
+                file: "/etc/passwd",
+            })
         }
     };
     if let Some(g) = group_part {
@@ -81,7 +84,12 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User, Strin
                     let f: Vec<&str> = l.split(':').collect();
                     (f.len() >= 3 && f[0] == g).then(|| f[2].parse::<u32>().ok()).flatten()
                 })
-                .ok_or_else(|| format!("--user {spec:?}: no group {g:?} in /etc/group on this node"))?,
+                .ok_or_else(|| TaskError::UnknownUser {
+                    spec: spec.into(),
+                    what: "group",
+                    name: g.into(),
+                    file: "/etc/group",
+                })?,
         };
     }
     Ok(user)
@@ -426,11 +434,16 @@ mod tests {
         );
         assert!(resolve_user("ghost", PASSWD, GROUP)
             .unwrap_err()
+            .to_string()
             .contains("no user \"ghost\""));
         assert!(resolve_user("web:ghosts", PASSWD, GROUP)
             .unwrap_err()
+            .to_string()
             .contains("no group"));
-        assert!(resolve_user(":0", PASSWD, GROUP).unwrap_err().contains("expected USER"));
+        assert!(resolve_user(":0", PASSWD, GROUP)
+            .unwrap_err()
+            .to_string()
+            .contains("expected USER"));
     }
 
     #[test]

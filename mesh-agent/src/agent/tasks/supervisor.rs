@@ -11,6 +11,7 @@
 //! (their process, addresses and ports stay as they are, so no connection
 //! is interrupted) and kills the rest.
 
+use super::error::TaskError;
 use crate::locks::Locked;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -275,7 +276,7 @@ impl Supervisor {
         let prepared = self.prepare(&a, &dir, peers, stop.clone()).await;
         self.lock().starting.remove(&id);
         let (state, message) = match prepared {
-            Err(message) => (TaskState::Rejected, message),
+            Err(e) => (TaskState::Rejected, e.to_string()),
             Ok(Some(prepared)) if !*stop.borrow() => self.supervise(&a, prepared, &mut stop).await,
             // Stopped while waiting for its peers, or as it was started.
             Ok(_) => (TaskState::Shutdown, "stopped before it started".to_string()),
@@ -288,9 +289,9 @@ impl Supervisor {
     async fn run_adopted(self: Arc<Self>, a: Assignment, pid: u32, start: u64, mut stop: watch::Receiver<bool>) {
         let dir = self.dir.join(task_dir_name(a.task));
         let (state, message) = match self.readopt(&a, &dir, pid, start).await {
-            Err(message) => {
+            Err(e) => {
                 let _ = process::signal_group(pid, libc::SIGKILL);
-                (TaskState::Failed, message)
+                (TaskState::Failed, e.to_string())
             }
             Ok(prepared) => {
                 log::info!("task {} ({}) adopted: pid {pid}", task_dir_name(a.task), a.spec.name);
@@ -329,23 +330,22 @@ impl Supervisor {
         dir: &Path,
         peers: watch::Receiver<u32>,
         mut stop: watch::Receiver<bool>,
-    ) -> Result<Option<Prepared>, String> {
+    ) -> Result<Option<Prepared>, TaskError> {
         let spec = &a.spec;
-        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        fs::create_dir_all(dir).map_err(TaskError::io(format!("creating {}", dir.display())))?;
         let user = task_user(spec)?;
         let ns_path = dir.join("netns");
         remove_namespace(dir);
-        let netns = NetNs::create_at(&ns_path, &format!("task {}", task_dir_name(a.task)))
-            .map_err(|e| format!("creating the task's network namespace: {e}"))?;
+        let netns = NetNs::create_at(&ns_path, &format!("task {}", task_dir_name(a.task)))?;
         let attachment = self
             .network
             .attach(a.task, &ns_path)
             .await
-            .map_err(|e| format!("attaching the task to the node's bridge network: {e}"))?;
-        self.overlays
-            .attach(a.task, &ns_path, &spec.networks)
-            .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| TaskError::Bridge {
+                doing: "attaching the task to the node's bridge network",
+                source,
+            })?;
+        self.overlays.attach(a.task, &ns_path, &spec.networks).await?;
         let resolv_conf = self.start_dns(a, dir)?;
         let waited = wait_for_peers(peers, PEERS_WAIT, |n| {
             self.report(
@@ -379,7 +379,7 @@ impl Supervisor {
             .append(true)
             .mode(0o640)
             .open(dir.join("log"))
-            .map_err(|e| format!("opening the task's log: {e}"))?;
+            .map_err(TaskError::io("opening the task's log"))?;
         let hostname = task_dir_name(a.task);
         let home = user.as_ref().map_or("/root", |u| u.home.as_str());
         let env = process::environment(&spec.env, &hostname, &spec.name, home);
@@ -402,9 +402,12 @@ impl Supervisor {
             cgroup_procs: self.cgroup_procs.as_deref(),
             binds: staged.as_ref().map_or(&[], |s| s.binds.as_slice()),
         })
-        .map_err(|e| spawn_error(spec, &e))?;
+        .map_err(|source| TaskError::Spawn {
+            program: spec.command.first().cloned().unwrap_or_default(),
+            source,
+        })?;
         drop(staged);
-        let pid = child.id().ok_or("the task exited before it could be watched")?;
+        let pid = child.id().ok_or(TaskError::Vanished)?;
         let child = TaskProcess::Child(child);
         let start = process::start_time(pid).unwrap_or(0);
         if let Err(e) = fs::write(dir.join("pid"), format!("{pid} {start}\n")) {
@@ -422,31 +425,31 @@ impl Supervisor {
 
     /// Starts answering DNS in task `a`'s namespace; the resolv.conf to give
     /// it (none if the host has no /etc/resolv.conf to mount it over).
-    fn start_dns(&self, a: &Assignment, dir: &Path) -> Result<Option<PathBuf>, String> {
+    fn start_dns(&self, a: &Assignment, dir: &Path) -> Result<Option<PathBuf>, TaskError> {
         let networks = a.spec.networks.iter().map(|n| n.network).collect();
-        self.dns
-            .serve(a.task, &dir.join("netns"), networks)
-            .map_err(|e| format!("starting the task's DNS responder: {e}"))?;
+        self.dns.serve(a.task, &dir.join("netns"), networks)?;
         if !Path::new("/etc/resolv.conf").exists() {
             return Ok(None);
         }
         Dns::resolv_conf(dir)
             .map(Some)
-            .map_err(|e| format!("writing the task's resolv.conf: {e}"))
+            .map_err(TaskError::io("writing the task's resolv.conf"))
     }
 
     /// What a previous agent left of task `a`: its process, its address on
     /// the node bridge and its overlay ports, taken over as they are.
-    async fn readopt(&self, a: &Assignment, dir: &Path, pid: u32, start: u64) -> Result<Prepared, String> {
+    async fn readopt(&self, a: &Assignment, dir: &Path, pid: u32, start: u64) -> Result<Prepared, TaskError> {
         let spec = &a.spec;
-        let adopted = process::Adopted::open(pid, start)
-            .map_err(|e| format!("the task's process could not be adopted after an agent restart: {e}"))?;
+        let adopted = process::Adopted::open(pid, start).map_err(TaskError::Adopt)?;
         let user = task_user(spec)?;
         let attachment = self
             .network
             .adopt(a.task, &dir.join("netns"))
             .await
-            .map_err(|e| format!("the task's address could not be adopted after an agent restart: {e}"))?;
+            .map_err(|source| TaskError::Bridge {
+                doing: "the task's address could not be adopted after an agent restart",
+                source,
+            })?;
         self.overlays.adopt(a.task, spec.networks.len()).await;
         self.start_dns(a, dir)?;
         let hostname = task_dir_name(a.task);
@@ -576,22 +579,11 @@ struct Prepared {
 }
 
 /// The user `--user` names, from this node's /etc/passwd and /etc/group.
-fn task_user(spec: &TaskSpec) -> Result<Option<User>, String> {
+fn task_user(spec: &TaskSpec) -> Result<Option<User>, TaskError> {
     let Some(u) = &spec.user else { return Ok(None) };
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = fs::read_to_string("/etc/group").unwrap_or_default();
     process::resolve_user(u, &passwd, &group).map(Some)
-}
-
-fn spawn_error(spec: &TaskSpec, e: &io::Error) -> String {
-    let program = spec.command.first().map(String::as_str).unwrap_or("");
-    match e.kind() {
-        io::ErrorKind::NotFound => {
-            format!("starting {program:?}: executable file not found (in $PATH or at that path)")
-        }
-        io::ErrorKind::PermissionDenied => format!("starting {program:?}: permission denied"),
-        _ => format!("starting {program:?}: {e}"),
-    }
 }
 
 /// SIGTERM to the task's group, SIGKILL after the grace period.

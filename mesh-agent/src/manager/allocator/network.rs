@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
-use crate::api::error::{ApiError, ApiResult};
+use crate::api::error::{ApiError, ApiResult, Invalid};
 use crate::api::network::{check_network_name, Network, NetworkSpec, FIRST_VNI, MAX_VNI, MTU_RANGE};
 use crate::api::subnet::Subnet;
 
@@ -31,20 +31,20 @@ pub fn allocate_network(
     if existing.iter().any(|n| n.name == spec.name) {
         return Err(ApiError::precondition(format!("network {} already exists", spec.name)));
     }
-    allocate(spec, existing, pools, id, now).map_err(ApiError::invalid)
+    Ok(allocate(spec, existing, pools, id, now)?)
 }
 
-fn allocate(spec: &NetworkSpec, existing: &[&Network], pools: &Pools, id: u64, now: u64) -> Result<Network, String> {
+fn allocate(spec: &NetworkSpec, existing: &[&Network], pools: &Pools, id: u64, now: u64) -> Result<Network, Invalid> {
     check_network_name(&spec.name)?;
     let subnet = match spec.subnet {
         Some(subnet) => {
             if !(8..=29).contains(&subnet.prefix) {
-                return Err(format!(
+                return Err(crate::invalid!(
                     "--subnet {subnet}: the prefix length must be 8 to 29 (room for a gateway and tasks)"
                 ));
             }
             if let Some(other) = existing.iter().find(|n| n.subnet.overlaps(subnet)) {
-                return Err(format!(
+                return Err(crate::invalid!(
                     "--subnet {subnet} overlaps network {} ({}); choose another subnet",
                     other.name, other.subnet
                 ));
@@ -53,7 +53,7 @@ fn allocate(spec: &NetworkSpec, existing: &[&Network], pools: &Pools, id: u64, n
         }
         None => free_subnet(pools, existing).ok_or_else(|| {
             let names: Vec<String> = pools.pools.iter().map(ToString::to_string).collect();
-            format!(
+            crate::invalid!(
                 "the default address pools ({}) have no free /{} left: remove unused networks, give --subnet, or create the swarm with a larger --default-addr-pool",
                 names.join(", "),
                 pools.mask_len
@@ -62,22 +62,24 @@ fn allocate(spec: &NetworkSpec, existing: &[&Network], pools: &Pools, id: u64, n
     };
     let ip_range = match spec.ip_range {
         Some(range) if !subnet.covers(range) => {
-            return Err(format!("--ip-range {range} is not inside --subnet {subnet}"))
+            return Err(crate::invalid!("--ip-range {range} is not inside --subnet {subnet}"))
         }
         Some(range) => range,
         None => subnet,
     };
     let gateway = match spec.gateway {
-        Some(g) if !subnet.contains(g) => return Err(format!("--gateway {g} is outside --subnet {subnet}")),
+        Some(g) if !subnet.contains(g) => return Err(crate::invalid!("--gateway {g} is outside --subnet {subnet}")),
         Some(g) if g == subnet.base || g == subnet.broadcast() => {
-            return Err(format!("--gateway {g} is the network or broadcast address of {subnet}"))
+            return Err(crate::invalid!(
+                "--gateway {g} is the network or broadcast address of {subnet}"
+            ))
         }
         Some(g) => g,
         None => subnet.gateway(),
     };
     if let Some(mtu) = spec.mtu {
         if !MTU_RANGE.contains(&mtu) {
-            return Err(format!(
+            return Err(crate::invalid!(
                 "--opt mtu={mtu} is out of range: use {} to {}",
                 MTU_RANGE.start(),
                 MTU_RANGE.end()
