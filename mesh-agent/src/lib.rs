@@ -28,7 +28,7 @@ pub use mesh_api::{api, ca, invalid, refusal, wire};
 pub mod agent;
 pub mod config_file;
 pub mod dataplane;
-pub mod locks;
+pub(crate) mod locks;
 pub mod manager;
 pub mod metrics;
 pub mod node;

@@ -7,7 +7,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// [`Mutex::lock`], recovering from poisoning.
-pub trait Locked<T> {
+pub(crate) trait Locked<T> {
     /// The guard, whether or not an earlier holder panicked.
     fn locked(&self) -> MutexGuard<'_, T>;
 }
@@ -19,7 +19,7 @@ impl<T> Locked<T> for Mutex<T> {
 }
 
 /// [`RwLock::read`] and [`RwLock::write`], recovering from poisoning.
-pub trait RwLocked<T> {
+pub(crate) trait RwLocked<T> {
     /// A read guard, whether or not an earlier writer panicked.
     fn read_locked(&self) -> RwLockReadGuard<'_, T>;
     /// A write guard, whether or not an earlier writer panicked.

@@ -11,14 +11,14 @@ use crate::dataplane::ebpf::{self, EbpfDataplane, TcApi};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelFacts {
     /// `uname -r`.
-    pub release: String,
+    pub(crate) release: String,
     /// The programs loaded, or the loader's error.
-    pub ebpf: Result<Vec<String>, String>,
-    pub tc_api: TcApi,
+    pub(crate) ebpf: Result<Vec<String>, String>,
+    pub(crate) tc_api: TcApi,
     /// Whether each kernel module is built in or loaded (from /sys/module).
-    pub ip_vs: bool,
-    pub wireguard: bool,
-    pub esp4: bool,
+    pub(crate) ip_vs: bool,
+    pub(crate) wireguard: bool,
+    pub(crate) esp4: bool,
 }
 
 /// How a finding affects the node.

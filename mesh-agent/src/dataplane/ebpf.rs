@@ -31,7 +31,7 @@ use aya::{
 use mesh_common::counters::{self, Counter, Hook, ProtoClass};
 
 /// Where `cargo xtask build-ebpf` leaves the object, from the workspace root.
-pub const OBJECT_IN_WORKSPACE: &str = "target/ebpf/bpfel-unknown-none/release/mesh-ebpf";
+pub(crate) const OBJECT_IN_WORKSPACE: &str = "target/ebpf/bpfel-unknown-none/release/mesh-ebpf";
 
 static EMBEDDED: OnceLock<&'static [u8]> = OnceLock::new();
 static READ: OnceLock<Result<&'static [u8], String>> = OnceLock::new();
@@ -44,7 +44,7 @@ pub fn embed(object: &'static [u8]) {
 
 /// The compiled mesh-ebpf object: the embedded one, else the file
 /// `MESH_EBPF_OBJECT` names or the workspace's, read once.
-pub fn object() -> Result<&'static [u8], EbpfError> {
+pub(crate) fn object() -> Result<&'static [u8], EbpfError> {
     if let Some(object) = EMBEDDED.get() {
         return Ok(object);
     }
@@ -251,13 +251,6 @@ impl PacketCounters {
     pub fn get(&self, hook: Hook, class: ProtoClass) -> Counter {
         self.0[counters::index(hook, class) as usize]
     }
-
-    /// Every packet seen at `hook`, whatever its class.
-    pub fn total(&self, hook: Hook) -> Counter {
-        ProtoClass::ALL.iter().fold(Counter::default(), |sum, class| {
-            sum.saturating_add(self.get(hook, *class))
-        })
-    }
 }
 
 /// mesh-ebpf's programs, loaded into the kernel.
@@ -422,7 +415,7 @@ impl EbpfDataplane {
     /// one step, so no packet goes unhandled); through clsact, a filter,
     /// which outlives the agent by itself (an earlier agent's filter of
     /// the same program is replaced).
-    pub fn attach_tc_pinned(
+    pub(crate) fn attach_tc_pinned(
         &mut self,
         name: &str,
         interface: &str,
@@ -482,7 +475,7 @@ impl EbpfDataplane {
     }
 
     /// Detaches what [`EbpfDataplane::attach_tc_pinned`] attached.
-    pub fn detach_tc_pinned(name: &str, interface: &str, api: TcApi, pin: &std::path::Path) {
+    pub(crate) fn detach_tc_pinned(name: &str, interface: &str, api: TcApi, pin: &std::path::Path) {
         match api {
             TcApi::Tcx => {
                 if let Ok(link) = aya::programs::links::PinnedLink::from_pin(pin) {
@@ -499,7 +492,7 @@ impl EbpfDataplane {
     /// Attaches the cgroup socket program `name` to the cgroup directory
     /// `cgroup` (`bpftool cgroup attach CGROUP connect4 ...`); it stays
     /// attached while the agent runs.
-    pub fn attach_cgroup(&mut self, name: &str, cgroup: &std::path::Path) -> Result<(), EbpfError> {
+    pub(crate) fn attach_cgroup(&mut self, name: &str, cgroup: &std::path::Path) -> Result<(), EbpfError> {
         let interface = cgroup.display().to_string();
         let dir = std::fs::File::open(cgroup).map_err(|e| EbpfError::Attach {
             action: "attach",
@@ -568,7 +561,7 @@ impl EbpfDataplane {
 }
 
 /// The TC API this kernel prefers: tcx from 6.6 on, clsact before.
-pub fn preferred_tc_api() -> TcApi {
+pub(crate) fn preferred_tc_api() -> TcApi {
     match aya::util::KernelVersion::current() {
         Ok(v) if v >= aya::util::KernelVersion::new(6, 6, 0) => TcApi::Tcx,
         _ => TcApi::Clsact,

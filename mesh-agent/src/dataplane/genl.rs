@@ -45,7 +45,7 @@ pub enum GenlError {
 
 impl GenlError {
     /// The errno the kernel answered, if it refused.
-    pub fn errno(&self) -> Option<i32> {
+    pub(crate) fn errno(&self) -> Option<i32> {
         match self {
             GenlError::Refused { source, .. } => source.raw_os_error(),
             _ => None,
@@ -54,7 +54,7 @@ impl GenlError {
 }
 
 /// A generic netlink socket bound to one family.
-pub struct Genl {
+pub(crate) struct Genl {
     socket: Socket,
     family: &'static str,
     family_id: u16,
@@ -63,7 +63,7 @@ pub struct Genl {
 
 impl Genl {
     /// Opens a socket in this thread's namespace and resolves `family`.
-    pub fn open(family: &'static str) -> Result<Genl, GenlError> {
+    pub(crate) fn open(family: &'static str) -> Result<Genl, GenlError> {
         let mut socket = Socket::new(NETLINK_GENERIC).map_err(GenlError::Socket)?;
         socket.bind_auto().map_err(GenlError::Socket)?;
         socket.connect(&SocketAddr::new(0, 0)).map_err(GenlError::Socket)?;
@@ -96,7 +96,7 @@ impl Genl {
 
     /// Sends `payload` and waits for the kernel's ACK (or refusal),
     /// returning any messages it sent before.
-    pub fn request<F>(&mut self, payload: F) -> Result<Vec<F>, GenlError>
+    pub(crate) fn request<F>(&mut self, payload: F) -> Result<Vec<F>, GenlError>
     where
         F: GenlFamily + Debug + Clone,
         GenlMessage<F>: NetlinkSerializable + NetlinkDeserializable,
@@ -105,7 +105,7 @@ impl Genl {
     }
 
     /// Sends a dump request and collects every message of the dump.
-    pub fn dump<F>(&mut self, payload: F) -> Result<Vec<F>, GenlError>
+    pub(crate) fn dump<F>(&mut self, payload: F) -> Result<Vec<F>, GenlError>
     where
         F: GenlFamily + Debug + Clone,
         GenlMessage<F>: NetlinkSerializable + NetlinkDeserializable,
@@ -152,7 +152,7 @@ pub struct Replies<F> {
     pub payloads: Vec<F>,
     /// Whether it ends the exchange: the ACK of a request, or the DONE of
     /// a dump.
-    pub finished: bool,
+    pub(crate) finished: bool,
 }
 
 /// Decodes one datagram of replies to request `sequence` of `family`

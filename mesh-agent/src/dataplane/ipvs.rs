@@ -94,12 +94,12 @@ pub struct DestId {
 /// IPVS's counters of a service or real server (`ipvsadm -Ln --stats`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Packets and bytes toward the real servers, and back.
-    pub packets_in: u64,
-    pub packets_out: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
+    pub(crate) packets_in: u64,
+    pub(crate) packets_out: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
 }
 
 impl Stats {
@@ -209,7 +209,7 @@ pub fn plan(wanted: &IpvsState, found: &IpvsState, expired: impl Fn(&ServiceId, 
 /// A raw message of the IPVS family: a command and its attributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IpvsMessage {
-    pub cmd: u8,
+    pub(crate) cmd: u8,
     pub attrs: Vec<u8>,
 }
 

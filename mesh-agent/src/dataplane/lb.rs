@@ -17,20 +17,20 @@ use super::ebpf::{EbpfDataplane, EbpfError};
 /// Everything the maps hold for this node (conntrack, affinity and reverse
 /// NAT are the programs' own).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LbState {
+pub(crate) struct LbState {
     /// Service ports.
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub(crate) services: BTreeMap<ServiceKey, ServiceValue>,
     /// Tables by ID: the backend count and `TABLE_SIZE` slots.
-    pub tables: BTreeMap<u32, (u32, Vec<u32>)>,
+    pub(crate) tables: BTreeMap<u32, (u32, Vec<u32>)>,
     /// Backends by ID.
-    pub backends: BTreeMap<u32, Backend>,
+    pub(crate) backends: BTreeMap<u32, Backend>,
     /// Other nodes' underlay addresses (as on the wire), with how they are
     /// reached (`NODE_ON_LINK` or `NODE_TUNNEL`).
-    pub nodes: BTreeMap<u32, u32>,
+    pub(crate) nodes: BTreeMap<u32, u32>,
     /// Service VIPs (as on the wire) for the tasks' sockets.
-    pub vips: BTreeMap<u32, ServiceValue>,
+    pub(crate) vips: BTreeMap<u32, ServiceValue>,
     /// Local task addresses (as on the wire) -> their veth's host-end index.
-    pub task_links: BTreeMap<u32, u32>,
+    pub(crate) task_links: BTreeMap<u32, u32>,
 }
 
 /// One map write.
@@ -57,7 +57,7 @@ pub enum Change {
 /// backend, which is gone by then if it left); then unused tables, nodes
 /// and task links. (A task link only makes delivery to a task faster: its
 /// order does not matter.)
-pub fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
+pub(crate) fn plan(from: &LbState, to: &LbState) -> Vec<Change> {
     let mut out = Vec::new();
     for (n, flags) in &to.nodes {
         if from.nodes.get(n) != Some(flags) {
@@ -206,7 +206,7 @@ impl LbMaps {
 
     /// Writes the node's network namespace cookie: the `host_*` socket
     /// programs act on that namespace's sockets only (0: on none).
-    pub fn set_host(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
+    pub(crate) fn set_host(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
         self.host.set(0, netns_cookie, 0).map_err(|e| map_error(HOST_MAP, e))
     }
 
@@ -264,7 +264,7 @@ impl LbMaps {
 
     /// What the maps hold now (table contents are left out: only their
     /// IDs matter to whoever takes the maps over).
-    pub fn observe(&self) -> Result<LbState, EbpfError> {
+    pub(crate) fn observe(&self) -> Result<LbState, EbpfError> {
         let mut state = LbState::default();
         for entry in self.services.iter() {
             let (k, v) = entry.map_err(|e| map_error(SERVICES_MAP, e))?;

@@ -21,7 +21,7 @@ fn offset_and_skip(name: u64, size: u64) -> (u64, u64) {
 /// The table: `size` slots, each holding an index into `names`. Empty when
 /// there are no backends. `size` must be prime and larger than the number
 /// of backends.
-pub fn table(names: &[u64], size: u32) -> Vec<u32> {
+pub(crate) fn table(names: &[u64], size: u32) -> Vec<u32> {
     let size = u64::from(size);
     if names.is_empty() || size < 2 {
         return Vec::new();
@@ -51,7 +51,7 @@ pub fn table(names: &[u64], size: u32) -> Vec<u32> {
 
 /// A table for the non-hashing algorithms: backend `i % n` in slot `i`, so
 /// slot `counter % n` is round-robin and a random slot is uniform.
-pub fn spread(n: usize, size: u32) -> Vec<u32> {
+pub(crate) fn spread(n: usize, size: u32) -> Vec<u32> {
     if n == 0 {
         return Vec::new();
     }

@@ -22,38 +22,38 @@ use rtnetlink::{
 };
 
 /// An Ethernet address.
-pub type Mac = [u8; 6];
+pub(crate) type Mac = [u8; 6];
 
 /// A link as a dump lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LinkInfo {
+pub(crate) struct LinkInfo {
     /// Its name.
-    pub name: String,
+    pub(crate) name: String,
     /// Its index.
-    pub index: u32,
+    pub(crate) index: u32,
     /// Its MTU.
-    pub mtu: u32,
+    pub(crate) mtu: u32,
     /// The source address it encapsulates from, for a VXLAN device.
-    pub vxlan_local: Option<IpAddr>,
+    pub(crate) vxlan_local: Option<IpAddr>,
     /// The UDP port it sends to and listens on, for a VXLAN device.
-    pub vxlan_port: Option<u16>,
+    pub(crate) vxlan_port: Option<u16>,
 }
 
 /// How a VXLAN device is made (`ip link add NAME type vxlan id VNI local
 /// LOCAL dstport PORT nolearning proxy mtu MTU`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VxlanLink {
+pub(crate) struct VxlanLink {
     /// Its name.
-    pub name: String,
+    pub(crate) name: String,
     /// The VXLAN network identifier.
-    pub vni: u32,
+    pub(crate) vni: u32,
     /// The source address of the encapsulated packets (the data-path
     /// address, or the node's tunnel address on an encrypted network).
-    pub local: IpAddr,
+    pub(crate) local: IpAddr,
     /// The UDP port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Its MTU.
-    pub mtu: u32,
+    pub(crate) mtu: u32,
 }
 
 /// Errors of netlink requests.
@@ -73,7 +73,7 @@ pub enum NetlinkError {
 impl NetlinkError {
     /// Whether the kernel refused because the object is there already
     /// (EEXIST): someone else made it first.
-    pub fn already_exists(&self) -> bool {
+    pub(crate) fn already_exists(&self) -> bool {
         matches!(self, NetlinkError::Request { source: rtnetlink::Error::NetlinkError(e), .. } if e.raw_code() == -libc::EEXIST)
     }
 }
@@ -160,7 +160,7 @@ impl Netlink {
     /// nolearning proxy mtu MTU`: no learning and no default destination,
     /// so only the static FDB entries say where a frame goes; `proxy`
     /// answers ARP from the neighbour entries instead of flooding.
-    pub async fn add_vxlan(&self, link: &VxlanLink) -> Result<(), NetlinkError> {
+    pub(crate) async fn add_vxlan(&self, link: &VxlanLink) -> Result<(), NetlinkError> {
         let builder = match link.local {
             IpAddr::V4(a) => LinkVxlan::new(&link.name, link.vni).local(a),
             IpAddr::V6(a) => LinkVxlan::new(&link.name, link.vni).local6(a),
@@ -183,7 +183,7 @@ impl Netlink {
 
     /// `ip link add NAME type vxlan external dstport PORT`: a metadata-mode
     /// device whose remote end eBPF sets per packet (bpf_skb_set_tunnel_key).
-    pub async fn add_vxlan_external(&self, name: &str, port: u16) -> Result<(), NetlinkError> {
+    pub(crate) async fn add_vxlan_external(&self, name: &str, port: u16) -> Result<(), NetlinkError> {
         let message = LinkVxlan::new(name, 0)
             .port(port)
             .learning(false)
@@ -197,14 +197,14 @@ impl Netlink {
     }
 
     /// `ip link set NAME mtu MTU`
-    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+    pub(crate) async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetlinkError> {
         let index = self.link_index(name).await?;
         let message = LinkUnspec::new_with_index(index).mtu(mtu).build();
         self.set_link(message, format!("ip link set {name} mtu {mtu}")).await
     }
 
     /// Every link of this namespace (`ip link show`).
-    pub async fn links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
+    pub(crate) async fn links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
         let mut out = Vec::new();
         let mut dump = self.handle.link().get().execute();
         while let Some(msg) = dump.try_next().await.map_err(|e| request("ip link show".into(), e))? {
@@ -233,14 +233,14 @@ impl Netlink {
 
     /// The static remote entries of VXLAN device `index` (`bridge fdb show
     /// dev NAME`, those with a `dst`).
-    pub async fn fdb_entries(&self, index: u32) -> Result<Vec<(Mac, IpAddr)>, NetlinkError> {
+    pub(crate) async fn fdb_entries(&self, index: u32) -> Result<Vec<(Mac, IpAddr)>, NetlinkError> {
         let entries = self
             .neighbour_dump(AddressFamily::Bridge, index, "bridge fdb show")
             .await?;
         Ok(entries.into_iter().map(|(_, mac, dst)| (mac, dst)).collect())
     }
     /// `bridge fdb replace MAC dev NAME self dst DST permanent`
-    pub async fn set_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<(), NetlinkError> {
+    pub(crate) async fn set_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
             .add_bridge(index, &mac)
@@ -261,7 +261,7 @@ impl Netlink {
     }
 
     /// `bridge fdb del MAC dev NAME self dst DST`
-    pub async fn delete_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<(), NetlinkError> {
+    pub(crate) async fn delete_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<(), NetlinkError> {
         let mut message = NeighbourMessage::default();
         message.header.family = AddressFamily::Bridge;
         message.header.ifindex = index;
@@ -282,7 +282,7 @@ impl Netlink {
 
     /// The permanent IPv4 neighbour entries of link `index` (`ip neigh show
     /// dev NAME nud permanent`).
-    pub async fn neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, Mac)>, NetlinkError> {
+    pub(crate) async fn neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, Mac)>, NetlinkError> {
         let entries = self.neighbour_dump(AddressFamily::Inet, index, "ip neigh show").await?;
         Ok(entries
             .into_iter()
@@ -323,7 +323,7 @@ impl Netlink {
     }
 
     /// `ip neigh replace IP lladdr MAC dev NAME nud permanent`
-    pub async fn set_neighbour(&self, index: u32, ip: Ipv4Addr, mac: Mac) -> Result<(), NetlinkError> {
+    pub(crate) async fn set_neighbour(&self, index: u32, ip: Ipv4Addr, mac: Mac) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
             .add(index, IpAddr::V4(ip))
@@ -343,7 +343,7 @@ impl Netlink {
     }
 
     /// `ip neigh del IP dev NAME`
-    pub async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+    pub(crate) async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
         let mut message = NeighbourMessage::default();
         message.header.family = AddressFamily::Inet;
         message.header.ifindex = index;
@@ -398,7 +398,7 @@ impl Netlink {
 
     /// `ip addr add ADDRESS/PREFIX dev NAME nodad`: an address that is
     /// usable at once (no duplicate detection: it is unique by design).
-    pub async fn add_address_nodad(&self, name: &str, address: IpAddr, prefix: u8) -> Result<(), NetlinkError> {
+    pub(crate) async fn add_address_nodad(&self, name: &str, address: IpAddr, prefix: u8) -> Result<(), NetlinkError> {
         use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
         let index = self.link_index(name).await?;
         let mut add = self.handle.address().add(index, address, prefix).replace();
@@ -411,7 +411,7 @@ impl Netlink {
     }
 
     /// `ip -6 route replace PREFIX/LEN dev NAME`
-    pub async fn replace_route6_dev(&self, prefix: Ipv6Addr, len: u8, name: &str) -> Result<(), NetlinkError> {
+    pub(crate) async fn replace_route6_dev(&self, prefix: Ipv6Addr, len: u8, name: &str) -> Result<(), NetlinkError> {
         let index = self.link_index(name).await?;
         let message = rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(prefix, len)
@@ -427,7 +427,7 @@ impl Netlink {
     }
 
     /// `ip link add NAME type wireguard`
-    pub async fn add_wireguard(&self, name: &str) -> Result<(), NetlinkError> {
+    pub(crate) async fn add_wireguard(&self, name: &str) -> Result<(), NetlinkError> {
         self.add_link(
             rtnetlink::LinkWireguard::new(name).build(),
             format!("ip link add {name} type wireguard"),
@@ -436,7 +436,7 @@ impl Netlink {
     }
 
     /// The kind of link `name` (`ip -d link show NAME`), if it has one.
-    pub async fn link_kind(&self, name: &str) -> Result<Option<String>, NetlinkError> {
+    pub(crate) async fn link_kind(&self, name: &str) -> Result<Option<String>, NetlinkError> {
         use rtnetlink::packet_route::link::LinkInfo as Part;
         let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
         let link = match links.try_next().await {
@@ -474,12 +474,12 @@ impl Netlink {
     }
 
     /// The prefix length `address` was given (`ip addr show to ADDRESS`).
-    pub async fn address_prefix(&self, address: IpAddr) -> Result<Option<u8>, NetlinkError> {
+    pub(crate) async fn address_prefix(&self, address: IpAddr) -> Result<Option<u8>, NetlinkError> {
         Ok(self.address_header(address).await?.map(|(_, prefix)| prefix))
     }
 
     /// The index of the link holding `address` (`ip addr show to ADDRESS`).
-    pub async fn link_with_address(&self, address: IpAddr) -> Result<Option<u32>, NetlinkError> {
+    pub(crate) async fn link_with_address(&self, address: IpAddr) -> Result<Option<u32>, NetlinkError> {
         Ok(self.address_header(address).await?.map(|(index, _)| index))
     }
 
@@ -500,7 +500,7 @@ impl Netlink {
     }
 
     /// `ip route add default via GATEWAY`
-    pub async fn add_default_route(&self, gateway: std::net::Ipv4Addr) -> Result<(), NetlinkError> {
+    pub(crate) async fn add_default_route(&self, gateway: std::net::Ipv4Addr) -> Result<(), NetlinkError> {
         let message = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
             .gateway(gateway)
             .build();
@@ -513,7 +513,7 @@ impl Netlink {
     }
 
     /// Whether `address` is on link `name` (`ip addr show dev NAME`).
-    pub async fn has_address(&self, name: &str, address: IpAddr) -> Result<bool, NetlinkError> {
+    pub(crate) async fn has_address(&self, name: &str, address: IpAddr) -> Result<bool, NetlinkError> {
         use rtnetlink::packet_route::address::AddressAttribute;
         let index = self.link_index(name).await?;
         let mut dump = self.handle.address().get().set_link_index_filter(index).execute();
@@ -534,7 +534,7 @@ impl Netlink {
     }
 
     /// `ip link del NAME`
-    pub async fn delete_link(&self, name: &str) -> Result<(), NetlinkError> {
+    pub(crate) async fn delete_link(&self, name: &str) -> Result<(), NetlinkError> {
         let index = self.link_index(name).await?;
         self.handle
             .link()
@@ -589,7 +589,7 @@ fn vxlan_port(parts: &[rtnetlink::packet_route::link::LinkInfo]) -> Option<u16> 
 }
 
 /// `aa:bb:cc:dd:ee:ff`
-pub fn mac_text(mac: Mac) -> String {
+pub(crate) fn mac_text(mac: Mac) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 

@@ -95,24 +95,24 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The table the agent owns (family ip). Nothing else of the host's
 /// firewall is touched.
-pub const TABLE: &str = "mesh";
+pub(crate) const TABLE: &str = "mesh";
 /// Its source-NAT chain.
-pub const NAT_CHAIN: &str = "postrouting";
+pub(crate) const NAT_CHAIN: &str = "postrouting";
 /// The table guarding the tunnel addresses (family ip6).
-pub const TUNNEL_TABLE: &str = "mesh-tunnel";
+pub(crate) const TUNNEL_TABLE: &str = "mesh-tunnel";
 /// Its input chain.
-pub const TUNNEL_CHAIN: &str = "input";
+pub(crate) const TUNNEL_CHAIN: &str = "input";
 
 /// `ip saddr SOURCE oifname != EXEMPT masquerade`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Masquerade {
+pub(crate) struct Masquerade {
     /// The task pool.
-    pub source: Ipv4Addr,
+    pub(crate) source: Ipv4Addr,
     /// Its prefix length.
-    pub prefix: u8,
+    pub(crate) prefix: u8,
     /// Traffic leaving through this interface (the node bridge itself,
     /// task to task) keeps its address.
-    pub exempt_oif: String,
+    pub(crate) exempt_oif: String,
 }
 
 /// Errors of nf_tables requests.
@@ -201,7 +201,7 @@ impl Batch {
     }
 
     /// The encoded messages.
-    pub fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         &self.bytes
     }
 }
@@ -400,7 +400,7 @@ fn remove_table_batch(family: u8, name: &str) -> Batch {
 }
 
 /// Replaces the agent's table with one holding the masquerade `rule`.
-pub fn masquerade_batch(rule: &Masquerade) -> Batch {
+pub(crate) fn masquerade_batch(rule: &Masquerade) -> Batch {
     let spec = OneChainTable {
         family: NFPROTO_IPV4,
         table: TABLE,
@@ -420,15 +420,15 @@ pub fn masquerade_batch(rule: &Masquerade) -> Batch {
 /// link-local, global), are only taken from the tunnel device, so nobody
 /// on the underlay can inject plain VXLAN into an encrypted network.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TunnelGuard {
+pub(crate) struct TunnelGuard {
     /// The cluster's tunnel prefix.
-    pub prefix: std::net::Ipv6Addr,
+    pub(crate) prefix: std::net::Ipv6Addr,
     /// Its length.
-    pub prefix_len: u8,
+    pub(crate) prefix_len: u8,
     /// The tunnel device.
-    pub device: String,
+    pub(crate) device: String,
     /// The VXLAN port the encrypted networks' devices listen on.
-    pub vxlan_port: u16,
+    pub(crate) vxlan_port: u16,
 }
 
 /// `iifname != DEVICE drop`, the end of both guard rules.
@@ -480,7 +480,7 @@ fn guard_port_expressions(guard: &TunnelGuard) -> Attrs {
 }
 
 /// Replaces the tunnel guard table with one holding `guard`'s rule.
-pub fn tunnel_guard_batch(guard: &TunnelGuard) -> Batch {
+pub(crate) fn tunnel_guard_batch(guard: &TunnelGuard) -> Batch {
     let spec = OneChainTable {
         family: NFPROTO_IPV6,
         table: TUNNEL_TABLE,
@@ -500,12 +500,12 @@ pub fn tunnel_guard_batch(guard: &TunnelGuard) -> Batch {
 }
 
 /// Deletes the tunnel guard table if it exists.
-pub fn remove_tunnel_guard_batch() -> Batch {
+pub(crate) fn remove_tunnel_guard_batch() -> Batch {
     remove_table_batch(NFPROTO_IPV6, TUNNEL_TABLE)
 }
 
 /// Deletes the agent's table if it exists.
-pub fn remove_batch() -> Batch {
+pub(crate) fn remove_batch() -> Batch {
     remove_table_batch(NFPROTO_IPV4, TABLE)
 }
 

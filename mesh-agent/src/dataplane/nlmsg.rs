@@ -4,27 +4,27 @@
 //! netlink-packet-core instead.
 
 /// A netlink message header.
-pub const NLMSG_HDRLEN: usize = 16;
+pub(crate) const NLMSG_HDRLEN: usize = 16;
 /// An error, or with code 0 an acknowledgement.
-pub const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_ERROR: u16 = 2;
 /// The end of a dump.
-pub const NLMSG_DONE: u16 = 3;
+pub(crate) const NLMSG_DONE: u16 = 3;
 
 /// One message of a datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Message<'a> {
+pub(crate) struct Message<'a> {
     /// Its type.
-    pub kind: u16,
+    pub(crate) kind: u16,
     /// The sequence number of the request it answers.
-    pub seq: u32,
+    pub(crate) seq: u32,
     /// What follows the header.
-    pub body: &'a [u8],
+    pub(crate) body: &'a [u8],
 }
 
 /// The messages of `datagram`, in order. An item is `Err(length)` for a
 /// message whose length is shorter than a header or runs past the
 /// datagram; nothing after it is read.
-pub fn messages(datagram: &[u8]) -> impl Iterator<Item = Result<Message<'_>, usize>> {
+pub(crate) fn messages(datagram: &[u8]) -> impl Iterator<Item = Result<Message<'_>, usize>> {
     let mut rest = datagram;
     std::iter::from_fn(move || {
         if rest.len() < NLMSG_HDRLEN {
@@ -48,7 +48,7 @@ pub fn messages(datagram: &[u8]) -> impl Iterator<Item = Result<Message<'_>, usi
 /// The errno of an NLMSG_ERROR body (0 for an acknowledgement), `None`
 /// when it is too short to hold one. The kernel sends -errno; i32::MIN is
 /// none, but still reads as a refusal.
-pub fn error_code(body: &[u8]) -> Option<i32> {
+pub(crate) fn error_code(body: &[u8]) -> Option<i32> {
     let code = i32::from_ne_bytes(body.get(..4)?.try_into().expect("reason: 4 bytes"));
     Some(code.wrapping_neg())
 }

@@ -23,7 +23,7 @@ pub fn bridge_name(vni: u32) -> String {
 }
 
 /// The VXLAN device of network `vni`.
-pub fn vxlan_name(vni: u32) -> String {
+pub(crate) fn vxlan_name(vni: u32) -> String {
     format!("mvx-{vni}")
 }
 
@@ -51,7 +51,7 @@ pub struct OverlayState {
 
 /// One change to the kernel's overlay state.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     /// Create the bridge and VXLAN device of a network.
     Create {
         vni: u32,
@@ -86,7 +86,7 @@ pub enum Change {
 /// then per network the stale entries removed before the new ones are
 /// set, and networks no longer wanted removed last. Nothing already right
 /// is touched. A wanted network without a local address is left alone.
-pub fn plan(wanted: &BTreeMap<u32, OverlayState>, current: &BTreeMap<u32, OverlayState>) -> Vec<Change> {
+pub(crate) fn plan(wanted: &BTreeMap<u32, OverlayState>, current: &BTreeMap<u32, OverlayState>) -> Vec<Change> {
     let empty = OverlayState::default();
     let mut changes = Vec::new();
     for (&vni, want) in wanted {
@@ -169,7 +169,7 @@ pub async fn observe(nl: &Netlink) -> Result<BTreeMap<u32, OverlayState>, Netlin
 
 /// Carries out `changes` in order, looking up each VXLAN device's index
 /// once.
-pub async fn apply_all(nl: &Netlink, changes: &[Change]) -> Result<(), NetlinkError> {
+pub(crate) async fn apply_all(nl: &Netlink, changes: &[Change]) -> Result<(), NetlinkError> {
     let mut indexes = BTreeMap::new();
     for change in changes {
         log::debug!("overlay: {change:?}");
@@ -258,7 +258,7 @@ async fn add_vxlan(nl: &Netlink, local: IpAddr, port: u16, vni: u32, mtu: u32) -
 }
 
 /// The MTU of the link that holds `local` (the underlay), if any.
-pub async fn underlay_mtu(nl: &Netlink, local: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
+pub(crate) async fn underlay_mtu(nl: &Netlink, local: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
     let Some(index) = nl.link_with_address(IpAddr::V4(local)).await? else {
         return Ok(None);
     };
@@ -268,28 +268,28 @@ pub async fn underlay_mtu(nl: &Netlink, local: Ipv4Addr) -> Result<Option<u32>, 
 /// A task's port on an overlay: the host end `host_link` on the network's
 /// bridge, the task's end `inside` with the task's MAC, address and MTU.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TaskPort {
+pub(crate) struct TaskPort {
     /// The network's VNI.
-    pub vni: u32,
+    pub(crate) vni: u32,
     /// The host-side veth.
-    pub host_link: String,
+    pub(crate) host_link: String,
     /// The interface inside the task (`eth1`, ...).
-    pub inside: String,
+    pub(crate) inside: String,
     /// The task's MAC (derived from its address).
-    pub mac: Mac,
+    pub(crate) mac: Mac,
     /// The task's address and prefix length.
-    pub address: Ipv4Addr,
+    pub(crate) address: Ipv4Addr,
     /// Prefix length of the network.
-    pub prefix: u8,
+    pub(crate) prefix: u8,
     /// The network's MTU.
-    pub mtu: u32,
+    pub(crate) mtu: u32,
 }
 
 /// Creates the veth of `port` with its inside end in the task's
 /// namespace `netns`, and puts the host end on the bridge. The inside
 /// end's address is set by [`configure_inside`], run in the task's
 /// namespace.
-pub async fn plug(nl: &Netlink, port: &TaskPort, netns: BorrowedFd<'_>) -> Result<(), NetlinkError> {
+pub(crate) async fn plug(nl: &Netlink, port: &TaskPort, netns: BorrowedFd<'_>) -> Result<(), NetlinkError> {
     match nl.delete_link(&port.host_link).await {
         Ok(()) | Err(NetlinkError::NoSuchLink(_)) => {}
         Err(e) => return Err(e),
@@ -309,7 +309,7 @@ pub async fn plug(nl: &Netlink, port: &TaskPort, netns: BorrowedFd<'_>) -> Resul
 /// Addresses the task's end of `port` and brings it up (in the task's
 /// namespace). The subnet's route comes with the address; the default
 /// route stays on the node bridge, as Swarm's does.
-pub async fn configure_inside(nl: &Netlink, port: &TaskPort) -> Result<(), NetlinkError> {
+pub(crate) async fn configure_inside(nl: &Netlink, port: &TaskPort) -> Result<(), NetlinkError> {
     nl.add_address(&port.inside, IpAddr::V4(port.address), port.prefix)
         .await?;
     nl.set_up(&port.inside).await

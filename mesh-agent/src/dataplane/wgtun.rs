@@ -11,7 +11,7 @@
 
 use crate::locks::{Locked, RwLocked};
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fs::File,
     io::{self, Read, Write},
     net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket},
@@ -47,7 +47,7 @@ const BUFFER: usize = 65_536 + 64;
 const HANDSHAKES_PER_SECOND: u64 = 100;
 
 /// A running userspace WireGuard device.
-pub struct UserspaceTunnel {
+pub(crate) struct UserspaceTunnel {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -81,7 +81,7 @@ struct Peer {
 impl UserspaceTunnel {
     /// Opens (or creates, persistent) TUN device `name`, binds the
     /// WireGuard socket on `port` and starts the workers, with no peers.
-    pub fn start(name: &str, private: Key, port: u16) -> io::Result<UserspaceTunnel> {
+    pub(crate) fn start(name: &str, private: Key, port: u16) -> io::Result<UserspaceTunnel> {
         let tun = open_tun(name)?;
         let udp = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port)))
             .map_err(|e| io::Error::new(e.kind(), format!("binding the WireGuard port udp/{port}: {e}")))?;
@@ -110,14 +110,8 @@ impl UserspaceTunnel {
         Ok(UserspaceTunnel { shared, workers })
     }
 
-    /// The peers as configured.
-    pub fn peers(&self) -> BTreeMap<Key, TunnelPeer> {
-        let table = self.shared.peers.read_locked();
-        table.by_key.iter().map(|(k, p)| (*k, p.config.clone())).collect()
-    }
-
     /// Each peer's traffic and last handshake (boringtun's counters).
-    pub fn peer_stats(&self) -> Vec<super::wireguard::PeerStats> {
+    pub(crate) fn peer_stats(&self) -> Vec<super::wireguard::PeerStats> {
         let table = self.shared.peers.read_locked();
         table
             .by_key
@@ -136,7 +130,7 @@ impl UserspaceTunnel {
 
     /// Carries out `changes`. A changed peer gets a fresh session (one
     /// handshake; boringtun cannot change a preshared key in place).
-    pub fn apply(&self, changes: &[PeerChange]) {
+    pub(crate) fn apply(&self, changes: &[PeerChange]) {
         let mut table = self.shared.peers.write_locked();
         for change in changes {
             let key = match change {
@@ -176,7 +170,7 @@ impl UserspaceTunnel {
     }
 
     /// Stops the workers and deletes the TUN device (the node leaves).
-    pub fn remove(self) -> io::Result<()> {
+    pub(crate) fn remove(self) -> io::Result<()> {
         // SAFETY: TUNSETPERSIST takes an int by value on an open TUN fd.
         let r = unsafe { libc::ioctl(self.shared.tun.as_raw_fd(), TUNSETPERSIST as _, 0 as libc::c_ulong) };
         if r < 0 {

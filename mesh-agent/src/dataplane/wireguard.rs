@@ -22,7 +22,7 @@ use netlink_packet_wireguard::{
 use super::genl::{Genl, GenlError};
 
 /// A WireGuard key (private, public or preshared).
-pub type Key = [u8; 32];
+pub(crate) type Key = [u8; 32];
 
 /// The name of the node's WireGuard device.
 pub const DEVICE: &str = "mwg0";
@@ -50,7 +50,7 @@ pub enum PeerChange {
 
 /// The changes from `current` peers to `wanted` ones, removals first (a
 /// node's tunnel address moving to a new key must be free first).
-pub fn plan(wanted: &BTreeMap<Key, TunnelPeer>, current: &BTreeMap<Key, TunnelPeer>) -> Vec<PeerChange> {
+pub(crate) fn plan(wanted: &BTreeMap<Key, TunnelPeer>, current: &BTreeMap<Key, TunnelPeer>) -> Vec<PeerChange> {
     let mut changes: Vec<PeerChange> = current
         .keys()
         .filter(|k| !wanted.contains_key(*k))
@@ -160,15 +160,15 @@ pub fn parse_peer(attrs: Vec<WireguardPeerAttribute>) -> Option<(Key, TunnelPeer
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeerStats {
     /// The peer's tunnel address (which node it is).
-    pub tunnel: Ipv6Addr,
+    pub(crate) tunnel: Ipv6Addr,
     /// Seconds since its last handshake; `None` before the first.
     pub handshake_age_s: Option<f64>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
 }
 
 /// A kernel WireGuard device's per-peer statistics (`wg show DEVICE dump`).
-pub fn kernel_peer_stats(device: &str) -> Result<Vec<PeerStats>, GenlError> {
+pub(crate) fn kernel_peer_stats(device: &str) -> Result<Vec<PeerStats>, GenlError> {
     let mut genl = Genl::open("wireguard")?;
     let replies = genl.dump(Checked(WireguardMessage {
         cmd: WireguardCmd::GetDevice,
@@ -221,7 +221,11 @@ pub fn peer_stats_of(replies: Vec<WireguardMessage>, now: f64) -> Vec<PeerStats>
 /// (`wg set DEVICE private-key K listen-port P peer ...`). The private key
 /// and port are only sent when `identity` is given, since a new private
 /// key ends every session.
-pub fn kernel_apply(device: &str, identity: Option<(Key, u16)>, changes: &[PeerChange]) -> Result<(), GenlError> {
+pub(crate) fn kernel_apply(
+    device: &str,
+    identity: Option<(Key, u16)>,
+    changes: &[PeerChange],
+) -> Result<(), GenlError> {
     let mut genl = Genl::open("wireguard")?;
     if let Some((private, port)) = identity {
         genl.request(Checked(WireguardMessage {

@@ -24,11 +24,11 @@ use netlink_sys::{protocols::NETLINK_XFRM, Socket, SocketAddr};
 use super::nlmsg::{self, NLMSG_DONE, NLMSG_ERROR};
 
 /// The request ID on every association and policy template of the agent.
-pub const REQID: u32 = 0x6d65_7368;
+pub(crate) const REQID: u32 = 0x6d65_7368;
 
 /// The priority of the agent's policies (lower wins; 0 is `ip xfrm`'s
 /// default, so an operator's own policies come first).
-pub const POLICY_PRIORITY: u32 = 0x6d65;
+pub(crate) const POLICY_PRIORITY: u32 = 0x6d65;
 
 const XFRM_MSG_NEWSA: u16 = 0x10;
 const XFRM_MSG_DELSA: u16 = 0x11;
@@ -310,7 +310,7 @@ pub struct Replies<'a> {
     /// ACK and DONE, in order.
     pub messages: Vec<(u16, &'a [u8])>,
     /// Whether it ends the exchange (the ACK, or the DONE of a dump).
-    pub finished: bool,
+    pub(crate) finished: bool,
 }
 
 /// Decodes one datagram of replies to request `sequence`: the kernel's

@@ -8,7 +8,7 @@ use crate::{api::error::ApiError, manager::raft::store::StoreError};
 
 /// A failure of the manager's own.
 #[derive(Debug, thiserror::Error)]
-pub enum ManagerError {
+pub(crate) enum ManagerError {
     /// The store's directory could not be made.
     #[error("{}: {source}", path.display())]
     Io {

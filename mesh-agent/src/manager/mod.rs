@@ -22,14 +22,14 @@
 
 pub mod allocator;
 mod controlapi;
-pub mod dispatcher;
-pub mod error;
+pub(crate) mod dispatcher;
+pub(crate) mod error;
 pub mod orchestrator;
-pub mod raft;
+pub(crate) mod raft;
 pub mod rules;
-pub mod scheduler;
+pub(crate) mod scheduler;
 pub mod state;
-pub mod visualizer;
+pub(crate) mod visualizer;
 
 use crate::locks::Locked;
 use std::{
@@ -95,11 +95,11 @@ pub struct RaftTiming {
 }
 
 /// One manager's Raft and leader state.
-pub struct Manager {
+pub(crate) struct Manager {
     /// This node.
-    pub id: NodeId,
+    pub(crate) id: NodeId,
     /// The Raft instance.
-    pub raft: Raft<TypeConfig>,
+    pub(crate) raft: Raft<TypeConfig>,
     sm: StateMachineStore,
     liveness: Mutex<Liveness>,
     raft_ready: Mutex<BTreeSet<NodeId>>,
@@ -115,7 +115,7 @@ pub struct Manager {
 
 /// How long an assignments long poll waits for a change (below the
 /// forwarding timeout, so a poll through a follower never times out).
-pub const ASSIGNMENTS_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const ASSIGNMENTS_WAIT: Duration = Duration::from_secs(5);
 
 /// How often a long poll whose node has a task waiting for its peers
 /// looks again whether they have learnt its endpoint.
@@ -126,7 +126,7 @@ const MAX_REPORTS: usize = 10_000;
 
 impl Manager {
     /// Opens (or creates) the store under `<data_dir>/raft` and starts Raft.
-    pub async fn start(
+    pub(crate) async fn start(
         id: NodeId,
         data_dir: &Path,
         dek: DataKey,
@@ -175,7 +175,7 @@ impl Manager {
     }
 
     /// Makes this node a single-voter cluster and commits `init`.
-    pub async fn bootstrap(&self, addr: &str, init: Command) -> ApiResult<()> {
+    pub(crate) async fn bootstrap(&self, addr: &str, init: Command) -> ApiResult<()> {
         let members = [(self.id, BasicNode::new(addr))]
             .into_iter()
             .collect::<std::collections::BTreeMap<_, _>>();
@@ -196,7 +196,7 @@ impl Manager {
     }
 
     /// Stops Raft and the leader loop.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         let _ = self.stop.send(true);
         if let Err(e) = self.raft.shutdown().await {
             log::warn!("raft shutdown: {e}");
@@ -204,22 +204,22 @@ impl Manager {
     }
 
     /// The replicated state as applied here.
-    pub fn state(&self) -> Arc<ClusterState> {
+    pub(crate) fn state(&self) -> Arc<ClusterState> {
         self.sm.state()
     }
 
     /// The current leader, as this manager knows it.
-    pub fn leader(&self) -> Option<NodeId> {
+    pub(crate) fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader
     }
 
     /// Whether this manager leads.
-    pub fn is_leader(&self) -> bool {
+    pub(crate) fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == ServerState::Leader
     }
 
     /// The leader's address, from the Raft membership.
-    pub fn leader_addr(&self) -> Option<String> {
+    pub(crate) fn leader_addr(&self) -> Option<String> {
         let metrics = self.raft.metrics().borrow().clone();
         let leader = metrics.current_leader?;
         metrics
@@ -230,7 +230,7 @@ impl Manager {
     }
 
     /// This manager's Raft status.
-    pub fn raft_info(&self) -> crate::api::messages::RaftInfo {
+    pub(crate) fn raft_info(&self) -> crate::api::messages::RaftInfo {
         let m = self.raft.metrics().borrow().clone();
         crate::api::messages::RaftInfo {
             term: m.current_term,
@@ -247,7 +247,7 @@ impl Manager {
     /// its membership only hears its voters (only a leader or a candidate
     /// sends, and both are voters; a learner never does); a new one,
     /// waiting to be added, hears any manager.
-    pub fn admits_raft_peer(&self, caller: Option<NodeId>) -> bool {
+    pub(crate) fn admits_raft_peer(&self, caller: Option<NodeId>) -> bool {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         if membership.nodes().next().is_none() {
@@ -257,7 +257,7 @@ impl Manager {
     }
 
     /// The Raft voters.
-    pub fn voters(&self) -> BTreeSet<NodeId> {
+    pub(crate) fn voters(&self) -> BTreeSet<NodeId> {
         self.raft
             .metrics()
             .borrow()
@@ -268,7 +268,7 @@ impl Manager {
     }
 
     /// Proposes a command and waits until it is committed and applied here.
-    pub async fn propose(&self, command: Command) -> ApiResult<()> {
+    pub(crate) async fn propose(&self, command: Command) -> ApiResult<()> {
         // Fail fast when this leader has not heard from a quorum lately: the
         // write would only wait for managers that are gone.
         let (quorum_ack, lease) = {
@@ -332,7 +332,7 @@ impl Manager {
     }
 
     /// Serves a cluster API request (leader only).
-    pub async fn handle_cluster(&self, request: ClusterRequest) -> ApiResult<ClusterResponse> {
+    pub(crate) async fn handle_cluster(&self, request: ClusterRequest) -> ApiResult<ClusterResponse> {
         // Reads must not come from a leader that was deposed without knowing
         // it; writes need no such check, their commit proves the leadership.
         let read_only = matches!(
@@ -393,7 +393,7 @@ impl Manager {
     }
 
     /// Admits a node that presented a join token (leader only).
-    pub async fn handle_join(&self, call: JoinCall, caller_ip: std::net::IpAddr) -> ApiResult<JoinReply> {
+    pub(crate) async fn handle_join(&self, call: JoinCall, caller_ip: std::net::IpAddr) -> ApiResult<JoinReply> {
         let state = self.state();
         let presented = JoinToken::parse(&call.token).map_err(|e| ApiError::invalid(e.to_string()))?;
         let ca = current_ca(&state)?;
@@ -491,7 +491,12 @@ impl Manager {
     /// from `known`, or after [`ASSIGNMENTS_WAIT`], without the shared
     /// parts the node `holds` (`api::parts`). `known` is also what the
     /// node has applied (`dispatcher::propagation`).
-    pub async fn handle_assignments(&self, id: NodeId, known: &str, holds: &[PartDigest]) -> ApiResult<Assignments> {
+    pub(crate) async fn handle_assignments(
+        &self,
+        id: NodeId,
+        known: &str,
+        holds: &[PartDigest],
+    ) -> ApiResult<Assignments> {
         self.propagation.locked().polled(id, known);
         let (mut answer, view) = self.assignments_after(id, known).await?;
         self.propagation.locked().answered(id, &answer.digest, view);
@@ -618,7 +623,7 @@ impl Manager {
     }
 
     /// Stores a node's reports on its tasks.
-    pub async fn handle_report(&self, id: NodeId, reports: Vec<TaskReport>) -> ApiResult<()> {
+    pub(crate) async fn handle_report(&self, id: NodeId, reports: Vec<TaskReport>) -> ApiResult<()> {
         if reports.len() > MAX_REPORTS {
             return Err(ApiError::invalid(format!(
                 "{} task reports in one call; at most {MAX_REPORTS}",
@@ -645,7 +650,7 @@ impl Manager {
     /// Node `id` leaves the swarm: it is down from now, and a heartbeat
     /// still on its way does not bring it back (its tasks move as
     /// for any node that went down).
-    pub async fn handle_leave(&self, id: NodeId) -> ApiResult<()> {
+    pub(crate) async fn handle_leave(&self, id: NodeId) -> ApiResult<()> {
         self.propose(Command::SetNodeStatus {
             id,
             status: NodeStatus::Down,
@@ -657,7 +662,7 @@ impl Manager {
     }
 
     /// A node's heartbeat, made with the certificate of serial `serial`.
-    pub async fn handle_heartbeat(&self, id: NodeId, serial: &str, hb: Heartbeat) -> ApiResult<HeartbeatReply> {
+    pub(crate) async fn handle_heartbeat(&self, id: NodeId, serial: &str, hb: Heartbeat) -> ApiResult<HeartbeatReply> {
         if hb.agent_version.len() > 64 {
             return Err(ApiError::invalid("the reported agent version is longer than 64 bytes"));
         }
@@ -753,7 +758,7 @@ impl Manager {
     }
 
     /// A fresh certificate for a member's new key (leader only).
-    pub async fn handle_renew(&self, id: NodeId, csr_pem: &str) -> ApiResult<(String, Vec<String>)> {
+    pub(crate) async fn handle_renew(&self, id: NodeId, csr_pem: &str) -> ApiResult<(String, Vec<String>)> {
         let state = self.state();
         if !state.nodes.contains_key(&id) {
             return Err(ApiError::denied(format!(
@@ -1060,7 +1065,7 @@ fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
 }
 
 /// Trusted roots, current first.
-pub fn roots(state: &ClusterState) -> Vec<String> {
+pub(crate) fn roots(state: &ClusterState) -> Vec<String> {
     state
         .ca
         .iter()
@@ -1078,7 +1083,7 @@ fn with_cross_signed(cert_pem: String, state: &ClusterState) -> String {
 }
 
 /// Managers as (id, address).
-pub fn managers(state: &ClusterState) -> Vec<(NodeId, String)> {
+pub(crate) fn managers(state: &ClusterState) -> Vec<(NodeId, String)> {
     state
         .nodes
         .values()
@@ -1105,7 +1110,7 @@ fn issue(ca: &RootCa, csr_pem: &str, id: NodeId, role: Role, cluster_id: &str, e
 
 /// Waits until the Raft core stops on its own (a storage error is fatal
 /// to it), with why; `None` when it stopped because it was told to.
-pub async fn core_failure(
+pub(crate) async fn core_failure(
     mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, openraft::BasicNode>>,
 ) -> Option<String> {
     loop {

@@ -70,7 +70,7 @@ fn ids(list: &[NodeId]) -> String {
 
 /// Checks a service spec against the cluster: its networks exist and its
 /// published ports are free (`except`: the service being updated).
-pub fn check_service_in_cluster(
+pub(crate) fn check_service_in_cluster(
     state: &ClusterState,
     spec: &crate::api::service::ServiceSpec,
     except: Option<u64>,
@@ -174,13 +174,13 @@ fn swarm_ports(state: &ClusterState) -> Vec<(u16, crate::api::service::Protocol,
 }
 
 /// Finds a service by name, full ID or unique ID prefix.
-pub fn resolve_service(state: &ClusterState, text: &str) -> ApiResult<u64> {
+pub(crate) fn resolve_service(state: &ClusterState, text: &str) -> ApiResult<u64> {
     let services: Vec<(u64, &str)> = state.services.values().map(|s| (s.id, s.spec.name.as_str())).collect();
     resolve("service", services.into_iter(), text)
 }
 
 /// Finds an overlay network by name, full ID or unique ID prefix.
-pub fn resolve_network(state: &ClusterState, text: &str) -> ApiResult<u64> {
+pub(crate) fn resolve_network(state: &ClusterState, text: &str) -> ApiResult<u64> {
     let networks = state.networks.values().map(|n| (n.id, n.name.as_str()));
     resolve("network", networks, text)
 }
@@ -219,7 +219,7 @@ fn resolve<'a>(kind: &str, items: impl Iterator<Item = (u64, &'a str)> + Clone, 
 /// Whether taking `target` out of the Raft voters (demote or leave) keeps the
 /// cluster able to commit. `voters` is the current Raft voter set and
 /// `reachable` the voters the leader hears from.
-pub fn check_voter_removal(
+pub(crate) fn check_voter_removal(
     voters: &BTreeSet<NodeId>,
     reachable: &BTreeSet<NodeId>,
     target: NodeId,
@@ -249,13 +249,13 @@ pub fn check_voter_removal(
 
 /// A caller as its certificate presents it.
 #[derive(Debug, Clone, Copy)]
-pub struct Caller<'a> {
+pub(crate) struct Caller<'a> {
     /// The node ID in the certificate.
-    pub id: NodeId,
+    pub(crate) id: NodeId,
     /// The role in the certificate.
-    pub certified: Role,
+    pub(crate) certified: Role,
     /// The certificate's serial (hex).
-    pub serial: &'a str,
+    pub(crate) serial: &'a str,
 }
 
 /// Whether `caller` may make a call that needs `needs` at `now` (unix
@@ -264,7 +264,7 @@ pub struct Caller<'a> {
 /// this certificate is still the one issued to it. A removed node's
 /// certificate, a demoted manager's, and one replaced by a renewal (after
 /// a short grace) are refused.
-pub fn check_caller(state: &ClusterState, caller: Caller<'_>, needs: Role, now: u64) -> ApiResult<()> {
+pub(crate) fn check_caller(state: &ClusterState, caller: Caller<'_>, needs: Role, now: u64) -> ApiResult<()> {
     let id = caller.id;
     let Some(node) = state.nodes.get(&id) else {
         return Err(ApiError::denied(format!(
@@ -297,7 +297,7 @@ pub fn check_caller(state: &ClusterState, caller: Caller<'_>, needs: Role, now: 
 /// Whether the operator certificate of `name` with `serial` is honoured at
 /// `now`: only while the store records it (`swarm operator-cert rm`
 /// revokes it at once) and until it expires.
-pub fn check_operator(state: &ClusterState, name: &str, serial: &str, now: u64) -> ApiResult<()> {
+pub(crate) fn check_operator(state: &ClusterState, name: &str, serial: &str, now: u64) -> ApiResult<()> {
     match cert_records::check_operator(state.operators.get(name), serial, now) {
         Ok(()) => Ok(()),
         Err(Refusal::Revoked) => Err(ApiError::denied(format!(
@@ -322,7 +322,7 @@ fn root_digest(pem: &str) -> String {
 /// The trusted roots at `now`, and who still holds a certificate from a
 /// previous one: every node whose recorded certificate is not from the
 /// current root, and every operator whose unexpired one is not.
-pub fn ca_view(state: &ClusterState, now: u64) -> CaView {
+pub(crate) fn ca_view(state: &ClusterState, now: u64) -> CaView {
     let Some(ca) = &state.ca else {
         return CaView {
             current: String::new(),
@@ -356,7 +356,7 @@ pub fn ca_view(state: &ClusterState, now: u64) -> CaView {
 /// Whether the previous roots can be dropped at `now`: every node and live
 /// operator holds a certificate from the current root, or their deadline
 /// passed.
-pub fn previous_roots_done(state: &ClusterState, now: u64) -> bool {
+pub(crate) fn previous_roots_done(state: &ClusterState, now: u64) -> bool {
     let Some(ca) = &state.ca else { return false };
     if ca.previous_roots_pem.is_empty() {
         return false;
@@ -373,7 +373,7 @@ pub fn previous_roots_done(state: &ClusterState, now: u64) -> bool {
 /// not down has either, or the other node's Raft and overlay traffic would
 /// go to the newcomer. A node that is down may be the same host joining
 /// again, so its addresses are free.
-pub fn check_join_addresses(state: &ClusterState, advertise: &SocketAddr, data_path: &str) -> ApiResult<()> {
+pub(crate) fn check_join_addresses(state: &ClusterState, advertise: &SocketAddr, data_path: &str) -> ApiResult<()> {
     let advertise_text = advertise.to_string();
     for node in state.nodes.values().filter(|n| n.status != NodeStatus::Down) {
         let same_advertise = node.addr == advertise_text;
@@ -395,7 +395,7 @@ pub fn check_join_addresses(state: &ClusterState, advertise: &SocketAddr, data_p
 }
 
 /// `swarm ca --rotate --previous-root-ttl`: from 1 minute to 90 days.
-pub fn check_previous_root_ttl(secs: u64) -> ApiResult<()> {
+pub(crate) fn check_previous_root_ttl(secs: u64) -> ApiResult<()> {
     if (60..=90 * 86400).contains(&secs) {
         Ok(())
     } else {
@@ -406,7 +406,7 @@ pub fn check_previous_root_ttl(secs: u64) -> ApiResult<()> {
 }
 
 /// Whether `node rm` may remove `target`.
-pub fn check_node_removal(
+pub(crate) fn check_node_removal(
     state: &ClusterState,
     voters: &BTreeSet<NodeId>,
     target: NodeId,
@@ -460,10 +460,10 @@ pub fn check_address_pools(pools: &[String], mask_len: u8) -> ApiResult<()> {
 
 /// Most ended tasks `--task-history-limit` may keep per slot: history is
 /// for `service ps`, and every kept task lives in the replicated store.
-pub const MAX_TASK_HISTORY: u32 = 100;
+pub(crate) const MAX_TASK_HISTORY: u32 = 100;
 
 /// Checks `--task-history-limit`.
-pub fn check_task_history_limit(limit: u32) -> ApiResult<()> {
+pub(crate) fn check_task_history_limit(limit: u32) -> ApiResult<()> {
     if limit > MAX_TASK_HISTORY {
         return Err(ApiError::invalid(format!(
             "--task-history-limit {limit} is too large: keep at most {MAX_TASK_HISTORY} ended tasks per slot"
@@ -474,7 +474,7 @@ pub fn check_task_history_limit(limit: u32) -> ApiResult<()> {
 
 /// Checks `--data-path-port`: Docker's range, clear of the well-known
 /// ports and the usual ephemeral range.
-pub fn check_data_path_port(port: u16) -> ApiResult<()> {
+pub(crate) fn check_data_path_port(port: u16) -> ApiResult<()> {
     if !(1024..=49151).contains(&port) {
         return Err(ApiError::invalid(format!(
             "--data-path-port {port} is out of range: use a port from 1024 to 49151 (default 4789)"

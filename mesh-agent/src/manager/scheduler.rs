@@ -14,7 +14,7 @@ use crate::api::objects::{node_id_text, Availability, NodeId, NodeStatus, Role};
 use crate::api::service::{Constraint, ConstraintKey};
 
 /// Whether a scheduler node satisfies a placement constraint.
-pub trait Matches {
+pub(crate) trait Matches {
     /// Whether `node` satisfies it (a missing label never equals anything).
     fn matches(&self, node: &SchedNode) -> bool;
 }
@@ -36,35 +36,35 @@ impl Matches for Constraint {
 
 /// A node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SchedNode {
+pub(crate) struct SchedNode {
     /// Its ID.
-    pub id: NodeId,
+    pub(crate) id: NodeId,
     /// Its hostname.
-    pub hostname: String,
+    pub(crate) hostname: String,
     /// Its role.
-    pub role: Role,
+    pub(crate) role: Role,
     /// Liveness.
-    pub status: NodeStatus,
+    pub(crate) status: NodeStatus,
     /// Whether it takes tasks.
-    pub availability: Availability,
+    pub(crate) availability: Availability,
     /// Labels.
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 /// Placement rules of one service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Placement {
+pub(crate) struct Placement {
     /// All must hold.
-    pub constraints: Vec<Constraint>,
+    pub(crate) constraints: Vec<Constraint>,
     /// Label keys to spread over, in order.
-    pub spread_over: Vec<String>,
+    pub(crate) spread_over: Vec<String>,
     /// At most this many of the service's tasks per node (0: no limit).
-    pub max_per_node: u32,
+    pub(crate) max_per_node: u32,
 }
 
 impl Placement {
     /// Whether new tasks may go to `node`: up, active, and within the constraints.
-    pub fn admits(&self, node: &SchedNode) -> bool {
+    pub(crate) fn admits(&self, node: &SchedNode) -> bool {
         node.status == NodeStatus::Ready
             && node.availability == Availability::Active
             && self.constraints.iter().all(|c| c.matches(node))
@@ -73,18 +73,18 @@ impl Placement {
     /// Whether a task already on `node` may stay there: anything but a
     /// drained node or one that no longer meets the constraints (a paused
     /// node keeps its tasks; a Down node is handled by the grace period).
-    pub fn keeps(&self, node: &SchedNode) -> bool {
+    pub(crate) fn keeps(&self, node: &SchedNode) -> bool {
         node.availability != Availability::Drain && self.constraints.iter().all(|c| c.matches(node))
     }
 }
 
 /// Why tasks could not be placed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unplaced {
+pub(crate) struct Unplaced {
     /// How many tasks are left without a node.
-    pub count: usize,
+    pub(crate) count: usize,
     /// Why, for `service ps`' ERROR column.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// Chooses nodes for `n` new tasks of a service.
@@ -92,7 +92,7 @@ pub struct Unplaced {
 /// `service_counts` and `total_counts` hold the tasks each node already
 /// runs (of this service / of all services). Returns the chosen nodes in
 /// order, and what could not be placed.
-pub fn place(
+pub(crate) fn place(
     placement: &Placement,
     nodes: &[SchedNode],
     service_counts: &BTreeMap<NodeId, u32>,
@@ -165,31 +165,31 @@ pub fn place(
 
 /// One running (or starting) task of a service, as reconciliation needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SchedTask {
+pub(crate) struct SchedTask {
     /// Task ID.
-    pub id: u64,
+    pub(crate) id: u64,
     /// Replica slot (replicated services) or 0 (global).
-    pub slot: u32,
+    pub(crate) slot: u32,
     /// Where it runs.
-    pub node: NodeId,
+    pub(crate) node: NodeId,
 }
 
 /// What to do to bring a service to its desired count.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// New tasks: (slot, node). For global services the slot is 0.
-    pub create: Vec<(u32, NodeId)>,
+    pub(crate) create: Vec<(u32, NodeId)>,
     /// Tasks to shut down, with why.
-    pub shutdown: Vec<(u64, String)>,
+    pub(crate) shutdown: Vec<(u64, String)>,
     /// Tasks that could not be placed.
-    pub unplaced: Option<Unplaced>,
+    pub(crate) unplaced: Option<Unplaced>,
 }
 
 /// How long a Down node's tasks are left alone before they are replaced.
 #[derive(Debug, Clone, Copy)]
-pub struct Grace {
+pub(crate) struct Grace {
     /// Nodes Down longer than this lose their tasks.
-    pub down_for_longer_than: u64,
+    pub(crate) down_for_longer_than: u64,
 }
 
 /// Nodes by ID. The orchestrator's nodes come in ID order, so a binary
@@ -235,7 +235,7 @@ fn node_is_lost(node: Option<&SchedNode>, down_since: &BTreeMap<NodeId, u64>, no
 ///
 /// `resting` slots are left empty on purpose (the restart policy waits or
 /// gave up), so they are neither filled nor counted missing.
-pub fn reconcile_replicated(
+pub(crate) fn reconcile_replicated(
     replicas: u32,
     placement: &Placement,
     tasks: &[SchedTask],
@@ -287,7 +287,7 @@ pub fn reconcile_replicated(
 /// Reconciles a global service: one task on every eligible node.
 ///
 /// `resting` nodes get no new task now (the restart policy waits or gave up).
-pub fn reconcile_global(
+pub(crate) fn reconcile_global(
     placement: &Placement,
     tasks: &[SchedTask],
     resting: &BTreeSet<NodeId>,

@@ -11,43 +11,43 @@ use crate::metrics::label;
 
 /// A node's column.
 #[derive(Serialize, Debug, PartialEq, Eq)]
-pub struct NodeBox {
-    pub id: String,
-    pub hostname: String,
-    pub role: String,
-    pub status: String,
-    pub availability: String,
+pub(crate) struct NodeBox {
+    pub(crate) id: String,
+    pub(crate) hostname: String,
+    pub(crate) role: String,
+    pub(crate) status: String,
+    pub(crate) availability: String,
 }
 
 /// A task's box.
 #[derive(Serialize, Debug, PartialEq, Eq)]
-pub struct TaskBox {
-    pub id: String,
-    pub service: String,
-    pub slot: u32,
-    pub node: String,
-    pub state: String,
+pub(crate) struct TaskBox {
+    pub(crate) id: String,
+    pub(crate) service: String,
+    pub(crate) slot: u32,
+    pub(crate) node: String,
+    pub(crate) state: String,
 }
 
 /// A service's name.
 #[derive(Serialize, Debug, PartialEq, Eq)]
-pub struct ServiceName {
-    pub id: String,
-    pub name: String,
+pub(crate) struct ServiceName {
+    pub(crate) id: String,
+    pub(crate) name: String,
 }
 
 /// What the page draws.
 #[derive(Serialize, Debug, PartialEq, Eq)]
-pub struct View {
-    pub nodes: Vec<NodeBox>,
-    pub services: Vec<ServiceName>,
-    pub tasks: Vec<TaskBox>,
+pub(crate) struct View {
+    pub(crate) nodes: Vec<NodeBox>,
+    pub(crate) services: Vec<ServiceName>,
+    pub(crate) tasks: Vec<TaskBox>,
 }
 
 /// The swarm as the page draws it: every node (by hostname), and the
 /// tasks placed on a node that are wanted running or have not ended yet
 /// (pure).
-pub fn view(state: &ClusterState) -> View {
+pub(crate) fn view(state: &ClusterState) -> View {
     let mut nodes: Vec<NodeBox> = state
         .nodes
         .values()

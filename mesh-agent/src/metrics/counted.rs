@@ -7,26 +7,26 @@ use std::sync::OnceLock;
 use prometheus::{core::Collector, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 /// The mechanisms a node reconciles (labels of the per-mechanism metrics).
-pub const MECHANISMS: [&str; 3] = ["overlay", "tasks", "mesh"];
+pub(crate) const MECHANISMS: [&str; 3] = ["overlay", "tasks", "mesh"];
 
 /// What the agent counts as it goes.
-pub struct Instruments {
+pub(crate) struct Instruments {
     pub(super) registry: Registry,
     /// Seconds from proposing a Raft command to its being applied here.
-    pub proposal_seconds: Histogram,
+    pub(crate) proposal_seconds: Histogram,
     /// Elections this manager saw (each new term is one).
-    pub raft_elections: IntCounter,
+    pub(crate) raft_elections: IntCounter,
     /// Seconds one reconcile of a mechanism took, by mechanism.
-    pub reconcile_seconds: HistogramVec,
+    pub(crate) reconcile_seconds: HistogramVec,
     /// Failed reconciles, by mechanism (each is a kernel refusal or an
     /// unreachable kernel object).
-    pub kernel_errors: IntCounterVec,
+    pub(crate) kernel_errors: IntCounterVec,
     /// Tasks the scheduler placed, or could not place, by outcome.
-    pub scheduler_decisions: IntCounterVec,
+    pub(crate) scheduler_decisions: IntCounterVec,
 }
 
 /// The process-wide instruments.
-pub fn instruments() -> &'static Instruments {
+pub(crate) fn instruments() -> &'static Instruments {
     static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
     INSTRUMENTS.get_or_init(|| {
         let registry = Registry::new();
@@ -100,7 +100,7 @@ pub fn instruments() -> &'static Instruments {
 
 /// An enum's serialized name in lower case, as a label value (`Ready` ->
 /// `ready`).
-pub fn label<T: serde::Serialize>(value: &T) -> String {
+pub(crate) fn label<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_value(value)
         .ok()
         .and_then(|v| v.as_str().map(str::to_lowercase))
@@ -109,7 +109,7 @@ pub fn label<T: serde::Serialize>(value: &T) -> String {
 
 /// Times one reconcile of `mechanism` and counts it as a kernel error
 /// when it failed.
-pub fn record_reconcile<T, E>(mechanism: &str, started: std::time::Instant, outcome: &Result<T, E>) {
+pub(crate) fn record_reconcile<T, E>(mechanism: &str, started: std::time::Instant, outcome: &Result<T, E>) {
     let i = instruments();
     i.reconcile_seconds
         .with_label_values(&[mechanism])

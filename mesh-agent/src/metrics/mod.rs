@@ -14,12 +14,12 @@
 //! units (`_seconds`, `_bytes`), `_total` on counters; `promtool check
 //! metrics` passes on the output (tests/tests/swarm_metrics.rs).
 
-pub mod counted;
-pub mod render;
+pub(crate) mod counted;
+pub(crate) mod render;
 pub mod server;
-pub mod snapshot;
+pub(crate) mod snapshot;
 pub mod visualizer;
 
-pub use counted::{instruments, label, record_reconcile, Instruments, MECHANISMS};
-pub use render::render;
-pub use snapshot::{BackendFacts, ClusterFacts, PortFacts, RaftFacts, Snapshot, TunnelPeerFacts};
+pub(crate) use counted::{instruments, label, record_reconcile};
+pub(crate) use render::render;
+pub(crate) use snapshot::{BackendFacts, ClusterFacts, PortFacts, RaftFacts, Snapshot, TunnelPeerFacts};

@@ -9,7 +9,7 @@ use super::{
 };
 
 /// The text exposition of `snapshot` and the instruments.
-pub fn render(snapshot: &Snapshot) -> String {
+pub(crate) fn render(snapshot: &Snapshot) -> String {
     let r = Registry::new();
     for family in [agent_info, raft, cluster, node, mesh_ports, mesh_backends, wireguard] {
         family(&r, snapshot);

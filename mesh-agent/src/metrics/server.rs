@@ -14,7 +14,7 @@ use tokio::{
 };
 
 /// The default address.
-pub const DEFAULT_ADDR: &str = "127.0.0.1:9323";
+pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:9323";
 const HEAD_LIMIT: usize = 8192;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -41,7 +41,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// `listen`: anything on a public address (the operator exposed it, and
 /// scrapers use names); on loopback, only a `Host` that is an IP address
 /// or `localhost` (or none, as HTTP/1.0 allows).
-pub fn host_allowed(head: &str, listen: &SocketAddr) -> bool {
+pub(crate) fn host_allowed(head: &str, listen: &SocketAddr) -> bool {
     if !listen.ip().is_loopback() {
         return true;
     }
@@ -68,13 +68,13 @@ pub(super) fn request_line(head: &str) -> (&str, &str) {
 
 /// What a request gets: the metrics, or a status and text saying why not.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     Metrics,
     Refused(u16, &'static str),
 }
 
 /// The route of a request head.
-pub fn route(head: &str) -> Route {
+pub(crate) fn route(head: &str) -> Route {
     match request_line(head) {
         ("GET", "/metrics") => Route::Metrics,
         ("GET", _) => Route::Refused(404, "not found: the metrics are at /metrics\n"),

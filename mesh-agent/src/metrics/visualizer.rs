@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use super::server::{accept_loop, request_line, write_response};
 
 /// The page.
-pub const PAGE: &str = include_str!("visualizer.html");
+pub(crate) const PAGE: &str = include_str!("visualizer.html");
 /// How soon the page asks `/events` again.
 const RETRY_MS: u64 = 500;
 

@@ -12,7 +12,7 @@ use crate::{
 
 /// A failure of the node's own.
 #[derive(Debug, thiserror::Error)]
-pub enum NodeError {
+pub(crate) enum NodeError {
     /// A file or directory could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -43,13 +43,13 @@ pub enum NodeError {
 
 impl NodeError {
     /// An IO failure on `path`.
-    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> NodeError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> NodeError {
         let path = path.into();
         move |source| NodeError::Io { path, source }
     }
 
     /// `what` does not hold what the node wrote there.
-    pub fn corrupt(what: impl Into<String>, reason: impl ToString) -> NodeError {
+    pub(crate) fn corrupt(what: impl Into<String>, reason: impl ToString) -> NodeError {
         NodeError::Corrupt {
             what: what.into(),
             reason: reason.to_string(),

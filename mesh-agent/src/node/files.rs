@@ -25,13 +25,13 @@ use crate::{
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// This node.
-    pub node_id: NodeId,
+    pub(crate) node_id: NodeId,
     /// Its swarm.
     pub cluster_id: String,
     /// Where its cluster port listens.
-    pub listen_addr: String,
+    pub(crate) listen_addr: String,
     /// Managers it knows (id, address), refreshed by heartbeats.
-    pub managers: Vec<(NodeId, String)>,
+    pub(crate) managers: Vec<(NodeId, String)>,
 }
 
 /// The node's certificate, key and trusted roots.

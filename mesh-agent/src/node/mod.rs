@@ -34,7 +34,7 @@ mod session;
 mod worker;
 
 use crate::manager::error::ManagerError;
-pub use error::NodeError;
+pub(crate) use error::NodeError;
 pub use files::NodeConfig;
 use files::{Credentials, Files};
 use routing::PeerHandler;
@@ -547,7 +547,7 @@ async fn detect_address() -> ApiResult<IpAddr> {
 }
 
 /// A node that is part of a swarm.
-pub struct Member {
+pub(crate) struct Member {
     id: NodeId,
     opts: AgentOptions,
     config: Mutex<NodeConfig>,

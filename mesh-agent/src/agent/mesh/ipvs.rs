@@ -54,7 +54,7 @@ const MARK_LOCAL: u32 = 1 << 17;
 const MARK_UDP: u32 = 1 << 16;
 
 /// How long a real server that left may keep its connections.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// IPVS settings the mesh relies on, as libnetwork sets them: conntrack
 /// on (the SNAT rule and the node's masquerading see IPVS connections),
@@ -68,7 +68,7 @@ const SYSCTLS: [(&str, &str); 3] = [
 ];
 
 /// The mark of a published port's connections.
-pub fn mark(protocol: Protocol, port: u16, local: bool) -> u32 {
+pub(crate) fn mark(protocol: Protocol, port: u16, local: bool) -> u32 {
     let udp = if protocol == Protocol::Udp { MARK_UDP } else { 0 };
     let local = if local { MARK_LOCAL } else { 0 };
     MARK_BASE | local | udp | u32::from(port)
@@ -88,7 +88,7 @@ pub fn owned(id: &ServiceId) -> bool {
 /// fwmark service sends connections to the real server on the client's
 /// destination port, not the real server's (ip_vs_sched_persist), and the
 /// tasks listen on their target port.
-pub fn schedule(lb: &LbOptions) -> Schedule {
+pub(crate) fn schedule(lb: &LbOptions) -> Schedule {
     let (scheduler, scheduler_flags) = match lb.algorithm {
         _ if lb.client_affinity => ("mh", 0),
         LbAlgorithm::Maglev => ("mh", SCHED_MH_PORT),
@@ -103,7 +103,7 @@ pub fn schedule(lb: &LbOptions) -> Schedule {
 
 /// What IPVS and the firewall hold for `mesh` on the node at `node`, with
 /// these local task addresses (a local task without one is left out).
-pub fn wanted(mesh: &MeshAssignment, local: &BTreeMap<u64, Ipv4Addr>, node: Ipv4Addr) -> (IpvsState, IpvsMarks) {
+pub(crate) fn wanted(mesh: &MeshAssignment, local: &BTreeMap<u64, Ipv4Addr>, node: Ipv4Addr) -> (IpvsState, IpvsMarks) {
     let mut services = IpvsState::new();
     let mut ports = Vec::new();
     for service in &mesh.services {
@@ -184,7 +184,7 @@ fn weight(weight: u32) -> Dest {
 
 /// Errors of the IPVS backend.
 #[derive(Debug, thiserror::Error)]
-pub enum IpvsMeshError {
+pub(crate) enum IpvsMeshError {
     #[error("IPVS: {0}")]
     Ipvs(#[from] GenlError),
     #[error("the IPVS mark table: {0}")]
@@ -195,9 +195,9 @@ pub enum IpvsMeshError {
 
 /// What [`IpvsMesh::counters`] reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct IpvsCounters {
-    pub ports: BTreeMap<(u8, u16), (Stats, u64)>,
-    pub dests: BTreeMap<Ipv4Addr, Stats>,
+pub(crate) struct IpvsCounters {
+    pub(crate) ports: BTreeMap<(u8, u16), (Stats, u64)>,
+    pub(crate) dests: BTreeMap<Ipv4Addr, Stats>,
 }
 
 fn add(total: &mut Stats, more: &Stats) {
@@ -210,7 +210,7 @@ fn add(total: &mut Stats, more: &Stats) {
 
 /// IPVS's counters as metrics: per published port of `mesh` (its
 /// services summed), and per local task, found by its address in `local`.
-pub fn facts(
+pub(crate) fn facts(
     counters: &IpvsCounters,
     mesh: &MeshAssignment,
     local: &BTreeMap<u64, Ipv4Addr>,
@@ -248,7 +248,7 @@ pub fn facts(
 }
 
 /// The IPVS routing mesh of this node.
-pub struct IpvsMesh {
+pub(crate) struct IpvsMesh {
     ipvs: Ipvs,
     /// The mark table as last written.
     marks: Option<IpvsMarks>,
@@ -259,7 +259,7 @@ pub struct IpvsMesh {
 impl IpvsMesh {
     /// Opens IPVS (the error says when the kernel has none) and sets the
     /// IPVS settings of the node's namespace.
-    pub fn open() -> Result<IpvsMesh, IpvsMeshError> {
+    pub(crate) fn open() -> Result<IpvsMesh, IpvsMeshError> {
         let ipvs = Ipvs::open()?;
         for (path, value) in SYSCTLS {
             std::fs::write(path, value).map_err(|e| IpvsMeshError::Sysctl(path, e))?;
@@ -273,7 +273,7 @@ impl IpvsMesh {
 
     /// Brings IPVS and the mark table in line with `mesh`; true while a
     /// real server drains (call again later to delete it).
-    pub fn sync(
+    pub(crate) fn sync(
         &mut self,
         mesh: &MeshAssignment,
         local: &BTreeMap<u64, Ipv4Addr>,
@@ -321,7 +321,7 @@ impl IpvsMesh {
     /// services' statistics summed and the connections IPVS tracks on
     /// them; per real server address, its statistics (local tasks are
     /// told apart by their address).
-    pub fn counters(&mut self) -> Result<IpvsCounters, IpvsMeshError> {
+    pub(crate) fn counters(&mut self) -> Result<IpvsCounters, IpvsMeshError> {
         let mut out = IpvsCounters::default();
         for (id, service) in self.ipvs.observe(owned)? {
             let ServiceId::Mark(m) = id else { continue };
@@ -338,7 +338,7 @@ impl IpvsMesh {
 
     /// Removes the mark table and every agent virtual service at once (the
     /// node leaves the swarm or serves no published port any more).
-    pub fn remove_all(&mut self) -> Result<(), IpvsMeshError> {
+    pub(crate) fn remove_all(&mut self) -> Result<(), IpvsMeshError> {
         nftables::send_batch(&remove_ipvs_marks_batch())?;
         self.marks = None;
         self.draining.clear();
@@ -351,7 +351,7 @@ impl IpvsMesh {
 /// Removes what an agent on the IPVS backend left (this one runs on
 /// eBPF now): its mark table, and its virtual services when the kernel
 /// has IPVS at all.
-pub fn remove_leftovers() -> Result<(), IpvsMeshError> {
+pub(crate) fn remove_leftovers() -> Result<(), IpvsMeshError> {
     nftables::send_batch(&remove_ipvs_marks_batch())?;
     let Ok(mut ipvs) = Ipvs::open() else {
         return Ok(());

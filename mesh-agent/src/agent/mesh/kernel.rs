@@ -84,7 +84,7 @@ pub enum LbBackend {
 
 /// Errors setting the routing mesh up.
 #[derive(Debug, thiserror::Error)]
-pub enum MeshError {
+pub(crate) enum MeshError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
@@ -149,7 +149,7 @@ struct Inner {
 }
 
 /// The node's routing mesh: published ports, and the VIPs its tasks use.
-pub struct RoutingMesh {
+pub(crate) struct RoutingMesh {
     network: Arc<LocalNetwork>,
     cgroup: Option<PathBuf>,
     /// Where maps and links are pinned (the agent's bpffs).
@@ -167,7 +167,7 @@ impl RoutingMesh {
     /// one, VIPs are not served), pinning in `pins` (a bpffs; see
     /// `agent::mesh::bpffs`); nothing is made before it is needed. Follows the
     /// local tasks' addresses.
-    pub fn new(
+    pub(crate) fn new(
         network: Arc<LocalNetwork>,
         cgroup: Option<PathBuf>,
         pins: PathBuf,
@@ -213,7 +213,7 @@ impl RoutingMesh {
     }
 
     /// Follows new assignments.
-    pub async fn apply(&self, assignments: &Assignments) -> Result<(), MeshError> {
+    pub(crate) async fn apply(&self, assignments: &Assignments) -> Result<(), MeshError> {
         {
             let mut inner = self.inner.locked();
             inner.assignment = assignments
@@ -229,7 +229,7 @@ impl RoutingMesh {
 
     /// The counters of every published port, VIP and local task, from the
     /// per-CPU maps (for the agent's metrics); empty while nothing is served.
-    pub fn counters(&self) -> Result<(Vec<PortCounters>, Vec<TaskCounters>), MeshError> {
+    pub(crate) fn counters(&self) -> Result<(Vec<PortCounters>, Vec<TaskCounters>), MeshError> {
         let inner = self.inner.locked();
         let Some(active) = &inner.active else {
             return Ok((Vec::new(), Vec::new()));
@@ -263,7 +263,7 @@ impl RoutingMesh {
     /// maps' (published ports and VIPs), and IPVS's statistics for the
     /// published ports on the IPVS backend. Empty while nothing is served;
     /// a read that fails is logged and left out.
-    pub fn metrics(&self) -> (Vec<PortFacts>, Vec<BackendFacts>) {
+    pub(crate) fn metrics(&self) -> (Vec<PortFacts>, Vec<BackendFacts>) {
         let (names, mesh, ipvs) = {
             let mut inner = self.inner.locked();
             let mesh = inner.assignment.as_ref().map(|(m, _, _)| m.clone()).unwrap_or_default();
@@ -297,7 +297,7 @@ impl RoutingMesh {
     }
 
     /// Removes everything (the node leaves the swarm).
-    pub async fn remove_all(&self) {
+    pub(crate) async fn remove_all(&self) {
         {
             let mut inner = self.inner.locked();
             inner.assignment = None;
@@ -773,4 +773,4 @@ const HOST_SOCKET_PROGRAMS: [&str; 8] = [
 pub const PROGRAM_INGRESS: &str = "tc_ingress";
 pub const PROGRAM_TUNNEL: &str = "tc_tunnel";
 pub const PROGRAM_REPLY: &str = "tc_reply";
-pub const PROGRAM_FROM_TASK: &str = "tc_from_task";
+pub(crate) const PROGRAM_FROM_TASK: &str = "tc_from_task";

@@ -5,4 +5,4 @@
 pub mod bpffs;
 pub mod ipvs;
 pub mod kernel;
-pub mod tables;
+pub(crate) mod tables;

@@ -54,19 +54,19 @@ pub type BackendKey = (u64, u64);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortCounters {
     /// (service, published port, protocol, 0), or (service, 0, 0, network) for a VIP.
-    pub port: PortKey,
-    pub stats: mesh_common::lb::ServiceStats,
+    pub(crate) port: PortKey,
+    pub(crate) stats: mesh_common::lb::ServiceStats,
     /// Connections tracked now.
-    pub conntrack: u64,
+    pub(crate) conntrack: u64,
 }
 
 /// One task's counters on its node (traffic the routing mesh brought it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskCounters {
-    pub service: u64,
+    pub(crate) service: u64,
     /// (task, 0) behind a published port, (task, network) behind a VIP.
-    pub task: BackendKey,
-    pub stats: mesh_common::lb::ServiceStats,
+    pub(crate) task: BackendKey,
+    pub(crate) stats: mesh_common::lb::ServiceStats,
 }
 
 impl Ids {
@@ -302,7 +302,7 @@ impl MeshTables {
     /// IDs avoid the ones in use there, so nothing is overwritten but the
     /// service entries, each switched to its new table in one update, and
     /// [`MeshTables::leftovers`] then removes what is left of the old.
-    pub fn adopting(found: LbState) -> MeshTables {
+    pub(crate) fn adopting(found: LbState) -> MeshTables {
         let mut tables = MeshTables::default();
         for v in found.services.values().chain(found.vips.values()) {
             tables.ids.reserved.insert(v.id);
@@ -317,7 +317,7 @@ impl MeshTables {
 
     /// The removals of what an adopted earlier state held and the current
     /// one does not (after the first update; nothing later).
-    pub fn leftovers(&mut self) -> Vec<Change> {
+    pub(crate) fn leftovers(&mut self) -> Vec<Change> {
         let Some(found) = self.leftover.take() else {
             return Vec::new();
         };
@@ -357,7 +357,7 @@ impl MeshTables {
     /// The map writes that take the task links from the last call to
     /// `links` (local task address -> its veth's host-end index; a task
     /// whose index is unknown is left out and served through the bridge).
-    pub fn update_task_links(&mut self, links: &BTreeMap<u64, Attachment>) -> Vec<Change> {
+    pub(crate) fn update_task_links(&mut self, links: &BTreeMap<u64, Attachment>) -> Vec<Change> {
         let to = LbState {
             task_links: links
                 .values()

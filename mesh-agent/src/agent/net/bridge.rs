@@ -29,7 +29,7 @@ use crate::dataplane::{
 pub const BRIDGE: &str = "mesh_gwbridge";
 
 /// The default node-local pool (Docker's docker_gwbridge default).
-pub const DEFAULT_POOL: &str = "172.18.0.0/16";
+pub(crate) const DEFAULT_POOL: &str = "172.18.0.0/16";
 
 /// Errors of attaching tasks.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +107,7 @@ impl Ipam {
     }
 
     /// Gives an address back.
-    pub fn release(&mut self, address: Ipv4Addr) {
+    pub(crate) fn release(&mut self, address: Ipv4Addr) {
         self.used.remove(&u32::from(address));
     }
 }
@@ -116,17 +116,17 @@ impl Ipam {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attachment {
     /// The host-side veth.
-    pub host_link: String,
+    pub(crate) host_link: String,
     /// Its interface index (0: unknown), for the routing mesh to hand
     /// packets straight to the task.
-    pub host_index: u32,
+    pub(crate) host_index: u32,
     /// The task's address.
-    pub address: Ipv4Addr,
+    pub(crate) address: Ipv4Addr,
 }
 
 /// The host end of a task's veth: `mv` + 12 hex digits of the task ID
 /// (interface names hold at most 15 bytes).
-pub fn host_link_name(task: u64) -> String {
+pub(crate) fn host_link_name(task: u64) -> String {
     format!("mv{:012x}", task & 0xffff_ffff_ffff)
 }
 
@@ -153,18 +153,18 @@ impl LocalNetwork {
     }
 
     /// Each attached task's address on the bridge.
-    pub fn addresses(&self) -> BTreeMap<u64, Ipv4Addr> {
+    pub(crate) fn addresses(&self) -> BTreeMap<u64, Ipv4Addr> {
         let state = self.state.locked();
         state.1.iter().map(|(task, a)| (*task, a.address)).collect()
     }
 
     /// Each attached task's attachment.
-    pub fn attachments(&self) -> BTreeMap<u64, Attachment> {
+    pub(crate) fn attachments(&self) -> BTreeMap<u64, Attachment> {
         self.state.locked().1.clone()
     }
 
     /// Wakes when a task is attached or detached.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
@@ -192,7 +192,7 @@ impl LocalNetwork {
 
     /// Removes the bridge and the NAT table (the node leaves the swarm;
     /// its tasks are stopped already).
-    pub async fn remove(&self) {
+    pub(crate) async fn remove(&self) {
         let removed = tokio::task::spawn_blocking(|| {
             Netlink::run(|nl| async move {
                 match nl.delete_link(BRIDGE).await {
@@ -259,7 +259,7 @@ impl LocalNetwork {
     /// (namespace at `netns`): its `eth0` address is read from the kernel
     /// and reserved, and nothing is changed. A task already taken over
     /// keeps the attachment it has.
-    pub async fn adopt(&self, task: u64, netns: &Path) -> Result<Attachment, NetworkError> {
+    pub(crate) async fn adopt(&self, task: u64, netns: &Path) -> Result<Attachment, NetworkError> {
         if let Some(known) = self.state.locked().1.get(&task) {
             return Ok(known.clone());
         }

@@ -35,9 +35,9 @@ use crate::agent::net::{error::NetError, netns::NetNs};
 use crate::api::assignment::discovery::NetworkServices;
 
 /// Where tasks reach the responder.
-pub const ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
+pub(crate) const ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
 /// The resolv.conf every task sees.
-pub const RESOLV_CONF: &str = "nameserver 127.0.0.11\noptions ndots:0\n";
+pub(crate) const RESOLV_CONF: &str = "nameserver 127.0.0.11\noptions ndots:0\n";
 
 const TYPE_A: u16 = 1;
 const TYPE_ANY: u16 = 255;
@@ -59,9 +59,9 @@ const TASK_FORWARDS: usize = 128;
 
 /// What a name resolves to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Answer {
-    pub addresses: Vec<Ipv4Addr>,
-    pub ttl: u32,
+pub(crate) struct Answer {
+    pub(crate) addresses: Vec<Ipv4Addr>,
+    pub(crate) ttl: u32,
 }
 
 /// Every network's names (lower case).
@@ -115,7 +115,7 @@ impl Records {
 
     /// What `name` is on `networks` (a task's): the first network that
     /// knows it, in network ID order; `None` when none does.
-    pub fn resolve(&self, networks: &BTreeSet<u64>, name: &str) -> Option<&Answer> {
+    pub(crate) fn resolve(&self, networks: &BTreeSet<u64>, name: &str) -> Option<&Answer> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         networks
             .iter()
@@ -129,7 +129,7 @@ impl Records {
 pub struct Query {
     pub id: u16,
     /// The flags word of the query (opcode and RD are echoed).
-    pub flags: u16,
+    pub(crate) flags: u16,
     pub name: String,
     pub qtype: u16,
     pub qclass: u16,
@@ -201,7 +201,7 @@ pub fn parse_query(packet: &[u8]) -> Result<Query, &'static str> {
 
 /// An authoritative answer: `addresses` as A records when the question
 /// asks for them (no records, NOERROR, for other types of a known name).
-pub fn answer(query: &Query, found: &Answer) -> Vec<u8> {
+pub(crate) fn answer(query: &Query, found: &Answer) -> Vec<u8> {
     let wants_a = (query.qtype == TYPE_A || query.qtype == TYPE_ANY) && query.qclass == CLASS_IN;
     let records: &[Ipv4Addr] = if wants_a { &found.addresses } else { &[] };
     let mut out = header(query, 0, records.len() as u16);
@@ -218,7 +218,7 @@ pub fn answer(query: &Query, found: &Answer) -> Vec<u8> {
 }
 
 /// An answer with no records and `rcode`.
-pub fn error(query: &Query, rcode: u8) -> Vec<u8> {
+pub(crate) fn error(query: &Query, rcode: u8) -> Vec<u8> {
     let mut out = header(query, rcode, 0);
     out.extend_from_slice(&query.question);
     out
@@ -263,7 +263,7 @@ pub fn is_service_name(name: &str) -> bool {
 }
 
 /// The resolvers in a resolv.conf, loopback ones left out.
-pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
+pub(crate) fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
     resolv_conf
         .lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
@@ -274,7 +274,7 @@ pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
 }
 
 /// The node's responder: the records, and one server per task.
-pub struct Dns {
+pub(crate) struct Dns {
     records: Arc<RwLock<Records>>,
     upstreams: Vec<SocketAddr>,
     /// The node's forwards in flight.
@@ -306,7 +306,7 @@ impl Default for Dns {
 
 impl Dns {
     /// A responder forwarding to the resolvers of this node's /etc/resolv.conf.
-    pub fn new() -> Dns {
+    pub(crate) fn new() -> Dns {
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")
             .map(|t| upstreams(&t))
             .unwrap_or_default();
@@ -314,7 +314,7 @@ impl Dns {
     }
 
     /// A responder forwarding to `upstreams`.
-    pub fn with_upstreams(upstreams: Vec<SocketAddr>) -> Dns {
+    pub(crate) fn with_upstreams(upstreams: Vec<SocketAddr>) -> Dns {
         Dns {
             records: Arc::default(),
             upstreams,
@@ -324,7 +324,7 @@ impl Dns {
     }
 
     /// Follows the assignments' services.
-    pub fn apply(&self, services: &[NetworkServices]) {
+    pub(crate) fn apply(&self, services: &[NetworkServices]) {
         let next = Records::new(services);
         let mut records = self.records.write_locked();
         if *records != next {
@@ -334,7 +334,7 @@ impl Dns {
 
     /// Writes the task's resolv.conf into its directory; the task's mount
     /// namespace gets it over /etc/resolv.conf.
-    pub fn resolv_conf(dir: &Path) -> std::io::Result<PathBuf> {
+    pub(crate) fn resolv_conf(dir: &Path) -> std::io::Result<PathBuf> {
         let path = dir.join("resolv.conf");
         std::fs::write(&path, RESOLV_CONF)?;
         Ok(path)
@@ -342,7 +342,7 @@ impl Dns {
 
     /// Answers task `task` (namespace at `netns`, on `networks`) on
     /// 127.0.0.11:53 until [`Dns::stop`].
-    pub fn serve(&self, task: u64, netns: &Path, networks: BTreeSet<u64>) -> Result<(), NetError> {
+    pub(crate) fn serve(&self, task: u64, netns: &Path, networks: BTreeSet<u64>) -> Result<(), NetError> {
         let binding = format!("binding the DNS responder to {ADDRESS}:53 in the task");
         let ns = NetNs::open_at(netns, "task").map_err(NetError::kernel(binding.clone()))?;
         let socket = ns
@@ -419,7 +419,7 @@ impl Dns {
     }
 
     /// Stops answering task `task`.
-    pub fn stop(&self, task: u64) {
+    pub(crate) fn stop(&self, task: u64) {
         if let Some(h) = self.servers.locked().remove(&task) {
             h.abort();
         }

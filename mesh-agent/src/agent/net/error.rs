@@ -3,7 +3,7 @@
 /// A failure to bring a network, the tunnel or IPsec in line, or to put a
 /// task on its networks.
 #[derive(Debug, thiserror::Error)]
-pub enum NetError {
+pub(crate) enum NetError {
     /// The node is leaving the swarm: nothing new is attached.
     #[error("this node is leaving the swarm")]
     Leaving,
@@ -42,7 +42,7 @@ pub enum NetError {
 
 impl NetError {
     /// A kernel failure while `doing`.
-    pub fn kernel<E>(doing: impl Into<String>) -> impl FnOnce(E) -> NetError
+    pub(crate) fn kernel<E>(doing: impl Into<String>) -> impl FnOnce(E) -> NetError
     where
         E: std::error::Error + Send + Sync + 'static,
     {

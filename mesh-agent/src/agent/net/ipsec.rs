@@ -22,16 +22,16 @@ use crate::{
 
 /// ESP's overhead in transport mode with AES-GCM: header 8, IV 8,
 /// padding up to 3, pad length and next header 2, ICV 16.
-pub const ESP_OVERHEAD: u32 = 37;
+pub(crate) const ESP_OVERHEAD: u32 = 37;
 
 /// How long a node waits after learning a new overlay key before it sends
 /// with it (its peers install the key's inbound associations meanwhile).
-pub const OUTBOUND_SWITCH_DELAY: Duration = Duration::from_secs(5);
+pub(crate) const OUTBOUND_SWITCH_DELAY: Duration = Duration::from_secs(5);
 
 /// The associations to send to a peer with: the current key's (first in
 /// `epochs`) once it has been known for `delay`, or if there is no other;
 /// the previous key's until then.
-pub fn outbound(epochs: &[EspEpoch], known_for: impl Fn(u64) -> Duration, delay: Duration) -> Option<&EspEpoch> {
+pub(crate) fn outbound(epochs: &[EspEpoch], known_for: impl Fn(u64) -> Duration, delay: Duration) -> Option<&EspEpoch> {
     let current = epochs.first()?;
     match epochs.get(1) {
         Some(previous) if known_for(current.epoch) < delay => Some(previous),
@@ -42,7 +42,7 @@ pub fn outbound(epochs: &[EspEpoch], known_for: impl Fn(u64) -> Duration, delay:
 /// The XFRM state for `assignment` on a node whose data-path address is
 /// `local`: the two policies, every peer's inbound associations of every
 /// epoch it is given, and one outbound association per peer.
-pub fn wanted(assignment: &IpsecAssignment, local: Ipv4Addr, known_for: impl Fn(u64) -> Duration) -> Wanted {
+pub(crate) fn wanted(assignment: &IpsecAssignment, local: Ipv4Addr, known_for: impl Fn(u64) -> Duration) -> Wanted {
     let port = assignment.port;
     let mut out = Wanted {
         policies: [Direction::In, Direction::Out]
@@ -86,7 +86,7 @@ pub fn wanted(assignment: &IpsecAssignment, local: Ipv4Addr, known_for: impl Fn(
 
 /// The node's IPsec state in the kernel.
 #[derive(Default)]
-pub struct Ipsec {
+pub(crate) struct Ipsec {
     /// When this node first saw each overlay key epoch.
     first_seen: BTreeMap<u64, Instant>,
     /// Whether the kernel can do it, and if not why (asked once, when
@@ -100,13 +100,13 @@ pub struct Ipsec {
 
 impl Ipsec {
     /// Nothing known yet.
-    pub fn new() -> Ipsec {
+    pub(crate) fn new() -> Ipsec {
         Ipsec::default()
     }
 
     /// Whether this kernel can do IPsec (XFRM netlink, ESP, AES-GCM), and
     /// why not.
-    pub fn supported(&mut self) -> Result<(), NetError> {
+    pub(crate) fn supported(&mut self) -> Result<(), NetError> {
         self.support
             .get_or_insert_with(|| xfrm::kernel_has_esp().map_err(|e| e.to_string()))
             .clone()
@@ -115,14 +115,14 @@ impl Ipsec {
 
     /// The IPsec VXLAN port, while the policies and associations are in
     /// place.
-    pub fn port(&self) -> Option<u16> {
+    pub(crate) fn port(&self) -> Option<u16> {
         self.active.map(|(_, port)| port)
     }
 
     /// Brings the kernel in line with `want` for data-path address `local`
     /// (blocking). With nothing wanted, removes what the agent has there
     /// (once, on a node that never had any).
-    pub fn apply(&mut self, want: Option<&IpsecAssignment>, local: Ipv4Addr) -> Result<(), NetError> {
+    pub(crate) fn apply(&mut self, want: Option<&IpsecAssignment>, local: Ipv4Addr) -> Result<(), NetError> {
         let Some(want) = want else {
             if self.active.is_none() && self.clean {
                 return Ok(());
@@ -169,7 +169,7 @@ impl Ipsec {
 
     /// Removes the agent's policies and associations (the node leaves, or
     /// runs no IPsec network any more).
-    pub fn remove(&mut self) -> Result<(), NetError> {
+    pub(crate) fn remove(&mut self) -> Result<(), NetError> {
         self.active = None;
         self.first_seen.clear();
         let mut x = match Xfrm::open() {

@@ -9,8 +9,8 @@
 
 pub mod bridge;
 pub mod dns;
-pub mod error;
-pub mod ipsec;
+pub(crate) mod error;
+pub(crate) mod ipsec;
 pub mod netns;
 pub mod overlay;
-pub mod tunnel;
+pub(crate) mod tunnel;

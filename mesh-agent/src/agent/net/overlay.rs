@@ -42,7 +42,7 @@ use crate::{
 };
 
 /// VXLAN's overhead on IPv4: outer IP 20, UDP 8, VXLAN 8, inner Ethernet 14.
-pub const VXLAN_OVERHEAD: u32 = 50;
+pub(crate) const VXLAN_OVERHEAD: u32 = 50;
 
 /// The underlay MTU assumed when the data-path address is on no link here.
 const DEFAULT_UNDERLAY_MTU: u32 = 1500;
@@ -61,7 +61,7 @@ pub fn task_mac(address: Ipv4Addr) -> Mac {
 /// A network's MTU: the one it was created with, or the underlay's minus
 /// the overhead of how it travels (VXLAN; WireGuard and VXLAN over the
 /// tunnel addresses, or ESP and VXLAN, when encrypted).
-pub fn network_mtu(fixed: Option<u32>, encryption: Encryption, underlay: u32) -> u32 {
+pub(crate) fn network_mtu(fixed: Option<u32>, encryption: Encryption, underlay: u32) -> u32 {
     let overhead = match encryption {
         Encryption::WireGuard => WIREGUARD_OVERHEAD + VXLAN6_OVERHEAD,
         Encryption::Ipsec => ESP_OVERHEAD + VXLAN_OVERHEAD,
@@ -73,7 +73,7 @@ pub fn network_mtu(fixed: Option<u32>, encryption: Encryption, underlay: u32) ->
 /// The host end of task `task`'s veth on its `position`-th overlay
 /// (1-based): `m`, one hex digit, 12 of the task ID; the node bridge's
 /// `mv...` never collides since `v` is no hex digit.
-pub fn host_link_name(task: u64, position: usize) -> String {
+pub(crate) fn host_link_name(task: u64, position: usize) -> String {
     format!("m{position:x}{:012x}", task & 0xffff_ffff_ffff)
 }
 
@@ -187,7 +187,7 @@ struct Inner {
 }
 
 /// The node's overlay networks.
-pub struct Overlays {
+pub(crate) struct Overlays {
     inner: tokio::sync::Mutex<Inner>,
     public_key: Key,
 }
@@ -195,7 +195,7 @@ pub struct Overlays {
 impl Overlays {
     /// Nothing known yet; nothing is touched before the first apply.
     /// `tunnel` is the node's WireGuard tunnel, used by encrypted networks.
-    pub fn new(tunnel: Tunnel) -> Overlays {
+    pub(crate) fn new(tunnel: Tunnel) -> Overlays {
         Overlays {
             public_key: tunnel.public_key(),
             inner: tokio::sync::Mutex::new(Inner {
@@ -214,13 +214,13 @@ impl Overlays {
     }
 
     /// The node's WireGuard public key.
-    pub fn public_key(&self) -> Key {
+    pub(crate) fn public_key(&self) -> Key {
         self.public_key
     }
 
     /// The WireGuard tunnel's per-peer statistics (empty while it is down,
     /// or busy being reconfigured).
-    pub async fn tunnel_stats(&self) -> Vec<crate::dataplane::wireguard::PeerStats> {
+    pub(crate) async fn tunnel_stats(&self) -> Vec<crate::dataplane::wireguard::PeerStats> {
         let inner = self.inner.lock().await;
         inner.tunnel.as_ref().map(Tunnel::peer_stats).unwrap_or_default()
     }
@@ -228,7 +228,7 @@ impl Overlays {
     /// Brings the kernel in line with `assignments`, writing only what
     /// differs. Logs and returns the first failure (the next call reads
     /// the kernel again).
-    pub async fn apply(&self, assignments: &Assignments) -> Result<(), NetError> {
+    pub(crate) async fn apply(&self, assignments: &Assignments) -> Result<(), NetError> {
         let mut inner = self.inner.lock().await;
         if inner.closed {
             return Ok(());
@@ -283,7 +283,7 @@ impl Overlays {
     /// interface `eth1`, `eth2`, ... in order, with its address and the
     /// network's MTU. Creates a network's devices if the task is the
     /// first here to need them.
-    pub async fn attach(&self, task: u64, netns: &Path, networks: &[TaskNetwork]) -> Result<(), NetError> {
+    pub(crate) async fn attach(&self, task: u64, netns: &Path, networks: &[TaskNetwork]) -> Result<(), NetError> {
         if networks.is_empty() {
             return Ok(());
         }
@@ -370,7 +370,7 @@ impl Overlays {
 
     /// Takes over the ports a previous agent made for task `task` on its
     /// `networks` overlays (their names follow from the task and position).
-    pub async fn adopt(&self, task: u64, networks: usize) {
+    pub(crate) async fn adopt(&self, task: u64, networks: usize) {
         if networks > 0 {
             let links = (1..=networks).map(|i| host_link_name(task, i)).collect();
             self.inner.lock().await.ports.insert(task, links);
@@ -379,7 +379,7 @@ impl Overlays {
 
     /// Removes task `task`'s ports (its namespace may be gone already,
     /// taking them with it).
-    pub async fn detach(&self, task: u64) {
+    pub(crate) async fn detach(&self, task: u64) {
         let Some(links) = self.inner.lock().await.ports.remove(&task) else {
             return;
         };
@@ -400,7 +400,7 @@ impl Overlays {
 
     /// Removes every overlay network of this node, and its tunnel (it
     /// leaves the swarm).
-    pub async fn remove_all(&self) {
+    pub(crate) async fn remove_all(&self) {
         let mut inner = self.inner.lock().await;
         inner.closed = true;
         inner.known = None;

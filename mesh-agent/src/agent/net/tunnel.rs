@@ -29,10 +29,10 @@ use crate::{
 };
 
 /// WireGuard's overhead on an IPv4 underlay: IP 20, UDP 8, WireGuard 32.
-pub const WIREGUARD_OVERHEAD: u32 = 60;
+pub(crate) const WIREGUARD_OVERHEAD: u32 = 60;
 /// VXLAN's overhead over the IPv6 tunnel addresses: IPv6 40, UDP 8,
 /// VXLAN 8, inner Ethernet 14.
-pub const VXLAN6_OVERHEAD: u32 = 70;
+pub(crate) const VXLAN6_OVERHEAD: u32 = 70;
 
 /// Which WireGuard implementation the agent uses (`--wireguard`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -63,7 +63,7 @@ struct Active {
 }
 
 /// The node's tunnel.
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     private: Zeroizing<Key>,
     mode: WireguardMode,
     active: Option<Active>,
@@ -73,7 +73,7 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// Nothing set up yet; `private` is the node's WireGuard key.
-    pub fn new(private: Key, mode: WireguardMode) -> Tunnel {
+    pub(crate) fn new(private: Key, mode: WireguardMode) -> Tunnel {
         Tunnel {
             private: Zeroizing::new(private),
             mode,
@@ -83,22 +83,17 @@ impl Tunnel {
     }
 
     /// The node's public key.
-    pub fn public_key(&self) -> Key {
+    pub(crate) fn public_key(&self) -> Key {
         PublicKey::from(&StaticSecret::from(*self.private)).to_bytes()
     }
 
-    /// Whether the device is up.
-    pub fn is_up(&self) -> bool {
-        self.active.is_some()
-    }
-
     /// Its tunnel address, while it is up.
-    pub fn address(&self) -> Option<std::net::Ipv6Addr> {
+    pub(crate) fn address(&self) -> Option<std::net::Ipv6Addr> {
         self.active.as_ref().map(|a| a.address)
     }
 
     /// Each peer's traffic and last handshake, while the tunnel is up.
-    pub fn peer_stats(&self) -> Vec<crate::dataplane::wireguard::PeerStats> {
+    pub(crate) fn peer_stats(&self) -> Vec<crate::dataplane::wireguard::PeerStats> {
         match self.active.as_ref().map(|a| &a.backend) {
             Some(Backend::Kernel) => wireguard::kernel_peer_stats(DEVICE).unwrap_or_else(|e| {
                 log::warn!("reading WireGuard statistics: {e}");
@@ -111,7 +106,7 @@ impl Tunnel {
 
     /// Brings the tunnel in line with `want` (removed when `None`).
     /// `underlay_mtu` is the MTU of the data-path link.
-    pub fn apply(&mut self, want: Option<&TunnelAssignment>, underlay_mtu: u32) -> Result<(), NetError> {
+    pub(crate) fn apply(&mut self, want: Option<&TunnelAssignment>, underlay_mtu: u32) -> Result<(), NetError> {
         let Some(want) = want else {
             // The first call after a start also clears what an earlier
             // agent may have left.
@@ -228,7 +223,7 @@ impl Tunnel {
 
     /// Removes the device and its guard (nothing encrypted is left here,
     /// or the node leaves).
-    pub fn remove(&mut self) {
+    pub(crate) fn remove(&mut self) {
         if let Some(Active {
             backend: Backend::Userspace(u),
             ..

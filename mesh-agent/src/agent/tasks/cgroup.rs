@@ -12,7 +12,7 @@ use super::error::TaskError;
 
 /// Where the cgroup v2 hierarchy is mounted, from `mountinfo` text: the
 /// mount point of the first `cgroup2` file system.
-pub fn cgroup2_root(mountinfo: &str) -> Option<PathBuf> {
+pub(crate) fn cgroup2_root(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         if right.split_whitespace().next()? != "cgroup2" {
@@ -30,7 +30,7 @@ pub struct TaskCgroup {
 
 impl TaskCgroup {
     /// Makes (or finds) the cgroup of the agent with data directory `data_dir`.
-    pub fn create(data_dir: &Path) -> Result<TaskCgroup, TaskError> {
+    pub(crate) fn create(data_dir: &Path) -> Result<TaskCgroup, TaskError> {
         let mountinfo =
             std::fs::read_to_string("/proc/self/mountinfo").map_err(TaskError::io("reading /proc/self/mountinfo"))?;
         let root = cgroup2_root(&mountinfo).ok_or(TaskError::NoCgroup2)?;
@@ -65,18 +65,13 @@ impl TaskCgroup {
     }
 
     /// Its directory (what programs attach to).
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The file a process writes its PID to, to join.
-    pub fn procs(&self) -> PathBuf {
+    pub(crate) fn procs(&self) -> PathBuf {
         self.dir.join("cgroup.procs")
-    }
-
-    /// Removes it (only possible once no task is left in it).
-    pub fn remove(&self) {
-        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 

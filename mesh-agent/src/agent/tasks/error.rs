@@ -7,7 +7,7 @@ use crate::agent::net::{bridge::NetworkError, error::NetError, netns::NetnsError
 
 /// A task's failure before it ran (or when taken over after a restart).
 #[derive(Debug, thiserror::Error)]
-pub enum TaskError {
+pub(crate) enum TaskError {
     /// `--user` is not USER, UID, USER:GROUP or UID:GID.
     #[error("invalid --user {spec:?}: expected USER, UID, USER:GROUP or UID:GID")]
     UserSyntax {
@@ -77,7 +77,7 @@ pub enum TaskError {
 
 impl TaskError {
     /// A failed file-system step, with what it was.
-    pub fn io(doing: impl Into<String>) -> impl FnOnce(io::Error) -> TaskError {
+    pub(crate) fn io(doing: impl Into<String>) -> impl FnOnce(io::Error) -> TaskError {
         let doing = doing.into();
         move |source| TaskError::Io { doing, source }
     }

@@ -19,15 +19,15 @@ use super::error::TaskError;
 use crate::api::secret::{Kind, TaskFile, CONFIGS_DIR, SECRETS_DIR};
 
 /// The staged files of one task, mounted at `dir` until [`Staged::release`].
-pub struct Staged {
+pub(crate) struct Staged {
     dir: PathBuf,
     /// (source in the staging tmpfs, where the task sees it).
-    pub binds: Vec<(PathBuf, PathBuf)>,
+    pub(crate) binds: Vec<(PathBuf, PathBuf)>,
 }
 
 /// Mounts a tmpfs at `dir` and writes `files` into it, one directory per
 /// kind, with their owner and mode.
-pub fn stage(dir: &Path, files: &[TaskFile]) -> Result<Staged, TaskError> {
+pub(crate) fn stage(dir: &Path, files: &[TaskFile]) -> Result<Staged, TaskError> {
     let total: usize = files.iter().map(|f| f.data.len()).sum();
     fs::DirBuilder::new()
         .recursive(true)
@@ -124,7 +124,7 @@ fn write_all(mut staged: Staged, files: &[TaskFile]) -> Result<Staged, TaskError
 impl Staged {
     /// Unmounts the staging tmpfs from the node's namespace (a started
     /// task keeps its own mount) and removes its directory.
-    pub fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         if let Ok(path) = crate::agent::net::netns::c_path(&self.dir) {
             // SAFETY: a NUL-terminated path.
             unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };

@@ -6,7 +6,7 @@ use crate::api::service::HealthCheck;
 
 /// A task's health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Health {
+pub(crate) enum Health {
     /// No verdict yet.
     Starting,
     /// The last check passed.
@@ -17,14 +17,14 @@ pub enum Health {
 
 /// Consecutive failures, and whether the task was ever healthy.
 #[derive(Clone, Debug, Default)]
-pub struct HealthTracker {
+pub(crate) struct HealthTracker {
     failures: u32,
     healthy: bool,
 }
 
 impl HealthTracker {
     /// Records one check that ended `since_start_ms` after the task started.
-    pub fn record(&mut self, passed: bool, since_start_ms: u64, check: &HealthCheck) -> Health {
+    pub(crate) fn record(&mut self, passed: bool, since_start_ms: u64, check: &HealthCheck) -> Health {
         if passed {
             self.failures = 0;
             self.healthy = true;

@@ -8,20 +8,20 @@ use std::{
 };
 
 /// At most this much log text goes into one reply.
-pub const MAX_CHUNK: u64 = 256 * 1024;
+pub(crate) const MAX_CHUNK: u64 = 256 * 1024;
 
 /// Log text and where to read on from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Chunk {
+pub(crate) struct Chunk {
     /// Whole lines (a partial last line waits for its newline).
-    pub text: String,
+    pub(crate) text: String,
     /// Byte offset after `text`.
-    pub next: u64,
+    pub(crate) next: u64,
 }
 
 /// Reads from `from` (or, when `None`, the last `tail` lines; all lines if
 /// `tail` is `None` too). A missing file reads as empty.
-pub fn read(path: &Path, from: Option<u64>, tail: Option<usize>) -> io::Result<Chunk> {
+pub(crate) fn read(path: &Path, from: Option<u64>, tail: Option<usize>) -> io::Result<Chunk> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Chunk::default()),

@@ -9,10 +9,10 @@
 //! - [`error`]: why a task could not be started or adopted.
 
 pub mod cgroup;
-pub mod error;
-pub mod files;
-pub mod health;
-pub mod logs;
-pub mod plan;
+pub(crate) mod error;
+pub(crate) mod files;
+pub(crate) mod health;
+pub(crate) mod logs;
+pub(crate) mod plan;
 pub mod process;
 pub mod supervisor;

@@ -7,7 +7,7 @@ use crate::api::service::{Assignment, DesiredState, TaskReport, TaskState};
 
 /// One step of a node's reconciliation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Prepare and start this task.
     Start(Assignment),
     /// Stop this running task (SIGTERM, then SIGKILL after its grace period).
@@ -27,22 +27,22 @@ pub enum Action {
 
 /// What the node has.
 #[derive(Clone, Debug, Default)]
-pub struct Local {
+pub(crate) struct Local {
     /// Tasks whose process this agent started and still watches.
-    pub running: BTreeSet<u64>,
+    pub(crate) running: BTreeSet<u64>,
     /// Tasks this agent already reported as ended (their reports may not
     /// have reached the store yet).
-    pub ended: BTreeSet<u64>,
+    pub(crate) ended: BTreeSet<u64>,
     /// Task directories on disk.
-    pub dirs: BTreeSet<u64>,
+    pub(crate) dirs: BTreeSet<u64>,
     /// Tasks whose process a previous agent left alive (known only until
     /// the first reconciliation after a restart).
-    pub leftovers: BTreeSet<u64>,
+    pub(crate) leftovers: BTreeSet<u64>,
 }
 
 /// Diffs the managers' view of this node's tasks against the node's own.
 /// `retained` are ended tasks the store still lists (their logs stay).
-pub fn reconcile(assigned: &[Assignment], retained: &[u64], local: &Local) -> Vec<Action> {
+pub(crate) fn reconcile(assigned: &[Assignment], retained: &[u64], local: &Local) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut known: BTreeSet<u64> = retained.iter().copied().collect();
     for a in assigned {

@@ -23,17 +23,17 @@ use super::error::TaskError;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {
     /// User ID.
-    pub uid: u32,
+    pub(crate) uid: u32,
     /// Primary group ID.
-    pub gid: u32,
+    pub(crate) gid: u32,
     /// Home directory (for `HOME`).
-    pub home: String,
+    pub(crate) home: String,
 }
 
 /// Resolves `--user` (`name`, `uid`, `name:group` or `uid:gid`) against the
 /// texts of /etc/passwd and /etc/group. Pure, so it is tested without root
 /// and never calls the libc resolver from the agent's threads.
-pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User, TaskError> {
+pub(crate) fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User, TaskError> {
     let (user_part, group_part) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -97,7 +97,7 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<User, TaskE
 
 /// The environment a task starts with: a fixed base (there is no image to
 /// take one from), then the service's `--env`, which may override it.
-pub fn environment(
+pub(crate) fn environment(
     service_env: &BTreeMap<String, String>,
     hostname: &str,
     task_name: &str,
@@ -280,7 +280,7 @@ fn enter_task_namespaces(
 /// Starts `sh -c COMMAND` inside a running task's namespaces (network,
 /// UTS, mount) as the task's user, with the task's environment; stdout and
 /// stderr are piped to the caller. This is how health checks run.
-pub fn spawn_in_task(
+pub(crate) fn spawn_in_task(
     task_pid: u32,
     command: &str,
     env: &BTreeMap<String, String>,
@@ -328,7 +328,7 @@ pub fn spawn_in_task(
 
 /// Sends `signal` to the process group led by `pid` (the task and anything
 /// it started); a group that is already gone is not an error.
-pub fn signal_group(pid: u32, signal: i32) -> io::Result<()> {
+pub(crate) fn signal_group(pid: u32, signal: i32) -> io::Result<()> {
     let pgid = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: kill has no memory preconditions.
     match check(unsafe { libc::kill(-pgid, signal) }) {
@@ -339,14 +339,14 @@ pub fn signal_group(pid: u32, signal: i32) -> io::Result<()> {
 
 /// A task process this agent did not start (a previous agent did), watched
 /// through a pidfd: it is not our child, so its exit status is unknown.
-pub struct Adopted {
+pub(crate) struct Adopted {
     pidfd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
 }
 
 impl Adopted {
     /// Watches `pid` if it is still the process that started at `start`
     /// (checked after the pidfd is open, so a reused PID is never taken).
-    pub fn open(pid: u32, start: u64) -> io::Result<Adopted> {
+    pub(crate) fn open(pid: u32, start: u64) -> io::Result<Adopted> {
         use std::os::fd::FromRawFd;
         let raw = i32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
         // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1.
@@ -370,7 +370,7 @@ impl Adopted {
     }
 
     /// Returns once the process has exited (a pidfd turns readable then).
-    pub async fn exited(&self) {
+    pub(crate) async fn exited(&self) {
         // An error here means the fd itself broke; treat it as gone.
         let _ = self.pidfd.readable().await;
     }
@@ -387,7 +387,7 @@ pub fn start_time(pid: u32) -> Option<u64> {
 }
 
 /// How a process ended, as `service ps` shows it.
-pub fn describe_exit(status: std::process::ExitStatus) -> (bool, String) {
+pub(crate) fn describe_exit(status: std::process::ExitStatus) -> (bool, String) {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(0), _) => (true, String::new()),

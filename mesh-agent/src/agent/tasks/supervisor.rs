@@ -47,7 +47,7 @@ use crate::api::{
 /// its endpoint before it starts anyway (a node that stopped answering is
 /// Down after three missed heartbeats, 3 s by default, and then no longer
 /// waited for).
-pub const PEERS_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const PEERS_WAIT: Duration = Duration::from_secs(5);
 
 /// Waits until `peers` (how many nodes have yet to learn a task's
 /// endpoint) is 0, or `limit` has passed; how many are left. `waiting` is
@@ -76,7 +76,7 @@ async fn wait_for_peers(mut peers: watch::Receiver<u32>, limit: Duration, mut wa
 const HEALTH_OUTPUT_MAX: usize = 200;
 
 /// Runs this node's tasks.
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     dir: PathBuf,
     network: Arc<LocalNetwork>,
     overlays: Arc<Overlays>,
@@ -112,14 +112,14 @@ fn parse_task_dir_name(name: &str) -> Option<u64> {
 
 impl Supervisor {
     /// (tasks running here, tasks that ended here and are still listed).
-    pub fn counts(&self) -> (usize, usize) {
+    pub(crate) fn counts(&self) -> (usize, usize) {
         let inner = self.inner.locked();
         (inner.running.len(), inner.ended.len())
     }
 
     /// A runner keeping tasks under `dir`; first clears what a previous
     /// agent left there.
-    pub fn new(
+    pub(crate) fn new(
         dir: PathBuf,
         network: Arc<LocalNetwork>,
         overlays: Arc<Overlays>,
@@ -144,7 +144,7 @@ impl Supervisor {
     }
 
     /// Where task `id`'s log is.
-    pub fn log_path(&self, id: u64) -> PathBuf {
+    pub(crate) fn log_path(&self, id: u64) -> PathBuf {
         self.dir.join(task_dir_name(id)).join("log")
     }
 
@@ -167,7 +167,7 @@ impl Supervisor {
     /// agent's first sync would drop their backends until adoption ended.
     /// A task whose address cannot be read is left to its adoption, which
     /// reports why.
-    pub async fn adopt_addresses(&self, assigned: &[Assignment]) {
+    pub(crate) async fn adopt_addresses(&self, assigned: &[Assignment]) {
         let pending: Vec<u64> = {
             let inner = self.lock();
             assigned
@@ -188,7 +188,7 @@ impl Supervisor {
     }
 
     /// Brings this node in line with its assignments.
-    pub fn apply(self: &Arc<Self>, assigned: &[Assignment], retained: &[u64]) {
+    pub(crate) fn apply(self: &Arc<Self>, assigned: &[Assignment], retained: &[u64]) {
         let dirs = task_dirs(&self.dir);
         let mut inner = self.lock();
         // Once the store lists an ended task as ended (or not at all), its
@@ -251,7 +251,7 @@ impl Supervisor {
 
     /// Stops every task (the node leaves the swarm) and waits for them to
     /// end, up to `limit`. Whether they all ended.
-    pub async fn stop_all(&self, limit: Duration) -> bool {
+    pub(crate) async fn stop_all(&self, limit: Duration) -> bool {
         {
             let mut inner = self.lock();
             for stop in inner.running.values() {
@@ -676,7 +676,7 @@ fn remove_namespace(task_dir: &Path) {
 /// The live task processes a previous agent left under `dir` (checking
 /// the recorded start time, so a reused PID is never taken for a task).
 /// What is left of dead ones (PID file, namespace) is removed.
-pub fn find_leftovers(dir: &Path) -> BTreeMap<u64, (u32, u64)> {
+pub(crate) fn find_leftovers(dir: &Path) -> BTreeMap<u64, (u32, u64)> {
     let mut alive = BTreeMap::new();
     for id in task_dirs(dir) {
         let task_dir = dir.join(task_dir_name(id));

@@ -43,7 +43,7 @@ fn epoch_with(key: &OverlayKey, node: NodeId, peer: NodeId) -> EspEpoch {
 /// network. Its peers are the other nodes with an endpoint on those
 /// networks and an IPv4 data-path address; with no overlay key yet, they
 /// have no associations (and the node sends them nothing).
-pub fn ipsec_assignment(
+pub(crate) fn ipsec_assignment(
     state: &ClusterState,
     node: NodeId,
     tasks: &[Assignment],

@@ -2,6 +2,6 @@
 //! overlay subnets, gateways, VNIs and task addresses ([`network`]), each
 //! node's WireGuard tunnel ([`tunnel`]) and IPsec associations ([`ipsec`]).
 
-pub mod ipsec;
+pub(crate) mod ipsec;
 pub mod network;
-pub mod tunnel;
+pub(crate) mod tunnel;

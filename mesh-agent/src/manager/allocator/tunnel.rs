@@ -31,7 +31,7 @@ use crate::api::{
 
 /// The other nodes with an endpoint on the networks encrypted with
 /// `encryption` that `tasks` are on; `None` if no task is on one.
-pub fn encrypted_peers(
+pub(crate) fn encrypted_peers(
     state: &ClusterState,
     node: NodeId,
     tasks: &[Assignment],
@@ -66,7 +66,7 @@ pub fn encrypted_peers(
 /// Node `node`'s tunnel: `None` unless one of `tasks` is on a
 /// WireGuard-encrypted network. Its peers are the other nodes with an
 /// endpoint on those networks that have reported a key.
-pub fn tunnel_assignment(
+pub(crate) fn tunnel_assignment(
     state: &ClusterState,
     node: NodeId,
     tasks: &[Assignment],

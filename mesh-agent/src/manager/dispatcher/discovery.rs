@@ -9,31 +9,15 @@ use std::{
     net::Ipv4Addr,
 };
 
-use crate::api::service::{Assignment, DesiredState, EndpointMode, TaskState};
+use crate::api::service::{DesiredState, EndpointMode, TaskState};
 
-use crate::api::assignment::discovery::{NetworkServices, ServiceRecord};
+use crate::api::assignment::discovery::ServiceRecord;
 use crate::api::store::ClusterState;
-
-/// What node `tasks`' networks hold.
-pub fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServices> {
-    let networks: BTreeSet<u64> = tasks
-        .iter()
-        .flat_map(|t| t.spec.networks.iter().map(|n| n.network))
-        .collect();
-    let mut all = by_network(state, &networks);
-    networks
-        .into_iter()
-        .map(|network| NetworkServices {
-            network,
-            services: all.remove(&network).unwrap_or_default().into(),
-        })
-        .collect()
-}
 
 /// The services on each of `networks`: one pass over the tasks, then one
 /// over the services per network. The dispatcher makes this once per
 /// state for every network and gives each node the networks it needs.
-pub fn by_network(state: &ClusterState, networks: &BTreeSet<u64>) -> BTreeMap<u64, Vec<ServiceRecord>> {
+pub(crate) fn by_network(state: &ClusterState, networks: &BTreeSet<u64>) -> BTreeMap<u64, Vec<ServiceRecord>> {
     // (network, service) -> its running tasks there, in task ID order.
     let mut running: BTreeMap<(u64, u64), Vec<(u64, Ipv4Addr)>> = BTreeMap::new();
     for t in state
@@ -77,11 +61,28 @@ mod tests {
     use super::*;
     use crate::{
         api::{
+            assignment::discovery::NetworkServices,
             network::{NetworkAttachment, TaskNetwork},
-            service::{Task, TaskSpec},
+            service::{Assignment, Task, TaskSpec},
         },
         manager::orchestrator::tests_support::{self, service},
     };
+
+    /// What node `tasks`' networks hold.
+    fn discovery(state: &ClusterState, tasks: &[Assignment]) -> Vec<NetworkServices> {
+        let networks: BTreeSet<u64> = tasks
+            .iter()
+            .flat_map(|t| t.spec.networks.iter().map(|n| n.network))
+            .collect();
+        let mut all = by_network(state, &networks);
+        networks
+            .into_iter()
+            .map(|network| NetworkServices {
+                network,
+                services: all.remove(&network).unwrap_or_default().into(),
+            })
+            .collect()
+    }
 
     fn task(id: u64, service: u64, state: TaskState, address: [u8; 4]) -> Task {
         Task {

@@ -12,7 +12,7 @@ use crate::api::{objects::NodeId, store::ClusterState};
 
 /// The fleet's mesh in `state`: one pass over the tasks and one over
 /// the nodes; `None` when no service publishes a port.
-pub fn fleet_of(state: &ClusterState) -> Option<MeshFleet> {
+pub(crate) fn fleet_of(state: &ClusterState) -> Option<MeshFleet> {
     let mut running: BTreeMap<u64, Vec<(u64, NodeId, String)>> = BTreeMap::new();
     for t in state
         .tasks

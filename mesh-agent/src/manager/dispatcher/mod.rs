@@ -7,9 +7,9 @@
 //! giving every node a full grace period, so a leader change alone never
 //! marks nodes Down.
 
-pub mod discovery;
-pub mod mesh;
-pub mod propagation;
+pub(crate) mod discovery;
+pub(crate) mod mesh;
+pub(crate) mod propagation;
 
 use crate::api::secret::{task_files, BlobRef, Kind};
 use std::{
@@ -37,23 +37,23 @@ use crate::api::{
 
 /// When the leader last heard from each node.
 #[derive(Debug, Default)]
-pub struct Liveness {
+pub(crate) struct Liveness {
     last_seen: HashMap<NodeId, Instant>,
 }
 
 impl Liveness {
     /// A node heartbeated at `now`.
-    pub fn seen(&mut self, id: NodeId, now: Instant) {
+    pub(crate) fn seen(&mut self, id: NodeId, now: Instant) {
         self.last_seen.insert(id, now);
     }
 
     /// Starts over: every node counts as seen at `now` (on gaining leadership).
-    pub fn reset(&mut self, ids: impl IntoIterator<Item = NodeId>, now: Instant) {
+    pub(crate) fn reset(&mut self, ids: impl IntoIterator<Item = NodeId>, now: Instant) {
         self.last_seen = ids.into_iter().map(|id| (id, now)).collect();
     }
 
     /// Whether `id` was heard from within `timeout` of `now`.
-    pub fn is_alive(&self, id: NodeId, now: Instant, timeout: Duration) -> bool {
+    pub(crate) fn is_alive(&self, id: NodeId, now: Instant, timeout: Duration) -> bool {
         self.last_seen
             .get(&id)
             .is_some_and(|seen| now.saturating_duration_since(*seen) <= timeout)
@@ -61,7 +61,7 @@ impl Liveness {
 
     /// Nodes recorded as Ready (or Unknown) that have been silent for longer
     /// than `timeout`: they should be marked Down.
-    pub fn overdue(&self, state: &ClusterState, now: Instant, timeout: Duration) -> Vec<NodeId> {
+    pub(crate) fn overdue(&self, state: &ClusterState, now: Instant, timeout: Duration) -> Vec<NodeId> {
         state
             .nodes
             .values()
@@ -72,7 +72,7 @@ impl Liveness {
     }
 
     /// Forgets a removed node.
-    pub fn forget(&mut self, id: NodeId) {
+    pub(crate) fn forget(&mut self, id: NodeId) {
         self.last_seen.remove(&id);
     }
 }
@@ -80,17 +80,17 @@ impl Liveness {
 /// How often a node's heartbeats may rewrite its own facts in the store
 /// (WireGuard key, agent version): they change on an upgrade or a new key,
 /// not on every beat, and each change is a Raft write.
-pub const NODE_FACTS_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const NODE_FACTS_EVERY: Duration = Duration::from_secs(10);
 
 /// When each node's facts were last written from its heartbeats.
 #[derive(Debug, Default)]
-pub struct FactWrites {
+pub(crate) struct FactWrites {
     last: HashMap<NodeId, Instant>,
 }
 
 impl FactWrites {
     /// Whether `id`'s facts may be written at `now` (and if so, counts it).
-    pub fn allow(&mut self, id: NodeId, now: Instant) -> bool {
+    pub(crate) fn allow(&mut self, id: NodeId, now: Instant) -> bool {
         match self.last.get(&id) {
             Some(at) if now.saturating_duration_since(*at) < NODE_FACTS_EVERY => false,
             _ => {
@@ -101,13 +101,13 @@ impl FactWrites {
     }
 
     /// Forgets a removed node.
-    pub fn forget(&mut self, id: NodeId) {
+    pub(crate) fn forget(&mut self, id: NodeId) {
         self.last.remove(&id);
     }
 }
 
 /// How long a node may stay silent before it is Down.
-pub fn down_after(state: &ClusterState) -> Duration {
+pub(crate) fn down_after(state: &ClusterState) -> Duration {
     let (period, misses) = state
         .cluster
         .as_ref()
@@ -120,7 +120,7 @@ pub fn down_after(state: &ClusterState) -> Duration {
 /// shared by all the nodes' long polls: without it each node's answer
 /// walked every task of the swarm, so one change cost nodes x tasks.
 #[derive(Debug, Default)]
-pub struct DispatchIndex {
+pub(crate) struct DispatchIndex {
     /// Each node's tasks (ended ones included), in task ID order.
     tasks_by_node: HashMap<NodeId, Vec<u64>>,
     /// Each network's endpoints: its unended tasks that have a node.
@@ -136,7 +136,7 @@ pub struct DispatchIndex {
 
 impl DispatchIndex {
     /// The index of `state`.
-    pub fn new(state: &ClusterState) -> DispatchIndex {
+    pub(crate) fn new(state: &ClusterState) -> DispatchIndex {
         let mut tasks_by_node: HashMap<NodeId, Vec<u64>> = HashMap::new();
         let mut endpoints: BTreeMap<u64, BTreeSet<Peer>> = BTreeMap::new();
         let mut network_nodes: BTreeMap<u64, BTreeSet<NodeId>> = BTreeMap::new();
@@ -177,7 +177,7 @@ impl DispatchIndex {
 
 impl DispatchIndex {
     /// The nodes with an unended task on `network`.
-    pub fn nodes_on(&self, network: u64) -> &[NodeId] {
+    pub(crate) fn nodes_on(&self, network: u64) -> &[NodeId] {
         self.network_nodes.get(&network).map_or(&[], Vec::as_slice)
     }
 }
@@ -210,29 +210,29 @@ impl<T: serde::Serialize + Default> Default for Shared<T> {
 /// long polls again: a burst of writes costs one index and one answer per
 /// node, not one per write (swarmkit's dispatcher batches the same way). A
 /// change after a quiet spell is answered at once.
-pub const ASSIGNMENTS_BATCH: Duration = Duration::from_millis(100);
+pub(crate) const ASSIGNMENTS_BATCH: Duration = Duration::from_millis(100);
 
 /// A state and its dispatch index, as every long poll of one batch sees it.
 #[derive(Debug)]
-pub struct DispatchView {
+pub(crate) struct DispatchView {
     /// The state (a persistent map underneath, so holding it is cheap for
     /// the applies that follow).
-    pub state: Arc<ClusterState>,
+    pub(crate) state: Arc<ClusterState>,
     /// Its index.
-    pub index: DispatchIndex,
+    pub(crate) index: DispatchIndex,
     /// The last applied log index when the state was read (the state may
     /// hold a little more).
-    pub applied: u64,
+    pub(crate) applied: u64,
     /// Its number among the views this manager made (they are made in
     /// order, each of a state holding at least the previous one's).
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// When it was made.
-    pub made: Instant,
+    pub(crate) made: Instant,
 }
 
 impl DispatchView {
     /// View number `seq`, of `state`, applied up to at least `applied`.
-    pub fn new(state: Arc<ClusterState>, applied: u64, seq: u64, now: Instant) -> DispatchView {
+    pub(crate) fn new(state: Arc<ClusterState>, applied: u64, seq: u64, now: Instant) -> DispatchView {
         DispatchView {
             index: DispatchIndex::new(&state),
             state,
@@ -243,21 +243,22 @@ impl DispatchView {
     }
 
     /// When the next view may be made: one batch after this one.
-    pub fn next_at(&self) -> Instant {
+    pub(crate) fn next_at(&self) -> Instant {
         self.made + ASSIGNMENTS_BATCH
     }
 
     /// Whether a long poll asking at `now`, with `applied` entries applied,
     /// should have a new view made rather than use this one: only when
     /// this one is behind and its batch is over.
-    pub fn is_due_for_renewal(&self, applied: u64, now: Instant) -> bool {
+    pub(crate) fn is_due_for_renewal(&self, applied: u64, now: Instant) -> bool {
         self.applied < applied && now >= self.next_at()
     }
 }
 
 /// What node `node` is told about its tasks: every task placed on it that
 /// has not ended, with the spec to run, and the ended ones still listed.
-pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
+#[cfg(test)]
+pub(crate) fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
     assignments_with(state, &DispatchIndex::new(state), node, &mut |_| 0)
 }
 
@@ -265,7 +266,7 @@ pub fn assignments(state: &ClusterState, node: NodeId) -> Assignments {
 /// the node's own tasks, its networks and the routing mesh, not the swarm.
 /// `pending` tells, for a task about to start, how many nodes on its
 /// networks have yet to learn its endpoint (`dispatcher::propagation`).
-pub fn assignments_with(
+pub(crate) fn assignments_with(
     state: &ClusterState,
     index: &DispatchIndex,
     node: NodeId,

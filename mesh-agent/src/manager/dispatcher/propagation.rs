@@ -36,7 +36,7 @@ const TALLY_REUSE: Duration = Duration::from_millis(20);
 /// The leader's record of what each node has applied (see the module's
 /// comment). Pure: time comes in as an argument.
 #[derive(Debug, Default)]
-pub struct Propagation {
+pub(crate) struct Propagation {
     /// The last answer sent to each node: its digest and the view it came from.
     sent: HashMap<NodeId, (String, u64)>,
     /// The view of the last answer each node has applied.
@@ -63,13 +63,13 @@ fn is_starting(task: &Task) -> bool {
 
 impl Propagation {
     /// The answer `digest`, from view `view`, went to `node`.
-    pub fn answered(&mut self, node: NodeId, digest: &str, view: u64) {
+    pub(crate) fn answered(&mut self, node: NodeId, digest: &str, view: u64) {
         self.sent.insert(node, (digest.to_string(), view));
     }
 
     /// `node` polled naming `known`, the digest of the answer it applied
     /// ("" when it has none, or applying failed).
-    pub fn polled(&mut self, node: NodeId, known: &str) {
+    pub(crate) fn polled(&mut self, node: NodeId, known: &str) {
         match self.sent.get(&node) {
             Some((digest, view)) if !known.is_empty() && digest == known => {
                 self.applied.insert(node, *view);
@@ -84,19 +84,19 @@ impl Propagation {
 
     /// Whether an answer of this leader reached `node` (if not, its next
     /// poll is answered at once, so its progress is known).
-    pub fn has_answered(&self, node: NodeId) -> bool {
+    pub(crate) fn has_answered(&self, node: NodeId) -> bool {
         self.sent.contains_key(&node)
     }
 
     /// A removed node.
-    pub fn forget(&mut self, node: NodeId) {
+    pub(crate) fn forget(&mut self, node: NodeId) {
         self.sent.remove(&node);
         self.applied.remove(&node);
     }
 
     /// View `view` of `state` was made: tasks that start from now on are
     /// listed from it; tasks that started or ended are forgotten.
-    pub fn view_made(&mut self, state: &ClusterState, view: u64) {
+    pub(crate) fn view_made(&mut self, state: &ClusterState, view: u64) {
         self.since.retain(|id, _| state.tasks.get(id).is_some_and(is_starting));
         for task in state.tasks.values().filter(|t| is_starting(t)) {
             self.since.entry(task.id).or_insert(view);
@@ -106,7 +106,7 @@ impl Propagation {
     /// How many nodes on `task`'s networks (the most on any one of them),
     /// its own left out, have not applied an answer that lists its endpoint, as of view
     /// `view` made of `state` with `index`. 0 for a task not starting.
-    pub fn pending(
+    pub(crate) fn pending(
         &mut self,
         task: &Task,
         state: &ClusterState,

@@ -5,7 +5,7 @@
 //! proposes the command it returns. A pass that has nothing to change
 //! returns `None`, so a converged cluster writes nothing to Raft.
 
-pub mod update;
+pub(crate) mod update;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -23,15 +23,15 @@ use crate::api::{
 use crate::api::service::{place_of, should_restart, DesiredState, Place, Service, ServiceMode, Task, TaskState};
 
 /// How long a Down node keeps its tasks before they are replaced elsewhere.
-pub const DOWN_GRACE_SECS: u64 = 5;
+pub(crate) const DOWN_GRACE_SECS: u64 = 5;
 
 /// A task whose node has been Down this long (or was removed) is Orphaned:
 /// nobody can say how it ended (swarmkit's 24 h).
-pub const ORPHAN_AFTER_SECS: u64 = 24 * 3600;
+pub(crate) const ORPHAN_AFTER_SECS: u64 = 24 * 3600;
 
 /// Unended tasks whose node is gone or Down for longer than
 /// [`ORPHAN_AFTER_SECS`].
-pub fn orphans(state: &ClusterState, now: u64) -> Vec<u64> {
+pub(crate) fn orphans(state: &ClusterState, now: u64) -> Vec<u64> {
     let lost = |node: NodeId| match state.nodes.get(&node) {
         None => true,
         Some(n) => n.status == NodeStatus::Down && now.saturating_sub(n.updated_at) > ORPHAN_AFTER_SECS,
@@ -105,7 +105,7 @@ fn restarts(service: &Service, tasks: &[&Task], now_ms: u64) -> Restarts {
 }
 
 /// The nodes as the scheduler sees them.
-pub fn sched_nodes(state: &ClusterState) -> Vec<SchedNode> {
+pub(crate) fn sched_nodes(state: &ClusterState) -> Vec<SchedNode> {
     state
         .nodes
         .values()
@@ -121,7 +121,7 @@ pub fn sched_nodes(state: &ClusterState) -> Vec<SchedNode> {
 }
 
 /// A service's placement rules (its constraints were checked on create).
-pub fn placement_of(service: &Service) -> Placement {
+pub(crate) fn placement_of(service: &Service) -> Placement {
     Placement {
         constraints: service
             .spec
@@ -137,7 +137,7 @@ pub fn placement_of(service: &Service) -> Placement {
 /// How many tasks a plan places on a node, and how many it creates
 /// Pending because no node fits (for the scheduler's metrics, which the
 /// caller records: planning touches no global state).
-pub fn decisions(plan: &Command) -> (u64, u64) {
+pub(crate) fn decisions(plan: &Command) -> (u64, u64) {
     let Command::ApplyPlan { create, .. } = plan else {
         return (0, 0);
     };

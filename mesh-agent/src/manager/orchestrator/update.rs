@@ -17,17 +17,17 @@ use crate::api::objects::NodeId;
 
 /// The updater's verdict for one service.
 #[derive(Debug, Default, PartialEq)]
-pub struct UpdateStep {
+pub(crate) struct UpdateStep {
     /// Places the scheduler must leave empty for now (old tasks stopping).
-    pub resting: BTreeSet<Place>,
+    pub(crate) resting: BTreeSet<Place>,
     /// Old tasks the scheduler must not see (replaced start-first).
-    pub hidden: BTreeSet<u64>,
+    pub(crate) hidden: BTreeSet<u64>,
     /// Old tasks to shut down.
-    pub shutdown: Vec<(u64, String)>,
+    pub(crate) shutdown: Vec<(u64, String)>,
     /// New progress, when it changed.
-    pub status: Option<crate::api::service::UpdateStatus>,
+    pub(crate) status: Option<crate::api::service::UpdateStatus>,
     /// The update failed and rolls back.
-    pub rollback: bool,
+    pub(crate) rollback: bool,
 }
 
 fn live(t: &Task) -> bool {
@@ -36,7 +36,7 @@ fn live(t: &Task) -> bool {
 
 /// Decides one pass of a service's rolling update. `node_ready` tells
 /// whether a node can still stop its tasks (a Down node's never report).
-pub fn step(service: &Service, tasks: &[&Task], node_ready: &dyn Fn(NodeId) -> bool, now_ms: u64) -> UpdateStep {
+pub(crate) fn step(service: &Service, tasks: &[&Task], node_ready: &dyn Fn(NodeId) -> bool, now_ms: u64) -> UpdateStep {
     let current = service.version;
     let mut out = UpdateStep::default();
     let newest_at: std::collections::BTreeMap<Place, &Task> = tasks

@@ -2,5 +2,5 @@
 //! sealed ([`store`]), and openraft's network over the peers' mutual-TLS
 //! clients ([`network`]).
 
-pub mod network;
-pub mod store;
+pub(crate) mod network;
+pub(crate) mod store;

@@ -30,17 +30,17 @@ use crate::wire::rpc::{RpcClient, RpcError};
 use crate::api::objects::{node_id_text, NodeId};
 
 /// A client for one peer.
-pub type PeerClient = RpcClient<PeerRequest, PeerResponse>;
+pub(crate) type PeerClient = RpcClient<PeerRequest, PeerResponse>;
 
 /// Connections to managers, shared by the session loop, forwarding and Raft.
-pub struct Peers {
+pub(crate) struct Peers {
     tls: Mutex<Arc<ClientConfig>>,
     clients: Mutex<HashMap<String, PeerClient>>,
 }
 
 impl Peers {
     /// A pool whose connections present the node's certificate through `tls`.
-    pub fn new(tls: Arc<ClientConfig>) -> Arc<Self> {
+    pub(crate) fn new(tls: Arc<ClientConfig>) -> Arc<Self> {
         Arc::new(Peers {
             tls: Mutex::new(tls),
             clients: Mutex::new(HashMap::new()),
@@ -48,13 +48,13 @@ impl Peers {
     }
 
     /// New credentials (renewal, promotion, CA rotation): later connections use them.
-    pub fn set_tls(&self, tls: Arc<ClientConfig>) {
+    pub(crate) fn set_tls(&self, tls: Arc<ClientConfig>) {
         *self.tls.locked() = tls;
         self.clients.locked().clear();
     }
 
     /// The client for the manager at `addr`.
-    pub fn manager(&self, addr: &str) -> PeerClient {
+    pub(crate) fn manager(&self, addr: &str) -> PeerClient {
         let mut clients = self.clients.locked();
         clients
             .entry(addr.to_string())
@@ -71,7 +71,7 @@ impl Peers {
 
     /// One call to node `id` (any role) at `addr`: the server must present
     /// that node's own certificate (`<id>.mesh-node`).
-    pub async fn call_node(
+    pub(crate) async fn call_node(
         &self,
         id: NodeId,
         addr: &str,
@@ -94,19 +94,24 @@ impl Peers {
     }
 
     /// One call to the manager at `addr`.
-    pub async fn call(&self, addr: &str, request: PeerRequest, timeout: Duration) -> Result<PeerResponse, RpcError> {
+    pub(crate) async fn call(
+        &self,
+        addr: &str,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, RpcError> {
         self.manager(addr).call(request, timeout).await
     }
 }
 
 /// openraft's view of the network.
-pub struct RaftNet {
+pub(crate) struct RaftNet {
     /// The pool.
-    pub peers: Arc<Peers>,
+    pub(crate) peers: Arc<Peers>,
 }
 
 /// openraft's client for one target.
-pub struct RaftPeer {
+pub(crate) struct RaftPeer {
     target: NodeId,
     client: PeerClient,
 }

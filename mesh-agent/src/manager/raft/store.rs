@@ -51,7 +51,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Why the store could not be opened or read.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// redb failed.
     #[error("raft store: {0}")]
     Db(String),
@@ -162,7 +162,7 @@ impl Shared {
 }
 
 /// Opens (or creates) the store at `path`, sealed with `dek`.
-pub fn open(path: &Path, dek: DataKey) -> Result<(LogStore, StateMachineStore), StoreError> {
+pub(crate) fn open(path: &Path, dek: DataKey) -> Result<(LogStore, StateMachineStore), StoreError> {
     let db = Database::create(path).map_err(db_err)?;
     {
         // Create the tables up front so readers never see them missing.
@@ -192,7 +192,7 @@ pub fn open(path: &Path, dek: DataKey) -> Result<(LogStore, StateMachineStore), 
 
 /// The latest state in a store, for `--force-new-cluster`: the stored
 /// snapshot with every committed log entry after it applied.
-pub fn recover(path: &Path, dek: DataKey) -> Result<ClusterState, StoreError> {
+pub(crate) fn recover(path: &Path, dek: DataKey) -> Result<ClusterState, StoreError> {
     let (log, sm) = open(path, dek)?;
     let mut data = sm.data.locked().clone();
     let committed: Option<Option<LogId<NodeId>>> = log.shared.get_meta("committed")?;
@@ -210,7 +210,7 @@ pub fn recover(path: &Path, dek: DataKey) -> Result<ClusterState, StoreError> {
 
 /// The Raft log half.
 #[derive(Clone)]
-pub struct LogStore {
+pub(crate) struct LogStore {
     shared: Arc<Shared>,
 }
 
@@ -349,7 +349,7 @@ struct StoredSnapshot {
 
 /// The state machine half.
 #[derive(Clone)]
-pub struct StateMachineStore {
+pub(crate) struct StateMachineStore {
     shared: Arc<Shared>,
     data: Arc<std::sync::Mutex<SmData>>,
     applied: Arc<watch::Sender<u64>>,
@@ -359,17 +359,17 @@ pub struct StateMachineStore {
 
 impl StateMachineStore {
     /// Size in bytes of the current snapshot, 0 before the first.
-    pub fn snapshot_bytes(&self) -> u64 {
+    pub(crate) fn snapshot_bytes(&self) -> u64 {
         self.snapshot_bytes.load(Ordering::Relaxed)
     }
 
     /// The state as applied here (cheap: shared until the next apply).
-    pub fn state(&self) -> Arc<ClusterState> {
+    pub(crate) fn state(&self) -> Arc<ClusterState> {
         self.data.locked().state.clone()
     }
 
     /// The index of the last applied entry, updated after every apply.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
     }
 }
