@@ -15,7 +15,7 @@ use mesh_api::ca::pki::NodeKey;
 
 /// `swarm ca`.
 #[derive(Args, Debug)]
-pub struct CaArgs {
+pub(crate) struct CaArgs {
     /// Replace the root CA; nodes renew their certificates.
     #[arg(long)]
     rotate: bool,
@@ -29,7 +29,7 @@ pub struct CaArgs {
 /// `swarm operator-cert`: issue with --name and --out, or list and revoke.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
-pub struct OperatorCertArgs {
+pub(crate) struct OperatorCertArgs {
     #[command(subcommand)]
     action: Option<OperatorCertCommand>,
     /// Who it is for (the certificate's name; one live certificate per name).
@@ -56,7 +56,7 @@ enum OperatorCertCommand {
 }
 
 /// Runs `swarm ca`.
-pub async fn ca(client: &Client, args: CaArgs) -> ApiResult<()> {
+pub(crate) async fn ca(client: &Client, args: CaArgs) -> ApiResult<()> {
     if !args.rotate {
         let view = match client.cluster(ClusterRequest::CaInspect).await? {
             ClusterResponse::Ca(view) => view,
@@ -85,7 +85,7 @@ pub async fn ca(client: &Client, args: CaArgs) -> ApiResult<()> {
 }
 
 /// `swarm ca` without --rotate.
-pub fn ca_text(view: &CaView) -> String {
+pub(crate) fn ca_text(view: &CaView) -> String {
     let mut out = format!("Current root: sha256:{}\n", view.current);
     if view.previous.is_empty() {
         out.push_str("No previous root is trusted.\n");
@@ -110,7 +110,7 @@ pub fn ca_text(view: &CaView) -> String {
 }
 
 /// Runs `swarm operator-cert`.
-pub async fn operator_cert(client: &Client, args: OperatorCertArgs) -> ApiResult<()> {
+pub(crate) async fn operator_cert(client: &Client, args: OperatorCertArgs) -> ApiResult<()> {
     match args.action {
         Some(OperatorCertCommand::Ls(ListArgs { quiet, format })) => {
             let list = match client.cluster(ClusterRequest::OperatorCertList).await? {
@@ -189,7 +189,7 @@ fn write_operator_files(dir: &Path, key: &str, cert: &str, roots: &[String]) -> 
 }
 
 /// The `operator-cert ls` table at `now`.
-pub fn operator_table(list: &[OperatorCertView], now: u64) -> String {
+pub(crate) fn operator_table(list: &[OperatorCertView], now: u64) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|o| {

@@ -7,16 +7,16 @@
 //! 7 unavailable (no agent, no leader).
 
 /// meshctl's version, as `meshctl version` prints it.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 use mesh_api::{api, wire};
 
 mod ca;
-pub mod network;
-pub mod run;
-pub mod secret;
-pub mod service;
-pub mod table;
+pub(crate) mod network;
+pub(crate) mod run;
+pub(crate) mod secret;
+pub(crate) mod service;
+pub(crate) mod table;
 
 use std::{io::BufRead, path::PathBuf, time::Duration};
 
@@ -41,7 +41,7 @@ use crate::{
 /// meshctl's command line.
 #[derive(Parser, Debug)]
 #[command(name = "meshctl", version = crate::VERSION, about = "Drive a mesh cluster")]
-pub struct Cli {
+pub(crate) struct Cli {
     /// The agent's socket (default /run/mesh/mesh.sock, or $MESH_SOCKET).
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
@@ -97,17 +97,17 @@ enum Command {
 
 /// The flags every `ls` takes.
 #[derive(clap::Args, Debug)]
-pub struct ListArgs {
+pub(crate) struct ListArgs {
     /// Only print IDs.
     #[arg(short, long)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
     /// json or table.
     #[arg(long, default_value = "table")]
-    pub format: Format,
+    pub(crate) format: Format,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Table,
     Json,
 }
@@ -285,14 +285,14 @@ enum NodeCommand {
 
 /// Shells `meshctl completion` writes for.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum CompletionShell {
+pub(crate) enum CompletionShell {
     Bash,
     Zsh,
     Fish,
 }
 
 /// The completion script for `shell` (no agent needed).
-pub fn completion_script(shell: CompletionShell) -> String {
+pub(crate) fn completion_script(shell: CompletionShell) -> String {
     use clap::CommandFactory;
     let shell = match shell {
         CompletionShell::Bash => clap_complete::Shell::Bash,
@@ -338,7 +338,7 @@ enum Transport {
     },
 }
 
-pub struct Client {
+pub(crate) struct Client {
     transport: Transport,
 }
 
@@ -712,7 +712,7 @@ fn availability_text(a: Availability) -> &'static str {
 }
 
 /// The `node ls` table; `self_id` gets a `*`.
-pub fn node_table(nodes: &[NodeView], self_id: Option<u64>) -> String {
+pub(crate) fn node_table(nodes: &[NodeView], self_id: Option<u64>) -> String {
     let mut sorted: Vec<&NodeView> = nodes.iter().collect();
     sorted.sort_by(|a, b| a.node.hostname.cmp(&b.node.hostname).then(a.node.id.cmp(&b.node.id)));
     let rows: Vec<Vec<String>> = sorted

@@ -16,7 +16,7 @@ use crate::api::{
 
 /// `network create` flags.
 #[derive(Args, Debug)]
-pub struct CreateArgs {
+pub(crate) struct CreateArgs {
     /// Only overlay networks span the swarm.
     #[arg(short, long, default_value = "overlay")]
     driver: String,
@@ -44,7 +44,7 @@ pub struct CreateArgs {
 
 /// `meshctl network`.
 #[derive(Subcommand, Debug)]
-pub enum NetworkCommand {
+pub(crate) enum NetworkCommand {
     /// Create an overlay network.
     Create(CreateArgs),
     /// List networks.
@@ -64,7 +64,7 @@ pub enum NetworkCommand {
 }
 
 /// The spec `network create`'s flags describe, or what is wrong with them.
-pub fn spec_of(args: CreateArgs) -> Result<NetworkSpec, Invalid> {
+pub(crate) fn spec_of(args: CreateArgs) -> Result<NetworkSpec, Invalid> {
     if args.driver != "overlay" {
         return Err(mesh_api::invalid!(
             "network driver {:?} is not supported: swarm networks use --driver overlay",
@@ -141,7 +141,7 @@ pub(crate) fn networks(reply: ClusterResponse) -> ApiResult<Vec<NetworkView>> {
 }
 
 /// The `network ls` table.
-pub fn network_table(list: &[NetworkView]) -> String {
+pub(crate) fn network_table(list: &[NetworkView]) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|v| {
@@ -157,7 +157,7 @@ pub fn network_table(list: &[NetworkView]) -> String {
 }
 
 /// Runs a `network` subcommand.
-pub async fn run(client: &Client, cmd: NetworkCommand) -> ApiResult<()> {
+pub(crate) async fn run(client: &Client, cmd: NetworkCommand) -> ApiResult<()> {
     match cmd {
         NetworkCommand::Create(args) => {
             let spec = spec_of(args).map_err(ApiError::invalid)?;

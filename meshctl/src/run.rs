@@ -20,7 +20,7 @@ use crate::api::{
 
 /// `meshctl run` flags.
 #[derive(Args, Debug)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Name of the one-off service (default: run-XXXXXXXX).
     #[arg(long)]
     name: Option<String>,
@@ -39,7 +39,7 @@ pub struct RunArgs {
 const POLL: Duration = Duration::from_millis(200);
 
 /// Runs the one-off; an error when the command did not succeed.
-pub async fn run(client: &Client, args: RunArgs) -> ApiResult<()> {
+pub(crate) async fn run(client: &Client, args: RunArgs) -> ApiResult<()> {
     for name in &args.network {
         let found = networks(
             client

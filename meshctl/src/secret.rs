@@ -16,7 +16,7 @@ use crate::api::{
 
 /// `meshctl secret|config`.
 #[derive(Subcommand, Debug)]
-pub enum BlobCommand {
+pub(crate) enum BlobCommand {
     /// Create one from FILE, or from standard input with `-`.
     Create {
         /// Label KEY=VALUE (repeatable).
@@ -86,7 +86,7 @@ fn ago(unix: u64) -> String {
 }
 
 /// The `ls` table.
-pub fn blob_table(list: &[BlobView]) -> String {
+pub(crate) fn blob_table(list: &[BlobView]) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|b| vec![b.id.clone(), b.name.clone(), ago(b.created), ago(b.updated)])
@@ -95,7 +95,7 @@ pub fn blob_table(list: &[BlobView]) -> String {
 }
 
 /// Runs a `secret` or `config` subcommand.
-pub async fn run(client: &Client, kind: Kind, cmd: BlobCommand) -> ApiResult<()> {
+pub(crate) async fn run(client: &Client, kind: Kind, cmd: BlobCommand) -> ApiResult<()> {
     match cmd {
         BlobCommand::Create { label, name, file } => {
             check_name(kind, &name).map_err(ApiError::invalid)?;

@@ -122,7 +122,7 @@ impl From<RestartArg> for RestartCondition {
 /// `--restart-*`, shared by `create` and `update` (unset: the default, or
 /// unchanged on update).
 #[derive(Args, Debug)]
-pub struct RestartArgs {
+pub(crate) struct RestartArgs {
     /// When to restart a task [default: any].
     #[arg(long, value_enum)]
     restart_condition: Option<RestartArg>,
@@ -168,7 +168,7 @@ enum OrderArg {
 /// `--update-*`, shared by `create` and `update` (unset: the default, or
 /// unchanged on update).
 #[derive(Args, Debug)]
-pub struct UpdateConfigArgs {
+pub(crate) struct UpdateConfigArgs {
     /// Tasks replaced at once during an update (0: all at once) [default: 1].
     #[arg(long)]
     update_parallelism: Option<u32>,
@@ -224,7 +224,7 @@ impl UpdateConfigArgs {
 
 /// `service update` flags.
 #[derive(Args, Debug)]
-pub struct UpdateArgs {
+pub(crate) struct UpdateArgs {
     /// Number of tasks.
     #[arg(long)]
     replicas: Option<u32>,
@@ -296,7 +296,7 @@ pub struct UpdateArgs {
 
 /// `--health-*`, shared by `create` and `update`.
 #[derive(Args, Debug)]
-pub struct HealthArgs {
+pub(crate) struct HealthArgs {
     /// Command run inside the task to check its health (`sh -c CMD`; exit 0 is healthy).
     #[arg(long)]
     health_cmd: Option<String>,
@@ -375,7 +375,7 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
 
 /// `service create` flags.
 #[derive(Args, Debug)]
-pub struct CreateArgs {
+pub(crate) struct CreateArgs {
     /// Service name.
     #[arg(long)]
     name: String,
@@ -439,7 +439,7 @@ pub struct CreateArgs {
 
 /// `meshctl service`.
 #[derive(Subcommand, Debug)]
-pub enum ServiceCommand {
+pub(crate) enum ServiceCommand {
     /// Create a service.
     Create(Box<CreateArgs>),
     /// List services.
@@ -639,7 +639,7 @@ fn services(client_reply: ClusterResponse) -> ApiResult<Vec<ServiceView>> {
 }
 
 /// Runs a `service` subcommand.
-pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
+pub(crate) async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
     match cmd {
         ServiceCommand::Create(args) => {
             let detach = args.detach;
@@ -813,7 +813,7 @@ pub async fn run(client: &Client, cmd: ServiceCommand) -> ApiResult<()> {
 }
 
 /// The `service ps` table, newest first per slot.
-pub fn task_table(tasks: &[TaskView], now: u64) -> String {
+pub(crate) fn task_table(tasks: &[TaskView], now: u64) -> String {
     let mut sorted: Vec<&TaskView> = tasks.iter().collect();
     sorted.sort_by(|a, b| {
         a.task
@@ -868,7 +868,7 @@ pub(crate) fn age_text(secs: u64) -> String {
 
 /// `service inspect --pretty`: the service as docker prints it, one field
 /// a line, sub-fields indented.
-pub fn pretty_text(view: &ServiceView, now_ms: u64) -> String {
+pub(crate) fn pretty_text(view: &ServiceView, now_ms: u64) -> String {
     use crate::api::service::EndpointMode;
     let s = &view.service;
     let spec = &s.spec;

@@ -2,7 +2,7 @@
 //! separated by three spaces.
 
 /// Renders `header` and `rows` as aligned text (no trailing spaces).
-pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {

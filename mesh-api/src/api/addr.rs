@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use crate::api::error::{ApiError, ApiResult};
 
 /// The cluster port, as Swarm's 2377.
-pub const DEFAULT_PORT: u16 = 2377;
+pub(crate) const DEFAULT_PORT: u16 = 2377;
 
 /// The address to listen on: `ADDR:PORT`, or `ADDR` with the default port.
 pub fn parse_listen_addr(text: &str) -> ApiResult<SocketAddr> {

@@ -29,9 +29,9 @@ pub struct NodeCerts {
     /// before the store kept serials, honoured until it next renews).
     pub current: Issued,
     /// The serial of the one it replaced ("" if none).
-    pub previous: String,
+    pub(crate) previous: String,
     /// Unix seconds until which `previous` is honoured.
-    pub previous_until: u64,
+    pub(crate) previous_until: u64,
 }
 
 /// Why a certificate is no longer honoured.

@@ -133,7 +133,7 @@ mod tests {
             part: serde_bytes_like::Bin,
         }
         mod serde_bytes_like {
-            pub struct Bin(pub Vec<u8>);
+            pub(crate) struct Bin(pub Vec<u8>);
             impl serde::Serialize for Bin {
                 fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                     s.serialize_bytes(&self.0)

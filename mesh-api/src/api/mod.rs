@@ -36,4 +36,4 @@ pub mod secret_text;
 pub mod service;
 pub mod store;
 pub mod subnet;
-pub mod wire_bytes;
+pub(crate) mod wire_bytes;

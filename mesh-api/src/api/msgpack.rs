@@ -4,7 +4,7 @@
 /// at most, and decoding recurses once per level: without a bound, a
 /// small frame of requests each forwarded inside the next (10 KB, before
 /// any authentication) overflowed the stack and aborted the agent.
-pub const MAX_DEPTH: usize = 64;
+pub(crate) const MAX_DEPTH: usize = 64;
 
 /// Decodes msgpack with the nesting bound.
 pub fn from_msgpack<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {

@@ -32,17 +32,6 @@ pub enum Encryption {
     Ipsec,
 }
 
-impl Encryption {
-    /// As `network ls`/`inspect` print it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Encryption::None => "none",
-            Encryption::WireGuard => "wireguard",
-            Encryption::Ipsec => "ipsec",
-        }
-    }
-}
-
 /// `network create`: what the operator asked for.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetworkSpec {

@@ -121,7 +121,7 @@ fn default_key_rotation_secs() -> u64 {
 pub const DEFAULT_DATA_PATH_PORT: u16 = 4789;
 
 /// Serde's default for stores written before the data-path port existed.
-pub fn default_data_path_port() -> u16 {
+pub(crate) fn default_data_path_port() -> u16 {
     DEFAULT_DATA_PATH_PORT
 }
 

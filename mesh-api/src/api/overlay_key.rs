@@ -17,7 +17,7 @@ pub struct OverlayKey {
     /// Increases by one at each rotation.
     pub epoch: u64,
     /// Unix seconds.
-    pub created_at: u64,
+    pub(crate) created_at: u64,
     /// A node that held it was removed: rotate now.
     #[serde(default)]
     pub stale: bool,

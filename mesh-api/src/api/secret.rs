@@ -42,7 +42,7 @@ impl Kind {
     }
 
     /// The directory its files appear in.
-    pub fn dir(self) -> &'static str {
+    pub(crate) fn dir(self) -> &'static str {
         match self {
             Kind::Secret => SECRETS_DIR,
             Kind::Config => CONFIGS_DIR,
@@ -175,7 +175,7 @@ pub fn parse_ref(kind: Kind, text: &str) -> Result<BlobRef, Invalid> {
 /// a spec that came over the API): a valid name, a file that stays in the
 /// kind's directory (or, for a config, an absolute path without `.` or
 /// `..`), and permission bits only.
-pub fn check_ref(kind: Kind, r: &BlobRef) -> Result<(), Invalid> {
+pub(crate) fn check_ref(kind: Kind, r: &BlobRef) -> Result<(), Invalid> {
     check_name(kind, &r.source)?;
     let plain = |part: &str| !part.is_empty() && part != "." && part != ".." && !part.contains('\0');
     let file_ok = match r.target.strip_prefix('/') {

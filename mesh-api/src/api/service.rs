@@ -162,7 +162,7 @@ pub fn parse_env(items: &[String]) -> Result<BTreeMap<String, String>, Invalid> 
 
 /// Service names: as Docker's, 1-63 of `[a-zA-Z0-9_.-]`, starting with a letter or digit
 /// (they become DNS names later).
-pub fn check_service_name(name: &str) -> Result<(), Invalid> {
+pub(crate) fn check_service_name(name: &str) -> Result<(), Invalid> {
     let ok = (1..=63).contains(&name.len())
         && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
@@ -185,12 +185,12 @@ pub fn parse_placement_pref(text: &str) -> Result<String, Invalid> {
 }
 
 /// Checks constraints as `--constraint` gives them.
-pub fn parse_constraints(items: &[String]) -> Result<Vec<Constraint>, Invalid> {
+pub(crate) fn parse_constraints(items: &[String]) -> Result<Vec<Constraint>, Invalid> {
     items.iter().map(|c| Constraint::parse(c)).collect()
 }
 
 /// Checks that no two publish specs claim the same port and protocol.
-pub fn check_publish_conflicts(ports: &[PortPublish]) -> Result<(), Invalid> {
+pub(crate) fn check_publish_conflicts(ports: &[PortPublish]) -> Result<(), Invalid> {
     let mut seen = BTreeMap::new();
     for p in ports {
         if let Some(other) = seen.insert((p.published, p.protocol), p) {
@@ -667,7 +667,7 @@ impl LbAlgorithm {
 }
 
 /// Default `--lb-affinity-timeout`: as IPVS persistence's default.
-pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 300;
+pub(crate) const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 300;
 
 /// How connections are spread over a service's tasks.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -1016,7 +1016,7 @@ impl ServiceSpec {
 }
 
 /// Docker's default stop grace period (10 s).
-pub const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
+pub(crate) const DEFAULT_STOP_GRACE_MS: u64 = 10_000;
 
 fn default_stop_grace_ms() -> u64 {
     DEFAULT_STOP_GRACE_MS

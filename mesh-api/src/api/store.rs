@@ -360,7 +360,7 @@ impl ClusterState {
 
     /// Services that name `network`, and services of unended tasks that
     /// still hold an address on it.
-    pub fn network_users(&self, network: &Network) -> Vec<String> {
+    pub(crate) fn network_users(&self, network: &Network) -> Vec<String> {
         let mut users: BTreeSet<String> = self
             .services
             .values()

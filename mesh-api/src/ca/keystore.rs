@@ -82,7 +82,7 @@ impl KeyStore {
     }
 
     /// Whether keys exist at all.
-    pub fn exists(&self) -> bool {
+    pub(crate) fn exists(&self) -> bool {
         self.dek_path().exists()
     }
 

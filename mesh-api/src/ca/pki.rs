@@ -22,9 +22,9 @@ use crate::api::cert_records::Issued;
 use crate::api::objects::{node_id_text, parse_node_id, NodeId, Role};
 
 /// DNS name in every manager certificate.
-pub const MANAGER_DNS: &str = "mesh-manager";
+pub(crate) const MANAGER_DNS: &str = "mesh-manager";
 /// DNS name in every worker certificate.
-pub const WORKER_DNS: &str = "mesh-worker";
+pub(crate) const WORKER_DNS: &str = "mesh-worker";
 const MANAGER_OU: &str = "mesh-manager";
 /// OU of operator (client-only) certificates for `meshctl --host`.
 const OPERATOR_OU: &str = "mesh-operator";
@@ -157,11 +157,6 @@ impl RootCa {
         &self.cert_pem
     }
 
-    /// The root certificate (DER).
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
-    }
-
     /// The root key (PEM). Secret: only ever stored sealed.
     pub fn key_pem(&self) -> &str {
         &self.key_pem
@@ -250,7 +245,7 @@ impl RootCa {
 }
 
 /// The operator name and cluster ID in an operator certificate, if it is one.
-pub fn operator_from_cert(der: &[u8]) -> Option<(String, String)> {
+pub(crate) fn operator_from_cert(der: &[u8]) -> Option<(String, String)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
     let ou = subject.iter_organizational_unit().next()?.as_str().ok()?;
@@ -304,13 +299,6 @@ impl NodeKey {
     pub fn generate() -> Result<NodeKey, PkiError> {
         Ok(NodeKey {
             key: KeyPair::generate()?,
-        })
-    }
-
-    /// The key from PEM.
-    pub fn from_pem(pem: &str) -> Result<NodeKey, PkiError> {
-        Ok(NodeKey {
-            key: KeyPair::from_pem(pem).map_err(|e| parse_err("the node key", e))?,
         })
     }
 

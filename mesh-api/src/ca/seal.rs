@@ -117,31 +117,31 @@ impl fmt::Debug for DataKey {
 
 /// The key-encryption key that wraps the [`DataKey`].
 #[derive(Clone, PartialEq, Eq)]
-pub struct KeyEncryptionKey(Key);
+pub(crate) struct KeyEncryptionKey(Key);
 
 impl KeyEncryptionKey {
     /// A fresh random KEK (the non-autolock case).
-    pub fn generate() -> Self {
+    pub(crate) fn generate() -> Self {
         KeyEncryptionKey(Key::generate())
     }
 
     /// The KEK from its 32 raw bytes (as read from the KEK file).
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+    pub(crate) fn from_bytes(bytes: [u8; 32]) -> Self {
         KeyEncryptionKey(Key(bytes))
     }
 
     /// The raw bytes, for writing the KEK file. Handle with care.
-    pub fn to_bytes(&self) -> [u8; 32] {
+    pub(crate) fn to_bytes(&self) -> [u8; 32] {
         self.0 .0
     }
 
     /// Seals the data key for storage.
-    pub fn wrap(&self, dek: &DataKey) -> Vec<u8> {
+    pub(crate) fn wrap(&self, dek: &DataKey) -> Vec<u8> {
         self.0.seal(WRAP_AAD, &dek.0 .0)
     }
 
     /// Recovers the data key; fails if this is not the KEK that wrapped it.
-    pub fn unwrap(&self, wrapped: &[u8]) -> Result<DataKey, SealError> {
+    pub(crate) fn unwrap(&self, wrapped: &[u8]) -> Result<DataKey, SealError> {
         let mut raw = self.0.open(WRAP_AAD, wrapped)?;
         let key: [u8; 32] = raw.as_slice().try_into().map_err(|_| SealError::Authentication)?;
         raw.zeroize();
@@ -166,7 +166,7 @@ impl UnlockKey {
     }
 
     /// The KEK this unlock key stands for.
-    pub fn kek(&self) -> &KeyEncryptionKey {
+    pub(crate) fn kek(&self) -> &KeyEncryptionKey {
         &self.0
     }
 

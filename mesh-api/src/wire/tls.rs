@@ -26,7 +26,7 @@ use crate::ca::pki::{cert_digest, identity_from_cert, NodeIdentity};
 pub const MANAGER_NAME: &str = "mesh-manager";
 
 /// ALPN protocol of mesh's RPC.
-pub const ALPN: &[u8] = b"mesh/1";
+pub(crate) const ALPN: &[u8] = b"mesh/1";
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +118,7 @@ pub fn pinned_client_config(ca_digest: [u8; 32]) -> Arc<ClientConfig> {
 }
 
 /// The message a join shows when the manager's CA is not the token's.
-pub const DIGEST_MISMATCH: &str = "the server's CA does not match the CA digest in the join token";
+pub(crate) const DIGEST_MISMATCH: &str = "the server's CA does not match the CA digest in the join token";
 
 #[derive(Debug)]
 struct PinnedCa {

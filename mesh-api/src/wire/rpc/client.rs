@@ -24,11 +24,11 @@ use super::{frame::write_frames, *};
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Largest request body sent and response body accepted, in bytes.
-    pub max_frame: usize,
+    pub(crate) max_frame: usize,
     /// How long establishing the TCP connection may take.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// How long the TLS handshake may take.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -191,7 +191,7 @@ where
     }
 
     /// Like [`RpcClient::new`], with explicit options.
-    pub fn with_options(
+    pub(crate) fn with_options(
         addr: String,
         tls: Arc<ClientConfig>,
         server_name: ServerName<'static>,
@@ -221,16 +221,6 @@ where
         &self.shared.addr
     }
 
-    /// Uses `tls` for connections opened from now on (after a certificate
-    /// renewal). The current connection is released: calls in flight on it
-    /// finish there, the next call opens a new connection.
-    pub fn set_tls(&self, tls: Arc<ClientConfig>) {
-        let mut state = self.shared.state();
-        state.tls = tls;
-        state.tls_generation += 1;
-        state.connection = None;
-    }
-
     /// Lets go of the current connection: calls in flight on it finish
     /// there, it closes once they have, and the next call connects anew.
     /// For a peer that sent us elsewhere, so an idle session does not hold
@@ -240,8 +230,9 @@ where
     }
 
     /// Whether a connection is currently open (it may still turn out to be
-    /// dead when next used). For status displays and tests.
-    pub fn is_connected(&self) -> bool {
+    /// dead when next used).
+    #[cfg(test)]
+    pub(crate) fn is_connected(&self) -> bool {
         self.shared
             .state()
             .connection

@@ -56,19 +56,19 @@ pub struct TlsSource {
 
 impl TlsSource {
     /// Always the same configuration.
-    pub fn fixed(config: Arc<ServerConfig>) -> Self {
+    pub(crate) fn fixed(config: Arc<ServerConfig>) -> Self {
         let (_sender, configs) = watch::channel(config);
         Self { configs }
     }
 
     /// Whatever configuration was last sent on the channel (the last one
     /// stays in force if the sender is dropped).
-    pub fn watch(configs: watch::Receiver<Arc<ServerConfig>>) -> Self {
+    pub(crate) fn watch(configs: watch::Receiver<Arc<ServerConfig>>) -> Self {
         Self { configs }
     }
 
     /// The configuration for a connection accepted now.
-    pub fn current(&self) -> Arc<ServerConfig> {
+    pub(crate) fn current(&self) -> Arc<ServerConfig> {
         Arc::clone(&self.configs.borrow())
     }
 }
