@@ -11,7 +11,7 @@ use crate::{
         messages::{ClusterRequest, Origin, PeerRequest, PeerResponse},
         objects::{node_id_text, Role},
     },
-    ca::pki::{self, NodeIdentity},
+    ca::pki::NodeIdentity,
     manager::{rules, Manager},
     wire::{
         rpc::{Handler, Peer},
@@ -113,15 +113,17 @@ impl Handler for PeerHandler {
             return PeerResponse::Refused(ApiError::unavailable("this node is leaving the swarm"));
         };
         let cluster_id = member.config.locked().cluster_id.clone();
-        let identity = tls::peer_identity(&peer.certs).filter(|i| i.cluster_id == cluster_id);
-        let operator = tls::peer_operator(&peer.certs)
+        let presented = tls::peer_presented(&peer.certs);
+        let identity = presented.identity.filter(|i| i.cluster_id == cluster_id);
+        let operator = presented
+            .operator
             .filter(|(_, c)| *c == cluster_id)
             .map(|(name, _)| name);
         if !peer.certs.is_empty() && identity.is_none() && operator.is_none() {
             return PeerResponse::Refused(ApiError::denied("the caller's certificate is not of this swarm"));
         }
         let is_manager = identity.as_ref().is_some_and(|i| i.role == Role::Manager);
-        let serial = peer.certs.first().and_then(|c| pki::serial_of(c)).unwrap_or_default();
+        let serial = presented.serial;
         let origin = Origin {
             identity: identity.as_ref().map(|i| (i.node_id, i.role)),
             operator: operator.clone(),

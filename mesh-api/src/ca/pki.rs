@@ -16,6 +16,7 @@ use rcgen::{
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 use sha2::{Digest, Sha256};
+use x509_parser::certificate::X509Certificate;
 use zeroize::Zeroizing;
 
 use crate::api::cert_records::Issued;
@@ -245,8 +246,7 @@ impl RootCa {
 }
 
 /// The operator name and cluster ID in an operator certificate, if it is one.
-pub(crate) fn operator_from_cert(der: &[u8]) -> Option<(String, String)> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+fn operator_of(cert: &X509Certificate<'_>) -> Option<(String, String)> {
     let subject = cert.subject();
     let ou = subject.iter_organizational_unit().next()?.as_str().ok()?;
     if ou != OPERATOR_OU {
@@ -261,6 +261,31 @@ pub(crate) fn operator_from_cert(der: &[u8]) -> Option<(String, String)> {
 pub fn serial_of(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     Some(hex::encode(cert.tbs_certificate.raw_serial()))
+}
+
+/// What a presented certificate claims, read in one parse: a node's
+/// identity or an operator's name, and the serial the store knows it by.
+/// Claims only: what the holder may do is decided from the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Presented {
+    /// The node it names, if it is a node certificate.
+    pub identity: Option<NodeIdentity>,
+    /// (operator name, cluster ID), if it is an operator certificate.
+    pub operator: Option<(String, String)>,
+    /// Its serial number (hex); empty if it does not parse.
+    pub serial: String,
+}
+
+/// What `der` claims; nothing if it is no certificate.
+pub fn presented(der: &[u8]) -> Presented {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Presented::default();
+    };
+    Presented {
+        identity: identity_of(&cert).ok().map(|(identity, _)| identity),
+        operator: operator_of(&cert),
+        serial: hex::encode(cert.tbs_certificate.raw_serial()),
+    }
 }
 
 impl RootCa {
@@ -317,6 +342,10 @@ impl NodeKey {
 /// Reads the identity and expiry out of a node certificate.
 pub fn identity_from_cert(der: &[u8]) -> Result<(NodeIdentity, SystemTime), PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| parse_err("the certificate", e))?;
+    identity_of(&cert)
+}
+
+fn identity_of(cert: &X509Certificate<'_>) -> Result<(NodeIdentity, SystemTime), PkiError> {
     let subject = cert.subject();
     let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
         it.next().and_then(|a| a.as_str().ok()).map(str::to_string)
@@ -486,13 +515,14 @@ mod tests {
             )
             .unwrap();
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
-        assert_eq!(operator_from_cert(&der), Some(("alice".into(), "c".into())));
+        let operator = presented(&der);
+        assert_eq!(operator.operator, Some(("alice".into(), "c".into())));
+        assert!(operator.identity.is_none() && !operator.serial.is_empty());
         assert!(identity_from_cert(&der).is_err(), "an operator is no node");
         let node = issue(&ca, 1, Role::Manager, "c", &key);
-        assert_eq!(
-            operator_from_cert(&CertificateDer::from_pem_slice(node.as_bytes()).unwrap()),
-            None
-        );
+        let node = presented(&CertificateDer::from_pem_slice(node.as_bytes()).unwrap());
+        assert_eq!((node.operator, node.identity.map(|i| i.node_id)), (None, Some(1)));
+        assert!(presented(b"not a certificate") == Presented::default());
         assert!(valid_operator_name("ops-team.alice_1"));
         assert!(!valid_operator_name("") && !valid_operator_name("a b") && !valid_operator_name(&"x".repeat(65)));
     }

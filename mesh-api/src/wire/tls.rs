@@ -19,7 +19,7 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
 };
 
-use crate::ca::pki::{cert_digest, identity_from_cert, NodeIdentity};
+use crate::ca::pki::{cert_digest, presented, Presented};
 
 /// The server name every manager certificate carries; connecting with it
 /// refuses anything that is not a manager.
@@ -170,18 +170,10 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
-/// The operator (name, cluster ID) in the leaf of a presented chain, if it is
-/// an operator certificate.
-pub fn peer_operator(certs: &[CertificateDer<'_>]) -> Option<(String, String)> {
-    certs.first().and_then(|leaf| crate::ca::pki::operator_from_cert(leaf))
-}
-
-/// The identity in the leaf of a presented chain, if it is a node certificate.
-pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Option<NodeIdentity> {
-    certs
-        .first()
-        .and_then(|leaf| identity_from_cert(leaf).ok())
-        .map(|(identity, _)| identity)
+/// What the leaf of a presented chain claims (one parse per connection's
+/// request, whatever is asked of it); nothing for an empty chain.
+pub fn peer_presented(certs: &[CertificateDer<'_>]) -> Presented {
+    certs.first().map(|leaf| presented(leaf)).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -194,7 +186,7 @@ mod tests {
     use super::*;
     use crate::{
         api::objects::Role,
-        ca::pki::{NodeKey, RootCa},
+        ca::pki::{NodeIdentity, NodeKey, RootCa},
     };
 
     struct Node {
@@ -234,7 +226,11 @@ mod tests {
         let name = ServerName::try_from(name.to_string()).unwrap();
         let server = async move {
             let mut s = TlsAcceptor::from(server).accept(a).await.map_err(|e| e.to_string())?;
-            let seen = s.get_ref().1.peer_certificates().and_then(|c| peer_identity(c));
+            let seen = s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| peer_presented(c).identity);
             let mut byte = [0u8; 1];
             s.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
             s.write_all(b"y").await.map_err(|e| e.to_string())?;
