@@ -57,6 +57,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         wireguard: args.wireguard,
         mesh_routing: args.mesh_routing,
         lb_backend: args.lb_backend,
+        socket: args.socket.clone(),
         cluster_port: mesh_agent::wire::rpc::ServerOptions {
             max_unauthenticated_per_source: args.max_unauthenticated_per_source.max(1),
             ..Default::default()
@@ -155,6 +156,11 @@ fn with_config_file(cli: Cli) -> Result<Cli, String> {
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 fn main() -> std::process::ExitCode {
+    // A task's init: before anything else, single-threaded.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(mesh_agent::agent::tasks::sandbox::INIT_ARG))
+    {
+        mesh_agent::agent::tasks::sandbox::init_main();
+    }
     mesh_agent::dataplane::ebpf::embed(EBPF_OBJECT);
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,openraft=warn")).init();
     let cli = match with_config_file(Cli::parse()) {

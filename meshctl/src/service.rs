@@ -3,6 +3,7 @@
 //! `--detach`.
 
 use crate::api::secret::Kind;
+use crate::api::security::{parse_security_opts, Seccomp, Security};
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::{duration_ms, json, table, Client, Format, ListArgs};
@@ -57,6 +58,38 @@ impl From<AlgorithmArg> for LbAlgorithm {
 enum AffinityArg {
     None,
     ClientIp,
+}
+
+/// Confinement flags, shared by create and update (on update, `--cap-add`
+/// and `--cap-drop` move a capability between the service's two lists).
+#[derive(clap::Args, Debug, Default)]
+struct SecurityArgs {
+    /// Add a Linux capability to Docker's default set, e.g. NET_ADMIN, or ALL (repeatable).
+    #[arg(long)]
+    cap_add: Vec<String>,
+    /// Drop a Linux capability from it, or ALL (repeatable).
+    #[arg(long)]
+    cap_drop: Vec<String>,
+    /// seccomp=unconfined to run without the default seccomp filter, seccomp=default for it (repeatable).
+    #[arg(long)]
+    security_opt: Vec<String>,
+    /// Show the tasks the node's file system read-only (--read-only=false undoes it on update).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    read_only: Option<bool>,
+}
+
+impl SecurityArgs {
+    /// The confinement a new service asks for.
+    fn security(&self) -> ApiResult<Security> {
+        let mut security = Security {
+            cap_add: self.cap_add.clone(),
+            cap_drop: self.cap_drop.clone(),
+            read_only: self.read_only.unwrap_or(false),
+            ..Security::default()
+        };
+        parse_security_opts(&self.security_opt, &mut security).map_err(ApiError::invalid)?;
+        Ok(security)
+    }
 }
 
 /// `--lb-*` flags, shared by create and update (unset: unchanged on update,
@@ -283,6 +316,8 @@ pub(crate) struct UpdateArgs {
     #[command(flatten)]
     lb: LbArgs,
     #[command(flatten)]
+    security: SecurityArgs,
+    #[command(flatten)]
     restart: RestartArgs,
     /// Return at once instead of showing progress until the update converges.
     #[arg(short, long)]
@@ -368,6 +403,10 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         lb_algorithm: args.lb.lb_algorithm.map(Into::into),
         lb_client_affinity: args.lb.lb_affinity.map(|a| matches!(a, AffinityArg::ClientIp)),
         lb_affinity_timeout_s: args.lb.timeout_s()?,
+        cap_add: args.security.cap_add,
+        cap_drop: args.security.cap_drop,
+        security_opt: args.security.security_opt,
+        read_only: args.security.read_only,
         force: args.force,
     };
     Ok((args.service, update, args.detach))
@@ -420,6 +459,8 @@ pub(crate) struct CreateArgs {
     endpoint_mode: EndpointArg,
     #[command(flatten)]
     lb: LbArgs,
+    #[command(flatten)]
+    security: SecurityArgs,
     #[command(flatten)]
     restart: RestartArgs,
     #[command(flatten)]
@@ -539,6 +580,7 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
         update: args.update.config()?,
         secrets: parse_refs(Kind::Secret, &args.secret)?,
         configs: parse_refs(Kind::Config, &args.config)?,
+        security: args.security.security()?,
     };
     spec.validate().map_err(ApiError::invalid)?;
     Ok(spec)
@@ -944,6 +986,22 @@ pub(crate) fn pretty_text(view: &ServiceView, now_ms: u64) -> String {
     }
     if let Some(user) = &spec.user {
         line(1, "User", user.clone());
+    }
+    let security = &spec.security;
+    if let Ok(caps) = security.capabilities() {
+        line(1, "Capabilities", caps.names().join(" "));
+    }
+    if !security.cap_add.is_empty() {
+        line(1, "CapAdd", security.cap_add.join(" "));
+    }
+    if !security.cap_drop.is_empty() {
+        line(1, "CapDrop", security.cap_drop.join(" "));
+    }
+    if security.seccomp == Seccomp::Unconfined {
+        line(1, "SecurityOpt", "seccomp=unconfined".into());
+    }
+    if security.read_only {
+        line(1, "ReadOnly", "true".into());
     }
     line(1, "StopGracePeriod", duration_text(spec.stop_grace_ms));
     if let Some(h) = &spec.health {

@@ -155,6 +155,28 @@ fn display(command: &Command) -> String {
         .join(" ")
 }
 
+/// The parent of process `pid` (PPid in /proc/PID/status).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:")?.trim().parse().ok())
+}
+
+/// Whether `pid` or one of its ancestors is in `set` (a task's program
+/// runs under the init the agent records).
+pub fn descends_from(pid: u32, set: &std::collections::BTreeSet<u32>) -> bool {
+    let mut at = Some(pid);
+    for _ in 0..16 {
+        match at {
+            Some(p) if set.contains(&p) => return true,
+            Some(p) if p > 1 => at = parent_of(p),
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// PIDs of processes whose command line contains `marker` (tests give
 /// their tasks a unique marker argument to find them).
 pub fn processes_with(marker: &str) -> Vec<u32> {

@@ -51,7 +51,10 @@ use crate::agent::{
         overlay::Overlays,
         tunnel::{Tunnel, WireguardMode},
     },
-    tasks::{cgroup::TaskCgroup, supervisor::Supervisor},
+    tasks::{
+        cgroup::TaskCgroup,
+        supervisor::{SandboxSetup, Supervisor},
+    },
 };
 use crate::{
     api::{
@@ -112,6 +115,8 @@ pub struct AgentOptions {
     pub lb_backend: crate::agent::mesh::kernel::LbBackend,
     /// The cluster port's limits (connections, frames, deadlines).
     pub cluster_port: rpc::ServerOptions,
+    /// The local API socket (hidden from tasks).
+    pub socket: PathBuf,
 }
 
 enum Phase {
@@ -624,7 +629,12 @@ impl Member {
             network.clone(),
             overlays.clone(),
             dns.clone(),
-            cgroup.as_ref().map(TaskCgroup::procs),
+            SandboxSetup {
+                init: std::env::current_exe()
+                    .map_err(|e| ApiError::internal(format!("finding the agent's binary: {e}")))?,
+                cgroup_procs: cgroup.as_ref().map(TaskCgroup::procs),
+                masked: tasks_must_not_see(opts),
+            },
             reports,
         )
         .map_err(|e| ApiError::internal(format!("preparing the task directory: {e}")))?;
@@ -750,4 +760,10 @@ impl Member {
             dir: self.opts.data_dir.clone(),
         }
     }
+}
+
+/// What of the node no task may see: the agent's data directory (keys,
+/// the Raft store, other tasks' files) and its socket.
+fn tasks_must_not_see(opts: &AgentOptions) -> Vec<PathBuf> {
+    vec![opts.data_dir.clone(), opts.socket.clone()]
 }

@@ -7,7 +7,8 @@
 //!   [`store`]: everything Raft replicates and the commands that change it;
 //!   [`raft_types`]: Raft's type configuration.
 //! - [`service`]: service specs, their flag parsers, tasks and their life cycle;
-//!   [`network`]: overlay networks; [`secret`]: secrets and configs.
+//!   [`network`]: overlay networks; [`secret`]: secrets and configs;
+//!   [`security`]: how far tasks are confined (capabilities, seccomp, read-only).
 //! - [`messages`]: what `meshctl` and nodes ask and answer; [`error`]: what went wrong.
 //! - [`assignment`]: what the leader tells each node (mesh, discovery, tunnel, IPsec);
 //!   [`parts`]: the parts many nodes get alike, held back from a node that has them;
@@ -33,6 +34,7 @@ pub mod parts;
 pub mod raft_types;
 pub mod secret;
 pub mod secret_text;
+pub mod security;
 pub mod service;
 pub mod store;
 pub mod subnet;

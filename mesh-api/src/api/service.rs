@@ -630,6 +630,9 @@ pub struct ServiceSpec {
     /// `--config`: files under /run/configs in each task.
     #[serde(default)]
     pub configs: Vec<crate::api::secret::BlobRef>,
+    /// `--cap-add`, `--cap-drop`, `--security-opt`, `--read-only`.
+    #[serde(default)]
+    pub security: crate::api::security::Security,
 }
 
 impl ServiceSpec {
@@ -866,6 +869,18 @@ pub struct ServiceUpdate {
     /// `--lb-affinity-timeout`, seconds.
     #[serde(default)]
     pub lb_affinity_timeout_s: Option<u32>,
+    /// `--cap-add`.
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    /// `--cap-drop`.
+    #[serde(default)]
+    pub cap_drop: Vec<String>,
+    /// `--security-opt`.
+    #[serde(default)]
+    pub security_opt: Vec<String>,
+    /// `--read-only`.
+    #[serde(default)]
+    pub read_only: Option<bool>,
     /// `--force`: replace every task even if nothing else changed.
     pub force: bool,
 }
@@ -989,6 +1004,11 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
     if let Some(t) = update.lb_affinity_timeout_s {
         next.lb.affinity_timeout_s = t;
     }
+    crate::api::security::update_capabilities(&mut next.security, &update.cap_add, &update.cap_drop)?;
+    crate::api::security::parse_security_opts(&update.security_opt, &mut next.security)?;
+    if let Some(read_only) = update.read_only {
+        next.security.read_only = read_only;
+    }
     next.validate()?;
     Ok(next)
 }
@@ -1061,12 +1081,14 @@ impl ServiceSpec {
             lb: LbOptions::default(),
             secrets: vec![],
             configs: vec![],
+            security: crate::api::security::Security::default(),
         }
     }
 
     /// Checks everything that can be checked without the cluster.
     pub fn validate(&self) -> Result<(), Invalid> {
         check_service_name(&self.name)?;
+        self.security.validate()?;
         for kind in [crate::api::secret::Kind::Secret, crate::api::secret::Kind::Config] {
             let refs = self.refs(kind);
             for (i, r) in refs.iter().enumerate() {
@@ -1247,6 +1269,9 @@ pub struct TaskSpec {
     /// of the node running it, and only while it is to run).
     #[serde(default)]
     pub files: Vec<crate::api::secret::TaskFile>,
+    /// Its confinement.
+    #[serde(default)]
+    pub security: crate::api::security::Security,
 }
 
 /// One task a node is told about: run it, or stop it.

@@ -24,6 +24,7 @@ use mesh_agent::{
     },
     api::{
         objects::{Availability, ClusterSpec, Node, NodeStatus, Role, DEFAULT_DATA_PATH_PORT},
+        security::Security,
         service::{Service, ServiceMode, ServiceSpec},
         store::{ClusterState, Command},
     },
@@ -96,7 +97,7 @@ fn create_to_running(swarm: &Swarm, n: usize) -> Duration {
 
 /// What the nodes do for `n` tasks, with nothing else: a host namespace,
 /// then per task a namespace, a veth on the bridge with an address and a
-/// route, and a `sleep` process in it.
+/// route, and a `sleep` process in its sandbox.
 fn kernel_floor(n: usize) -> Duration {
     let host = format!("meshbench-floor-{}", std::process::id());
     let _ = NetNs::delete(&host);
@@ -115,24 +116,29 @@ fn kernel_floor(n: usize) -> Duration {
                 let log = std::fs::File::create(dir.join("log")).expect("a log");
                 let env = BTreeMap::new();
                 let command = vec!["sleep".to_string(), "600".to_string()];
+                let init = mesh_tests::swarm::binary("mesh-agent");
                 let t0 = Instant::now();
                 let mut children = Vec::new();
                 for task in 0..n as u64 {
                     let path = dir.join(format!("ns{task}"));
-                    let task_ns = NetNs::create_at(&path, "floor").expect("a task namespace");
+                    let _task_ns = NetNs::create_at(&path, "floor").expect("a task namespace");
                     network.attach(task + 1, &path).await.expect("attach");
                     let child = process::spawn(&process::Launch {
+                        init: &init,
                         command: &command,
                         env: &env,
                         workdir: None,
                         user: None,
                         hostname: "floor",
-                        netns: task_ns.fd(),
+                        netns: &path,
                         log: &log,
                         resolv_conf: None,
                         cgroup_procs: None,
                         binds: &[],
+                        masked: &[],
+                        security: &Security::default(),
                     })
+                    .await
                     .expect("spawn");
                     children.push(child);
                 }

@@ -14,7 +14,10 @@ use aya::programs::{tc::TcAttachType, SchedClassifier};
 use mesh_agent::agent::tasks::process::start_time;
 
 use super::{differences, NODES};
-use crate::{process::processes_with, swarm::Swarm};
+use crate::{
+    process::{descends_from, processes_with},
+    swarm::Swarm,
+};
 
 /// Every node's differences between two snapshots of them all.
 pub(super) fn differences_from(before: &[BTreeSet<String>], after: &[BTreeSet<String>]) -> Vec<String> {
@@ -203,7 +206,8 @@ fn live_under(dir: &Path) -> BTreeSet<String> {
     live
 }
 
-/// The service's processes that no node's PID files account for.
+/// The service's processes that no node's PID files account for (a task's
+/// program runs under the init process its node records).
 pub(super) fn stray_processes(swarm: &Swarm, marker: &str) -> Vec<String> {
     let recorded: BTreeSet<u32> = NODES
         .iter()
@@ -220,7 +224,7 @@ pub(super) fn stray_processes(swarm: &Swarm, marker: &str) -> Vec<String> {
         .collect();
     processes_with(marker)
         .into_iter()
-        .filter(|pid| !recorded.contains(pid) && *pid != std::process::id())
+        .filter(|pid| !descends_from(*pid, &recorded) && *pid != std::process::id())
         .map(|pid| format!("process {pid} runs the service's command, recorded by no node"))
         .collect()
 }

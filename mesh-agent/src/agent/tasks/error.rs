@@ -70,6 +70,9 @@ pub(crate) enum TaskError {
     /// A previous agent's task could not be taken over.
     #[error("the task's process could not be adopted after an agent restart: {0}")]
     Adopt(#[source] io::Error),
+    /// A previous agent started the task without a sandbox.
+    #[error("the task was started without a sandbox by an earlier agent version: replaced by a sandboxed one")]
+    Unsandboxed,
     /// No cgroup v2 hierarchy is mounted on this host.
     #[error("no cgroup v2 hierarchy is mounted")]
     NoCgroup2,

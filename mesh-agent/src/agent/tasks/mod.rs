@@ -2,7 +2,8 @@
 //!
 //! - [`plan`]: assignments vs what runs here (pure).
 //! - [`supervisor`]: runs, watches, stops and reports this node's tasks.
-//! - [`process`]: forking a task into its namespaces; signals (the kernel layer).
+//! - [`process`]: starting a task and signalling it; [`sandbox`]: the
+//!   namespaces, file-system view, capabilities and seccomp filter it runs in.
 //! - [`files`]: secrets and configs as files in a task's namespace.
 //! - [`health`]: health verdicts from check results (pure).
 //! - [`cgroup`]: the cgroup tasks run in; [`logs`]: reading task logs.
@@ -15,4 +16,5 @@ pub(crate) mod health;
 pub(crate) mod logs;
 pub(crate) mod plan;
 pub mod process;
+pub mod sandbox;
 pub mod supervisor;

@@ -1,23 +1,24 @@
-//! Starting and signalling task processes: the one place that forks into a
-//! task's namespaces.
+//! Starting and signalling task processes.
 //!
 //! A task runs in its own session (so it outlives an agent restart and is
-//! signalled as a group), inside the task's network namespace, with its own
-//! UTS namespace (its hostname) and a private copy of the mount namespace
-//! (mounts made for it, like secrets later, stay its own). Everything is
-//! done between fork and exec, in the child, so no agent thread ever
-//! changes namespace.
+//! signalled as a group), in its sandbox ([`super::sandbox`]), which
+//! `mesh-agent task-init` makes in a process of its own: no agent thread
+//! ever changes namespace.
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     fs::File,
-    io,
-    os::{fd::AsRawFd, fd::BorrowedFd, unix::process::CommandExt},
+    io::{self, Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
     process::Stdio,
 };
 
-use super::error::TaskError;
+use super::{
+    error::TaskError,
+    sandbox::{Confinement, ExecSpec, InitRequest, InitSpec, EXEC_FAILED, INIT_ARG},
+};
+use crate::api::security::{Seccomp, Security};
 
 /// Who a task runs as.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,212 +119,131 @@ pub(crate) fn environment(
 
 /// What to start.
 pub struct Launch<'a> {
+    /// The agent's binary, run as the task's init (`mesh-agent task-init`).
+    pub init: &'a Path,
     /// Program and arguments.
     pub command: &'a [String],
     /// The whole environment.
     pub env: &'a BTreeMap<String, String>,
     /// Working directory (default `/`).
     pub workdir: Option<&'a str>,
-    /// Run as this user (default: the agent's, root).
+    /// Run as this user (default: root).
     pub user: Option<&'a User>,
     /// The UTS namespace's hostname.
     pub hostname: &'a str,
-    /// The task's network namespace.
-    pub netns: BorrowedFd<'a>,
+    /// The task's network namespace (its bind-mounted file).
+    pub netns: &'a Path,
     /// Where stdout and stderr go (opened for appending).
     pub log: &'a File,
     /// Mounted over /etc/resolv.conf in the task's mount namespace.
-    pub resolv_conf: Option<&'a std::path::Path>,
+    pub resolv_conf: Option<&'a Path>,
     /// The `cgroup.procs` file of the cgroup the task joins.
-    pub cgroup_procs: Option<&'a std::path::Path>,
+    pub cgroup_procs: Option<&'a Path>,
     /// Directories and files bind-mounted read-only in the task's mount
     /// namespace (source, where the task sees it): its secrets and configs.
-    pub binds: &'a [(std::path::PathBuf, std::path::PathBuf)],
+    pub binds: &'a [(PathBuf, PathBuf)],
+    /// What of the node the task must not see (data directory, socket).
+    pub masked: &'a [PathBuf],
+    /// Its capabilities, seccomp and `--read-only`.
+    pub security: &'a Security,
 }
 
-/// Starts a task process. The child is its own session leader, so its PID
-/// is also its process group's ID.
-pub fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
-    let program = launch
-        .command
-        .first()
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the task has no command"))?;
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(&launch.command[1..])
+/// The confinement of a task of `security` running as `user`.
+pub(crate) fn confinement(security: &Security, user: Option<&User>) -> io::Result<Confinement> {
+    let caps = security
+        .capabilities()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    Ok(Confinement {
+        caps: caps.0,
+        seccomp: security.seccomp == Seccomp::Default,
+        user: user.map(|u| (u.uid, u.gid)),
+    })
+}
+
+/// Starts a task in its sandbox (see [`super::sandbox`]). The child is
+/// the task's first process, its own session leader (so its PID is also
+/// its process group's ID); it ends as the task ends. Returns once the
+/// task's program runs, or with why it could not.
+pub async fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
+    if launch.command.first().is_none_or(|p| p.is_empty()) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "the task has no command"));
+    }
+    let request = InitRequest::Start(InitSpec {
+        command: launch.command.to_vec(),
+        env: launch.env.clone(),
+        workdir: launch.workdir.unwrap_or("/").to_string(),
+        hostname: launch.hostname.to_string(),
+        netns: launch.netns.to_path_buf(),
+        cgroup_procs: launch.cgroup_procs.map(Path::to_path_buf),
+        resolv_conf: launch.resolv_conf.map(Path::to_path_buf),
+        binds: launch.binds.to_vec(),
+        masked: launch.masked.to_vec(),
+        read_only: launch.security.read_only,
+        confinement: confinement(launch.security, launch.user)?,
+    });
+    let log = || launch.log.try_clone().map(Stdio::from);
+    start_init(launch.init, &request, log()?, log()?, false).await
+}
+
+/// Runs `mesh-agent task-init` with `request`; returns once it reports
+/// that the program runs (its socket closes) or why not.
+async fn start_init(
+    init: &Path,
+    request: &InitRequest,
+    stdout: Stdio,
+    stderr: Stdio,
+    kill_on_drop: bool,
+) -> io::Result<tokio::process::Child> {
+    let bytes = rmp_serde::to_vec(request).map_err(io::Error::other)?;
+    let (mut ours, theirs) = UnixStream::pair()?;
+    let mut cmd = tokio::process::Command::new(init);
+    cmd.arg(INIT_ARG)
         .env_clear()
-        .envs(launch.env)
-        .current_dir(launch.workdir.unwrap_or("/"))
-        .stdin(Stdio::null())
-        .stdout(launch.log.try_clone()?)
-        .stderr(launch.log.try_clone()?);
-    let hostname = CString::new(launch.hostname)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "hostname holds a NUL"))?;
-    let netns = launch.netns.as_raw_fd();
-    let user = launch.user.map(|u| (u.uid, u.gid));
-    let resolv_conf = launch.resolv_conf.map(crate::agent::net::netns::c_path).transpose()?;
-    let cgroup_procs = launch.cgroup_procs.map(crate::agent::net::netns::c_path).transpose()?;
-    let binds = launch
-        .binds
-        .iter()
-        .map(|(from, to)| {
-            Ok((
-                crate::agent::net::netns::c_path(from)?,
-                crate::agent::net::netns::c_path(to)?,
-            ))
-        })
-        .collect::<io::Result<Vec<_>>>()?;
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes async-signal-safe system calls on values prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(procs) = &cgroup_procs {
-                join_cgroup(procs)?;
-            }
-            enter_task_namespaces(netns, &hostname, user, resolv_conf.as_deref(), &binds)
-        });
+        .current_dir("/")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stdout(stdout)
+        .stderr(stderr)
+        .kill_on_drop(kill_on_drop);
+    let mut child = cmd.spawn()?;
+    // The command holds the init's end of the socket until dropped.
+    drop(cmd);
+    let verdict = tokio::task::spawn_blocking(move || -> io::Result<String> {
+        ours.write_all(&bytes)?;
+        ours.shutdown(std::net::Shutdown::Write)?;
+        let mut verdict = String::new();
+        ours.read_to_string(&mut verdict)?;
+        Ok(verdict)
+    })
+    .await
+    .map_err(io::Error::other)??;
+    if verdict.is_empty() {
+        return Ok(child);
     }
-    tokio::process::Command::from(cmd).spawn()
+    let _ = child.wait().await;
+    Err(match verdict.strip_prefix(EXEC_FAILED).and_then(|e| e.parse().ok()) {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::other(verdict),
+    })
 }
 
-/// In the forked child: writes its own PID to `procs` (no allocation).
-fn join_cgroup(procs: &std::ffi::CStr) -> io::Result<()> {
-    // SAFETY: getpid cannot fail.
-    let mut pid = unsafe { libc::getpid() } as u32;
-    let mut digits = [0u8; 10];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (pid % 10) as u8;
-        pid /= 10;
-        if pid == 0 {
-            break;
-        }
-    }
-    // SAFETY: a NUL-terminated path and a buffer of the stated length.
-    unsafe {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let written = libc::write(fd, digits[at..].as_ptr().cast(), digits.len() - at);
-        libc::close(fd);
-        if written < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// In the forked child: new session, the task's namespaces, then drop to
-/// the task's user (last, since entering namespaces needs root).
-fn enter_task_namespaces(
-    netns: i32,
-    hostname: &CString,
-    user: Option<(u32, u32)>,
-    resolv_conf: Option<&std::ffi::CStr>,
-    binds: &[(CString, CString)],
-) -> io::Result<()> {
-    // SAFETY: plain system calls in a single-threaded child; the pointers
-    // are valid NUL-terminated strings owned by the closure.
-    unsafe {
-        if libc::setsid() < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        check(libc::setns(netns, libc::CLONE_NEWNET))?;
-        check(libc::unshare(libc::CLONE_NEWUTS | libc::CLONE_NEWNS))?;
-        check(libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len()))?;
-        // Mounts made in the task's namespace must not leak to the host's.
-        check(libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ))?;
-        // Names resolve through the agent's responder (`agent::net::dns`).
-        if let Some(conf) = resolv_conf {
-            check(libc::mount(
-                conf.as_ptr(),
-                c"/etc/resolv.conf".as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            ))?;
-        }
-        // Secrets and configs, read-only.
-        for (from, to) in binds {
-            check(libc::mount(
-                from.as_ptr(),
-                to.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            ))?;
-            check(libc::mount(
-                std::ptr::null(),
-                to.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
-                std::ptr::null(),
-            ))?;
-        }
-        if let Some((uid, gid)) = user {
-            check(libc::setgroups(1, &gid))?;
-            check(libc::setgid(gid))?;
-            check(libc::setuid(uid))?;
-        }
-    }
-    Ok(())
-}
-
-/// Starts `sh -c COMMAND` inside a running task's namespaces (network,
-/// UTS, mount) as the task's user, with the task's environment; stdout and
-/// stderr are piped to the caller. This is how health checks run.
-pub(crate) fn spawn_in_task(
+/// Starts `sh -c COMMAND` inside a running task (its namespaces, confined
+/// as it is), with the task's environment; stdout and stderr are piped to
+/// the caller, and the command goes when the returned child is dropped.
+/// This is how health checks run.
+pub(crate) async fn spawn_in_task(
+    init: &Path,
     task_pid: u32,
     command: &str,
     env: &BTreeMap<String, String>,
-    user: Option<&User>,
+    confinement: Confinement,
 ) -> io::Result<tokio::process::Child> {
-    let open = |kind: &str| File::open(format!("/proc/{task_pid}/ns/{kind}"));
-    let namespaces = [
-        (open("net")?, libc::CLONE_NEWNET),
-        (open("uts")?, libc::CLONE_NEWUTS),
-        (open("mnt")?, libc::CLONE_NEWNS),
-    ];
-    let fds: Vec<(i32, i32)> = namespaces.iter().map(|(f, kind)| (f.as_raw_fd(), *kind)).collect();
-    let user = user.map(|u| (u.uid, u.gid));
-    let mut cmd = std::process::Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(command)
-        .env_clear()
-        .envs(env)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: as in `spawn`: system calls only, in the child, on fds that
-    // stay open in the parent until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            for (fd, kind) in &fds {
-                check(libc::setns(*fd, *kind))?;
-            }
-            if let Some((uid, gid)) = user {
-                check(libc::setgroups(1, &gid))?;
-                check(libc::setgid(gid))?;
-                check(libc::setuid(uid))?;
-            }
-            Ok(())
-        });
-    }
-    let child = tokio::process::Command::from(cmd).kill_on_drop(true).spawn();
-    drop(namespaces);
-    child
+    let request = InitRequest::Exec(ExecSpec {
+        task_pid,
+        command: vec!["/bin/sh".into(), "-c".into(), command.into()],
+        env: env.clone(),
+        confinement,
+    });
+    start_init(init, &request, Stdio::piped(), Stdio::piped(), true).await
 }
 
 /// Sends `signal` to the process group led by `pid` (the task and anything
@@ -374,6 +294,14 @@ impl Adopted {
         // An error here means the fd itself broke; treat it as gone.
         let _ = self.pidfd.readable().await;
     }
+}
+
+/// Whether process `pid` runs in a sandbox: its children go to a PID
+/// namespace other than the agent's.
+pub(crate) fn is_sandboxed(pid: u32) -> io::Result<bool> {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid_for_children"))?;
+    let ours = std::fs::read_link("/proc/self/ns/pid")?;
+    Ok(theirs != ours)
 }
 
 /// The start time of process `pid` in clock ticks since boot (field 22 of

@@ -11,7 +11,7 @@
 //! (their process, addresses and ports stay as they are, so no connection
 //! is interrupted) and kills the rest.
 
-use super::error::TaskError;
+use super::{error::TaskError, sandbox::Confinement};
 use crate::locks::Locked;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -75,14 +75,24 @@ async fn wait_for_peers(mut peers: watch::Receiver<u32>, limit: Duration, mut wa
 /// A health check's output kept for the task's error message.
 const HEALTH_OUTPUT_MAX: usize = 200;
 
+/// What every task's sandbox takes from the node.
+pub(crate) struct SandboxSetup {
+    /// The agent's binary, which starts each task as its init.
+    pub(crate) init: PathBuf,
+    /// The cgroup tasks join (the VIP socket programs act there).
+    pub(crate) cgroup_procs: Option<PathBuf>,
+    /// What of the node tasks must not see.
+    pub(crate) masked: Vec<PathBuf>,
+}
+
 /// Runs this node's tasks.
 pub(crate) struct Supervisor {
     dir: PathBuf,
     network: Arc<LocalNetwork>,
     overlays: Arc<Overlays>,
     dns: Arc<Dns>,
-    /// The cgroup tasks join (the VIP socket programs act there).
-    cgroup_procs: Option<PathBuf>,
+    /// What every task's sandbox takes from the node.
+    setup: SandboxSetup,
     reports: mpsc::UnboundedSender<TaskReport>,
     inner: Mutex<Inner>,
 }
@@ -124,7 +134,7 @@ impl Supervisor {
         network: Arc<LocalNetwork>,
         overlays: Arc<Overlays>,
         dns: Arc<Dns>,
-        cgroup_procs: Option<PathBuf>,
+        setup: SandboxSetup,
         reports: mpsc::UnboundedSender<TaskReport>,
     ) -> io::Result<Arc<Supervisor>> {
         fs::create_dir_all(&dir)?;
@@ -134,7 +144,7 @@ impl Supervisor {
             network,
             overlays,
             dns,
-            cgroup_procs,
+            setup,
             reports,
             inner: Mutex::new(Inner {
                 leftovers,
@@ -336,7 +346,8 @@ impl Supervisor {
         let user = task_user(spec)?;
         let ns_path = dir.join("netns");
         remove_namespace(dir);
-        let netns = NetNs::create_at(&ns_path, &format!("task {}", task_dir_name(a.task)))?;
+        // Held until the task runs in it.
+        let _netns = NetNs::create_at(&ns_path, &format!("task {}", task_dir_name(a.task)))?;
         let attachment = self
             .network
             .attach(a.task, &ns_path)
@@ -391,17 +402,21 @@ impl Supervisor {
             Some(crate::agent::tasks::files::stage(&dir.join("files"), &spec.files)?)
         };
         let child = process::spawn(&Launch {
+            init: &self.setup.init,
             command: &spec.command,
             env: &env,
             workdir: spec.workdir.as_deref(),
             user: user.as_ref(),
             hostname: &hostname,
-            netns: netns.fd(),
+            netns: &ns_path,
             log: &log,
             resolv_conf: resolv_conf.as_deref(),
-            cgroup_procs: self.cgroup_procs.as_deref(),
+            cgroup_procs: self.setup.cgroup_procs.as_deref(),
             binds: staged.as_ref().map_or(&[], |s| s.binds.as_slice()),
+            masked: &self.setup.masked,
+            security: &spec.security,
         })
+        .await
         .map_err(|source| TaskError::Spawn {
             program: spec.command.first().cloned().unwrap_or_default(),
             source,
@@ -417,7 +432,7 @@ impl Supervisor {
             process: child,
             pid,
             env,
-            user,
+            confinement: task_confinement(spec, user.as_ref())?,
             attachment,
             note,
         }))
@@ -441,7 +456,11 @@ impl Supervisor {
     async fn readopt(&self, a: &Assignment, dir: &Path, pid: u32, start: u64) -> Result<Prepared, TaskError> {
         let spec = &a.spec;
         let adopted = process::Adopted::open(pid, start).map_err(TaskError::Adopt)?;
+        if !process::is_sandboxed(pid).map_err(TaskError::Adopt)? {
+            return Err(TaskError::Unsandboxed);
+        }
         let user = task_user(spec)?;
+        let confinement = task_confinement(spec, user.as_ref())?;
         let attachment = self
             .network
             .adopt(a.task, &dir.join("netns"))
@@ -463,7 +482,7 @@ impl Supervisor {
             process: TaskProcess::Adopted(adopted),
             pid,
             env,
-            user,
+            confinement,
             attachment,
             note: String::new(),
         })
@@ -488,10 +507,11 @@ impl Supervisor {
         let (health_tx, mut health_rx) = mpsc::channel(4);
         let checker = match &a.spec.health {
             Some(check) => Some(tokio::spawn(health_loop(
+                self.setup.init.clone(),
                 p.pid,
                 check.clone(),
                 p.env.clone(),
-                p.user.clone(),
+                p.confinement.clone(),
                 health_tx,
             ))),
             None => {
@@ -572,10 +592,16 @@ struct Prepared {
     process: TaskProcess,
     pid: u32,
     env: BTreeMap<String, String>,
-    user: Option<User>,
+    /// The task's capabilities, seccomp and user (its health checks get them).
+    confinement: Confinement,
     attachment: Attachment,
     /// What to say with Running (a start that did not wait for its peers).
     note: String,
+}
+
+/// How `spec`'s task is confined, running as `user`.
+fn task_confinement(spec: &TaskSpec, user: Option<&User>) -> Result<Confinement, TaskError> {
+    process::confinement(&spec.security, user).map_err(TaskError::io("the service's capabilities"))
 }
 
 /// The user `--user` names, from this node's /etc/passwd and /etc/group.
@@ -598,17 +624,18 @@ async fn graceful_stop(p: &mut Prepared, grace: Duration) {
 /// Runs the health check every interval and sends each verdict (with the
 /// check's output) until the receiver is gone.
 async fn health_loop(
+    init: PathBuf,
     pid: u32,
     check: crate::api::service::HealthCheck,
     env: BTreeMap<String, String>,
-    user: Option<User>,
+    confinement: Confinement,
     verdicts: mpsc::Sender<(Health, String)>,
 ) {
     let started = Instant::now();
     let mut tracker = HealthTracker::default();
     loop {
         tokio::time::sleep(Duration::from_millis(check.interval_ms)).await;
-        let (passed, output) = run_check(pid, &check, &env, user.as_ref()).await;
+        let (passed, output) = run_check(&init, pid, &check, &env, &confinement).await;
         let since = started.elapsed().as_millis() as u64;
         let verdict = tracker.record(passed, since, &check);
         if verdicts.send((verdict, output)).await.is_err() {
@@ -618,12 +645,13 @@ async fn health_loop(
 }
 
 async fn run_check(
+    init: &Path,
     pid: u32,
     check: &crate::api::service::HealthCheck,
     env: &BTreeMap<String, String>,
-    user: Option<&User>,
+    confinement: &Confinement,
 ) -> (bool, String) {
-    let child = match process::spawn_in_task(pid, &check.command, env, user) {
+    let child = match process::spawn_in_task(init, pid, &check.command, env, confinement.clone()).await {
         Ok(c) => c,
         Err(e) => return (false, format!("running the health check: {e}")),
     };

@@ -293,6 +293,7 @@ pub(crate) fn assignments_with(
                 env: s.spec.env.clone(),
                 workdir: s.spec.workdir.clone(),
                 user: s.spec.user.clone(),
+                security: s.spec.security.clone(),
                 health: s.spec.health.clone(),
                 stop_grace_ms: s.spec.stop_grace_ms,
                 networks: task

@@ -1,0 +1,193 @@
+//! Kernel lane: the task sandbox, tried as an attacker inside a task would.
+//! A task running as root (the default) cannot read the node's KEK or Raft
+//! store, reach the agent's socket, read another task's secret, see other
+//! processes, enter the node's network namespace, make a user namespace,
+//! mount, use the kernel keyring or open a disk through a node it makes;
+//! its effective capabilities are Docker's default set. `--cap-add
+//! SYS_ADMIN --security-opt seccomp=unconfined` gives the calls back,
+//! `--read-only` makes the node's file system read-only, `--user` drops
+//! every capability, and bad flags are refused with the reason.
+
+use std::time::Duration;
+
+use mesh_tests::{
+    overlay::running,
+    require_root,
+    swarm::{binary, Swarm},
+};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// Creates service `name` running the probe with `probes`, waits for its
+/// report and returns it.
+fn probe(swarm: &Swarm, name: &str, flags: &[&str], probes: &[&str]) -> String {
+    let probe = binary("mesh-probe");
+    let mut args = vec!["service", "create", "--detach", "--name", name];
+    args.extend_from_slice(flags);
+    args.push("--");
+    args.push(probe.to_str().unwrap());
+    args.extend_from_slice(probes);
+    swarm.ok(0, &args);
+    let mut logs = String::new();
+    swarm.wait(&format!("{name}'s probes"), CONVERGE, || {
+        logs = swarm.ok(0, &["service", "logs", name]);
+        logs.contains("probe done")
+    });
+    logs
+}
+
+/// The result of probe line `what` in `logs`.
+fn outcome<'a>(logs: &'a str, what: &str) -> &'a str {
+    logs.lines()
+        .find_map(|l| l.split_once(&format!("{what}: ")).map(|(_, r)| r.trim()))
+        .unwrap_or_else(|| panic!("no {what:?} in the probe's report:\n{logs}"))
+}
+
+#[test]
+fn a_task_cannot_reach_the_node_or_other_tasks() {
+    require_root();
+    let swarm = Swarm::new(1);
+    swarm.init(&[]);
+    let data = swarm.agents[0].data_dir.clone();
+    let socket = swarm.agents[0].socket.clone();
+    let kek = data.join("keys/kek");
+    let raft = data.join("raft/raft.redb");
+    assert!(
+        kek.exists() && raft.exists(),
+        "the node has a KEK and a Raft store to protect"
+    );
+
+    // A task holding a secret, whose process the attacker knows.
+    swarm.meshctl_stdin(0, &["secret", "create", "db_password", "-"], "sandbox-secret-4711");
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "holder",
+            "--secret",
+            "db_password",
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
+    swarm.wait("the secret's holder runs", CONVERGE, || running(&swarm, "holder") == 1);
+    let holder_pid = std::fs::read_dir(data.join("tasks"))
+        .unwrap()
+        .flatten()
+        .find_map(|e| std::fs::read_to_string(e.path().join("pid")).ok())
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .expect("the holder's pid");
+    let other_secret = format!("/proc/{holder_pid}/root/run/secrets/db_password");
+    let seen = std::fs::read_to_string(&other_secret);
+    assert!(
+        seen.as_ref().is_ok_and(|s| s == "sandbox-secret-4711"),
+        "the node sees the holder's secret where the attacker will look ({other_secret}): {seen:?}"
+    );
+
+    let host_netns = format!("/run/netns/{}", swarm.cluster.host(0).netns().name());
+    let logs = probe(
+        &swarm,
+        "attacker",
+        &[],
+        &[
+            "uid",
+            "caps",
+            "pids",
+            "read",
+            kek.to_str().unwrap(),
+            "read",
+            raft.to_str().unwrap(),
+            "read",
+            &other_secret,
+            "connect",
+            socket.to_str().unwrap(),
+            "setns",
+            &host_netns,
+            "unshare-user",
+            "mount",
+            "keyctl",
+            "mknod-disk",
+            "write",
+            "/sys/kernel/mm/transparent_hugepage/enabled",
+        ],
+    );
+    assert_eq!(outcome(&logs, "uid"), "0", "{logs}");
+    assert_eq!(
+        outcome(&logs, "caps"),
+        "00000000a80425fb",
+        "Docker's default set: {logs}"
+    );
+    // PID 1 (the namespace's init) and the probe: nothing of the node.
+    assert_eq!(outcome(&logs, "pids"), "[1, 2]", "{logs}");
+    assert_ne!(outcome(&logs, &format!("read {}", kek.display())), "ok", "{logs}");
+    assert_ne!(outcome(&logs, &format!("read {}", raft.display())), "ok", "{logs}");
+    assert_ne!(outcome(&logs, &format!("read {other_secret}")), "ok", "{logs}");
+    assert_ne!(outcome(&logs, &format!("connect {}", socket.display())), "ok", "{logs}");
+    assert_eq!(outcome(&logs, &format!("setns {host_netns}")), "EPERM", "{logs}");
+    assert_eq!(outcome(&logs, "unshare-user"), "EPERM", "{logs}");
+    assert_eq!(outcome(&logs, "mount"), "EPERM", "{logs}");
+    assert_eq!(outcome(&logs, "keyctl"), "EPERM", "{logs}");
+    assert_ne!(outcome(&logs, "mknod-disk"), "ok", "{logs}");
+    assert_eq!(
+        outcome(&logs, "write /sys/kernel/mm/transparent_hugepage/enabled"),
+        "EROFS",
+        "{logs}"
+    );
+
+    // Capabilities and the filter given back, as the operator asked.
+    let logs = probe(
+        &swarm,
+        "admin",
+        &["--cap-add", "SYS_ADMIN", "--security-opt", "seccomp=unconfined"],
+        // The mount first: a process in a user namespace of its own has no
+        // capability over the task's mount namespace.
+        &["caps", "mount", "keyctl", "unshare-user"],
+    );
+    assert_eq!(outcome(&logs, "caps"), "00000000a82425fb", "SYS_ADMIN added: {logs}");
+    assert_eq!(outcome(&logs, "unshare-user"), "ok", "{logs}");
+    assert_eq!(outcome(&logs, "mount"), "ok", "{logs}");
+    assert_eq!(outcome(&logs, "keyctl"), "ok", "{logs}");
+    let inspect = swarm.ok(0, &["service", "inspect", "--pretty", "admin"]);
+    assert!(
+        inspect.contains("SYS_ADMIN") && inspect.contains("seccomp=unconfined"),
+        "{inspect}"
+    );
+
+    // --read-only and --user.
+    let logs = probe(
+        &swarm,
+        "readonly",
+        &["--read-only"],
+        &["write", "/tmp/mesh-probe-file", "write", "/dev/shm/x"],
+    );
+    assert_eq!(outcome(&logs, "write /tmp/mesh-probe-file"), "EROFS", "{logs}");
+    assert_eq!(
+        outcome(&logs, "write /dev/shm/x"),
+        "ok",
+        "/dev/shm stays writable: {logs}"
+    );
+    let logs = probe(&swarm, "nobody", &["--user", "65534"], &["uid", "caps"]);
+    assert_eq!(outcome(&logs, "uid"), "65534", "{logs}");
+    assert_eq!(outcome(&logs, "caps"), "0000000000000000", "{logs}");
+
+    // Bad flags: refused with the reason, nothing created.
+    for (flags, reason) in [
+        (&["--cap-add", "NET_ADMINS"][..], "unknown capability \"NET_ADMINS\""),
+        (
+            &["--security-opt", "apparmor=unconfined"][..],
+            "unsupported --security-opt",
+        ),
+        (&["--cap-add", "NET_ADMIN", "--cap-drop", "NET_ADMIN"][..], "contradict"),
+    ] {
+        let mut args = vec!["service", "create", "--detach", "--name", "bad"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", "sleep", "600"]);
+        let (_, err) = swarm.fails(0, &args);
+        assert!(err.contains(reason), "{flags:?}: {err}");
+    }
+    assert!(!swarm.ok(0, &["service", "ls"]).contains("bad"));
+}
