@@ -39,12 +39,19 @@ fn main() {
     swarm.form_with_workers();
     for n in [10usize, 10, 100] {
         let cluster = create_to_running(&swarm, n);
-        let floor = kernel_floor(n);
+        let floor = kernel_floor(n, Start::Sandboxed);
+        let bare = kernel_floor(n, Start::Bare);
         println!(
             "== create -> running, {n} replicas on 3 nodes: {:.0} ms; bare kernel work for {n} tasks on one host: {:.0} ms; ratio {:.1}x",
             cluster.as_secs_f64() * 1e3,
             floor.as_secs_f64() * 1e3,
             cluster.as_secs_f64() / floor.as_secs_f64()
+        );
+        println!(
+            "== the sandbox, {n} tasks on one host: {:.0} ms sandboxed, {:.0} ms as plain processes in their network namespace; ratio {:.2}",
+            floor.as_secs_f64() * 1e3,
+            bare.as_secs_f64() * 1e3,
+            floor.as_secs_f64() / bare.as_secs_f64()
         );
     }
     swarm.kill(0);
@@ -98,7 +105,7 @@ fn create_to_running(swarm: &Swarm, n: usize) -> Duration {
 /// What the nodes do for `n` tasks, with nothing else: a host namespace,
 /// then per task a namespace, a veth on the bridge with an address and a
 /// route, and a `sleep` process in its sandbox.
-fn kernel_floor(n: usize) -> Duration {
+fn kernel_floor(n: usize, start: Start) -> Duration {
     let host = format!("meshbench-floor-{}", std::process::id());
     let _ = NetNs::delete(&host);
     let ns = NetNs::create(&host).expect("a host namespace");
@@ -123,23 +130,26 @@ fn kernel_floor(n: usize) -> Duration {
                     let path = dir.join(format!("ns{task}"));
                     let _task_ns = NetNs::create_at(&path, "floor").expect("a task namespace");
                     network.attach(task + 1, &path).await.expect("attach");
-                    let child = process::spawn(&process::Launch {
-                        init: &init,
-                        command: &command,
-                        env: &env,
-                        workdir: None,
-                        user: None,
-                        hostname: "floor",
-                        netns: &path,
-                        log: &log,
-                        resolv_conf: None,
-                        cgroup_procs: None,
-                        binds: &[],
-                        masked: &[],
-                        security: &Security::default(),
-                    })
-                    .await
-                    .expect("spawn");
+                    let child = match start {
+                        Start::Bare => bare_spawn(&command, &path),
+                        Start::Sandboxed => process::spawn(&process::Launch {
+                            init: &init,
+                            command: &command,
+                            env: &env,
+                            workdir: None,
+                            user: None,
+                            hostname: "floor",
+                            netns: &path,
+                            log: &log,
+                            resolv_conf: None,
+                            cgroup_procs: None,
+                            binds: &[],
+                            masked: &[],
+                            security: &Security::default(),
+                        })
+                        .await
+                        .expect("spawn"),
+                    };
                     children.push(child);
                 }
                 let took = t0.elapsed();
@@ -156,6 +166,42 @@ fn kernel_floor(n: usize) -> Duration {
     let _ = NetNs::delete(&host);
     let _ = std::fs::remove_dir_all(&dir);
     took
+}
+
+/// How the floor starts its processes.
+#[derive(Clone, Copy)]
+enum Start {
+    /// As the agent does: through `mesh-agent task-init`, in the sandbox.
+    Sandboxed,
+    /// The reference without the sandbox: forked straight into the task's
+    /// network namespace with a UTS and mount namespace of its own.
+    Bare,
+}
+
+fn bare_spawn(command: &[String], netns: &std::path::Path) -> tokio::process::Child {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let ns = std::fs::File::open(netns).expect("the task's namespace");
+    let fd = ns.as_raw_fd();
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    // SAFETY: system calls only, in the child, on a descriptor open until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            for ret in [
+                libc::setsid(),
+                libc::setns(fd, libc::CLONE_NEWNET),
+                libc::unshare(libc::CLONE_NEWUTS | libc::CLONE_NEWNS),
+            ] {
+                if ret < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = tokio::process::Command::from(cmd).spawn().expect("spawn");
+    drop(ns);
+    child
 }
 
 /// The pure scheduler on 100 simulated nodes and 1,000 services.
