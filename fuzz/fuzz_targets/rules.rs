@@ -35,6 +35,7 @@ fn node(id: u64, hostname: &str) -> Node {
         status_message: String::new(),
         agent_version: String::new(),
         wireguard_key: String::new(),
+        resources: Default::default(),
         certs: Default::default(),
         created_at: 0,
         updated_at: 0,

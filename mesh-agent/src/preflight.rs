@@ -5,7 +5,10 @@
 
 use std::path::Path;
 
-use crate::dataplane::ebpf::{self, EbpfDataplane, TcApi};
+use crate::{
+    agent::tasks::cgroup::{Layout, CONTROLLERS},
+    dataplane::ebpf::{self, EbpfDataplane, TcApi},
+};
 
 /// What the node's kernel has, as read from it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +22,8 @@ pub struct KernelFacts {
     pub(crate) ip_vs: bool,
     pub(crate) wireguard: bool,
     pub(crate) esp4: bool,
+    /// Where the controllers task limits use are.
+    pub(crate) cgroups: Layout,
 }
 
 /// How a finding affects the node.
@@ -53,6 +58,7 @@ pub fn gather() -> KernelFacts {
         ip_vs: module("ip_vs") || Path::new("/proc/net/ip_vs").exists(),
         wireguard: module("wireguard"),
         esp4: module("esp4"),
+        cgroups: Layout::read(),
     }
 }
 
@@ -99,6 +105,14 @@ pub fn assess(facts: &KernelFacts) -> Vec<Finding> {
         "IPsec ESP (esp4)",
         "`encrypted=ipsec` overlays are unavailable",
     ));
+    for (controller, line) in CONTROLLERS.iter().zip(facts.cgroups.describe()) {
+        let severity = if facts.cgroups.controllers.contains_key(controller) {
+            Severity::Ok
+        } else {
+            Severity::Degraded
+        };
+        out.push(finding(severity, format!("task limits, {line}")));
+    }
     out
 }
 
@@ -114,6 +128,11 @@ mod tests {
             ip_vs: true,
             wireguard: true,
             esp4: true,
+            cgroups: Layout::parse(
+                "31 30 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw",
+                "0::/",
+                "cpu memory pids",
+            ),
         }
     }
 
@@ -137,5 +156,20 @@ mod tests {
         assert!(findings
             .iter()
             .any(|x| x.severity == Severity::Fatal && x.what.contains("verifier says no")));
+    }
+
+    #[test]
+    fn a_missing_controller_degrades_task_limits() {
+        let mut f = facts();
+        f.cgroups = Layout::parse(
+            "31 30 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw",
+            "0::/",
+            "cpu memory",
+        );
+        let pids = assess(&f)
+            .into_iter()
+            .find(|x| x.what.contains("pids"))
+            .expect("a pids line");
+        assert_eq!(pids.severity, Severity::Degraded, "{}", pids.what);
     }
 }

@@ -70,6 +70,7 @@ fn rpc() -> Vec<(&'static str, Vec<u8>)> {
         cert_role: Role::Manager,
         cert_ca_digest: "ab".repeat(32),
         wireguard_key: "x".repeat(44),
+        resources: Default::default(),
     });
     let join = PeerRequest::Join(JoinCall {
         token: format!("MESHTKN-1-{}-{}", "0".repeat(64), "1".repeat(32)),

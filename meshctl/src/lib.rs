@@ -789,6 +789,11 @@ async fn node(client: &Client, cmd: NodeCommand) -> ApiResult<()> {
                             println!(" - {k} = {val}");
                         }
                     }
+                    println!(
+                        "Resources:\n CPUs:\t\t\t{}\n Memory:\t\t{}",
+                        crate::api::resources::cpus_text(n.resources.nano_cpus),
+                        crate::api::resources::bytes_text(n.resources.memory_bytes)
+                    );
                     println!("Agent Version:\t\t{}", n.agent_version);
                 }
             } else {

@@ -2,6 +2,7 @@
 //! scale, rm. `create` and `update` follow the tasks until they run, unless
 //! `--detach`.
 
+use crate::api::resources::{bytes_text, cpus_text, parse_bytes, parse_cpus, Resources};
 use crate::api::secret::Kind;
 use crate::api::security::{parse_security_opts, Seccomp, Security};
 use clap::{Args, Subcommand, ValueEnum};
@@ -58,6 +59,65 @@ impl From<AlgorithmArg> for LbAlgorithm {
 enum AffinityArg {
     None,
     ClientIp,
+}
+
+/// Resource flags, shared by create and update (on update, 0 removes a
+/// limit or reservation).
+#[derive(clap::Args, Debug, Default)]
+struct ResourceArgs {
+    /// Memory limit, e.g. 512m or 1g: over it the task is OOM killed.
+    #[arg(long)]
+    limit_memory: Option<String>,
+    /// CPU limit, e.g. 0.5 or 2: the task is throttled beyond it.
+    #[arg(long)]
+    limit_cpu: Option<String>,
+    /// How many processes and threads the task may have at once.
+    #[arg(long)]
+    limit_pids: Option<u64>,
+    /// Memory the scheduler keeps for each task on its node, e.g. 256m.
+    #[arg(long)]
+    reserve_memory: Option<String>,
+    /// CPUs the scheduler keeps for each task on its node, e.g. 0.25.
+    #[arg(long)]
+    reserve_cpu: Option<String>,
+}
+
+impl ResourceArgs {
+    /// Each flag given, parsed; "0" is 0 (no limit).
+    fn parsed(&self) -> ApiResult<Resources> {
+        let bytes = |flag: &str, v: &Option<String>| -> ApiResult<Option<u64>> {
+            v.as_deref()
+                .map(|t| if t.trim() == "0" { Ok(0) } else { parse_bytes(flag, t) })
+                .transpose()
+                .map_err(ApiError::invalid)
+        };
+        let cpus = |flag: &str, v: &Option<String>| -> ApiResult<Option<u64>> {
+            v.as_deref()
+                .map(|t| if t.trim() == "0" { Ok(0) } else { parse_cpus(flag, t) })
+                .transpose()
+                .map_err(ApiError::invalid)
+        };
+        Ok(Resources {
+            memory_limit: bytes("limit-memory", &self.limit_memory)?,
+            cpu_limit: cpus("limit-cpu", &self.limit_cpu)?,
+            pids_limit: self.limit_pids,
+            memory_reservation: bytes("reserve-memory", &self.reserve_memory)?,
+            cpu_reservation: cpus("reserve-cpu", &self.reserve_cpu)?,
+        })
+    }
+
+    /// What a new service asks for (0: none).
+    fn resources(&self) -> ApiResult<Resources> {
+        let r = self.parsed()?;
+        let set = |v: Option<u64>| v.filter(|v| *v > 0);
+        Ok(Resources {
+            memory_limit: set(r.memory_limit),
+            cpu_limit: set(r.cpu_limit),
+            pids_limit: set(r.pids_limit),
+            memory_reservation: set(r.memory_reservation),
+            cpu_reservation: set(r.cpu_reservation),
+        })
+    }
 }
 
 /// Confinement flags, shared by create and update (on update, `--cap-add`
@@ -318,6 +378,8 @@ pub(crate) struct UpdateArgs {
     #[command(flatten)]
     security: SecurityArgs,
     #[command(flatten)]
+    resources: ResourceArgs,
+    #[command(flatten)]
     restart: RestartArgs,
     /// Return at once instead of showing progress until the update converges.
     #[arg(short, long)]
@@ -371,6 +433,7 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         Some(check) => Some(Some(check)),
         None => None,
     };
+    let resources = args.resources.parsed()?;
     let update = ServiceUpdate {
         command: (!args.command.is_empty()).then_some(args.command),
         replicas: args.replicas,
@@ -407,6 +470,11 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         cap_drop: args.security.cap_drop,
         security_opt: args.security.security_opt,
         read_only: args.security.read_only,
+        memory_limit: resources.memory_limit,
+        cpu_limit: resources.cpu_limit,
+        pids_limit: resources.pids_limit,
+        memory_reservation: resources.memory_reservation,
+        cpu_reservation: resources.cpu_reservation,
         force: args.force,
     };
     Ok((args.service, update, args.detach))
@@ -461,6 +529,8 @@ pub(crate) struct CreateArgs {
     lb: LbArgs,
     #[command(flatten)]
     security: SecurityArgs,
+    #[command(flatten)]
+    resources: ResourceArgs,
     #[command(flatten)]
     restart: RestartArgs,
     #[command(flatten)]
@@ -581,6 +651,7 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
         secrets: parse_refs(Kind::Secret, &args.secret)?,
         configs: parse_refs(Kind::Config, &args.config)?,
         security: args.security.security()?,
+        resources: args.resources.resources()?,
     };
     spec.validate().map_err(ApiError::invalid)?;
     Ok(spec)
@@ -1002,6 +1073,28 @@ pub(crate) fn pretty_text(view: &ServiceView, now_ms: u64) -> String {
     }
     if security.read_only {
         line(1, "ReadOnly", "true".into());
+    }
+    let r = &spec.resources;
+    if r.memory_limit.is_some() || r.cpu_limit.is_some() || r.pids_limit.is_some() {
+        line(0, "Limits", String::new());
+        if let Some(m) = r.memory_limit {
+            line(1, "Memory", bytes_text(m));
+        }
+        if let Some(c) = r.cpu_limit {
+            line(1, "CPU", cpus_text(c));
+        }
+        if let Some(p) = r.pids_limit {
+            line(1, "Pids", p.to_string());
+        }
+    }
+    if r.memory_reservation.is_some() || r.cpu_reservation.is_some() {
+        line(0, "Reservations", String::new());
+        if let Some(m) = r.memory_reservation {
+            line(1, "Memory", bytes_text(m));
+        }
+        if let Some(c) = r.cpu_reservation {
+            line(1, "CPU", cpus_text(c));
+        }
     }
     line(1, "StopGracePeriod", duration_text(spec.stop_grace_ms));
     if let Some(h) = &spec.health {

@@ -318,6 +318,7 @@ impl SimNode {
             cert_role: identity.role,
             cert_ca_digest: ca_digest,
             wireguard_key: String::new(),
+            resources: Default::default(),
         };
         if identity.role != Role::Worker {
             return Err(format!("joined as {:?}, expected a worker", identity.role));

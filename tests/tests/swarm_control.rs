@@ -557,6 +557,7 @@ fn the_cluster_port_authorizes_every_call_by_its_certificate() {
             cert_role: mesh_agent::api::objects::Role::Worker,
             cert_ca_digest: String::new(),
             wireguard_key: String::new(),
+            resources: Default::default(),
         })
     };
 

@@ -191,3 +191,186 @@ fn a_task_cannot_reach_the_node_or_other_tasks() {
     }
     assert!(!swarm.ok(0, &["service", "ls"]).contains("bad"));
 }
+
+/// The first task process's cgroup of `controller` (v1) or its v2 one.
+fn task_cgroup_file(swarm: &Swarm, service: &str, controller: &str, file: &str) -> Option<String> {
+    let data = &swarm.agents[0].data_dir;
+    let _ = service;
+    let pid = std::fs::read_dir(data.join("tasks"))
+        .ok()?
+        .flatten()
+        .find_map(|e| std::fs::read_to_string(e.path().join("pid")).ok())?
+        .split_whitespace()
+        .next()?
+        .parse::<u32>()
+        .ok()?;
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let base = if names.split(',').any(|n| n == controller) {
+            format!("/sys/fs/cgroup/{controller}{path}")
+        } else if names.is_empty() {
+            let root = if std::path::Path::new("/sys/fs/cgroup/unified").exists() {
+                "/sys/fs/cgroup/unified"
+            } else {
+                "/sys/fs/cgroup"
+            };
+            format!("{root}{path}")
+        } else {
+            continue;
+        };
+        if let Ok(text) = std::fs::read_to_string(format!("{base}/{file}")) {
+            return Some(text.trim().to_string());
+        }
+    }
+    None
+}
+
+#[test]
+fn limits_hold_a_task_and_an_oom_kill_is_reported_and_restarted() {
+    require_root();
+    let swarm = Swarm::new(1);
+    swarm.init(&[]);
+
+    // Over its memory limit: OOM killed, said so, restarted (the default
+    // policy), and the node and its agent carry on.
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "hog",
+            "--limit-memory",
+            "32M",
+            "--restart-delay",
+            "1s",
+            "--",
+            binary("mesh-probe").to_str().unwrap(),
+            "alloc",
+            "200",
+        ],
+    );
+    let mut ps = String::new();
+    swarm.wait("the hog OOM killed and restarted", CONVERGE, || {
+        ps = swarm.ok(0, &["service", "ps", "hog"]);
+        ps.matches("OOM killed").count() >= 2
+    });
+    assert!(ps.contains("32MiB"), "the limit is named: {ps}");
+    let inspect = swarm.ok(0, &["service", "inspect", "--pretty", "hog"]);
+    assert!(inspect.contains("Memory") && inspect.contains("32MiB"), "{inspect}");
+    swarm.ok(0, &["service", "rm", "hog"]);
+
+    // A fork loop stops at the pids limit (the task's init processes count).
+    let logs = probe(
+        &swarm,
+        "forker",
+        &["--limit-pids", "20", "--limit-cpu", "0.5"],
+        &["fork", "100"],
+    );
+    let made: usize = outcome(&logs, "fork 100")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(made < 20, "at most 20 processes in the task: {logs}");
+    assert!(outcome(&logs, "fork 100").contains("EAGAIN"), "{logs}");
+    let quota = task_cgroup_file(&swarm, "forker", "cpu", "cpu.cfs_quota_us")
+        .or_else(|| task_cgroup_file(&swarm, "forker", "cpu", "cpu.max"))
+        .expect("the task's cpu cgroup");
+    assert!(quota.starts_with("50000"), "0.5 CPU is 50 ms per 100 ms: {quota}");
+
+    // Bad limits are refused with the reason.
+    for (flags, reason) in [
+        (&["--limit-memory", "4M"][..], "minimum is 6MiB"),
+        (&["--limit-memory", "lots"][..], "expected a size"),
+        (&["--limit-cpu=-1"][..], "give a number of CPUs above 0"),
+        (
+            &["--limit-memory", "64M", "--reserve-memory", "1G"][..],
+            "more than --limit-memory",
+        ),
+    ] {
+        let mut args = vec!["service", "create", "--detach", "--name", "bad"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", "sleep", "600"]);
+        let (_, err) = swarm.fails(0, &args);
+        assert!(err.contains(reason), "{flags:?}: {err}");
+    }
+}
+
+#[test]
+fn a_reservation_larger_than_what_is_left_waits_with_the_reason() {
+    require_root();
+    let swarm = Swarm::new(1);
+    swarm.init(&[]);
+    // The node reports its memory; each service keeps 60% of it.
+    let mut inspect = String::new();
+    swarm.wait("the node's resources reported", CONVERGE, || {
+        inspect = swarm.ok(0, &["node", "inspect", "--pretty", "self"]);
+        !inspect.contains("Memory:\t\t0B")
+    });
+    let kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    let share = format!("{}k", kib * 6 / 10);
+    for name in ["first", "second"] {
+        swarm.ok(
+            0,
+            &[
+                "service",
+                "create",
+                "--detach",
+                "--name",
+                name,
+                "--reserve-memory",
+                &share,
+                "--",
+                "sleep",
+                "600",
+            ],
+        );
+    }
+    // Whichever is placed first keeps the memory; the other waits, saying why.
+    let mut state = (0, 0);
+    let until = std::time::Instant::now() + CONVERGE;
+    while std::time::Instant::now() < until {
+        state = (running(&swarm, "first"), running(&swarm, "second"));
+        if state.0 + state.1 == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(state.0 + state.1, 1, "one of the two runs: {inspect}");
+    let (placed, waiting) = if state.0 == 1 {
+        ("first", "second")
+    } else {
+        ("second", "first")
+    };
+    let mut ps = String::new();
+    let until = std::time::Instant::now() + CONVERGE;
+    while std::time::Instant::now() < until {
+        ps = swarm.ok(0, &["service", "ps", waiting]);
+        if ps.contains("insufficient memory on 1 node") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ps.contains("insufficient memory on 1 node"), "{ps}");
+    assert_eq!(running(&swarm, waiting), 0, "{ps}");
+    // Freed capacity places it.
+    swarm.ok(0, &["service", "rm", placed]);
+    swarm.wait("the waiting one runs once the other is gone", CONVERGE, || {
+        running(&swarm, waiting) == 1
+    });
+}

@@ -94,6 +94,7 @@ fn heartbeat() -> PeerRequest {
         cert_role: Role::Worker,
         cert_ca_digest: String::new(),
         wireguard_key: String::new(),
+        resources: Default::default(),
     })
 }
 

@@ -32,7 +32,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("api", &[]),
     ("dataplane", &[]),
     ("metrics", &[]),
-    ("preflight", &["dataplane"]),
+    ("preflight", &["dataplane", "agent"]),
     ("ca", &["api"]),
     ("wire", &["api", "ca"]),
     ("manager", &["api", "ca", "wire", "metrics"]),

@@ -458,6 +458,7 @@ impl Manager {
             status_message: String::new(),
             agent_version: call.agent_version.clone(),
             wireguard_key: String::new(),
+            resources: Default::default(),
             certs: NodeCerts::first(issued),
             created_at: now,
             updated_at: now,
@@ -702,9 +703,17 @@ impl Manager {
         }
         let new_key = !hb.wireguard_key.is_empty() && hb.wireguard_key != node.wireguard_key;
         let new_version = node.agent_version != hb.agent_version;
+        let new_resources = hb.resources != node.resources;
         // A node's own facts are written at most every NODE_FACTS_EVERY: a
         // node that flips them on every beat would write on every beat.
-        let facts = (new_key || new_version) && self.fact_writes.locked().allow(id, Instant::now());
+        let facts = (new_key || new_version || new_resources) && self.fact_writes.locked().allow(id, Instant::now());
+        if new_resources && facts {
+            self.propose(Command::SetNodeResources {
+                id,
+                resources: hb.resources,
+            })
+            .await?;
+        }
         if new_key && facts {
             crate::api::assignment::tunnel::parse_public_key(&hb.wireguard_key).map_err(ApiError::invalid)?;
             self.propose(Command::SetNodeWireguardKey {

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::objects::{node_id_text, Availability, NodeId, NodeStatus, Role};
+use crate::api::resources::NodeResources;
 
 use crate::api::service::{Constraint, ConstraintKey};
 
@@ -49,6 +50,8 @@ pub(crate) struct SchedNode {
     pub(crate) availability: Availability,
     /// Labels.
     pub(crate) labels: BTreeMap<String, String>,
+    /// Its CPUs and memory not kept for the tasks it already has.
+    pub(crate) free: NodeResources,
 }
 
 /// Placement rules of one service.
@@ -60,14 +63,29 @@ pub(crate) struct Placement {
     pub(crate) spread_over: Vec<String>,
     /// At most this many of the service's tasks per node (0: no limit).
     pub(crate) max_per_node: u32,
+    /// What each task keeps on its node (`--reserve-*`).
+    pub(crate) reservation: NodeResources,
 }
 
 impl Placement {
-    /// Whether new tasks may go to `node`: up, active, and within the constraints.
+    /// Whether new tasks may go to `node`: up, active, and within the
+    /// constraints (room for their reservation is [`Placement::fits`]).
     pub(crate) fn admits(&self, node: &SchedNode) -> bool {
         node.status == NodeStatus::Ready
             && node.availability == Availability::Active
             && self.constraints.iter().all(|c| c.matches(node))
+    }
+
+    /// What a node with `free` lacks for one more task: "memory", "CPU", or
+    /// nothing.
+    pub(crate) fn lacks(&self, free: NodeResources) -> Option<&'static str> {
+        if self.reservation.memory_bytes > free.memory_bytes {
+            Some("memory")
+        } else if self.reservation.nano_cpus > free.nano_cpus {
+            Some("CPU")
+        } else {
+            None
+        }
     }
 
     /// Whether a task already on `node` may stay there: anything but a
@@ -104,6 +122,7 @@ pub(crate) fn place(
         return (Vec::new(), None);
     }
     let eligible: Vec<&SchedNode> = nodes.iter().filter(|node| placement.admits(node)).collect();
+    let mut free: BTreeMap<NodeId, NodeResources> = eligible.iter().map(|n| (n.id, n.free)).collect();
     let mut mine = service_counts.clone();
     let mut total = total_counts.clone();
     let mut chosen = Vec::with_capacity(n);
@@ -125,6 +144,7 @@ pub(crate) fn place(
             .filter(|node| {
                 placement.max_per_node == 0 || mine.get(&node.id).copied().unwrap_or(0) < placement.max_per_node
             })
+            .filter(|node| placement.lacks(free[&node.id]).is_none())
             .min_by_key(|node| {
                 let groups: Vec<u32> = placement
                     .spread_over
@@ -140,8 +160,22 @@ pub(crate) fn place(
                 )
             });
         let Some(node) = best else {
+            let short: BTreeMap<&str, usize> =
+                eligible
+                    .iter()
+                    .filter_map(|n| placement.lacks(free[&n.id]))
+                    .fold(BTreeMap::new(), |mut m, what| {
+                        *m.entry(what).or_default() += 1;
+                        m
+                    });
             let reason = if eligible.is_empty() {
                 "no suitable node (no node is ready, active and meets the constraints)".to_string()
+            } else if !short.is_empty() {
+                let parts: Vec<String> = short
+                    .iter()
+                    .map(|(what, n)| format!("insufficient {what} on {n} node{}", if *n == 1 { "" } else { "s" }))
+                    .collect();
+                format!("no suitable node ({})", parts.join(", "))
             } else {
                 format!(
                     "no suitable node (max replicas per node {} reached on every eligible node)",
@@ -158,6 +192,9 @@ pub(crate) fn place(
         };
         *mine.entry(node.id).or_default() += 1;
         *total.entry(node.id).or_default() += 1;
+        if let Some(f) = free.get_mut(&node.id) {
+            *f = f.less(placement.reservation);
+        }
         chosen.push(node.id);
     }
     (chosen, None)
@@ -312,11 +349,21 @@ pub(crate) fn reconcile_global(
             covered.insert(task.node);
         }
     }
-    plan.create = nodes
+    let wanted = nodes
         .iter()
-        .filter(|n| placement.admits(n) && !covered.contains(&n.id) && !resting.contains(&n.id))
-        .map(|n| (0, n.id))
-        .collect();
+        .filter(|n| placement.admits(n) && !covered.contains(&n.id) && !resting.contains(&n.id));
+    let (fit, short): (Vec<&SchedNode>, Vec<&SchedNode>) = wanted.partition(|n| placement.lacks(n.free).is_none());
+    plan.create = fit.iter().map(|n| (0, n.id)).collect();
+    if !short.is_empty() {
+        plan.unplaced = Some(Unplaced {
+            count: short.len(),
+            reason: format!(
+                "no room for the reservation on {} node{}",
+                short.len(),
+                if short.len() == 1 { "" } else { "s" }
+            ),
+        });
+    }
     plan
 }
 
@@ -330,6 +377,10 @@ mod tests {
             hostname: format!("h{id}"),
             role: Role::Worker,
             status: NodeStatus::Ready,
+            free: NodeResources {
+                nano_cpus: 4_000_000_000,
+                memory_bytes: 8 << 30,
+            },
             availability: Availability::Active,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
@@ -417,6 +468,7 @@ mod tests {
             constraints: vec![Constraint::parse("node.labels.zone==a").unwrap()],
             spread_over: vec![],
             max_per_node: 2,
+            reservation: NodeResources::default(),
         };
         let (chosen, unplaced) = place(&placement, &nodes, &BTreeMap::new(), &BTreeMap::new(), 3);
         assert_eq!(chosen, vec![1, 1]);
@@ -436,6 +488,35 @@ mod tests {
             .unwrap()
             .reason
             .contains("no suitable node"));
+    }
+
+    #[test]
+    fn a_reservation_goes_only_where_it_fits_and_says_why_not() {
+        let mut nodes = [node(1, &[]), node(2, &[]), node(3, &[])];
+        // 8 GiB and 4 CPUs each; node 3 has only 1 GiB left.
+        nodes[2].free.memory_bytes = 1 << 30;
+        let placement = Placement {
+            reservation: NodeResources {
+                nano_cpus: 1_000_000_000,
+                memory_bytes: 3 << 30,
+            },
+            ..Placement::default()
+        };
+        // Two 3 GiB tasks fit on each of nodes 1 and 2, none on 3.
+        let (chosen, unplaced) = place(&placement, &nodes, &BTreeMap::new(), &BTreeMap::new(), 5);
+        let mut sorted = chosen.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![1, 1, 2, 2]);
+        let unplaced = unplaced.expect("the fifth does not fit");
+        assert_eq!(unplaced.count, 1);
+        assert_eq!(
+            unplaced.reason, "no suitable node (insufficient memory on 3 nodes)",
+            "every node is short once four are placed"
+        );
+        // Freed capacity places it.
+        nodes[2].free.memory_bytes = 8 << 30;
+        let (chosen, unplaced) = place(&placement, &nodes, &BTreeMap::new(), &BTreeMap::new(), 5);
+        assert_eq!((chosen.len(), unplaced), (5, None));
     }
 
     #[test]

@@ -354,6 +354,7 @@ impl Agent {
                 status_message: String::new(),
                 agent_version: crate::VERSION.into(),
                 wireguard_key: String::new(),
+                resources: Default::default(),
                 certs: NodeCerts::first(issued),
                 created_at: unix,
                 updated_at: unix,
@@ -632,7 +633,7 @@ impl Member {
             SandboxSetup {
                 init: std::env::current_exe()
                     .map_err(|e| ApiError::internal(format!("finding the agent's binary: {e}")))?,
-                cgroup_procs: cgroup.as_ref().map(TaskCgroup::procs),
+                cgroups: cgroup.clone(),
                 masked: tasks_must_not_see(opts),
             },
             reports,

@@ -78,6 +78,7 @@ impl Member {
                 cert_role: creds.role,
                 cert_ca_digest: ca_digest,
                 wireguard_key: crate::api::assignment::tunnel::key_text(&self.overlays.public_key()),
+                resources: node_resources(),
             }
         };
         match self
@@ -221,5 +222,27 @@ impl Member {
         self.peers.set_tls(client);
         let _ = self.server_tls.send(server);
         Ok(())
+    }
+}
+
+/// This node's CPUs and memory, as the scheduler counts them.
+fn node_resources() -> crate::api::resources::NodeResources {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let memory_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .unwrap_or(0);
+    crate::api::resources::NodeResources {
+        nano_cpus: cpus * crate::api::resources::NANOS_PER_CPU,
+        memory_bytes: memory_kib * 1024,
     }
 }

@@ -519,6 +519,9 @@ pub struct Heartbeat {
     /// Its WireGuard public key (base64).
     #[serde(default)]
     pub wireguard_key: String,
+    /// Its CPUs and memory.
+    #[serde(default)]
+    pub resources: crate::api::resources::NodeResources,
 }
 
 /// The managers' reply to a heartbeat.

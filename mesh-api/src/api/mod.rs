@@ -8,7 +8,8 @@
 //!   [`raft_types`]: Raft's type configuration.
 //! - [`service`]: service specs, their flag parsers, tasks and their life cycle;
 //!   [`network`]: overlay networks; [`secret`]: secrets and configs;
-//!   [`security`]: how far tasks are confined (capabilities, seccomp, read-only).
+//!   [`security`]: how far tasks are confined (capabilities, seccomp, read-only);
+//!   [`resources`]: their limits and reservations.
 //! - [`messages`]: what `meshctl` and nodes ask and answer; [`error`]: what went wrong.
 //! - [`assignment`]: what the leader tells each node (mesh, discovery, tunnel, IPsec);
 //!   [`parts`]: the parts many nodes get alike, held back from a node that has them;
@@ -32,6 +33,7 @@ pub mod objects;
 pub mod overlay_key;
 pub mod parts;
 pub mod raft_types;
+pub mod resources;
 pub mod secret;
 pub mod secret_text;
 pub mod security;

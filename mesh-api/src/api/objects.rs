@@ -77,6 +77,9 @@ pub struct Node {
     /// The certificates issued to it: only these are honoured as its own.
     #[serde(default)]
     pub certs: NodeCerts,
+    /// Its CPUs and memory, as it last reported them.
+    #[serde(default)]
+    pub resources: crate::api::resources::NodeResources,
     /// Unix seconds.
     pub created_at: u64,
     /// Unix seconds of the last change to this record.

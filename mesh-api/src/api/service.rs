@@ -633,6 +633,9 @@ pub struct ServiceSpec {
     /// `--cap-add`, `--cap-drop`, `--security-opt`, `--read-only`.
     #[serde(default)]
     pub security: crate::api::security::Security,
+    /// `--limit-*`, `--reserve-*`.
+    #[serde(default)]
+    pub resources: crate::api::resources::Resources,
 }
 
 impl ServiceSpec {
@@ -881,6 +884,21 @@ pub struct ServiceUpdate {
     /// `--read-only`.
     #[serde(default)]
     pub read_only: Option<bool>,
+    /// `--limit-memory` in bytes (0: no limit).
+    #[serde(default)]
+    pub memory_limit: Option<u64>,
+    /// `--limit-cpu` in billionths of a CPU (0: no limit).
+    #[serde(default)]
+    pub cpu_limit: Option<u64>,
+    /// `--limit-pids` (0: no limit).
+    #[serde(default)]
+    pub pids_limit: Option<u64>,
+    /// `--reserve-memory` in bytes (0: none).
+    #[serde(default)]
+    pub memory_reservation: Option<u64>,
+    /// `--reserve-cpu` in billionths of a CPU (0: none).
+    #[serde(default)]
+    pub cpu_reservation: Option<u64>,
     /// `--force`: replace every task even if nothing else changed.
     pub force: bool,
 }
@@ -1009,6 +1027,18 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
     if let Some(read_only) = update.read_only {
         next.security.read_only = read_only;
     }
+    let r = &mut next.resources;
+    for (field, value) in [
+        (&mut r.memory_limit, update.memory_limit),
+        (&mut r.cpu_limit, update.cpu_limit),
+        (&mut r.pids_limit, update.pids_limit),
+        (&mut r.memory_reservation, update.memory_reservation),
+        (&mut r.cpu_reservation, update.cpu_reservation),
+    ] {
+        if let Some(value) = value {
+            *field = (value > 0).then_some(value);
+        }
+    }
     next.validate()?;
     Ok(next)
 }
@@ -1082,6 +1112,7 @@ impl ServiceSpec {
             secrets: vec![],
             configs: vec![],
             security: crate::api::security::Security::default(),
+            resources: crate::api::resources::Resources::default(),
         }
     }
 
@@ -1089,6 +1120,7 @@ impl ServiceSpec {
     pub fn validate(&self) -> Result<(), Invalid> {
         check_service_name(&self.name)?;
         self.security.validate()?;
+        self.resources.validate()?;
         for kind in [crate::api::secret::Kind::Secret, crate::api::secret::Kind::Config] {
             let refs = self.refs(kind);
             for (i, r) in refs.iter().enumerate() {
@@ -1272,6 +1304,9 @@ pub struct TaskSpec {
     /// Its confinement.
     #[serde(default)]
     pub security: crate::api::security::Security,
+    /// Its limits.
+    #[serde(default)]
+    pub resources: crate::api::resources::Resources,
 }
 
 /// One task a node is told about: run it, or stop it.

@@ -31,6 +31,13 @@ pub enum Command {
     },
     /// A node joined.
     AddNode(Node),
+    /// A node reported other CPUs or memory.
+    SetNodeResources {
+        /// Which node.
+        id: NodeId,
+        /// What it has.
+        resources: crate::api::resources::NodeResources,
+    },
     /// A node reported a new WireGuard public key.
     SetNodeWireguardKey {
         /// Which node.

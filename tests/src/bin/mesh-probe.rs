@@ -8,7 +8,9 @@
 //! `setns PATH` (a network namespace file), `unshare-user`, `mount`,
 //! `keyctl`, `mknod-disk` (makes a block node for the first disk in /tmp
 //! and opens it), `caps` (prints the effective capabilities),
-//! `pids` (prints the process IDs in /proc), `uid`.
+//! `pids` (prints the process IDs in /proc), `uid`, `alloc MIB` (uses that
+//! much memory), `fork N` (starts N processes that stay; prints how many
+//! started).
 
 use std::{ffi::CString, io, os::unix::net::UnixStream};
 
@@ -32,6 +34,7 @@ fn errno_name(code: i32) -> String {
         libc::ENOSYS => "ENOSYS".into(),
         libc::EINVAL => "EINVAL".into(),
         libc::ENXIO => "ENXIO".into(),
+        libc::EAGAIN => "EAGAIN".into(),
         other => format!("errno {other}"),
     }
 }
@@ -126,6 +129,31 @@ fn main() {
                     .unwrap_or_default();
                 pids.sort();
                 (format!("pids: {pids:?}"), 1)
+            }
+            "alloc" => {
+                // Touches every page, so the memory is really used.
+                let mib: usize = arg.parse().unwrap_or(1);
+                let mut blocks = Vec::new();
+                for _ in 0..mib {
+                    blocks.push(vec![1u8; 1 << 20]);
+                }
+                (format!("alloc {mib}: ok ({} MiB held)", blocks.len()), 2)
+            }
+            "fork" => {
+                // Children that stay (they sleep), so each one counts.
+                let wanted: usize = arg.parse().unwrap_or(1);
+                let mut made = 0;
+                let mut error = String::new();
+                for _ in 0..wanted {
+                    match std::process::Command::new("sleep").arg("600").spawn() {
+                        Ok(_) => made += 1,
+                        Err(e) => {
+                            error = result(Err(e));
+                            break;
+                        }
+                    }
+                }
+                (format!("fork {wanted}: {made} {error}"), 2)
             }
             // SAFETY: getuid cannot fail.
             "uid" => (format!("uid: {}", unsafe { libc::getuid() }), 1),

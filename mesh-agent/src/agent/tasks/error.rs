@@ -73,6 +73,14 @@ pub(crate) enum TaskError {
     /// A previous agent started the task without a sandbox.
     #[error("the task was started without a sandbox by an earlier agent version: replaced by a sandboxed one")]
     Unsandboxed,
+    /// A limit needs a cgroup controller this host lacks.
+    #[error("this node has no {0} cgroup controller for the service's limit (see `mesh-agent check`)")]
+    NoController(&'static str),
+    /// Limits were asked for on a node whose tasks get no cgroup.
+    #[error(
+        "this node runs its tasks without cgroups (no cgroup v2 is mounted), so it cannot keep the service's limits"
+    )]
+    NoCgroups,
     /// No cgroup v2 hierarchy is mounted on this host.
     #[error("no cgroup v2 hierarchy is mounted")]
     NoCgroup2,

@@ -137,8 +137,8 @@ pub struct Launch<'a> {
     pub log: &'a File,
     /// Mounted over /etc/resolv.conf in the task's mount namespace.
     pub resolv_conf: Option<&'a Path>,
-    /// The `cgroup.procs` file of the cgroup the task joins.
-    pub cgroup_procs: Option<&'a Path>,
+    /// The `cgroup.procs` files of the cgroups the task joins.
+    pub cgroup_procs: &'a [PathBuf],
     /// Directories and files bind-mounted read-only in the task's mount
     /// namespace (source, where the task sees it): its secrets and configs.
     pub binds: &'a [(PathBuf, PathBuf)],
@@ -174,7 +174,7 @@ pub async fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
         workdir: launch.workdir.unwrap_or("/").to_string(),
         hostname: launch.hostname.to_string(),
         netns: launch.netns.to_path_buf(),
-        cgroup_procs: launch.cgroup_procs.map(Path::to_path_buf),
+        cgroup_procs: launch.cgroup_procs.to_vec(),
         resolv_conf: launch.resolv_conf.map(Path::to_path_buf),
         binds: launch.binds.to_vec(),
         masked: launch.masked.to_vec(),

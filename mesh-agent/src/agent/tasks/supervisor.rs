@@ -11,7 +11,12 @@
 //! (their process, addresses and ports stay as they are, so no connection
 //! is interrupted) and kills the rest.
 
-use super::{error::TaskError, sandbox::Confinement};
+use super::{
+    cgroup::{TaskCgroup, TaskLeaf},
+    error::TaskError,
+    sandbox::Confinement,
+};
+use crate::api::resources::bytes_text;
 use crate::locks::Locked;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -79,8 +84,9 @@ const HEALTH_OUTPUT_MAX: usize = 200;
 pub(crate) struct SandboxSetup {
     /// The agent's binary, which starts each task as its init.
     pub(crate) init: PathBuf,
-    /// The cgroup tasks join (the VIP socket programs act there).
-    pub(crate) cgroup_procs: Option<PathBuf>,
+    /// The cgroups tasks run in (the VIP socket programs act there), if
+    /// the host has cgroup v2.
+    pub(crate) cgroups: Option<TaskCgroup>,
     /// What of the node tasks must not see.
     pub(crate) masked: Vec<PathBuf>,
 }
@@ -287,7 +293,10 @@ impl Supervisor {
         self.lock().starting.remove(&id);
         let (state, message) = match prepared {
             Err(e) => (TaskState::Rejected, e.to_string()),
-            Ok(Some(prepared)) if !*stop.borrow() => self.supervise(&a, prepared, &mut stop).await,
+            Ok(Some(prepared)) if !*stop.borrow() => {
+                let ended = self.supervise(&a, prepared, &mut stop).await;
+                self.oom_checked(&a, ended)
+            }
             // Stopped while waiting for its peers, or as it was started.
             Ok(_) => (TaskState::Shutdown, "stopped before it started".to_string()),
         };
@@ -305,15 +314,38 @@ impl Supervisor {
             }
             Ok(prepared) => {
                 log::info!("task {} ({}) adopted: pid {pid}", task_dir_name(a.task), a.spec.name);
-                self.supervise(&a, prepared, &mut stop).await
+                let ended = self.supervise(&a, prepared, &mut stop).await;
+                self.oom_checked(&a, ended)
             }
         };
         self.finish(&a, &dir, state, message).await;
     }
 
-    /// Detaches an ended task, removes its namespace and reports it.
+    /// A task's end as reported: an OOM kill in its cgroup is said as such
+    /// (the process itself only shows SIGKILL).
+    fn oom_checked(&self, a: &Assignment, (state, message): (TaskState, String)) -> (TaskState, String) {
+        let Some(cgroups) = &self.setup.cgroups else {
+            return (state, message);
+        };
+        if state == TaskState::Shutdown || cgroups.existing_leaf(&task_dir_name(a.task)).oom_kills() == 0 {
+            return (state, message);
+        }
+        let limit = a.spec.resources.memory_limit.map(bytes_text);
+        let message = match limit {
+            Some(limit) => format!("OOM killed: the task went over its memory limit ({limit})"),
+            None => "OOM killed".to_string(),
+        };
+        (TaskState::Failed, message)
+    }
+
+    /// Detaches an ended task, removes its namespace and cgroups and
+    /// reports it.
     async fn finish(&self, a: &Assignment, dir: &Path, state: TaskState, message: String) {
         let id = a.task;
+        if let Some(cgroups) = &self.setup.cgroups {
+            let leaf = cgroups.existing_leaf(&task_dir_name(id));
+            let _ = tokio::task::spawn_blocking(move || leaf.remove()).await;
+        }
         self.dns.stop(id);
         self.overlays.detach(id).await;
         self.network.detach(id).await;
@@ -358,6 +390,12 @@ impl Supervisor {
             })?;
         self.overlays.attach(a.task, &ns_path, &spec.networks).await?;
         let resolv_conf = self.start_dns(a, dir)?;
+        let leaf = match &self.setup.cgroups {
+            Some(cgroups) => Some(cgroups.leaf(&task_dir_name(a.task), &spec.resources)?),
+            None if spec.resources.limits_anything() => return Err(TaskError::NoCgroups),
+            None => None,
+        };
+        let cgroup_procs = leaf.as_ref().map(TaskLeaf::procs).unwrap_or_default();
         let waited = wait_for_peers(peers, PEERS_WAIT, |n| {
             self.report(
                 a.task,
@@ -411,7 +449,7 @@ impl Supervisor {
             netns: &ns_path,
             log: &log,
             resolv_conf: resolv_conf.as_deref(),
-            cgroup_procs: self.setup.cgroup_procs.as_deref(),
+            cgroup_procs: &cgroup_procs,
             binds: staged.as_ref().map_or(&[], |s| s.binds.as_slice()),
             masked: &self.setup.masked,
             security: &spec.security,

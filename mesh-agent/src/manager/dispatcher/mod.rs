@@ -294,6 +294,7 @@ pub(crate) fn assignments_with(
                 workdir: s.spec.workdir.clone(),
                 user: s.spec.user.clone(),
                 security: s.spec.security.clone(),
+                resources: s.spec.resources,
                 health: s.spec.health.clone(),
                 stop_grace_ms: s.spec.stop_grace_ms,
                 networks: task

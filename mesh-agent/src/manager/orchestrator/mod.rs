@@ -17,6 +17,7 @@ use crate::manager::{
 use crate::api::{
     network::NetworkAttachment,
     objects::{NodeId, NodeStatus},
+    resources::NodeResources,
     store::{ClusterState, Command},
 };
 
@@ -104,8 +105,25 @@ fn restarts(service: &Service, tasks: &[&Task], now_ms: u64) -> Restarts {
     out
 }
 
-/// The nodes as the scheduler sees them.
+/// The nodes as the scheduler sees them: what each has left is what it
+/// reported less the reservations of the tasks it is to run.
 pub(crate) fn sched_nodes(state: &ClusterState) -> Vec<SchedNode> {
+    let mut kept: BTreeMap<NodeId, NodeResources> = BTreeMap::new();
+    // Most swarms reserve nothing: no walk over every task then.
+    let reserving = state
+        .services
+        .values()
+        .any(|s| s.spec.resources.reserved() != NodeResources::default());
+    for task in state.tasks.values().filter(|t| reserving && live(t)) {
+        let (Some(node), Some(service)) = (task.node, state.services.get(&task.service)) else {
+            continue;
+        };
+        let reserved = service.spec.resources.reserved();
+        if reserved != NodeResources::default() {
+            let entry = kept.entry(node).or_default();
+            *entry = entry.plus(reserved);
+        }
+    }
     state
         .nodes
         .values()
@@ -116,6 +134,7 @@ pub(crate) fn sched_nodes(state: &ClusterState) -> Vec<SchedNode> {
             status: n.status,
             availability: n.availability,
             labels: n.labels.clone(),
+            free: n.resources.less(kept.get(&n.id).copied().unwrap_or_default()),
         })
         .collect()
 }
@@ -131,6 +150,7 @@ pub(crate) fn placement_of(service: &Service) -> Placement {
             .collect(),
         spread_over: service.spec.spread_over.clone(),
         max_per_node: service.spec.max_per_node,
+        reservation: service.spec.resources.reserved(),
     }
 }
 
@@ -152,7 +172,7 @@ pub(crate) fn decisions(plan: &Command) -> (u64, u64) {
 /// Decides new and retired tasks for every service.
 pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) -> Option<Command> {
     let now = now_ms / 1000;
-    let nodes = sched_nodes(state);
+    let mut nodes = sched_nodes(state);
     let down_since: BTreeMap<NodeId, u64> = state
         .nodes
         .values()
@@ -263,6 +283,12 @@ pub fn plan(state: &ClusterState, now_ms: u64, new_id: &mut dyn FnMut() -> u64) 
                 shutdown.push((waiting.id, "placed on a node".into()));
             }
             *total.entry(*node).or_default() += 1;
+            // What this task keeps is not there for the next services.
+            if placement.reservation != NodeResources::default() {
+                if let Ok(at) = nodes.binary_search_by_key(node, |n| n.id) {
+                    nodes[at].free = nodes[at].free.less(placement.reservation);
+                }
+            }
             let mut task = new_task(
                 service,
                 *slot,
@@ -491,6 +517,44 @@ mod tests {
             .insert(1, service(1, ServiceMode::Replicated { replicas: 2 }));
         let pending = plan(&none, 1000, &mut next).expect("pending tasks");
         assert_eq!(decisions(&pending), (0, 2));
+    }
+
+    #[test]
+    fn reservations_count_across_services_and_a_freed_node_takes_the_waiting_one() {
+        let mut s = cluster(1);
+        s.nodes.get_mut(&1).unwrap().resources = NodeResources {
+            nano_cpus: 2_000_000_000,
+            memory_bytes: 10 << 30,
+        };
+        for id in [1, 2] {
+            let mut svc = service(id, ServiceMode::Replicated { replicas: 1 });
+            svc.spec.name = format!("s{id}");
+            svc.spec.resources.memory_reservation = Some(6 << 30);
+            s.services.insert(id, svc);
+        }
+        assert!(run(&mut s, 0));
+        let placed: Vec<(u64, Option<NodeId>)> = s.tasks.values().map(|t| (t.service, t.node)).collect();
+        assert_eq!(
+            placed,
+            vec![(1, Some(1)), (2, None)],
+            "only one 6 GiB task fits in 10 GiB"
+        );
+        let waiting = s.tasks.values().find(|t| t.service == 2).unwrap();
+        assert!(
+            waiting.message.contains("insufficient memory on 1 node"),
+            "{}",
+            waiting.message
+        );
+        assert!(!run(&mut s, 1), "nothing changes while it does not fit");
+        s.services.remove(&1);
+        s.tasks = s
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.service != 1)
+            .map(|(k, t)| (*k, t.clone()))
+            .collect();
+        assert!(run(&mut s, 2));
+        assert_eq!(running_per_node(&s), [(1, 1)].into());
     }
 
     #[test]

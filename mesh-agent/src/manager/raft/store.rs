@@ -578,6 +578,7 @@ mod tests {
                 status_message: String::new(),
                 agent_version: "0".into(),
                 wireguard_key: String::new(),
+                resources: Default::default(),
                 certs: Default::default(),
                 created_at: 1,
                 updated_at: 1,

@@ -82,6 +82,16 @@ pub(super) fn apply_set_node_wireguard_key(state: &mut ClusterState, id: NodeId,
     Ok(())
 }
 
+/// Applies [`Command::SetNodeResources`].
+pub(super) fn apply_set_node_resources(
+    state: &mut ClusterState,
+    id: NodeId,
+    resources: crate::api::resources::NodeResources,
+) -> Result<(), Refusal> {
+    state.nodes.get_mut(&id).ok_or_else(|| no_such_node(id))?.resources = resources;
+    Ok(())
+}
+
 /// Applies [`Command::RecordNodeCert`].
 pub(super) fn apply_record_node_cert(
     state: &mut ClusterState,

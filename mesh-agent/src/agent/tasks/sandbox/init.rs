@@ -181,7 +181,7 @@ fn start(spec: InitSpec, mut channel: UnixStream) -> ! {
 
 /// Namespaces and the file-system view, in the first process.
 fn enter(spec: &InitSpec) -> Result<(), String> {
-    if let Some(procs) = &spec.cgroup_procs {
+    for procs in &spec.cgroup_procs {
         std::fs::write(procs, std::process::id().to_string())
             .map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
     }

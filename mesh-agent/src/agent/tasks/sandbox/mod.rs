@@ -5,7 +5,7 @@
 //! or keys), and hands it an [`InitSpec`] over a socket on its stdin. The
 //! init, still root, then:
 //!
-//! 1. joins the tasks' cgroup, starts a session, enters the task's network
+//! 1. joins the task's cgroups, starts a session, enters the task's network
 //!    namespace and makes new UTS, IPC, mount and PID namespaces;
 //! 2. builds the task's view of the file system ([`mounts`]): resolv.conf,
 //!    secrets and configs, the node's data directory and the agent's socket
@@ -65,8 +65,8 @@ pub struct InitSpec {
     pub hostname: String,
     /// The task's network namespace (a bind-mounted namespace file).
     pub netns: PathBuf,
-    /// The `cgroup.procs` of the cgroup the task joins.
-    pub cgroup_procs: Option<PathBuf>,
+    /// The `cgroup.procs` files of the cgroups the task joins.
+    pub cgroup_procs: Vec<PathBuf>,
     /// Mounted over /etc/resolv.conf.
     pub resolv_conf: Option<PathBuf>,
     /// Read-only bind mounts (source, where the task sees it).
