@@ -201,8 +201,20 @@ impl TaskCgroup {
     /// limit needs a controller this host lacks).
     pub(crate) fn leaf(&self, task: &str, resources: &Resources) -> Result<TaskLeaf, TaskError> {
         let name = format!("task-{task}");
+        // A v1 hierarchy only for a limit set there: joining a cgroup costs
+        // the task's start an RCU grace period per hierarchy.
+        let limited = |controller: &str| match controller {
+            "memory" => resources.memory_limit.is_some(),
+            "cpu" => resources.cpu_limit.is_some(),
+            _ => resources.pids_limit.is_some(),
+        };
         let mut dirs = vec![self.dir.join(&name)];
-        dirs.extend(self.v1.values().map(|base| base.join(&name)));
+        dirs.extend(
+            self.v1
+                .iter()
+                .filter(|(controller, _)| limited(controller))
+                .map(|(_, base)| base.join(&name)),
+        );
         for dir in &dirs {
             std::fs::create_dir_all(dir).map_err(TaskError::io(format!("creating {}", dir.display())))?;
         }
@@ -240,8 +252,8 @@ impl TaskCgroup {
         Ok(leaf)
     }
 
-    /// Task `task`'s leaves, as [`TaskCgroup::leaf`] made them (an adopted
-    /// task's).
+    /// Task `task`'s leaves, where [`TaskCgroup::leaf`] makes them (an
+    /// adopted task's; a v1 one exists only for a limit set there).
     pub(crate) fn existing_leaf(&self, task: &str) -> TaskLeaf {
         let name = format!("task-{task}");
         TaskLeaf {
@@ -298,7 +310,7 @@ impl TaskLeaf {
     /// The `cgroup.procs` files a task's first process writes itself to.
     pub(crate) fn procs(&self) -> Vec<PathBuf> {
         std::iter::once(&self.v2)
-            .chain(self.v1.values())
+            .chain(self.v1.values().filter(|d| d.exists()))
             .map(|d| d.join("cgroup.procs"))
             .collect()
     }

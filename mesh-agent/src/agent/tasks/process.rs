@@ -16,7 +16,7 @@ use std::{
 
 use super::{
     error::TaskError,
-    sandbox::{Confinement, ExecSpec, InitRequest, InitSpec, EXEC_FAILED, INIT_ARG},
+    sandbox::{seccomp, Confinement, ExecSpec, InitRequest, InitSpec, EXEC_FAILED, INIT_ARG},
 };
 use crate::api::security::{Seccomp, Security};
 
@@ -153,9 +153,13 @@ pub(crate) fn confinement(security: &Security, user: Option<&User>) -> io::Resul
     let caps = security
         .capabilities()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let seccomp = match security.seccomp {
+        Seccomp::Default => seccomp::packed_filters(caps).map_err(io::Error::other)?,
+        Seccomp::Unconfined => vec![],
+    };
     Ok(Confinement {
         caps: caps.0,
-        seccomp: security.seccomp == Seccomp::Default,
+        seccomp,
         user: user.map(|u| (u.uid, u.gid)),
     })
 }

@@ -268,11 +268,7 @@ fn become_task(
 /// Capabilities, user, working directory, no_new_privs and seccomp, in
 /// the order that keeps each step possible.
 fn confine(confinement: &Confinement, workdir: &str) -> Result<(), String> {
-    let filters = if confinement.seccomp {
-        seccomp::filters(crate::api::security::CapSet(confinement.caps)).map_err(|e| e.to_string())?
-    } else {
-        vec![]
-    };
+    let filters: Vec<seccompiler::BpfProgram> = confinement.seccomp.iter().map(|f| seccomp::unpack(f)).collect();
     let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|t| t.trim().parse().ok())

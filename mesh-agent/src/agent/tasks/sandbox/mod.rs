@@ -29,7 +29,7 @@
 
 mod init;
 pub(crate) mod mounts;
-pub(crate) mod seccomp;
+pub mod seccomp;
 
 use std::{collections::BTreeMap, path::PathBuf};
 
@@ -46,8 +46,9 @@ pub const INIT_ARG: &str = "task-init";
 pub struct Confinement {
     /// Capabilities (bit N: capability N) when it runs as root.
     pub caps: u64,
-    /// Whether the default seccomp filter is loaded.
-    pub seccomp: bool,
+    /// The seccomp filters to load, compiled by the agent (none:
+    /// unconfined), each instruction packed by [`seccomp::pack`].
+    pub seccomp: Vec<Vec<u64>>,
     /// Run as (uid, gid), with that group alone; root if unset.
     pub user: Option<(u32, u32)>,
 }

@@ -11,7 +11,7 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
 };
 
-use crate::api::security::CapSet;
+use crate::{api::security::CapSet, locks::Locked};
 
 /// Why no filter could be made.
 #[derive(Debug, thiserror::Error)]
@@ -409,6 +409,41 @@ const AF_VSOCK: u64 = 40;
 /// UNAME26, UNAME26|PER_LINUX32, and the query 0xffffffff).
 const PERSONALITIES: [u64; 5] = [0x0, 0x8, 0x20000, 0x20008, 0xffff_ffff];
 
+/// The filters for capabilities `caps`, packed, compiled once per set of
+/// capabilities (most tasks share Docker's default set).
+pub fn packed_filters(caps: CapSet) -> Result<Vec<Vec<u64>>, SeccompError> {
+    static COMPILED: std::sync::OnceLock<std::sync::Mutex<BTreeMap<u64, Vec<Vec<u64>>>>> = std::sync::OnceLock::new();
+    let cache = COMPILED.get_or_init(Default::default);
+    if let Some(found) = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&caps.0)
+    {
+        return Ok(found.clone());
+    }
+    let packed: Vec<Vec<u64>> = filters(caps)?.iter().map(|p| p.iter().map(pack).collect()).collect();
+    cache.locked().insert(caps.0, packed.clone());
+    Ok(packed)
+}
+
+/// One BPF instruction as a number (code, jt, jf, k), to travel in a spec.
+pub fn pack(i: &seccompiler::sock_filter) -> u64 {
+    (u64::from(i.code) << 48) | (u64::from(i.jt) << 40) | (u64::from(i.jf) << 32) | u64::from(i.k)
+}
+
+/// A filter from [`pack`]ed instructions.
+pub fn unpack(packed: &[u64]) -> BpfProgram {
+    packed
+        .iter()
+        .map(|p| seccompiler::sock_filter {
+            code: (p >> 48) as u16,
+            jt: (p >> 40) as u8,
+            jf: (p >> 32) as u8,
+            k: *p as u32,
+        })
+        .collect()
+}
+
 /// The filters for a task with capabilities `caps`, to install in order
 /// (the kernel applies the strictest answer of all).
 pub fn filters(caps: CapSet) -> Result<Vec<BpfProgram>, SeccompError> {
@@ -489,5 +524,7 @@ mod tests {
             "clone3 is answered ENOSYS only without SYS_ADMIN"
         );
         assert!(widened[0].len() > default[0].len(), "SYS_ADMIN's calls are allowed");
+        let packed = packed_filters(Security::default().capabilities().unwrap()).unwrap();
+        assert_eq!(unpack(&packed[0]), default[0], "packing loses nothing");
     }
 }
