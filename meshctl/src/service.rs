@@ -2,6 +2,7 @@
 //! scale, rm. `create` and `update` follow the tasks until they run, unless
 //! `--detach`.
 
+use crate::api::mounts::parse_mount;
 use crate::api::resources::{bytes_text, cpus_text, parse_bytes, parse_cpus, Resources};
 use crate::api::secret::Kind;
 use crate::api::security::{parse_security_opts, Seccomp, Security};
@@ -375,6 +376,12 @@ pub(crate) struct UpdateArgs {
     endpoint_mode: Option<EndpointArg>,
     #[command(flatten)]
     lb: LbArgs,
+    /// Add or replace a mount, as --mount on create (repeatable).
+    #[arg(long)]
+    mount_add: Vec<String>,
+    /// Remove the mount at TARGET (repeatable).
+    #[arg(long)]
+    mount_rm: Vec<String>,
     #[command(flatten)]
     security: SecurityArgs,
     #[command(flatten)]
@@ -475,6 +482,8 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         pids_limit: resources.pids_limit,
         memory_reservation: resources.memory_reservation,
         cpu_reservation: resources.cpu_reservation,
+        mount_add: args.mount_add,
+        mount_rm: args.mount_rm,
         force: args.force,
     };
     Ok((args.service, update, args.detach))
@@ -527,6 +536,9 @@ pub(crate) struct CreateArgs {
     endpoint_mode: EndpointArg,
     #[command(flatten)]
     lb: LbArgs,
+    /// Mount into the tasks: type=bind|tmpfs|volume,source=,target=[,readonly][,tmpfs-size=] (repeatable; the target must exist on the node).
+    #[arg(long)]
+    mount: Vec<String>,
     #[command(flatten)]
     security: SecurityArgs,
     #[command(flatten)]
@@ -652,6 +664,12 @@ fn spec_of(args: CreateArgs) -> ApiResult<ServiceSpec> {
         configs: parse_refs(Kind::Config, &args.config)?,
         security: args.security.security()?,
         resources: args.resources.resources()?,
+        mounts: args
+            .mount
+            .iter()
+            .map(|m| parse_mount(m))
+            .collect::<Result<_, _>>()
+            .map_err(ApiError::invalid)?,
     };
     spec.validate().map_err(ApiError::invalid)?;
     Ok(spec)
@@ -1073,6 +1091,12 @@ pub(crate) fn pretty_text(view: &ServiceView, now_ms: u64) -> String {
     }
     if security.read_only {
         line(1, "ReadOnly", "true".into());
+    }
+    if !spec.mounts.is_empty() {
+        line(0, "Mounts", String::new());
+        for m in &spec.mounts {
+            line(1, "Mount", m.text());
+        }
     }
     let r = &spec.resources;
     if r.memory_limit.is_some() || r.cpu_limit.is_some() || r.pids_limit.is_some() {

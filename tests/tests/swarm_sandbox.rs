@@ -374,3 +374,110 @@ fn a_reservation_larger_than_what_is_left_waits_with_the_reason() {
         running(&swarm, waiting) == 1
     });
 }
+
+#[test]
+fn mounts_bind_tmpfs_and_volumes_and_bad_ones_are_refused() {
+    require_root();
+    let swarm = Swarm::new(1);
+    swarm.init(&[]);
+    let shared = std::env::temp_dir().join(format!("mesh-mount-{}", std::process::id()));
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("hello"), "from the node").unwrap();
+    let bind_ro = format!("type=bind,src={},dst=/mnt,readonly", shared.display());
+    let logs = probe(
+        &swarm,
+        "mounter",
+        &[
+            "--read-only",
+            "--mount",
+            &bind_ro,
+            "--mount",
+            "type=tmpfs,dst=/srv,tmpfs-size=1m",
+            "--mount",
+            "type=volume,src=state,dst=/media",
+        ],
+        &[
+            "cat",
+            "/mnt/hello",
+            "write",
+            "/mnt/x",
+            "write",
+            "/srv/small",
+            "write-mib",
+            "/srv/big:2",
+            "write",
+            "/media/kept",
+            "write",
+            "/root/elsewhere",
+        ],
+    );
+    assert_eq!(outcome(&logs, "cat /mnt/hello"), "from the node", "{logs}");
+    assert_eq!(outcome(&logs, "write /mnt/x"), "EROFS", "a readonly bind: {logs}");
+    assert_eq!(
+        outcome(&logs, "write-mib /srv/big:2"),
+        "ENOSPC",
+        "a 1 MiB tmpfs: {logs}"
+    );
+    assert_eq!(outcome(&logs, "write /srv/small"), "ok", "{logs}");
+    assert_eq!(
+        outcome(&logs, "write /media/kept"),
+        "ok",
+        "a writable volume in a read-only view: {logs}"
+    );
+    assert_eq!(outcome(&logs, "write /root/elsewhere"), "EROFS", "{logs}");
+    assert!(
+        !shared.join("x").exists() && !std::path::Path::new("/srv/small").exists(),
+        "the node's files are untouched"
+    );
+    let volume = swarm.agents[0].data_dir.join("volumes/state/kept");
+    assert!(volume.exists(), "the volume lives on the node: {}", volume.display());
+
+    // A restarted task finds its volume as it left it.
+    swarm.ok(0, &["service", "rm", "mounter"]);
+    let logs = probe(
+        &swarm,
+        "again",
+        &["--mount", "type=volume,src=state,dst=/media"],
+        &["cat", "/media/kept"],
+    );
+    assert_eq!(outcome(&logs, "cat /media/kept"), "x", "{logs}");
+
+    // A missing source or target: the task is rejected with the reason,
+    // nothing is created on the node.
+    swarm.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "missing",
+            "--mount",
+            "type=bind,src=/nonexistent-src,dst=/mnt",
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
+    let mut ps = String::new();
+    swarm.wait("the missing source refused", CONVERGE, || {
+        ps = swarm.ok(0, &["service", "ps", "missing"]);
+        ps.contains("does not exist on this node")
+    });
+    assert!(!std::path::Path::new("/nonexistent-src").exists());
+    for (flags, reason) in [
+        (&["--mount", "type=nfs,src=a,dst=/b"][..], "not supported"),
+        (
+            &["--mount", "type=bind,src=relative,dst=/mnt"][..],
+            "absolute path of the node",
+        ),
+        (&["--mount", "type=tmpfs,dst=/proc/x"][..], "task's own"),
+    ] {
+        let mut args = vec!["service", "create", "--detach", "--name", "bad"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", "sleep", "600"]);
+        let (_, err) = swarm.fails(0, &args);
+        assert!(err.contains(reason), "{flags:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&shared);
+}

@@ -635,6 +635,7 @@ impl Member {
                     .map_err(|e| ApiError::internal(format!("finding the agent's binary: {e}")))?,
                 cgroups: cgroup.clone(),
                 masked: tasks_must_not_see(opts),
+                volumes: opts.data_dir.join("volumes"),
             },
             reports,
         )

@@ -9,7 +9,7 @@
 //! - [`service`]: service specs, their flag parsers, tasks and their life cycle;
 //!   [`network`]: overlay networks; [`secret`]: secrets and configs;
 //!   [`security`]: how far tasks are confined (capabilities, seccomp, read-only);
-//!   [`resources`]: their limits and reservations.
+//!   [`resources`]: their limits and reservations; [`mounts`]: their `--mount`s.
 //! - [`messages`]: what `meshctl` and nodes ask and answer; [`error`]: what went wrong.
 //! - [`assignment`]: what the leader tells each node (mesh, discovery, tunnel, IPsec);
 //!   [`parts`]: the parts many nodes get alike, held back from a node that has them;
@@ -27,6 +27,7 @@ pub mod clock;
 pub mod encoded;
 pub mod error;
 pub mod messages;
+pub mod mounts;
 pub mod msgpack;
 pub mod network;
 pub mod objects;

@@ -636,6 +636,9 @@ pub struct ServiceSpec {
     /// `--limit-*`, `--reserve-*`.
     #[serde(default)]
     pub resources: crate::api::resources::Resources,
+    /// `--mount`.
+    #[serde(default)]
+    pub mounts: Vec<crate::api::mounts::Mount>,
 }
 
 impl ServiceSpec {
@@ -899,6 +902,12 @@ pub struct ServiceUpdate {
     /// `--reserve-cpu` in billionths of a CPU (0: none).
     #[serde(default)]
     pub cpu_reservation: Option<u64>,
+    /// `--mount-add`.
+    #[serde(default)]
+    pub mount_add: Vec<String>,
+    /// `--mount-rm TARGET`.
+    #[serde(default)]
+    pub mount_rm: Vec<String>,
     /// `--force`: replace every task even if nothing else changed.
     pub force: bool,
 }
@@ -1027,6 +1036,17 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
     if let Some(read_only) = update.read_only {
         next.security.read_only = read_only;
     }
+    for target in &update.mount_rm {
+        if !next.mounts.iter().any(|m| &m.target == target) {
+            return Err(crate::invalid!("--mount-rm {target}: the service has no mount there"));
+        }
+        next.mounts.retain(|m| &m.target != target);
+    }
+    for text in &update.mount_add {
+        let mount = crate::api::mounts::parse_mount(text)?;
+        next.mounts.retain(|m| m.target != mount.target);
+        next.mounts.push(mount);
+    }
     let r = &mut next.resources;
     for (field, value) in [
         (&mut r.memory_limit, update.memory_limit),
@@ -1113,6 +1133,7 @@ impl ServiceSpec {
             configs: vec![],
             security: crate::api::security::Security::default(),
             resources: crate::api::resources::Resources::default(),
+            mounts: vec![],
         }
     }
 
@@ -1121,6 +1142,7 @@ impl ServiceSpec {
         check_service_name(&self.name)?;
         self.security.validate()?;
         self.resources.validate()?;
+        crate::api::mounts::check_mounts(&self.mounts)?;
         for kind in [crate::api::secret::Kind::Secret, crate::api::secret::Kind::Config] {
             let refs = self.refs(kind);
             for (i, r) in refs.iter().enumerate() {
@@ -1307,6 +1329,9 @@ pub struct TaskSpec {
     /// Its limits.
     #[serde(default)]
     pub resources: crate::api::resources::Resources,
+    /// Its mounts.
+    #[serde(default)]
+    pub mounts: Vec<crate::api::mounts::Mount>,
 }
 
 /// One task a node is told about: run it, or stop it.

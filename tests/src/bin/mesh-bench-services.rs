@@ -146,6 +146,7 @@ fn kernel_floor(n: usize, start: Start) -> Duration {
                             binds: &[],
                             masked: &[],
                             security: &Security::default(),
+                            mounts: &[],
                         })
                         .await
                         .expect("spawn"),

@@ -10,7 +10,7 @@
 //! and opens it), `caps` (prints the effective capabilities),
 //! `pids` (prints the process IDs in /proc), `uid`, `alloc MIB` (uses that
 //! much memory), `fork N` (starts N processes that stay; prints how many
-//! started).
+//! started), `write-mib PATH:MIB` (writes that many MiB), `cat PATH`.
 
 use std::{ffi::CString, io, os::unix::net::UnixStream};
 
@@ -35,6 +35,7 @@ fn errno_name(code: i32) -> String {
         libc::EINVAL => "EINVAL".into(),
         libc::ENXIO => "ENXIO".into(),
         libc::EAGAIN => "EAGAIN".into(),
+        libc::ENOSPC => "ENOSPC".into(),
         other => format!("errno {other}"),
     }
 }
@@ -129,6 +130,21 @@ fn main() {
                     .unwrap_or_default();
                 pids.sort();
                 (format!("pids: {pids:?}"), 1)
+            }
+            "write-mib" => {
+                // ARG is PATH:MIB.
+                let (path, mib) = arg.split_once(':').unwrap_or((&arg, "1"));
+                let mib: usize = mib.parse().unwrap_or(1);
+                let r = std::fs::write(path, vec![7u8; mib << 20]);
+                (format!("write-mib {arg}: {}", result(r)), 2)
+            }
+            "cat" => {
+                let r = std::fs::read_to_string(&arg);
+                let shown = match r {
+                    Ok(text) => text.trim().to_string(),
+                    Err(e) => result(Err(e)),
+                };
+                (format!("cat {arg}: {shown}"), 2)
             }
             "alloc" => {
                 // Touches every page, so the memory is really used.

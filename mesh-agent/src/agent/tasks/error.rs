@@ -70,6 +70,14 @@ pub(crate) enum TaskError {
     /// A previous agent's task could not be taken over.
     #[error("the task's process could not be adopted after an agent restart: {0}")]
     Adopt(#[source] io::Error),
+    /// A `--mount` cannot be made on this node.
+    #[error("--mount {mount}: {reason}")]
+    Mount {
+        /// The mount, as given.
+        mount: String,
+        /// What is wrong on this node.
+        reason: String,
+    },
     /// A previous agent started the task without a sandbox.
     #[error("the task was started without a sandbox by an earlier agent version: replaced by a sandboxed one")]
     Unsandboxed,

@@ -146,6 +146,8 @@ pub struct Launch<'a> {
     pub masked: &'a [PathBuf],
     /// Its capabilities, seccomp and `--read-only`.
     pub security: &'a Security,
+    /// Its `--mount`s, volumes resolved to their directories.
+    pub mounts: &'a [crate::api::mounts::Mount],
 }
 
 /// The confinement of a task of `security` running as `user`.
@@ -183,6 +185,7 @@ pub async fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
         binds: launch.binds.to_vec(),
         masked: launch.masked.to_vec(),
         read_only: launch.security.read_only,
+        mounts: launch.mounts.to_vec(),
         confinement: confinement(launch.security, launch.user)?,
     });
     let log = || launch.log.try_clone().map(Stdio::from);

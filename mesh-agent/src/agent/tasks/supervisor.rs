@@ -16,7 +16,10 @@ use super::{
     error::TaskError,
     sandbox::Confinement,
 };
-use crate::api::resources::bytes_text;
+use crate::api::{
+    mounts::{Mount, MountKind},
+    resources::bytes_text,
+};
 use crate::locks::Locked;
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -89,6 +92,8 @@ pub(crate) struct SandboxSetup {
     pub(crate) cgroups: Option<TaskCgroup>,
     /// What of the node tasks must not see.
     pub(crate) masked: Vec<PathBuf>,
+    /// Where `--mount type=volume` directories are kept.
+    pub(crate) volumes: PathBuf,
 }
 
 /// Runs this node's tasks.
@@ -396,6 +401,7 @@ impl Supervisor {
             None => None,
         };
         let cgroup_procs = leaf.as_ref().map(TaskLeaf::procs).unwrap_or_default();
+        let mounts = resolve_mounts(&spec.mounts, &self.setup.volumes)?;
         let waited = wait_for_peers(peers, PEERS_WAIT, |n| {
             self.report(
                 a.task,
@@ -453,6 +459,7 @@ impl Supervisor {
             binds: staged.as_ref().map_or(&[], |s| s.binds.as_slice()),
             masked: &self.setup.masked,
             security: &spec.security,
+            mounts: &mounts,
         })
         .await
         .map_err(|source| TaskError::Spawn {
@@ -635,6 +642,46 @@ struct Prepared {
     attachment: Attachment,
     /// What to say with Running (a start that did not wait for its peers).
     note: String,
+}
+
+/// `mounts` as this node makes them: a volume becomes its directory under
+/// `volumes` (made on first use, kept across the task's restarts); a bind's
+/// source and every target must exist (tasks see the node's file system,
+/// so nothing is created there for them).
+fn resolve_mounts(mounts: &[Mount], volumes: &Path) -> Result<Vec<Mount>, TaskError> {
+    let refuse = |m: &Mount, reason: String| TaskError::Mount {
+        mount: m.text(),
+        reason,
+    };
+    mounts
+        .iter()
+        .map(|m| {
+            let mut resolved = m.clone();
+            match m.kind {
+                MountKind::Volume => {
+                    let dir = volumes.join(&m.source);
+                    fs::create_dir_all(&dir)
+                        .map_err(|e| refuse(m, format!("creating the volume's directory {}: {e}", dir.display())))?;
+                    resolved.kind = MountKind::Bind;
+                    resolved.source = dir.display().to_string();
+                }
+                MountKind::Bind if !Path::new(&m.source).exists() => {
+                    return Err(refuse(m, format!("the source {} does not exist on this node", m.source)));
+                }
+                _ => {}
+            }
+            if !Path::new(&m.target).exists() {
+                return Err(refuse(
+                    m,
+                    format!(
+                        "the target {} does not exist on this node (tasks see the node's file system: mount over a path that exists)",
+                        m.target
+                    ),
+                ));
+            }
+            Ok(resolved)
+        })
+        .collect()
 }
 
 /// How `spec`'s task is confined, running as `user`.

@@ -295,6 +295,7 @@ pub(crate) fn assignments_with(
                 user: s.spec.user.clone(),
                 security: s.spec.security.clone(),
                 resources: s.spec.resources,
+                mounts: s.spec.mounts.clone(),
                 health: s.spec.health.clone(),
                 stop_grace_ms: s.spec.stop_grace_ms,
                 networks: task

@@ -206,6 +206,7 @@ fn enter(spec: &InitSpec) -> Result<(), String> {
         resolv_conf: spec.resolv_conf.as_deref(),
         binds: &spec.binds,
         masked: &spec.masked,
+        mounts: &spec.mounts,
         read_only: spec.read_only,
     }
     .build()

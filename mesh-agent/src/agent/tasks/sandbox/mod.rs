@@ -77,6 +77,8 @@ pub struct InitSpec {
     pub masked: Vec<PathBuf>,
     /// `--read-only`.
     pub read_only: bool,
+    /// `--mount`s, volumes resolved to their directory (binds and tmpfs only).
+    pub mounts: Vec<crate::api::mounts::Mount>,
     /// Capabilities, seccomp, user.
     pub confinement: Confinement,
 }

@@ -7,6 +7,7 @@
 //! CAP_MKNOD opens no disk), its own /proc and /dev/mqueue, /sys read-only,
 //! and the kernel files Docker masks in /proc masked.
 
+use crate::api::mounts::{Mount, MountKind};
 use std::{
     ffi::CString,
     io,
@@ -124,6 +125,29 @@ fn set_attrs(path: &Path, recursive: bool, attrs: u64) -> io::Result<()> {
     )
 }
 
+/// Clears `attrs` on the mount at `path` (and below it).
+fn clear_attrs(path: &Path, attrs: u64) -> io::Result<()> {
+    let path_c = c(path)?;
+    let attr = MountAttr {
+        attr_set: 0,
+        attr_clr: attrs,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a NUL-terminated path and a mount_attr of the size given.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path_c.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    check(|| format!("making {} writable", path.display()), ret as libc::c_int)
+}
+
 /// A read-only bind of `from` at `to`.
 fn bind_read_only(from: &Path, to: &Path) -> io::Result<()> {
     mount(Some(from), to, None, libc::MS_BIND, None)?;
@@ -164,6 +188,8 @@ pub(crate) struct View<'a> {
     pub(crate) binds: &'a [(PathBuf, PathBuf)],
     /// Directories and files hidden.
     pub(crate) masked: &'a [PathBuf],
+    /// `--mount`s: binds (volumes resolved) and tmpfs.
+    pub(crate) mounts: &'a [Mount],
     /// `--read-only`.
     pub(crate) read_only: bool,
 }
@@ -179,6 +205,32 @@ impl View<'_> {
         for (from, to) in self.binds {
             bind_read_only(from, to)?;
         }
+        // Binds first: a tmpfs over a directory a bind's source is under
+        // (/tmp, say) would hide the source.
+        let (tmpfs, binds): (Vec<&Mount>, Vec<&Mount>) = self.mounts.iter().partition(|m| m.kind == MountKind::Tmpfs);
+        for m in binds.into_iter().chain(tmpfs) {
+            let target = Path::new(&m.target);
+            match m.kind {
+                MountKind::Tmpfs => {
+                    let size = m.tmpfs_size.map(|s| format!(",size={s}")).unwrap_or_default();
+                    mount(
+                        Some(Path::new("tmpfs")),
+                        target,
+                        Some("tmpfs"),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        Some(&format!("mode=1777{size}")),
+                    )?
+                }
+                _ if m.read_only => bind_read_only(Path::new(&m.source), target)?,
+                _ => mount(
+                    Some(Path::new(&m.source)),
+                    target,
+                    None,
+                    libc::MS_BIND | libc::MS_REC,
+                    None,
+                )?,
+            }
+        }
         for dir in self.masked {
             hide(dir)?;
         }
@@ -188,6 +240,12 @@ impl View<'_> {
             attrs |= MOUNT_ATTR_RDONLY;
         }
         set_attrs(Path::new("/"), true, attrs)?;
+        if self.read_only {
+            // The writable mounts stay writable under a read-only view.
+            for m in self.mounts.iter().filter(|m| !m.read_only) {
+                clear_attrs(Path::new(&m.target), MOUNT_ATTR_RDONLY)?;
+            }
+        }
         set_attrs(Path::new("/sys"), true, MOUNT_ATTR_RDONLY)?;
         for dir in MASKED_DIRS.iter().filter(|d| d.starts_with("/sys")) {
             hide(Path::new(dir))?;
