@@ -440,7 +440,6 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         Some(check) => Some(Some(check)),
         None => None,
     };
-    let resources = args.resources.parsed()?;
     let update = ServiceUpdate {
         command: (!args.command.is_empty()).then_some(args.command),
         replicas: args.replicas,
@@ -477,11 +476,7 @@ fn update_of(args: UpdateArgs) -> ApiResult<(String, ServiceUpdate, bool)> {
         cap_drop: args.security.cap_drop,
         security_opt: args.security.security_opt,
         read_only: args.security.read_only,
-        memory_limit: resources.memory_limit,
-        cpu_limit: resources.cpu_limit,
-        pids_limit: resources.pids_limit,
-        memory_reservation: resources.memory_reservation,
-        cpu_reservation: resources.cpu_reservation,
+        resources: args.resources.parsed()?,
         mount_add: args.mount_add,
         mount_rm: args.mount_rm,
         force: args.force,

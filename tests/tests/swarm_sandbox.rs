@@ -281,6 +281,10 @@ fn limits_hold_a_task_and_an_oom_kill_is_reported_and_restarted() {
         .or_else(|| task_cgroup_file(&swarm, "forker", "cpu", "cpu.max"))
         .expect("the task's cpu cgroup");
     assert!(quota.starts_with("50000"), "0.5 CPU is 50 ms per 100 ms: {quota}");
+    // An update removes a limit with 0 and keeps the others.
+    swarm.ok(0, &["service", "update", "--detach", "--limit-cpu", "0", "forker"]);
+    let inspect = swarm.ok(0, &["service", "inspect", "--pretty", "forker"]);
+    assert!(inspect.contains("Pids") && !inspect.contains("CPU:"), "{inspect}");
 
     // Bad limits are refused with the reason.
     for (flags, reason) in [

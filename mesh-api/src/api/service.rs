@@ -887,21 +887,9 @@ pub struct ServiceUpdate {
     /// `--read-only`.
     #[serde(default)]
     pub read_only: Option<bool>,
-    /// `--limit-memory` in bytes (0: no limit).
+    /// `--limit-*` and `--reserve-*` given (unset: unchanged; 0: removed).
     #[serde(default)]
-    pub memory_limit: Option<u64>,
-    /// `--limit-cpu` in billionths of a CPU (0: no limit).
-    #[serde(default)]
-    pub cpu_limit: Option<u64>,
-    /// `--limit-pids` (0: no limit).
-    #[serde(default)]
-    pub pids_limit: Option<u64>,
-    /// `--reserve-memory` in bytes (0: none).
-    #[serde(default)]
-    pub memory_reservation: Option<u64>,
-    /// `--reserve-cpu` in billionths of a CPU (0: none).
-    #[serde(default)]
-    pub cpu_reservation: Option<u64>,
+    pub resources: crate::api::resources::Resources,
     /// `--mount-add`.
     #[serde(default)]
     pub mount_add: Vec<String>,
@@ -1047,13 +1035,13 @@ pub fn apply_update(spec: &ServiceSpec, update: &ServiceUpdate) -> Result<Servic
         next.mounts.retain(|m| m.target != mount.target);
         next.mounts.push(mount);
     }
-    let r = &mut next.resources;
+    let (r, given) = (&mut next.resources, update.resources);
     for (field, value) in [
-        (&mut r.memory_limit, update.memory_limit),
-        (&mut r.cpu_limit, update.cpu_limit),
-        (&mut r.pids_limit, update.pids_limit),
-        (&mut r.memory_reservation, update.memory_reservation),
-        (&mut r.cpu_reservation, update.cpu_reservation),
+        (&mut r.memory_limit, given.memory_limit),
+        (&mut r.cpu_limit, given.cpu_limit),
+        (&mut r.pids_limit, given.pids_limit),
+        (&mut r.memory_reservation, given.memory_reservation),
+        (&mut r.cpu_reservation, given.cpu_reservation),
     ] {
         if let Some(value) = value {
             *field = (value > 0).then_some(value);
