@@ -631,8 +631,9 @@ impl Member {
             overlays.clone(),
             dns.clone(),
             SandboxSetup {
-                init: std::env::current_exe()
-                    .map_err(|e| ApiError::internal(format!("finding the agent's binary: {e}")))?,
+                // The running binary itself, even once a package upgrade
+                // has replaced the file: init and agent always match.
+                init: PathBuf::from("/proc/self/exe"),
                 cgroups: cgroup.clone(),
                 masked: tasks_must_not_see(opts),
                 volumes: opts.data_dir.join("volumes"),
