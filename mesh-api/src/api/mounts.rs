@@ -110,6 +110,9 @@ impl Mount {
                 "--mount target {t:?}: {r} is the task's own and takes no mount"
             ));
         }
+        if self.tmpfs_size.is_some() && self.kind != MountKind::Tmpfs {
+            return Err(crate::invalid!("--mount tmpfs-size= is for type=tmpfs only"));
+        }
         match self.kind {
             MountKind::Bind if !self.source.starts_with('/') => Err(crate::invalid!(
                 "--mount type=bind needs source= an absolute path of the node, not {:?}",
@@ -134,9 +137,6 @@ impl Mount {
             }
             MountKind::Tmpfs if !self.source.is_empty() => {
                 Err(crate::invalid!("--mount type=tmpfs takes no source= (it starts empty)"))
-            }
-            _ if self.tmpfs_size.is_some() && self.kind != MountKind::Tmpfs => {
-                Err(crate::invalid!("--mount tmpfs-size= is for type=tmpfs only"))
             }
             _ => Ok(()),
         }
