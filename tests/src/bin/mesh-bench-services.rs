@@ -106,11 +106,11 @@ fn create_to_running(swarm: &Swarm, n: usize) -> Duration {
 /// then per task a namespace, a veth on the bridge with an address and a
 /// route, and a `sleep` process in its sandbox.
 fn kernel_floor(n: usize, start: Start) -> Duration {
-    let host = format!("meshbench-floor-{}", std::process::id());
-    let _ = NetNs::delete(&host);
+    remove_stale_floors();
+    let host = format!("{FLOOR_PREFIX}{}", std::process::id());
+    let floor = FloorHost::new(&host);
+    let dir = floor.dir.clone();
     let ns = NetNs::create(&host).expect("a host namespace");
-    let dir = std::env::temp_dir().join(&host);
-    std::fs::create_dir_all(&dir).expect("a directory");
     let took = ns
         .run(|| {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -164,9 +164,66 @@ fn kernel_floor(n: usize, start: Start) -> Duration {
         })
         .expect("enter the host namespace");
     drop(ns);
-    let _ = NetNs::delete(&host);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(floor);
     took
+}
+
+const FLOOR_PREFIX: &str = "meshbench-floor-";
+
+/// The floor's host namespace and its tasks' namespace files, removed on
+/// drop, so a run that panics leaves none behind.
+struct FloorHost {
+    name: String,
+    dir: std::path::PathBuf,
+}
+
+impl FloorHost {
+    fn new(name: &str) -> FloorHost {
+        let floor = FloorHost {
+            name: name.to_string(),
+            dir: std::env::temp_dir().join(name),
+        };
+        floor.remove();
+        std::fs::create_dir_all(&floor.dir).expect("a directory");
+        floor
+    }
+
+    fn remove(&self) {
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let _ = NetNs::delete_at(&entry.path(), "floor");
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = NetNs::delete(&self.name);
+    }
+}
+
+impl Drop for FloorHost {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Floors of benchmark processes that died before cleaning up.
+fn remove_stale_floors() {
+    let names = NetNs::list().unwrap_or_default().into_iter().chain(
+        std::fs::read_dir(std::env::temp_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned()),
+    );
+    for name in names {
+        let Some(pid) = name.strip_prefix(FLOOR_PREFIX).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // Dropped at once: removed.
+            drop(FloorHost {
+                dir: std::env::temp_dir().join(&name),
+                name,
+            });
+        }
+    }
 }
 
 /// How the floor starts its processes.
