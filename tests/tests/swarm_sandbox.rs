@@ -75,12 +75,7 @@ fn a_task_cannot_reach_the_node_or_other_tasks() {
         ],
     );
     swarm.wait("the secret's holder runs", CONVERGE, || running(&swarm, "holder") == 1);
-    let holder_pid = std::fs::read_dir(data.join("tasks"))
-        .unwrap()
-        .flatten()
-        .find_map(|e| std::fs::read_to_string(e.path().join("pid")).ok())
-        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
-        .expect("the holder's pid");
+    let holder_pid = live_task_pid(&swarm);
     let other_secret = format!("/proc/{holder_pid}/root/run/secrets/db_password");
     let seen = std::fs::read_to_string(&other_secret);
     assert!(
@@ -192,18 +187,21 @@ fn a_task_cannot_reach_the_node_or_other_tasks() {
     assert!(!swarm.ok(0, &["service", "ls"]).contains("bad"));
 }
 
-/// The first task process's cgroup of `controller` (v1) or its v2 one.
-fn task_cgroup_file(swarm: &Swarm, service: &str, controller: &str, file: &str) -> Option<String> {
-    let data = &swarm.agents[0].data_dir;
-    let _ = service;
-    let pid = std::fs::read_dir(data.join("tasks"))
-        .ok()?
+/// The PID (the task's first process, as its node records it) of the one
+/// live task on host 0.
+fn live_task_pid(swarm: &Swarm) -> u32 {
+    std::fs::read_dir(swarm.agents[0].data_dir.join("tasks"))
+        .expect("the node's task directory")
         .flatten()
-        .find_map(|e| std::fs::read_to_string(e.path().join("pid")).ok())?
-        .split_whitespace()
-        .next()?
-        .parse::<u32>()
-        .ok()?;
+        .filter_map(|e| std::fs::read_to_string(e.path().join("pid")).ok())
+        .filter_map(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .find(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .expect("a live task")
+}
+
+/// `file` of the live task's cgroup of `controller` (v1) or of its v2 one.
+fn task_cgroup_file(swarm: &Swarm, controller: &str, file: &str) -> Option<String> {
+    let pid = live_task_pid(swarm);
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
@@ -277,8 +275,8 @@ fn limits_hold_a_task_and_an_oom_kill_is_reported_and_restarted() {
         .unwrap_or_else(|| panic!("{logs}"));
     assert!(made < 20, "at most 20 processes in the task: {logs}");
     assert!(outcome(&logs, "fork 100").contains("EAGAIN"), "{logs}");
-    let quota = task_cgroup_file(&swarm, "forker", "cpu", "cpu.cfs_quota_us")
-        .or_else(|| task_cgroup_file(&swarm, "forker", "cpu", "cpu.max"))
+    let quota = task_cgroup_file(&swarm, "cpu", "cpu.cfs_quota_us")
+        .or_else(|| task_cgroup_file(&swarm, "cpu", "cpu.max"))
         .expect("the task's cpu cgroup");
     assert!(quota.starts_with("50000"), "0.5 CPU is 50 ms per 100 ms: {quota}");
     // An update removes a limit with 0 and keeps the others.

@@ -76,6 +76,20 @@ impl Placement {
             && self.constraints.iter().all(|c| c.matches(node))
     }
 
+    /// What the nodes with `frees` lack for one more task, counted per
+    /// resource ("insufficient memory on 3 nodes"); `None` if none lacks any.
+    pub(crate) fn shortage(&self, frees: impl Iterator<Item = NodeResources>) -> Option<String> {
+        let mut short: BTreeMap<&str, usize> = BTreeMap::new();
+        for what in frees.filter_map(|free| self.lacks(free)) {
+            *short.entry(what).or_default() += 1;
+        }
+        let parts: Vec<String> = short
+            .iter()
+            .map(|(what, n)| format!("insufficient {what} on {n} node{}", if *n == 1 { "" } else { "s" }))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+
     /// What a node with `free` lacks for one more task: "memory", "CPU", or
     /// nothing.
     pub(crate) fn lacks(&self, free: NodeResources) -> Option<&'static str> {
@@ -160,22 +174,10 @@ pub(crate) fn place(
                 )
             });
         let Some(node) = best else {
-            let short: BTreeMap<&str, usize> =
-                eligible
-                    .iter()
-                    .filter_map(|n| placement.lacks(free[&n.id]))
-                    .fold(BTreeMap::new(), |mut m, what| {
-                        *m.entry(what).or_default() += 1;
-                        m
-                    });
             let reason = if eligible.is_empty() {
                 "no suitable node (no node is ready, active and meets the constraints)".to_string()
-            } else if !short.is_empty() {
-                let parts: Vec<String> = short
-                    .iter()
-                    .map(|(what, n)| format!("insufficient {what} on {n} node{}", if *n == 1 { "" } else { "s" }))
-                    .collect();
-                format!("no suitable node ({})", parts.join(", "))
+            } else if let Some(short) = placement.shortage(eligible.iter().map(|n| free[&n.id])) {
+                format!("no suitable node ({short})")
             } else {
                 format!(
                     "no suitable node (max replicas per node {} reached on every eligible node)",
@@ -354,14 +356,10 @@ pub(crate) fn reconcile_global(
         .filter(|n| placement.admits(n) && !covered.contains(&n.id) && !resting.contains(&n.id));
     let (fit, short): (Vec<&SchedNode>, Vec<&SchedNode>) = wanted.partition(|n| placement.lacks(n.free).is_none());
     plan.create = fit.iter().map(|n| (0, n.id)).collect();
-    if !short.is_empty() {
+    if let Some(reason) = placement.shortage(short.iter().map(|n| n.free)) {
         plan.unplaced = Some(Unplaced {
             count: short.len(),
-            reason: format!(
-                "no room for the reservation on {} node{}",
-                short.len(),
-                if short.len() == 1 { "" } else { "s" }
-            ),
+            reason: format!("no suitable node ({reason})"),
         });
     }
     plan

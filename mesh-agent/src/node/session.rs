@@ -225,8 +225,14 @@ impl Member {
     }
 }
 
-/// This node's CPUs and memory, as the scheduler counts them.
+/// This node's CPUs and memory, as the scheduler counts them: read once,
+/// not on every heartbeat (as Docker, a change shows after a restart).
 fn node_resources() -> crate::api::resources::NodeResources {
+    static READ: std::sync::OnceLock<crate::api::resources::NodeResources> = std::sync::OnceLock::new();
+    *READ.get_or_init(read_node_resources)
+}
+
+fn read_node_resources() -> crate::api::resources::NodeResources {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let memory_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()

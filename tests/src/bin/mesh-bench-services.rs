@@ -124,6 +124,7 @@ fn kernel_floor(n: usize, start: Start) -> Duration {
                 let env = BTreeMap::new();
                 let command = vec!["sleep".to_string(), "600".to_string()];
                 let init = mesh_tests::swarm::binary("mesh-agent");
+                let confinement = process::confinement(&Security::default(), None).expect("the default confinement");
                 let t0 = Instant::now();
                 let mut children = Vec::new();
                 for task in 0..n as u64 {
@@ -137,7 +138,6 @@ fn kernel_floor(n: usize, start: Start) -> Duration {
                             command: &command,
                             env: &env,
                             workdir: None,
-                            user: None,
                             hostname: "floor",
                             netns: &path,
                             log: &log,
@@ -145,7 +145,8 @@ fn kernel_floor(n: usize, start: Start) -> Duration {
                             cgroup_procs: &[],
                             binds: &[],
                             masked: &[],
-                            security: &Security::default(),
+                            confinement: &confinement,
+                            read_only: false,
                             mounts: &[],
                         })
                         .await

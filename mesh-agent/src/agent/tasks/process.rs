@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{self, Read, Write},
+    io,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::Stdio,
@@ -19,6 +19,7 @@ use super::{
     sandbox::{seccomp, Confinement, ExecSpec, InitRequest, InitSpec, EXEC_FAILED, INIT_ARG},
 };
 use crate::api::security::{Seccomp, Security};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Who a task runs as.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,8 +128,6 @@ pub struct Launch<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// Working directory (default `/`).
     pub workdir: Option<&'a str>,
-    /// Run as this user (default: root).
-    pub user: Option<&'a User>,
     /// The UTS namespace's hostname.
     pub hostname: &'a str,
     /// The task's network namespace (its bind-mounted file).
@@ -144,14 +143,16 @@ pub struct Launch<'a> {
     pub binds: &'a [(PathBuf, PathBuf)],
     /// What of the node the task must not see (data directory, socket).
     pub masked: &'a [PathBuf],
-    /// Its capabilities, seccomp and `--read-only`.
-    pub security: &'a Security,
+    /// Its capabilities, seccomp filters and user ([`confinement`]).
+    pub confinement: &'a Confinement,
+    /// `--read-only`.
+    pub read_only: bool,
     /// Its `--mount`s, volumes resolved to their directories.
     pub mounts: &'a [crate::api::mounts::Mount],
 }
 
 /// The confinement of a task of `security` running as `user`.
-pub(crate) fn confinement(security: &Security, user: Option<&User>) -> io::Result<Confinement> {
+pub fn confinement(security: &Security, user: Option<&User>) -> io::Result<Confinement> {
     let caps = security
         .capabilities()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -184,9 +185,9 @@ pub async fn spawn(launch: &Launch<'_>) -> io::Result<tokio::process::Child> {
         resolv_conf: launch.resolv_conf.map(Path::to_path_buf),
         binds: launch.binds.to_vec(),
         masked: launch.masked.to_vec(),
-        read_only: launch.security.read_only,
+        read_only: launch.read_only,
         mounts: launch.mounts.to_vec(),
-        confinement: confinement(launch.security, launch.user)?,
+        confinement: launch.confinement.clone(),
     });
     let log = || launch.log.try_clone().map(Stdio::from);
     start_init(launch.init, &request, log()?, log()?, false).await
@@ -202,7 +203,7 @@ async fn start_init(
     kill_on_drop: bool,
 ) -> io::Result<tokio::process::Child> {
     let bytes = rmp_serde::to_vec(request).map_err(io::Error::other)?;
-    let (mut ours, theirs) = UnixStream::pair()?;
+    let (ours, theirs) = UnixStream::pair()?;
     let mut cmd = tokio::process::Command::new(init);
     cmd.arg(INIT_ARG)
         .env_clear()
@@ -214,15 +215,12 @@ async fn start_init(
     let mut child = cmd.spawn()?;
     // The command holds the init's end of the socket until dropped.
     drop(cmd);
-    let verdict = tokio::task::spawn_blocking(move || -> io::Result<String> {
-        ours.write_all(&bytes)?;
-        ours.shutdown(std::net::Shutdown::Write)?;
-        let mut verdict = String::new();
-        ours.read_to_string(&mut verdict)?;
-        Ok(verdict)
-    })
-    .await
-    .map_err(io::Error::other)??;
+    ours.set_nonblocking(true)?;
+    let mut ours = tokio::net::UnixStream::from_std(ours)?;
+    ours.write_all(&bytes).await?;
+    ours.shutdown().await?;
+    let mut verdict = String::new();
+    ours.read_to_string(&mut verdict).await?;
     if verdict.is_empty() {
         return Ok(child);
     }

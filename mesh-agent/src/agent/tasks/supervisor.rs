@@ -401,6 +401,7 @@ impl Supervisor {
             None => None,
         };
         let cgroup_procs = leaf.as_ref().map(TaskLeaf::procs).unwrap_or_default();
+        let confinement = task_confinement(spec, user.as_ref())?;
         let mounts = resolve_mounts(&spec.mounts, &self.setup.volumes)?;
         let waited = wait_for_peers(peers, PEERS_WAIT, |n| {
             self.report(
@@ -450,7 +451,6 @@ impl Supervisor {
             command: &spec.command,
             env: &env,
             workdir: spec.workdir.as_deref(),
-            user: user.as_ref(),
             hostname: &hostname,
             netns: &ns_path,
             log: &log,
@@ -458,7 +458,8 @@ impl Supervisor {
             cgroup_procs: &cgroup_procs,
             binds: staged.as_ref().map_or(&[], |s| s.binds.as_slice()),
             masked: &self.setup.masked,
-            security: &spec.security,
+            confinement: &confinement,
+            read_only: spec.security.read_only,
             mounts: &mounts,
         })
         .await
@@ -477,7 +478,7 @@ impl Supervisor {
             process: child,
             pid,
             env,
-            confinement: task_confinement(spec, user.as_ref())?,
+            confinement,
             attachment,
             note,
         }))

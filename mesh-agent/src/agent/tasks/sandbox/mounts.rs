@@ -7,11 +7,13 @@
 //! CAP_MKNOD opens no disk), its own /proc and /dev/mqueue, /sys read-only,
 //! and the kernel files Docker masks in /proc masked.
 
-use crate::api::mounts::{Mount, MountKind};
+use crate::{
+    agent::net::netns::c_path,
+    api::mounts::{Mount, MountKind},
+};
 use std::{
     ffi::CString,
     io,
-    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
 
@@ -58,11 +60,6 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-fn c(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{} holds a NUL", path.display())))
-}
-
 fn check(what: impl Fn() -> String, ret: libc::c_int) -> io::Result<()> {
     if ret < 0 {
         let e = io::Error::last_os_error();
@@ -80,10 +77,10 @@ fn mount(
     flags: libc::c_ulong,
     data: Option<&str>,
 ) -> io::Result<()> {
-    let source = source.map(c).transpose()?;
-    let target_c = c(target)?;
+    let source = source.map(c_path).transpose()?;
+    let target_c = c_path(target)?;
     let fstype = fstype.map(|f| CString::new(f).expect("reason: a literal"));
-    let data = data.map(|d| CString::new(d).expect("reason: a literal"));
+    let data = data.map(|d| CString::new(d).expect("reason: options are formatted here, without NUL"));
     // SAFETY: NUL-terminated strings (or null) that outlive the call.
     let ret = unsafe {
         libc::mount(
@@ -97,13 +94,13 @@ fn mount(
     check(|| format!("mounting {}", target.display()), ret)
 }
 
-/// Sets `attrs` on the mount at `path` (and every mount below it if
-/// `recursive`).
-fn set_attrs(path: &Path, recursive: bool, attrs: u64) -> io::Result<()> {
-    let path_c = c(path)?;
+/// mount_setattr(2): sets `set` and clears `clear` on the mount at `path`
+/// (and every mount below it if `recursive`).
+fn set_attrs(path: &Path, recursive: bool, set: u64, clear: u64) -> io::Result<()> {
+    let path_c = c_path(path)?;
     let attr = MountAttr {
-        attr_set: attrs,
-        attr_clr: 0,
+        attr_set: set,
+        attr_clr: clear,
         propagation: 0,
         userns_fd: 0,
     };
@@ -120,32 +117,9 @@ fn set_attrs(path: &Path, recursive: bool, attrs: u64) -> io::Result<()> {
         )
     };
     check(
-        || format!("making {} read-only or nodev", path.display()),
+        || format!("changing the flags of the mount at {}", path.display()),
         ret as libc::c_int,
     )
-}
-
-/// Clears `attrs` on the mount at `path` (and below it).
-fn clear_attrs(path: &Path, attrs: u64) -> io::Result<()> {
-    let path_c = c(path)?;
-    let attr = MountAttr {
-        attr_set: 0,
-        attr_clr: attrs,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    // SAFETY: a NUL-terminated path and a mount_attr of the size given.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            path_c.as_ptr(),
-            AT_RECURSIVE,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    check(|| format!("making {} writable", path.display()), ret as libc::c_int)
 }
 
 /// A read-only bind of `from` at `to`.
@@ -239,14 +213,14 @@ impl View<'_> {
         if self.read_only {
             attrs |= MOUNT_ATTR_RDONLY;
         }
-        set_attrs(Path::new("/"), true, attrs)?;
+        set_attrs(Path::new("/"), true, attrs, 0)?;
         if self.read_only {
             // The writable mounts stay writable under a read-only view.
             for m in self.mounts.iter().filter(|m| !m.read_only) {
-                clear_attrs(Path::new(&m.target), MOUNT_ATTR_RDONLY)?;
+                set_attrs(Path::new(&m.target), true, 0, MOUNT_ATTR_RDONLY)?;
             }
         }
-        set_attrs(Path::new("/sys"), true, MOUNT_ATTR_RDONLY)?;
+        set_attrs(Path::new("/sys"), true, MOUNT_ATTR_RDONLY, 0)?;
         for dir in MASKED_DIRS.iter().filter(|d| d.starts_with("/sys")) {
             hide(Path::new(dir))?;
         }
@@ -267,7 +241,7 @@ fn private_dev() -> io::Result<()> {
     )?;
     for (name, major, minor) in DEVICES {
         let path = dev.join(name);
-        let path_c = c(&path)?;
+        let path_c = c_path(&path)?;
         // SAFETY: a NUL-terminated path.
         let made = unsafe { libc::mknod(path_c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(major, minor)) };
         check(|| format!("creating {}", path.display()), made)?;
@@ -277,7 +251,7 @@ fn private_dev() -> io::Result<()> {
         mount(Some(&path), &path, None, libc::MS_BIND, None)?;
     }
     // Nodes the task makes in /dev open nothing.
-    set_attrs(dev, false, MOUNT_ATTR_NODEV)?;
+    set_attrs(dev, false, MOUNT_ATTR_NODEV, 0)?;
     for (link, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
